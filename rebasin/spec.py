@@ -1,0 +1,248 @@
+"""Permutation specs: which permutation acts on which axis of which state_dict entry.
+
+A spec is plain data. ``axes[key]`` has one entry per axis of ``state_dict[key]``: the name of
+the permutation acting on that axis, or ``None``. PyTorch axis order is used throughout, so a
+``Linear.weight`` of shape ``(out, in)`` between permutations ``P0`` and ``P1`` is
+``("P1", "P0")`` and a ``Conv2d.weight`` is ``("P1", "P0", None, None)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import RebasinError
+
+__all__ = ["PermutationSpec", "Axes"]
+
+Axes = tuple["str | None", ...]
+
+
+def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@dataclass(frozen=True, eq=False)
+class PermutationSpec:
+    """Which permutation acts on each axis of each state_dict entry.
+
+    Parameters
+    ----------
+    axes
+        ``{key: (perm_or_None, ...)}`` with one entry per tensor axis, for *every* key of the
+        state_dict (parameters and buffers; scalar buffers such as ``num_batches_tracked``
+        map to ``()``).
+    sizes
+        Optional ``{perm: n}``. Filled in by :func:`rebasin.spec_from_model`; otherwise
+        :meth:`validate` derives it from a state_dict.
+
+    Examples
+    --------
+    >>> spec = PermutationSpec({
+    ...     "0.weight": ("P0", None), "0.bias": ("P0",),
+    ...     "2.weight": (None, "P0"), "2.bias": (None,),
+    ... })
+    >>> spec.perms
+    ('P0',)
+    >>> spec.perm_to_axes["P0"]
+    (('0.weight', 0), ('0.bias', 0), ('2.weight', 1))
+    """
+
+    axes: Mapping[str, Axes]
+    sizes: Mapping[str, int] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        clean: dict[str, Axes] = {}
+        for key, ax in dict(self.axes).items():
+            if not isinstance(key, str):
+                raise RebasinError(f"spec keys must be state_dict key strings, got {key!r}")
+            if isinstance(ax, str) or not isinstance(ax, Sequence):
+                raise RebasinError(
+                    f"spec entry for {key!r} must be a tuple with one permutation name or None "
+                    f"per axis, got {ax!r}"
+                )
+            ax = tuple(ax)
+            named = [p for p in ax if p is not None]
+            for p in named:
+                if not isinstance(p, str):
+                    raise RebasinError(f"spec entry for {key!r}: axis names must be str or None, got {p!r}")
+            if len(named) != len(set(named)):
+                raise RebasinError(
+                    f"spec entry for {key!r} uses a permutation on two axes of one tensor: {ax}; "
+                    "a permutation may act on at most one axis of each tensor"
+                )
+            clean[key] = ax
+        object.__setattr__(self, "axes", MappingProxyType(clean))
+        if self.sizes is not None:
+            sizes = {str(k): int(v) for k, v in dict(self.sizes).items()}
+            unknown = set(sizes) - set(self.perm_to_axes)
+            missing = set(self.perm_to_axes) - set(sizes)
+            if unknown or missing:
+                raise RebasinError(
+                    f"spec sizes do not match the permutations in axes: missing sizes for "
+                    f"[{_fmt_keys(list(missing))}], sizes for unknown permutations [{_fmt_keys(list(unknown))}]"
+                )
+            object.__setattr__(self, "sizes", MappingProxyType(sizes))
+
+    # ------------------------------------------------------------------ derived views
+    @cached_property
+    def perm_to_axes(self) -> Mapping[str, tuple[tuple[str, int], ...]]:
+        """``{perm: ((key, axis), ...)}``: every tensor axis each permutation acts on, in key order."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for key, ax in self.axes.items():
+            for i, p in enumerate(ax):
+                if p is not None:
+                    out.setdefault(p, []).append((key, i))
+        return MappingProxyType({p: tuple(v) for p, v in out.items()})
+
+    @property
+    def perms(self) -> tuple[str, ...]:
+        """Permutation names in order of first appearance in ``axes``."""
+        return tuple(self.perm_to_axes)
+
+    def __len__(self) -> int:
+        return len(self.perm_to_axes)
+
+    def __repr__(self) -> str:
+        sizes = dict(self.sizes) if self.sizes is not None else "unknown"
+        return f"PermutationSpec({len(self.axes)} keys, {len(self)} permutations, sizes={sizes})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PermutationSpec):
+            return NotImplemented
+        return dict(self.axes) == dict(other.axes)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
+        """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
+        return PermutationSpec(self.axes, self.validate(state_dict))
+
+    def renamed(self, mapping: Mapping[str, str]) -> PermutationSpec:
+        """Rename permutations (names missing from ``mapping`` are kept)."""
+        axes = {k: tuple(None if p is None else mapping.get(p, p) for p in ax) for k, ax in self.axes.items()}
+        sizes = None if self.sizes is None else {mapping.get(p, p): n for p, n in self.sizes.items()}
+        return PermutationSpec(axes, sizes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:
+        """Check ``state_dict`` against the spec and return ``{perm: size}``.
+
+        Raises :class:`RebasinError` listing missing and unexpected keys, tensors whose number of
+        axes differs from the spec, and permutations whose axes disagree in size (with the keys and
+        shapes involved). With ``finite=True`` floating tensors containing NaN or inf are rejected.
+        """
+        missing = [k for k in self.axes if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self.axes]
+        if missing or unexpected:
+            raise RebasinError(
+                f"{name} does not match the permutation spec: missing key(s) [{_fmt_keys(missing)}]; "
+                f"unexpected key(s) [{_fmt_keys(unexpected)}]. Build the spec from the same architecture "
+                "(rebasin.spec_from_model) or add the keys to the spec."
+            )
+        seen: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+        for key, ax in self.axes.items():
+            t = state_dict[key]
+            if not isinstance(t, Tensor):
+                raise RebasinError(f"{name}[{key!r}] is a {type(t).__name__}, expected a Tensor")
+            shape = tuple(t.shape)
+            if len(shape) != len(ax):
+                raise RebasinError(
+                    f"{name}[{key!r}] has shape {shape} ({len(shape)} axes) but the spec gives "
+                    f"{len(ax)} axes {ax}"
+                )
+            for i, p in enumerate(ax):
+                if p is None:
+                    continue
+                if p in seen and seen[p][0] != shape[i]:
+                    n0, k0, s0 = seen[p]
+                    raise RebasinError(
+                        f"permutation {p!r} has inconsistent sizes: {name}[{k0!r}] has shape {s0} "
+                        f"(size {n0}) but {name}[{key!r}] has shape {shape} (axis {i} of size {shape[i]})"
+                    )
+                seen.setdefault(p, (shape[i], key, shape))
+            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise RebasinError(f"{name}[{key!r}] (shape {shape}) contains NaN or inf values")
+        sizes = {p: v[0] for p, v in seen.items()}
+        if self.sizes is not None:
+            for p, n in self.sizes.items():
+                if sizes.get(p) != n:
+                    k0 = seen[p][1] if p in seen else "?"
+                    raise RebasinError(
+                        f"permutation {p!r} has size {n} in the spec but {sizes.get(p)} in {name} "
+                        f"(key {k0!r})"
+                    )
+        return sizes
+
+    def validate_pair(self, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> dict[str, int]:
+        """Validate two state_dicts of the same architecture (finite values, equal shapes)."""
+        sizes = self.validate(state_a, finite=True, name="state_a")
+        self.validate(state_b, finite=True, name="state_b")
+        diff = [
+            f"{k}: {tuple(state_a[k].shape)} vs {tuple(state_b[k].shape)}"
+            for k in self.axes
+            if state_a[k].shape != state_b[k].shape
+        ]
+        if diff:
+            raise RebasinError("state_a and state_b have different shapes: " + "; ".join(diff[:12]))
+        return sizes
+
+    def resolved_sizes(self, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, int]:
+        """``sizes`` if known, else derived from ``state_dict``; error if neither is available."""
+        if state_dict is not None:
+            return self.validate(state_dict)
+        if self.sizes is None:
+            raise RebasinError(
+                "this spec does not know its permutation sizes; pass a state_dict or build the spec "
+                "with spec.with_sizes(state_dict)"
+            )
+        return dict(self.sizes)
+
+    # ------------------------------------------------------------------ functional check
+    def check(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        *,
+        seed: int = 0,
+        atol: float = 1e-5,
+        rtol: float = 1e-4,
+    ) -> float:
+        """Assert that permuting ``model``'s weights by a random permutation leaves its outputs unchanged.
+
+        The model is run in eval mode (its training flags are restored) through
+        :func:`torch.func.functional_call`, so it is not mutated. Returns the largest absolute
+        output difference; raises :class:`RebasinError` if it exceeds ``atol + rtol * max|y|``.
+        """
+        from ._functional import forward_with_state, state_of
+        from .permute import permute, random_permutation
+
+        state = state_of(model)
+        sizes = self.validate(state)
+        perms = random_permutation(PermutationSpec(self.axes, sizes), seed=seed)
+        permuted = permute(self, perms, state)
+        y0 = forward_with_state(model, state, example_input, eval_mode=True)
+        y1 = forward_with_state(model, permuted, example_input, eval_mode=True)
+        leaves0, _ = torch.utils._pytree.tree_flatten(y0)
+        leaves1, _ = torch.utils._pytree.tree_flatten(y1)
+        worst, scale = 0.0, 0.0
+        for a, b in zip(leaves0, leaves1):
+            if isinstance(a, Tensor) and a.is_floating_point():
+                worst = max(worst, float((a - b).abs().max()) if a.numel() else 0.0)
+                scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
+        if not math.isfinite(worst) or worst > atol + rtol * scale:
+            raise RebasinError(
+                f"the spec is wrong for this model: permuting the weights changed the outputs by up to "
+                f"{worst:.3g} (output scale {scale:.3g}); some permutation is missing or misplaced. "
+                "Inspect spec.axes or build it with rebasin.spec_from_model."
+            )
+        return worst

@@ -22,6 +22,7 @@ __all__ = [
     "random_permutation",
     "identity_permutation",
     "check_permutations",
+    "block_index",
 ]
 
 
@@ -86,9 +87,19 @@ def _permute_unchecked(
     for key, t in state_dict.items():
         for axis, name in enumerate(spec.axes[key]):
             if name is not None and name != skip and name in perms:
-                t = torch.index_select(t, axis, perms[name].to(device=t.device, dtype=torch.long))
+                index = block_index(perms[name], spec.blocks.get((key, axis), 1)).to(t.device)
+                t = torch.index_select(t, axis, index)
         out[key] = t
     return out
+
+
+def block_index(perm: Tensor, block: int) -> Tensor:
+    """Expand a permutation of ``n`` blocks to one of ``n * block`` entries (``c*k+s -> p[c]*k+s``)."""
+    perm = perm.long()
+    if block == 1:
+        return perm
+    offsets = torch.arange(block, device=perm.device)
+    return (perm[:, None] * block + offsets).reshape(-1)
 
 
 def invert(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:

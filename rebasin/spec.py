@@ -44,6 +44,11 @@ class PermutationSpec:
     sizes
         Optional ``{perm: n}``. Filled in by :func:`rebasin.spec_from_model`; otherwise
         :meth:`validate` derives it from a state_dict.
+    blocks
+        Optional ``{(key, axis): k}`` for axes of size ``n * k`` on which a permutation of size
+        ``n`` acts on consecutive blocks of ``k`` entries: index ``c * k + s`` goes to
+        ``p[c] * k + s``. This is the input axis of a ``Linear`` after flattening a
+        ``(C, H, W)`` feature map (channel-major, ``k = H * W``).
 
     Examples
     --------
@@ -59,6 +64,7 @@ class PermutationSpec:
 
     axes: Mapping[str, Axes]
     sizes: Mapping[str, int] | None = field(default=None)
+    blocks: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         clean: dict[str, Axes] = {}
@@ -82,6 +88,17 @@ class PermutationSpec:
                 )
             clean[key] = ax
         object.__setattr__(self, "axes", MappingProxyType(clean))
+        blocks: dict[tuple[str, int], int] = {}
+        for (key, axis), k in dict(self.blocks).items():
+            if key not in clean or not (0 <= axis < len(clean[key])) or clean[key][axis] is None:
+                raise RebasinError(
+                    f"spec blocks entry ({key!r}, {axis}) does not name a permuted axis of the spec"
+                )
+            if int(k) < 1:
+                raise RebasinError(f"spec blocks entry ({key!r}, {axis}) must be a positive integer, got {k}")
+            if int(k) > 1:
+                blocks[(key, int(axis))] = int(k)
+        object.__setattr__(self, "blocks", MappingProxyType(blocks))
         if self.sizes is not None:
             sizes = {str(k): int(v) for k, v in dict(self.sizes).items()}
             unknown = set(sizes) - set(self.perm_to_axes)
@@ -96,7 +113,10 @@ class PermutationSpec:
     # ------------------------------------------------------------------ derived views
     @cached_property
     def perm_to_axes(self) -> Mapping[str, tuple[tuple[str, int], ...]]:
-        """``{perm: ((key, axis), ...)}``: every tensor axis each permutation acts on, in key order."""
+        """``{perm: ((key, axis), ...)}``: every tensor axis each permutation acts on, in key order.
+
+        Use ``spec.blocks.get((key, axis), 1)`` for the block size of each axis.
+        """
         out: dict[str, list[tuple[str, int]]] = {}
         for key, ax in self.axes.items():
             for i, p in enumerate(ax):
@@ -119,19 +139,19 @@ class PermutationSpec:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
-        return dict(self.axes) == dict(other.axes)
+        return dict(self.axes) == dict(other.axes) and dict(self.blocks) == dict(other.blocks)
 
     __hash__ = None  # type: ignore[assignment]
 
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
-        return PermutationSpec(self.axes, self.validate(state_dict))
+        return PermutationSpec(self.axes, self.validate(state_dict), self.blocks)
 
     def renamed(self, mapping: Mapping[str, str]) -> PermutationSpec:
         """Rename permutations (names missing from ``mapping`` are kept)."""
         axes = {k: tuple(None if p is None else mapping.get(p, p) for p in ax) for k, ax in self.axes.items()}
         sizes = None if self.sizes is None else {mapping.get(p, p): n for p, n in self.sizes.items()}
-        return PermutationSpec(axes, sizes)
+        return PermutationSpec(axes, sizes, self.blocks)
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:
@@ -163,13 +183,21 @@ class PermutationSpec:
             for i, p in enumerate(ax):
                 if p is None:
                     continue
-                if p in seen and seen[p][0] != shape[i]:
+                k = self.blocks.get((key, i), 1)
+                if shape[i] % k:
+                    raise RebasinError(
+                        f"{name}[{key!r}] has shape {shape}: axis {i} (size {shape[i]}) is not a multiple "
+                        f"of the block size {k} the spec gives for permutation {p!r}"
+                    )
+                n = shape[i] // k
+                if p in seen and seen[p][0] != n:
                     n0, k0, s0 = seen[p]
                     raise RebasinError(
                         f"permutation {p!r} has inconsistent sizes: {name}[{k0!r}] has shape {s0} "
-                        f"(size {n0}) but {name}[{key!r}] has shape {shape} (axis {i} of size {shape[i]})"
+                        f"(size {n0}) but {name}[{key!r}] has shape {shape} (axis {i}: size {n}"
+                        + (f" = {shape[i]} / block {k})" if k > 1 else ")")
                     )
-                seen.setdefault(p, (shape[i], key, shape))
+                seen.setdefault(p, (n, key, shape))
             if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise RebasinError(f"{name}[{key!r}] (shape {shape}) contains NaN or inf values")
         sizes = {p: v[0] for p, v in seen.items()}
@@ -228,7 +256,7 @@ class PermutationSpec:
 
         state = state_of(model)
         sizes = self.validate(state)
-        perms = random_permutation(PermutationSpec(self.axes, sizes), seed=seed)
+        perms = random_permutation(self, seed=seed, sizes=sizes)
         permuted = permute(self, perms, state)
         y0 = forward_with_state(model, state, example_input, eval_mode=True)
         y1 = forward_with_state(model, permuted, example_input, eval_mode=True)

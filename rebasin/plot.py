@@ -1,0 +1,97 @@
+"""Plots of loss / accuracy along paths between two models (matplotlib imported lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._errors import RebasinError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from .path import PathResult
+
+__all__ = ["plot_paths"]
+
+_METRICS = ("loss", "accuracy")
+
+
+def plot_paths(
+    results: Mapping[str, PathResult] | Mapping[str, Mapping[str, PathResult]],
+    *,
+    metric: str = "loss",
+    split: str | None = None,
+    title: str | None = None,
+    ax: Any = None,
+) -> Figure:
+    """Plot one line per method of ``metric`` against the interpolation coordinate ``t``.
+
+    Parameters
+    ----------
+    results
+        ``{label: PathResult}``, or ``{split: {label: PathResult}}`` (e.g. ``"train"`` and
+        ``"test"``) together with ``split=`` to choose one, or ``split="all"`` to draw every
+        split (solid for the first, dashed for the others).
+    metric
+        ``"loss"`` or ``"accuracy"``.
+    ax
+        An existing matplotlib axes to draw into; otherwise a new figure is created.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Save it with ``fig.savefig("paths.png", dpi=150)``.
+
+    Examples
+    --------
+    >>> fig = plot_paths({"naive": naive_result, "weight matching": wm_result})  # doctest: +SKIP
+    """
+    if metric not in _METRICS:
+        raise RebasinError(f"unknown metric {metric!r}; choose one of {_METRICS}")
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RebasinError("plot_paths needs matplotlib: pip install matplotlib") from exc
+
+    nested = bool(results) and all(isinstance(v, Mapping) for v in results.values())
+    if nested:
+        splits = list(results) if split in (None, "all") else [split]
+        if split not in (None, "all") and split not in results:
+            raise RebasinError(f"unknown split {split!r}; available: {list(results)}")
+        groups = [(s, results[s]) for s in splits]  # type: ignore[index]
+    else:
+        groups = [(split, results)]
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.0, 4.0), constrained_layout=True)
+    else:
+        fig = ax.figure
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    labels: list[str] = []
+    for gi, (split_name, group) in enumerate(groups):
+        for label, res in group.items():  # type: ignore[union-attr]
+            values = getattr(res, metric)
+            if values is None:
+                raise RebasinError(f"path result {label!r} has no {metric} values")
+            if label not in labels:
+                labels.append(label)
+            color = colors[labels.index(label) % len(colors)]
+            name = label if len(groups) == 1 else f"{label} ({split_name})"
+            ax.plot(
+                list(res.t),
+                [100.0 * v for v in values] if metric == "accuracy" else list(values),
+                label=name,
+                color=color,
+                linestyle="-" if gi == 0 else "--",
+                marker="o",
+                markersize=2.5,
+            )
+    ax.set_xlabel("t  (0 = model A, 1 = model B)")
+    ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "loss")
+    ax.set_xlim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig

@@ -581,6 +581,9 @@ def evaluate_path(
     bn_batches: int | None = None,
     device: torch.device | str | None = None,
     path: PathLike | None = None,
+    repair: bool = False,
+    repair_loader: Iterable[Any] | None = None,
+    spec: Any = None,
     progress: bool = False,
 ) -> PathResult:
     r"""Loss and accuracy of ``model`` along the path from ``state_a`` to ``state_b``.
@@ -615,6 +618,13 @@ def evaluate_path(
     path
         A callable ``path(t) -> state_dict`` or an object with ``state_dict_at(t)`` (e.g. a
         curve); then ``state_a`` and ``state_b`` must be None.
+    repair
+        Apply REPAIR (:class:`rebasin.repair.RepairedPath`) at every ``t``: the interpolated
+        model's permuted channels get the interpolated endpoint statistics, measured on
+        ``repair_loader`` (default: ``bn_loader``, else ``loader``). Endpoint statistics are
+        measured once for the whole path.
+    spec
+        Permutation spec for REPAIR (traced from the model when omitted).
     progress
         Show a tqdm bar over ``t``.
 
@@ -634,6 +644,14 @@ def evaluate_path(
     (0.0, 0.25, 0.5, 0.75, 1.0)
     """
     device = _resolve_device(model, device)
+    if repair:
+        from .repair import RepairedPath
+
+        if path is not None:
+            raise RebasinError("repair=True builds its own path from state_a and state_b; do not pass path=")
+        stats_loader = repair_loader if repair_loader is not None else (bn_loader if bn_loader is not None else loader)
+        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=bn_batches, device=device)
+        state_a = state_b = None
     if ts is None:
         grid = _even_grid(_check_int(num_points, "num_points (both endpoints are always evaluated)", 2))
     else:

@@ -1,0 +1,61 @@
+"""Continual learning with re-basin: Avalanche 0.6 strategies and plugins (the ``continual`` extra).
+
+``import continual`` is cheap: Avalanche (a slow import) is loaded on first use of a name that
+needs it. ``import rebasin`` never imports this package nor Avalanche.
+
+* :class:`RebasinMergePlugin` — after each experience, align the fresh model to the previous one and
+  merge along the linear path (fixed or chosen weight), composable with Naive, Replay, EWC, LwF.
+* :class:`RebasinIL` — Peña et al. (2023)'s incremental learning by re-basin.
+* :mod:`continual.benchmarks` — Rotated / Permuted / Split MNIST from a local root, and a tiny
+  synthetic benchmark; :mod:`continual.baselines`; ``python -m continual.compare``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "RebasinMergePlugin",
+    "MergeRecord",
+    "RebasinIL",
+    "make_strategy",
+    "STRATEGIES",
+    "rotated_mnist",
+    "permuted_mnist",
+    "split_mnist",
+    "synthetic",
+    "merge_states",
+    "select_alpha",
+    "write_state_",
+    "AlphaChoice",
+]
+
+_WHERE = {
+    "RebasinMergePlugin": "plugin",
+    "MergeRecord": "plugin",
+    "RebasinIL": "strategy",
+    "make_strategy": "baselines",
+    "STRATEGIES": "baselines",
+    "rotated_mnist": "benchmarks",
+    "permuted_mnist": "benchmarks",
+    "split_mnist": "benchmarks",
+    "synthetic": "benchmarks",
+    "merge_states": "merging",
+    "select_alpha": "merging",
+    "write_state_": "merging",
+    "AlphaChoice": "merging",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'continual' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,63 @@
+"""Small helpers to pull tensors out of Avalanche datasets (any map-style dataset of ``(x, y, ...)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from rebasin._errors import RebasinError
+
+__all__ = ["sample_tensors", "concat_tensors", "first_input"]
+
+
+def _eval_view(dataset: Any) -> Any:
+    """The dataset with its evaluation transforms (Avalanche datasets), else the dataset itself."""
+    view = getattr(dataset, "eval", None)
+    return view() if callable(view) else dataset
+
+
+def sample_tensors(
+    dataset: Any, max_samples: int | None, *, seed: int, batch_size: int = 1000
+) -> tuple[Tensor, Tensor]:
+    """Up to ``max_samples`` items of ``dataset`` drawn without replacement (seeded), as ``(x, y)`` on the CPU.
+
+    Items are read through the dataset's evaluation transforms when it has them. ``max_samples=None``
+    takes every item in order.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise RebasinError("cannot sample from an empty dataset")
+    data = _eval_view(dataset)
+    if max_samples is None or max_samples >= n:
+        index = list(range(n))
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        index = torch.randperm(n, generator=g)[: int(max_samples)].sort().values.tolist()
+    subset = data.subset(index) if hasattr(data, "subset") else torch.utils.data.Subset(data, index)
+    collate = getattr(subset, "collate_fn", None)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    xs, ys = [], []
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise RebasinError(
+                f"dataset items must be (inputs, targets, ...); got a batch of type {type(batch).__name__}"
+            )
+        xs.append(batch[0].cpu())
+        ys.append(batch[1].cpu())
+    return torch.cat(xs), torch.cat(ys)
+
+
+def concat_tensors(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """Concatenate ``(x, y)`` pairs; None for an empty list."""
+    if not parts:
+        return None
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def first_input(dataset: Any, n: int = 2) -> Tensor:
+    """The inputs of the first ``n`` items of ``dataset`` (for tracing a model)."""
+    x, _ = sample_tensors(dataset, None if len(dataset) <= n else n, seed=0, batch_size=n)
+    return x[:n]

@@ -1,0 +1,128 @@
+"""The strategies compared by ``python -m continual.compare``, built with one shared setup.
+
+Every strategy gets the same model architecture (fresh copy), the same optimizer settings (AdamW),
+batch size, epochs and evaluation plugin; the ones that replay use the same buffer size.
+
+========================  ===================================================================
+name                      strategy
+========================  ===================================================================
+``naive``                 ``Naive`` (fine-tuning)
+``ewc``                   ``EWC(ewc_lambda=100)``
+``lwf``                   ``LwF(alpha=1, temperature=2)``
+``replay``                ``Replay(mem_size)``
+``rebasin_merge``         ``Replay(mem_size)`` + :class:`RebasinMergePlugin` (weight matching,
+                          fixed alpha 0.5; ``options={"alpha": None}`` chooses it on the replay
+                          buffer instead, which picks 1.0 because the buffer was trained on)
+``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` (alpha chosen on the plugin's
+                          own per-experience memory)
+``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``)
+========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from rebasin._errors import RebasinError
+
+__all__ = ["STRATEGIES", "make_strategy", "mlp"]
+
+STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il")
+
+
+def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10) -> nn.Module:
+    """The reference model: ``rebasin.models.MLP(in_features, [hidden], n_classes)`` (flattens its input)."""
+    from rebasin.models import MLP
+
+    return MLP(in_features, [hidden], n_classes)
+
+
+def make_strategy(
+    name: str,
+    *,
+    model: nn.Module,
+    example_input: Any,
+    lr: float = 1e-3,
+    train_mb_size: int = 500,
+    train_epochs: int = 5,
+    eval_mb_size: int = 1000,
+    mem_size: int = 1000,
+    ewc_lambda: float = 100.0,
+    device: str | torch.device = "cpu",
+    evaluator: Any = None,
+    plugins: list[Any] | None = None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Build the named strategy (see the module table) around ``model`` with AdamW(``lr``).
+
+    Parameters
+    ----------
+    name
+        One of :data:`STRATEGIES`.
+    model
+        Trained in place by the strategy.
+    example_input
+        An input batch, used by the re-basin strategies to trace the model.
+    options
+        Extra keyword arguments for the re-basin plugin / strategy (e.g. ``{"alpha": 0.5}``).
+    evaluator
+        An Avalanche ``EvaluationPlugin`` (Avalanche's default when None).
+
+    Returns
+    -------
+    avalanche strategy
+    """
+    if name not in STRATEGIES:
+        raise RebasinError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)}")
+    from avalanche.training import EWC, LwF, Naive, Replay
+    from avalanche.training.plugins.evaluation import default_evaluator
+
+    from .plugin import RebasinMergePlugin
+    from .strategy import RebasinIL
+
+    options = dict(options or {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    common: dict[str, Any] = dict(
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=train_mb_size,
+        train_epochs=train_epochs,
+        eval_mb_size=eval_mb_size,
+        device=device,
+        evaluator=default_evaluator if evaluator is None else evaluator,
+        plugins=list(plugins or []),
+    )
+    builders: dict[str, Callable[[], Any]] = {
+        "naive": lambda: Naive(**common),
+        "ewc": lambda: EWC(ewc_lambda=ewc_lambda, **common),
+        "lwf": lambda: LwF(alpha=1.0, temperature=2.0, **common),
+        "replay": lambda: Replay(mem_size=mem_size, **common),
+        "rebasin_merge": lambda: Replay(
+            mem_size=mem_size,
+            **{**common, "plugins": common["plugins"] + [
+                RebasinMergePlugin(
+                    **{"alpha": 0.5, "select_alpha_on": "replay", **options},
+                    model=model, example_input=example_input, seed=seed,
+                )
+            ]},
+        ),
+        "naive_rebasin_merge": lambda: Naive(
+            **{**common, "plugins": common["plugins"] + [
+                RebasinMergePlugin(
+                    select_alpha_on="memory", model=model, example_input=example_input, seed=seed, **options
+                )
+            ]},
+        ),
+        "rebasin_il": lambda: RebasinIL(
+            replay_mem_size=mem_size, example_input=example_input, seed=seed, **options, **common
+        ),
+    }
+    if options and name in ("naive", "ewc", "lwf", "replay"):
+        raise RebasinError(f"options {sorted(options)} only apply to the re-basin strategies, not {name!r}")
+    return builders[name]()

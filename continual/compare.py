@@ -1,0 +1,323 @@
+"""Compare continual-learning strategies on one benchmark: ``python -m continual.compare``.
+
+Example (the reference setup: MLP 784-256-10, AdamW 1e-3, batch 500, 5 epochs, replay 1000)::
+
+    python -m continual.compare --benchmark rotated_mnist --data-root ../shared/data \\
+        --strategies naive,ewc,lwf,replay,rebasin_merge,rebasin_il --seeds 3 --epochs 5 --out results/
+
+After every experience each strategy is evaluated on every test experience, giving the accuracy
+matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). Reported:
+
+* average accuracy ``ACC = mean_j R[T-1, j]`` (all tasks, after the last experience);
+* forgetting ``F = mean_{j < T-1} (R[j, j] - R[T-1, j])`` (accuracy right after learning a task minus
+  final accuracy; Avalanche's ``StreamForgetting``);
+* wall time (training plus the evaluations) per run.
+
+Written to ``--out``: ``runs.csv`` (one row per strategy and seed), ``summary.csv`` and
+``summary.md`` (mean ± std over seeds), ``accuracy.png`` (``R`` averaged over seeds, one panel per
+strategy, plus the mean accuracy over all tasks after each experience) and ``runs.json`` (every
+matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rebasin._errors import RebasinError
+
+__all__ = ["RunResult", "run_strategy", "summarise", "main", "accuracy_matrix_metrics"]
+
+
+@dataclass
+class RunResult:
+    """One strategy trained on one seed."""
+
+    strategy: str
+    seed: int
+    accuracy: list[list[float]]  # R[i][j]
+    average_accuracy: float
+    forgetting: float
+    time_s: float
+    extra: dict[str, Any]
+
+
+def accuracy_matrix_metrics(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """``(average accuracy, forgetting)`` of an accuracy matrix ``R[i][j]`` (see the module docstring)."""
+    r = np.asarray(matrix, dtype=float)
+    if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] == 0:
+        raise RebasinError(f"the accuracy matrix must be square and non-empty, got shape {r.shape}")
+    t = r.shape[0]
+    acc = float(r[-1].mean())
+    forgetting = float(np.mean([r[j, j] - r[-1, j] for j in range(t - 1)])) if t > 1 else 0.0
+    return acc, forgetting
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_strategy(
+    name: str,
+    benchmark: Any,
+    *,
+    seed: int,
+    model_factory: Any,
+    example_input: Any,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    mem_size: int,
+    device: str,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train ``name`` on every experience of ``benchmark`` and evaluate on the whole test stream after each."""
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from .baselines import make_strategy
+
+    _seed_everything(seed)
+    model = model_factory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True),
+            loggers=[],
+        )
+    strategy = make_strategy(
+        name, model=model, example_input=example_input, lr=lr, train_mb_size=batch_size, train_epochs=epochs,
+        eval_mb_size=max(batch_size, 1000), mem_size=mem_size, device=device, evaluator=evaluator, seed=seed,
+        options=options,
+    )
+    n = len(benchmark.train_stream)
+    matrix: list[list[float]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"{name} seed {seed}", leave=False, file=sys.stderr)
+    start = time.perf_counter()
+    last: dict[str, float] = {}
+    for i, exp in enumerate(benchmark.train_stream):
+        strategy.train(exp)
+        last = strategy.eval(benchmark.test_stream)
+        row = [float(last[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"]) for j in range(n)]
+        matrix.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc_seen=f"{np.mean(row[: i + 1]):.3f}")
+    elapsed = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    acc, forgetting = accuracy_matrix_metrics(matrix)
+    extra: dict[str, Any] = {"avalanche_stream_forgetting": float(last.get("StreamForgetting/eval_phase/test_stream", math.nan))}
+    for plugin in getattr(strategy, "plugins", []):
+        history = getattr(plugin, "history", None)
+        if history and hasattr(history[0], "alpha"):
+            extra["alphas"] = [h.alpha for h in history]
+    if hasattr(strategy, "history") and strategy.history:
+        extra["units_moved"] = [h.n_moved for h in strategy.history]
+    return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per strategy: mean and std over seeds of accuracy, forgetting and time."""
+    rows = []
+    for name in dict.fromkeys(r.strategy for r in runs):
+        mine = [r for r in runs if r.strategy == name]
+        acc = _mean_std([r.average_accuracy for r in mine])
+        fgt = _mean_std([r.forgetting for r in mine])
+        tim = _mean_std([r.time_s for r in mine])
+        rows.append({
+            "strategy": name, "seeds": len(mine),
+            "acc_mean": acc[0], "acc_std": acc[1],
+            "forgetting_mean": fgt[0], "forgetting_std": fgt[1],
+            "time_s_mean": tim[0], "time_s_std": tim[1],
+        })
+    return rows
+
+
+def _markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+    lines = [header, "", "| strategy | seeds | average accuracy (%) | forgetting (%) | wall time (s) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['seeds']} | {100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
+            f"{100 * r['forgetting_mean']:.1f} ± {100 * r['forgetting_std']:.1f} | "
+            f"{r['time_s_mean']:.0f} ± {r['time_s_std']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(runs: Sequence[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r.strategy for r in runs))
+    mats = {n: np.mean([np.asarray(r.accuracy) for r in runs if r.strategy == n], axis=0) for n in names}
+    cols = len(names) + 1
+    fig, axes = plt.subplots(1, cols, figsize=(2.8 * cols, 3.0), squeeze=False, layout="constrained")
+    im = None
+    for k, (ax, name) in enumerate(zip(axes[0], names)):
+        n = mats[name].shape[0]
+        im = ax.imshow(100 * mats[name], vmin=0, vmax=100, cmap="viridis", aspect="auto",
+                       extent=(0.5, n + 0.5, n + 0.5, 0.5))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("task")
+        if k == 0:
+            ax.set_ylabel("after experience")
+    fig.colorbar(im, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="accuracy (%)")
+    ax = axes[0][-1]
+    for name in names:
+        ax.plot(range(1, mats[name].shape[0] + 1), 100 * mats[name].mean(axis=1), marker=".", label=name)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("mean accuracy, all tasks (%)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from .baselines import STRATEGIES
+    from .benchmarks import BENCHMARKS
+
+    p = argparse.ArgumentParser(prog="python -m continual.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="rotated_mnist")
+    p.add_argument("--data-root", default=None, help="torchvision root holding MNIST/raw (never downloads)")
+    p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il",
+                   help=f"comma-separated, from {','.join(STRATEGIES)}")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mem-size", type=int, default=1000, help="replay buffer of every strategy that replays")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--n-experiences", type=int, default=None, help="override the benchmark's default")
+    p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
+    p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")
+    p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",
+                   help="option for a re-basin strategy, e.g. rebasin_il.alpha=0.5 (value parsed as JSON)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    if args.benchmark != "synthetic" and args.data_root is None:
+        p.error("--data-root is required for the MNIST benchmarks")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return args
+
+
+def _options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        strategy, dot, opt = key.partition(".")
+        if not sep or not dot:
+            raise RebasinError(f"--option must look like STRATEGY.KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(strategy, {})[opt] = parsed
+    return out
+
+
+def build_benchmark(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """The benchmark, its input size and number of classes."""
+    from .benchmarks import BENCHMARKS
+
+    kwargs: dict[str, Any] = {}
+    if args.n_experiences is not None:
+        kwargs["n_experiences"] = args.n_experiences
+    if args.benchmark == "synthetic":
+        bm = BENCHMARKS["synthetic"](**kwargs)
+    else:
+        bm = BENCHMARKS[args.benchmark](
+            args.data_root, train_samples=args.train_samples, test_samples=args.test_samples, **kwargs
+        )
+    x0 = bm.train_stream[0].dataset[0][0]
+    n_classes = 1 + max(int(max(exp.dataset.targets)) for exp in bm.train_stream)
+    return bm, int(x0.numel()), n_classes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
+    warnings.filterwarnings("ignore", message="No loggers specified")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = _options(args.option)
+    t0 = time.perf_counter()
+    bm, in_features, n_classes = build_benchmark(args)
+    print(f"benchmark {args.benchmark}: {len(bm.train_stream)} experiences, built in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    from .baselines import mlp
+
+    x0 = bm.train_stream[0].dataset[0][0]
+    example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim)).to(args.device)
+    runs: list[RunResult] = []
+    for seed in range(args.seeds):
+        for name in args.strategies:
+            result = run_strategy(
+                name, bm, seed=seed, model_factory=lambda: mlp(in_features, args.hidden, n_classes),
+                example_input=example, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                mem_size=args.mem_size, device=args.device, options=options.get(name),
+                progress=not args.no_progress,
+            )
+            if options.get(name):
+                result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options[name].items()) + ")"
+            runs.append(result)
+            print(f"{name:>20s} seed {seed}: ACC {100 * result.average_accuracy:.1f}%  "
+                  f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
+    rows = summarise(runs)
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "time_s"])
+        for r in runs:
+            w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}", f"{r.time_s:.2f}"])
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    header = (f"{args.benchmark} ({len(bm.train_stream)} experiences), MLP {in_features}-{args.hidden}-{n_classes}, "
+              f"AdamW lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, replay {args.mem_size}, "
+              f"{args.seeds} seed(s), device {args.device}, torch threads {torch.get_num_threads()}")
+    (out / "summary.md").write_text(_markdown(rows, header))
+    (out / "runs.json").write_text(json.dumps({"args": vars(args), "runs": [asdict(r) for r in runs]}, indent=1))
+    _plot(runs, out / "accuracy.png")
+    print(_markdown(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""``RebasinMergePlugin``: after each experience, re-basin and merge with the previous experience's model.
+
+A thin Avalanche :class:`~avalanche.training.plugins.SupervisedPlugin` over the plain functions of
+:mod:`continual.merging` and :func:`rebasin.align.align`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor, nn
+
+from rebasin._errors import RebasinError
+from rebasin._functional import state_of
+from rebasin.align import align
+from rebasin.data import tensor_loader
+from rebasin.spec import PermutationSpec
+
+from ._data import concat_tensors, first_input, sample_tensors
+from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
+from .merging import alpha_grid as _alpha_grid
+
+__all__ = ["RebasinMergePlugin", "MergeRecord", "MATCHERS", "ALPHA_SOURCES"]
+
+MATCHERS = ("weight_matching", "activation_matching", "sinkhorn")
+ALPHA_SOURCES = ("replay", "memory")
+_OPTIMIZER_STATES = ("reset", "keep")
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """What the plugin did after one experience.
+
+    Attributes
+    ----------
+    experience
+        ``current_experience`` of the experience just trained.
+    alpha
+        Weight of the freshly trained model in the merge (1.0: untouched).
+    choice
+        The grid search behind ``alpha`` (None for a fixed alpha).
+    perms
+        The permutations that aligned the previous model to the new one (empty when skipped).
+    n_old, n_new
+        Samples of old / new data used for the alignment and the choice of alpha.
+    time_s
+        Wall time of alignment plus merge.
+    """
+
+    experience: int
+    alpha: float
+    choice: AlphaChoice | None
+    perms: dict[str, Tensor]
+    n_old: int
+    n_new: int
+    time_s: float
+
+
+def _find_replay_buffer(strategy: Any) -> Any | None:
+    """The replay buffer dataset of the strategy's first plugin that has one (ReplayPlugin and kin)."""
+    for plugin in getattr(strategy, "plugins", []):
+        policy = getattr(plugin, "storage_policy", None)
+        if policy is not None and hasattr(policy, "buffer"):
+            return policy
+    return None
+
+
+class RebasinMergePlugin(SupervisedPlugin):
+    r"""Align the freshly trained model to the previous experience's model and merge along the line.
+
+    After training on experience :math:`k \ge 1` (the first experience a strategy trains is only
+    remembered), with :math:`\theta_{\text{prev}}` the weights at the start of experience :math:`k`:
+
+    1. :func:`rebasin.align.align` finds the permutation :math:`\pi` of the hidden units of
+       :math:`\theta_{\text{prev}}` that best matches the new weights :math:`\theta_{\text{new}}`;
+    2. the strategy's model gets :math:`(1-\alpha)\,\pi(\theta_{\text{prev}}) + \alpha\,\theta_{\text{new}}`,
+       written **into the existing parameter objects** (the optimizer keeps holding them);
+    3. the optimizer's per-parameter state is dropped (``optimizer_state="reset"``), so no Adam moment
+       or momentum computed for the pre-merge weights is applied to the merged ones.
+
+    ``alpha`` is the weight of the **new** model: ``alpha=1`` leaves the model untouched (bitwise).
+    The previous model is permuted into the new model's basis, so the optimizer state that is kept
+    (``optimizer_state="keep"``) still belongs to the parameter it was computed for.
+
+    Parameters
+    ----------
+    matcher
+        ``"weight_matching"`` (data-free), ``"activation_matching"`` or ``"sinkhorn"`` (both use the
+        old + new samples described below).
+    alpha
+        A fixed weight of the new model in ``[0, 1]``, or None to choose it on a grid for each
+        experience: the candidate minimising the average of the mean loss on old data and the mean
+        loss on new data (:func:`continual.merging.select_alpha`).
+    select_alpha_on
+        Where the old data comes from:
+
+        * ``"replay"``: the strategy's replay buffer (the ``storage_policy.buffer`` of a
+          :class:`~avalanche.training.plugins.ReplayPlugin`, e.g. inside ``Replay``), as it was at the
+          start of the experience. A strategy without a replay buffer is rejected before the first
+          experience trains; a buffer that is empty when a merge needs it raises
+          :class:`RebasinError` (no silent fallback). The buffer's samples are mixed into every
+          training batch of ``Replay``, so their loss favours the freshly trained model and the
+          choice tends to ``alpha = 1`` (no merge); on 20-task Rotated MNIST a fixed ``alpha=0.5``
+          worked better (docs/benchmarks.md).
+        * ``"memory"``: the plugin keeps its own ``memory_per_experience`` samples of every
+          experience it has seen (training samples; nothing is added to the strategy's training
+          data).
+    alpha_grid
+        Number of evenly spaced candidates in ``[0, 1]`` (both ends included) or explicit values.
+    new_samples
+        Samples of the current experience used as "new data" (seeded random subset).
+    old_samples
+        At most this many samples of old data (seeded random subset of the buffer / memory).
+    memory_per_experience
+        Samples kept per experience by ``select_alpha_on="memory"``.
+    spec
+        Permutation spec of the model. If None it is traced with :func:`rebasin.trace.spec_from_model`:
+        at construction when ``model`` and ``example_input`` are given, otherwise before the first
+        experience trains (from ``example_input`` or the experience's first samples). A model that
+        cannot be traced raises :class:`RebasinError` there, before any training.
+    model, example_input
+        Optional, to trace the spec at construction.
+    matcher_options
+        Extra keyword arguments for the matcher (see :func:`rebasin.align.align`).
+    loss_fn
+        Loss for choosing alpha, ``loss_fn(outputs, targets)`` returning the batch mean;
+        cross-entropy by default.
+    optimizer_state
+        ``"reset"`` (default) or ``"keep"``.
+    batch_size
+        Batch size of the evaluation passes.
+    seed
+        Seeds the subsets and the matcher.
+
+    Attributes
+    ----------
+    history : list[MergeRecord]
+        One record per experience after the first.
+
+    Examples
+    --------
+    >>> from avalanche.training import Replay                                   # doctest: +SKIP
+    >>> plugin = RebasinMergePlugin(matcher="weight_matching", select_alpha_on="replay")  # doctest: +SKIP
+    >>> strategy = Replay(model=model, optimizer=opt, mem_size=1000, plugins=[plugin])    # doctest: +SKIP
+    >>> for exp in benchmark.train_stream:                                      # doctest: +SKIP
+    ...     strategy.train(exp)
+    """
+
+    def __init__(
+        self,
+        *,
+        matcher: str = "weight_matching",
+        alpha: float | None = None,
+        select_alpha_on: str = "replay",
+        alpha_grid: int | Sequence[float] = 11,
+        new_samples: int = 1000,
+        old_samples: int = 1000,
+        memory_per_experience: int = 200,
+        spec: PermutationSpec | None = None,
+        model: nn.Module | None = None,
+        example_input: Any = None,
+        matcher_options: Mapping[str, Any] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        optimizer_state: str = "reset",
+        batch_size: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if matcher not in MATCHERS:
+            raise RebasinError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
+        if select_alpha_on not in ALPHA_SOURCES:
+            raise RebasinError(f"unknown select_alpha_on {select_alpha_on!r}; choose one of {ALPHA_SOURCES}")
+        if optimizer_state not in _OPTIMIZER_STATES:
+            raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
+        for name, value in (("new_samples", new_samples), ("old_samples", old_samples),
+                            ("memory_per_experience", memory_per_experience), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RebasinError(f"{name} must be a positive int, got {value!r}")
+        self.matcher = matcher
+        self.alpha = None if alpha is None else check_alpha(alpha)
+        self.select_alpha_on = select_alpha_on
+        self.alpha_grid = _alpha_grid(alpha_grid)
+        self.new_samples = new_samples
+        self.old_samples = old_samples
+        self.memory_per_experience = memory_per_experience
+        self.matcher_options = dict(matcher_options or {})
+        self.loss_fn = loss_fn
+        self.optimizer_state = optimizer_state
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.example_input = example_input
+        if spec is None and model is not None:
+            if example_input is None:
+                raise RebasinError("RebasinMergePlugin: pass example_input= with model= to trace the spec")
+            spec = _trace(model, example_input)
+        self.spec = spec
+        self.history: list[MergeRecord] = []
+        self._prev_state: dict[str, Tensor] | None = None
+        self._old_buffer: Any = None
+        self._memory: list[tuple[Tensor, Tensor]] = []
+        self._n_seen = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _needs_data(self) -> bool:
+        return self.alpha is None or self.matcher != "weight_matching"
+
+    def _rng_seed(self, salt: int) -> int:
+        return self.seed * 1_000_003 + self._n_seen * 101 + salt
+
+    def _old_data(self, strategy: Any) -> tuple[Tensor, Tensor] | None:
+        if self.select_alpha_on == "memory":
+            data = concat_tensors(self._memory)
+            if data is not None and data[0].shape[0] > self.old_samples:
+                g = torch.Generator().manual_seed(self._rng_seed(1))
+                idx = torch.randperm(data[0].shape[0], generator=g)[: self.old_samples]
+                data = (data[0][idx], data[1][idx])
+            return data
+        buffer = self._old_buffer
+        if buffer is None or len(buffer) == 0:
+            raise RebasinError(
+                f"RebasinMergePlugin(select_alpha_on='replay'): the replay buffer is empty at experience "
+                f"{_exp_id(strategy)}, so alpha cannot be chosen on old data. Give the replay plugin a "
+                "positive mem_size, put the replay plugin in the strategy, use select_alpha_on='memory', "
+                "or pass a fixed alpha."
+            )
+        return sample_tensors(buffer, self.old_samples, seed=self._rng_seed(1), batch_size=self.batch_size)
+
+    # ------------------------------------------------------------------ Avalanche callbacks
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.spec is None:
+            example = self.example_input
+            if example is None:
+                example = first_input(strategy.experience.dataset)
+            example = example.to(strategy.device) if isinstance(example, Tensor) else example
+            self.spec = _trace(strategy.model, example)
+        if self.select_alpha_on == "replay" and self._needs_data and self.alpha is None:
+            policy = _find_replay_buffer(strategy)
+            if policy is None:
+                raise RebasinError(
+                    "RebasinMergePlugin(select_alpha_on='replay') needs a replay buffer in the strategy "
+                    "(the Replay strategy or a ReplayPlugin in plugins=); none was found. Use "
+                    "select_alpha_on='memory' or a fixed alpha."
+                )
+            # The buffer as it is now: old experiences only, whatever the order of the plugins.
+            self._old_buffer = policy.buffer
+        self._prev_state = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            if self._n_seen > 0 and self._prev_state is not None:
+                self._merge(strategy)
+            if self.select_alpha_on == "memory" and self._needs_data:
+                self._memory.append(
+                    sample_tensors(
+                        strategy.experience.dataset, self.memory_per_experience,
+                        seed=self._rng_seed(2), batch_size=self.batch_size,
+                    )
+                )
+        finally:
+            self._n_seen += 1
+            self._prev_state = None
+            self._old_buffer = None
+
+    # ------------------------------------------------------------------ the merge
+    def _merge(self, strategy: Any) -> None:
+        start = time.perf_counter()
+        model: nn.Module = strategy.model
+        exp = _exp_id(strategy)
+        if self.alpha == 1.0:
+            self.history.append(MergeRecord(exp, 1.0, None, {}, 0, 0, time.perf_counter() - start))
+            return
+        device = torch.device(strategy.device)
+        new_data = old_data = None
+        if self._needs_data:
+            new_data = sample_tensors(
+                strategy.experience.dataset, self.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size
+            )
+            if self.alpha is None or self.select_alpha_on == "memory":
+                old_data = self._old_data(strategy)
+        prev_model = copy.deepcopy(model)
+        prev_model.load_state_dict(self._prev_state)
+        loader = None
+        if new_data is not None:
+            both = concat_tensors([d for d in (old_data, new_data) if d is not None])
+            loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
+        options = dict(self.matcher_options)
+        if self.matcher == "sinkhorn":
+            options.setdefault("fit", {"progress": False})
+        result = align(
+            model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
+            device=device, **options,
+        )
+        state_new = {k: v.detach().clone() for k, v in state_of(model).items()}
+        prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
+        choice = None
+        alpha = self.alpha
+        if alpha is None:
+            new_loader = tensor_loader(new_data[0], new_data[1], batch_size=self.batch_size)
+            old_loader = tensor_loader(old_data[0], old_data[1], batch_size=self.batch_size)
+            choice = select_alpha(
+                model, prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
+                grid=self.alpha_grid, loss_fn=self.loss_fn, device=device,
+            )
+            alpha = choice.alpha
+        if alpha != 1.0:
+            write_state_(model, merge_states(prev_aligned, state_new, alpha))
+            if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
+                reset_optimizer_state_(strategy.optimizer, model.parameters())
+        self.history.append(
+            MergeRecord(
+                exp, float(alpha), choice, {k: v.cpu() for k, v in result.perms.items()},
+                0 if old_data is None else int(old_data[0].shape[0]),
+                0 if new_data is None else int(new_data[0].shape[0]),
+                time.perf_counter() - start,
+            )
+        )
+
+
+def _exp_id(strategy: Any) -> int:
+    exp = getattr(strategy, "experience", None)
+    return int(getattr(exp, "current_experience", -1) if exp is not None else -1)
+
+
+def _trace(model: nn.Module, example_input: Any) -> PermutationSpec:
+    """Trace the spec; any failure becomes a RebasinError naming the model."""
+    try:
+        from rebasin.trace import spec_from_model
+    except ImportError as err:  # pragma: no cover - the core always ships trace
+        raise RebasinError("rebasin.trace is not available to trace the model; pass spec=") from err
+    try:
+        return spec_from_model(model, example_input)
+    except RebasinError as err:
+        raise RebasinError(
+            f"cannot build a permutation spec for {type(model).__name__}: {err} "
+            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
+        ) from err
+    except Exception as err:  # noqa: BLE001 - tracing arbitrary user code
+        raise RebasinError(
+            f"cannot trace {type(model).__name__} to build a permutation spec ({type(err).__name__}: {err}). "
+            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
+        ) from err
+

@@ -1,0 +1,453 @@
+"""Activation matching (Ainsworth et al. 2023, section 3.1).
+
+Run both models over the same data and pair each hidden unit of A with the unit of B whose
+activations correlate best with it: one linear assignment per permutation on the matrix of
+cross-correlations. The statistics are streamed over the loader in float64, so any number of
+batches fits in memory; only an ``n × n`` cross-moment per permutation is kept.
+
+Which activations belong to which permutation comes from :func:`rebasin.trace.trace_model`: for
+every permutation, the fx nodes holding the features it acts on as the next weighted layers consume
+them (post-activation values). A residual stream is read at several nodes; their statistics are
+pooled into one correlation matrix, hence one assignment for the whole stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import RebasinError
+from .._functional import model_device, state_of
+from ..spec import PermutationSpec
+from ._assign import linear_assignment
+
+__all__ = [
+    "activation_matching",
+    "activation_correlations",
+    "correlation_from_moments",
+    "ActivationMatchingInfo",
+]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(x, y, ...)`` → ``(x, y)``; a bare tensor ``x`` → ``(x, None)``."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) >= 2 else None)
+    raise RebasinError(
+        f"cannot read a batch of type {type(batch).__name__}: the loader must yield tensors x or "
+        "tuples (x, y, ...)"
+    )
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _head(x: Any, n: int = 2) -> Any:
+    """The first ``n`` samples of the inputs (for tracing)."""
+    if isinstance(x, Tensor):
+        return x[:n]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_head(v, n) for v in x)
+    return x
+
+
+def _resolve_device(model_a: nn.Module, model_b: nn.Module, device: Any) -> torch.device:
+    """``device`` if given, else the common device of both models (error if they differ)."""
+    if device is not None:
+        return torch.device(device)
+    da, db = model_device(model_a), model_device(model_b)
+    if da != db:
+        raise RebasinError(
+            f"model_a is on {da} but model_b is on {db}: move both models to one device, or pass "
+            "device= to run the matching there (the models are not moved)"
+        )
+    return da
+
+
+def _states(
+    model_a: nn.Module, model_b: nn.Module, device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Detached state_dicts of both models on ``device`` (no copy when already there)."""
+    sa = {k: v.to(device) for k, v in state_of(model_a).items()}
+    sb = {k: v.to(device) for k, v in state_of(model_b).items()}
+    keys_a, keys_b = set(sa), set(sb)
+    if keys_a != keys_b:
+        only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
+        raise RebasinError(
+            "model_a and model_b have different architectures: key(s) only in model_a "
+            f"{only_a[:12]}, key(s) only in model_b {only_b[:12]}"
+        )
+    diff = [f"{k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}" for k in sa if sa[k].shape != sb[k].shape]
+    if diff:
+        raise RebasinError("model_a and model_b have different architectures (shapes differ): " + "; ".join(diff[:12]))
+    return sa, sb
+
+
+def _batches(first: Any, rest: Iterator[Any], max_batches: int | None) -> Iterator[Any]:
+    """``first`` followed by ``rest``, at most ``max_batches`` in all."""
+    yield first
+    count = 1
+    for batch in rest:
+        if max_batches is not None and count >= max_batches:
+            return
+        yield batch
+        count += 1
+
+
+def _first_batch(loader: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise RebasinError("the loader yielded no batch; activation statistics need data") from None
+    return first, it
+
+
+# ---------------------------------------------------------------------------------------- moments
+class _Moments:
+    """Streaming float64 first and second moments of paired features ``a`` and ``b``.
+
+    Sums are taken of ``x - shift`` with ``shift`` the first batch's mean, which keeps the
+    ``E[ab] - E[a]E[b]`` subtraction well conditioned (covariances are shift invariant).
+    """
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        kw = {"dtype": torch.float64, "device": device}
+        self.n = n
+        self.count = 0
+        self.shift_a: Tensor | None = None
+        self.shift_b: Tensor | None = None
+        self.sum_a = torch.zeros(n, **kw)
+        self.sum_b = torch.zeros(n, **kw)
+        self.sq_a = torch.zeros(n, **kw)
+        self.sq_b = torch.zeros(n, **kw)
+        self.cross = torch.zeros(n, n, **kw)
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        """Add samples: ``a`` and ``b`` of shape ``(n, samples)``."""
+        a = a.to(self.cross.device, torch.float64)
+        b = b.to(self.cross.device, torch.float64)
+        if a.shape[1] == 0:
+            return
+        if self.shift_a is None:
+            self.shift_a = a.mean(dim=1)
+            self.shift_b = b.mean(dim=1)
+        a = a - self.shift_a[:, None]
+        b = b - self.shift_b[:, None]
+        self.count += a.shape[1]
+        self.sum_a += a.sum(dim=1)
+        self.sum_b += b.sum(dim=1)
+        self.sq_a += (a * a).sum(dim=1)
+        self.sq_b += (b * b).sum(dim=1)
+        self.cross += a @ b.T
+
+    def correlation(self, eps: float) -> Tensor:
+        """``(n, n)`` float64 Pearson correlations ``corr[i, j] = corr(a_i, b_j)``."""
+        if self.count == 0:
+            raise RebasinError("no activation samples were collected (empty batches?)")
+        return correlation_from_moments(
+            self.count, self.sum_a, self.sum_b, self.sq_a, self.sq_b, self.cross, eps=eps
+        )
+
+
+def correlation_from_moments(
+    count: int,
+    sum_a: Tensor,
+    sum_b: Tensor,
+    sq_a: Tensor,
+    sq_b: Tensor,
+    cross: Tensor,
+    *,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Pearson cross-correlations from raw moment sums, with dead units mapped to 0.
+
+    Parameters
+    ----------
+    count
+        Number of samples ``N`` summed.
+    sum_a, sum_b
+        ``(n,)`` sums ``Σ a_i`` and ``Σ b_j``.
+    sq_a, sq_b
+        ``(n,)`` sums of squares ``Σ a_i²`` and ``Σ b_j²``.
+    cross
+        ``(n, n)`` cross moments ``Σ a_i b_j``.
+    eps
+        A unit whose standard deviation is below ``eps`` is *dead*: its row (in A) or column
+        (in B) of the result is 0 instead of NaN.
+
+    Returns
+    -------
+    Tensor
+        ``(n, n)`` in the inputs' dtype (float64 in :func:`activation_matching`),
+        ``corr[i, j] = cov(a_i, b_j) / (std(a_i) std(b_j))``, clamped to ``[-1, 1]``.
+
+    Examples
+    --------
+    >>> a = torch.tensor([[1., 2., 3.], [0., 0., 0.]], dtype=torch.float64)
+    >>> c = correlation_from_moments(3, a.sum(1), a.sum(1), (a * a).sum(1), (a * a).sum(1), a @ a.T)
+    >>> c.round(decimals=6)  # unit 1 of each side is dead: 0, not NaN
+    tensor([[1., 0.],
+            [0., 0.]], dtype=torch.float64)
+    """
+    mean_a, mean_b = sum_a / count, sum_b / count
+    cov = cross / count - torch.outer(mean_a, mean_b)
+    std_a = (sq_a / count - mean_a * mean_a).clamp_min(0).sqrt()
+    std_b = (sq_b / count - mean_b * mean_b).clamp_min(0).sqrt()
+    live_a, live_b = std_a >= eps, std_b >= eps
+    inv_a = torch.where(live_a, 1.0 / torch.where(live_a, std_a, 1.0), 0.0)
+    inv_b = torch.where(live_b, 1.0 / torch.where(live_b, std_b, 1.0), 0.0)
+    return (cov * inv_a[:, None] * inv_b[None, :]).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- public
+@dataclass(frozen=True)
+class ActivationMatchingInfo:
+    """Diagnostics of :func:`activation_matching`.
+
+    Attributes
+    ----------
+    corr_before
+        ``{perm: mean_i corr(a_i, b_i)}``: mean correlation of the unaligned unit pairs.
+    corr_after
+        ``{perm: mean_i corr(a_i, b_{perm[i]})}``: mean correlation of the matched pairs.
+    num_samples
+        ``{perm: N}``: activation samples pooled per permutation (batch × spatial positions ×
+        number of nodes of the stream).
+    num_batches
+        Batches read from the loader.
+    """
+
+    corr_before: dict[str, float]
+    corr_after: dict[str, float]
+    num_samples: dict[str, int]
+    num_batches: int
+
+
+def _trace_for(model_a: nn.Module, example_input: Any) -> Any:
+    from ..trace import trace_model
+
+    return trace_model(model_a, example_input)
+
+
+def _activation_nodes_for(
+    spec: PermutationSpec, traced: PermutationSpec, found: Mapping[str, list[tuple[str, int]]]
+) -> dict[str, list[tuple[str, int]]]:
+    """Activation nodes of each permutation of ``spec``, found through the traced spec.
+
+    The two specs may name their permutations differently (a hand-written spec): a permutation of
+    ``spec`` gets the nodes of every traced permutation acting on one of the same (key, axis) pairs.
+    """
+    owner = {ka: p for p, where in traced.perm_to_axes.items() for ka in where}
+    out: dict[str, list[tuple[str, int]]] = {}
+    for name, where in spec.perm_to_axes.items():
+        traced_names = sorted({owner[ka] for ka in where if ka in owner})
+        nodes = list(dict.fromkeys(n for t in traced_names for n in found.get(t, ())))
+        if not nodes:
+            raise RebasinError(
+                f"no activation node was found for permutation {name!r} (it acts on {list(where)[:4]}): "
+                f"tracing the model gave no permutation on those axes; check the spec against "
+                "rebasin.spec_from_model(model, example_input) or leave spec=None"
+            )
+        out[name] = nodes
+    return out
+
+
+def _collect(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None,
+    example_input: Any,
+    max_batches: int | None,
+    device: Any,
+) -> tuple[PermutationSpec, dict[str, _Moments], int]:
+    if max_batches is not None and int(max_batches) < 1:
+        raise RebasinError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    dev = _resolve_device(model_a, model_b, device)
+    state_a, state_b = _states(model_a, model_b, dev)
+    first, rest = _first_batch(loader)
+    if example_input is None:
+        example_input = _head(_split_batch(first)[0])
+    example_input = _to_device(example_input, model_device(model_a))
+    trace = _trace_for(model_a, example_input)
+    if spec is None:
+        spec = trace.spec
+    sizes = spec.validate_pair(state_a, state_b)
+    nodes = _activation_nodes_for(spec, trace.spec, trace.activation_nodes)
+    wanted = sorted({node for found in nodes.values() for node, _ in found})
+    moments = {name: _Moments(sizes[name], dev) for name in spec.perms}
+    num_batches = 0
+    for batch in _batches(first, rest, max_batches):
+        x = _to_device(_split_batch(batch)[0], dev)
+        with torch.no_grad():
+            acts_a = trace.capture(state_a, x, wanted, train=False)
+            acts_b = trace.capture(state_b, x, wanted, train=False)
+        for name, found in nodes.items():
+            for node, axis in found:
+                fa, fb = acts_a[node], acts_b[node]
+                if fa.shape[axis] != sizes[name]:
+                    raise RebasinError(
+                        f"activation node {node!r} has {fa.shape[axis]} features on axis {axis} "
+                        f"(shape {tuple(fa.shape)}) but permutation {name!r} has size {sizes[name]}"
+                    )
+                n = sizes[name]
+                moments[name].update(
+                    torch.movedim(fa.detach(), axis, 0).reshape(n, -1),
+                    torch.movedim(fb.detach(), axis, 0).reshape(n, -1),
+                )
+        num_batches += 1
+    return spec, moments, num_batches
+
+
+def activation_correlations(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None = None,
+    example_input: Any = None,
+    max_batches: int | None = None,
+    device: Any = None,
+    eps: float = 1e-8,
+) -> dict[str, Tensor]:
+    """Cross-correlation of A's and B's hidden units, one matrix per permutation.
+
+    Same arguments as :func:`activation_matching`.
+
+    Returns
+    -------
+    dict
+        ``{perm: (n, n) float64 Tensor}`` with ``corr[i, j]`` the Pearson correlation of A's unit
+        ``i`` with B's unit ``j`` over every sample (and every spatial position, and every node of
+        a residual stream). Dead units (std < ``eps``) have correlation 0, never NaN.
+
+    Examples
+    --------
+    >>> corr = activation_correlations(model_a, model_b, loader)  # doctest: +SKIP
+    >>> corr["P0"].diagonal().mean()                              # doctest: +SKIP
+    """
+    _, moments, _ = _collect(
+        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device
+    )
+    return {name: m.correlation(eps) for name, m in moments.items()}
+
+
+def activation_matching(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None = None,
+    example_input: Any = None,
+    max_batches: int | None = None,
+    device: Any = None,
+    eps: float = 1e-8,
+    return_info: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], ActivationMatchingInfo]:
+    r"""Match B's hidden units to A's by the correlation of their activations.
+
+    For each permutation :math:`P` with activations :math:`a_i, b_j` (features on the axis :math:`P`
+    acts on, every other axis flattened into samples) solve
+
+    .. math::
+
+        \pi_P = \arg\max_{\pi} \sum_i \operatorname{corr}(a_i, b_{\pi(i)})
+
+    by linear assignment. Statistics are streamed in float64; each permutation is solved on its own
+    (no coordinate descent is needed: the activations of A and B do not depend on ``π``).
+
+    Parameters
+    ----------
+    model_a, model_b
+        Two models of the same architecture. Run in eval mode on their own state_dicts through the
+        traced graph; neither is modified (no hooks, no mode change).
+    loader
+        Iterable of batches ``(x, y, ...)`` or ``x``. Only ``x`` is used; both models see the same
+        batches in the same order.
+    spec
+        The permutation spec. ``model_a`` is traced either way (for the activation nodes); the
+        traced spec is used when ``spec`` is None.
+    example_input
+        Input for tracing; default: the first two samples of the first batch.
+    max_batches
+        Read at most this many batches (default: the whole loader).
+    device
+        Where to run. Default: the models' device (they must share one). When given, the models'
+        state_dicts are copied there; the models themselves are not moved.
+    eps
+        Units whose activation std is below ``eps`` are treated as dead: correlation 0.
+    return_info
+        Also return an :class:`ActivationMatchingInfo`.
+
+    Returns
+    -------
+    dict or (dict, ActivationMatchingInfo)
+        ``{perm: LongTensor (n,)}`` (CPU) with ``permute(spec, perms, state_b) ≈ state_a``:
+        ``perms[P][i]`` is the unit of B matched to A's unit ``i``.
+
+    Raises
+    ------
+    RebasinError
+        Models on different devices (without ``device=``), different architectures, an empty
+        loader, or a spec that does not fit the traced model.
+
+    Examples
+    --------
+    >>> import copy
+    >>> from rebasin import permute, random_permutation
+    >>> from rebasin.models import MLP
+    >>> from rebasin.trace import spec_from_model
+    >>> _ = torch.manual_seed(0)
+    >>> model_a, x = MLP(4, [8], 2), torch.randn(64, 4)
+    >>> spec = spec_from_model(model_a, x[:2])
+    >>> model_b = copy.deepcopy(model_a)  # B: A with its hidden units shuffled
+    >>> model_b.load_state_dict(permute(spec, random_permutation(spec, seed=1), model_a.state_dict()))
+    <All keys matched successfully>
+    >>> perms = activation_matching(model_a, model_b, [x[:32], x[32:]], spec=spec)
+    >>> aligned = permute(spec, perms, model_b.state_dict())
+    >>> all(torch.equal(aligned[k], v) for k, v in model_a.state_dict().items())
+    True
+
+    References
+    ----------
+    Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries.
+    ICLR 2023, section 3.1.
+    """
+    spec, moments, num_batches = _collect(
+        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device
+    )
+    perms: dict[str, Tensor] = {}
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    for name, m in moments.items():
+        corr = m.correlation(eps)
+        perm = linear_assignment(corr, name=name)
+        perms[name] = perm
+        idx = torch.arange(m.n, device=corr.device)
+        before[name] = float(corr.diagonal().mean())
+        after[name] = float(corr[idx, perm.to(corr.device)].mean())
+    if not return_info:
+        return perms
+    info = ActivationMatchingInfo(
+        corr_before=before,
+        corr_after=after,
+        num_samples={name: m.count for name, m in moments.items()},
+        num_batches=num_batches,
+    )
+    return perms, info

@@ -1,0 +1,445 @@
+"""Weight matching (Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin", algorithm 2).
+
+Coordinate descent on the permutations of model B so that its weights line up with model A's:
+
+.. math::
+
+    \\max_{\\pi} \\sum_{k} \\langle A_k, \\pi(B_k) \\rangle
+
+where the sum runs over every floating state_dict entry that at least one permutation touches.
+Each step fixes every permutation but one, ``P``; the objective is then linear in ``P``:
+``sum_i S_P[i, P[i]]`` with the ``n x n`` similarity
+
+.. math::
+
+    S_P = \\sum_{(k, a)} \\mathrm{rows}_a(A_k)\\, \\mathrm{rows}_a(B'_k)^\\top
+
+over every tensor axis ``(k, a)`` that ``P`` acts on, where ``rows_a`` moves axis ``a`` first and
+flattens the rest (a block axis of size ``n * k`` becomes ``(n, k)`` and the ``k`` joins the
+columns) and ``B'_k`` is ``B_k`` with all *other* permutations applied. A linear assignment then
+gives the best ``P``.
+
+Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
+out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
+laid out once, in float32, on the compute device. When a permutation ``Q`` changes at ``m``
+positions, only those ``m`` slices of each neighbouring ``B'`` change: they are rewritten in place
+and each cached neighbouring similarity gets the exact low-rank correction
+``A[:, J] @ (B'_new[:, J] - B'_old[:, J]).T`` (``O(n^2 m)`` instead of ``O(n^3)``); above
+``m > n / 4`` the cache is dropped and rebuilt on the next visit. Contributions of tensors no
+other permutation touches (first layer, biases, last layer) are computed once. A permutation whose
+similarity did not change since its last solve is not solved again (the answer would be the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, overload
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._errors import RebasinError
+from ..permute import check_permutations
+from ..spec import PermutationSpec
+from ._assign import cost_from_similarity, solve_cost
+
+__all__ = ["weight_matching", "WeightMatchingInfo"]
+
+# A new permutation is accepted only if it raises the objective by more than this fraction of the
+# similarity entries it trades (sum of |S| over the changed rows, old and new): float32 noise
+# cannot make the descent cycle.
+_GAIN_RTOL = 1e-6
+# Low-rank update of a cached similarity when at most this fraction of a neighbour changed.
+_LOWRANK_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class WeightMatchingInfo:
+    """What :func:`weight_matching` did.
+
+    Attributes
+    ----------
+    objective
+        Objective ``sum_k <A_k, perm(B_k)>`` after each sweep (non-decreasing): the exact initial
+        value plus the gains of the accepted steps (computed in float64 from the float32
+        similarities).
+    initial_objective
+        The objective at the starting permutations (``init`` or the identity).
+    n_sweeps
+        Sweeps performed (each visits every permutation once).
+    converged
+        ``True`` if the last sweep changed nothing; ``False`` if ``max_iter`` stopped it.
+    n_solves
+        Linear assignments solved.
+    n_skipped
+        Visits whose solve was skipped because the similarity had not changed since the last solve.
+    n_full_builds
+        Similarity matrices computed from scratch.
+    n_lowrank_updates
+        Low-rank corrections applied to cached similarity matrices.
+    """
+
+    objective: list[float] = field(default_factory=list)
+    initial_objective: float = 0.0
+    n_sweeps: int = 0
+    converged: bool = False
+    n_solves: int = 0
+    n_skipped: int = 0
+    n_full_builds: int = 0
+    n_lowrank_updates: int = 0
+
+
+class _Term:
+    """One tensor axis a permutation acts on: its A and current B' laid out rows-first.
+
+    ``a`` and ``b`` have shape ``(n, [k_P], d_1, ...)`` where the remaining axes keep their order
+    and a neighbouring block axis is split into ``(n_Q, k_Q)``; ``nbrs[Q]`` is the dimension of
+    ``b`` that ``Q`` indexes. ``b`` is the only mutable tensor (it never aliases user memory when
+    ``nbrs`` is non-empty).
+    """
+
+    __slots__ = ("key", "perm", "n", "a", "b", "nbrs")
+
+    def __init__(self, key: str, perm: str, n: int, a: Tensor, b: Tensor, nbrs: dict[str, int]) -> None:
+        self.key, self.perm, self.n, self.a, self.b, self.nbrs = key, perm, n, a, b, nbrs
+
+    def a_mat(self) -> Tensor:
+        return self.a.view(self.n, -1)
+
+    def b_mat(self) -> Tensor:
+        return self.b.view(self.n, -1)
+
+
+def _make_term(
+    spec: PermutationSpec,
+    key: str,
+    axis: int,
+    a: Tensor,
+    b: Tensor,
+    sizes: Mapping[str, int],
+    perms_dev: Mapping[str, Tensor],
+    device: torch.device,
+) -> _Term:
+    axes = spec.axes[key]
+    perm = str(axes[axis])
+    n = sizes[perm]
+    kp = spec.blocks.get((key, axis), 1)
+    shape = [n] + ([kp] if kp > 1 else [])
+    nbrs: dict[str, int] = {}
+    for i, q in enumerate(axes):
+        if i == axis:
+            continue
+        if q is None:
+            shape.append(a.shape[i])
+            continue
+        nbrs[q] = len(shape)
+        shape.append(sizes[q])
+        kq = spec.blocks.get((key, i), 1)
+        if kq > 1:
+            shape.append(kq)
+    order = [axis] + [i for i in range(a.ndim) if i != axis]
+    a_t = a.detach().to(device=device, dtype=torch.float32).permute(order).reshape(shape).contiguous()
+    b_t = b.detach().to(device=device, dtype=torch.float32).permute(order).reshape(shape)
+    for q, d in nbrs.items():
+        b_t = b_t.index_select(d, perms_dev[q])  # a fresh tensor: safe to update in place
+    return _Term(key, perm, n, a_t, b_t.contiguous(), nbrs)
+
+
+class _Engine:
+    """The state of the coordinate descent: terms, current B', cached similarities."""
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        sizes: Mapping[str, int],
+        perms: dict[str, np.ndarray],
+        device: torch.device,
+        incremental: bool,
+    ) -> None:
+        self.sizes = dict(sizes)
+        self.perms = perms
+        self.device = device
+        self.incremental = incremental
+        perms_dev = {q: torch.from_numpy(p).to(device) for q, p in perms.items()}
+        # static terms: no other permutation on the tensor, so their contribution never changes
+        self.static: dict[str, list[_Term]] = {p: [] for p in spec.perm_to_axes}
+        self.dynamic: dict[str, list[_Term]] = {p: [] for p in spec.perm_to_axes}
+        self.by_nbr: dict[str, list[_Term]] = {}  # Q -> terms of other permutations that Q touches
+        self.initial_objective = 0.0
+        counted: set[str] = set()
+        for perm, where in spec.perm_to_axes.items():
+            for key, axis in where:
+                a, b = state_a[key], state_b[key]
+                if not a.is_floating_point() or a.numel() == 0:
+                    continue  # integer buffers carry no similarity
+                t = _make_term(spec, key, axis, a, b, sizes, perms_dev, device)
+                (self.dynamic if t.nbrs else self.static)[perm].append(t)
+                for q in t.nbrs:
+                    self.by_nbr.setdefault(q, []).append(t)
+                if key not in counted:
+                    counted.add(key)
+                    moved = t.b_mat()
+                    if not np.array_equal(perms[perm], np.arange(perms[perm].size)):
+                        moved = moved.index_select(0, perms_dev[perm])
+                    self.initial_objective += float((t.a_mat() * moved).sum(dtype=torch.float64))
+        self.s_static: dict[str, Tensor | None] = {p: None for p in self.static}
+        self.cache: dict[str, Tensor | None] = {p: None for p in self.static}
+        self.stale: dict[str, bool] = {p: True for p in self.static}
+        self.n_full_builds = 0
+        self.n_lowrank_updates = 0
+
+    def active(self) -> list[str]:
+        """Permutations worth visiting: size above one and at least one floating tensor."""
+        return [p for p in self.static if self.sizes[p] > 1 and (self.static[p] or self.dynamic[p])]
+
+    @staticmethod
+    def _build(terms: list[_Term], out: Tensor | None = None) -> Tensor:
+        """``out + sum_t A_t B_t^T`` (``out`` is updated in place when given)."""
+        for t in terms:
+            if out is None:
+                out = torch.mm(t.a_mat(), t.b_mat().T)
+            else:
+                out.addmm_(t.a_mat(), t.b_mat().T)
+        assert out is not None  # every caller passes at least one term or a base
+        return out
+
+    def similarity(self, perm: str) -> Tensor | None:
+        """``S_P`` of shape ``(n, n)``, or ``None`` if unchanged since the last solve.
+
+        The returned tensor is the engine's cache (incremental mode): read it, do not keep it.
+        """
+        if not self.incremental:
+            self.n_full_builds += 1
+            return self._build(self.static[perm] + self.dynamic[perm])
+        if not self.stale[perm]:
+            return None
+        self.stale[perm] = False
+        if self.cache[perm] is None:
+            if self.static[perm] and self.s_static[perm] is None:
+                self.s_static[perm] = self._build(self.static[perm])  # constant: computed once
+            base = self.s_static[perm]
+            if not self.dynamic[perm]:
+                self.cache[perm] = base  # never updated: no neighbour touches it
+            else:
+                self.n_full_builds += 1
+                self.cache[perm] = self._build(self.dynamic[perm], None if base is None else base.clone())
+        return self.cache[perm]
+
+    def update(self, q: str, new: np.ndarray, changed: np.ndarray) -> None:
+        """Set permutation ``q`` to ``new`` (it differs from the current one at rows ``changed``)."""
+        old = self.perms[q]
+        inv_old = np.empty_like(old)
+        inv_old[old] = np.arange(old.size)
+        # slice j of every B' along q becomes its old slice inv_old[new[j]]; only j in `changed` moves
+        src = torch.from_numpy(inv_old[new[changed]]).to(self.device)
+        dst = torch.from_numpy(changed).to(self.device)
+        lowrank = changed.size <= _LOWRANK_FRACTION * old.size
+        for t in self.by_nbr.get(q, ()):
+            d = t.nbrs[q]
+            fresh = t.b.index_select(d, src)
+            cache = self.cache[t.perm] if self.incremental else None
+            if cache is not None and lowrank:
+                delta = fresh - t.b.index_select(d, dst)
+                cache.addmm_(t.a.index_select(d, dst).reshape(t.n, -1), delta.reshape(t.n, -1).T)
+                self.n_lowrank_updates += 1
+            elif cache is not None:
+                self.cache[t.perm] = None
+            t.b.index_copy_(d, dst, fresh)
+            self.stale[t.perm] = True
+        self.perms[q] = new
+
+
+def _compute_device(spec: PermutationSpec, state_a: Mapping[str, Tensor]) -> torch.device:
+    for key, axes in spec.axes.items():
+        t = state_a[key]
+        if any(p is not None for p in axes) and t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
+
+
+@overload
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    max_iter: int = ...,
+    init: Mapping[str, Tensor] | None = ...,
+    seed: int = ...,
+    return_info: Literal[False] = ...,
+    device: torch.device | str | None = ...,
+    _incremental: bool = ...,
+    _on_solve: Callable[[str, np.ndarray], None] | None = ...,
+) -> dict[str, Tensor]: ...
+
+
+@overload
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    max_iter: int = ...,
+    init: Mapping[str, Tensor] | None = ...,
+    seed: int = ...,
+    return_info: Literal[True],
+    device: torch.device | str | None = ...,
+    _incremental: bool = ...,
+    _on_solve: Callable[[str, np.ndarray], None] | None = ...,
+) -> tuple[dict[str, Tensor], WeightMatchingInfo]: ...
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    max_iter: int = 100,
+    init: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+    return_info: bool = False,
+    device: torch.device | str | None = None,
+    _incremental: bool = True,
+    _on_solve: Callable[[str, np.ndarray], None] | None = None,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], WeightMatchingInfo]:
+    """Permutations of model B's hidden units that best match its weights to model A's.
+
+    Maximises :math:`\\sum_k \\langle A_k, \\pi(B_k) \\rangle` over the permutations :math:`\\pi`
+    of the spec by coordinate descent: each sweep visits every permutation once, in an order drawn
+    from ``torch.Generator().manual_seed(seed)``, and replaces it by the solution of a linear
+    assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
+    sweep without improvement or after ``max_iter`` sweeps.
+
+    Every floating tensor that a permutation touches counts, parameters *and* buffers: weights,
+    biases, norm scales and shifts (outer products of the 1-D vectors) and BatchNorm running
+    mean / variance (they are permuted with the units, and matching them too favours pairings whose
+    statistics agree). Integer buffers and tensors no permutation touches are ignored.
+
+    Parameters
+    ----------
+    spec
+        Permutation spec of the architecture (``spec.blocks`` is honoured).
+    state_a, state_b
+        state_dicts of the two models; same keys and shapes, finite values. Not mutated.
+    max_iter
+        Maximum number of sweeps (``0`` returns the starting permutations).
+    init
+        Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
+    seed
+        Seed of the visiting order; the same seed gives the same result.
+    return_info
+        Also return a :class:`WeightMatchingInfo`.
+    device
+        Where the similarity matrices are computed; default: the device of ``state_a``'s tensors.
+        Works on CUDA; the assignment itself is solved on the CPU (float64, ``n x n`` only).
+
+    Returns
+    -------
+    dict[str, Tensor] or (dict[str, Tensor], WeightMatchingInfo)
+        ``{perm: int64 CPU tensor of shape (n,)}`` for every permutation of the spec, mapping B
+        onto A: ``permute(spec, perms, state_b)`` is close to ``state_a``.
+
+    Raises
+    ------
+    RebasinError
+        If the state_dicts do not match the spec or each other (keys and shapes are listed), hold
+        NaN or inf (the key is named), ``init`` is not a set of permutations of the right sizes,
+        or ``max_iter`` is negative.
+
+    Notes
+    -----
+    Costs per sweep: one ``n x n`` assignment per permutation plus the similarity matmuls
+    ``O(n^2 * size of the neighbouring tensors)``, all in float32. After the first sweeps a
+    permutation typically changes at a few positions; the neighbouring similarities are then
+    corrected by low-rank updates instead of being recomputed, and unchanged ones are not solved
+    again, so late sweeps cost far less than the first. Memory: about two float32 copies of each
+    tensor with two permuted axes, plus one ``n x n`` matrix per permutation.
+
+    References
+    ----------
+    S. K. Ainsworth, J. Hayase, S. Srinivasa. Git Re-Basin: Merging Models modulo Permutation
+    Symmetries. ICLR 2023.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rebasin import PermutationSpec, permute, random_permutation
+    >>> spec = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",),
+    ...                         "2.weight": (None, "P"), "2.bias": (None,)})
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = {"0.weight": torch.randn(8, 3, generator=g), "0.bias": torch.randn(8, generator=g),
+    ...      "2.weight": torch.randn(2, 8, generator=g), "2.bias": torch.randn(2, generator=g)}
+    >>> b = permute(spec, random_permutation(spec, seed=1, sizes={"P": 8}), a)
+    >>> perms = weight_matching(spec, a, b)
+    >>> all(torch.equal(permute(spec, perms, b)[k], a[k]) for k in a)
+    True
+    """
+    sizes = spec.validate_pair(state_a, state_b)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise RebasinError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if init is not None:
+        check_permutations(spec, init, sizes)
+    perms: dict[str, np.ndarray] = {}
+    for name in spec.perms:
+        if init is not None and name in init:
+            perms[name] = init[name].detach().to("cpu", torch.int64).numpy().copy()
+        else:
+            perms[name] = np.arange(sizes[name], dtype=np.int64)
+    dev = torch.device(device) if device is not None else _compute_device(spec, state_a)
+
+    with torch.no_grad():
+        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental)
+        generator = torch.Generator().manual_seed(int(seed))
+        active = engine.active()
+        objective = engine.initial_objective
+        history: list[float] = []
+        n_solves = n_skipped = 0
+        converged = False
+        for _ in range(max_iter):
+            improved = False
+            for idx in torch.randperm(len(active), generator=generator).tolist():
+                name = active[idx]
+                sim = engine.similarity(name)
+                if sim is None:
+                    n_skipped += 1
+                    continue
+                cost = cost_from_similarity(sim)  # -S, float64, CPU
+                del sim
+                if _on_solve is not None:
+                    _on_solve(name, cost)
+                new = solve_cost(cost, name=name)
+                n_solves += 1
+                old = engine.perms[name]
+                changed = np.flatnonzero(new != old)
+                if changed.size == 0:
+                    continue
+                gained = -cost[changed, new[changed]]
+                lost = -cost[changed, old[changed]]
+                gain = float(gained.sum() - lost.sum())
+                if gain > _GAIN_RTOL * float(np.abs(gained).sum() + np.abs(lost).sum()):
+                    engine.update(name, new, changed)
+                    objective += gain
+                    improved = True
+            history.append(objective)
+            if not improved:
+                converged = True
+                break
+
+    out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
+    if not return_info:
+        return out
+    info = WeightMatchingInfo(
+        objective=history,
+        initial_objective=engine.initial_objective,
+        n_sweeps=len(history),
+        converged=converged,
+        n_solves=n_solves,
+        n_skipped=n_skipped,
+        n_full_builds=engine.n_full_builds,
+        n_lowrank_updates=engine.n_lowrank_updates,
+    )
+    return out, info

@@ -1,0 +1,355 @@
+r"""Sinkhorn re-basin (Peña et al., CVPR 2023): learn permutations end to end.
+
+One logit matrix :math:`L_P \in \mathbb{R}^{n\times n}` per permutation group; the soft permutation is
+:math:`S_P = \mathrm{Sinkhorn}(L_P/\tau)` (doubly stochastic) and model B's weights are mapped by
+:func:`rebasin.soft_permute`. The logits are trained by gradient descent on a cost of the soft-permuted
+weights :math:`\pi(\theta_B)`:
+
+* ``"l2"``: :math:`\sum_k \|\theta_A^k - \pi(\theta_B)^k\|^2 / \sum_k \|\theta_A^k\|^2` over every
+  permuted floating tensor (data-free);
+* ``"midpoint"``: :math:`\ell\big(f(\tfrac12\theta_A + \tfrac12\pi(\theta_B))\big)`;
+* ``"random"``: :math:`\mathbb{E}_{t\sim U(0,1)}\,\ell\big(f((1-t)\theta_A + t\,\pi(\theta_B))\big)`, one
+  :math:`t` per batch, computed as a direct lerp (no division by :math:`1-t`);
+* any callable ``cost(module, batch) -> scalar tensor``.
+
+The answer is the hard permutation obtained by linear assignment on the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import RebasinError
+from ._functional import forward_with_state, model_device, state_of
+from .permute import permute
+from .spec import PermutationSpec
+
+__all__ = ["SinkhornRebasin", "COSTS"]
+
+COSTS = ("l2", "midpoint", "random")
+_INITS = ("identity", "weight_matching", "random")
+_GRADS = ("implicit", "unrolled", "detach")
+
+CostFn = Callable[["SinkhornRebasin", Any], Tensor]
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise RebasinError(
+        "the task-loss costs need batches of (inputs, targets); for other batch layouts pass a "
+        "callable cost(module, batch)"
+    )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class SinkhornRebasin(nn.Module):
+    r"""Learn soft permutations aligning ``model_b`` to ``model_a`` (Sinkhorn re-basin).
+
+    Parameters
+    ----------
+    model_a, model_b
+        Two models of the same architecture, on the same device. Neither is modified; their weights
+        are read once (detached) at construction.
+    spec
+        Permutation spec; traced from ``model_a`` with ``example_input`` when omitted.
+    cost
+        ``"l2"``, ``"midpoint"``, ``"random"`` or a callable ``cost(module, batch) -> scalar``.
+    loss_fn
+        Task loss ``loss_fn(outputs, targets)`` for the midpoint / random costs (cross-entropy by
+        default).
+    tau, n_iter, grad
+        Sinkhorn temperature, number of iterations and gradient mode (see :func:`rebasin.sinkhorn`).
+    init
+        Starting permutation of the logits: ``"identity"``, ``"weight_matching"`` (warm start from
+        :func:`rebasin.weight_matching`) or ``"random"`` (drawn from ``seed``). The logits start as
+        ``init_scale`` times that permutation matrix.
+    init_scale
+        Scale of the initial logits (1.0 as in the paper). With ``tau=1`` a wide layer then starts
+        close to the uniform doubly-stochastic matrix; raise it to start sharper.
+    seed
+        Seeds the random init and the per-batch draws of ``t`` for the ``"random"`` cost.
+
+    Notes
+    -----
+    BatchNorm: during :meth:`fit` the model runs in train mode, so BatchNorm layers normalise with
+    the statistics of each batch and the soft-permuted running statistics are not used (the running
+    statistics are computed on copies and discarded: nothing of the user's is written). Calling
+    :meth:`forward` in eval mode uses the soft-permuted (or interpolated) running statistics. The
+    running statistics of :meth:`aligned_state_dict` follow the hard permutation exactly.
+
+    Examples
+    --------
+    >>> sr = SinkhornRebasin(model_a, model_b, example_input=x[:1], cost="random")   # doctest: +SKIP
+    >>> sr.fit(train_loader, epochs=5, lr=0.1)                                      # doctest: +SKIP
+    >>> aligned_b = sr.aligned_model()                                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        *,
+        spec: PermutationSpec | None = None,
+        example_input: Any = None,
+        cost: str | CostFn = "random",
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        tau: float = 1.0,
+        n_iter: int = 20,
+        grad: str = "implicit",
+        init: str = "identity",
+        init_scale: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(cost, str) and cost in COSTS) and not callable(cost):
+            raise RebasinError(f"unknown cost {cost!r}; choose one of {COSTS} or pass a callable cost(module, batch)")
+        if init not in _INITS:
+            raise RebasinError(f"unknown init {init!r}; choose one of {_INITS}")
+        if grad not in _GRADS:
+            raise RebasinError(f"unknown grad {grad!r}; choose one of {_GRADS}")
+        if not (tau > 0 and float(tau) < float("inf")):
+            raise RebasinError(f"tau must be a positive finite number, got {tau}")
+        if int(n_iter) < 1:
+            raise RebasinError(f"n_iter must be at least 1, got {n_iter}")
+        dev_a, dev_b = model_device(model_a), model_device(model_b)
+        if dev_a != dev_b:
+            raise RebasinError(f"model_a is on {dev_a} but model_b is on {dev_b}; move both to one device")
+        if spec is None:
+            if example_input is None:
+                raise RebasinError("SinkhornRebasin needs spec= or example_input= to trace the model")
+            from .trace import spec_from_model
+
+            spec = spec_from_model(model_a, example_input)
+        state_a, state_b = state_of(model_a), state_of(model_b)
+        sizes = spec.validate_pair(state_a, state_b)
+        self.spec = spec
+        self.cost = cost
+        self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.tau = float(tau)
+        self.n_iter = int(n_iter)
+        self.grad = grad
+        self.seed = int(seed)
+        # Non-module references: the model is only used as a function through functional_call.
+        object.__setattr__(self, "_model", model_b)
+        self._state_a = {k: v.clone() for k, v in state_a.items()}
+        self._state_b = {k: v.clone() for k, v in state_b.items()}
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+        start = self._initial_perms(init, sizes, model_a, model_b)
+        logits = {}
+        for name in spec.perms:
+            n = sizes[name]
+            eye = torch.zeros(n, n, device=dev_a)
+            eye[torch.arange(n), start[name].to(dev_a)] = 1.0
+            logits[name] = nn.Parameter(init_scale * eye)
+        self.logits = nn.ParameterDict(logits)
+        self.history: list[float] = []
+        self._quiet = False  # fit() checks convergence once at the end instead of every step
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _initial_perms(self, init, sizes, model_a, model_b) -> dict[str, Tensor]:
+        if init == "identity":
+            return {p: torch.arange(n) for p, n in sizes.items()}
+        if init == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            return {p: torch.randperm(sizes[p], generator=g) for p in self.spec.perms}
+        from .matching.weight import weight_matching
+
+        return weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.logits.values())).device
+
+    def _apply(self, fn, *args, **kwargs):  # keep the stored states with the logits on .to()/.cuda()
+        super()._apply(fn, *args, **kwargs)
+        self._state_a = {k: fn(v) for k, v in self._state_a.items()}
+        self._state_b = {k: fn(v) for k, v in self._state_b.items()}
+        return self
+
+    # ------------------------------------------------------------------ soft permutation
+    def soft_matrices(self) -> dict[str, Tensor]:
+        """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable."""
+        from .sinkhorn import sinkhorn
+
+        out = {}
+        for name, logits in self.logits.items():
+            if not bool(torch.isfinite(logits).all()):
+                raise RebasinError(
+                    f"the logits of permutation {name!r} contain NaN or inf; lower the learning rate "
+                    "or raise tau"
+                )
+            out[name] = sinkhorn(logits, tau=self.tau, n_iter=self.n_iter, grad=self.grad, warn=not self._quiet)
+        return out
+
+    def permuted_state_b(self) -> dict[str, Tensor]:
+        """Model B's state_dict with the soft permutations applied (differentiable in the logits)."""
+        from .soft import soft_permute
+
+        return soft_permute(self.spec, self.soft_matrices(), self._state_b)
+
+    def state_at(self, t: float | Tensor) -> dict[str, Tensor]:
+        """``(1 - t) θ_A + t π(θ_B)`` for floating tensors (integer buffers copied from A)."""
+        pb = self.permuted_state_b()
+        out = {}
+        for k, a in self._state_a.items():
+            b = pb[k]
+            out[k] = torch.lerp(a, b, t) if a.is_floating_point() else a.clone()
+        return out
+
+    def forward(self, x: Any, t: float | Tensor | None = None) -> Any:
+        """Run the model with soft-permuted B (``t=None``) or at ``(1-t) θ_A + t π(θ_B)``.
+
+        Uses this module's ``training`` flag for the wrapped model (see the class notes on BatchNorm).
+        """
+        state = self.permuted_state_b() if t is None else self.state_at(t)
+        model = self._model
+        # Buffers are handed over as copies: integer counters and (in train mode) the running
+        # statistics that BatchNorm updates in place must neither alias the stored states nor
+        # carry gradients (train-mode BatchNorm normalises with batch statistics anyway).
+        for name, _ in model.named_buffers():
+            if name in state and (self.training or not state[name].is_floating_point()):
+                state[name] = state[name].detach().clone()
+        flags = {m: m.training for m in model.modules()}
+        try:
+            model.train(self.training)
+            return forward_with_state(model, state, x)
+        finally:
+            for m, f in flags.items():
+                m.training = f
+
+    # ------------------------------------------------------------------ costs
+    def l2_cost(self) -> Tensor:
+        """Normalised squared distance between A and soft-permuted B over the permuted tensors."""
+        pb = self.permuted_state_b()
+        num = self._state_a[next(iter(self._state_a))].new_zeros(())
+        den = num.clone()
+        for key in self._permuted_float_keys():
+            a = self._state_a[key]
+            num = num + (a - pb[key]).pow(2).sum()
+            den = den + a.pow(2).sum()
+        return num / den.clamp_min(1e-12)
+
+    def _permuted_float_keys(self) -> list[str]:
+        return [
+            k
+            for k, ax in self.spec.axes.items()
+            if any(p is not None for p in ax) and self._state_a[k].is_floating_point()
+        ]
+
+    def compute_cost(self, batch: Any = None) -> Tensor:
+        """The configured cost on one batch (``batch`` may be None for ``"l2"``)."""
+        if callable(self.cost):
+            value = self.cost(self, batch)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise RebasinError(f"the cost callable must return a scalar tensor, got {shape}")
+            return value.reshape(())
+        if self.cost == "l2":
+            return self.l2_cost()
+        if batch is None:
+            raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
+        x, y = _split_batch(batch)
+        if self.cost == "midpoint":
+            t: float | Tensor = 0.5
+        else:
+            t = float(torch.rand((), generator=self._generator))
+        return self.loss_fn(self(x, t=t), y)
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        loader: Iterable | None = None,
+        *,
+        epochs: int = 1,
+        steps: int | None = None,
+        lr: float = 0.1,
+        optimizer: torch.optim.Optimizer | None = None,
+        device: Any = None,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train the logits; returns (and appends to ``self.history``) the cost per step.
+
+        With a ``loader`` each epoch is one pass over it. Without one (data-free costs such as
+        ``"l2"`` or a data-free callable) ``steps`` optimisation steps are taken (default
+        ``100 * epochs``). ``optimizer`` defaults to Adam over the logits with ``lr``.
+        """
+        if device is not None:
+            self.to(device)
+        device = self.device
+        if loader is None and isinstance(self.cost, str) and self.cost != "l2":
+            raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
+        opt = optimizer if optimizer is not None else torch.optim.Adam(self.logits.parameters(), lr=lr)
+        if loader is None:
+            batches_per_epoch = None
+            total = steps if steps is not None else 100 * epochs
+            epochs_iter: Iterable = [range(total)]
+        else:
+            batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+            total = None if batches_per_epoch is None else batches_per_epoch * epochs
+            epochs_iter = (loader for _ in range(epochs))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})")
+        was_training = self.training
+        self.train()
+        self._quiet = True
+        try:
+            for epoch_batches in epochs_iter:
+                for batch in epoch_batches:
+                    batch = None if loader is None else _to_device(batch, device)
+                    opt.zero_grad(set_to_none=True)
+                    value = self.compute_cost(batch)
+                    value.backward()
+                    opt.step()
+                    self.history.append(float(value.detach()))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(cost=f"{self.history[-1]:.4f}")
+        finally:
+            self._quiet = False
+            self.train(was_training)
+            if bar is not None:
+                bar.close()
+        with torch.no_grad():
+            self.soft_matrices()  # one convergence warning (if any) for the final logits
+        return self.history
+
+    # ------------------------------------------------------------------ results
+    @torch.no_grad()
+    def hard_permutations(self) -> dict[str, Tensor]:
+        """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``."""
+        from .soft import matrix_to_perm
+
+        return {name: matrix_to_perm(logits.detach()).cpu() for name, logits in self.logits.items()}
+
+    def aligned_state_dict(self) -> dict[str, Tensor]:
+        """Model B's full state_dict permuted by the hard permutations (BN statistics included)."""
+        return permute(self.spec, self.hard_permutations(), {k: v.clone() for k, v in self._state_b.items()})
+
+    def aligned_model(self) -> nn.Module:
+        """A fresh copy of model B carrying the aligned weights.
+
+        Its parameters keep model B's ``requires_grad`` flags (this class never freezes the user's
+        parameters; it trains only its own logits), so the result trains like any module.
+        """
+        model = copy.deepcopy(self._model)
+        model.load_state_dict(self.aligned_state_dict())
+        return model

@@ -1,0 +1,338 @@
+"""Tests of the continual/ package (Avalanche 0.6) on a tiny synthetic benchmark."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("avalanche")
+
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
+from avalanche.training import Naive, Replay  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+
+from rebasin import PermutationSpec, RebasinError  # noqa: E402
+from continual.benchmarks import synthetic  # noqa: E402
+from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
+from continual.plugin import RebasinMergePlugin  # noqa: E402
+from continual.strategy import RebasinIL  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:No loggers specified"),
+]
+
+ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+FGT = "StreamForgetting/eval_phase/test_stream"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return synthetic(3, seed=0)
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def evaluator() -> EvaluationPlugin:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True),
+            loggers=[],
+        )
+
+
+def common(model: nn.Module, **kw):
+    return dict(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), criterion=nn.CrossEntropyLoss(),
+        train_mb_size=32, train_epochs=2, eval_mb_size=256, evaluator=evaluator(), **kw,
+    )
+
+
+def run(strategy, bench):
+    results = None
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        results = strategy.eval(bench.test_stream)
+    return results
+
+
+# ------------------------------------------------------------------ plain functions
+def test_merge_states_endpoints_and_integers():
+    prev = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    new = {"w": torch.tensor([1.0, 2.0, 3.0]), "n": torch.tensor(7)}
+    assert torch.equal(merge_states(prev, new, 1.0)["w"], new["w"])
+    assert torch.equal(merge_states(prev, new, 0.0)["w"], prev["w"])
+    torch.testing.assert_close(merge_states(prev, new, 0.25)["w"], torch.tensor([0.25, 0.5, 0.75]))
+    assert int(merge_states(prev, new, 0.3)["n"]) == 7
+    with pytest.raises(RebasinError, match="alpha"):
+        merge_states(prev, new, 1.5)
+
+
+def test_rebasin_il_state_formula():
+    spec = PermutationSpec({"w": ("P", None), "b": ("P",)})
+    prev = {"w": torch.arange(6.0).reshape(3, 2), "b": torch.tensor([1.0, 2.0, 3.0])}
+    perm = {"P": torch.tensor([2, 0, 1])}
+    delta = {"b": torch.full((3,), 0.5)}
+    out = rebasin_il_state(spec, prev, perm, 0.8, delta)
+    expected_b = 0.8 * prev["b"] + 0.2 * prev["b"][perm["P"]] + 0.5
+    torch.testing.assert_close(out["b"], expected_b)
+    torch.testing.assert_close(out["w"], 0.8 * prev["w"] + 0.2 * prev["w"][perm["P"]])
+
+
+def test_select_alpha_prefers_the_better_end():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(64, 4)
+    good = {"weight": torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]]), "bias": torch.zeros(2)}
+    bad = {"weight": -good["weight"], "bias": torch.zeros(2)}
+    y = (x[:, 0] < 0).long()
+    loader = [(x, y)]
+    choice = select_alpha(model, bad, good, new_loader=loader, old_loader=loader, grid=5)
+    assert choice.alpha == 1.0 and len(choice.objective) == 5
+    choice = select_alpha(model, good, bad, new_loader=loader, grid=5)
+    assert choice.alpha == 0.0
+
+
+def test_write_state_keeps_parameter_objects_and_rejects_bad_keys():
+    model = tiny()
+    before = [id(p) for p in model.parameters()]
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    write_state_(model, state)
+    assert [id(p) for p in model.parameters()] == before
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in model.parameters())
+    with pytest.raises(RebasinError, match="missing"):
+        write_state_(model, {"0.weight": torch.zeros(24, 16)})
+
+
+# ------------------------------------------------------------------ the plugin
+@pytest.mark.parametrize("kind", ["naive", "replay"])
+def test_plugin_inside_strategies_with_metrics(bench, kind):
+    model = tiny()
+    if kind == "replay":
+        plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=5)
+        strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    else:
+        plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=5, memory_per_experience=64)
+        strategy = Naive(plugins=[plugin], **common(model))
+    params = list(model.parameters())
+    results = run(strategy, bench)
+    assert ACC in results and FGT in results
+    assert 0.0 <= results[ACC] <= 1.0
+    assert len(plugin.history) == 2
+    assert [h.experience for h in plugin.history] == [1, 2]
+    for h in plugin.history:
+        assert h.choice is not None and h.alpha in h.choice.grid and h.n_old > 0 and h.n_new > 0
+    # the parameters are the ones the optimizer holds, and the model still is the strategy's
+    assert strategy.model is model
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    opt_params = [p for g in strategy.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in opt_params} == {id(p) for p in params}
+
+
+def test_plugin_writes_merge_into_optimizer_params_and_resets_state(bench):
+    model = tiny()
+    plugin = RebasinMergePlugin(alpha=0.3, select_alpha_on="memory")
+    strategy = Naive(plugins=[plugin], **common(model))
+    strategy.train(bench.train_stream[0])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    class Spy(RebasinMergePlugin.__mro__[1]):  # a SupervisedPlugin running before the merge plugin's end
+        def after_training_exp(self, strategy, **kw):
+            seen.update({k: v.clone() for k, v in strategy.model.state_dict().items()})
+
+    strategy.plugins.insert(0, Spy())
+    strategy.train(bench.train_stream[1])
+    trained = seen
+    merged = model.state_dict()
+    record = plugin.history[-1]
+    from rebasin import permute
+
+    prev_aligned = permute(plugin.spec, record.perms, start)
+    for k in merged:
+        torch.testing.assert_close(merged[k], 0.7 * prev_aligned[k] + 0.3 * trained[k])
+    assert any(not torch.equal(merged[k], trained[k]) for k in merged)
+    opt = strategy.optimizer
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert all(any(p is q for q in held) for p in model.parameters())
+    assert all(len(opt.state.get(p, {})) == 0 for p in model.parameters())
+
+
+def test_plugin_alpha_one_is_a_bitwise_noop(bench):
+    model = tiny()
+    plugin = RebasinMergePlugin(alpha=1.0)
+    strategy = Naive(plugins=[plugin], **common(model))
+    strategy.train(bench.train_stream[0])
+    seen = {}
+
+    class Spy(RebasinMergePlugin.__mro__[1]):
+        def after_training_exp(self, strategy, **kw):
+            seen.update({k: v.clone() for k, v in strategy.model.state_dict().items()})
+
+    strategy.plugins.insert(0, Spy())
+    state_ids = {id(p): p for p in model.parameters()}
+    strategy.train(bench.train_stream[1])
+    opt_state_before = {id(p): {k: v.clone() for k, v in strategy.optimizer.state[p].items()} for p in model.parameters()}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[k]), k
+    assert {id(p) for p in model.parameters()} == set(state_ids)
+    assert all(len(s) > 0 for s in opt_state_before.values())  # optimizer state kept too
+    assert plugin.history[-1].alpha == 1.0
+
+
+def test_plugin_replay_without_buffer_errors_before_training(bench):
+    model = tiny()
+    strategy = Naive(plugins=[RebasinMergePlugin(select_alpha_on="replay")], **common(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RebasinError, match="replay buffer"):
+        strategy.train(bench.train_stream[0])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # nothing trained
+
+
+def test_plugin_empty_replay_buffer_errors_at_use(bench):
+    model = tiny()
+    plugin = RebasinMergePlugin(select_alpha_on="replay")
+
+    class EmptyPolicy:
+        buffer: list = []
+
+    class EmptyReplay(RebasinMergePlugin.__mro__[1]):
+        storage_policy = EmptyPolicy()
+
+    strategy = Naive(plugins=[plugin, EmptyReplay()], **common(model))
+    strategy.train(bench.train_stream[0])
+    with pytest.raises(RebasinError, match="replay buffer is empty"):
+        strategy.train(bench.train_stream[1])
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(torch.cat([h, h], dim=1))
+
+
+def test_untraceable_model_fails_at_construction():
+    model = Untraceable()
+    x = torch.randn(2, 16)
+    with pytest.raises(RebasinError, match="spec"):
+        RebasinMergePlugin(model=model, example_input=x)
+    with pytest.raises(RebasinError, match="spec"):
+        RebasinIL(example_input=x, **common(model))
+    with pytest.raises(RebasinError, match="example_input"):
+        RebasinIL(**common(tiny()))
+
+
+def test_plugin_traces_before_the_first_experience_trains(bench):
+    model = Untraceable()
+    strategy = Naive(plugins=[RebasinMergePlugin(select_alpha_on="memory")], **common(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RebasinError, match="spec"):
+        strategy.train(bench.train_stream[0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_plugin_rejects_bad_arguments():
+    with pytest.raises(RebasinError, match="matcher"):
+        RebasinMergePlugin(matcher="nope")
+    with pytest.raises(RebasinError, match="select_alpha_on"):
+        RebasinMergePlugin(select_alpha_on="nope")
+    with pytest.raises(RebasinError, match="alpha"):
+        RebasinMergePlugin(alpha=-0.1)
+
+
+def test_plugin_activation_matching_runs(bench):
+    model = tiny()
+    plugin = RebasinMergePlugin(matcher="activation_matching", alpha=0.5, select_alpha_on="memory")
+    strategy = Naive(plugins=[plugin], **common(model))
+    results = run(strategy, bench)
+    assert ACC in results and len(plugin.history) == 2
+
+
+# ------------------------------------------------------------------ RebasinIL
+def test_rebasin_il_three_experiences_end_to_end(bench):
+    model = tiny()
+    params = list(model.parameters())
+    user_opt = None
+    strategy = RebasinIL(example_input=torch.randn(2, 16), replay_mem_size=64, residual_lr=1e-2, **common(model))
+    user_opt = strategy.optimizer
+    accs = []
+    for exp in bench.train_stream:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        strategy.train(exp)
+        results = strategy.eval(bench.test_stream)
+        accs.append(results[ACC])
+        assert strategy.optimizer is user_opt
+        if exp.current_experience > 0:
+            rec = strategy.history[-1]
+            merged = rebasin_il_state(strategy.spec, before, rec.perms, strategy.alpha, None)
+            # merged = alpha prev + (1-alpha) perm(prev) + delta: the residual is the difference
+            diff = {k: model.state_dict()[k] - merged[k] for k in merged}
+            assert rec.delta_norm == pytest.approx(
+                float(torch.sqrt(sum((d.double() ** 2).sum() for d in diff.values()))), rel=1e-4, abs=1e-6
+            )
+    assert FGT in results and len(strategy.history) == 2
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert accs[-1] > 0.5  # learns something (chance is 0.25)
+
+
+def test_rebasin_il_does_not_mutate_plugin_list(bench):
+    plugins: list = []
+    RebasinIL(example_input=torch.randn(2, 16), plugins=plugins, **common(tiny()))
+    assert plugins == []
+
+
+# ------------------------------------------------------------------ compare and packaging
+def test_compare_writes_outputs(tmp_path):
+    from continual.compare import accuracy_matrix_metrics, main
+
+    acc, fgt = accuracy_matrix_metrics([[1.0, 0.0], [0.5, 0.9]])
+    assert acc == pytest.approx(0.7) and fgt == pytest.approx(0.5)
+    code = main([
+        "--benchmark", "synthetic", "--strategies", "naive,rebasin_merge,rebasin_il", "--seeds", "1",
+        "--epochs", "1", "--batch-size", "64", "--mem-size", "32", "--hidden", "16", "--out", str(tmp_path),
+        "--no-progress",
+    ])
+    assert code == 0
+    for name in ("runs.csv", "summary.csv", "summary.md", "accuracy.png", "runs.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge", "rebasin_il"]
+    assert "± " in (tmp_path / "summary.md").read_text()
+
+
+def test_import_rebasin_does_not_import_avalanche():
+    code = "import sys, rebasin, continual; print('avalanche' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not os.environ.get("REBASIN_DATA"), reason="set REBASIN_DATA to a local MNIST root")
+def test_rotated_mnist_benchmark_shapes():
+    from continual.benchmarks import rotated_mnist
+
+    bm = rotated_mnist(os.environ["REBASIN_DATA"], n_experiences=3, train_samples=100, test_samples=50)
+    assert len(bm.train_stream) == 3
+    x, y, _ = bm.train_stream[2].dataset[0]
+    assert tuple(x.shape) == (1, 28, 28)
+    x0 = bm.train_stream[0].dataset[0][0]
+    assert not torch.equal(x, x0)  # rotated by 180 degrees
+    torch.testing.assert_close(x, torch.flip(x0, dims=(1, 2)), atol=1e-4, rtol=0)

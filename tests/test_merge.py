@@ -1,0 +1,114 @@
+"""merge: N models into one basin, averaged and REPAIRed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from rebasin import permute, random_permutation
+from rebasin._errors import RebasinError
+from rebasin._functional import state_of
+from rebasin.merge import MergeInfo, merge
+from rebasin.trace import spec_from_model
+from rebasin.train import fit_classifier_, seeded_model
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    )
+
+
+def data(shape=(6,), n=192, batch=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    flat = x.reshape(n, -1)
+    y = ((flat[:, 0] * flat[:, 1] > 0).long() + (flat[:, 2] > 0.5).long()).clamp_max(2)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def permuted_copies(factory, shape, k=3):
+    base = seeded_model(factory, 0)
+    spec = spec_from_model(base, torch.randn(2, *shape))
+    sizes = spec.validate(state_of(base))
+    copies = [base]
+    for s in range(1, k):
+        m = seeded_model(factory, 100 + s)
+        m.load_state_dict(permute(spec, random_permutation(spec, seed=s, sizes=sizes), state_of(base)))
+        copies.append(m)
+    return copies, spec
+
+
+@pytest.mark.parametrize("method", ["weight_matching", "activation_matching"])
+def test_merge_of_permuted_copies_is_the_model(method):
+    loader = data()
+    copies, spec = permuted_copies(mlp, (6,), k=4)
+    x = torch.cat([x for x, _ in loader])
+    merged, info = merge(copies, method=method, loader=loader, return_info=True)
+    assert isinstance(info, MergeInfo) and info.converged and info.repaired
+    assert_close(merged(x), copies[0](x), atol=1e-5, rtol=1e-5)
+    assert info.accuracy["merged"] == info.accuracy["models"][0] == info.accuracy["ensemble"]
+    if method != "weight_matching":
+        return  # data-driven matching cannot tell apart units that are dead on the data
+    # perms map each copy back onto the reference
+    for m, p in zip(copies, info.perms):
+        for k, v in permute(spec, p, state_of(m)).items():
+            assert_close(v, state_of(copies[0])[k])
+
+
+def test_merge_bn_cnn_copies_reference_not_first():
+    loader = data((1, 4, 4))
+    copies, spec = permuted_copies(bn_cnn, (1, 4, 4), k=3)
+    from rebasin.repair import reset_bn_stats_
+
+    for m in copies:  # statistics of the data REPAIR uses
+        reset_bn_stats_(m, loader)
+    merged = merge(copies, loader=loader, spec=spec, reference=2)
+    x = torch.cat([x for x, _ in loader])
+    merged.eval()
+    copies[0].eval()
+    assert_close(merged(x), copies[0](x), atol=1e-5, rtol=1e-5)
+    # the output lives in the reference's basin: same weights as copies[2]
+    assert_close(state_of(merged)["0.weight"], state_of(copies[2])["0.weight"])
+
+
+def test_merge_trained_models_beats_naive_and_inputs_untouched():
+    loader = data(n=384)
+    models = [fit_classifier_(seeded_model(mlp, s), loader, epochs=25, lr=1e-2, seed=s) for s in range(3)]
+    keep = [{k: v.clone() for k, v in state_of(m).items()} for m in models]
+    merged, info = merge(models, loader=loader, return_info=True, iterations=5)
+    assert info.accuracy["merged"] > info.accuracy["naive"]
+    assert info.loss["merged"] < info.loss["naive"]
+    for m, kept in zip(models, keep):
+        for k, v in state_of(m).items():
+            assert torch.equal(v, kept[k])
+    assert all(p.requires_grad for p in merged.parameters()) and merged is not models[0]
+    plain = state_of(merge(models, repair=False, iterations=5, example_input=loader[0][0][:2]))
+    assert_close(plain["4.bias"], state_of(merged)["4.bias"])  # output layer: plain average both times
+    assert not torch.allclose(plain["0.weight"], state_of(merged)["0.weight"])  # REPAIR rescaled
+
+
+def test_merge_errors():
+    loader = data()
+    a, b = seeded_model(mlp, 0), seeded_model(mlp, 1)
+    other = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(RebasinError, match="one architecture"):
+        merge([a, other], loader=loader)
+    with pytest.raises(RebasinError, match="one architecture"):
+        merge([a, bn_cnn()], loader=loader)
+    with pytest.raises(RebasinError, match="at least two"):
+        merge([a], loader=loader)
+    with pytest.raises(RebasinError, match="loader"):
+        merge([a, b])
+    with pytest.raises(RebasinError, match="reference"):
+        merge([a, b], loader=loader, reference=5)
+    with pytest.raises(RebasinError, match="iterations"):
+        merge([a, b], loader=loader, iterations=0)
+    with pytest.raises(RebasinError, match="unknown method"):
+        merge([a, b], loader=loader, method="magic")

@@ -138,6 +138,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .path import barrier, evaluate_path
     from .train import evaluate, fit_classifier_, seeded_model
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
+    unknown = [m for m in methods if m not in DEMO_METHODS]
+    if unknown:
+        raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
     device = _device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,10 +161,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
            f"({args.epochs} epochs, {train_time:.1f} s): test accuracy "
            f"{100 * endpoints[0][1]:.1f}% / {100 * endpoints[1][1]:.1f}%")
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
-    unknown = [m for m in methods if m not in DEMO_METHODS]
-    if unknown:
-        raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
     results: dict[str, Any] = {}
     paths = {}
     for name in ["naive", *methods]:

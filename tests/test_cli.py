@@ -1,0 +1,107 @@
+"""The ``rebasin`` command line: demo end to end with tiny settings, align, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rebasin.cli import main
+
+
+def test_demo_writes_results_and_alignment_beats_naive(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--out", str(out),
+            "--epochs", "8",
+            "--width", "32",
+            "--num-points", "5",
+            "--methods", "weight_matching,activation_matching,sinkhorn_l2",
+            "--sinkhorn-epochs", "1",
+            "--device", "cpu",
+        ]
+    )
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    methods = payload["methods"]
+    assert set(methods) == {"naive", "weight_matching", "activation_matching", "sinkhorn_l2"}
+    for name in ("weight_matching", "activation_matching"):
+        assert methods["naive"]["barrier"]["loss"] > methods[name]["barrier"]["loss"]
+        assert methods[name]["time_s"] >= 0
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "paths.png").read_bytes()[:4] == b"\x89PNG"
+    assert "weight_matching" in capsys.readouterr().out
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def wide_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 3))
+
+
+def _save(path, seed, factory=small_net):
+    torch.manual_seed(seed)
+    torch.save(factory().state_dict(), path)
+
+
+def test_align_command_writes_aligned_state(tmp_path):
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "b_aligned.pt"
+    _save(a, 0)
+    torch.manual_seed(0)
+    model = small_net()
+    perm = torch.randperm(8)
+    sd = model.state_dict()
+    sd = {"0.weight": sd["0.weight"][perm], "0.bias": sd["0.bias"][perm], "2.weight": sd["2.weight"][:, perm], "2.bias": sd["2.bias"]}
+    torch.save(sd, b)
+    factory = f"{__name__}:small_net"
+    code = main(["align", str(a), str(b), "--model", factory, "--example-shape", "1,4", "-o", str(out)])
+    assert code == 0
+    aligned = torch.load(out, weights_only=True)
+    reference = torch.load(a, weights_only=True)
+    for k in reference:
+        torch.testing.assert_close(aligned[k], reference[k])
+
+
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--method", "magic"], "weight_matching"),
+        (["--model", "no_such_module_xyz:f"], "cannot import module"),
+        (["--model", "tests_missing_colon"], "package.module:factory"),
+        (["--example-shape", "1,x"], "example-shape"),
+    ],
+)
+def test_align_errors_are_one_line(tmp_path, capsys, argv_tail, message):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    _save(a, 0)
+    _save(b, 1)
+    argv = ["align", str(a), str(b), "--model", f"{__name__}:small_net", "--example-shape", "1,4", "-o", str(tmp_path / "o.pt")]
+    # later options override earlier ones in argparse
+    code = main(argv + argv_tail)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_missing_file_and_mismatched_architecture(tmp_path, capsys):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    _save(a, 0)
+    _save(b, 1, factory=wide_net)
+    common = ["--model", f"{__name__}:small_net", "--example-shape", "1,4", "-o", str(tmp_path / "o.pt")]
+    assert main(["align", str(a), str(tmp_path / "missing.pt"), *common]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["align", str(a), str(b), *common]) == 2
+    assert "does not match the architecture" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_method(tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path), "--methods", "nope", "--epochs", "1", "--width", "8"])
+    assert code == 2
+    assert "unknown method" in capsys.readouterr().err

@@ -438,3 +438,19 @@ def test_planted_recovery_on_library_models(index):
     _, b = planted(spec, a, seed=10 + index)
     perms = weight_matching(spec, a, b)
     assert_states_equal(permute(spec, perms, b), a)
+
+
+def test_cost_matrix_buffer_reused_only_when_it_fits():
+    import numpy as np
+
+    from rebasin.matching._assign import cost_from_similarity
+
+    s = torch.randn(5, 5)
+    buf = np.empty((5, 5))
+    out = cost_from_similarity(s, out=buf)
+    assert out is buf
+    assert_close(torch.from_numpy(out), -s.double())
+    for bad in (np.empty((4, 4)), np.empty((5, 5), dtype=np.float32), np.empty((5, 5)).T):
+        other = cost_from_similarity(s, out=bad)
+        assert other is not bad and other.dtype == np.float64
+        assert_close(torch.from_numpy(other), -s.double())

@@ -306,6 +306,9 @@ def weight_matching(
     _incremental: bool = True,
     _on_solve: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], WeightMatchingInfo]:
+    # _incremental=False runs the textbook loop (every similarity from scratch, every visit solved);
+    # _on_solve(name, cost) sees each float64 cost matrix (-S) just before it is solved (a reused
+    # buffer: valid during the call only). Both exist for tests and benchmarks/wm_speed.py.
     """Permutations of model B's hidden units that best match its weights to model A's.
 
     Maximises :math:`\\sum_k \\langle A_k, \\pi(B_k) \\rangle` over the permutations :math:`\\pi`
@@ -398,6 +401,7 @@ def weight_matching(
         objective = engine.initial_objective
         history: list[float] = []
         n_solves = n_skipped = 0
+        buffers: dict[int, np.ndarray] = {}  # one float64 cost matrix per size, reused
         converged = False
         for _ in range(max_iter):
             improved = False
@@ -407,7 +411,10 @@ def weight_matching(
                 if sim is None:
                     n_skipped += 1
                     continue
-                cost = cost_from_similarity(sim)  # -S, float64, CPU
+                n = engine.sizes[name]
+                if n not in buffers:
+                    buffers[n] = np.empty((n, n), dtype=np.float64)
+                cost = cost_from_similarity(sim, out=buffers[n])  # -S, float64, CPU, reused buffer
                 del sim
                 if _on_solve is not None:
                     _on_solve(name, cost)

@@ -20,18 +20,28 @@ def test_demo_writes_results_and_alignment_beats_naive(tmp_path, capsys):
             "--epochs", "8",
             "--width", "32",
             "--num-points", "5",
-            "--methods", "weight_matching,activation_matching,sinkhorn_l2",
+            "--methods", "weight_matching,activation_matching,sinkhorn_l2,weight_matching+repair,weight_matching+bezier",
             "--sinkhorn-epochs", "1",
+            "--curve-epochs", "1",
             "--device", "cpu",
         ]
     )
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     methods = payload["methods"]
-    assert set(methods) == {"naive", "weight_matching", "activation_matching", "sinkhorn_l2"}
-    for name in ("weight_matching", "activation_matching"):
+    assert set(methods) == {
+        "naive", "weight_matching", "activation_matching", "sinkhorn_l2",
+        "weight_matching+repair", "weight_matching+bezier",
+    }
+    for name in ("weight_matching", "activation_matching", "weight_matching+repair", "weight_matching+bezier"):
         assert methods["naive"]["barrier"]["loss"] > methods[name]["barrier"]["loss"]
         assert methods[name]["time_s"] >= 0
+    assert [methods[m]["path"] for m in ("naive", "weight_matching+repair", "weight_matching+bezier")] == [
+        "linear", "repair", "bezier",
+    ]
+    # the repaired and curved rows reuse the weight-matched B: their endpoints are the same models
+    wm, rep = payload["paths"]["weight_matching"], payload["paths"]["weight_matching+bezier"]
+    assert wm["loss"][0] == pytest.approx(rep["loss"][0]) and wm["loss"][-1] == pytest.approx(rep["loss"][-1])
     assert (out / "results.md").read_text().count("|") > 20
     assert (out / "paths.png").read_bytes()[:4] == b"\x89PNG"
     assert "weight_matching" in capsys.readouterr().out
@@ -105,3 +115,11 @@ def test_demo_rejects_unknown_method(tmp_path, capsys):
     code = main(["demo", "--out", str(tmp_path), "--methods", "nope", "--epochs", "1", "--width", "8"])
     assert code == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_cl_forwards_to_the_continual_comparison(capsys):
+    pytest.importorskip("avalanche")
+    with pytest.raises(SystemExit) as exc:
+        main(["cl", "--help"])
+    assert exc.value.code == 0
+    assert "continual.compare" in capsys.readouterr().out

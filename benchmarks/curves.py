@@ -2,11 +2,11 @@
 
     python benchmarks/curves.py --data-root ../shared/data --figure docs/figures/mnist_mlp_paths.png
 
-Trains two MLPs (784-256-256-10, Adam 1e-3, different seeds), aligns B to A by weight matching
-and activation matching, fits a Bezier curve and a PolyChain (``--num-bends`` control points,
+Trains two MLPs (784-256-256-10, Adam 1e-3, different seeds), aligns B to A with every matcher
+(weight matching, activation matching, STE, Sinkhorn with the l2 / midpoint / random costs), fits a Bezier curve and a PolyChain (``--num-bends`` control points,
 ``--curve-epochs`` epochs of one t ~ U(0,1) per batch) between the *unaligned* and between the
 *aligned* endpoints, and evaluates the test accuracy along every path: naive linear, aligned linear
-(both matchers), aligned + REPAIR, the four curves and the arc (Anokhin & Yarotsky) between the
+(every matcher), aligned + REPAIR, the four curves and the arc (Anokhin & Yarotsky) between the
 aligned endpoints. Reports the minimum accuracy along each path and its max test error minus the
 endpoints' (the target for the curves: within 1 point). The table is appended to
 docs/benchmarks.md; ``--figure`` saves the accuracy plot (rebasin.plot.plot_paths).
@@ -66,6 +66,12 @@ def main() -> None:
     sa, sb = ({k: v.detach() for k, v in m.state_dict().items()} for m in (a, b))
     wm = align(a, b, method="weight_matching", loader=stats, seed=args.seed, device=args.device)
     am = align(a, b, method="activation_matching", loader=stats, seed=args.seed, device=args.device)
+    ste = align(a, b, method="ste", loader=train, seed=args.seed, device=args.device, epochs=1, lr=1e-3)
+    sk = {
+        cost: align(a, b, method="sinkhorn", loader=train, seed=args.seed, device=args.device, cost=cost,
+                    init="identity", fit={"epochs": 1, "lr": 0.1, "progress": False})
+        for cost in ("l2", "midpoint", "random")
+    }
 
     def ev(**kw):
         return evaluate_path(a, kw.pop("sa", None), kw.pop("sb", None), test, num_points=args.num_points, device=args.device, **kw)
@@ -74,6 +80,11 @@ def main() -> None:
     results["naive"] = ev(sa=sa, sb=sb)
     results["weight matching"] = ev(sa=sa, sb=wm.state_b)
     results["activation matching"] = ev(sa=sa, sb=am.state_b)
+    results["STE"] = ev(sa=sa, sb=ste.state_b)
+    secs["STE"] = ste.time_s
+    for cost, res in sk.items():
+        results[f"Sinkhorn ({cost})"] = ev(sa=sa, sb=res.state_b)
+        secs[f"Sinkhorn ({cost})"] = res.time_s
     results["weight matching + REPAIR"] = ev(path=RepairedPath(a, sa, wm.state_b, stats, spec=wm.spec, device=args.device))
     results["arc (aligned)"] = ev(path=ArcPath(sa, wm.state_b, spec=wm.spec))
     for cls, cname in ((BezierCurve, "Bezier"), (PolyChainCurve, "PolyChain")):
@@ -99,7 +110,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(8.0, 5.0), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(9.0, 5.5), constrained_layout=True)
         plot_paths(results, metric="accuracy", ax=ax, title=f"MNIST MLP 784-{args.hidden.replace(',', '-')}-10: test accuracy along the path")
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.figure, dpi=130)

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from ._errors import RebasinError
 from .align import Alignment, align
+from .connect import WA_PATHS, WeightAdjustedPath, ot_matching, weight_adjusted_path
 from .curves import ArcPath, BezierCurve, CurveFit, PolyChainCurve, arc_interpolate, fit_curve
 from .matching.activation import ActivationMatchingInfo, activation_correlations, activation_matching
 from .matching.ste import STEInfo, ste_matching
 from .matching.weight import WeightMatchingInfo, weight_matching
+from .landscape import (
+    HessianEigenvalue,
+    HessianTrace,
+    ModeConnectivity,
+    cka,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    mode_connectivity,
+)
 from .merge import MergeInfo, merge
 from .path import PathResult, StatePath, barrier, evaluate_path, interpolate, reset_bn_stats
 from .permute import (
@@ -91,4 +101,16 @@ __all__ = [
     "fit_classifier_",
     "evaluate",
     "seeded_model",
+    # landscape and distribution-based connections
+    "mode_connectivity",
+    "ModeConnectivity",
+    "cka",
+    "hessian_top_eigenvalue",
+    "HessianEigenvalue",
+    "hessian_trace",
+    "HessianTrace",
+    "ot_matching",
+    "weight_adjusted_path",
+    "WeightAdjustedPath",
+    "WA_PATHS",
 ]

@@ -1,4 +1,4 @@
-"""The ``rebasin`` command line: ``demo``, ``align``, ``path`` and ``cl``.
+"""The ``rebasin`` command line: ``demo``, ``landscape``, ``align``, ``path`` and ``cl``.
 
 Every subcommand has ``--help``. Bad input (unknown method, missing file, architectures that do
 not match, a factory that cannot be imported) ends with a one-line error and exit status 2.
@@ -11,12 +11,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ._errors import RebasinError
-from .demo import DEMO_METHODS, device_from_name, run_demo
+from .demo import DEMO_METHODS, device_from_name, run_demo, run_landscape
 
 __all__ = ["main"]
 
@@ -141,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--curve-epochs", type=int, default=5, help="epochs for the Bezier curve's bend")
     demo.add_argument("--progress", action="store_true", help="progress bars for training")
     demo.set_defaults(func=run_demo)
+
+    land = sub.add_parser(
+        "landscape",
+        help="the demo pair's landscape: mode connectivity, CKA, Hessian, Anokhin & Yarotsky paths",
+    )
+    for action in demo._actions:
+        if action.dest in ("help", "methods", "ste_epochs", "sinkhorn_epochs", "sinkhorn_iters", "sinkhorn_lr"):
+            continue
+        land._add_action(action)
+    land.set_defaults(func=run_landscape, out="rebasin-landscape")
 
     al = sub.add_parser("align", help="align two saved state_dicts of your own architecture")
     al.add_argument("model_a")

@@ -5,6 +5,10 @@ from a local folder), aligns B to A with every matcher, and evaluates the linear
 plus the weight-matched path with REPAIR and a trained quadratic Bezier curve between A and the
 weight-matched B. Writes ``results.json``, ``results.md`` and ``paths.png`` (when matplotlib is
 installed) and returns the results dict.
+
+``rebasin landscape`` (:func:`run_landscape`) trains the same pair and prints the landscape
+measurements of Yang et al. (mode connectivity, CKA, Hessian top eigenvalue and trace) and the
+worst accuracy along Anokhin & Yarotsky's connecting paths.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from ._errors import RebasinError
 
-__all__ = ["DEMO_METHODS", "run_demo"]
+__all__ = ["DEMO_METHODS", "run_demo", "run_landscape"]
 
 #: Matchers (each on the linear path) followed by the two uses of the weight-matched pair.
 DEMO_METHODS = (
@@ -102,22 +106,11 @@ def _align_quietly(model_a, model_b, method, options, loader, args, device):
     return res, unconverged
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Train two models, align them with every method, evaluate the paths; return the results dict."""
-    from ._functional import state_of
-    from .curves import BezierCurve, fit_curve
+def _train_pair(args: argparse.Namespace, device: torch.device, progress: bool):
+    """The demo's two MLPs, trained from seeds ``seed`` and ``seed + 1``; prints one line."""
     from .models import MLP
-    from .path import barrier, evaluate_path
     from .train import evaluate, fit_classifier_, seeded_model
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
-    unknown = [m for m in methods if m not in DEMO_METHODS]
-    if unknown:
-        raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
-    progress = bool(getattr(args, "progress", False))
-    device = device_from_name(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     train, test, in_features = demo_data(args)
     hidden = [args.width] * args.depth
     models = []
@@ -127,12 +120,29 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         fit_classifier_(model, train, epochs=args.epochs, lr=1e-3, seed=args.seed + k, device=device, progress=progress)
         models.append(model)
     train_time = time.perf_counter() - t0
-    model_a, model_b = models
-    state_a = state_of(model_a)
     endpoints = [evaluate(m, test, device=device) for m in models]
     arch = f"MLP {in_features}-{'-'.join(map(str, hidden))}-10"
     _say(f"trained two {arch} on {args.dataset} ({args.epochs} epochs, {train_time:.1f} s): test accuracy "
          f"{100 * endpoints[0][1]:.1f}% / {100 * endpoints[1][1]:.1f}%")
+    return train, test, models[0], models[1], endpoints, arch
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Train two models, align them with every method, evaluate the paths; return the results dict."""
+    from ._functional import state_of
+    from .curves import BezierCurve, fit_curve
+    from .path import barrier, evaluate_path
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
+    unknown = [m for m in methods if m not in DEMO_METHODS]
+    if unknown:
+        raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
+    progress = bool(getattr(args, "progress", False))
+    device = device_from_name(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, model_a, model_b, endpoints, arch = _train_pair(args, device, progress)
+    state_a = state_of(model_a)
 
     def evaluate_on_test(**kw):
         return evaluate_path(model_a, loader=test, num_points=args.num_points, device=device, **kw)
@@ -228,3 +238,83 @@ def _save_plot(paths, target: Path) -> bool:
     fig.savefig(target, dpi=120)
     plt.close(fig)
     return True
+
+
+def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
+    """Landscape measurements for the demo pair; writes ``landscape.json`` and returns it."""
+    import torch.nn.functional as F
+
+    from ._functional import state_of
+    from .connect import ot_matching, weight_adjusted_path
+    from .curves import ArcPath
+    from .landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
+    from .matching.weight import weight_matching
+    from .path import evaluate_path, interpolate
+    from .permute import permute
+    from .trace import spec_from_model
+
+    progress = bool(getattr(args, "progress", False))
+    device = device_from_name(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, model_a, model_b, endpoints, arch = _train_pair(args, device, progress)
+    state_a, state_b = state_of(model_a), state_of(model_b)
+    x_train = torch.cat([xb for xb, _ in train]).to(device)
+    spec = spec_from_model(model_a, x_train[:2])
+    state_wm = permute(spec, weight_matching(spec, state_a, state_b, seed=args.seed), state_b)
+    state_ot = permute(spec, ot_matching(spec, state_a, state_b), state_b)
+    last_hidden = f"layers.{2 * args.depth - 1}"  # the activation after the last hidden Linear of rebasin.models.MLP
+
+    report: dict[str, Any] = {"architecture": arch, "dataset": args.dataset, "seed": args.seed, "pairs": {}}
+    _say(f"{'pair':<16} {'mc linear':>10} {'mc bezier':>10} {'CKA out':>8} {'CKA hidden':>10}   (mc on test error)")
+    for label, state in (("unaligned", state_b), ("weight-matched", state_wm)):
+        mc = {
+            kind: mode_connectivity(model_a, state_a, state, test, curve=kind, fit_loader=train,
+                                    epochs=args.curve_epochs, n_points=args.num_points, seed=args.seed, device=device).mc
+            for kind in ("linear", "bezier")
+        }
+        model_bb = _with_state(model_b, state)
+        sims = {"outputs": cka(model_a, model_bb, test, device=device),
+                "last_hidden": cka(model_a, model_bb, test, layer=last_hidden, device=device)}
+        report["pairs"][label] = {"mc": mc, "cka": sims}
+        _say(f"{label:<16} {mc['linear']:>+10.4f} {mc['bezier']:>+10.4f} {sims['outputs']:>8.4f} {sims['last_hidden']:>10.4f}")
+
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(x_train), generator=g)[:512]
+    y_train = torch.cat([yb for _, yb in train]).to(device)
+    batch = (x_train[idx], y_train[idx])
+    report["hessian"] = {}
+    for name, model in (("A", model_a), ("B", model_b)):
+        eig = hessian_top_eigenvalue(model, F.cross_entropy, batch, iters=100, seed=args.seed, device=device)
+        tr = hessian_trace(model, F.cross_entropy, batch, n_samples=50, seed=args.seed, device=device)
+        report["hessian"][name] = {"top_eigenvalue": eig.eigenvalue, "trace": tr.trace, "trace_std_error": tr.std_error}
+        _say(f"Hessian of the training loss (512 images), model {name}: top eigenvalue {eig.eigenvalue:.3f}, "
+             f"trace {tr.trace:.1f} ± {tr.std_error:.1f}")
+
+    paths = {
+        "Linear": lambda t: interpolate(state_a, state_b, t),
+        "Arc": ArcPath(state_a, state_b, spec=spec),
+        "Linear+WA": weight_adjusted_path(model_a, state_a, state_b, x_train, device=device),
+        "OT": lambda t: interpolate(state_a, state_ot, t),
+        "OT+WA": weight_adjusted_path(model_a, state_a, state_ot, x_train, device=device),
+        "weight matching": lambda t: interpolate(state_a, state_wm, t),
+    }
+    report["worst_accuracy"] = {}
+    for name, path in paths.items():
+        res = evaluate_path(model_a, None, None, test, num_points=args.num_points, path=path, device=device)
+        report["worst_accuracy"][name] = min(res.accuracy)
+    _say("worst test accuracy along the path (endpoints "
+         f"{100 * endpoints[0][1]:.2f}% / {100 * endpoints[1][1]:.2f}%): "
+         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["worst_accuracy"].items()))
+    (out / "landscape.json").write_text(json.dumps(report, indent=2))
+    _say(f"wrote {out / 'landscape.json'}")
+    return report
+
+
+def _with_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A deep copy of ``model`` holding ``state`` (the original is untouched)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    return clone

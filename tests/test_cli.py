@@ -123,3 +123,21 @@ def test_cl_forwards_to_the_continual_comparison(capsys):
         main(["cl", "--help"])
     assert exc.value.code == 0
     assert "continual.compare" in capsys.readouterr().out
+
+
+def test_landscape_command_reports_metrics(tmp_path, capsys):
+    out = tmp_path / "land"
+    code = main(["landscape", "--out", str(out), "--epochs", "15", "--width", "64", "--num-points", "5",
+                 "--curve-epochs", "1", "--device", "cpu"])
+    assert code == 0
+    report = json.loads((out / "landscape.json").read_text())
+    pairs = report["pairs"]
+    # CKA is invariant to permuting hidden units: aligning B does not change it
+    for kind in ("outputs", "last_hidden"):
+        assert pairs["unaligned"]["cka"][kind] == pytest.approx(pairs["weight-matched"]["cka"][kind], rel=1e-6)
+        assert 0 < pairs["unaligned"]["cka"][kind] <= 1
+    # alignment improves the linear path's connectivity (mc closer to zero or positive)
+    assert pairs["weight-matched"]["mc"]["linear"] > pairs["unaligned"]["mc"]["linear"]
+    assert report["worst_accuracy"]["OT"] > report["worst_accuracy"]["Linear"]
+    assert report["hessian"]["A"]["trace"] > 0
+    assert "worst test accuracy" in capsys.readouterr().out

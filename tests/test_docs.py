@@ -73,6 +73,7 @@ def test_every_public_name_is_documented():
     documented = set()
     for page in (DOCS / "api").glob("*.md"):
         documented |= set(re.findall(r"^::: rebasin\.(\w+)\s*$", page.read_text(), flags=re.M))
+        documented |= set(re.findall(r"^::: rebasin\.\w+\.(\w+)\s*$", page.read_text(), flags=re.M))
     whole_modules = {f"rebasin.{m}" for m in documented}  # a page that documents a whole module
 
     def covered(name: str) -> bool:

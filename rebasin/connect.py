@@ -1,0 +1,584 @@
+r"""Distribution-based low-loss connections (Anokhin & Yarotsky, ICML 2020).
+
+Two tools from I. Anokhin, D. Yarotsky, "Low-loss connection of weight vectors:
+distribution-based approaches", ICML 2020:
+
+* :func:`ot_matching` -- neuron matching by exact optimal transport between the empirical
+  distributions of the two networks' neuron weight vectors, layer by layer.
+* :func:`weight_adjusted_path` -- the Weight Adjustment (WA) path: move the layers of A to B one
+  at a time, and while layer ``k`` moves, refit layer ``k+1`` by least squares so that the
+  network's pre-activations stay close to A's.
+
+Compositions used in the paper's comparison (``spec``, ``model``, states and ``batch`` as usual):
+
+* "Linear+WA": ``weight_adjusted_path(model, sa, sb, batch)``
+* "Arc+WA": ``weight_adjusted_path(model, sa, sb, batch, path="arc")``
+* "OT+WA": ``weight_adjusted_path(model, sa, permute(spec, ot_matching(spec, sa, sb), sb), batch)``
+
+Every path object has ``state_dict_at(t)`` and plugs into :func:`rebasin.evaluate_path` as
+``path=``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import Node, symbolic_trace
+from torch.fx.node import map_arg
+
+from ._errors import RebasinError
+from .curves import _check_pair, arc_interpolate
+from .matching._assign import solve_cost
+from .path import _check_state_for_model, _finite_float, _resolve_device, _split_batch, _to
+from .permute import block_index
+from .spec import PermutationSpec
+from .trace import _ELEMENTWISE_FN, _ELEMENTWISE_METHOD, _ELEMENTWISE_MODULES, _IDENTITY_METHOD
+
+__all__ = ["ot_matching", "weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
+
+WA_PATHS = ("linear", "arc")
+
+State = Mapping[str, Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# OT neuron matching
+
+
+def _ot_order(spec: PermutationSpec) -> list[str]:
+    """Permutations in network order: topological on "P's rows read columns of Q", greedy on cycles.
+
+    Rank of a permutation = index of the first state_dict key whose axis 0 carries it (keys are in
+    module order). Kahn's algorithm picks the lowest-ranked permutation whose dependencies are all
+    solved; on a cycle (residual streams) it takes the lowest-ranked remaining one.
+    """
+    rank: dict[str, int] = {}
+    for i, axes in enumerate(spec.axes.values()):
+        if axes and axes[0] is not None:
+            rank.setdefault(axes[0], i)
+    for j, p in enumerate(spec.perms):
+        rank.setdefault(p, len(spec.axes) + j)
+    deps: dict[str, set[str]] = {p: set() for p in spec.perms}
+    for axes in spec.axes.values():
+        if axes and axes[0] is not None:
+            deps[axes[0]].update(q for q in axes[1:] if q is not None and q != axes[0])
+    remaining = sorted(spec.perms, key=rank.__getitem__)
+    order: list[str] = []
+    while remaining:
+        done = set(order)
+        ready = [p for p in remaining if deps[p] <= done]
+        nxt = ready[0] if ready else remaining[0]
+        order.append(nxt)
+        remaining.remove(nxt)
+    return order
+
+
+def _neuron_rows(
+    spec: PermutationSpec, key: str, axis: int, t: Tensor, n: int, solved: Mapping[str, Tensor] | None, done: set[str]
+) -> Tensor:
+    """``t`` as ``(n, d)`` float64 rows along ``axis``, other axes made comparable between A and B.
+
+    Axes of solved permutations are permuted (B only: ``solved`` is None for A); axes of unsolved
+    ones are sorted (per block offset), a permutation-invariant summary of those coordinates.
+    """
+    t = t.detach().to(torch.float64)
+    for i, q in enumerate(spec.axes[key]):
+        if i == axis or q is None:
+            continue
+        k = spec.blocks.get((key, i), 1)
+        if q in done:
+            if solved is not None:
+                t = t.index_select(i, block_index(solved[q], k).to(t.device))
+        else:
+            shape = t.shape
+            blocked = t.reshape(*shape[:i], shape[i] // k, k, *shape[i + 1 :])
+            t = blocked.sort(dim=i).values.reshape(shape)
+    return t.movedim(axis, 0).reshape(n, -1)
+
+
+def ot_matching(
+    spec: PermutationSpec, state_a: State, state_b: State, *, use_outgoing: bool = False
+) -> dict[str, Tensor]:
+    r"""Neuron matching by exact optimal transport between neuron weight distributions.
+
+    Anokhin & Yarotsky (2020) view a layer as the empirical distribution
+    :math:`\frac1n \sum_i \delta_{w_i}` of its neurons' weight vectors. Between two such
+    distributions with uniform weights and equal counts the optimal transport plan for the
+    squared Euclidean cost is a permutation (Birkhoff), found by a linear assignment:
+
+    .. math:: \pi_P = \arg\min_{\pi} \sum_i \lVert a_i - b_{\pi(i)} \rVert^2 .
+
+    The permutations are solved one at a time in network order (topological order of "the rows
+    of permutation ``P`` read the columns of ``Q``"): the weight vector of neuron ``i`` of ``P``
+    concatenates slice ``i`` along axis 0 of every floating tensor whose axis 0 carries ``P``
+    (weight rows, bias, norm affine, BatchNorm running statistics; a residual stream stacks all of
+    them), with the other axes of B already permuted by the permutations solved before. Greedy,
+    one pass. Axes of still-unsolved permutations (only on cycles, i.e. residual streams, or with
+    ``use_outgoing``) cannot be aligned yet; they are *sorted* in both A and B, which keeps the
+    per-neuron distribution of those coordinates and is invariant to the unknown permutation.
+
+    Parameters
+    ----------
+    spec
+        Permutation spec of the architecture (any spec from :func:`rebasin.spec_from_model`:
+        MLP, VGG, ResNet; ``spec.blocks`` is honoured).
+    state_a, state_b
+        Full state_dicts of two networks of the architecture (finite). Not mutated.
+    use_outgoing
+        Also append each neuron's outgoing weights (its slices along every non-zero axis
+        carrying ``P``, e.g. the columns of the next layer). A permutation that never appears on
+        axis 0 always uses them.
+
+    Returns
+    -------
+    dict[str, Tensor]
+        ``{perm: int64 CPU tensor (n,)}`` for every permutation of the spec, mapping B onto A:
+        ``permute(spec, perms, state_b)`` is close to ``state_a``.
+
+    Raises
+    ------
+    RebasinError
+        If the states do not fit the spec or each other, or contain NaN / inf.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rebasin import PermutationSpec, permute, random_permutation
+    >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")})
+    >>> a = {"w1": torch.randn(5, 3), "w2": torch.randn(2, 5)}
+    >>> b = permute(spec, random_permutation(spec, seed=1, sizes={"P": 5}), a)
+    >>> perms = ot_matching(spec, a, b)
+    >>> torch.equal(permute(spec, perms, b)["w1"], a["w1"])
+    True
+    """
+    if not isinstance(spec, PermutationSpec):
+        raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    if not isinstance(use_outgoing, bool):
+        raise RebasinError(f"use_outgoing must be a bool, got {use_outgoing!r}")
+    sizes = spec.validate_pair(state_a, state_b)
+    solved: dict[str, Tensor] = {}
+    for p in _ot_order(spec):
+        n = sizes[p]
+        where = [(k, ax) for k, ax in spec.perm_to_axes[p] if state_a[k].is_floating_point() and state_a[k].numel()]
+        incoming = [(k, ax) for k, ax in where if ax == 0]
+        terms = where if use_outgoing or not incoming else incoming
+        if n <= 1 or not terms:
+            solved[p] = torch.arange(n)
+            continue
+        done = set(solved)
+        dev = state_a[terms[0][0]].device
+        fa = torch.cat([_neuron_rows(spec, k, ax, state_a[k].to(dev), n, None, done) for k, ax in terms], dim=1)
+        fb = torch.cat([_neuron_rows(spec, k, ax, state_b[k].to(dev), n, solved, done) for k, ax in terms], dim=1)
+        cost = fa.pow(2).sum(1, keepdim=True) + fb.pow(2).sum(1)[None, :] - 2.0 * fa @ fb.T
+        solved[p] = torch.from_numpy(solve_cost(cost.clamp_min_(0.0).cpu().numpy(), name=p))
+    return {p: solved[p] for p in spec.perms}
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight Adjustment path: the Linear chain
+
+_CHAIN_HINT = (
+    "weight_adjusted_path supports feed-forward chains of Linear layers with elementwise activations "
+    "(e.g. rebasin.models.MLP without norm layers, or nn.Sequential of Linear / activation / Flatten / Dropout)"
+)
+_DROPOUT_FN = {getattr(F, n) for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                                       "feature_alpha_dropout") if hasattr(F, n)}
+_CHAIN_FN = (_ELEMENTWISE_FN | {torch.flatten}) - {F.linear}
+_CHAIN_METHOD = _ELEMENTWISE_METHOD | _IDENTITY_METHOD | {"flatten"}
+
+Op = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    weight: str
+    bias: str | None
+    post: tuple[Op, ...]  # parameter-free ops from this Linear's output to the next Linear's input
+
+
+def _node_op(node: Node, model: nn.Module) -> Op | nn.Linear:
+    """The callable of one chain node, or the Linear module it calls; RebasinError otherwise."""
+    what = f"fx node {node.name!r}"
+    if node.op == "call_module":
+        m = model.get_submodule(str(node.target))
+        if type(m) is nn.Linear:
+            return m
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            return lambda x: x  # eval mode
+        if isinstance(m, (*_ELEMENTWISE_MODULES, nn.Flatten)) and not list(m.parameters()):
+            return m
+        raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} calls a {type(m).__name__} at {what}")
+    if node.op == "call_function" and node.target in _CHAIN_FN:
+        if node.target in _DROPOUT_FN:
+            return lambda x: x
+        fn = node.target
+        return lambda x: fn(*map_arg(node.args, lambda _: x), **map_arg(node.kwargs, lambda _: x))
+    if node.op == "call_method" and node.target in _CHAIN_METHOD:
+        name = str(node.target)
+
+        def method(x: Tensor) -> Tensor:
+            args = map_arg(node.args, lambda _: x)
+            return getattr(args[0], name)(*args[1:], **map_arg(node.kwargs, lambda _: x))
+
+        return method
+    raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} has {node.op} {node.target!r} at {what}")
+
+
+def _linear_chain(model: nn.Module) -> tuple[tuple[Op, ...], tuple[_Layer, ...]]:
+    """``(ops before the first Linear, layers)`` of a model that is a chain of Linear layers."""
+    try:
+        gm = symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "not a plain chain"
+        raise RebasinError(f"{_CHAIN_HINT}; torch.fx could not trace {type(model).__name__}: {err}") from err
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} takes {len(inputs)} inputs, expected one")
+    pre: list[Op] = []
+    layers: list[tuple[str, nn.Linear, list[Op]]] = []
+    cur = inputs[0]
+    for node in nodes:
+        if node.op == "placeholder":
+            continue
+        if node.all_input_nodes != [cur] or len(cur.users) != 1:
+            raise RebasinError(
+                f"{_CHAIN_HINT}; {type(model).__name__} is not a chain: fx node {node.name!r} reads "
+                f"{[n.name for n in node.all_input_nodes]} and {cur.name!r} feeds {len(cur.users)} nodes "
+                "(residual or branching connection)"
+            )
+        if node.op == "output":
+            break
+        op = _node_op(node, model)
+        if isinstance(op, nn.Linear):
+            if any(m is op for _, m, _ in layers):
+                raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} calls Linear {node.target!r} twice")
+            layers.append((str(node.target), op, []))
+        else:
+            (layers[-1][2] if layers else pre).append(op)
+        cur = node
+    if not layers:
+        raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} has no Linear layer")
+    return tuple(pre), tuple(
+        _Layer(f"{name}.weight", None if m.bias is None else f"{name}.bias", tuple(post)) for name, m, post in layers
+    )
+
+
+def _chain_spec(layers: tuple[_Layer, ...]) -> PermutationSpec:
+    """The permutation spec of a Linear chain: hidden layer ``l`` carries ``P{l}``."""
+    axes: dict[str, tuple[str | None, ...]] = {}
+    for i, layer in enumerate(layers):
+        out = f"P{i}" if i < len(layers) - 1 else None
+        axes[layer.weight] = (out, f"P{i - 1}" if i else None)
+        if layer.bias is not None:
+            axes[layer.bias] = (out,)
+    return PermutationSpec(axes)
+
+
+def _run(ops: tuple[Op, ...], x: Tensor) -> Tensor:
+    x = x.clone()  # ops may work in place (ReLU(inplace=True)); never touch the caller's tensor
+    for op in ops:
+        x = op(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight Adjustment path
+
+
+class WeightAdjustedPath:
+    r"""The Weight Adjustment path of Anokhin & Yarotsky (2020) between two Linear chains.
+
+    Built by :func:`weight_adjusted_path` (see there for the construction); ``state_dict_at(t)``
+    gives the full state_dict at ``t`` in ``[0, 1]``, so the object plugs into
+    :func:`rebasin.evaluate_path` as ``path=``.
+
+    Attributes
+    ----------
+    num_stages
+        ``L``, the number of Linear layers; stage ``k`` covers ``t`` in ``[(k-1)/L, k/L]``.
+    layer_keys
+        ``(weight_key, bias_key_or_None)`` of each Linear layer, in network order.
+    kind
+        ``"linear"`` or ``"arc"``.
+    """
+
+    __name__ = "weight_adjusted"
+    _CACHE = 64
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state_a: State,
+        state_b: State,
+        batch: Any,
+        *,
+        path: str = "linear",
+        spec: PermutationSpec | None = None,
+        ridge: float = 1e-6,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
+        if path not in WA_PATHS:
+            raise RebasinError(f"unknown path kind {path!r}; valid kinds: {list(WA_PATHS)}")
+        self.ridge = _finite_float(ridge, "ridge")
+        if not self.ridge > 0:
+            raise RebasinError(f"ridge must be > 0 (it keeps every refit unique and continuous in t), got {ridge!r}")
+        for name, st in (("state_a", state_a), ("state_b", state_b)):
+            if not isinstance(st, Mapping):
+                raise RebasinError(f"{name} must be a state_dict (mapping of tensors), got {type(st).__name__}")
+            _check_state_for_model(model, st, name=name)
+        _check_pair(state_a, state_b)
+        pre, layers = _linear_chain(model)
+        if spec is None:
+            spec = _chain_spec(layers)
+            spec.validate_pair({k: state_a[k] for k in spec.axes}, {k: state_b[k] for k in spec.axes})
+        elif not isinstance(spec, PermutationSpec):
+            raise RebasinError(f"spec must be a PermutationSpec or None, got {type(spec).__name__}")
+        else:
+            spec.validate_pair(state_a, state_b)
+        self.kind = path
+        self.device = _resolve_device(model, device)
+        self.num_stages = len(layers)
+        self.layer_keys = tuple((layer.weight, layer.bias) for layer in layers)
+        self._layers = layers
+        dev = self.device
+        self._a = {k: v.detach().to(dev) for k, v in state_a.items()}
+        self._b = {k: v.detach().to(dev) for k, v in state_b.items()}
+        self._specs = [
+            PermutationSpec(
+                {k: spec.axes[k] for k in keys if k is not None},
+                blocks={ka: v for ka, v in spec.blocks.items() if ka[0] in keys},
+            )
+            for keys in self.layer_keys
+        ]
+        x, _ = _split_batch(batch)
+        if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0 or not x.is_floating_point():
+            raise RebasinError("batch must be a non-empty floating input tensor or an (inputs, targets) pair")
+        self._cache: OrderedDict[tuple[int, float], tuple[Tensor, Tensor | None]] = OrderedDict()
+        with torch.no_grad():
+            self._precompute(pre, _to(x, dev).to(torch.float64))
+
+    # ------------------------------------------------------------------ helpers
+    def _wb(self, state: State, i: int) -> tuple[Tensor, Tensor | None]:
+        w, b = self.layer_keys[i]
+        return state[w], None if b is None else state[b]
+
+    @staticmethod
+    def _lin(h: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
+        w, b = wb
+        return F.linear(h, w.to(torch.float64), None if b is None else b.to(torch.float64))
+
+    def _precompute(self, pre: tuple[Op, ...], x: Tensor) -> None:
+        """B's layer inputs, A's pre-activations, the refit weights at every stage end."""
+        n_layers = self.num_stages
+        shape = tuple(x.shape)
+        try:
+            x = _run(pre, x)
+            hin_b, h = [x], x
+            for i in range(n_layers - 1):
+                h = _run(self._layers[i].post, self._lin(h, self._wb(self._b, i)))
+                hin_b.append(h)
+            z_a, h = [self._lin(x, self._wb(self._a, 0))], x
+            for i in range(1, n_layers):
+                h = _run(self._layers[i - 1].post, z_a[-1])
+                z_a.append(self._lin(h, self._wb(self._a, i)))
+        except RuntimeError as err:
+            raise RebasinError(f"cannot run the Linear chain on the batch (input shape {shape}): {err}") from err
+        self._hin_b, self._z_a = hin_b, z_a
+        # stage k (0-based i = k - 1) moves layer i from start[i] to B and refits layer i + 1
+        self._start: list[tuple[Tensor, Tensor | None]] = [self._wb(self._a, 0)]
+        self._z_start: list[Tensor] = []
+        for i in range(n_layers - 1):
+            h0 = _run(self._layers[i].post, self._lin(hin_b[i], self._start[i]))
+            self._z_start.append(self._lin(h0, self._wb(self._a, i + 1)))
+            self._start.append(self._adjusted(i, hin_b[i + 1], z_a[i + 1]))
+
+    def _adjusted(self, i: int, h: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Layer ``i + 1`` = A's weights + the ridge least-squares correction towards ``target``."""
+        w_a, b_a = self._wb(self._a, i + 1)
+        d_in, d_out = w_a.shape[1], w_a.shape[0]
+        resid = (target - self._lin(h, (w_a, b_a))).reshape(-1, d_out)
+        feats = h.reshape(-1, d_in)
+        if b_a is not None:
+            feats = torch.cat([feats, feats.new_ones(feats.shape[0], 1)], dim=1)
+        gram = feats.T @ feats / feats.shape[0]
+        rhs = feats.T @ resid / feats.shape[0]
+        lam = self.ridge * max(float(gram.diagonal().mean()), 1e-12)
+        gram.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(gram, rhs).solution
+        w = (w_a.to(torch.float64) + sol[:d_in].T).to(w_a.dtype)
+        b = None if b_a is None else (b_a.to(torch.float64) + sol[d_in]).to(b_a.dtype)
+        return w, b
+
+    def _move(self, i: int, s: float) -> tuple[Tensor, Tensor | None]:
+        """Layer ``i`` at position ``s`` of its stage: from its stage start to B's weights."""
+        start, end = self._start[i], self._wb(self._b, i)
+        if self.kind == "linear":
+            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
+        keys = [k for k in self.layer_keys[i] if k is not None]
+        out = arc_interpolate(dict(zip(keys, start)), dict(zip(keys, end)), s, spec=self._specs[i])
+        return out[keys[0]], out[keys[1]] if len(keys) > 1 else None
+
+    def _refit(self, i: int, s: float, moved: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+        if s == 0.0:
+            return self._wb(self._a, i + 1)
+        if s == 1.0:
+            return self._start[i + 1]
+        key = (i, s)
+        if key not in self._cache:
+            h = _run(self._layers[i].post, self._lin(self._hin_b[i], moved))
+            self._cache[key] = self._adjusted(i, h, torch.lerp(self._z_start[i], self._z_a[i + 1], s))
+            if len(self._cache) > self._CACHE:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def stage(self, t: float) -> tuple[int, float]:
+        """``(k, s)``: the 1-based stage containing ``t`` and the position ``s`` in ``[0, 1]`` within it."""
+        t = _finite_float(t, "t")
+        if not 0.0 <= t <= 1.0:
+            raise RebasinError(f"t must lie in [0, 1] (the WA path is not defined outside), got {t!r}")
+        u = t * self.num_stages
+        k = min(int(math.floor(u)), self.num_stages - 1) + 1
+        return k, min(max(u - (k - 1), 0.0), 1.0)
+
+    # ------------------------------------------------------------------ public
+    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+        """The full state_dict at ``t`` (new tensors on ``device``, in the endpoints' dtypes)."""
+        k, s = self.stage(t)
+        t = float(t)
+        if t == 0.0 or t == 1.0:
+            return {key: v.clone() for key, v in (self._a if t == 0.0 else self._b).items()}
+        with torch.no_grad():
+            layer: dict[int, tuple[Tensor, Tensor | None]] = {}
+            i = k - 1
+            layer[i] = self._move(i, s)
+            if i + 1 < self.num_stages:
+                layer[i + 1] = self._refit(i, s, layer[i])
+            out: dict[str, Tensor] = {}
+            for j, keys in enumerate(self.layer_keys):
+                wb = layer.get(j, self._wb(self._b if j < i else self._a, j))
+                for key, v in zip(keys, wb):
+                    if key is not None:
+                        out[key] = v.clone()
+            for key, a in self._a.items():
+                if key not in out:
+                    out[key] = torch.lerp(a, self._b[key], t) if a.is_floating_point() else a.clone()
+        return {key: out[key] for key in self._a}
+
+    __call__ = state_dict_at
+
+    def __repr__(self) -> str:
+        return f"WeightAdjustedPath(kind={self.kind!r}, num_stages={self.num_stages}, ridge={self.ridge:g})"
+
+
+def weight_adjusted_path(
+    model: nn.Module,
+    state_a: State,
+    state_b: State,
+    batch: Any,
+    *,
+    path: str = "linear",
+    spec: PermutationSpec | None = None,
+    ridge: float = 1e-6,
+    device: torch.device | str | None = None,
+) -> WeightAdjustedPath:
+    r"""The Weight Adjustment (WA) path from network A to network B (Anokhin & Yarotsky 2020).
+
+    For a chain of ``L`` Linear layers :math:`z_l = W_l h_{l-1} + b_l`, :math:`h_l = \sigma_l(z_l)`
+    (parameter-free :math:`\sigma_l`), ``[0, 1]`` is split into ``L`` equal stages; stage ``k``
+    covers :math:`t \in [\frac{k-1}{L}, \frac{k}{L}]` with local position :math:`s = tL - k + 1`.
+
+    * Layers :math:`l < k` are at B.
+    * Layer ``k`` moves from its stage start :math:`S_k` to :math:`B_k` along the chosen path:
+      :math:`(1-s) S_k + s B_k` (``"linear"``) or the arc of
+      :func:`rebasin.arc_interpolate` between the two (``"arc"``). :math:`S_1 = A_1`, and
+      :math:`S_k = R_k` (the refit of the previous stage's end) for :math:`k \ge 2`.
+    * Layer ``k+1`` (for :math:`k < L`) is refit on the inputs ``x`` of ``batch`` so that its
+      pre-activations follow A's. With :math:`h(s)` its input at ``s`` (layers ``< k`` at B, layer
+      ``k`` at its moved weights) and the target
+
+      .. math:: T(s) = (1 - s)\, z^{\text{start}}_{k+1} + s\, z^A_{k+1},
+
+      where :math:`z^A_{k+1}` are A's pre-activations on ``x`` and :math:`z^{\text{start}}_{k+1}`
+      the network's own at the stage start, the layer is
+      :math:`(W, b)_{k+1}(s) = (A_{k+1} + \Delta(s))` with the ridge least-squares correction
+
+      .. math::
+
+          \Delta(s) = \arg\min_\Delta \tfrac1N \big\lVert T(s) - (A_{k+1} + \Delta)[h(s); 1]
+          \big\rVert^2 + \lambda \lVert \Delta \rVert^2,
+          \qquad \lambda = \text{ridge} \cdot \overline{\operatorname{diag} G},
+
+      solved in float64 (:math:`G` the Gram matrix of :math:`[h(s); 1]` over the ``N`` inputs).
+      Its end value is :math:`R_{k+1} = A_{k+1} + \Delta(1)`, the paper's adjusted layer:
+      layer ``k`` is at B and layer ``k+1`` reproduces A's pre-activations as well as a
+      least-squares fit can. Layers :math:`l > k+1` are at A.
+    * Stage ``L``: layers ``< L`` at B, the last layer moves from :math:`R_L` to :math:`B_L`.
+
+    Why this form (continuity and exact ends). The target starts at the network's own
+    pre-activations, so :math:`\Delta(0) = 0` exactly and each stage starts where the previous one
+    ended (stage ``k`` at ``s = 1`` and stage ``k+1`` at ``s = 0`` are the same state); within a
+    stage :math:`h(s)`, :math:`T(s)` and (thanks to :math:`\lambda > 0`) :math:`\Delta(s)` are
+    continuous. Regularising the *correction* rather than the weights makes the refit the
+    smallest change to A's layer that fits the target, so directions the batch does not see
+    (dead units, fewer inputs than units) keep A's values. In stage 1 the start target is A's own
+    pre-activations, :math:`T(s) = z^A_2` throughout, as in the paper; later stages fade out the
+    small residual left by the previous refit. ``t = 0`` returns A and ``t = 1`` returns B
+    bit for bit. Entries outside the Linear layers (a chain has none that are used) are
+    interpolated linearly; integer entries are A's.
+
+    Parameters
+    ----------
+    model
+        The architecture: a feed-forward chain of ``nn.Linear`` modules with parameter-free ops in
+        between (activations, Flatten, Dropout -- run as in eval mode), e.g.
+        :class:`rebasin.models.MLP` without norm layers. Traced with torch.fx; not mutated.
+    state_a, state_b
+        Endpoint state_dicts of ``model`` (same keys, shapes, dtypes; finite). For "OT+WA" pass
+        B aligned to A. Not mutated.
+    batch
+        The refit inputs: a tensor or an ``(inputs, targets)`` pair (targets are ignored). A few
+        thousand training inputs is typical; the Gram matrices are ``(width+1)^2``.
+    path
+        ``"linear"`` or ``"arc"``: how the moving layer travels.
+    spec
+        Permutation spec of the model, used for the arc's permutation-invariant centre;
+        default: the chain's own (hidden layer ``l`` carries one permutation).
+    ridge
+        Relative ridge :math:`> 0` of the refits (see :math:`\lambda`).
+    device
+        Where to compute and where the returned states live; default the model's device.
+
+    Returns
+    -------
+    WeightAdjustedPath
+        ``state_dict_at(t)`` for ``t`` in ``[0, 1]``; refits are cached per ``t``.
+
+    Raises
+    ------
+    RebasinError
+        If the model is not a Linear chain (residual, norm layers, convolutions, ...), the states
+        do not fit the model or each other, ``path`` is unknown, ``ridge`` is not positive,
+        ``batch`` is empty, or ``t`` is outside ``[0, 1]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rebasin.models import MLP
+    >>> model = MLP(4, [8], 3)
+    >>> sa, sb = MLP(4, [8], 3).state_dict(), MLP(4, [8], 3).state_dict()
+    >>> wa = weight_adjusted_path(model, sa, sb, torch.randn(32, 4))
+    >>> torch.equal(wa.state_dict_at(0.0)["layers.0.weight"], sa["layers.0.weight"])
+    True
+    >>> res = evaluate_path(model, None, None, loader, path=wa)  # doctest: +SKIP
+    """
+    return WeightAdjustedPath(model, state_a, state_b, batch, path=path, spec=spec, ridge=ridge, device=device)

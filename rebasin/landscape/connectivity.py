@@ -1,0 +1,201 @@
+"""Mode connectivity ``mc`` on a trained curve (Yang et al., NeurIPS 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import RebasinError
+from ..curves import BezierCurve, CurveFit, PolyChainCurve, _as_state, fit_curve
+from ..path import (
+    PathResult,
+    StatePath,
+    _check_int,
+    _resolve_device,
+    evaluate_path,
+)
+
+__all__ = ["ModeConnectivity", "mode_connectivity"]
+
+State = Mapping[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_CURVES = {"bezier": BezierCurve, "polychain": PolyChainCurve}
+_MC_METRICS = ("error", "loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# mode connectivity
+
+
+@dataclass(frozen=True)
+class ModeConnectivity:
+    r"""Result of :func:`mode_connectivity`.
+
+    Attributes
+    ----------
+    mc
+        :math:`\tfrac12(E(\theta_A) + E(\theta_B)) - E(\gamma(t^*))`: negative for a barrier,
+        positive when the curve is better than its ends, 0 for identical endpoints.
+    t_star
+        The grid point :math:`t^*` where :math:`|E(\gamma(t)) - \text{endpoint\_mean}|` is largest
+        (the first one on ties).
+    ts, values
+        The evaluated grid and :math:`E(\gamma(t))` at each point.
+    endpoint_mean
+        :math:`\tfrac12(E(\theta_A) + E(\theta_B))`.
+    metric
+        ``"error"`` (1 - accuracy) or ``"loss"``.
+    curve
+        The trained curve (``"bezier"`` / ``"polychain"``), the object passed as ``curve``, or
+        None for the straight line.
+    fit
+        What :func:`rebasin.fit_curve` did, or None when nothing was trained.
+    result
+        The full :class:`rebasin.PathResult` (loss and accuracy along the path).
+    """
+
+    mc: float
+    t_star: float
+    ts: tuple[float, ...]
+    values: tuple[float, ...]
+    endpoint_mean: float
+    metric: str
+    curve: Any = None
+    fit: CurveFit | None = None
+    result: PathResult | None = None
+
+
+def _check_starts_at(path: StatePath, state: State, t: float, name: str) -> None:
+    got = path.state_dict_at(t)
+    if set(got) != set(state) or any(
+        not torch.equal(got[k].detach().cpu(), state[k].detach().cpu()) for k in state
+    ):
+        raise RebasinError(f"the curve's state at t={t:g} is not {name}; pass state_a=state_b=None with a built curve")
+
+
+def mode_connectivity(
+    model: nn.Module,
+    state_a: State | nn.Module | None,
+    state_b: State | nn.Module | None,
+    loader: Iterable[Any],
+    *,
+    curve: str | StatePath = "bezier",
+    fit_loader: Iterable[Any] | None = None,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    num_bends: int = 3,
+    n_points: int = 25,
+    metric: str = "error",
+    loss_fn: LossFn | None = None,
+    bn_loader: Iterable[Any] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> ModeConnectivity:
+    r"""Mode connectivity ``mc`` of Yang et al. (2021) between two networks.
+
+    .. math::
+
+        mc = \tfrac12\big(E(\theta_A) + E(\theta_B)\big) - E(\gamma(t^*)),\qquad
+        t^* = \arg\max_t \Big|E(\gamma(t)) - \tfrac12\big(E(\theta_A) + E(\theta_B)\big)\Big|
+
+    over the evaluated grid (endpoints included), where :math:`\gamma` is a curve from
+    :math:`\theta_A` to :math:`\theta_B`. ``mc < 0``: a barrier (poorly connected modes);
+    ``mc > 0``: the curve is better than its ends; ``mc = 0`` exactly for identical endpoints.
+    With very unequal endpoints and a flat path :math:`t^*` can be an endpoint, and then
+    :math:`|mc| = \tfrac12|E(\theta_A) - E(\theta_B)|`.
+
+    Parameters
+    ----------
+    model
+        The architecture. Unchanged afterwards.
+    state_a, state_b
+        Endpoint state_dicts (or modules). None for both when ``curve`` is a built object;
+        when given with one, the object must start at ``state_a`` and end at ``state_b``.
+    loader
+        Yields ``(inputs, targets)``; :math:`E` is measured on it (the test set in the paper).
+    curve
+        ``"bezier"`` or ``"polychain"``: a :class:`rebasin.BezierCurve` / ``PolyChainCurve`` with
+        ``num_bends`` control points trained by :func:`rebasin.fit_curve` on ``fit_loader``
+        (default ``loader``) for ``epochs`` epochs of Adam at ``lr``, seeded by ``seed``;
+        ``"linear"``: the straight line, no training; or any object with ``state_dict_at(t)``
+        (a trained curve, a :class:`rebasin.ArcPath`, ...), used as is.
+    n_points
+        Size of the even grid over ``[0, 1]`` (both endpoints included), at least 2.
+    metric
+        ``"error"``: :math:`E = 1 - \text{accuracy}` in ``[0, 1]`` (classification only);
+        ``"loss"``: the mean of ``loss_fn`` (default cross-entropy).
+    bn_loader
+        Recompute BatchNorm statistics at every ``t`` on it (needed for BN nets off the
+        endpoints); see :func:`rebasin.evaluate_path`.
+    device, progress
+        Where to run (default: the model's device); tqdm bars.
+
+    Returns
+    -------
+    ModeConnectivity
+
+    Raises
+    ------
+    RebasinError
+        Unknown ``curve`` or ``metric``, missing endpoints, ``metric="error"`` on a
+        non-classification task, or a curve that does not join ``state_a`` and ``state_b``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(4, 3)
+    >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    >>> sa = model.state_dict()
+    >>> mode_connectivity(model, sa, sa, data, curve="linear", n_points=5).mc
+    0.0
+    """
+    if metric not in _MC_METRICS:
+        raise RebasinError(f"unknown metric {metric!r}; valid metrics: {list(_MC_METRICS)}")
+    _check_int(n_points, "n_points (both endpoints are always evaluated)", 2)
+    device = _resolve_device(model, device)
+    if (state_a is None) != (state_b is None):
+        raise RebasinError("pass both state_a and state_b, or neither (with a built curve object)")
+    a = None if state_a is None else _as_state(state_a, "state_a")
+    b = None if state_b is None else _as_state(state_b, "state_b")
+    trained: Any = None
+    fit: CurveFit | None = None
+    if isinstance(curve, str):
+        if curve != "linear" and curve not in _CURVES:
+            raise RebasinError(f"unknown curve {curve!r}; valid: ['bezier', 'polychain', 'linear'] or a path object")
+        if a is None or b is None:
+            raise RebasinError(f"curve={curve!r} needs state_a and state_b")
+        if curve == "linear":
+            result = evaluate_path(model, a, b, loader, num_points=n_points, loss_fn=loss_fn,
+                                   bn_loader=bn_loader, device=device, progress=progress)  # fmt: skip
+        else:
+            trained = _CURVES[curve](a, b, num_bends=num_bends)
+            fit = fit_curve(model, trained, loader if fit_loader is None else fit_loader, epochs=epochs, lr=lr,
+                            seed=seed, loss_fn=loss_fn, device=device, progress=progress)  # fmt: skip
+    elif isinstance(curve, StatePath):
+        trained = curve
+        if a is not None and b is not None:
+            _check_starts_at(curve, a, 0.0, "state_a")
+            _check_starts_at(curve, b, 1.0, "state_b")
+    else:
+        raise RebasinError(f"curve must be 'bezier', 'polychain', 'linear' or have state_dict_at(t); got {type(curve).__name__}")
+    if trained is not None:
+        with torch.no_grad():
+            result = evaluate_path(model, None, None, loader, path=trained, num_points=n_points, loss_fn=loss_fn,
+                                   bn_loader=bn_loader, device=device, progress=progress)  # fmt: skip
+    if metric == "error":
+        if result.accuracy is None:
+            raise RebasinError("metric='error' needs a classification task (integer targets); use metric='loss'")
+        values = tuple(1.0 - acc for acc in result.accuracy)
+    else:
+        values = result.loss
+    mean = 0.5 * (values[0] + values[-1])
+    gaps = [abs(v - mean) for v in values]
+    i = gaps.index(max(gaps))
+    return ModeConnectivity(mc=mean - values[i], t_star=result.t[i], ts=result.t, values=values,
+                            endpoint_mean=mean, metric=metric, curve=trained, fit=fit, result=result)  # fmt: skip

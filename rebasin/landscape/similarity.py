@@ -1,0 +1,188 @@
+"""Linear CKA between two models' representations (Kornblith et al., ICML 2019), streamed in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import RebasinError
+from .._functional import forward_with_state, state_of
+from ..path import (
+    _check_int,
+    _resolve_device,
+    _split_batch,
+    _to,
+)
+
+__all__ = ["cka"]
+
+State = Mapping[str, Tensor]
+#: CKA keeps p*p + q*q + p*q float64 accumulators up to this many entries (128 MiB), else Gram matrices.
+_CKA_FEATURE_BUDGET = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------
+# CKA
+
+
+def _features(model: nn.Module, state: State, x: Any, module: nn.Module | None, name: str) -> Tensor:
+    """Per-sample flattened float64 output of ``module`` (or of the model), shape ``(n, p)``."""
+    captured: list[Any] = []
+    handle = None if module is None else module.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        out = forward_with_state(model, state, x, eval_mode=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if module is not None:
+        if len(captured) != 1:
+            raise RebasinError(f"layer {name!r} ran {len(captured)} times in one forward pass; CKA needs exactly one output")
+        out = captured[0]
+    if not isinstance(out, Tensor) or out.ndim == 0:
+        raise RebasinError(f"the representation at {name!r} must be a tensor with a batch axis, got {type(out).__name__}")
+    return out.detach().reshape(out.shape[0], -1).to(torch.float64)
+
+
+def _module(model: nn.Module, layer: str | None, which: str) -> nn.Module | None:
+    if layer is None:
+        return None
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        names = [n for n in modules if n][:12]
+        raise RebasinError(f"{which} has no submodule {layer!r}; some valid names: {names}")
+    return modules[layer]
+
+
+class _CKAStats:
+    """Streams the centred cross-covariances of X (n, p) and Y (n, q) in float64."""
+
+    def __init__(self, p: int, q: int, sx: Tensor, sy: Tensor) -> None:
+        self.gram = p * p + q * q + p * q > _CKA_FEATURE_BUDGET
+        self.sx, self.sy = sx, sy  # shifts (first batch means) against cancellation
+        self.n = 0
+        self.ssx = self.ssy = 0.0
+        self.xs: list[Tensor] = []
+        self.ys: list[Tensor] = []
+        self.mx = self.my = self.mxx = self.myy = self.mxy = None  # type: Tensor | None
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        x, y = x - self.sx, y - self.sy
+        self.n += x.shape[0]
+        self.ssx += float(x.pow(2).sum())
+        self.ssy += float(y.pow(2).sum())
+        if self.gram:
+            self.xs.append(x)
+            self.ys.append(y)
+            return
+        parts = (x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y)
+        if self.mx is None:
+            self.mx, self.my, self.mxx, self.myy, self.mxy = parts
+        else:
+            for attr, v in zip(("mx", "my", "mxx", "myy", "mxy"), parts):
+                getattr(self, attr).add_(v)
+
+    def value(self) -> float:
+        if self.gram:
+            x, y = torch.cat(self.xs), torch.cat(self.ys)
+            x, y = x - x.mean(0), y - y.mean(0)
+            kx, ky = x @ x.T, y @ y.T  # ||Xc^T Yc||_F^2 = <Kx, Ky>, ||Xc^T Xc||_F = ||Kx||_F
+            hsic, nx, ny = (kx * ky).sum(), kx.norm(), ky.norm()
+        else:
+            assert self.mx is not None and self.my is not None
+            cxy = self.mxy - torch.outer(self.mx, self.my) / self.n
+            nx = (self.mxx - torch.outer(self.mx, self.mx) / self.n).norm()
+            ny = (self.myy - torch.outer(self.my, self.my) / self.n).norm()
+            hsic = cxy.pow(2).sum()
+        for norm, ss, which in ((nx, self.ssx, "model_a"), (ny, self.ssy, "model_b")):
+            if not float(norm) > 1e-12 * ss:
+                raise RebasinError(f"the representation of {which} does not vary over the inputs; CKA is undefined")
+        return float(hsic / (nx * ny))
+
+
+def cka(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[Any],
+    *,
+    layer: str | None = None,
+    layer_b: str | None = None,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    r"""Linear CKA (Kornblith et al. 2019) between two models' representations of the same inputs.
+
+    With :math:`X \in \mathbb{R}^{n\times p}` and :math:`Y \in \mathbb{R}^{n\times q}` the
+    per-sample flattened features of A and B, column-centred to :math:`X_c, Y_c`:
+
+    .. math::
+
+        \text{CKA}(X, Y) = \frac{\lVert X_c^\top Y_c \rVert_F^2}
+        {\lVert X_c^\top X_c \rVert_F\,\lVert Y_c^\top Y_c \rVert_F} \in [0, 1].
+
+    It is invariant to orthogonal transforms (e.g. permutations of units) and isotropic scaling
+    of either representation. Computed in float64 in one pass: when
+    :math:`p^2 + q^2 + pq \le 2^{24}` only :math:`X^\top X, Y^\top Y, X^\top Y` and the column sums
+    are kept (centred at the end, after shifting by the first batch's mean against cancellation);
+    wider features store all samples and use the Gram form :math:`\langle K_x, K_y\rangle` with
+    :math:`K = X_c X_c^\top` (memory :math:`n(p + q) + 2n^2`).
+
+    Parameters
+    ----------
+    model_a, model_b
+        Run in eval mode; unchanged afterwards (state and ``training`` flags).
+    loader
+        Yields ``(inputs, targets)`` or bare inputs; both models see the same inputs.
+    layer
+        Dotted name (as in ``named_modules()``) of the submodule of ``model_a`` whose output is
+        captured by a forward hook; None for the model outputs.
+    layer_b
+        The submodule of ``model_b``; defaults to ``layer``.
+    max_batches
+        Use at most this many batches.
+    device
+        Where to run; default ``model_a``'s device.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    RebasinError
+        Unknown layer, a layer not run exactly once per forward, different sample counts, an
+        empty loader, or a representation with zero variance (CKA undefined).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> round(cka(model, model, [torch.randn(32, 4)], layer="1"), 6)
+    1.0
+    """
+    layer_b = layer if layer_b is None else layer_b
+    mod_a, mod_b = _module(model_a, layer, "model_a"), _module(model_b, layer_b, "model_b")
+    if max_batches is not None:
+        _check_int(max_batches, "max_batches")
+    device = _resolve_device(model_a, device)
+    sa = {k: v.to(device) for k, v in state_of(model_a).items()}
+    sb = {k: v.to(device) for k, v in state_of(model_b).items()}
+    stats: _CKAStats | None = None
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = _to(_split_batch(batch)[0], device)
+            fa = _features(model_a, sa, x, mod_a, layer or "output")
+            fb = _features(model_b, sb, x, mod_b, layer_b or "output")
+            if fa.shape[0] != fb.shape[0]:
+                raise RebasinError(f"batch {i}: model_a gave {fa.shape[0]} samples but model_b {fb.shape[0]}")
+            if stats is None:
+                stats = _CKAStats(fa.shape[1], fb.shape[1], fa.mean(0), fb.mean(0))
+            stats.add(fa, fb)
+    if stats is None or stats.n == 0:
+        raise RebasinError("cka: the loader yielded no samples")
+    return stats.value()

@@ -24,6 +24,7 @@ from .landscape import (
     mode_connectivity,
 )
 from .merge import MergeInfo, merge
+from .pam import PAMResult, proximal_alternating_minimization
 from .path import PathResult, StatePath, barrier, evaluate_path, interpolate, reset_bn_stats
 from .permute import (
     check_permutations,
@@ -113,4 +114,6 @@ __all__ = [
     "weight_adjusted_path",
     "WeightAdjustedPath",
     "WA_PATHS",
+    "proximal_alternating_minimization",
+    "PAMResult",
 ]

@@ -146,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the demo pair's landscape: mode connectivity, CKA, Hessian, Anokhin & Yarotsky paths",
     )
     for action in demo._actions:
-        if action.dest in ("help", "methods", "ste_epochs", "sinkhorn_epochs", "sinkhorn_iters", "sinkhorn_lr"):
+        if action.dest in ("help", "out", "methods", "ste_epochs", "sinkhorn_epochs", "sinkhorn_iters", "sinkhorn_lr"):
             continue
         land._add_action(action)
-    land.set_defaults(func=run_landscape, out="rebasin-landscape")
+    land.add_argument("--out", default="rebasin-landscape", help="output folder (landscape.json)")
+    land.set_defaults(func=run_landscape)
 
     al = sub.add_parser("align", help="align two saved state_dicts of your own architecture")
     al.add_argument("model_a")

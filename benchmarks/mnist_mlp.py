@@ -6,8 +6,10 @@
 
 Trains A and B (Adam 1e-3, ``--epochs``), aligns B to A with each method through
 ``rebasin.align``, evaluates the test loss / accuracy on 25 evenly spaced points including both
-endpoints, and reports the max-minus-mean barrier and the wall time of each matcher. The table is
-printed and appended to docs/benchmarks.md with the command.
+endpoints (recomputing BatchNorm statistics at every t for models with BatchNorm, as is standard;
+``--bn-reset off`` to see the variance collapse without it), and reports the max-minus-mean barrier
+and the wall time of each matcher. The table is printed and appended to docs/benchmarks.md with the
+command.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--num-points", type=int, default=25)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sinkhorn-epochs", type=int, default=None, help="override the data costs' epochs")
+    parser.add_argument("--bn-reset", choices=["auto", "on", "off"], default="auto",
+                        help="recompute BatchNorm statistics at every t on 20 training batches (auto: when the model has BN)")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -78,6 +82,9 @@ def main() -> None:
 
     model_a, model_b = models
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model_a.modules())
+    bn_reset = args.bn_reset == "on" or (args.bn_reset == "auto" and has_bn)
+    bn_opts = {"bn_loader": train, "bn_batches": 20} if bn_reset else {}
     rows = []
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method, options = METHODS[name]
@@ -87,7 +94,7 @@ def main() -> None:
         if method == "sinkhorn":
             options["fit"] = {**options["fit"], "progress": True}
         res = align(model_a, model_b, method=method, loader=train, seed=args.seed, device=device, **options)
-        path = evaluate_path(model_a, state_a, res.state_b, test, num_points=args.num_points, device=device)
+        path = evaluate_path(model_a, state_a, res.state_b, test, num_points=args.num_points, device=device, **bn_opts)
         rows.append(
             (
                 name,
@@ -104,7 +111,9 @@ def main() -> None:
     table = [
         f"{arch_desc[args.arch]}, {args.epochs} epochs of Adam (1e-3, batch 128), seeds {args.seed}/{args.seed + 1}; "
         f"endpoint test accuracy {100 * accs[0]:.2f}% / {100 * accs[1]:.2f}%; barrier = max-minus-mean over "
-        f"{args.num_points} points on the 10k test set; device {device}.",
+        f"{args.num_points} points on the 10k test set"
+        + ("; BatchNorm statistics recomputed at every t on 20 training batches" if bn_reset else "")
+        + f"; device {device}.",
         "",
         "| method | test-loss barrier | test-accuracy barrier (pts) | midpoint accuracy (%) | matcher time (s) |",
         "|---|---:|---:|---:|---:|",

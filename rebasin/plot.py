@@ -17,6 +17,9 @@ __all__ = ["plot_paths"]
 _METRICS = ("loss", "accuracy")
 
 
+_MARKERS = ("o", "s", "^", "D", "v")
+
+
 def plot_paths(
     results: Mapping[str, PathResult] | Mapping[str, Mapping[str, PathResult]],
     *,
@@ -32,7 +35,8 @@ def plot_paths(
     results
         ``{label: PathResult}``, or ``{split: {label: PathResult}}`` (e.g. ``"train"`` and
         ``"test"``) together with ``split=`` to choose one, or ``split="all"`` to draw every
-        split (solid for the first, dashed for the others).
+        split (solid for the first, dashed for the others). Past the colour cycle (10 labels by
+        default) the marker changes, so every label stays distinguishable.
     metric
         ``"loss"`` or ``"accuracy"``.
     ax
@@ -76,7 +80,9 @@ def plot_paths(
                 raise RebasinError(f"path result {label!r} has no {metric} values")
             if label not in labels:
                 labels.append(label)
-            color = colors[labels.index(label) % len(colors)]
+            k = labels.index(label)
+            color = colors[k % len(colors)]
+            marker = _MARKERS[(k // len(colors)) % len(_MARKERS)]  # past the colour cycle, change the marker
             name = label if len(groups) == 1 else f"{label} ({split_name})"
             ax.plot(
                 list(res.t),
@@ -84,8 +90,8 @@ def plot_paths(
                 label=name,
                 color=color,
                 linestyle="-" if gi == 0 else "--",
-                marker="o",
-                markersize=2.5,
+                marker=marker,
+                markersize=2.5 if marker == "o" else 4.0,
             )
     ax.set_xlabel("t  (0 = model A, 1 = model B)")
     ax.set_ylabel("accuracy (%)" if metric == "accuracy" else "loss")

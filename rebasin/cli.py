@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sinkhorn-iters", type=int, default=50, help="Sinkhorn iterations per soft permutation")
     demo.add_argument("--sinkhorn-lr", type=float, default=0.1)
     demo.add_argument("--curve-epochs", type=int, default=5, help="epochs for the Bezier curve's bend")
-    demo.add_argument("--progress", action="store_true", help="progress bars for training")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bars for training (default: when stderr is a terminal)")
     demo.set_defaults(func=run_demo)
 
     land = sub.add_parser(

@@ -52,6 +52,14 @@ def device_from_name(name: str | None) -> torch.device:
     return dev
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress``, or bars only when stderr is a terminal."""
+    import sys
+
+    flag = getattr(args, "progress", None)
+    return sys.stderr.isatty() if flag is None else bool(flag)
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -79,7 +87,7 @@ def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, A
             "cost": name.split("_", 1)[1],
             "init": "identity",
             "n_iter": args.sinkhorn_iters,
-            "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr, "progress": False},
+            "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr, "progress": _progress(args)},
         }
     if name == "ste":
         return "ste", {"epochs": args.ste_epochs, "lr": 1e-3}
@@ -137,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in methods if m not in DEMO_METHODS]
     if unknown:
         raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
-    progress = bool(getattr(args, "progress", False))
+    progress = _progress(args)
     device = device_from_name(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +261,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     from .permute import permute
     from .trace import spec_from_model
 
-    progress = bool(getattr(args, "progress", False))
+    progress = _progress(args)
     device = device_from_name(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,23 @@ def test_every_public_name_is_documented():
 
     missing = [n for n in rebasin.__all__ if not covered(n)]
     assert not missing, f"add these to a page under docs/api/: {missing}"
+
+
+def test_mkdocs_hook_renders_rst_math_and_roles():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rst_math", DOCS / "hooks" / "rst_math.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    html = (
+        "<p>.. math::</p>\n<pre><code>a = b\n</code></pre>\n"
+        "<p>.. math:: x<em>{i} + y</em>{j}</p>\n"
+        "<p>.. math::\n    a &amp;= b \\\n    c &amp;= d</p>\n"
+        "<p>see :math:<code>\\tau</code> and :func:<code>~rebasin.permute</code></p>"
+    )
+    out = hook.on_page_content(html, page=None, config=None, files=None)
+    assert '<div class="math">\\[a = b\\]</div>' in out
+    assert '<div class="math">\\[x_{i} + y_{j}\\]</div>' in out
+    assert "\\begin{aligned}a &amp;= b \\\\\n    c &amp;= d\\end{aligned}" in out
+    assert '<span class="math">\\(\\tau\\)</span>' in out and "<code>rebasin.permute</code>" in out
+    assert ":math:" not in out and ":func:" not in out and ".. math::" not in out

@@ -39,7 +39,7 @@ from .matching._assign import solve_cost
 from .path import _check_state_for_model, _finite_float, _resolve_device, _split_batch, _to
 from .permute import block_index
 from .spec import PermutationSpec
-from .trace import _ELEMENTWISE_FN, _ELEMENTWISE_METHOD, _ELEMENTWISE_MODULES, _IDENTITY_METHOD
+from ._trace_rules import _ELEMENTWISE_FN, _ELEMENTWISE_METHOD, _ELEMENTWISE_MODULES, _IDENTITY_METHOD
 
 __all__ = ["ot_matching", "weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
 

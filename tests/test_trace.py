@@ -342,7 +342,7 @@ def test_layer_scale_parameter_gets_the_permutation() -> None:
 
 def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """If a rule were wrong (here: torch.roll treated as elementwise), check=True turns it into an error."""
-    import rebasin.trace as trace_mod
+    import rebasin._trace_rules as trace_mod
 
     class Rolled(nn.Module):
         def __init__(self) -> None:

@@ -81,6 +81,12 @@ def _sinkhorn(model_a, model_b, spec, loader, seed, device, *, fit: Mapping[str,
     return module.hard_permutations(), history
 
 
+def _ot(model_a, model_b, spec, loader, seed, device, **kw):
+    from .connect import ot_matching
+
+    return ot_matching(spec, state_of(model_a), state_of(model_b), **kw), None
+
+
 def _identity(model_a, model_b, spec, loader, seed, device):
     return {}, None
 
@@ -96,6 +102,7 @@ METHODS: dict[str, tuple[Callable[..., Any], str]] = {
     "activation_matching": (_activation, "rebasin.matching.activation:activation_matching"),
     "ste": (_ste, "rebasin.matching.ste:ste_matching"),
     "sinkhorn": (_sinkhorn, "rebasin.sinkhorn_rebasin:SinkhornRebasin"),
+    "ot": (_ot, "rebasin.connect:ot_matching"),
 }
 _FIXED = {"spec", "seed", "device", "return_info", "state_a", "state_b", "model_a", "model_b", "loader"}
 
@@ -137,7 +144,8 @@ def align(
         Two models of the same architecture. Neither is modified.
     method
         One of ``"identity"`` (no alignment; the naive baseline), ``"weight_matching"``,
-        ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``.
+        ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``, ``"ot"`` (Anokhin & Yarotsky's optimal-transport
+        neuron matching, :func:`rebasin.connect.ot_matching`).
     loader
         Data for the data-driven methods (batches ``(x, y)``).
     spec
@@ -170,6 +178,8 @@ def align(
     perms, info = fn(model_a, model_b, spec, loader, seed, device, **options)
     elapsed = time.perf_counter() - start
     aligned = permute(spec, perms, state_b) if perms else dict(state_b)
+    # permute() passes untouched tensors through; the result must not alias B's parameters
+    aligned = {k: v.clone() if v.data_ptr() == state_b[k].data_ptr() else v for k, v in aligned.items()}
     return Alignment(method, dict(perms), spec, aligned, elapsed, info)
 
 

@@ -34,6 +34,7 @@ DEMO_METHODS = (
     "sinkhorn_l2",
     "sinkhorn_midpoint",
     "sinkhorn_random",
+    "ot",
     "weight_matching+repair",
     "weight_matching+bezier",
 )

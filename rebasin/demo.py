@@ -95,7 +95,7 @@ def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, A
     return name, {}
 
 
-def _align_quietly(model_a, model_b, method, options, loader, args, device):
+def _align_quietly(model_a, model_b, method, options, loader, spec, args, device):
     """``align`` with Sinkhorn's soft-matrix convergence warnings folded into one flag.
 
     The demo only uses the *hard* permutations (linear assignment on the logits), which do not
@@ -105,7 +105,8 @@ def _align_quietly(model_a, model_b, method, options, loader, args, device):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = align(model_a, model_b, method=method, loader=loader, seed=args.seed, device=device, **options)
+        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=device,
+                    **options)
     unconverged = False
     for w in caught:
         if "did not converge" in str(w.message):
@@ -141,6 +142,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from ._functional import state_of
     from .curves import BezierCurve, fit_curve
     from .path import barrier, evaluate_path
+    from .trace import spec_from_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
     unknown = [m for m in methods if m not in DEMO_METHODS]
@@ -152,6 +154,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train, test, model_a, model_b, endpoints, arch = _train_pair(args, device, progress)
     state_a = state_of(model_a)
+    spec = spec_from_model(model_a, next(iter(test))[0][:2].to(device))
+
+    def fresh_train():
+        # every row gets its own loader with the same seeded shuffling, so no row's numbers depend on
+        # which rows ran before it (a shared loader's shuffle generator advances with every pass)
+        return demo_data(args)[0]
 
     def evaluate_on_test(**kw):
         return evaluate_path(model_a, loader=test, num_points=args.num_points, device=device, **kw)
@@ -165,16 +173,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         unconverged = False
         if matcher not in aligned:
             method, options = ("identity", {}) if name == "naive" else _matcher_call(matcher, args)
-            aligned[matcher], unconverged = _align_quietly(model_a, model_b, method, options, train, args, device)
+            aligned[matcher], unconverged = _align_quietly(model_a, model_b, method, options, fresh_train(), spec,
+                                                           args, device)
         res = aligned[matcher]
         t_use = time.perf_counter()
         if kind == "linear":
             path = evaluate_on_test(state_a=state_a, state_b=res.state_b)
         elif kind == "repair":
-            path = evaluate_on_test(state_a=state_a, state_b=res.state_b, repair=True, repair_loader=train)
+            path = evaluate_on_test(state_a=state_a, state_b=res.state_b, repair=True, repair_loader=fresh_train())
         else:  # bezier: one trainable bend between A and the aligned B
             curve = BezierCurve(state_a, res.state_b, num_bends=3)
-            fit_curve(model_a, curve, train, epochs=args.curve_epochs, seed=args.seed, device=device, progress=progress)
+            fit_curve(model_a, curve, fresh_train(), epochs=args.curve_epochs, seed=args.seed, device=device, progress=progress)
             path = evaluate_on_test(state_a=None, state_b=None, path=curve)
         extra = time.perf_counter() - t_use if kind == "bezier" else 0.0
         paths[name] = path

@@ -141,3 +141,14 @@ def test_landscape_command_reports_metrics(tmp_path, capsys):
     assert report["worst_accuracy"]["OT"] > report["worst_accuracy"]["Linear"]
     assert report["hessian"]["A"]["trace"] > 0
     assert "worst test accuracy" in capsys.readouterr().out
+
+
+def test_demo_rows_do_not_depend_on_which_rows_ran_before(tmp_path):
+    common = ["--epochs", "3", "--width", "16", "--num-points", "3", "--curve-epochs", "1", "--device", "cpu",
+              "--sinkhorn-epochs", "1", "--no-progress"]
+    barriers = []
+    for i, methods in enumerate(["weight_matching+bezier", "ot,sinkhorn_l2,weight_matching+bezier"]):
+        assert main(["demo", "--out", str(tmp_path / str(i)), "--methods", methods, *common]) == 0
+        payload = json.loads((tmp_path / str(i) / "results.json").read_text())
+        barriers.append(payload["methods"]["weight_matching+bezier"]["barrier"])
+    assert barriers[0] == barriers[1]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["append_report", "machine_summary", "markdown_table", "REPORT_PATH"]
+__all__ = ["append_report", "machine_summary", "markdown_table", "mnist_root", "REPORT_PATH"]
 
 REPORT_PATH = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -88,3 +89,13 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mnist_root(arg: str | None) -> Path:
+    """``--data-root`` (or ``$REBASIN_DATA``) as a folder holding ``MNIST/raw``; exits with a message otherwise."""
+    from rebasin.data import data_root_from_env
+
+    root = Path(arg) if arg else data_root_from_env()
+    if root is None or not (root / "MNIST" / "raw").exists():
+        sys.exit(f"MNIST not found: pass --data-root or set REBASIN_DATA (got {root})")
+    return root

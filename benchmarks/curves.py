@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
 from rebasin.align import align  # noqa: E402
 from rebasin.curves import ArcPath, BezierCurve, PolyChainCurve, fit_curve  # noqa: E402
-from rebasin.data import data_root_from_env, mnist_loaders  # noqa: E402
+from rebasin.data import mnist_loaders  # noqa: E402
 from rebasin.models import MLP  # noqa: E402
 from rebasin.path import evaluate_path  # noqa: E402
 from rebasin.plot import plot_paths  # noqa: E402
@@ -52,9 +52,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
-    root = Path(args.data_root) if args.data_root else data_root_from_env()
-    if root is None or not (root / "MNIST" / "raw").exists():
-        sys.exit(f"MNIST not found: pass --data-root or set REBASIN_DATA (got {root})")
+    root = mnist_root(args.data_root)
 
     hidden = [int(h) for h in args.hidden.split(",")]
     factory = lambda: MLP(784, hidden, 10)  # noqa: E731

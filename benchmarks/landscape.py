@@ -33,12 +33,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
 from rebasin import ArcPath, evaluate_path, interpolate, permute, spec_from_model, weight_matching  # noqa: E402
 from rebasin._functional import state_of  # noqa: E402
 from rebasin.connect import ot_matching, weight_adjusted_path  # noqa: E402
-from rebasin.data import data_root_from_env, mnist_tensors, tensor_loader  # noqa: E402
+from rebasin.data import mnist_tensors, tensor_loader  # noqa: E402
 from rebasin.models import MLP  # noqa: E402
 from rebasin.train import evaluate, fit_classifier_, seeded_model  # noqa: E402
 
@@ -170,9 +170,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
-    root = Path(args.data_root) if args.data_root else data_root_from_env()
-    if root is None or not (root / "MNIST" / "raw").exists():
-        sys.exit(f"MNIST not found: pass --data-root or set REBASIN_DATA (got {root})")
+    root = mnist_root(args.data_root)
     device = torch.device(args.device)
     flat = lambda xy: (xy[0].flatten(1), xy[1])  # noqa: E731
     x, y = flat(mnist_tensors(root, train=True))

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin.data import data_root_from_env, mnist_loaders  # noqa: E402
+from rebasin.data import mnist_loaders  # noqa: E402
 from rebasin.merge import merge  # noqa: E402
 from rebasin.models import MLP  # noqa: E402
 from rebasin.train import fit_classifier_, seeded_model  # noqa: E402
@@ -43,9 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
-    root = Path(args.data_root) if args.data_root else data_root_from_env()
-    if root is None or not (root / "MNIST" / "raw").exists():
-        sys.exit(f"MNIST not found: pass --data-root or set REBASIN_DATA (got {root})")
+    root = mnist_root(args.data_root)
 
     hidden = [int(h) for h in args.hidden.split(",")]
     train, test = mnist_loaders(root, batch_size=128, train_subset=args.train_subset, seed=args.seed)

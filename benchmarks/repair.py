@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
 from rebasin.align import align  # noqa: E402
-from rebasin.data import data_root_from_env, mnist_loaders  # noqa: E402
+from rebasin.data import mnist_loaders  # noqa: E402
 from rebasin.models import MLP, SmallCNN  # noqa: E402
 from rebasin.path import barrier, evaluate_path  # noqa: E402
 from rebasin.repair import RepairedPath  # noqa: E402
@@ -39,13 +39,6 @@ ARCHS = {
     "mlp": (lambda: MLP(784, [128] * 10, 10), True),
     "cnn": (lambda: SmallCNN(in_channels=1, num_classes=10, channels=(16, 32, 32)), False),
 }
-
-
-def resolve_root(arg: str | None) -> Path:
-    root = Path(arg) if arg else data_root_from_env()
-    if root is None or not (root / "MNIST" / "raw").exists():
-        sys.exit(f"MNIST not found: pass --data-root or set REBASIN_DATA (got {root})")
-    return root
 
 
 def run_arch(name: str, args: argparse.Namespace, root: Path) -> list[list[object]]:
@@ -97,7 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-report", action="store_true", help="print only; do not append to docs/benchmarks.md")
     args = parser.parse_args()
-    root = resolve_root(args.data_root)
+    root = mnist_root(args.data_root)
     header = ["arch", "path", "acc A %", "acc B %", "acc t=0.5 %", "acc barrier (pts)", "barrier reduction", "REPAIR time (s)"]
     rows: list[list[object]] = []
     for name in args.arch.split(","):

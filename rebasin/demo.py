@@ -269,6 +269,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     from .matching.weight import weight_matching
     from .path import evaluate_path, interpolate
     from .permute import permute
+    from .repair import _module_with_state
     from .trace import spec_from_model
 
     progress = _progress(args)
@@ -277,7 +278,10 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train, test, model_a, model_b, endpoints, arch = _train_pair(args, device, progress)
     state_a, state_b = state_of(model_a), state_of(model_b)
-    x_train = torch.cat([xb for xb, _ in train]).to(device)
+    # one pass over the (shuffled) loader for inputs and labels together: two passes pair them wrongly
+    pairs = list(train)
+    x_train = torch.cat([xb for xb, _ in pairs]).to(device)
+    y_train = torch.cat([yb for _, yb in pairs]).to(device)
     spec = spec_from_model(model_a, x_train[:2])
     state_wm = permute(spec, weight_matching(spec, state_a, state_b, seed=args.seed), state_b)
     state_ot = permute(spec, ot_matching(spec, state_a, state_b), state_b)
@@ -291,7 +295,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
                                     epochs=args.curve_epochs, n_points=args.num_points, seed=args.seed, device=device).mc
             for kind in ("linear", "bezier")
         }
-        model_bb = _with_state(model_b, state)
+        model_bb = _module_with_state(model_b, state)
         sims = {"outputs": cka(model_a, model_bb, test, device=device),
                 "last_hidden": cka(model_a, model_bb, test, layer=last_hidden, device=device)}
         report["pairs"][label] = {"mc": mc, "cka": sims}
@@ -299,7 +303,6 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
 
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(x_train), generator=g)[:512]
-    y_train = torch.cat([yb for _, yb in train]).to(device)
     batch = (x_train[idx], y_train[idx])
     report["hessian"] = {}
     for name, model in (("A", model_a), ("B", model_b)):
@@ -328,11 +331,3 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"wrote {out / 'landscape.json'}")
     return report
 
-
-def _with_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A deep copy of ``model`` holding ``state`` (the original is untouched)."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(state)
-    return clone

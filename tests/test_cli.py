@@ -125,11 +125,30 @@ def test_cl_forwards_to_the_continual_comparison(capsys):
     assert "continual.compare" in capsys.readouterr().out
 
 
-def test_landscape_command_reports_metrics(tmp_path, capsys):
+def test_landscape_command_reports_metrics(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from rebasin.data import digits_tensors
+
+    landscape = sys.modules["rebasin.landscape"]  # run_landscape imports the metrics from here at call time
+    batches = []
+    real = landscape.hessian_top_eigenvalue
+
+    def spy(model, loss_fn, batch, **kw):
+        batches.append(batch)
+        return real(model, loss_fn, batch, **kw)
+
+    monkeypatch.setattr(landscape, "hessian_top_eigenvalue", spy)
     out = tmp_path / "land"
     code = main(["landscape", "--out", str(out), "--epochs", "15", "--width", "64", "--num-points", "5",
                  "--curve-epochs", "1", "--device", "cpu"])
     assert code == 0
+    # the Hessian's batch pairs every image with its own label
+    x_all, y_all = digits_tensors()
+    label_of = {tuple(row.tolist()): int(label) for row, label in zip(x_all, y_all)}
+    x, y = batches[0]
+    assert len(batches) == 2 and len(y) == 512
+    assert [label_of[tuple(row.tolist())] for row in x] == y.tolist()
     report = json.loads((out / "landscape.json").read_text())
     pairs = report["pairs"]
     # CKA is invariant to permuting hidden units: aligning B does not change it

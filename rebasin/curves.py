@@ -38,7 +38,7 @@ from ._functional import forward_with_state, state_of
 from .path import _check_same_layout, _check_state_for_model, _finite_float, _resolve_device, _split_batch, _to
 from .spec import PermutationSpec
 
-__all__ = ["BezierCurve", "PolyChainCurve", "fit_curve", "CurveFit", "arc_interpolate", "ArcPath"]
+__all__ = ["BezierCurve", "PolyChainCurve", "CURVE_KINDS", "fit_curve", "CurveFit", "arc_interpolate", "ArcPath"]
 
 State = Mapping[str, Tensor]
 _BN_BUFFERS = ("running_mean", "running_var")
@@ -253,6 +253,10 @@ class PolyChainCurve(_Curve):
         k = min(int(math.floor(t * m)), m - 1)
         s = t * m - k
         return torch.lerp(self.control_point(k, key), self.control_point(k + 1, key), s)
+
+
+#: Curve classes by their ``kind``, for functions that take ``curve="bezier" | "polychain"``.
+CURVE_KINDS: dict[str, type[BezierCurve] | type[PolyChainCurve]] = {c.kind: c for c in (BezierCurve, PolyChainCurve)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from torch.func import functional_call
 
 from ._errors import RebasinError
 from ._functional import forward_with_state
-from .curves import BezierCurve, PolyChainCurve, _as_state, _check_pair, _training
+from .curves import CURVE_KINDS, BezierCurve, PolyChainCurve, _as_state, _check_pair, _training
 from .path import (
     _check_int,
     _check_state_for_model,
@@ -94,13 +94,12 @@ from .spec import PermutationSpec
 __all__ = ["PAM_CURVES", "PAM_INITS", "PAMResult", "proximal_alternating_minimization"]
 
 #: Curve kinds accepted by ``curve=``.
-PAM_CURVES: tuple[str, ...] = ("bezier", "polychain")
+PAM_CURVES: tuple[str, ...] = tuple(CURVE_KINDS)
 #: Named starting permutations accepted by ``init=`` (a dict of permutations is accepted too).
 PAM_INITS: tuple[str, ...] = ("identity", "weight_matching")
 
 # Warn when the final soft permutations' row sums are off by more than this.
 _MARGINAL_WARN = 1e-2
-_CURVE_CLASSES = {"bezier": BezierCurve, "polychain": PolyChainCurve}
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -346,7 +345,7 @@ def proximal_alternating_minimization(
 
     dtype = next((v.dtype for v in a.values() if v.is_floating_point()), torch.float32)
     soft = {p: perm_to_matrix(start_perms[p], dtype=dtype, device=device) for p in spec.perms}
-    path = _CURVE_CLASSES[curve](a, permute(spec, start_perms, b), num_bends=num_bends).to(device)
+    path = CURVE_KINDS[curve](a, permute(spec, start_perms, b), num_bends=num_bends).to(device)
     gen = torch.Generator().manual_seed(int(seed))
     batches = _cycle(loader)
 
@@ -447,7 +446,7 @@ def proximal_alternating_minimization(
                 stacklevel=2,
             )
         perms = hard
-        final = _CURVE_CLASSES[curve](a, permute(spec, perms, b), num_bends=num_bends).to(device)
+        final = CURVE_KINDS[curve](a, permute(spec, perms, b), num_bends=num_bends).to(device)
         with torch.no_grad():
             for mine, learned in zip(final.parameters(), path.parameters()):
                 mine.copy_(learned)

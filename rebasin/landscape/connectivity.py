@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import RebasinError
-from ..curves import BezierCurve, CurveFit, PolyChainCurve, _as_state, fit_curve
+from ..curves import CURVE_KINDS, CurveFit, _as_state, fit_curve
 from ..path import (
     PathResult,
     StatePath,
@@ -23,7 +23,6 @@ __all__ = ["ModeConnectivity", "mode_connectivity"]
 
 State = Mapping[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-_CURVES = {"bezier": BezierCurve, "polychain": PolyChainCurve}
 _MC_METRICS = ("error", "loss")
 
 
@@ -166,7 +165,7 @@ def mode_connectivity(
     trained: Any = None
     fit: CurveFit | None = None
     if isinstance(curve, str):
-        if curve != "linear" and curve not in _CURVES:
+        if curve != "linear" and curve not in CURVE_KINDS:
             raise RebasinError(f"unknown curve {curve!r}; valid: ['bezier', 'polychain', 'linear'] or a path object")
         if a is None or b is None:
             raise RebasinError(f"curve={curve!r} needs state_a and state_b")
@@ -174,7 +173,7 @@ def mode_connectivity(
             result = evaluate_path(model, a, b, loader, num_points=n_points, loss_fn=loss_fn,
                                    bn_loader=bn_loader, device=device, progress=progress)  # fmt: skip
         else:
-            trained = _CURVES[curve](a, b, num_bends=num_bends)
+            trained = CURVE_KINDS[curve](a, b, num_bends=num_bends)
             fit = fit_curve(model, trained, loader if fit_loader is None else fit_loader, epochs=epochs, lr=lr,
                             seed=seed, loss_fn=loss_fn, device=device, progress=progress)  # fmt: skip
     elif isinstance(curve, StatePath):

@@ -13,6 +13,15 @@ matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). 
   final accuracy; Avalanche's ``StreamForgetting``);
 * wall time (training plus the evaluations) per run.
 
+Long comparisons can be sharded: ``--first-seed K --seeds N`` runs seeds ``K..K+N-1``, and
+different strategies or seeds can run in separate processes or on separate machines; then
+``python -m continual.compare --combine DIR1 DIR2 ... --out DIR`` merges their ``runs.json`` into one
+table and figure (the shards must share the benchmark and training settings)::
+
+    python -m continual.compare ... --strategies naive,ewc,replay --out A/
+    python -m continual.compare ... --strategies lwf,rebasin_merge,rebasin_il --out B/
+    python -m continual.compare --combine A/ B/ --out results/
+
 Written to ``--out``: ``runs.csv`` (one row per strategy and seed), ``summary.csv`` and
 ``summary.md`` (mean ± std over seeds), ``accuracy.png`` (``R`` averaged over seeds, one panel per
 strategy, plus the mean accuracy over all tasks after each experience) and ``runs.json`` (every
@@ -40,7 +49,13 @@ import torch
 
 from rebasin._errors import RebasinError
 
-__all__ = ["RunResult", "run_strategy", "summarise", "main", "accuracy_matrix_metrics"]
+__all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "accuracy_matrix_metrics"]
+
+#: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
+SHARD_SETTINGS = (
+    "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "n_experiences", "train_samples",
+    "test_samples",
+)
 
 
 @dataclass
@@ -211,7 +226,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="torchvision root holding MNIST/raw (never downloads)")
     p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (FIRST..FIRST+N-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (to shard seeds across runs)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="merge the runs.json of earlier --out folders into one table; trains nothing")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -230,10 +248,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    if args.combine is not None:
+        return args
     if args.benchmark != "synthetic" and args.data_root is None:
         p.error("--data-root is required for the MNIST benchmarks")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
     return args
 
 
@@ -270,12 +292,76 @@ def build_benchmark(args: argparse.Namespace) -> tuple[Any, int, int]:
     return bm, int(x0.numel()), n_classes
 
 
+def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[str, Any]]:
+    """Read the ``runs.json`` of several ``--out`` folders as one list of runs.
+
+    Returns the runs (in folder order) and the shared settings. Raises :class:`RebasinError` when a
+    folder has no ``runs.json``, when the shards disagree on a setting in :data:`SHARD_SETTINGS`, or
+    when two shards hold the same strategy and seed.
+    """
+    runs: list[RunResult] = []
+    settings: dict[str, Any] | None = None
+    first = ""
+    seen: dict[tuple[str, int], str] = {}
+    for folder in folders:
+        path = Path(folder) / "runs.json"
+        if not path.is_file():
+            raise RebasinError(f"{folder}: no runs.json (is it an --out folder of python -m continual.compare?)")
+        data = json.loads(path.read_text())
+        mine = {k: data["args"].get(k) for k in SHARD_SETTINGS}
+        if settings is None:
+            settings, first = mine, str(folder)
+        else:
+            diff = {k: (settings[k], mine[k]) for k in SHARD_SETTINGS if settings[k] != mine[k]}
+            if diff:
+                raise RebasinError(f"{folder} was run with other settings than {first}: {diff}")
+        for r in data["runs"]:
+            result = RunResult(**r)
+            key = (result.strategy, result.seed)
+            if key in seen:
+                raise RebasinError(f"{result.strategy} seed {result.seed} is in both {seen[key]} and {folder}")
+            seen[key] = str(folder)
+            runs.append(result)
+    if settings is None:
+        raise RebasinError("--combine needs at least one folder")
+    return runs, settings
+
+
+def _write_outputs(runs: Sequence[RunResult], header: str, out: Path, args: dict[str, Any]) -> str:
+    rows = summarise(runs)
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "time_s"])
+        for r in runs:
+            w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}", f"{r.time_s:.2f}"])
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = _markdown(rows, header)
+    (out / "summary.md").write_text(table)
+    (out / "runs.json").write_text(json.dumps({"args": args, "runs": [asdict(r) for r in runs]}, indent=1))
+    _plot(runs, out / "accuracy.png")
+    return table
+
+
+def _seeds_text(runs: Sequence[RunResult]) -> str:
+    seeds = sorted({r.seed for r in runs})
+    return f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
-    warnings.filterwarnings("ignore", message="No loggers specified")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.combine is not None:
+        runs, settings = combine_runs(args.combine)
+        header = (f"{settings['benchmark']}, combined from {len(args.combine)} folder(s): "
+                  f"{', '.join(map(str, args.combine))}; {_seeds_text(runs)}")
+        print(_write_outputs(runs, header, out, {**settings, "combined_from": list(map(str, args.combine))}))
+        return 0
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
+    warnings.filterwarnings("ignore", message="No loggers specified")
     options = _options(args.option)
     t0 = time.perf_counter()
     bm, in_features, n_classes = build_benchmark(args)
@@ -286,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     x0 = bm.train_stream[0].dataset[0][0]
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim)).to(args.device)
     runs: list[RunResult] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in args.strategies:
             result = run_strategy(
                 name, bm, seed=seed, model_factory=lambda: mlp(in_features, args.hidden, n_classes),
@@ -299,23 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(result)
             print(f"{name:>20s} seed {seed}: ACC {100 * result.average_accuracy:.1f}%  "
                   f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
-    rows = summarise(runs)
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "time_s"])
-        for r in runs:
-            w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}", f"{r.time_s:.2f}"])
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     header = (f"{args.benchmark} ({len(bm.train_stream)} experiences), MLP {in_features}-{args.hidden}-{n_classes}, "
               f"AdamW lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, replay {args.mem_size}, "
-              f"{args.seeds} seed(s), device {args.device}, torch threads {torch.get_num_threads()}")
-    (out / "summary.md").write_text(_markdown(rows, header))
-    (out / "runs.json").write_text(json.dumps({"args": vars(args), "runs": [asdict(r) for r in runs]}, indent=1))
-    _plot(runs, out / "accuracy.png")
-    print(_markdown(rows, header))
+              f"{_seeds_text(runs)}, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(_write_outputs(runs, header, out, vars(args)))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -316,6 +317,39 @@ def test_compare_writes_outputs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
     assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge", "rebasin_il"]
     assert "± " in (tmp_path / "summary.md").read_text()
+
+
+def test_compare_shards_combine_into_one_table(tmp_path):
+    from continual.compare import combine_runs, main
+
+    common_args = ["--benchmark", "synthetic", "--epochs", "1", "--batch-size", "64", "--mem-size", "32",
+                   "--hidden", "16", "--no-progress"]
+    main([*common_args, "--strategies", "naive", "--seeds", "2", "--out", str(tmp_path / "a")])
+    main([*common_args, "--strategies", "naive", "--first-seed", "2", "--seeds", "1", "--out", str(tmp_path / "b")])
+    runs_a = json.loads((tmp_path / "a" / "runs.json").read_text())["runs"]
+    assert [r["seed"] for r in runs_a] == [0, 1]
+    # a seed gives the same run whether it comes first or not
+    main([*common_args, "--strategies", "naive", "--first-seed", "1", "--seeds", "1", "--out", str(tmp_path / "c")])
+    run_c = json.loads((tmp_path / "c" / "runs.json").read_text())["runs"][0]
+    assert run_c["seed"] == 1 and run_c["accuracy"] == runs_a[1]["accuracy"]
+
+    assert main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "all")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "all" / "summary.csv")))
+    assert [(r["strategy"], r["seeds"]) for r in rows] == [("naive", "3")]
+    runs = list(csv.DictReader(open(tmp_path / "all" / "runs.csv")))
+    accs = [float(r["average_accuracy"]) for r in runs]
+    assert float(rows[0]["acc_mean"]) == pytest.approx(sum(accs) / 3)
+    assert "3 seed(s) (0, 1, 2)" in (tmp_path / "all" / "summary.md").read_text()
+    assert (tmp_path / "all" / "accuracy.png").stat().st_size > 0
+
+    with pytest.raises(RebasinError, match="both"):
+        combine_runs([tmp_path / "a", tmp_path / "c"])
+    main([*common_args[:3], "2", *common_args[4:], "--strategies", "naive", "--seeds", "1",
+          "--out", str(tmp_path / "d")])
+    with pytest.raises(RebasinError, match="other settings.*epochs"):
+        combine_runs([tmp_path / "b", tmp_path / "d"])
+    with pytest.raises(RebasinError, match="no runs.json"):
+        combine_runs([tmp_path / "missing"])
 
 
 def test_import_rebasin_does_not_import_avalanche():

@@ -192,6 +192,7 @@ def _plot(runs: Sequence[RunResult], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = list(dict.fromkeys(r.strategy for r in runs))
     mats = {n: np.mean([np.asarray(r.accuracy) for r in runs if r.strategy == n], axis=0) for n in names}
@@ -203,6 +204,8 @@ def _plot(runs: Sequence[RunResult], path: Path) -> None:
         im = ax.imshow(100 * mats[name], vmin=0, vmax=100, cmap="viridis", aspect="auto",
                        extent=(0.5, n + 0.5, n + 0.5, 0.5))
         ax.set_title(name, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("task")
         if k == 0:
             ax.set_ylabel("after experience")
@@ -210,6 +213,7 @@ def _plot(runs: Sequence[RunResult], path: Path) -> None:
     ax = axes[0][-1]
     for name in names:
         ax.plot(range(1, mats[name].shape[0] + 1), 100 * mats[name].mean(axis=1), marker=".", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy, all tasks (%)")
     ax.legend(fontsize=7)
@@ -295,7 +299,8 @@ def build_benchmark(args: argparse.Namespace) -> tuple[Any, int, int]:
 def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[str, Any]]:
     """Read the ``runs.json`` of several ``--out`` folders as one list of runs.
 
-    Returns the runs (in folder order) and the shared settings. Raises :class:`RebasinError` when a
+    Returns the runs, sorted by strategy (in the order of ``continual.baselines.STRATEGIES``) and seed,
+    and the shared settings. Raises :class:`RebasinError` when a
     folder has no ``runs.json``, when the shards disagree on a setting in :data:`SHARD_SETTINGS`, or
     when two shards hold the same strategy and seed.
     """
@@ -324,6 +329,10 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
             runs.append(result)
     if settings is None:
         raise RebasinError("--combine needs at least one folder")
+    from .baselines import STRATEGIES
+
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    runs.sort(key=lambda r: (order.get(r.strategy.split(" (")[0], len(order)), r.strategy, r.seed))
     return runs, settings
 
 

@@ -325,7 +325,8 @@ def test_compare_shards_combine_into_one_table(tmp_path):
     common_args = ["--benchmark", "synthetic", "--epochs", "1", "--batch-size", "64", "--mem-size", "32",
                    "--hidden", "16", "--no-progress"]
     main([*common_args, "--strategies", "naive", "--seeds", "2", "--out", str(tmp_path / "a")])
-    main([*common_args, "--strategies", "naive", "--first-seed", "2", "--seeds", "1", "--out", str(tmp_path / "b")])
+    main([*common_args, "--strategies", "rebasin_merge,naive", "--first-seed", "2", "--seeds", "1",
+          "--out", str(tmp_path / "b")])
     runs_a = json.loads((tmp_path / "a" / "runs.json").read_text())["runs"]
     assert [r["seed"] for r in runs_a] == [0, 1]
     # a seed gives the same run whether it comes first or not
@@ -335,9 +336,11 @@ def test_compare_shards_combine_into_one_table(tmp_path):
 
     assert main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "all")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "all" / "summary.csv")))
-    assert [(r["strategy"], r["seeds"]) for r in rows] == [("naive", "3")]
+    # strategies in the canonical order, whatever order the shards ran them in
+    assert [(r["strategy"], r["seeds"]) for r in rows] == [("naive", "3"), ("rebasin_merge", "1")]
     runs = list(csv.DictReader(open(tmp_path / "all" / "runs.csv")))
-    accs = [float(r["average_accuracy"]) for r in runs]
+    assert [(r["strategy"], r["seed"]) for r in runs][:3] == [("naive", "0"), ("naive", "1"), ("naive", "2")]
+    accs = [float(r["average_accuracy"]) for r in runs[:3]]
     assert float(rows[0]["acc_mean"]) == pytest.approx(sum(accs) / 3)
     assert "3 seed(s) (0, 1, 2)" in (tmp_path / "all" / "summary.md").read_text()
     assert (tmp_path / "all" / "accuracy.png").stat().st_size > 0

@@ -354,9 +354,12 @@ def _write_outputs(runs: Sequence[RunResult], header: str, out: Path, args: dict
     return table
 
 
-def _seeds_text(runs: Sequence[RunResult]) -> str:
+def _header(settings: dict[str, Any], runs: Sequence[RunResult], model: str, tail: str) -> str:
+    """The line above the summary table: benchmark, training settings, seeds, then ``tail``."""
     seeds = sorted({r.seed for r in runs})
-    return f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+    return (f"{settings['benchmark']} ({len(runs[0].accuracy)} experiences), {model}, AdamW lr {settings['lr']}, "
+            f"batch {settings['batch_size']}, {settings['epochs']} epochs, replay {settings['mem_size']}, "
+            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {tail}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine is not None:
         runs, settings = combine_runs(args.combine)
-        header = (f"{settings['benchmark']}, combined from {len(args.combine)} folder(s): "
-                  f"{', '.join(map(str, args.combine))}; {_seeds_text(runs)}")
+        header = _header(settings, runs, f"MLP hidden {settings['hidden']}",
+                         f"combined from {', '.join(map(str, args.combine))}")
         print(_write_outputs(runs, header, out, {**settings, "combined_from": list(map(str, args.combine))}))
         return 0
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
@@ -394,9 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(result)
             print(f"{name:>20s} seed {seed}: ACC {100 * result.average_accuracy:.1f}%  "
                   f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
-    header = (f"{args.benchmark} ({len(bm.train_stream)} experiences), MLP {in_features}-{args.hidden}-{n_classes}, "
-              f"AdamW lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, replay {args.mem_size}, "
-              f"{_seeds_text(runs)}, device {args.device}, torch threads {torch.get_num_threads()}")
+    header = _header(vars(args), runs, f"MLP {in_features}-{args.hidden}-{n_classes}",
+                     f"device {args.device}, torch threads {torch.get_num_threads()}")
     print(_write_outputs(runs, header, out, vars(args)))
     return 0
 

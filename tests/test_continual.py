@@ -342,7 +342,8 @@ def test_compare_shards_combine_into_one_table(tmp_path):
     assert [(r["strategy"], r["seed"]) for r in runs][:3] == [("naive", "0"), ("naive", "1"), ("naive", "2")]
     accs = [float(r["average_accuracy"]) for r in runs[:3]]
     assert float(rows[0]["acc_mean"]) == pytest.approx(sum(accs) / 3)
-    assert "3 seed(s) (0, 1, 2)" in (tmp_path / "all" / "summary.md").read_text()
+    combined = (tmp_path / "all" / "summary.md").read_text()
+    assert "3 seed(s) (0, 1, 2)" in combined and "batch 64, 1 epochs, replay 32" in combined
     assert (tmp_path / "all" / "accuracy.png").stat().st_size > 0
 
     with pytest.raises(RebasinError, match="both"):

@@ -21,7 +21,7 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|obj|exc|ref):<cod
 
 def _display(tex: str) -> str:
     tex = tex.strip()
-    if "&amp;" in tex or "&" in tex:
+    if "&" in tex:  # "&" or the escaped "&amp;"
         tex = f"\\begin{{aligned}}{tex}\\end{{aligned}}"
     return f'<div class="math">\\[{tex}\\]</div>'
 

@@ -93,7 +93,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def mnist_root(arg: str | None) -> Path:
     """``--data-root`` (or ``$REBASIN_DATA``) as a folder holding ``MNIST/raw``; exits with a message otherwise."""
-    from rebasin.data import data_root_from_env
+    from rebasin.apps.data import data_root_from_env
 
     root = Path(arg) if arg else data_root_from_env()
     if root is None or not (root / "MNIST" / "raw").exists():

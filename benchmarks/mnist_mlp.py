@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report  # noqa: E402
 
-from rebasin.align import align  # noqa: E402
-from rebasin.data import data_root_from_env, mnist_loaders  # noqa: E402
-from rebasin.models import MLP, SmallCNN  # noqa: E402
-from rebasin.path import barrier, evaluate_path  # noqa: E402
-from rebasin.train import evaluate, fit_classifier_, seeded_model  # noqa: E402
+from rebasin import align# noqa: E402
+from rebasin.apps.data import data_root_from_env, mnist_loaders  # noqa: E402
+from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
+from rebasin import barrier, evaluate_path# noqa: E402
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
 
 ARCHS = {
     "mlp3": (lambda: MLP(784, [512, 512, 512], 10), True),

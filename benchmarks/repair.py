@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin.align import align  # noqa: E402
-from rebasin.data import mnist_loaders  # noqa: E402
-from rebasin.models import MLP, SmallCNN  # noqa: E402
-from rebasin.path import barrier, evaluate_path  # noqa: E402
-from rebasin.repair import RepairedPath  # noqa: E402
-from rebasin.train import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import align# noqa: E402
+from rebasin.apps.data import mnist_loaders  # noqa: E402
+from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
+from rebasin import barrier, evaluate_path# noqa: E402
+from rebasin import RepairedPath# noqa: E402
+from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
 
 ARCHS = {
     "mlp": (lambda: MLP(784, [128] * 10, 10), True),

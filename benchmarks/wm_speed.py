@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
 
 from rebasin import PermutationSpec, permute, random_permutation  # noqa: E402
-from rebasin.matching import weight_matching  # noqa: E402
+from rebasin import weight_matching# noqa: E402
 
 
 def mlp_spec(depth: int = 3) -> PermutationSpec:

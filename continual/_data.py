@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from rebasin._errors import RebasinError
+from rebasin import PermutationSpec, RebasinError, spec_from_model
 
 __all__ = ["sample_tensors", "concat_tensors", "first_input"]
 
@@ -61,3 +61,19 @@ def first_input(dataset: Any, n: int = 2) -> Tensor:
     """The inputs of the first ``n`` items of ``dataset`` (for tracing a model)."""
     x, _ = sample_tensors(dataset, None if len(dataset) <= n else n, seed=0, batch_size=n)
     return x[:n]
+
+
+def trace_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
+    """Trace the spec; any failure becomes a RebasinError naming the model."""
+    try:
+        return spec_from_model(model, example_input)
+    except RebasinError as err:
+        raise RebasinError(
+            f"cannot build a permutation spec for {type(model).__name__}: {err} "
+            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
+        ) from err
+    except Exception as err:  # noqa: BLE001 - tracing arbitrary user code
+        raise RebasinError(
+            f"cannot trace {type(model).__name__} to build a permutation spec ({type(err).__name__}: {err}). "
+            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
+        ) from err

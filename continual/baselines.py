@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin._errors import RebasinError
+from rebasin import RebasinError
 
 __all__ = ["STRATEGIES", "make_strategy", "mlp"]
 
@@ -35,8 +35,8 @@ STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_m
 
 
 def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10) -> nn.Module:
-    """The reference model: ``rebasin.models.MLP(in_features, [hidden], n_classes)`` (flattens its input)."""
-    from rebasin.models import MLP
+    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden], n_classes)`` (flattens its input)."""
+    from rebasin.apps.models import MLP
 
     return MLP(in_features, [hidden], n_classes)
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rebasin._errors import RebasinError
-from rebasin.data import MNIST_MEAN, MNIST_STD, mnist_tensors
+from rebasin import RebasinError
+from rebasin.apps.data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 __all__ = [
     "rotated_mnist",

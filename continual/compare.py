@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rebasin._errors import RebasinError
+from rebasin import RebasinError
 
 __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "accuracy_matrix_metrics"]
 

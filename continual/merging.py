@@ -35,11 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rebasin._errors import RebasinError
-from rebasin.path import evaluate_path, interpolate
-from rebasin.permute import permute
-from rebasin.soft import soft_permute
-from rebasin.spec import PermutationSpec
+from rebasin import PermutationSpec, RebasinError, evaluate_path, interpolate, permute, soft_permute
 
 __all__ = [
     "AlphaChoice",
@@ -153,7 +149,7 @@ def select_alpha(
 ) -> AlphaChoice:
     """Pick the weight of the new model that minimises the mean loss over old and new data.
 
-    Every candidate of the grid is evaluated with :func:`rebasin.path.evaluate_path` (the model is run
+    Every candidate of the grid is evaluated with :func:`rebasin.evaluate_path` (the model is run
     through ``functional_call`` and not modified). The objective is the average of the mean loss on
     ``old_loader`` and the mean loss on ``new_loader``; without old data it is the new-data loss alone.
     Ties go to the larger ``alpha`` (the newer model).

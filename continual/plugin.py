@@ -1,7 +1,7 @@
 """``RebasinMergePlugin``: after each experience, re-basin and merge with the previous experience's model.
 
 A thin Avalanche :class:`~avalanche.training.plugins.SupervisedPlugin` over the plain functions of
-:mod:`continual.merging` and :func:`rebasin.align.align`.
+:mod:`continual.merging` and :func:`rebasin.align`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin._errors import RebasinError
-from rebasin._functional import state_of
-from rebasin.align import align
-from rebasin.data import tensor_loader
-from rebasin.spec import PermutationSpec
+from rebasin import PermutationSpec, RebasinError, align
+from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, first_input, sample_tensors
+from ._data import concat_tensors, first_input, sample_tensors, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
@@ -77,7 +74,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     After training on experience :math:`k \ge 1` (the first experience a strategy trains is only
     remembered), with :math:`\theta_{\text{prev}}` the weights at the start of experience :math:`k`:
 
-    1. :func:`rebasin.align.align` finds the permutation :math:`\pi` of the hidden units of
+    1. :func:`rebasin.align` finds the permutation :math:`\pi` of the hidden units of
        :math:`\theta_{\text{prev}}` that best matches the new weights :math:`\theta_{\text{new}}`;
     2. the strategy's model gets :math:`(1-\alpha)\,\pi(\theta_{\text{prev}}) + \alpha\,\theta_{\text{new}}`,
        written **into the existing parameter objects** (the optimizer keeps holding them);
@@ -127,7 +124,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     model, example_input
         Optional, to trace the spec at construction.
     matcher_options
-        Extra keyword arguments for the matcher (see :func:`rebasin.align.align`).
+        Extra keyword arguments for the matcher (see :func:`rebasin.align`).
     loss_fn
         Loss for choosing alpha, ``loss_fn(outputs, targets)`` returning the batch mean;
         cross-entropy by default.
@@ -198,7 +195,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         if spec is None and model is not None:
             if example_input is None:
                 raise RebasinError("RebasinMergePlugin: pass example_input= with model= to trace the spec")
-            spec = _trace(model, example_input)
+            spec = trace_spec(model, example_input)
         self.spec = spec
         self.history: list[MergeRecord] = []
         self._prev_state: dict[str, Tensor] | None = None
@@ -239,7 +236,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             if example is None:
                 example = first_input(strategy.experience.dataset)
             example = example.to(strategy.device) if isinstance(example, Tensor) else example
-            self.spec = _trace(strategy.model, example)
+            self.spec = trace_spec(strategy.model, example)
         if self.select_alpha_on == "replay" and self._needs_data and self.alpha is None:
             policy = _find_replay_buffer(strategy)
             if policy is None:
@@ -297,7 +294,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
             device=device, **options,
         )
-        state_new = {k: v.detach().clone() for k, v in state_of(model).items()}
+        state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         choice = None
         alpha = self.alpha
@@ -326,24 +323,4 @@ class RebasinMergePlugin(SupervisedPlugin):
 def _exp_id(strategy: Any) -> int:
     exp = getattr(strategy, "experience", None)
     return int(getattr(exp, "current_experience", -1) if exp is not None else -1)
-
-
-def _trace(model: nn.Module, example_input: Any) -> PermutationSpec:
-    """Trace the spec; any failure becomes a RebasinError naming the model."""
-    try:
-        from rebasin.trace import spec_from_model
-    except ImportError as err:  # pragma: no cover - the core always ships trace
-        raise RebasinError("rebasin.trace is not available to trace the model; pass spec=") from err
-    try:
-        return spec_from_model(model, example_input)
-    except RebasinError as err:
-        raise RebasinError(
-            f"cannot build a permutation spec for {type(model).__name__}: {err} "
-            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
-        ) from err
-    except Exception as err:  # noqa: BLE001 - tracing arbitrary user code
-        raise RebasinError(
-            f"cannot trace {type(model).__name__} to build a permutation spec ({type(err).__name__}: {err}). "
-            "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
-        ) from err
 

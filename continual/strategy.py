@@ -40,14 +40,10 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rebasin._errors import RebasinError
-from rebasin._functional import as_args
-from rebasin.sinkhorn import sinkhorn
-from rebasin.soft import matrix_to_perm
-from rebasin.spec import PermutationSpec
+from rebasin import PermutationSpec, RebasinError, matrix_to_perm, sinkhorn
 
+from ._data import trace_spec
 from .merging import check_alpha, midpoint_state, rebasin_il_state, reset_optimizer_state_, write_state_
-from .plugin import _trace
 
 __all__ = ["RebasinIL", "ILRecord"]
 
@@ -180,7 +176,7 @@ class RebasinIL(SupervisedTemplate):
                     "RebasinIL needs spec= or example_input= (an input batch) to trace the model's "
                     "permutation spec at construction"
                 )
-            spec = _trace(model, example_input)
+            spec = trace_spec(model, example_input)
         spec.validate(model.state_dict())
         self.spec = spec
         self.perm_lr = float(perm_lr)
@@ -262,7 +258,7 @@ class RebasinIL(SupervisedTemplate):
 
     def forward(self) -> Tensor:
         if self._logits is not None and self.is_training:
-            return functional_call(self.model, self.training_state(), as_args(self.mb_x), strict=True)
+            return functional_call(self.model, self.training_state(), (self.mb_x,), strict=True)
         return super().forward()
 
     def _after_training_exp(self, **kwargs: Any) -> None:

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 import rebasin
-from rebasin.data import MNIST_MEAN, MNIST_STD, digits_tensors
-from rebasin.models import MLP
+from rebasin.apps.data import MNIST_MEAN, MNIST_STD, digits_tensors
+from rebasin.apps.models import MLP
 
 warnings.filterwarnings("ignore", message="No loggers specified")  # we print the numbers ourselves
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import rebasin
-from rebasin.data import digits_loaders
-from rebasin.models import MLP
+from rebasin.apps.data import digits_loaders
+from rebasin.apps.models import MLP
 
 
 def main(argv: list[str] | None = None) -> dict:

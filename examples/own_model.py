@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rebasin
-from rebasin.data import digits_loaders
+from rebasin.apps.data import digits_loaders
 
 
 class TinyResNet(nn.Module):

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import rebasin
-from rebasin.data import digits_loaders
-from rebasin.models import VGG
+from rebasin.apps.data import digits_loaders
+from rebasin.apps.models import VGG
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import rebasin
-from rebasin.data import digits_loaders
-from rebasin.models import MLP
+from rebasin.apps.data import digits_loaders
+from rebasin.apps.models import MLP
 
 
 def l2_plus_midpoint(module: rebasin.SinkhornRebasin, batch, weight: float = 0.1) -> torch.Tensor:

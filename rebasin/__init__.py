@@ -3,17 +3,24 @@
 Everything works on full state_dicts (parameters *and* buffers); user modules are never mutated
 unless a function name ends in ``_``. Every matcher returns ``{perm_name: LongTensor}`` such that
 ``permute(spec, perms, state_b)`` is close to ``state_a``.
+
+The package is layered; each layer imports only the ones below it (``tests/test_layering.py`` checks it)::
+
+    rebasin.apps          command line, demo, data, models, training helpers (not re-exported here)
+    rebasin.merging, rebasin.landscape      merging many models; landscape metrics
+    rebasin.paths         linear path + barrier, BN reset, REPAIR, curves, arc, weight adjustment, PAM
+    rebasin.matching      weight / activation / STE / OT / Sinkhorn matchers, align
+    rebasin.trace         spec_from_model and the propagation engine
+    rebasin.spec          PermutationSpec, permute / invert / random_permutation / soft_permute
+    rebasin._common       validation, devices, batches, train/eval modes, progress (private)
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from ._errors import RebasinError
-from .align import Alignment, align
-from .connect import WA_PATHS, WeightAdjustedPath, ot_matching, weight_adjusted_path
-from .curves import ArcPath, BezierCurve, CurveFit, PolyChainCurve, arc_interpolate, fit_curve
-from .matching.activation import ActivationMatchingInfo, activation_correlations, activation_matching
-from .matching.ste import STEInfo, ste_matching
-from .matching.weight import WeightMatchingInfo, weight_matching
 from .landscape import (
     HessianEigenvalue,
     HessianTrace,
@@ -23,27 +30,64 @@ from .landscape import (
     hessian_trace,
     mode_connectivity,
 )
-from .merge import MergeInfo, merge
-from .pam import PAMResult, proximal_alternating_minimization
-from .path import PathResult, StatePath, barrier, evaluate_path, interpolate, reset_bn_stats
-from .permute import (
+from .matching import (
+    SINKHORN_GRADS,
+    ActivationMatchingInfo,
+    Alignment,
+    SinkhornRebasin,
+    STEInfo,
+    WeightMatchingInfo,
+    activation_correlations,
+    activation_matching,
+    align,
+    ot_matching,
+    sinkhorn,
+    ste_matching,
+    weight_matching,
+)
+from .merging import MergeInfo, merge
+from .paths import (
+    WA_PATHS,
+    ArcPath,
+    BezierCurve,
+    ChannelStats,
+    CurveFit,
+    PAMResult,
+    PathResult,
+    PolyChainCurve,
+    RepairedPath,
+    StatePath,
+    WeightAdjustedPath,
+    arc_interpolate,
+    barrier,
+    channel_stats,
+    evaluate_path,
+    fit_curve,
+    interpolate,
+    plot_paths,
+    proximal_alternating_minimization,
+    repair,
+    repair_states,
+    repaired_path,
+    reset_bn_stats,
+    reset_bn_stats_,
+    weight_adjusted_path,
+)
+from .spec import (
+    PermutationSpec,
     check_permutations,
     compose,
     identity_permutation,
     invert,
+    matrix_to_perm,
+    perm_to_matrix,
     permute,
     random_permutation,
+    soft_permute,
 )
-from .plot import plot_paths
-from .repair import ChannelStats, RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
-from .sinkhorn import SINKHORN_GRADS, sinkhorn
-from .sinkhorn_rebasin import SinkhornRebasin
-from .soft import matrix_to_perm, perm_to_matrix, soft_permute
-from .spec import PermutationSpec
 from .trace import ModelTrace, spec_from_model, trace_model
-from .train import evaluate, fit_classifier_, seeded_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "RebasinError",
@@ -68,6 +112,7 @@ __all__ = [
     "ActivationMatchingInfo",
     "ste_matching",
     "STEInfo",
+    "ot_matching",
     # sinkhorn re-basin
     "sinkhorn",
     "SINKHORN_GRADS",
@@ -75,7 +120,7 @@ __all__ = [
     "perm_to_matrix",
     "matrix_to_perm",
     "SinkhornRebasin",
-    # paths, barriers, REPAIR, curves, merging
+    # paths, barriers, REPAIR, curves
     "interpolate",
     "evaluate_path",
     "PathResult",
@@ -95,14 +140,15 @@ __all__ = [
     "CurveFit",
     "arc_interpolate",
     "ArcPath",
+    "weight_adjusted_path",
+    "WeightAdjustedPath",
+    "WA_PATHS",
+    "proximal_alternating_minimization",
+    "PAMResult",
+    "plot_paths",
+    # uses
     "merge",
     "MergeInfo",
-    "plot_paths",
-    # training helpers
-    "fit_classifier_",
-    "evaluate",
-    "seeded_model",
-    # landscape and distribution-based connections
     "mode_connectivity",
     "ModeConnectivity",
     "cka",
@@ -110,10 +156,26 @@ __all__ = [
     "HessianEigenvalue",
     "hessian_trace",
     "HessianTrace",
-    "ot_matching",
-    "weight_adjusted_path",
-    "WeightAdjustedPath",
-    "WA_PATHS",
-    "proximal_alternating_minimization",
-    "PAMResult",
 ]
+
+# Names that left the top level in 0.2 (training helpers now live in rebasin.apps.training); they keep
+# working for one release with a DeprecationWarning.
+_MOVED = {
+    "fit_classifier_": "rebasin.apps.training",
+    "evaluate": "rebasin.apps.training",
+    "seeded_model": "rebasin.apps.training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        where = _MOVED[name]
+        warnings.warn(
+            f"rebasin.{name} moved to {where}.{name}; the top-level name is removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(where), name)
+    raise AttributeError(f"module 'rebasin' has no attribute {name!r}")

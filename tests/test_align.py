@@ -10,7 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import RebasinError, align, permute, random_permutation, spec_from_model
-from rebasin.align import METHODS
+from rebasin.matching.alignment import METHODS
 
 
 def planted_pair(seed: int = 0):

@@ -10,13 +10,13 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import evaluate_path, interpolate, invert, permute, random_permutation, spec_from_model
-from rebasin._errors import RebasinError
-from rebasin._functional import forward_with_state, state_of
-from rebasin.connect import WeightAdjustedPath, ot_matching, weight_adjusted_path
-from rebasin.curves import ArcPath
-from rebasin.data import tensor_loader
-from rebasin.models import MLP, ResNet20, SmallCNN
-from rebasin.train import evaluate, fit_classifier_, seeded_model
+from rebasin import RebasinError
+from rebasin._common import forward_with_state, state_of
+from rebasin import WeightAdjustedPath, ot_matching, weight_adjusted_path
+from rebasin import ArcPath
+from rebasin.apps.data import tensor_loader
+from rebasin.apps.models import MLP, ResNet20, SmallCNN
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

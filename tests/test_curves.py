@@ -10,12 +10,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import PermutationSpec, permute, random_permutation
-from rebasin._errors import RebasinError
-from rebasin._functional import state_of
-from rebasin.curves import ArcPath, BezierCurve, CurveFit, PolyChainCurve, arc_interpolate, fit_curve
-from rebasin.path import evaluate_path, interpolate
-from rebasin.trace import spec_from_model
-from rebasin.train import evaluate, fit_classifier_, seeded_model
+from rebasin import RebasinError
+from rebasin._common import state_of
+from rebasin import ArcPath, BezierCurve, CurveFit, PolyChainCurve, arc_interpolate, fit_curve
+from rebasin import evaluate_path, interpolate
+from rebasin import spec_from_model
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 CURVES = [BezierCurve, PolyChainCurve]
 

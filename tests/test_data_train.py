@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin._errors import RebasinError
-from rebasin.data import (
+from rebasin import RebasinError
+from rebasin.apps.data import (
     data_root_from_env,
     digits_loaders,
     digits_tensors,
@@ -16,7 +16,7 @@ from rebasin.data import (
     mnist_tensors,
     tensor_loader,
 )
-from rebasin.train import evaluate, fit_classifier_, seeded_model
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 
 def tiny_mlp() -> nn.Module:

@@ -14,12 +14,12 @@ from torch.testing import assert_close
 
 from rebasin import BezierCurve, permute, random_permutation, spec_from_model
 from rebasin import landscape
-from rebasin._errors import RebasinError
-from rebasin._functional import state_of
-from rebasin.data import tensor_loader
-from rebasin.landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
-from rebasin.models import MLP
-from rebasin.train import fit_classifier_, seeded_model
+from rebasin import RebasinError
+from rebasin._common import state_of
+from rebasin.apps.data import tensor_loader
+from rebasin import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
+from rebasin.apps.models import MLP
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def clone(state):

@@ -8,11 +8,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import permute, random_permutation
-from rebasin._errors import RebasinError
-from rebasin._functional import state_of
-from rebasin.merge import MergeInfo, merge
-from rebasin.trace import spec_from_model
-from rebasin.train import fit_classifier_, seeded_model
+from rebasin import RebasinError
+from rebasin._common import state_of
+from rebasin import MergeInfo, merge
+from rebasin import spec_from_model
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def mlp() -> nn.Module:
@@ -65,7 +65,7 @@ def test_merge_of_permuted_copies_is_the_model(method):
 def test_merge_bn_cnn_copies_reference_not_first():
     loader = data((1, 4, 4))
     copies, spec = permuted_copies(bn_cnn, (1, 4, 4), k=3)
-    from rebasin.repair import reset_bn_stats_
+    from rebasin import reset_bn_stats_
 
     for m in copies:  # statistics of the data REPAIR uses
         reset_bn_stats_(m, loader)
@@ -120,7 +120,7 @@ def test_weight_matching_rounds_are_warm_started_and_settle(monkeypatch):
 
     from rebasin import weight_matching
 
-    align_module = sys.modules["rebasin.align"]  # merge imports align from here at call time
+    align_module = sys.modules["rebasin.matching.alignment"]  # merge imports align from here at call time
 
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))

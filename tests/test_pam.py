@@ -17,18 +17,13 @@ from rebasin import (
     permute,
     random_permutation,
 )
-from rebasin._errors import RebasinError
-from rebasin._functional import state_of
-from rebasin.data import digits_tensors, tensor_loader
-from rebasin.pam import (
-    PAMResult,
-    _centred_direction,
-    _curve_state,
-    proximal_alternating_minimization,
-)
-from rebasin.soft import matrix_to_perm
-from rebasin.trace import spec_from_model
-from rebasin.train import fit_classifier_, seeded_model
+from rebasin import RebasinError
+from rebasin._common import state_of
+from rebasin.apps.data import digits_tensors, tensor_loader
+from rebasin.paths.pam import PAMResult, _centred_direction, _curve_state, proximal_alternating_minimization
+from rebasin import matrix_to_perm
+from rebasin import spec_from_model
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 TS = [i / 10 for i in range(11)]
 

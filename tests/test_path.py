@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin._errors import RebasinError
-from rebasin.path import PathResult, barrier, evaluate_path, interpolate, reset_bn_stats
-from rebasin.train import evaluate, seeded_model
+from rebasin import RebasinError
+from rebasin import PathResult, barrier, evaluate_path, interpolate, reset_bn_stats
+from rebasin.apps.training import evaluate, seeded_model
 
 
 def mlp_bn() -> nn.Module:

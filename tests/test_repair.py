@@ -10,12 +10,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import PermutationSpec
-from rebasin._errors import RebasinError
-from rebasin._functional import forward_with_state, state_of
-from rebasin.path import evaluate_path, interpolate, reset_bn_stats
-from rebasin.repair import RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
-from rebasin.trace import spec_from_model
-from rebasin.train import evaluate, seeded_model
+from rebasin import RebasinError
+from rebasin._common import forward_with_state, state_of
+from rebasin import evaluate_path, interpolate, reset_bn_stats
+from rebasin import RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
+from rebasin import spec_from_model
+from rebasin.apps.training import evaluate, seeded_model
 
 
 def mlp(depth: int = 3, width: int = 16) -> nn.Module:

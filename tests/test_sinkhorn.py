@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rebasin._errors import RebasinError
-from rebasin.sinkhorn import SINKHORN_GRADS, _implicit_vjp, sinkhorn
+from rebasin import RebasinError
+from rebasin.matching.sinkhorn_op import SINKHORN_GRADS, _implicit_vjp, sinkhorn
 
 F64 = torch.float64
 

@@ -24,9 +24,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import permute, random_permutation, spec_from_model
-from rebasin.matching.weight import weight_matching
-from rebasin.models import MLP, VGG
-from rebasin.sinkhorn_rebasin import SinkhornRebasin
+from rebasin import weight_matching
+from rebasin.apps.models import MLP, VGG
+from rebasin import SinkhornRebasin
 
 # Sinkhorn at small tau with sharpening logits may warn about convergence; the hard projection is
 # what these tests check.

@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import PermutationSpec, RebasinError, permute, random_permutation
-from rebasin.sinkhorn_rebasin import SinkhornRebasin
+from rebasin import SinkhornRebasin
 
 
 def mlp(seed: int, widths=(4, 12, 10, 3), bn: bool = False) -> nn.Sequential:
@@ -211,7 +211,7 @@ def test_data_costs_need_a_loader():
 def test_device_mismatch_is_reported():
     a, b = mlp(0), mlp(1)
     b = b.to(torch.float64)  # a different dtype is fine; device mismatch faked below
-    import rebasin.sinkhorn_rebasin as mod
+    import rebasin.matching.sinkhorn_rebasin as mod
 
     real = mod.model_device
     try:

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin._errors import RebasinError
-from rebasin.permute import permute, random_permutation
-from rebasin.sinkhorn import sinkhorn
-from rebasin.soft import matrix_to_perm, perm_to_matrix, soft_permute
-from rebasin.spec import PermutationSpec
+from rebasin import RebasinError
+from rebasin import permute, random_permutation
+from rebasin import sinkhorn
+from rebasin import matrix_to_perm, perm_to_matrix, soft_permute
+from rebasin import PermutationSpec
 
 
 def mlp_case() -> tuple[PermutationSpec, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ from rebasin import (
     permute,
     random_permutation,
 )
-from rebasin.permute import check_permutations
+from rebasin import check_permutations
 
 
 def mlp_spec() -> PermutationSpec:

@@ -11,10 +11,10 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import PermutationSpec, RebasinError, invert, permute, random_permutation
-from rebasin._functional import forward_with_state, state_of
-from rebasin.matching.ste import ste_matching
-from rebasin.matching.weight import weight_matching
-from rebasin.models import MLP, VGG
+from rebasin._common import forward_with_state, state_of
+from rebasin import ste_matching
+from rebasin import weight_matching
+from rebasin.apps.models import MLP, VGG
 
 SPEC = PermutationSpec(
     {
@@ -160,7 +160,7 @@ def test_traced_spec_with_batchnorm_buffers():
     torch.manual_seed(0)
     model_a = VGG([4, "M"], batch_norm=True, image_size=4, num_classes=3)
     model_b = copy.deepcopy(model_a)
-    from rebasin.trace import spec_from_model
+    from rebasin import spec_from_model
 
     x = torch.randn(12, 3, 4, 4)
     y = torch.randint(0, 3, (12,))
@@ -176,7 +176,7 @@ def test_traced_spec_with_batchnorm_buffers():
 
 
 def test_first_step_loss_is_the_eval_mode_midpoint_with_interpolated_buffers():
-    from rebasin.trace import spec_from_model
+    from rebasin import spec_from_model
 
     x = torch.randn(10, 3, 4, 4)
     y = torch.randint(0, 3, (10,))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rebasin import PermutationSpec, RebasinError, permute, random_permutation
-from rebasin._functional import forward_with_state, state_of
-from rebasin.models import MLP, VGG, ResNet20
-from rebasin.trace import ModelTrace, spec_from_model, trace_model
+from rebasin._common import forward_with_state, state_of
+from rebasin.apps.models import MLP, VGG, ResNet20
+from rebasin import ModelTrace, spec_from_model, trace_model
 
 
 # --------------------------------------------------------------------------- helpers
@@ -342,7 +342,7 @@ def test_layer_scale_parameter_gets_the_permutation() -> None:
 
 def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """If a rule were wrong (here: torch.roll treated as elementwise), check=True turns it into an error."""
-    import rebasin._trace_rules as trace_mod
+    import rebasin.trace.engine as trace_mod
 
     class Rolled(nn.Module):
         def __init__(self) -> None:
@@ -354,7 +354,7 @@ def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.Monkey
 
     with pytest.raises(RebasinError, match="torch.roll"):
         spec_from_model(Rolled(), torch.randn(2, 5))
-    monkeypatch.setattr(trace_mod, "_ELEMENTWISE_FN", trace_mod._ELEMENTWISE_FN | {torch.roll})
+    monkeypatch.setattr(trace_mod, "ELEMENTWISE_FN", trace_mod.ELEMENTWISE_FN | {torch.roll})
     assert spec_from_model(Rolled(), torch.randn(2, 5), check=False).perms == ("P0",)
     with pytest.raises(RebasinError, match="fails the functional check"):
         spec_from_model(Rolled(), torch.randn(2, 5))

@@ -415,7 +415,7 @@ def test_linear_assignment_maximises():
 
 # ---------------------------------------------------------------- library models, traced specs
 def _library_cases():
-    models = pytest.importorskip("rebasin.models")
+    models = pytest.importorskip("rebasin.apps.models")
     trace = pytest.importorskip("rebasin.trace")
     torch.manual_seed(0)
     return trace.spec_from_model, [
@@ -443,7 +443,7 @@ def test_planted_recovery_on_library_models(index):
 def test_cost_matrix_buffer_reused_only_when_it_fits():
     import numpy as np
 
-    from rebasin.matching._assign import cost_from_similarity
+    from rebasin.matching.assignment import cost_from_similarity
 
     s = torch.randn(5, 5)
     buf = np.empty((5, 5))

@@ -9,15 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._common import as_state, check_int, resolve_device
 from .._errors import RebasinError
-from ..curves import CURVE_KINDS, CurveFit, _as_state, fit_curve
-from ..path import (
-    PathResult,
-    StatePath,
-    _check_int,
-    _resolve_device,
-    evaluate_path,
-)
+from ..paths.curves import CURVE_KINDS, CurveFit, fit_curve
+from ..paths.evaluation import evaluate_path
+from ..paths.linear import PathResult, StatePath
 
 __all__ = ["ModeConnectivity", "mode_connectivity"]
 
@@ -156,12 +152,12 @@ def mode_connectivity(
     """
     if metric not in _MC_METRICS:
         raise RebasinError(f"unknown metric {metric!r}; valid metrics: {list(_MC_METRICS)}")
-    _check_int(n_points, "n_points (both endpoints are always evaluated)", 2)
-    device = _resolve_device(model, device)
+    check_int(n_points, "n_points (both endpoints are always evaluated)", 2)
+    device = resolve_device(model, device=device)
     if (state_a is None) != (state_b is None):
         raise RebasinError("pass both state_a and state_b, or neither (with a built curve object)")
-    a = None if state_a is None else _as_state(state_a, "state_a")
-    b = None if state_b is None else _as_state(state_b, "state_b")
+    a = None if state_a is None else as_state(state_a, "state_a")
+    b = None if state_b is None else as_state(state_b, "state_b")
     trained: Any = None
     fit: CurveFit | None = None
     if isinstance(curve, str):

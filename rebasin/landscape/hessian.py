@@ -11,16 +11,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._errors import RebasinError
-from .._functional import forward_with_state, state_of
-from ..path import (
-    _check_int,
-    _check_state_for_model,
-    _finite_float,
-    _resolve_device,
-    _split_batch,
-    _to,
+from .._common import (
+    check_float,
+    check_int,
+    check_state_for_model,
+    forward_with_state,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
 )
+from .._errors import RebasinError
 
 __all__ = ["HessianEigenvalue", "HessianTrace", "hessian_top_eigenvalue", "hessian_trace"]
 
@@ -47,9 +48,9 @@ class _HessianOperator:
         if not callable(loss_fn):
             raise RebasinError(f"loss_fn must be callable(outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         self.model, self.loss_fn = model, loss_fn
-        self.device = _resolve_device(model, device)
+        self.device = resolve_device(model, device=device)
         if state is not None:
-            _check_state_for_model(model, state)
+            check_state_for_model(model, state)
         full = state_of(model) if state is None else state
         self.fixed = {k: v.detach().to(self.device) for k, v in full.items()}
         canon: dict[int, str] = {}
@@ -81,11 +82,11 @@ class _HessianOperator:
             items = list(batch)  # a DataLoader or another iterable of batches
         out = []
         for item in items:
-            x, y = _split_batch(item)
+            x, y = split_batch(item)
             if y is None:
                 raise RebasinError("the Hessian needs (inputs, targets) batches; got inputs only")
             n = y.shape[0] if isinstance(y, Tensor) and y.ndim else 1
-            out.append((_to(x, self.device), _to(y, self.device), float(n)))
+            out.append((to_device(x, self.device), to_device(y, self.device), float(n)))
         if not out:
             raise RebasinError("batch is empty: pass (inputs, targets) or a non-empty list of such batches")
         total = sum(w for *_, w in out)
@@ -239,8 +240,8 @@ def hessian_top_eigenvalue(
     >>> round(float(hessian_top_eigenvalue(model, mse, (x, torch.zeros(3, 1)), tol=1e-10, iters=500)), 4)
     18.0
     """
-    _check_int(iters, "iters")
-    if not _finite_float(tol, "tol") >= 0:
+    check_int(iters, "iters")
+    if not check_float(tol, "tol") >= 0:
         raise RebasinError(f"tol must be >= 0, got {tol!r}")
     op = _HessianOperator(model, loss_fn, batch, state, device)
     gen = torch.Generator().manual_seed(int(seed))
@@ -323,7 +324,7 @@ def hessian_trace(
     """
     if method not in _TRACE_METHODS:
         raise RebasinError(f"unknown method {method!r}; valid: {list(_TRACE_METHODS)}")
-    _check_int(n_samples, "n_samples")
+    check_int(n_samples, "n_samples")
     op = _HessianOperator(model, loss_fn, batch, state, device)
     if method == "exact":
         eye = torch.zeros(op.dim, dtype=torch.float64, device=op.device)

@@ -8,14 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._common import check_int, forward_with_state, resolve_device, split_batch, state_of, to_device
 from .._errors import RebasinError
-from .._functional import forward_with_state, state_of
-from ..path import (
-    _check_int,
-    _resolve_device,
-    _split_batch,
-    _to,
-)
 
 __all__ = ["cka"]
 
@@ -166,8 +160,8 @@ def cka(
     layer_b = layer if layer_b is None else layer_b
     mod_a, mod_b = _module(model_a, layer, "model_a"), _module(model_b, layer_b, "model_b")
     if max_batches is not None:
-        _check_int(max_batches, "max_batches")
-    device = _resolve_device(model_a, device)
+        check_int(max_batches, "max_batches")
+    device = resolve_device(model_a, device=device)
     sa = {k: v.to(device) for k, v in state_of(model_a).items()}
     sb = {k: v.to(device) for k, v in state_of(model_b).items()}
     stats: _CKAStats | None = None
@@ -175,7 +169,7 @@ def cka(
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x = _to(_split_batch(batch)[0], device)
+            x = to_device(split_batch(batch)[0], device)
             fa = _features(model_a, sa, x, mod_a, layer or "output")
             fb = _features(model_b, sb, x, mod_b, layer_b or "output")
             if fa.shape[0] != fb.shape[0]:

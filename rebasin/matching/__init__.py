@@ -1,12 +1,35 @@
-"""Matching engines: find the permutations that align model B to model A."""
+"""Matchers: permutations that bring model B into model A's basin.
+
+Layer 3. Every matcher returns ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``:
+weight matching (Ainsworth et al.), activation matching, the straight-through estimator, optimal-transport
+neuron matching (Anokhin & Yarotsky), and Sinkhorn re-basin (Peña et al.) with its differentiable
+``sinkhorn`` operator. :func:`align` runs any of them by name.
+"""
 
 from __future__ import annotations
 
-from ._assign import linear_assignment
+from .activation import ActivationMatchingInfo, activation_correlations, activation_matching
+from .alignment import Alignment, align
+from .assignment import linear_assignment
+from .ot import ot_matching
+from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
+from .sinkhorn_rebasin import SinkhornRebasin
+from .ste import STEInfo, ste_matching
 from .weight import WeightMatchingInfo, weight_matching
 
 __all__ = [
+    "align",
+    "Alignment",
     "weight_matching",
     "WeightMatchingInfo",
+    "activation_matching",
+    "activation_correlations",
+    "ActivationMatchingInfo",
+    "ste_matching",
+    "STEInfo",
+    "ot_matching",
+    "sinkhorn",
+    "SINKHORN_GRADS",
+    "SinkhornRebasin",
     "linear_assignment",
 ]

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._common import head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._errors import RebasinError
-from .._functional import model_device, state_of
-from ..spec import PermutationSpec
-from ._assign import linear_assignment
+from ..spec.core import PermutationSpec
+from .assignment import linear_assignment
 
 __all__ = [
     "activation_matching",
@@ -34,69 +34,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(x, y, ...)`` → ``(x, y)``; a bare tensor ``x`` → ``(x, None)``."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
-        return batch[0], (batch[1] if len(batch) >= 2 else None)
-    raise RebasinError(
-        f"cannot read a batch of type {type(batch).__name__}: the loader must yield tensors x or "
-        "tuples (x, y, ...)"
-    )
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def _head(x: Any, n: int = 2) -> Any:
-    """The first ``n`` samples of the inputs (for tracing)."""
-    if isinstance(x, Tensor):
-        return x[:n]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_head(v, n) for v in x)
-    return x
-
-
-def _resolve_device(model_a: nn.Module, model_b: nn.Module, device: Any) -> torch.device:
-    """``device`` if given, else the common device of both models (error if they differ)."""
-    if device is not None:
-        return torch.device(device)
-    da, db = model_device(model_a), model_device(model_b)
-    if da != db:
-        raise RebasinError(
-            f"model_a is on {da} but model_b is on {db}: move both models to one device, or pass "
-            "device= to run the matching there (the models are not moved)"
-        )
-    return da
-
-
-def _states(
-    model_a: nn.Module, model_b: nn.Module, device: torch.device
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Detached state_dicts of both models on ``device`` (no copy when already there)."""
-    sa = {k: v.to(device) for k, v in state_of(model_a).items()}
-    sb = {k: v.to(device) for k, v in state_of(model_b).items()}
-    keys_a, keys_b = set(sa), set(sb)
-    if keys_a != keys_b:
-        only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
-        raise RebasinError(
-            "model_a and model_b have different architectures: key(s) only in model_a "
-            f"{only_a[:12]}, key(s) only in model_b {only_b[:12]}"
-        )
-    diff = [f"{k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}" for k in sa if sa[k].shape != sb[k].shape]
-    if diff:
-        raise RebasinError("model_a and model_b have different architectures (shapes differ): " + "; ".join(diff[:12]))
-    return sa, sb
-
-
 def _batches(first: Any, rest: Iterator[Any], max_batches: int | None) -> Iterator[Any]:
     """``first`` followed by ``rest``, at most ``max_batches`` in all."""
     yield first
@@ -239,7 +176,7 @@ class ActivationMatchingInfo:
 
 
 def _trace_for(model_a: nn.Module, example_input: Any) -> Any:
-    from ..trace import trace_model
+    from ..trace.tracing import trace_model
 
     return trace_model(model_a, example_input)
 
@@ -279,12 +216,12 @@ def _collect(
 ) -> tuple[PermutationSpec, dict[str, _Moments], int]:
     if max_batches is not None and int(max_batches) < 1:
         raise RebasinError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    dev = _resolve_device(model_a, model_b, device)
-    state_a, state_b = _states(model_a, model_b, dev)
+    dev = resolve_device(model_a, model_b, device=device)
+    state_a, state_b = paired_states(model_a, model_b, dev)
     first, rest = _first_batch(loader)
     if example_input is None:
-        example_input = _head(_split_batch(first)[0])
-    example_input = _to_device(example_input, model_device(model_a))
+        example_input = head(split_batch(first)[0])
+    example_input = to_device(example_input, model_device(model_a))
     trace = _trace_for(model_a, example_input)
     if spec is None:
         spec = trace.spec
@@ -294,7 +231,7 @@ def _collect(
     moments = {name: _Moments(sizes[name], dev) for name in spec.perms}
     num_batches = 0
     for batch in _batches(first, rest, max_batches):
-        x = _to_device(_split_batch(batch)[0], dev)
+        x = to_device(split_batch(batch)[0], dev)
         with torch.no_grad():
             acts_a = trace.capture(state_a, x, wanted, train=False)
             acts_b = trace.capture(state_b, x, wanted, train=False)
@@ -411,7 +348,7 @@ def activation_matching(
     --------
     >>> import copy
     >>> from rebasin import permute, random_permutation
-    >>> from rebasin.models import MLP
+    >>> from rebasin.apps.models import MLP
     >>> from rebasin.trace import spec_from_model
     >>> _ = torch.manual_seed(0)
     >>> model_a, x = MLP(4, [8], 2), torch.randn(64, 4)

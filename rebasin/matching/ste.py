@@ -35,11 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._common import forward_with_state, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._errors import RebasinError
-from .._functional import forward_with_state, model_device
-from ..permute import _permute_unchecked
-from ..spec import PermutationSpec
-from .activation import _head, _resolve_device, _split_batch, _states, _to_device
+from ..spec.core import PermutationSpec, permute_unchecked
 
 __all__ = ["ste_matching", "STEInfo"]
 
@@ -156,7 +154,7 @@ def ste_matching(
     --------
     >>> import copy
     >>> from rebasin import invert, permute, random_permutation
-    >>> from rebasin.models import MLP
+    >>> from rebasin.apps.models import MLP
     >>> from rebasin.trace import spec_from_model
     >>> _ = torch.manual_seed(0)
     >>> model_a, x, y = MLP(4, [8], 3), torch.randn(32, 4), torch.randint(0, 3, (32,))
@@ -182,18 +180,18 @@ def ste_matching(
         raise RebasinError(f"select must be 'final' or 'best', got {select!r}")
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     weight_matching = _weight_matching()
-    dev = _resolve_device(model_a, model_b, device)
-    state_a, state_b = _states(model_a, model_b, dev)
+    dev = resolve_device(model_a, model_b, device=device)
+    state_a, state_b = paired_states(model_a, model_b, dev)
     if spec is None:
-        from ..trace import spec_from_model
+        from ..trace.tracing import spec_from_model
 
         if example_input is None:
             try:
                 first = next(iter(loader))
             except StopIteration:
                 raise RebasinError("the loader yielded no batch; cannot trace the model") from None
-            example_input = _head(_split_batch(first)[0])
-        spec = spec_from_model(model_a, _to_device(example_input, model_device(model_a)))
+            example_input = head(split_batch(first)[0])
+        spec = spec_from_model(model_a, to_device(example_input, model_device(model_a)))
     spec.validate_pair(state_a, state_b)
 
     keys = _param_keys(model_a, state_a)
@@ -208,7 +206,7 @@ def ste_matching(
         return weight_matching(spec, target, state_b, max_iter=max_iter, init=perms, seed=int(seed) + step, device=dev)
 
     def midpoint(perms: dict[str, Tensor]) -> dict[str, Tensor]:
-        projected = _permute_unchecked(spec, perms, state_b)
+        projected = permute_unchecked(spec, perms, state_b)
         mid: dict[str, Tensor] = {}
         for k, a in state_a.items():
             if k in weights:
@@ -245,10 +243,10 @@ def ste_matching(
             for batch in loader:
                 if max_steps is not None and step >= int(max_steps):
                     break
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
                 if y is None:
                     raise RebasinError("ste_matching needs batches (x, y): the loss is loss_fn(output, y)")
-                x, y = _to_device(x, dev), _to_device(y, dev)
+                x, y = to_device(x, dev), to_device(y, dev)
                 new = project(perms, step)
                 changed.append(
                     0 if perms is None else sum(int((new[p].cpu() != perms[p].cpu()).sum()) for p in new)

@@ -41,9 +41,8 @@ import torch
 from torch import Tensor
 
 from .._errors import RebasinError
-from ..permute import check_permutations
-from ..spec import PermutationSpec
-from ._assign import cost_from_similarity, solve_cost
+from ..spec.core import PermutationSpec, check_permutations
+from .assignment import cost_from_similarity, solve_cost
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
 

@@ -16,8 +16,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ._errors import RebasinError
-from .spec import PermutationSpec
+from .._errors import RebasinError
+from .core import PermutationSpec
 
 __all__ = ["soft_permute", "perm_to_matrix", "matrix_to_perm"]
 

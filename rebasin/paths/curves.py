@@ -1,4 +1,4 @@
-r"""Mode-connecting curves between two networks, and the arc path.
+r"""Mode-connecting curves between two networks through trainable bends.
 
 * :class:`BezierCurve` and :class:`PolyChainCurve` (Garipov et al. 2018; Tatro et al. 2020 for
   *aligned* endpoints): a path :math:`\phi(t)` through trainable bend points with fixed endpoints.
@@ -6,8 +6,6 @@ r"""Mode-connecting curves between two networks, and the arc path.
   returns the full state_dict at ``t`` (differentiable with respect to the bends), and the
   *unmodified* user module is run on it with :func:`torch.func.functional_call` — there is no
   per-architecture "curve twin" of the network. :func:`fit_curve` trains the bends.
-* :func:`arc_interpolate` (Anokhin & Yarotsky 2020): a quarter circle around the
-  permutation-invariant centre of the two networks.
 
 Every path here plugs into :func:`rebasin.evaluate_path` as ``path=`` (use ``bn_loader=`` there
 to recompute BatchNorm statistics at each evaluated ``t``). An *aligned* curve is simply a curve
@@ -22,10 +20,9 @@ approaches", ICML 2020.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,40 +30,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._errors import RebasinError
-from ._functional import forward_with_state, state_of
-from .path import _check_same_layout, _check_state_for_model, _finite_float, _resolve_device, _split_batch, _to
-from .spec import PermutationSpec
+from .._common import (
+    as_state,
+    check_float,
+    check_pair,
+    check_state_for_model,
+    forward_with_state,
+    resolve_device,
+    split_batch,
+    to_device,
+    training,
+)
+from .._errors import RebasinError
 
-__all__ = ["BezierCurve", "PolyChainCurve", "CURVE_KINDS", "fit_curve", "CurveFit", "arc_interpolate", "ArcPath"]
+__all__ = ["BezierCurve", "PolyChainCurve", "CURVE_KINDS", "fit_curve", "CurveFit"]
 
 State = Mapping[str, Tensor]
 _BN_BUFFERS = ("running_mean", "running_var")
-
-
-def _as_state(obj: State | nn.Module, name: str) -> dict[str, Tensor]:
-    if isinstance(obj, nn.Module):
-        return state_of(obj)
-    if not isinstance(obj, Mapping):
-        raise RebasinError(f"{name} must be a state_dict (mapping of tensors) or an nn.Module, got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise RebasinError(f"{name} has non-tensor entries: {bad[:8]}")
-    return {k: v.detach() for k, v in obj.items()}
-
-
-def _check_pair(state_a: State, state_b: State) -> None:
-    _check_same_layout(state_a, state_b)
-    diff = [
-        f"{k!r}: {state_a[k].dtype} vs {state_b[k].dtype}"
-        for k in state_a
-        if state_a[k].dtype != state_b[k].dtype
-    ]
-    if diff:
-        raise RebasinError("state_a and state_b have different dtypes: " + "; ".join(diff[:8]))
-    bad = [k for k, v in list(state_a.items()) + list(state_b.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise RebasinError(f"endpoint tensors contain NaN or inf: {sorted(set(bad))[:8]}")
 
 
 class _TensorStore(nn.Module):
@@ -95,8 +75,8 @@ class _Curve(nn.Module):
         trainable_keys: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
-        a, b = _as_state(state_a, "state_a"), _as_state(state_b, "state_b")
-        _check_pair(a, b)
+        a, b = as_state(state_a, "state_a"), as_state(state_b, "state_b")
+        check_pair(a, b)
         if isinstance(num_bends, bool) or not isinstance(num_bends, int) or num_bends < 2:
             raise RebasinError(
                 f"num_bends must be an int >= 2 (the number of control points including both endpoints; "
@@ -146,10 +126,10 @@ class _Curve(nn.Module):
         they are exactly A's and B's tensors (copies). Other floating entries (BatchNorm running
         statistics) are linearly interpolated between the endpoints as placeholders — recompute
         them for the state at ``t`` with ``bn_loader=`` in :func:`rebasin.evaluate_path` or with
-        :func:`rebasin.path.reset_bn_stats`. Integer entries are copies of A's. Every returned
+        :func:`rebasin.reset_bn_stats`. Integer entries are copies of A's. Every returned
         tensor is new (running it in training mode cannot touch the curve's buffers).
         """
-        t = _finite_float(t, "t")
+        t = check_float(t, "t")
         if not 0.0 <= t <= 1.0:
             raise RebasinError(f"a curve is defined for 0 <= t <= 1, got t={t}")
         out: dict[str, Tensor] = {}
@@ -282,17 +262,6 @@ class CurveFit:
     time_s: float
 
 
-@contextlib.contextmanager
-def _training(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.train()
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
-
-
 def fit_curve(
     model: nn.Module,
     curve: BezierCurve | PolyChainCurve,
@@ -359,17 +328,17 @@ def fit_curve(
         raise RebasinError(f"curve must be a BezierCurve or PolyChainCurve, got {type(curve).__name__}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise RebasinError(f"epochs must be a positive int, got {epochs!r}")
-    if not _finite_float(lr, "lr") > 0:
+    if not check_float(lr, "lr") > 0:
         raise RebasinError(f"lr must be positive, got {lr!r}")
-    if _finite_float(weight_decay, "weight_decay") < 0:
+    if check_float(weight_decay, "weight_decay") < 0:
         raise RebasinError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if optimizer not in ("adam", "sgd"):
         raise RebasinError(f"unknown optimizer {optimizer!r}; valid: ['adam', 'sgd']")
     if loader is None:
         raise RebasinError("fit_curve needs a loader of (inputs, targets) batches")
-    _check_state_for_model(model, curve.state_dict_at(0.0), name="the curve's state")
+    check_state_for_model(model, curve.state_dict_at(0.0), name="the curve's state")
     if device is None:
-        device = curve.start.t0.device if curve.keys else _resolve_device(model, None)
+        device = curve.start.t0.device if curve.keys else resolve_device(model, device=None)
     device = torch.device(device)
     curve.to(device)
     params = [p for p in curve.parameters() if p.requires_grad]
@@ -387,15 +356,15 @@ def fit_curve(
 
         epoch_iter = tqdm(epoch_iter, desc="fit_curve", unit="epoch")
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _training(model):
+    with torch.random.fork_rng(devices=cuda), training(model):
         torch.manual_seed(int(seed))
         for _ in epoch_iter:
             total, count = 0.0, 0
             for batch in loader:
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
                 if y is None:
                     raise RebasinError("fit_curve needs (inputs, targets) batches; the loader yielded inputs only")
-                x, y = _to(x, device), _to(y, device)
+                x, y = to_device(x, device), to_device(y, device)
                 t = float(torch.rand((), generator=gen, dtype=torch.float64))
                 state = curve.state_dict_at(t)
                 loss = loss_fn(forward_with_state(model, state, x), y)
@@ -420,101 +389,3 @@ def fit_curve(
 # ----------------------------------------------------------------------------------------------
 # arc
 
-
-def _perm_mean(x: Tensor, key: str, spec: PermutationSpec) -> Tensor:
-    """Average ``x`` over every permuted axis (over the blocks' channel index for block axes)."""
-    for axis, name in enumerate(spec.axes[key]):
-        if name is None:
-            continue
-        k = spec.blocks.get((key, axis), 1)
-        n = x.shape[axis] // k
-        shape = x.shape
-        blocked = x.reshape(*shape[:axis], n, k, *shape[axis + 1 :])
-        x = blocked.mean(dim=axis, keepdim=True).expand_as(blocked).reshape(shape)
-    return x
-
-
-def arc_interpolate(state_a: State, state_b: State, t: float, *, spec: PermutationSpec) -> dict[str, Tensor]:
-    r"""The arc path of Anokhin & Yarotsky (2020) between two (aligned) networks at ``t``.
-
-    For every floating entry touched by a permutation, :math:`\mu` is the mean of the pooled A and
-    B neurons over the permuted axes (the permutation-invariant centre: :math:`\mu =
-    \tfrac12(\bar\theta_A + \bar\theta_B)` with :math:`\bar\theta` the average over each permuted
-    axis, per block offset for channel-major block axes, broadcast back), and
-
-    .. math::
-
-        \theta(t) = \mu + \cos(\tfrac{\pi t}{2})\,(\theta_A - \mu) + \sin(\tfrac{\pi t}{2})\,(\theta_B - \mu).
-
-    Along the way each layer's neurons keep their spread around the centre instead of collapsing
-    to it as on the straight line. Entries no permutation touches are linearly interpolated;
-    integer entries are copies of A's. At ``t = 0`` and ``t = 1`` the result is exactly A and B.
-    BatchNorm running statistics follow the same formula; recompute them at ``t`` with
-    ``bn_loader=`` in :func:`rebasin.evaluate_path`.
-
-    Parameters
-    ----------
-    state_a, state_b
-        Full state_dicts of one architecture (B aligned to A for the intended use). Not mutated.
-    t
-        Position, finite (0 is A, 1 is B).
-    spec
-        The permutation spec of the architecture.
-
-    Returns
-    -------
-    dict
-        New tensors, differentiable with respect to both inputs.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from rebasin import PermutationSpec
-    >>> spec = PermutationSpec({"w": ("P", None)})
-    >>> a, b = {"w": torch.randn(4, 3)}, {"w": torch.randn(4, 3)}
-    >>> torch.equal(arc_interpolate(a, b, 1.0, spec=spec)["w"], b["w"])
-    True
-    """
-    if not isinstance(spec, PermutationSpec):
-        raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
-    t = _finite_float(t, "t")
-    _check_pair(state_a, state_b)
-    spec.validate_pair(state_a, state_b)
-    out: dict[str, Tensor] = {}
-    c, s = math.cos(math.pi * t / 2.0), math.sin(math.pi * t / 2.0)
-    for key, a in state_a.items():
-        b = state_b[key].to(a.device)
-        if not a.is_floating_point():
-            out[key] = a.clone()
-        elif t == 0.0:
-            out[key] = a.clone()
-        elif t == 1.0:
-            out[key] = b.clone()
-        elif all(p is None for p in spec.axes[key]):
-            out[key] = torch.lerp(a, b, t)
-        else:
-            mu = 0.5 * (_perm_mean(a, key, spec) + _perm_mean(b, key, spec))
-            out[key] = mu + c * (a - mu) + s * (b - mu)
-    return out
-
-
-class ArcPath:
-    """The arc between ``state_a`` and ``state_b`` as a path object for ``evaluate_path(path=...)``.
-
-    Examples
-    --------
-    >>> res = evaluate_path(model, None, None, test, path=ArcPath(sa, sb, spec=spec), bn_loader=train)  # doctest: +SKIP
-    """
-
-    __name__ = "arc"
-
-    def __init__(self, state_a: State, state_b: State, *, spec: PermutationSpec) -> None:
-        _check_pair(state_a, state_b)
-        spec.validate_pair(state_a, state_b)
-        self.state_a, self.state_b, self.spec = dict(state_a), dict(state_b), spec
-
-    def state_dict_at(self, t: float) -> dict[str, Tensor]:
-        """:func:`arc_interpolate` at ``t``."""
-        return arc_interpolate(self.state_a, self.state_b, t, spec=self.spec)
-
-    __call__ = state_dict_at

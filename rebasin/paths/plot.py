@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._errors import RebasinError
+from .._errors import RebasinError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .path import PathResult
+    from .linear import PathResult
 
 __all__ = ["plot_paths"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._errors import RebasinError
+from .._errors import RebasinError
 
 __all__ = ["sinkhorn", "SINKHORN_GRADS"]
 

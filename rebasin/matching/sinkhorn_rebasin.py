@@ -18,16 +18,15 @@ The answer is the hard permutation obtained by linear assignment on the logits.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._errors import RebasinError
-from ._functional import forward_with_state, model_device, state_of
-from .permute import permute
-from .spec import PermutationSpec
+from .._common import forward_with_state, model_device, split_batch, state_of, to_device
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec, permute
 
 __all__ = ["SinkhornRebasin", "COSTS"]
 
@@ -36,25 +35,6 @@ _INITS = ("identity", "weight_matching", "random")
 _GRADS = ("implicit", "unrolled", "detach")
 
 CostFn = Callable[["SinkhornRebasin", Any], Tensor]
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise RebasinError(
-        "the task-loss costs need batches of (inputs, targets); for other batch layouts pass a "
-        "callable cost(module, batch)"
-    )
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class SinkhornRebasin(nn.Module):
@@ -132,7 +112,7 @@ class SinkhornRebasin(nn.Module):
         if spec is None:
             if example_input is None:
                 raise RebasinError("SinkhornRebasin needs spec= or example_input= to trace the model")
-            from .trace import spec_from_model
+            from ..trace.tracing import spec_from_model
 
             spec = spec_from_model(model_a, example_input)
         state_a, state_b = state_of(model_a), state_of(model_b)
@@ -168,7 +148,7 @@ class SinkhornRebasin(nn.Module):
         if init == "random":
             g = torch.Generator().manual_seed(self.seed)
             return {p: torch.randperm(sizes[p], generator=g) for p in self.spec.perms}
-        from .matching.weight import weight_matching
+        from .weight import weight_matching
 
         return weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
 
@@ -185,7 +165,7 @@ class SinkhornRebasin(nn.Module):
     # ------------------------------------------------------------------ soft permutation
     def soft_matrices(self) -> dict[str, Tensor]:
         """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable."""
-        from .sinkhorn import sinkhorn
+        from .sinkhorn_op import sinkhorn
 
         out = {}
         for name, logits in self.logits.items():
@@ -199,7 +179,7 @@ class SinkhornRebasin(nn.Module):
 
     def permuted_state_b(self) -> dict[str, Tensor]:
         """Model B's state_dict with the soft permutations applied (differentiable in the logits)."""
-        from .soft import soft_permute
+        from ..spec.soft import soft_permute
 
         return soft_permute(self.spec, self.soft_matrices(), self._state_b)
 
@@ -264,7 +244,12 @@ class SinkhornRebasin(nn.Module):
             return self.l2_cost()
         if batch is None:
             raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
-        x, y = _split_batch(batch)
+        x, y = split_batch(batch)
+        if y is None:
+            raise RebasinError(
+                "the task-loss costs need batches with targets ((inputs, targets) or a mapping with 'labels'); "
+                "for other batch layouts pass a callable cost(module, batch)"
+            )
         if self.cost == "midpoint":
             t: float | Tensor = 0.5
         else:
@@ -314,7 +299,7 @@ class SinkhornRebasin(nn.Module):
         try:
             for epoch_batches in epochs_iter:
                 for batch in epoch_batches:
-                    batch = None if loader is None else _to_device(batch, device)
+                    batch = None if loader is None else to_device(batch, device)
                     opt.zero_grad(set_to_none=True)
                     value = self.compute_cost(batch)
                     value.backward()
@@ -336,7 +321,7 @@ class SinkhornRebasin(nn.Module):
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
         """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``."""
-        from .soft import matrix_to_perm
+        from ..spec.soft import matrix_to_perm
 
         return {name: matrix_to_perm(logits.detach()).cpu() for name, logits in self.logits.items()}
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._errors import RebasinError
-from ._functional import as_args, state_of
-from .permute import permute
-from .spec import PermutationSpec
+from .._common import state_of
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec, permute
+from ..trace.tracing import spec_for
 
 __all__ = ["Alignment", "align", "METHODS"]
 
@@ -53,20 +53,20 @@ class Alignment:
 
 
 def _weight(model_a, model_b, spec, loader, seed, device, **kw):
-    from .matching.weight import weight_matching
+    from .weight import weight_matching
 
     return weight_matching(spec, state_of(model_a), state_of(model_b), seed=seed, device=device, return_info=True, **kw)
 
 
 def _activation(model_a, model_b, spec, loader, seed, device, **kw):
-    from .matching.activation import activation_matching
+    from .activation import activation_matching
 
     _need_loader("activation_matching", loader)
     return activation_matching(model_a, model_b, loader, spec=spec, device=device, return_info=True, **kw)
 
 
 def _ste(model_a, model_b, spec, loader, seed, device, **kw):
-    from .matching.ste import ste_matching
+    from .ste import ste_matching
 
     _need_loader("ste", loader)
     return ste_matching(model_a, model_b, loader, spec=spec, seed=seed, device=device, return_info=True, **kw)
@@ -82,7 +82,7 @@ def _sinkhorn(model_a, model_b, spec, loader, seed, device, *, fit: Mapping[str,
 
 
 def _ot(model_a, model_b, spec, loader, seed, device, **kw):
-    from .connect import ot_matching
+    from .ot import ot_matching
 
     return ot_matching(spec, state_of(model_a), state_of(model_b), **kw), None
 
@@ -101,8 +101,8 @@ METHODS: dict[str, tuple[Callable[..., Any], str]] = {
     "weight_matching": (_weight, "rebasin.matching.weight:weight_matching"),
     "activation_matching": (_activation, "rebasin.matching.activation:activation_matching"),
     "ste": (_ste, "rebasin.matching.ste:ste_matching"),
-    "sinkhorn": (_sinkhorn, "rebasin.sinkhorn_rebasin:SinkhornRebasin"),
-    "ot": (_ot, "rebasin.connect:ot_matching"),
+    "sinkhorn": (_sinkhorn, "rebasin.matching.sinkhorn_rebasin:SinkhornRebasin"),
+    "ot": (_ot, "rebasin.matching.ot:ot_matching"),
 }
 _FIXED = {"spec", "seed", "device", "return_info", "state_a", "state_b", "model_a", "model_b", "loader"}
 
@@ -145,7 +145,7 @@ def align(
     method
         One of ``"identity"`` (no alignment; the naive baseline), ``"weight_matching"``,
         ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``, ``"ot"`` (Anokhin & Yarotsky's optimal-transport
-        neuron matching, :func:`rebasin.connect.ot_matching`).
+        neuron matching, :func:`rebasin.ot_matching`).
     loader
         Data for the data-driven methods (batches ``(x, y)``).
     spec
@@ -182,22 +182,3 @@ def align(
     aligned = {k: v.clone() if v.data_ptr() == state_b[k].data_ptr() else v for k, v in aligned.items()}
     return Alignment(method, dict(perms), spec, aligned, elapsed, info)
 
-
-def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None) -> PermutationSpec:
-    """Trace ``model``'s spec from ``example_input``, or from the first batch of ``loader``."""
-    from .trace import spec_from_model
-
-    if example_input is None:
-        if loader is None:
-            raise RebasinError("cannot trace the model: pass spec=, example_input= or loader=")
-        example_input = first_inputs(loader)
-    return spec_from_model(model, example_input)
-
-
-def first_inputs(loader: Any) -> Any:
-    """The inputs of the first batch of ``loader`` (``x`` of ``(x, y)``), limited to two samples."""
-    batch = next(iter(loader))
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(x, Tensor):
-        return x[:2]
-    return as_args(x)

@@ -10,7 +10,7 @@ permuted channel so that the interpolated net at ``t`` has the *interpolated* en
     \mu_t = (1 - t)\,\mu_A + t\,\mu_B, \qquad \sigma_t = (1 - t)\,\sigma_A + t\,\sigma_B .
 
 * Channels normalised by BatchNorm: resetting the running statistics of the interpolated net over
-  the data (:func:`rebasin.path.reset_bn_stats`) is all that is needed.
+  the data (:func:`rebasin.reset_bn_stats`) is all that is needed.
 * Channels without normalisation (and LayerNorm nets): the pre-activation outputs of every
   producing ``Linear`` / ``Conv`` layer (a layer whose output axis carries a permutation of the
   spec) are measured on the endpoints and on the interpolated net, and the affine correction
@@ -27,7 +27,6 @@ Permuted Activations for Interpolation Repair", ICLR 2023.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,19 +36,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._errors import RebasinError
-from ._functional import forward_with_state, state_of
-from .path import (
-    _check_same_layout,
-    _check_state_for_model,
-    _finite_float,
-    _resolve_device,
-    _split_batch,
-    _to,
-    interpolate,
-    reset_bn_stats,
+from .._common import (
+    check_float,
+    check_same_layout,
+    check_state_for_model,
+    forward_with_state,
+    module_with_state,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
 )
-from .spec import PermutationSpec
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec
+from .linear import combine
+from .running import reset_bn_stats
 
 __all__ = [
     "reset_bn_stats_",
@@ -84,7 +85,7 @@ def reset_bn_stats_(
     The statistics are PyTorch's exact cumulative average (as with ``momentum=None``): the mean
     over batches of each batch's mean and unbiased variance of every BatchNorm input, computed in
     float64 with only the BatchNorm layers in training mode (dropout stays off), see
-    :func:`rebasin.path.reset_bn_stats`. With one batch holding all the data (or equal batch
+    :func:`rebasin.reset_bn_stats`. With one batch holding all the data (or equal batch
     means, for the mean) these are the exact full-data statistics. ``momentum`` and the
     ``training`` flags are left as they were.
 
@@ -231,7 +232,7 @@ def _iter_batches(loader: Iterable[Any], max_batches: int | None) -> Iterable[An
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
-        x, _ = _split_batch(batch)
+        x, _ = split_batch(batch)
         yield x
 
 
@@ -287,8 +288,8 @@ def channel_stats(
     if loader is None:
         raise RebasinError("channel_stats needs data: pass a loader")
     _check_max_batches(max_batches)
-    _check_state_for_model(model, state)
-    device = _resolve_device(model, device)
+    check_state_for_model(model, state)
+    device = resolve_device(model, device=device)
     spec = _resolve_spec(model, spec, loader)
     plain, normed, _ = _analyse(model, spec)
     producers = plain + normed
@@ -310,7 +311,7 @@ def channel_stats(
     try:
         with torch.no_grad():
             for x in _iter_batches(loader, max_batches):
-                forward_with_state(model, work, _to(x, device), eval_mode=True)
+                forward_with_state(model, work, to_device(x, device), eval_mode=True)
                 n += 1
     finally:
         for h in handles:
@@ -325,7 +326,7 @@ def _resolve_spec(model: nn.Module, spec: PermutationSpec | None, loader: Iterab
         if not isinstance(spec, PermutationSpec):
             raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
         return spec
-    from .align import spec_for
+    from ..trace.tracing import spec_for
 
     return spec_for(model, loader=loader)
 
@@ -335,26 +336,10 @@ def _resolve_spec(model: nn.Module, spec: PermutationSpec | None, loader: Iterab
 
 
 def _weights(weights: Sequence[float], n: int) -> list[float]:
-    w = [_finite_float(v, "each weight") for v in weights]
+    w = [check_float(v, "each weight") for v in weights]
     if len(w) != n:
         raise RebasinError(f"got {n} states but {len(w)} weights")
     return w
-
-
-def _combine(states: Sequence[State], weights: Sequence[float]) -> dict[str, Tensor]:
-    """``sum_i w_i state_i`` for floating entries (exact for one-hot weights), integers from state 0."""
-    if len(states) == 2 and weights[0] + weights[1] == 1.0:
-        return interpolate(states[0], states[1], weights[1])
-    out: dict[str, Tensor] = {}
-    for key, ref in states[0].items():
-        if ref.is_floating_point() or ref.is_complex():
-            acc = states[0][key] * weights[0]
-            for s, w in zip(states[1:], weights[1:]):
-                acc = acc + s[key].to(ref.device) * w
-            out[key] = acc
-        else:
-            out[key] = ref.clone()
-    return out
 
 
 class _EndpointStats:
@@ -392,7 +377,7 @@ class _EndpointStats:
         try:
             with torch.no_grad():
                 for x in _iter_batches(loader, max_batches):
-                    x = _to(x, device)
+                    x = to_device(x, device)
                     outs = []
                     for i, work in enumerate(works):
                         captured.clear()
@@ -486,15 +471,15 @@ class _Repairer:
             raise RebasinError("REPAIR needs at least one state")
         _check_max_batches(max_batches)
         for i, s in enumerate(states):
-            _check_state_for_model(model, s, name=f"state {i}")
+            check_state_for_model(model, s, name=f"state {i}")
             if i:
-                _check_same_layout(states[0], s)
+                check_same_layout(states[0], s)
         self.model = model
         self.states = list(states)
         self.loader = loader
         self.closed_form = bool(closed_form)
         self.max_batches = max_batches
-        self.device = _resolve_device(model, device)
+        self.device = resolve_device(model, device=device)
         self.spec = _resolve_spec(model, spec, loader)
         self.spec.validate(states[0])
         self.plain, self.normed, self.bns = _analyse(model, self.spec)
@@ -532,7 +517,7 @@ class _Repairer:
             with torch.no_grad():
                 for x in _iter_batches(self.loader, self.max_batches):
                     try:
-                        forward_with_state(self.model, work, _to(x, self.device), eval_mode=True)
+                        forward_with_state(self.model, work, to_device(x, self.device), eval_mode=True)
                     except _Stop:
                         pass
         finally:
@@ -543,7 +528,7 @@ class _Repairer:
 
     def state_at(self, weights: Sequence[float]) -> dict[str, Tensor]:
         weights = _weights(weights, len(self.states))
-        state = _combine(self.states, weights)
+        state = combine(self.states, weights)
         has_bn = bool(self.bns)
         if self.plain:
             ends = self.endpoints
@@ -567,16 +552,6 @@ class _Repairer:
 
 # ----------------------------------------------------------------------------------------------
 # public API
-
-
-def _module_with_state(model: nn.Module, state: State, device: torch.device | None = None) -> nn.Module:
-    """A deep copy of ``model`` holding ``state`` (parameters keep their ``requires_grad`` flags)."""
-    new = copy.deepcopy(model)
-    if device is not None:
-        new.to(device)
-    with torch.no_grad():
-        new.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
-    return new
 
 
 def repair_states(
@@ -665,7 +640,7 @@ class RepairedPath:
         max_batches: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_same_layout(state_a, state_b)
+        check_same_layout(state_a, state_b)
         self._rep = _Repairer(
             model, [state_a, state_b], loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
         )
@@ -673,7 +648,7 @@ class RepairedPath:
 
     def state_dict_at(self, t: float) -> dict[str, Tensor]:
         """The REPAIRed state_dict at ``t`` (a new dict of new tensors for the corrected entries)."""
-        t = _finite_float(t, "t")
+        t = check_float(t, "t")
         return self._rep.state_at([1.0 - t, t])
 
     __call__ = state_dict_at
@@ -720,7 +695,7 @@ def repair(
     (endpoint statistics measured on the same data):
 
     * channels feeding a BatchNorm: the running statistics are recomputed over ``loader``
-      (:func:`rebasin.path.reset_bn_stats`; at ``t = 0`` this gives A with statistics measured on
+      (:func:`rebasin.reset_bn_stats`; at ``t = 0`` this gives A with statistics measured on
       ``loader``, identical to A when A's statistics were computed that way);
     * other channels (no normalisation, LayerNorm): the pre-activation output of each producing
       ``Linear`` / ``Conv`` is measured and ``y -> s y + (mu_target - s mu_actual)``,
@@ -785,7 +760,7 @@ def repair(
     >>> isinstance(mid, nn.Sequential)
     True
     """
-    t = _finite_float(t, "t")
+    t = check_float(t, "t")
     if loader is None:
         raise RebasinError(
             "repair needs data to measure channel statistics: pass a loader of (inputs, targets) batches"
@@ -794,5 +769,5 @@ def repair(
         model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
     )
     state = path.state_dict_at(t)
-    return _module_with_state(model, state, None if device is None else torch.device(device))
+    return module_with_state(model, state, None if device is None else torch.device(device))
 

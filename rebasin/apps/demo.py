@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._errors import RebasinError
+from .._errors import RebasinError
 
 __all__ = ["DEMO_METHODS", "run_demo", "run_landscape"]
 
@@ -101,7 +101,7 @@ def _align_quietly(model_a, model_b, method, options, loader, spec, args, device
     The demo only uses the *hard* permutations (linear assignment on the logits), which do not
     depend on how far the last Sinkhorn projection converged, so the warning is noise here.
     """
-    from .align import align
+    from ..matching.alignment import align
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -119,7 +119,7 @@ def _align_quietly(model_a, model_b, method, options, loader, spec, args, device
 def _train_pair(args: argparse.Namespace, device: torch.device, progress: bool):
     """The demo's two MLPs, trained from seeds ``seed`` and ``seed + 1``; prints one line."""
     from .models import MLP
-    from .train import evaluate, fit_classifier_, seeded_model
+    from .training import evaluate, fit_classifier_, seeded_model
 
     train, test, in_features = demo_data(args)
     hidden = [args.width] * args.depth
@@ -139,10 +139,10 @@ def _train_pair(args: argparse.Namespace, device: torch.device, progress: bool):
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train two models, align them with every method, evaluate the paths; return the results dict."""
-    from ._functional import state_of
-    from .curves import BezierCurve, fit_curve
-    from .path import barrier, evaluate_path
-    from .trace import spec_from_model
+    from .._common import state_of
+    from ..paths import barrier, evaluate_path
+    from ..paths.curves import BezierCurve, fit_curve
+    from ..trace.tracing import spec_from_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
     unknown = [m for m in methods if m not in DEMO_METHODS]
@@ -248,7 +248,7 @@ def _save_plot(paths, target: Path) -> bool:
     except ImportError:
         _say("matplotlib is not installed: skipping paths.png (pip install matplotlib)")
         return False
-    from .plot import plot_paths
+    from ..paths.plot import plot_paths
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     plot_paths(paths, metric="loss", ax=axes[0], title="test loss along the path")
@@ -262,15 +262,13 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     """Landscape measurements for the demo pair; writes ``landscape.json`` and returns it."""
     import torch.nn.functional as F
 
-    from ._functional import state_of
-    from .connect import ot_matching, weight_adjusted_path
-    from .curves import ArcPath
-    from .landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
-    from .matching.weight import weight_matching
-    from .path import evaluate_path, interpolate
-    from .permute import permute
-    from .repair import _module_with_state
-    from .trace import spec_from_model
+    from .._common import module_with_state, state_of
+    from ..landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
+    from ..matching import ot_matching
+    from ..matching.weight import weight_matching
+    from ..paths import ArcPath, evaluate_path, interpolate, weight_adjusted_path
+    from ..spec.core import permute
+    from ..trace.tracing import spec_from_model
 
     progress = _progress(args)
     device = device_from_name(args.device)
@@ -285,7 +283,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     spec = spec_from_model(model_a, x_train[:2])
     state_wm = permute(spec, weight_matching(spec, state_a, state_b, seed=args.seed), state_b)
     state_ot = permute(spec, ot_matching(spec, state_a, state_b), state_b)
-    last_hidden = f"layers.{2 * args.depth - 1}"  # the activation after the last hidden Linear of rebasin.models.MLP
+    last_hidden = f"layers.{2 * args.depth - 1}"  # the activation after the last hidden Linear of rebasin.apps.models.MLP
 
     report: dict[str, Any] = {"architecture": arch, "dataset": args.dataset, "seed": args.seed, "pairs": {}}
     _say(f"{'pair':<16} {'mc linear':>10} {'mc bezier':>10} {'CKA out':>8} {'CKA hidden':>10}   (mc on test error)")
@@ -295,7 +293,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
                                     epochs=args.curve_epochs, n_points=args.num_points, seed=args.seed, device=device).mc
             for kind in ("linear", "bezier")
         }
-        model_bb = _module_with_state(model_b, state)
+        model_bb = module_with_state(model_b, state)
         sims = {"outputs": cka(model_a, model_bb, test, device=device),
                 "last_hidden": cka(model_a, model_bb, test, layer=last_hidden, device=device)}
         report["pairs"][label] = {"mc": mc, "cka": sims}

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._common import forward_with_state, module_with_state, resolve_device, split_batch, state_of, to_device
 from ._errors import RebasinError
-from ._functional import forward_with_state, state_of
-from .path import _evaluate_state, _resolve_device, _split_batch, _to
-from .repair import _combine, _module_with_state, repair_states
-from .spec import PermutationSpec
+from .paths.linear import combine
+from .paths.repairing import repair_states
+from .paths.running import evaluate_state
+from .spec.core import PermutationSpec
 
 __all__ = ["merge", "MergeInfo"]
 
@@ -127,10 +128,10 @@ def _ensemble(
     loss_sum, n, correct, classification = 0.0, 0, 0, True
     with torch.no_grad():
         for batch in loader:
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             if y is None:
                 raise RebasinError("evaluation needs (inputs, targets) batches")
-            x, y = _to(x, device), _to(y, device)
+            x, y = to_device(x, device), to_device(y, device)
             out = sum(forward_with_state(models[0], w, x, eval_mode=True) for w in works) / len(works)
             m = int(y.shape[0])
             loss_sum += float(F.cross_entropy(out, y)) * m
@@ -219,7 +220,8 @@ def merge(
     >>> merged, info = merge([m1, m2, m3, m4], loader=train_loader, return_info=True)  # doctest: +SKIP
     >>> info.accuracy["merged"], info.accuracy["naive"]                               # doctest: +SKIP
     """
-    from .align import align, spec_for
+    from .matching.alignment import align
+    from .trace.tracing import spec_for
 
     states = _check_models(models)
     n = len(models)
@@ -233,7 +235,7 @@ def merge(
             "merge(repair=True) needs data to measure channel statistics: pass loader=, or repair=False"
         )
     ref_model = models[reference]
-    device = _resolve_device(ref_model, device)
+    device = resolve_device(ref_model, device=device)
     if spec is None:
         spec = spec_for(ref_model, example_input=example_input, loader=loader)
     elif not isinstance(spec, PermutationSpec):
@@ -269,7 +271,7 @@ def merge(
             if i == reference:
                 continue
             others = [aligned[j] for j in range(n) if j != i]
-            target = _module_with_state(ref_model, _combine(others, uniform_rest))
+            target = module_with_state(ref_model, combine(others, uniform_rest))
             new_perms, new_state = align_to(target, i, perms[i])
             if not _same_perms(perms[i], new_perms):
                 changed += 1
@@ -279,14 +281,14 @@ def merge(
         converged = changed == 0
 
     uniform = [1.0 / n] * n
-    average = _combine(aligned, uniform)
+    average = combine(aligned, uniform)
     if repair:
         merged_state = repair_states(
             ref_model, aligned, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
         )
     else:
         merged_state = average
-    merged = _module_with_state(ref_model, merged_state, device)
+    merged = module_with_state(ref_model, merged_state, device)
     elapsed = time.perf_counter() - start
     if not return_info:
         return merged
@@ -295,7 +297,7 @@ def merge(
     loss: dict[str, Any] | None = None
     data = eval_loader if eval_loader is not None else loader
     if data is not None:
-        naive = _combine(states, uniform)
+        naive = combine(states, uniform)
         candidates: dict[str, State] = {"naive": naive}
         if repair:
             candidates["naive_repair"] = repair_states(
@@ -305,11 +307,11 @@ def merge(
         candidates["merged"] = merged_state
         accuracy, loss = {"models": []}, {"models": []}
         for s in states:
-            lo, acc, _ = _evaluate_state(ref_model, s, data, loss_fn=None, device=device)
+            lo, acc, _ = evaluate_state(ref_model, s, data, loss_fn=None, device=device)
             loss["models"].append(lo)
             accuracy["models"].append(acc)
         for name, s in candidates.items():
-            loss[name], accuracy[name] = _evaluate_state(ref_model, s, data, loss_fn=None, device=device, name=name)[:2]
+            loss[name], accuracy[name] = evaluate_state(ref_model, s, data, loss_fn=None, device=device, name=name)[:2]
         loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, data, device)
     info = MergeInfo(
         method=method,

@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Node, symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.func import functional_call
 
-from ._errors import RebasinError
-from ._functional import as_args, evaluating, state_of
-from ._trace_rules import _DEAD, _E, _INPLACE_FN, _MANUAL, _meta, _Propagation
-from .spec import PermutationSpec
+from .._common import as_args, evaluating, first_inputs, state_of
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec
+from .engine import DEAD, INPLACE_FN, MANUAL, E, Propagation, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
 
@@ -99,7 +99,7 @@ class ModelTrace:
 
         Examples
         --------
-        >>> from rebasin.models import MLP
+        >>> from rebasin.apps.models import MLP
         >>> model = MLP(4, [8], 2)
         >>> tr = trace_model(model, torch.randn(3, 4))
         >>> acts = tr.capture(model.state_dict(), torch.randn(5, 4))
@@ -117,7 +117,8 @@ class ModelTrace:
         flags = {m: m.training for m in sub.modules()}
         try:
             sub.train(train)
-            out = functional_call(sub, st, as_args(inputs), strict=False, tie_weights=False)
+            args, kwargs = as_args(inputs)
+            out = functional_call(sub, st, args, kwargs, strict=False, tie_weights=False)
         finally:
             for m, f in flags.items():
                 m.training = f
@@ -137,7 +138,7 @@ class ModelTrace:
         if bad or not names:
             raise RebasinError(f"unknown graph node(s) {bad or '(none given)'}; nodes are e.g. "
                                f"{[n.name for n in nodes[:12]]}")
-        non_tensor = [n for n in names if not isinstance(_meta(nodes[index[n]]), tuple)]
+        non_tensor = [n for n in names if not isinstance(node_meta(nodes[index[n]]), tuple)]
         if non_tensor:
             raise RebasinError(f"graph node(s) {non_tensor} do not hold a tensor")
         last = max(index[n] for n in names)
@@ -166,7 +167,7 @@ def _is_inplace(node: Node, gm: nn.Module) -> bool:
         t = str(node.target)
         return t.endswith("_") and not t.startswith("__")
     if node.op == "call_function":
-        return node.target in _INPLACE_FN
+        return node.target in INPLACE_FN
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     return False
@@ -234,14 +235,14 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
 
     Examples
     --------
-    >>> from rebasin.models import MLP
+    >>> from rebasin.apps.models import MLP
     >>> tr = trace_model(MLP(4, [8], 2), torch.randn(1, 4))
     >>> dict(tr.spec.axes)["layers.0.weight"], tr.activation_nodes
     (('P0', None), {'P0': [('layers_1', 1)]})
     """
     if not isinstance(model, nn.Module):
         raise RebasinError(f"spec_from_model expects an nn.Module, got {type(model).__name__}")
-    args = as_args(example_input)
+    args, kwargs = as_args(example_input)
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
     try:
         with evaluating(root):
@@ -249,22 +250,22 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
         raise RebasinError(
             f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes are "
-            f"data-dependent control flow (if/for on tensor values) or non-traceable calls. {_MANUAL}"
+            f"data-dependent control flow (if/for on tensor values) or non-traceable calls. {MANUAL}"
         ) from err
     tensors = state_of(model)
     _align_keys(gm, model, list(tensors))
     try:
         with evaluating(gm), torch.no_grad():
-            ShapeProp(gm).propagate(*args)
+            ShapeProp(gm).propagate(*_positional(gm, args, kwargs))
     except Exception as err:  # noqa: BLE001
         raise RebasinError(f"running the traced {type(model).__name__} on example_input failed "
                            f"({type(err).__name__}: {err})") from err
 
-    prop = _Propagation(gm, tensors)
+    prop = Propagation(gm, tensors)
     prop.run()
     _tie_aliases(prop, model)
 
-    live = sorted({prop.find(p) for p in range(1, len(prop.parent))} - {_DEAD})
+    live = sorted({prop.find(p) for p in range(1, len(prop.parent))} - {DEAD})
     names = {root_id: f"P{i}" for i, root_id in enumerate(live)}
 
     def name(p: int | None) -> str | None:
@@ -274,13 +275,13 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         hit = sorted({n for n in map(name, pids) if n is not None})
         if hit:
             raise RebasinError(f"spec_from_model cannot prove {where} safe for permutation(s) {hit}: {reason}. "
-                               f"{_MANUAL}")
+                               f"{MANUAL}")
     for where, key in prop.opaque:
         hit = [n for n in map(name, prop.key_axes.get(key, [])) if n is not None]
         if hit:
             raise RebasinError(f"spec_from_model: {where} uses the parameter {key!r}, which carries permutation(s) "
                                f"{hit}, in an operation the tracer does not understand (e.g. a transposed or "
-                               f"shared weight). {_MANUAL}")
+                               f"shared weight). {MANUAL}")
 
     axes: dict[str, tuple[str | None, ...]] = {}
     blocks: dict[tuple[str, int], int] = {}
@@ -290,7 +291,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         named = [p for p in ax if p is not None]
         if len(named) != len(set(named)):
             raise RebasinError(f"spec_from_model: {key!r} (shape {tuple(t.shape)}) would carry one permutation on "
-                               f"two axes {ax} (a module applied to its own output?). {_MANUAL}")
+                               f"two axes {ax} (a module applied to its own output?). {MANUAL}")
         axes[key] = ax
         for i, p in enumerate(ax):
             if p is not None and prop.key_blocks.get((key, i), 1) > 1:
@@ -318,11 +319,11 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
             spec.check(model, example_input)
         except RebasinError as err:
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
-                               f"uses an operation the tracer treats as safe but is not. {_MANUAL}") from err
+                               f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
     return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act)
 
 
-def _source(prop: _Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:
+def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:
     """Walk back through reshapes (and block-permuted values) to the pre-flatten feature map."""
     root = prop.find(pid)
     for _ in range(len(prop.state)):
@@ -343,7 +344,7 @@ def _source(prop: _Propagation, node: Node, axis: int, pid: int) -> tuple[Node, 
     return node, axis
 
 
-def _tie_aliases(prop: _Propagation, model: nn.Module) -> None:
+def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
     """State_dict keys naming one tensor (tied weights, a module registered twice) get one entry."""
     groups: dict[int, list[str]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -355,7 +356,7 @@ def _tie_aliases(prop: _Propagation, model: nn.Module) -> None:
         base = assigned[0]
         where = f"the tied state_dict entries {keys}"
         for k in assigned[1:]:
-            entries = [None if p is None else _E(p, prop.key_blocks.get((base, i), 1))
+            entries = [None if p is None else E(p, prop.key_blocks.get((base, i), 1))
                        for i, p in enumerate(prop.key_axes[base])]
             prop.assign(where, k, entries)
         for k in keys:
@@ -373,9 +374,35 @@ def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True)
 
     Examples
     --------
-    >>> from rebasin.models import MLP
+    >>> from rebasin.apps.models import MLP
     >>> spec = spec_from_model(MLP(4, [8, 8], 2), torch.randn(1, 4))
     >>> spec.perms, dict(spec.sizes)
     (('P0', 'P1'), {'P0': 8, 'P1': 8})
     """
     return trace_model(model, example_input, check=check).spec
+
+
+def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None) -> PermutationSpec:
+    """Trace ``model``'s spec from ``example_input``, or from the first two samples of ``loader``'s first batch."""
+    if example_input is None:
+        if loader is None:
+            raise RebasinError("cannot trace the model: pass spec=, example_input= or loader=")
+        example_input = first_inputs(loader)
+    return spec_from_model(model, example_input)
+
+
+def _positional(gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The traced graph's placeholders filled from positional and keyword inputs (defaults where absent)."""
+    out: list[Any] = list(args)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[len(args):]:
+        if node.target in kwargs:
+            out.append(kwargs[node.target])
+        elif node.args:
+            out.append(node.args[0])
+        else:
+            raise RebasinError(f"example_input gives no value for the model's input {node.target!r}")
+    unknown = sorted(set(kwargs) - {n.target for n in placeholders})
+    if unknown:
+        raise RebasinError(f"example_input has keys the model's forward does not take: {unknown}")
+    return out

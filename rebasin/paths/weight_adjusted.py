@@ -1,10 +1,8 @@
-r"""Distribution-based low-loss connections (Anokhin & Yarotsky, ICML 2020).
+r"""The Weight Adjustment path (Anokhin & Yarotsky, ICML 2020).
 
-Two tools from I. Anokhin, D. Yarotsky, "Low-loss connection of weight vectors:
-distribution-based approaches", ICML 2020:
+From I. Anokhin, D. Yarotsky, "Low-loss connection of weight vectors: distribution-based approaches",
+ICML 2020 (their optimal-transport neuron matcher is :func:`rebasin.ot_matching`):
 
-* :func:`ot_matching` -- neuron matching by exact optimal transport between the empirical
-  distributions of the two networks' neuron weight vectors, layer by layer.
 * :func:`weight_adjusted_path` -- the Weight Adjustment (WA) path: move the layers of A to B one
   at a time, and while layer ``k`` moves, refit layer ``k+1`` by least squares so that the
   network's pre-activations stay close to A's.
@@ -33,152 +31,18 @@ from torch import Tensor, nn
 from torch.fx import Node, symbolic_trace
 from torch.fx.node import map_arg
 
-from ._errors import RebasinError
-from .curves import _check_pair, arc_interpolate
-from .matching._assign import solve_cost
-from .path import _check_state_for_model, _finite_float, _resolve_device, _split_batch, _to
-from .permute import block_index
-from .spec import PermutationSpec
-from ._trace_rules import _ELEMENTWISE_FN, _ELEMENTWISE_METHOD, _ELEMENTWISE_MODULES, _IDENTITY_METHOD
+from .._common import check_float, check_pair, check_state_for_model, resolve_device, split_batch, to_device
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec
+from ..trace.engine import ELEMENTWISE_FN, ELEMENTWISE_METHOD, ELEMENTWISE_MODULES, IDENTITY_METHOD
+from .arc import arc_interpolate
 
-__all__ = ["ot_matching", "weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
+__all__ = ["weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
 
 WA_PATHS = ("linear", "arc")
 
 State = Mapping[str, Tensor]
 
-
-# ----------------------------------------------------------------------------------------------
-# OT neuron matching
-
-
-def _ot_order(spec: PermutationSpec) -> list[str]:
-    """Permutations in network order: topological on "P's rows read columns of Q", greedy on cycles.
-
-    Rank of a permutation = index of the first state_dict key whose axis 0 carries it (keys are in
-    module order). Kahn's algorithm picks the lowest-ranked permutation whose dependencies are all
-    solved; on a cycle (residual streams) it takes the lowest-ranked remaining one.
-    """
-    rank: dict[str, int] = {}
-    for i, axes in enumerate(spec.axes.values()):
-        if axes and axes[0] is not None:
-            rank.setdefault(axes[0], i)
-    for j, p in enumerate(spec.perms):
-        rank.setdefault(p, len(spec.axes) + j)
-    deps: dict[str, set[str]] = {p: set() for p in spec.perms}
-    for axes in spec.axes.values():
-        if axes and axes[0] is not None:
-            deps[axes[0]].update(q for q in axes[1:] if q is not None and q != axes[0])
-    remaining = sorted(spec.perms, key=rank.__getitem__)
-    order: list[str] = []
-    while remaining:
-        done = set(order)
-        ready = [p for p in remaining if deps[p] <= done]
-        nxt = ready[0] if ready else remaining[0]
-        order.append(nxt)
-        remaining.remove(nxt)
-    return order
-
-
-def _neuron_rows(
-    spec: PermutationSpec, key: str, axis: int, t: Tensor, n: int, solved: Mapping[str, Tensor] | None, done: set[str]
-) -> Tensor:
-    """``t`` as ``(n, d)`` float64 rows along ``axis``, other axes made comparable between A and B.
-
-    Axes of solved permutations are permuted (B only: ``solved`` is None for A); axes of unsolved
-    ones are sorted (per block offset), a permutation-invariant summary of those coordinates.
-    """
-    t = t.detach().to(torch.float64)
-    for i, q in enumerate(spec.axes[key]):
-        if i == axis or q is None:
-            continue
-        k = spec.blocks.get((key, i), 1)
-        if q in done:
-            if solved is not None:
-                t = t.index_select(i, block_index(solved[q], k).to(t.device))
-        else:
-            shape = t.shape
-            blocked = t.reshape(*shape[:i], shape[i] // k, k, *shape[i + 1 :])
-            t = blocked.sort(dim=i).values.reshape(shape)
-    return t.movedim(axis, 0).reshape(n, -1)
-
-
-def ot_matching(
-    spec: PermutationSpec, state_a: State, state_b: State, *, use_outgoing: bool = False
-) -> dict[str, Tensor]:
-    r"""Neuron matching by exact optimal transport between neuron weight distributions.
-
-    Anokhin & Yarotsky (2020) view a layer as the empirical distribution
-    :math:`\frac1n \sum_i \delta_{w_i}` of its neurons' weight vectors. Between two such
-    distributions with uniform weights and equal counts the optimal transport plan for the
-    squared Euclidean cost is a permutation (Birkhoff), found by a linear assignment:
-
-    .. math:: \pi_P = \arg\min_{\pi} \sum_i \lVert a_i - b_{\pi(i)} \rVert^2 .
-
-    The permutations are solved one at a time in network order (topological order of "the rows
-    of permutation ``P`` read the columns of ``Q``"): the weight vector of neuron ``i`` of ``P``
-    concatenates slice ``i`` along axis 0 of every floating tensor whose axis 0 carries ``P``
-    (weight rows, bias, norm affine, BatchNorm running statistics; a residual stream stacks all of
-    them), with the other axes of B already permuted by the permutations solved before. Greedy,
-    one pass. Axes of still-unsolved permutations (only on cycles, i.e. residual streams, or with
-    ``use_outgoing``) cannot be aligned yet; they are *sorted* in both A and B, which keeps the
-    per-neuron distribution of those coordinates and is invariant to the unknown permutation.
-
-    Parameters
-    ----------
-    spec
-        Permutation spec of the architecture (any spec from :func:`rebasin.spec_from_model`:
-        MLP, VGG, ResNet; ``spec.blocks`` is honoured).
-    state_a, state_b
-        Full state_dicts of two networks of the architecture (finite). Not mutated.
-    use_outgoing
-        Also append each neuron's outgoing weights (its slices along every non-zero axis
-        carrying ``P``, e.g. the columns of the next layer). A permutation that never appears on
-        axis 0 always uses them.
-
-    Returns
-    -------
-    dict[str, Tensor]
-        ``{perm: int64 CPU tensor (n,)}`` for every permutation of the spec, mapping B onto A:
-        ``permute(spec, perms, state_b)`` is close to ``state_a``.
-
-    Raises
-    ------
-    RebasinError
-        If the states do not fit the spec or each other, or contain NaN / inf.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from rebasin import PermutationSpec, permute, random_permutation
-    >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")})
-    >>> a = {"w1": torch.randn(5, 3), "w2": torch.randn(2, 5)}
-    >>> b = permute(spec, random_permutation(spec, seed=1, sizes={"P": 5}), a)
-    >>> perms = ot_matching(spec, a, b)
-    >>> torch.equal(permute(spec, perms, b)["w1"], a["w1"])
-    True
-    """
-    if not isinstance(spec, PermutationSpec):
-        raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
-    if not isinstance(use_outgoing, bool):
-        raise RebasinError(f"use_outgoing must be a bool, got {use_outgoing!r}")
-    sizes = spec.validate_pair(state_a, state_b)
-    solved: dict[str, Tensor] = {}
-    for p in _ot_order(spec):
-        n = sizes[p]
-        where = [(k, ax) for k, ax in spec.perm_to_axes[p] if state_a[k].is_floating_point() and state_a[k].numel()]
-        incoming = [(k, ax) for k, ax in where if ax == 0]
-        terms = where if use_outgoing or not incoming else incoming
-        if n <= 1 or not terms:
-            solved[p] = torch.arange(n)
-            continue
-        done = set(solved)
-        dev = state_a[terms[0][0]].device
-        fa = torch.cat([_neuron_rows(spec, k, ax, state_a[k].to(dev), n, None, done) for k, ax in terms], dim=1)
-        fb = torch.cat([_neuron_rows(spec, k, ax, state_b[k].to(dev), n, solved, done) for k, ax in terms], dim=1)
-        cost = fa.pow(2).sum(1, keepdim=True) + fb.pow(2).sum(1)[None, :] - 2.0 * fa @ fb.T
-        solved[p] = torch.from_numpy(solve_cost(cost.clamp_min_(0.0).cpu().numpy(), name=p))
-    return {p: solved[p] for p in spec.perms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,12 +50,12 @@ def ot_matching(
 
 _CHAIN_HINT = (
     "weight_adjusted_path supports feed-forward chains of Linear layers with elementwise activations "
-    "(e.g. rebasin.models.MLP without norm layers, or nn.Sequential of Linear / activation / Flatten / Dropout)"
+    "(e.g. rebasin.apps.models.MLP without norm layers, or nn.Sequential of Linear / activation / Flatten / Dropout)"
 )
 _DROPOUT_FN = {getattr(F, n) for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                                        "feature_alpha_dropout") if hasattr(F, n)}
-_CHAIN_FN = (_ELEMENTWISE_FN | {torch.flatten}) - {F.linear}
-_CHAIN_METHOD = _ELEMENTWISE_METHOD | _IDENTITY_METHOD | {"flatten"}
+_CHAIN_FN = (ELEMENTWISE_FN | {torch.flatten}) - {F.linear}
+_CHAIN_METHOD = ELEMENTWISE_METHOD | IDENTITY_METHOD | {"flatten"}
 
 Op = Callable[[Tensor], Tensor]
 
@@ -212,7 +76,7 @@ def _node_op(node: Node, model: nn.Module) -> Op | nn.Linear:
             return m
         if isinstance(m, nn.modules.dropout._DropoutNd):
             return lambda x: x  # eval mode
-        if isinstance(m, (*_ELEMENTWISE_MODULES, nn.Flatten)) and not list(m.parameters()):
+        if isinstance(m, (*ELEMENTWISE_MODULES, nn.Flatten)) and not list(m.parameters()):
             return m
         raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} calls a {type(m).__name__} at {what}")
     if node.op == "call_function" and node.target in _CHAIN_FN:
@@ -328,14 +192,14 @@ class WeightAdjustedPath:
             raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
         if path not in WA_PATHS:
             raise RebasinError(f"unknown path kind {path!r}; valid kinds: {list(WA_PATHS)}")
-        self.ridge = _finite_float(ridge, "ridge")
+        self.ridge = check_float(ridge, "ridge")
         if not self.ridge > 0:
             raise RebasinError(f"ridge must be > 0 (it keeps every refit unique and continuous in t), got {ridge!r}")
         for name, st in (("state_a", state_a), ("state_b", state_b)):
             if not isinstance(st, Mapping):
                 raise RebasinError(f"{name} must be a state_dict (mapping of tensors), got {type(st).__name__}")
-            _check_state_for_model(model, st, name=name)
-        _check_pair(state_a, state_b)
+            check_state_for_model(model, st, name=name)
+        check_pair(state_a, state_b)
         pre, layers = _linear_chain(model)
         if spec is None:
             spec = _chain_spec(layers)
@@ -345,7 +209,7 @@ class WeightAdjustedPath:
         else:
             spec.validate_pair(state_a, state_b)
         self.kind = path
-        self.device = _resolve_device(model, device)
+        self.device = resolve_device(model, device=device)
         self.num_stages = len(layers)
         self.layer_keys = tuple((layer.weight, layer.bias) for layer in layers)
         self._layers = layers
@@ -359,12 +223,12 @@ class WeightAdjustedPath:
             )
             for keys in self.layer_keys
         ]
-        x, _ = _split_batch(batch)
+        x, _ = split_batch(batch)
         if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0 or not x.is_floating_point():
             raise RebasinError("batch must be a non-empty floating input tensor or an (inputs, targets) pair")
         self._cache: OrderedDict[tuple[int, float], tuple[Tensor, Tensor | None]] = OrderedDict()
         with torch.no_grad():
-            self._precompute(pre, _to(x, dev).to(torch.float64))
+            self._precompute(pre, to_device(x, dev).to(torch.float64))
 
     # ------------------------------------------------------------------ helpers
     def _wb(self, state: State, i: int) -> tuple[Tensor, Tensor | None]:
@@ -443,7 +307,7 @@ class WeightAdjustedPath:
 
     def stage(self, t: float) -> tuple[int, float]:
         """``(k, s)``: the 1-based stage containing ``t`` and the position ``s`` in ``[0, 1]`` within it."""
-        t = _finite_float(t, "t")
+        t = check_float(t, "t")
         if not 0.0 <= t <= 1.0:
             raise RebasinError(f"t must lie in [0, 1] (the WA path is not defined outside), got {t!r}")
         u = t * self.num_stages
@@ -541,7 +405,7 @@ def weight_adjusted_path(
     model
         The architecture: a feed-forward chain of ``nn.Linear`` modules with parameter-free ops in
         between (activations, Flatten, Dropout -- run as in eval mode), e.g.
-        :class:`rebasin.models.MLP` without norm layers. Traced with torch.fx; not mutated.
+        :class:`rebasin.apps.models.MLP` without norm layers. Traced with torch.fx; not mutated.
     state_a, state_b
         Endpoint state_dicts of ``model`` (same keys, shapes, dtypes; finite). For "OT+WA" pass
         B aligned to A. Not mutated.
@@ -573,7 +437,7 @@ def weight_adjusted_path(
     Examples
     --------
     >>> import torch
-    >>> from rebasin.models import MLP
+    >>> from rebasin.apps.models import MLP
     >>> model = MLP(4, [8], 3)
     >>> sa, sb = MLP(4, [8], 3).state_dict(), MLP(4, [8], 3).state_dict()
     >>> wa = weight_adjusted_path(model, sa, sb, torch.randn(32, 4))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._errors import RebasinError
+from .._errors import RebasinError
 from .demo import DEMO_METHODS, device_from_name, run_demo, run_landscape
 
 __all__ = ["main"]
@@ -77,8 +77,8 @@ def _model_from(factory_spec: str, state: dict[str, torch.Tensor], label: str) -
 
 # --------------------------------------------------------------------------- align / path
 def run_align(args: argparse.Namespace) -> None:
-    from .align import align
-    from .trace import spec_from_model
+    from ..matching.alignment import align
+    from ..trace.tracing import spec_from_model
 
     state_a, state_b = _load_state(args.model_a), _load_state(args.model_b)
     model_a = _model_from(args.model, state_a, args.model_a)
@@ -96,7 +96,7 @@ def run_align(args: argparse.Namespace) -> None:
 
 
 def run_path(args: argparse.Namespace) -> None:
-    from .path import barrier, evaluate_path
+    from ..paths import barrier, evaluate_path
 
     state_a, state_b = _load_state(args.model_a), _load_state(args.model_b)
     model = _model_from(args.model, state_a, args.model_a)
@@ -106,7 +106,7 @@ def run_path(args: argparse.Namespace) -> None:
     for kind in ("max_minus_mean", "detrended"):
         _print(f"{kind:>15} loss barrier {barrier(result, kind=kind, metric='loss'):.4f}")
     if args.plot:
-        from .plot import plot_paths
+        from ..paths.plot import plot_paths
 
         plot_paths({"path": result}, metric="loss").savefig(args.plot, dpi=120)
         _print(f"wrote {args.plot}")
@@ -182,14 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cl(argv: Sequence[str]) -> int:
-    """``rebasin cl ARGS`` is ``python -m continual.compare ARGS`` (Avalanche is imported only here)."""
-    try:
-        from continual.compare import main as compare_main
-    except ImportError as exc:
-        print(f"rebasin cl: error: the continual-learning comparison needs avalanche-lib "
-              f"(pip install 'rebasin-toolkit[continual]'): {exc}", file=sys.stderr)
+    """``rebasin cl ARGS`` runs ``python -m continual.compare ARGS`` in a child process.
+
+    ``continual`` sits above the toolkit (it imports Avalanche); the command line only hands over to it.
+    """
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("continual") is None or importlib.util.find_spec("avalanche") is None:
+        print("rebasin cl: error: the continual-learning comparison needs avalanche-lib "
+              "(pip install 'rebasin-toolkit[continual]')", file=sys.stderr)
         return 2
-    return int(compare_main(list(argv)) or 0)
+    return subprocess.call([sys.executable, "-m", "continual.compare", *argv])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,21 +75,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._errors import RebasinError
-from ._functional import forward_with_state
-from .curves import CURVE_KINDS, BezierCurve, PolyChainCurve, _as_state, _check_pair, _training
-from .path import (
-    _check_int,
-    _check_state_for_model,
-    _finite_float,
-    _resolve_device,
-    _split_batch,
-    _to,
+from .._common import (
+    as_state,
+    check_float,
+    check_int,
+    check_pair,
+    check_state_for_model,
+    forward_with_state,
+    resolve_device,
+    split_batch,
+    to_device,
+    training,
 )
-from .permute import check_permutations, permute
-from .sinkhorn import sinkhorn
-from .soft import matrix_to_perm, perm_to_matrix, soft_permute
-from .spec import PermutationSpec
+from .._errors import RebasinError
+from ..matching.sinkhorn_op import sinkhorn
+from ..spec.core import PermutationSpec, check_permutations, permute
+from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute
+from .curves import CURVE_KINDS, BezierCurve, PolyChainCurve
 
 __all__ = ["PAM_CURVES", "PAM_INITS", "PAMResult", "proximal_alternating_minimization"]
 
@@ -171,7 +173,7 @@ def _initial_perms(
         if init == "identity":
             return {p: torch.arange(sizes[p]) for p in spec.perms}
         if init == "weight_matching":
-            from .matching.weight import weight_matching
+            from ..matching.weight import weight_matching
 
             return weight_matching(spec, state_a, state_b, seed=seed)
         raise RebasinError(f"unknown init {init!r}; valid: {list(PAM_INITS)} or a dict of permutations")
@@ -316,28 +318,28 @@ def proximal_alternating_minimization(
         raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
     if curve not in PAM_CURVES:
         raise RebasinError(f"unknown curve {curve!r}; valid: {list(PAM_CURVES)}")
-    _check_int(rounds, "rounds", 1)
-    _check_int(theta_steps, "theta_steps", 0)
-    _check_int(perm_batches, "perm_batches", 1)
-    _check_int(max_backtracks, "max_backtracks", 0)
-    _check_int(sinkhorn_iters, "sinkhorn_iters", 1)
-    _check_int(finetune_steps, "finetune_steps", 0)
+    check_int(rounds, "rounds", 1)
+    check_int(theta_steps, "theta_steps", 0)
+    check_int(perm_batches, "perm_batches", 1)
+    check_int(max_backtracks, "max_backtracks", 0)
+    check_int(sinkhorn_iters, "sinkhorn_iters", 1)
+    check_int(finetune_steps, "finetune_steps", 0)
     for name, value in (("lr", lr), ("perm_lr", perm_lr), ("tau", tau)):
-        if not _finite_float(value, name) > 0:
+        if not check_float(value, name) > 0:
             raise RebasinError(f"{name} must be positive, got {value!r}")
     if loader is None:
         raise RebasinError("proximal_alternating_minimization needs a loader of (inputs, targets) batches")
-    a, b = _as_state(state_a, "state_a"), _as_state(state_b, "state_b")
-    _check_pair(a, b)
-    _check_state_for_model(model, a, name="state_a")
+    a, b = as_state(state_a, "state_a"), as_state(state_b, "state_b")
+    check_pair(a, b)
+    check_state_for_model(model, a, name="state_a")
     if spec is None:
-        from .align import spec_for
+        from ..trace.tracing import spec_for
 
         spec = spec_for(model, example_input=example_input, loader=loader)
     if not isinstance(spec, PermutationSpec):
         raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     sizes = spec.validate_pair(a, b)
-    device = _resolve_device(model, device)
+    device = resolve_device(model, device=device)
     a = {k: v.to(device) for k, v in a.items()}
     b = {k: v.to(device) for k, v in b.items()}
     start_perms = _initial_perms(init, spec, sizes, a, b, seed)
@@ -350,11 +352,11 @@ def proximal_alternating_minimization(
     batches = _cycle(loader)
 
     def _draw(stratum: int = 0, strata: int = 1) -> tuple[Any, Any, float]:
-        x, y = _split_batch(next(batches))
+        x, y = split_batch(next(batches))
         if y is None:
             raise RebasinError("proximal_alternating_minimization needs (inputs, targets) batches; got inputs only")
         t = (stratum + float(torch.rand((), generator=gen, dtype=torch.float64))) / strata
-        return _to(x, device), _to(y, device), t
+        return to_device(x, device), to_device(y, device), t
 
     def _loss(
         end: Mapping[str, Tensor], on: BezierCurve | PolyChainCurve, x: Any, y: Any, t: float, rng: int | None = None
@@ -396,7 +398,7 @@ def proximal_alternating_minimization(
 
         round_iter = tqdm(round_iter, desc="PAM", unit="round")
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _training(model):
+    with torch.random.fork_rng(devices=cuda), training(model):
         torch.manual_seed(int(seed))
         for _ in round_iter:
             # (a) bend steps with the (soft) permutation fixed

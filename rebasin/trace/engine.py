@@ -1,7 +1,7 @@
 """The propagation engine behind :mod:`rebasin.trace`: which permutation lives on which axis of every fx node.
 
 Op tables (elementwise, reshape, reorder, reduction, unsupported constructs) and
-:class:`_Propagation`, which walks the shape-annotated graph once, creating a permutation at every
+:class:`Propagation`, which walks the shape-annotated graph once, creating a permutation at every
 weighted layer's output axis, carrying it through the ops the rules prove safe, merging streams
 with union-find, and raising :class:`RebasinError` naming the node for anything else.
 """
@@ -20,17 +20,16 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ._errors import RebasinError
+from .._errors import RebasinError
 
-
-_DEAD = 0  # union-find root meaning "must be the identity"
-_MANUAL = (
+DEAD = 0  # union-find root meaning "must be the identity"
+MANUAL = (
     "Pass a manual spec instead: PermutationSpec(axes={key: (perm_or_None, ...)}) with one entry per "
     "state_dict key (see rebasin.PermutationSpec), or change the model."
 )
 
 
-class _E(NamedTuple):
+class E(NamedTuple):
     """Permutation ``pid`` acting on an axis in consecutive blocks of ``k`` entries."""
 
     pid: int
@@ -42,7 +41,7 @@ def _fns(owner: Any, names: Iterable[str]) -> set[Any]:
     return {getattr(owner, n) for n in names if hasattr(owner, n)}
 
 
-_ELEMENTWISE_FN = _fns(operator, ["add", "sub", "mul", "truediv", "floordiv", "pow", "neg", "pos", "abs",
+ELEMENTWISE_FN = _fns(operator, ["add", "sub", "mul", "truediv", "floordiv", "pow", "neg", "pos", "abs",
                                   "iadd", "isub", "imul", "itruediv", "gt", "lt", "ge", "le", "eq", "ne"]) | _fns(torch, [
     "add", "sub", "mul", "div", "true_divide", "rsub", "maximum", "minimum", "where", "pow", "relu", "relu_",
     "tanh", "tanh_", "sigmoid", "sigmoid_", "exp", "log", "log1p", "expm1", "abs", "neg", "sqrt", "rsqrt",
@@ -54,13 +53,13 @@ _ELEMENTWISE_FN = _fns(operator, ["add", "sub", "mul", "truediv", "floordiv", "p
     "tanhshrink", "tanh", "sigmoid", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
     "feature_alpha_dropout", "softmax", "log_softmax", "softmin", "normalize", "threshold",
 ])
-_ELEMENTWISE_METHOD = {
+ELEMENTWISE_METHOD = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "clamp",
     "clamp_", "clip", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg",
     "sqrt", "rsqrt", "square", "softmax", "log_softmax", "where", "masked_fill", "masked_fill_", "lerp",
     "gt", "lt", "ge", "le", "eq", "ne",
 }
-_IDENTITY_METHOD = {"contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
+IDENTITY_METHOD = {"contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
                     "type_as", "cuda", "cpu", "requires_grad_"}
 _QUERY_METHOD = {"size", "dim", "numel", "nelement", "ndimension", "get_device", "element_size"}
 _RESHAPE_FN = _fns(torch, ["flatten", "reshape", "squeeze", "unsqueeze", "unflatten"])
@@ -83,7 +82,7 @@ _UNSUPPORTED_HINT = {
     torch.einsum: "an einsum of a permuted tensor",
     F.scaled_dot_product_attention: "attention (scaled_dot_product_attention) over a permuted tensor",
 }
-_ELEMENTWISE_MODULES = (
+ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU,
     nn.CELU, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
     nn.Tanhshrink, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -94,7 +93,7 @@ _SPATIAL_MODULES = (
     nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.modules.padding._ConstantPadNd,
     nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
 )
-_INPLACE_FN = _fns(operator, ["iadd", "isub", "imul", "itruediv"]) | _fns(torch, ["relu_", "sigmoid_", "tanh_"]) | _fns(
+INPLACE_FN = _fns(operator, ["iadd", "isub", "imul", "itruediv"]) | _fns(torch, ["relu_", "sigmoid_", "tanh_"]) | _fns(
     F, ["relu_", "elu_", "leaky_relu_", "hardtanh_"])
 
 
@@ -117,7 +116,7 @@ def _target_name(node: Node, gm: nn.Module) -> str:
     return str(t)
 
 
-def _meta(node: Node) -> Any:
+def node_meta(node: Node) -> Any:
     """Shape tuple for a tensor output, a list for a tuple/list output, None otherwise."""
     def conv(m: Any) -> Any:
         if isinstance(m, TensorMetadata):
@@ -136,7 +135,7 @@ def _plain(meta: Any) -> Any:
     return None
 
 
-def _leaves(st: Any) -> list[_E]:
+def _leaves(st: Any) -> list[E]:
     if isinstance(st, tuple):
         return [e for e in st if e is not None]
     if isinstance(st, list):
@@ -158,13 +157,13 @@ def _prod(xs: Iterable[int]) -> int:
 
 
 # --------------------------------------------------------------------------- propagation
-class _Propagation:
+class Propagation:
     """One pass over the graph assigning ``(perm, block)`` entries to every tensor axis."""
 
     def __init__(self, gm: GraphModule, tensors: Mapping[str, Tensor]) -> None:
         self.gm = gm
         self.tensors = tensors
-        self.parent: list[int] = [_DEAD]
+        self.parent: list[int] = [DEAD]
         self.size: list[int] = [0]
         self.state: dict[Node, Any] = {}
         self.param_key: dict[Node, str] = {}
@@ -189,20 +188,20 @@ class _Propagation:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
-        if _DEAD not in (ra, rb) and self.size[ra] != self.size[rb]:
+        if DEAD not in (ra, rb) and self.size[ra] != self.size[rb]:
             return False
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
         return True
 
-    def new_perm(self, n: int, node: Node, axis: int) -> _E | None:
+    def new_perm(self, n: int, node: Node, axis: int) -> E | None:
         if n <= 1:
             return None
         self.parent.append(len(self.parent))
         self.size.append(int(n))
         pid = len(self.parent) - 1
         self.created[pid] = (node, axis)
-        return _E(pid)
+        return E(pid)
 
     # ---- bookkeeping
     def where(self, node: Node) -> str:
@@ -221,7 +220,7 @@ class _Propagation:
             self.opaque.append((self.where(node), self.param_key[a]))
         return self.state.get(a)
 
-    def assign(self, node: Node | str, key: str, entries: Sequence[_E | None]) -> None:
+    def assign(self, node: Node | str, key: str, entries: Sequence[E | None]) -> None:
         t = self.tensors[key]
         if len(entries) != t.ndim:
             raise RebasinError(f"internal error: {key!r} has shape {tuple(t.shape)} but got axes {entries}")
@@ -259,45 +258,45 @@ class _Propagation:
             self.state[node] = self.verify(node, st)
 
     def verify(self, node: Node, st: Any) -> Any:
-        meta = _meta(node)
+        meta = node_meta(node)
         if isinstance(st, tuple):
             if not isinstance(meta, tuple) or len(meta) != len(st):
                 if _leaves(st):
                     raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)} "
-                                       f"(shape {meta}, axes {st}). {_MANUAL}")
+                                       f"(shape {meta}, axes {st}). {MANUAL}")
                 return _plain(meta)
             for ax, e in enumerate(st):
                 if e is not None and meta[ax] != self.size[self.find(e.pid)] * e.k:
                     raise RebasinError(
                         f"spec_from_model lost track of a permutation at {self.where(node)}: axis {ax} has size "
                         f"{meta[ax]} but the permutation acting on it has size {self.size[self.find(e.pid)]}"
-                        f"{f' x block {e.k}' if e.k > 1 else ''}. {_MANUAL}")
+                        f"{f' x block {e.k}' if e.k > 1 else ''}. {MANUAL}")
             return st
         if isinstance(st, list) and isinstance(meta, list) and len(st) == len(meta):
             return [self.verify_leaf(node, s, m) for s, m in zip(st, meta)]
         if _leaves(st):
-            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {_MANUAL}")
+            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
         return _plain(meta)
 
     def verify_leaf(self, node: Node, st: Any, meta: Any) -> Any:
         if isinstance(st, tuple) and isinstance(meta, tuple) and len(st) == len(meta):
             return st
         if _leaves(st):
-            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {_MANUAL}")
+            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
         return _plain(meta)
 
     def visit(self, node: Node) -> Any:
         op = node.op
         if op == "placeholder":
-            return _plain(_meta(node))
+            return _plain(node_meta(node))
         if op == "get_attr":
             if node.target in self.tensors:
                 self.param_key[node] = str(node.target)
-            return _plain(_meta(node))
+            return _plain(node_meta(node))
         if op == "output":
             for leaf in _node_leaves(node.args):
                 for e in _leaves(self.state.get(leaf)):
-                    self.union(e.pid, _DEAD)
+                    self.union(e.pid, DEAD)
             return None
         if op == "call_module":
             return self.visit_module(node, self.gm.get_submodule(str(node.target)))
@@ -313,7 +312,7 @@ class _Propagation:
             hint = _UNSUPPORTED_HINT.get(node.target) if node.op == "call_function" else None
             reason = hint or f"{_target_name(node, self.gm)} is not an operation the tracer knows to be safe"
         self.complain(node, pids, reason)
-        return _plain(_meta(node))
+        return _plain(node_meta(node))
 
     # ---- dispatch
     def visit_module(self, node: Node, m: nn.Module) -> Any:
@@ -343,7 +342,7 @@ class _Propagation:
             return self.embedding(node, x, keys.get("weight"))
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
-        if isinstance(m, _ELEMENTWISE_MODULES):
+        if isinstance(m, ELEMENTWISE_MODULES):
             return self.elementwise(node, [x])
         if isinstance(m, _SPATIAL_MODULES):
             dims = [int(c.__name__[-2]) for c in type(m).__mro__ if c.__name__[-2:] in ("1d", "2d", "3d")]
@@ -356,9 +355,9 @@ class _Propagation:
 
     def visit_method(self, node: Node, name: str) -> Any:
         x = node.args[0]
-        if name in _ELEMENTWISE_METHOD:
+        if name in ELEMENTWISE_METHOD:
             return self.elementwise(node, list(node.args) + list(node.kwargs.values()))
-        if name in _IDENTITY_METHOD:
+        if name in IDENTITY_METHOD:
             return self.arg(node, x)
         if name in _QUERY_METHOD:
             self.arg(node, x)
@@ -380,7 +379,7 @@ class _Propagation:
                 return self.reorder(node, args[0])
             if args[1] == "data":
                 return self.arg(node, args[0])
-            if isinstance(_meta(node), (tuple, list)):
+            if isinstance(node_meta(node), (tuple, list)):
                 return self.unknown(node)
             return None
         if fn is F.linear:
@@ -408,7 +407,7 @@ class _Propagation:
             return self.norm_fn(node, b["input"], ps, lambda keys: self.layernorm(node, b["input"], m, keys))
         if fn is F.group_norm:
             b = _bind(node, ["input", "num_groups", "weight", "bias"])
-            xs, shape = self.arg(node, b["input"]), _meta(b["input"])
+            shape = node_meta(b["input"])
             if not isinstance(shape, tuple) or len(shape) < 2 or _has_nodes(b.get("num_groups")):
                 return self.unknown(node)
             return self.norm_fn(node, b["input"], [b.get("weight"), b.get("bias")],
@@ -419,7 +418,7 @@ class _Propagation:
             if key is None:
                 return self.unknown(node, "PReLU weight is computed in the graph")
             return self.prelu(node, b["input"], key, self.tensors[key].numel())
-        if fn in _ELEMENTWISE_FN:
+        if fn in ELEMENTWISE_FN:
             return self.elementwise(node, list(args) + list(node.kwargs.values()))
         if fn in _RESHAPE_FN:
             return self.reshape(node, args[0])
@@ -443,7 +442,7 @@ class _Propagation:
     # ---- rules
     def linear(self, node: Node, x: Any, wkey: str | None, bkey: str | None, has_bias: bool) -> Any:
         xs = self.arg(node, x)
-        meta = _meta(node)
+        meta = node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(meta, tuple) or not xs:
             return self.unknown(node)
         e_in = xs[-1]
@@ -471,7 +470,7 @@ class _Propagation:
     def conv(self, node: Node, x: Any, wkey: str | None, bkey: str | None, has_bias: bool, groups: Any,
              transposed: bool, d: int) -> Any:
         xs = self.arg(node, x)
-        meta = _meta(node)
+        meta = node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(meta, tuple) or len(xs) < d + 1 or _has_nodes(groups):
             return self.unknown(node)
         c = len(xs) - d - 1
@@ -559,7 +558,7 @@ class _Propagation:
 
     def embedding(self, node: Node, x: Any, key: str | None) -> Any:
         xs = self.arg(node, x)
-        meta = _meta(node)
+        meta = node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(meta, tuple) or key is None:
             return self.unknown(node)
         out = self.new_perm(meta[-1], node, len(meta) - 1)
@@ -567,15 +566,15 @@ class _Propagation:
         return xs + (out,)
 
     def elementwise(self, node: Node, operands: list[Any]) -> Any:
-        meta = _meta(node)
+        meta = node_meta(node)
         if not isinstance(meta, tuple):
             return self.unknown(node)
         nd = len(meta)
-        ops: list[tuple[str | None, tuple[int, ...], tuple[_E | None, ...]]] = []
+        ops: list[tuple[str | None, tuple[int, ...], tuple[E | None, ...]]] = []
         for a in operands:
             if not isinstance(a, Node):
                 continue
-            shape = _meta(a)
+            shape = node_meta(a)
             if not isinstance(shape, tuple):
                 if _leaves(self.state.get(a)):
                     return self.unknown(node)
@@ -583,16 +582,16 @@ class _Propagation:
             key = self.key_of(a)
             if key is not None:
                 cur = self.key_axes.get(key)
-                st = tuple(None if p is None else _E(p, self.key_blocks.get((key, i), 1)) for i, p in
+                st = tuple(None if p is None else E(p, self.key_blocks.get((key, i), 1)) for i, p in
                            enumerate(cur)) if cur is not None else (None,) * len(shape)
             else:
                 st = self.state.get(a)
             if not isinstance(st, tuple) or len(st) != len(shape) or len(shape) > nd:
                 return self.unknown(node)
             ops.append((key, shape, st))
-        out: list[_E | None] = []
+        out: list[E | None] = []
         for ax in range(nd):
-            found: list[_E] = []
+            found: list[E] = []
             plain = False
             for key, shape, st in ops:
                 j = ax - (nd - len(shape))
@@ -618,7 +617,7 @@ class _Propagation:
         return tuple(out)
 
     def reshape(self, node: Node, x: Any) -> Any:
-        xs, src, dst = self.arg(node, x), _meta(x) if isinstance(x, Node) else None, _meta(node)
+        xs, src, dst = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None, node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(src, tuple) or not isinstance(dst, tuple):
             return self.unknown(node)
         self.reshapes.add(node)
@@ -649,7 +648,7 @@ class _Propagation:
         return tuple(xs[i] for i in order)
 
     def reduce(self, node: Node, x: Any) -> Any:
-        xs, meta = self.arg(node, x), _meta(node)
+        xs, meta = self.arg(node, x), node_meta(node)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if not isinstance(xs, tuple) or not isinstance(meta, tuple) or _has_nodes(dim):
             return self.unknown(node)
@@ -664,7 +663,7 @@ class _Propagation:
         return tuple(e for i, e in enumerate(xs) if i not in dims)
 
     def spatial(self, node: Node, x: Any, d: int) -> Any:
-        xs, meta = self.arg(node, x), _meta(node)
+        xs, meta = self.arg(node, x), node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(meta, tuple) or len(meta) != len(xs) or not 0 < d < len(xs):
             return self.unknown(node)
         self.complain(node, [e.pid for e in xs[-d:] if e], f"it pools, pads or resamples over the last {d} axes, "
@@ -677,12 +676,12 @@ class _Propagation:
         if isinstance(st, list):
             return st[idx] if isinstance(idx, int) and -len(st) <= idx < len(st) else self.unknown(node)
         if not isinstance(st, tuple):
-            return _plain(_meta(node)) if not _has_nodes(idx) else self.unknown(node)
+            return _plain(node_meta(node)) if not _has_nodes(idx) else self.unknown(node)
         items = idx if isinstance(idx, tuple) else (idx,)
         if _has_nodes(items) or any(not (it is None or it is Ellipsis or type(it) in (int, slice)) for it in items):
             return self.unknown(node, "advanced indexing of a permuted tensor")
         consumed = sum(1 for it in items if type(it) in (int, slice))
-        out: list[_E | None] = []
+        out: list[E | None] = []
         ax = 0
         for it in items:
             if it is None:
@@ -711,8 +710,8 @@ def _node_leaves(value: Any) -> list[Node]:
 
 
 def _reshape_axes(
-    src: tuple[int, ...], entries: tuple[_E | None, ...], dst: tuple[int, ...], size: Callable[[int], int]
-) -> tuple[tuple[_E | None, ...], str | None]:
+    src: tuple[int, ...], entries: tuple[E | None, ...], dst: tuple[int, ...], size: Callable[[int], int]
+) -> tuple[tuple[E | None, ...], str | None]:
     """Follow permuted axes through a reshape from ``src`` to ``dst`` (row-major, like torch.view).
 
     Non-unit axes are grouped into runs with equal products. Within a run a permuted axis of size
@@ -720,7 +719,7 @@ def _reshape_axes(
     whose earlier output axes multiply to ``L`` and whose size ``s`` is a multiple of ``n``; it
     becomes a permutation acting on blocks of ``s / n``. Anything else mixes channels.
     """
-    out: list[_E | None] = [None] * len(dst)
+    out: list[E | None] = [None] * len(dst)
     ins = [i for i, s in enumerate(src) if s != 1]
     outs = [j for j, s in enumerate(dst) if s != 1]
     if _prod(src) != _prod(dst):
@@ -750,7 +749,7 @@ def _reshape_axes(
         placed = False
         for u, j in enumerate(go):
             if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] % n == 0:
-                out[j] = _E(e.pid, dst[j] // n)
+                out[j] = E(e.pid, dst[j] // n)
                 placed = True
                 break
         if not placed:

@@ -1,0 +1,338 @@
+"""The private layer every other module shares: argument checks, devices, batches, modes, progress.
+
+Nothing here knows about permutations. Each helper has one meaning for the whole toolkit:
+
+* **a batch** is ``(inputs, targets, *rest)`` (a tuple or list; ``rest`` is ignored), a bare tensor of
+  inputs, or a mapping. In a mapping the targets are the entry named ``"labels"``, ``"label"``,
+  ``"targets"``, ``"target"`` or ``"y"`` (the first present), and the other entries are the model's
+  keyword inputs — the layout of ``transformers`` batches.
+* **inputs** are a tensor (one positional argument), a tuple/list (positional arguments) or a mapping
+  (keyword arguments); :func:`forward_with_state` calls the model accordingly.
+* **a device** is the one passed, else the device of the model(s); two models on different devices
+  without ``device=`` are an error, never a silent copy.
+* **an int/float argument** is checked with :func:`check_int` / :func:`check_float`, which reject bools
+  and name the argument.
+
+The module is private (``rebasin._common``) but its names are public within the package: modules import
+them by name, never another module's underscored helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._errors import RebasinError
+
+__all__ = [
+    "State",
+    "check_int",
+    "check_float",
+    "check_same_layout",
+    "check_state_for_model",
+    "check_pair",
+    "as_state",
+    "paired_states",
+    "module_with_state",
+    "state_of",
+    "model_device",
+    "resolve_device",
+    "to_device",
+    "split_batch",
+    "TARGET_KEYS",
+    "as_args",
+    "head",
+    "first_inputs",
+    "nonempty",
+    "forward_with_state",
+    "evaluating",
+    "training",
+    "only_training",
+    "progress_bar",
+]
+
+State = Mapping[str, Tensor]
+
+
+# ---------------------------------------------------------------------------------------- arguments
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else :class:`RebasinError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RebasinError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str) -> float:
+    """``float(value)`` if it is a finite real number (not a bool), else :class:`RebasinError`."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RebasinError(f"{name} must be a finite real number, got {value!r}") from err
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise RebasinError(f"{name} must be a finite real number, got {value!r}")
+    return out
+
+
+def check_same_layout(state_a: State, state_b: State, names: tuple[str, str] = ("state_a", "state_b")) -> None:
+    """Same keys and shapes in both state_dicts, else an error listing the differences."""
+    na, nb = names
+    only_a = [k for k in state_a if k not in state_b]
+    only_b = [k for k in state_b if k not in state_a]
+    shapes = [
+        f"{k!r}: {tuple(state_a[k].shape)} vs {tuple(state_b[k].shape)}"
+        for k in state_a
+        if k in state_b and state_a[k].shape != state_b[k].shape
+    ]
+    if only_a or only_b or shapes:
+        parts = []
+        if only_a:
+            parts.append(f"keys only in {na}: {only_a[:12]}")
+        if only_b:
+            parts.append(f"keys only in {nb}: {only_b[:12]}")
+        if shapes:
+            parts.append(f"shapes differ ({na[-1]} vs {nb[-1]}): " + "; ".join(shapes[:12]))
+        raise RebasinError(f"{na} and {nb} do not have the same layout: " + "; ".join(parts))
+
+
+def check_state_for_model(model: nn.Module, state: State, name: str = "state") -> None:
+    """``state`` has exactly the model's keys and shapes, else an error listing the differences."""
+    if isinstance(state, nn.Module):
+        raise RebasinError(f"{name} must be a state_dict (mapping key -> tensor), got the module "
+                           f"{type(state).__name__}; pass module.state_dict()")
+    ref = model.state_dict(keep_vars=True)
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    shapes = [
+        f"{k!r}: {tuple(state[k].shape)} (model: {tuple(ref[k].shape)})"
+        for k in ref
+        if k in state and state[k].shape != ref[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys: {missing}"] if missing else []
+        parts += [f"unexpected keys: {unexpected}"] if unexpected else []
+        parts += ["wrong shapes: " + "; ".join(shapes)] if shapes else []
+        raise RebasinError(f"{name} does not fit the model ({type(model).__name__}): " + "; ".join(parts))
+
+
+def check_pair(state_a: State, state_b: State) -> None:
+    """Two endpoint states: same layout, same dtypes, every floating entry finite."""
+    check_same_layout(state_a, state_b)
+    diff = [f"{k!r}: {state_a[k].dtype} vs {state_b[k].dtype}" for k in state_a if state_a[k].dtype != state_b[k].dtype]
+    if diff:
+        raise RebasinError("state_a and state_b have different dtypes: " + "; ".join(diff[:8]))
+    bad = [
+        k
+        for k, v in list(state_a.items()) + list(state_b.items())
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise RebasinError(f"endpoint tensors contain NaN or inf: {sorted(set(bad))[:8]}")
+
+
+def as_state(obj: State | nn.Module, name: str) -> dict[str, Tensor]:
+    """A detached state_dict from a module or a mapping of tensors (an error naming ``name`` otherwise)."""
+    if isinstance(obj, nn.Module):
+        return state_of(obj)
+    if not isinstance(obj, Mapping):
+        raise RebasinError(f"{name} must be a state_dict (mapping of tensors) or an nn.Module, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise RebasinError(f"{name} has non-tensor entries: {bad[:8]}")
+    return {k: v.detach() for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------------------------------- devices
+def state_of(model: nn.Module) -> dict[str, Tensor]:
+    """The model's full state_dict (parameters and buffers), detached, sharing storage."""
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for an empty model)."""
+    for t in model.state_dict(keep_vars=True).values():
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_device(*models: nn.Module | None, device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given, else the one device all ``models`` are on (an error if they differ)."""
+    if device is not None:
+        return torch.device(device)
+    found = [(i, model_device(m)) for i, m in enumerate(models) if m is not None]
+    if not found:
+        return torch.device("cpu")
+    first = found[0][1]
+    for i, d in found[1:]:
+        if d != first:
+            raise RebasinError(
+                f"the models are on different devices ({first} and {d}): move them to one device, or "
+                "pass device= to run there (the models are not moved)"
+            )
+    return first
+
+
+def paired_states(
+    model_a: nn.Module, model_b: nn.Module, device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Detached state_dicts of two models of one architecture on ``device`` (no copy when already there)."""
+    sa = {k: v.to(device) for k, v in state_of(model_a).items()}
+    sb = {k: v.to(device) for k, v in state_of(model_b).items()}
+    keys_a, keys_b = set(sa), set(sb)
+    if keys_a != keys_b:
+        only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
+        raise RebasinError(
+            "model_a and model_b have different architectures: key(s) only in model_a "
+            f"{only_a[:12]}, key(s) only in model_b {only_b[:12]}"
+        )
+    diff = [f"{k}: {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}" for k in sa if sa[k].shape != sb[k].shape]
+    if diff:
+        raise RebasinError("model_a and model_b have different architectures (shapes differ): " + "; ".join(diff[:12]))
+    return sa, sb
+
+
+def module_with_state(model: nn.Module, state: State, device: torch.device | None = None) -> nn.Module:
+    """A deep copy of ``model`` holding ``state`` (parameters keep their ``requires_grad`` flags)."""
+    new = copy.deepcopy(model)
+    if device is not None:
+        new.to(device)
+    with torch.no_grad():
+        new.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+    return new
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) tuples, lists and mappings moved to ``device``; other values as they are."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------------------------------- batches
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a loader batch; ``targets`` is None when the batch has none.
+
+    ``(x, y, *rest)`` → ``(x, y)``; ``(x,)`` or a tensor ``x`` → ``(x, None)``; a mapping → (the other
+    entries as keyword inputs, the entry named by the first of :data:`TARGET_KEYS` present).
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) >= 2 else None)
+    if isinstance(batch, Mapping) and batch:
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        inputs = {k: v for k, v in batch.items() if k != key}
+        return inputs, (None if key is None else batch[key])
+    raise RebasinError(
+        f"cannot read a batch of type {type(batch).__name__}: a loader must yield (inputs, targets, ...) "
+        "tuples, tensors of inputs, or mappings of keyword inputs (with the targets under 'labels')"
+    )
+
+
+def as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for ``model(...)`` from inputs (tensor, tuple/list or mapping)."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def head(x: Any, n: int = 2) -> Any:
+    """The first ``n`` samples of (nested) inputs, e.g. an example input for tracing."""
+    if isinstance(x, Tensor):
+        return x[:n] if x.ndim else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(head(v, n) for v in x)
+    if isinstance(x, Mapping):
+        return {k: head(v, n) for k, v in x.items()}
+    return x
+
+
+def first_inputs(loader: Iterable[Any], n: int = 2) -> Any:
+    """The first ``n`` samples of the inputs of ``loader``'s first batch."""
+    for batch in loader:
+        return head(split_batch(batch)[0], n)
+    raise RebasinError("the loader yielded no batch, so no example input can be read from it")
+
+
+def nonempty(loader: Iterable[Any], what: str) -> Iterator[Any]:
+    """Iterate ``loader``, raising :class:`RebasinError` naming ``what`` if it yields no batch."""
+    count = 0
+    for batch in loader:
+        count += 1
+        yield batch
+    if count == 0:
+        raise RebasinError(f"{what}: the loader yielded no batches")
+
+
+# ---------------------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def evaluating(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode for the block and restore each one's flag afterwards."""
+    if not enabled:
+        yield model
+        return
+    with only_training(model, ()):
+        yield model
+
+
+@contextlib.contextmanager
+def only_training(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Eval mode for every submodule except ``modules`` (training mode); all flags restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for m in modules:
+            m.train()
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+@contextlib.contextmanager
+def training(model: nn.Module) -> Iterator[None]:
+    """Training mode for the block; every submodule's flag restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def forward_with_state(
+    model: nn.Module, state: Mapping[str, Tensor], inputs: Any, *, eval_mode: bool = False
+) -> Any:
+    """``model(inputs)`` with its parameters and buffers replaced by ``state`` (strict; see :func:`as_args`)."""
+    args, kwargs = as_args(inputs)
+    with evaluating(model, eval_mode):
+        return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+
+
+# ---------------------------------------------------------------------------------------- progress
+def progress_bar(iterable: Iterable[Any], enabled: bool | None, **kwargs: Any) -> Iterable[Any]:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (None: only when stderr is a terminal)."""
+    if enabled is None:
+        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,314 @@
+"""A small zoo of public models used by the demos, benchmarks and tests.
+
+All of them trace with :func:`rebasin.spec_from_model`. They are seeded only by the caller
+(``torch.manual_seed`` before construction) and keep their structure plain: ``nn.Sequential``
+stacks, residual blocks with an explicit ``+``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._errors import RebasinError
+
+__all__ = ["MLP", "VGG", "VGG_CONFIGS", "ResNet20", "SmallCNN", "ChannelLayerNorm"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+#: Standard VGG layer configurations (channel counts, ``"M"`` = 2x2 max-pool).
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def _choice(name: str, value: object, options: Sequence[object]) -> None:
+    if value not in options:
+        raise RebasinError(f"{name}={value!r} is not one of {list(options)}")
+
+
+def _scaled(c: int, width: float) -> int:
+    if width <= 0:
+        raise RebasinError(f"width must be positive, got {width}")
+    return max(1, int(round(c * width)))
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron: ``[Linear -> norm -> activation -> dropout] * len(hidden) -> Linear``.
+
+    The input is flattened from axis 1 (so ``(N, 1, 28, 28)`` images work with ``in_features=784``).
+    Parameters live in ``self.layers`` (an ``nn.Sequential``).
+
+    Parameters
+    ----------
+    in_features, hidden, out_features
+        Input width, hidden widths, output width.
+    activation
+        ``"relu"``, ``"gelu"`` or ``"tanh"``.
+    norm
+        ``None``, ``"layernorm"`` or ``"batchnorm"`` after each hidden Linear.
+    dropout
+        Dropout probability after each activation (0 = no dropout layer).
+
+    Examples
+    --------
+    >>> model = MLP(784, [256], 10)
+    >>> model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        *,
+        activation: Literal["relu", "gelu", "tanh"] = "relu",
+        norm: Literal["layernorm", "batchnorm"] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _choice("activation", activation, list(_ACTIVATIONS))
+        _choice("norm", norm, [None, "layernorm", "batchnorm"])
+        if not 0.0 <= dropout < 1.0:
+            raise RebasinError(f"dropout must be in [0, 1), got {dropout}")
+        layers: list[nn.Module] = []
+        prev = int(in_features)
+        for h in hidden:
+            layers.append(nn.Linear(prev, int(h)))
+            if norm == "layernorm":
+                layers.append(nn.LayerNorm(int(h)))
+            elif norm == "batchnorm":
+                layers.append(nn.BatchNorm1d(int(h)))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            prev = int(h)
+        layers.append(nn.Linear(prev, int(out_features)))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, *) -> (N, out_features)``."""
+        return self.layers(torch.flatten(x, 1))
+
+
+class VGG(nn.Module):
+    """VGG-style network: ``[Conv3x3 -> (BN) -> ReLU | MaxPool2d]*`` then a classifier.
+
+    Parameters
+    ----------
+    cfg
+        Channel counts and ``"M"`` (2x2 max-pool), e.g. ``VGG_CONFIGS["vgg11"]``.
+    in_channels, num_classes
+        Input channels and number of classes.
+    batch_norm
+        BatchNorm2d after every convolution.
+    width
+        Multiplier of every channel count (rounded, at least 1).
+    image_size
+        Input height = width; needed to size the Flatten -> Linear classifier.
+    head
+        ``"flatten"``: Flatten the ``C x H x W`` map into the first Linear (channel-major blocks);
+        ``"avgpool"``: AdaptiveAvgPool2d(1) -> Flatten -> Linear.
+    classifier_hidden
+        Hidden widths of the classifier (``Linear -> ReLU`` each) before the output Linear.
+
+    Examples
+    --------
+    >>> model = VGG([8, "M", 16, "M"], image_size=8)
+    >>> model(torch.zeros(2, 3, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[int | str],
+        *,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        batch_norm: bool = False,
+        width: float = 1,
+        image_size: int = 32,
+        head: Literal["flatten", "avgpool"] = "flatten",
+        classifier_hidden: Sequence[int] = (),
+    ) -> None:
+        super().__init__()
+        _choice("head", head, ["flatten", "avgpool"])
+        layers: list[nn.Module] = []
+        c, size = int(in_channels), int(image_size)
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+                if size < 1:
+                    raise RebasinError(f"image_size={image_size} is too small for {list(cfg).count('M')} max-pools")
+                continue
+            if isinstance(v, str) or int(v) < 1:
+                raise RebasinError(f"cfg entries must be positive channel counts or 'M', got {v!r}")
+            out = _scaled(int(v), width)
+            layers.append(nn.Conv2d(c, out, 3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU())
+            c = out
+        self.features = nn.Sequential(*layers)
+        head_layers: list[nn.Module] = []
+        if head == "avgpool":
+            head_layers.append(nn.AdaptiveAvgPool2d(1))
+            flat = c
+        else:
+            flat = c * size * size
+        head_layers.append(nn.Flatten())
+        for h in classifier_hidden:
+            head_layers += [nn.Linear(flat, int(h)), nn.ReLU()]
+            flat = int(h)
+        head_layers.append(nn.Linear(flat, int(num_classes)))
+        self.classifier = nn.Sequential(*head_layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, in_channels, image_size, image_size) -> (N, num_classes)``."""
+        return self.classifier(self.features(x))
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of an ``(N, C, H, W)`` map (NCHW -> NHWC -> LayerNorm(C) -> NCHW)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, C, H, W)``."""
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "layernorm":
+        return ChannelLayerNorm(channels)
+    return nn.GroupNorm(1, channels)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, shortcut_kernel: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm2d(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = _norm2d(norm, cout)
+        if stride != 1 or cin != cout:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(cin, cout, shortcut_kernel, stride=stride, padding=shortcut_kernel // 2, bias=False),
+                _norm2d(norm, cout),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20: stem, 3 stages x 3 basic blocks (16/32/64 x width channels), pool, Linear.
+
+    Identity shortcuts within a stage; at a stage change a projection shortcut (conv with
+    ``shortcut_kernel`` and stride 2, then a norm).
+
+    Parameters
+    ----------
+    width
+        Channel multiplier (channels ``round(16 * width)`` etc.).
+    num_classes, in_channels
+        Output classes and input channels.
+    norm
+        ``"batchnorm"``, ``"layernorm"`` (LayerNorm over channels, :class:`ChannelLayerNorm`) or
+        ``"groupnorm1"`` (``GroupNorm(1, C)``).
+    shortcut_kernel
+        1 or 3: kernel of the projection shortcut conv.
+
+    Examples
+    --------
+    >>> model = ResNet20(width=0.25)
+    >>> model(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        *,
+        width: float = 1,
+        num_classes: int = 10,
+        norm: Literal["batchnorm", "layernorm", "groupnorm1"] = "batchnorm",
+        shortcut_kernel: Literal[1, 3] = 1,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        _choice("norm", norm, ["batchnorm", "layernorm", "groupnorm1"])
+        _choice("shortcut_kernel", shortcut_kernel, [1, 3])
+        widths = [_scaled(c, width) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(int(in_channels), widths[0], 3, padding=1, bias=False)
+        self.norm1 = _norm2d(norm, widths[0])
+        stages: list[nn.Module] = []
+        cin = widths[0]
+        for s, cout in enumerate(widths):
+            blocks = [_BasicBlock(cin if b == 0 else cout, cout, 2 if (s > 0 and b == 0) else 1, norm,
+                                  shortcut_kernel) for b in range(3)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], int(num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, in_channels, H, W) -> (N, num_classes)``."""
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallCNN(nn.Module):
+    """Three ``Conv3x3 -> (BN) -> ReLU`` layers (max-pool after the first two), global pool, Linear.
+
+    Examples
+    --------
+    >>> model = SmallCNN(channels=(8, 16, 16))
+    >>> model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        channels: Sequence[int] = (32, 64, 64),
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 3:
+            raise RebasinError(f"SmallCNN takes exactly 3 channel counts, got {tuple(channels)}")
+        layers: list[nn.Module] = []
+        c = int(in_channels)
+        for i, out in enumerate(int(v) for v in channels):
+            layers.append(nn.Conv2d(c, out, 3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU())
+            if i < 2:
+                layers.append(nn.MaxPool2d(2))
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, int(num_classes)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, in_channels, H, W) -> (N, num_classes)``."""
+        return self.head(self.features(x))

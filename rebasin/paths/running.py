@@ -1,0 +1,192 @@
+"""Running a model on explicit states over a loader: evaluation and BatchNorm statistics.
+
+The user's model is only run through :func:`torch.func.functional_call` and is unchanged afterwards
+(parameters, buffers and every submodule's ``training`` flag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._common import (
+    State,
+    check_int,
+    check_state_for_model,
+    forward_with_state,
+    only_training,
+    resolve_device,
+    split_batch,
+    to_device,
+)
+from .._errors import RebasinError
+
+__all__ = ["evaluate_state", "reset_bn_stats", "LossFn"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def evaluate_state(
+    model: nn.Module,
+    state: State,
+    loader: Iterable[Any],
+    *,
+    loss_fn: LossFn | None,
+    device: torch.device,
+    name: str = "state",
+) -> tuple[float, float | None, int]:
+    """Mean loss, accuracy (None unless every batch looks like classification) and example count.
+
+    ``loss_fn(output, target)`` returns the batch *mean*; it is weighted by the batch size.
+    This is the single evaluation routine behind :func:`evaluate_path` and ``rebasin.apps.training.evaluate``.
+    """
+    check_state_for_model(model, state, name=name)
+    state = {k: v.to(device) for k, v in state.items()}
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n_examples = n_targets = 0
+    classification = True
+    with torch.no_grad():
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise RebasinError("evaluation needs (inputs, targets) batches; the loader yielded inputs only")
+            x, y = to_device(x, device), to_device(y, device)
+            out = forward_with_state(model, state, x, eval_mode=True)
+            n = int(y.shape[0])
+            loss_sum += loss_fn(out, y).detach().to(torch.float64) * n
+            n_examples += n
+            classification = classification and (
+                isinstance(out, Tensor)
+                and not y.is_floating_point()
+                and y.dtype != torch.bool
+                and out.ndim == y.ndim + 1
+                and out.shape[0] == y.shape[0]
+            )
+            if classification:
+                correct += (out.argmax(dim=1) == y).sum()
+                n_targets += y.numel()
+    if n_examples == 0:
+        raise RebasinError("the evaluation loader yielded no batches")
+    accuracy = float(correct) / n_targets if classification and n_targets else None
+    return float(loss_sum) / n_examples, accuracy, n_examples
+
+
+def reset_bn_stats(
+    model: nn.Module,
+    state: State,
+    loader: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    r"""Recompute every BatchNorm's running statistics for ``state`` over a loader.
+
+    The result equals what PyTorch's cumulative average (``momentum=None``) stores after
+    ``reset_running_stats()`` and one training-mode forward pass per batch: ``running_mean``
+    and ``running_var`` are the averages over batches of each batch's mean and unbiased
+    variance of the BatchNorm input, and ``num_batches_tracked`` is the number of batches.
+    Averages are accumulated in float64. Only the BatchNorm layers run in training mode
+    (dropout and the like stay in eval mode, so the statistics are deterministic).
+
+    Parameters
+    ----------
+    model
+        The architecture; its parameters, buffers, ``momentum`` and ``training`` flags are
+        unchanged afterwards.
+    state
+        Full state_dict for ``model`` (parameters and buffers). Not mutated.
+    loader
+        Yields ``(inputs, targets)`` or bare inputs; targets are ignored.
+    max_batches
+        Use at most this many batches (all when None).
+    device
+        Where to run; defaults to the model's device.
+
+    Returns
+    -------
+    dict
+        A new state_dict: BatchNorm buffers are new tensors (same dtype and device as in
+        ``state``), every other entry is ``state``'s tensor itself. A model without
+        BatchNorm layers (tracking running statistics) gets ``dict(state)`` back.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> x = torch.randn(32, 3)
+    >>> new = reset_bn_stats(model, model.state_dict(), [x[:16], x[16:]])
+    >>> int(new["1.num_batches_tracked"])
+    2
+    """
+    check_state_for_model(model, state)
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
+    out = dict(state)
+    if not bns:
+        return out
+    if max_batches is not None:
+        check_int(max_batches, "max_batches")
+    device = resolve_device(model, device=device)
+    prefix = {name: f"{name}." if name else "" for name in bns}
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    # BatchNorm updates its buffers in place during the forward pass: give it scratch copies.
+    work = {k: v.to(device) for k, v in state.items()}
+    for name in bns:
+        for buf in buffers:
+            key = prefix[name] + buf
+            if key in work:
+                work[key] = state[key].to(device, copy=True)
+
+    sums: dict[str, list[Tensor]] = {}
+    calls = dict.fromkeys(bns, 0)
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().to(torch.float64)
+            dims = [0, *range(2, x.ndim)]
+            mean, var = x.mean(dim=dims), x.var(dim=dims, correction=1)
+            if name in sums:
+                sums[name][0] += mean
+                sums[name][1] += var
+            else:
+                sums[name] = [mean, var]
+            calls[name] += 1
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in bns.items()]
+    n_batches = 0
+    try:
+        with torch.no_grad(), only_training(model, bns.values()):
+            for batch in loader:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                x, _ = split_batch(batch)
+                forward_with_state(model, work, to_device(x, device))
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n_batches == 0:
+        raise RebasinError("reset_bn_stats: the loader yielded no batches")
+
+    for name in bns:
+        k = calls[name]
+        mean_key, var_key, count_key = (prefix[name] + b for b in buffers)
+        old_mean, old_var = state[mean_key], state[var_key]
+        if k:
+            mean, var = sums[name][0] / k, sums[name][1] / k
+        else:  # never reached by the forward pass: the reset values
+            mean, var = torch.zeros_like(old_mean), torch.ones_like(old_var)
+        out[mean_key] = mean.to(dtype=old_mean.dtype, device=old_mean.device)
+        out[var_key] = var.to(dtype=old_var.dtype, device=old_var.device)
+        if count_key in state:
+            out[count_key] = torch.full_like(state[count_key], k)
+    return out

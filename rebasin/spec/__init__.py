@@ -1,0 +1,36 @@
+"""Specs and permutation algebra: which permutation acts on which axis, and how to apply it.
+
+Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`PermutationSpec` is plain data;
+``permute`` / ``invert`` / ``compose`` / ``random_permutation`` are pure functions over state_dicts, and
+``soft_permute`` is their differentiable counterpart for doubly stochastic matrices.
+"""
+
+from __future__ import annotations
+
+from .core import (
+    Axes,
+    PermutationSpec,
+    block_index,
+    check_permutations,
+    compose,
+    identity_permutation,
+    invert,
+    permute,
+    random_permutation,
+)
+from .soft import matrix_to_perm, perm_to_matrix, soft_permute
+
+__all__ = [
+    "PermutationSpec",
+    "Axes",
+    "permute",
+    "invert",
+    "compose",
+    "random_permutation",
+    "identity_permutation",
+    "check_permutations",
+    "block_index",
+    "soft_permute",
+    "perm_to_matrix",
+    "matrix_to_perm",
+]

@@ -115,7 +115,7 @@ def time_sweep_matmuls(spec, a, b, device: torch.device, repeats: int) -> float:
     return best
 
 
-def run_case(width: int, case: str, device: torch.device, repeats: int, seed: int, max_iter: int = 100):
+def run_case(width: int, case: str, device: torch.device, repeats: int, seed: int, n_iter: int = 100):
     spec, a, b = make_pair(case, width, device, seed)
     lsa_times: list[float] = []
     hook_time = [0.0]
@@ -131,7 +131,7 @@ def run_case(width: int, case: str, device: torch.device, repeats: int, seed: in
     def timed(**kw):
         sync(device)
         t0 = time.perf_counter()
-        out = weight_matching(spec, a, b, return_info=True, device=device, max_iter=max_iter, **kw)
+        out = weight_matching(spec, a, b, return_info=True, device=device, n_iter=n_iter, **kw)
         sync(device)
         return time.perf_counter() - t0, out
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--max-iter", type=int, default=8, help="sweep cap passed to weight_matching (keeps 4096 under budget)"
+        "--n-iter", type=int, default=8, help="sweep cap passed to weight_matching (keeps 4096 under budget)"
     )
     parser.add_argument("--report-file", default=None, help="markdown file to append to (default docs/benchmarks.md)")
     parser.add_argument("--no-report", action="store_true", help="do not append to docs/benchmarks.md")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for width in args.widths:
         for case in args.cases:
-            for row in run_case(width, case, device, args.repeats, args.seed, args.max_iter):
+            for row in run_case(width, case, device, args.repeats, args.seed, args.n_iter):
                 rows.append(row)
                 print(" | ".join(str(v) if not isinstance(v, float) else f"{v:.3f}" for v in row), flush=True)
     total = time.perf_counter() - start

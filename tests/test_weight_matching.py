@@ -205,7 +205,7 @@ def test_result_is_a_coordinatewise_optimum():
     pb = permute(spec, perms, b)
     base = sum(float((a[k] * pb[k]).sum()) for k in a)
     for name in spec.perms:
-        again = weight_matching(spec, a, b, init=perms, max_iter=1)
+        again = weight_matching(spec, a, b, init=perms, n_iter=1)
         assert torch.equal(again[name], perms[name])
     assert base > sum(float((a[k] * b[k]).sum()) for k in a)
 
@@ -224,13 +224,13 @@ def test_same_seed_same_result_and_other_seeds_valid():
 def test_max_iter_zero_returns_init_and_init_is_used():
     spec, a, b = mlp_spec(), state(mlp(8, seed=0)), state(mlp(8, seed=1))
     init = random_permutation(spec, seed=9, sizes=spec.validate(a))
-    out, info = weight_matching(spec, a, b, init=init, max_iter=0, return_info=True)
+    out, info = weight_matching(spec, a, b, init=init, n_iter=0, return_info=True)
     assert all(torch.equal(out[k], init[k]) for k in init)
     assert out["P0"] is not init["P0"]
     assert info.n_sweeps == 0 and info.objective == [] and not info.converged
     pb = permute(spec, init, b)
     assert info.initial_objective == pytest.approx(sum(float((a[k] * pb[k]).sum()) for k in a if k != "6.bias"), rel=1e-5)
-    _, info1 = weight_matching(spec, a, b, max_iter=1, return_info=True)
+    _, info1 = weight_matching(spec, a, b, n_iter=1, return_info=True)
     assert info1.n_sweeps == 1
 
 
@@ -314,11 +314,11 @@ def test_bad_init_rejected(bad, match):
         weight_matching(spec, a, b, init=bad)
 
 
-@pytest.mark.parametrize("max_iter", [-1, 2.5, True])
-def test_bad_max_iter_rejected(max_iter):
+@pytest.mark.parametrize("n_iter", [-1, 2.5, True])
+def test_bad_max_iter_rejected(n_iter):
     spec, a = mlp_spec(), state(mlp(8))
-    with pytest.raises(RebasinError, match="max_iter"):
-        weight_matching(spec, a, a, max_iter=max_iter)
+    with pytest.raises(RebasinError, match="n_iter"):
+        weight_matching(spec, a, a, n_iter=n_iter)
 
 
 # ---------------------------------------------------------------- the incremental engine

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import head, model_device, paired_states, resolve_device, split_batch, to_device
+from .._common import head, model_device, module_with_state, paired_states, resolve_device, split_batch, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from .assignment import linear_assignment
+from .registry import MatchResult, register_matcher
 
 __all__ = [
     "activation_matching",
@@ -388,3 +389,35 @@ def activation_matching(
         num_batches=num_batches,
     )
     return perms, info
+
+
+@register_matcher(
+    "activation_matching", needs_data=True, description="Ainsworth et al.: correlate the hidden units' activations"
+)
+def _activation_matcher(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    model_a: nn.Module | None = None,
+    model_b: nn.Module | None = None,
+    loader: Iterable[Any] | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    eps: float = 1e-8,
+    device: Any = None,
+) -> MatchResult:
+    """Activation matching (deterministic); options as :func:`activation_matching`."""
+    if model_a is None:
+        raise RebasinError("activation_matching needs model_a (the architecture to run the states through)")
+    perms, info = activation_matching(
+        module_with_state(model_a, state_a),
+        module_with_state(model_b if model_b is not None else model_a, state_b),
+        loader,
+        spec=spec,
+        max_batches=max_batches,
+        eps=eps,
+        device=device,
+        return_info=True,
+    )
+    return MatchResult(perms, info)

@@ -1,27 +1,25 @@
-"""One entry point for every matcher: ``align(model_a, model_b, method=...)``.
+"""One entry point for every registered matcher: ``align(model_a, model_b, method=...)``.
 
-Each matcher has its own function with its own arguments (``weight_matching``,
-``activation_matching``, ``ste_matching``, ``SinkhornRebasin``); :func:`align` dispatches to them by
-name, checks the options against the chosen matcher's signature (a typo is an error, not silently
-ignored), times the call and returns the aligned state_dict of B with the permutations.
+:func:`align` looks the method up in the matcher registry (:mod:`rebasin.matching.registry`), checks the
+options against the matcher's signature before anything runs (a typo is an error, not silently ignored),
+traces the spec when none is given, times the matcher and returns an :class:`Alignment`: the permutations,
+B's state permuted into A's basin, and the matcher's diagnostics.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from .._common import state_of
-from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
 from ..trace.tracing import spec_for
+from .registry import get_matcher
 
-__all__ = ["Alignment", "align", "METHODS"]
+__all__ = ["Alignment", "align"]
 
 
 @dataclass(frozen=True)
@@ -31,13 +29,13 @@ class Alignment:
     Attributes
     ----------
     method
-        The matcher's name.
+        The matcher's registered name.
     perms
         ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``.
     spec
         The permutation spec used.
     state_b
-        Model B's full state_dict permuted into A's basin (a new dict; B is not modified).
+        Model B's full state_dict permuted into A's basin (a new dict of new tensors; B is not modified).
     time_s
         Wall time of the matcher (not counting spec tracing).
     info
@@ -52,78 +50,6 @@ class Alignment:
     info: Any = field(default=None, repr=False)
 
 
-def _weight(model_a, model_b, spec, loader, seed, device, **kw):
-    from .weight import weight_matching
-
-    return weight_matching(spec, state_of(model_a), state_of(model_b), seed=seed, device=device, return_info=True, **kw)
-
-
-def _activation(model_a, model_b, spec, loader, seed, device, **kw):
-    from .activation import activation_matching
-
-    _need_loader("activation_matching", loader)
-    return activation_matching(model_a, model_b, loader, spec=spec, device=device, return_info=True, **kw)
-
-
-def _ste(model_a, model_b, spec, loader, seed, device, **kw):
-    from .ste import ste_matching
-
-    _need_loader("ste", loader)
-    return ste_matching(model_a, model_b, loader, spec=spec, seed=seed, device=device, return_info=True, **kw)
-
-
-def _sinkhorn(model_a, model_b, spec, loader, seed, device, *, fit: Mapping[str, Any] | None = None, **kw):
-    from .sinkhorn_rebasin import SinkhornRebasin
-
-    module = SinkhornRebasin(model_a, model_b, spec=spec, seed=seed, **kw)
-    fit = dict(fit or {})
-    history = module.fit(loader, device=device, **fit)
-    return module.hard_permutations(), history
-
-
-def _ot(model_a, model_b, spec, loader, seed, device, **kw):
-    from .ot import ot_matching
-
-    return ot_matching(spec, state_of(model_a), state_of(model_b), **kw), None
-
-
-def _identity(model_a, model_b, spec, loader, seed, device):
-    return {}, None
-
-
-def _need_loader(name: str, loader: Any) -> None:
-    if loader is None:
-        raise RebasinError(f"method {name!r} needs data: pass loader=")
-
-
-METHODS: dict[str, tuple[Callable[..., Any], str]] = {
-    "identity": (_identity, ""),
-    "weight_matching": (_weight, "rebasin.matching.weight:weight_matching"),
-    "activation_matching": (_activation, "rebasin.matching.activation:activation_matching"),
-    "ste": (_ste, "rebasin.matching.ste:ste_matching"),
-    "sinkhorn": (_sinkhorn, "rebasin.matching.sinkhorn_rebasin:SinkhornRebasin"),
-    "ot": (_ot, "rebasin.matching.ot:ot_matching"),
-}
-_FIXED = {"spec", "seed", "device", "return_info", "state_a", "state_b", "model_a", "model_b", "loader"}
-
-
-def _accepted_options(method: str) -> set[str] | None:
-    target = METHODS[method][1]
-    if not target:
-        return set()
-    import importlib
-
-    mod, _, name = target.partition(":")
-    obj = getattr(importlib.import_module(mod), name)
-    params = inspect.signature(obj).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    accepted = {n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL} - _FIXED
-    if method == "sinkhorn":
-        accepted.add("fit")
-    return accepted
-
-
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -136,49 +62,51 @@ def align(
     device: Any = None,
     **options: Any,
 ) -> Alignment:
-    """Align ``model_b`` to ``model_a`` with the named matcher.
+    """Align ``model_b`` to ``model_a`` with a registered matcher.
 
     Parameters
     ----------
     model_a, model_b
         Two models of the same architecture. Neither is modified.
     method
-        One of ``"identity"`` (no alignment; the naive baseline), ``"weight_matching"``,
-        ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``, ``"ot"`` (Anokhin & Yarotsky's optimal-transport
-        neuron matching, :func:`rebasin.ot_matching`).
+        A registered matcher (``rebasin.matcher_names()``): built in are ``"identity"`` (no alignment; the
+        naive baseline), ``"weight_matching"``, ``"activation_matching"``, ``"ste"``, ``"sinkhorn"`` and
+        ``"ot"`` (Anokhin & Yarotsky's optimal-transport neuron matching); :func:`rebasin.register_matcher`
+        adds your own.
     loader
-        Data for the data-driven methods (batches ``(x, y)``).
+        Data for the data-driven matchers (batches ``(inputs, targets, ...)``).
     spec
         The permutation spec; traced from ``model_a`` with ``example_input`` (or the loader's first
         batch) when omitted.
+    seed
+        Seeds every random choice of the matcher.
+    device
+        Where the matcher computes (passed on when given; every built-in matcher accepts it).
     options
-        Passed to the matcher; for ``"sinkhorn"`` constructor options, plus ``fit={...}`` for
-        :meth:`SinkhornRebasin.fit`. Unknown options raise :class:`RebasinError`.
+        The matcher's own options; for ``"sinkhorn"`` :class:`SinkhornRebasin`'s constructor options plus
+        ``fit={...}`` for :meth:`SinkhornRebasin.fit`. Unknown options raise :class:`RebasinError`.
+
+    Returns
+    -------
+    Alignment
 
     Examples
     --------
     >>> res = align(model_a, model_b, method="weight_matching")  # doctest: +SKIP
     >>> model_b.load_state_dict(res.state_b)                     # doctest: +SKIP
     """
-    if method not in METHODS:
-        raise RebasinError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    accepted = _accepted_options(method)
-    if accepted is not None:
-        unknown = sorted(set(options) - accepted)
-        if unknown:
-            raise RebasinError(
-                f"unknown option(s) {unknown} for method {method!r}; accepted: {sorted(accepted)}"
-            )
+    matcher = get_matcher(method)
+    if device is not None:
+        options["device"] = device
+    matcher.check_options(options)
     if spec is None:
         spec = spec_for(model_a, example_input=example_input, loader=loader)
-    state_b = state_of(model_b)
-    spec.validate_pair(state_of(model_a), state_b)
-    fn = METHODS[method][0]
+    state_a, state_b = state_of(model_a), state_of(model_b)
+    spec.validate_pair(state_a, state_b)
     start = time.perf_counter()
-    perms, info = fn(model_a, model_b, spec, loader, seed, device, **options)
+    result = matcher(spec, state_a, state_b, model_a=model_a, model_b=model_b, loader=loader, seed=seed, **options)
     elapsed = time.perf_counter() - start
-    aligned = permute(spec, perms, state_b) if perms else dict(state_b)
+    aligned = permute(spec, result.perms, state_b) if result.perms else dict(state_b)
     # permute() passes untouched tensors through; the result must not alias B's parameters
     aligned = {k: v.clone() if v.data_ptr() == state_b[k].data_ptr() else v for k, v in aligned.items()}
-    return Alignment(method, dict(perms), spec, aligned, elapsed, info)
-
+    return Alignment(method, result.perms, spec, aligned, elapsed, result.info)

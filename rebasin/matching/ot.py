@@ -17,6 +17,7 @@ from torch import Tensor
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, block_index
 from .assignment import solve_cost
+from .registry import register_matcher
 
 __all__ = ["ot_matching"]
 
@@ -150,3 +151,23 @@ def ot_matching(
         cost = fa.pow(2).sum(1, keepdim=True) + fb.pow(2).sum(1)[None, :] - 2.0 * fa @ fb.T
         solved[p] = torch.from_numpy(solve_cost(cost.clamp_min_(0.0).cpu().numpy(), name=p))
     return {p: solved[p] for p in spec.perms}
+
+
+@register_matcher("ot", description="Anokhin & Yarotsky: exact optimal transport between neuron weight distributions")
+def _ot_matcher(
+    spec: PermutationSpec,
+    state_a: State,
+    state_b: State,
+    *,
+    model_a: object = None,
+    model_b: object = None,
+    loader: object = None,
+    seed: int = 0,
+    use_outgoing: bool = False,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """OT neuron matching (data-free, deterministic); options as :func:`ot_matching` (computed on ``device``)."""
+    if device is not None:
+        state_a = {k: v.to(device) for k, v in state_a.items()}
+        state_b = {k: v.to(device) for k, v in state_b.items()}
+    return {p: v.cpu() for p, v in ot_matching(spec, state_a, state_b, use_outgoing=use_outgoing).items()}

@@ -18,15 +18,16 @@ The answer is the hard permutation obtained by linear assignment on the logits.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._common import forward_with_state, model_device, split_batch, state_of, to_device
+from .._common import forward_with_state, model_device, module_with_state, split_batch, state_of, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
+from .registry import MatchResult, register_matcher
 
 __all__ = ["SinkhornRebasin", "COSTS"]
 
@@ -338,3 +339,31 @@ class SinkhornRebasin(nn.Module):
         model = copy.deepcopy(self._model)
         model.load_state_dict(self.aligned_state_dict())
         return model
+
+
+@register_matcher("sinkhorn", description="Pena et al.: learn soft permutations end to end (costs l2 / midpoint / random)")
+def _sinkhorn_matcher(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    model_a: nn.Module | None = None,
+    model_b: nn.Module | None = None,
+    loader: Iterable[Any] | None = None,
+    seed: int = 0,
+    fit: Mapping[str, Any] | None = None,
+    device: Any = None,
+    **options: Any,
+) -> MatchResult:
+    """Sinkhorn re-basin: ``options`` go to :class:`SinkhornRebasin`, ``fit={...}`` to :meth:`SinkhornRebasin.fit`."""
+    if model_a is None:
+        raise RebasinError("sinkhorn needs model_a (the architecture to run the states through)")
+    module = SinkhornRebasin(
+        module_with_state(model_a, state_a),
+        module_with_state(model_b if model_b is not None else model_a, state_b),
+        spec=spec,
+        seed=seed,
+        **options,
+    )
+    history = module.fit(loader, device=device, **dict(fit or {}))
+    return MatchResult(module.hard_permutations(), history)

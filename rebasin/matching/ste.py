@@ -27,7 +27,7 @@ worse than weight matching on that batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,9 +35,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._common import forward_with_state, head, model_device, paired_states, resolve_device, split_batch, to_device
+from .._common import (
+    forward_with_state,
+    head,
+    model_device,
+    module_with_state,
+    paired_states,
+    resolve_device,
+    split_batch,
+    to_device,
+)
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute_unchecked
+from .registry import MatchResult, register_matcher
 
 __all__ = ["ste_matching", "STEInfo"]
 
@@ -94,7 +104,7 @@ def ste_matching(
     epochs: int = 1,
     lr: float = 1e-3,
     max_steps: int | None = None,
-    max_iter: int = 100,
+    n_iter: int = 100,
     seed: int = 0,
     device: Any = None,
     progress: bool = False,
@@ -128,7 +138,7 @@ def ste_matching(
         Adam learning rate on ``W``.
     max_steps
         Stop after this many steps in all (default: no limit).
-    max_iter
+    n_iter
         Sweeps of each inner weight matching.
     seed
         Step ``k``'s weight matching uses ``seed + k`` (its visiting order), so the first
@@ -203,7 +213,7 @@ def ste_matching(
     def project(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
         target = dict(state_a)
         target.update({k: w.detach() for k, w in weights.items()})
-        return weight_matching(spec, target, state_b, max_iter=max_iter, init=perms, seed=int(seed) + step, device=dev)
+        return weight_matching(spec, target, state_b, n_iter=n_iter, init=perms, seed=int(seed) + step, device=dev)
 
     def midpoint(perms: dict[str, Tensor]) -> dict[str, Tensor]:
         projected = permute_unchecked(spec, perms, state_b)
@@ -288,3 +298,30 @@ def ste_matching(
         changed=changed,
     )
     return result, info
+
+
+@register_matcher("ste", needs_data=True, description="Ainsworth et al.: straight-through estimator on the midpoint loss")
+def _ste_matcher(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    model_a: nn.Module | None = None,
+    model_b: nn.Module | None = None,
+    loader: Iterable[Any] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> MatchResult:
+    """The straight-through estimator; options as :func:`ste_matching`."""
+    if model_a is None:
+        raise RebasinError("ste needs model_a (the architecture to run the states through)")
+    perms, info = ste_matching(
+        module_with_state(model_a, state_a),
+        module_with_state(model_b if model_b is not None else model_a, state_b),
+        loader,
+        spec=spec,
+        seed=seed,
+        return_info=True,
+        **options,
+    )
+    return MatchResult(perms, info)

@@ -43,6 +43,7 @@ from torch import Tensor
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, check_permutations
 from .assignment import cost_from_similarity, solve_cost
+from .registry import MatchResult, register_matcher
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
 
@@ -69,7 +70,7 @@ class WeightMatchingInfo:
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
-        ``True`` if the last sweep changed nothing; ``False`` if ``max_iter`` stopped it.
+        ``True`` if the last sweep changed nothing; ``False`` if ``n_iter`` stopped it.
     n_solves
         Linear assignments solved.
     n_skipped
@@ -266,7 +267,7 @@ def weight_matching(
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     *,
-    max_iter: int = ...,
+    n_iter: int = ...,
     init: Mapping[str, Tensor] | None = ...,
     seed: int = ...,
     return_info: Literal[False] = ...,
@@ -282,7 +283,7 @@ def weight_matching(
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     *,
-    max_iter: int = ...,
+    n_iter: int = ...,
     init: Mapping[str, Tensor] | None = ...,
     seed: int = ...,
     return_info: Literal[True],
@@ -297,7 +298,7 @@ def weight_matching(
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     *,
-    max_iter: int = 100,
+    n_iter: int = 100,
     init: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     return_info: bool = False,
@@ -314,7 +315,7 @@ def weight_matching(
     of the spec by coordinate descent: each sweep visits every permutation once, in an order drawn
     from ``torch.Generator().manual_seed(seed)``, and replaces it by the solution of a linear
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
-    sweep without improvement or after ``max_iter`` sweeps.
+    sweep without improvement or after ``n_iter`` sweeps.
 
     Every floating tensor that a permutation touches counts, parameters *and* buffers: weights,
     biases, norm scales and shifts (outer products of the 1-D vectors) and BatchNorm running
@@ -327,7 +328,7 @@ def weight_matching(
         Permutation spec of the architecture (``spec.blocks`` is honoured).
     state_a, state_b
         state_dicts of the two models; same keys and shapes, finite values. Not mutated.
-    max_iter
+    n_iter
         Maximum number of sweeps (``0`` returns the starting permutations).
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
@@ -350,7 +351,7 @@ def weight_matching(
     RebasinError
         If the state_dicts do not match the spec or each other (keys and shapes are listed), hold
         NaN or inf (the key is named), ``init`` is not a set of permutations of the right sizes,
-        or ``max_iter`` is negative.
+        or ``n_iter`` is negative.
 
     Notes
     -----
@@ -381,8 +382,8 @@ def weight_matching(
     True
     """
     sizes = spec.validate_pair(state_a, state_b)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise RebasinError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise RebasinError(f"n_iter must be a non-negative int, got {n_iter!r}")
     if init is not None:
         check_permutations(spec, init, sizes)
     perms: dict[str, np.ndarray] = {}
@@ -402,7 +403,7 @@ def weight_matching(
         n_solves = n_skipped = 0
         buffers: dict[int, np.ndarray] = {}  # one float64 cost matrix per size, reused
         converged = False
-        for _ in range(max_iter):
+        for _ in range(n_iter):
             improved = False
             for idx in torch.randperm(len(active), generator=generator).tolist():
                 name = active[idx]
@@ -449,3 +450,22 @@ def weight_matching(
         n_lowrank_updates=engine.n_lowrank_updates,
     )
     return out, info
+
+
+@register_matcher("weight_matching", description="Ainsworth et al.: maximise the summed inner products of the weights")
+def _weight_matcher(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    model_a: object = None,
+    model_b: object = None,
+    loader: object = None,
+    seed: int = 0,
+    n_iter: int = 100,
+    init: Mapping[str, Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> MatchResult:
+    """Weight matching (data-free); options as :func:`weight_matching`."""
+    perms, info = weight_matching(spec, state_a, state_b, n_iter=n_iter, init=init, seed=seed, device=device, return_info=True)
+    return MatchResult(perms, info)

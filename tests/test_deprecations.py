@@ -1,0 +1,46 @@
+"""Names that moved in 0.2 keep working for one release, with a DeprecationWarning that says where to."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rebasin
+from rebasin.apps import training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["fit_classifier_", "evaluate", "seeded_model"])
+def test_training_helpers_left_the_top_level_with_a_warning(name):
+    assert name not in rebasin.__all__
+    with pytest.warns(DeprecationWarning, match=rf"rebasin\.{name} moved to rebasin\.apps\.training\.{name}"):
+        value = getattr(rebasin, name)
+    assert value is getattr(training, name)
+
+
+def test_unknown_top_level_names_are_still_attribute_errors():
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        rebasin.nonexistent  # noqa: B018
+
+
+@pytest.mark.parametrize(("old", "new", "name"), [
+    ("rebasin.models", "rebasin.apps.models", "MLP"),
+    ("rebasin.data", "rebasin.apps.data", "digits_loaders"),
+    ("rebasin.train", "rebasin.apps.training", "fit_classifier_"),
+])
+def test_old_application_modules_are_deprecated_aliases(old, new, name):
+    code = (
+        "import warnings, importlib\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    old = importlib.import_module({old!r})\n"
+        f"new = importlib.import_module({new!r})\n"
+        f"assert getattr(old, {name!r}) is getattr(new, {name!r})\n"
+        "print([str(x.message) for x in w if issubclass(x.category, DeprecationWarning)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert f"{old} moved to {new}" in out.stdout

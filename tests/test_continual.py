@@ -18,7 +18,7 @@ pytest.importorskip("avalanche")
 
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.training import Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
 
 from rebasin import PermutationSpec, RebasinError  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
@@ -374,3 +374,62 @@ def test_rotated_mnist_benchmark_shapes():
     x0 = bm.train_stream[0].dataset[0][0]
     assert not torch.equal(x, x0)  # rotated by 180 degrees
     torch.testing.assert_close(x, torch.flip(x0, dims=(1, 2)), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ no hidden side effects
+def guard_global_rng(plugin) -> dict:
+    """Wrap every Avalanche callback of ``plugin`` so that each call asserts the global torch RNG
+    state after it equals the state before it; returns the per-callback call counts."""
+    calls: dict = {}
+    for name in dir(SupervisedPlugin):
+        if not name.startswith(("before_", "after_")):
+            continue
+
+        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):
+            before = torch.get_rng_state()
+            out = _inner(strategy, *args, **kwargs)
+            assert torch.equal(torch.get_rng_state(), before), f"{type(plugin).__name__}.{_name} drew global RNG"
+            calls[_name] = calls.get(_name, 0) + 1
+            return out
+
+        setattr(plugin, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("config", ["memory", "replay", "activation_matching"])
+def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
+    model = tiny()
+    if config == "replay":
+        plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=3)
+        strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    elif config == "memory":
+        plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=3, memory_per_experience=32)
+        strategy = Naive(plugins=[plugin], **common(model))
+    else:
+        plugin = RebasinMergePlugin(matcher="activation_matching", alpha=0.5, select_alpha_on="memory")
+        strategy = Naive(plugins=[plugin], **common(model))
+    calls = guard_global_rng(plugin)
+    run(strategy, bench)  # the spec is traced from the first experience's data
+    assert len(plugin.history) == 2 and calls["after_training_exp"] == 3 and calls["before_training_exp"] == 3
+
+
+def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):
+    def train(with_plugin: bool):
+        model = tiny(3)
+        plugin = RebasinMergePlugin(alpha=1.0) if with_plugin else None  # spec traced from the data
+        strategy = Replay(mem_size=48, plugins=[plugin] if with_plugin else [], **common(model))
+        torch.manual_seed(11)
+        accs = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            accs.append(strategy.eval(bench.test_stream)[ACC])
+        return model.state_dict(), accs, torch.get_rng_state(), plugin
+
+    state_a, accs_a, rng_a, _ = train(False)
+    state_b, accs_b, rng_b, plugin = train(True)
+    assert [h.alpha for h in plugin.history] == [1.0, 1.0] and plugin.spec is not None
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    assert accs_a == accs_b
+    assert torch.equal(rng_a, rng_b)

@@ -21,9 +21,11 @@ the unpermuted weights also solves the new task. At the end of the experience th
 
 .. math::
 
-    \theta = \alpha\,\theta_{\text{prev}} + (1-\alpha)\,\pi_{\hat P}(\theta_{\text{prev}}) + \delta,
+    \theta = (1-\alpha)\,\theta_{\text{prev}} + \alpha\,\pi_{\hat P}(\theta_{\text{prev}}) + \delta,
 
-written into the model's existing parameters; the user's optimizer state is then reset.
+written into the model's existing parameters; the user's optimizer state is then reset. ``alpha`` is
+the weight of B, the permuted copy (the project's convention); Peña et al.'s :math:`\alpha` is
+``1 - alpha``.
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ class RebasinIL(SupervisedTemplate):
         model on the first experience only. ``plugins`` is not mutated (a copy is extended with the
         replay plugin).
     alpha
-        Weight of the previous, unpermuted model in the final merge (``1 - alpha`` goes to the
-        permuted copy).
+        Weight of the permuted copy in the final merge (``1 - alpha`` goes to the previous,
+        unpermuted model): the project's convention, ``alpha`` is the weight of B. Until the
+        convention was unified it was the weight of the previous model, defaulting to 0.8 (today's
+        0.2).
     perm_lr
         Learning rate of the permutation logits (Adam).
     residual_lr, residual_weight_decay
@@ -145,7 +149,7 @@ class RebasinIL(SupervisedTemplate):
         evaluator: Any = default_evaluator,
         eval_every: int = -1,
         peval_mode: str = "epoch",
-        alpha: float = 0.8,
+        alpha: float = 0.2,
         perm_lr: float = 0.1,
         residual_lr: float = 1e-3,
         residual_weight_decay: float = 1e-2,

@@ -20,7 +20,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  #
 from avalanche.training import Naive, Replay  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
 
-from rebasin import PermutationSpec, RebasinError  # noqa: E402
+from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
 from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
 from continual.plugin import RebasinMergePlugin  # noqa: E402
@@ -86,10 +86,18 @@ def test_rebasin_il_state_formula():
     prev = {"w": torch.arange(6.0).reshape(3, 2), "b": torch.tensor([1.0, 2.0, 3.0])}
     perm = {"P": torch.tensor([2, 0, 1])}
     delta = {"b": torch.full((3,), 0.5)}
-    out = rebasin_il_state(spec, prev, perm, 0.8, delta)
+    # alpha is the weight of B, the permuted copy: (1 - alpha) prev + alpha perm(prev) + delta
+    out = rebasin_il_state(spec, prev, perm, 0.2, delta)
     expected_b = 0.8 * prev["b"] + 0.2 * prev["b"][perm["P"]] + 0.5
     torch.testing.assert_close(out["b"], expected_b)
     torch.testing.assert_close(out["w"], 0.8 * prev["w"] + 0.2 * prev["w"][perm["P"]])
+    # exact at both ends: alpha=0 is the previous model, alpha=1 its permuted copy
+    for k, v in rebasin_il_state(spec, prev, perm, 0.0).items():
+        assert torch.equal(v, prev[k]), k
+    permuted = permute(spec, perm, prev)
+    for k, v in rebasin_il_state(spec, prev, perm, 1.0).items():
+        assert torch.equal(v, permuted[k]), k
+    assert torch.equal(prev["b"], torch.tensor([1.0, 2.0, 3.0]))  # input not mutated
 
 
 def test_select_alpha_prefers_the_better_end():

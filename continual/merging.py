@@ -13,8 +13,8 @@ weight of the **new** model: ``alpha = 1`` keeps the freshly trained weights bit
 units, but this way ``alpha = 1`` is exactly a no-op and the optimizer's per-parameter state (Adam
 moments) stays in the basis of the parameters it belongs to.
 
-Peña et al.'s incremental step (used by :class:`continual.RebasinIL`) works on the previous model
-alone:
+Peña et al.'s incremental step (:mod:`continual.incremental`, used by :class:`continual.RebasinILPlugin`
+and :class:`continual.RebasinIL`) works on the previous model alone:
 
 .. math::
 

@@ -24,6 +24,8 @@ from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
 from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
 from continual.plugin import RebasinMergePlugin  # noqa: E402
+from continual.il_plugin import RebasinILPlugin  # noqa: E402
+from continual.incremental import ILSettings, IncrementalRebasin  # noqa: E402
 from continual.strategy import RebasinIL  # noqa: E402
 
 pytestmark = [
@@ -306,6 +308,139 @@ def test_rebasin_il_does_not_mutate_plugin_list(bench):
     plugins: list = []
     RebasinIL(example_input=torch.randn(2, 16), plugins=plugins, **common(tiny()))
     assert plugins == []
+    extra = ReplayPlugin(mem_size=8)
+    given = (extra,)
+    strategy = RebasinIL(example_input=torch.randn(2, 16), plugins=given, **common(tiny()))
+    assert given == (extra,)
+    assert strategy.plugins[:3] == [extra, strategy.replay_plugin, strategy.rebasin_plugin]
+
+
+def il_options() -> dict:
+    return dict(residual_lr=1e-2, init="random", seed=5)
+
+
+def test_rebasin_il_plugin_in_naive_is_bitwise_the_strategy(bench):
+    """RebasinIL is only SupervisedTemplate + ReplayPlugin + RebasinILPlugin: Naive with the two
+    plugins trains the same weights bit for bit."""
+    def train(kind: str):
+        model = tiny(1)
+        if kind == "strategy":
+            strategy = RebasinIL(example_input=torch.zeros(2, 16), replay_mem_size=48, **il_options(), **common(model))
+            plugin = strategy.rebasin_plugin
+        else:
+            plugin = RebasinILPlugin(**il_options())  # spec traced from the first experience's data
+            strategy = Naive(plugins=[ReplayPlugin(mem_size=48), plugin], **common(model))
+        torch.manual_seed(7)
+        accs = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            accs.append(strategy.eval(bench.test_stream)[ACC])
+        return model.state_dict(), accs, plugin
+
+    state_a, accs_a, plugin_a = train("strategy")
+    state_b, accs_b, plugin_b = train("plugin")
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    assert accs_a == accs_b
+    assert [h.delta_norm for h in plugin_a.history] == [h.delta_norm for h in plugin_b.history]
+    for ha, hb in zip(plugin_a.history, plugin_b.history, strict=True):
+        assert ha.perms.keys() == hb.perms.keys() and all(torch.equal(ha.perms[k], hb.perms[k]) for k in ha.perms)
+    assert plugin_a.alpha == plugin_b.alpha == 0.2
+
+
+def test_rebasin_il_plugin_leaves_the_user_optimizer_and_model_alone(bench):
+    """During the re-basin phase the strategy keeps the user's optimizer (same object, same groups,
+    no state change) and the model's weights stay at theta_prev; the merge then resets the state."""
+    model = tiny()
+    params = list(model.parameters())
+    plugin = RebasinILPlugin(model=model, example_input=torch.zeros(2, 16), residual_lr=1e-2)
+    strategy = Naive(plugins=[ReplayPlugin(mem_size=32), plugin], **common(model))
+    user_opt = strategy.optimizer
+    strategy.train(bench.train_stream[0])
+    groups = [[id(p) for p in g["params"]] for g in user_opt.param_groups]
+    opt_state = {id(p): {k: v.clone() for k, v in user_opt.state[p].items()} for p in params}
+    assert all(opt_state.values())  # AdamW moments from the first experience
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {"iterations": 0}
+
+    class Spy(SupervisedPlugin):
+        def after_update(self, strategy, **kw):
+            seen["iterations"] += 1
+            assert strategy.optimizer is user_opt and plugin.rebasin_phase
+            assert [[id(p) for p in g["params"]] for g in user_opt.param_groups] == groups
+            for p in params:
+                assert p.grad is None
+                assert all(torch.equal(v, opt_state[id(p)][k]) for k, v in user_opt.state[p].items())
+            assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+    strategy.plugins.append(Spy())
+    strategy.train(bench.train_stream[1])
+    assert seen["iterations"] > 0 and not plugin.rebasin_phase
+    assert strategy.optimizer is user_opt
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(len(user_opt.state.get(p, {})) == 0 for p in params)  # stale moments dropped
+    rec = plugin.history[-1]
+    assert rec.experience == 1 and rec.delta_norm > 0
+    merged = rebasin_il_state(plugin.spec, start, rec.perms, plugin.alpha)
+    assert any(not torch.equal(model.state_dict()[k], merged[k]) for k in merged)  # the residual was added
+
+
+def test_rebasin_il_plugin_leaves_the_global_rng_alone(bench):
+    plugin = RebasinILPlugin(init="random", seed=3)  # random logits; spec traced from the data
+    strategy = Naive(plugins=[ReplayPlugin(mem_size=32), plugin], **common(tiny()))
+    calls = guard_global_rng(plugin)
+    run(strategy, bench)
+    assert len(plugin.history) == 2 and calls["after_forward"] > 0 and calls["before_update"] == calls["after_forward"]
+
+
+def test_rebasin_il_signature_mirrors_the_plugin():
+    import inspect
+
+    strategy = inspect.signature(RebasinIL).parameters
+    plugin = inspect.signature(RebasinILPlugin).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in strategy.values())
+    for name in ("model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size", "device",
+                 "plugins", "evaluator"):
+        assert name in strategy
+    for name, p in plugin.items():
+        assert name in strategy, name
+        if name != "model":
+            assert strategy[name].default == p.default, name
+    assert plugin["alpha"].default == 0.2
+
+
+def test_rebasin_il_plugin_rejects_bad_arguments():
+    for kwargs, match in [({"alpha": 1.5}, "alpha"), ({"perm_lr": 0}, "perm_lr"), ({"tau": float("nan")}, "tau"),
+                          ({"n_iter": 0}, "n_iter"), ({"init": "nope"}, "init"),
+                          ({"residual_weight_decay": -1.0}, "residual_weight_decay"), ({"seed": 1.5}, "seed")]:
+        with pytest.raises(RebasinError, match=match):
+            RebasinILPlugin(**kwargs)
+    with pytest.raises(RebasinError, match="example_input"):
+        RebasinILPlugin(model=tiny())
+    with pytest.raises(TypeError):
+        RebasinILPlugin(alhpa=0.3)  # no **kwargs swallowing typos
+    with pytest.raises(RebasinError, match="replay_mem_size"):
+        RebasinIL(example_input=torch.zeros(2, 16), replay_mem_size=-1, **common(tiny()))
+    with pytest.raises(RebasinError, match="settings"):
+        IncrementalRebasin(PermutationSpec({"w": ("P",)}), {"w": torch.zeros(2)}, {"alpha": 0.2}, trainable=["w"])
+    assert ILSettings(perm_lr=1).perm_lr == 1.0
+
+
+def test_rebasin_il_plugin_rejects_multitask_models(bench):
+    from avalanche.models import MultiTaskModule
+
+    class TwoArgs(MultiTaskModule):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny()
+
+        def forward_single_task(self, x, task_label):
+            return self.body(x)
+
+    model = TwoArgs()
+    strategy = Naive(plugins=[RebasinILPlugin(spec=PermutationSpec({}))], **common(model))
+    with pytest.raises(RebasinError, match="MultiTaskModule"):
+        strategy.train(bench.train_stream[0])
 
 
 # ------------------------------------------------------------------ compare and packaging

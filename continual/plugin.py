@@ -133,7 +133,9 @@ class RebasinMergePlugin(SupervisedPlugin):
     batch_size
         Batch size of the evaluation passes.
     seed
-        Seeds the subsets and the matcher.
+        Seeds the subsets, the loaders and the matcher. The plugin never draws from the global torch
+        RNG (private generators only, also for every DataLoader it iterates), so it does not change
+        the training it observes: ``alpha=1.0`` inside ``Replay`` trains what ``Replay`` alone does.
 
     Attributes
     ----------

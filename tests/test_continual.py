@@ -539,7 +539,7 @@ def guard_global_rng(plugin) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("config", ["memory", "replay", "activation_matching"])
+@pytest.mark.parametrize("config", ["memory", "replay", "activation_matching", "sinkhorn"])
 def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
     model = tiny()
     if config == "replay":
@@ -549,7 +549,8 @@ def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
         plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=3, memory_per_experience=32)
         strategy = Naive(plugins=[plugin], **common(model))
     else:
-        plugin = RebasinMergePlugin(matcher="activation_matching", alpha=0.5, select_alpha_on="memory")
+        options = {"fit": {"progress": False, "steps": 5}} if config == "sinkhorn" else None
+        plugin = RebasinMergePlugin(matcher=config, alpha=0.5, select_alpha_on="memory", matcher_options=options)
         strategy = Naive(plugins=[plugin], **common(model))
     calls = guard_global_rng(plugin)
     run(strategy, bench)  # the spec is traced from the first experience's data

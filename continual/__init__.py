@@ -5,7 +5,9 @@ needs it. ``import rebasin`` never imports this package nor Avalanche.
 
 * :class:`RebasinMergePlugin` — after each experience, align the fresh model to the previous one and
   merge along the linear path (fixed or chosen weight), composable with Naive, Replay, EWC, LwF.
-* :class:`RebasinIL` — Peña et al. (2023)'s incremental learning by re-basin.
+* :class:`RebasinILPlugin` — Peña et al. (2023)'s incremental learning by re-basin, added to any
+  supervised strategy (the logic: :class:`IncrementalRebasin`); :class:`RebasinIL` — the same as a
+  strategy (``SupervisedTemplate`` + ``ReplayPlugin`` + the plugin).
 * :mod:`continual.benchmarks` — Rotated / Permuted / Split MNIST from a local root, and a tiny
   synthetic benchmark; :mod:`continual.baselines`; ``python -m continual.compare``.
 """
@@ -18,7 +20,11 @@ from typing import Any
 __all__ = [
     "RebasinMergePlugin",
     "MergeRecord",
+    "RebasinILPlugin",
+    "ILRecord",
     "RebasinIL",
+    "IncrementalRebasin",
+    "ILSettings",
     "make_strategy",
     "STRATEGIES",
     "rotated_mnist",
@@ -34,7 +40,11 @@ __all__ = [
 _WHERE = {
     "RebasinMergePlugin": "plugin",
     "MergeRecord": "plugin",
+    "RebasinILPlugin": "il_plugin",
+    "ILRecord": "il_plugin",
     "RebasinIL": "strategy",
+    "IncrementalRebasin": "incremental",
+    "ILSettings": "incremental",
     "make_strategy": "baselines",
     "STRATEGIES": "baselines",
     "rotated_mnist": "benchmarks",

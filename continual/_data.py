@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from rebasin import PermutationSpec, RebasinError, spec_from_model
 
-__all__ = ["sample_tensors", "concat_tensors", "first_input"]
+__all__ = ["sample_tensors", "concat_tensors", "first_input", "tensor_batches"]
 
 
 def _eval_view(dataset: Any) -> Any:
@@ -25,7 +25,10 @@ def sample_tensors(
     """Up to ``max_samples`` items of ``dataset`` drawn without replacement (seeded), as ``(x, y)`` on the CPU.
 
     Items are read through the dataset's evaluation transforms when it has them. ``max_samples=None``
-    takes every item in order.
+    takes every item in order. The global torch RNG is not touched: the subset comes from a seeded
+    generator, and so does the base seed a :class:`~torch.utils.data.DataLoader` draws when it is
+    iterated (without ``generator=`` it would draw it from the global RNG and shift the caller's
+    training).
     """
     n = len(dataset)
     if n == 0:
@@ -38,7 +41,10 @@ def sample_tensors(
         index = torch.randperm(n, generator=g)[: int(max_samples)].sort().values.tolist()
     subset = data.subset(index) if hasattr(data, "subset") else torch.utils.data.Subset(data, index)
     collate = getattr(subset, "collate_fn", None)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(
+        subset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
     xs, ys = [], []
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -55,6 +61,15 @@ def concat_tensors(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] 
     if not parts:
         return None
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def tensor_batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """``(x, y)`` cut into consecutive batches, in order, as a list.
+
+    For evaluation passes over in-memory samples: a list draws no random number when iterated
+    (a ``DataLoader`` without ``generator=`` draws its base seed from the global RNG).
+    """
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
 
 
 def first_input(dataset: Any, n: int = 2) -> Tensor:

@@ -15,7 +15,8 @@ name                      strategy
                           buffer instead, which picks 1.0 because the buffer was trained on)
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` (alpha chosen on the plugin's
                           own per-experience memory)
-``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``)
+``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
+                          :class:`RebasinILPlugin`
 ========================  ===================================================================
 """
 

@@ -148,8 +148,8 @@ def run_strategy(
         history = getattr(plugin, "history", None)
         if history and hasattr(history[0], "alpha"):
             extra["alphas"] = [h.alpha for h in history]
-    if hasattr(strategy, "history") and strategy.history:
-        extra["units_moved"] = [h.n_moved for h in strategy.history]
+        if history and hasattr(history[0], "n_moved"):
+            extra["units_moved"] = [h.n_moved for h in history]
     return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra)
 
 

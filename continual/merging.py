@@ -13,17 +13,19 @@ weight of the **new** model: ``alpha = 1`` keeps the freshly trained weights bit
 units, but this way ``alpha = 1`` is exactly a no-op and the optimizer's per-parameter state (Adam
 moments) stays in the basis of the parameters it belongs to.
 
-Peña et al.'s incremental step (used by :class:`continual.RebasinIL`) works on the previous model
-alone:
+Peña et al.'s incremental step (:mod:`continual.incremental`, used by :class:`continual.RebasinILPlugin`
+and :class:`continual.RebasinIL`) works on the previous model alone:
 
 .. math::
 
     \theta_{\text{train}} = \tfrac12\big(\theta_{\text{prev}} + \pi_P(\theta_{\text{prev}})\big) + \delta,
     \qquad
-    \theta_{\text{final}} = \alpha\, \theta_{\text{prev}} + (1 - \alpha)\, \pi_{\hat P}(\theta_{\text{prev}}) + \delta,
+    \theta_{\text{final}} = (1 - \alpha)\, \theta_{\text{prev}} + \alpha\, \pi_{\hat P}(\theta_{\text{prev}}) + \delta,
 
-with soft permutations :math:`P` while training and the hard :math:`\hat P` at the end. There
-``alpha`` is the weight of the previous (unpermuted) model, as in the paper.
+with soft permutations :math:`P` while training and the hard :math:`\hat P` at the end. There too
+``alpha`` is the weight of B, the permuted copy that was trained towards the new task (the project's
+convention :math:`(1 - t)A + tB`); the paper's :math:`\alpha`, the weight of the previous model, is
+``1 - alpha``.
 """
 
 from __future__ import annotations
@@ -294,10 +296,33 @@ def rebasin_il_state(
     alpha: float,
     delta: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    r"""``α θ_prev + (1 − α) π_P̂(θ_prev) + δ`` with hard permutations ``P̂`` (Peña et al.'s final merge).
+    r"""``(1 − α) θ_prev + α π_P̂(θ_prev) + δ`` with hard permutations ``P̂`` (Peña et al.'s final merge).
 
-    ``alpha`` is the weight of the previous, unpermuted model. Integer buffers are copied from
-    ``state_prev``. Returns new, detached tensors.
+    .. math::
+
+        \theta = (1 - \alpha)\,\theta_{\text{prev}} + \alpha\,\pi_{\hat P}(\theta_{\text{prev}}) + \delta
+
+    Parameters
+    ----------
+    spec
+        Permutation spec of the architecture.
+    state_prev
+        The previous model's full state_dict (not mutated).
+    perms
+        ``{perm: LongTensor (n,)}``, the hard permutations :math:`\hat P`.
+    alpha
+        Weight of the permuted copy :math:`\pi_{\hat P}(\theta_{\text{prev}})`, in ``[0, 1]`` (the
+        project's convention: the weight of B). ``alpha = 0`` gives :math:`\theta_{\text{prev}}`,
+        ``alpha = 1`` the permuted copy, both exactly (before ``delta``). Peña et al.'s
+        :math:`\alpha` (weight of the previous model) is ``1 - alpha``; before the convention was
+        unified this argument meant that, with ``0.8`` where ``0.2`` stands now.
+    delta
+        Residuals added to some floating entries (same shapes), or None.
+
+    Returns
+    -------
+    dict
+        New, detached tensors; integer buffers are copied from ``state_prev``.
 
     Examples
     --------
@@ -305,12 +330,12 @@ def rebasin_il_state(
     >>> from rebasin import PermutationSpec
     >>> spec = PermutationSpec({"w": ("P",)})
     >>> s = {"w": torch.tensor([1.0, 3.0])}
-    >>> rebasin_il_state(spec, s, {"P": torch.tensor([1, 0])}, 0.75)["w"]
+    >>> rebasin_il_state(spec, s, {"P": torch.tensor([1, 0])}, 0.25)["w"]
     tensor([1.5000, 2.5000])
     """
     alpha = check_alpha(alpha)
     permuted = permute(spec, perms, state_prev)
-    out = interpolate(permuted, state_prev, alpha)
+    out = interpolate(state_prev, permuted, alpha)
     if delta:
         for k, d in delta.items():
             if k not in out:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, align
 from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, first_input, sample_tensors, trace_spec
+from ._data import concat_tensors, first_input, sample_tensors, tensor_batches, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
@@ -133,7 +133,9 @@ class RebasinMergePlugin(SupervisedPlugin):
     batch_size
         Batch size of the evaluation passes.
     seed
-        Seeds the subsets and the matcher.
+        Seeds the subsets, the loaders and the matcher. The plugin never draws from the global torch
+        RNG (private generators only, also for every DataLoader it iterates), so it does not change
+        the training it observes: ``alpha=1.0`` inside ``Replay`` trains what ``Replay`` alone does.
 
     Attributes
     ----------
@@ -299,8 +301,8 @@ class RebasinMergePlugin(SupervisedPlugin):
         choice = None
         alpha = self.alpha
         if alpha is None:
-            new_loader = tensor_loader(new_data[0], new_data[1], batch_size=self.batch_size)
-            old_loader = tensor_loader(old_data[0], old_data[1], batch_size=self.batch_size)
+            new_loader = tensor_batches(new_data[0], new_data[1], self.batch_size)
+            old_loader = tensor_batches(old_data[0], old_data[1], self.batch_size)
             choice = select_alpha(
                 model, prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
                 grid=self.alpha_grid, loss_fn=self.loss_fn, device=device,

@@ -18,12 +18,14 @@ pytest.importorskip("avalanche")
 
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
 from avalanche.training import Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
 
-from rebasin import PermutationSpec, RebasinError  # noqa: E402
+from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
 from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
 from continual.plugin import RebasinMergePlugin  # noqa: E402
+from continual.il_plugin import RebasinILPlugin  # noqa: E402
+from continual.incremental import ILSettings, IncrementalRebasin  # noqa: E402
 from continual.strategy import RebasinIL  # noqa: E402
 
 pytestmark = [
@@ -86,10 +88,18 @@ def test_rebasin_il_state_formula():
     prev = {"w": torch.arange(6.0).reshape(3, 2), "b": torch.tensor([1.0, 2.0, 3.0])}
     perm = {"P": torch.tensor([2, 0, 1])}
     delta = {"b": torch.full((3,), 0.5)}
-    out = rebasin_il_state(spec, prev, perm, 0.8, delta)
+    # alpha is the weight of B, the permuted copy: (1 - alpha) prev + alpha perm(prev) + delta
+    out = rebasin_il_state(spec, prev, perm, 0.2, delta)
     expected_b = 0.8 * prev["b"] + 0.2 * prev["b"][perm["P"]] + 0.5
     torch.testing.assert_close(out["b"], expected_b)
     torch.testing.assert_close(out["w"], 0.8 * prev["w"] + 0.2 * prev["w"][perm["P"]])
+    # exact at both ends: alpha=0 is the previous model, alpha=1 its permuted copy
+    for k, v in rebasin_il_state(spec, prev, perm, 0.0).items():
+        assert torch.equal(v, prev[k]), k
+    permuted = permute(spec, perm, prev)
+    for k, v in rebasin_il_state(spec, prev, perm, 1.0).items():
+        assert torch.equal(v, permuted[k]), k
+    assert torch.equal(prev["b"], torch.tensor([1.0, 2.0, 3.0]))  # input not mutated
 
 
 def test_select_alpha_prefers_the_better_end():
@@ -298,6 +308,139 @@ def test_rebasin_il_does_not_mutate_plugin_list(bench):
     plugins: list = []
     RebasinIL(example_input=torch.randn(2, 16), plugins=plugins, **common(tiny()))
     assert plugins == []
+    extra = ReplayPlugin(mem_size=8)
+    given = (extra,)
+    strategy = RebasinIL(example_input=torch.randn(2, 16), plugins=given, **common(tiny()))
+    assert given == (extra,)
+    assert strategy.plugins[:3] == [extra, strategy.replay_plugin, strategy.rebasin_plugin]
+
+
+def il_options() -> dict:
+    return dict(residual_lr=1e-2, init="random", seed=5)
+
+
+def test_rebasin_il_plugin_in_naive_is_bitwise_the_strategy(bench):
+    """RebasinIL is only SupervisedTemplate + ReplayPlugin + RebasinILPlugin: Naive with the two
+    plugins trains the same weights bit for bit."""
+    def train(kind: str):
+        model = tiny(1)
+        if kind == "strategy":
+            strategy = RebasinIL(example_input=torch.zeros(2, 16), replay_mem_size=48, **il_options(), **common(model))
+            plugin = strategy.rebasin_plugin
+        else:
+            plugin = RebasinILPlugin(**il_options())  # spec traced from the first experience's data
+            strategy = Naive(plugins=[ReplayPlugin(mem_size=48), plugin], **common(model))
+        torch.manual_seed(7)
+        accs = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            accs.append(strategy.eval(bench.test_stream)[ACC])
+        return model.state_dict(), accs, plugin
+
+    state_a, accs_a, plugin_a = train("strategy")
+    state_b, accs_b, plugin_b = train("plugin")
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    assert accs_a == accs_b
+    assert [h.delta_norm for h in plugin_a.history] == [h.delta_norm for h in plugin_b.history]
+    for ha, hb in zip(plugin_a.history, plugin_b.history, strict=True):
+        assert ha.perms.keys() == hb.perms.keys() and all(torch.equal(ha.perms[k], hb.perms[k]) for k in ha.perms)
+    assert plugin_a.alpha == plugin_b.alpha == 0.2
+
+
+def test_rebasin_il_plugin_leaves_the_user_optimizer_and_model_alone(bench):
+    """During the re-basin phase the strategy keeps the user's optimizer (same object, same groups,
+    no state change) and the model's weights stay at theta_prev; the merge then resets the state."""
+    model = tiny()
+    params = list(model.parameters())
+    plugin = RebasinILPlugin(model=model, example_input=torch.zeros(2, 16), residual_lr=1e-2)
+    strategy = Naive(plugins=[ReplayPlugin(mem_size=32), plugin], **common(model))
+    user_opt = strategy.optimizer
+    strategy.train(bench.train_stream[0])
+    groups = [[id(p) for p in g["params"]] for g in user_opt.param_groups]
+    opt_state = {id(p): {k: v.clone() for k, v in user_opt.state[p].items()} for p in params}
+    assert all(opt_state.values())  # AdamW moments from the first experience
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {"iterations": 0}
+
+    class Spy(SupervisedPlugin):
+        def after_update(self, strategy, **kw):
+            seen["iterations"] += 1
+            assert strategy.optimizer is user_opt and plugin.rebasin_phase
+            assert [[id(p) for p in g["params"]] for g in user_opt.param_groups] == groups
+            for p in params:
+                assert p.grad is None
+                assert all(torch.equal(v, opt_state[id(p)][k]) for k, v in user_opt.state[p].items())
+            assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+    strategy.plugins.append(Spy())
+    strategy.train(bench.train_stream[1])
+    assert seen["iterations"] > 0 and not plugin.rebasin_phase
+    assert strategy.optimizer is user_opt
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(len(user_opt.state.get(p, {})) == 0 for p in params)  # stale moments dropped
+    rec = plugin.history[-1]
+    assert rec.experience == 1 and rec.delta_norm > 0
+    merged = rebasin_il_state(plugin.spec, start, rec.perms, plugin.alpha)
+    assert any(not torch.equal(model.state_dict()[k], merged[k]) for k in merged)  # the residual was added
+
+
+def test_rebasin_il_plugin_leaves_the_global_rng_alone(bench):
+    plugin = RebasinILPlugin(init="random", seed=3)  # random logits; spec traced from the data
+    strategy = Naive(plugins=[ReplayPlugin(mem_size=32), plugin], **common(tiny()))
+    calls = guard_global_rng(plugin)
+    run(strategy, bench)
+    assert len(plugin.history) == 2 and calls["after_forward"] > 0 and calls["before_update"] == calls["after_forward"]
+
+
+def test_rebasin_il_signature_mirrors_the_plugin():
+    import inspect
+
+    strategy = inspect.signature(RebasinIL).parameters
+    plugin = inspect.signature(RebasinILPlugin).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in strategy.values())
+    for name in ("model", "optimizer", "criterion", "train_mb_size", "train_epochs", "eval_mb_size", "device",
+                 "plugins", "evaluator"):
+        assert name in strategy
+    for name, p in plugin.items():
+        assert name in strategy, name
+        if name != "model":
+            assert strategy[name].default == p.default, name
+    assert plugin["alpha"].default == 0.2
+
+
+def test_rebasin_il_plugin_rejects_bad_arguments():
+    for kwargs, match in [({"alpha": 1.5}, "alpha"), ({"perm_lr": 0}, "perm_lr"), ({"tau": float("nan")}, "tau"),
+                          ({"n_iter": 0}, "n_iter"), ({"init": "nope"}, "init"),
+                          ({"residual_weight_decay": -1.0}, "residual_weight_decay"), ({"seed": 1.5}, "seed")]:
+        with pytest.raises(RebasinError, match=match):
+            RebasinILPlugin(**kwargs)
+    with pytest.raises(RebasinError, match="example_input"):
+        RebasinILPlugin(model=tiny())
+    with pytest.raises(TypeError):
+        RebasinILPlugin(alhpa=0.3)  # no **kwargs swallowing typos
+    with pytest.raises(RebasinError, match="replay_mem_size"):
+        RebasinIL(example_input=torch.zeros(2, 16), replay_mem_size=-1, **common(tiny()))
+    with pytest.raises(RebasinError, match="settings"):
+        IncrementalRebasin(PermutationSpec({"w": ("P",)}), {"w": torch.zeros(2)}, {"alpha": 0.2}, trainable=["w"])
+    assert ILSettings(perm_lr=1).perm_lr == 1.0
+
+
+def test_rebasin_il_plugin_rejects_multitask_models(bench):
+    from avalanche.models import MultiTaskModule
+
+    class TwoArgs(MultiTaskModule):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny()
+
+        def forward_single_task(self, x, task_label):
+            return self.body(x)
+
+    model = TwoArgs()
+    strategy = Naive(plugins=[RebasinILPlugin(spec=PermutationSpec({}))], **common(model))
+    with pytest.raises(RebasinError, match="MultiTaskModule"):
+        strategy.train(bench.train_stream[0])
 
 
 # ------------------------------------------------------------------ compare and packaging
@@ -374,3 +517,63 @@ def test_rotated_mnist_benchmark_shapes():
     x0 = bm.train_stream[0].dataset[0][0]
     assert not torch.equal(x, x0)  # rotated by 180 degrees
     torch.testing.assert_close(x, torch.flip(x0, dims=(1, 2)), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ no hidden side effects
+def guard_global_rng(plugin) -> dict:
+    """Wrap every Avalanche callback of ``plugin`` so that each call asserts the global torch RNG
+    state after it equals the state before it; returns the per-callback call counts."""
+    calls: dict = {}
+    for name in dir(SupervisedPlugin):
+        if not name.startswith(("before_", "after_")):
+            continue
+
+        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):
+            before = torch.get_rng_state()
+            out = _inner(strategy, *args, **kwargs)
+            assert torch.equal(torch.get_rng_state(), before), f"{type(plugin).__name__}.{_name} drew global RNG"
+            calls[_name] = calls.get(_name, 0) + 1
+            return out
+
+        setattr(plugin, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("config", ["memory", "replay", "activation_matching", "sinkhorn"])
+def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
+    model = tiny()
+    if config == "replay":
+        plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=3)
+        strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    elif config == "memory":
+        plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=3, memory_per_experience=32)
+        strategy = Naive(plugins=[plugin], **common(model))
+    else:
+        options = {"fit": {"progress": False, "steps": 5}} if config == "sinkhorn" else None
+        plugin = RebasinMergePlugin(matcher=config, alpha=0.5, select_alpha_on="memory", matcher_options=options)
+        strategy = Naive(plugins=[plugin], **common(model))
+    calls = guard_global_rng(plugin)
+    run(strategy, bench)  # the spec is traced from the first experience's data
+    assert len(plugin.history) == 2 and calls["after_training_exp"] == 3 and calls["before_training_exp"] == 3
+
+
+def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):
+    def train(with_plugin: bool):
+        model = tiny(3)
+        plugin = RebasinMergePlugin(alpha=1.0) if with_plugin else None  # spec traced from the data
+        strategy = Replay(mem_size=48, plugins=[plugin] if with_plugin else [], **common(model))
+        torch.manual_seed(11)
+        accs = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            accs.append(strategy.eval(bench.test_stream)[ACC])
+        return model.state_dict(), accs, torch.get_rng_state(), plugin
+
+    state_a, accs_a, rng_a, _ = train(False)
+    state_b, accs_b, rng_b, plugin = train(True)
+    assert [h.alpha for h in plugin.history] == [1.0, 1.0] and plugin.spec is not None
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    assert accs_a == accs_b
+    assert torch.equal(rng_a, rng_b)

@@ -157,3 +157,12 @@ def test_fit_classifier_errors_and_sgd():
     fit_classifier_(model, train, epochs=1, optimizer="sgd", lr=0.05)
     assert not torch.equal(model[0].weight, w0)
     assert not model.training  # flags restored
+
+
+def test_tensor_loader_never_draws_from_the_global_rng():
+    """An unshuffled DataLoader without its own generator draws a base seed from torch's global RNG."""
+    for shuffle in (False, True):
+        loader = tensor_loader(torch.arange(10.0), torch.arange(10), batch_size=4, shuffle=shuffle)
+        before = torch.get_rng_state()
+        list(loader)
+        assert torch.equal(torch.get_rng_state(), before)

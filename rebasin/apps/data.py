@@ -50,7 +50,9 @@ def tensor_loader(
 ) -> DataLoader:
     """A :class:`DataLoader` over ``TensorDataset(x, y)``; shuffling uses ``Generator().manual_seed(seed)``.
 
-    Two loaders built with the same arguments yield the same batches epoch after epoch.
+    Two loaders built with the same arguments yield the same batches epoch after epoch. The loader always
+    carries its own generator, even unshuffled: a ``DataLoader`` without one draws a base seed from the
+    global torch RNG every time it is iterated, which would shift the caller's random stream.
 
     Examples
     --------
@@ -62,7 +64,7 @@ def tensor_loader(
     if x.shape[0] != y.shape[0]:
         raise RebasinError(f"x and y must have the same number of rows, got {tuple(x.shape)} and {tuple(y.shape)}")
     check_int(batch_size, "batch_size")
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
     )

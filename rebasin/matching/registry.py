@@ -97,6 +97,11 @@ class Matcher:
             n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in CONVENTION
         )
 
+    def accepts(self, option: str) -> bool:
+        """Whether ``fn`` takes the keyword option ``option`` (always True when it takes ``**options``)."""
+        accepted = self.options()
+        return accepted is None or option in accepted
+
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise :class:`RebasinError` for an option ``fn`` does not accept (a typo is never ignored)."""
         accepted = self.options()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .._common import State, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
+from ..trace.tracing import trace_model
 from .assignment import linear_assignment
 from .registry import MatchResult, register_matcher
 
@@ -176,12 +177,6 @@ class ActivationMatchingInfo:
     num_batches: int
 
 
-def _trace_for(model_a: nn.Module, example_input: Any) -> Any:
-    from ..trace.tracing import trace_model
-
-    return trace_model(model_a, example_input)
-
-
 def _activation_nodes_for(
     spec: PermutationSpec, traced: PermutationSpec, found: Mapping[str, list[tuple[str, int]]]
 ) -> dict[str, list[tuple[str, int]]]:
@@ -225,7 +220,7 @@ def _collect(
     if example_input is None:
         example_input = head(split_batch(first)[0])
     example_input = to_device(example_input, model_device(model_a))
-    trace = _trace_for(model_a, example_input)
+    trace = trace_model(model_a, example_input)
     if spec is None:
         spec = trace.spec
     sizes = spec.validate_pair(state_a, state_b)

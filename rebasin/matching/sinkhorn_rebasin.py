@@ -27,7 +27,11 @@ from torch import Tensor, nn
 from .._common import State, check_state_for_model, forward_with_state, model_device, split_batch, state_of, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
+from ..spec.soft import matrix_to_perm, soft_permute
+from ..trace.tracing import spec_from_model
 from .registry import MatchResult, register_matcher
+from .sinkhorn_op import sinkhorn
+from .weight import weight_matching
 
 __all__ = ["SinkhornRebasin", "COSTS"]
 
@@ -124,8 +128,6 @@ class SinkhornRebasin(nn.Module):
         if spec is None:
             if example_input is None:
                 raise RebasinError("SinkhornRebasin needs spec= or example_input= to trace the model")
-            from ..trace.tracing import spec_from_model
-
             spec = spec_from_model(model_a, example_input)
         state_a = state_of(model_a) if state_a is None else {k: v.detach() for k, v in state_a.items()}
         state_b = state_of(model_b) if state_b is None else {k: v.detach() for k, v in state_b.items()}
@@ -161,8 +163,6 @@ class SinkhornRebasin(nn.Module):
         if init == "random":
             g = torch.Generator().manual_seed(self.seed)
             return {p: torch.randperm(sizes[p], generator=g) for p in self.spec.perms}
-        from .weight import weight_matching
-
         return weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
 
     @property
@@ -178,8 +178,6 @@ class SinkhornRebasin(nn.Module):
     # ------------------------------------------------------------------ soft permutation
     def soft_matrices(self) -> dict[str, Tensor]:
         """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable."""
-        from .sinkhorn_op import sinkhorn
-
         out = {}
         for name, logits in self.logits.items():
             if not bool(torch.isfinite(logits).all()):
@@ -192,8 +190,6 @@ class SinkhornRebasin(nn.Module):
 
     def permuted_state_b(self) -> dict[str, Tensor]:
         """Model B's state_dict with the soft permutations applied (differentiable in the logits)."""
-        from ..spec.soft import soft_permute
-
         return soft_permute(self.spec, self.soft_matrices(), self._state_b)
 
     def state_at(self, t: float | Tensor) -> dict[str, Tensor]:
@@ -334,8 +330,6 @@ class SinkhornRebasin(nn.Module):
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
         """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``."""
-        from ..spec.soft import matrix_to_perm
-
         return {name: matrix_to_perm(logits.detach()).cpu() for name, logits in self.logits.items()}
 
     def aligned_state_dict(self) -> dict[str, Tensor]:

@@ -153,7 +153,7 @@ def test_data_driven_adapters_run_the_given_states_without_copying_the_model(met
 
 def test_public_matchers_take_explicit_states():
     """state_a / state_b replace the models' own states (backward compatible keyword arguments)."""
-    a, b, spec, planted = _pair(6)
+    a, b, spec, _ = _pair(6)
     blank = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 3))
     x = torch.randn(64, 5)
     perms = rebasin.activation_matching(blank, blank, [x], spec=spec, state_a=a.state_dict(), state_b=b.state_dict())

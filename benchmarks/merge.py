@@ -3,9 +3,9 @@
     python benchmarks/merge.py --data-root ../shared/data --num-models 4
 
 Trains ``--num-models`` MLPs (784-256-256-10 by default, Adam 1e-3) and merges them with
-``rebasin.merge`` for each ``--methods`` matcher (aligned + REPAIR), reporting the test accuracy of
-every input, the naive average (unaligned), the naive average REPAIRed, the aligned average before
-REPAIR, the merged model and the ensemble (mean logits). A merge worse than the naive average is a
+``rebasin.merge`` for each ``--methods`` matcher (aligned + REPAIR), then ``rebasin.compare_merge``
+reports the test accuracy of every input, the naive average (unaligned), the naive average REPAIRed, the
+aligned average before REPAIR, the merged model and the ensemble (mean logits). A merge worse than the naive average is a
 bug. The table is appended to docs/benchmarks.md.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
 from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin import merge# noqa: E402
+from rebasin import compare_merge, merge  # noqa: E402
 from rebasin.apps.models import MLP  # noqa: E402
 from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--methods", default="weight_matching,activation_matching")
-    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--n-iter", type=int, default=5, help="maximum alignment rounds of merge")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-report", action="store_true")
@@ -56,15 +56,16 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         start = time.perf_counter()
-        _, info = merge(models, method=method, loader=stats, eval_loader=test, iterations=args.iterations, device=args.device, return_info=True)
+        merged, info = merge(models, method=method, loader=stats, n_iter=args.n_iter, device=args.device, return_info=True)
+        comparison = compare_merge(models, merged, info, test, loader=stats, device=args.device)
         elapsed = time.perf_counter() - start
-        acc = {k: v for k, v in info.accuracy.items() if k != "models"}
-        best = max(info.accuracy["models"])
+        acc = {k: v for k, v in comparison.accuracy.items() if k != "models"}
+        best = max(comparison.accuracy["models"])
         rows.append(
             [method, f"{100 * best:.2f}", f"{100 * acc['naive']:.2f}", f"{100 * acc['naive_repair']:.2f}", f"{100 * acc['aligned_average']:.2f}",
              f"{100 * acc['merged']:.2f}", f"{100 * acc['ensemble']:.2f}", f"{info.rounds}{'' if info.converged else ' (not converged)'}", f"{info.time_s:.0f}"]
         )  # fmt: skip
-        print(method, "models:", ", ".join(f"{100 * v:.2f}" for v in info.accuracy["models"]), f"({elapsed:.0f}s incl. evaluation)", flush=True)
+        print(method, "models:", ", ".join(f"{100 * v:.2f}" for v in comparison.accuracy["models"]), f"({elapsed:.0f}s incl. evaluation)", flush=True)
         if acc["merged"] <= acc["naive"]:
             print(f"WARNING: {method}: merged ({acc['merged']:.4f}) is not better than the naive average ({acc['naive']:.4f})")
     header = ["matcher", "best single %", "naive avg %", "naive avg + REPAIR %", "aligned avg %", "merged (aligned + REPAIR) %", "ensemble %", "rounds", "merge time (s)"]

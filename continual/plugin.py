@@ -16,16 +16,15 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, align
+from rebasin import PermutationSpec, RebasinError, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
 from ._data import concat_tensors, first_input, sample_tensors, tensor_batches, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
-__all__ = ["RebasinMergePlugin", "MergeRecord", "MATCHERS", "ALPHA_SOURCES"]
+__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES"]
 
-MATCHERS = ("weight_matching", "activation_matching", "sinkhorn")
 ALPHA_SOURCES = ("replay", "memory")
 _OPTIMIZER_STATES = ("reset", "keep")
 
@@ -88,8 +87,10 @@ class RebasinMergePlugin(SupervisedPlugin):
     Parameters
     ----------
     matcher
-        ``"weight_matching"`` (data-free), ``"activation_matching"`` or ``"sinkhorn"`` (both use the
-        old + new samples described below).
+        Any registered matcher (``rebasin.matcher_names()``, including one added with
+        :func:`rebasin.register_matcher`): ``"weight_matching"`` (data-free), ``"activation_matching"``,
+        ``"sinkhorn"``, ... Matchers that read data (registered with ``needs_data`` or ``uses_data``) get
+        the old + new samples described below.
     alpha
         A fixed weight of the new model in ``[0, 1]``, or None to choose it on a grid for each
         experience: the candidate minimising the average of the mean loss on old data and the mean
@@ -171,8 +172,8 @@ class RebasinMergePlugin(SupervisedPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if matcher not in MATCHERS:
-            raise RebasinError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
+        registered = get_matcher(matcher)  # an unknown name lists the registered matchers
+        registered.check_options(matcher_options or {})  # a typo fails here, not after the first experience
         if select_alpha_on not in ALPHA_SOURCES:
             raise RebasinError(f"unknown select_alpha_on {select_alpha_on!r}; choose one of {ALPHA_SOURCES}")
         if optimizer_state not in _OPTIMIZER_STATES:
@@ -208,7 +209,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     # ------------------------------------------------------------------ helpers
     @property
     def _needs_data(self) -> bool:
-        return self.alpha is None or self.matcher != "weight_matching"
+        return self.alpha is None or get_matcher(self.matcher).uses_data
 
     def _rng_seed(self, salt: int) -> int:
         return self.seed * 1_000_003 + self._n_seen * 101 + salt
@@ -294,7 +295,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             options.setdefault("fit", {"progress": False})
         result = align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device, **options,
+            device=device if get_matcher(self.matcher).accepts("device") else None, **options,
         )
         state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}

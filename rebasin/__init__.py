@@ -51,7 +51,7 @@ from .matching import (
     unregister_matcher,
     weight_matching,
 )
-from .merging import MergeInfo, merge
+from .merging import MergeComparison, MergeInfo, compare_merge, merge
 from .paths import (
     WA_PATHS,
     ArcPath,
@@ -161,6 +161,8 @@ __all__ = [
     # uses
     "merge",
     "MergeInfo",
+    "compare_merge",
+    "MergeComparison",
     "mode_connectivity",
     "ModeConnectivity",
     "cka",

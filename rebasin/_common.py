@@ -180,11 +180,24 @@ def resolve_device(*models: nn.Module | None, device: torch.device | str | None 
 
 
 def paired_states(
-    model_a: nn.Module, model_b: nn.Module, device: torch.device
+    model_a: nn.Module,
+    model_b: nn.Module,
+    device: torch.device,
+    *,
+    state_a: State | None = None,
+    state_b: State | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Detached state_dicts of two models of one architecture on ``device`` (no copy when already there)."""
-    sa = {k: v.to(device) for k, v in state_of(model_a).items()}
-    sb = {k: v.to(device) for k, v in state_of(model_b).items()}
+    """Detached state_dicts of two models of one architecture on ``device`` (no copy when already there).
+
+    ``state_a`` / ``state_b``, when given, are used instead of the models' own states (the models are then
+    only the architecture); each must fit its model (keys and shapes).
+    """
+    if state_a is not None:
+        check_state_for_model(model_a, state_a, "state_a")
+    if state_b is not None:
+        check_state_for_model(model_b, state_b, "state_b")
+    sa = {k: v.detach().to(device) for k, v in (state_of(model_a) if state_a is None else state_a).items()}
+    sb = {k: v.detach().to(device) for k, v in (state_of(model_b) if state_b is None else state_b).items()}
     keys_a, keys_b = set(sa), set(sb)
     if keys_a != keys_b:
         only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)

@@ -7,11 +7,16 @@ Algorithm (a "merge many" in the spirit of Ainsworth et al. 2023, with any match
    the merged model lives in its basin.
 2. Repeat: align each non-reference model (its original weights) to the average of the *other*
    aligned models (leave-one-out, so a model is not pulled towards itself), until no permutation
-   changes or ``iterations`` rounds were run.
+   changes or ``n_iter`` rounds were run.
 3. Average the aligned state_dicts.
 4. Optionally REPAIR (:func:`rebasin.repair_states` with uniform weights): every permuted channel
    of the average gets the mean of the ``N`` aligned models' channel statistics — BatchNorm
    statistics reset, other channels corrected in their producing layer.
+
+:func:`merge` measures nothing it was not asked for: with ``return_info=True`` and an ``eval_loader`` its
+:class:`MergeInfo` holds the merged model's loss and accuracy, nothing else. :func:`compare_merge` is the
+separate, explicit benchmark of a merge against its baselines (each input model, the naive average, the
+aligned average before REPAIR, the output ensemble).
 """
 
 from __future__ import annotations
@@ -27,27 +32,34 @@ from torch import Tensor, nn
 
 from ._common import forward_with_state, module_with_state, resolve_device, split_batch, state_of, to_device
 from ._errors import RebasinError
+from .matching.alignment import Alignment
+from .matching.registry import get_matcher
 from .paths.linear import combine
 from .paths.repairing import repair_states
 from .paths.running import evaluate_state
 from .spec.core import PermutationSpec
 
-__all__ = ["merge", "MergeInfo"]
+__all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge"]
 
 State = Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
 class MergeInfo:
-    """What :func:`merge` did, and how good the result is.
+    """What :func:`merge` did, and (with an ``eval_loader``) how good the merged model is.
 
     Attributes
     ----------
     method
-        The matcher used.
-    perms
-        One ``{perm: LongTensor}`` per input model mapping it into the reference's basin
-        (``{}`` for the reference).
+        The matcher used (a name of the matcher registry).
+    reference
+        Index of the model whose basin the merged model lives in.
+    spec
+        The permutation spec used.
+    alignments
+        One :class:`rebasin.Alignment` per input model: the alignment into the reference's basin that the
+        merge used (the last accepted round; ``state_b`` is that model's permuted state_dict, so the
+        info keeps ``N - 1`` state_dicts alive), ``None`` for the reference (never permuted).
     rounds
         Alignment rounds run (the first aligns to the reference).
     converged
@@ -58,23 +70,45 @@ class MergeInfo:
         Whether REPAIR was applied.
     time_s
         Wall time of alignment, averaging and REPAIR (not of the evaluation).
-    accuracy, loss
-        With an evaluation loader: ``{"models": [...], "naive": ..., "naive_repair": ...,
-        "aligned_average": ..., "merged": ..., "ensemble": ...}`` — each input model, the plain
-        average of the unaligned weights, that average REPAIRed (only when ``repair=True``), the
-        aligned average before REPAIR, the returned model, and the ensemble of the inputs (mean
-        logits). ``None`` without data.
+    loss, accuracy
+        The merged model's mean loss (cross-entropy) and accuracy on ``eval_loader``; ``None`` without an
+        ``eval_loader`` (accuracy also ``None`` when the batches are not classification). Baselines are
+        :func:`compare_merge`'s job.
     """
 
     method: str
-    perms: list[dict[str, Tensor]]
+    reference: int
+    spec: PermutationSpec
+    alignments: list[Alignment | None]
     rounds: int
     converged: bool
     changes: list[int]
     repaired: bool
     time_s: float
-    accuracy: dict[str, Any] | None = field(default=None)
-    loss: dict[str, Any] | None = field(default=None)
+    loss: float | None = field(default=None)
+    accuracy: float | None = field(default=None)
+
+    @property
+    def perms(self) -> list[dict[str, Tensor]]:
+        """One ``{perm: LongTensor}`` per input model mapping it into the reference's basin (``{}`` for the reference)."""
+        return [{} if a is None else dict(a.perms) for a in self.alignments]
+
+
+@dataclass(frozen=True)
+class MergeComparison:
+    """A merge next to its baselines, from :func:`compare_merge`.
+
+    Attributes
+    ----------
+    accuracy, loss
+        ``{"models": [...], "naive": ..., "naive_repair": ..., "aligned_average": ..., "merged": ...,
+        "ensemble": ...}``: each input model, the plain average of the unaligned weights, that average
+        REPAIRed (only when the merge was REPAIRed), the aligned average before REPAIR, the merged model,
+        and the ensemble of the inputs (mean logits). Accuracies are ``None`` for non-classification data.
+    """
+
+    accuracy: dict[str, Any]
+    loss: dict[str, Any]
 
 
 def _check_models(models: Sequence[nn.Module]) -> list[dict[str, Tensor]]:
@@ -150,7 +184,7 @@ def merge(
     method: str = "weight_matching",
     loader: Iterable[Any] | None = None,
     reference: int = 0,
-    iterations: int = 10,
+    n_iter: int = 10,
     repair: bool = True,
     spec: PermutationSpec | None = None,
     example_input: Any = None,
@@ -175,14 +209,15 @@ def merge(
     models
         ``N >= 2`` modules of one architecture (same class, keys, shapes, dtypes). Not modified.
     method
-        Any matcher of :func:`rebasin.align`: ``"weight_matching"`` (no data needed),
-        ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``, or ``"identity"`` (naive averaging).
+        A registered matcher (``rebasin.matcher_names()``), run through :func:`rebasin.align`:
+        ``"weight_matching"`` (no data needed), ``"activation_matching"``, ``"ste"``, ``"sinkhorn"``,
+        ``"ot"``, ``"identity"`` (naive averaging), or one registered with :func:`rebasin.register_matcher`.
     loader
-        ``(inputs, targets)`` batches: data for the data-driven matchers, for REPAIR, for tracing
-        the spec and (unless ``eval_loader`` is given) for the accuracies in the info.
+        ``(inputs, targets)`` batches: data for the data-driven matchers, for REPAIR and for tracing
+        the spec.
     reference
         Index of the model whose basin (unit order) the merged model keeps.
-    iterations
+    n_iter
         Maximum alignment rounds (>= 1); the first aligns every model to the reference.
     repair
         REPAIR the average (needs ``loader``; pass ``repair=False`` to merge without data).
@@ -193,15 +228,19 @@ def merge(
     seed
         Passed to the matcher.
     device
-        Where to compute; defaults to the reference model's device. The result is moved there.
+        Where to compute; defaults to the reference model's device. The result is moved there. Passed
+        to the matcher when it takes a ``device`` option (every built-in matcher does).
     eval_loader
-        Data for the accuracies of the info (default ``loader``).
+        With ``return_info=True``: data on which the merged model's loss and accuracy are measured for
+        the info. Without it nothing is evaluated. To compare the merge with its baselines (naive
+        average, each model, the ensemble) call :func:`compare_merge`.
     closed_form, max_batches
         REPAIR options (see :func:`rebasin.repair`).
     return_info
         Also return a :class:`MergeInfo`.
     options
-        Passed on to the matcher through :func:`rebasin.align` (unknown options are an error).
+        Passed on to the matcher through :func:`rebasin.align` (unknown options are an error, raised
+        before anything runs).
 
     Returns
     -------
@@ -213,13 +252,17 @@ def merge(
     ------
     RebasinError
         For fewer than two models, models of different architectures, a bad ``reference`` or
-        ``iterations``, or ``repair=True`` without a loader.
+        ``n_iter``, an unknown method or option, a data-driven matcher or ``repair=True`` without a
+        loader.
 
     Examples
     --------
-    >>> merged, info = merge([m1, m2, m3, m4], loader=train_loader, return_info=True)  # doctest: +SKIP
-    >>> info.accuracy["merged"], info.accuracy["naive"]                               # doctest: +SKIP
+    >>> merged = merge([m1, m2, m3, m4], loader=train_loader)                           # doctest: +SKIP
+    >>> merged, info = merge([m1, m2], loader=train_loader, eval_loader=test_loader,
+    ...                      return_info=True)                                          # doctest: +SKIP
+    >>> info.accuracy, info.rounds                                                      # doctest: +SKIP
     """
+    # align is looked up at call time, so a test can watch every alignment merge makes
     from .matching.alignment import align
     from .trace.tracing import spec_for
 
@@ -228,8 +271,12 @@ def merge(
     if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
         raise RebasinError(f"reference must be an index into the {n} models, got {reference!r}")
     reference %= n
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise RebasinError(f"iterations must be a positive int, got {iterations!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise RebasinError(f"n_iter (alignment rounds) must be a positive int, got {n_iter!r}")
+    matcher = get_matcher(method)
+    matcher.check_options(options)
+    if matcher.needs_data and loader is None:
+        raise RebasinError(f"merge(method={method!r}) needs data for its matcher: pass loader=")
     if repair and loader is None:
         raise RebasinError(
             "merge(repair=True) needs data to measure channel statistics: pass loader=, or repair=False"
@@ -243,10 +290,12 @@ def merge(
     spec.validate(states[0])
 
     start = time.perf_counter()
-    perms: list[dict[str, Tensor] | None] = [None] * n
-    aligned: list[dict[str, Tensor]] = [dict(s) for s in states]
-    perms[reference] = {}
+    alignments: list[Alignment | None] = [None] * n
     uniform_rest = [1.0 / (n - 1)] * (n - 1)
+
+    def aligned(i: int) -> State:
+        found = alignments[i]
+        return states[i] if found is None else found.state_b
 
     # Weight matching is warm-started from the model's current permutations in the later rounds: its
     # sweeps never lower the objective, so each re-alignment can only raise the sum of pairwise
@@ -255,73 +304,146 @@ def merge(
     # settle from the identity, 7 warm-started).
     warm = method == "weight_matching" and "init" not in options
 
-    def align_to(target: nn.Module, i: int, init: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        extra = {"init": init} if warm and init is not None else {}
-        res = align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
-                    **options, **extra)
-        return dict(res.perms), res.state_b
+    # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
+    where = device if matcher.accepts("device") else None
+
+    def align_to(target: nn.Module, i: int) -> Alignment:
+        previous = alignments[i]
+        extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
+        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=where,
+                     **options, **extra)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:
-            perms[i], aligned[i] = align_to(ref_model, i)
+            alignments[i] = align_to(ref_model, i)
     rounds, changes, converged = 1, [], n == 2
-    while not converged and rounds < iterations:
+    while not converged and rounds < n_iter:
         changed = 0
         for i in range(n):
             if i == reference:
                 continue
-            others = [aligned[j] for j in range(n) if j != i]
-            target = module_with_state(ref_model, combine(others, uniform_rest))
-            new_perms, new_state = align_to(target, i, perms[i])
-            if not _same_perms(perms[i], new_perms):
+            others = [aligned(j) for j in range(n) if j != i]
+            new = align_to(module_with_state(ref_model, combine(others, uniform_rest)), i)
+            current = alignments[i]
+            if current is None or not _same_perms(current.perms, new.perms):
                 changed += 1
-                perms[i], aligned[i] = new_perms, new_state
+                alignments[i] = new
         rounds += 1
         changes.append(changed)
         converged = changed == 0
 
     uniform = [1.0 / n] * n
-    average = combine(aligned, uniform)
+    aligned_states = [aligned(i) for i in range(n)]
     if repair:
         merged_state = repair_states(
-            ref_model, aligned, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
+            ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
+            device=device,
         )
     else:
-        merged_state = average
+        merged_state = combine(aligned_states, uniform)
     merged = module_with_state(ref_model, merged_state, device)
     elapsed = time.perf_counter() - start
     if not return_info:
         return merged
-
-    accuracy: dict[str, Any] | None = None
-    loss: dict[str, Any] | None = None
-    data = eval_loader if eval_loader is not None else loader
-    if data is not None:
-        naive = combine(states, uniform)
-        candidates: dict[str, State] = {"naive": naive}
-        if repair:
-            candidates["naive_repair"] = repair_states(
-                ref_model, states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
-            )
-        candidates["aligned_average"] = average
-        candidates["merged"] = merged_state
-        accuracy, loss = {"models": []}, {"models": []}
-        for s in states:
-            lo, acc, _ = evaluate_state(ref_model, s, data, loss_fn=None, device=device)
-            loss["models"].append(lo)
-            accuracy["models"].append(acc)
-        for name, s in candidates.items():
-            loss[name], accuracy[name] = evaluate_state(ref_model, s, data, loss_fn=None, device=device, name=name)[:2]
-        loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, data, device)
+    loss = accuracy = None
+    if eval_loader is not None:
+        loss, accuracy, _ = evaluate_state(ref_model, merged_state, eval_loader, loss_fn=None, device=device,
+                                           name="merged")
     info = MergeInfo(
         method=method,
-        perms=[dict(p or {}) for p in perms],
+        reference=reference,
+        spec=spec,
+        alignments=alignments,
         rounds=rounds,
         converged=converged,
         changes=changes,
         repaired=bool(repair),
         time_s=elapsed,
-        accuracy=accuracy,
         loss=loss,
+        accuracy=accuracy,
     )
     return merged, info
+
+
+def compare_merge(
+    models: Sequence[nn.Module],
+    merged: nn.Module,
+    info: MergeInfo,
+    eval_loader: Iterable[Any],
+    *,
+    loader: Iterable[Any] | None = None,
+    closed_form: bool = False,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> MergeComparison:
+    r"""Benchmark a merge against its baselines on ``eval_loader`` (an explicit, separate measurement).
+
+    Evaluates each input model, the naive average of the unaligned weights, that average REPAIRed
+    (when the merge was REPAIRed: the same REPAIR on unaligned weights), the aligned average before
+    REPAIR (from ``info.alignments``), the merged model and the ensemble of the inputs (mean logits;
+    ``N`` forward passes per batch). Costs ``2N + 3`` passes over ``eval_loader`` plus, with REPAIR, the
+    REPAIR passes over ``loader``.
+
+    Parameters
+    ----------
+    models
+        The models given to :func:`merge` (in the same order). Not modified.
+    merged, info
+        What ``merge(models, ..., return_info=True)`` returned.
+    eval_loader
+        ``(inputs, targets)`` batches to evaluate on.
+    loader
+        The data the merge REPAIRed with; needed when ``info.repaired`` (for the naive average REPAIRed).
+    closed_form, max_batches
+        The REPAIR options the merge used.
+    device
+        Where to evaluate; defaults to the reference model's device.
+
+    Returns
+    -------
+    MergeComparison
+
+    Raises
+    ------
+    RebasinError
+        Models that do not match ``info`` (count or architecture), or a REPAIRed merge without ``loader``.
+
+    Examples
+    --------
+    >>> merged, info = merge(models, loader=train_loader, return_info=True)          # doctest: +SKIP
+    >>> cmp = compare_merge(models, merged, info, test_loader, loader=train_loader)  # doctest: +SKIP
+    >>> cmp.accuracy["merged"] - cmp.accuracy["naive"]                               # doctest: +SKIP
+    """
+    states = _check_models(models)
+    n = len(states)
+    if not isinstance(info, MergeInfo):
+        raise RebasinError(f"info must be the MergeInfo that merge(return_info=True) returned, got {type(info).__name__}")
+    if len(info.alignments) != n:
+        raise RebasinError(f"info describes a merge of {len(info.alignments)} models, but {n} models were given")
+    if info.repaired and loader is None:
+        raise RebasinError(
+            "the merge was REPAIRed: pass loader= (the data it REPAIRed with) so the naive average is REPAIRed "
+            "the same way"
+        )
+    ref_model = models[info.reference]
+    device = resolve_device(ref_model, device=device)
+    uniform = [1.0 / n] * n
+    aligned = [states[i] if a is None else a.state_b for i, a in enumerate(info.alignments)]
+    candidates: dict[str, State] = {"naive": combine(states, uniform)}
+    if info.repaired:
+        candidates["naive_repair"] = repair_states(
+            ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
+            device=device,
+        )
+    candidates["aligned_average"] = combine(aligned, uniform)
+    candidates["merged"] = state_of(merged)
+    accuracy: dict[str, Any] = {"models": []}
+    loss: dict[str, Any] = {"models": []}
+    for s in states:
+        lo, acc, _ = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device)
+        loss["models"].append(lo)
+        accuracy["models"].append(acc)
+    for name, s in candidates.items():
+        loss[name], accuracy[name] = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, name=name)[:2]
+    loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, eval_loader, device)
+    return MergeComparison(accuracy=accuracy, loss=loss)

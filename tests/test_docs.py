@@ -1,5 +1,5 @@
-"""The documentation stays true: the quickstart runs as written, the README and the docs home agree on
-the set-up commands, and every API page names objects that exist."""
+"""The documentation stays true: the quickstart and the extending page run as written, the README and the
+docs home agree on the set-up commands, and every API page names objects that exist."""
 
 from __future__ import annotations
 
@@ -17,21 +17,47 @@ def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_quickstart_runs_as_written(capsys, monkeypatch):
-    pytest.importorskip("sklearn")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    blocks = _python_blocks((DOCS / "quickstart.md").read_text())
+def _check_quickstart(namespace: dict, out: str, blocks: list[str]) -> None:
     assert len(blocks) >= 6
-    namespace: dict = {"__name__": "quickstart"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"quickstart.md block {i}", "exec"), namespace)  # noqa: S102 - our own docs
-        except Exception as exc:  # pragma: no cover - the message is the point
-            raise AssertionError(f"quickstart block {i} failed: {exc!r}\n{block}") from exc
-    out = capsys.readouterr().out
     assert "loss barrier" in out and "merged accuracy" in out
     # the manual spec on the page matches the traced one for the same MLP
     assert namespace["manual"].axes == namespace["spec"].axes
+
+
+def _check_extending(namespace: dict, out: str, blocks: list[str]) -> None:
+    import rebasin
+
+    assert len(blocks) >= 4
+    # "Add a matcher": the page's matcher ran through align and merge, and the page cleaned up after itself
+    assert "wm_restarts" in out and "merged with wm_restarts" in out and "without data:" in out
+    assert namespace["result"].method == "wm_restarts" and set(namespace["result"].info) == {"objective", "seed"}
+    assert "wm_restarts" not in rebasin.matcher_names() and "activations" not in rebasin.matcher_names()
+
+
+#: Pages whose python blocks run, in order, as one script; each with the checks of what it shows.
+RUNNABLE_PAGES = {"quickstart.md": _check_quickstart, "extending.md": _check_extending}
+
+
+@pytest.mark.parametrize("page", sorted(RUNNABLE_PAGES))
+def test_page_runs_as_written(page, capsys, monkeypatch):
+    """Every python block of the page runs, in order, in one namespace, as the page says."""
+    import rebasin
+
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    blocks = _python_blocks((DOCS / page).read_text())
+    namespace: dict = {"__name__": page.removesuffix(".md")}
+    registered = set(rebasin.matcher_names())
+    try:
+        for i, block in enumerate(blocks):
+            try:
+                exec(compile(block, f"{page} block {i}", "exec"), namespace)  # noqa: S102 - our own docs
+            except Exception as exc:  # pragma: no cover - the message is the point
+                raise AssertionError(f"{page} block {i} failed: {exc!r}\n{block}") from exc
+        RUNNABLE_PAGES[page](namespace, capsys.readouterr().out, blocks)
+    finally:  # a page that fails half-way must not leave its matchers registered for other tests
+        for name in set(rebasin.matcher_names()) - registered:
+            rebasin.unregister_matcher(name)
 
 
 def _setup_commands(text: str) -> list[str]:

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+import rebasin
 from rebasin import permute, random_permutation
 from rebasin import RebasinError
 from rebasin._common import state_of
-from rebasin import MergeInfo, merge
+from rebasin import MergeInfo, compare_merge, merge
 from rebasin import spec_from_model
 from rebasin.apps.training import fit_classifier_, seeded_model
 
@@ -53,7 +54,8 @@ def test_merge_of_permuted_copies_is_the_model(method):
     merged, info = merge(copies, method=method, loader=loader, return_info=True)
     assert isinstance(info, MergeInfo) and info.converged and info.repaired
     assert_close(merged(x), copies[0](x), atol=1e-5, rtol=1e-5)
-    assert info.accuracy["merged"] == info.accuracy["models"][0] == info.accuracy["ensemble"]
+    comparison = compare_merge(copies, merged, info, loader, loader=loader)
+    assert comparison.accuracy["merged"] == comparison.accuracy["models"][0] == comparison.accuracy["ensemble"]
     if method != "weight_matching":
         return  # data-driven matching cannot tell apart units that are dead on the data
     # perms map each copy back onto the reference
@@ -82,14 +84,15 @@ def test_merge_trained_models_beats_naive_and_inputs_untouched():
     loader = data(n=384)
     models = [fit_classifier_(seeded_model(mlp, s), loader, epochs=25, lr=1e-2, seed=s) for s in range(3)]
     keep = [{k: v.clone() for k, v in state_of(m).items()} for m in models]
-    merged, info = merge(models, loader=loader, return_info=True, iterations=5)
-    assert info.accuracy["merged"] > info.accuracy["naive"]
-    assert info.loss["merged"] < info.loss["naive"]
+    merged, info = merge(models, loader=loader, return_info=True, n_iter=5)
+    comparison = compare_merge(models, merged, info, loader, loader=loader)
+    assert comparison.accuracy["merged"] > comparison.accuracy["naive"]
+    assert comparison.loss["merged"] < comparison.loss["naive"]
     for m, kept in zip(models, keep):
         for k, v in state_of(m).items():
             assert torch.equal(v, kept[k])
     assert all(p.requires_grad for p in merged.parameters()) and merged is not models[0]
-    plain = state_of(merge(models, repair=False, iterations=5, example_input=loader[0][0][:2]))
+    plain = state_of(merge(models, repair=False, n_iter=5, example_input=loader[0][0][:2]))
     assert_close(plain["4.bias"], state_of(merged)["4.bias"])  # output layer: plain average both times
     assert not torch.allclose(plain["0.weight"], state_of(merged)["0.weight"])  # REPAIR rescaled
 
@@ -108,8 +111,8 @@ def test_merge_errors():
         merge([a, b])
     with pytest.raises(RebasinError, match="reference"):
         merge([a, b], loader=loader, reference=5)
-    with pytest.raises(RebasinError, match="iterations"):
-        merge([a, b], loader=loader, iterations=0)
+    with pytest.raises(RebasinError, match="n_iter"):
+        merge([a, b], loader=loader, n_iter=0)
     with pytest.raises(RebasinError, match="unknown method"):
         merge([a, b], loader=loader, method="magic")
 
@@ -135,7 +138,7 @@ def test_weight_matching_rounds_are_warm_started_and_settle(monkeypatch):
         return real_align(*args, **kwargs)
 
     monkeypatch.setattr(align_module, "align", spying_align)
-    _, info = merge(models, spec=spec, repair=False, iterations=50, return_info=True)
+    _, info = merge(models, spec=spec, repair=False, n_iter=50, return_info=True)
     assert info.converged and info.rounds < 50
     assert all(i is None for i in inits[:3])  # round 1 aligns to the reference from the identity
     assert all(isinstance(i, dict) and set(i) == set(spec.perm_to_axes) for i in inits[3:])
@@ -152,3 +155,72 @@ def test_weight_matching_rounds_are_warm_started_and_settle(monkeypatch):
     # the settled alignment is at least as similar pairwise as aligning everyone to the reference once
     once = [states[0]] + [permute(spec, weight_matching(spec, states[0], s), s) for s in states[1:]]
     assert pairwise(first) >= pairwise(once) - 1e-6
+
+
+class Counting:
+    """A loader that counts how many passes are made over it."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_return_info_measures_only_the_requested_merge():
+    """return_info adds no pass over the data: the merged model is evaluated once on eval_loader, if given."""
+    from rebasin.apps.training import evaluate
+
+    batches = data(n=128)
+    models = [seeded_model(mlp, s) for s in range(3)]
+    passes = {}
+    for return_info in (False, True):
+        loader = Counting(batches)
+        out = merge(models, loader=loader, return_info=return_info)
+        passes[return_info] = loader.passes
+    assert passes[True] == passes[False] > 0
+    merged, info = out
+    assert info.loss is None and info.accuracy is None  # nothing to evaluate on: nothing measured
+
+    loader, test = Counting(batches), Counting(data(n=64, seed=1))
+    merged, info = merge(models, loader=loader, eval_loader=test, return_info=True)
+    assert test.passes == 1 and loader.passes == passes[False]
+    loss, acc = evaluate(merged, test.batches)
+    assert info.accuracy == pytest.approx(acc) and info.loss == pytest.approx(loss)
+
+
+def test_merge_info_holds_one_alignment_per_model():
+    loader = data()
+    copies, spec = permuted_copies(mlp, (6,), k=3)
+    _, info = merge(copies, loader=loader, reference=1, return_info=True)
+    assert info.reference == 1 and info.alignments[1] is None and info.method == "weight_matching"
+    assert info.spec.axes == spec.axes
+    for i in (0, 2):
+        alignment = info.alignments[i]
+        assert isinstance(alignment, rebasin.Alignment) and alignment.method == "weight_matching"
+        assert info.perms[i] == alignment.perms and alignment.time_s >= 0
+        expected = permute(spec, alignment.perms, state_of(copies[i]))
+        for key, value in state_of(copies[1]).items():  # permuted copies land exactly on the reference
+            assert_close(alignment.state_b[key], value)
+            assert_close(expected[key], value)
+    assert info.perms[1] == {}
+
+
+def test_compare_merge_errors_name_the_problem():
+    loader = data()
+    models = [seeded_model(mlp, s) for s in range(3)]
+    merged, info = merge(models, loader=loader, return_info=True)
+    with pytest.raises(RebasinError, match="REPAIRed: pass loader="):
+        compare_merge(models, merged, info, loader)
+    with pytest.raises(RebasinError, match="a merge of 3 models, but 2 models were given"):
+        compare_merge(models[:2], merged, info, loader, loader=loader)
+    with pytest.raises(RebasinError, match="MergeInfo"):
+        compare_merge(models, merged, {"perms": []}, loader, loader=loader)
+    plain, plain_info = merge(models, loader=loader, repair=False, return_info=True)
+    comparison = compare_merge(models, plain, plain_info, loader)  # no REPAIR: no naive_repair, no loader needed
+    assert set(comparison.accuracy) == {"models", "naive", "aligned_average", "merged", "ensemble"}
+    assert comparison.accuracy["merged"] == comparison.accuracy["aligned_average"]  # repair=False: the average

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,66 @@ def test_registered_states_are_used_not_the_models_own():
     aligned = permute(spec, res.perms, b.state_dict())
     for key, value in a.state_dict().items():
         torch.testing.assert_close(aligned[key], value)
+
+
+class _CountingCopies(nn.Sequential):
+    """A model that counts deep copies of itself (the registry adapters must not make any)."""
+
+    copies = 0
+
+    def __deepcopy__(self, memo):
+        type(self).copies += 1
+        clone = nn.Sequential(*[copy.deepcopy(m, memo) for m in self])
+        clone.__class__ = type(self)
+        return clone
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("activation_matching", {}),
+        ("ste", {"epochs": 1, "lr": 1e-2}),
+        ("sinkhorn", {"cost": "midpoint", "fit": {"epochs": 1, "progress": False}}),
+    ],
+)
+def test_data_driven_adapters_run_the_given_states_without_copying_the_model(method, options):
+    """Through the registry the matcher runs the *states* it is given on the model's architecture: the
+    result equals the public function on models holding those states, and no module is deep-copied."""
+    a, b, spec, _ = _pair(4)
+    torch.manual_seed(5)
+    x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+    arch = _CountingCopies(*[copy.deepcopy(m) for m in a])  # another init: only the architecture
+    _CountingCopies.copies = 0
+    res = rebasin.get_matcher(method)(
+        spec, a.state_dict(), b.state_dict(), model_a=arch, model_b=arch, loader=loader, **options
+    )
+    assert _CountingCopies.copies == 0
+    if method == "activation_matching":
+        direct = rebasin.activation_matching(a, b, loader, spec=spec)
+    elif method == "ste":
+        direct = rebasin.ste_matching(a, b, loader, spec=spec, **options)
+    else:
+        sr = rebasin.SinkhornRebasin(a, b, spec=spec, cost="midpoint")
+        sr.fit(loader, **options["fit"])
+        direct = sr.hard_permutations()
+    assert set(res.perms) == set(direct)
+    for name, perm in direct.items():
+        assert torch.equal(res.perms[name], perm), name
+
+
+def test_public_matchers_take_explicit_states():
+    """state_a / state_b replace the models' own states (backward compatible keyword arguments)."""
+    a, b, spec, _ = _pair(6)
+    blank = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 3))
+    x = torch.randn(64, 5)
+    perms = rebasin.activation_matching(blank, blank, [x], spec=spec, state_a=a.state_dict(), state_b=b.state_dict())
+    aligned = permute(spec, perms, b.state_dict())
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(aligned[key], value)
+    corr = rebasin.activation_correlations(blank, blank, [x], spec=spec, state_a=a.state_dict(), state_b=a.state_dict())
+    torch.testing.assert_close(corr["P0"].diagonal(), torch.ones(12, dtype=torch.float64))
+    with pytest.raises(RebasinError, match=r"state_b does not fit the model.*missing keys: \['4.bias'\]"):
+        rebasin.activation_matching(blank, blank, [x], spec=spec, state_b={k: v for k, v in b.state_dict().items() if k != "4.bias"})
+    with pytest.raises(RebasinError, match="state_a does not fit the model"):
+        rebasin.SinkhornRebasin(blank, blank, spec=spec, state_a={"0.weight": torch.zeros(12, 5)})

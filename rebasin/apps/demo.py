@@ -1,7 +1,9 @@
 """The main job behind ``rebasin demo``: two nets, every matcher, the paths between them.
 
 Trains two MLPs from different seeds (scikit-learn digits by default, offline; or torchvision MNIST
-from a local folder), aligns B to A with every matcher, and evaluates the linear path for each —
+from a local folder), aligns B to A with every registered matcher (:func:`demo_methods`: read from the
+matcher registry, so a matcher registered with :func:`rebasin.register_matcher` gets its own row),
+and evaluates the linear path for each —
 plus the weight-matched path with REPAIR and a trained quadratic Bezier curve between A and the
 weight-matched B. Writes ``results.json``, ``results.md`` and ``paths.png`` (when matplotlib is
 installed) and returns the results dict.
@@ -23,21 +25,59 @@ from typing import Any
 import torch
 
 from .._errors import RebasinError
+from ..matching.registry import get_matcher, matcher_names
+from ..matching.sinkhorn_rebasin import COSTS as SINKHORN_COSTS
 
-__all__ = ["DEMO_METHODS", "run_demo", "run_landscape"]
+__all__ = ["DEMO_USES", "demo_methods", "run_demo", "run_landscape"]
 
-#: Matchers (each on the linear path) followed by the two uses of the weight-matched pair.
-DEMO_METHODS = (
-    "weight_matching",
-    "activation_matching",
-    "ste",
-    "sinkhorn_l2",
-    "sinkhorn_midpoint",
-    "sinkhorn_random",
-    "ot",
-    "weight_matching+repair",
-    "weight_matching+bezier",
-)
+#: What a row can do with an aligned pair besides the linear path: ``<matcher>+repair`` (the linear path
+#: with REPAIR) and ``<matcher>+bezier`` (a trained quadratic Bezier curve).
+DEMO_USES = ("repair", "bezier")
+#: The uses the default rows show, on the weight-matched pair.
+_DEFAULT_USES = ("weight_matching+repair", "weight_matching+bezier")
+
+
+def _matcher_rows() -> list[str]:
+    """One row per registered matcher, in registration order; Sinkhorn once per built-in cost."""
+    rows: list[str] = []
+    for name in matcher_names():
+        if name == "identity":  # the "naive" row, always shown first
+            continue
+        rows += [f"sinkhorn_{cost}" for cost in SINKHORN_COSTS] if name == "sinkhorn" else [name]
+    return list(dict.fromkeys(rows))
+
+
+def demo_methods() -> tuple[str, ...]:
+    """The demo's default rows, read from the matcher registry when called.
+
+    Every registered matcher except ``identity`` (the ``naive`` row) on the linear path — the built-ins
+    and any matcher registered with :func:`rebasin.register_matcher` — with Sinkhorn once per built-in
+    cost (``sinkhorn_l2``, ``sinkhorn_midpoint``, ``sinkhorn_random``), followed by the weight-matched
+    pair with REPAIR and with a Bezier curve. ``--methods`` also takes ``<row>+repair`` / ``<row>+bezier``
+    for any matcher row.
+
+    Returns
+    -------
+    tuple of str
+        ``("weight_matching", "activation_matching", "ste", "sinkhorn_l2", ..., "ot", <user matchers>,
+        "weight_matching+repair", "weight_matching+bezier")``.
+    """
+    return (*_matcher_rows(), *_DEFAULT_USES)
+
+
+def _check_rows(methods: list[str]) -> None:
+    """Each row is a matcher row, optionally ``+repair`` / ``+bezier``; an error lists the valid ones."""
+    rows = _matcher_rows()
+    unknown = []
+    for name in methods:
+        matcher, plus, use = name.partition("+")
+        if matcher not in rows or (plus and use not in DEMO_USES):
+            unknown.append(name)
+    if unknown:
+        raise RebasinError(
+            f"unknown method(s) {unknown}; choose from {rows} (registered matchers), each optionally with "
+            f"{['+' + u for u in DEMO_USES]}"
+        )
 
 
 def device_from_name(name: str | None) -> torch.device:
@@ -82,8 +122,8 @@ def demo_data(args: argparse.Namespace):
 
 
 def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Map a demo matcher name to ``(align method, options)``."""
-    if name.startswith("sinkhorn_"):
+    """Map a demo row's matcher to ``(registered matcher, options)``: the demo's settings for the built-ins."""
+    if name not in matcher_names() and name.startswith("sinkhorn_"):
         return "sinkhorn", {
             "cost": name.split("_", 1)[1],
             "init": "identity",
@@ -103,9 +143,10 @@ def _align_quietly(model_a, model_b, method, options, loader, spec, args, device
     """
     from ..matching.alignment import align
 
+    where = device if get_matcher(method).accepts("device") else None  # a user's matcher may take no device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=device,
+        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=where,
                     **options)
     unconverged = False
     for w in caught:
@@ -144,10 +185,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from ..paths.curves import BezierCurve, fit_curve
     from ..trace.tracing import spec_from_model
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(DEMO_METHODS)
-    unknown = [m for m in methods if m not in DEMO_METHODS]
-    if unknown:
-        raise RebasinError(f"unknown method(s) {unknown}; choose from {list(DEMO_METHODS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(demo_methods())
+    _check_rows(methods)
     progress = _progress(args)
     device = device_from_name(args.device)
     out = Path(args.out)

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import head, model_device, module_with_state, paired_states, resolve_device, split_batch, to_device
+from .._common import State, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
+from ..trace.tracing import trace_model
 from .assignment import linear_assignment
 from .registry import MatchResult, register_matcher
 
@@ -176,12 +177,6 @@ class ActivationMatchingInfo:
     num_batches: int
 
 
-def _trace_for(model_a: nn.Module, example_input: Any) -> Any:
-    from ..trace.tracing import trace_model
-
-    return trace_model(model_a, example_input)
-
-
 def _activation_nodes_for(
     spec: PermutationSpec, traced: PermutationSpec, found: Mapping[str, list[tuple[str, int]]]
 ) -> dict[str, list[tuple[str, int]]]:
@@ -214,16 +209,18 @@ def _collect(
     example_input: Any,
     max_batches: int | None,
     device: Any,
+    state_a: State | None = None,
+    state_b: State | None = None,
 ) -> tuple[PermutationSpec, dict[str, _Moments], int]:
     if max_batches is not None and int(max_batches) < 1:
         raise RebasinError(f"max_batches must be a positive integer or None, got {max_batches!r}")
     dev = resolve_device(model_a, model_b, device=device)
-    state_a, state_b = paired_states(model_a, model_b, dev)
+    state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)
     first, rest = _first_batch(loader)
     if example_input is None:
         example_input = head(split_batch(first)[0])
     example_input = to_device(example_input, model_device(model_a))
-    trace = _trace_for(model_a, example_input)
+    trace = trace_model(model_a, example_input)
     if spec is None:
         spec = trace.spec
     sizes = spec.validate_pair(state_a, state_b)
@@ -263,6 +260,8 @@ def activation_correlations(
     max_batches: int | None = None,
     device: Any = None,
     eps: float = 1e-8,
+    state_a: State | None = None,
+    state_b: State | None = None,
 ) -> dict[str, Tensor]:
     """Cross-correlation of A's and B's hidden units, one matrix per permutation.
 
@@ -281,7 +280,8 @@ def activation_correlations(
     >>> corr["P0"].diagonal().mean()                              # doctest: +SKIP
     """
     _, moments, _ = _collect(
-        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device
+        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device,
+        state_a=state_a, state_b=state_b,
     )
     return {name: m.correlation(eps) for name, m in moments.items()}
 
@@ -297,6 +297,8 @@ def activation_matching(
     device: Any = None,
     eps: float = 1e-8,
     return_info: bool = False,
+    state_a: State | None = None,
+    state_b: State | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], ActivationMatchingInfo]:
     r"""Match B's hidden units to A's by the correlation of their activations.
 
@@ -332,6 +334,10 @@ def activation_matching(
         Units whose activation std is below ``eps`` are treated as dead: correlation 0.
     return_info
         Also return an :class:`ActivationMatchingInfo`.
+    state_a, state_b
+        Run these state_dicts (parameters and buffers) instead of the models' own; the models are then only
+        the architecture (``model_b`` only has to have the same keys and shapes). Nothing is copied into a
+        module: the states go straight through the traced graph.
 
     Returns
     -------
@@ -368,7 +374,8 @@ def activation_matching(
     ICLR 2023, section 3.1.
     """
     spec, moments, num_batches = _collect(
-        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device
+        model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device,
+        state_a=state_a, state_b=state_b,
     )
     perms: dict[str, Tensor] = {}
     before: dict[str, float] = {}
@@ -411,13 +418,15 @@ def _activation_matcher(
     if model_a is None:
         raise RebasinError("activation_matching needs model_a (the architecture to run the states through)")
     perms, info = activation_matching(
-        module_with_state(model_a, state_a),
-        module_with_state(model_b if model_b is not None else model_a, state_b),
+        model_a,
+        model_b if model_b is not None else model_a,
         loader,
         spec=spec,
         max_batches=max_batches,
         eps=eps,
         device=device,
         return_info=True,
+        state_a=state_a,
+        state_b=state_b,
     )
     return MatchResult(perms, info)

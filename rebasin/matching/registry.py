@@ -73,15 +73,20 @@ class Matcher:
     fn
         The matcher function (see the module docstring for its signature).
     needs_data
-        Whether it reads ``loader`` (data-driven matchers raise a clear error without one).
+        Whether it cannot run without ``loader`` (data-driven matchers raise a clear error without one).
     description
         One line for help texts (``rebasin align --help`` lists every matcher with it).
+    uses_data
+        Whether it reads ``loader`` when one is given (True whenever ``needs_data`` is; also for a matcher
+        whose data use depends on its options, like Sinkhorn's task-loss costs). Callers that have to
+        gather data first (the continual plugin) gather it only for such matchers.
     """
 
     name: str
     fn: MatcherFn
     needs_data: bool = False
     description: str = ""
+    uses_data: bool = False
 
     def options(self) -> frozenset[str] | None:
         """The option names ``fn`` accepts beyond the convention (None when it takes ``**options``)."""
@@ -91,6 +96,11 @@ class Matcher:
         return frozenset(
             n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in CONVENTION
         )
+
+    def accepts(self, option: str) -> bool:
+        """Whether ``fn`` takes the keyword option ``option`` (always True when it takes ``**options``)."""
+        accepted = self.options()
+        return accepted is None or option in accepted
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise :class:`RebasinError` for an option ``fn`` does not accept (a typo is never ignored)."""
@@ -146,6 +156,7 @@ def register_matcher(
     needs_data: bool = False,
     description: str = "",
     overwrite: bool = False,
+    uses_data: bool = False,
 ) -> Any:
     """Register a matcher under ``name``; usable as a decorator.
 
@@ -158,11 +169,14 @@ def register_matcher(
         ``{perm: LongTensor}`` or a :class:`MatchResult`. It must accept the convention's keyword arguments
         (``model_a``, ``model_b``, ``loader``, ``seed``; ``**kwargs`` does too).
     needs_data
-        True when the matcher reads ``loader``.
+        True when the matcher cannot run without ``loader``.
     description
         One line for help texts; default the first line of ``fn``'s docstring.
     overwrite
         Replace an existing registration of ``name``.
+    uses_data
+        True when the matcher reads ``loader`` if one is given, without requiring it (implied by
+        ``needs_data``).
 
     Returns
     -------
@@ -182,7 +196,9 @@ def register_matcher(
     if fn is None:
 
         def decorator(f: MatcherFn) -> MatcherFn:
-            register_matcher(name, f, needs_data=needs_data, description=description, overwrite=overwrite)
+            register_matcher(
+                name, f, needs_data=needs_data, description=description, overwrite=overwrite, uses_data=uses_data
+            )
             return f
 
         return decorator
@@ -202,7 +218,7 @@ def register_matcher(
             f"model_b=None, loader=None, seed=0, **options); got {fn.__name__}{inspect.signature(fn)}"
         )
     doc = (inspect.getdoc(fn) or "").strip().splitlines()
-    matcher = Matcher(name, fn, bool(needs_data), description or (doc[0] if doc else ""))
+    matcher = Matcher(name, fn, bool(needs_data), description or (doc[0] if doc else ""), bool(needs_data or uses_data))
     _REGISTRY[name] = matcher
     return matcher
 

@@ -24,10 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import forward_with_state, model_device, module_with_state, split_batch, state_of, to_device
+from .._common import State, check_state_for_model, forward_with_state, model_device, split_batch, state_of, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
+from ..spec.soft import matrix_to_perm, soft_permute
+from ..trace.tracing import spec_from_model
 from .registry import MatchResult, register_matcher
+from .sinkhorn_op import sinkhorn
+from .weight import weight_matching
 
 __all__ = ["SinkhornRebasin", "COSTS"]
 
@@ -64,6 +68,10 @@ class SinkhornRebasin(nn.Module):
         close to the uniform doubly-stochastic matrix; raise it to start sharper.
     seed
         Seeds the random init and the per-batch draws of ``t`` for the ``"random"`` cost.
+    state_a, state_b
+        Align these state_dicts (parameters and buffers) instead of the models' own; the models are then
+        only the architecture (run through ``functional_call``; each state must fit its model). Default:
+        the models' states. They are copied once, like the models' own.
 
     Notes
     -----
@@ -95,6 +103,8 @@ class SinkhornRebasin(nn.Module):
         init: str = "identity",
         init_scale: float = 1.0,
         seed: int = 0,
+        state_a: State | None = None,
+        state_b: State | None = None,
     ) -> None:
         super().__init__()
         if not (isinstance(cost, str) and cost in COSTS) and not callable(cost):
@@ -107,16 +117,20 @@ class SinkhornRebasin(nn.Module):
             raise RebasinError(f"tau must be a positive finite number, got {tau}")
         if int(n_iter) < 1:
             raise RebasinError(f"n_iter must be at least 1, got {n_iter}")
-        dev_a, dev_b = model_device(model_a), model_device(model_b)
+        for name, model, state in (("state_a", model_a, state_a), ("state_b", model_b, state_b)):
+            if state is not None:
+                check_state_for_model(model, state, name)
+        dev_a = model_device(model_a) if state_a is None else _state_device(state_a)
+        dev_b = model_device(model_b) if state_b is None else _state_device(state_b)
         if dev_a != dev_b:
-            raise RebasinError(f"model_a is on {dev_a} but model_b is on {dev_b}; move both to one device")
+            what = "model" if state_a is None and state_b is None else "state"
+            raise RebasinError(f"{what}_a is on {dev_a} but {what}_b is on {dev_b}; move both to one device")
         if spec is None:
             if example_input is None:
                 raise RebasinError("SinkhornRebasin needs spec= or example_input= to trace the model")
-            from ..trace.tracing import spec_from_model
-
             spec = spec_from_model(model_a, example_input)
-        state_a, state_b = state_of(model_a), state_of(model_b)
+        state_a = state_of(model_a) if state_a is None else {k: v.detach() for k, v in state_a.items()}
+        state_b = state_of(model_b) if state_b is None else {k: v.detach() for k, v in state_b.items()}
         sizes = spec.validate_pair(state_a, state_b)
         self.spec = spec
         self.cost = cost
@@ -131,7 +145,7 @@ class SinkhornRebasin(nn.Module):
         self._state_b = {k: v.clone() for k, v in state_b.items()}
         self._generator = torch.Generator().manual_seed(self.seed)
 
-        start = self._initial_perms(init, sizes, model_a, model_b)
+        start = self._initial_perms(init, sizes)
         logits = {}
         for name in spec.perms:
             n = sizes[name]
@@ -143,14 +157,12 @@ class SinkhornRebasin(nn.Module):
         self._quiet = False  # fit() checks convergence once at the end instead of every step
 
     # ------------------------------------------------------------------ set-up helpers
-    def _initial_perms(self, init, sizes, model_a, model_b) -> dict[str, Tensor]:
+    def _initial_perms(self, init: str, sizes: Mapping[str, int]) -> dict[str, Tensor]:
         if init == "identity":
             return {p: torch.arange(n) for p, n in sizes.items()}
         if init == "random":
             g = torch.Generator().manual_seed(self.seed)
             return {p: torch.randperm(sizes[p], generator=g) for p in self.spec.perms}
-        from .weight import weight_matching
-
         return weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
 
     @property
@@ -166,8 +178,6 @@ class SinkhornRebasin(nn.Module):
     # ------------------------------------------------------------------ soft permutation
     def soft_matrices(self) -> dict[str, Tensor]:
         """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable."""
-        from .sinkhorn_op import sinkhorn
-
         out = {}
         for name, logits in self.logits.items():
             if not bool(torch.isfinite(logits).all()):
@@ -180,8 +190,6 @@ class SinkhornRebasin(nn.Module):
 
     def permuted_state_b(self) -> dict[str, Tensor]:
         """Model B's state_dict with the soft permutations applied (differentiable in the logits)."""
-        from ..spec.soft import soft_permute
-
         return soft_permute(self.spec, self.soft_matrices(), self._state_b)
 
     def state_at(self, t: float | Tensor) -> dict[str, Tensor]:
@@ -322,8 +330,6 @@ class SinkhornRebasin(nn.Module):
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
         """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``."""
-        from ..spec.soft import matrix_to_perm
-
         return {name: matrix_to_perm(logits.detach()).cpu() for name, logits in self.logits.items()}
 
     def aligned_state_dict(self) -> dict[str, Tensor]:
@@ -341,7 +347,18 @@ class SinkhornRebasin(nn.Module):
         return model
 
 
-@register_matcher("sinkhorn", description="Pena et al.: learn soft permutations end to end (costs l2 / midpoint / random)")
+def _state_device(state: State) -> torch.device:
+    """Device of the state's first tensor (CPU for an empty state)."""
+    for t in state.values():
+        return t.device
+    return torch.device("cpu")
+
+
+@register_matcher(
+    "sinkhorn",
+    uses_data=True,
+    description="Pena et al.: learn soft permutations end to end (costs l2 / midpoint / random)",
+)
 def _sinkhorn_matcher(
     spec: PermutationSpec,
     state_a: Mapping[str, Tensor],
@@ -351,19 +368,46 @@ def _sinkhorn_matcher(
     model_b: nn.Module | None = None,
     loader: Iterable[Any] | None = None,
     seed: int = 0,
+    cost: str | CostFn = "random",
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    tau: float = 1.0,
+    n_iter: int = 20,
+    grad: str = "implicit",
+    init: str = "identity",
+    init_scale: float = 1.0,
     fit: Mapping[str, Any] | None = None,
     device: Any = None,
-    **options: Any,
 ) -> MatchResult:
-    """Sinkhorn re-basin: ``options`` go to :class:`SinkhornRebasin`, ``fit={...}`` to :meth:`SinkhornRebasin.fit`."""
+    """Sinkhorn re-basin: options as :class:`SinkhornRebasin`, ``fit={...}`` for :meth:`SinkhornRebasin.fit`.
+
+    The states are aligned as given (the models are the architecture); the info is the cost history.
+    """
     if model_a is None:
         raise RebasinError("sinkhorn needs model_a (the architecture to run the states through)")
+    fit = dict(fit or {})
+    unknown = sorted(set(fit) - _FIT_OPTIONS)
+    if unknown:
+        raise RebasinError(
+            f"unknown fit option(s) {unknown} for matcher 'sinkhorn'; SinkhornRebasin.fit accepts {sorted(_FIT_OPTIONS)}"
+        )
     module = SinkhornRebasin(
-        module_with_state(model_a, state_a),
-        module_with_state(model_b if model_b is not None else model_a, state_b),
+        model_a,
+        model_b if model_b is not None else model_a,
         spec=spec,
+        cost=cost,
+        loss_fn=loss_fn,
+        tau=tau,
+        n_iter=n_iter,
+        grad=grad,
+        init=init,
+        init_scale=init_scale,
         seed=seed,
-        **options,
+        state_a=state_a,
+        state_b=state_b,
     )
-    history = module.fit(loader, device=device, **dict(fit or {}))
+    history = module.fit(loader, device=device, **fit)
     return MatchResult(module.hard_permutations(), history)
+
+
+# what ``fit={...}`` may hold (``loader`` and ``device`` come from the matcher's own arguments)
+_FIT_OPTIONS = frozenset({"epochs", "steps", "lr", "optimizer", "progress"})

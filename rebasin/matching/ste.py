@@ -27,7 +27,8 @@ worse than weight matching on that batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
+    State,
     forward_with_state,
     head,
     model_device,
-    module_with_state,
     paired_states,
     resolve_device,
     split_batch,
@@ -47,9 +48,13 @@ from .._common import (
 )
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute_unchecked
+from ..trace.tracing import spec_from_model
 from .registry import MatchResult, register_matcher
+from .weight import weight_matching
 
 __all__ = ["ste_matching", "STEInfo"]
+
+Perms = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -81,18 +86,6 @@ class STEInfo:
     changed: list[int] = field(default_factory=list)
 
 
-def _weight_matching() -> Callable[..., Any]:
-    from .weight import weight_matching
-
-    return weight_matching
-
-
-def _param_keys(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
-    """State_dict keys of ``model``'s floating-point parameters (the trainable part)."""
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return [k for k in state if k in names and state[k].is_floating_point()]
-
-
 def ste_matching(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -110,6 +103,8 @@ def ste_matching(
     progress: bool = False,
     select: Literal["final", "best"] = "final",
     return_info: bool = False,
+    state_a: State | None = None,
+    state_b: State | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], STEInfo]:
     r"""Align B to A by learning weights whose projection minimises the midpoint loss.
 
@@ -153,6 +148,10 @@ def ste_matching(
         of the step with the lowest midpoint loss (see the module notes).
     return_info
         Also return an :class:`STEInfo`.
+    state_a, state_b
+        Align these state_dicts (parameters and buffers) instead of the models' own; the models are then
+        only the architecture (``model_a`` runs the midpoint through ``functional_call``). Nothing is copied
+        into a module.
 
     Returns
     -------
@@ -182,52 +181,140 @@ def ste_matching(
     Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries.
     ICLR 2023, section 3.3.
     """
+    _check_options(epochs, lr, max_steps, select)
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    dev = resolve_device(model_a, model_b, device=device)
+    state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)
+    if spec is None:
+        spec = _trace_spec(model_a, loader, example_input)
+    spec.validate_pair(state_a, state_b)
+    weights = _free_weights(model_a, state_a)  # W starts at θ_A
+    optimizer = torch.optim.Adam(list(weights.values()), lr=float(lr))
+
+    def project(perms: Perms | None, step: int) -> Perms:
+        return _project(spec, state_a, weights, state_b, perms, n_iter=n_iter, seed=int(seed) + step, device=dev)
+
+    history = _History()
+    perms: Perms | None = None
+    with _progress(progress, _total_steps(loader, epochs, max_steps)) as tick:
+        for step, (x, y) in enumerate(_steps(loader, epochs, max_steps, dev)):
+            perms = history.moved(perms, project(perms, step))  # 1. π = projection of W
+            mid = _straight_through_midpoint(spec, state_a, state_b, weights, perms)  # 2. ½θ_A + ½(π(θ_B) + W − sg(W))
+            loss, value = _midpoint_loss(model_a, mid, x, y, loss_fn, step)  # 3. ℓ(f(midpoint)(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()  # 4. an Adam step on W
+            history.record(step, value, perms)
+            tick(value)
+    final = project(perms, history.num_steps)
+    result = history.best_or(final) if select == "best" else final
+    return (result, history.info(final)) if return_info else result
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def _check_options(epochs: int, lr: float, max_steps: int | None, select: str) -> None:
     if int(epochs) < 0 or (max_steps is not None and int(max_steps) < 0):
         raise RebasinError(f"epochs and max_steps must be non-negative, got epochs={epochs}, max_steps={max_steps}")
     if not float(lr) > 0:
         raise RebasinError(f"lr must be positive, got {lr}")
     if select not in ("final", "best"):
         raise RebasinError(f"select must be 'final' or 'best', got {select!r}")
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    weight_matching = _weight_matching()
-    dev = resolve_device(model_a, model_b, device=device)
-    state_a, state_b = paired_states(model_a, model_b, dev)
-    if spec is None:
-        from ..trace.tracing import spec_from_model
 
-        if example_input is None:
-            try:
-                first = next(iter(loader))
-            except StopIteration:
-                raise RebasinError("the loader yielded no batch; cannot trace the model") from None
-            example_input = head(split_batch(first)[0])
-        spec = spec_from_model(model_a, to_device(example_input, model_device(model_a)))
-    spec.validate_pair(state_a, state_b)
 
-    keys = _param_keys(model_a, state_a)
+def _trace_spec(model_a: nn.Module, loader: Iterable[Any], example_input: Any) -> PermutationSpec:
+    """``model_a``'s spec, traced from ``example_input`` or the first two samples of the first batch."""
+    if example_input is None:
+        try:
+            first = next(iter(loader))
+        except StopIteration:
+            raise RebasinError("the loader yielded no batch; cannot trace the model") from None
+        example_input = head(split_batch(first)[0])
+    return spec_from_model(model_a, to_device(example_input, model_device(model_a)))
+
+
+def _free_weights(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The trainable ``W``: a copy of ``model``'s floating-point parameters in ``state`` (buffers are not trained)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    keys = [k for k in state if k in names and state[k].is_floating_point()]
     if not keys:
         raise RebasinError("model_a has no floating-point parameters to train")
-    weights = {k: state_a[k].detach().clone().requires_grad_(True) for k in keys}
-    optimizer = torch.optim.Adam(list(weights.values()), lr=float(lr))
+    return {k: state[k].detach().clone().requires_grad_(True) for k in keys}
 
-    def project(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
-        target = dict(state_a)
-        target.update({k: w.detach() for k, w in weights.items()})
-        return weight_matching(spec, target, state_b, n_iter=n_iter, init=perms, seed=int(seed) + step, device=dev)
 
-    def midpoint(perms: dict[str, Tensor]) -> dict[str, Tensor]:
-        projected = permute_unchecked(spec, perms, state_b)
-        mid: dict[str, Tensor] = {}
-        for k, a in state_a.items():
-            if k in weights:
-                w = weights[k]
-                mid[k] = 0.5 * a + 0.5 * (projected[k] + (w - w.detach()))
-            elif a.is_floating_point():
-                mid[k] = torch.lerp(a, projected[k], 0.5)
-            else:
-                mid[k] = a.clone()
-        return mid
+# ---------------------------------------------------------------------------------------- the ideas
+def _project(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    perms: Perms | None,
+    *,
+    n_iter: int,
+    seed: int,
+    device: torch.device,
+) -> Perms:
+    """The projection ``π_W = argmax_π ⟨W, π(θ_B)⟩``: weight matching of B onto ``W`` (A's buffers), warm-started."""
+    target = dict(state_a)
+    target.update({k: w.detach() for k, w in weights.items()})
+    return weight_matching(spec, target, state_b, n_iter=n_iter, init=perms, seed=seed, device=device)
 
+
+def _straight_through_midpoint(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    weights: Mapping[str, Tensor],
+    perms: Perms,
+) -> dict[str, Tensor]:
+    """``½θ_A + ½θ̃`` with ``θ̃ = π(θ_B) + (W − stopgrad(W))``: the value of projected B, the gradient of ``W``.
+
+    Untrained floating buffers are interpolated (``½ A + ½ π(B)``); integer buffers are A's.
+    """
+    projected = permute_unchecked(spec, perms, state_b)
+    mid: dict[str, Tensor] = {}
+    for k, a in state_a.items():
+        if k in weights:
+            w = weights[k]
+            mid[k] = 0.5 * a + 0.5 * (projected[k] + (w - w.detach()))
+        elif a.is_floating_point():
+            mid[k] = torch.lerp(a, projected[k], 0.5)
+        else:
+            mid[k] = a.clone()
+    return mid
+
+
+def _midpoint_loss(
+    model: nn.Module, mid: Mapping[str, Tensor], x: Any, y: Any, loss_fn: Callable[[Any, Any], Tensor], step: int
+) -> tuple[Tensor, float]:
+    """``loss_fn(f(mid)(x), y)`` in eval mode, checked to be a finite scalar; the loss and its value."""
+    loss = loss_fn(forward_with_state(model, mid, x, eval_mode=True), y)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise RebasinError("loss_fn must return a scalar Tensor")
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RebasinError(f"the midpoint loss is not finite at step {step}: lower lr")
+    return loss, value
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _steps(loader: Iterable[Any], epochs: int, max_steps: int | None, device: torch.device) -> Iterator[tuple[Any, Any]]:
+    """``(x, y)`` on ``device`` for every step: ``epochs`` passes over ``loader``, at most ``max_steps`` in all."""
+    step = 0
+    for _ in range(int(epochs)):
+        if max_steps is not None and step >= int(max_steps):
+            return
+        for batch in loader:
+            if max_steps is not None and step >= int(max_steps):
+                break
+            x, y = split_batch(batch)
+            if y is None:
+                raise RebasinError("ste_matching needs batches (x, y): the loss is loss_fn(output, y)")
+            yield to_device(x, device), to_device(y, device)
+            step += 1
+
+
+def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> int | None:
+    """Number of steps for the progress bar (None when the loader has no length and no ``max_steps``)."""
     total: int | None
     try:
         total = int(epochs) * len(loader)  # type: ignore[arg-type]
@@ -235,71 +322,69 @@ def ste_matching(
         total = None
     if max_steps is not None:
         total = int(max_steps) if total is None else min(total, int(max_steps))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return total
 
-        bar = tqdm(total=total, desc="ste")
 
-    perms: dict[str, Tensor] | None = None
-    losses: list[float] = []
-    changed: list[int] = []
-    best_step, best_loss, best_perms = -1, float("inf"), None
-    step = 0
+@contextmanager
+def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[float], None]]:
+    """A ``tick(loss)`` that advances a tqdm bar (a no-op when ``enabled`` is False)."""
+    if not enabled:
+        yield lambda value: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="ste")
+
+    def tick(value: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}")
+
     try:
-        for _ in range(int(epochs)):
-            if max_steps is not None and step >= int(max_steps):
-                break
-            for batch in loader:
-                if max_steps is not None and step >= int(max_steps):
-                    break
-                x, y = split_batch(batch)
-                if y is None:
-                    raise RebasinError("ste_matching needs batches (x, y): the loss is loss_fn(output, y)")
-                x, y = to_device(x, dev), to_device(y, dev)
-                new = project(perms, step)
-                changed.append(
-                    0 if perms is None else sum(int((new[p].cpu() != perms[p].cpu()).sum()) for p in new)
-                )
-                perms = new
-                out = forward_with_state(model_a, midpoint(perms), x, eval_mode=True)
-                loss = loss_fn(out, y)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise RebasinError("loss_fn must return a scalar Tensor")
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise RebasinError(f"the midpoint loss is not finite at step {step}: lower lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(value)
-                if value < best_loss:
-                    best_step, best_loss = step, value
-                    best_perms = {p: v.detach().clone() for p, v in perms.items()}
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}")
+        yield tick
     finally:
-        if bar is not None:
-            bar.close()
-
-    final = project(perms, step)
-    best = final if best_perms is None else best_perms
-    result = best if select == "best" else final
-    if not return_info:
-        return result
-    info = STEInfo(
-        losses=losses,
-        num_steps=step,
-        best_step=best_step,
-        best_loss=best_loss,
-        best_perms=best,
-        changed=changed,
-    )
-    return result, info
+        bar.close()
 
 
+class _History:
+    """What the loop saw: the loss of every step, how many units each projection moved, the best step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.changed: list[int] = []
+        self.best_step, self.best_loss = -1, float("inf")
+        self.best_perms: Perms | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.losses)
+
+    def moved(self, old: Perms | None, new: Perms) -> Perms:
+        """Record how many units changed assignment from ``old`` to ``new`` (0 for the first step); return ``new``."""
+        self.changed.append(0 if old is None else sum(int((new[p].cpu() != old[p].cpu()).sum()) for p in new))
+        return new
+
+    def record(self, step: int, value: float, perms: Perms) -> None:
+        self.losses.append(value)
+        if value < self.best_loss:
+            self.best_step, self.best_loss = step, value
+            self.best_perms = {p: v.detach().clone() for p, v in perms.items()}
+
+    def best_or(self, final: Perms) -> Perms:
+        """The permutations of the lowest-loss step (``final`` if no step was taken)."""
+        return final if self.best_perms is None else self.best_perms
+
+    def info(self, final: Perms) -> STEInfo:
+        return STEInfo(
+            losses=self.losses,
+            num_steps=self.num_steps,
+            best_step=self.best_step,
+            best_loss=self.best_loss,
+            best_perms=self.best_or(final),
+            changed=self.changed,
+        )
+
+
+# ---------------------------------------------------------------------------------------- registry
 @register_matcher("ste", needs_data=True, description="Ainsworth et al.: straight-through estimator on the midpoint loss")
 def _ste_matcher(
     spec: PermutationSpec,
@@ -310,18 +395,34 @@ def _ste_matcher(
     model_b: nn.Module | None = None,
     loader: Iterable[Any] | None = None,
     seed: int = 0,
-    **options: Any,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    max_steps: int | None = None,
+    n_iter: int = 100,
+    device: Any = None,
+    progress: bool = False,
+    select: Literal["final", "best"] = "final",
 ) -> MatchResult:
-    """The straight-through estimator; options as :func:`ste_matching`."""
+    """The straight-through estimator on the given states; options as :func:`ste_matching`."""
     if model_a is None:
         raise RebasinError("ste needs model_a (the architecture to run the states through)")
     perms, info = ste_matching(
-        module_with_state(model_a, state_a),
-        module_with_state(model_b if model_b is not None else model_a, state_b),
-        loader,
+        model_a,
+        model_b if model_b is not None else model_a,
+        loader,  # type: ignore[arg-type]  # the registry checked it is given (needs_data)
         spec=spec,
+        loss_fn=loss_fn,
+        epochs=epochs,
+        lr=lr,
+        max_steps=max_steps,
+        n_iter=n_iter,
         seed=seed,
+        device=device,
+        progress=progress,
+        select=select,
         return_info=True,
-        **options,
+        state_a=state_a,
+        state_b=state_b,
     )
     return MatchResult(perms, info)

@@ -32,13 +32,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.fx import Graph, GraphModule, Node, symbolic_trace
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .._common import as_args, evaluating, first_inputs, state_of
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
-from .engine import DEAD, INPLACE_FN, MANUAL, E, Propagation, node_meta
+from .engine import Propagation
+from .ops import INPLACE_FN
+from .registry import trace_graph
+from .rules import AxisPerm
+from .state import DEAD, MANUAL, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
 
@@ -246,7 +250,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
     try:
         with evaluating(root):
-            gm = symbolic_trace(root)
+            gm = trace_graph(root)
     except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
         raise RebasinError(
             f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes are "
@@ -356,7 +360,7 @@ def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
         base = assigned[0]
         where = f"the tied state_dict entries {keys}"
         for k in assigned[1:]:
-            entries = [None if p is None else E(p, prop.key_blocks.get((base, i), 1))
+            entries = [None if p is None else AxisPerm(p, prop.key_blocks.get((base, i), 1))
                        for i, p in enumerate(prop.key_axes[base])]
             prop.assign(where, k, entries)
         for k in keys:

@@ -184,6 +184,7 @@ def module_rule(module: nn.Module | type[nn.Module]) -> ModuleRule | None:
     Examples
     --------
     >>> from torch import nn
+    >>> from rebasin import module_rule
     >>> rule = module_rule(nn.Linear)
     >>> dict(rule.params), rule.feature_dim
     ({'weight': ('out', 'in'), 'bias': ('out',)}, -1)
@@ -197,7 +198,16 @@ def module_rule(module: nn.Module | type[nn.Module]) -> ModuleRule | None:
 
 
 def registered_modules() -> dict[type[nn.Module], ModuleRule]:
-    """A copy of the registry: ``{class: rule}``, built-ins included, in registration order."""
+    """A copy of the registry: ``{class: rule}``, built-ins included, in registration order.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from rebasin.trace import registered_modules
+    >>> rules = registered_modules()
+    >>> nn.Linear in rules, nn.LSTM in rules
+    (True, False)
+    """
     return dict(_RULES)
 
 

@@ -1,4 +1,4 @@
-"""What a layer rule is: declared roles (:class:`ModuleRule`) and the interface of callable rules (:class:`RuleContext`).
+"""What a layer rule is: declared roles (:class:`ModuleRule`) and the callable-rule interface (:class:`RuleContext`).
 
 A rule tells the tracer how one module type moves permutations from its input to its output and which
 permutation acts on each axis of the module's state_dict entries. It is either
@@ -119,6 +119,14 @@ class ModuleRule:
         Feature axis of the module's input and output tensors.
     fn
         The callable rule, or None for a declarative one.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from rebasin import module_rule
+    >>> rule = module_rule(nn.Conv2d)
+    >>> rule.role_axis("weight", "out"), rule.feature_dim, rule.fn is not None
+    (0, -3, True)
     """
 
     cls: type[nn.Module]

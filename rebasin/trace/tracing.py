@@ -1,19 +1,21 @@
 """Permutation specs by torch.fx tracing: :func:`spec_from_model` and :func:`trace_model`.
 
-The model is traced with :func:`torch.fx.symbolic_trace`, shapes come from running the graph once on
-``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node is told which
-permutation lives on which axis of its output. A permutation is born at the output channel axis of
-every Linear / Conv (module or ``F.linear`` / ``F.conv*``), travels through elementwise ops,
-activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1 or C groups), flatten, view,
-reshape, permute and transpose (each move checked against the recorded shapes), is merged with
-another one by ``+`` / ``*`` of two streams (union-find), and ends at the in-axis of the next
-weighted layer. Permutations that reach the model output are dropped (the output axis is never
-permuted), so the last layer's output axis is ``None``.
+The model is traced with torch.fx, keeping every module with a layer rule as one node
+(:func:`rebasin.register_module`; torch.nn modules are leaves anyway), shapes come from running the
+graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node
+is told which permutation lives on which axis of its output: a module node by its layer rule, a
+function or method node by the op table. A permutation is born at the output channel axis of
+every Linear / Conv (module, registered layer with an ``"out"`` role, or ``F.linear`` / ``F.conv*``),
+travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1
+or C groups), flatten, view, reshape, permute and transpose (each move checked against the recorded
+shapes), is merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the
+in-axis of the next weighted layer. Permutations that reach the model output are dropped (the output
+axis is never permuted), so the last layer's output axis is ``None``.
 
 Whatever touches a live permutation in a way the rules cannot prove safe (``torch.cat``, attention,
 matmul, GroupNorm with 1 < groups < C, grouped / depthwise conv, a reshape that mixes channels, a
-reduction over the permuted axis, unknown modules and functions) raises :class:`RebasinError`
-naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
+reduction over the permuted axis, modules without a rule, unknown functions) raises
+:class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
 touches permutations which turn out to reach the output is fine: those permutations are the
 identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a
 random permutation leaves the outputs unchanged, so a silently wrong spec is never returned.
@@ -217,7 +219,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     Parameters
     ----------
     model
-        Any module :func:`torch.fx.symbolic_trace` can trace. Not mutated (traced in eval mode,
+        Any module torch.fx can trace (modules with a layer rule are not traced into). Not mutated (traced in eval mode,
         flags restored).
     example_input
         A tensor (e.g. shape ``(1, 3, 32, 32)``) or a tuple of positional inputs, on the model's

@@ -34,6 +34,39 @@ def test_quickstart_runs_as_written(capsys, monkeypatch):
     assert namespace["manual"].axes == namespace["spec"].axes
 
 
+def test_extending_runs_as_written(capsys):
+    import torch
+
+    import rebasin
+
+    blocks = _python_blocks((DOCS / "extending.md").read_text())
+    assert len(blocks) >= 5
+    namespace: dict = {"__name__": "extending"}
+    with rebasin.registration_scope():  # the page registers its layers; nothing may leak into other tests
+        for i, block in enumerate(blocks):
+            try:
+                exec(compile(block, f"extending.md block {i}", "exec"), namespace)  # noqa: S102 - our own docs
+            except Exception as exc:  # pragma: no cover - the message is the point
+                raise AssertionError(f"extending block {i} failed: {exc!r}\n{block}") from exc
+        assert rebasin.module_rule(namespace["MyLinear"]) is not None
+    assert rebasin.module_rule(namespace["MyLinear"]) is None
+    out = capsys.readouterr().out.splitlines()
+    # declarative: the printed axes; REPAIR lists the hidden MyLinear as a producer (not the output layer)
+    assert out[0] == "('P0', None) ('P0',) (None, 'P0')"
+    assert out[1] == "['0']"
+    # callable: a hidden permutation of its own, the stream on the rows of w_out
+    assert out[2] == "('P1', 'P0') ('P0', 'P1') {'P0': 8, 'P1': 32}"
+    assert out[3:] == ["True", "True"]
+    # the conditional rule shown on the page works as written
+    grouped = namespace["grouped_layer_rule"]
+    with rebasin.registration_scope():
+        rebasin.register_module(namespace["MyLinear"], params={"weight": ("out", "in"), "bias": ("out",)},
+                                rule=grouped)
+        spec = rebasin.spec_from_model(torch.nn.Sequential(namespace["MyLinear"](3, 5), torch.nn.ReLU(),
+                                                           torch.nn.Linear(5, 2)), torch.randn(2, 3))
+    assert spec.axes["0.weight"] == ("P0", None)
+
+
 def _setup_commands(text: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text, flags=re.S)[:2]
 

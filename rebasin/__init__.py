@@ -10,7 +10,7 @@ The package is layered; each layer imports only the ones below it (``tests/test_
     rebasin.merging, rebasin.landscape      merging many models; landscape metrics
     rebasin.paths         linear path + barrier, BN reset, REPAIR, curves, arc, weight adjustment, PAM
     rebasin.matching      weight / activation / STE / OT / Sinkhorn matchers, align
-    rebasin.trace         spec_from_model and the propagation engine
+    rebasin.trace         spec_from_model, the layer-rule registry (register_module), the propagation engine
     rebasin.spec          PermutationSpec, permute / invert / random_permutation / soft_permute
     rebasin._common       validation, devices, batches, train/eval modes, progress (private)
 """
@@ -91,7 +91,17 @@ from .spec import (
     random_permutation,
     soft_permute,
 )
-from .trace import ModelTrace, spec_from_model, trace_model
+from .trace import (
+    AxisPerm,
+    ModelTrace,
+    ModuleRule,
+    RuleContext,
+    module_rule,
+    register_module,
+    registration_scope,
+    spec_from_model,
+    trace_model,
+)
 
 __version__ = "0.2.0"
 
@@ -102,6 +112,12 @@ __all__ = [
     "spec_from_model",
     "trace_model",
     "ModelTrace",
+    "register_module",
+    "registration_scope",
+    "module_rule",
+    "ModuleRule",
+    "RuleContext",
+    "AxisPerm",
     "permute",
     "invert",
     "compose",

@@ -25,9 +25,28 @@ def _check_quickstart(namespace: dict, out: str, blocks: list[str]) -> None:
 
 
 def _check_extending(namespace: dict, out: str, blocks: list[str]) -> None:
+    import torch
+
     import rebasin
 
-    assert len(blocks) >= 4
+    assert len(blocks) >= 9
+    # "Add a layer rule": the page registered its layers inside the test's registration scope
+    assert rebasin.module_rule(namespace["MyLinear"]) is not None
+    lines = out.splitlines()
+    # declarative: the printed axes; REPAIR lists the hidden MyLinear as a producer (not the output layer)
+    assert lines[0] == "('P0', None) ('P0',) (None, 'P0')"
+    assert lines[1] == "['0']"
+    # callable: a hidden permutation of its own, the stream on the rows of w_out
+    assert lines[2] == "('P1', 'P0') ('P0', 'P1') {'P0': 8, 'P1': 32}"
+    assert lines[3:5] == ["True", "True"]
+    # the conditional rule shown on the page works as written
+    grouped = namespace["grouped_layer_rule"]
+    with rebasin.registration_scope():
+        rebasin.register_module(namespace["MyLinear"], params={"weight": ("out", "in"), "bias": ("out",)},
+                                rule=grouped, overwrite=True)
+        spec = rebasin.spec_from_model(torch.nn.Sequential(namespace["MyLinear"](3, 5), torch.nn.ReLU(),
+                                                           torch.nn.Linear(5, 2)), torch.randn(2, 3))
+    assert spec.axes["0.weight"] == ("P0", None)
     # "Add a matcher": the page's matcher ran through align and merge, and the page cleaned up after itself
     assert "wm_restarts" in out and "merged with wm_restarts" in out and "without data:" in out
     assert namespace["result"].method == "wm_restarts" and set(namespace["result"].info) == {"objective", "seed"}
@@ -49,15 +68,19 @@ def test_page_runs_as_written(page, capsys, monkeypatch):
     namespace: dict = {"__name__": page.removesuffix(".md")}
     registered = set(rebasin.matcher_names())
     try:
-        for i, block in enumerate(blocks):
-            try:
-                exec(compile(block, f"{page} block {i}", "exec"), namespace)  # noqa: S102 - our own docs
-            except Exception as exc:  # pragma: no cover - the message is the point
-                raise AssertionError(f"{page} block {i} failed: {exc!r}\n{block}") from exc
-        RUNNABLE_PAGES[page](namespace, capsys.readouterr().out, blocks)
-    finally:  # a page that fails half-way must not leave its matchers registered for other tests
+        # a page's layer rules and matchers must not leak into other tests, even when it fails half-way
+        with rebasin.registration_scope():
+            for i, block in enumerate(blocks):
+                try:
+                    exec(compile(block, f"{page} block {i}", "exec"), namespace)  # noqa: S102 - our own docs
+                except Exception as exc:  # pragma: no cover - the message is the point
+                    raise AssertionError(f"{page} block {i} failed: {exc!r}\n{block}") from exc
+            RUNNABLE_PAGES[page](namespace, capsys.readouterr().out, blocks)
+    finally:
         for name in set(rebasin.matcher_names()) - registered:
             rebasin.unregister_matcher(name)
+    if "MyLinear" in namespace:
+        assert rebasin.module_rule(namespace["MyLinear"]) is None
 
 
 def _setup_commands(text: str) -> list[str]:

@@ -28,13 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import Node, symbolic_trace
+from torch.fx import Node
 from torch.fx.node import map_arg
 
 from .._common import check_float, check_pair, check_state_for_model, resolve_device, split_batch, to_device
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
-from ..trace.engine import ELEMENTWISE_FN, ELEMENTWISE_METHOD, ELEMENTWISE_MODULES, IDENTITY_METHOD
+from ..trace.ops import DROPOUT_FN, ELEMENTWISE_FN, ELEMENTWISE_METHOD, IDENTITY_METHOD
+from ..trace.registry import module_rule, trace_graph
 from .arc import arc_interpolate
 
 __all__ = ["weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
@@ -52,8 +53,8 @@ _CHAIN_HINT = (
     "weight_adjusted_path supports feed-forward chains of Linear layers with elementwise activations "
     "(e.g. rebasin.apps.models.MLP without norm layers, or nn.Sequential of Linear / activation / Flatten / Dropout)"
 )
-_DROPOUT_FN = {getattr(F, n) for n in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-                                       "feature_alpha_dropout") if hasattr(F, n)}
+# What may sit between two Linear layers: the trace package's elementwise ops, flatten, and (below)
+# modules whose registered rule declares a stateless elementwise op (params={}).
 _CHAIN_FN = (ELEMENTWISE_FN | {torch.flatten}) - {F.linear}
 _CHAIN_METHOD = ELEMENTWISE_METHOD | IDENTITY_METHOD | {"flatten"}
 
@@ -76,11 +77,12 @@ def _node_op(node: Node, model: nn.Module) -> Op | nn.Linear:
             return m
         if isinstance(m, nn.modules.dropout._DropoutNd):
             return lambda x: x  # eval mode
-        if isinstance(m, (*ELEMENTWISE_MODULES, nn.Flatten)) and not list(m.parameters()):
+        rule = module_rule(m)
+        if (isinstance(m, nn.Flatten) or (rule is not None and rule.elementwise)) and not list(m.parameters()):
             return m
         raise RebasinError(f"{_CHAIN_HINT}; {type(model).__name__} calls a {type(m).__name__} at {what}")
     if node.op == "call_function" and node.target in _CHAIN_FN:
-        if node.target in _DROPOUT_FN:
+        if node.target in DROPOUT_FN:
             return lambda x: x
         fn = node.target
         return lambda x: fn(*map_arg(node.args, lambda _: x), **map_arg(node.kwargs, lambda _: x))
@@ -98,7 +100,7 @@ def _node_op(node: Node, model: nn.Module) -> Op | nn.Linear:
 def _linear_chain(model: nn.Module) -> tuple[tuple[Op, ...], tuple[_Layer, ...]]:
     """``(ops before the first Linear, layers)`` of a model that is a chain of Linear layers."""
     try:
-        gm = symbolic_trace(model)
+        gm = trace_graph(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means "not a plain chain"
         raise RebasinError(f"{_CHAIN_HINT}; torch.fx could not trace {type(model).__name__}: {err}") from err
     nodes = list(gm.graph.nodes)

@@ -1,11 +1,42 @@
-"""Specs derived from ordinary models: torch.fx tracing and the propagation of permutations.
+"""Specs derived from ordinary models: torch.fx tracing, the layer-rule registry and the propagation engine.
 
-Layer 2: ``spec_from_model`` traces a model and propagates "which permutation lives on this activation's
-feature axis" through the graph (``engine``), using only layers 0-1.
+Layer 2: :func:`spec_from_model` traces a model with torch.fx and propagates "which permutation lives
+on this activation's feature axis" through the graph, using only layers 0-1.
+
+What the tracer knows about layers lives in one registry. A **layer rule** says, for one module class,
+how permutations go from the module's input to its output and which permutation acts on each axis of
+its state_dict entries. The common case is declared: each entry gets one **role** per axis, ``"out"``
+(the module's output features), ``"in"`` (its input features) or ``None``, and ``feature_dim`` names
+the feature axis of the module's input and output (``-1`` Linear-like, ``1`` Conv-like). A module with
+no ``"out"`` role passes its input's permutation through (norm-like, elementwise). What roles cannot
+say is written as a **callable rule** receiving a :class:`RuleContext`. A registered class is a
+**leaf** of the trace: torch.fx records one node per call instead of tracing into ``forward``.
+
+The built-in ``torch.nn`` rules (``nn_rules``) are registered with :func:`register_module` like a
+user's; the functions and Tensor methods a ``forward`` calls directly are described by one op table
+(``ops``). REPAIR and the Weight Adjustment path read both instead of keeping their own lists.
+
+Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registry`` (registration,
+lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
+``tracing`` (:func:`spec_from_model`, :func:`trace_model`).
 """
 
 from __future__ import annotations
 
+from . import nn_rules  # noqa: F401 - registers the built-in torch.nn rules
+from .registry import module_rule, register_module, registered_modules, registration_scope
+from .rules import AxisPerm, ModuleRule, RuleContext
 from .tracing import ModelTrace, spec_from_model, trace_model
 
-__all__ = ["spec_from_model", "trace_model", "ModelTrace"]
+__all__ = [
+    "spec_from_model",
+    "trace_model",
+    "ModelTrace",
+    "register_module",
+    "registration_scope",
+    "module_rule",
+    "registered_modules",
+    "ModuleRule",
+    "RuleContext",
+    "AxisPerm",
+]

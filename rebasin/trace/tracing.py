@@ -1,19 +1,21 @@
 """Permutation specs by torch.fx tracing: :func:`spec_from_model` and :func:`trace_model`.
 
-The model is traced with :func:`torch.fx.symbolic_trace`, shapes come from running the graph once on
-``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node is told which
-permutation lives on which axis of its output. A permutation is born at the output channel axis of
-every Linear / Conv (module or ``F.linear`` / ``F.conv*``), travels through elementwise ops,
-activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1 or C groups), flatten, view,
-reshape, permute and transpose (each move checked against the recorded shapes), is merged with
-another one by ``+`` / ``*`` of two streams (union-find), and ends at the in-axis of the next
-weighted layer. Permutations that reach the model output are dropped (the output axis is never
-permuted), so the last layer's output axis is ``None``.
+The model is traced with torch.fx, keeping every module with a layer rule as one node
+(:func:`rebasin.register_module`; torch.nn modules are leaves anyway), shapes come from running the
+graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node
+is told which permutation lives on which axis of its output: a module node by its layer rule, a
+function or method node by the op table. A permutation is born at the output channel axis of
+every Linear / Conv (module, registered layer with an ``"out"`` role, or ``F.linear`` / ``F.conv*``),
+travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1
+or C groups), flatten, view, reshape, permute and transpose (each move checked against the recorded
+shapes), is merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the
+in-axis of the next weighted layer. Permutations that reach the model output are dropped (the output
+axis is never permuted), so the last layer's output axis is ``None``.
 
 Whatever touches a live permutation in a way the rules cannot prove safe (``torch.cat``, attention,
 matmul, GroupNorm with 1 < groups < C, grouped / depthwise conv, a reshape that mixes channels, a
-reduction over the permuted axis, unknown modules and functions) raises :class:`RebasinError`
-naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
+reduction over the permuted axis, modules without a rule, unknown functions) raises
+:class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
 touches permutations which turn out to reach the output is fine: those permutations are the
 identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a
 random permutation leaves the outputs unchanged, so a silently wrong spec is never returned.
@@ -32,13 +34,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.fx import Graph, GraphModule, Node, symbolic_trace
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .._common import as_args, evaluating, first_inputs, state_of
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
-from .engine import DEAD, INPLACE_FN, MANUAL, E, Propagation, node_meta
+from .engine import Propagation
+from .ops import INPLACE_FN
+from .registry import trace_graph
+from .rules import AxisPerm
+from .state import DEAD, MANUAL, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
 
@@ -213,7 +219,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     Parameters
     ----------
     model
-        Any module :func:`torch.fx.symbolic_trace` can trace. Not mutated (traced in eval mode,
+        Any module torch.fx can trace (modules with a layer rule are not traced into). Not mutated (traced in eval mode,
         flags restored).
     example_input
         A tensor (e.g. shape ``(1, 3, 32, 32)``) or a tuple of positional inputs, on the model's
@@ -246,7 +252,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
     try:
         with evaluating(root):
-            gm = symbolic_trace(root)
+            gm = trace_graph(root)
     except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
         raise RebasinError(
             f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes are "
@@ -356,7 +362,7 @@ def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
         base = assigned[0]
         where = f"the tied state_dict entries {keys}"
         for k in assigned[1:]:
-            entries = [None if p is None else E(p, prop.key_blocks.get((base, i), 1))
+            entries = [None if p is None else AxisPerm(p, prop.key_blocks.get((base, i), 1))
                        for i, p in enumerate(prop.key_axes[base])]
             prop.assign(where, k, entries)
         for k in keys:

@@ -1,0 +1,314 @@
+"""How permutations move through layers and ops: the rules of the propagation engine, one method per kind.
+
+:meth:`OpRules.layer` is the shared primitive of weighted layers and norms: parameters with declared
+roles per axis (``"out"``, ``"in"``, None, see :mod:`rebasin.trace.rules`) around a feature axis. It is
+what :meth:`RuleContext.apply_roles <rebasin.trace.rules.RuleContext.apply_roles>` runs for a module
+rule, and what ``F.linear``, ``F.conv*``, ``F.batch_norm`` and ``F.prelu`` run with their parameters'
+roles. The other methods are the rules of parameter-free ops: elementwise (with broadcasting),
+reshape, axis reorder, reduction, pooling and indexing. Each either returns the output's entries or
+records a complaint naming the node (:meth:`PermState.complain <rebasin.trace.state.PermState.complain>`).
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from .._errors import RebasinError
+from .ops import group_norm_reason, grouped_conv_reason
+from .rules import AxisPerm, Role, normalize_axis
+from .state import PermState, axis_perms, has_nodes, node_meta, plain_axes, reshape_axes
+
+__all__ = ["OpRules", "COMPUTED"]
+
+COMPUTED = "its weight or bias is computed in the graph, so there is no state_dict entry to permute"
+
+
+class OpRules(PermState):
+    """The rules for weighted layers, norms and parameter-free ops (dispatched by ``engine.Propagation``)."""
+
+    # ---- weighted layers and norms
+    def layer(self, node: Node, x: Any, roles: Mapping[str, tuple[Role, ...]], feature_dim: int, *,
+              produces: bool, computed: str | None = None) -> Any:
+        """Parameters with roles per axis around the feature axis of input and output (see rebasin.trace.rules).
+
+        ``roles`` maps state_dict keys to one role per axis. A layer that ``produces`` new features
+        (its declaration has an ``"out"`` role) gets a new permutation on the output's feature axis;
+        otherwise the input's permutations pass through. ``computed`` is the reason to refuse when a
+        declared parameter is not a state_dict entry (nothing can carry its permutation).
+        """
+        xs, meta = self.arg(node, x), node_meta(node)
+        if not produces:
+            return self.equivariant(node, x, xs, meta, roles, feature_dim, computed)
+        if not isinstance(xs, tuple) or not isinstance(meta, tuple) or not xs:
+            return self.unknown(node)
+        c, co = normalize_axis(feature_dim, len(xs)), normalize_axis(feature_dim, len(meta))
+        if c is None or co is None:
+            return self.unknown(node)
+        e_in = xs[c]
+        lead = xs[:c]
+        if co != c:
+            self.complain(node, [e.pid for e in lead if e], "it changes the number of axes before its feature axis")
+            lead = (None,) * co
+        self.complain(node, [e.pid for e in xs[c + 1:] if e], "it mixes the axes after its feature axis "
+                      "(e.g. the spatial axes a convolution slides over), one of which is permuted")
+        if computed is not None:
+            self.complain(node, [e_in.pid] if e_in else [], computed)
+            return lead + (None,) * (len(meta) - co)
+        out = self.new_perm(meta[co], node, co)
+        sizes = {"out": (meta[co], f"output features (axis {co} of the output, shape {meta})"),
+                 "in": (node_meta(x)[c], f"input features (axis {c} of the input, shape {node_meta(x)})")}
+        takes_input = False
+        for key, r in roles.items():
+            self.check_sizes(node, key, r, sizes)
+            self.assign(node, key, [out if role == "out" else e_in if role == "in" else None for role in r])
+            takes_input = takes_input or "in" in r
+        if e_in is not None:
+            if takes_input:
+                self.consumers.append((x, c, e_in.pid))
+            else:
+                self.complain(node, [e_in.pid], "its input's feature axis is permuted but no parameter takes the "
+                              "input features (no 'in' role)")
+        return lead + (out,) + (None,) * (len(meta) - co - 1)
+
+    def equivariant(self, node: Node, x: Any, xs: Any, meta: Any, roles: Mapping[str, tuple[Role, ...]],
+                    feature_dim: int, computed: str | None) -> Any:
+        """No new features: the output carries the input's permutations, ``"in"`` axes get the feature one."""
+        if not isinstance(xs, tuple) or not isinstance(meta, tuple) or len(meta) != len(xs):
+            return self.unknown(node)
+        if computed is not None:
+            self.complain(node, [e.pid for e in xs if e], computed)
+            return xs
+        e_in = None
+        if any("in" in r for r in roles.values()):
+            c = normalize_axis(feature_dim, len(xs))
+            if c is None:
+                return self.unknown(node)
+            e_in, shape = xs[c], node_meta(x)
+            sizes = {"in": (shape[c], f"features (axis {c} of the input, shape {shape})")}
+            for key, r in roles.items():
+                self.check_sizes(node, key, r, sizes)
+        for key, r in roles.items():
+            self.assign(node, key, [e_in if role == "in" else None for role in r])
+        return xs
+
+    def check_sizes(self, node: Node, key: str, roles: tuple[Role, ...], sizes: Mapping[str, tuple[int, str]]) -> None:
+        shape = tuple(self.tensors[key].shape)
+        for i, role in enumerate(roles):
+            if role in sizes and shape[i] != sizes[role][0]:
+                raise RebasinError(f"spec_from_model: at {self.where(node)}, {key!r} has shape {shape}; its axis {i} "
+                                   f"has the role {role!r} but has {shape[i]} entries, not the {sizes[role][0]} "
+                                   f"{sizes[role][1]}")
+
+    def linear_fn(self, node: Node, b: dict[str, Any]) -> Any:
+        weight, bias = b.get("weight"), b.get("bias")
+        for a in (weight, bias):
+            if isinstance(a, Node) and a not in self.param_key:
+                self.arg(node, a)
+        wkey, bkey = self.key_of(weight), self.key_of(bias)
+        computed = COMPUTED if wkey is None or (bias is not None and bkey is None) else None
+        roles = {} if computed else {wkey: ("out", "in"), **({bkey: ("out",)} if bkey else {})}
+        return self.layer(node, b["input"], roles, -1, produces=True, computed=computed)
+
+    def conv_fn(self, node: Node, b: dict[str, Any], transposed: bool, d: int) -> Any:
+        weight, bias, groups = b.get("weight"), b.get("bias"), b.get("groups", 1)
+        for a in (weight, bias):
+            if isinstance(a, Node) and a not in self.param_key:
+                self.arg(node, a)
+        xs = self.arg(node, b["input"])
+        if not isinstance(xs, tuple) or len(xs) < d + 1 or has_nodes(groups):
+            return self.unknown(node)
+        if int(groups) != 1:
+            self.complain(node, [e.pid for e in xs[-(d + 1):] if e], grouped_conv_reason(groups))
+            return xs[: -(d + 1)] + (None,) * (d + 1)
+        wkey, bkey = self.key_of(weight), self.key_of(bias)
+        computed = COMPUTED if wkey is None or (bias is not None and bkey is None) else None
+        w_roles: tuple[Role, ...] = (("in", "out") if transposed else ("out", "in")) + (None,) * d
+        roles = {} if computed else {wkey: w_roles, **({bkey: ("out",)} if bkey else {})}
+        return self.layer(node, b["input"], roles, -(d + 1), produces=True, computed=computed)
+
+    def norm_fn(self, node: Node, x: Any, params: list[Any], rule: Callable[[list[str]], Any]) -> Any:
+        """Functional norms: parameters must be state_dict entries to receive permutations."""
+        keys: list[str] = []
+        for p in params:
+            if p is None:
+                continue
+            k = self.key_of(p)
+            if k is None:
+                pids = [e.pid for e in axis_perms(self.arg(node, x))]
+                self.arg(node, p)
+                self.complain(node, pids, "a normalisation parameter is computed in the graph, so there is no "
+                              "state_dict entry to permute")
+                return self.arg(node, x)
+            keys.append(k)
+        return rule(keys)
+
+    def group_norm(self, node: Node, x: Any, groups: int, channels: int, keys: list[str]) -> Any:
+        xs = self.arg(node, x)
+        if not isinstance(xs, tuple) or len(xs) < 2:
+            return self.unknown(node)
+        if groups not in (1, channels) and xs[1] is not None:
+            self.complain(node, [xs[1].pid], group_norm_reason(groups, channels))
+            return xs
+        return self.channelwise(node, x, keys)
+
+    def channelwise(self, node: Node, x: Any, keys: Iterable[str]) -> Any:
+        """Per-channel parameters on axis 1 (BatchNorm, InstanceNorm, GroupNorm): the input passes through."""
+        return self.layer(node, x, {k: ("in",) for k in keys}, 1, produces=False)
+
+    def trailing(self, node: Node, x: Any, m: int, keys: list[str]) -> Any:
+        """Parameters over the last ``m`` axes of the input (LayerNorm / RMSNorm)."""
+        xs = self.arg(node, x)
+        if not isinstance(xs, tuple) or len(xs) < m:
+            return self.unknown(node)
+        for k in keys:
+            self.assign(node, k, xs[len(xs) - m:])
+        return xs
+
+    def prelu(self, node: Node, x: Any, key: str, n: int) -> Any:
+        xs = self.arg(node, x)
+        if not isinstance(xs, tuple):
+            return self.unknown(node)
+        return self.layer(node, x, {key: ("in",) if n > 1 else (None,)}, 1 if len(xs) >= 2 else 0, produces=False)
+
+    # ---- parameter-free ops
+    def elementwise(self, node: Node, operands: list[Any]) -> Any:
+        meta = node_meta(node)
+        if not isinstance(meta, tuple):
+            return self.unknown(node)
+        nd = len(meta)
+        ops: list[tuple[str | None, tuple[int, ...], tuple[AxisPerm | None, ...]]] = []
+        for a in operands:
+            if not isinstance(a, Node):
+                continue
+            shape = node_meta(a)
+            if not isinstance(shape, tuple):
+                if axis_perms(self.state.get(a)):
+                    return self.unknown(node)
+                continue
+            key = self.key_of(a)
+            if key is not None:
+                cur = self.key_axes.get(key)
+                st = tuple(None if p is None else AxisPerm(p, self.key_blocks.get((key, i), 1)) for i, p in
+                           enumerate(cur)) if cur is not None else (None,) * len(shape)
+            else:
+                st = self.state.get(a)
+            if not isinstance(st, tuple) or len(st) != len(shape) or len(shape) > nd:
+                return self.unknown(node)
+            ops.append((key, shape, st))
+        out: list[AxisPerm | None] = []
+        for ax in range(nd):
+            found: list[AxisPerm] = []
+            plain = False
+            for key, shape, st in ops:
+                j = ax - (nd - len(shape))
+                if j < 0 or shape[j] != meta[ax]:
+                    continue
+                if st[j] is not None:
+                    found.append(st[j])
+                elif key is None and meta[ax] > 1:
+                    plain = True
+            e = found[0] if found else None
+            for other in found[1:]:
+                if other.k != e.k or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
+                    self.complain(node, [e.pid, other.pid], "it combines two permuted tensors of different "  # type: ignore[union-attr]
+                                  "widths elementwise")
+            if e is not None and plain:
+                self.complain(node, [e.pid], f"it combines a permuted tensor with an unpermuted tensor of the "
+                              f"same size along axis {ax} (only scalars and broadcasts are safe)")
+            out.append(e)
+        for key, shape, _ in ops:
+            if key is not None:
+                self.assign(node, key, tuple(out[nd - len(shape) + j] if shape[j] == meta[nd - len(shape) + j]
+                                             else None for j in range(len(shape))))
+        return tuple(out)
+
+    def reshape(self, node: Node, x: Any) -> Any:
+        xs, src, dst = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None, node_meta(node)
+        if not isinstance(xs, tuple) or not isinstance(src, tuple) or not isinstance(dst, tuple):
+            return self.unknown(node)
+        self.reshapes.add(node)
+        out, problem = reshape_axes(src, xs, dst, lambda p: self.size[self.find(p)])
+        if problem:
+            self.complain(node, [e.pid for e in xs if e], problem)
+            return (None,) * len(dst)
+        return out
+
+    def reorder(self, node: Node, x: Any) -> Any:
+        xs = self.arg(node, x)
+        rest = (node.args[1:], node.kwargs)
+        if not isinstance(xs, tuple) or has_nodes(rest):
+            return self.unknown(node)
+        probe = torch.empty(tuple(range(2, len(xs) + 2)), device="meta")
+        try:
+            if node.op == "call_method":
+                res = getattr(probe, str(node.target))(*node.args[1:], **node.kwargs)
+            elif node.target is builtins.getattr:
+                res = getattr(probe, node.args[1])
+            else:
+                res = node.target(probe, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+        except Exception:  # noqa: BLE001 - an op we cannot replay is simply unsupported
+            return self.unknown(node)
+        order = [int(s) - 2 for s in res.shape]
+        if sorted(order) != list(range(len(xs))):
+            return self.unknown(node)
+        return tuple(xs[i] for i in order)
+
+    def reduce(self, node: Node, x: Any) -> Any:
+        xs, meta = self.arg(node, x), node_meta(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(xs, tuple) or not isinstance(meta, tuple) or has_nodes(dim):
+            return self.unknown(node)
+        nd = len(xs)
+        if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+            dims = set(range(nd))
+        else:
+            dims = {int(d) % max(nd, 1) for d in (dim if isinstance(dim, (tuple, list)) else [dim])}
+        self.complain(node, [xs[d].pid for d in dims if xs[d]], "it reduces over the permuted axis")
+        if len(meta) == nd:
+            return tuple(None if i in dims else e for i, e in enumerate(xs))
+        return tuple(e for i, e in enumerate(xs) if i not in dims)
+
+    def spatial(self, node: Node, x: Any, d: int) -> Any:
+        xs, meta = self.arg(node, x), node_meta(node)
+        if not isinstance(xs, tuple) or not isinstance(meta, tuple) or len(meta) != len(xs) or not 0 < d < len(xs):
+            return self.unknown(node)
+        self.complain(node, [e.pid for e in xs[-d:] if e], f"it pools, pads or resamples over the last {d} axes, "
+                      "one of which is permuted")
+        return xs[:-d] + (None,) * d
+
+    def getitem(self, node: Node) -> Any:
+        base, idx = node.args[0], node.args[1]
+        st = self.arg(node, base)
+        if isinstance(st, list):
+            return st[idx] if isinstance(idx, int) and -len(st) <= idx < len(st) else self.unknown(node)
+        if not isinstance(st, tuple):
+            return plain_axes(node_meta(node)) if not has_nodes(idx) else self.unknown(node)
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if has_nodes(items) or any(not (it is None or it is Ellipsis or type(it) in (int, slice)) for it in items):
+            return self.unknown(node, "advanced indexing of a permuted tensor")
+        consumed = sum(1 for it in items if type(it) in (int, slice))
+        out: list[AxisPerm | None] = []
+        ax = 0
+        for it in items:
+            if it is None:
+                out.append(None)
+            elif it is Ellipsis:
+                out.extend(st[ax:ax + len(st) - consumed])
+                ax += len(st) - consumed
+            elif type(it) is int:
+                self.complain(node, [st[ax].pid] if st[ax] else [], "it indexes into the permuted axis")
+                ax += 1
+            else:
+                full = it.start is None and it.stop is None and it.step is None
+                if st[ax] is not None and not full:
+                    self.complain(node, [st[ax].pid], "it slices the permuted axis")
+                    out.append(None)
+                else:
+                    out.append(st[ax])
+                ax += 1
+        return tuple(out) + st[ax:]

@@ -1,0 +1,302 @@
+"""Where the permutations are: the bookkeeping of the propagation engine (:mod:`rebasin.trace.engine`).
+
+Every tensor value of the traced graph gets one entry per axis: an :class:`~rebasin.trace.rules.AxisPerm`
+(a permutation, possibly acting on blocks) or None. :class:`PermState` holds those entries, the
+union-find over permutations that must be equal (two streams added, a module called twice), the
+permutation of every axis of every state_dict entry, and the complaints: constructs not provably safe
+for some permutations, raised by :func:`rebasin.trace_model` only if those permutations are real (a
+permutation merged with ``DEAD`` reaches the model output and is the identity).
+
+The helpers read shapes recorded on the graph (:func:`node_meta`) and follow permuted axes through
+reshapes (:func:`reshape_axes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .._errors import RebasinError
+from .ops import UNSUPPORTED_HINT
+from .rules import AxisPerm
+
+__all__ = [
+    "DEAD",
+    "MANUAL",
+    "PermState",
+    "node_meta",
+    "plain_axes",
+    "axis_perms",
+    "has_nodes",
+    "node_leaves",
+    "bind_args",
+    "target_name",
+    "reshape_axes",
+]
+
+DEAD = 0  # union-find root meaning "must be the identity"
+MANUAL = (
+    "Pass a manual spec instead: PermutationSpec(axes={key: (perm_or_None, ...)}) with one entry per "
+    "state_dict key (see rebasin.PermutationSpec), or change the model."
+)
+
+
+def bind_args(node: Node, names: Sequence[str]) -> dict[str, Any]:
+    """Positional and keyword arguments of a call by parameter name (missing ones absent)."""
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def target_name(node: Node, gm: nn.Module) -> str:
+    t = node.target
+    if node.op == "call_module":
+        return f"{t} ({type(gm.get_submodule(t)).__name__})"
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    if callable(t):
+        mod = getattr(t, "__module__", None) or ""
+        return f"{mod + '.' if mod else ''}{getattr(t, '__name__', repr(t))}"
+    return str(t)
+
+
+def node_meta(node: Node) -> Any:
+    """Shape tuple for a tensor output, a list for a tuple/list output, None otherwise."""
+    def conv(m: Any) -> Any:
+        if isinstance(m, TensorMetadata):
+            return tuple(int(s) for s in m.shape)
+        if isinstance(m, (tuple, list)):
+            return [conv(x) for x in m]
+        return None
+    return conv(node.meta.get("tensor_meta"))
+
+
+def plain_axes(meta: Any) -> Any:
+    if isinstance(meta, tuple):
+        return (None,) * len(meta)
+    if isinstance(meta, list):
+        return [plain_axes(m) for m in meta]
+    return None
+
+
+def axis_perms(st: Any) -> list[AxisPerm]:
+    if isinstance(st, tuple):
+        return [e for e in st if e is not None]
+    if isinstance(st, list):
+        return [e for s in st for e in axis_perms(s)]
+    return []
+
+
+def has_nodes(value: Any) -> bool:
+    found: list[Node] = []
+    map_aggregate(value, lambda a: found.append(a) if isinstance(a, Node) else None)
+    return bool(found)
+
+
+def _prod(xs: Iterable[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def node_leaves(value: Any) -> list[Node]:
+    found: list[Node] = []
+    map_aggregate(value, lambda a: found.append(a) if isinstance(a, Node) else None)
+    return found
+
+
+def reshape_axes(
+    src: tuple[int, ...], entries: tuple[AxisPerm | None, ...], dst: tuple[int, ...], size: Callable[[int], int]
+) -> tuple[tuple[AxisPerm | None, ...], str | None]:
+    """Follow permuted axes through a reshape from ``src`` to ``dst`` (row-major, like torch.view).
+
+    Non-unit axes are grouped into runs with equal products. Within a run a permuted axis of size
+    ``n * k`` with leading product ``L`` (of the run's earlier input axes) maps to the output axis
+    whose earlier output axes multiply to ``L`` and whose size ``s`` is a multiple of ``n``; it
+    becomes a permutation acting on blocks of ``s / n``. Anything else mixes channels.
+    """
+    out: list[AxisPerm | None] = [None] * len(dst)
+    ins = [i for i, s in enumerate(src) if s != 1]
+    outs = [j for j, s in enumerate(dst) if s != 1]
+    if _prod(src) != _prod(dst):
+        return tuple(out), "the reshape changes the number of elements"
+    a = b = 0
+    while a < len(ins) and b < len(outs):
+        gi, go = [ins[a]], [outs[b]]
+        pi, po = src[ins[a]], dst[outs[b]]
+        a, b = a + 1, b + 1
+        while pi != po:
+            if pi < po:
+                gi.append(ins[a])
+                pi *= src[ins[a]]
+                a += 1
+            else:
+                go.append(outs[b])
+                po *= dst[outs[b]]
+                b += 1
+        carried = [(t, entries[i]) for t, i in enumerate(gi) if entries[i] is not None]
+        if not carried:
+            continue
+        if len(carried) > 1:
+            return tuple(out), "it merges two permuted axes into one"
+        t, e = carried[0]
+        n = size(e.pid)
+        lead = _prod(src[i] for i in gi[:t])
+        placed = False
+        for u, j in enumerate(go):
+            if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] % n == 0:
+                out[j] = AxisPerm(e.pid, dst[j] // n)
+                placed = True
+                break
+        if not placed:
+            return tuple(out), (f"the reshape {tuple(src)} -> {tuple(dst)} splits or merges the permuted axis "
+                                "in a way that mixes channels")
+    return tuple(out), None
+
+
+class PermState:
+    """The permutation entries of every graph value and state_dict entry, with union-find and complaints."""
+
+    def __init__(self, gm: GraphModule, tensors: Mapping[str, Tensor]) -> None:
+        self.gm = gm
+        self.tensors = tensors
+        self.parent: list[int] = [DEAD]
+        self.size: list[int] = [0]
+        self.state: dict[Node, Any] = {}
+        self.param_key: dict[Node, str] = {}
+        self.key_axes: dict[str, list[int | None]] = {}
+        self.key_blocks: dict[tuple[str, int], int] = {}
+        self.complaints: list[tuple[str, list[int], str]] = []
+        self.opaque: list[tuple[str, str]] = []
+        self.consumers: list[tuple[Node, int, int]] = []
+        self.created: dict[int, tuple[Node, int]] = {}
+        self.reshapes: set[Node] = set()
+
+    # ---- union-find
+    def find(self, p: int) -> int:
+        root = p
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[p] != root:
+            self.parent[p], p = root, self.parent[p]
+        return root
+
+    def union(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        if DEAD not in (ra, rb) and self.size[ra] != self.size[rb]:
+            return False
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        return True
+
+    def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None:
+        """A new permutation of ``n`` units, living on ``axis`` of ``node``'s output (None: inside a module)."""
+        if n <= 1:
+            return None
+        self.parent.append(len(self.parent))
+        self.size.append(int(n))
+        pid = len(self.parent) - 1
+        if axis is not None:
+            self.created[pid] = (node, axis)
+        return AxisPerm(pid)
+
+    def perm_size(self, e: AxisPerm) -> int:
+        return self.size[self.find(e.pid)]
+
+    # ---- bookkeeping
+    def where(self, node: Node) -> str:
+        return f"node {node.name!r} (op={node.op}, target={target_name(node, self.gm)})"
+
+    def complain(self, node: Node | str, pids: Iterable[int], reason: str) -> None:
+        pids = list(pids)
+        if pids:
+            self.complaints.append((node if isinstance(node, str) else self.where(node), pids, reason))
+
+    def arg(self, node: Node, a: Any) -> Any:
+        """State of an argument used as data (a parameter used this way is recorded as opaque)."""
+        if not isinstance(a, Node):
+            return None
+        if a in self.param_key:
+            self.opaque.append((self.where(node), self.param_key[a]))
+        return self.state.get(a)
+
+    def assign(self, node: Node | str, key: str, entries: Sequence[AxisPerm | None]) -> None:
+        t = self.tensors[key]
+        if len(entries) != t.ndim:
+            raise RebasinError(f"internal error: {key!r} has shape {tuple(t.shape)} but got axes {entries}")
+        cur = self.key_axes.get(key)
+        if cur is None:
+            self.key_axes[key] = [None if e is None else e.pid for e in entries]
+            for i, e in enumerate(entries):
+                if e is not None and e.k > 1:
+                    self.key_blocks[(key, i)] = e.k
+            return
+        for i, e in enumerate(entries):
+            a, k_old = cur[i], self.key_blocks.get((key, i), 1)
+            if a is None and e is None:
+                continue
+            if a is None or e is None:
+                pid = a if a is not None else e.pid  # type: ignore[union-attr]
+                self.complain(node, [pid], f"parameter {key!r} (axis {i}) is used both with and without a "
+                              "permutation (a module called twice or a shared weight)")
+                if a is None:
+                    cur[i] = pid
+                    if e.k > 1:  # type: ignore[union-attr]
+                        self.key_blocks[(key, i)] = e.k  # type: ignore[union-attr]
+                continue
+            if not self.union(a, e.pid) or k_old != e.k:
+                self.complain(node, [a, e.pid], f"parameter {key!r} (axis {i}) is used with two permutations "
+                              "of different sizes (a module called twice or a shared weight)")
+
+    def key_of(self, a: Any) -> str | None:
+        return self.param_key.get(a) if isinstance(a, Node) else None
+
+    @staticmethod
+    def shape_of(a: Any) -> Any:
+        return node_meta(a) if isinstance(a, Node) else None
+
+    def verify(self, node: Node, st: Any) -> Any:
+        meta = node_meta(node)
+        if isinstance(st, tuple):
+            if not isinstance(meta, tuple) or len(meta) != len(st):
+                if axis_perms(st):
+                    raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)} "
+                                       f"(shape {meta}, axes {st}). {MANUAL}")
+                return plain_axes(meta)
+            for ax, e in enumerate(st):
+                if e is not None and meta[ax] != self.size[self.find(e.pid)] * e.k:
+                    raise RebasinError(
+                        f"spec_from_model lost track of a permutation at {self.where(node)}: axis {ax} has size "
+                        f"{meta[ax]} but the permutation acting on it has size {self.size[self.find(e.pid)]}"
+                        f"{f' x block {e.k}' if e.k > 1 else ''}. {MANUAL}")
+            return st
+        if isinstance(st, list) and isinstance(meta, list) and len(st) == len(meta):
+            return [self.verify_leaf(node, s, m) for s, m in zip(st, meta)]
+        if axis_perms(st):
+            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
+        return plain_axes(meta)
+
+    def verify_leaf(self, node: Node, st: Any, meta: Any) -> Any:
+        if isinstance(st, tuple) and isinstance(meta, tuple) and len(st) == len(meta):
+            return st
+        if axis_perms(st):
+            raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
+        return plain_axes(meta)
+
+    def unknown(self, node: Node, reason: str | None = None) -> Any:
+        pids: list[int] = []
+        for a in node.all_input_nodes:
+            pids += [e.pid for e in axis_perms(self.arg(node, a))]
+        if reason is None:
+            hint = UNSUPPORTED_HINT.get(node.target) if node.op == "call_function" else None
+            reason = hint or f"{target_name(node, self.gm)} is not an operation the tracer knows to be safe"
+        self.complain(node, pids, reason)
+        return plain_axes(node_meta(node))

@@ -21,6 +21,7 @@ import torch
 import rebasin
 from rebasin.apps.data import digits_loaders
 from rebasin.apps.models import MLP
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = digits_loaders(batch_size=64, seed=args.seed)
     models = []
     for k in range(2):  # same data, different initialisation and batch order
-        model = rebasin.seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k)
-        rebasin.fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
+        model = seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k)
+        fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
         models.append(model)
     model_a, model_b = models
 

@@ -24,6 +24,7 @@ import torch
 import rebasin
 from rebasin.apps.data import digits_loaders
 from rebasin.apps.models import MLP
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = digits_loaders(batch_size=64, seed=args.seed)
     models = []
     for k in range(args.models):
-        model = rebasin.seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k)
-        models.append(rebasin.fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device))
+        model = seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k)
+        models.append(fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device))
 
     merged, info = rebasin.merge(models, method="weight_matching", loader=train, eval_loader=test,
                                  seed=args.seed, return_info=True)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, label in rows.items():
         print(f"{label:>26}: {100 * acc[key]:.2f}%")
     # ``merged`` is an ordinary module (a copy of models[0] holding the merged weights).
-    print(f"merged module's own test accuracy: {100 * rebasin.evaluate(merged, test)[1]:.2f}%")
+    print(f"merged module's own test accuracy: {100 * evaluate(merged, test)[1]:.2f}%")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 import rebasin
 from rebasin.apps.data import digits_loaders
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 class TinyResNet(nn.Module):
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train, test = digits_loaders(batch_size=64, seed=args.seed, flatten=False)  # images (N, 1, 8, 8)
     x = next(iter(test))[0].to(args.device)
-    models = [rebasin.seeded_model(lambda: TinyResNet(width), seed=args.seed + k).to(args.device) for k in range(2)]
+    models = [seeded_model(lambda: TinyResNet(width), seed=args.seed + k).to(args.device) for k in range(2)]
 
     spec = rebasin.spec_from_model(models[0], example_input=x[:2])
     print(spec)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"spec.check: max output change under a random permutation {spec.check(models[0], x):.2e}")
 
     for k, model in enumerate(models):
-        rebasin.fit_classifier_(model, train, epochs=epochs, seed=args.seed + k)
+        fit_classifier_(model, train, epochs=epochs, seed=args.seed + k)
     results = {"spec_perms": dict(spec.sizes)}
     for method in ("identity", "weight_matching"):  # "identity" = no alignment (naive)
         aligned = rebasin.align(models[0], models[1], method=method, spec=spec, seed=args.seed)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method:>16}: loss barrier {results[method]:.4f} (BN statistics reset along the path)")
 
     # torch.cat of two permuted branches: the tracer refuses, naming the node and suggesting a manual spec.
-    net = rebasin.seeded_model(TwoBranch, seed=args.seed).to(args.device)
+    net = seeded_model(TwoBranch, seed=args.seed).to(args.device)
     try:
         rebasin.spec_from_model(net, x[:2])
     except rebasin.RebasinError as err:

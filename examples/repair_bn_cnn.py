@@ -29,6 +29,7 @@ import torch
 import rebasin
 from rebasin.apps.data import digits_loaders
 from rebasin.apps.models import VGG
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,9 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
         return VGG([32, "M", 64, "M"], in_channels=1, batch_norm=True, width=width, image_size=8,
                    classifier_hidden=[64])
 
-    models = [rebasin.seeded_model(factory, seed=args.seed + k) for k in range(2)]
+    models = [seeded_model(factory, seed=args.seed + k) for k in range(2)]
     for k, model in enumerate(models):
-        rebasin.fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
+        fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
     model_a, model_b = models
     example = torch.zeros(2, 1, 8, 8, device=args.device)  # for tracing the spec
     aligned = rebasin.align(model_a, model_b, method="weight_matching", example_input=example, seed=args.seed)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import rebasin
 from rebasin.apps.data import digits_loaders
 from rebasin.apps.models import MLP
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def l2_plus_midpoint(module: rebasin.SinkhornRebasin, batch, weight: float = 0.1) -> torch.Tensor:
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     width, epochs, fit_epochs, points = (32, 8, 2, 5) if args.tiny else (128, 30, 10, 25)
 
     train, test = digits_loaders(batch_size=64, seed=args.seed)
-    models = [rebasin.seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k) for k in range(2)]
+    models = [seeded_model(lambda: MLP(64, [width, width], 10), seed=args.seed + k) for k in range(2)]
     for k, model in enumerate(models):
-        rebasin.fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
+        fit_classifier_(model, train, epochs=epochs, seed=args.seed + k, device=args.device)
     model_a, model_b = models
     spec = rebasin.spec_from_model(model_a, torch.zeros(1, 64, device=args.device))
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import rebasin
 from rebasin.apps.data import MNIST_MEAN, MNIST_STD, digits_tensors
 from rebasin.apps.models import MLP
+from rebasin.apps.training import seeded_model
 
 warnings.filterwarnings("ignore", message="No loggers specified")  # we print the numbers ourselves
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"benchmark": name}
     for label in ("naive", "naive + rebasin merge"):
-        model = rebasin.seeded_model(lambda: MLP(in_features, [width], 10), seed=args.seed)
+        model = seeded_model(lambda: MLP(in_features, [width], 10), seed=args.seed)
         plugins = []
         if label != "naive":
             # alpha=None: choose the weight of the new model on a grid, on the plugin's own memory

@@ -264,7 +264,7 @@ class CurveFit:
 
 def fit_curve(
     model: nn.Module,
-    curve: BezierCurve | PolyChainCurve,
+    path: BezierCurve | PolyChainCurve,
     loader: Iterable[Any],
     *,
     epochs: int,
@@ -276,7 +276,7 @@ def fit_curve(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> CurveFit:
-    r"""Train the bends of ``curve`` so that the whole curve has low loss (Garipov et al. 2018).
+    r"""Train the bends of the curve ``path`` so that the whole curve has low loss (Garipov et al. 2018).
 
     Each batch draws one :math:`t \sim U(0, 1)` (from a generator seeded by ``seed``) and takes a
     step on
@@ -295,8 +295,10 @@ def fit_curve(
     ----------
     model
         The architecture. Unchanged (parameters, buffers, ``training`` flags).
-    curve
-        Mutated: its bends are trained in place and it is moved to ``device``.
+    path
+        The :class:`BezierCurve` or :class:`PolyChainCurve` to train (``path=`` is a path object
+        everywhere; ``curve=`` a kind). Mutated: its bends are trained in place and it is moved
+        to ``device``.
     loader
         Yields ``(inputs, targets)``.
     epochs
@@ -324,8 +326,8 @@ def fit_curve(
     >>> fit = fit_curve(model_a, curve, train_loader, epochs=5, lr=1e-3)        # doctest: +SKIP
     >>> res = evaluate_path(model_a, None, None, test_loader, path=curve, bn_loader=train_loader)  # doctest: +SKIP
     """
-    if not isinstance(curve, _Curve):
-        raise RebasinError(f"curve must be a BezierCurve or PolyChainCurve, got {type(curve).__name__}")
+    if not isinstance(path, _Curve):
+        raise RebasinError(f"path must be a BezierCurve or PolyChainCurve (a curve with bends), got {type(path).__name__}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise RebasinError(f"epochs must be a positive int, got {epochs!r}")
     if not check_float(lr, "lr") > 0:
@@ -336,12 +338,12 @@ def fit_curve(
         raise RebasinError(f"unknown optimizer {optimizer!r}; valid: ['adam', 'sgd']")
     if loader is None:
         raise RebasinError("fit_curve needs a loader of (inputs, targets) batches")
-    check_state_for_model(model, curve.state_dict_at(0.0), name="the curve's state")
+    check_state_for_model(model, path.state_dict_at(0.0), name="the curve's state")
     if device is None:
-        device = curve.start.t0.device if curve.keys else resolve_device(model, device=None)
+        device = path.start.t0.device if path.keys else resolve_device(model, device=None)
     device = torch.device(device)
-    curve.to(device)
-    params = [p for p in curve.parameters() if p.requires_grad]
+    path.to(device)
+    params = [p for p in path.parameters() if p.requires_grad]
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     opt: torch.optim.Optimizer | None = None
     if params:
@@ -366,11 +368,11 @@ def fit_curve(
                     raise RebasinError("fit_curve needs (inputs, targets) batches; the loader yielded inputs only")
                 x, y = to_device(x, device), to_device(y, device)
                 t = float(torch.rand((), generator=gen, dtype=torch.float64))
-                state = curve.state_dict_at(t)
+                state = path.state_dict_at(t)
                 loss = loss_fn(forward_with_state(model, state, x), y)
                 objective = loss
                 if weight_decay > 0:
-                    penalty = sum(state[k].pow(2).sum() for k in curve.trainable_keys)
+                    penalty = sum(state[k].pow(2).sum() for k in path.trainable_keys)
                     objective = objective + 0.5 * weight_decay * penalty
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)

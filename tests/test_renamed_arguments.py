@@ -168,3 +168,24 @@ def test_fit_curve_takes_the_curve_object_as_path():
     fit_curve(ma, one, [(x, y)], epochs=2, progress=False)
     fit_curve(ma, path=two, loader=[(x, y)], epochs=2, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters()))
+
+
+@pytest.mark.parametrize("cls", [BezierCurve, PolyChainCurve])
+def test_with_end_moves_the_learned_bend_onto_another_b(cls):
+    ma, mb = _pair()
+    sa, sb = state_of(ma), state_of(mb)
+    curve = cls(sa, sb, num_bends=4)
+    with torch.no_grad():
+        for p in curve.parameters():
+            p.add_(0.1)
+    before = [p.detach().clone() for p in curve.parameters()]
+    other = {k: v + 1.0 for k, v in sb.items()}
+    moved = curve.with_end(other)
+    assert type(moved) is cls and moved.num_bends == 4 and moved.trainable_keys == curve.trainable_keys
+    assert all(torch.equal(p, q) for p, q in zip(moved.parameters(), curve.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(curve.parameters(), before))  # the original is unchanged
+    for t, ref in ((0.0, sa), (1.0, other)):
+        got = moved.state_dict_at(t)
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    mid = moved.state_dict_at(0.4)
+    assert all(torch.equal(mid[k], curve.state_dict_at(0.4, end=other)[k]) for k in mid)

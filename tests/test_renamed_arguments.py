@@ -21,6 +21,7 @@ from rebasin import (
     hessian_top_eigenvalue,
     hessian_trace,
     mode_connectivity,
+    proximal_alternating_minimization,
     reset_bn_stats,
     weight_adjusted_path,
 )
@@ -28,6 +29,7 @@ from rebasin._common import state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP
 from rebasin.apps.training import seeded_model
+from rebasin.paths import ProximalStep
 
 
 def _data(n=48, d=5, classes=3, seed=0):
@@ -189,3 +191,28 @@ def test_with_end_moves_the_learned_bend_onto_another_b(cls):
         assert all(torch.equal(got[k], ref[k]) for k in ref)
     mid = moved.state_dict_at(0.4)
     assert all(torch.equal(mid[k], curve.state_dict_at(0.4, end=other)[k]) for k in mid)
+
+
+# ---------------------------------------------------------------------------------------------- PAM
+
+
+def test_pam_flat_step_options_are_deprecated_aliases_of_perm_step():
+    ma, mb = _pair()
+    x, y = _data()
+    loader = tensor_loader(x, y, batch_size=16)
+    common = {"example_input": x[:2], "rounds": 2, "theta_steps": 2, "lr": 1e-2, "init": "identity", "seed": 3}
+    step = ProximalStep(lr=0.5, batches=3, max_backtracks=1, tau=0.1, n_iter=200)
+    new = _no_deprecation(lambda: proximal_alternating_minimization(ma, mb, mb, loader, perm_step=step, **common))
+    flat = {"perm_lr": 0.5, "perm_batches": 3, "max_backtracks": 1, "tau": 0.1, "sinkhorn_iters": 200}
+    old = _deprecated(lambda: proximal_alternating_minimization(ma, mb, mb, loader, **flat, **common),
+                      r"use proximal_alternating_minimization\(perm_step=ProximalStep\(lr=")
+    assert old.history == new.history and old.perm_steps == new.perm_steps and old.changed == new.changed
+    assert all(torch.equal(old.soft[p], new.soft[p]) for p in new.soft)
+    assert all(torch.equal(p, q) for p, q in zip(old.curve.parameters(), new.curve.parameters()))
+    # a flat name refines a given perm_step
+    mixed = _deprecated(lambda: proximal_alternating_minimization(
+        ma, mb, mb, loader, perm_step=ProximalStep(lr=0.5, batches=3, max_backtracks=1, tau=0.1), sinkhorn_iters=200,
+        **common), "sinkhorn_iters")  # fmt: skip
+    assert mixed.history == new.history
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        proximal_alternating_minimization(ma, mb, mb, loader, perm_lr_typo=1.0, **common)

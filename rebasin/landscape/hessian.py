@@ -77,8 +77,6 @@ class _HessianOperator:
         self._cache = self._graph(*self.batches[0][:2]) if len(self.batches) == 1 else None
 
     def _batches(self, batch: Any) -> list[tuple[Any, Any, float]]:
-        if isinstance(batch, (tuple, list)) and len(batch) == 0:
-            raise RebasinError("batch is empty: pass (inputs, targets) or a non-empty list of such batches")
         if isinstance(batch, (tuple, list)) and all(isinstance(b, (tuple, list)) for b in batch):
             items = list(batch)
         elif isinstance(batch, (tuple, list, Tensor)):

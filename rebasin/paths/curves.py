@@ -430,7 +430,3 @@ def fit_curve(
             losses.append(total / count)
     return CurveFit(tuple(losses), steps, time.perf_counter() - start)
 
-
-# ----------------------------------------------------------------------------------------------
-# arc
-

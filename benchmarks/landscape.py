@@ -79,15 +79,15 @@ def part_metrics(args, data, device) -> tuple[str, str]:
         fit = tensor_loader(x, y_used, batch_size=128, shuffle=True, seed=args.seed)
         train_eval = tensor_loader(x[sub], y_used[sub], batch_size=1000)
         mc = mode_connectivity(a, state_of(a), state_of(b), train_eval, curve="bezier", fit_loader=fit,
-                               epochs=args.curve_epochs, metric="loss", n_points=args.num_points,
+                               epochs=args.curve_epochs, metric="loss", num_points=args.num_points,
                                seed=args.seed, device=device)
         cka_out = cka(a, b, test, device=device)
         cka_hidden = cka(a, b, test, layer="layers.3", device=device)
         batch = (x[hess].to(device), y_used[hess].to(device))
-        eig = [float(hessian_top_eigenvalue(m, F.cross_entropy, batch, iters=args.power_iters, seed=args.seed,
-                                            device=device)) for m in (a, b)]
-        tr = [float(hessian_trace(m, F.cross_entropy, batch, n_samples=args.hutchinson_samples, seed=args.seed,
-                                  device=device)) for m in (a, b)]
+        eig = [float(hessian_top_eigenvalue(m, batch, loss_fn=F.cross_entropy, n_iter=args.power_iters,
+                                            seed=args.seed, device=device)) for m in (a, b)]
+        tr = [float(hessian_trace(m, batch, loss_fn=F.cross_entropy, n_samples=args.hutchinson_samples,
+                                  seed=args.seed, device=device)) for m in (a, b)]
         accs = [evaluate(m, test, device=device)[1] for m in (a, b)]
         rows.append([label, f"{100 * sum(accs) / 2:.2f}", f"{mc.mc:+.4f}", f"{mc.t_star:.2f}", f"{cka_out:.4f}",
                      f"{cka_hidden:.4f}", f"{sum(eig) / 2:.2f}", f"{sum(tr) / 2:.1f}",
@@ -126,7 +126,7 @@ def part_paths(args, data, device) -> tuple[str, str]:
         "Linear": (lambda t: interpolate(sa, sb, t), 0.0),
         "Arc": (ArcPath(sa, sb, spec=spec), 0.0),
         "Linear+WA": (weight_adjusted_path(a, sa, sb, wa_batch, device=device), 0.0),
-        "Arc+WA": (weight_adjusted_path(a, sa, sb, wa_batch, path="arc", device=device), 0.0),
+        "Arc+WA": (weight_adjusted_path(a, sa, sb, wa_batch, base="arc", device=device), 0.0),
         "OT": (lambda t: interpolate(sa, sb_ot, t), t_ot),
         "OT+WA": (weight_adjusted_path(a, sa, sb_ot, wa_batch, device=device), t_ot),
         "weight matching (reference)": (lambda t: interpolate(sa, sb_wm, t), t_wm),

@@ -84,7 +84,7 @@ def main() -> None:
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model_a.modules())
     bn_reset = args.bn_reset == "on" or (args.bn_reset == "auto" and has_bn)
-    bn_opts = {"bn_loader": train, "bn_batches": 20} if bn_reset else {}
+    bn_opts = {"bn_loader": train, "max_batches": 20} if bn_reset else {}
     rows = []
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method, options = METHODS[name]

@@ -132,9 +132,9 @@ def test_landscape_command_reports_metrics(tmp_path, capsys, monkeypatch):
     batches = []
     real = landscape.hessian_top_eigenvalue
 
-    def spy(model, loss_fn, batch, **kw):
+    def spy(model, batch, **kw):
         batches.append(batch)
-        return real(model, loss_fn, batch, **kw)
+        return real(model, batch, **kw)
 
     monkeypatch.setattr(landscape, "hessian_top_eigenvalue", spy)
     out = tmp_path / "land"

@@ -109,7 +109,7 @@ def mlp_pair(hidden=(16, 16), seeds=(1, 2)):
 def test_wa_path_starts_at_a_and_ends_at_b_exactly(kind):
     ma, mb = mlp_pair()
     sa, sb = state_of(ma), state_of(mb)
-    wa = weight_adjusted_path(ma, sa, sb, rand(40, 5), path=kind)
+    wa = weight_adjusted_path(ma, sa, sb, rand(40, 5), base=kind)
     assert wa.num_stages == 3
     for t, ref in ((0.0, sa), (1.0, sb)):
         got = wa.state_dict_at(t)
@@ -122,7 +122,7 @@ def test_wa_path_starts_at_a_and_ends_at_b_exactly(kind):
 def test_wa_path_is_continuous_at_and_between_stage_boundaries(kind):
     ma, mb = mlp_pair()
     sa, sb = state_of(ma), state_of(mb)
-    wa = weight_adjusted_path(ma, sa, sb, rand(40, 5), path=kind)
+    wa = weight_adjusted_path(ma, sa, sb, rand(40, 5), base=kind)
 
     def dist(s0, s1):
         return max(float((s1[k] - s0[k]).abs().max()) for k in sa)
@@ -166,7 +166,7 @@ def test_wa_keeps_output_closer_to_a_than_the_linear_path():
     paths = {
         "linear": lambda t: interpolate(sa, sb, t),
         "wa": weight_adjusted_path(ma, sa, sb, x),
-        "arc_wa": weight_adjusted_path(ma, sa, sb, x, path="arc"),
+        "arc_wa": weight_adjusted_path(ma, sa, sb, x, base="arc"),
     }
     for t in (0.25, 0.5):
         err = {k: float((forward_with_state(ma, p(t), x) - out_a).pow(2).mean()) for k, p in paths.items()}
@@ -181,8 +181,8 @@ def test_wa_arc_uses_given_spec_like_the_default_one():
     sa, sb = state_of(ma), state_of(mb)
     x = rand(30, 5)
     spec = spec_from_model(ma, x)
-    own = weight_adjusted_path(ma, sa, sb, x, path="arc")
-    given = weight_adjusted_path(ma, sa, sb, x, path="arc", spec=spec)
+    own = weight_adjusted_path(ma, sa, sb, x, base="arc")
+    given = weight_adjusted_path(ma, sa, sb, x, base="arc", spec=spec)
     for t in (0.2, 0.5, 0.9):
         s1, s2 = own.state_dict_at(t), given.state_dict_at(t)
         for k in sa:
@@ -239,7 +239,7 @@ def test_wa_rejects_bad_inputs():
     with pytest.raises(RebasinError, match="state_b"):
         weight_adjusted_path(ma, sa, other, x)
     with pytest.raises(RebasinError, match="unknown path kind"):
-        weight_adjusted_path(ma, sa, sb, x, path="bezier")
+        weight_adjusted_path(ma, sa, sb, x, base="bezier")
     with pytest.raises(RebasinError, match="ridge"):
         weight_adjusted_path(ma, sa, sb, x, ridge=0.0)
     with pytest.raises(RebasinError, match="batch"):
@@ -262,7 +262,7 @@ def test_ot_and_wa_on_cuda():
     ca, cb = ({k: v.cuda() for k, v in s.items()} for s in (sa, sb))
     perms = ot_matching(spec, ca, cb)
     assert all(torch.equal(perms[k], invert(p)[k]) for k in p)
-    wa = weight_adjusted_path(model, ca, cb, rand(20, 5), device="cuda", path="arc")
+    wa = weight_adjusted_path(model, ca, cb, rand(20, 5), device="cuda", base="arc")
     cpu = weight_adjusted_path(model, sa, sb, torch.randn(20, 5, generator=torch.Generator().manual_seed(0)))
     s = wa.state_dict_at(0.4)
     assert all(v.is_cuda for v in s.values()) and set(s) == set(cpu.state_dict_at(0.4))

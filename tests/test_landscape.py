@@ -70,28 +70,28 @@ def test_hessian_of_a_quadratic_is_exact(eigs):
     h = spectrum_matrix(eigs)
     model = Quadratic(h)
     top = max(eigs, key=abs)  # power iteration: largest magnitude, sign kept
-    res = hessian_top_eigenvalue(model, quad_loss, DUMMY, iters=5000, tol=1e-13)
-    assert res.converged and 1 <= res.iterations < 5000
+    res = hessian_top_eigenvalue(model, DUMMY, loss_fn=quad_loss, n_iter=5000, tol=1e-13)
+    assert res.converged and 1 <= res.n_iter < 5000
     assert_close(float(res), top, rtol=1e-6, atol=0)
     v = torch.cat([t.reshape(-1) for t in res.eigenvector.values()])
     assert_close(h @ v, top * v, rtol=0, atol=1e-4)  # it is an eigenvector
-    assert_close(hessian_trace(model, quad_loss, DUMMY, method="exact").trace, sum(eigs), rtol=1e-12, atol=1e-12)
+    assert_close(hessian_trace(model, DUMMY, loss_fn=quad_loss, method="exact").trace, sum(eigs), rtol=1e-12, atol=1e-12)
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
     diag = Quadratic(torch.diag(torch.tensor([3.0, -1.0, 0.25, 8.0], dtype=torch.float64)))
     for seed in range(3):
-        est = hessian_trace(diag, quad_loss, DUMMY, n_samples=3, seed=seed)
+        est = hessian_trace(diag, DUMMY, loss_fn=quad_loss, n_samples=3, seed=seed)
         assert est.trace == pytest.approx(10.25, abs=1e-12) and est.std_error == pytest.approx(0.0, abs=1e-12)
     h = spectrum_matrix([4.0, 1.0, -2.0, 0.5, 3.0], seed=3)
-    est = hessian_trace(Quadratic(h), quad_loss, DUMMY, n_samples=4000, seed=1)
+    est = hessian_trace(Quadratic(h), DUMMY, loss_fn=quad_loss, n_samples=4000, seed=1)
     # per-sample variance of z^T H z with Rademacher z is 2 (||H||_F^2 - sum_j H_jj^2)
     sd = math.sqrt(2 * (h.pow(2).sum() - h.diagonal().pow(2).sum()))
     assert est.std_error == pytest.approx(sd / math.sqrt(4000), rel=0.1)
     assert abs(est.trace - 6.5) < 4 * est.std_error
-    again = hessian_trace(Quadratic(h), quad_loss, DUMMY, n_samples=50, seed=7)
-    assert again == hessian_trace(Quadratic(h), quad_loss, DUMMY, n_samples=50, seed=7)
-    assert again.trace != hessian_trace(Quadratic(h), quad_loss, DUMMY, n_samples=50, seed=8).trace
+    again = hessian_trace(Quadratic(h), DUMMY, loss_fn=quad_loss, n_samples=50, seed=7)
+    assert again == hessian_trace(Quadratic(h), DUMMY, loss_fn=quad_loss, n_samples=50, seed=7)
+    assert again.trace != hessian_trace(Quadratic(h), DUMMY, loss_fn=quad_loss, n_samples=50, seed=8).trace
 
 
 def tiny_mlp() -> nn.Module:
@@ -129,22 +129,22 @@ def test_hessian_of_a_tiny_mlp_matches_autograd():
     eigs = torch.linalg.eigvalsh(h)
     top = float(eigs[eigs.abs().argmax()])
     before, flags = clone(model.state_dict()), [m.training for m in model.modules()]
-    default = hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y))  # iters=100, tol=1e-4
+    default = hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy)  # n_iter=100, tol=1e-4
     assert default.converged
     assert_close(default.eigenvalue, top, rtol=1e-3, atol=0)
-    res = hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y), iters=3000, tol=1e-12)
+    res = hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy, n_iter=3000, tol=1e-12)
     assert res.converged
     assert_close(res.eigenvalue, top, rtol=1e-9, atol=0)
-    again = hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y), iters=3000, tol=1e-12)
-    assert again.eigenvalue == res.eigenvalue and again.iterations == res.iterations  # seeded start vector
+    again = hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy, n_iter=3000, tol=1e-12)
+    assert again.eigenvalue == res.eigenvalue and again.n_iter == res.n_iter  # seeded start vector
     assert all(torch.equal(again.eigenvector[k], v) for k, v in res.eigenvector.items())
-    other = hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y), iters=3000, tol=1e-12, seed=1)
+    other = hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy, n_iter=3000, tol=1e-12, seed=1)
     assert not torch.equal(other.eigenvector["0.weight"], res.eigenvector["0.weight"])
-    exact = hessian_trace(model, nn.functional.cross_entropy, (x, y), method="exact")
+    exact = hessian_trace(model, (x, y), loss_fn=nn.functional.cross_entropy, method="exact")
     assert exact.n_samples == 51
     assert_close(exact.trace, float(h.trace()), rtol=1e-10, atol=0)
     # Hutchinson: unbiased, so check against the exact trace within 4 standard errors
-    est = hessian_trace(model, nn.functional.cross_entropy, (x, y), n_samples=400, seed=0)
+    est = hessian_trace(model, (x, y), loss_fn=nn.functional.cross_entropy, n_samples=400, seed=0)
     assert est.std_error > 0 and abs(est.trace - float(h.trace())) < 4 * est.std_error
     assert_unchanged(model, before, flags)
 
@@ -154,27 +154,27 @@ def test_hessian_batches_state_device_and_eval_mode():
     model, x, y, h = mlp_case()
     # a list of unequal batches is the Hessian of the mean loss over all examples
     split = [(x[:5], y[:5]), (x[5:], y[5:])]
-    assert_close(hessian_trace(model, nn.functional.cross_entropy, split, method="exact").trace,
+    assert_close(hessian_trace(model, split, loss_fn=nn.functional.cross_entropy, method="exact").trace,
                  float(h.trace()), rtol=1e-10, atol=0)  # fmt: skip
-    one = hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y), iters=50, tol=0.0, seed=3)
-    two = hessian_top_eigenvalue(model, nn.functional.cross_entropy, split, iters=50, tol=0.0, seed=3)
+    one = hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy, n_iter=50, tol=0.0, seed=3)
+    two = hessian_top_eigenvalue(model, split, loss_fn=nn.functional.cross_entropy, n_iter=50, tol=0.0, seed=3)
     assert_close(two.eigenvalue, one.eigenvalue, rtol=1e-9, atol=0)
     # state= evaluates another point; the model's own weights are not used
     other = seeded_model(lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double(), 5)
     h_other = full_hessian(other, x, y)
-    got = hessian_trace(model, nn.functional.cross_entropy, (x, y), state=other.state_dict(), method="exact")
+    got = hessian_trace(model, (x, y), loss_fn=nn.functional.cross_entropy, state=other.state_dict(), method="exact")
     assert_close(got.trace, float(h_other.trace()), rtol=1e-10, atol=0)
-    assert hessian_top_eigenvalue(model, nn.functional.cross_entropy, (x, y), device="cpu", iters=3).iterations == 3
+    assert hessian_top_eigenvalue(model, (x, y), loss_fn=nn.functional.cross_entropy, device="cpu", n_iter=3).n_iter == 3
     with torch.no_grad():  # works from inside no_grad blocks too
-        assert_close(hessian_trace(model, nn.functional.cross_entropy, (x, y), method="exact").trace,
+        assert_close(hessian_trace(model, (x, y), loss_fn=nn.functional.cross_entropy, method="exact").trace,
                      float(h.trace()), rtol=1e-10, atol=0)  # fmt: skip
     # dropout and BatchNorm in eval mode: deterministic, and the training flags come back
     net = seeded_model(lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
                                              nn.Linear(6, 3)).double(), 1)  # fmt: skip
     net.train()
     before, flags = clone(net.state_dict()), [m.training for m in net.modules()]
-    a = hessian_trace(net, nn.functional.cross_entropy, (x, y), method="exact").trace
-    b = hessian_trace(net, nn.functional.cross_entropy, (x, y), method="exact").trace
+    a = hessian_trace(net, (x, y), loss_fn=nn.functional.cross_entropy, method="exact").trace
+    b = hessian_trace(net, (x, y), loss_fn=nn.functional.cross_entropy, method="exact").trace
     ref = float(full_hessian(copy.deepcopy(net).eval(), x, y).trace())
     assert a == b and a == pytest.approx(ref, rel=1e-10)
     assert_unchanged(net, before, flags)
@@ -187,7 +187,7 @@ def test_hessian_only_trainable_parameters_and_tied_weights():
     net = seeded_model(lambda: nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double(), 2)
     h = full_hessian(net, x, y)  # order: 0.weight (9), 0.bias (3), 2.weight (9), 2.bias (3)
     net.get_submodule("0").requires_grad_(False)
-    got = hessian_trace(net, ce, (x, y), method="exact")
+    got = hessian_trace(net, (x, y), loss_fn=ce, method="exact")
     assert got.n_samples == 12 and got.trace == pytest.approx(float(h[12:, 12:].trace()), rel=1e-10)
     # tied weights: one parameter used twice is one block of the Hessian, differentiated through both uses
     lin = nn.Linear(3, 3).double()
@@ -195,8 +195,8 @@ def test_hessian_only_trainable_parameters_and_tied_weights():
     assert len(tied.state_dict()) == 4 and len(list(tied.parameters())) == 2
     h_tied = full_hessian(tied, x, y)
     eigs = torch.linalg.eigvalsh(h_tied)
-    assert_close(hessian_trace(tied, ce, (x, y), method="exact").trace, float(h_tied.trace()), rtol=1e-10, atol=0)
-    res = hessian_top_eigenvalue(tied, ce, (x, y), iters=3000, tol=1e-12)
+    assert_close(hessian_trace(tied, (x, y), loss_fn=ce, method="exact").trace, float(h_tied.trace()), rtol=1e-10, atol=0)
+    res = hessian_top_eigenvalue(tied, (x, y), loss_fn=ce, n_iter=3000, tol=1e-12)
     assert_close(res.eigenvalue, float(eigs[eigs.abs().argmax()]), rtol=1e-8, atol=0)
 
 
@@ -204,27 +204,27 @@ def test_hessian_errors():
     model, x, y, _ = mlp_case()
     ce = nn.functional.cross_entropy
     with pytest.raises(RebasinError, match="empty"):
-        hessian_trace(model, ce, [])
+        hessian_trace(model, [], loss_fn=ce)
     with pytest.raises(RebasinError, match="targets"):
-        hessian_trace(model, ce, x)
+        hessian_trace(model, x, loss_fn=ce)
     with pytest.raises(RebasinError, match="scalar"):
-        hessian_trace(model, lambda o, t: o, (x, y), method="exact")
+        hessian_trace(model, (x, y), loss_fn=lambda o, t: o, method="exact")
     with pytest.raises(RebasinError, match="method"):
-        hessian_trace(model, ce, (x, y), method="hutch++")
+        hessian_trace(model, (x, y), loss_fn=ce, method="hutch++")
     with pytest.raises(RebasinError, match="n_samples"):
-        hessian_trace(model, ce, (x, y), n_samples=0)
-    with pytest.raises(RebasinError, match="iters"):
-        hessian_top_eigenvalue(model, ce, (x, y), iters=0)
+        hessian_trace(model, (x, y), loss_fn=ce, n_samples=0)
+    with pytest.raises(RebasinError, match="n_iter"):
+        hessian_top_eigenvalue(model, (x, y), loss_fn=ce, n_iter=0)
     with pytest.raises(RebasinError, match="tol"):
-        hessian_top_eigenvalue(model, ce, (x, y), tol=-1.0)
+        hessian_top_eigenvalue(model, (x, y), loss_fn=ce, tol=-1.0)
     with pytest.raises(RebasinError, match="missing keys"):
-        hessian_trace(model, ce, (x, y), state={"0.weight": torch.zeros(6, 4)})
+        hessian_trace(model, (x, y), loss_fn=ce, state={"0.weight": torch.zeros(6, 4)})
     frozen = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(RebasinError, match="no trainable"):
-        hessian_trace(frozen, ce, (x, y))
-    with pytest.warns(UserWarning, match="raise iters"):
-        res = hessian_top_eigenvalue(model, ce, (x, y), iters=2, tol=0.0)
-    assert not res.converged and res.iterations == 2
+        hessian_trace(frozen, (x, y), loss_fn=ce)
+    with pytest.warns(UserWarning, match="raise n_iter"):
+        res = hessian_top_eigenvalue(model, (x, y), loss_fn=ce, n_iter=2, tol=0.0)
+    assert not res.converged and res.n_iter == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,10 +361,10 @@ def trained_pair():
 def test_mc_is_zero_for_identical_models():
     model, sa, _, _, test = trained_pair()
     for metric in ("error", "loss"):
-        res = mode_connectivity(model, sa, clone(sa), test, curve="linear", metric=metric, n_points=7)
+        res = mode_connectivity(model, sa, clone(sa), test, curve="linear", metric=metric, num_points=7)
         assert res.mc == 0.0 and res.t_star == 0.0 and res.curve is None and res.fit is None
         assert len(set(res.values)) == 1 and res.endpoint_mean == res.values[0]
-    assert mode_connectivity(model, model, model, test, curve="linear", n_points=3).mc == 0.0  # modules work too
+    assert mode_connectivity(model, model, model, test, curve="linear", num_points=3).mc == 0.0  # modules work too
 
 
 @pytest.mark.parametrize("metric", ["error", "loss"])
@@ -372,7 +372,7 @@ def test_mc_negative_across_a_barrier_and_matches_the_definition(metric):
     model, sa, sb, _, test = trained_pair()
     before, flags = clone(model.state_dict()), [m.training for m in model.modules()]
     sa0, sb0 = clone(sa), clone(sb)
-    res = mode_connectivity(model, sa, sb, test, curve="linear", metric=metric, n_points=11)
+    res = mode_connectivity(model, sa, sb, test, curve="linear", metric=metric, num_points=11)
     assert res.ts == tuple(i / 10 for i in range(11)) and res.metric == metric
     v = torch.tensor(res.values, dtype=torch.float64)
     if metric == "error":
@@ -390,16 +390,18 @@ def test_mc_negative_across_a_barrier_and_matches_the_definition(metric):
 
 def test_mc_with_trained_and_prebuilt_curves():
     model, sa, sb, train, test = trained_pair()
-    linear = mode_connectivity(model, sa, sb, test, curve="linear", n_points=5)
-    res = mode_connectivity(model, sa, sb, test, curve="bezier", fit_loader=train, epochs=4, lr=1e-2, n_points=5)
+    linear = mode_connectivity(model, sa, sb, test, curve="linear", num_points=5)
+    res = mode_connectivity(model, sa, sb, test, curve="bezier", fit_loader=train, epochs=4, lr=1e-2, num_points=5)
     assert isinstance(res.curve, BezierCurve) and res.fit is not None and res.fit.steps == 4 * len(train)
     assert res.values[0] == linear.values[0] and res.values[-1] == linear.values[-1]
     assert res.mc > linear.mc  # the trained curve lowers the barrier
-    again = mode_connectivity(model, None, None, test, curve=res.curve, n_points=5)
+    again = mode_connectivity(model, None, None, test, path=res.curve, num_points=5)
     assert again.values == res.values and again.curve is res.curve and again.fit is None
-    checked = mode_connectivity(model, sa, sb, test, curve=res.curve, n_points=5)
+    checked = mode_connectivity(model, sa, sb, test, path=res.curve, num_points=5)
     assert checked.values == res.values
-    poly = mode_connectivity(model, sa, sb, test, curve="polychain", epochs=1, n_points=3, seed=1)
+    called = mode_connectivity(model, sa, sb, test, path=res.curve.state_dict_at, num_points=5)  # a callable path
+    assert called.values == res.values
+    poly = mode_connectivity(model, sa, sb, test, curve="polychain", epochs=1, num_points=3, seed=1)
     assert type(poly.curve).__name__ == "PolyChainCurve"
 
 
@@ -415,11 +417,15 @@ def test_mc_errors():
         mode_connectivity(model, None, None, test, curve="linear")
     with pytest.raises(RebasinError, match="state_dict_at"):
         mode_connectivity(model, sa, sb, test, curve=3)
-    with pytest.raises(RebasinError, match="n_points"):
-        mode_connectivity(model, sa, sb, test, curve="linear", n_points=1)
+    with pytest.raises(RebasinError, match="num_points"):
+        mode_connectivity(model, sa, sb, test, curve="linear", num_points=1)
     curve = BezierCurve(sa, sb)
     with pytest.raises(RebasinError, match="not state_b"):
-        mode_connectivity(model, sa, sa, test, curve=curve)
+        mode_connectivity(model, sa, sa, test, path=curve)
+    with pytest.raises(RebasinError, match="not both"):
+        mode_connectivity(model, sa, sb, test, curve="bezier", path=curve)
+    with pytest.raises(RebasinError, match="path="):
+        mode_connectivity(model, sa, sb, test, curve=curve)  # a curve object is a path, not a kind
     x, y = test[0]
     regression = [(x, torch.randn(len(x), 2))]
     with pytest.raises(RebasinError, match="classification"):

@@ -20,7 +20,8 @@ from rebasin import (
 from rebasin import RebasinError
 from rebasin._common import state_of
 from rebasin.apps.data import digits_tensors, tensor_loader
-from rebasin.paths.pam import PAMResult, _centred_direction, _curve_state, proximal_alternating_minimization
+from rebasin.paths._pam_steps import centred_direction
+from rebasin.paths.pam import PAMResult, ProximalStep, proximal_alternating_minimization
 from rebasin import matrix_to_perm
 from rebasin import spec_from_model
 from rebasin.apps.training import fit_classifier_, seeded_model
@@ -44,7 +45,7 @@ def setup():
 
 
 def run(model, sa, sb, loader, spec, **kw) -> PAMResult:
-    opts = {"spec": spec, "rounds": 4, "theta_steps": 4, "lr": 1e-2, "perm_batches": 2}
+    opts = {"spec": spec, "rounds": 4, "theta_steps": 4, "lr": 1e-2}  # perm_step: ProximalStep(batches=2)
     opts.update(kw)
     return proximal_alternating_minimization(model, sa, sb, loader, **opts)
 
@@ -96,7 +97,7 @@ def test_planted_permutation_weight_matching_start_is_kept(setup):
     q = random_permutation(spec, seed=3)
     sb = permute(spec, q, sa)
     target = invert(q)
-    res = run(model, sa, sb, loader, spec, init="weight_matching", perm_lr=2.0)
+    res = run(model, sa, sb, loader, spec, init="weight_matching", perm_step=ProximalStep(lr=2.0))
     assert all(torch.equal(res.perms[p], target[p]) for p in target)
     assert sum(res.changed) == 0
     loss_a = mean_loss(model, lambda t: sa, loader)
@@ -107,22 +108,23 @@ def test_planted_permutation_from_identity_no_worse_than_identity(setup):
     # From the identity PAM does NOT recover a random planted permutation: its permutation step is
     # a local (linearised) move and the loss along a trained curve is nearly flat in single swaps.
     # What holds: the permutations it ends with give a curve no worse than keeping the identity
-    # under the same budget (a tiny perm_lr never moves the assignment).
+    # under the same budget (a tiny step lr never moves the assignment).
     model, sa, _, loader, spec = setup
     q = random_permutation(spec, seed=4)
     sb = permute(spec, q, sa)
-    opts = {"init": "identity", "rounds": 8, "theta_steps": 5, "perm_batches": 4, "seed": 0}
-    pam = run(model, sa, sb, loader, spec, perm_lr=1.0, **opts)
-    fixed = run(model, sa, sb, loader, spec, perm_lr=1e-9, **opts)
+    opts = {"init": "identity", "rounds": 8, "theta_steps": 5, "seed": 0}
+    pam = run(model, sa, sb, loader, spec, perm_step=ProximalStep(lr=1.0, batches=4), **opts)
+    fixed = run(model, sa, sb, loader, spec, perm_step=ProximalStep(lr=1e-9, batches=4), **opts)
     assert sum(fixed.changed) == 0 and all(torch.equal(p, torch.arange(p.numel())) for p in fixed.perms.values())
     assert mean_loss(model, pam.curve, loader) <= 1.05 * mean_loss(model, fixed.curve, loader)
 
 
 def test_seeded_runs_are_reproducible(setup):
     model, sa, sb, loader, spec = setup
-    r1 = run(model, sa, sb, loader, spec, seed=7, init="identity", perm_lr=2.0)
-    r2 = run(model, sa, sb, loader, spec, seed=7, init="identity", perm_lr=2.0)
-    r3 = run(model, sa, sb, loader, spec, seed=8, init="identity", perm_lr=2.0)
+    step = ProximalStep(lr=2.0)
+    r1 = run(model, sa, sb, loader, spec, seed=7, init="identity", perm_step=step)
+    r2 = run(model, sa, sb, loader, spec, seed=7, init="identity", perm_step=step)
+    r3 = run(model, sa, sb, loader, spec, seed=8, init="identity", perm_step=step)
     assert all(torch.equal(r1.perms[p], r2.perms[p]) for p in r1.perms)
     assert all(torch.equal(u, v) for u, v in zip(r1.curve.parameters(), r2.curve.parameters()))
     assert r1.history == r2.history and r1.changed == r2.changed
@@ -132,7 +134,7 @@ def test_seeded_runs_are_reproducible(setup):
 def test_theta_steps_zero_keeps_the_initial_bend(setup):
     model, sa, sb, loader, spec = setup
     init = random_permutation(spec, seed=1)
-    res = run(model, sa, sb, loader, spec, theta_steps=0, init=init, perm_lr=1e-9)
+    res = run(model, sa, sb, loader, spec, theta_steps=0, init=init, perm_step=ProximalStep(lr=1e-9))
     assert all(torch.equal(res.perms[p], init[p]) for p in init)
     mid = torch.lerp(sa["0.weight"], permute(spec, init, sb)["0.weight"], 0.5)
     assert_close(res.curve.bends[0][res.curve._trainable_index["0.weight"]].detach(), mid)
@@ -168,31 +170,31 @@ def test_init_dict_is_used_and_not_mutated(setup):
     model, sa, sb, loader, spec = setup
     init = random_permutation(spec, seed=2)
     saved = {k: v.clone() for k, v in init.items()}
-    res = run(model, sa, sb, loader, spec, init=init, rounds=1, theta_steps=1, perm_lr=1e-9)
+    res = run(model, sa, sb, loader, spec, init=init, rounds=1, theta_steps=1, perm_step=ProximalStep(lr=1e-9))
     assert all(torch.equal(init[k], saved[k]) for k in init)
     assert all(torch.equal(res.perms[p], init[p]) for p in init)
 
 
-def test_curve_state_reuses_the_curve_formula_and_is_differentiable(setup):
+def test_curve_state_with_another_end_reuses_the_curve_formula_and_is_differentiable(setup):
     _, sa, sb, _, _ = setup
     curve = BezierCurve(sa, sb)
     own = {k: curve.end[curve._index[k]] for k in curve.keys}
     for t in (0.0, 0.3, 1.0):
-        got, ref = _curve_state(curve, own, t), curve.state_dict_at(t)
+        got, ref = curve.state_dict_at(t, end=own), curve.state_dict_at(t)
         assert all(torch.equal(got[k], ref[k]) for k in ref)
     leaf = {k: v.clone().requires_grad_(True) for k, v in sb.items()}
-    out = _curve_state(curve, leaf, 0.6)
+    out = curve.state_dict_at(0.6, end=leaf)
     out["2.weight"].sum().backward()
     assert_close(leaf["2.weight"].grad, torch.full_like(sb["2.weight"], 0.36))
 
 
-def test_centred_direction():
+def testcentred_direction():
     g = torch.randn(5, 5, generator=torch.Generator().manual_seed(0)) + torch.arange(5.0)[:, None]
-    d = _centred_direction(g)
+    d = centred_direction(g)
     assert_close(d.sum(0), torch.zeros(5), atol=1e-6, rtol=0)
     assert_close(d.sum(1), torch.zeros(5), atol=1e-6, rtol=0)
     assert float(d.abs().max()) == pytest.approx(1.0)
-    assert torch.equal(_centred_direction(torch.ones(3, 3)), torch.zeros(3, 3))
+    assert torch.equal(centred_direction(torch.ones(3, 3)), torch.zeros(3, 3))
 
 
 def test_bad_inputs_raise(setup):
@@ -202,10 +204,8 @@ def test_bad_inputs_raise(setup):
         {"rounds": 0},
         {"rounds": True},
         {"theta_steps": -1},
-        {"perm_lr": 0.0},
-        {"tau": float("nan")},
         {"lr": -1.0},
-        {"sinkhorn_iters": 0},
+        {"perm_step": {"lr": 1.0}},
         {"init": "random"},
         {"init": {"P0": torch.zeros(24, dtype=torch.long)}},
         {"init": {"nope": torch.arange(24)}},
@@ -213,6 +213,9 @@ def test_bad_inputs_raise(setup):
     for kw in cases:
         with pytest.raises(RebasinError):
             run(model, sa, sb, loader, spec, **kw)
+    for kw in ({"lr": 0.0}, {"tau": float("nan")}, {"n_iter": 0}, {"batches": 0}, {"max_backtracks": -1}):
+        with pytest.raises(RebasinError, match="ProximalStep"):
+            ProximalStep(**kw)
     bad_b = dict(sb)
     bad_b["0.weight"] = torch.zeros(25, 64)
     with pytest.raises(RebasinError, match="layout"):

@@ -299,7 +299,6 @@ def _save_plot(paths, target: Path) -> bool:
 
 def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     """Landscape measurements for the demo pair; writes ``landscape.json`` and returns it."""
-    import torch.nn.functional as F
 
     from .._common import module_with_state, state_of
     from ..landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
@@ -329,7 +328,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     for label, state in (("unaligned", state_b), ("weight-matched", state_wm)):
         mc = {
             kind: mode_connectivity(model_a, state_a, state, test, curve=kind, fit_loader=train,
-                                    epochs=args.curve_epochs, n_points=args.num_points, seed=args.seed, device=device).mc
+                                    epochs=args.curve_epochs, num_points=args.num_points, seed=args.seed, device=device).mc
             for kind in ("linear", "bezier")
         }
         model_bb = module_with_state(model_b, state)
@@ -343,8 +342,8 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     batch = (x_train[idx], y_train[idx])
     report["hessian"] = {}
     for name, model in (("A", model_a), ("B", model_b)):
-        eig = hessian_top_eigenvalue(model, F.cross_entropy, batch, iters=100, seed=args.seed, device=device)
-        tr = hessian_trace(model, F.cross_entropy, batch, n_samples=50, seed=args.seed, device=device)
+        eig = hessian_top_eigenvalue(model, batch, n_iter=100, seed=args.seed, device=device)
+        tr = hessian_trace(model, batch, n_samples=50, seed=args.seed, device=device)
         report["hessian"][name] = {"top_eigenvalue": eig.eigenvalue, "trace": tr.trace, "trace_std_error": tr.std_error}
         _say(f"Hessian of the training loss (512 images), model {name}: top eigenvalue {eig.eigenvalue:.3f}, "
              f"trace {tr.trace:.1f} ± {tr.std_error:.1f}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,15 +11,18 @@ from torch import Tensor, nn
 
 from .._common import as_state, check_int, resolve_device
 from .._errors import RebasinError
+from ..paths._deprecation import renamed_keywords
 from ..paths.curves import CURVE_KINDS, CurveFit, fit_curve
 from ..paths.evaluation import evaluate_path
-from ..paths.linear import PathResult, StatePath
+from ..paths.linear import PathLike, PathResult, StatePath
+from ..paths.running import LossFn
 
 __all__ = ["ModeConnectivity", "mode_connectivity"]
 
 State = Mapping[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
 _MC_METRICS = ("error", "loss")
+#: ``curve=`` kinds: the two trainable curves and the straight line.
+_MC_CURVES = (*CURVE_KINDS, "linear")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,8 +48,8 @@ class ModeConnectivity:
     metric
         ``"error"`` (1 - accuracy) or ``"loss"``.
     curve
-        The trained curve (``"bezier"`` / ``"polychain"``), the object passed as ``curve``, or
-        None for the straight line.
+        The evaluated path object: the curve trained for ``curve="bezier"`` / ``"polychain"``,
+        the object passed as ``path=``, or None for the straight line.
     fit
         What :func:`rebasin.fit_curve` did, or None when nothing was trained.
     result
@@ -64,26 +67,28 @@ class ModeConnectivity:
     result: PathResult | None = None
 
 
-def _check_starts_at(path: StatePath, state: State, t: float, name: str) -> None:
-    got = path.state_dict_at(t)
+def _check_starts_at(path: PathLike, state: State, t: float, name: str) -> None:
+    got = path.state_dict_at(t) if isinstance(path, StatePath) else path(t)
     if set(got) != set(state) or any(
         not torch.equal(got[k].detach().cpu(), state[k].detach().cpu()) for k in state
     ):
-        raise RebasinError(f"the curve's state at t={t:g} is not {name}; pass state_a=state_b=None with a built curve")
+        raise RebasinError(f"the path's state at t={t:g} is not {name}; pass state_a=state_b=None with path=")
 
 
+@renamed_keywords(n_points="num_points")
 def mode_connectivity(
     model: nn.Module,
     state_a: State | nn.Module | None,
     state_b: State | nn.Module | None,
     loader: Iterable[Any],
     *,
-    curve: str | StatePath = "bezier",
+    curve: str | None = None,
+    path: PathLike | None = None,
     fit_loader: Iterable[Any] | None = None,
     epochs: int = 10,
     lr: float = 1e-3,
     num_bends: int = 3,
-    n_points: int = 25,
+    num_points: int = 25,
     metric: str = "error",
     loss_fn: LossFn | None = None,
     bn_loader: Iterable[Any] | None = None,
@@ -109,18 +114,23 @@ def mode_connectivity(
     model
         The architecture. Unchanged afterwards.
     state_a, state_b
-        Endpoint state_dicts (or modules). None for both when ``curve`` is a built object;
-        when given with one, the object must start at ``state_a`` and end at ``state_b``.
+        Endpoint state_dicts (or modules). None for both with ``path=``; when given with it, the
+        path must start at ``state_a`` and end at ``state_b``.
     loader
         Yields ``(inputs, targets)``; :math:`E` is measured on it (the test set in the paper).
     curve
-        ``"bezier"`` or ``"polychain"``: a :class:`rebasin.BezierCurve` / ``PolyChainCurve`` with
-        ``num_bends`` control points trained by :func:`rebasin.fit_curve` on ``fit_loader``
-        (default ``loader``) for ``epochs`` epochs of Adam at ``lr``, seeded by ``seed``;
-        ``"linear"``: the straight line, no training; or any object with ``state_dict_at(t)``
-        (a trained curve, a :class:`rebasin.ArcPath`, ...), used as is.
-    n_points
+        The kind of curve to train and measure (default ``"bezier"``): ``"bezier"`` or
+        ``"polychain"``, a :class:`rebasin.BezierCurve` / ``PolyChainCurve`` with ``num_bends``
+        control points trained by :func:`rebasin.fit_curve` on ``fit_loader`` (default
+        ``loader``) for ``epochs`` epochs of Adam at ``lr``, seeded by ``seed``; ``"linear"``:
+        the straight line, no training. Not with ``path=``.
+    path
+        A path that is already there, used as is: any object with ``state_dict_at(t)`` (a
+        trained curve, a :class:`rebasin.ArcPath`, a :class:`rebasin.PAMResult`'s ``curve``,
+        ...) or a callable ``t -> state_dict``.
+    num_points
         Size of the even grid over ``[0, 1]`` (both endpoints included), at least 2.
+        ``n_points=`` is a deprecated alias.
     metric
         ``"error"``: :math:`E = 1 - \text{accuracy}` in ``[0, 1]`` (classification only);
         ``"loss"``: the mean of ``loss_fn`` (default cross-entropy).
@@ -137,8 +147,9 @@ def mode_connectivity(
     Raises
     ------
     RebasinError
-        Unknown ``curve`` or ``metric``, missing endpoints, ``metric="error"`` on a
-        non-classification task, or a curve that does not join ``state_a`` and ``state_b``.
+        Unknown ``curve`` or ``metric``, both ``curve`` and ``path``, missing endpoints,
+        ``metric="error"`` on a non-classification task, or a path that does not join
+        ``state_a`` and ``state_b``.
 
     Examples
     --------
@@ -147,42 +158,48 @@ def mode_connectivity(
     >>> model = nn.Linear(4, 3)
     >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
     >>> sa = model.state_dict()
-    >>> mode_connectivity(model, sa, sa, data, curve="linear", n_points=5).mc
+    >>> mode_connectivity(model, sa, sa, data, curve="linear", num_points=5).mc
     0.0
     """
     if metric not in _MC_METRICS:
         raise RebasinError(f"unknown metric {metric!r}; valid metrics: {list(_MC_METRICS)}")
-    check_int(n_points, "n_points (both endpoints are always evaluated)", 2)
+    check_int(num_points, "num_points (both endpoints are always evaluated)", 2)
     device = resolve_device(model, device=device)
     if (state_a is None) != (state_b is None):
-        raise RebasinError("pass both state_a and state_b, or neither (with a built curve object)")
+        raise RebasinError("pass both state_a and state_b, or neither (with path=)")
     a = None if state_a is None else as_state(state_a, "state_a")
     b = None if state_b is None else as_state(state_b, "state_b")
-    trained: Any = None
+    options = {"num_points": num_points, "loss_fn": loss_fn, "bn_loader": bn_loader, "device": device,
+               "progress": progress}  # fmt: skip
+    trained: Any = None  # the path object evaluated; None for the straight line
     fit: CurveFit | None = None
-    if isinstance(curve, str):
-        if curve != "linear" and curve not in CURVE_KINDS:
-            raise RebasinError(f"unknown curve {curve!r}; valid: ['bezier', 'polychain', 'linear'] or a path object")
+    if path is not None:
+        if curve is not None:
+            raise RebasinError(f"pass curve={curve!r} (a kind to train) or path= (a path to measure), not both")
+        if not (isinstance(path, StatePath) or callable(path)):
+            raise RebasinError(f"path must have state_dict_at(t) or be a callable t -> state_dict; got {type(path).__name__}")
+        if a is not None and b is not None:
+            _check_starts_at(path, a, 0.0, "state_a")
+            _check_starts_at(path, b, 1.0, "state_b")
+        trained = path
+    else:
+        curve = "bezier" if curve is None else curve
+        if not isinstance(curve, str):
+            raise RebasinError(f"curve is a kind, one of {list(_MC_CURVES)}, got a {type(curve).__name__}; "
+                               "a path object (with state_dict_at(t), or a callable t -> state_dict) goes to path=")
+        if curve not in _MC_CURVES:
+            raise RebasinError(f"unknown curve {curve!r}; valid: {list(_MC_CURVES)} (or a path object as path=)")
         if a is None or b is None:
             raise RebasinError(f"curve={curve!r} needs state_a and state_b")
-        if curve == "linear":
-            result = evaluate_path(model, a, b, loader, num_points=n_points, loss_fn=loss_fn,
-                                   bn_loader=bn_loader, device=device, progress=progress)  # fmt: skip
-        else:
+        if curve != "linear":
             trained = CURVE_KINDS[curve](a, b, num_bends=num_bends)
             fit = fit_curve(model, trained, loader if fit_loader is None else fit_loader, epochs=epochs, lr=lr,
                             seed=seed, loss_fn=loss_fn, device=device, progress=progress)  # fmt: skip
-    elif isinstance(curve, StatePath):
-        trained = curve
-        if a is not None and b is not None:
-            _check_starts_at(curve, a, 0.0, "state_a")
-            _check_starts_at(curve, b, 1.0, "state_b")
+    if trained is None:
+        result = evaluate_path(model, a, b, loader, **options)
     else:
-        raise RebasinError(f"curve must be 'bezier', 'polychain', 'linear' or have state_dict_at(t); got {type(curve).__name__}")
-    if trained is not None:
         with torch.no_grad():
-            result = evaluate_path(model, None, None, loader, path=trained, num_points=n_points, loss_fn=loss_fn,
-                                   bn_loader=bn_loader, device=device, progress=progress)  # fmt: skip
+            result = evaluate_path(model, None, None, loader, path=trained, **options)
     if metric == "error":
         if result.accuracy is None:
             raise RebasinError("metric='error' needs a classification task (integer targets); use metric='loss'")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
@@ -22,11 +23,12 @@ from .._common import (
     to_device,
 )
 from .._errors import RebasinError
+from ..paths._deprecation import renamed_keywords
+from ..paths.running import LossFn
 
 __all__ = ["HessianEigenvalue", "HessianTrace", "hessian_top_eigenvalue", "hessian_trace"]
 
 State = Mapping[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
 _TRACE_METHODS = ("hutchinson", "exact")
 
 
@@ -44,7 +46,10 @@ class _HessianOperator:
     gradient graph is built once and reused for every product.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, state: State | None, device: Any) -> None:
+    def __init__(
+        self, model: nn.Module, batch: Any, *, loss_fn: LossFn | None, state: State | None, device: Any
+    ) -> None:
+        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         if not callable(loss_fn):
             raise RebasinError(f"loss_fn must be callable(outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         self.model, self.loss_fn = model, loss_fn
@@ -72,8 +77,6 @@ class _HessianOperator:
         self._cache = self._graph(*self.batches[0][:2]) if len(self.batches) == 1 else None
 
     def _batches(self, batch: Any) -> list[tuple[Any, Any, float]]:
-        if isinstance(batch, (tuple, list)) and len(batch) == 0:
-            raise RebasinError("batch is empty: pass (inputs, targets) or a non-empty list of such batches")
         if isinstance(batch, (tuple, list)) and all(isinstance(b, (tuple, list)) for b in batch):
             items = list(batch)
         elif isinstance(batch, (tuple, list, Tensor)):
@@ -134,8 +137,8 @@ class HessianEigenvalue:
     ----------
     eigenvalue
         Rayleigh quotient of the last iterate: the eigenvalue of largest *magnitude* (may be negative).
-    iterations
-        Hessian-vector products taken.
+    n_iter
+        Power iterations taken (one Hessian-vector product each).
     converged
         Whether the relative change fell below ``tol``.
     eigenvector
@@ -143,7 +146,7 @@ class HessianEigenvalue:
     """
 
     eigenvalue: float
-    iterations: int
+    n_iter: int
     converged: bool
     eigenvector: Mapping[str, Tensor]
 
@@ -176,13 +179,14 @@ class HessianTrace:
         return self.trace
 
 
+@renamed_keywords(positional=("model", "loss_fn", "batch"), iters="n_iter")
 def hessian_top_eigenvalue(
     model: nn.Module,
-    loss_fn: LossFn,
     batch: Any,
     *,
+    loss_fn: LossFn | None = None,
     state: State | None = None,
-    iters: int = 100,
+    n_iter: int = 100,
     tol: float = 1e-4,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -206,15 +210,17 @@ def hessian_top_eigenvalue(
     model
         The architecture, run in eval mode (BatchNorm uses running stats, dropout off).
         Unchanged afterwards, ``.grad`` fields included.
-    loss_fn
-        ``loss_fn(outputs, targets) -> scalar`` (e.g. :func:`torch.nn.functional.cross_entropy`).
     batch
         ``(inputs, targets)`` or a list (or other iterable) of such batches, weighted by size.
+    loss_fn
+        ``loss_fn(outputs, targets) -> scalar``; default :func:`torch.nn.functional.cross_entropy`.
+        (The 0.1 form ``hessian_top_eigenvalue(model, loss_fn, batch)`` still works for one
+        release, with a :class:`DeprecationWarning`.)
     state
         Full state_dict to use instead of the model's own.
-    iters, tol
-        Maximum Hessian-vector products and relative tolerance; a warning says when ``iters``
-        ran out.
+    n_iter, tol
+        Maximum power iterations (one Hessian-vector product each) and relative tolerance; a
+        warning says when ``n_iter`` ran out. ``iters=`` is a deprecated alias of ``n_iter``.
     seed
         Seeds the start vector.
     device
@@ -228,7 +234,7 @@ def hessian_top_eigenvalue(
     ------
     RebasinError
         No trainable parameters, an empty ``batch``, batches without targets, a non-scalar loss,
-        a ``state`` that does not fit the model, bad ``iters`` / ``tol``.
+        a ``state`` that does not fit the model, bad ``n_iter`` / ``tol``.
 
     Examples
     --------
@@ -237,18 +243,19 @@ def hessian_top_eigenvalue(
     >>> model = nn.Linear(3, 1, bias=False)
     >>> x = torch.eye(3) * torch.tensor([[1.0], [2.0], [3.0]])
     >>> mse = lambda out, y: (out - y).pow(2).sum()
-    >>> round(float(hessian_top_eigenvalue(model, mse, (x, torch.zeros(3, 1)), tol=1e-10, iters=500)), 4)
+    >>> res = hessian_top_eigenvalue(model, (x, torch.zeros(3, 1)), loss_fn=mse, n_iter=500, tol=1e-10)
+    >>> round(res.eigenvalue, 4)
     18.0
     """
-    check_int(iters, "iters")
+    check_int(n_iter, "n_iter")
     if not check_float(tol, "tol") >= 0:
         raise RebasinError(f"tol must be >= 0, got {tol!r}")
-    op = _HessianOperator(model, loss_fn, batch, state, device)
+    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device)
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device)
     v = v / v.norm()
     lam, converged, it, change = math.nan, False, 0, math.inf
-    for it in range(1, iters + 1):
+    for it in range(1, n_iter + 1):
         hv = op(v)
         new = float(v @ hv)
         norm = hv.norm()
@@ -263,19 +270,20 @@ def hessian_top_eigenvalue(
             break
     if not converged:
         warnings.warn(
-            f"hessian_top_eigenvalue: no convergence in {iters} iterations (last relative change "
-            f"{change / max(abs(lam), 1e-300):.2e} > tol={tol}); raise iters= or tol=",
-            stacklevel=2,
+            f"hessian_top_eigenvalue: no convergence in {n_iter} iterations (last relative change "
+            f"{change / max(abs(lam), 1e-300):.2e} > tol={tol}); raise n_iter= or tol=",
+            stacklevel=3,  # the caller of the renamed_keywords wrapper
         )
     vec = {k: p.reshape(s) for k, p, s in zip(op.keys, torch.split(v, op.numels), op.shapes)}
-    return HessianEigenvalue(eigenvalue=lam, iterations=it, converged=converged, eigenvector=vec)
+    return HessianEigenvalue(eigenvalue=lam, n_iter=it, converged=converged, eigenvector=vec)
 
 
+@renamed_keywords(positional=("model", "loss_fn", "batch"))
 def hessian_trace(
     model: nn.Module,
-    loss_fn: LossFn,
     batch: Any,
     *,
+    loss_fn: LossFn | None = None,
     state: State | None = None,
     n_samples: int = 100,
     method: str = "hutchinson",
@@ -290,8 +298,9 @@ def hessian_trace(
     :math:`2(\lVert H\rVert_F^2 - \sum_j H_{jj}^2)` (exact for diagonal :math:`H`); the standard
     error is reported. ``"exact"``: :math:`\sum_j e_j^\top H e_j` over all ``d`` coordinate
     vectors — ``d`` Hessian-vector products, for small models and for checking.
-    :math:`H` is as in :func:`hessian_top_eigenvalue` (same ``model``, ``loss_fn``, ``batch``,
-    ``state``, ``device`` semantics; eval mode; nothing mutated).
+    :math:`H` is as in :func:`hessian_top_eigenvalue` (same ``model``, ``batch``, ``loss_fn``,
+    ``state``, ``device`` semantics, the deprecated positional ``loss_fn`` included; eval mode;
+    nothing mutated).
 
     Parameters
     ----------
@@ -319,13 +328,13 @@ def hessian_trace(
     >>> model = nn.Linear(3, 1, bias=False)
     >>> x = torch.eye(3) * torch.tensor([[1.0], [2.0], [3.0]])
     >>> mse = lambda out, y: (out - y).pow(2).sum()
-    >>> hessian_trace(model, mse, (x, torch.zeros(3, 1)), n_samples=4).trace   # H = diag(2, 8, 18)
+    >>> hessian_trace(model, (x, torch.zeros(3, 1)), loss_fn=mse, n_samples=4).trace   # H = diag(2, 8, 18)
     28.0
     """
     if method not in _TRACE_METHODS:
         raise RebasinError(f"unknown method {method!r}; valid: {list(_TRACE_METHODS)}")
     check_int(n_samples, "n_samples")
-    op = _HessianOperator(model, loss_fn, batch, state, device)
+    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device)
     if method == "exact":
         eye = torch.zeros(op.dim, dtype=torch.float64, device=op.device)
         total = 0.0

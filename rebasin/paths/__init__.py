@@ -12,7 +12,7 @@ from .arc import ArcPath, arc_interpolate
 from .curves import CURVE_KINDS, BezierCurve, CurveFit, PolyChainCurve, fit_curve
 from .evaluation import evaluate_path
 from .linear import BARRIER_KINDS, BARRIER_METRICS, PathResult, StatePath, barrier, combine, interpolate
-from .pam import PAMResult, proximal_alternating_minimization
+from .pam import PAMResult, ProximalStep, proximal_alternating_minimization
 from .plot import plot_paths
 from .repairing import ChannelStats, RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
 from .running import reset_bn_stats
@@ -46,6 +46,7 @@ __all__ = [
     "WeightAdjustedPath",
     "WA_PATHS",
     "proximal_alternating_minimization",
+    "ProximalStep",
     "PAMResult",
     "plot_paths",
 ]

@@ -34,6 +34,7 @@ from .._common import (
     as_state,
     check_float,
     check_pair,
+    check_same_layout,
     check_state_for_model,
     forward_with_state,
     resolve_device,
@@ -116,38 +117,82 @@ class _Curve(nn.Module):
             return self.end[i]
         return self.bends[j - 1][self._trainable_index[key]]
 
-    def _trainable_at(self, t: float, key: str) -> Tensor:  # pragma: no cover - abstract
+    def _trainable_at(self, t: float, points: list[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        """The curve's formula at ``t`` through the control points ``points`` of one entry."""
         raise NotImplementedError
 
-    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+    def state_dict_at(self, t: float, *, end: State | None = None) -> dict[str, Tensor]:
         r"""The full state_dict :math:`\phi(t)` for ``0 <= t <= 1``.
 
         Trainable entries are differentiable with respect to the bends; at ``t = 0`` and ``t = 1``
         they are exactly A's and B's tensors (copies). Other floating entries (BatchNorm running
         statistics) are linearly interpolated between the endpoints as placeholders — recompute
         them for the state at ``t`` with ``bn_loader=`` in :func:`rebasin.evaluate_path` or with
-        :func:`rebasin.reset_bn_stats`. Integer entries are copies of A's. Every returned
-        tensor is new (running it in training mode cannot touch the curve's buffers).
+        :func:`rebasin.reset_bn_stats` — and, like integer entries (copies of A's), carry no
+        gradient. Every returned tensor is new (running it in training mode cannot touch the
+        curve's buffers).
+
+        Parameters
+        ----------
+        t
+            Position on the curve, in ``[0, 1]``.
+        end
+            Replaces B for this call: a state_dict with the curve's keys and shapes, on its device.
+            The trainable entries are then differentiable with respect to ``end`` as well (this is
+            how :func:`rebasin.proximal_alternating_minimization` learns B's permutation together
+            with the bend). Default: the curve's own B.
         """
         t = check_float(t, "t")
         if not 0.0 <= t <= 1.0:
             raise RebasinError(f"a curve is defined for 0 <= t <= 1, got t={t}")
+        if end is not None:
+            check_same_layout({k: self.start[i] for k, i in self._index.items()}, end, ("the curve's A", "end"))
         out: dict[str, Tensor] = {}
-        trainable = set(self.trainable_keys)
         for key in self.keys:
             i = self._index[key]
-            a, b = self.start[i], self.end[i]
+            a, b = self.start[i], (self.end[i] if end is None else end[key])
             if t == 0.0:
-                out[key] = a.clone()
+                value = a.clone()
             elif t == 1.0:
-                out[key] = b.clone()
-            elif key in trainable:
-                out[key] = self._trainable_at(t, key)
+                value = b.clone()
+            elif key in self._trainable_index:
+                value = self._trainable_at(t, self._points(key, b))
             elif a.is_floating_point():
-                out[key] = torch.lerp(a, b, t)
+                value = torch.lerp(a, b, t)
             else:
-                out[key] = a.clone()
+                value = a.clone()
+            out[key] = value if key in self._trainable_index else value.detach()
         return out
+
+    def _points(self, key: str, end: Tensor) -> list[Tensor]:
+        """Control points of the trainable entry ``key``: A's tensor, the bends, then ``end``."""
+        j = self._trainable_index[key]
+        return [self.start[self._index[key]], *(bend[j] for bend in self.bends), end]
+
+    def with_end(self, state_b: State | nn.Module) -> _Curve:
+        """A curve of the same kind from the same A to ``state_b``, carrying a copy of this curve's bends.
+
+        The bends are kept as they are (they live in A's basis), so this is the learned curve moved
+        onto another B, e.g. B under a different permutation. This curve is not changed.
+
+        Parameters
+        ----------
+        state_b
+            The new endpoint: the same keys, shapes and dtypes as this curve's B.
+
+        Returns
+        -------
+        BezierCurve or PolyChainCurve
+            Same type, ``num_bends`` and ``trainable_keys``, on the device of this curve's A.
+        """
+        start = {k: self.start[i] for k, i in self._index.items()}
+        end = as_state(state_b, "state_b")
+        end = {k: v.to(start[k].device) if k in start else v for k, v in end.items()}
+        new = type(self)(start, end, self.num_bends, trainable_keys=self.trainable_keys)
+        with torch.no_grad():
+            for mine, learned in zip(new.parameters(), self.parameters()):
+                mine.copy_(learned)
+        return new
 
     def forward(self, t: float) -> dict[str, Tensor]:
         """Same as :meth:`state_dict_at` (``curve(t)``)."""
@@ -194,14 +239,12 @@ class BezierCurve(_Curve):
 
     kind = "bezier"
 
-    def _trainable_at(self, t: float, key: str) -> Tensor:
-        m = self.num_bends - 1
-        out: Tensor | None = None
-        for j in range(m + 1):
-            c = math.comb(m, j) * t**j * (1.0 - t) ** (m - j)
-            term = self.control_point(j, key) * c
-            out = term if out is None else out + term
-        assert out is not None
+    def _trainable_at(self, t: float, points: list[Tensor]) -> Tensor:
+        m = len(points) - 1
+        terms = [point * (math.comb(m, j) * t**j * (1.0 - t) ** (m - j)) for j, point in enumerate(points)]
+        out = terms[0]
+        for term in terms[1:]:
+            out = out + term
         return out
 
 
@@ -228,11 +271,11 @@ class PolyChainCurve(_Curve):
 
     kind = "polychain"
 
-    def _trainable_at(self, t: float, key: str) -> Tensor:
-        m = self.num_bends - 1
-        k = min(int(math.floor(t * m)), m - 1)
+    def _trainable_at(self, t: float, points: list[Tensor]) -> Tensor:
+        m = len(points) - 1
+        k = min(math.floor(t * m), m - 1)
         s = t * m - k
-        return torch.lerp(self.control_point(k, key), self.control_point(k + 1, key), s)
+        return torch.lerp(points[k], points[k + 1], s)
 
 
 #: Curve classes by their ``kind``, for functions that take ``curve="bezier" | "polychain"``.
@@ -264,7 +307,7 @@ class CurveFit:
 
 def fit_curve(
     model: nn.Module,
-    curve: BezierCurve | PolyChainCurve,
+    path: BezierCurve | PolyChainCurve,
     loader: Iterable[Any],
     *,
     epochs: int,
@@ -276,7 +319,7 @@ def fit_curve(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> CurveFit:
-    r"""Train the bends of ``curve`` so that the whole curve has low loss (Garipov et al. 2018).
+    r"""Train the bends of the curve ``path`` so that the whole curve has low loss (Garipov et al. 2018).
 
     Each batch draws one :math:`t \sim U(0, 1)` (from a generator seeded by ``seed``) and takes a
     step on
@@ -295,8 +338,10 @@ def fit_curve(
     ----------
     model
         The architecture. Unchanged (parameters, buffers, ``training`` flags).
-    curve
-        Mutated: its bends are trained in place and it is moved to ``device``.
+    path
+        The :class:`BezierCurve` or :class:`PolyChainCurve` to train (``path=`` is a path object
+        everywhere; ``curve=`` a kind). Mutated: its bends are trained in place and it is moved
+        to ``device``.
     loader
         Yields ``(inputs, targets)``.
     epochs
@@ -324,8 +369,8 @@ def fit_curve(
     >>> fit = fit_curve(model_a, curve, train_loader, epochs=5, lr=1e-3)        # doctest: +SKIP
     >>> res = evaluate_path(model_a, None, None, test_loader, path=curve, bn_loader=train_loader)  # doctest: +SKIP
     """
-    if not isinstance(curve, _Curve):
-        raise RebasinError(f"curve must be a BezierCurve or PolyChainCurve, got {type(curve).__name__}")
+    if not isinstance(path, _Curve):
+        raise RebasinError(f"path must be a BezierCurve or PolyChainCurve (a curve with bends), got {type(path).__name__}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise RebasinError(f"epochs must be a positive int, got {epochs!r}")
     if not check_float(lr, "lr") > 0:
@@ -336,12 +381,12 @@ def fit_curve(
         raise RebasinError(f"unknown optimizer {optimizer!r}; valid: ['adam', 'sgd']")
     if loader is None:
         raise RebasinError("fit_curve needs a loader of (inputs, targets) batches")
-    check_state_for_model(model, curve.state_dict_at(0.0), name="the curve's state")
+    check_state_for_model(model, path.state_dict_at(0.0), name="the curve's state")
     if device is None:
-        device = curve.start.t0.device if curve.keys else resolve_device(model, device=None)
+        device = path.start.t0.device if path.keys else resolve_device(model, device=None)
     device = torch.device(device)
-    curve.to(device)
-    params = [p for p in curve.parameters() if p.requires_grad]
+    path.to(device)
+    params = [p for p in path.parameters() if p.requires_grad]
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     opt: torch.optim.Optimizer | None = None
     if params:
@@ -366,11 +411,11 @@ def fit_curve(
                     raise RebasinError("fit_curve needs (inputs, targets) batches; the loader yielded inputs only")
                 x, y = to_device(x, device), to_device(y, device)
                 t = float(torch.rand((), generator=gen, dtype=torch.float64))
-                state = curve.state_dict_at(t)
+                state = path.state_dict_at(t)
                 loss = loss_fn(forward_with_state(model, state, x), y)
                 objective = loss
                 if weight_decay > 0:
-                    penalty = sum(state[k].pow(2).sum() for k in curve.trainable_keys)
+                    penalty = sum(state[k].pow(2).sum() for k in path.trainable_keys)
                     objective = objective + 0.5 * weight_decay * penalty
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -384,8 +429,4 @@ def fit_curve(
                 raise RebasinError("fit_curve: the loader yielded no batches")
             losses.append(total / count)
     return CurveFit(tuple(losses), steps, time.perf_counter() - start)
-
-
-# ----------------------------------------------------------------------------------------------
-# arc
 

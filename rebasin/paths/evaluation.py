@@ -51,7 +51,7 @@ def evaluate_path(
     ts: Sequence[float] | Tensor | None = None,
     loss_fn: LossFn | None = None,
     bn_loader: Iterable[Any] | None = None,
-    bn_batches: int | None = None,
+    max_batches: int | None = None,
     device: torch.device | str | None = None,
     path: PathLike | None = None,
     repair: bool = False,
@@ -84,8 +84,10 @@ def evaluate_path(
     bn_loader
         If given, BatchNorm running statistics are recomputed at every ``t`` with
         :func:`reset_bn_stats` before evaluating (no-op for models without BatchNorm).
-    bn_batches
-        ``max_batches`` for that reset.
+    max_batches
+        Cap on the batches read from the *statistics* loaders: ``bn_loader`` at every ``t`` and
+        the REPAIR statistics loader (all batches when None). The evaluation ``loader`` is always
+        read whole.
     device
         Where to run; defaults to the model's device.
     path
@@ -94,8 +96,9 @@ def evaluate_path(
     repair
         Apply REPAIR (:class:`rebasin.RepairedPath`) at every ``t``: the interpolated
         model's permuted channels get the interpolated endpoint statistics, measured on
-        ``repair_loader`` (default: ``bn_loader``, else ``loader``). Endpoint statistics are
-        measured once for the whole path.
+        ``repair_loader``. Endpoint statistics are measured once for the whole path.
+    repair_loader
+        The REPAIR statistics loader; default ``bn_loader``, else ``loader``.
     spec
         Permutation spec for REPAIR (traced from the model when omitted).
     progress
@@ -117,11 +120,13 @@ def evaluate_path(
     (0.0, 0.25, 0.5, 0.75, 1.0)
     """
     device = resolve_device(model, device=device)
+    if max_batches is not None:
+        check_int(max_batches, "max_batches")
     if repair:
         if path is not None:
             raise RebasinError("repair=True builds its own path from state_a and state_b; do not pass path=")
         stats_loader = repair_loader if repair_loader is not None else (bn_loader if bn_loader is not None else loader)
-        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=bn_batches, device=device)
+        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=max_batches, device=device)
         state_a = state_b = None
     if ts is None:
         grid = even_grid(check_int(num_points, "num_points (both endpoints are always evaluated)", 2))
@@ -138,7 +143,7 @@ def evaluate_path(
     for t in iterator:
         state = state_at(t)
         if bn_loader is not None:
-            state = reset_bn_stats(model, state, bn_loader, max_batches=bn_batches, device=device)
+            state = reset_bn_stats(model, state, bn_loader, max_batches=max_batches, device=device)
         loss, acc, n_examples = evaluate_state(
             model, state, loader, loss_fn=loss_fn, device=device, name=f"the state at t={t:g}"
         )
@@ -148,7 +153,7 @@ def evaluate_path(
         "path": path_name,
         "num_examples": n_examples,
         "bn_reset": bn_loader is not None,
-        "bn_batches": bn_batches,
+        "max_batches": max_batches,
         "loss_fn": "cross_entropy" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__),
         "device": str(device),
     }

@@ -35,8 +35,6 @@ __all__ = [
 BARRIER_KINDS = ("max_minus_mean", "detrended", "midpoint")
 BARRIER_METRICS = ("loss", "accuracy")
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
 
 @runtime_checkable
 class StatePath(Protocol):
@@ -298,7 +296,3 @@ def barrier(
     else:
         out = at(0.5) - 0.5 * (v0 + v1)
     return float(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# running the model on explicit states

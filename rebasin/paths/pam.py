@@ -13,9 +13,10 @@ permuted :math:`P\theta_B` with trainable bend :math:`\theta` and :math:`P` hold
 matrix per permutation group of the spec. PAM alternates a block step on each variable:
 
 * **bend step** (:math:`P` fixed): ``theta_steps`` Adam steps on :math:`\theta`, one batch and one
-  :math:`t \sim U(0,1)` each, exactly as :func:`rebasin.fit_curve` trains a curve;
+  :math:`t \sim U(0,1)` each, exactly as :func:`rebasin.fit_curve` trains a curve (``_pam_steps.bend_steps``);
 * **permutation step** (:math:`\theta` fixed): a linearised proximal step
-  :math:`P \leftarrow \mathrm{Proj}(P - \eta\,\nabla_P L)`.
+  :math:`P \leftarrow \mathrm{Proj}(P - \eta\,\nabla_P L)` (``_pam_steps.proximal_step``, its
+  options in :class:`ProximalStep`).
 
 The paper's step projects onto the permutation matrices, i.e. solves the linear assignment
 :math:`\arg\max_{Q \in \Pi}\langle Q,\ P - \eta\nabla_P L\rangle`. Here :math:`P` is relaxed to a
@@ -30,19 +31,19 @@ entropy-smoothed version, computed by :func:`rebasin.sinkhorn`:
 
 with :math:`\hat G` the gradient :math:`\nabla_S L` made doubly centred (row and column means
 removed: the components Sinkhorn ignores) and divided by its largest absolute entry, so that
-``perm_lr`` is in the units of the entries of :math:`S` (a swap of two assignments needs a step
-of about 1 or more). As :math:`\tau \to 0` this is exactly the paper's update; a small
+:math:`\eta` (``ProximalStep.lr``) is in the units of the entries of :math:`S` (a swap of two
+assignments needs a step of about 1 or more). As :math:`\tau \to 0` this is exactly the paper's update; a small
 :math:`\tau` keeps :math:`S` close to a permutation, so the curve's endpoint stays close to a real
 network, while a wrong assignment can still be left when the gradient says so (the previous
 :math:`S` enters only linearly, with weight :math:`1/\tau`). Only the forward map is needed
 (``grad="detach"``): the gradient is taken with respect to :math:`S` itself, through
 :func:`rebasin.soft_permute`, so there is no custom backward here.
 
-Step acceptance. :math:`\nabla_S L` is averaged over ``perm_batches`` batches whose :math:`t` are
-stratified over :math:`[0, 1]` (batch :math:`i` of :math:`m` draws :math:`t \in [i/m, (i+1)/m)`),
-and the step is accepted only if it does not raise the loss on those same batches, positions and
-dropout masks; otherwise :math:`\eta` is halved up to ``max_backtracks`` times and then the step
-is skipped (a backtracking proximal-gradient step: the block objective never increases on the
+Step acceptance. :math:`\nabla_S L` is averaged over ``ProximalStep.batches`` batches whose
+:math:`t` are stratified over :math:`[0, 1]` (batch :math:`i` of :math:`m` draws
+:math:`t \in [i/m, (i+1)/m)`), and the step is accepted only if it does not raise the loss on
+those same batches, positions and dropout masks; otherwise :math:`\eta` is halved up to
+``ProximalStep.max_backtracks`` times and then the step is skipped (a backtracking proximal-gradient step: the block objective never increases on the
 sample). Without this guard the linearised move, which predicts a full swap of units from a
 first-order expansion, drifts away even from a correct permutation.
 
@@ -64,16 +65,17 @@ Connectivity via Neuron Alignment", NeurIPS 2020 (section on proximal alternatin
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._common import (
     as_state,
@@ -81,28 +83,57 @@ from .._common import (
     check_int,
     check_pair,
     check_state_for_model,
-    forward_with_state,
+    progress_bar,
     resolve_device,
-    split_batch,
-    to_device,
     training,
 )
 from .._errors import RebasinError
-from ..matching.sinkhorn_op import sinkhorn
+from ..matching.weight import weight_matching
 from ..spec.core import PermutationSpec, check_permutations, permute
 from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute
-from .curves import CURVE_KINDS, BezierCurve, PolyChainCurve
+from ..trace.tracing import spec_for
+from ._pam_steps import Curve, Objective, ProximalStep, RunningMean, adam, bend_steps, own_global_rng, proximal_step
+from .curves import CURVE_KINDS
+from .running import LossFn
 
-__all__ = ["PAM_CURVES", "PAM_INITS", "PAMResult", "proximal_alternating_minimization"]
+__all__ = ["PAM_INITS", "PAMResult", "ProximalStep", "proximal_alternating_minimization"]
 
-#: Curve kinds accepted by ``curve=``.
-PAM_CURVES: tuple[str, ...] = tuple(CURVE_KINDS)
 #: Named starting permutations accepted by ``init=`` (a dict of permutations is accepted too).
 PAM_INITS: tuple[str, ...] = ("identity", "weight_matching")
 
 # Warn when the final soft permutations' row sums are off by more than this.
 _MARGINAL_WARN = 1e-2
-LossFn = Callable[[Tensor, Tensor], Tensor]
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+# The 0.1 keywords of proximal_alternating_minimization that are now fields of ProximalStep.
+_FLAT_STEP_OPTIONS = {
+    "perm_lr": "lr",
+    "perm_batches": "batches",
+    "max_backtracks": "max_backtracks",
+    "tau": "tau",
+    "sinkhorn_iters": "n_iter",
+}
+
+
+def _flat_step_options(func: Fn) -> Fn:
+    """Keep ``perm_lr=`` and the other 0.1 flat options working for one release, with a warning."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flat = {name: kwargs.pop(name) for name in list(kwargs) if name in _FLAT_STEP_OPTIONS}
+        if flat:
+            fields = {_FLAT_STEP_OPTIONS[name]: value for name, value in flat.items()}
+            new = ", ".join(f"{field}=..." for field in fields)
+            warnings.warn(
+                f"{func.__name__}({', '.join(f'{name}=...' for name in flat)}) is deprecated and will be removed "
+                f"in the next release; use {func.__name__}(perm_step=ProximalStep({new}))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs["perm_step"] = dataclasses.replace(kwargs.get("perm_step", ProximalStep()), **fields)
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -133,7 +164,7 @@ class PAMResult:
     """
 
     perms: dict[str, Tensor]
-    curve: BezierCurve | PolyChainCurve
+    curve: Curve
     history: tuple[float, ...]
     changed: tuple[int, ...]
     perm_steps: tuple[float, ...]
@@ -142,27 +173,8 @@ class PAMResult:
     time_s: float
 
 
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
-    """Batches of ``loader`` forever, pass after pass (a new ``iter`` each pass)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RebasinError("proximal_alternating_minimization: the loader yielded no batches")
-
-
-def _curve_state(curve: BezierCurve | PolyChainCurve, end: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
-    """``curve.state_dict_at(t)`` with its far endpoint replaced by ``end`` (possibly differentiable).
-
-    The curve's own formula is reused: its endpoint buffers are swapped for ``end`` through
-    :func:`torch.func.functional_call` for this one call. Entries the curve does not train
-    (BatchNorm running statistics, placeholders in training mode) are detached.
-    """
-    swap = {f"end.t{curve._index[k]}": end[k] for k in curve.keys}
-    state = functional_call(curve, swap, (t,), strict=False, tie_weights=False)
-    return {k: (v if k in curve._trainable_index else v.detach()) for k, v in state.items()}
+# ----------------------------------------------------------------------------------------------
+# set-up
 
 
 def _initial_perms(
@@ -173,23 +185,30 @@ def _initial_perms(
         if init == "identity":
             return {p: torch.arange(sizes[p]) for p in spec.perms}
         if init == "weight_matching":
-            from ..matching.weight import weight_matching
-
             return weight_matching(spec, state_a, state_b, seed=seed)
         raise RebasinError(f"unknown init {init!r}; valid: {list(PAM_INITS)} or a dict of permutations")
     if not isinstance(init, Mapping):
         raise RebasinError(f"init must be one of {list(PAM_INITS)} or a dict of permutations, got {type(init).__name__}")
     check_permutations(spec, init, sizes)
-    return {p: (init[p].detach().long().cpu() if p in init else torch.arange(sizes[p])) for p in spec.perms}
+    return {p: (init[p].detach().long().cpu().clone() if p in init else torch.arange(sizes[p])) for p in spec.perms}
 
 
-def _centred_direction(g: Tensor) -> Tensor:
-    """``g`` minus its row and column means (the part Sinkhorn sees), scaled to max |entry| 1."""
-    g = g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean()
-    scale = g.abs().max()
-    return g / scale if float(scale) > 0 else g
+def _warn_if_off_the_polytope(soft: Mapping[str, Tensor]) -> None:
+    err = max((float((s.sum(-1) - 1).abs().max()) for s in soft.values()), default=0.0)
+    if err > _MARGINAL_WARN:
+        warnings.warn(
+            f"proximal_alternating_minimization: the last Sinkhorn projection is off the doubly "
+            f"stochastic set by {err:.3g} (row sums); raise ProximalStep.n_iter or ProximalStep.tau",
+            UserWarning,
+            stacklevel=4,  # the caller of proximal_alternating_minimization (through its deprecation wrapper)
+        )
 
 
+# ----------------------------------------------------------------------------------------------
+# the algorithm
+
+
+@_flat_step_options
 def proximal_alternating_minimization(
     model: nn.Module,
     state_a: Mapping[str, Tensor] | nn.Module,
@@ -203,11 +222,7 @@ def proximal_alternating_minimization(
     rounds: int = 10,
     theta_steps: int = 20,
     lr: float = 1e-3,
-    perm_lr: float = 1.0,
-    perm_batches: int = 2,
-    max_backtracks: int = 3,
-    tau: float = 0.05,
-    sinkhorn_iters: int = 1000,
+    perm_step: ProximalStep = ProximalStep(),
     init: str | Mapping[str, Tensor] = "weight_matching",
     finetune_steps: int = 0,
     loss_fn: LossFn | None = None,
@@ -228,13 +243,13 @@ def proximal_alternating_minimization(
         \hat G = \frac{\mathrm{dc}(\nabla_S L)}{\lVert \mathrm{dc}(\nabla_S L)\rVert_\infty},
 
     where :math:`\mathrm{dc}` removes row and column means and :math:`\nabla_S L` is averaged over
-    ``perm_batches`` batches with stratified :math:`t`; the step is halved (up to
-    ``max_backtracks`` times) until it does not raise the loss on those batches, else skipped.
-    This is the entropy-smoothed form of the paper's projected step
+    ``perm_step.batches`` batches with stratified :math:`t`; the step is halved (up to
+    ``perm_step.max_backtracks`` times) until it does not raise the loss on those batches, else
+    skipped. This is the entropy-smoothed form of the paper's projected step
     :math:`P \leftarrow \mathrm{Proj}_\Pi(P - \eta\nabla_P L)` (the limit :math:`\tau\to 0`); see
     the module documentation. Each soft :math:`S` acts on B through :func:`rebasin.soft_permute`.
-    Finally :math:`S` is rounded by linear assignment, the curve is rebuilt between A and the
-    hard-permuted B with the learned bend, and fine-tuned for ``finetune_steps`` bend steps.
+    Finally :math:`S` is rounded by linear assignment, the curve is moved onto the hard-permuted B
+    with the learned bend, and fine-tuned for ``finetune_steps`` bend steps.
 
     The curve starts as the one :class:`~rebasin.BezierCurve` builds between A and the initially
     permuted B: bends evenly spaced on the segment (the midpoint for one bend). The model runs in
@@ -256,7 +271,7 @@ def proximal_alternating_minimization(
     example_input
         Input used to trace the spec.
     curve
-        ``"bezier"`` or ``"polychain"``.
+        The kind of curve: ``"bezier"`` or ``"polychain"``.
     num_bends
         Control points including both endpoints (3: one bend).
     rounds
@@ -265,18 +280,11 @@ def proximal_alternating_minimization(
         Bend steps per round (``>= 0``; 0 learns only the permutation along the initial curve).
     lr
         Adam learning rate of the bend (as in :func:`rebasin.fit_curve`).
-    perm_lr
-        :math:`\eta`, the permutation step in units of :math:`S`'s entries (``> 0``).
-    perm_batches
-        Batches (one stratified :math:`t` each) whose gradients are averaged for each permutation
-        step and on which the step is checked (``>= 1``).
-    max_backtracks
-        Halvings of ``perm_lr`` tried before a permutation step is skipped (``>= 0``).
-    tau
-        Sinkhorn temperature of the projection (``> 0``; small keeps :math:`S` near a permutation).
-    sinkhorn_iters
-        Sinkhorn iterations per projection (``>= 1``; stops early at marginal error 1e-6). A
-        warning says so when the final matrices are still off by more than 1e-2.
+    perm_step
+        The permutation step's options (:class:`ProximalStep`: :math:`\eta`, batches,
+        backtracking, :math:`\tau`, Sinkhorn iterations). The 0.1 keywords ``perm_lr``,
+        ``perm_batches``, ``max_backtracks``, ``tau`` and ``sinkhorn_iters`` still work for one
+        release, with a :class:`DeprecationWarning`.
     init
         Starting permutations: ``"weight_matching"`` (:func:`rebasin.weight_matching`, seeded by
         ``seed``), ``"identity"``, or a dict ``{perm: LongTensor}`` (missing names: identity).
@@ -306,7 +314,7 @@ def proximal_alternating_minimization(
     -----
     UserWarning
         When the final soft permutations are off the doubly stochastic set by more than 1e-2
-        (raise ``sinkhorn_iters`` or ``tau``).
+        (raise ``perm_step.n_iter`` or ``perm_step.tau``).
 
     Examples
     --------
@@ -314,156 +322,90 @@ def proximal_alternating_minimization(
     >>> evaluate_path(model, None, None, test_loader, path=res.curve).barrier()                  # doctest: +SKIP
     """
     start_time = time.perf_counter()
+    a, b, spec, sizes, device = _checked_inputs(
+        model, state_a, state_b, loader, spec=spec, example_input=example_input, curve=curve, rounds=rounds,
+        theta_steps=theta_steps, lr=lr, perm_step=perm_step, finetune_steps=finetune_steps, device=device,
+    )  # fmt: skip
+    hard = _initial_perms(init, spec, sizes, a, b, seed)
+    dtype = next((v.dtype for v in a.values() if v.is_floating_point()), torch.float32)
+    soft = {p: perm_to_matrix(hard[p], dtype=dtype, device=device) for p in spec.perms}
+    path = CURVE_KINDS[curve](a, permute(spec, hard, b), num_bends=num_bends).to(device)
+    opt = adam(path, lr)
+    objective = Objective(model, loader, F.cross_entropy if loss_fn is None else loss_fn, device, seed)
+    history: list[float] = []
+    changed: list[int] = []
+    etas: list[float] = []
+    with own_global_rng(seed, device), training(model):
+        for _ in progress_bar(range(rounds), progress, desc="PAM", unit="round"):
+            seen = RunningMean()
+            with torch.no_grad():
+                end = soft_permute(spec, soft, b)
+            bend_steps(objective, path, end, opt, theta_steps, seen)  # (a) the bend, P fixed
+            soft, eta = proximal_step(objective, path, spec, soft, b, perm_step, seen)  # (b) P, the bend fixed
+            rounded = {p: matrix_to_perm(s).cpu() for p, s in soft.items()}
+            changed.append(sum(int((rounded[p] != hard[p]).sum()) for p in spec.perms))
+            hard = rounded
+            etas.append(eta)
+            history.append(seen.mean)
+        _warn_if_off_the_polytope(soft)
+        final = path.with_end(permute(spec, hard, b))
+        finetune_loss = float("nan")
+        if finetune_steps:
+            seen = RunningMean()
+            bend_steps(objective, final, None, adam(final, lr), finetune_steps, seen)
+            finetune_loss = seen.mean
+    return PAMResult(
+        perms=hard,
+        curve=final,
+        history=tuple(history),
+        changed=tuple(changed),
+        perm_steps=tuple(etas),
+        soft={p: s.detach() for p, s in soft.items()},
+        finetune_loss=finetune_loss,
+        time_s=time.perf_counter() - start_time,
+    )
+
+
+def _checked_inputs(
+    model: nn.Module,
+    state_a: Mapping[str, Tensor] | nn.Module,
+    state_b: Mapping[str, Tensor] | nn.Module,
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None,
+    example_input: Any,
+    curve: str,
+    rounds: int,
+    theta_steps: int,
+    lr: float,
+    perm_step: ProximalStep,
+    finetune_steps: int,
+    device: torch.device | str | None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], PermutationSpec, dict[str, int], torch.device]:
+    """Every argument check of :func:`proximal_alternating_minimization`.
+
+    Returns the endpoints on ``device``, the spec, the size of each permutation and the device.
+    """
     if not isinstance(model, nn.Module):
         raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
-    if curve not in PAM_CURVES:
-        raise RebasinError(f"unknown curve {curve!r}; valid: {list(PAM_CURVES)}")
+    if curve not in CURVE_KINDS:
+        raise RebasinError(f"unknown curve {curve!r}; valid: {list(CURVE_KINDS)}")
     check_int(rounds, "rounds", 1)
     check_int(theta_steps, "theta_steps", 0)
-    check_int(perm_batches, "perm_batches", 1)
-    check_int(max_backtracks, "max_backtracks", 0)
-    check_int(sinkhorn_iters, "sinkhorn_iters", 1)
     check_int(finetune_steps, "finetune_steps", 0)
-    for name, value in (("lr", lr), ("perm_lr", perm_lr), ("tau", tau)):
-        if not check_float(value, name) > 0:
-            raise RebasinError(f"{name} must be positive, got {value!r}")
+    if not check_float(lr, "lr") > 0:
+        raise RebasinError(f"lr must be positive, got {lr!r}")
+    if not isinstance(perm_step, ProximalStep):
+        raise RebasinError(f"perm_step must be a ProximalStep, got {type(perm_step).__name__}")
     if loader is None:
         raise RebasinError("proximal_alternating_minimization needs a loader of (inputs, targets) batches")
     a, b = as_state(state_a, "state_a"), as_state(state_b, "state_b")
     check_pair(a, b)
     check_state_for_model(model, a, name="state_a")
     if spec is None:
-        from ..trace.tracing import spec_for
-
         spec = spec_for(model, example_input=example_input, loader=loader)
     if not isinstance(spec, PermutationSpec):
         raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     sizes = spec.validate_pair(a, b)
     device = resolve_device(model, device=device)
-    a = {k: v.to(device) for k, v in a.items()}
-    b = {k: v.to(device) for k, v in b.items()}
-    start_perms = _initial_perms(init, spec, sizes, a, b, seed)
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-
-    dtype = next((v.dtype for v in a.values() if v.is_floating_point()), torch.float32)
-    soft = {p: perm_to_matrix(start_perms[p], dtype=dtype, device=device) for p in spec.perms}
-    path = CURVE_KINDS[curve](a, permute(spec, start_perms, b), num_bends=num_bends).to(device)
-    gen = torch.Generator().manual_seed(int(seed))
-    batches = _cycle(loader)
-
-    def _draw(stratum: int = 0, strata: int = 1) -> tuple[Any, Any, float]:
-        x, y = split_batch(next(batches))
-        if y is None:
-            raise RebasinError("proximal_alternating_minimization needs (inputs, targets) batches; got inputs only")
-        t = (stratum + float(torch.rand((), generator=gen, dtype=torch.float64))) / strata
-        return to_device(x, device), to_device(y, device), t
-
-    def _loss(
-        end: Mapping[str, Tensor], on: BezierCurve | PolyChainCurve, x: Any, y: Any, t: float, rng: int | None = None
-    ) -> Tensor:
-        if rng is not None:  # the same dropout masks for the step's base and trial evaluations
-            torch.manual_seed(rng)
-        loss = loss_fn(forward_with_state(model, _curve_state(on, end, t), x), y)
-        if not bool(torch.isfinite(loss.detach())):
-            raise RebasinError(f"the training loss became {float(loss)} at t={t:.3g}; lower lr or perm_lr")
-        return loss
-
-    def next_loss(end: Mapping[str, Tensor], on: BezierCurve | PolyChainCurve) -> tuple[Tensor, int]:
-        x, y, t = _draw()
-        return _loss(end, on, x, y, t), int(y.shape[0])
-
-    def bend_steps(on: BezierCurve | PolyChainCurve, end: Mapping[str, Tensor], opt: Any, n: int) -> tuple[float, int]:
-        total, count = 0.0, 0
-        for _ in range(n):
-            loss, m = next_loss(end, on)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            total, count = total + float(loss.detach()) * m, count + m
-        return total, count
-
-    def make_opt(on: nn.Module) -> torch.optim.Optimizer | None:
-        params = [p for p in on.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=lr) if params else None
-
-    history: list[float] = []
-    changed: list[int] = []
-    steps: list[float] = []
-    hard = {p: v.clone() for p, v in start_perms.items()}
-    opt = make_opt(path)
-    round_iter: Iterable[int] = range(rounds)
-    if progress:
-        from tqdm.auto import tqdm
-
-        round_iter = tqdm(round_iter, desc="PAM", unit="round")
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), training(model):
-        torch.manual_seed(int(seed))
-        for _ in round_iter:
-            # (a) bend steps with the (soft) permutation fixed
-            with torch.no_grad():
-                end = soft_permute(spec, soft, b)
-            total, count = bend_steps(path, end, opt, theta_steps)
-            # (b) one entropic proximal step on the soft permutations with the bend fixed
-            leaves = {p: s.detach().clone().requires_grad_(True) for p, s in soft.items()}
-            grads = {p: torch.zeros_like(s) for p, s in soft.items()}
-            draws = [(*_draw(i, perm_batches), int(torch.randint(2**62, (), generator=gen))) for i in range(perm_batches)]
-            base = 0.0
-            for x, y, t, rng in draws:
-                loss = _loss(soft_permute(spec, leaves, b), path, x, y, t, rng)
-                got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-                for p, g in zip(leaves, got):
-                    if g is not None:
-                        grads[p] += g / perm_batches
-                base += float(loss.detach()) / perm_batches
-                total, count = total + float(loss.detach()) * int(y.shape[0]), count + int(y.shape[0])
-            direction = {p: _centred_direction(g) for p, g in grads.items()}
-            step = float(perm_lr)
-            for _ in range(max_backtracks + 1):
-                trial = {
-                    p: sinkhorn(soft[p] - step * direction[p], tau=float(tau), n_iter=sinkhorn_iters,
-                                grad="detach", tol=1e-6, warn=False)
-                    for p in spec.perms
-                }
-                with torch.no_grad():
-                    end = soft_permute(spec, trial, b)
-                    value = sum(float(_loss(end, path, *draw)) for draw in draws) / perm_batches
-                if value <= base:
-                    soft = trial
-                    break
-                step *= 0.5
-            steps.append(step if value <= base else 0.0)
-            now = {p: matrix_to_perm(s).cpu() for p, s in soft.items()}
-            changed.append(sum(int((now[p] != hard[p]).sum()) for p in spec.perms))
-            hard = now
-            history.append(total / count)
-
-        err = max((float((s.sum(-1) - 1).abs().max()) for s in soft.values()), default=0.0)
-        if err > _MARGINAL_WARN:
-            warnings.warn(
-                f"proximal_alternating_minimization: the last Sinkhorn projection is off the doubly "
-                f"stochastic set by {err:.3g} (row sums); raise sinkhorn_iters or tau",
-                UserWarning,
-                stacklevel=2,
-            )
-        perms = hard
-        final = CURVE_KINDS[curve](a, permute(spec, perms, b), num_bends=num_bends).to(device)
-        with torch.no_grad():
-            for mine, learned in zip(final.parameters(), path.parameters()):
-                mine.copy_(learned)
-        finetune_loss = float("nan")
-        if finetune_steps:
-            end = {k: final.end[final._index[k]] for k in final.keys}
-            total, count = bend_steps(final, end, make_opt(final), finetune_steps)
-            finetune_loss = total / count
-    return PAMResult(
-        perms=perms,
-        curve=final,
-        history=tuple(history),
-        changed=tuple(changed),
-        perm_steps=tuple(steps),
-        soft={p: s.detach() for p, s in soft.items()},
-        finetune_loss=finetune_loss,
-        time_s=time.perf_counter() - start_time,
-    )
+    return {k: v.to(device) for k, v in a.items()}, {k: v.to(device) for k, v in b.items()}, spec, sizes, device

@@ -53,10 +53,7 @@ def plot_paths(
     """
     if metric not in _METRICS:
         raise RebasinError(f"unknown metric {metric!r}; choose one of {_METRICS}")
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RebasinError("plot_paths needs matplotlib: pip install matplotlib") from exc
+    import matplotlib.pyplot as plt  # a dependency of the package; imported here so `import rebasin` stays light
 
     nested = bool(results) and all(isinstance(v, Mapping) for v in results.values())
     if nested:

@@ -10,7 +10,7 @@ ICML 2020 (their optimal-transport neuron matcher is :func:`rebasin.ot_matching`
 Compositions used in the paper's comparison (``spec``, ``model``, states and ``batch`` as usual):
 
 * "Linear+WA": ``weight_adjusted_path(model, sa, sb, batch)``
-* "Arc+WA": ``weight_adjusted_path(model, sa, sb, batch, path="arc")``
+* "Arc+WA": ``weight_adjusted_path(model, sa, sb, batch, base="arc")``
 * "OT+WA": ``weight_adjusted_path(model, sa, permute(spec, ot_matching(spec, sa, sb), sb), batch)``
 
 Every path object has ``state_dict_at(t)`` and plugs into :func:`rebasin.evaluate_path` as
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.node import map_arg
+
+from rebasin.paths._deprecation import renamed_keywords
 
 from .._common import check_float, check_pair, check_state_for_model, resolve_device, split_batch, to_device
 from .._errors import RebasinError
@@ -172,7 +174,7 @@ class WeightAdjustedPath:
     layer_keys
         ``(weight_key, bias_key_or_None)`` of each Linear layer, in network order.
     kind
-        ``"linear"`` or ``"arc"``.
+        ``"linear"`` or ``"arc"``: the ``base`` path the moving layer travels on.
     """
 
     __name__ = "weight_adjusted"
@@ -185,15 +187,15 @@ class WeightAdjustedPath:
         state_b: State,
         batch: Any,
         *,
-        path: str = "linear",
+        base: str = "linear",
         spec: PermutationSpec | None = None,
         ridge: float = 1e-6,
         device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
-        if path not in WA_PATHS:
-            raise RebasinError(f"unknown path kind {path!r}; valid kinds: {list(WA_PATHS)}")
+        if base not in WA_PATHS:
+            raise RebasinError(f"unknown path kind base={base!r}; valid kinds: {list(WA_PATHS)}")
         self.ridge = check_float(ridge, "ridge")
         if not self.ridge > 0:
             raise RebasinError(f"ridge must be > 0 (it keeps every refit unique and continuous in t), got {ridge!r}")
@@ -210,7 +212,7 @@ class WeightAdjustedPath:
             raise RebasinError(f"spec must be a PermutationSpec or None, got {type(spec).__name__}")
         else:
             spec.validate_pair(state_a, state_b)
-        self.kind = path
+        self.kind = base
         self.device = resolve_device(model, device=device)
         self.num_stages = len(layers)
         self.layer_keys = tuple((layer.weight, layer.bias) for layer in layers)
@@ -346,13 +348,14 @@ class WeightAdjustedPath:
         return f"WeightAdjustedPath(kind={self.kind!r}, num_stages={self.num_stages}, ridge={self.ridge:g})"
 
 
+@renamed_keywords(path="base")
 def weight_adjusted_path(
     model: nn.Module,
     state_a: State,
     state_b: State,
     batch: Any,
     *,
-    path: str = "linear",
+    base: str = "linear",
     spec: PermutationSpec | None = None,
     ridge: float = 1e-6,
     device: torch.device | str | None = None,
@@ -364,7 +367,7 @@ def weight_adjusted_path(
     covers :math:`t \in [\frac{k-1}{L}, \frac{k}{L}]` with local position :math:`s = tL - k + 1`.
 
     * Layers :math:`l < k` are at B.
-    * Layer ``k`` moves from its stage start :math:`S_k` to :math:`B_k` along the chosen path:
+    * Layer ``k`` moves from its stage start :math:`S_k` to :math:`B_k` along the ``base`` path:
       :math:`(1-s) S_k + s B_k` (``"linear"``) or the arc of
       :func:`rebasin.arc_interpolate` between the two (``"arc"``). :math:`S_1 = A_1`, and
       :math:`S_k = R_k` (the refit of the previous stage's end) for :math:`k \ge 2`.
@@ -414,8 +417,9 @@ def weight_adjusted_path(
     batch
         The refit inputs: a tensor or an ``(inputs, targets)`` pair (targets are ignored). A few
         thousand training inputs is typical; the Gram matrices are ``(width+1)^2``.
-    path
-        ``"linear"`` or ``"arc"``: how the moving layer travels.
+    base
+        ``"linear"`` or ``"arc"``: the path the moving layer travels on. ``path=`` is a
+        deprecated alias (``path=`` names a path object everywhere else).
     spec
         Permutation spec of the model, used for the arc's permutation-invariant centre;
         default: the chain's own (hidden layer ``l`` carries one permutation).
@@ -433,7 +437,7 @@ def weight_adjusted_path(
     ------
     RebasinError
         If the model is not a Linear chain (residual, norm layers, convolutions, ...), the states
-        do not fit the model or each other, ``path`` is unknown, ``ridge`` is not positive,
+        do not fit the model or each other, ``base`` is unknown, ``ridge`` is not positive,
         ``batch`` is empty, or ``t`` is outside ``[0, 1]``.
 
     Examples
@@ -447,4 +451,4 @@ def weight_adjusted_path(
     True
     >>> res = evaluate_path(model, None, None, loader, path=wa)  # doctest: +SKIP
     """
-    return WeightAdjustedPath(model, state_a, state_b, batch, path=path, spec=spec, ridge=ridge, device=device)
+    return WeightAdjustedPath(model, state_a, state_b, batch, base=base, spec=spec, ridge=ridge, device=device)

@@ -1,0 +1,222 @@
+"""The two block steps of proximal alternating minimisation (:mod:`rebasin.paths.pam`) and their objective.
+
+* :func:`bend_steps` -- optimizer steps on the curve's bend with B's end point fixed;
+* :func:`proximal_step` -- one entropic proximal step on the soft permutations with the bend fixed, with
+  backtracking (its options: :class:`ProximalStep`).
+
+Both evaluate :class:`Objective`: the loss of the model at a point of the curve on one batch. Private to the
+``paths`` layer; the public entry point is :func:`rebasin.proximal_alternating_minimization`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._common import check_float, check_int, forward_with_state, split_batch, to_device
+from .._errors import RebasinError
+from ..matching.sinkhorn_op import sinkhorn
+from ..spec.core import PermutationSpec
+from ..spec.soft import soft_permute
+from .curves import BezierCurve, PolyChainCurve
+from .running import LossFn
+
+__all__ = ["Curve", "ProximalStep", "Objective", "RunningMean", "adam", "bend_steps", "centred_direction",
+           "proximal_step", "own_global_rng"]  # fmt: skip
+
+Curve = BezierCurve | PolyChainCurve
+
+
+@dataclass(frozen=True)
+class ProximalStep:
+    r"""Options of PAM's permutation step: :math:`S \leftarrow \mathrm{Sinkhorn}((S - \eta\hat G)/\tau)`.
+
+    Pass one as ``proximal_alternating_minimization(..., perm_step=ProximalStep(lr=2.0))``.
+
+    Attributes
+    ----------
+    lr
+        :math:`\eta`, the step in units of :math:`S`'s entries (``> 0``; about 1 swaps two
+        assignments).
+    batches
+        Batches (one stratified :math:`t` each) whose gradients are averaged for a step, and on
+        which the step is checked (``>= 1``).
+    max_backtracks
+        Halvings of ``lr`` tried before a step is skipped (``>= 0``).
+    tau
+        Sinkhorn temperature of the projection (``> 0``; small keeps :math:`S` near a permutation).
+    n_iter
+        Sinkhorn iterations per projection (``>= 1``; stops early at marginal error 1e-6).
+
+    Raises
+    ------
+    RebasinError
+        A count or step size out of range.
+    """
+
+    lr: float = 1.0
+    batches: int = 2
+    max_backtracks: int = 3
+    tau: float = 0.05
+    n_iter: int = 1000
+
+    def __post_init__(self) -> None:
+        check_int(self.batches, "ProximalStep.batches", 1)
+        check_int(self.max_backtracks, "ProximalStep.max_backtracks", 0)
+        check_int(self.n_iter, "ProximalStep.n_iter", 1)
+        for name in ("lr", "tau"):
+            value = getattr(self, name)
+            if not check_float(value, f"ProximalStep.{name}") > 0:
+                raise RebasinError(f"ProximalStep.{name} must be positive, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the objective: the loss at one point of the curve, on one batch
+
+
+def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
+    """Batches of ``loader`` forever, pass after pass (a new ``iter`` each pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RebasinError("proximal_alternating_minimization: the loader yielded no batches")
+
+
+class Objective:
+    r""":math:`\ell(f(x;\ \phi(t;\ \theta_A, \text{end})), y)` with batches drawn in turn and seeded :math:`t`."""
+
+    def __init__(
+        self, model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, device: torch.device, seed: int
+    ) -> None:
+        self.model, self.loss_fn, self.device = model, loss_fn, device
+        self.batches = _cycle(loader)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(self, stratum: int = 0, strata: int = 1) -> tuple[Any, Any, float]:
+        """The next batch and a :math:`t` drawn uniformly from ``[stratum, stratum + 1) / strata``."""
+        x, y = split_batch(next(self.batches))
+        if y is None:
+            raise RebasinError("proximal_alternating_minimization needs (inputs, targets) batches; got inputs only")
+        t = (stratum + float(torch.rand((), generator=self.gen, dtype=torch.float64))) / strata
+        return to_device(x, self.device), to_device(y, self.device), t
+
+    def dropout_seed(self) -> int:
+        """A seed that fixes the dropout masks of one batch across repeated evaluations."""
+        return int(torch.randint(2**62, (), generator=self.gen))
+
+    def loss(
+        self, curve: Curve, end: Mapping[str, Tensor] | None, x: Any, y: Any, t: float, rng: int | None = None
+    ) -> Tensor:
+        """The loss at ``curve``'s point ``t`` with B replaced by ``end`` (the curve's own B when None)."""
+        if rng is not None:
+            torch.manual_seed(rng)
+        loss = self.loss_fn(forward_with_state(self.model, curve.state_dict_at(t, end=end), x), y)
+        if not bool(torch.isfinite(loss.detach())):
+            raise RebasinError(f"the training loss became {float(loss)} at t={t:.3g}; lower lr or perm_step.lr")
+        return loss
+
+
+class RunningMean:
+    """Example-weighted mean of batch losses, accumulated in order."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: Tensor, n: int) -> None:
+        self.total, self.count = self.total + float(loss.detach()) * n, self.count + n
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+
+@contextlib.contextmanager
+def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG (dropout) seeded by ``seed`` inside the block, and restored afterwards."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) the bend step
+
+
+def adam(curve: Curve, lr: float) -> torch.optim.Optimizer | None:
+    """Adam over the curve's trainable bends; None when it has none (the steps then only measure the loss)."""
+    params = [p for p in curve.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr) if params else None
+
+
+def bend_steps(
+    objective: Objective, curve: Curve, end: Mapping[str, Tensor] | None, opt: torch.optim.Optimizer | None,
+    n: int, seen: RunningMean,
+) -> None:
+    r"""``n`` optimizer steps on the bend :math:`\theta` with B fixed at ``end``, one batch and one :math:`t` each."""
+    for _ in range(n):
+        x, y, t = objective.draw()
+        loss = objective.loss(curve, end, x, y, t)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        seen.add(loss, int(y.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) the proximal permutation step
+
+
+def centred_direction(g: Tensor) -> Tensor:
+    """``g`` minus its row and column means (the part Sinkhorn sees), scaled to max |entry| 1."""
+    g = g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean()
+    scale = g.abs().max()
+    return g / scale if float(scale) > 0 else g
+
+
+def proximal_step(
+    objective: Objective, curve: Curve, spec: PermutationSpec, soft: dict[str, Tensor],
+    state_b: Mapping[str, Tensor], step: ProximalStep, seen: RunningMean,
+) -> tuple[dict[str, Tensor], float]:
+    r"""One backtracking proximal step on the soft permutations :math:`S` with the bend fixed.
+
+    :math:`S \leftarrow \mathrm{Sinkhorn}((S - \eta\hat G)/\tau)`, :math:`\eta` halved until the loss on the
+    step's own batches (same :math:`t`, same dropout masks) does not rise. Returns the new :math:`S` and the
+    :math:`\eta` taken (0.0 and the old :math:`S` when every trial was rejected).
+    """
+    m = step.batches
+    draws = [(*objective.draw(i, m), objective.dropout_seed()) for i in range(m)]
+    leaves = {p: s.detach().clone().requires_grad_(True) for p, s in soft.items()}
+    grads = {p: torch.zeros_like(s) for p, s in soft.items()}
+    base = 0.0
+    for x, y, t, rng in draws:
+        loss = objective.loss(curve, soft_permute(spec, leaves, state_b), x, y, t, rng)
+        got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        for p, g in zip(leaves, got):
+            if g is not None:
+                grads[p] += g / m
+        base += float(loss.detach()) / m
+        seen.add(loss, int(y.shape[0]))
+    direction = {p: centred_direction(g) for p, g in grads.items()}
+    eta = float(step.lr)
+    for _ in range(step.max_backtracks + 1):
+        trial = {
+            p: sinkhorn(soft[p] - eta * direction[p], tau=float(step.tau), n_iter=step.n_iter,
+                        grad="detach", tol=1e-6, warn=False)
+            for p in spec.perms
+        }  # fmt: skip
+        with torch.no_grad():
+            end = soft_permute(spec, trial, state_b)
+            value = sum(float(objective.loss(curve, end, *draw)) for draw in draws) / m
+        if value <= base:
+            return trial, eta
+        eta *= 0.5
+    return soft, 0.0

@@ -60,6 +60,7 @@ from .paths import (
     CurveFit,
     PAMResult,
     PathResult,
+    ProximalStep,
     PolyChainCurve,
     RepairedPath,
     StatePath,
@@ -173,6 +174,7 @@ __all__ = [
     "WA_PATHS",
     "proximal_alternating_minimization",
     "PAMResult",
+    "ProximalStep",
     "plot_paths",
     # uses
     "merge",

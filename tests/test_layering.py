@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "rebasin._errors": 0,
     "rebasin._common": 1,
+    "rebasin._deprecation": 1,
     "rebasin.spec": 2,
     "rebasin.trace": 3,
     "rebasin.matching": 4,

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .._common import as_state, check_int, resolve_device
+from .._deprecation import renamed_keywords
 from .._errors import RebasinError
-from ..paths._deprecation import renamed_keywords
 from ..paths.curves import CURVE_KINDS, CurveFit, fit_curve
 from ..paths.evaluation import evaluate_path
 from ..paths.linear import PathLike, PathResult, StatePath

@@ -22,8 +22,8 @@ from .._common import (
     state_of,
     to_device,
 )
+from .._deprecation import renamed_keywords
 from .._errors import RebasinError
-from ..paths._deprecation import renamed_keywords
 from ..paths.running import LossFn
 
 __all__ = ["HessianEigenvalue", "HessianTrace", "hessian_top_eigenvalue", "hessian_trace"]

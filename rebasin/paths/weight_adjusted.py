@@ -31,9 +31,8 @@ from torch import Tensor, nn
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-from rebasin.paths._deprecation import renamed_keywords
-
 from .._common import check_float, check_pair, check_state_for_model, resolve_device, split_batch, to_device
+from .._deprecation import renamed_keywords
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ..trace.ops import DROPOUT_FN, ELEMENTWISE_FN, ELEMENTWISE_METHOD, IDENTITY_METHOD

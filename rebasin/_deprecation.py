@@ -1,4 +1,4 @@
-"""Keyword names renamed in 0.2 that keep working for one release (shared by ``paths`` and ``landscape``).
+"""Keyword names renamed in 0.2 that keep working for one release (any module may use it).
 
 Only names that the documentation or the examples used get an alias here; the others were renamed outright.
 """

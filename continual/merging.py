@@ -247,10 +247,6 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[Te
     return dropped
 
 
-def _float_keys(state: State) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
-
-
 def midpoint_state(
     spec: PermutationSpec,
     state_prev: State,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._errors import RebasinError
 
-__all__ = ["cost_from_similarity", "solve_cost", "solve_assignment", "linear_assignment"]
+__all__ = ["cost_from_similarity", "solve_cost", "linear_assignment"]
 
 
 def cost_from_similarity(similarity: Tensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -64,30 +64,6 @@ def solve_cost(cost: np.ndarray, *, name: str = "?") -> np.ndarray:
             "the weights are too large for float32 products — rescale them"
         )
     return cols
-
-
-def solve_assignment(similarity: np.ndarray, *, name: str = "?") -> np.ndarray:
-    """The permutation ``p`` maximising ``sum_i similarity[i, p[i]]``.
-
-    Parameters
-    ----------
-    similarity
-        Array of shape ``(n, n)``.
-    name
-        Permutation name, used in error messages.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 array of shape ``(n,)``; row ``i`` is matched to column ``p[i]``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> solve_assignment(np.array([[0.0, 1.0], [1.0, 0.0]]))
-    array([1, 0])
-    """
-    return solve_cost(np.negative(np.asarray(similarity), dtype=np.float64), name=name)
 
 
 def linear_assignment(similarity: Tensor, *, name: str = "?") -> Tensor:

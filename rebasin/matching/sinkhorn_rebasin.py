@@ -30,14 +30,13 @@ from ..spec.core import PermutationSpec, permute
 from ..spec.soft import matrix_to_perm, soft_permute
 from ..trace.tracing import spec_from_model
 from .registry import MatchResult, register_matcher
-from .sinkhorn_op import sinkhorn
+from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
 from .weight import weight_matching
 
 __all__ = ["SinkhornRebasin", "COSTS"]
 
 COSTS = ("l2", "midpoint", "random")
 _INITS = ("identity", "weight_matching", "random")
-_GRADS = ("implicit", "unrolled", "detach")
 
 CostFn = Callable[["SinkhornRebasin", Any], Tensor]
 
@@ -111,8 +110,8 @@ class SinkhornRebasin(nn.Module):
             raise RebasinError(f"unknown cost {cost!r}; choose one of {COSTS} or pass a callable cost(module, batch)")
         if init not in _INITS:
             raise RebasinError(f"unknown init {init!r}; choose one of {_INITS}")
-        if grad not in _GRADS:
-            raise RebasinError(f"unknown grad {grad!r}; choose one of {_GRADS}")
+        if grad not in SINKHORN_GRADS:
+            raise RebasinError(f"unknown grad {grad!r}; choose one of {SINKHORN_GRADS}")
         if not (tau > 0 and float(tau) < float("inf")):
             raise RebasinError(f"tau must be a positive finite number, got {tau}")
         if int(n_iter) < 1:

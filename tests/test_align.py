@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-
-import rebasin
 from torch import nn
 from torch.testing import assert_close
 
+import rebasin
 from rebasin import RebasinError, align, permute, random_permutation, spec_from_model
 
 

@@ -9,11 +9,19 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import evaluate_path, interpolate, invert, permute, random_permutation, spec_from_model
-from rebasin import RebasinError
+from rebasin import (
+    RebasinError,
+    WeightAdjustedPath,
+    evaluate_path,
+    interpolate,
+    invert,
+    ot_matching,
+    permute,
+    random_permutation,
+    spec_from_model,
+    weight_adjusted_path,
+)
 from rebasin._common import forward_with_state, state_of
-from rebasin import WeightAdjustedPath, ot_matching, weight_adjusted_path
-from rebasin import ArcPath
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP, ResNet20, SmallCNN
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model

@@ -20,13 +20,13 @@ from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  #
 from avalanche.training import Naive, Replay  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
 
-from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
-from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
-from continual.plugin import RebasinMergePlugin  # noqa: E402
 from continual.il_plugin import RebasinILPlugin  # noqa: E402
 from continual.incremental import ILSettings, IncrementalRebasin  # noqa: E402
+from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
+from continual.plugin import RebasinMergePlugin  # noqa: E402
 from continual.strategy import RebasinIL  # noqa: E402
+from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

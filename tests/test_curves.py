@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import math
 
+import builders
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import PermutationSpec, permute, random_permutation
-from rebasin import RebasinError
+from rebasin import (
+    ArcPath,
+    BezierCurve,
+    CurveFit,
+    PermutationSpec,
+    PolyChainCurve,
+    RebasinError,
+    arc_interpolate,
+    evaluate_path,
+    fit_curve,
+    interpolate,
+    permute,
+    random_permutation,
+    spec_from_model,
+)
 from rebasin._common import state_of
-from rebasin import ArcPath, BezierCurve, CurveFit, PolyChainCurve, arc_interpolate, fit_curve
-from rebasin import evaluate_path, interpolate
-from rebasin import spec_from_model
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 CURVES = [BezierCurve, PolyChainCurve]
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    return builders.mlp(6, [16, 16], 3)
 
 
 def bn_mlp() -> nn.Module:

@@ -12,12 +12,20 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from rebasin import BezierCurve, permute, random_permutation, spec_from_model
-from rebasin import landscape
-from rebasin import RebasinError
+from rebasin import (
+    BezierCurve,
+    RebasinError,
+    cka,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    landscape,
+    mode_connectivity,
+    permute,
+    random_permutation,
+    spec_from_model,
+)
 from rebasin._common import state_of
 from rebasin.apps.data import tensor_loader
-from rebasin import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
 from rebasin.apps.models import MLP
 from rebasin.apps.training import fit_classifier_, seeded_model
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import builders
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
 import rebasin
-from rebasin import permute, random_permutation
-from rebasin import RebasinError
+from rebasin import MergeInfo, RebasinError, compare_merge, merge, permute, random_permutation, spec_from_model
 from rebasin._common import state_of
-from rebasin import MergeInfo, compare_merge, merge
-from rebasin import spec_from_model
 from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    return builders.mlp(6, [16, 16], 3)
 
 
 def bn_cnn() -> nn.Module:

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from rebasin import PermutationSpec, permute, random_permutation
+from rebasin import PermutationSpec, permute, random_permutation, spec_from_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20, SmallCNN
-from rebasin import spec_from_model
 
 
 def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:

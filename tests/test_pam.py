@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import pytest
 import torch
 from torch import nn
@@ -10,27 +11,27 @@ from torch.testing import assert_close
 from rebasin import (
     BezierCurve,
     PolyChainCurve,
+    RebasinError,
     check_permutations,
     evaluate_path,
     interpolate,
     invert,
+    matrix_to_perm,
     permute,
     random_permutation,
+    spec_from_model,
 )
-from rebasin import RebasinError
 from rebasin._common import state_of
 from rebasin.apps.data import digits_tensors, tensor_loader
+from rebasin.apps.training import fit_classifier_, seeded_model
 from rebasin.paths._pam_steps import centred_direction
 from rebasin.paths.pam import PAMResult, ProximalStep, proximal_alternating_minimization
-from rebasin import matrix_to_perm
-from rebasin import spec_from_model
-from rebasin.apps.training import fit_classifier_, seeded_model
 
 TS = [i / 10 for i in range(11)]
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 10))
+    return builders.mlp(64, [24, 24], 10)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import builders
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import RebasinError
-from rebasin import PathResult, barrier, evaluate_path, interpolate, reset_bn_stats
+from rebasin import PathResult, RebasinError, barrier, evaluate_path, interpolate, reset_bn_stats
 from rebasin.apps.training import evaluate, seeded_model
 
 
 def mlp_bn() -> nn.Module:
     # two BatchNorms: the second one's statistics depend on how the first one normalises
-    return nn.Sequential(
-        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)
-    )
+    return builders.mlp(6, [8, 8], 3, bn=True)
 
 
 def conv_bn() -> nn.Module:
@@ -29,14 +27,11 @@ def conv_bn() -> nn.Module:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    return builders.mlp(6, [8], 3)
 
 
 def batches(shape: tuple[int, ...], n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape, generator=g) * 2 + 0.5
-    y = torch.randint(0, 3, (n,), generator=g)
-    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    return builders.batches(shape, n, batch, seed=seed, scale=2.0, shift=0.5)
 
 
 def trained_state(model: nn.Module, data, seed: int) -> dict[str, torch.Tensor]:

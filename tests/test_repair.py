@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import copy
 
+import builders
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import PermutationSpec
-from rebasin import RebasinError
+from rebasin import (
+    PermutationSpec,
+    RebasinError,
+    RepairedPath,
+    channel_stats,
+    evaluate_path,
+    interpolate,
+    repair,
+    repair_states,
+    repaired_path,
+    reset_bn_stats,
+    reset_bn_stats_,
+    spec_from_model,
+)
 from rebasin._common import forward_with_state, state_of
-from rebasin import evaluate_path, interpolate, reset_bn_stats
-from rebasin import RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
-from rebasin import spec_from_model
 from rebasin.apps.training import evaluate, seeded_model
 
 
 def mlp(depth: int = 3, width: int = 16) -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(6, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 3))
+    return builders.mlp(6, [width] * depth, 3)
 
 
 def ln_mlp() -> nn.Module:
@@ -41,10 +48,7 @@ def bn_cnn() -> nn.Module:
 
 
 def batches(shape: tuple[int, ...], n: int = 96, batch: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape, generator=g) * 1.5 + 0.3
-    y = torch.randint(0, 3, (n,), generator=g)
-    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    return builders.batches(shape, n, batch, seed=seed, scale=1.5, shift=0.3)
 
 
 def pair(factory, example):

@@ -23,10 +23,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import permute, random_permutation, spec_from_model
-from rebasin import weight_matching
+from rebasin import SinkhornRebasin, permute, random_permutation, spec_from_model, weight_matching
 from rebasin.apps.models import MLP, VGG
-from rebasin import SinkhornRebasin
 
 # Sinkhorn at small tau with sharpening logits may warn about convergence; the hard projection is
 # what these tests check.

@@ -5,25 +5,17 @@ from __future__ import annotations
 import copy
 import warnings
 
+import builders
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import PermutationSpec, RebasinError, permute, random_permutation
-from rebasin import SinkhornRebasin
+from rebasin import PermutationSpec, RebasinError, SinkhornRebasin, permute, random_permutation
 
 
 def mlp(seed: int, widths=(4, 12, 10, 3), bn: bool = False) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            if bn:
-                layers.append(nn.BatchNorm1d(widths[i + 1]))
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return builders.mlp(widths[0], widths[1:-1], widths[-1], bn=bn, seed=seed)
 
 
 def mlp_spec(model: nn.Sequential) -> PermutationSpec:

@@ -12,13 +12,13 @@ from torch.testing import assert_close
 from rebasin import (
     PermutationSpec,
     RebasinError,
+    check_permutations,
     compose,
     identity_permutation,
     invert,
     permute,
     random_permutation,
 )
-from rebasin import check_permutations
 
 
 def mlp_spec() -> PermutationSpec:

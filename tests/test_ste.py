@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import builders
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import PermutationSpec, RebasinError, invert, permute, random_permutation
+from rebasin import PermutationSpec, RebasinError, invert, permute, random_permutation, ste_matching, weight_matching
 from rebasin._common import forward_with_state, state_of
-from rebasin import ste_matching
-from rebasin import weight_matching
 from rebasin.apps.models import MLP, VGG
 
 SPEC = PermutationSpec(
@@ -29,8 +28,7 @@ SPEC = PermutationSpec(
 
 
 def _mlp(seed: int, width: int = 16, classes: int = 5) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+    return builders.mlp(8, [width, width], classes, seed=seed)
 
 
 def _data(n: int = 256, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:

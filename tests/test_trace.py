@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rebasin import PermutationSpec, RebasinError, permute, random_permutation
+from rebasin import ModelTrace, PermutationSpec, RebasinError, permute, random_permutation, spec_from_model, trace_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20
-from rebasin import ModelTrace, spec_from_model, trace_model
 
 
 # --------------------------------------------------------------------------- helpers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import pytest
 import torch
 from torch import nn
@@ -25,13 +26,7 @@ def mlp_spec(depth: int = 3) -> PermutationSpec:
 
 
 def mlp(width: int = 16, depth: int = 3, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    dims = [5] + [width] * depth
-    for i in range(depth):
-        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
-    layers.append(nn.Linear(width, 3))
-    return nn.Sequential(*layers)
+    return builders.mlp(5, [width] * depth, 3, seed=seed)
 
 
 def conv_model(seed: int = 0) -> nn.Sequential:

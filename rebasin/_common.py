@@ -62,6 +62,8 @@ __all__ = [
     "training",
     "only_training",
     "progress_bar",
+    "progress_counter",
+    "progress_enabled",
 ]
 
 State = Mapping[str, Tensor]
@@ -317,7 +319,10 @@ def nonempty(loader: Iterable[Any], what: str) -> Iterator[Any]:
         count += 1
         yield batch
     if count == 0:
-        raise RebasinError(f"{what}: the loader yielded no batches")
+        raise RebasinError(
+            f"{what}: the loader yielded no batches (an empty dataset, an exhausted iterator, or drop_last=True "
+            "with fewer samples than batch_size?)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -427,12 +432,53 @@ def input_mismatch(inputs: Any, state: Mapping[str, Tensor]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- progress
+def progress_enabled(enabled: bool | None) -> bool:
+    """``enabled`` itself, or for None: whether a bar can be seen, i.e. stderr is a terminal or a Jupyter kernel.
+
+    A piped or logged run (stderr a file or a pipe) gets no bar, so its log is not filled with carriage-return
+    updates. Every library ``progress=`` parameter defaults to None and is resolved here.
+    """
+    if enabled is not None:
+        return bool(enabled)
+    try:
+        if bool(getattr(sys.stderr, "isatty", lambda: False)()):
+            return True
+    except ValueError:  # a closed stream
+        return False
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def progress_bar(iterable: Iterable[Any], enabled: bool | None, **kwargs: Any) -> Iterable[Any]:
-    """``iterable`` wrapped in a tqdm bar when ``enabled`` (None: only when stderr is a terminal)."""
-    if enabled is None:
-        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not enabled:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (None: see :func:`progress_enabled`)."""
+    if not progress_enabled(enabled):
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def progress_counter(enabled: bool | None, total: int | None, **kwargs: Any) -> Iterator[Any]:
+    """A ``tick(**postfix)`` that advances a tqdm bar of ``total`` steps by one (a no-op when not enabled).
+
+    For loops whose steps are not one iterable (epochs of batches); ``enabled`` as in :func:`progress_bar`.
+    The bar is closed when the block ends.
+    """
+    if not progress_enabled(enabled):
+        yield lambda **postfix: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, **kwargs)
+
+    def tick(**postfix: Any) -> None:
+        bar.update(1)
+        if postfix:
+            bar.set_postfix(**postfix)
+
+    try:
+        yield tick
+    finally:
+        bar.close()

@@ -58,7 +58,7 @@ def evaluate_path(
     repair: bool = False,
     repair_loader: Iterable[Any] | None = None,
     spec: Any = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> PathResult:
     r"""Loss and accuracy of ``model`` along the path from ``state_a`` to ``state_b``.
 
@@ -103,7 +103,7 @@ def evaluate_path(
     spec
         Permutation spec for REPAIR (traced from the model when omitted).
     progress
-        Show a tqdm bar over ``t``.
+        Show a tqdm bar over ``t``; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
 
     Returns
     -------

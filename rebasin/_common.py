@@ -90,11 +90,12 @@ def check_float(value: Any, name: str) -> float:
 
 def require_state(obj: Any, name: str) -> None:
     """:class:`RebasinError` unless ``obj`` is a state_dict-like mapping (a module gets its own message)."""
+    subject = "expected a state_dict" if name == "state_dict" else f"{name} must be a state_dict"
     if isinstance(obj, nn.Module):
-        raise RebasinError(f"{name} must be a state_dict (a mapping key -> tensor), got the module "
-                           f"{type(obj).__name__}; pass its .state_dict()")
+        raise RebasinError(f"{subject} (a mapping key -> tensor), got the module {type(obj).__name__}; "
+                           "pass its .state_dict()")
     if not isinstance(obj, Mapping):
-        raise RebasinError(f"{name} must be a state_dict (a mapping key -> tensor), got {type(obj).__name__}")
+        raise RebasinError(f"{subject} (a mapping key -> tensor), got {type(obj).__name__}")
 
 
 def check_same_layout(state_a: State, state_b: State, names: tuple[str, str] = ("state_a", "state_b")) -> None:
@@ -161,7 +162,7 @@ def check_finite(state: State, name: str) -> None:
             nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
             what = " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if p)
             raise RebasinError(
-                f"{name}[{key!r}] (shape {tuple(v.shape)}) contains {what} value(s) of {v.numel()}: a diverged "
+                f"{key!r} (shape {tuple(v.shape)}) of {name} contains {what} value(s) of {v.numel()}: a diverged "
                 "checkpoint cannot be aligned, interpolated or evaluated; use a finite state"
             )
 

@@ -143,7 +143,7 @@ def evaluate_path(
     iterator = progress_bar(grid, progress, desc="path", unit="t")
     for t in iterator:
         state = state_at(t)
-        where = f"the state at t={t:g}" + ("" if path_name == "linear" else f" of {path_name}")
+        where = f"the state at t={t:g}" + ("" if path_name == "linear" else f" of the path {path_name}")
         check_finite(state, where)
         if bn_loader is not None:
             state = reset_bn_stats(model, state, bn_loader, max_batches=max_batches, device=device)

@@ -157,7 +157,7 @@ def check_finite(state: State, name: str) -> None:
     flags = [torch.isfinite(v.detach()).all() for _, v in floats]
     if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
         return
-    for (key, v), ok in zip(floats, flags):
+    for (key, v), ok in zip(floats, flags, strict=True):
         if not bool(ok):
             nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
             what = " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if p)
@@ -405,7 +405,7 @@ def describe_tensors(x: Any, limit: int = 4) -> str:
         return f"a {type(x).__name__}"
     parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:limit]]
     if len({t.device for t in tensors}) > 1 or tensors[0].device.type != "cpu":
-        parts = [f"{p} on {t.device}" for p, t in zip(parts, tensors)]
+        parts = [f"{p} on {t.device}" for p, t in zip(parts, tensors, strict=False)]
     return ", ".join(parts) + (f", ... ({len(tensors) - limit} more)" if len(tensors) > limit else "")
 
 

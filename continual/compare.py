@@ -101,9 +101,12 @@ def run_strategy(
     mem_size: int,
     device: str,
     options: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> RunResult:
-    """Train ``name`` on every experience of ``benchmark`` and evaluate on the whole test stream after each."""
+    """Train ``name`` on every experience of ``benchmark`` and evaluate on the whole test stream after each.
+
+    ``progress``: a tqdm bar over the experiences; None (default) shows it only when stderr is a terminal.
+    """
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -125,7 +128,7 @@ def run_strategy(
     n = len(benchmark.train_stream)
     matrix: list[list[float]] = []
     bar = None
-    if progress:
+    if progress or (progress is None and sys.stderr.isatty()):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"{name} seed {seed}", leave=False, file=sys.stderr)
@@ -390,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name, bm, seed=seed, model_factory=lambda: mlp(in_features, args.hidden, n_classes),
                 example_input=example, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 mem_size=args.mem_size, device=args.device, options=options.get(name),
-                progress=not args.no_progress,
+                progress=False if args.no_progress else None,
             )
             if options.get(name):
                 result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options[name].items()) + ")"

@@ -36,6 +36,8 @@ from .matching import (
     Alignment,
     Matcher,
     MatchResult,
+    SinkhornConvergenceWarning,
+    SinkhornInfo,
     SinkhornRebasin,
     STEInfo,
     WeightMatchingInfo,
@@ -145,6 +147,8 @@ __all__ = [
     # sinkhorn re-basin
     "sinkhorn",
     "SINKHORN_GRADS",
+    "SinkhornInfo",
+    "SinkhornConvergenceWarning",
     "soft_permute",
     "perm_to_matrix",
     "matrix_to_perm",

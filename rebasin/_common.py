@@ -37,8 +37,10 @@ __all__ = [
     "check_int",
     "check_float",
     "check_same_layout",
+    "require_state",
     "check_state_for_model",
     "check_pair",
+    "check_finite",
     "as_state",
     "paired_states",
     "module_with_state",
@@ -53,10 +55,15 @@ __all__ = [
     "first_inputs",
     "nonempty",
     "forward_with_state",
+    "describe_tensors",
+    "input_mismatch",
+    "first_line",
     "evaluating",
     "training",
     "only_training",
     "progress_bar",
+    "progress_counter",
+    "progress_enabled",
 ]
 
 State = Mapping[str, Tensor]
@@ -81,9 +88,21 @@ def check_float(value: Any, name: str) -> float:
     return out
 
 
+def require_state(obj: Any, name: str) -> None:
+    """:class:`RebasinError` unless ``obj`` is a state_dict-like mapping (a module gets its own message)."""
+    subject = "expected a state_dict" if name == "state_dict" else f"{name} must be a state_dict"
+    if isinstance(obj, nn.Module):
+        raise RebasinError(f"{subject} (a mapping key -> tensor), got the module {type(obj).__name__}; "
+                           "pass its .state_dict()")
+    if not isinstance(obj, Mapping):
+        raise RebasinError(f"{subject} (a mapping key -> tensor), got {type(obj).__name__}")
+
+
 def check_same_layout(state_a: State, state_b: State, names: tuple[str, str] = ("state_a", "state_b")) -> None:
     """Same keys and shapes in both state_dicts, else an error listing the differences."""
     na, nb = names
+    require_state(state_a, na)
+    require_state(state_b, nb)
     only_a = [k for k in state_a if k not in state_b]
     only_b = [k for k in state_b if k not in state_a]
     shapes = [
@@ -104,9 +123,7 @@ def check_same_layout(state_a: State, state_b: State, names: tuple[str, str] = (
 
 def check_state_for_model(model: nn.Module, state: State, name: str = "state") -> None:
     """``state`` has exactly the model's keys and shapes, else an error listing the differences."""
-    if isinstance(state, nn.Module):
-        raise RebasinError(f"{name} must be a state_dict (mapping key -> tensor), got the module "
-                           f"{type(state).__name__}; pass module.state_dict()")
+    require_state(state, name)
     ref = model.state_dict(keep_vars=True)
     missing = [k for k in ref if k not in state]
     unexpected = [k for k in state if k not in ref]
@@ -128,13 +145,26 @@ def check_pair(state_a: State, state_b: State) -> None:
     diff = [f"{k!r}: {state_a[k].dtype} vs {state_b[k].dtype}" for k in state_a if state_a[k].dtype != state_b[k].dtype]
     if diff:
         raise RebasinError("state_a and state_b have different dtypes: " + "; ".join(diff[:8]))
-    bad = [
-        k
-        for k, v in list(state_a.items()) + list(state_b.items())
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]
-    if bad:
-        raise RebasinError(f"endpoint tensors contain NaN or inf: {sorted(set(bad))[:8]}")
+    check_finite(state_a, "state_a")
+    check_finite(state_b, "state_b")
+
+
+def check_finite(state: State, name: str) -> None:
+    """:class:`RebasinError` naming the first floating entry of ``state`` holding NaN or inf (one host sync if none)."""
+    floats = [(k, v) for k, v in state.items() if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())]
+    if not floats:
+        return
+    flags = [torch.isfinite(v.detach()).all() for _, v in floats]
+    if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        return
+    for (key, v), ok in zip(floats, flags, strict=True):
+        if not bool(ok):
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            what = " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if p)
+            raise RebasinError(
+                f"{key!r} (shape {tuple(v.shape)}) of {name} contains {what} value(s) of {v.numel()}: a diverged "
+                "checkpoint cannot be aligned, interpolated or evaluated; use a finite state"
+            )
 
 
 def as_state(obj: State | nn.Module, name: str) -> dict[str, Tensor]:
@@ -290,7 +320,10 @@ def nonempty(loader: Iterable[Any], what: str) -> Iterator[Any]:
         count += 1
         yield batch
     if count == 0:
-        raise RebasinError(f"{what}: the loader yielded no batches")
+        raise RebasinError(
+            f"{what}: the loader yielded no batches (an empty dataset, an exhausted iterator, or drop_last=True "
+            "with fewer samples than batch_size?)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -333,19 +366,120 @@ def training(model: nn.Module) -> Iterator[None]:
 def forward_with_state(
     model: nn.Module, state: Mapping[str, Tensor], inputs: Any, *, eval_mode: bool = False
 ) -> Any:
-    """``model(inputs)`` with its parameters and buffers replaced by ``state`` (strict; see :func:`as_args`)."""
+    """``model(inputs)`` with its parameters and buffers replaced by ``state`` (strict; see :func:`as_args`).
+
+    When the call fails and the floating inputs differ from the state in dtype or device, the error is a
+    :class:`RebasinError` saying so (with torch's message); any other failure propagates unchanged.
+    """
     args, kwargs = as_args(inputs)
-    with evaluating(model, eval_mode):
-        return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+    try:
+        with evaluating(model, eval_mode):
+            return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+    except (RuntimeError, TypeError) as err:
+        mismatch = input_mismatch(inputs, state)
+        if mismatch is None:
+            raise
+        raise RebasinError(
+            f"{type(model).__name__} cannot run on these inputs: {mismatch} "
+            f"(torch: {first_line(err)})"
+        ) from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(x)
+    return [v for v in leaves if isinstance(v, Tensor)]
+
+
+def describe_tensors(x: Any, limit: int = 4) -> str:
+    """``(4, 9) float32`` for a tensor; the tensors of (nested) inputs joined by ``, ``; ``a <type>`` otherwise."""
+    tensors = _tensors(x)
+    if not tensors:
+        return f"a {type(x).__name__}"
+    parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:limit]]
+    if len({t.device for t in tensors}) > 1 or tensors[0].device.type != "cpu":
+        parts = [f"{p} on {t.device}" for p, t in zip(parts, tensors, strict=False)]
+    return ", ".join(parts) + (f", ... ({len(tensors) - limit} more)" if len(tensors) > limit else "")
+
+
+def input_mismatch(inputs: Any, state: Mapping[str, Tensor]) -> str | None:
+    """Why ``inputs`` cannot meet ``state``: a dtype or device difference in words, or None if there is none.
+
+    Compares the first floating input tensor with the first floating entry of the state (dtype), and the first
+    input tensor with the first state entry (device).
+    """
+    xs = _tensors(inputs)
+    entries = [(k, v) for k, v in state.items() if isinstance(v, Tensor)]
+    if not xs or not entries:
+        return None
+    key, ref = entries[0]
+    if xs[0].device != ref.device:
+        return (f"the inputs are on {xs[0].device} but the model's state is on {ref.device} ({key!r}); "
+                "move the inputs (or the model) to one device")
+    fx = next((t for t in xs if t.is_floating_point()), None)
+    fkey, fref = next(((k, v) for k, v in entries if v.is_floating_point()), (None, None))
+    if fx is not None and fref is not None and fx.dtype != fref.dtype:
+        have, want = str(fx.dtype).removeprefix("torch."), str(fref.dtype).removeprefix("torch.")
+        return (f"the inputs are {have} but the model's state is {want} ({fkey!r}); convert the inputs "
+                f"(x.to({fref.dtype})) or the model (model.to({fx.dtype}))")
+    return None
 
 
 # ---------------------------------------------------------------------------------------- progress
+def progress_enabled(enabled: bool | None) -> bool:
+    """``enabled`` itself, or for None: whether a bar can be seen, i.e. stderr is a terminal or a Jupyter kernel.
+
+    A piped or logged run (stderr a file or a pipe) gets no bar, so its log is not filled with carriage-return
+    updates. Every library ``progress=`` parameter defaults to None and is resolved here.
+    """
+    if enabled is not None:
+        return bool(enabled)
+    try:
+        if bool(getattr(sys.stderr, "isatty", lambda: False)()):
+            return True
+    except ValueError:  # a closed stream
+        return False
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def progress_bar(iterable: Iterable[Any], enabled: bool | None, **kwargs: Any) -> Iterable[Any]:
-    """``iterable`` wrapped in a tqdm bar when ``enabled`` (None: only when stderr is a terminal)."""
-    if enabled is None:
-        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not enabled:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (None: see :func:`progress_enabled`)."""
+    if not progress_enabled(enabled):
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def progress_counter(enabled: bool | None, total: int | None, **kwargs: Any) -> Iterator[Any]:
+    """A ``tick(**postfix)`` that advances a tqdm bar of ``total`` steps by one (a no-op when not enabled).
+
+    For loops whose steps are not one iterable (epochs of batches); ``enabled`` as in :func:`progress_bar`.
+    The bar is closed when the block ends.
+    """
+    if not progress_enabled(enabled):
+        yield lambda **postfix: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, **kwargs)
+
+    def tick(**postfix: Any) -> None:
+        bar.update(1)
+        if postfix:
+            bar.set_postfix(**postfix)
+
+    try:
+        yield tick
+    finally:
+        bar.close()

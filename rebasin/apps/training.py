@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._common import check_int, resolve_device, split_batch, state_of, to_device
+from .._common import check_int, nonempty, progress_bar, resolve_device, split_batch, state_of, to_device
 from .._errors import RebasinError
 from ..paths.running import LossFn, evaluate_state
 
@@ -55,7 +55,7 @@ def fit_classifier_(
     weight_decay: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> M:
     """Train ``model`` in place with cross-entropy; returns the same model.
 
@@ -78,7 +78,7 @@ def fit_classifier_(
     device
         Where to train; defaults to the model's device.
     progress
-        Show a tqdm bar over epochs.
+        Show a tqdm bar over epochs; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
 
     Examples
     --------
@@ -102,16 +102,12 @@ def fit_classifier_(
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     flags = {m: m.training for m in model.modules()}
-    epoch_iter: Iterable[int] = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc="train", unit="epoch")
+    epoch_iter: Iterable[int] = progress_bar(range(epochs), progress, desc="train", unit="epoch")
     try:
         model.train()
         with _seeded(seed):
             for _ in epoch_iter:
-                for batch in train_loader:
+                for batch in nonempty(train_loader, "fit_classifier_"):
                     x, y = split_batch(batch)
                     if y is None:
                         raise RebasinError("training needs (inputs, targets) batches; the loader yielded inputs only")

@@ -94,7 +94,7 @@ def mode_connectivity(
     bn_loader: Iterable[Any] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> ModeConnectivity:
     r"""Mode connectivity ``mc`` of Yang et al. (2021) between two networks.
 
@@ -138,7 +138,7 @@ def mode_connectivity(
         Recompute BatchNorm statistics at every ``t`` on it (needed for BN nets off the
         endpoints); see :func:`rebasin.evaluate_path`.
     device, progress
-        Where to run (default: the model's device); tqdm bars.
+        Where to run (default: the model's device); tqdm bars (None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean).
 
     Returns
     -------

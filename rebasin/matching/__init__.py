@@ -18,7 +18,7 @@ from .sinkhorn_rebasin import SinkhornRebasin
 from .ot import ot_matching
 from .alignment import Alignment, align
 from .assignment import linear_assignment
-from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
+from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
 
 __all__ = [
     "register_matcher",
@@ -39,6 +39,8 @@ __all__ = [
     "ot_matching",
     "sinkhorn",
     "SINKHORN_GRADS",
+    "SinkhornInfo",
+    "SinkhornConvergenceWarning",
     "SinkhornRebasin",
     "linear_assignment",
 ]

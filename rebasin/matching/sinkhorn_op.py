@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -18,13 +19,89 @@ from torch.autograd.function import once_differentiable
 
 from .._errors import RebasinError
 
-__all__ = ["sinkhorn", "SINKHORN_GRADS"]
+__all__ = ["sinkhorn", "SINKHORN_GRADS", "SinkhornInfo", "SinkhornConvergenceWarning"]
 
 #: The valid values of ``sinkhorn(..., grad=...)``.
 SINKHORN_GRADS: tuple[str, ...] = ("implicit", "unrolled", "detach")
 
 # Convergence is checked (one host sync) every this many iterations, and after the last one.
 _CHECK_EVERY = 5
+
+
+@dataclass(frozen=True)
+class SinkhornInfo:
+    """What one :func:`sinkhorn` call did (``sinkhorn(..., return_info=True)``).
+
+    Attributes
+    ----------
+    residual
+        ``max |row sum - 1|`` of the result (columns sum to one up to rounding), over the whole batch; None
+        when ``tol=None`` (no check was made).
+    n_iter
+        Sweeps performed (fewer than asked when ``tol`` was reached early).
+    converged
+        ``residual <= tol``; None when ``tol=None``. (``n == 1`` is trivially converged: residual 0.)
+    """
+
+    residual: float | None
+    n_iter: int
+    converged: bool | None
+
+
+class SinkhornConvergenceWarning(UserWarning):
+    """Sinkhorn stopped before its marginals reached ``tol`` (or its implicit backward needed a fallback).
+
+    The message text is fixed, so Python's default filter shows it once per call site even in a training
+    loop; the numbers of the call are attributes: ``residual``, ``tol``, ``n_iter``, ``tau``, ``n`` (and
+    ``n_fallback`` / ``batch`` for the backward). Silence it with ``warn=False`` or
+    ``warnings.filterwarnings("ignore", category=rebasin.SinkhornConvergenceWarning)``; read the residual
+    of every call with ``sinkhorn(..., return_info=True)``.
+    """
+
+    def __init__(self, message: str, **numbers: Any) -> None:
+        super().__init__(message)
+        for name, value in numbers.items():
+            setattr(self, name, value)
+
+
+_NOT_CONVERGED = (
+    "sinkhorn did not converge: after n_iter iterations the row/column sums are still off by more than tol. "
+    "Raise n_iter, raise tau, or scale the logits down; with grad='implicit' the gradient is that of the "
+    "converged map and is only approximate here. (The numbers are attributes of this warning: residual, tol, "
+    "n_iter, tau, n; sinkhorn(..., return_info=True) returns the residual of every call.)"
+)
+_SINGULAR = (
+    "sinkhorn implicit backward: the linear system was numerically singular (S is nearly a hard permutation "
+    "at this tau); solved it with a small ridge / pseudo-inverse, so those gradients are approximate (and "
+    "nearly zero). Raise tau, or use grad='unrolled'. (How many matrices: the attributes n_fallback, batch, tau "
+    "of this warning.)"
+)
+
+
+@overload
+def sinkhorn(
+    logits: Tensor,
+    *,
+    tau: float = ...,
+    n_iter: int = ...,
+    grad: str = ...,
+    tol: float | None = ...,
+    warn: bool = ...,
+    return_info: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def sinkhorn(
+    logits: Tensor,
+    *,
+    tau: float = ...,
+    n_iter: int = ...,
+    grad: str = ...,
+    tol: float | None = ...,
+    warn: bool = ...,
+    return_info: Literal[True],
+) -> tuple[Tensor, SinkhornInfo]: ...
 
 
 def sinkhorn(
@@ -35,7 +112,8 @@ def sinkhorn(
     grad: str = "implicit",
     tol: float | None = 1e-6,
     warn: bool = True,
-) -> Tensor:
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, SinkhornInfo]:
     r"""Doubly stochastic matrix closest to ``softmax(logits / tau)``: the Sinkhorn operator.
 
     The result is the entropic optimal transport plan with unit marginals,
@@ -83,10 +161,14 @@ def sinkhorn(
         exactly ``n_iter`` sweeps with no check and no warning.
     warn
         ``False`` silences the non-convergence and ill-conditioning warnings.
+    return_info
+        Also return a :class:`SinkhornInfo` with the residual ``max |row sum - 1|``, the sweeps
+        performed and whether ``tol`` was reached: the way to monitor convergence in a training
+        loop without relying on warnings.
 
     Returns
     -------
-    Tensor
+    Tensor or (Tensor, SinkhornInfo)
         ``S`` with the shape, dtype and device of ``logits``; entries in ``[0, 1]``, every row
         and column summing to one (up to ``tol``). For ``n == 1`` a tensor of ones.
 
@@ -98,10 +180,13 @@ def sinkhorn(
 
     Warns
     -----
-    UserWarning
-        Once per call when the marginals are still off by more than ``tol`` after ``n_iter``
-        sweeps (raise ``n_iter``, or raise ``tau``), and once per backward when the implicit
-        linear system was numerically singular and had to be regularised.
+    SinkhornConvergenceWarning
+        A :class:`UserWarning` when the marginals are still off by more than ``tol`` after
+        ``n_iter`` sweeps (raise ``n_iter``, or raise ``tau``), and in a backward when the implicit
+        linear system was numerically singular and had to be regularised. The text is the same at
+        every call, so Python's default filter shows each once per call site (a training loop
+        does not repeat it); the numbers (``residual``, ``tol``, ``n_iter``, ``tau``, ``n``) are
+        attributes of the warning, and ``return_info=True`` gives the residual of every call.
 
     References
     ----------
@@ -122,6 +207,9 @@ def sinkhorn(
     >>> (s * torch.eye(4)).sum().backward()   # implicit gradient, O(n^2) memory
     >>> logits.grad.shape
     torch.Size([4, 4])
+    >>> s, info = sinkhorn(logits, tau=0.5, n_iter=200, return_info=True)
+    >>> info.converged, info.residual <= 1e-6
+    (True, True)
     """
     if grad not in SINKHORN_GRADS:
         raise RebasinError(f"unknown grad={grad!r} for sinkhorn; valid options are {list(SINKHORN_GRADS)}")
@@ -130,28 +218,29 @@ def sinkhorn(
     if n <= 1:
         # The only doubly stochastic 1x1 (or empty) matrix; its derivative is zero, kept connected.
         out = torch.ones_like(logits)
-        return out if grad == "detach" or not logits.requires_grad else out + 0.0 * logits
+        out = out if grad == "detach" or not logits.requires_grad else out + 0.0 * logits
+        info = SinkhornInfo(None if tol is None else 0.0, 0, None if tol is None else True)
+        return (out, info) if return_info else out
     work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     tau = float(tau)
     if grad == "implicit":
-        s, err = _ImplicitSinkhorn.apply(work, tau, int(n_iter), tol, bool(warn))
+        s, err, sweeps = _ImplicitSinkhorn.apply(work, tau, int(n_iter), tol, bool(warn))
     elif grad == "unrolled":
-        log_s, err = _sinkhorn_log(work / tau, int(n_iter), tol)
+        log_s, err, sweeps = _sinkhorn_log(work / tau, int(n_iter), tol)
         s = log_s.exp()
     else:
         with torch.no_grad():
-            log_s, err = _sinkhorn_log(work / tau, int(n_iter), tol)
+            log_s, err, sweeps = _sinkhorn_log(work / tau, int(n_iter), tol)
             s = log_s.exp()
-    if warn and err is not None and err > tol:
+    converged = None if err is None else bool(err <= tol)
+    if warn and converged is False:
+        # Fixed text: Python's default filter keys on it, so a loop warns once per call site.
         warnings.warn(
-            f"sinkhorn did not converge: after n_iter={n_iter} iterations the row/column sums are "
-            f"off by up to {err:.3g} (tol={tol:g}, tau={tau:g}, n={n}). Raise n_iter, raise tau, "
-            "or scale the logits down; with grad='implicit' the gradient is that of the converged "
-            "map and is only approximate here.",
-            UserWarning,
+            SinkhornConvergenceWarning(_NOT_CONVERGED, residual=err, tol=tol, n_iter=int(n_iter), tau=tau, n=n),
             stacklevel=2,
         )
-    return s.to(logits.dtype)
+    s = s.to(logits.dtype)
+    return (s, SinkhornInfo(err, int(sweeps), converged)) if return_info else s
 
 
 # ---------------------------------------------------------------------------- forward loop
@@ -181,23 +270,25 @@ def _check_inputs(logits: Any, tau: Any, n_iter: Any, tol: Any) -> None:
         )
 
 
-def _sinkhorn_log(x: Tensor, n_iter: int, tol: float | None) -> tuple[Tensor, float | None]:
-    """Log-domain Sinkhorn on ``x = logits / tau``; returns ``(log S, marginal error or None)``.
+def _sinkhorn_log(x: Tensor, n_iter: int, tol: float | None) -> tuple[Tensor, float | None, int]:
+    """Log-domain Sinkhorn on ``x = logits / tau``; returns ``(log S, marginal error or None, sweeps)``.
 
     The marginal error is ``max |row sum - 1|`` (columns are exact after the last column step).
     Differentiable by autograd when ``x`` requires grad.
     """
     row_lse = torch.logsumexp(x, dim=-1, keepdim=True)
     err: float | None = None
+    sweeps = 0
     for it in range(n_iter):
         x = x - row_lse
         x = x - torch.logsumexp(x, dim=-2, keepdim=True)
         row_lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        sweeps = it + 1
         if tol is not None and ((it + 1) % _CHECK_EVERY == 0 or it + 1 == n_iter):
             err = float(torch.expm1(row_lse.detach()).abs().max())
             if err <= tol:
                 break
-    return x, err
+    return x, err, sweeps
 
 
 # ---------------------------------------------------------------------------- implicit backward
@@ -228,18 +319,20 @@ class _ImplicitSinkhorn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, tau: float, n_iter: int, tol: float | None, warn: bool) -> tuple[Tensor, Any]:
+    def forward(ctx: Any, x: Tensor, tau: float, n_iter: int, tol: float | None, warn: bool) -> tuple[Tensor, Any, int]:
         with torch.no_grad():
-            log_s, err = _sinkhorn_log(x / tau, n_iter, tol)
+            log_s, err, sweeps = _sinkhorn_log(x / tau, n_iter, tol)
             s = log_s.exp()
         ctx.save_for_backward(s)
         ctx.tau = tau
         ctx.warn = warn
-        return s, err
+        return s, err, sweeps
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_s: Tensor, _grad_err: Any) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(
+        ctx: Any, grad_s: Tensor, _grad_err: Any, _grad_sweeps: Any
+    ) -> tuple[Tensor | None, None, None, None, None]:
         (s,) = ctx.saved_tensors
         if grad_s is None:
             return None, None, None, None, None
@@ -247,11 +340,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
         if n_fallback and ctx.warn:
             batch = s[..., 0, 0].numel()
             warnings.warn(
-                f"sinkhorn implicit backward: the linear system was numerically singular for "
-                f"{n_fallback} of {batch} matrices (S is nearly a hard permutation at tau={ctx.tau:g}); "
-                "solved it with a small ridge / pseudo-inverse, so those gradients are approximate "
-                "(and nearly zero). Raise tau, or use grad='unrolled'.",
-                UserWarning,
+                SinkhornConvergenceWarning(_SINGULAR, n_fallback=int(n_fallback), batch=int(batch), tau=ctx.tau),
                 stacklevel=2,
             )
         return grad_x / ctx.tau, None, None, None, None

@@ -24,7 +24,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import State, check_state_for_model, forward_with_state, model_device, split_batch, state_of, to_device
+from .._common import (
+    State,
+    check_state_for_model,
+    forward_with_state,
+    model_device,
+    nonempty,
+    progress_counter,
+    split_batch,
+    state_of,
+    to_device,
+)
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
 from ..spec.soft import matrix_to_perm, soft_permute
@@ -274,13 +284,15 @@ class SinkhornRebasin(nn.Module):
         lr: float = 0.1,
         optimizer: torch.optim.Optimizer | None = None,
         device: Any = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> list[float]:
         """Train the logits; returns (and appends to ``self.history``) the cost per step.
 
-        With a ``loader`` each epoch is one pass over it. Without one (data-free costs such as
-        ``"l2"`` or a data-free callable) ``steps`` optimisation steps are taken (default
-        ``100 * epochs``). ``optimizer`` defaults to Adam over the logits with ``lr``.
+        With a ``loader`` each epoch is one pass over it (a loader that yields no batch is an error).
+        Without one (data-free costs such as ``"l2"`` or a data-free callable) ``steps`` optimisation
+        steps are taken (default ``100 * epochs``). ``optimizer`` defaults to Adam over the logits with
+        ``lr``. ``progress``: a tqdm bar over the steps; None (default) shows it only when stderr is a
+        terminal (or in Jupyter), so a piped or logged run stays clean.
         """
         if device is not None:
             self.to(device)
@@ -295,32 +307,25 @@ class SinkhornRebasin(nn.Module):
         else:
             batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
             total = None if batches_per_epoch is None else batches_per_epoch * epochs
-            epochs_iter = (loader for _ in range(epochs))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})")
+            epochs_iter = (nonempty(loader, "SinkhornRebasin.fit") for _ in range(epochs))
+        desc = f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})"
         was_training = self.training
         self.train()
         self._quiet = True
         try:
-            for epoch_batches in epochs_iter:
-                for batch in epoch_batches:
-                    batch = None if loader is None else to_device(batch, device)
-                    opt.zero_grad(set_to_none=True)
-                    value = self.compute_cost(batch)
-                    value.backward()
-                    opt.step()
-                    self.history.append(float(value.detach()))
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(cost=f"{self.history[-1]:.4f}")
+            with progress_counter(progress, total, desc=desc) as tick:
+                for epoch_batches in epochs_iter:
+                    for batch in epoch_batches:
+                        batch = None if loader is None else to_device(batch, device)
+                        opt.zero_grad(set_to_none=True)
+                        value = self.compute_cost(batch)
+                        value.backward()
+                        opt.step()
+                        self.history.append(float(value.detach()))
+                        tick(cost=f"{self.history[-1]:.4f}")
         finally:
             self._quiet = False
             self.train(was_training)
-            if bar is not None:
-                bar.close()
         with torch.no_grad():
             self.soft_matrices()  # one convergence warning (if any) for the final logits
         return self.history

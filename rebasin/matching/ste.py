@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +40,9 @@ from .._common import (
     forward_with_state,
     head,
     model_device,
+    nonempty,
     paired_states,
+    progress_counter,
     resolve_device,
     split_batch,
     to_device,
@@ -100,7 +101,7 @@ def ste_matching(
     n_iter: int = 100,
     seed: int = 0,
     device: Any = None,
-    progress: bool = False,
+    progress: bool | None = None,
     select: Literal["final", "best"] = "final",
     return_info: bool = False,
     state_a: State | None = None,
@@ -142,7 +143,8 @@ def ste_matching(
     device
         Where to run (default: the models' common device; different devices raise).
     progress
-        Show a tqdm progress bar.
+        Show a tqdm progress bar; None (default): only when stderr is a terminal (or in Jupyter), so a
+        piped or logged run stays clean.
     select
         ``"final"`` (the paper): the projection of the final weights. ``"best"``: the permutations
         of the step with the lowest midpoint loss (see the module notes).
@@ -196,7 +198,7 @@ def ste_matching(
 
     history = _History()
     perms: Perms | None = None
-    with _progress(progress, _total_steps(loader, epochs, max_steps)) as tick:
+    with progress_counter(progress, _total_steps(loader, epochs, max_steps), desc="ste") as tick:
         for step, (x, y) in enumerate(_steps(loader, epochs, max_steps, dev)):
             perms = history.moved(perms, project(perms, step))  # 1. π = projection of W
             mid = _straight_through_midpoint(spec, state_a, state_b, weights, perms)  # 2. ½θ_A + ½(π(θ_B) + W − sg(W))
@@ -205,7 +207,7 @@ def ste_matching(
             loss.backward()
             optimizer.step()  # 4. an Adam step on W
             history.record(step, value, perms)
-            tick(value)
+            tick(loss=f"{value:.4f}")
     final = project(perms, history.num_steps)
     result = history.best_or(final) if select == "best" else final
     return (result, history.info(final)) if return_info else result
@@ -303,7 +305,7 @@ def _steps(loader: Iterable[Any], epochs: int, max_steps: int | None, device: to
     for _ in range(int(epochs)):
         if max_steps is not None and step >= int(max_steps):
             return
-        for batch in loader:
+        for batch in nonempty(loader, "ste_matching"):
             if max_steps is not None and step >= int(max_steps):
                 break
             x, y = split_batch(batch)
@@ -325,24 +327,6 @@ def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> i
     return total
 
 
-@contextmanager
-def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[float], None]]:
-    """A ``tick(loss)`` that advances a tqdm bar (a no-op when ``enabled`` is False)."""
-    if not enabled:
-        yield lambda value: None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="ste")
-
-    def tick(value: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}")
-
-    try:
-        yield tick
-    finally:
-        bar.close()
 
 
 class _History:
@@ -401,7 +385,7 @@ def _ste_matcher(
     max_steps: int | None = None,
     n_iter: int = 100,
     device: Any = None,
-    progress: bool = False,
+    progress: bool | None = None,
     select: Literal["final", "best"] = "final",
 ) -> MatchResult:
     """The straight-through estimator on the given states; options as :func:`ste_matching`."""

@@ -37,6 +37,7 @@ from .._common import (
     check_same_layout,
     check_state_for_model,
     forward_with_state,
+    progress_bar,
     resolve_device,
     split_batch,
     to_device,
@@ -317,7 +318,7 @@ def fit_curve(
     optimizer: str = "adam",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> CurveFit:
     r"""Train the bends of the curve ``path`` so that the whole curve has low loss (Garipov et al. 2018).
 
@@ -357,7 +358,7 @@ def fit_curve(
     device
         Where to train; defaults to the curve's device.
     progress
-        Show a tqdm bar over epochs.
+        Show a tqdm bar over epochs; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
 
     Returns
     -------
@@ -395,11 +396,7 @@ def fit_curve(
     losses: list[float] = []
     steps = 0
     start = time.perf_counter()
-    epoch_iter: Iterable[int] = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_iter = tqdm(epoch_iter, desc="fit_curve", unit="epoch")
+    epoch_iter: Iterable[int] = progress_bar(range(epochs), progress, desc="fit_curve", unit="epoch")
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), training(model):
         torch.manual_seed(int(seed))

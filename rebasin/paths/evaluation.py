@@ -5,13 +5,14 @@ The user's model is only run through :func:`torch.func.functional_call` and is u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._common import State, check_float, check_int, check_same_layout, progress_bar, resolve_device
+from .._common import State, check_finite, check_float, check_int, check_pair, progress_bar, resolve_device
 from .._errors import RebasinError
 from .linear import PathLike, PathResult, StatePath, even_grid, interpolate
 from .repairing import RepairedPath
@@ -35,7 +36,7 @@ def _state_source(
         )
     if state_a is None or state_b is None:
         raise RebasinError("evaluate_path needs state_a and state_b (or path=)")
-    check_same_layout(state_a, state_b)
+    check_pair(state_a, state_b)  # same layout and dtypes, finite: NaN in B would poison even t = 0
     a = {k: v.to(device) for k, v in state_a.items()}
     b = {k: v.to(device) for k, v in state_b.items()}
     return (lambda t: interpolate(a, b, t)), "linear"
@@ -57,7 +58,7 @@ def evaluate_path(
     repair: bool = False,
     repair_loader: Iterable[Any] | None = None,
     spec: Any = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> PathResult:
     r"""Loss and accuracy of ``model`` along the path from ``state_a`` to ``state_b``.
 
@@ -102,7 +103,7 @@ def evaluate_path(
     spec
         Permutation spec for REPAIR (traced from the model when omitted).
     progress
-        Show a tqdm bar over ``t``.
+        Show a tqdm bar over ``t``; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
 
     Returns
     -------
@@ -142,11 +143,16 @@ def evaluate_path(
     iterator = progress_bar(grid, progress, desc="path", unit="t")
     for t in iterator:
         state = state_at(t)
+        where = f"the state at t={t:g}" + ("" if path_name == "linear" else f" of the path {path_name}")
+        check_finite(state, where)
         if bn_loader is not None:
             state = reset_bn_stats(model, state, bn_loader, max_batches=max_batches, device=device)
-        loss, acc, n_examples = evaluate_state(
-            model, state, loader, loss_fn=loss_fn, device=device, name=f"the state at t={t:g}"
-        )
+        loss, acc, n_examples = evaluate_state(model, state, loader, loss_fn=loss_fn, device=device, name=where)
+        if not math.isfinite(loss):
+            raise RebasinError(
+                f"the loss at t={t:g} is {loss} although every entry of {where} is finite: the model's outputs or "
+                "loss_fn overflow (a float16 model?) or loss_fn returns NaN; a barrier of such a curve is meaningless"
+            )
         losses.append(loss)
         accs.append(acc)
     metadata = {

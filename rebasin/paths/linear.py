@@ -278,6 +278,10 @@ def barrier(
         raise RebasinError(f"got {v.numel()} values but {t.numel()} positions ts")
     if not bool(torch.isfinite(t).all()):
         raise RebasinError(f"ts must be finite, got {t.tolist()}")
+    if not bool(torch.isfinite(v).all()):
+        bad = [round(float(p), 6) for p in t[~torch.isfinite(v)]]
+        raise RebasinError(f"the {metric} curve is NaN or inf at t={bad}: a barrier of it is undefined (was a state "
+                           "along the path not finite?)")
     if metric == "accuracy":
         v = -v  # a drop in accuracy is a bump in -accuracy
 

@@ -228,7 +228,7 @@ def proximal_alternating_minimization(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> PAMResult:
     r"""Jointly learn a low-loss curve's bend and the permutation of B (Tatro et al. 2020, PAM).
 
@@ -297,7 +297,7 @@ def proximal_alternating_minimization(
     device
         Where to compute; default the model's device.
     progress
-        Show a tqdm bar over rounds.
+        Show a tqdm bar over rounds; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
 
     Returns
     -------

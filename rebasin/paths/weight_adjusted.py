@@ -199,9 +199,7 @@ class WeightAdjustedPath:
         if not self.ridge > 0:
             raise RebasinError(f"ridge must be > 0 (it keeps every refit unique and continuous in t), got {ridge!r}")
         for name, st in (("state_a", state_a), ("state_b", state_b)):
-            if not isinstance(st, Mapping):
-                raise RebasinError(f"{name} must be a state_dict (mapping of tensors), got {type(st).__name__}")
-            check_state_for_model(model, st, name=name)
+            check_state_for_model(model, st, name=name)  # a module or non-mapping: one clear error
         check_pair(state_a, state_b)
         pre, layers = _linear_chain(model)
         if spec is None:

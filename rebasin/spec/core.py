@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import forward_with_state, state_of
+from .._common import describe_tensors, first_line, forward_with_state, require_state, state_of
 from .._errors import RebasinError
 
 __all__ = [
@@ -102,7 +102,9 @@ class PermutationSpec:
             if len(named) != len(set(named)):
                 raise RebasinError(
                     f"spec entry for {key!r} uses a permutation on two axes of one tensor: {ax}; "
-                    "a permutation may act on at most one axis of each tensor"
+                    "a permutation may act on at most one axis of each tensor (one permutation on both axes of a "
+                    "square weight, P W P^T, as in a single-layer residual block or a recurrent weight, is not "
+                    "supported yet)"
                 )
             clean[key] = ax
         object.__setattr__(self, "axes", MappingProxyType(clean))
@@ -179,6 +181,7 @@ class PermutationSpec:
         axes differs from the spec, and permutations whose axes disagree in size (with the keys and
         shapes involved). With ``finite=True`` floating tensors containing NaN or inf are rejected.
         """
+        require_state(state_dict, name)
         missing = [k for k in self.axes if k not in state_dict]
         unexpected = [k for k in state_dict if k not in self.axes]
         if missing or unexpected:
@@ -265,15 +268,27 @@ class PermutationSpec:
     ) -> float:
         """Assert that permuting ``model``'s weights by a random permutation leaves its outputs unchanged.
 
-        The model is run in eval mode (its training flags are restored) through
-        :func:`torch.func.functional_call`, so it is not mutated. Returns the largest absolute
-        output difference; raises :class:`RebasinError` if it exceeds ``atol + rtol * max|y|``.
+        The check runs on a copy of the state whose normalisation parameters and statistics
+        (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm: weight, bias, running mean and
+        variance), and any other floating entry whose values are all equal, are replaced by random
+        values near the originals (variances stay positive): in a freshly built model those entries
+        are constants (ones and zeros), which every permutation leaves unchanged, so a spec that
+        forgets to permute them would otherwise pass. The model is run in eval mode (its training
+        flags are restored) through :func:`torch.func.functional_call`, so it is not mutated.
+        Returns the largest absolute output difference; raises :class:`RebasinError` if it exceeds
+        ``atol + rtol * max|y|``.
         """
-        state = state_of(model)
+        state = _randomised_norms(model, state_of(model), seed)
         sizes = self.validate(state)
         perms = random_permutation(self, seed=seed, sizes=sizes)
         permuted = permute(self, perms, state)
-        y0 = forward_with_state(model, state, example_input, eval_mode=True)
+        try:
+            y0 = forward_with_state(model, state, example_input, eval_mode=True)
+        except RuntimeError as err:
+            raise RebasinError(
+                f"spec.check could not run {type(model).__name__} on example_input {describe_tensors(example_input)}: "
+                f"{type(err).__name__}: {first_line(err)}. Pass an input the model accepts"
+            ) from err
         y1 = forward_with_state(model, permuted, example_input, eval_mode=True)
         leaves0, _ = torch.utils._pytree.tree_flatten(y0)
         leaves1, _ = torch.utils._pytree.tree_flatten(y1)
@@ -289,6 +304,45 @@ class PermutationSpec:
                 "Inspect spec.axes or build it with rebasin.spec_from_model."
             )
         return worst
+
+
+_NORMS: tuple[type[nn.Module], ...] = tuple(
+    c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+    if c is not None
+)
+
+
+def _randomised_norms(model: nn.Module, state: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """``state`` with norm entries and constant floating entries replaced by random values near them (new dict).
+
+    Each chosen entry ``v`` becomes ``v * (1 + u / 2)`` for a variance (stays positive) and
+    ``v + s * u / 2`` otherwise, with ``u ~ U(-1, 1)`` elementwise and ``s`` the mean of ``|v|`` (1 when
+    ``v`` is zero), drawn from a generator seeded by ``seed``.
+    """
+    norm_keys = {
+        f"{name}.{k}" if name else k
+        for name, m in model.named_modules()
+        if isinstance(m, _NORMS)
+        for k in m.state_dict(keep_vars=True)
+    }
+    g = torch.Generator().manual_seed(int(seed) + 1)
+    out = dict(state)
+    for key, v in state.items():
+        if not v.is_floating_point() or v.numel() < 2 or v.device.type == "meta":
+            continue
+        flat = v.detach().reshape(-1)
+        constant = bool(torch.isfinite(flat).all()) and bool((flat == flat[0]).all())
+        if key not in norm_keys and not constant:
+            continue
+        u = (torch.rand(v.shape, generator=g, dtype=torch.float64) * 2 - 1).to(v.device)
+        base = v.detach().to(torch.float64)
+        if key.rsplit(".", 1)[-1] == "running_var":
+            new = base * (1 + u / 2)
+        else:
+            scale = float(base.abs().mean())
+            new = base + (scale if scale > 0 and math.isfinite(scale) else 1.0) * u / 2
+        out[key] = new.to(v.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- algebra

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .._common import as_args, evaluating, first_inputs, state_of
 from .._errors import RebasinError
@@ -44,6 +43,7 @@ from .engine import Propagation
 from .ops import INPLACE_FN
 from .registry import trace_graph
 from .rules import AxisPerm
+from .shapes import record_shapes
 from .state import DEAD, MANUAL, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
@@ -260,12 +260,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         ) from err
     tensors = state_of(model)
     _align_keys(gm, model, list(tensors))
-    try:
-        with evaluating(gm), torch.no_grad():
-            ShapeProp(gm).propagate(*_positional(gm, args, kwargs))
-    except Exception as err:  # noqa: BLE001
-        raise RebasinError(f"running the traced {type(model).__name__} on example_input failed "
-                           f"({type(err).__name__}: {err})") from err
+    with evaluating(gm), torch.no_grad():
+        record_shapes(gm, _positional(gm, args, kwargs), type(model).__name__)
 
     prop = Propagation(gm, tensors)
     prop.run()
@@ -295,9 +291,16 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         cur = prop.key_axes.get(key)
         ax = tuple(name(p) for p in cur) if cur is not None else (None,) * t.ndim
         named = [p for p in ax if p is not None]
-        if len(named) != len(set(named)):
-            raise RebasinError(f"spec_from_model: {key!r} (shape {tuple(t.shape)}) would carry one permutation on "
-                               f"two axes {ax} (a module applied to its own output?). {MANUAL}")
+        twice = sorted({p for p in named if named.count(p) > 1})
+        if twice:
+            # P W P^T: not expressible by PermutationSpec, so suggesting a manual spec would be a dead end.
+            raise RebasinError(
+                f"spec_from_model: {key!r} (shape {tuple(t.shape)}) would need permutation(s) {twice} on two of its "
+                f"axes {ax}, as in a single-layer residual block h + f(W h), a recurrent weight or a module applied "
+                "to its own output. PermutationSpec does not support one permutation on two axes of a tensor "
+                "(P W P^T) yet, so no spec, traced or written by hand, can permute these units; a residual branch "
+                "of two layers (h + W2 f(W1 h)) is supported."
+            )
         axes[key] = ax
         for i, p in enumerate(ax):
             if p is not None and prop.key_blocks.get((key, i), 1) > 1:

@@ -156,9 +156,10 @@ class FlowPath:
 
     def __init__(self, connection: FlowConnection, state_a: State, state_b: State) -> None:
         check_pair(state_a, state_b)
-        if set(state_a) != set(connection.keys):
-            raise RebasinError(f"the states do not fit the connection's architecture: keys {sorted(state_a)[:8]} "
-                               f"vs {sorted(connection.keys)[:8]}")
+        shapes = {k: tuple(v.shape) for k, v in state_a.items()}
+        if shapes != connection.shapes:
+            raise RebasinError(f"the states do not fit the connection's architecture: got {shapes}, the zoo had "
+                               f"{connection.shapes}")
         self.connection = connection
         self.__name__ = connection.method
         dev = connection.device
@@ -202,10 +203,11 @@ class FlowConnection:
         Mean log-likelihood per coordinate of all zoo neurons before and after fitting.
     """
 
-    def __init__(self, flow: NeuronFlow, layout: _Layout, keys: Sequence[str], *, method: str,
+    def __init__(self, flow: NeuronFlow, layout: _Layout, like: State, *, method: str,
                  history: Sequence[float], log_likelihood_start: float, log_likelihood_end: float,
                  device: torch.device) -> None:
-        self.flow, self.layout, self.keys = flow.eval().requires_grad_(False), layout, tuple(keys)
+        self.flow, self.layout = flow.eval().requires_grad_(False), layout
+        self.shapes = {k: tuple(v.shape) for k, v in like.items()}
         self.method, self.kind = method, flow.kind
         self.history = tuple(float(v) for v in history)
         self.log_likelihood_start = float(log_likelihood_start)
@@ -365,7 +367,7 @@ def fit_flow_connection(
         opt.step()
         history.append(float(ll.detach()))
     ll_end = _mean_ll(flow, u)
-    return FlowConnection(flow, layout, list(zoo[0]), method="flow", history=history,
+    return FlowConnection(flow, layout, zoo[0], method="flow", history=history,
                           log_likelihood_start=ll_start, log_likelihood_end=ll_end, device=dev)
 
 
@@ -472,7 +474,7 @@ def fit_bijection_connection(
         flow = _new_flow(kind, u_all, n_layers, hidden, n_blocks, seed, dtype).to(dev)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     g = torch.Generator().manual_seed(int(seed))
-    conn = FlowConnection(flow, layout, list(zoo[0]), method="bijection", history=[],
+    conn = FlowConnection(flow, layout, zoo[0], method="bijection", history=[],
                           log_likelihood_start=_mean_ll(flow, u_all), log_likelihood_end=float("nan"), device=dev)
     flow.requires_grad_(True).train()
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
@@ -490,6 +492,6 @@ def fit_bijection_connection(
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
-    return FlowConnection(flow, layout, list(zoo[0]), method="bijection", history=history,
+    return FlowConnection(flow, layout, zoo[0], method="bijection", history=history,
                           log_likelihood_start=conn.log_likelihood_start,
                           log_likelihood_end=_mean_ll(flow, u_all), device=dev)

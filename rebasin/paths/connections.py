@@ -201,6 +201,10 @@ class FlowConnection:
         (``"flow"``) or the minibatch task loss at the sampled ``t`` (``"bijection"``).
     log_likelihood_start, log_likelihood_end
         Mean log-likelihood per coordinate of all zoo neurons before and after fitting.
+    shapes
+        ``{key: shape}`` of the architecture's state_dict; :meth:`path` accepts states of these shapes.
+    device
+        Where the flow lives and the paths are computed.
     """
 
     def __init__(self, flow: NeuronFlow, layout: _Layout, like: State, *, method: str,

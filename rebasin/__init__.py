@@ -8,7 +8,8 @@ The package is layered; each layer imports only the ones below it (``tests/test_
 
     rebasin.apps          command line, demo, data, models, training helpers (not re-exported here)
     rebasin.merging, rebasin.landscape      merging many models; landscape metrics
-    rebasin.paths         linear path + barrier, BN reset, REPAIR, curves, arc, weight adjustment, PAM
+    rebasin.paths         linear path + barrier, BN reset, REPAIR, curves, arc, weight adjustment,
+                          flow / bijection connections, PAM
     rebasin.matching      weight / activation / STE / OT / Sinkhorn matchers, align
     rebasin.trace         spec_from_model, the layer-rule registry (register_module), the propagation engine
     rebasin.spec          PermutationSpec, permute / invert / random_permutation / soft_permute
@@ -60,6 +61,9 @@ from .paths import (
     BezierCurve,
     ChannelStats,
     CurveFit,
+    FlowConnection,
+    FlowPath,
+    NeuronFlow,
     PAMResult,
     PathResult,
     PolyChainCurve,
@@ -71,7 +75,9 @@ from .paths import (
     barrier,
     channel_stats,
     evaluate_path,
+    fit_bijection_connection,
     fit_curve,
+    fit_flow_connection,
     interpolate,
     plot_paths,
     proximal_alternating_minimization,
@@ -176,6 +182,11 @@ __all__ = [
     "weight_adjusted_path",
     "WeightAdjustedPath",
     "WA_PATHS",
+    "fit_flow_connection",
+    "fit_bijection_connection",
+    "FlowConnection",
+    "FlowPath",
+    "NeuronFlow",
     "proximal_alternating_minimization",
     "PAMResult",
     "ProximalStep",

@@ -1,0 +1,501 @@
+r"""Learnable global connections of Anokhin & Yarotsky (ICML 2020): the Flow and the Bijection connection.
+
+A network with one hidden layer, :math:`f(x) = \sum_{i=1}^n c_i\,\sigma(\langle w_i, x\rangle + b_i) + c_0`,
+is a *set* of neurons :math:`u_i = (w_i, b_i, c_i) \in \mathbb{R}^{d}` (incoming weights, bias, outgoing
+weights; :math:`d = d_\text{in} + 1 + d_\text{out}`) plus the output bias :math:`c_0`. Both connections
+move each neuron along
+
+.. math::
+
+    \psi(t) = \nu^{-1}\big[\cos(\tfrac{\pi t}{2})\,\nu(u^A_i) + \sin(\tfrac{\pi t}{2})\,\nu(u^B_i)\big],
+    \qquad c_0(t) = (1 - t)\,c_0^A + t\,c_0^B,
+
+with an invertible :math:`\nu` (a :class:`rebasin.paths.flows.NeuronFlow`); with :math:`\nu` the identity
+this is the arc about the origin. If the neurons of trained networks were i.i.d. samples of a law
+:math:`p` and :math:`\nu` pushed :math:`p` to :math:`N(0, I)`, every point of the path would again be a
+network whose neurons are i.i.d. samples of :math:`p`: a "typical" trained network.
+
+* :func:`fit_flow_connection` -- :math:`\nu` by maximum likelihood on the neurons of a zoo of trained
+  networks (RealNVP or IAF layers).
+* :func:`fit_bijection_connection` -- :math:`\nu_W` trained so that the path itself has low loss,
+  :math:`\min_W \mathbb{E}_{t \sim U(0,1),\,(A, B) \sim \text{zoo}}\, L(\psi_W(t; A, B))`.
+
+Both are *global*: fitted once on a zoo, their :meth:`FlowConnection.path` connects any new pair of
+networks of the same architecture. The path is exact at both ends (``t = 0`` returns A's tensors,
+``t = 1`` B's, bit for bit; :math:`\nu^{-1}(\nu(u))` itself round-trips to float precision).
+Neurons are paired by index: align B to A first (e.g. :func:`rebasin.weight_matching`) to pair them
+by similarity.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._common import (
+    check_float,
+    check_int,
+    check_pair,
+    check_state_for_model,
+    forward_with_state,
+    progress_bar,
+    resolve_device,
+    split_batch,
+    to_device,
+)
+from .._errors import RebasinError
+from .flows import FLOW_KINDS, NeuronFlow
+
+__all__ = ["FlowConnection", "FlowPath", "fit_flow_connection", "fit_bijection_connection"]
+
+State = Mapping[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# neurons of a one-hidden-layer network
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Keys of a one-hidden-layer Linear chain and the sizes of one neuron vector."""
+
+    hidden_w: str
+    hidden_b: str | None
+    out_w: str
+    d_in: int
+    d_out: int
+    width: int
+
+    @property
+    def dim(self) -> int:
+        return self.d_in + (self.hidden_b is not None) + self.d_out
+
+    def neurons(self, state: State) -> Tensor:
+        """``(width, d)``: row ``i`` is ``[W1[i], b1[i], W2[:, i]]``."""
+        parts = [state[self.hidden_w]]
+        if self.hidden_b is not None:
+            parts.append(state[self.hidden_b][:, None])
+        parts.append(state[self.out_w].T)
+        return torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
+
+    def assemble(self, u: Tensor, like: State) -> dict[str, Tensor]:
+        """The hidden and output weights of neuron matrix ``u`` in ``like``'s dtypes."""
+        out = {self.hidden_w: u[:, : self.d_in].to(like[self.hidden_w].dtype)}
+        k = self.d_in
+        if self.hidden_b is not None:
+            out[self.hidden_b] = u[:, k].to(like[self.hidden_b].dtype)
+            k += 1
+        out[self.out_w] = u[:, k:].T.to(like[self.out_w].dtype)
+        return out
+
+
+_HINT = (
+    "flow and bijection connections take a network with one hidden layer: two nn.Linear modules with "
+    "parameter-free elementwise ops between them (e.g. rebasin.apps.models.MLP(784, [2000], 10))"
+)
+
+
+def _layout(model: nn.Module) -> _Layout:
+    if not isinstance(model, nn.Module):
+        raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 2:
+        raise RebasinError(f"{_HINT}; {type(model).__name__} has {len(linears)} Linear modules "
+                           f"{[n for n, _ in linears]}")
+    (n1, l1), (n2, l2) = linears
+    if l2.in_features != l1.out_features:
+        raise RebasinError(f"{_HINT}; {n1!r} has {l1.out_features} outputs but {n2!r} takes {l2.in_features}")
+    pre = lambda name: f"{name}." if name else ""  # noqa: E731
+    owned = {f"{pre(n1)}weight", f"{pre(n2)}weight"} | {f"{pre(n)}bias" for n, m in linears if m.bias is not None}
+    other = [k for k, v in model.state_dict().items() if k not in owned and v.is_floating_point()]
+    if other:
+        raise RebasinError(f"{_HINT}; {type(model).__name__} has other floating entries {other[:8]} "
+                           "(norm layers are not supported)")
+    return _Layout(f"{pre(n1)}weight", f"{pre(n1)}bias" if l1.bias is not None else None, f"{pre(n2)}weight",
+                   l1.in_features, l2.out_features, l1.out_features)
+
+
+def _check_zoo(model: nn.Module, states: Sequence[State]) -> list[dict[str, Tensor]]:
+    if isinstance(states, Mapping) or not isinstance(states, Sequence):
+        raise RebasinError(f"states must be a list of state_dicts (a zoo of trained networks), "
+                           f"got {type(states).__name__}")
+    if len(states) < 2:
+        raise RebasinError(f"a zoo needs at least 2 trained networks (the connection is fitted on their "
+                           f"neurons and, for the bijection, on pairs of them); got {len(states)}")
+    out = []
+    for i, st in enumerate(states):
+        if not isinstance(st, Mapping):
+            raise RebasinError(f"states[{i}] must be a state_dict, got {type(st).__name__}")
+        check_state_for_model(model, st, name=f"states[{i}]")
+        bad = [k for k, v in st.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise RebasinError(f"states[{i}] has NaN or inf in {bad[:8]}; a zoo must hold trained, finite networks")
+        out.append({k: v.detach() for k, v in st.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the connection and its paths
+
+
+class FlowPath:
+    r"""The path :math:`\psi(t)` of a :class:`FlowConnection` between two networks; ``state_dict_at(t)``.
+
+    Plugs into :func:`rebasin.evaluate_path` as ``path=``, into :func:`rebasin.plot_paths` and
+    :func:`rebasin.barrier` through the result. ``t = 0`` and ``t = 1`` return copies of A's and
+    B's tensors; ``t`` outside ``[0, 1]`` continues along the circle.
+    """
+
+    def __init__(self, connection: FlowConnection, state_a: State, state_b: State) -> None:
+        check_pair(state_a, state_b)
+        shapes = {k: tuple(v.shape) for k, v in state_a.items()}
+        if shapes != connection.shapes:
+            raise RebasinError(f"the states do not fit the connection's architecture: got {shapes}, the zoo had "
+                               f"{connection.shapes}")
+        self.connection = connection
+        self.__name__ = connection.method
+        dev = connection.device
+        self.state_a = {k: v.detach().to(dev) for k, v in state_a.items()}
+        self.state_b = {k: v.detach().to(dev) for k, v in state_b.items()}
+        with torch.no_grad():
+            self._za = connection.encode(self.state_a)
+            self._zb = connection.encode(self.state_b)
+
+    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+        """The full state_dict at ``t`` (new tensors)."""
+        t = check_float(t, "t")
+        if t == 0.0 or t == 1.0:
+            return {k: v.clone() for k, v in (self.state_a if t == 0.0 else self.state_b).items()}
+        with torch.no_grad():
+            return self.connection.state_at(self.state_a, self.state_b, t, za=self._za, zb=self._zb)
+
+    __call__ = state_dict_at
+
+    def __repr__(self) -> str:
+        return f"FlowPath(method={self.connection.method!r}, kind={self.connection.kind!r})"
+
+
+class FlowConnection:
+    r"""A fitted global connection: the neuron map :math:`\nu` and how it was fitted.
+
+    Built by :func:`fit_flow_connection` or :func:`fit_bijection_connection`.
+
+    Attributes
+    ----------
+    flow
+        The :class:`rebasin.paths.flows.NeuronFlow` :math:`\nu` (eval mode, ``requires_grad`` off).
+    method
+        ``"flow"`` (maximum likelihood) or ``"bijection"`` (trained on the path loss).
+    kind
+        ``"realnvp"`` or ``"iaf"``.
+    history
+        One value per optimisation step: the minibatch mean log-likelihood per coordinate
+        (``"flow"``) or the minibatch task loss at the sampled ``t`` (``"bijection"``).
+    log_likelihood_start, log_likelihood_end
+        Mean log-likelihood per coordinate of all zoo neurons before and after fitting.
+    shapes
+        ``{key: shape}`` of the architecture's state_dict; :meth:`path` accepts states of these shapes.
+    device
+        Where the flow lives and the paths are computed.
+    """
+
+    def __init__(self, flow: NeuronFlow, layout: _Layout, like: State, *, method: str,
+                 history: Sequence[float], log_likelihood_start: float, log_likelihood_end: float,
+                 device: torch.device) -> None:
+        self.flow, self.layout = flow.eval().requires_grad_(False), layout
+        self.shapes = {k: tuple(v.shape) for k, v in like.items()}
+        self.method, self.kind = method, flow.kind
+        self.history = tuple(float(v) for v in history)
+        self.log_likelihood_start = float(log_likelihood_start)
+        self.log_likelihood_end = float(log_likelihood_end)
+        self.device = device
+
+    def encode(self, state: State) -> Tensor:
+        r""":math:`\nu` of every hidden neuron of ``state``: shape ``(width, d)``."""
+        return self.flow(self.layout.neurons(state).to(self.device))[0]
+
+    def state_at(self, state_a: State, state_b: State, t: float, *, za: Tensor | None = None,
+                 zb: Tensor | None = None) -> dict[str, Tensor]:
+        r""":math:`\psi(t)` as a full state_dict, differentiable with respect to :attr:`flow`'s parameters."""
+        za = self.encode(state_a) if za is None else za
+        zb = self.encode(state_b) if zb is None else zb
+        c, s = math.cos(math.pi * t / 2.0), math.sin(math.pi * t / 2.0)
+        moved = self.layout.assemble(self.flow.inverse(c * za + s * zb), state_a)
+        out: dict[str, Tensor] = {}
+        for key, a in state_a.items():
+            if key in moved:
+                out[key] = moved[key]
+            elif a.is_floating_point():
+                out[key] = torch.lerp(a, state_b[key].to(a.device), t)
+            else:
+                out[key] = a.clone()
+        return out
+
+    def path(self, state_a: State, state_b: State) -> FlowPath:
+        """The path between two networks of the connection's architecture (any pair, not only the zoo's)."""
+        return FlowPath(self, state_a, state_b)
+
+    def log_likelihood(self, states: Sequence[State]) -> float:
+        """Mean log-likelihood per coordinate of the hidden neurons of ``states`` under :math:`\\nu`."""
+        with torch.no_grad():
+            u = torch.cat([self.layout.neurons(s).to(self.device) for s in states])
+            return float(self.flow.log_prob(u).mean()) / self.layout.dim
+
+    def __repr__(self) -> str:
+        return (f"FlowConnection(method={self.method!r}, kind={self.kind!r}, dim={self.layout.dim}, "
+                f"steps={len(self.history)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting
+
+
+def _new_flow(kind: str, zoo_neurons: Tensor, n_layers: int, hidden: int, n_blocks: int, seed: int,
+              dtype: torch.dtype) -> NeuronFlow:
+    if kind not in FLOW_KINDS:
+        raise RebasinError(f"unknown flow kind {kind!r}; valid kinds: {list(FLOW_KINDS)}")
+    mean = zoo_neurons.mean(0)
+    std = zoo_neurons.std(0)
+    std = torch.clamp(std, min=1e-6 * float(std.max()) + 1e-12)
+    return NeuronFlow(zoo_neurons.shape[1], kind=kind, n_layers=n_layers, hidden=hidden, n_blocks=n_blocks,
+                      mean=mean, std=std, seed=seed, dtype=dtype)
+
+
+def _mean_ll(flow: NeuronFlow, u: Tensor, chunk: int = 4096) -> float:
+    with torch.no_grad():
+        total = sum(float(flow.log_prob(u[i : i + chunk]).sum()) for i in range(0, len(u), chunk))
+    return total / (len(u) * u.shape[1])
+
+
+def fit_flow_connection(
+    model: nn.Module,
+    states: Sequence[State],
+    *,
+    kind: str = "realnvp",
+    n_layers: int = 4,
+    hidden: int = 64,
+    n_blocks: int = 8,
+    n_iter: int = 1000,
+    batch_size: int = 512,
+    lr: float = 1e-3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> FlowConnection:
+    r"""The Flow connection: :math:`\nu` fitted by maximum likelihood on a zoo's neurons.
+
+    Every hidden neuron :math:`u = (w, b, c)` of every network in ``states`` is one sample. After
+    per-coordinate standardisation, :math:`\nu` maximises
+
+    .. math:: \frac{1}{N}\sum_{u} \Big[\log N\big(\nu(u); 0, I\big) + \log\big|\det J_\nu(u)\big|\Big]
+
+    with Adam on minibatches of ``batch_size`` neurons drawn (with replacement) from a private
+    :class:`torch.Generator`. The connection path is
+    :math:`\psi(t) = \nu^{-1}[\cos(\pi t/2)\nu(u^A) + \sin(\pi t/2)\nu(u^B)]` neuron by neuron
+    (module docstring).
+
+    Parameters
+    ----------
+    model
+        The architecture: two ``nn.Linear`` layers with parameter-free elementwise ops between them.
+        Not mutated.
+    states
+        The zoo: at least 2 trained state_dicts of ``model`` (finite). Not mutated.
+    kind
+        ``"realnvp"`` (affine coupling) or ``"iaf"`` (blockwise inverse autoregressive).
+    n_layers, hidden, n_blocks
+        Flow size: :class:`rebasin.paths.flows.NeuronFlow`.
+    n_iter
+        Adam steps.
+    batch_size
+        Neurons per step.
+    lr
+        Adam learning rate.
+    seed
+        Seeds the flow's initialisation and the minibatches; same seed, same connection.
+    dtype
+        Flow dtype (float32 is about twice as fast on CPU; float64 for exactness tests).
+    device
+        Where to fit; default the model's device.
+    progress
+        tqdm bar over steps.
+
+    Returns
+    -------
+    FlowConnection
+        ``method == "flow"``; ``.path(state_a, state_b)`` for any pair.
+
+    Raises
+    ------
+    RebasinError
+        If the zoo has fewer than 2 networks, a state does not fit ``model`` (mixed architectures)
+        or holds NaN/inf, the model has more than one hidden layer, or ``kind`` is unknown.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rebasin.apps.models import MLP
+    >>> zoo = [MLP(4, [8], 3).state_dict() for _ in range(3)]
+    >>> conn = fit_flow_connection(MLP(4, [8], 3), zoo, n_iter=5, hidden=8)
+    >>> path = conn.path(zoo[0], zoo[1])
+    >>> torch.equal(path.state_dict_at(1.0)["layers.0.weight"], zoo[1]["layers.0.weight"])
+    True
+    >>> res = evaluate_path(model, None, None, test_loader, path=path)  # doctest: +SKIP
+    """
+    layout = _layout(model)
+    zoo = _check_zoo(model, states)
+    n_iter, batch_size = check_int(n_iter, "n_iter", 0), check_int(batch_size, "batch_size")
+    lr = check_float(lr, "lr")
+    dev = resolve_device(model, device=device)
+    u = torch.cat([layout.neurons(s) for s in zoo]).to(dev, dtype)
+    flow = _new_flow(kind, u, n_layers, hidden, n_blocks, seed, dtype).to(dev)
+    g = torch.Generator().manual_seed(int(seed))
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    ll_start = _mean_ll(flow, u)
+    history = []
+    flow.train()
+    for _ in progress_bar(range(n_iter), progress, desc="flow", unit="step"):
+        idx = torch.randint(0, len(u), (batch_size,), generator=g).to(dev)
+        ll = flow.log_prob(u[idx]).mean() / u.shape[1]
+        opt.zero_grad(set_to_none=True)
+        (-ll).backward()
+        opt.step()
+        history.append(float(ll.detach()))
+    ll_end = _mean_ll(flow, u)
+    return FlowConnection(flow, layout, zoo[0], method="flow", history=history,
+                          log_likelihood_start=ll_start, log_likelihood_end=ll_end, device=dev)
+
+
+def _batches(loader: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RebasinError("loader yielded no batches")
+
+
+def fit_bijection_connection(
+    model: nn.Module,
+    states: Sequence[State],
+    loader: Iterable[Any],
+    *,
+    kind: str = "realnvp",
+    n_layers: int = 4,
+    hidden: int = 64,
+    n_blocks: int = 8,
+    n_iter: int = 300,
+    lr: float = 1e-3,
+    loss_fn: LossFn | None = None,
+    init: FlowConnection | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> FlowConnection:
+    r"""The Bijection connection: :math:`\nu_W` trained so that its paths between zoo networks have low loss.
+
+    .. math::
+
+        \min_W\ \mathbb{E}_{t \sim U(0, 1),\ (A, B)}\ L\big(\psi_W(t; \theta_A, \theta_B)\big),
+        \qquad \psi_W = \nu_W^{-1}\big[\cos(\tfrac{\pi t}{2})\,\nu_W(u^A) + \sin(\tfrac{\pi t}{2})\,\nu_W(u^B)\big]
+
+    neuron by neuron. Each Adam step draws an ordered pair of distinct zoo networks and one
+    :math:`t \sim U(0, 1)` from a private :class:`torch.Generator`, builds :math:`\psi_W(t)`
+    differentiably, runs the *unmodified* model on it (:func:`torch.func.functional_call`) on the
+    next batch of ``loader`` and backpropagates the task loss :math:`L` into :math:`W`. The flow
+    starts as the per-coordinate standardisation (every layer the identity), i.e. as an arc about
+    the zoo's mean neuron, unless ``init`` gives a fitted connection to start from.
+
+    Parameters
+    ----------
+    model
+        Two ``nn.Linear`` layers with parameter-free elementwise ops between them. Not mutated.
+    states
+        The zoo: at least 2 trained state_dicts of ``model``. Not mutated.
+    loader
+        Yields ``(inputs, targets)`` training batches, cycled as needed. Give a shuffling
+        loader its own ``generator=`` for a reproducible fit.
+    kind, n_layers, hidden, n_blocks
+        Flow architecture (ignored when ``init`` is given).
+    n_iter
+        Adam steps (one pair, one ``t`` and one batch each).
+    lr
+        Adam learning rate.
+    loss_fn
+        ``loss_fn(outputs, targets) -> batch mean``; default cross-entropy.
+    init
+        A :class:`FlowConnection` whose flow (copied) is the starting point.
+    seed
+        Seeds the flow's initialisation and the pairs and ``t`` drawn.
+    dtype, device, progress
+        As in :func:`fit_flow_connection`.
+
+    Returns
+    -------
+    FlowConnection
+        ``method == "bijection"``; ``history`` holds the loss of every step.
+
+    Raises
+    ------
+    RebasinError
+        Bad zoo (fewer than 2 networks, mixed architectures, NaN/inf), a model with more than one
+        hidden layer, an unknown ``kind``, or an empty loader.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from rebasin.apps.models import MLP
+    >>> zoo = [MLP(4, [8], 3).state_dict() for _ in range(3)]
+    >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    >>> conn = fit_bijection_connection(MLP(4, [8], 3), zoo, data, n_iter=3, hidden=8)
+    >>> len(conn.history)
+    3
+    """
+    layout = _layout(model)
+    zoo = _check_zoo(model, states)
+    n_iter, lr = check_int(n_iter, "n_iter", 0), check_float(lr, "lr")
+    dev = resolve_device(model, device=device)
+    zoo = [{k: v.to(dev) for k, v in s.items()} for s in zoo]
+    u_all = torch.cat([layout.neurons(s) for s in zoo]).to(dtype)
+    if init is not None:
+        if not isinstance(init, FlowConnection):
+            raise RebasinError(f"init must be a FlowConnection or None, got {type(init).__name__}")
+        if init.layout != layout:
+            raise RebasinError(f"init was fitted on another architecture ({init.layout}) than model ({layout})")
+        flow = copy.deepcopy(init.flow).to(dev)
+    else:
+        flow = _new_flow(kind, u_all, n_layers, hidden, n_blocks, seed, dtype).to(dev)
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    g = torch.Generator().manual_seed(int(seed))
+    conn = FlowConnection(flow, layout, zoo[0], method="bijection", history=[],
+                          log_likelihood_start=_mean_ll(flow, u_all), log_likelihood_end=float("nan"), device=dev)
+    flow.requires_grad_(True).train()
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    history = []
+    batches = _batches(loader)
+    for _ in progress_bar(range(n_iter), progress, desc="bijection", unit="step"):
+        i, j = torch.randperm(len(zoo), generator=g)[:2].tolist()
+        t = float(torch.rand((), generator=g, dtype=torch.float64))
+        x, y = split_batch(next(batches))
+        if y is None:
+            raise RebasinError("fit_bijection_connection needs (inputs, targets) batches; the loader yielded inputs only")
+        state = conn.state_at(zoo[i], zoo[j], t)
+        loss = loss_fn(forward_with_state(model, state, to_device(x, dev), eval_mode=True), to_device(y, dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    return FlowConnection(flow, layout, zoo[0], method="bijection", history=history,
+                          log_likelihood_start=conn.log_likelihood_start,
+                          log_likelihood_end=_mean_ll(flow, u_all), device=dev)

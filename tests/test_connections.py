@@ -1,0 +1,235 @@
+"""Flow and Bijection connections (Anokhin & Yarotsky 2020): the flows, the paths and the fits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rebasin import (
+    FlowConnection,
+    NeuronFlow,
+    RebasinError,
+    barrier,
+    evaluate_path,
+    fit_bijection_connection,
+    fit_flow_connection,
+)
+from rebasin.apps.models import MLP
+
+KINDS = ["realnvp", "iaf"]
+
+
+def _perturbed_flow(kind: str, dim: int = 5, seed: int = 1) -> NeuronFlow:
+    """A float64 flow whose layers are far from the identity (zero-initialised layers are trivial)."""
+    flow = NeuronFlow(dim, kind=kind, n_layers=3, hidden=8, n_blocks=3, seed=seed,
+                      mean=torch.linspace(-1, 1, dim), std=torch.linspace(0.5, 2, dim))
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return flow
+
+
+def _task(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 1).long()
+    return x, y
+
+
+def _zoo(n_models: int = 4, width: int = 16, steps: int = 150) -> list[dict[str, torch.Tensor]]:
+    """Small trained one-hidden-layer nets (their own generators; the global RNG is not touched)."""
+    x, y = _task()
+    out = []
+    for k in range(n_models):
+        g = torch.Generator().manual_seed(100 + k)
+        model = MLP(4, [width], 3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        out.append({k2: v.detach().clone() for k2, v in model.state_dict().items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo() -> list[dict[str, torch.Tensor]]:
+    return _zoo()
+
+
+# ------------------------------------------------------------------------------------------ flows
+@pytest.mark.parametrize("kind", KINDS)
+def test_flow_round_trip_to_float_precision(kind: str) -> None:
+    flow = _perturbed_flow(kind)
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    z, _ = flow(x)
+    assert (z - x).abs().max() > 0.1  # the flow is not the identity
+    torch.testing.assert_close(flow.inverse(z), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(flow(flow.inverse(x))[0], x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flow_logdet_matches_autograd_jacobian(kind: str) -> None:
+    flow = _perturbed_flow(kind)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, logdet = flow(x)
+    for i in range(len(x)):
+        jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0][0], x[i])
+        torch.testing.assert_close(logdet[i], torch.linalg.slogdet(jac)[1], rtol=0, atol=1e-10)
+
+
+def test_flow_log_prob_is_a_density_in_one_dimension_pair() -> None:
+    # a 2-d flow: the density integrates to ~1 over a wide grid
+    flow = _perturbed_flow("realnvp", dim=2)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.mul_(0.3)
+    grid = torch.linspace(-12, 12, 401, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    with torch.no_grad():
+        mass = flow.log_prob(pts).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert abs(float(mass) - 1.0) < 1e-3
+
+
+def test_flow_bad_arguments() -> None:
+    with pytest.raises(RebasinError, match="unknown flow kind"):
+        NeuronFlow(4, kind="glow")
+    with pytest.raises(RebasinError, match="std must be positive"):
+        NeuronFlow(3, std=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(RebasinError, match="3 entries"):
+        NeuronFlow(3, mean=torch.zeros(4))
+
+
+# ------------------------------------------------------------------------------------------ paths
+@pytest.mark.parametrize("kind", KINDS)
+def test_path_endpoints_exact_and_formula_round_trips(zoo, kind: str) -> None:
+    model = MLP(4, [16], 3)
+    conn = fit_flow_connection(model, zoo[:3], kind=kind, n_iter=20, hidden=8, dtype=torch.float64, seed=0)
+    path = conn.path(zoo[3], zoo[0])  # a pair the flow never saw in full
+    for t, ref in ((0.0, zoo[3]), (1.0, zoo[0])):
+        out = path.state_dict_at(t)
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+        # the formula itself (no shortcut) returns the endpoint to float precision
+        direct = conn.state_at(path.state_a, path.state_b, t)
+        for k in ref:
+            torch.testing.assert_close(direct[k], ref[k], rtol=0, atol=1e-6 if t == 1.0 else 1e-12)
+    mid = path.state_dict_at(0.5)
+    assert all(torch.isfinite(v).all() for v in mid.values())
+    assert not torch.allclose(mid["layers.0.weight"], torch.lerp(zoo[3]["layers.0.weight"], zoo[0]["layers.0.weight"], 0.5))
+    near = path.state_dict_at(1e-7)
+    torch.testing.assert_close(near["layers.0.weight"], zoo[3]["layers.0.weight"], rtol=0, atol=1e-5)
+
+
+def test_path_plugs_into_evaluate_path_and_barrier(zoo) -> None:
+    model = MLP(4, [16], 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = [{k: v.clone() for k, v in s.items()} for s in zoo]
+    conn = fit_flow_connection(model, zoo, n_iter=10, hidden=8, seed=0)
+    x, y = _task(seed=5)
+    res = evaluate_path(model, None, None, [(x, y)], num_points=5, path=conn.path(zoo[0], zoo[1]))
+    ends = [evaluate_path(model, s, s, [(x, y)], num_points=2).accuracy[0] for s in (zoo[0], zoo[1])]
+    assert res.accuracy[0] == ends[0] and res.accuracy[-1] == ends[1]
+    assert res.metadata["path"] == "FlowPath"
+    assert math.isfinite(barrier(res, metric="accuracy"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(c[k], s[k]) for c, s in zip(copies, zoo) for k in s)
+
+
+def test_path_rejects_other_architecture(zoo) -> None:
+    conn = fit_flow_connection(MLP(4, [16], 3), zoo, n_iter=2, hidden=8)
+    other = MLP(4, [8], 3).state_dict()
+    with pytest.raises(RebasinError):
+        conn.path(other, other)
+
+
+# ------------------------------------------------------------------------------------------ fits
+def test_flow_fit_increases_likelihood_and_generalises(zoo) -> None:
+    model = MLP(4, [16], 3)
+    conn = fit_flow_connection(model, zoo[:3], n_iter=150, hidden=16, lr=3e-3, seed=0)
+    assert conn.method == "flow" and len(conn.history) == 150
+    assert conn.log_likelihood_end > conn.log_likelihood_start + 0.05
+    assert sum(conn.history[-20:]) / 20 > sum(conn.history[:20]) / 20
+    assert conn.log_likelihood(zoo[:3]) == pytest.approx(conn.log_likelihood_end, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_fits_repeat_and_leave_global_rng_alone(zoo, kind: str) -> None:
+    model = MLP(4, [16], 3)
+    x, y = _task(seed=3)
+    state = torch.get_rng_state()
+    c1 = fit_flow_connection(model, zoo, kind=kind, n_iter=5, hidden=8, seed=4)
+    c2 = fit_flow_connection(model, zoo, kind=kind, n_iter=5, hidden=8, seed=4)
+    b1 = fit_bijection_connection(model, zoo, [(x, y)], kind=kind, n_iter=4, hidden=8, seed=4)
+    b2 = fit_bijection_connection(model, zoo, [(x, y)], kind=kind, n_iter=4, hidden=8, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in ((c1, c2), (b1, b2)):
+        assert a.history == b.history
+        for pa, pb in zip(a.flow.state_dict().values(), b.flow.state_dict().values()):
+            assert torch.equal(pa, pb)
+    c3 = fit_flow_connection(model, zoo, kind=kind, n_iter=5, hidden=8, seed=5)
+    assert c3.history != c1.history
+
+
+def test_bijection_lowers_the_path_loss_on_unseen_pairs() -> None:
+    zoo = _zoo(n_models=6)
+    model = MLP(4, [16], 3)
+    x, y = _task(n=512, seed=7)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
+    start = fit_bijection_connection(model, zoo[:4], batches, n_iter=0, hidden=16, seed=0)
+    fitted = fit_bijection_connection(model, zoo[:4], batches, n_iter=120, hidden=16, lr=3e-3, seed=0)
+    assert fitted.method == "bijection" and len(fitted.history) == 120
+
+    def mean_path_loss(conn: FlowConnection) -> float:
+        losses = []
+        for a, b in ((zoo[4], zoo[5]), (zoo[5], zoo[4])):
+            res = evaluate_path(model, None, None, [(x, y)], num_points=9, path=conn.path(a, b))
+            losses.append(sum(res.loss) / len(res.loss))
+        return sum(losses) / len(losses)
+
+    assert mean_path_loss(fitted) < mean_path_loss(start)
+
+
+def test_bijection_init_warm_start(zoo) -> None:
+    model = MLP(4, [16], 3)
+    flow = fit_flow_connection(model, zoo, n_iter=3, hidden=8, seed=0)
+    x, y = _task()
+    warm = fit_bijection_connection(model, zoo, [(x, y)], n_iter=0, init=flow)
+    for pa, pb in zip(warm.flow.state_dict().values(), flow.flow.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert warm.flow is not flow.flow
+    with pytest.raises(RebasinError, match="init must be a FlowConnection"):
+        fit_bijection_connection(model, zoo, [(x, y)], n_iter=0, init="flow")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ bad zoos
+def test_bad_zoo_is_a_clear_error(zoo) -> None:
+    model = MLP(4, [16], 3)
+    x, y = _task()
+    with pytest.raises(RebasinError, match="at least 2"):
+        fit_flow_connection(model, zoo[:1])
+    with pytest.raises(RebasinError, match="at least 2"):
+        fit_bijection_connection(model, zoo[:1], [(x, y)])
+    with pytest.raises(RebasinError, match=r"states\[1\] does not fit"):
+        fit_flow_connection(model, [zoo[0], MLP(4, [8], 3).state_dict()])
+    nan = {k: v.clone() for k, v in zoo[1].items()}
+    nan["layers.0.weight"][0, 0] = float("nan")
+    with pytest.raises(RebasinError, match="NaN"):
+        fit_flow_connection(model, [zoo[0], nan])
+    with pytest.raises(RebasinError, match="list of state_dicts"):
+        fit_flow_connection(model, zoo[0])  # type: ignore[arg-type]
+    with pytest.raises(RebasinError, match="one hidden layer"):
+        fit_flow_connection(MLP(4, [8, 8], 3), [MLP(4, [8, 8], 3).state_dict()] * 2)
+    with pytest.raises(RebasinError, match="norm layers"):
+        fit_flow_connection(MLP(4, [8], 3, norm="layernorm"), [MLP(4, [8], 3, norm="layernorm").state_dict()] * 2)
+    with pytest.raises(RebasinError, match="unknown flow kind"):
+        fit_flow_connection(model, zoo, kind="maf")
+    with pytest.raises(RebasinError, match="no batches"):
+        fit_bijection_connection(model, zoo, [], n_iter=1)

@@ -1,12 +1,20 @@
-"""The ``rebasin`` command line: ``demo``, ``landscape``, ``align``, ``path`` and ``cl``.
+"""The ``rebasin`` command line: ``demo``, ``landscape``, ``align``, ``path``, ``merge`` and ``cl``.
 
-Every subcommand has ``--help``. Bad input (unknown method, missing file, architectures that do
-not match, a factory that cannot be imported) ends with a one-line error and exit status 2.
+Every subcommand has ``--help``, with a line for every option. ``align`` aligns B to A with any registered
+matcher and saves B's aligned state_dict (and, with ``--save-perms``, the permutations); ``path`` evaluates
+the linear path (with the BatchNorm statistics reset for BN nets, optionally REPAIR and a trained Bezier
+curve) and writes ``results.json`` in the demo's format and a figure; ``merge`` merges two or more
+checkpoints into one basin, optionally with REPAIR.
+
+Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
+factory that cannot be imported or returns something other than a loader, a first batch the model cannot
+run on, an output path that cannot be written — ends with a one-line error and exit status 2, checked
+before any alignment, evaluation or training runs (:mod:`rebasin.apps._cli_inputs`).
 
 Methods come from the matcher registry (:func:`rebasin.register_matcher`): ``rebasin align --help``
-lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``
-and ``demo``, repeatable) imports a module of yours before anything else, so the matchers it registers
-can be named with ``--method`` / ``--methods``.
+lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``,
+``merge`` and ``demo``, repeatable) imports a module of yours before anything else, so the matchers it
+registers can be named with ``--method`` / ``--methods``.
 """
 
 from __future__ import annotations

@@ -240,3 +240,10 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(work, case):
     one_line_error(proc, expected)
     assert not (work / "matcher_ran").exists()
     assert proc.stdout == ""  # nothing was evaluated or written
+
+
+def test_demo_writes_its_figure_by_default(tmp_path):
+    stdout = ok(rebasin("demo", "--out", "demo", "--epochs", "1", "--width", "8", "--num-points", "3",
+                        "--methods", "weight_matching", "--device", "cpu", "--no-progress", cwd=tmp_path))
+    assert "skipping" not in stdout and "paths.png" in stdout
+    assert (tmp_path / "demo" / "paths.png").read_bytes()[:4] == b"\x89PNG"

@@ -67,6 +67,12 @@ def work(tmp_path_factory) -> Path:
 MLP = ("--model", "cli_factories:mlp")
 
 
+def test_the_matcher_list_below_is_the_registry():
+    from rebasin import matcher_names
+
+    assert set(matcher_names()) == set(BUILT_IN_MATCHERS)
+
+
 @pytest.mark.parametrize("method", BUILT_IN_MATCHERS)
 def test_align_runs_every_registered_matcher_and_saves_the_permutations(work, method):
     from rebasin import permute, spec_from_model

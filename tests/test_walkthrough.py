@@ -22,7 +22,7 @@ PAGE = ROOT / "docs" / "walkthrough.md"
 
 
 def _commands() -> list[list[str]]:
-    blocks = re.findall(r"```bash\n(.*?)```", PAGE.read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", PAGE.read_text(), flags=re.DOTALL)
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.strip()]
 
 

@@ -119,10 +119,8 @@ def model_from(factory_spec: str, state: Mapping[str, torch.Tensor], label: str)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise RebasinError(
-            f"{label} does not match the architecture of {factory_spec}: {' '.join(first[:3])}"
-        ) from exc
+        first = " ".join(" ".join(str(exc).strip().splitlines()[:3]).split())  # one line, no tabs
+        raise RebasinError(f"{label} does not match the architecture of {factory_spec}: {first}") from exc
     return model
 
 

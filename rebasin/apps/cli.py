@@ -1,86 +1,57 @@
-"""The ``rebasin`` command line: ``demo``, ``landscape``, ``align``, ``path`` and ``cl``.
+"""The ``rebasin`` command line: ``demo``, ``landscape``, ``align``, ``path``, ``merge`` and ``cl``.
 
-Every subcommand has ``--help``. Bad input (unknown method, missing file, architectures that do
-not match, a factory that cannot be imported) ends with a one-line error and exit status 2.
+Every subcommand has ``--help``, with a line for every option. ``align`` aligns B to A with any registered
+matcher and saves B's aligned state_dict (and, with ``--save-perms``, the permutations); ``path`` evaluates
+the linear path (with the BatchNorm statistics reset for BN nets, optionally REPAIR and a trained Bezier
+curve) and writes ``results.json`` in the demo's format and a figure; ``merge`` merges two or more
+checkpoints into one basin, optionally with REPAIR.
+
+Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
+factory that cannot be imported or returns something other than a loader, a first batch the model cannot
+run on, an output path that cannot be written — ends with a one-line error and exit status 2, checked
+before any alignment, evaluation or training runs (:mod:`rebasin.apps._cli_inputs`).
 
 Methods come from the matcher registry (:func:`rebasin.register_matcher`): ``rebasin align --help``
-lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``
-and ``demo``, repeatable) imports a module of yours before anything else, so the matchers it registers
-can be named with ``--method`` / ``--methods``.
+lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``,
+``merge`` and ``demo``, repeatable) imports a module of yours before anything else, so the matchers it
+registers can be named with ``--method`` / ``--methods``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
-from .demo import demo_methods, device_from_name, run_demo, run_landscape
+from ._cli_inputs import (
+    check_output_dir,
+    check_output_file,
+    example_shape,
+    has_batchnorm,
+    importable_from_cwd,
+    load_state,
+    loader_from,
+    model_from,
+)
+from .demo import (
+    demo_methods,
+    device_from_name,
+    run_demo,
+    run_landscape,
+    save_paths_figure,
+)
 
 __all__ = ["build_parser", "import_matcher_modules", "main"]
 
 #: Subcommands that take ``--matcher-module`` (the ones that run matchers by name).
-_MATCHER_COMMANDS = ("align", "demo")
-
-
-# --------------------------------------------------------------------------- helpers
-def _load_factory(spec: str, option: str = "--model"):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RebasinError(f"{option} must look like 'package.module:factory', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RebasinError(f"cannot import module {module_name!r} for {option}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError as exc:
-        raise RebasinError(f"module {module_name!r} has no attribute {attr!r}") from exc
-
-
-def _load_state(path: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise RebasinError(f"no such file: {path}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is one user error
-        raise RebasinError(f"cannot read {path} as a torch state_dict: {exc}") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RebasinError(f"{path} does not hold a state_dict (a dict of tensors)")
-    return obj
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError as exc:
-        raise RebasinError(f"--example-shape must be comma-separated integers, got {text!r}") from exc
-    if not shape or any(s <= 0 for s in shape):
-        raise RebasinError(f"--example-shape must be positive integers, got {text!r}")
-    return shape
-
-
-def _model_from(factory_spec: str, state: dict[str, torch.Tensor], label: str) -> torch.nn.Module:
-    model = _load_factory(factory_spec)()
-    if not isinstance(model, torch.nn.Module):
-        raise RebasinError(f"{factory_spec} returned {type(model).__name__}, not an nn.Module")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise RebasinError(
-            f"{label} does not match the architecture of {factory_spec}: {' '.join(first[:3])}"
-        ) from exc
-    return model
+_MATCHER_COMMANDS = ("align", "demo", "merge")
 
 
 # --------------------------------------------------------------------------- matchers
@@ -94,7 +65,8 @@ def import_matcher_modules(names: Sequence[str]) -> None:
     """
     for name in names:
         try:
-            importlib.import_module(name)
+            with importable_from_cwd():
+                importlib.import_module(name)
         except RebasinError as exc:
             raise RebasinError(f"--matcher-module {name!r} failed to register its matchers: {exc}") from exc
         except Exception as exc:  # any failure of the user's module is one user error
@@ -125,8 +97,22 @@ def _methods_help() -> str:
     return "\n".join(lines).replace("%", "%%")
 
 
-# --------------------------------------------------------------------------- align / path
+# --------------------------------------------------------------------------- align / path / merge
+def _device(args: argparse.Namespace) -> torch.device:
+    return device_from_name(args.device)
+
+
+def _example(args: argparse.Namespace, first_inputs: Any) -> Any:
+    """The input for tracing: ``--example-shape`` when given, else the first two inputs of ``--data``."""
+    if args.example_shape is not None:
+        return torch.randn(*example_shape(args.example_shape))
+    if first_inputs is None:
+        raise RebasinError("pass --example-shape (e.g. 1,3,32,32) or --data, so the model can be traced")
+    return first_inputs
+
+
 def run_align(args: argparse.Namespace) -> None:
+    """``rebasin align``: every input checked, then ``align``; writes B's aligned state_dict (and perms)."""
     from ..matching.alignment import align
     from ..trace.tracing import spec_from_model
 
@@ -137,32 +123,169 @@ def run_align(args: argparse.Namespace) -> None:
             f"matcher {args.method!r} needs data: pass --data package.module:loader_factory (a loader of "
             "(inputs, targets) batches)"
         )
-    state_a, state_b = _load_state(args.model_a), _load_state(args.model_b)
-    model_a = _model_from(args.model, state_a, args.model_a)
-    model_b = _model_from(args.model, state_b, args.model_b)
-    example = torch.randn(*_shape(args.example_shape))
-    spec = spec_from_model(model_a, example)
-    loader = None if args.data is None else _load_factory(args.data, "--data")()
-    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed)
-    torch.save(res.state_b, args.output)
-    _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {args.output}")
+    output = check_output_file(args.output, "-o")
+    perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
+    device = _device(args)
+    state_a, state_b = load_state(args.model_a), load_state(args.model_b)
+    model_a = model_from(args.model, state_a, args.model_a)
+    model_b = model_from(args.model, state_b, args.model_b)
+    loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
+    spec = spec_from_model(model_a, _example(args, first))
+    where = device if matcher.accepts("device") else None  # a user's matcher may take no device
+    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
+    torch.save({k: v.cpu() for k, v in res.state_b.items()}, output)
+    _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
+    if perms_file is not None:
+        torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
+        sizes = ", ".join(f"{k} ({len(v)})" for k, v in res.perms.items()) or "none"
+        _print(f"permutations {sizes} -> {perms_file}")
 
 
-def run_path(args: argparse.Namespace) -> None:
-    from ..paths import barrier, evaluate_path
+def _row(path: Any, kind: str, time_s: float, bn_reset: bool) -> dict[str, Any]:
+    """One entry of ``results.json``'s ``methods``: the demo's fields, plus whether BN statistics were reset."""
+    from ..paths import barrier
 
-    state_a, state_b = _load_state(args.model_a), _load_state(args.model_b)
-    model = _model_from(args.model, state_a, args.model_a)
-    _model_from(args.model, state_b, args.model_b)
-    loader = _load_factory(args.data, "--data")()
-    result = evaluate_path(model, state_a, state_b, loader, num_points=args.num_points, device=device_from_name(args.device))
-    for kind in ("max_minus_mean", "detrended"):
-        _print(f"{kind:>15} loss barrier {barrier(result, kind=kind, metric='loss'):.4f}")
-    if args.plot:
-        from ..paths.plot import plot_paths
+    mid = len(path.loss) // 2
+    classification = path.accuracy is not None
+    return {
+        "barrier": {
+            "loss": barrier(path, kind="max_minus_mean", metric="loss"),
+            "accuracy": barrier(path, kind="max_minus_mean", metric="accuracy") if classification else None,
+        },
+        "midpoint": {"loss": path.loss[mid], "accuracy": path.accuracy[mid] if classification else None},
+        "path": kind,
+        "time_s": time_s,
+        "bn_reset": bn_reset,
+    }
 
-        plot_paths({"path": result}, metric="loss").savefig(args.plot, dpi=120)
-        _print(f"wrote {args.plot}")
+
+def _pct(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{100 * value:6.2f}{unit}"
+
+
+def run_path(args: argparse.Namespace) -> dict[str, Any]:
+    """``rebasin path``: the linear path (and REPAIRed path, Bezier curve) between two saved models."""
+    import time
+
+    from ..paths import evaluate_path
+    from ..paths.curves import BezierCurve, fit_curve
+    from ..paths.running import evaluate_state
+
+    out = None if args.out is None else check_output_dir(args.out, "--out")
+    plot = None if args.plot is None else check_output_file(args.plot, "--plot")
+    device = _device(args)
+    state_a, state_b = load_state(args.model_a), load_state(args.model_b)
+    model = model_from(args.model, state_a, args.model_a)
+    model_from(args.model, state_b, args.model_b)
+    test, _ = loader_from(args.data, "--data", model, targets=True)
+    train = test if args.train_data is None else loader_from(args.train_data, "--train-data", model, targets=True)[0]
+    bn_model = has_batchnorm(model)
+    bn_reset = bn_model if args.bn_reset is None else args.bn_reset and bn_model
+    bn_loader = train if bn_reset else None
+    stats = "--train-data" if args.train_data is not None else "--data"
+    if bn_reset:
+        _print(f"BatchNorm statistics are recomputed on {stats} at every point (--no-bn-reset to keep them)")
+
+    common = {"num_points": args.num_points, "max_batches": args.max_batches, "device": device,
+              "progress": args.progress}
+    kinds = ["linear", *(["repair"] if args.repair else []), *(["bezier"] if args.curve == "bezier" else [])]
+    paths: dict[str, Any] = {}
+    rows: dict[str, Any] = {}
+    for kind in kinds:
+        start = time.perf_counter()
+        if kind == "linear":
+            path = evaluate_path(model, state_a, state_b, test, bn_loader=bn_loader, **common)
+        elif kind == "repair":  # REPAIR sets BatchNorm statistics itself
+            path = evaluate_path(model, state_a, state_b, test, repair=True, repair_loader=train, **common)
+        else:
+            curve = BezierCurve(state_a, state_b, num_bends=3)
+            fit_curve(model, curve, train, epochs=args.curve_epochs, lr=args.curve_lr, seed=args.seed,
+                      device=device, progress=bool(args.progress))
+            path = evaluate_path(model, None, None, test, path=curve, bn_loader=bn_loader, **common)
+        paths[kind] = path
+        rows[kind] = _row(path, kind, time.perf_counter() - start, kind != "repair" and bn_reset)
+        r = rows[kind]
+        _print(f"  {kind:<7} loss barrier {r['barrier']['loss']:8.4f}   accuracy barrier "
+               f"{_pct(r['barrier']['accuracy'], ' pts')}   midpoint accuracy {_pct(r['midpoint']['accuracy'], '%')}")
+
+    endpoints = {}
+    for label, state in (("a", state_a), ("b", state_b)):
+        loss, acc, _ = evaluate_state(model, state, test, loss_fn=None, device=device,
+                                      name=f"model {label.upper()}")
+        endpoints[label] = {"loss": loss, "accuracy": acc}
+    payload = {
+        "dataset": args.data,
+        "architecture": args.model,
+        "models": {"a": args.model_a, "b": args.model_b},
+        "seed": args.seed,
+        "num_points": args.num_points,
+        "bn_reset": bn_reset,
+        "endpoints": endpoints,
+        "methods": rows,
+        "paths": {k: v.as_dict() for k, v in paths.items()},
+    }
+    written = []
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(payload, indent=2))
+        written.append(out / "results.json")
+        if save_paths_figure(paths, out / "paths.png"):
+            written.append(out / "paths.png")
+    if plot is not None and save_paths_figure(paths, plot):
+        written.append(plot)
+    if written:
+        _print("wrote " + ", ".join(map(str, written)))
+    return payload
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """``rebasin merge``: align N saved models into the first one's basin, average, optionally REPAIR."""
+    from .._common import module_with_state, state_of
+    from ..merging import compare_merge, merge
+    from ..paths import reset_bn_stats
+    from ..trace.tracing import spec_from_model
+
+    import_matcher_modules(args.matcher_module)
+    if len(args.models) < 2:
+        raise RebasinError(f"merge needs at least two checkpoints, got {len(args.models)}")
+    matcher = get_matcher(args.method)
+    if matcher.needs_data and args.data is None:
+        raise RebasinError(f"matcher {args.method!r} needs data: pass --data package.module:loader_factory")
+    if args.repair and args.data is None:
+        raise RebasinError("--repair measures channel statistics: pass --data package.module:loader_factory")
+    if not -len(args.models) <= args.reference < len(args.models):
+        raise RebasinError(f"--reference must index the {len(args.models)} checkpoints, got {args.reference}")
+    output = check_output_file(args.output, "-o")
+    device = _device(args)
+    states = [load_state(p) for p in args.models]
+    models = [model_from(args.model, s, p) for s, p in zip(states, args.models)]
+    loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
+    evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
+    spec = spec_from_model(models[0], _example(args, first))
+    merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,
+                         repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
+    state = state_of(merged)
+    note = " and REPAIR" if args.repair else ""
+    if has_batchnorm(models[0]) and not args.repair:
+        if loader is not None and args.bn_reset is not False:
+            state = reset_bn_stats(models[0], state, loader, device=device)
+            merged = module_with_state(models[0], state, device)
+            note = " and a BatchNorm reset on --data"
+        else:
+            _print("note: the merged BatchNorm statistics are averages of the models' statistics; pass --data "
+                   "(they are then recomputed) or --repair")
+    torch.save({k: v.cpu() for k, v in state.items()}, output)
+    rounds = f"{info.rounds} round{'s' if info.rounds > 1 else ''}" + ("" if info.converged else ", not converged")
+    _print(f"merged {len(models)} models with {args.method}{note} ({rounds}, {info.time_s:.2f} s) -> {output}")
+    if evals is not None:
+        cmp = compare_merge(models, merged, info, evals, loader=loader, device=device)
+        acc = cmp.accuracy
+        if acc["merged"] is None:
+            _print(f"loss on --eval-data: models {' '.join(f'{v:.4f}' for v in cmp.loss['models'])}, naive average "
+                   f"{cmp.loss['naive']:.4f}, merged {cmp.loss['merged']:.4f}")
+        else:
+            _print(f"accuracy on --eval-data: models {' '.join(f'{100 * v:.2f}%' for v in acc['models'])}, naive "
+                   f"average {100 * acc['naive']:.2f}%, merged {100 * acc['merged']:.2f}%, ensemble "
+                   f"{100 * acc['ensemble']:.2f}%")
 
 
 def _print(msg: str) -> None:
@@ -170,40 +293,77 @@ def _print(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: ``rebasin align: error: ... (see --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+_FACTORY = "PACKAGE.MODULE:FACTORY"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rebasin`` argument parser; ``--method`` / ``--methods`` list the matchers registered *now*.
 
     :func:`main` imports the ``--matcher-module`` modules before calling it, so their matchers are listed.
     """
-    parser = argparse.ArgumentParser(prog="rebasin", description="Re-basin toolkit: align, interpolate, merge.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="rebasin", description="Re-basin toolkit: align, interpolate, merge.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,landscape,align,path,merge,cl}")
     matcher_module = argparse.ArgumentParser(add_help=False)
     matcher_module.add_argument(
         "--matcher-module", action="append", default=[], metavar="PACKAGE.MODULE",
         help="import this module first so the matchers it registers (rebasin.register_matcher) can be used; "
              "repeatable",
     )
+    positive, at_least_2 = _int_at_least(1), _int_at_least(2)
 
     demo = sub.add_parser("demo", parents=[matcher_module],
                           help="train two nets, align them with every method, compare barriers")
-    demo.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    demo.add_argument("--dataset", choices=["digits", "mnist"], default="digits",
+                      help="scikit-learn's 8x8 digits (offline, default) or MNIST from --data-root")
     demo.add_argument("--data-root", default=None, help="folder holding MNIST/raw (for --dataset mnist)")
     demo.add_argument("--out", default="rebasin-demo", help="output folder (results.json, results.md, paths.png)")
-    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--width", type=int, default=128)
-    demo.add_argument("--depth", type=int, default=2)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--num-points", type=int, default=25)
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when available)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of model A (B gets seed+1), the split and the matchers")
+    demo.add_argument("--epochs", type=positive, default=30, help="training epochs of each model")
+    demo.add_argument("--width", type=positive, default=128, help="hidden units per layer of the MLPs")
+    demo.add_argument("--depth", type=positive, default=2, help="hidden layers of the MLPs")
+    demo.add_argument("--batch-size", type=positive, default=64, help="batch size of training and evaluation")
+    demo.add_argument("--num-points", type=at_least_2, default=25,
+                      help="points on each path, both endpoints included")
     demo.add_argument("--methods", default=None,
                       help=f"comma-separated subset of {','.join(demo_methods())} (rows of registered matchers, "
                            "each also as ROW+repair or ROW+bezier)".replace("%", "%%"))
-    demo.add_argument("--ste-epochs", type=int, default=5)
-    demo.add_argument("--sinkhorn-epochs", type=int, default=10)
-    demo.add_argument("--sinkhorn-iters", type=int, default=50, help="Sinkhorn iterations per soft permutation")
-    demo.add_argument("--sinkhorn-lr", type=float, default=0.1)
-    demo.add_argument("--curve-epochs", type=int, default=5, help="epochs for the Bezier curve's bend")
+    demo.add_argument("--ste-epochs", type=positive, default=5, help="epochs of the STE matcher")
+    demo.add_argument("--sinkhorn-epochs", type=positive, default=10, help="epochs of Sinkhorn re-basin's fit")
+    demo.add_argument("--sinkhorn-iters", type=positive, default=50, help="Sinkhorn iterations per soft permutation")
+    demo.add_argument("--sinkhorn-lr", type=_positive_float, default=0.1, help="learning rate of Sinkhorn re-basin")
+    demo.add_argument("--curve-epochs", type=positive, default=5, help="epochs for the Bezier curve's bend")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bars for training (default: when stderr is a terminal)")
     demo.set_defaults(func=run_demo)
@@ -220,30 +380,97 @@ def build_parser() -> argparse.ArgumentParser:
     land.add_argument("--out", default="rebasin-landscape", help="output folder (landscape.json)")
     land.set_defaults(func=run_landscape)
 
+    checkpoint = "a saved state_dict (torch.save(model.state_dict(), ...)) of the --model architecture"
+    model_help = ("importable factory 'package.module:function' that builds your net (no arguments); "
+                  "modules in the current folder are found too")
+    shape_help = "input shape for tracing the net, e.g. 1,3,32,32 (default: two inputs of --data's first batch)"
+    device_help = "cpu, cuda, cuda:1 or auto (CUDA when available)"
+
     al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
-                        help="align two saved state_dicts of your own architecture")
-    al.add_argument("model_a")
-    al.add_argument("model_b")
-    al.add_argument("--model", required=True, help="importable factory 'package.module:function' building the net")
-    al.add_argument("--example-shape", required=True, help="input shape for tracing, e.g. 1,3,32,32")
+                        help="align B to A (two saved state_dicts of your own architecture)",
+                        description="Permute B's hidden units to match A's; B's function is unchanged.")
+    al.add_argument("model_a", help="the reference model A: " + checkpoint)
+    al.add_argument("model_b", help="the model B to align to A: " + checkpoint)
+    al.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
+    al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
     al.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
-    al.add_argument("--data", default=None, metavar="PACKAGE.MODULE:FACTORY",
-                    help="importable factory returning a loader of (inputs, targets) batches, for data-driven matchers")
-    al.add_argument("--seed", type=int, default=0)
-    al.add_argument("-o", "--output", required=True, help="where to write B's aligned state_dict")
+    al.add_argument("--data", default=None, metavar=_FACTORY,
+                    help="importable factory returning a loader of (inputs, targets) batches,\n"
+                         "for the data-driven matchers")
+    al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices (same seed, same result)")
+    al.add_argument("--device", default="auto", help=device_help)
+    al.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="where to write B's aligned state_dict (folders are created)")
+    al.add_argument("--save-perms", default=None, metavar="FILE",
+                    help="also write the permutations {name: LongTensor} that map B onto A\n"
+                         "(torch.load(FILE); rebasin.permute(spec, perms, state_b) applies them)")
     al.set_defaults(func=run_align)
 
-    pa = sub.add_parser("path", help="evaluate (and plot) the linear path between two saved models")
-    pa.add_argument("model_a")
-    pa.add_argument("model_b")
-    pa.add_argument("--model", required=True, help="importable factory 'package.module:function'")
-    pa.add_argument("--data", required=True, help="importable factory 'package.module:function' returning a loader")
-    pa.add_argument("--num-points", type=int, default=25)
-    pa.add_argument("--device", default="auto")
-    pa.add_argument("--plot", default=None, help="PNG file to write")
+    pa = sub.add_parser(
+        "path", help="loss and accuracy along the path between two saved models (JSON, figure)",
+        description="Evaluate the linear path from A to B (and, on request, the REPAIRed path and a trained Bezier "
+                    "curve): loss and accuracy barriers, midpoint accuracy, every point.")
+    pa.add_argument("model_a", help="the model at t = 0: " + checkpoint)
+    pa.add_argument("model_b", help="the model at t = 1 (usually B aligned by rebasin align): " + checkpoint)
+    pa.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
+    pa.add_argument("--data", required=True, metavar=_FACTORY,
+                    help="importable factory returning the loader of (inputs, targets) batches to evaluate on")
+    pa.add_argument("--train-data", default=None, metavar=_FACTORY,
+                    help="loader for BatchNorm statistics, REPAIR's statistics and the curve's training "
+                         "(default: --data)")
+    pa.add_argument("--num-points", type=at_least_2, default=25, help="points on each path, both endpoints included")
+    pa.add_argument("--bn-reset", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute BatchNorm running statistics at every point (default: on for nets with "
+                         "BatchNorm; interpolated statistics are wrong)")
+    pa.add_argument("--repair", action="store_true",
+                    help="also evaluate the path with REPAIR (Jordan et al. 2023): every permuted channel gets "
+                         "the interpolated endpoint statistics")
+    pa.add_argument("--curve", choices=["linear", "bezier"], default="linear",
+                    help="bezier: also train a quadratic Bezier curve from A to B and evaluate it")
+    pa.add_argument("--curve-epochs", type=positive, default=5, help="epochs of the Bezier curve's training")
+    pa.add_argument("--curve-lr", type=_positive_float, default=1e-3, help="learning rate of the curve's training")
+    pa.add_argument("--max-batches", type=positive, default=None,
+                    help="read at most this many batches for statistics (BatchNorm, REPAIR); default all")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the curve's training")
+    pa.add_argument("--device", default="auto", help=device_help)
+    pa.add_argument("--out", default=None, metavar="DIR",
+                    help="write results.json (the demo's format) and paths.png here (created)")
+    pa.add_argument("--plot", default=None, metavar="FILE", help="also write the figure to this PNG file")
+    pa.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
+                    help="progress bars over the points and the curve's epochs")
     pa.set_defaults(func=run_path)
+
+    me = sub.add_parser(
+        "merge", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
+        help="merge two or more saved models into one (align into one basin, average, optional REPAIR)",
+        description="Align every model into the reference's basin, average the weights, optionally REPAIR.")
+    me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint)
+    me.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
+    me.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="where to write the merged state_dict (folders are created)")
+    me.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
+                    help=_methods_help())
+    me.add_argument("--data", default=None, metavar=_FACTORY,
+                    help="loader of (inputs, targets) batches: for data-driven matchers, --repair and\n"
+                         "BatchNorm statistics")
+    me.add_argument("--repair", action="store_true",
+                    help="REPAIR the average: every permuted channel gets the mean of the models'\n"
+                         "channel statistics (needs --data)")
+    me.add_argument("--bn-reset", action=argparse.BooleanOptionalAction, default=None,
+                    help="without --repair, recompute the merged net's BatchNorm statistics on --data\n"
+                         "(default: on when the net has BatchNorm and --data is given)")
+    me.add_argument("--eval-data", default=None, metavar=_FACTORY,
+                    help="loader to report accuracy on: each model, the naive average, the merged\n"
+                         "model and the ensemble")
+    me.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
+    me.add_argument("--reference", type=int, default=0,
+                    help="index of the checkpoint whose basin (unit order) the merged model keeps")
+    me.add_argument("--n-iter", type=positive, default=10, help="alignment rounds at most")
+    me.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices")
+    me.add_argument("--device", default="auto", help=device_help)
+    me.set_defaults(func=run_merge)
 
     sub.add_parser(
         "cl",

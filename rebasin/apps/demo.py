@@ -28,7 +28,7 @@ from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
 from ..matching.sinkhorn_rebasin import COSTS as SINKHORN_COSTS
 
-__all__ = ["DEMO_USES", "demo_methods", "run_demo", "run_landscape"]
+__all__ = ["DEMO_USES", "demo_methods", "run_demo", "run_landscape", "save_paths_figure"]
 
 #: What a row can do with an aligned pair besides the linear path: ``<matcher>+repair`` (the linear path
 #: with REPAIR) and ``<matcher>+bezier`` (a trained quadratic Bezier curve).
@@ -255,7 +255,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     written = [out / "results.json", out / "results.md"]
     written[0].write_text(json.dumps(payload, indent=2))
     written[1].write_text(markdown_table(payload))
-    if _save_plot(paths, out / "paths.png"):
+    if save_paths_figure(paths, out / "paths.png"):
         written.append(out / "paths.png")
     _say("wrote " + ", ".join(map(str, written)))
     return payload
@@ -280,8 +280,12 @@ def markdown_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_plot(paths, target: Path) -> bool:
-    """Write the loss / accuracy panels; False (and a note) when matplotlib is missing."""
+def save_paths_figure(paths: dict[str, Any], target: Path) -> bool:
+    """Write the loss and accuracy panels of ``{name: PathResult}`` to ``target`` (a PNG).
+
+    Used by ``rebasin demo`` (``paths.png``) and ``rebasin path``. matplotlib is a base dependency;
+    should it be missing all the same, a note is printed and False returned.
+    """
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -289,9 +293,12 @@ def _save_plot(paths, target: Path) -> bool:
         return False
     from ..paths.plot import plot_paths
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    plot_paths(paths, metric="loss", ax=axes[0], title="test loss along the path")
-    plot_paths(paths, metric="accuracy", ax=axes[1], title="test accuracy along the path")
+    with_accuracy = all(p.accuracy is not None for p in paths.values())  # None: not a classification task
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(11 if with_accuracy else 5.5, 4),
+                             constrained_layout=True, squeeze=False)
+    plot_paths(paths, metric="loss", ax=axes[0][0], title="test loss along the path")
+    if with_accuracy:
+        plot_paths(paths, metric="accuracy", ax=axes[0][1], title="test accuracy along the path")
     fig.savefig(target, dpi=120)
     plt.close(fig)
     return True

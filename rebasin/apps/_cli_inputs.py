@@ -1,0 +1,227 @@
+"""What the command line reads and writes, checked before any expensive work runs.
+
+Every function here turns a bad input — a checkpoint that is not there, a factory that cannot be
+imported or returns the wrong thing, a loader whose first batch does not fit the model, an output path
+that cannot be written — into one :class:`RebasinError` sentence naming the option and the value, so
+``rebasin ...`` ends with exit status 2 and one line on stderr, before it aligns, evaluates or trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._common import as_args, head, split_batch
+from .._errors import RebasinError
+
+__all__ = [
+    "check_output_dir",
+    "check_output_file",
+    "example_shape",
+    "has_batchnorm",
+    "importable_from_cwd",
+    "load_factory",
+    "load_state",
+    "loader_from",
+    "model_from",
+]
+
+
+@contextlib.contextmanager
+def importable_from_cwd() -> Iterator[None]:
+    """Let ``package.module`` names resolve from the current folder, as ``python -m`` does.
+
+    The ``rebasin`` console script does not put the working directory on ``sys.path`` (``python -m
+    rebasin`` does), so ``--model mynet:mlp`` next to ``mynet.py`` would only work one way. The folder is
+    added for the import and removed again; the imported modules stay imported.
+    """
+    cwd = os.getcwd()
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_factory(spec: str, option: str = "--model") -> Any:
+    """The callable named by ``'package.module:function'`` (imported from the current folder too)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RebasinError(f"{option} must look like 'package.module:factory', got {spec!r}")
+    try:
+        with importable_from_cwd():
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RebasinError(f"cannot import module {module_name!r} for {option}: {exc}") from exc
+    except Exception as exc:  # the user's module failed while importing: one user error
+        raise RebasinError(f"importing {module_name!r} for {option} failed: {_one_line(exc)}") from exc
+    try:
+        factory = getattr(module, attr)
+    except AttributeError as exc:
+        raise RebasinError(f"module {module_name!r} has no attribute {attr!r} (for {option} {spec})") from exc
+    if not callable(factory):
+        raise RebasinError(f"{option} {spec} is not a function to call (it is an object of type {type(factory).__name__})")
+    return factory
+
+
+def _call(factory: Any, spec: str, option: str) -> Any:
+    try:
+        return factory()
+    except RebasinError as exc:
+        raise RebasinError(f"{option} {spec} failed: {exc}") from exc
+    except Exception as exc:  # any failure of the user's factory is one user error
+        raise RebasinError(f"calling {option} {spec}() failed: {_one_line(exc)}") from exc
+
+
+def load_state(path: str) -> dict[str, torch.Tensor]:
+    """The state_dict saved at ``path`` (a ``{"state_dict": ...}`` checkpoint is unwrapped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RebasinError(f"no such file: {path}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable checkpoint is one user error
+        if "weights only load failed" in str(exc).lower():
+            raise RebasinError(
+                f"cannot read {path} as a torch state_dict: it is not a torch.save file of tensors (save "
+                "model.state_dict(), not the model; torch.load(weights_only=True) refused it)"
+            ) from exc
+        raise RebasinError(f"cannot read {path} as a torch state_dict: {_one_line(exc)[:200]}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RebasinError(f"{path} does not hold a state_dict (a dict of tensors)")
+    return obj
+
+
+def model_from(factory_spec: str, state: Mapping[str, torch.Tensor], label: str) -> nn.Module:
+    """``factory()`` with ``state`` loaded (strictly); a mismatch names the checkpoint and the factory."""
+    model = _call(load_factory(factory_spec), factory_spec, "--model")
+    if not isinstance(model, nn.Module):
+        raise RebasinError(f"--model {factory_spec} returned {type(model).__name__}, not an nn.Module")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(" ".join(str(exc).strip().splitlines()[:3]).split())  # one line, no tabs
+        raise RebasinError(f"{label} does not match the architecture of {factory_spec}: {first}") from exc
+    return model
+
+
+def example_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,32,32"`` -> ``(1, 3, 32, 32)``."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError as exc:
+        raise RebasinError(f"--example-shape must be comma-separated integers, got {text!r}") from exc
+    if not shape or any(s <= 0 for s in shape):
+        raise RebasinError(f"--example-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def loader_from(
+    spec: str, option: str, model: nn.Module, *, targets: bool
+) -> tuple[Iterable[Any], Any]:
+    """The loader ``spec``'s factory returns, and the first two inputs of its first batch.
+
+    Checked on the spot, at the cost of one batch: the factory returns a re-iterable loader (not a
+    tensor, a dataset dict, a model or a one-shot generator), its first batch reads as ``(inputs,
+    targets)`` (targets only when ``targets``), and ``model`` runs on it — with a cross-entropy loss
+    against the targets when ``targets`` — so a wrong loader never surfaces after an alignment or a
+    curve fit.
+    """
+    obj = _call(load_factory(spec, option), spec, option)
+    what = f"{option} {spec}"
+    if isinstance(obj, (str, bytes, Mapping, torch.Tensor, nn.Module)) or not isinstance(obj, Iterable):
+        raise RebasinError(
+            f"{what} returned {type(obj).__name__}, not a loader: return an iterable of (inputs, targets) batches, "
+            "such as a torch DataLoader"
+        )
+    if iter(obj) is obj:
+        raise RebasinError(
+            f"{what} returned a one-shot {type(obj).__name__} (a generator or iterator), which is used up after one "
+            "pass: return a DataLoader or a list of batches"
+        )
+    try:
+        batch = next(iter(obj))
+    except StopIteration:
+        raise RebasinError(f"{what} returned an empty loader: it yielded no batches") from None
+    except Exception as exc:  # the user's loader failed on its first batch
+        raise RebasinError(f"reading the first batch of {what} failed: {_one_line(exc)}") from exc
+    try:
+        x, y = split_batch(batch)
+    except RebasinError as exc:
+        raise RebasinError(f"{what}: {exc}") from exc
+    if targets and y is None:
+        raise RebasinError(f"{what} yields batches without targets; this command needs (inputs, targets) batches")
+    args, kwargs = as_args(x)
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                out = model(*args, **kwargs)
+            finally:
+                model.train(was)
+            if targets:
+                F.cross_entropy(out, y)
+    except Exception as exc:  # a batch that does not fit the model is one user error
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise RebasinError(
+            f"the model does not run on the first batch of {what} (inputs {shape}): {_one_line(exc)}"
+        ) from exc
+    return obj, head(x)
+
+
+def check_output_file(path: str, option: str) -> Path:
+    """``path`` as a writable file: its folder is created now; a folder at ``path`` is an error."""
+    p = Path(path)
+    if p.is_dir():
+        raise RebasinError(f"{option} {path} is a folder; give a file name")
+    _make_dir(p.parent, f"the folder of {option} {path}")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise RebasinError(f"{option} {path} is not writable")
+    return p
+
+
+def check_output_dir(path: str, option: str) -> Path:
+    """``path`` as a writable folder, created now; a file at ``path`` is an error."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RebasinError(f"{option} {path} is a file, not a folder")
+    _make_dir(p, f"{option} {path}")
+    if not os.access(p, os.W_OK):
+        raise RebasinError(f"{option} {path} is not writable")
+    return p
+
+
+def _make_dir(folder: Path, what: str) -> None:
+    in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise RebasinError(f"cannot create {what}: {in_the_way} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RebasinError(f"cannot create {what}: {exc.strerror or exc}") from exc
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer that keeps running statistics."""
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, kinds) and m.track_running_stats for m in model.modules())

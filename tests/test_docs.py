@@ -150,3 +150,86 @@ def test_mkdocs_hook_renders_rst_math_and_roles():
     assert "\\begin{aligned}a &amp;= b \\\\\n    c &amp;= d\\end{aligned}" in out
     assert '<span class="math">\\(\\tau\\)</span>' in out and "<code>rebasin.permute</code>" in out
     assert ":math:" not in out and ":func:" not in out and ".. math::" not in out
+
+
+def _what_is_in_it(text: str) -> str:
+    match = re.search(r"^## What is in it\n\n(.*?)\n\n", text, flags=re.S | re.M)
+    assert match, "no 'What is in it' table"
+    return match.group(1)
+
+
+def test_readme_and_docs_home_show_the_same_api_table():
+    """docs/index.md copies the README's 'What is in it' table (links relative to docs/)."""
+    readme = _what_is_in_it((ROOT / "README.md").read_text())
+    home = _what_is_in_it((DOCS / "index.md").read_text())
+    for name in ("register_matcher", "register_module", "fit_flow_connection", "rebasin merge"):
+        assert name in readme
+    assert home == readme.replace("](docs/", "](")
+
+
+def _benchmark_sections() -> dict[str, str]:
+    text = (DOCS / "benchmarks.md").read_text()
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+#: A command on the benchmarks page: a script of benchmarks/, a python -m module, or the CLI.
+_COMMAND = re.compile(r"`((?:OMP_NUM_THREADS=\d+ )?(?:python benchmarks/\w+\.py|python -m [\w.]+|rebasin )[^`]*)`")
+
+
+def test_benchmarks_page_is_curated():
+    """One current section per benchmark, each with a command that runs from any checkout."""
+    text = (DOCS / "benchmarks.md").read_text()
+    for machine_path in ("/work/", "/tmp/", "/root/", "/home/"):
+        assert machine_path not in text, f"absolute path {machine_path} on docs/benchmarks.md: use ../shared/data or DIR"
+    sections = _benchmark_sections()
+    assert len(sections) >= 10
+    titles = [re.sub(r" \(\d{4}-\d{2}-\d{2} \d{2}:\d{2}\)$", "", t) for t in sections]
+    assert len(set(titles)) == len(titles), "two sections for one benchmark: keep the current one (history is in git)"
+    assert titles == list(sections), "dated section titles are the old log format; the date goes on a 'Ran:' line"
+    for title, body in sections.items():
+        assert _COMMAND.search(body), f"section {title!r} has no command"
+        assert re.search(r"^Ran: \d{4}-\d{2}-\d{2}", body, flags=re.M), f"section {title!r} does not say when it ran"
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", text):
+        assert (DOCS / figure).exists(), figure
+
+
+def test_benchmark_commands_use_existing_flags():
+    """Every --flag of a command on the benchmarks page is one its script defines (flags renamed in 0.2)."""
+    sources = {"continual.compare": ROOT / "continual" / "compare.py"}
+    checked = 0
+    for command in _COMMAND.findall((DOCS / "benchmarks.md").read_text()):
+        script = re.search(r"python benchmarks/(\w+\.py)", command)
+        module = re.search(r"python -m ([\w.]+)", command)
+        if script:
+            source = (ROOT / "benchmarks" / script.group(1)).read_text()
+        elif module and module.group(1) in sources:
+            source = sources[module.group(1)].read_text()
+        else:
+            continue
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", command):
+            assert f'"{flag}"' in source, f"{flag} is not an option of {command}"
+            checked += 1
+    assert checked > 50
+
+
+def test_benchmark_report_replaces_its_section(tmp_path):
+    """A benchmark run rewrites its own section of the page instead of appending a dated copy."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nIntro.\n\n## Speed\n\nCommand: `old`\n\n| a |\n|---|\n| 1 |\n\n"
+                    "## Other\n\nkept\n\n## Speed (2026-01-01 10:00)\n\nan old log entry\n")
+    _report.append_report("Speed", f"python benchmarks/x.py --data-root {ROOT.parent}/shared/data", "| a |\n|---|\n| 2 |",
+                          notes="notes", path=page)
+    text = page.read_text()
+    assert text.count("## Speed") == 1 and "| 1 |" not in text and "old log entry" not in text
+    assert "Command: `python benchmarks/x.py --data-root ../shared/data`" in text and "| 2 |" in text
+    assert text.index("## Speed") < text.index("## Other") and "kept" in text and text.startswith("# Benchmarks\n\nIntro.")
+    _report.append_report("New", "python benchmarks/y.py", "| b |", path=page)
+    assert page.read_text().rstrip().endswith("| b |") and page.read_text().count("## New") == 1

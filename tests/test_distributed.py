@@ -1,0 +1,154 @@
+"""Under torch.distributed, every function that reads a loader reduces across ranks.
+
+Two gloo processes on CPU (started once for the module, see ``dist_workers``) each hold half of the
+batches; their result must equal one process on all the batches (identical permutations, statistics
+within 1e-6), be the same on both ranks, and bad input must raise RebasinError on *every* rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dist_workers as dw
+import pytest
+import torch
+from torch.testing import assert_close
+
+from rebasin import RebasinError, activation_matching, evaluate_path, repair, reset_bn_stats
+from rebasin._distributed import reducer
+from rebasin.matching import activation_correlations
+
+TOL = {"atol": 1e-6, "rtol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def world() -> list[dict[str, Any]]:
+    return dw.run_world(timeout_s=150)
+
+
+def ok(world: list[dict[str, Any]], name: str) -> list[Any]:
+    """Both ranks' results of scenario ``name`` (failing with the worker's traceback if one raised)."""
+    out = []
+    for rank, results in enumerate(world):
+        assert name in results, f"rank {rank} did not finish {name!r} (hang or crash)"
+        got = results[name]
+        assert got[0] == "ok", f"rank {rank} raised in {name!r}:\n{got[3]}"
+        out.append(got[1])
+    return out
+
+
+def errors(world: list[dict[str, Any]], name: str) -> list[str]:
+    out = []
+    for rank, results in enumerate(world):
+        assert name in results, f"rank {rank} did not finish {name!r} (hang or crash)"
+        got = results[name]
+        assert got[0] == "error", f"rank {rank} returned normally in {name!r}"
+        assert got[1] == "RebasinError", got[3]
+        out.append(got[2])
+    return out
+
+
+def assert_states(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(got[k], want[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------- union == one process
+def test_reset_bn_stats_equals_one_process_on_all_batches(world):
+    a, _ = dw.models(bn=True)
+    want = reset_bn_stats(a, a.state_dict(), dw.data())
+    for got in ok(world, "reset_bn"):
+        assert_states(got, want)
+
+
+def test_evaluate_path_equals_one_process_on_all_batches(world):
+    a, b = dw.models(bn=True)
+    want = evaluate_path(a, a.state_dict(), b.state_dict(), dw.data(), num_points=3, bn_loader=dw.data(seed=1))
+    for got in ok(world, "evaluate_path"):
+        assert got["n"] == want.metadata["num_examples"] == 64
+        assert_close(torch.tensor(got["loss"]), torch.tensor(want.loss), **TOL)
+        assert got["accuracy"] == pytest.approx(want.accuracy, abs=1e-12)
+
+
+@pytest.mark.parametrize("closed_form", [False, True])
+def test_repair_equals_one_process_on_all_batches(world, closed_form):
+    a, b = dw.models()
+    want = repair(a, a.state_dict(), b.state_dict(), 0.5, dw.data(), spec=dw.spec_of(a),
+                  closed_form=closed_form).state_dict()
+    for got in ok(world, "repair_closed_form" if closed_form else "repair"):
+        assert_states(got, want)
+
+
+def test_repair_with_batchnorm_equals_one_process_on_all_batches(world):
+    a, b = dw.models(bn=True)
+    want = repair(a, a.state_dict(), b.state_dict(), 0.5, dw.data()).state_dict()
+    for got in ok(world, "repair_bn"):
+        assert_states(got, want)
+
+
+def test_activation_matching_identical_permutations_and_correlations(world):
+    a, b = dw.models()
+    perms = activation_matching(a, b, dw.data())
+    corr = activation_correlations(a, b, dw.data())
+    got = ok(world, "activation")
+    for res in got:
+        assert res["perms"].keys() == perms.keys()
+        for k in perms:
+            assert torch.equal(res["perms"][k], perms[k])
+        for k in corr:
+            assert_close(res["corr"][k], corr[k], **TOL)
+    # the shards disagree on their own, so the agreement above is the reduction's doing
+    alone = [activation_correlations(a, b, dw.shard(dw.data(), r)) for r in range(2)]
+    k = next(iter(corr))
+    assert not torch.allclose(alone[0][k], alone[1][k])
+
+
+def test_group_keyword_chooses_the_process_group(world):
+    a, b = dw.models()
+    perms = activation_matching(a, b, dw.data())
+    for got in ok(world, "activation_group"):
+        assert all(torch.equal(got[k], perms[k]) for k in perms)
+
+
+# ---------------------------------------------------------------------------------------- opting out
+def test_sync_false_gives_per_shard_statistics(world):
+    a, _ = dw.models(bn=True)
+    for rank, got in enumerate(ok(world, "reset_bn_nosync")):
+        assert_states(got, reset_bn_stats(a, a.state_dict(), dw.shard(dw.data(), rank)))
+    a, b = dw.models()
+    for rank, got in enumerate(ok(world, "activation_nosync")):
+        want = activation_correlations(a, b, dw.shard(dw.data(), rank))
+        for k in want:
+            assert_close(got["corr"][k], want[k], **TOL)
+
+
+def test_sync_and_group_arguments_without_a_process_group():
+    assert reducer(True) is None and reducer(False) is None
+    with pytest.raises(RebasinError, match="no initialised process group"):
+        reducer(True, group=object())
+    with pytest.raises(RebasinError, match="sync=False"):
+        reducer(False, group=object())
+    with pytest.raises(RebasinError, match="sync must be True or False"):
+        reducer("yes")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------- bad input: every rank raises
+@pytest.mark.parametrize("name", ["mismatch_shapes", "mismatch_activation"])
+def test_ranks_with_different_shapes_raise_on_every_rank(world, name):
+    for msg in errors(world, name):
+        assert "disagree on the spec or the model/state shapes" in msg
+
+
+@pytest.mark.parametrize("name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate"])
+def test_a_rank_with_an_empty_shard_raises_on_every_rank(world, name):
+    msgs = errors(world, name)
+    assert "rank" in msgs[0] and ("empty shard" in msgs[0] or "no batch" in msgs[0])
+    assert "empty shard" in msgs[1] or "no batch" in msgs[1]
+
+
+def test_the_group_still_works_after_the_errors(world):
+    a, _ = dw.models(bn=True)
+    want = reset_bn_stats(a, a.state_dict(), dw.data())
+    for got in ok(world, "after_errors"):
+        assert_states(got, want)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._errors import RebasinError
 
-__all__ = ["Reducer", "reducer", "guarded", "fingerprint", "Outcome"]
+__all__ = ["Reducer", "reducer", "guarded", "fingerprint", "Outcome", "lockstep", "synced_backward"]
 
 
 def _dist() -> Any:
@@ -169,12 +169,99 @@ class Reducer:
             out[name] = buf.to(p.device)
         return out
 
-    def average_grads(self, tensors: Sequence[Tensor]) -> None:
-        """Replace each tensor's ``.grad`` by its mean over ranks (a missing grad counts as zero)."""
+    def average_grads(self, tensors: Sequence[Tensor], value: float = 0.0, error: BaseException | None = None,
+                      what: str = "") -> float:
+        """Replace each tensor's ``.grad`` by its mean over ranks; return the mean of ``value`` over ranks.
+
+        A missing grad counts as zero. One collective, which also carries a failure flag: if any rank passes
+        an ``error`` (its step failed), every rank raises (its own error, or a :class:`RebasinError`).
+        """
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
-        summed = self.sum(grads)
+        flags = torch.tensor([float(value) if error is None else 0.0, 0.0 if error is None else 1.0],
+                             dtype=torch.float64)
+        *summed, total = self.sum([*grads, flags])
+        if total[1] > 0:
+            self.fail(what, error)
         for t, g in zip(tensors, summed, strict=True):
             t.grad = (g / self.world).to(dtype=t.dtype, device=t.device)
+        return float(total[0]) / self.world
+
+    def fail(self, what: str, error: BaseException | None) -> None:
+        """Called by every rank once all know that some rank failed: raise there, and name it elsewhere."""
+        dist = _dist()
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine, group=self.group)
+        if error is not None:
+            raise error
+        r, msg = next((r, m) for r, m in enumerate(gathered) if m is not None)
+        raise RebasinError(f"{what}: rank {r} of {self.world} failed, so every rank stops: {msg.splitlines()[0]}")
+
+    def same_tensors(self, tensors: Sequence[Tensor]) -> None:
+        """Overwrite ``tensors`` (in place, without autograd) with the group's first rank's values."""
+        dist = _dist()
+        with torch.no_grad():
+            for t in tensors:
+                buf = t.detach().to(self.device, copy=True).contiguous()
+                dist.broadcast(buf, src=self.src, group=self.group)
+                t.copy_(buf.to(t.device))
+
+
+def lockstep(red: Reducer | None, batches: Iterable[Any], what: str) -> Iterator[Any]:
+    """``batches`` while every rank has one (a plain iteration when ``red`` is None).
+
+    Each step first sums "I have a batch" flags over the ranks (one tiny collective): when no rank has a
+    batch the pass ends on all of them; when only some have one — shards of different lengths — or a rank's
+    loader failed, every rank raises. A training loop whose steps all-reduce gradients needs this: a rank
+    that stops early would leave the others waiting in the next all-reduce.
+    """
+    if red is None:
+        yield from batches
+        return
+    it = iter(batches)
+    step = 0
+    while True:
+        error: BaseException | None = None
+        batch: Any = None
+        try:
+            batch, has = next(it), 1.0
+        except StopIteration:
+            has = 0.0
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error, has = err, 0.0
+        n, failed = red.sum_numbers(has, 0.0 if error is None else 1.0)
+        if failed:
+            red.fail(f"{what} (step {step})", error)
+        if n == 0:
+            return
+        if n < red.world:
+            raise RebasinError(
+                f"{what}: the ranks' shards have different numbers of batches (at step {step} only {int(n)} of "
+                f"{red.world} ranks have one); gradients are averaged over the ranks at every step, so every rank "
+                "needs as many batches (a DistributedSampler pads the shards to equal length), or pass sync=False"
+            )
+        yield batch
+        step += 1
+
+
+def synced_backward(red: Reducer | None, params: Sequence[Tensor], loss: Callable[[], Tensor], what: str) -> float:
+    """``loss().backward()``; with ``red``, the gradients of ``params`` (and the loss) averaged over the ranks.
+
+    Returns the loss value (its mean over the ranks). For shards of equal batch size the averaged gradient
+    is the gradient of the loss of the union batch, so every rank takes the same step as one process would.
+    A failure on one rank raises on every rank (no rank is left waiting).
+    """
+    if red is None:
+        value = loss()
+        value.backward()
+        return float(value.detach())
+    try:
+        value = loss()
+        value.backward()
+    except Exception as err:  # noqa: BLE001 - raised on every rank by average_grads
+        red.average_grads(params, error=err, what=what)
+        raise
+    return red.average_grads(params, float(value.detach()), what=what)
 
 
 class Outcome:

@@ -145,6 +145,53 @@ def _empty_evaluate(loader: list[Any]) -> Any:
     return evaluate_path(a, a.state_dict(), b.state_dict(), loader, num_points=2).loss
 
 
+def union(batches: list[Any], world: int = WORLD) -> list[Any]:
+    """One process's batches matching the ranks' steps: step k is the concatenation of every rank's k-th batch."""
+    return [tuple(torch.cat(parts) for parts in zip(*batches[k : k + world], strict=True))
+            for k in range(0, len(batches), world)]
+
+
+def ste(loader: list[Any], **kw: Any) -> Any:
+    from rebasin import ste_matching
+
+    a, b = models()
+    perms, info = ste_matching(a, b, loader, epochs=2, lr=0.05, n_iter=20, return_info=True, **kw)
+    return {"perms": perms, "losses": info.losses}
+
+
+def sinkhorn_fit(loader: list[Any], **kw: Any) -> Any:
+    from rebasin import SinkhornRebasin
+
+    a, b = models()
+    module = SinkhornRebasin(a, b, cost="midpoint", init="random", seed=3, example_input=torch.randn(2, 5))
+    history = module.fit(loader, epochs=2, lr=0.1, **kw)
+    return {"perms": module.hard_permutations(), "history": history,
+            "logits": {k: v.detach().clone() for k, v in module.logits.items()}}
+
+
+def curve_fit(loader: list[Any], **kw: Any) -> Any:
+    from rebasin import BezierCurve, fit_curve
+
+    a, b = models()
+    curve = BezierCurve(a, b, num_bends=3)
+    fit = fit_curve(a, curve, loader, epochs=2, lr=1e-2, seed=4, **kw)
+    return {"losses": fit.loss, "bends": {k: v.detach().clone() for k, v in curve.named_parameters()}}
+
+
+def _unequal(fn: Callable[[list[Any]], Any]) -> Callable[[int], Any]:
+    def run(rank: int) -> Any:
+        return fn(data()[:2] if rank == 0 else data()[:1])
+
+    return run
+
+
+def _mismatch_sinkhorn(rank: int) -> Any:
+    from rebasin import SinkhornRebasin
+
+    a, b = models(width=8 if rank == 0 else 6)
+    return SinkhornRebasin(a, b, cost="l2", example_input=torch.randn(2, 5)).fit(steps=3)
+
+
 def _after_errors(rank: int) -> Any:
     """The group still works after the failed scenarios (every rank raised, none hangs)."""
     return _reset_bn(rank)
@@ -166,6 +213,15 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "empty_activation": _empty(_empty_activation),
     "empty_repair": _empty(_empty_repair),
     "empty_evaluate": _empty(_empty_evaluate),
+    "ste": lambda rank: ste(shard(data(), rank)),
+    "sinkhorn": lambda rank: sinkhorn_fit(shard(data(), rank)),
+    "sinkhorn_nosync": lambda rank: sinkhorn_fit(shard(data(), rank), sync=False),
+    "fit_curve": lambda rank: curve_fit(shard(data(), rank)),
+    "unequal_ste": _unequal(ste),
+    "unequal_sinkhorn": _unequal(sinkhorn_fit),
+    "unequal_curve": _unequal(curve_fit),
+    "empty_sinkhorn": _empty(sinkhorn_fit),
+    "mismatch_sinkhorn": _mismatch_sinkhorn,
     "after_errors": _after_errors,
 }
 

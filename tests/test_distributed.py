@@ -111,11 +111,51 @@ def test_group_keyword_chooses_the_process_group(world):
         assert all(torch.equal(got[k], perms[k]) for k in perms)
 
 
+# ---------------------------------------------------------------------------------------- the fitters: same steps
+def test_ste_takes_the_steps_of_one_process_on_the_union_batches(world):
+    want = dw.ste(dw.union(dw.data()))
+    for got in ok(world, "ste"):
+        assert all(torch.equal(got["perms"][k], want["perms"][k]) for k in want["perms"])
+        assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), atol=1e-5, rtol=1e-5)
+
+
+def test_sinkhorn_fit_takes_the_steps_of_one_process_on_the_union_batches(world):
+    want = dw.sinkhorn_fit(dw.union(dw.data()))
+    got = ok(world, "sinkhorn")
+    for res in got:
+        assert all(torch.equal(res["perms"][k], want["perms"][k]) for k in want["perms"])
+        assert_close(torch.tensor(res["history"]), torch.tensor(want["history"]), atol=1e-5, rtol=1e-5)
+        for k in want["logits"]:
+            assert_close(res["logits"][k], want["logits"][k], atol=1e-5, rtol=1e-5)
+    for k in want["logits"]:  # decided once: bitwise the same on both ranks
+        assert torch.equal(got[0]["logits"][k], got[1]["logits"][k])
+
+
+def test_fit_curve_takes_the_steps_of_one_process_on_the_union_batches(world):
+    want = dw.curve_fit(dw.union(dw.data()))
+    got = ok(world, "fit_curve")
+    for res in got:
+        assert_close(torch.tensor(res["losses"]), torch.tensor(want["losses"]), atol=1e-6, rtol=1e-6)
+        for k in want["bends"]:
+            assert_close(res["bends"][k], want["bends"][k], atol=1e-5, rtol=1e-5)
+    for k in want["bends"]:
+        assert torch.equal(got[0]["bends"][k], got[1]["bends"][k])
+
+
+@pytest.mark.parametrize("name", ["unequal_ste", "unequal_sinkhorn", "unequal_curve"])
+def test_shards_of_different_lengths_raise_on_every_rank(world, name):
+    for msg in errors(world, name):
+        assert "different numbers of batches" in msg
+
+
 # ---------------------------------------------------------------------------------------- opting out
 def test_sync_false_gives_per_shard_statistics(world):
     a, _ = dw.models(bn=True)
     for rank, got in enumerate(ok(world, "reset_bn_nosync")):
         assert_states(got, reset_bn_stats(a, a.state_dict(), dw.shard(dw.data(), rank)))
+    for rank, got in enumerate(ok(world, "sinkhorn_nosync")):
+        want = dw.sinkhorn_fit(dw.shard(dw.data(), rank), sync=False)
+        assert_close(torch.tensor(got["history"]), torch.tensor(want["history"]))
     a, b = dw.models()
     for rank, got in enumerate(ok(world, "activation_nosync")):
         want = activation_correlations(a, b, dw.shard(dw.data(), rank))
@@ -134,13 +174,15 @@ def test_sync_and_group_arguments_without_a_process_group():
 
 
 # ---------------------------------------------------------------------------------------- bad input: every rank raises
-@pytest.mark.parametrize("name", ["mismatch_shapes", "mismatch_activation"])
+@pytest.mark.parametrize("name", ["mismatch_shapes", "mismatch_activation", "mismatch_sinkhorn"])
 def test_ranks_with_different_shapes_raise_on_every_rank(world, name):
     for msg in errors(world, name):
         assert "disagree on the spec or the model/state shapes" in msg
 
 
-@pytest.mark.parametrize("name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate"])
+@pytest.mark.parametrize(
+    "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn"]
+)
 def test_a_rank_with_an_empty_shard_raises_on_every_rank(world, name):
     msgs = errors(world, name)
     assert "rank" in msgs[0] and ("empty shard" in msgs[0] or "no batch" in msgs[0])

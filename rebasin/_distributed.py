@@ -108,10 +108,7 @@ class Reducer:
         failed, its own exception is re-raised (a :class:`RebasinError` keeps its message); the others get a
         :class:`RebasinError` naming that rank and its message.
         """
-        dist = _dist()
-        mine = (key, count, None if error is None else f"{type(error).__name__}: {error}")
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered = self.gather((key, count, None if error is None else f"{type(error).__name__}: {error}"))
         failed = [(r, g[2]) for r, g in enumerate(gathered) if g[2] is not None]
         if failed:
             if error is not None:
@@ -119,6 +116,12 @@ class Reducer:
             r, msg = failed[0]
             first = msg.splitlines()[0] if msg else msg
             raise RebasinError(f"{what}: rank {r} of {self.world} failed, so every rank stops: {first}")
+        empty = [r for r, g in enumerate(gathered) if g[1] is not None and g[1] == 0]
+        if empty:
+            raise RebasinError(
+                f"{what}: rank(s) {empty} of {self.world} have an empty shard (their loader yielded no batches); "
+                "give every rank data (DistributedSampler(drop_last=False) pads), or pass sync=False"
+            )
         keys = [g[0] for g in gathered]
         if len(set(keys)) > 1:
             groups: dict[str, list[int]] = {}
@@ -128,12 +131,6 @@ class Reducer:
                 f"{what}: the ranks of the process group disagree on the spec or the model/state shapes "
                 f"(ranks grouped by fingerprint: {sorted(groups.values())}); every rank must pass the same "
                 "architecture, states and options"
-            )
-        empty = [r for r, g in enumerate(gathered) if g[1] is not None and g[1] == 0]
-        if empty:
-            raise RebasinError(
-                f"{what}: rank(s) {empty} of {self.world} have an empty shard (their loader yielded no batches); "
-                "give every rank data (DistributedSampler(drop_last=False) pads), or pass sync=False"
             )
 
     # -------------------------------------------------------------------------------- reductions
@@ -153,6 +150,12 @@ class Reducer:
             out.append(flat[i : i + n].reshape(t.shape).to(t.device))
             i += n
         return out
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (a picklable object; CPU tensors for gloo)."""
+        gathered: list[Any] = [None] * self.world
+        _dist().all_gather_object(gathered, obj, group=self.group)
+        return gathered
 
     def sum_numbers(self, *values: float) -> list[float]:
         """Python numbers summed over ranks (float64)."""
@@ -188,10 +191,7 @@ class Reducer:
 
     def fail(self, what: str, error: BaseException | None) -> None:
         """Called by every rank once all know that some rank failed: raise there, and name it elsewhere."""
-        dist = _dist()
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered = self.gather(None if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         r, msg = next((r, m) for r, m in enumerate(gathered) if m is not None)

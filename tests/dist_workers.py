@@ -192,6 +192,27 @@ def _mismatch_sinkhorn(rank: int) -> Any:
     return SinkhornRebasin(a, b, cost="l2", example_input=torch.randn(2, 5)).fit(steps=3)
 
 
+def cka_of(loader: list[Any], gram: bool = False, **kw: Any) -> float:
+    from rebasin.landscape import cka, similarity
+
+    a, b = models()
+    budget = similarity._CKA_FEATURE_BUDGET
+    similarity._CKA_FEATURE_BUDGET = 0 if gram else budget  # the wide-feature (Gram) form on tiny models
+    try:
+        return cka(a, b, loader, layer="1", **kw)
+    finally:
+        similarity._CKA_FEATURE_BUDGET = budget
+
+
+def connectivity(loader: list[Any], **kw: Any) -> Any:
+    from rebasin.landscape import mode_connectivity
+
+    a, b = models(bn=True)
+    res = mode_connectivity(a, a.state_dict(), b.state_dict(), loader, curve="bezier", epochs=1, lr=1e-2,
+                            num_points=3, bn_loader=loader, metric="loss", **kw)
+    return {"mc": res.mc, "values": res.values}
+
+
 def _after_errors(rank: int) -> Any:
     """The group still works after the failed scenarios (every rank raised, none hangs)."""
     return _reset_bn(rank)
@@ -222,6 +243,11 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "unequal_curve": _unequal(curve_fit),
     "empty_sinkhorn": _empty(sinkhorn_fit),
     "mismatch_sinkhorn": _mismatch_sinkhorn,
+    "cka": lambda rank: cka_of(shard(data(), rank)),
+    "cka_gram": lambda rank: cka_of(shard(data(), rank), gram=True),
+    "cka_nosync": lambda rank: cka_of(shard(data(), rank), sync=False),
+    "empty_cka": _empty(cka_of),
+    "mode_connectivity": lambda rank: connectivity(shard(data(), rank)),
     "after_errors": _after_errors,
 }
 

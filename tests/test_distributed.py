@@ -111,6 +111,16 @@ def test_group_keyword_chooses_the_process_group(world):
         assert all(torch.equal(got[k], perms[k]) for k in perms)
 
 
+@pytest.mark.parametrize("gram", [False, True])
+def test_cka_equals_one_process_on_all_batches(world, gram):
+    want = dw.cka_of(dw.data(), gram=gram)
+    for got in ok(world, "cka_gram" if gram else "cka"):
+        assert got == pytest.approx(want, abs=1e-9)
+    alone = [dw.cka_of(dw.shard(dw.data(), r)) for r in range(2)]
+    assert ok(world, "cka_nosync") == pytest.approx(alone, abs=1e-12)
+    assert abs(alone[0] - want) > 1e-6
+
+
 # ---------------------------------------------------------------------------------------- the fitters: same steps
 def test_ste_takes_the_steps_of_one_process_on_the_union_batches(world):
     want = dw.ste(dw.union(dw.data()))
@@ -140,6 +150,14 @@ def test_fit_curve_takes_the_steps_of_one_process_on_the_union_batches(world):
             assert_close(res["bends"][k], want["bends"][k], atol=1e-5, rtol=1e-5)
     for k in want["bends"]:
         assert torch.equal(got[0]["bends"][k], got[1]["bends"][k])
+
+
+def test_mode_connectivity_with_a_bezier_curve_is_reduced(world):
+    """BatchNorm in training mode normalises each rank's batch: the fit differs from one process on the
+    union batch (as under DDP without SyncBatchNorm), so here the ranks must agree with each other."""
+    got = ok(world, "mode_connectivity")
+    assert got[0]["mc"] == got[1]["mc"]
+    assert got[0]["values"] == got[1]["values"]
 
 
 @pytest.mark.parametrize("name", ["unequal_ste", "unequal_sinkhorn", "unequal_curve"])
@@ -181,7 +199,7 @@ def test_ranks_with_different_shapes_raise_on_every_rank(world, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn"]
+    "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn", "empty_cka"]
 )
 def test_a_rank_with_an_empty_shard_raises_on_every_rank(world, name):
     msgs = errors(world, name)

@@ -213,6 +213,14 @@ def connectivity(loader: list[Any], **kw: Any) -> Any:
     return {"mc": res.mc, "values": res.values}
 
 
+def merged(loader: list[Any], **kw: Any) -> Any:
+    from rebasin import merge
+
+    ms = [mlp(5, [8, 8], 3, seed=s) for s in (1, 2, 3)]
+    model, info = merge(ms, method="activation_matching", loader=loader, eval_loader=loader, return_info=True, **kw)
+    return {"state": model.state_dict(), "loss": info.loss, "accuracy": info.accuracy}
+
+
 def _after_errors(rank: int) -> Any:
     """The group still works after the failed scenarios (every rank raised, none hangs)."""
     return _reset_bn(rank)
@@ -248,6 +256,7 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "cka_nosync": lambda rank: cka_of(shard(data(), rank), sync=False),
     "empty_cka": _empty(cka_of),
     "mode_connectivity": lambda rank: connectivity(shard(data(), rank)),
+    "merge": lambda rank: merged(shard(data(), rank)),
     "after_errors": _after_errors,
 }
 

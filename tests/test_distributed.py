@@ -121,6 +121,14 @@ def test_cka_equals_one_process_on_all_batches(world, gram):
     assert abs(alone[0] - want) > 1e-6
 
 
+def test_merge_with_activation_matching_and_repair_equals_one_process(world):
+    want = dw.merged(dw.data())
+    for got in ok(world, "merge"):
+        assert_states(got["state"], want["state"])
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-9)
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+
+
 # ---------------------------------------------------------------------------------------- the fitters: same steps
 def test_ste_takes_the_steps_of_one_process_on_the_union_batches(world):
     want = dw.ste(dw.union(dw.data()))

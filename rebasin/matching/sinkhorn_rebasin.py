@@ -402,6 +402,8 @@ def _sinkhorn_matcher(
     init_scale: float = 1.0,
     fit: Mapping[str, Any] | None = None,
     device: Any = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> MatchResult:
     """Sinkhorn re-basin: options as :class:`SinkhornRebasin`, ``fit={...}`` for :meth:`SinkhornRebasin.fit`.
 
@@ -409,7 +411,7 @@ def _sinkhorn_matcher(
     """
     if model_a is None:
         raise RebasinError("sinkhorn needs model_a (the architecture to run the states through)")
-    fit = dict(fit or {})
+    fit = {"sync": sync, "group": group, **(fit or {})}
     unknown = sorted(set(fit) - _FIT_OPTIONS)
     if unknown:
         raise RebasinError(

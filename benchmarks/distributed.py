@@ -110,7 +110,7 @@ def union(batches: list[Any], world: int) -> list[Any]:
 
 def main(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     batches = [tuple(t.to(device) for t in b) for b in data(args.batches, args.batch_size)]

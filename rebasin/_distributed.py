@@ -17,6 +17,13 @@ spec or model shapes differ, a rank with an empty shard, or a rank that failed, 
 :class:`RebasinError` (instead of one rank raising and the others waiting in a collective forever).
 :func:`guarded` runs a block of local work and then :meth:`Reducer.agree` s on its outcome.
 
+Training loops (STE, Sinkhorn, curve fitting) iterate with :func:`lockstep` — every step first checks that
+every rank has a batch — and step with :func:`synced_backward`, which averages the learned tensors'
+gradients over the ranks (one collective carrying a failure flag), so each rank takes the step one process
+would take on the union batch; the final permutations or tensors are broadcast from the group's first rank
+(:meth:`Reducer.broadcast`, :meth:`Reducer.same_tensors`). Reductions run on the CPU for gloo and on the
+current CUDA device for NCCL; every sum is float64.
+
 A rank that never reaches the collective at all (it crashed outside the toolkit, or skipped the call) is
 caught only by the process group's own timeout: ``init_process_group(timeout=...)``.
 """
@@ -33,7 +40,7 @@ from torch import Tensor
 
 from ._errors import RebasinError
 
-__all__ = ["Reducer", "reducer", "guarded", "fingerprint", "Outcome", "lockstep", "synced_backward"]
+__all__ = ["Outcome", "Reducer", "fingerprint", "guarded", "lockstep", "reducer", "synced_backward"]
 
 
 def _dist() -> Any:
@@ -258,7 +265,7 @@ def synced_backward(red: Reducer | None, params: Sequence[Tensor], loss: Callabl
     try:
         value = loss()
         value.backward()
-    except Exception as err:  # noqa: BLE001 - raised on every rank by average_grads
+    except Exception as err:  # raised on every rank by average_grads
         red.average_grads(params, error=err, what=what)
         raise
     return red.average_grads(params, float(value.detach()), what=what)
@@ -285,7 +292,7 @@ def guarded(red: Reducer | None, what: str) -> Iterator[Outcome]:
         return
     try:
         yield out
-    except Exception as err:  # noqa: BLE001 - re-raised on this rank by agree, reported on the others
+    except Exception as err:  # re-raised on this rank by agree, reported on the others
         red.agree(what, key="", count=None, error=err)
         raise
     red.agree(what, key=out.key, count=out.count)

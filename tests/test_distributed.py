@@ -50,8 +50,8 @@ def errors(world: list[dict[str, Any]], name: str) -> list[str]:
 
 def assert_states(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
-    for k in want:
-        assert_close(got[k], want[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+    for k, value in want.items():
+        assert_close(got[k], value, **TOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------------------------------- union == one process

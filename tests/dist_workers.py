@@ -221,6 +221,15 @@ def merged(loader: list[Any], **kw: Any) -> Any:
     return {"state": model.state_dict(), "loss": info.loss, "accuracy": info.accuracy}
 
 
+def hessian(loader: list[Any], **kw: Any) -> Any:
+    from rebasin.landscape import hessian_top_eigenvalue, hessian_trace
+
+    a, _ = models()
+    top = hessian_top_eigenvalue(a, loader, n_iter=20, seed=0, **kw)
+    trace = hessian_trace(a, loader, n_samples=5, seed=0, **kw)
+    return {"top": float(top), "trace": float(trace)}
+
+
 def _after_errors(rank: int) -> Any:
     """The group still works after the failed scenarios (every rank raised, none hangs)."""
     return _reset_bn(rank)
@@ -257,6 +266,8 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "empty_cka": _empty(cka_of),
     "mode_connectivity": lambda rank: connectivity(shard(data(), rank)),
     "merge": lambda rank: merged(shard(data(), rank)),
+    "hessian": lambda rank: hessian(shard(data(), rank)),
+    "empty_hessian": _empty(hessian),
     "after_errors": _after_errors,
 }
 

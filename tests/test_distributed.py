@@ -7,6 +7,7 @@ within 1e-6), be the same on both ranks, and bad input must raise RebasinError o
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import dist_workers as dw
@@ -129,6 +130,15 @@ def test_merge_with_activation_matching_and_repair_equals_one_process(world):
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
 
 
+def test_hessian_metrics_equal_one_process_on_all_batches(world):
+    with warnings.catch_warnings():  # converged or not after 20 power iterations, the iterates must agree
+        warnings.simplefilter("ignore")
+        want = dw.hessian(dw.data())
+    for got in ok(world, "hessian"):
+        assert got["top"] == pytest.approx(want["top"], rel=1e-9)
+        assert got["trace"] == pytest.approx(want["trace"], rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------- the fitters: same steps
 def test_ste_takes_the_steps_of_one_process_on_the_union_batches(world):
     want = dw.ste(dw.union(dw.data()))
@@ -207,7 +217,8 @@ def test_ranks_with_different_shapes_raise_on_every_rank(world, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn", "empty_cka"]
+    "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn", "empty_cka",
+             "empty_hessian"]
 )
 def test_a_rank_with_an_empty_shard_raises_on_every_rank(world, name):
     msgs = errors(world, name)

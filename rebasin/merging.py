@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import forward_with_state, module_with_state, resolve_device, split_batch, state_of, to_device
+from ._distributed import Reducer, fingerprint, guarded, reducer
 from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
@@ -155,13 +156,18 @@ def _same_perms(p: Mapping[str, Tensor] | None, q: Mapping[str, Tensor]) -> bool
 
 
 def _ensemble(
-    models: Sequence[nn.Module], states: Sequence[State], loader: Iterable[Any], device: torch.device
+    models: Sequence[nn.Module],
+    states: Sequence[State],
+    loader: Iterable[Any],
+    device: torch.device,
+    red: Reducer | None = None,
 ) -> tuple[float, float | None]:
-    """Loss / accuracy of the mean-logit ensemble."""
+    """Loss / accuracy of the mean-logit ensemble (summed over ``red``'s ranks when given)."""
     works = [{k: v.to(device) for k, v in s.items()} for s in states]
-    loss_sum, n, correct, classification = 0.0, 0, 0, True
-    with torch.no_grad():
+    loss_sum, n, correct, classification, batches = 0.0, 0, 0, True, 0
+    with guarded(red, "the ensemble's evaluation") as outcome, torch.no_grad():
         for batch in loader:
+            batches += 1
             x, y = split_batch(batch)
             if y is None:
                 raise RebasinError("evaluation needs (inputs, targets) batches")
@@ -173,6 +179,12 @@ def _ensemble(
             classification = classification and not y.is_floating_point() and out.ndim == y.ndim + 1
             if classification:
                 correct += int((out.argmax(1) == y).sum())
+        outcome.count, outcome.key = batches, fingerprint(works)
+    if red is not None:
+        loss_sum, total_n, total_correct, not_classification = red.sum_numbers(
+            loss_sum, n, correct, float(not classification)
+        )
+        n, correct, classification = int(total_n), int(total_correct), not_classification == 0
     if n == 0:
         raise RebasinError("the evaluation loader yielded no batches")
     return loss_sum / n, (correct / n if classification else None)
@@ -194,6 +206,8 @@ def merge(
     closed_form: bool = False,
     max_batches: int | None = None,
     return_info: bool = False,
+    sync: bool = True,
+    group: Any = None,
     **options: Any,
 ) -> nn.Module | tuple[nn.Module, MergeInfo]:
     r"""Merge ``N`` models of one architecture into a single model.
@@ -238,6 +252,11 @@ def merge(
         REPAIR options (see :func:`rebasin.repair`).
     return_info
         Also return a :class:`MergeInfo`.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default): REPAIR's
+        statistics and the evaluation are summed over the ranks of ``group`` (None: the default group), and
+        both go to the matcher when it takes them (activation matching, STE and Sinkhorn do), so every rank
+        merges with the statistics of the union of the shards. ``sync=False``: this process's data only.
     options
         Passed on to the matcher through :func:`rebasin.align` (unknown options are an error, raised
         before anything runs).
@@ -306,12 +325,14 @@ def merge(
 
     # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
     where = device if matcher.accepts("device") else None
+    # so do sync= and group= (the data-reading built-ins take them; weight matching reads no data)
+    reduce_options = {k: v for k, v in (("sync", sync), ("group", group)) if matcher.accepts(k) and k not in options}
 
     def align_to(target: nn.Module, i: int) -> Alignment:
         previous = alignments[i]
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
         return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=where,
-                     **options, **extra)
+                     **options, **reduce_options, **extra)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:
@@ -337,7 +358,7 @@ def merge(
     if repair:
         merged_state = repair_states(
             ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
-            device=device,
+            device=device, sync=sync, group=group,
         )
     else:
         merged_state = combine(aligned_states, uniform)
@@ -348,7 +369,7 @@ def merge(
     loss = accuracy = None
     if eval_loader is not None:
         loss, accuracy, _ = evaluate_state(ref_model, merged_state, eval_loader, loss_fn=None, device=device,
-                                           name="merged")
+                                           name="merged", sync=sync, group=group)
     info = MergeInfo(
         method=method,
         reference=reference,
@@ -375,6 +396,8 @@ def compare_merge(
     closed_form: bool = False,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> MergeComparison:
     r"""Benchmark a merge against its baselines on ``eval_loader`` (an explicit, separate measurement).
 
@@ -398,6 +421,8 @@ def compare_merge(
         The REPAIR options the merge used.
     device
         Where to evaluate; defaults to the reference model's device.
+    sync, group
+        As in :func:`merge`: every evaluation (the ensemble's too) and REPAIR reduce over the ranks.
 
     Returns
     -------
@@ -433,17 +458,18 @@ def compare_merge(
     if info.repaired:
         candidates["naive_repair"] = repair_states(
             ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
-            device=device,
+            device=device, sync=sync, group=group,
         )
     candidates["aligned_average"] = combine(aligned, uniform)
     candidates["merged"] = state_of(merged)
     accuracy: dict[str, Any] = {"models": []}
     loss: dict[str, Any] = {"models": []}
     for s in states:
-        lo, acc, _ = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device)
+        lo, acc, _ = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, sync=sync, group=group)
         loss["models"].append(lo)
         accuracy["models"].append(acc)
     for name, s in candidates.items():
-        loss[name], accuracy[name] = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, name=name)[:2]
-    loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, eval_loader, device)
+        loss[name], accuracy[name] = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, name=name,
+                                                    sync=sync, group=group)[:2]
+    loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, eval_loader, device, reducer(sync, group))
     return MergeComparison(accuracy=accuracy, loss=loss)

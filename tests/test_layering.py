@@ -20,6 +20,7 @@ LAYERS = {
     "rebasin._errors": 0,
     "rebasin._common": 1,
     "rebasin._deprecation": 1,
+    "rebasin._distributed": 1,
     "rebasin.spec": 2,
     "rebasin.trace": 3,
     "rebasin.matching": 4,

@@ -95,6 +95,8 @@ def mode_connectivity(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> ModeConnectivity:
     r"""Mode connectivity ``mc`` of Yang et al. (2021) between two networks.
 
@@ -139,6 +141,10 @@ def mode_connectivity(
         endpoints); see :func:`rebasin.evaluate_path`.
     device, progress
         Where to run (default: the model's device); tqdm bars (None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean).
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the curve
+        fit and the evaluation along the path reduce over the ranks of ``group`` (None: the default group);
+        see :func:`rebasin.fit_curve` and :func:`rebasin.evaluate_path`. ``sync=False``: this process only.
 
     Returns
     -------
@@ -170,7 +176,7 @@ def mode_connectivity(
     a = None if state_a is None else as_state(state_a, "state_a")
     b = None if state_b is None else as_state(state_b, "state_b")
     options = {"num_points": num_points, "loss_fn": loss_fn, "bn_loader": bn_loader, "device": device,
-               "progress": progress}  # fmt: skip
+               "progress": progress, "sync": sync, "group": group}  # fmt: skip
     trained: Any = None  # the path object evaluated; None for the straight line
     fit: CurveFit | None = None
     if path is not None:
@@ -194,7 +200,8 @@ def mode_connectivity(
         if curve != "linear":
             trained = CURVE_KINDS[curve](a, b, num_bends=num_bends)
             fit = fit_curve(model, trained, loader if fit_loader is None else fit_loader, epochs=epochs, lr=lr,
-                            seed=seed, loss_fn=loss_fn, device=device, progress=progress)  # fmt: skip
+                            seed=seed, loss_fn=loss_fn, device=device, progress=progress, sync=sync,
+                            group=group)  # fmt: skip
     if trained is None:
         result = evaluate_path(model, a, b, loader, **options)
     else:

@@ -23,6 +23,7 @@ from .._common import (
     to_device,
 )
 from .._deprecation import renamed_keywords
+from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..paths.running import LossFn
 
@@ -47,7 +48,8 @@ class _HessianOperator:
     """
 
     def __init__(
-        self, model: nn.Module, batch: Any, *, loss_fn: LossFn | None, state: State | None, device: Any
+        self, model: nn.Module, batch: Any, *, loss_fn: LossFn | None, state: State | None, device: Any,
+        red: Reducer | None = None,
     ) -> None:
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         if not callable(loss_fn):
@@ -73,7 +75,16 @@ class _HessianOperator:
         self.dtypes = [self.fixed[k].dtype for k in self.keys]
         self.numels = [self.fixed[k].numel() for k in self.keys]
         self.dim = sum(self.numels)
-        self.batches = self._batches(batch)
+        self.red = red
+        with guarded(red, "the Hessian") as outcome:
+            self.batches = self._batches(batch)
+            outcome.count, outcome.key = len(self.batches), fingerprint(self.fixed, self.keys)
+        if red is not None:  # weights over every rank's examples
+            (total,) = red.sum_numbers(sum(w for *_, w in self.batches))
+            self.batches = [(x, y, w / total) for x, y, w in self.batches]
+        else:
+            total = sum(w for *_, w in self.batches)
+            self.batches = [(x, y, w / total) for x, y, w in self.batches]
         self._cache = self._graph(*self.batches[0][:2]) if len(self.batches) == 1 else None
 
     def _batches(self, batch: Any) -> list[tuple[Any, Any, float]]:
@@ -90,10 +101,9 @@ class _HessianOperator:
                 raise RebasinError("the Hessian needs (inputs, targets) batches; got inputs only")
             n = y.shape[0] if isinstance(y, Tensor) and y.ndim else 1
             out.append((to_device(x, self.device), to_device(y, self.device), float(n)))
-        if not out:
+        if not out and self.red is None:
             raise RebasinError("batch is empty: pass (inputs, targets) or a non-empty list of such batches")
-        total = sum(w for *_, w in out)
-        return [(x, y, w / total) for x, y, w in out]
+        return out  # weights: example counts, normalised by the caller
 
     def _graph(self, x: Any, y: Any) -> tuple[list[Tensor], list[Tensor]]:
         """Fresh parameter leaves and the loss gradient with its graph (for double backward)."""
@@ -126,6 +136,8 @@ class _HessianOperator:
                 torch.zeros(n, dtype=torch.float64, device=self.device) if h is None else h.reshape(-1).to(torch.float64)
                 for h, n in zip(hv, self.numels)
             ])  # fmt: skip
+        if self.red is not None:  # H v of the loss over every rank's examples
+            (total,) = self.red.sum([total])
         return total
 
 
@@ -190,6 +202,8 @@ def hessian_top_eigenvalue(
     tol: float = 1e-4,
     seed: int = 0,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> HessianEigenvalue:
     r"""Top Hessian eigenvalue of the loss by power iteration on Hessian-vector products.
 
@@ -225,6 +239,11 @@ def hessian_top_eigenvalue(
         Seeds the start vector.
     device
         Where to run; default the model's device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) every
+        Hessian-vector product is summed over the ranks of ``group`` (None: the default group), each rank's
+        batches weighted by their share of all the ranks' examples: the Hessian of the loss on the union of
+        the shards, and the same result on every rank (same ``seed``). ``sync=False``: this process's data.
 
     Returns
     -------
@@ -250,7 +269,7 @@ def hessian_top_eigenvalue(
     check_int(n_iter, "n_iter")
     if not check_float(tol, "tol") >= 0:
         raise RebasinError(f"tol must be >= 0, got {tol!r}")
-    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device)
+    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device, red=reducer(sync, group))
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device)
     v = v / v.norm()
@@ -289,6 +308,8 @@ def hessian_trace(
     method: str = "hutchinson",
     seed: int = 0,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> HessianTrace:
     r"""Trace of the loss Hessian: Hutchinson's estimator, or exact from ``d`` products.
 
@@ -310,6 +331,8 @@ def hessian_trace(
         ``"hutchinson"`` or ``"exact"``.
     seed
         Seeds the Rademacher vectors.
+    sync, group
+        As in :func:`hessian_top_eigenvalue`.
 
     Returns
     -------
@@ -334,7 +357,7 @@ def hessian_trace(
     if method not in _TRACE_METHODS:
         raise RebasinError(f"unknown method {method!r}; valid: {list(_TRACE_METHODS)}")
     check_int(n_samples, "n_samples")
-    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device)
+    op = _HessianOperator(model, batch, loss_fn=loss_fn, state=state, device=device, red=reducer(sync, group))
     if method == "exact":
         eye = torch.zeros(op.dim, dtype=torch.float64, device=op.device)
         total = 0.0

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common import check_int, forward_with_state, resolve_device, split_batch, state_of, to_device
+from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
 
 __all__ = ["cka"]
@@ -78,6 +79,38 @@ class _CKAStats:
             for attr, v in zip(("mx", "my", "mxx", "myy", "mxy"), parts):
                 getattr(self, attr).add_(v)
 
+    def reduce(self, red: Reducer) -> None:
+        """Replace the sums by their totals over ``red``'s ranks (re-centred on the ranks' mean shift).
+
+        Gram form: every rank's (shifted) samples are gathered in rank order instead.
+        """
+        total_sx, total_sy = red.sum([self.sx, self.sy])
+        sx, sy = total_sx / red.world, total_sy / red.world
+        dx, dy = (self.sx - sx).to(torch.float64), (self.sy - sy).to(torch.float64)  # s_r - s
+        n = float(self.n)
+        if self.gram:
+            xs = torch.cat(self.xs) + dx
+            ys = torch.cat(self.ys) + dy
+            gathered = red.gather((xs.cpu(), ys.cpu()))
+            self.xs = [g[0].to(xs.device) for g in gathered]
+            self.ys = [g[1].to(ys.device) for g in gathered]
+            ss = [float((xs * xs).sum()), float((ys * ys).sum()), n]
+            self.ssx, self.ssy, total_n = red.sum_numbers(*ss)
+        else:
+            assert self.mx is not None and self.my is not None
+            assert self.mxx is not None and self.myy is not None and self.mxy is not None
+            mx, my = self.mx + n * dx, self.my + n * dy
+            mxx = self.mxx + torch.outer(dx, self.mx) + torch.outer(self.mx, dx) + n * torch.outer(dx, dx)
+            myy = self.myy + torch.outer(dy, self.my) + torch.outer(self.my, dy) + n * torch.outer(dy, dy)
+            mxy = self.mxy + torch.outer(dx, self.my) + torch.outer(self.mx, dy) + n * torch.outer(dx, dy)
+            ssx = self.ssx + 2 * float(dx @ self.mx) + n * float(dx @ dx)
+            ssy = self.ssy + 2 * float(dy @ self.my) + n * float(dy @ dy)
+            scalars = torch.tensor([ssx, ssy, n], dtype=torch.float64)
+            self.mx, self.my, self.mxx, self.myy, self.mxy, scalars = red.sum([mx, my, mxx, myy, mxy, scalars])
+            self.ssx, self.ssy, total_n = scalars.tolist()
+        self.n = int(total_n)
+        self.sx, self.sy = sx, sy
+
     def value(self) -> float:
         if self.gram:
             x, y = torch.cat(self.xs), torch.cat(self.ys)
@@ -105,6 +138,8 @@ def cka(
     layer_b: str | None = None,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> float:
     r"""Linear CKA (Kornblith et al. 2019) between two models' representations of the same inputs.
 
@@ -138,6 +173,11 @@ def cka(
         Use at most this many batches.
     device
         Where to run; default ``model_a``'s device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        moments (or, for wide features, the samples) of every rank of ``group`` (None: the default group)
+        are combined, so each rank gets the CKA of the union of the shards. ``sync=False``: this
+        process's data only.
 
     Returns
     -------
@@ -164,19 +204,26 @@ def cka(
     device = resolve_device(model_a, device=device)
     sa = {k: v.to(device) for k, v in state_of(model_a).items()}
     sb = {k: v.to(device) for k, v in state_of(model_b).items()}
+    red = reducer(sync, group)
     stats: _CKAStats | None = None
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = to_device(split_batch(batch)[0], device)
-            fa = _features(model_a, sa, x, mod_a, layer or "output")
-            fb = _features(model_b, sb, x, mod_b, layer_b or "output")
-            if fa.shape[0] != fb.shape[0]:
-                raise RebasinError(f"batch {i}: model_a gave {fa.shape[0]} samples but model_b {fb.shape[0]}")
-            if stats is None:
-                stats = _CKAStats(fa.shape[1], fb.shape[1], fa.mean(0), fb.mean(0))
-            stats.add(fa, fb)
-    if stats is None or stats.n == 0:
-        raise RebasinError("cka: the loader yielded no samples")
+    with guarded(red, "cka") as outcome:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = to_device(split_batch(batch)[0], device)
+                fa = _features(model_a, sa, x, mod_a, layer or "output")
+                fb = _features(model_b, sb, x, mod_b, layer_b or "output")
+                if fa.shape[0] != fb.shape[0]:
+                    raise RebasinError(f"batch {i}: model_a gave {fa.shape[0]} samples but model_b {fb.shape[0]}")
+                if stats is None:
+                    stats = _CKAStats(fa.shape[1], fb.shape[1], fa.mean(0), fb.mean(0))
+                stats.add(fa, fb)
+        if red is None and (stats is None or stats.n == 0):
+            raise RebasinError("cka: the loader yielded no samples")
+        outcome.count = 0 if stats is None else stats.n
+        outcome.key = fingerprint(None if stats is None else (stats.sx, stats.sy, stats.gram), sa, sb)
+    if red is not None:
+        assert stats is not None  # every rank has samples (agreed above)
+        stats.reduce(red)
     return stats.value()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common import State, head, model_device, paired_states, resolve_device, split_batch, to_device
+from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ..trace.tracing import trace_model
@@ -93,6 +94,34 @@ class _Moments:
         self.sq_a += (a * a).sum(dim=1)
         self.sq_b += (b * b).sum(dim=1)
         self.cross += a @ b.T
+
+    def reduce(self, red: Reducer) -> None:
+        """Replace the sums by their totals over ``red``'s ranks, re-centred on the ranks' mean shift.
+
+        Each rank's sums are taken about its own shift ``s_r`` (its first batch's mean); they are moved
+        to the common shift ``s`` (the mean of the ``s_r``) with ``Σ(x − s) = Σ(x − s_r) + k(s_r − s)`` and
+        the matching identities for the squares and the cross products, then added.
+        """
+        n = self.n
+        zero = torch.zeros(n, dtype=torch.float64, device=self.cross.device)
+        sa = self.shift_a if self.shift_a is not None else zero
+        sb = self.shift_b if self.shift_b is not None else zero
+        has = 1.0 if self.shift_a is not None else 0.0
+        total_sa, total_sb, ranks = red.sum([sa, sb, torch.tensor([has], dtype=torch.float64)])
+        k = max(float(ranks.item()), 1.0)
+        da, db = sa - total_sa / k, sb - total_sb / k  # s_r - s
+        c = float(self.count)
+        sum_a = self.sum_a + c * da
+        sum_b = self.sum_b + c * db
+        sq_a = self.sq_a + 2 * da * self.sum_a + c * da * da
+        sq_b = self.sq_b + 2 * db * self.sum_b + c * db * db
+        cross = self.cross + torch.outer(da, self.sum_b) + torch.outer(self.sum_a, db) + c * torch.outer(da, db)
+        count = torch.tensor([c], dtype=torch.float64)
+        self.sum_a, self.sum_b, self.sq_a, self.sq_b, self.cross, count = red.sum(
+            [sum_a, sum_b, sq_a, sq_b, cross, count]
+        )
+        self.count = int(count.item())
+        self.shift_a, self.shift_b = total_sa / k, total_sb / k
 
     def correlation(self, eps: float) -> Tensor:
         """``(n, n)`` float64 Pearson correlations ``corr[i, j] = corr(a_i, b_j)``."""
@@ -211,9 +240,37 @@ def _collect(
     device: Any,
     state_a: State | None = None,
     state_b: State | None = None,
+    red: Reducer | None = None,
 ) -> tuple[PermutationSpec, dict[str, _Moments], int]:
     if max_batches is not None and int(max_batches) < 1:
         raise RebasinError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    with guarded(red, "activation statistics") as outcome:
+        spec, moments, num_batches = _collect_local(
+            model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches,
+            device=device, state_a=state_a, state_b=state_b,
+        )
+        outcome.count = num_batches
+        outcome.key = fingerprint(spec.axes, {name: m.n for name, m in moments.items()})
+    if red is not None:
+        for name in sorted(moments):
+            moments[name].reduce(red)
+        (total,) = red.sum([torch.tensor([float(num_batches)], dtype=torch.float64)])
+        num_batches = int(total.item())
+    return spec, moments, num_batches
+
+
+def _collect_local(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None,
+    example_input: Any,
+    max_batches: int | None,
+    device: Any,
+    state_a: State | None,
+    state_b: State | None,
+) -> tuple[PermutationSpec, dict[str, _Moments], int]:
     dev = resolve_device(model_a, model_b, device=device)
     state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)
     first, rest = _first_batch(loader)
@@ -262,6 +319,8 @@ def activation_correlations(
     eps: float = 1e-8,
     state_a: State | None = None,
     state_b: State | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, Tensor]:
     """Cross-correlation of A's and B's hidden units, one matrix per permutation.
 
@@ -281,7 +340,7 @@ def activation_correlations(
     """
     _, moments, _ = _collect(
         model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device,
-        state_a=state_a, state_b=state_b,
+        state_a=state_a, state_b=state_b, red=reducer(sync, group),
     )
     return {name: m.correlation(eps) for name, m in moments.items()}
 
@@ -299,6 +358,8 @@ def activation_matching(
     return_info: bool = False,
     state_a: State | None = None,
     state_b: State | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], ActivationMatchingInfo]:
     r"""Match B's hidden units to A's by the correlation of their activations.
 
@@ -338,6 +399,12 @@ def activation_matching(
         Run these state_dicts (parameters and buffers) instead of the models' own; the models are then only
         the architecture (``model_b`` only has to have the same keys and shapes). Nothing is copied into a
         module: the states go straight through the traced graph.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        moments are summed over the ranks of ``group`` (None: the default group), so the correlations are
+        those of the union of the shards, and the permutations are decided once and broadcast from the
+        group's first rank. ``max_batches`` counts per rank. ``sync=False``: this process's data only.
+        See docs/distributed.md.
 
     Returns
     -------
@@ -373,9 +440,10 @@ def activation_matching(
     Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries.
     ICLR 2023, section 3.1.
     """
+    red = reducer(sync, group)
     spec, moments, num_batches = _collect(
         model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device,
-        state_a=state_a, state_b=state_b,
+        state_a=state_a, state_b=state_b, red=red,
     )
     perms: dict[str, Tensor] = {}
     before: dict[str, float] = {}
@@ -387,6 +455,8 @@ def activation_matching(
         idx = torch.arange(m.n, device=corr.device)
         before[name] = float(corr.diagonal().mean())
         after[name] = float(corr[idx, perm.to(corr.device)].mean())
+    if red is not None:  # decided once: every rank holds the first rank's permutations
+        perms = red.broadcast(perms)
     if not return_info:
         return perms
     info = ActivationMatchingInfo(
@@ -413,6 +483,8 @@ def _activation_matcher(
     max_batches: int | None = None,
     eps: float = 1e-8,
     device: Any = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> MatchResult:
     """Activation matching (deterministic); options as :func:`activation_matching`."""
     if model_a is None:
@@ -428,5 +500,7 @@ def _activation_matcher(
         return_info=True,
         state_a=state_a,
         state_b=state_b,
+        sync=sync,
+        group=group,
     )
     return MatchResult(perms, info)

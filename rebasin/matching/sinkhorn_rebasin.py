@@ -35,6 +35,7 @@ from .._common import (
     state_of,
     to_device,
 )
+from .._distributed import fingerprint, guarded, lockstep, reducer, synced_backward
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
 from ..spec.soft import matrix_to_perm, soft_permute
@@ -285,6 +286,8 @@ class SinkhornRebasin(nn.Module):
         optimizer: torch.optim.Optimizer | None = None,
         device: Any = None,
         progress: bool | None = None,
+        sync: bool = True,
+        group: Any = None,
     ) -> list[float]:
         """Train the logits; returns (and appends to ``self.history``) the cost per step.
 
@@ -293,10 +296,24 @@ class SinkhornRebasin(nn.Module):
         steps are taken (default ``100 * epochs``). ``optimizer`` defaults to Adam over the logits with
         ``lr``. ``progress``: a tqdm bar over the steps; None (default) shows it only when stderr is a
         terminal (or in Jupyter), so a piped or logged run stays clean.
+
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default; ``group``
+        None: the default group) the logits start from the group's first rank's values, the gradient of the
+        logits is averaged over the ranks before every step (so every rank takes the step one process would
+        take on the union of the ranks' batches, for equal batch sizes), the recorded cost is the ranks'
+        mean, and the logits are broadcast from the first rank at the end, so :meth:`hard_permutations` is
+        the same everywhere. Every rank needs as many batches (a ``DistributedSampler`` pads). ``sync=False``:
+        this process alone.
         """
+        red = reducer(sync, group)
         if device is not None:
             self.to(device)
         device = self.device
+        params = list(self.logits.parameters())
+        if red is not None:
+            with guarded(red, "SinkhornRebasin.fit") as outcome:
+                outcome.key = fingerprint(self.spec.axes, self._state_a, params, self.cost if isinstance(self.cost, str) else "custom")
+            red.same_tensors(params)
         if loader is None and isinstance(self.cost, str) and self.cost != "l2":
             raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
         opt = optimizer if optimizer is not None else torch.optim.Adam(self.logits.parameters(), lr=lr)
@@ -307,7 +324,8 @@ class SinkhornRebasin(nn.Module):
         else:
             batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
             total = None if batches_per_epoch is None else batches_per_epoch * epochs
-            epochs_iter = (nonempty(loader, "SinkhornRebasin.fit") for _ in range(epochs))
+            epochs_iter = (lockstep(red, nonempty(loader, "SinkhornRebasin.fit"), "SinkhornRebasin.fit")
+                           for _ in range(epochs))
         desc = f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})"
         was_training = self.training
         self.train()
@@ -318,14 +336,17 @@ class SinkhornRebasin(nn.Module):
                     for batch in epoch_batches:
                         batch = None if loader is None else to_device(batch, device)
                         opt.zero_grad(set_to_none=True)
-                        value = self.compute_cost(batch)
-                        value.backward()
+                        value = synced_backward(
+                            red, params, lambda batch=batch: self.compute_cost(batch), "SinkhornRebasin.fit"
+                        )
                         opt.step()
-                        self.history.append(float(value.detach()))
+                        self.history.append(value)
                         tick(cost=f"{self.history[-1]:.4f}")
         finally:
             self._quiet = False
             self.train(was_training)
+        if red is not None:  # decided once: every rank holds the first rank's logits
+            red.same_tensors(params)
         with torch.no_grad():
             self.soft_matrices()  # one convergence warning (if any) for the final logits
         return self.history
@@ -381,6 +402,8 @@ def _sinkhorn_matcher(
     init_scale: float = 1.0,
     fit: Mapping[str, Any] | None = None,
     device: Any = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> MatchResult:
     """Sinkhorn re-basin: options as :class:`SinkhornRebasin`, ``fit={...}`` for :meth:`SinkhornRebasin.fit`.
 
@@ -388,7 +411,7 @@ def _sinkhorn_matcher(
     """
     if model_a is None:
         raise RebasinError("sinkhorn needs model_a (the architecture to run the states through)")
-    fit = dict(fit or {})
+    fit = {"sync": sync, "group": group, **(fit or {})}
     unknown = sorted(set(fit) - _FIT_OPTIONS)
     if unknown:
         raise RebasinError(
@@ -414,4 +437,4 @@ def _sinkhorn_matcher(
 
 
 # what ``fit={...}`` may hold (``loader`` and ``device`` come from the matcher's own arguments)
-_FIT_OPTIONS = frozenset({"epochs", "steps", "lr", "optimizer", "progress"})
+_FIT_OPTIONS = frozenset({"epochs", "steps", "lr", "optimizer", "progress", "sync", "group"})

@@ -47,6 +47,7 @@ from .._common import (
     split_batch,
     to_device,
 )
+from .._distributed import Reducer, fingerprint, guarded, lockstep, reducer, synced_backward
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute_unchecked
 from ..trace.tracing import spec_from_model
@@ -106,6 +107,8 @@ def ste_matching(
     return_info: bool = False,
     state_a: State | None = None,
     state_b: State | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], STEInfo]:
     r"""Align B to A by learning weights whose projection minimises the midpoint loss.
 
@@ -154,6 +157,12 @@ def ste_matching(
         Align these state_dicts (parameters and buffers) instead of the models' own; the models are then
         only the architecture (``model_a`` runs the midpoint through ``functional_call``). Nothing is copied
         into a module.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the gradient
+        of ``W`` is averaged over the ranks of ``group`` (None: the default group) before every step, so every
+        rank takes the step one process would take on the union of the ranks' batches (for equal batch
+        sizes), and the permutations returned are broadcast from the group's first rank. Every rank needs as
+        many batches (a ``DistributedSampler`` pads). ``sync=False``: this process alone.
 
     Returns
     -------
@@ -184,12 +193,15 @@ def ste_matching(
     ICLR 2023, section 3.3.
     """
     _check_options(epochs, lr, max_steps, select)
+    red = reducer(sync, group)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     dev = resolve_device(model_a, model_b, device=device)
-    state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)
-    if spec is None:
-        spec = _trace_spec(model_a, loader, example_input)
-    spec.validate_pair(state_a, state_b)
+    with guarded(red, "ste_matching") as outcome:
+        state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)
+        if spec is None:
+            spec = _trace_spec(model_a, loader, example_input)
+        spec.validate_pair(state_a, state_b)
+        outcome.key = fingerprint(spec.axes, state_a)
     weights = _free_weights(model_a, state_a)  # W starts at θ_A
     optimizer = torch.optim.Adam(list(weights.values()), lr=float(lr))
 
@@ -199,17 +211,22 @@ def ste_matching(
     history = _History()
     perms: Perms | None = None
     with progress_counter(progress, _total_steps(loader, epochs, max_steps), desc="ste") as tick:
-        for step, (x, y) in enumerate(_steps(loader, epochs, max_steps, dev)):
+        for step, (x, y) in enumerate(_steps(loader, epochs, max_steps, dev, red)):
             perms = history.moved(perms, project(perms, step))  # 1. π = projection of W
             mid = _straight_through_midpoint(spec, state_a, state_b, weights, perms)  # 2. ½θ_A + ½(π(θ_B) + W − sg(W))
-            loss, value = _midpoint_loss(model_a, mid, x, y, loss_fn, step)  # 3. ℓ(f(midpoint)(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = synced_backward(  # 3. ℓ(f(midpoint)(x), y), its gradient averaged over the ranks
+                red, list(weights.values()),
+                lambda mid=mid, x=x, y=y, step=step: _midpoint_loss(model_a, mid, x, y, loss_fn, step)[0],
+                "ste_matching",
+            )
             optimizer.step()  # 4. an Adam step on W
             history.record(step, value, perms)
             tick(loss=f"{value:.4f}")
     final = project(perms, history.num_steps)
     result = history.best_or(final) if select == "best" else final
+    if red is not None:  # decided once: every rank holds the first rank's permutations
+        final, result = red.broadcast(final), red.broadcast(result)
     return (result, history.info(final)) if return_info else result
 
 
@@ -299,20 +316,30 @@ def _midpoint_loss(
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def _steps(loader: Iterable[Any], epochs: int, max_steps: int | None, device: torch.device) -> Iterator[tuple[Any, Any]]:
-    """``(x, y)`` on ``device`` for every step: ``epochs`` passes over ``loader``, at most ``max_steps`` in all."""
+def _steps(
+    loader: Iterable[Any], epochs: int, max_steps: int | None, device: torch.device, red: Reducer | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """``(x, y)`` on ``device`` for every step: ``epochs`` passes over ``loader``, at most ``max_steps`` in all.
+
+    With a reducer the ranks step in lockstep (see :func:`rebasin._distributed.lockstep`).
+    """
     step = 0
     for _ in range(int(epochs)):
         if max_steps is not None and step >= int(max_steps):
             return
-        for batch in nonempty(loader, "ste_matching"):
+        for x, y in lockstep(red, _pairs(nonempty(loader, "ste_matching")), "ste_matching"):
             if max_steps is not None and step >= int(max_steps):
                 break
-            x, y = split_batch(batch)
-            if y is None:
-                raise RebasinError("ste_matching needs batches (x, y): the loss is loss_fn(output, y)")
             yield to_device(x, device), to_device(y, device)
             step += 1
+
+
+def _pairs(batches: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    for batch in batches:
+        x, y = split_batch(batch)
+        if y is None:
+            raise RebasinError("ste_matching needs batches (x, y): the loss is loss_fn(output, y)")
+        yield x, y
 
 
 def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> int | None:
@@ -387,6 +414,8 @@ def _ste_matcher(
     device: Any = None,
     progress: bool | None = None,
     select: Literal["final", "best"] = "final",
+    sync: bool = True,
+    group: Any = None,
 ) -> MatchResult:
     """The straight-through estimator on the given states; options as :func:`ste_matching`."""
     if model_a is None:
@@ -408,5 +437,7 @@ def _ste_matcher(
         return_info=True,
         state_a=state_a,
         state_b=state_b,
+        sync=sync,
+        group=group,
     )
     return MatchResult(perms, info)

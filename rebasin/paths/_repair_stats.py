@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._common import State, forward_with_state, split_batch, to_device
+from .._distributed import Reducer, fingerprint, guarded
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ..trace.registry import module_rule
@@ -172,12 +173,14 @@ def collect(
     cross: bool = False,
     stop_after: str | None = None,
     require_all: bool = True,
+    red: Reducer | None = None,
 ) -> Collected:
     """Per-channel statistics of every producer's output, for each state, over ``loader`` (eval mode).
 
     ``stop_after`` ends each forward pass at the first call of that producer. ``what`` names the
     caller in errors: no batches, or (with ``require_all``) a producer the forward pass never called;
-    without ``require_all`` such producers are left out of the result.
+    without ``require_all`` such producers are left out of the result. With a reducer ``red``
+    the sums, sums of squares, cross sums and row counts are added over its ranks first.
     """
     modules = dict(model.named_modules())
     moments = [{p.name: Moments() for p in prods} for _ in states]
@@ -198,29 +201,34 @@ def collect(
     handles = [modules[p.name].register_forward_hook(hook_for(p)) for p in prods]
     works = [{k: v.to(device) for k, v in s.items()} for s in states]
     n_batches = 0
-    try:
-        with torch.no_grad():
-            for x in _inputs(loader, max_batches):
-                x = to_device(x, device)
-                outs = []
-                for i, work in enumerate(works):
-                    calls.clear()
-                    try:
-                        forward_with_state(model, work, x, eval_mode=True)
-                    except _Stop:
-                        pass
-                    outs.append(dict(calls))
-                    for name, rows in calls.items():
-                        for r in rows:
-                            moments[i][name].add(r)
-                if cross:
-                    _add_cross(pair_sums, outs)
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n_batches == 0:
-        raise RebasinError(f"{what}: the loader yielded no batches")
+    with guarded(red, what) as outcome:
+        try:
+            with torch.no_grad():
+                for x in _inputs(loader, max_batches):
+                    x = to_device(x, device)
+                    outs = []
+                    for i, work in enumerate(works):
+                        calls.clear()
+                        try:
+                            forward_with_state(model, work, x, eval_mode=True)
+                        except _Stop:
+                            pass
+                        outs.append(dict(calls))
+                        for name, rows in calls.items():
+                            for r in rows:
+                                moments[i][name].add(r)
+                    if cross:
+                        _add_cross(pair_sums, outs)
+                    n_batches += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if n_batches == 0 and red is None:
+            raise RebasinError(f"{what}: the loader yielded no batches")
+        outcome.count = n_batches
+        outcome.key = fingerprint(states, [p.name for p in prods], order, cross)
+    if red is not None:
+        _reduce(red, moments, pair_sums, order)
     missing = [p.name for p in prods if p.name not in order]
     if missing and require_all:
         raise RebasinError(f"{what}: the producing layers {missing} were never called by the forward pass")
@@ -231,6 +239,28 @@ def collect(
         count=count,
         cross={name: {k: v / count[name] for k, v in pair_sums[name].items()} for name in order} if cross else None,
     )
+
+
+def _reduce(
+    red: Reducer,
+    moments: list[dict[str, Moments]],
+    pair_sums: dict[str, dict[tuple[int, int], Tensor]],
+    order: list[str],
+) -> None:
+    """Replace every rank's sums by their totals over the ranks (one collective; ranks agree on ``order``)."""
+    flat: list[Tensor] = []
+    for m in moments:
+        for name in order:
+            flat += [m[name].s1, m[name].s2, torch.tensor([float(m[name].n)], dtype=torch.float64)]  # type: ignore[list-item]
+    pairs = [(name, k) for name in order for k in sorted(pair_sums[name])]
+    flat += [pair_sums[name][k] for name, k in pairs]
+    total = iter(red.sum(flat))
+    for m in moments:
+        for name in order:
+            m[name].s1, m[name].s2, n = next(total), next(total), next(total)
+            m[name].n = int(n.item())
+    for name, k in pairs:
+        pair_sums[name][k] = next(total)
 
 
 def _add_cross(pair_sums: dict[str, dict[tuple[int, int], Tensor]], outs: list[dict[str, list[Tensor]]]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from .._common import (
     to_device,
     training,
 )
+from .._distributed import fingerprint, guarded, lockstep, reducer, synced_backward
 from .._errors import RebasinError
 
 __all__ = ["BezierCurve", "PolyChainCurve", "CURVE_KINDS", "fit_curve", "CurveFit"]
@@ -306,6 +307,14 @@ class CurveFit:
     time_s: float
 
 
+def _pairs(loader: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    for batch in loader:
+        x, y = split_batch(batch)
+        if y is None:
+            raise RebasinError("fit_curve needs (inputs, targets) batches; the loader yielded inputs only")
+        yield x, y
+
+
 def fit_curve(
     model: nn.Module,
     path: BezierCurve | PolyChainCurve,
@@ -319,6 +328,8 @@ def fit_curve(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> CurveFit:
     r"""Train the bends of the curve ``path`` so that the whole curve has low loss (Garipov et al. 2018).
 
@@ -359,6 +370,15 @@ def fit_curve(
         Where to train; defaults to the curve's device.
     progress
         Show a tqdm bar over epochs; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the bends
+        start from the group's first rank's values, their gradient is averaged over the ranks of ``group``
+        (None: the default group) before every step, and the reported losses are over every rank's
+        examples. Every rank draws the same ``t`` (same ``seed``), so for equal batch sizes each step is the
+        one a single process takes on the union of the ranks' batches — except for what depends on the
+        batch itself: BatchNorm's batch statistics and dropout masks are per rank (as under
+        ``DistributedDataParallel`` without ``SyncBatchNorm``). Every rank needs as many batches.
+        ``sync=False``: this process alone.
 
     Returns
     -------
@@ -388,6 +408,11 @@ def fit_curve(
     device = torch.device(device)
     path.to(device)
     params = [p for p in path.parameters() if p.requires_grad]
+    red = reducer(sync, group)
+    if red is not None:
+        with guarded(red, "fit_curve") as outcome:
+            outcome.key = fingerprint(path.state_dict_at(0.0), params, epochs)
+        red.same_tensors(params)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     opt: torch.optim.Optimizer | None = None
     if params:
@@ -402,28 +427,37 @@ def fit_curve(
         torch.manual_seed(int(seed))
         for _ in epoch_iter:
             total, count = 0.0, 0
-            for batch in loader:
-                x, y = split_batch(batch)
-                if y is None:
-                    raise RebasinError("fit_curve needs (inputs, targets) batches; the loader yielded inputs only")
+            for x, y in lockstep(red, _pairs(loader), "fit_curve"):
                 x, y = to_device(x, device), to_device(y, device)
                 t = float(torch.rand((), generator=gen, dtype=torch.float64))
-                state = path.state_dict_at(t)
-                loss = loss_fn(forward_with_state(model, state, x), y)
-                objective = loss
-                if weight_decay > 0:
-                    penalty = sum(state[k].pow(2).sum() for k in path.trainable_keys)
-                    objective = objective + 0.5 * weight_decay * penalty
+                seen: list[Tensor] = []
+
+                def objective(x: Any = x, y: Any = y, t: float = t, seen: list[Tensor] = seen) -> Tensor:
+                    state = path.state_dict_at(t)
+                    loss = loss_fn(forward_with_state(model, state, x), y)
+                    seen.append(loss.detach())
+                    if weight_decay > 0:
+                        penalty = sum(state[k].pow(2).sum() for k in path.trainable_keys)
+                        return loss + 0.5 * weight_decay * penalty
+                    return loss
+
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
-                    objective.backward()
+                    synced_backward(red, params, objective, "fit_curve")
                     opt.step()
                     steps += 1
+                else:
+                    with torch.no_grad():
+                        objective()
                 n = int(y.shape[0])
-                total += float(loss.detach()) * n
+                total += float(seen[0]) * n
                 count += n
+            if red is not None:  # the epoch's mean loss over every rank's examples
+                total, count = red.sum_numbers(total, count)
             if count == 0:
                 raise RebasinError("fit_curve: the loader yielded no batches")
             losses.append(total / count)
+    if red is not None and params:  # decided once: every rank holds the first rank's bends
+        red.same_tensors(params)
     return CurveFit(tuple(losses), steps, time.perf_counter() - start)
 

@@ -59,6 +59,8 @@ def evaluate_path(
     repair_loader: Iterable[Any] | None = None,
     spec: Any = None,
     progress: bool | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> PathResult:
     r"""Loss and accuracy of ``model`` along the path from ``state_a`` to ``state_b``.
 
@@ -104,6 +106,11 @@ def evaluate_path(
         Permutation spec for REPAIR (traced from the model when omitted).
     progress
         Show a tqdm bar over ``t``; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) every
+        sum — the losses, the correct counts, the BatchNorm and REPAIR statistics — is added over the
+        ranks of ``group`` (None: the default group): each rank gets the result on the union of the
+        shards. ``sync=False``: this process's data only. See docs/distributed.md.
 
     Returns
     -------
@@ -127,7 +134,8 @@ def evaluate_path(
         if path is not None:
             raise RebasinError("repair=True builds its own path from state_a and state_b; do not pass path=")
         stats_loader = repair_loader if repair_loader is not None else (bn_loader if bn_loader is not None else loader)
-        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=max_batches, device=device)
+        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=max_batches, device=device,
+                            sync=sync, group=group)
         state_a = state_b = None
     if ts is None:
         grid = even_grid(check_int(num_points, "num_points (both endpoints are always evaluated)", 2))
@@ -146,8 +154,10 @@ def evaluate_path(
         where = f"the state at t={t:g}" + ("" if path_name == "linear" else f" of the path {path_name}")
         check_finite(state, where)
         if bn_loader is not None:
-            state = reset_bn_stats(model, state, bn_loader, max_batches=max_batches, device=device)
-        loss, acc, n_examples = evaluate_state(model, state, loader, loss_fn=loss_fn, device=device, name=where)
+            state = reset_bn_stats(model, state, bn_loader, max_batches=max_batches, device=device, sync=sync,
+                                   group=group)
+        loss, acc, n_examples = evaluate_state(model, state, loader, loss_fn=loss_fn, device=device, name=where,
+                                               sync=sync, group=group)
         if not math.isfinite(loss):
             raise RebasinError(
                 f"the loss at t={t:g} is {loss} although every entry of {where} is finite: the model's outputs or "

@@ -39,6 +39,7 @@ from .._common import (
     resolve_device,
     state_of,
 )
+from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ._repair_math import correction, fold, predicted_stats, target_stats
@@ -69,6 +70,8 @@ def reset_bn_stats_(
     *,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Recompute ``model``'s BatchNorm running statistics over ``loader``, in place.
 
@@ -90,6 +93,10 @@ def reset_bn_stats_(
         Use at most this many batches (all when None).
     device
         Where to run the forward passes; defaults to the model's device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
+        result on the union of the shards. ``sync=False``: this process's data only.
 
     Returns
     -------
@@ -108,7 +115,8 @@ def reset_bn_stats_(
     """
     if loader is None:
         raise RebasinError("reset_bn_stats_ needs data: pass a loader of (inputs, targets) batches")
-    new = reset_bn_stats(model, state_of(model), loader, max_batches=max_batches, device=device)
+    new = reset_bn_stats(model, state_of(model), loader, max_batches=max_batches, device=device,
+                    sync=sync, group=group)
     buffers = dict(model.named_buffers())
     with torch.no_grad():
         for key, value in new.items():
@@ -129,6 +137,8 @@ def channel_stats(
     spec: PermutationSpec | None = None,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, ChannelStats]:
     """Per-channel mean / std of the outputs of every producing layer of ``model`` run on ``state``.
 
@@ -149,6 +159,10 @@ def channel_stats(
         The permutation spec; traced from the loader's first batch when omitted.
     max_batches, device
         How many batches (all when None) and where to run (default: the model's device).
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
+        result on the union of the shards. ``sync=False``: this process's data only.
 
     Returns
     -------
@@ -172,10 +186,13 @@ def channel_stats(
     check_max_batches(max_batches)
     check_state_for_model(model, state)
     device = resolve_device(model, device=device)
-    spec = _resolve_spec(model, spec, loader)
+    red = reducer(sync, group)
+    with guarded(red, "channel_stats (reading the spec)") as outcome:
+        spec = _resolve_spec(model, spec, loader)
+        outcome.key = fingerprint(state, spec.axes)
     plain, normed, _ = producers(model, spec)
     got = collect(model, [state], plain + normed, loader, max_batches=max_batches, device=device,
-                  what="channel_stats", require_all=False)
+                  what="channel_stats", require_all=False, red=red)
     return got.stats[0]
 
 
@@ -213,7 +230,11 @@ class _Repairer:
         closed_form: bool,
         max_batches: int | None,
         device: torch.device | str | None,
+        sync: bool = True,
+        group: Any = None,
     ) -> None:
+        self.red = reducer(sync, group)
+        self.sync, self.group = sync, group
         if loader is None:
             raise RebasinError(
                 "REPAIR needs data to measure channel statistics: pass a loader of (inputs, targets) batches"
@@ -231,8 +252,10 @@ class _Repairer:
         self.closed_form = bool(closed_form)
         self.max_batches = max_batches
         self.device = resolve_device(model, device=device)
-        self.spec = _resolve_spec(model, spec, loader)
-        self.spec.validate(states[0])
+        with guarded(self.red, "REPAIR (reading the spec)") as outcome:
+            self.spec = _resolve_spec(model, spec, loader)
+            self.spec.validate(states[0])
+            outcome.key = fingerprint(states[0], self.spec.axes, len(states))
         self.plain, self.normed, self.bns = producers(model, self.spec)
         self._endpoints: Collected | None = None
 
@@ -240,16 +263,17 @@ class _Repairer:
     def endpoints(self) -> Collected:
         if self._endpoints is None:
             self._endpoints = collect(self.model, self.states, self.plain, self.loader, max_batches=self.max_batches,
-                                      device=self.device, what="REPAIR", cross=self.closed_form)
+                                      device=self.device, what="REPAIR", cross=self.closed_form, red=self.red)
         return self._endpoints
 
     def _reset_bn(self, state: State) -> dict[str, Tensor]:
-        return reset_bn_stats(self.model, state, self.loader, max_batches=self.max_batches, device=self.device)
+        return reset_bn_stats(self.model, state, self.loader, max_batches=self.max_batches, device=self.device,
+                              sync=self.sync, group=self.group)
 
     def _measure(self, state: State, prod: Producer) -> ChannelStats:
         """Stats of one layer's outputs, stopping each forward pass right after it."""
         got = collect(self.model, [state], [prod], self.loader, max_batches=self.max_batches, device=self.device,
-                      what=f"REPAIR (layer {prod.name!r})", stop_after=prod.name)
+                      what=f"REPAIR (layer {prod.name!r})", stop_after=prod.name, red=self.red)
         return got.stats[0][prod.name]
 
     def state_at(self, weights: Sequence[float]) -> dict[str, Tensor]:
@@ -291,6 +315,8 @@ def repair_states(
     closed_form: bool = False,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, Tensor]:
     r"""The weighted combination :math:`\sum_i w_i \theta_i` of aligned states, REPAIRed.
 
@@ -320,6 +346,10 @@ def repair_states(
         Use at most this many batches per pass.
     device
         Where to run; defaults to the model's device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
+        result on the union of the shards. ``sync=False``: this process's data only.
 
     Returns
     -------
@@ -330,7 +360,8 @@ def repair_states(
     --------
     >>> merged = repair_states(model, [sa, sb, sc], [1 / 3] * 3, loader, spec=spec)  # doctest: +SKIP
     """
-    rep = _Repairer(model, states, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device)
+    rep = _Repairer(model, states, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+                    sync=sync, group=group)
     return rep.state_at(weights)
 
 
@@ -364,10 +395,13 @@ class RepairedPath:
         closed_form: bool = False,
         max_batches: int | None = None,
         device: torch.device | str | None = None,
+        sync: bool = True,
+        group: Any = None,
     ) -> None:
         check_same_layout(state_a, state_b)
         self._rep = _Repairer(
-            model, [state_a, state_b], loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
+            model, [state_a, state_b], loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+            sync=sync, group=group,
         )
         self.__name__ = "repair" + ("_closed_form" if closed_form else "")
 
@@ -389,6 +423,8 @@ def repaired_path(
     closed_form: bool = False,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> RepairedPath:
     """A :class:`RepairedPath` for ``evaluate_path(..., path=repaired_path(...))``.
 
@@ -397,7 +433,8 @@ def repaired_path(
     >>> res = evaluate_path(model, None, None, test, path=repaired_path(model, sa, sb, train))  # doctest: +SKIP
     """
     return RepairedPath(
-        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
+        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+        sync=sync, group=group,
     )
 
 
@@ -412,6 +449,8 @@ def repair(
     closed_form: bool = False,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     r"""The interpolated network at ``t`` with its channel statistics REPAIRed.
 
@@ -471,6 +510,10 @@ def repair(
         Use at most this many batches per pass (all when None).
     device
         Where to run; defaults to the model's device. The returned module is moved there.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
+        result on the union of the shards. ``sync=False``: this process's data only.
 
     Returns
     -------
@@ -503,7 +546,8 @@ def repair(
             "repair needs data to measure channel statistics: pass a loader of (inputs, targets) batches"
         )
     path = RepairedPath(
-        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device
+        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+        sync=sync, group=group,
     )
     state = path.state_dict_at(t)
     return module_with_state(model, state, None if device is None else torch.device(device))

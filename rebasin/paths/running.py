@@ -24,6 +24,7 @@ from .._common import (
     split_batch,
     to_device,
 )
+from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 
 __all__ = ["evaluate_state", "reset_bn_stats", "LossFn"]
@@ -39,21 +40,54 @@ def evaluate_state(
     loss_fn: LossFn | None,
     device: torch.device,
     name: str = "state",
+    sync: bool = True,
+    group: Any = None,
 ) -> tuple[float, float | None, int]:
     """Mean loss, accuracy (None unless every batch looks like classification) and example count.
 
     ``loss_fn(output, target)`` returns the batch *mean*; it is weighted by the batch size.
     This is the single evaluation routine behind :func:`evaluate_path` and ``rebasin.apps.training.evaluate``.
+    Under ``torch.distributed`` (``sync=True`` and an initialised process group) the loss sum, the correct
+    count and the example counts are summed over the ranks of ``group``: every rank gets the numbers of the
+    union of the shards.
     """
+    red = reducer(sync, group)
+    with guarded(red, f"evaluating {name}") as outcome:
+        loss_sum, correct, n_examples, n_targets, classification, n_batches = _evaluate_local(
+            model, state, loader, loss_fn=loss_fn, device=device, name=name, allow_empty=red is not None
+        )
+        outcome.count, outcome.key = n_batches, fingerprint(state)
+    if red is not None:
+        loss_sum, correct, n_examples, n_targets, not_classification = red.sum_numbers(
+            loss_sum, correct, n_examples, n_targets, float(not classification)
+        )
+        classification = not_classification == 0
+        n_examples, n_targets = int(n_examples), int(n_targets)
+    accuracy = float(correct) / n_targets if classification and n_targets else None
+    return float(loss_sum) / n_examples, accuracy, n_examples
+
+
+def _evaluate_local(
+    model: nn.Module,
+    state: State,
+    loader: Iterable[Any],
+    *,
+    loss_fn: LossFn | None,
+    device: torch.device,
+    name: str,
+    allow_empty: bool,
+) -> tuple[float, float, int, int, bool, int]:
+    """This process's ``(loss sum, correct, examples, targets, classification, batches)``."""
     check_state_for_model(model, state, name=name)
     state = {k: v.to(device) for k, v in state.items()}
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    n_examples = n_targets = 0
+    n_examples = n_targets = n_batches = 0
     classification = True
     with torch.no_grad():
         for batch in loader:
+            n_batches += 1
             x, y = split_batch(batch)
             if y is None:
                 raise RebasinError("evaluation needs (inputs, targets) batches; the loader yielded inputs only")
@@ -72,10 +106,9 @@ def evaluate_state(
             if classification:
                 correct += (out.argmax(dim=1) == y).sum()
                 n_targets += y.numel()
-    if n_examples == 0:
+    if n_examples == 0 and not allow_empty:
         raise RebasinError("the evaluation loader yielded no batches")
-    accuracy = float(correct) / n_targets if classification and n_targets else None
-    return float(loss_sum) / n_examples, accuracy, n_examples
+    return float(loss_sum), float(correct), n_examples, n_targets, classification, n_batches
 
 
 def reset_bn_stats(
@@ -85,6 +118,8 @@ def reset_bn_stats(
     *,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> dict[str, Tensor]:
     r"""Recompute every BatchNorm's running statistics for ``state`` over a loader.
 
@@ -108,6 +143,12 @@ def reset_bn_stats(
         Use at most this many batches (all when None).
     device
         Where to run; defaults to the model's device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        per-batch sums and batch counts are added over the ranks of ``group`` (None: the default group),
+        so every rank gets the statistics of all the ranks' batches together — what one process reading
+        every shard would compute. ``max_batches`` then counts per rank. ``sync=False``: this process's
+        batches only. See docs/distributed.md.
 
     Returns
     -------
@@ -133,6 +174,7 @@ def reset_bn_stats(
         return out
     if max_batches is not None:
         check_int(max_batches, "max_batches")
+    red = reducer(sync, group)
     device = resolve_device(model, device=device)
     prefix = {name: f"{name}." if name else "" for name in bns}
     buffers = ("running_mean", "running_var", "num_batches_tracked")
@@ -163,19 +205,29 @@ def reset_bn_stats(
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in bns.items()]
     n_batches = 0
-    try:
-        with torch.no_grad(), only_training(model, bns.values()):
-            for batch in loader:
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                x, _ = split_batch(batch)
-                forward_with_state(model, work, to_device(x, device))
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n_batches == 0:
-        raise RebasinError("reset_bn_stats: the loader yielded no batches")
+    with guarded(red, "reset_bn_stats") as outcome:
+        try:
+            with torch.no_grad(), only_training(model, bns.values()):
+                for batch in loader:
+                    if max_batches is not None and n_batches >= max_batches:
+                        break
+                    x, _ = split_batch(batch)
+                    forward_with_state(model, work, to_device(x, device))
+                    n_batches += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if n_batches == 0 and red is None:
+            raise RebasinError("reset_bn_stats: the loader yielded no batches")
+        outcome.count, outcome.key = n_batches, fingerprint(state, list(bns))
+    if red is not None:  # add the sums and counts of every rank (a layer no rank reached stays at the reset values)
+        zeros = {name: torch.zeros_like(state[prefix[name] + "running_mean"], dtype=torch.float64) for name in bns}
+        flat = [t for name in bns for t in sums.get(name, [zeros[name], zeros[name]])]
+        total = red.sum(flat + [torch.tensor([float(calls[name]) for name in bns], dtype=torch.float64)])
+        for i, name in enumerate(bns):
+            calls[name] = int(total[-1][i])
+            if calls[name]:
+                sums[name] = [total[2 * i].to(device), total[2 * i + 1].to(device)]
 
     for name in bns:
         k = calls[name]

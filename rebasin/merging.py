@@ -302,7 +302,8 @@ def merge(
     # similarities and the rounds settle. From the identity every round it lands in a different local
     # optimum now and then, and the rounds keep changing (4 digits MLPs 64-128-128-10: 17 rounds to
     # settle from the identity, 7 warm-started).
-    warm = method == "weight_matching" and "init" not in options
+    # (only a "weight_matching" that takes init: a user may have replaced the built-in with one that does not)
+    warm = method == "weight_matching" and matcher.accepts("init") and "init" not in options
 
     # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
     where = device if matcher.accepts("device") else None

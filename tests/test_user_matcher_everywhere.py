@@ -223,3 +223,25 @@ def test_demo_lists_and_runs_a_users_matcher(tmp_path, user_wm, capsys):
     assert "user_wm" not in demo_methods()
     assert main(["demo", "--out", str(tmp_path), "--methods", "user_wm", *common]) == 2
     assert "unknown method(s) ['user_wm']" in capsys.readouterr().err
+
+
+def test_merge_runs_a_replacement_weight_matching_without_init():
+    # register_matcher(..., overwrite=True) replaces a built-in; merge's warm start must not pass it init=
+    a, b, spec = planted(2)
+    c = tanh_net()
+    c.load_state_dict(permute(spec, random_permutation(spec, seed=5), a.state_dict()))
+    builtin = rebasin.get_matcher("weight_matching")
+    calls = []
+
+    def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0, device=None):
+        calls.append(seed)
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    register_matcher("weight_matching", replacement, overwrite=True)
+    try:
+        merged, info = merge([a, b, c], spec=spec, repair=False, device="cpu", n_iter=3, return_info=True)
+    finally:
+        register_matcher("weight_matching", builtin.fn, description=builtin.description, overwrite=True)
+    assert info.rounds >= 2 and len(calls) == 2 * info.rounds
+    x = torch.randn(16, 4)
+    assert_close(merged(x), a(x))

@@ -290,12 +290,13 @@ class RebasinMergePlugin(SupervisedPlugin):
         if new_data is not None:
             both = concat_tensors([d for d in (old_data, new_data) if d is not None])
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
+        matcher = get_matcher(self.matcher)
         options = dict(self.matcher_options)
-        if self.matcher == "sinkhorn":
+        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
             options.setdefault("fit", {"progress": False})
         result = align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device if get_matcher(self.matcher).accepts("device") else None, **options,
+            device=device if matcher.accepts("device") else None, **options,
         )
         state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}

@@ -245,3 +245,39 @@ def test_merge_runs_a_replacement_weight_matching_without_init():
     assert info.rounds >= 2 and len(calls) == 2 * info.rounds
     x = torch.randn(16, 4)
     assert_close(merged(x), a(x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("avalanche") is None, reason="needs avalanche-lib (continual extra)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:No loggers specified")
+@pytest.mark.filterwarnings("ignore:no QP solver found")
+def test_continual_plugin_runs_a_replacement_sinkhorn_without_fit():
+    # the plugin quiets the built-in Sinkhorn with fit=; a "sinkhorn" registered over it need not take fit=
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from continual.benchmarks import synthetic
+    from continual.plugin import RebasinMergePlugin
+
+    builtin = rebasin.get_matcher("sinkhorn")
+    calls = []
+
+    def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
+        calls.append(loader is not None)
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    register_matcher("sinkhorn", replacement, uses_data=True, overwrite=True)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+        plugin = RebasinMergePlugin(matcher="sinkhorn", alpha=0.5, new_samples=64)
+        strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                         criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                         plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+        for exp in synthetic(2, seed=0).train_stream:
+            strategy.train(exp)
+    finally:
+        register_matcher("sinkhorn", builtin.fn, needs_data=builtin.needs_data, description=builtin.description,
+                         uses_data=builtin.uses_data, overwrite=True)
+    assert calls == [True] and [r.alpha for r in plugin.history] == [0.5]
+    assert rebasin.get_matcher("sinkhorn") == builtin

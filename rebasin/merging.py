@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import forward_with_state, module_with_state, resolve_device, split_batch, state_of, to_device
+from ._common import (
+    check_int,
+    forward_with_state,
+    module_with_state,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
+)
 from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
@@ -271,8 +279,7 @@ def merge(
     if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
         raise RebasinError(f"reference must be an index into the {n} models, got {reference!r}")
     reference %= n
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise RebasinError(f"n_iter (alignment rounds) must be a positive int, got {n_iter!r}")
+    check_int(n_iter, "n_iter (alignment rounds)")
     matcher = get_matcher(method)
     matcher.check_options(options)
     if matcher.needs_data and loader is None:

@@ -60,6 +60,7 @@ __all__ = [
     "first_line",
     "evaluating",
     "training",
+    "own_global_rng",
     "only_training",
     "progress_bar",
     "progress_counter",
@@ -349,6 +350,17 @@ def only_training(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[No
     finally:
         for m, f in flags.items():
             m.training = f
+
+
+@contextlib.contextmanager
+def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG (dropout) seeded by ``seed`` inside the block, and restored afterwards.
+
+    Forks the CPU generator and, for a CUDA ``device``, that device's generator.
+    """
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ Both evaluate :class:`Objective`: the loss of the model at a point of the curve 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from .curves import BezierCurve, PolyChainCurve
 from .running import LossFn
 
 __all__ = ["Curve", "ProximalStep", "Objective", "RunningMean", "adam", "bend_steps", "centred_direction",
-           "proximal_step", "own_global_rng"]  # fmt: skip
+           "proximal_step"]  # fmt: skip
 
 Curve = BezierCurve | PolyChainCurve
 
@@ -136,14 +135,6 @@ class RunningMean:
     @property
     def mean(self) -> float:
         return self.total / self.count
-
-
-@contextlib.contextmanager
-def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """The global RNG (dropout) seeded by ``seed`` inside the block, and restored afterwards."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
-        yield
 
 
 # ----------------------------------------------------------------------------------------------

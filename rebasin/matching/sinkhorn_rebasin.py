@@ -18,6 +18,7 @@ The answer is the hard permutation obtained by linear assignment on the logits.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -413,5 +414,6 @@ def _sinkhorn_matcher(
     return MatchResult(module.hard_permutations(), history)
 
 
-# what ``fit={...}`` may hold (``loader`` and ``device`` come from the matcher's own arguments)
-_FIT_OPTIONS = frozenset({"epochs", "steps", "lr", "optimizer", "progress"})
+# what ``fit={...}`` may hold: SinkhornRebasin.fit's options (``loader`` and ``device`` come from the matcher's
+# own arguments), read from its signature so that the two cannot drift apart
+_FIT_OPTIONS = frozenset(inspect.signature(SinkhornRebasin.fit).parameters) - {"self", "loader", "device"}

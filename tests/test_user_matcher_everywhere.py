@@ -281,3 +281,25 @@ def test_continual_plugin_runs_a_replacement_sinkhorn_without_fit():
                          uses_data=builtin.uses_data, overwrite=True)
     assert calls == [True] and [r.alpha for r in plugin.history] == [0.5]
     assert rebasin.get_matcher("sinkhorn") == builtin
+
+
+def test_demo_runs_replacements_of_ste_and_sinkhorn_without_their_options(tmp_path):
+    # the demo's settings for the built-in ste / sinkhorn go only to matchers that take them
+    builtins = {name: rebasin.get_matcher(name) for name in ("ste", "sinkhorn")}
+
+    def plain(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    try:
+        for name in builtins:
+            register_matcher(name, plain, overwrite=True)
+        assert "sinkhorn" in demo_methods() and "sinkhorn_l2" not in demo_methods()
+        common = ["--epochs", "3", "--width", "16", "--num-points", "3", "--device", "cpu", "--no-progress"]
+        assert main(["demo", "--out", str(tmp_path), "--methods", "weight_matching,ste,sinkhorn", *common]) == 0
+    finally:
+        for name, m in builtins.items():
+            register_matcher(name, m.fn, needs_data=m.needs_data, description=m.description, uses_data=m.uses_data,
+                             overwrite=True)
+    methods = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert methods["ste"]["barrier"] == methods["sinkhorn"]["barrier"] == methods["weight_matching"]["barrier"]
+    assert "sinkhorn_l2" in demo_methods()

@@ -31,6 +31,7 @@ from .._common import (
     forward_with_state,
     model_device,
     nonempty,
+    own_global_rng,
     progress_counter,
     split_batch,
     state_of,
@@ -293,7 +294,8 @@ class SinkhornRebasin(nn.Module):
         Without one (data-free costs such as ``"l2"`` or a data-free callable) ``steps`` optimisation
         steps are taken (default ``100 * epochs``). ``optimizer`` defaults to Adam over the logits with
         ``lr``. ``progress``: a tqdm bar over the steps; None (default) shows it only when stderr is a
-        terminal (or in Jupyter), so a piped or logged run stays clean.
+        terminal (or in Jupyter), so a piped or logged run stays clean. Dropout in the model draws from the
+        global RNG seeded by ``seed`` inside ``fit`` (restored afterwards).
         """
         if device is not None:
             self.to(device)
@@ -314,7 +316,9 @@ class SinkhornRebasin(nn.Module):
         self.train()
         self._quiet = True
         try:
-            with progress_counter(progress, total, desc=desc) as tick:
+            # the model runs in training mode: its dropout draws from a global RNG seeded by ``seed`` and
+            # restored afterwards, so fit is reproducible and leaves the caller's random stream alone
+            with own_global_rng(self.seed, device), progress_counter(progress, total, desc=desc) as tick:
                 for epoch_batches in epochs_iter:
                     for batch in epoch_batches:
                         batch = None if loader is None else to_device(batch, device)

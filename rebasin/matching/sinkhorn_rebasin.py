@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .._common import (
     State,
     check_state_for_model,
+    evaluating,
     forward_with_state,
     model_device,
     nonempty,
@@ -36,6 +37,7 @@ from .._common import (
     split_batch,
     state_of,
     to_device,
+    training,
 )
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
@@ -225,13 +227,8 @@ class SinkhornRebasin(nn.Module):
         for name, _ in model.named_buffers():
             if name in state and (self.training or not state[name].is_floating_point()):
                 state[name] = state[name].detach().clone()
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.train(self.training)
+        with training(model) if self.training else evaluating(model):
             return forward_with_state(model, state, x)
-        finally:
-            for m, f in flags.items():
-                m.training = f
 
     # ------------------------------------------------------------------ costs
     def l2_cost(self) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, first_input, sample_tensors, tensor_batches, trace_spec
+from ._data import concat_tensors, sample_tensors, spec_at_experience, tensor_batches, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
@@ -235,11 +235,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     # ------------------------------------------------------------------ Avalanche callbacks
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
-            example = self.example_input
-            if example is None:
-                example = first_input(strategy.experience.dataset)
-            example = example.to(strategy.device) if isinstance(example, Tensor) else example
-            self.spec = trace_spec(strategy.model, example)
+            self.spec = spec_at_experience(strategy, self.example_input)
         if self.select_alpha_on == "replay" and self._needs_data and self.alpha is None:
             policy = _find_replay_buffer(strategy)
             if policy is None:

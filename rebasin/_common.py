@@ -54,6 +54,7 @@ __all__ = [
     "head",
     "first_inputs",
     "nonempty",
+    "cycle_batches",
     "forward_with_state",
     "describe_tensors",
     "input_mismatch",
@@ -325,6 +326,13 @@ def nonempty(loader: Iterable[Any], what: str) -> Iterator[Any]:
             f"{what}: the loader yielded no batches (an empty dataset, an exhausted iterator, or drop_last=True "
             "with fewer samples than batch_size?)"
         )
+
+
+def cycle_batches(loader: Iterable[Any], what: str) -> Iterator[Any]:
+    """Batches of ``loader`` forever, pass after pass (a new ``iter`` each pass); :class:`RebasinError`
+    naming ``what`` (as :func:`nonempty`) when a pass yields no batch."""
+    while True:
+        yield from nonempty(loader, what)
 
 
 # ---------------------------------------------------------------------------------------- running

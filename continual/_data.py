@@ -73,7 +73,8 @@ def tensor_batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, 
 
 
 def first_input(dataset: Any, n: int = 2) -> Tensor:
-    """The inputs of the first ``n`` items of ``dataset`` (for tracing a model)."""
+    """The inputs of ``n`` items of ``dataset`` (for tracing a model): a seeded sample, in index order, when it
+    has more than ``n`` items (not necessarily the first ``n``), else every item."""
     x, _ = sample_tensors(dataset, None if len(dataset) <= n else n, seed=0, batch_size=n)
     return x[:n]
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from rebasin import PermutationSpec, RebasinError, spec_from_model
 
-__all__ = ["sample_tensors", "concat_tensors", "first_input", "tensor_batches"]
+__all__ = ["sample_tensors", "concat_tensors", "first_input", "tensor_batches", "trace_spec", "spec_at_experience"]
 
 
 def _eval_view(dataset: Any) -> Any:
@@ -73,9 +73,17 @@ def tensor_batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, 
 
 
 def first_input(dataset: Any, n: int = 2) -> Tensor:
-    """The inputs of the first ``n`` items of ``dataset`` (for tracing a model)."""
+    """The inputs of ``n`` items of ``dataset`` (for tracing a model): a seeded sample, in index order, when it
+    has more than ``n`` items (not necessarily the first ``n``), else every item."""
     x, _ = sample_tensors(dataset, None if len(dataset) <= n else n, seed=0, batch_size=n)
     return x[:n]
+
+
+def spec_at_experience(strategy: Any, example_input: Any) -> PermutationSpec:
+    """The spec of ``strategy.model``, traced on ``example_input`` (or the experience's first inputs) on its device."""
+    example = first_input(strategy.experience.dataset) if example_input is None else example_input
+    example = example.to(strategy.device) if isinstance(example, Tensor) else example
+    return trace_spec(strategy.model, example)
 
 
 def trace_spec(model: nn.Module, example_input: Any) -> PermutationSpec:

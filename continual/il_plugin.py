@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError
 
-from ._data import first_input, trace_spec
+from ._data import spec_at_experience, trace_spec
 from .incremental import ILSettings, IncrementalRebasin
 from .merging import reset_optimizer_state_, write_state_
 
@@ -175,11 +175,7 @@ class RebasinILPlugin(SupervisedPlugin):
                 "MultiTaskModule): the re-basin forward passes the inputs alone"
             )
         if self.spec is None:
-            example = self.example_input
-            if example is None:
-                example = first_input(strategy.experience.dataset)
-            example = example.to(strategy.device) if isinstance(example, Tensor) else example
-            self.spec = trace_spec(model, example)
+            self.spec = spec_at_experience(strategy, self.example_input)
         self.step = None
         if self._n_seen > 0:
             self.step = IncrementalRebasin(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, first_input, sample_tensors, tensor_batches, trace_spec
+from ._data import concat_tensors, sample_tensors, spec_at_experience, tensor_batches, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
@@ -235,11 +235,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     # ------------------------------------------------------------------ Avalanche callbacks
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
-            example = self.example_input
-            if example is None:
-                example = first_input(strategy.experience.dataset)
-            example = example.to(strategy.device) if isinstance(example, Tensor) else example
-            self.spec = trace_spec(strategy.model, example)
+            self.spec = spec_at_experience(strategy, self.example_input)
         if self.select_alpha_on == "replay" and self._needs_data and self.alpha is None:
             policy = _find_replay_buffer(strategy)
             if policy is None:
@@ -290,12 +286,13 @@ class RebasinMergePlugin(SupervisedPlugin):
         if new_data is not None:
             both = concat_tensors([d for d in (old_data, new_data) if d is not None])
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
+        matcher = get_matcher(self.matcher)
         options = dict(self.matcher_options)
-        if self.matcher == "sinkhorn":
+        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
             options.setdefault("fit", {"progress": False})
         result = align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device if get_matcher(self.matcher).accepts("device") else None, **options,
+            device=device if matcher.accepts("device") else None, **options,
         )
         state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}

@@ -54,12 +54,14 @@ __all__ = [
     "head",
     "first_inputs",
     "nonempty",
+    "cycle_batches",
     "forward_with_state",
     "describe_tensors",
     "input_mismatch",
     "first_line",
     "evaluating",
     "training",
+    "own_global_rng",
     "only_training",
     "progress_bar",
     "progress_counter",
@@ -326,6 +328,13 @@ def nonempty(loader: Iterable[Any], what: str) -> Iterator[Any]:
         )
 
 
+def cycle_batches(loader: Iterable[Any], what: str) -> Iterator[Any]:
+    """Batches of ``loader`` forever, pass after pass (a new ``iter`` each pass); :class:`RebasinError`
+    naming ``what`` (as :func:`nonempty`) when a pass yields no batch."""
+    while True:
+        yield from nonempty(loader, what)
+
+
 # ---------------------------------------------------------------------------------------- running
 @contextlib.contextmanager
 def evaluating(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
@@ -349,6 +358,17 @@ def only_training(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[No
     finally:
         for m, f in flags.items():
             m.training = f
+
+
+@contextlib.contextmanager
+def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG (dropout) seeded by ``seed`` inside the block, and restored afterwards.
+
+    Forks the CPU generator and, for a CUDA ``device``, that device's generator.
+    """
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @contextlib.contextmanager

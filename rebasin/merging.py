@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import forward_with_state, module_with_state, resolve_device, split_batch, state_of, to_device
+from ._common import (
+    check_int,
+    forward_with_state,
+    module_with_state,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
+)
 from ._distributed import Reducer, fingerprint, guarded, reducer
 from ._errors import RebasinError
 from .matching.alignment import Alignment
@@ -290,8 +298,7 @@ def merge(
     if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
         raise RebasinError(f"reference must be an index into the {n} models, got {reference!r}")
     reference %= n
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise RebasinError(f"n_iter (alignment rounds) must be a positive int, got {n_iter!r}")
+    check_int(n_iter, "n_iter (alignment rounds)")
     matcher = get_matcher(method)
     matcher.check_options(options)
     if matcher.needs_data and loader is None:
@@ -321,7 +328,8 @@ def merge(
     # similarities and the rounds settle. From the identity every round it lands in a different local
     # optimum now and then, and the rounds keep changing (4 digits MLPs 64-128-128-10: 17 rounds to
     # settle from the identity, 7 warm-started).
-    warm = method == "weight_matching" and "init" not in options
+    # (only a "weight_matching" that takes init: a user may have replaced the built-in with one that does not)
+    warm = method == "weight_matching" and matcher.accepts("init") and "init" not in options
 
     # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
     where = device if matcher.accepts("device") else None

@@ -78,6 +78,25 @@ def test_align_command_writes_aligned_state(tmp_path):
         torch.testing.assert_close(aligned[k], reference[k])
 
 
+def rng_free_net() -> nn.Module:
+    """``small_net`` built without advancing the caller's global RNG."""
+    with torch.random.fork_rng():
+        return small_net()
+
+
+@pytest.mark.parametrize("command", ["align", "merge"])
+def test_example_shape_input_leaves_the_global_rng_alone(tmp_path, command):
+    # main() may run inside a caller's process: the --example-shape input comes from a seeded generator
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "out.pt"
+    _save(a, 0)
+    _save(b, 1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    code = main([command, str(a), str(b), "--model", f"{__name__}:rng_free_net", "--example-shape", "1,4", "-o", str(out)])
+    assert code == 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize(
     "argv_tail, message",
     [

@@ -166,3 +166,22 @@ def test_public_matchers_take_explicit_states():
         rebasin.activation_matching(blank, blank, [x], spec=spec, state_b={k: v for k, v in b.state_dict().items() if k != "4.bias"})
     with pytest.raises(RebasinError, match="state_a does not fit the model"):
         rebasin.SinkhornRebasin(blank, blank, spec=spec, state_a={"0.weight": torch.zeros(12, 5)})
+
+
+def test_an_option_declared_without_a_bare_star_is_accepted():
+    # register_matcher accepts fn(spec, a, b, model_a=None, ..., seed=0, n_iter=5); its n_iter is an option
+    def positional(spec, state_a, state_b, model_a=None, model_b=None, loader=None, seed=0, n_iter=5):
+        "Weight matching whose options are positional-or-keyword."
+        return rebasin.weight_matching(spec, state_a, state_b, n_iter=n_iter, seed=seed)
+
+    matcher = register_matcher("positional_options", positional)
+    try:
+        assert matcher.options() == frozenset({"n_iter"})
+        a, b, spec, _ = _pair()
+        res = rebasin.align(a, b, method="positional_options", spec=spec, n_iter=3)
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(res.state_b[key], value)
+        with pytest.raises(RebasinError, match=r"unknown option\(s\) \['n_ite'\]"):
+            rebasin.align(a, b, method="positional_options", spec=spec, n_ite=3)
+    finally:
+        unregister_matcher("positional_options")

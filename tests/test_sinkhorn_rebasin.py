@@ -228,3 +228,21 @@ def test_forward_at_endpoints_matches_models():
     assert_close(sr(x, t=0.0), a(x))
     # sharp logits at the exact permutation: soft-permuted B is (numerically) A
     assert_close(sr(x), a(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fit_with_dropout_is_seeded_and_leaves_the_global_rng_alone():
+    # fit runs the model in training mode; its dropout must not draw from (and shift) the caller's RNG
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    b = copy.deepcopy(a)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    spec = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",), "3.weight": (None, "P"), "3.bias": (None,)})
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        sr = SinkhornRebasin(a, b, spec=spec, cost="midpoint", seed=7)
+        histories.append(sr.fit(data, epochs=2, progress=False))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert histories[0] == histories[1]

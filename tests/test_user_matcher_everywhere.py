@@ -223,3 +223,83 @@ def test_demo_lists_and_runs_a_users_matcher(tmp_path, user_wm, capsys):
     assert "user_wm" not in demo_methods()
     assert main(["demo", "--out", str(tmp_path), "--methods", "user_wm", *common]) == 2
     assert "unknown method(s) ['user_wm']" in capsys.readouterr().err
+
+
+def test_merge_runs_a_replacement_weight_matching_without_init():
+    # register_matcher(..., overwrite=True) replaces a built-in; merge's warm start must not pass it init=
+    a, b, spec = planted(2)
+    c = tanh_net()
+    c.load_state_dict(permute(spec, random_permutation(spec, seed=5), a.state_dict()))
+    builtin = rebasin.get_matcher("weight_matching")
+    calls = []
+
+    def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0, device=None):
+        calls.append(seed)
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    register_matcher("weight_matching", replacement, overwrite=True)
+    try:
+        merged, info = merge([a, b, c], spec=spec, repair=False, device="cpu", n_iter=3, return_info=True)
+    finally:
+        register_matcher("weight_matching", builtin.fn, description=builtin.description, overwrite=True)
+    assert info.rounds >= 2 and len(calls) == 2 * info.rounds
+    x = torch.randn(16, 4)
+    assert_close(merged(x), a(x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("avalanche") is None, reason="needs avalanche-lib (continual extra)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:No loggers specified")
+@pytest.mark.filterwarnings("ignore:no QP solver found")
+def test_continual_plugin_runs_a_replacement_sinkhorn_without_fit():
+    # the plugin quiets the built-in Sinkhorn with fit=; a "sinkhorn" registered over it need not take fit=
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from continual.benchmarks import synthetic
+    from continual.plugin import RebasinMergePlugin
+
+    builtin = rebasin.get_matcher("sinkhorn")
+    calls = []
+
+    def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
+        calls.append(loader is not None)
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    register_matcher("sinkhorn", replacement, uses_data=True, overwrite=True)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+        plugin = RebasinMergePlugin(matcher="sinkhorn", alpha=0.5, new_samples=64)
+        strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                         criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                         plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+        for exp in synthetic(2, seed=0).train_stream:
+            strategy.train(exp)
+    finally:
+        register_matcher("sinkhorn", builtin.fn, needs_data=builtin.needs_data, description=builtin.description,
+                         uses_data=builtin.uses_data, overwrite=True)
+    assert calls == [True] and [r.alpha for r in plugin.history] == [0.5]
+    assert rebasin.get_matcher("sinkhorn") == builtin
+
+
+def test_demo_runs_replacements_of_ste_and_sinkhorn_without_their_options(tmp_path):
+    # the demo's settings for the built-in ste / sinkhorn go only to matchers that take them
+    builtins = {name: rebasin.get_matcher(name) for name in ("ste", "sinkhorn")}
+
+    def plain(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
+        return weight_matching(spec, state_a, state_b, seed=seed)
+
+    try:
+        for name in builtins:
+            register_matcher(name, plain, overwrite=True)
+        assert "sinkhorn" in demo_methods() and "sinkhorn_l2" not in demo_methods()
+        common = ["--epochs", "3", "--width", "16", "--num-points", "3", "--device", "cpu", "--no-progress"]
+        assert main(["demo", "--out", str(tmp_path), "--methods", "weight_matching,ste,sinkhorn", *common]) == 0
+    finally:
+        for name, m in builtins.items():
+            register_matcher(name, m.fn, needs_data=m.needs_data, description=m.description, uses_data=m.uses_data,
+                             overwrite=True)
+    methods = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert methods["ste"]["barrier"] == methods["sinkhorn"]["barrier"] == methods["weight_matching"]["barrier"]
+    assert "sinkhorn_l2" in demo_methods()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._common import as_args, head, split_batch
+from .._common import as_args, evaluating, head, split_batch
 from .._errors import RebasinError
 
 __all__ = [
@@ -172,13 +172,8 @@ def loader_from(
         raise RebasinError(f"{what} yields batches without targets; this command needs (inputs, targets) batches")
     args, kwargs = as_args(x)
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            try:
-                out = model(*args, **kwargs)
-            finally:
-                model.train(was)
+        with torch.no_grad(), evaluating(model):
+            out = model(*args, **kwargs)
             if targets:
                 F.cross_entropy(out, y)
     except Exception as exc:  # a batch that does not fit the model is one user error

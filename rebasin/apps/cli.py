@@ -103,9 +103,13 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _example(args: argparse.Namespace, first_inputs: Any) -> Any:
-    """The input for tracing: ``--example-shape`` when given, else the first two inputs of ``--data``."""
+    """The input for tracing: ``--example-shape`` when given, else the first two inputs of ``--data``.
+
+    The ``--example-shape`` input is drawn from a generator seeded by ``--seed``, never from the global RNG
+    (``main`` may run inside a caller's process).
+    """
     if args.example_shape is not None:
-        return torch.randn(*example_shape(args.example_shape))
+        return torch.randn(*example_shape(args.example_shape), generator=torch.Generator().manual_seed(args.seed))
     if first_inputs is None:
         raise RebasinError("pass --example-shape (e.g. 1,3,32,32) or --data, so the model can be traced")
     return first_inputs
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--data", default=None, metavar=_FACTORY,
                     help="importable factory returning a loader of (inputs, targets) batches,\n"
                          "for the data-driven matchers")
-    al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices (same seed, same result)")
+    al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices and of the --example-shape input (same seed, same result)")
     al.add_argument("--device", default="auto", help=device_help)
     al.add_argument("-o", "--output", required=True, metavar="FILE",
                     help="where to write B's aligned state_dict (folders are created)")
@@ -468,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--reference", type=int, default=0,
                     help="index of the checkpoint whose basin (unit order) the merged model keeps")
     me.add_argument("--n-iter", type=positive, default=10, help="alignment rounds at most")
-    me.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices")
+    me.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices and of the --example-shape input")
     me.add_argument("--device", default="auto", help=device_help)
     me.set_defaults(func=run_merge)
 

@@ -38,12 +38,16 @@ _DEFAULT_USES = ("weight_matching+repair", "weight_matching+bezier")
 
 
 def _matcher_rows() -> list[str]:
-    """One row per registered matcher, in registration order; Sinkhorn once per built-in cost."""
+    """One row per registered matcher, in registration order; Sinkhorn once per built-in cost.
+
+    (A ``"sinkhorn"`` registered over the built-in without a ``cost`` option is one row, like any matcher.)
+    """
     rows: list[str] = []
     for name in matcher_names():
         if name == "identity":  # the "naive" row, always shown first
             continue
-        rows += [f"sinkhorn_{cost}" for cost in SINKHORN_COSTS] if name == "sinkhorn" else [name]
+        per_cost = name == "sinkhorn" and get_matcher(name).accepts("cost")
+        rows += [f"sinkhorn_{cost}" for cost in SINKHORN_COSTS] if per_cost else [name]
     return list(dict.fromkeys(rows))
 
 
@@ -122,17 +126,23 @@ def demo_data(args: argparse.Namespace):
 
 
 def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Map a demo row's matcher to ``(registered matcher, options)``: the demo's settings for the built-ins."""
+    """Map a demo row's matcher to ``(registered matcher, options)``: the demo's settings for the built-ins.
+
+    Only the options the registered matcher takes are passed: a matcher registered over a built-in name
+    (``register_matcher(..., overwrite=True)``) gets none of the built-in's settings it does not know.
+    """
+    method, options = name, {}
     if name not in matcher_names() and name.startswith("sinkhorn_"):
-        return "sinkhorn", {
+        method, options = "sinkhorn", {
             "cost": name.split("_", 1)[1],
             "init": "identity",
             "n_iter": args.sinkhorn_iters,
             "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr, "progress": _progress(args)},
         }
-    if name == "ste":
-        return "ste", {"epochs": args.ste_epochs, "lr": 1e-3}
-    return name, {}
+    elif name == "ste":
+        options = {"epochs": args.ste_epochs, "lr": 1e-3}
+    matcher = get_matcher(method)
+    return method, {k: v for k, v in options.items() if matcher.accepts(k)}
 
 
 def _align_quietly(model_a, model_b, method, options, loader, spec, args, device):

@@ -90,12 +90,13 @@ class Matcher:
 
     def options(self) -> frozenset[str] | None:
         """The option names ``fn`` accepts beyond the convention (None when it takes ``**options``)."""
-        params = inspect.signature(self.fn).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        params = list(inspect.signature(self.fn).parameters.values())
+        if any(p.kind is p.VAR_KEYWORD for p in params):
             return None
-        return frozenset(
-            n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in CONVENTION
-        )
+        # the first three positional parameters are (spec, state_a, state_b) whatever their names; every
+        # later one that can be passed by keyword is an option (``fn`` need not use a bare ``*``)
+        by_keyword = [p for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return frozenset(p.name for p in by_keyword if p.name not in CONVENTION)
 
     def accepts(self, option: str) -> bool:
         """Whether ``fn`` takes the keyword option ``option`` (always True when it takes ``**options``)."""

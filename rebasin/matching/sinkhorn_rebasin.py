@@ -18,6 +18,7 @@ The answer is the hard permutation obtained by linear assignment on the logits.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,13 +28,16 @@ from torch import Tensor, nn
 from .._common import (
     State,
     check_state_for_model,
+    evaluating,
     forward_with_state,
     model_device,
     nonempty,
+    own_global_rng,
     progress_counter,
     split_batch,
     state_of,
     to_device,
+    training,
 )
 from .._distributed import fingerprint, guarded, lockstep, reducer, synced_backward
 from .._errors import RebasinError
@@ -224,13 +228,8 @@ class SinkhornRebasin(nn.Module):
         for name, _ in model.named_buffers():
             if name in state and (self.training or not state[name].is_floating_point()):
                 state[name] = state[name].detach().clone()
-        flags = {m: m.training for m in model.modules()}
-        try:
-            model.train(self.training)
+        with training(model) if self.training else evaluating(model):
             return forward_with_state(model, state, x)
-        finally:
-            for m, f in flags.items():
-                m.training = f
 
     # ------------------------------------------------------------------ costs
     def l2_cost(self) -> Tensor:
@@ -304,6 +303,8 @@ class SinkhornRebasin(nn.Module):
         mean, and the logits are broadcast from the first rank at the end, so :meth:`hard_permutations` is
         the same everywhere. Every rank needs as many batches (a ``DistributedSampler`` pads). ``sync=False``:
         this process alone.
+        Dropout in the model draws from the global RNG seeded by ``seed`` inside ``fit`` (restored
+        afterwards).
         """
         red = reducer(sync, group)
         if device is not None:
@@ -331,7 +332,9 @@ class SinkhornRebasin(nn.Module):
         self.train()
         self._quiet = True
         try:
-            with progress_counter(progress, total, desc=desc) as tick:
+            # the model runs in training mode: its dropout draws from a global RNG seeded by ``seed`` and
+            # restored afterwards, so fit is reproducible and leaves the caller's random stream alone
+            with own_global_rng(self.seed, device), progress_counter(progress, total, desc=desc) as tick:
                 for epoch_batches in epochs_iter:
                     for batch in epoch_batches:
                         batch = None if loader is None else to_device(batch, device)
@@ -436,5 +439,6 @@ def _sinkhorn_matcher(
     return MatchResult(module.hard_permutations(), history)
 
 
-# what ``fit={...}`` may hold (``loader`` and ``device`` come from the matcher's own arguments)
-_FIT_OPTIONS = frozenset({"epochs", "steps", "lr", "optimizer", "progress", "sync", "group"})
+# what ``fit={...}`` may hold: SinkhornRebasin.fit's options (``loader`` and ``device`` come from the matcher's
+# own arguments), read from its signature so that the two cannot drift apart
+_FIT_OPTIONS = frozenset(inspect.signature(SinkhornRebasin.fit).parameters) - {"self", "loader", "device"}

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._errors import RebasinError
+from .._common import check_int
 from ..spec.core import PermutationSpec, check_permutations
 from .assignment import cost_from_similarity, solve_cost
 from .registry import MatchResult, register_matcher
@@ -382,8 +382,7 @@ def weight_matching(
     True
     """
     sizes = spec.validate_pair(state_a, state_b)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise RebasinError(f"n_iter must be a non-negative int, got {n_iter!r}")
+    check_int(n_iter, "n_iter", 0)
     if init is not None:
         check_permutations(spec, init, sizes)
     perms: dict[str, np.ndarray] = {}

@@ -10,15 +10,14 @@ Both evaluate :class:`Objective`: the loss of the model at a point of the curve 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._common import check_float, check_int, forward_with_state, split_batch, to_device
+from .._common import check_float, check_int, cycle_batches, forward_with_state, split_batch, to_device
 from .._errors import RebasinError
 from ..matching.sinkhorn_op import sinkhorn
 from ..spec.core import PermutationSpec
@@ -27,7 +26,7 @@ from .curves import BezierCurve, PolyChainCurve
 from .running import LossFn
 
 __all__ = ["Curve", "ProximalStep", "Objective", "RunningMean", "adam", "bend_steps", "centred_direction",
-           "proximal_step", "own_global_rng"]  # fmt: skip
+           "proximal_step"]  # fmt: skip
 
 Curve = BezierCurve | PolyChainCurve
 
@@ -79,17 +78,6 @@ class ProximalStep:
 # the objective: the loss at one point of the curve, on one batch
 
 
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
-    """Batches of ``loader`` forever, pass after pass (a new ``iter`` each pass)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RebasinError("proximal_alternating_minimization: the loader yielded no batches")
-
-
 class Objective:
     r""":math:`\ell(f(x;\ \phi(t;\ \theta_A, \text{end})), y)` with batches drawn in turn and seeded :math:`t`."""
 
@@ -97,7 +85,7 @@ class Objective:
         self, model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, device: torch.device, seed: int
     ) -> None:
         self.model, self.loss_fn, self.device = model, loss_fn, device
-        self.batches = _cycle(loader)
+        self.batches = cycle_batches(loader, "proximal_alternating_minimization")
         self.gen = torch.Generator().manual_seed(int(seed))
 
     def draw(self, stratum: int = 0, strata: int = 1) -> tuple[Any, Any, float]:
@@ -136,14 +124,6 @@ class RunningMean:
     @property
     def mean(self) -> float:
         return self.total / self.count
-
-
-@contextlib.contextmanager
-def own_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """The global RNG (dropout) seeded by ``seed`` inside the block, and restored afterwards."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
-        yield
 
 
 # ----------------------------------------------------------------------------------------------

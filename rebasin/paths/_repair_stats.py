@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._common import State, forward_with_state, split_batch, to_device
+from .._common import State, check_int, forward_with_state, split_batch, to_device
 from .._distributed import Reducer, fingerprint, guarded
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
@@ -126,8 +126,8 @@ class _Stop(Exception):
 
 
 def check_max_batches(max_batches: int | None) -> None:
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise RebasinError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if max_batches is not None:
+        check_int(max_batches, "max_batches (or None)")
 
 
 def _inputs(loader: Iterable[Any], max_batches: int | None) -> Iterable[Any]:

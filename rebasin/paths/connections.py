@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from .._common import (
     check_int,
     check_pair,
     check_state_for_model,
+    cycle_batches,
     forward_with_state,
     progress_bar,
     resolve_device,
@@ -375,16 +376,6 @@ def fit_flow_connection(
                           log_likelihood_start=ll_start, log_likelihood_end=ll_end, device=dev)
 
 
-def _batches(loader: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RebasinError("loader yielded no batches")
-
-
 def fit_bijection_connection(
     model: nn.Module,
     states: Sequence[State],
@@ -483,7 +474,7 @@ def fit_bijection_connection(
     flow.requires_grad_(True).train()
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     history = []
-    batches = _batches(loader)
+    batches = cycle_batches(loader, "fit_bijection_connection")
     for _ in progress_bar(range(n_iter), progress, desc="bijection", unit="step"):
         i, j = torch.randperm(len(zoo), generator=g)[:2].tolist()
         t = float(torch.rand((), generator=g, dtype=torch.float64))

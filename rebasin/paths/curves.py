@@ -37,6 +37,7 @@ from .._common import (
     check_same_layout,
     check_state_for_model,
     forward_with_state,
+    own_global_rng,
     progress_bar,
     resolve_device,
     split_batch,
@@ -422,9 +423,7 @@ def fit_curve(
     steps = 0
     start = time.perf_counter()
     epoch_iter: Iterable[int] = progress_bar(range(epochs), progress, desc="fit_curve", unit="epoch")
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), training(model):
-        torch.manual_seed(int(seed))
+    with own_global_rng(seed, device), training(model):
         for _ in epoch_iter:
             total, count = 0.0, 0
             for x, y in lockstep(red, _pairs(loader), "fit_curve"):

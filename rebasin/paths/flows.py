@@ -106,7 +106,6 @@ class _Autoregressive(nn.Module):
     def __init__(self, degree: Tensor, n_blocks: int, hidden: int, generator: torch.Generator,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        d = degree.numel()
         self.n_blocks = n_blocks
         self.register_buffer("degree", degree)
         hid = torch.arange(hidden) % max(n_blocks - 1, 1)

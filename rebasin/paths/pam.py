@@ -83,6 +83,7 @@ from .._common import (
     check_int,
     check_pair,
     check_state_for_model,
+    own_global_rng,
     progress_bar,
     resolve_device,
     training,
@@ -92,7 +93,7 @@ from ..matching.weight import weight_matching
 from ..spec.core import PermutationSpec, check_permutations, permute
 from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute
 from ..trace.tracing import spec_for
-from ._pam_steps import Curve, Objective, ProximalStep, RunningMean, adam, bend_steps, own_global_rng, proximal_step
+from ._pam_steps import Curve, Objective, ProximalStep, RunningMean, adam, bend_steps, proximal_step
 from .curves import CURVE_KINDS
 from .running import LossFn
 

@@ -246,3 +246,10 @@ def test_fit_with_dropout_is_seeded_and_leaves_the_global_rng_alone():
         histories.append(sr.fit(data, epochs=2, progress=False))
         assert torch.equal(torch.get_rng_state(), before)
     assert histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("n_iter", [0, 2.5, True, "20"])
+def test_bad_n_iter_is_named(n_iter):
+    a, b = mlp(0), mlp(1)
+    with pytest.raises(RebasinError, match="n_iter must be an int >= 1"):
+        SinkhornRebasin(a, b, spec=mlp_spec(a), n_iter=n_iter)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .._common import (
     State,
+    check_int,
     check_state_for_model,
     evaluating,
     forward_with_state,
@@ -129,8 +130,7 @@ class SinkhornRebasin(nn.Module):
             raise RebasinError(f"unknown grad {grad!r}; choose one of {SINKHORN_GRADS}")
         if not (tau > 0 and float(tau) < float("inf")):
             raise RebasinError(f"tau must be a positive finite number, got {tau}")
-        if int(n_iter) < 1:
-            raise RebasinError(f"n_iter must be at least 1, got {n_iter}")
+        check_int(n_iter, "n_iter")
         for name, model, state in (("state_a", model_a, state_a), ("state_b", model_b, state_b)):
             if state is not None:
                 check_state_for_model(model, state, name)

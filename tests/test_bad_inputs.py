@@ -438,3 +438,20 @@ def test_progress_true_still_draws_a_bar(pair, monkeypatch):
     monkeypatch.setattr(sys, "stderr", log)
     rebasin.evaluate_path(a, a.state_dict(), b.state_dict(), [(x, y)], num_points=3, progress=True)
     assert "path" in log.getvalue()
+
+
+def test_counts_that_are_not_ints_are_refused_by_the_shared_check():
+    """max_batches / epochs / max_steps go through _common.check_int: 2.5 or True is not a count."""
+    import torch
+    from torch import nn
+
+    from rebasin import activation_matching, ste_matching
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    with pytest.raises(RebasinError, match=r"max_batches must be an int >= 1, got 2.5"):
+        activation_matching(model, model, data, max_batches=2.5)
+    with pytest.raises(RebasinError, match=r"epochs must be an int >= 0, got 1.5"):
+        ste_matching(model, model, data, epochs=1.5)
+    with pytest.raises(RebasinError, match=r"max_steps must be an int >= 0, got True"):
+        ste_matching(model, model, data, max_steps=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import State, head, model_device, paired_states, resolve_device, split_batch, to_device
+from .._common import State, check_int, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
@@ -242,8 +242,8 @@ def _collect(
     state_b: State | None = None,
     red: Reducer | None = None,
 ) -> tuple[PermutationSpec, dict[str, _Moments], int]:
-    if max_batches is not None and int(max_batches) < 1:
-        raise RebasinError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    if max_batches is not None:
+        check_int(max_batches, "max_batches")
     with guarded(red, "activation statistics") as outcome:
         spec, moments, num_batches = _collect_local(
             model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches,

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .._common import (
     State,
+    check_int,
     forward_with_state,
     head,
     model_device,
@@ -232,8 +233,9 @@ def ste_matching(
 
 # ---------------------------------------------------------------------------------------- set-up
 def _check_options(epochs: int, lr: float, max_steps: int | None, select: str) -> None:
-    if int(epochs) < 0 or (max_steps is not None and int(max_steps) < 0):
-        raise RebasinError(f"epochs and max_steps must be non-negative, got epochs={epochs}, max_steps={max_steps}")
+    check_int(epochs, "epochs", 0)
+    if max_steps is not None:
+        check_int(max_steps, "max_steps", 0)
     if not float(lr) > 0:
         raise RebasinError(f"lr must be positive, got {lr}")
     if select not in ("final", "best"):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .._common import (
     as_state,
     check_float,
+    check_int,
     check_pair,
     check_same_layout,
     check_state_for_model,
@@ -393,8 +394,7 @@ def fit_curve(
     """
     if not isinstance(path, _Curve):
         raise RebasinError(f"path must be a BezierCurve or PolyChainCurve (a curve with bends), got {type(path).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise RebasinError(f"epochs must be a positive int, got {epochs!r}")
+    check_int(epochs, "epochs")
     if not check_float(lr, "lr") > 0:
         raise RebasinError(f"lr must be positive, got {lr!r}")
     if check_float(weight_decay, "weight_decay") < 0:

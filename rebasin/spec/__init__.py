@@ -8,6 +8,10 @@ Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`Permutat
 from __future__ import annotations
 
 from .core import (
+    Occurrence,
+    axis_index,
+    join_structured,
+    split_structured,
     Axes,
     PermutationSpec,
     block_index,
@@ -30,6 +34,10 @@ __all__ = [
     "identity_permutation",
     "check_permutations",
     "block_index",
+    "Occurrence",
+    "axis_index",
+    "split_structured",
+    "join_structured",
     "soft_permute",
     "perm_to_matrix",
     "matrix_to_perm",

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,23 @@ __all__ = [
     "identity_permutation",
     "check_permutations",
     "block_index",
+    "Occurrence",
+    "split_structured",
+    "join_structured",
+    "axis_index",
 ]
 
 Axes = tuple["str | None", ...]
+
+
+class Occurrence(NamedTuple):
+    """One stretch of one axis a permutation acts on (see :attr:`PermutationSpec.occurrences`)."""
+
+    key: str
+    axis: int
+    start: int = 0
+    block: int = 1
+    groups: int = 1
 
 
 def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
@@ -67,6 +81,32 @@ class PermutationSpec:
         ``n`` acts on consecutive blocks of ``k`` entries: index ``c * k + s`` goes to
         ``p[c] * k + s``. This is the input axis of a ``Linear`` after flattening a
         ``(C, H, W)`` feature map (channel-major, ``k = H * W``).
+    structure
+        Optional ``{perm: (outer, d)}``: ``perm`` (size ``H * d``) permutes *whole blocks* of ``d``
+        consecutive units by the permutation ``outer`` (size ``H``) and the units inside each block
+        freely: ``p[a * d + i] = outer[a] * d + inner_a[i]``. Attention heads (``outer`` moves heads,
+        ``inner_a`` the units of head ``a``), grouped convolutions and GroupNorm groups use it.
+        Permutations with the same ``outer`` share it (q/k and v/o of one attention layer share the
+        head permutation). ``outer`` is either a name used nowhere else (a *virtual* permutation,
+        never in :attr:`perms`) or a permutation of the spec (a depthwise convolution's channel
+        multiplier); an ``outer`` is not itself structured.
+    concat
+        Optional ``{name: ((part, n), ...)}``: the permutation ``name`` used on some axes is the
+        block-diagonal union of its parts, in order: ``n`` units permuted by ``part`` (a permutation
+        of the spec) or left in place (``part=None``). Concatenation along the feature axis
+        (``torch.cat``, DenseNet), packed projections (``nn.MultiheadAttention.in_proj_weight`` is
+        ``q; k; v``, a GPT-2 ``c_attn`` likewise) and recurrent gates (``nn.LSTM`` stacks four gate
+        blocks permuted by one permutation) use it. ``name`` is derived, never in :attr:`perms`;
+        parts are not themselves concatenations.
+    grouped
+        Optional ``{(key, axis): g}``: axis ``axis`` of ``key`` holds only the diagonal blocks of a
+        grouped layer with ``g`` groups (a grouped convolution's weight has shape
+        ``(C_out, C_in / g, kh, kw)``): its permutation (size ``C_in``) must be structured with ``g``
+        blocks, axis 0 of ``key`` must carry a permutation structured with the same ``outer``, and
+        row ``r`` of axis 0 uses the block of its group.
+
+    A permutation may act on several axes of one tensor: ``("P", "P")`` is ``P W P^T`` (a
+    single-layer residual block ``h + f(W h)``, a recurrent weight).
 
     Examples
     --------
@@ -83,6 +123,9 @@ class PermutationSpec:
     axes: Mapping[str, Axes]
     sizes: Mapping[str, int] | None = field(default=None)
     blocks: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    structure: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    concat: Mapping[str, tuple[tuple[str | None, int], ...]] = field(default_factory=dict)
+    grouped: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         clean: dict[str, Axes] = {}
@@ -95,17 +138,9 @@ class PermutationSpec:
                     f"per axis, got {ax!r}"
                 )
             ax = tuple(ax)
-            named = [p for p in ax if p is not None]
-            for p in named:
-                if not isinstance(p, str):
+            for p in ax:
+                if p is not None and not isinstance(p, str):
                     raise RebasinError(f"spec entry for {key!r}: axis names must be str or None, got {p!r}")
-            if len(named) != len(set(named)):
-                raise RebasinError(
-                    f"spec entry for {key!r} uses a permutation on two axes of one tensor: {ax}; "
-                    "a permutation may act on at most one axis of each tensor (one permutation on both axes of a "
-                    "square weight, P W P^T, as in a single-layer residual block or a recurrent weight, is not "
-                    "supported yet)"
-                )
             clean[key] = ax
         object.__setattr__(self, "axes", MappingProxyType(clean))
         blocks: dict[tuple[str, int], int] = {}
@@ -119,6 +154,7 @@ class PermutationSpec:
             if int(k) > 1:
                 blocks[(key, int(axis))] = int(k)
         object.__setattr__(self, "blocks", MappingProxyType(blocks))
+        _check_structure(self, clean)
         if self.sizes is not None:
             sizes = {str(k): int(v) for k, v in dict(self.sizes).items()}
             unknown = set(sizes) - set(self.perm_to_axes)
@@ -140,9 +176,77 @@ class PermutationSpec:
         out: dict[str, list[tuple[str, int]]] = {}
         for key, ax in self.axes.items():
             for i, p in enumerate(ax):
-                if p is not None:
+                if p is None:
+                    continue
+                if p in self.concat:
+                    for part, _ in self.concat[p]:
+                        if part is not None:
+                            out.setdefault(part, [])
+                else:
                     out.setdefault(p, []).append((key, i))
         return MappingProxyType({p: tuple(v) for p, v in out.items()})
+
+    @cached_property
+    def occurrences(self) -> Mapping[str, tuple[Occurrence, ...]]:
+        """``{perm: (Occurrence, ...)}``: every stretch of every axis each permutation acts on.
+
+        Unlike :attr:`perm_to_axes` this includes the parts of :attr:`concat` names (with their
+        ``start``) and grouped axes (``groups > 1``). The axis entries ``start * block`` to
+        ``(start + n) * block`` are permuted in blocks of ``block`` (``n`` the permutation's size;
+        on a grouped axis the axis holds ``n / groups`` entries, see :attr:`grouped`).
+        """
+        out: dict[str, list[Occurrence]] = {p: [] for p in self.perm_to_axes}
+        for key, ax in self.axes.items():
+            for i, p in enumerate(ax):
+                if p is None:
+                    continue
+                k = self.blocks.get((key, i), 1)
+                if p in self.concat:
+                    start = 0
+                    for part, n in self.concat[p]:
+                        if part is not None:
+                            out[part].append(Occurrence(key, i, start, k, 1))
+                        start += n
+                else:
+                    out[p].append(Occurrence(key, i, 0, k, self.grouped.get((key, i), 1)))
+        return MappingProxyType({p: tuple(v) for p, v in out.items()})
+
+    @cached_property
+    def outers(self) -> Mapping[str, tuple[str, ...]]:
+        """``{outer: (perm, ...)}``: the structured permutations sharing each outer (head/group) permutation."""
+        out: dict[str, list[str]] = {}
+        for p in self.perms:
+            if p in self.structure:
+                out.setdefault(self.structure[p][0], []).append(p)
+        return MappingProxyType({o: tuple(v) for o, v in out.items()})
+
+    @cached_property
+    def units(self) -> tuple[tuple[str, ...], ...]:
+        """The permutations that must be chosen together, in :attr:`perms` order.
+
+        Each unit is one unstructured permutation, or an outer permutation's members (with the outer
+        itself first when it is a permutation of the spec). Matchers solve one unit at a time.
+        """
+        seen: set[str] = set()
+        out: list[tuple[str, ...]] = []
+        for p in self.perms:
+            if p in seen:
+                continue
+            outer = self.structure[p][0] if p in self.structure else (p if p in self.outers else None)
+            if outer is None:
+                unit: tuple[str, ...] = (p,)
+            else:
+                unit = ((outer,) if outer in self.perm_to_axes else ()) + self.outers[outer]
+            seen.update(unit)
+            out.append(unit)
+        return tuple(out)
+
+    def outer_size(self, outer: str, sizes: Mapping[str, int]) -> int:
+        """Size of an outer permutation (virtual or not) from the sizes of the spec's permutations."""
+        if outer in sizes:
+            return int(sizes[outer])
+        member = self.outers[outer][0]
+        return int(sizes[member]) // self.structure[member][1]
 
     @property
     def perms(self) -> tuple[str, ...]:
@@ -159,19 +263,27 @@ class PermutationSpec:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
-        return dict(self.axes) == dict(other.axes) and dict(self.blocks) == dict(other.blocks)
+        return all(dict(getattr(self, f)) == dict(getattr(other, f))
+                   for f in ("axes", "blocks", "structure", "concat", "grouped"))
+
+    def _extras(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped}
 
     __hash__ = None  # type: ignore[assignment]
 
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
-        return PermutationSpec(self.axes, self.validate(state_dict), self.blocks)
+        return PermutationSpec(self.axes, self.validate(state_dict), **self._extras())
 
     def renamed(self, mapping: Mapping[str, str]) -> PermutationSpec:
         """Rename permutations (names missing from ``mapping`` are kept)."""
-        axes = {k: tuple(None if p is None else mapping.get(p, p) for p in ax) for k, ax in self.axes.items()}
-        sizes = None if self.sizes is None else {mapping.get(p, p): n for p, n in self.sizes.items()}
-        return PermutationSpec(axes, sizes, self.blocks)
+        def r(p: str | None) -> str | None:
+            return None if p is None else mapping.get(p, p)
+        axes = {k: tuple(r(p) for p in ax) for k, ax in self.axes.items()}
+        sizes = None if self.sizes is None else {r(p): n for p, n in self.sizes.items()}
+        structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
+        concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
+        return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:
@@ -210,18 +322,33 @@ class PermutationSpec:
                         f"{name}[{key!r}] has shape {shape}: axis {i} (size {shape[i]}) is not a multiple "
                         f"of the block size {k} the spec gives for permutation {p!r}"
                     )
-                n = shape[i] // k
-                if p in seen and seen[p][0] != n:
-                    n0, k0, s0 = seen[p]
-                    raise RebasinError(
-                        f"permutation {p!r} has inconsistent sizes: {name}[{k0!r}] has shape {s0} "
-                        f"(size {n0}) but {name}[{key!r}] has shape {shape} (axis {i}: size {n}"
-                        + (f" = {shape[i]} / block {k})" if k > 1 else ")")
-                    )
-                seen.setdefault(p, (n, key, shape))
+                n = shape[i] // k * self.grouped.get((key, i), 1)
+                if p in self.concat:
+                    total = sum(m for _, m in self.concat[p])
+                    if total != n:
+                        raise RebasinError(
+                            f"{name}[{key!r}] has shape {shape}: axis {i} has {n} units but the concatenation "
+                            f"{p!r} = {list(self.concat[p])} has {total}"
+                        )
+                    parts = [(q, m) for q, m in self.concat[p] if q is not None]
+                else:
+                    parts = [(p, n)]
+                for q, m in parts:
+                    if q in seen and seen[q][0] != m:
+                        n0, k0, s0 = seen[q]
+                        raise RebasinError(
+                            f"permutation {q!r} has inconsistent sizes: {name}[{k0!r}] has shape {s0} "
+                            f"(size {n0}) but {name}[{key!r}] has shape {shape} (axis {i}: size {m}"
+                            + (f" = {shape[i]} / block {k})" if k > 1 else ")")
+                        )
+                    seen.setdefault(q, (m, key, shape))
             if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise RebasinError(f"{name}[{key!r}] (shape {shape}) contains NaN or inf values")
         sizes = {p: v[0] for p, v in seen.items()}
+        missing_parts = [p for p in self.perm_to_axes if p not in sizes]
+        if missing_parts:  # only possible for parts of a concatenation used on no axis
+            raise RebasinError(f"permutation(s) {missing_parts} act on no axis of {name}")
+        _check_structure_sizes(self, sizes, name)
         if self.sizes is not None:
             for p, n in self.sizes.items():
                 if sizes.get(p) != n:
@@ -345,6 +472,114 @@ def _randomised_norms(model: nn.Module, state: dict[str, Tensor], seed: int) -> 
     return out
 
 
+def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
+    """Construction-time checks of ``structure``, ``concat`` and ``grouped`` (plain data, names only)."""
+    on_axes = {p for ax in axes.values() for p in ax if p is not None}
+    concat: dict[str, tuple[tuple[str | None, int], ...]] = {}
+    for name, parts in dict(spec.concat).items():
+        if not isinstance(name, str) or name not in on_axes:
+            raise RebasinError(f"spec concat entry {name!r} is not a permutation used on any axis")
+        try:
+            clean = tuple((None if q is None else str(q), int(m)) for q, m in parts)
+        except (TypeError, ValueError):
+            raise RebasinError(f"spec concat[{name!r}] must be a tuple of (part or None, size) pairs, got {parts!r}") from None
+        for q, m in clean:
+            if m < 1:
+                raise RebasinError(f"spec concat[{name!r}]: part {q!r} has size {m}; sizes must be positive")
+        nested = [q for q, _ in clean if q is not None and q in spec.concat]
+        if nested:
+            raise RebasinError(f"spec concat[{name!r}] has concatenations {nested} as parts; flatten them")
+        concat[name] = clean
+    object.__setattr__(spec, "concat", MappingProxyType(concat))
+    free = {p for p in on_axes if p not in concat} | {q for parts in concat.values() for q, _ in parts if q is not None}
+    structure: dict[str, tuple[str, int]] = {}
+    for p, val in dict(spec.structure).items():
+        if p not in free:
+            raise RebasinError(f"spec structure entry {p!r} is not a permutation of the spec (derived names cannot be structured)")
+        try:
+            outer, d = val
+            outer, d = str(outer), int(d)
+        except (TypeError, ValueError):
+            raise RebasinError(f"spec structure[{p!r}] must be (outer name, block size), got {val!r}") from None
+        if d < 1 or outer == p or outer in concat:
+            raise RebasinError(f"spec structure[{p!r}] = {val!r}: the block size must be positive and the outer "
+                               "permutation another, non-derived name")
+        structure[p] = (outer, d)
+    nested = sorted({o for o, _ in structure.values() if o in structure})
+    if nested:
+        raise RebasinError(f"spec structure: outer permutation(s) {nested} are themselves structured; nested "
+                           "structures (groups inside groups) are not supported")
+    object.__setattr__(spec, "structure", MappingProxyType(structure))
+    grouped: dict[tuple[str, int], int] = {}
+    for (key, axis), g in dict(spec.grouped).items():
+        ax = axes.get(key)
+        p = ax[axis] if ax is not None and 0 < axis < len(ax) else None
+        if p is None or p in concat or p not in structure or int(g) < 2:
+            raise RebasinError(
+                f"spec grouped entry ({key!r}, {axis}) = {g}: the axis (not axis 0) must carry a structured, "
+                "non-derived permutation and the group count must be at least 2")
+        rows = ax[0]
+        if rows is None or rows not in structure or structure[rows][0] != structure[p][0]:
+            raise RebasinError(
+                f"spec grouped entry ({key!r}, {axis}): axis 0 must carry a permutation structured with the same "
+                f"outer permutation {structure[p][0]!r} as {p!r} (the groups of a grouped layer move together)")
+        if (key, axis) in spec.blocks:
+            raise RebasinError(f"spec grouped entry ({key!r}, {axis}) cannot also have a block size")
+        grouped[(key, int(axis))] = int(g)
+    object.__setattr__(spec, "grouped", MappingProxyType(grouped))
+
+
+def _check_structure_sizes(spec: PermutationSpec, sizes: Mapping[str, int], name: str) -> None:
+    outer_n: dict[str, tuple[int, str]] = {}
+    for p, (outer, d) in spec.structure.items():
+        n = sizes[p]
+        if n % d:
+            raise RebasinError(f"permutation {p!r} has size {n} in {name}, not a multiple of its block size {d} "
+                               f"(outer {outer!r})")
+        h = n // d
+        if outer in sizes and sizes[outer] != h:
+            raise RebasinError(f"permutation {p!r} has {h} blocks of {d} but its outer permutation {outer!r} "
+                               f"has size {sizes[outer]}")
+        if outer in outer_n and outer_n[outer][0] != h:
+            raise RebasinError(f"permutations {outer_n[outer][1]!r} and {p!r} share the outer permutation "
+                               f"{outer!r} but have {outer_n[outer][0]} and {h} blocks")
+        outer_n.setdefault(outer, (h, p))
+    for (key, axis), g in spec.grouped.items():
+        p = spec.axes[key][axis]
+        h = sizes[p] // spec.structure[p][1]  # type: ignore[index]
+        if h != g:
+            raise RebasinError(f"spec grouped entry ({key!r}, {axis}) has {g} groups but {p!r} has {h} blocks")
+
+
+def split_structured(perm: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """``(outer, inner)`` of a structured permutation: ``perm[a*d + i] == outer[a]*d + inner[a, i]``."""
+    view = perm.long().reshape(-1, block)
+    return view[:, 0] // block, view % block
+
+
+def join_structured(outer: Tensor, inner: Tensor) -> Tensor:
+    """The flat permutation of ``outer`` (size ``H``) and ``inner`` (shape ``(H, d)``); see :func:`split_structured`."""
+    d = inner.shape[1]
+    return (outer.long()[:, None] * d + inner.long()).reshape(-1)
+
+
+def axis_index(spec: PermutationSpec, name: str, perms: Mapping[str, Tensor], skip: str | None = None) -> Tensor | None:
+    """The flat index a spec name (a permutation or a concatenation) applies to an axis; None for the identity.
+
+    Permutations missing from ``perms`` (or equal to ``skip``) are the identity.
+    """
+    if name not in spec.concat:
+        return None if name == skip else perms.get(name)
+    pieces, start, moved = [], 0, False
+    device = next((perms[q].device for q, _ in spec.concat[name] if q is not None and q in perms), None)
+    for q, m in spec.concat[name]:
+        p = perms.get(q) if q is not None and q != skip else None
+        moved = moved or p is not None
+        pieces.append((p.long() if p is not None else torch.arange(m, device=device)) + start)
+        start += m
+    return torch.cat(pieces) if moved else None
+
+
 # ---------------------------------------------------------------------------------------- algebra
 def check_permutations(
     spec: PermutationSpec, perms: Mapping[str, Tensor], sizes: Mapping[str, int] | None = None
@@ -363,6 +598,32 @@ def check_permutations(
         in_range = m == 0 or (int(p.min()) >= 0 and int(p.max()) < m)
         if not in_range or bool((torch.bincount(p.long(), minlength=m) != 1).any()):
             raise RebasinError(f"perms[{name!r}] is not a permutation of 0..{p.numel() - 1}")
+    for outer, members in spec.outers.items():
+        given = [q for q in members if q in perms]
+        if not given and outer not in perms:
+            continue
+        implied: list[tuple[str, Tensor]] = [(outer, perms[outer].long().cpu())] if outer in perms else []
+        for q in members:
+            d = spec.structure[q][1]
+            if q not in perms:
+                if implied:
+                    raise RebasinError(
+                        f"perms gives {implied[0][0]!r} but not {q!r}, which shares its outer permutation {outer!r} "
+                        "(heads or groups move together); give every permutation of the structure or none")
+                continue
+            p = perms[q].long().cpu()
+            if p.numel() % d:
+                raise RebasinError(f"perms[{q!r}] has {p.numel()} entries, not a multiple of its block size {d}")
+            view = p.reshape(-1, d)
+            lead = view[:, :1] // d
+            if bool((view // d != lead).any()):
+                raise RebasinError(f"perms[{q!r}] moves units between blocks of {d}: the spec structures it as whole "
+                                   f"blocks (heads or groups) permuted by {outer!r} and units permuted inside each block")
+            implied.append((q, lead[:, 0]))
+        for q, o in implied[1:]:
+            if o.shape != implied[0][1].shape or not torch.equal(o, implied[0][1]):
+                raise RebasinError(f"perms[{q!r}] and perms[{implied[0][0]!r}] move the blocks of their shared outer "
+                                   f"permutation {outer!r} differently; they must move heads/groups together")
 
 
 def permute(
@@ -405,12 +666,32 @@ def permute_unchecked(
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, t in state_dict.items():
+        grouped = []
         for axis, name in enumerate(spec.axes[key]):
-            if name is not None and name != skip and name in perms:
-                index = block_index(perms[name], spec.blocks.get((key, axis), 1)).to(t.device)
-                t = torch.index_select(t, axis, index)
+            if name is None:
+                continue
+            p = axis_index(spec, name, perms, skip)
+            if p is None:
+                continue
+            if (key, axis) in spec.grouped:
+                grouped.append((axis, p))
+                continue
+            index = block_index(p, spec.blocks.get((key, axis), 1)).to(t.device)
+            t = torch.index_select(t, axis, index)
+        for axis, p in grouped:  # after axis 0: each row reads the block of its (new) group
+            t = _gather_grouped(t, axis, p.to(t.device), spec.grouped[(key, axis)])
         out[key] = t
     return out
+
+
+def _gather_grouped(t: Tensor, axis: int, p: Tensor, groups: int) -> Tensor:
+    """Permute the grouped axis ``axis`` of ``t``: row ``r`` (group ``r // (rows / groups)``) uses its group's block of ``p``."""
+    rows, m = t.shape[0], t.shape[axis]
+    local = (p.long() % m).reshape(groups, m)  # block b of p, as offsets inside the source block
+    idx = local.repeat_interleave(rows // groups, dim=0)  # (rows, m)
+    shape = [1] * t.ndim
+    shape[0], shape[axis] = rows, m
+    return torch.gather(t, axis, idx.reshape(shape).expand(t.shape))
 
 
 def block_index(perm: Tensor, block: int) -> Tensor:
@@ -448,7 +729,8 @@ def random_permutation(
 ) -> dict[str, Tensor]:
     """Draw one uniformly random permutation per permutation name (on the CPU).
 
-    Deterministic: the same ``seed`` gives the same permutations, drawn in ``spec.perms`` order.
+    Structured permutations are drawn inside their structure (a uniform outer permutation, shared by
+    the permutations it structures, and uniform permutations inside each block). Deterministic: the same ``seed`` gives the same permutations, drawn in ``spec.perms`` order.
     Pass a ``generator`` instead of ``seed`` to continue an existing random stream.
     """
     sizes = dict(sizes) if sizes is not None else spec.resolved_sizes()
@@ -456,7 +738,25 @@ def random_permutation(
         if seed is None:
             raise RebasinError("random_permutation needs seed= or generator=")
         generator = torch.Generator().manual_seed(int(seed))
-    return {p: torch.randperm(sizes[p], generator=generator) for p in spec.perms}
+    out: dict[str, Tensor] = {}
+    outer_draw: dict[str, Tensor] = {}
+    for p in spec.perms:
+        if p in spec.structure:
+            outer, d = spec.structure[p]
+            if outer not in outer_draw:
+                outer_draw[outer] = torch.randperm(spec.outer_size(outer, sizes), generator=generator)
+                if outer in spec.perm_to_axes:
+                    out[outer] = outer_draw[outer]
+            h = sizes[p] // d
+            inner = torch.stack([torch.randperm(d, generator=generator) for _ in range(h)])
+            out[p] = join_structured(outer_draw[outer], inner)
+        elif p in spec.outers:
+            if p not in outer_draw:
+                outer_draw[p] = torch.randperm(sizes[p], generator=generator)
+            out[p] = outer_draw[p]
+        else:
+            out[p] = torch.randperm(sizes[p], generator=generator)
+    return out
 
 
 def identity_permutation(spec: PermutationSpec, sizes: Mapping[str, int] | None = None) -> dict[str, Tensor]:

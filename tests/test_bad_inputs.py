@@ -178,24 +178,16 @@ class _OneLayerResidual(nn.Module):
         return self.out(h)
 
 
-def test_single_layer_residual_does_not_suggest_a_manual_spec_that_cannot_be_written():
-    with pytest.raises(RebasinError) as err:
-        rebasin.spec_from_model(_OneLayerResidual(), torch.randn(2, 4))
-    assert first_line(err) == (
-        "spec_from_model: 'w.weight' (shape (8, 8)) would need permutation(s) ['P0'] on two of its axes ('P0', "
-        "'P0'), as in a single-layer residual block h + f(W h), a recurrent weight or a module applied to its own "
-        "output. PermutationSpec does not support one permutation on two axes of a tensor (P W P^T) yet, so no "
-        "spec, traced or written by hand, can permute these units; a residual branch of two layers "
-        "(h + W2 f(W1 h)) is supported."
-    )
-    assert "PermutationSpec(axes=" not in str(err.value)
-    with pytest.raises(RebasinError) as err:
-        PermutationSpec({"w.weight": ("P0", "P0")})
-    assert first_line(err) == (
-        "spec entry for 'w.weight' uses a permutation on two axes of one tensor: ('P0', 'P0'); a permutation may "
-        "act on at most one axis of each tensor (one permutation on both axes of a square weight, P W P^T, as in "
-        "a single-layer residual block or a recurrent weight, is not supported yet)"
-    )
+def test_single_layer_residual_is_traced_as_p_w_pt_and_is_exact():
+    torch.manual_seed(0)
+    model = _OneLayerResidual()
+    spec = rebasin.spec_from_model(model, torch.randn(2, 4))  # includes the functional check
+    assert spec.axes["w.weight"] == ("P0", "P0")
+    a = model.state_dict()
+    perms = rebasin.random_permutation(spec, seed=3)
+    b = rebasin.permute(spec, perms, a)
+    found = rebasin.weight_matching(spec, a, b)
+    assert all(torch.equal(t, a[k]) for k, t in rebasin.permute(spec, found, b).items())
 
 
 # ------------------------------------------------------------------------------------------ states

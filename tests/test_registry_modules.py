@@ -123,10 +123,13 @@ def output_change(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed
 
 
 # --------------------------------------------------------------------------- declarative rules
-def test_unregistered_custom_layers_get_no_permutation() -> None:
-    # traced into, x @ weight.T is an opaque product of an unpermuted input: nothing to align there
-    spec = spec_from_model(net(), torch.randn(4, 5))
-    assert spec.perms == () and spec.axes["fc2.weight"] == (None, None)
+def test_unregistered_custom_layers_are_traced_into_and_permuted() -> None:
+    # traced into: x @ weight.T is read as a weight product and softplus(gamma) as a view of gamma, so the
+    # layers' units are permuted as if they were registered (they used to be left silently unpermuted)
+    model, x = net(), torch.randn(4, 5)
+    spec = spec_from_model(model, x)
+    assert dict(spec.axes) == NET_AXES
+    assert output_change(model, spec, x) <= 1e-5
 
 
 def test_declared_layers_give_the_right_axes_and_an_exact_spec() -> None:
@@ -195,8 +198,10 @@ def test_subclass_of_a_registered_class_is_traced_through_unless_registered() ->
     model = nn.Sequential(Sub(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with registration_scope():
         register_module(MyLinear, params=LINEAR_ROLES)
-        # its own forward is traced into, where x @ weight.T is opaque
-        assert spec_from_model(model, torch.randn(3, 4)).axes["0.weight"] == (None, None)
+        # its own forward is traced into (one matmul node, no call_module) where x @ weight.T reads as a weight
+        tr = trace_model(model, torch.randn(3, 4))
+        assert "0" not in {str(n.target) for n in tr.graph_module.graph.nodes if n.op == "call_module"}
+        assert tr.spec.axes["0.weight"] == ("P0", None)
         register_module(Sub, params=LINEAR_ROLES)
         assert spec_from_model(model, torch.randn(3, 4)).axes["0.weight"] == ("P0", None)
 
@@ -283,8 +288,7 @@ def residual_net(seed: int = 1) -> nn.Module:
 
 def test_callable_rule_with_an_internal_permutation() -> None:
     model, x = residual_net(), torch.randn(4, 5)
-    with pytest.raises(RebasinError, match="matrix product"):
-        spec_from_model(model, x)
+    traced_into = spec_from_model(model, x)  # x @ w.T read as weight products: the same spec without a rule
     with registration_scope():
         register_module(ResidualMLP, rule=residual_mlp_rule)
         tr = trace_model(model, x)
@@ -293,7 +297,8 @@ def test_callable_rule_with_an_internal_permutation() -> None:
         "1.w_in": ("P1", "P0"), "1.b_in": ("P1",), "1.w_out": ("P0", "P1"),
         "2.weight": ("P0",), "2.bias": ("P0",),
         "4.weight": (None, "P0"), "4.bias": (None,),
-    }  # fmt: skip
+    }
+    assert traced_into == tr.spec  # fmt: skip
     assert dict(tr.spec.sizes) == {"P0": 6, "P1": 10}
     assert tr.activation_nodes["P1"] == []  # made with size=: no graph node holds those units
     assert output_change(model, tr.spec, x) <= 1e-5

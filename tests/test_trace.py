@@ -163,6 +163,25 @@ class _Cat(nn.Module):
         return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
 
 
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(3, 4)
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.stack([self.a(x), self.b(x)], dim=1).sum(1))
+
+
+def test_cat_along_channels_is_a_concatenation_and_exact() -> None:
+    torch.manual_seed(0)
+    spec = spec_from_model(_Cat(), torch.randn(1, 3, 4, 4))  # functional check included
+    assert spec.axes["c.weight"] == ("C0" if False else None, spec.axes["c.weight"][1], None, None)
+    name = spec.axes["c.weight"][1]
+    assert spec.concat[name] == ((spec.axes["a.weight"][0], 4), (spec.axes["b.weight"][0], 4))
+
+
 class _MixingReshape(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -209,8 +228,8 @@ UNSUPPORTED = {
     "groupnorm-2-groups": (lambda: _Net(nn.GroupNorm(2, 8)), (1, 3, 6, 6), "middle", "GroupNorm"),
     "depthwise-conv": (lambda: _Net(nn.Conv2d(8, 8, 3, padding=1, groups=8)), (1, 3, 6, 6), "middle", "groups=8"),
     "multihead-attention": (_Attention, (2, 3, 5), "attn", "attention"),
-    "cat": (_Cat, (1, 3, 4, 4), "cat", "torch.cat"),
-    "mixing-reshape": (_MixingReshape, (2, 5), "view", "mixes channels"),
+    "stack": (_Stack, (2, 3), "stack", "torch.stack"),
+    "mixing-reshape": (_MixingReshape, (2, 5), "reshape", "mixes channels"),
     "add-unpermuted": (_AddUnpermuted, (2, 5), "add", "unpermuted"),
     "channel-sum": (_ChannelSum, (2, 5), "sum_1", "reduces over the permuted axis"),
 }

@@ -47,6 +47,9 @@ _CONV_FN: dict[Any, tuple[bool, int]] = {
 }
 
 
+_CAT = {getattr(torch, n) for n in ("cat", "concat", "concatenate") if hasattr(torch, n)}
+
+
 class Propagation(OpRules):
     """One pass over the graph assigning ``(perm, block)`` entries to every tensor axis."""
 
@@ -98,7 +101,29 @@ class Propagation(OpRules):
             return self.reorder(node, x)
         if name in REDUCE_NAMES:
             return self.reduce(node, x)
+        if name in ("expand", "expand_as"):
+            return self.param_expand(node, x)
+        if name == "matmul":
+            return self.matmul(node, x, node.args[1])
+        if name in ("split", "chunk"):
+            b = bind_args(node, ["self", "split_size" if name == "split" else "chunks", "dim"])
+            return self.split_call(node, x, name, b.get("split_size", b.get("chunks")), b.get("dim", 0))
         return self.unknown(node)
+
+    def split_call(self, node: Node, x: Any, kind: str, size: Any, dim: Any) -> Any:
+        shape = node_meta(x) if isinstance(x, Node) else None
+        if not isinstance(shape, tuple) or has_nodes((size, dim)):
+            return self.unknown(node)
+        d = int(dim) % len(shape)
+        n = shape[d]
+        if kind == "chunk":
+            step = -(-n // int(size))
+            sizes = [min(step, n - i) for i in range(0, n, step)]
+        elif isinstance(size, int):
+            sizes = [min(size, n - i) for i in range(0, n, size)]
+        else:
+            sizes = [int(s) for s in size]
+        return self.split(node, x, sizes, d)
 
     def visit_function(self, node: Node, fn: Any) -> Any:
         args = node.args
@@ -164,4 +189,17 @@ class Propagation(OpRules):
             return self.spatial(node, args[0], len(pad) // 2)
         if fn in (torch.clone, torch.detach):
             return self.arg(node, args[0])
+        if fn in (torch.matmul, operator.matmul, torch.bmm):
+            return self.matmul(node, args[0], args[1])
+        if fn is F.scaled_dot_product_attention:
+            b = bind_args(node, ["query", "key", "value", "attn_mask"])
+            return self.attention(node, b["query"], b["key"], b["value"], b.get("attn_mask"))
+        if fn in _CAT:
+            b = bind_args(node, ["tensors", "dim"])
+            return self.cat(node, b["tensors"], b.get("dim", 0))
+        if fn in (torch.split, torch.chunk):
+            kind = "split" if fn is torch.split else "chunk"
+            b = bind_args(node, ["tensor", "split_size_or_sections" if kind == "split" else "chunks", "dim"])
+            size = b.get("split_size_or_sections", b.get("chunks"))
+            return self.split_call(node, b["tensor"], kind, size, b.get("dim", 0))
         return self.unknown(node)

@@ -181,6 +181,13 @@ class OpRules(PermState):
         if not isinstance(meta, tuple):
             return self.unknown(node)
         nd = len(meta)
+        nodes = [a for a in operands if isinstance(a, Node) and isinstance(node_meta(a), tuple)]
+        keys = {self.key_of(a) or self.param_views.get(a) for a in nodes}
+        if len(nodes) >= 1 and len(keys) == 1 and None not in keys:
+            key0 = next(iter(keys))
+            if tuple(self.tensors[key0].shape) == meta:  # f(param): a view whose permutations follow its later use
+                self.param_views[node] = key0  # type: ignore[assignment]
+                return plain_axes(meta)
         ops: list[tuple[str | None, tuple[int, ...], tuple[AxisPerm | None, ...]]] = []
         for a in operands:
             if not isinstance(a, Node):
@@ -190,7 +197,9 @@ class OpRules(PermState):
                 if axis_perms(self.state.get(a)):
                     return self.unknown(node)
                 continue
-            key = self.key_of(a)
+            key = self.key_of(a) or self.param_views.get(a)
+            if key is not None:
+                shape = tuple(self.tensors[key].shape)
             if key is not None:
                 cur = self.key_axes.get(key)
                 st = tuple(None if p is None else AxisPerm(p, self.key_blocks.get((key, i), 1)) for i, p in
@@ -214,7 +223,7 @@ class OpRules(PermState):
                     plain = True
             e = found[0] if found else None
             for other in found[1:]:
-                if other.k != e.k or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
+                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
                     self.complain(node, [e.pid, other.pid], "it combines two permuted tensors of different "  # type: ignore[union-attr]
                                   "widths elementwise")
             if e is not None and plain:
@@ -232,7 +241,11 @@ class OpRules(PermState):
         if not isinstance(xs, tuple) or not isinstance(src, tuple) or not isinstance(dst, tuple):
             return self.unknown(node)
         self.reshapes.add(node)
-        out, problem = reshape_axes(src, xs, dst, lambda p: self.size[self.find(p)])
+        out, problem = reshape_axes(src, xs, dst, lambda p: self.size[self.find(p)],
+                                    heads=lambda e, d: self.structure(node, e, d),
+                                    block_of=lambda p: (lambda st: None if st is None else (self.find(st[0]), st[1]))(
+                                        self.struct.get(self.find(p))),
+                                    block_of_root=self.find)
         if problem:
             self.complain(node, [e.pid for e in xs if e], problem)
             return (None,) * len(dst)
@@ -312,3 +325,188 @@ class OpRules(PermState):
                     out.append(st[ax])
                 ax += 1
         return tuple(out) + st[ax:]
+
+    # ---- attention, products, concatenation
+    def operand(self, node: Node, a: Any) -> tuple[str | None, Any]:
+        """``(key, axes)`` of an operand: a parameter (possibly through ``expand``) gives its key and current axes."""
+        key = self.key_of(a)
+        if key is None and isinstance(a, Node) and a in self.param_views:
+            key = self.param_views[a]
+        if key is not None:
+            cur = self.key_axes.get(key)
+            nd = self.tensors[key].ndim
+            st = tuple(None if p is None else AxisPerm(p, self.key_blocks.get((key, i), 1)) for i, p in
+                       enumerate(cur)) if cur is not None else (None,) * nd
+            return key, st
+        return None, self.arg(node, a)
+
+    def param_expand(self, node: Node, x: Any) -> Any:
+        """``param.expand(...)`` / ``expand_as``: a broadcast view of a parameter (a cls token); entries follow later use."""
+        key = self.key_of(x)
+        if key is None:
+            xs, meta = self.arg(node, x), node_meta(node)
+            src = node_meta(x) if isinstance(x, Node) else None
+            if not isinstance(xs, tuple) or not isinstance(meta, tuple) or not isinstance(src, tuple):
+                return self.unknown(node)
+            lead = len(meta) - len(src)
+            out = (None,) * lead + tuple(e if e is None or src[i] == meta[lead + i] else None for i, e in enumerate(xs))
+            self.complain(node, [e.pid for i, e in enumerate(xs) if e and src[i] != meta[lead + i]],
+                          "it broadcasts a permuted axis")
+            return out
+        self.param_views[node] = key
+        return plain_axes(node_meta(node))
+
+    def matmul(self, node: Node, a: Any, b: Any) -> Any:
+        """``a @ b`` over the last two axes, batch axes broadcast: the contracted axes must carry one permutation.
+
+        A parameter on either side is a weight: ``x @ W`` gives ``W``'s axis 0 the input's features and its
+        axis 1 a new permutation of output features (``x @ W.T`` likewise, transposed).
+        """
+        meta = node_meta(node)
+        sa, sb = node_meta(a) if isinstance(a, Node) else None, node_meta(b) if isinstance(b, Node) else None
+        if not isinstance(meta, tuple) or not isinstance(sa, tuple) or not isinstance(sb, tuple) or len(sa) < 2 \
+                or len(sb) < 2:
+            return self.unknown(node)
+        wkey, transposed = self.weight_operand(b)
+        if wkey is not None and len(sb) == 2:
+            roles = ("out", "in") if transposed else ("in", "out")
+            if transposed:  # the transpose node recorded the weight as opaque; it is read as a weight here
+                self.opaque = [o for o in self.opaque if o != (self.where(b), wkey)]
+            return self.layer(node, a, {wkey: roles}, -1, produces=True)
+        ka, xa = self.operand(node, a)
+        kb, xb = self.operand(node, b)
+        if ka is not None or kb is not None or not isinstance(xa, tuple) or not isinstance(xb, tuple):
+            return self.unknown(node, "a matrix product with a parameter the tracer cannot read as a weight")
+        ca, cb = xa[-1], xb[-2]
+        if (ca is None) != (cb is None):
+            e = ca or cb
+            self.complain(node, [e.pid], "it contracts a permuted axis with an unpermuted one")  # type: ignore[union-attr]
+        elif ca is not None and (ca.k != cb.k or ca.inner != cb.inner or not self.union(ca.pid, cb.pid)):  # type: ignore[union-attr]
+            self.complain(node, [ca.pid, cb.pid], "it contracts two axes with different permutations")  # type: ignore[union-attr]
+        batch = self.broadcast(node, [xa[:-2], xb[:-2]], [sa[:-2], sb[:-2]], meta[:-2])
+        return batch + (xa[-2], xb[-1])
+
+    def weight_operand(self, b: Any) -> tuple[str | None, bool]:
+        """``(key, transposed)`` when ``b`` is a 2-D parameter or its transpose (``W.T``, ``W.t()``, ``W.transpose(0, 1)``)."""
+        key = self.key_of(b)
+        if key is not None:
+            return key, False
+        if isinstance(b, Node) and b.all_input_nodes:
+            base = b.args[0]
+            k = self.key_of(base)
+            if k is not None and self.tensors[k].ndim == 2:
+                t = b.target
+                if (b.op == "call_method" and t in ("t", "transpose")) or (
+                        b.op == "call_function" and (t is torch.t or t is torch.transpose
+                                                     or (t is builtins.getattr and b.args[1] in ("T", "mT")))):
+                    return k, True
+        return None, False
+
+    def broadcast(self, node: Node, states: list[tuple[Any, ...]], shapes: list[tuple[int, ...]],
+                  out_shape: tuple[int, ...]) -> tuple[AxisPerm | None, ...]:
+        """Batch axes of several operands broadcast together (right-aligned): equal-size axes share permutations."""
+        nd = len(out_shape)
+        out: list[AxisPerm | None] = []
+        for ax in range(nd):
+            found = []
+            plain = False
+            for st, shape in zip(states, shapes):
+                j = ax - (nd - len(shape))
+                if j < 0 or shape[j] != out_shape[ax]:
+                    continue
+                if st[j] is not None:
+                    found.append(st[j])
+                elif out_shape[ax] > 1:
+                    plain = True
+            e = found[0] if found else None
+            for other in found[1:]:
+                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
+                    self.complain(node, [e.pid, other.pid], "it combines batch axes with different permutations")  # type: ignore[union-attr]
+            if e is not None and plain:
+                self.complain(node, [e.pid], f"it combines a permuted axis {ax} with an unpermuted one of the same size")
+            out.append(e)
+        return tuple(out)
+
+    def attention(self, node: Node, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        """``scaled_dot_product_attention(q, k, v, mask)``: q and k share the permutation of their last axis,
+        batch (head) axes share theirs, the output carries v's last-axis permutation; a mask may not depend
+        on a permuted axis."""
+        meta = node_meta(node)
+        shapes = [node_meta(t) if isinstance(t, Node) else None for t in (q, k, v)]
+        states = [self.arg(node, t) for t in (q, k, v)]
+        if not isinstance(meta, tuple) or not all(isinstance(x, tuple) and len(x) >= 2 for x in shapes) \
+                or not all(isinstance(x, tuple) for x in states):
+            return self.unknown(node)
+        (xq, xk, xv), (sq, sk, sv) = states, shapes
+        cq, ck = xq[-1], xk[-1]
+        if (cq is None) != (ck is None) or (cq is not None and (
+                cq.k != ck.k or cq.inner != ck.inner or not self.union(cq.pid, ck.pid))):  # type: ignore[union-attr]
+            self.complain(node, [e.pid for e in (cq, ck) if e], "queries and keys must carry one permutation")
+        for x in (xq, xk, xv):
+            self.complain(node, [x[-2].pid] if x[-2] else [], "attention mixes the sequence axis, which is permuted")
+        batch = self.broadcast(node, [xq[:-2], xk[:-2], xv[:-2]], [sq[:-2], sk[:-2], sv[:-2]], meta[:-2])
+        if isinstance(mask, Node):
+            sm = node_meta(mask)
+            if isinstance(sm, tuple):
+                lead = [None] * (len(meta) - len(sm)) + list(batch) + [None, None]
+                for j, n in enumerate(sm):
+                    ax = len(meta) - len(sm) + j
+                    e = lead[ax] if 0 <= ax < len(lead) else None
+                    if e is not None and n == meta[ax] and n > 1:
+                        self.complain(node, [e.pid], "the attention mask depends on a permuted (head) axis")
+            self.arg(node, mask)
+        return batch + (None, xv[-1])
+
+    def cat(self, node: Node, tensors: Any, dim: Any) -> Any:
+        """``torch.cat`` along an axis: along a permuted axis the result carries the block union of the parts'
+        permutations; the other axes must carry one permutation in every part (parameters such as a cls token
+        get it)."""
+        meta = node_meta(node)
+        if not isinstance(tensors, (list, tuple)) or has_nodes(dim) or not isinstance(meta, tuple):
+            return self.unknown(node)
+        d = int(dim) % len(meta)
+        ops = []
+        for t in tensors:
+            shape = node_meta(t) if isinstance(t, Node) else None
+            key, st = self.operand(node, t)
+            if not isinstance(shape, tuple) or not isinstance(st, tuple) or len(shape) != len(meta):
+                return self.unknown(node)
+            if key is not None and len(st) != len(shape):
+                st = (None,) * (len(shape) - len(st)) + st
+            ops.append((key, shape, st))
+        out: list[AxisPerm | None] = []
+        for ax in range(len(meta)):
+            if ax == d:
+                out.append(self.new_concat(node, [(st[d], shape[d]) for _, shape, st in ops]))
+                continue
+            found = [st[ax] for _, _, st in ops if st[ax] is not None]
+            e = found[0] if found else None
+            for other in found[1:]:
+                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
+                    self.complain(node, [e.pid, other.pid], "it concatenates tensors whose other axes carry "  # type: ignore[union-attr]
+                                  "different permutations")
+            if e is not None and any(st[ax] is None and key is None and meta[ax] > 1 for key, _, st in ops):
+                self.complain(node, [e.pid], f"it concatenates a permuted tensor with an unpermuted one (axis {ax})")
+            out.append(e)
+        for key, shape, _ in ops:
+            if key is not None:
+                nd = self.tensors[key].ndim
+                lead = len(meta) - nd
+                self.assign(node, key, [out[lead + j] if j + lead != d and shape[lead + j] == meta[lead + j]
+                                        else None for j in range(nd)])
+        return tuple(out)
+
+    def split(self, node: Node, x: Any, sizes: list[int], dim: int) -> Any:
+        """``split`` / ``chunk`` / ``unbind``-free splitting along an axis: a permuted axis becomes a concatenation
+        of new permutations, one per part; other axes pass through. Returns a list of output states."""
+        xs, shape = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None
+        if not isinstance(xs, tuple) or not isinstance(shape, tuple):
+            return self.unknown(node)
+        d = dim % len(xs)
+        parts: list[AxisPerm | None] = [None] * len(sizes)
+        if xs[d] is not None:
+            got = self.split_concat(node, xs[d], sizes)
+            if got is None:
+                return [xs[:d] + (None,) + xs[d + 1:] for _ in sizes]
+            parts = got
+        return [xs[:d] + (p,) + xs[d + 1:] for p in parts]

@@ -58,11 +58,15 @@ class AxisPerm(NamedTuple):
     Rules receive these in :attr:`RuleContext.input` and from :meth:`RuleContext.new_permutation` and
     pass them on (to :meth:`RuleContext.assign`, or in the returned output axes); ``None`` stands for
     an axis no permutation acts on. ``k > 1`` appears after a flatten: a permutation of ``n``
-    channels acting on an axis of ``n * k`` entries.
+    channels acting on an axis of ``n * k`` entries. ``inner=True`` marks the axis of the units
+    *inside* the blocks of a structured permutation (the ``d`` axis of attention heads split as
+    ``(..., H, d)``): it is permuted by the within-block permutations of ``pid``, each block by its
+    own, chosen by the index along the axis that carries ``pid``'s outer permutation.
     """
 
     pid: int
     k: int = 1
+    inner: bool = False
 
 
 RuleFn = Callable[["RuleContext"], Any]
@@ -192,7 +196,11 @@ class _Engine(Protocol):
     def arg(self, node: Node, a: Any) -> Any: ...
     def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None: ...
     def perm_size(self, e: AxisPerm) -> int: ...
-    def assign(self, node: Node, key: str, entries: Sequence[AxisPerm | None]) -> None: ...
+    def assign(self, node: Node, key: str, entries: Sequence[AxisPerm | None],
+               groups: Mapping[int, int] | None = None) -> None: ...
+    def structure(self, node: Node, e: AxisPerm, block: int, outer: AxisPerm | None = None) -> AxisPerm | None: ...
+    def new_concat(self, node: Node, parts: Sequence[tuple[AxisPerm | None, int]]) -> AxisPerm | None: ...
+    def split_concat(self, node: Node, e: AxisPerm, sizes: Sequence[int]) -> list[AxisPerm | None] | None: ...
     def complain(self, node: Node, pids: Iterable[int], reason: str) -> None: ...
     def unknown(self, node: Node, reason: str | None = None) -> Any: ...
     def layer(self, node: Node, x: Any, roles: Mapping[str, tuple[Role, ...]], feature_dim: int, *,
@@ -307,10 +315,13 @@ class RuleContext:
             raise RebasinError(f"new_permutation at {self.where}: size must be an int >= 0, got {size!r}")
         return self._engine.new_perm(size, self.node, None)
 
-    def assign(self, key: str, axes: Sequence[AxisPerm | None]) -> None:
+    def assign(self, key: str, axes: Sequence[AxisPerm | None], *, groups: Mapping[int, int] | None = None) -> None:
         """Say which permutation acts on each axis of the module's entry ``key`` (one per axis, None for none).
 
         Assigning twice (a module called twice) merges the permutations, as a shared weight requires.
+        ``groups={axis: g}`` marks ``axis`` as the compressed input axis of a grouped layer with ``g``
+        groups (a grouped convolution's weight ``(C_out, C_in / g, ...)``): its permutation has ``C_in``
+        units, must be structured with ``g`` blocks (:meth:`structured`), and so must axis 0's.
         """
         full = self._full(key)
         t = self._engine.tensors[full]
@@ -325,11 +336,32 @@ class RuleContext:
                 raise RebasinError(f"the rule for {type(self.module).__name__} at {self.where} gave axis {i} of "
                                    f"{full!r} the value {e!r}; use an AxisPerm from ctx.input or "
                                    "ctx.new_permutation, or None")
-            n = self._engine.perm_size(e) * e.k
+            n = self._engine.perm_size(e) * e.k // (groups or {}).get(i, 1)
             if n != t.shape[i]:
                 raise RebasinError(f"the rule for {type(self.module).__name__} at {self.where} put a permutation "
                                    f"of {n} entries on axis {i} of {full!r}, which has shape {tuple(t.shape)}")
-        self._engine.assign(self.node, full, axes)
+        self._engine.assign(self.node, full, axes, groups)
+
+    def structured(self, perm: AxisPerm, block: int, *, outer: AxisPerm | None = None) -> AxisPerm | None:
+        """Make ``perm`` move whole blocks of ``block`` units (attention heads, channel groups); return the outer
+        permutation of the blocks.
+
+        Permutations structured with the same ``outer`` move their blocks together (a grouped convolution's
+        output groups follow its input groups: pass the input's outer). Inside each block units are permuted
+        freely. Returns None, after refusing the node, when ``perm`` is already grouped differently (nested
+        groups) or cannot be split; None also when there is a single block and no ``outer``.
+        """
+        return self._engine.structure(self.node, perm, int(block), outer)
+
+    def concat(self, parts: Sequence[tuple[AxisPerm | None, int]]) -> AxisPerm | None:
+        """The permutation of a concatenation: ``n`` units permuted by each part's permutation (or left in place
+        for None), in order. Packed projections (``q; k; v``) and recurrent gates use it for a weight axis."""
+        return self._engine.new_concat(self.node, [(e, int(n)) for e, n in parts])
+
+    def split(self, perm: AxisPerm, sizes: Sequence[int]) -> list[AxisPerm | None] | None:
+        """Split ``perm`` into consecutive parts of ``sizes`` units (it becomes their concatenation); None after a
+        refusal when it is already a concatenation with other boundaries."""
+        return self._engine.split_concat(self.node, perm, [int(n) for n in sizes])
 
     def refuse(self, reason: str, *perms: AxisPerm | None) -> None:
         """Declare the module unsafe for ``perms``: tracing ends in a :class:`RebasinError` naming the node

@@ -112,14 +112,25 @@ def node_leaves(value: Any) -> list[Node]:
 
 
 def reshape_axes(
-    src: tuple[int, ...], entries: tuple[AxisPerm | None, ...], dst: tuple[int, ...], size: Callable[[int], int]
+    src: tuple[int, ...],
+    entries: tuple[AxisPerm | None, ...],
+    dst: tuple[int, ...],
+    size: Callable[[int], int],
+    heads: Callable[[AxisPerm, int], AxisPerm | None] | None = None,
+    block_of: Callable[[int], tuple[int, int] | None] | None = None,
+    block_of_root: Callable[[int], int] = lambda p: p,
 ) -> tuple[tuple[AxisPerm | None, ...], str | None]:
     """Follow permuted axes through a reshape from ``src`` to ``dst`` (row-major, like torch.view).
 
     Non-unit axes are grouped into runs with equal products. Within a run a permuted axis of size
     ``n * k`` with leading product ``L`` (of the run's earlier input axes) maps to the output axis
     whose earlier output axes multiply to ``L`` and whose size ``s`` is a multiple of ``n``; it
-    becomes a permutation acting on blocks of ``s / n``. Anything else mixes channels.
+    becomes a permutation acting on blocks of ``s / n``. A permuted axis of ``n = H * d`` units split
+    into two consecutive axes ``(H, d)`` becomes heads: ``heads(entry, d)`` makes the permutation
+    structured and returns its outer permutation, which goes on the ``H`` axis, and the ``d`` axis
+    gets the inner entry. The reverse, an outer axis followed by the matching inner axis
+    (``block_of(pid) -> (outer root, d)``), merges back into the flat permutation. Anything else
+    mixes channels.
     """
     out: list[AxisPerm | None] = [None] * len(dst)
     ins = [i for i, s in enumerate(src) if s != 1]
@@ -143,9 +154,27 @@ def reshape_axes(
         carried = [(t, entries[i]) for t, i in enumerate(gi) if entries[i] is not None]
         if not carried:
             continue
+        if len(carried) == 2 and block_of is not None:
+            (t0, e0), (t1, e1) = carried
+            info = block_of(e1.pid) if e1.inner and not e0.inner and t1 == t0 + 1 else None
+            if info is None or info[0] != block_of_root(e0.pid) or src[gi[t1]] != info[1] or e0.k != 1:
+                return tuple(out), ("it merges two permuted axes into one other than as heads followed by the units "
+                                    "inside them, which mixes channels")
+            merged = AxisPerm(e1.pid)
+            t = t0
+            lead = _prod(src[i] for i in gi[:t])
+            for u, j in enumerate(go):
+                if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] % size(merged.pid) == 0:
+                    out[j] = AxisPerm(merged.pid, dst[j] // size(merged.pid))
+                    break
+            else:
+                return tuple(out), "it merges attention heads into an axis that mixes them with other axes"
+            continue
         if len(carried) > 1:
             return tuple(out), "it merges two permuted axes into one"
         t, e = carried[0]
+        if e.inner:
+            return tuple(out), "it reshapes the units inside attention heads without their head axis"
         n = size(e.pid)
         lead = _prod(src[i] for i in gi[:t])
         placed = False
@@ -154,6 +183,16 @@ def reshape_axes(
                 out[j] = AxisPerm(e.pid, dst[j] // n)
                 placed = True
                 break
+        if not placed and heads is not None and e.k == 1:
+            for u, j in enumerate(go[:-1]):
+                jn = go[u + 1]
+                if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] * dst[jn] == n:
+                    outer = heads(e, dst[jn])
+                    if outer is None:
+                        return tuple(out), f"it splits {n} permuted units into heads of {dst[jn]} that cannot be permuted"
+                    out[j], out[jn] = outer, AxisPerm(e.pid, 1, True)
+                    placed = True
+                    break
         if not placed:
             return tuple(out), (f"the reshape {tuple(src)} -> {tuple(dst)} splits or merges the permuted axis "
                                 "in a way that mixes channels")
@@ -177,6 +216,10 @@ class PermState:
         self.consumers: list[tuple[Node, int, int]] = []
         self.created: dict[int, tuple[Node, int]] = {}
         self.reshapes: set[Node] = set()
+        self.struct: dict[int, tuple[int, int]] = {}  # root -> (outer pid, block): heads / groups
+        self.concat_def: dict[int, list[tuple[int | None, int]]] = {}  # root -> parts (pid or None, size)
+        self.key_grouped: dict[tuple[str, int], int] = {}
+        self.param_views: dict[Node, str] = {}  # expand(...) of a parameter -> its key
 
     # ---- union-find
     def find(self, p: int) -> int:
@@ -188,6 +231,7 @@ class PermState:
         return root
 
     def union(self, a: int, b: int) -> bool:
+        """Merge two permutations (with their structure and concatenation definitions); False on a conflict."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
@@ -195,7 +239,149 @@ class PermState:
             return False
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
-        return True
+        if lo == DEAD:
+            self.kill(hi)
+            return True
+        ok = True
+        ca, cb = self.concat_def.pop(lo, None), self.concat_def.pop(hi, None)
+        if ca is not None and cb is not None:
+            if [n for _, n in ca] != [n for _, n in cb]:
+                return False
+            for (pa, _), (pb, _) in zip(ca, cb):
+                if (pa is None) != (pb is None):
+                    ok = False
+                elif pa is not None:
+                    ok = self.union(pa, pb) and ok  # type: ignore[arg-type]
+        if ca is not None or cb is not None:
+            self.concat_def[lo] = ca if ca is not None else cb  # type: ignore[assignment]
+        sa, sb = self.struct.pop(lo, None), self.struct.pop(hi, None)
+        if sa is not None and sb is not None:
+            if sa[1] != sb[1]:
+                ok = False
+            else:
+                ok = self.union(sa[0], sb[0]) and ok
+        if sa is not None or sb is not None:
+            self.struct[lo] = sa if sa is not None else sb  # type: ignore[assignment]
+        if lo in self.struct and lo in self.concat_def:
+            ok = False  # a structured concatenation: not expressible
+        return ok
+
+    def kill(self, root: int) -> None:
+        """``root`` was merged with DEAD (it reaches the output): the parts of its concatenation are the identity too."""
+        for part, _ in self.concat_def.pop(root, []):
+            if part is not None:
+                self.union(part, DEAD)
+        st = self.struct.pop(root, None)
+        if st is not None:  # its blocks stay in place, so the outer permutation (shared by others) is the identity
+            self.union(st[0], DEAD)
+
+    def dead(self, pid: int) -> bool:
+        """True when ``pid`` is the identity: merged with DEAD, or structured with an outer permutation that is."""
+        r = self.find(pid)
+        if r == DEAD:
+            return True
+        if r in self.concat_def:
+            return all(p is None or self.dead(p) for p, _ in self.concat_def[r])
+        st = self.struct.get(r)
+        return st is not None and self.find(st[0]) == DEAD
+
+    def structure(self, node: Node | str, e: AxisPerm, block: int, outer: AxisPerm | None = None) -> AxisPerm | None:
+        """Make ``e``'s permutation move whole blocks of ``block`` units (heads, groups); return its outer permutation.
+
+        ``outer`` is the outer permutation to share (e.g. a grouped layer's input groups); a new one is made
+        when ``e`` has none. None (after a complaint naming ``node``) when the structure conflicts with one
+        ``e`` already has (another block size: nested groups) or ``e`` is a concatenation.
+        """
+        r = self.find(e.pid)
+        n = self.size[r]
+        if e.k != 1 or block < 1 or n % block or r == DEAD:
+            if r != DEAD:
+                self.complain(node, [e.pid], f"its {n} units cannot be split into blocks of {block}")
+            return None
+        if r in self.concat_def:
+            self.complain(node, [e.pid], "it splits a concatenation of permutations into heads or groups")
+            return None
+        cur = self.struct.get(r)
+        if cur is not None:
+            if cur[1] != block:
+                self.complain(node, [e.pid], f"it groups units in blocks of {block}, but they are already grouped "
+                              f"in blocks of {cur[1]} (nested groups are not supported)")
+                return None
+            if outer is not None and not self.union(cur[0], outer.pid):
+                self.complain(node, [e.pid, outer.pid], "two groupings of different sizes meet")
+                return None
+            return AxisPerm(cur[0])
+        if n // block == 1 and outer is None:
+            return None  # one block: nothing to permute between blocks
+        if outer is None:
+            self.parent.append(len(self.parent))
+            self.size.append(n // block)
+            outer = AxisPerm(len(self.parent) - 1)
+        elif self.size[self.find(outer.pid)] != n // block or self.find(outer.pid) in self.struct:
+            self.complain(node, [e.pid, outer.pid], "the grouping does not match the groups it must share")
+            return None
+        self.struct[r] = (outer.pid, block)
+        return AxisPerm(outer.pid)
+
+    def block_of(self, pid: int) -> int | None:
+        st = self.struct.get(self.find(pid))
+        return None if st is None else st[1]
+
+    def outer_of(self, pid: int) -> int | None:
+        st = self.struct.get(self.find(pid))
+        return None if st is None else st[0]
+
+    def new_concat(self, node: Node | str, parts: Sequence[tuple[AxisPerm | None, int]]) -> AxisPerm | None:
+        """The permutation of a concatenation along the feature axis: the block union of ``parts`` ((perm or None, size))."""
+        clean: list[tuple[int | None, int]] = []
+        for e, n in parts:
+            if e is not None and (e.k != 1 or e.inner):
+                self.complain(node, [e.pid], "it concatenates a permuted axis that is blocked (flattened) or split "
+                              "into heads")
+                return None
+            if e is not None and self.find(e.pid) in self.concat_def:  # flatten nested concatenations
+                clean.extend(self.concat_def[self.find(e.pid)])
+            else:
+                clean.append((None if e is None else e.pid, int(n)))
+        if all(p is None for p, _ in clean):
+            return None
+        if len(clean) == 1:
+            return AxisPerm(clean[0][0])  # type: ignore[arg-type]
+        self.parent.append(len(self.parent))
+        self.size.append(sum(n for _, n in clean))
+        pid = len(self.parent) - 1
+        self.concat_def[pid] = clean
+        return AxisPerm(pid)
+
+    def split_concat(self, node: Node | str, e: AxisPerm, sizes: Sequence[int]) -> list[AxisPerm | None] | None:
+        """Split ``e``'s permutation into consecutive parts of ``sizes`` (its concatenation, made if needed)."""
+        r = self.find(e.pid)
+        if e.k != 1 or e.inner or r in self.struct:
+            self.complain(node, [e.pid], "it splits a permuted axis that is blocked, grouped or split into heads")
+            return None
+        cur = self.concat_def.get(r)
+        if cur is None:
+            fresh: list[AxisPerm | None] = []
+            for n in sizes:
+                self.parent.append(len(self.parent))
+                self.size.append(int(n))
+                fresh.append(AxisPerm(len(self.parent) - 1) if n > 1 else None)
+            self.concat_def[r] = [(None if f is None else f.pid, int(n)) for f, n in zip(fresh, sizes)]
+            return fresh
+        out: list[AxisPerm | None] = []
+        i = 0
+        for n in sizes:
+            got, acc = [], 0
+            while acc < n and i < len(cur):
+                got.append(cur[i])
+                acc += cur[i][1]
+                i += 1
+            if acc != n:
+                self.complain(node, [e.pid], f"it splits a concatenation of sizes {[m for _, m in cur]} at other "
+                              f"boundaries ({list(sizes)})")
+                return None
+            out.append(self.new_concat(node, [(None if p is None else AxisPerm(p), m) for p, m in got]))
+        return out
 
     def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None:
         """A new permutation of ``n`` units, living on ``axis`` of ``node``'s output (None: inside a module)."""
@@ -228,10 +414,20 @@ class PermState:
             self.opaque.append((self.where(node), self.param_key[a]))
         return self.state.get(a)
 
-    def assign(self, node: Node | str, key: str, entries: Sequence[AxisPerm | None]) -> None:
+    def assign(self, node: Node | str, key: str, entries: Sequence[AxisPerm | None],
+               groups: Mapping[int, int] | None = None) -> None:
+        """Record the permutations on the axes of ``key`` (``groups``: {axis: g} for a grouped layer's weight)."""
+        for axis, g in (groups or {}).items():
+            self.key_grouped[(key, axis)] = int(g)
         t = self.tensors[key]
         if len(entries) != t.ndim:
             raise RebasinError(f"internal error: {key!r} has shape {tuple(t.shape)} but got axes {entries}")
+        for i, e in enumerate(entries):
+            if e is not None and e.inner:
+                self.complain(node, [e.pid], f"parameter {key!r} (axis {i}) is used on the units inside attention "
+                              "heads; per-head parameters are not supported")
+                entries = list(entries)
+                entries[i] = None
         cur = self.key_axes.get(key)
         if cur is None:
             self.key_axes[key] = [None if e is None else e.pid for e in entries]
@@ -271,7 +467,15 @@ class PermState:
                     raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)} "
                                        f"(shape {meta}, axes {st}). {MANUAL}")
                 return plain_axes(meta)
+            outers = {self.find(x.pid) for x in st if x is not None and not x.inner}
             for ax, e in enumerate(st):
+                if e is not None and e.inner:
+                    info = self.struct.get(self.find(e.pid))
+                    if info is None or meta[ax] != info[1] or self.find(info[0]) not in outers:
+                        self.complain(node, [e.pid], "the units inside attention heads are separated from their "
+                                      "head axis (e.g. one head was selected)")
+                        st = st[:ax] + (None,) + st[ax + 1:]
+                    continue
                 if e is not None and meta[ax] != self.size[self.find(e.pid)] * e.k:
                     raise RebasinError(
                         f"spec_from_model lost track of a permutation at {self.where(node)}: axis {ax} has size "

@@ -268,10 +268,10 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     _tie_aliases(prop, model)
 
     live = sorted({prop.find(p) for p in range(1, len(prop.parent))} - {DEAD})
-    names = {root_id: f"P{i}" for i, root_id in enumerate(live)}
+    names = _perm_names(prop, live)
 
     def name(p: int | None) -> str | None:
-        return None if p is None else names.get(prop.find(p))
+        return None if p is None or prop.dead(p) else names.get(prop.find(p))
 
     for where, pids, reason in prop.complaints:
         hit = sorted({n for n in map(name, pids) if n is not None})
@@ -290,23 +290,11 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     for key, t in tensors.items():
         cur = prop.key_axes.get(key)
         ax = tuple(name(p) for p in cur) if cur is not None else (None,) * t.ndim
-        named = [p for p in ax if p is not None]
-        twice = sorted({p for p in named if named.count(p) > 1})
-        if twice:
-            # P W P^T: not expressible by PermutationSpec, so suggesting a manual spec would be a dead end.
-            raise RebasinError(
-                f"spec_from_model: {key!r} (shape {tuple(t.shape)}) would need permutation(s) {twice} on two of its "
-                f"axes {ax}, as in a single-layer residual block h + f(W h), a recurrent weight or a module applied "
-                "to its own output. PermutationSpec does not support one permutation on two axes of a tensor "
-                "(P W P^T) yet, so no spec, traced or written by hand, can permute these units; a residual branch "
-                "of two layers (h + W2 f(W1 h)) is supported."
-            )
         axes[key] = ax
         for i, p in enumerate(ax):
             if p is not None and prop.key_blocks.get((key, i), 1) > 1:
                 blocks[(key, i)] = prop.key_blocks[(key, i)]
-    sizes = {names[r]: prop.size[r] for r in live if any(names[r] in a for a in axes.values())}
-    spec = PermutationSpec(axes, sizes, blocks)
+    spec = _structured_spec(prop, axes, blocks, name)
     spec.validate(tensors)
 
     act: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
@@ -330,6 +318,42 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
     return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act)
+
+
+def _perm_names(prop: Propagation, live: list[int]) -> dict[int, str]:
+    """Names of the live roots: ``P#`` for permutations, ``C#`` for concatenations, ``H#`` for outer
+    (head / group) permutations that act on no axis of their own."""
+    on_axes = {prop.find(p) for cur in prop.key_axes.values() for p in cur if p is not None}
+    outers = {prop.find(o) for o, _ in prop.struct.values()}
+    names: dict[int, str] = {}
+    counters = {"P": 0, "C": 0, "H": 0}
+    for r in live:
+        kind = "C" if r in prop.concat_def else "H" if r in outers and r not in on_axes else "P"
+        names[r] = f"{kind}{counters[kind]}"
+        counters[kind] += 1
+    return names
+
+
+def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
+                     blocks: dict[tuple[str, int], int], name: Any) -> PermutationSpec:
+    """The spec with concatenations, structures and grouped axes read from the propagation state."""
+    concat: dict[str, tuple[tuple[str | None, int], ...]] = {}
+    for ax in axes.values():
+        for p in ax:
+            if p is None or not p.startswith("C") or p in concat:
+                continue
+            root = next(r for r in prop.concat_def if name(r) == p)
+            concat[p] = tuple((None if q is None else name(q), n) for q, n in prop.concat_def[root])
+    used = {p for ax in axes.values() for p in ax if p is not None and p not in concat}
+    used |= {q for parts in concat.values() for q, _ in parts if q is not None}
+    structure: dict[str, tuple[str, int]] = {}
+    for r, (outer, d) in prop.struct.items():
+        p = name(r)
+        if p is not None and p in used:
+            structure[p] = (str(name(outer)), d)
+    grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
+    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in used}
+    return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
 
 
 def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:

@@ -344,8 +344,12 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
                 continue
             root = next(r for r in prop.concat_def if name(r) == p)
             concat[p] = tuple((None if q is None else name(q), n) for q, n in prop.concat_def[root])
-    used = {p for ax in axes.values() for p in ax if p is not None and p not in concat}
-    used |= {q for parts in concat.values() for q, _ in parts if q is not None}
+    used: dict[str, None] = {}  # ordered: first appearance in axes, parts of a concatenation in order
+    for ax in axes.values():
+        for p in ax:
+            for q in ([q for q, _ in concat[p]] if p in concat else [p]):
+                if q is not None:
+                    used[q] = None
     structure: dict[str, tuple[str, int]] = {}
     for r, (outer, d) in prop.struct.items():
         p = name(r)

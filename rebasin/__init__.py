@@ -89,15 +89,18 @@ from .paths import (
     weight_adjusted_path,
 )
 from .spec import (
+    Checkpoint,
     PermutationSpec,
     check_permutations,
     compose,
     identity_permutation,
     invert,
     matrix_to_perm,
+    open_checkpoint,
     perm_to_matrix,
     permute,
     random_permutation,
+    save_permuted,
     soft_permute,
 )
 from .trace import (
@@ -133,6 +136,10 @@ __all__ = [
     "random_permutation",
     "identity_permutation",
     "check_permutations",
+    # checkpoints on disk
+    "open_checkpoint",
+    "Checkpoint",
+    "save_permuted",
     # matching
     "align",
     "Alignment",

@@ -7,6 +7,7 @@ Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`Permutat
 
 from __future__ import annotations
 
+from .checkpoint import Checkpoint, meta_state, open_checkpoint, save_permuted
 from .core import (
     Occurrence,
     axis_index,
@@ -41,4 +42,8 @@ __all__ = [
     "soft_permute",
     "perm_to_matrix",
     "matrix_to_perm",
+    "Checkpoint",
+    "open_checkpoint",
+    "save_permuted",
+    "meta_state",
 ]

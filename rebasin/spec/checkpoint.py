@@ -1,0 +1,360 @@
+"""Checkpoints read one tensor at a time, and permuted checkpoints written one tensor at a time.
+
+:func:`open_checkpoint` gives a read-only mapping ``key -> tensor`` over a file on disk that reads a
+tensor's bytes only when the tensor is asked for, into a fresh buffer that nothing else holds: once the
+caller drops the tensor, nothing of it stays in memory. :meth:`Checkpoint.meta` gives every entry as a
+``meta``-device tensor (shape and dtype, no data) for checks such as :meth:`PermutationSpec.validate`.
+
+:func:`save_permuted` permutes a checkpoint (or a state_dict) tensor by tensor and streams the result to a
+``.safetensors`` file, so its peak memory is about one tensor.
+
+In this layer (with the spec) because writing a permuted checkpoint applies the spec; the matchers above
+read checkpoints through the same mapping.
+
+The ``.safetensors`` format is parsed here (an 8-byte little-endian header length, a JSON header
+``{key: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the raw little-endian bytes); the
+``safetensors`` package is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._errors import RebasinError
+from .core import PermutationSpec, check_permutations, permute_unchecked
+
+__all__ = ["Checkpoint", "open_checkpoint", "save_permuted", "meta_state"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+        ("BOOL", "bool"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    )
+    if hasattr(torch, attr)
+}
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def _check_host() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        raise RebasinError("safetensors checkpoints are little-endian; this machine is not")
+
+
+class Checkpoint(Mapping[str, Tensor]):
+    """A read-only mapping ``key -> tensor`` over a checkpoint file; built by :func:`open_checkpoint`.
+
+    Each ``ckpt[key]`` reads that tensor from disk and returns a new CPU tensor that the caller owns (it
+    does not alias the file or any other result). ``keys()``, ``len()``, ``in`` and :meth:`meta` read no
+    tensor data. Item assignment and deletion raise ``TypeError`` (the mapping is read-only).
+
+    Attributes
+    ----------
+    path
+        The file.
+    format
+        ``"safetensors"`` or ``"pt"``.
+    """
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        self.format = fmt
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._tensors: dict[str, Tensor] = {}
+        if fmt == "safetensors":
+            self._read_header()
+        else:
+            self._open_pt()
+
+    # ------------------------------------------------------------------ reading
+    def _read_header(self) -> None:
+        _check_host()
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise RebasinError(f"{self.path} is not a safetensors file: it has {size} bytes, fewer than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise RebasinError(f"{self.path} is not a valid safetensors file: its header claims {n} bytes but the file "
+                                   f"has {size} (truncated or not safetensors)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, ValueError) as err:
+                raise RebasinError(f"{self.path} is not a valid safetensors file: its header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise RebasinError(f"{self.path} is not a valid safetensors file: its header is not a JSON object")
+        base = 8 + n
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype_name, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise RebasinError(f"{self.path}: malformed safetensors header entry for {key!r}: {info!r}") from None
+            if dtype_name not in _DTYPES:
+                raise RebasinError(f"{self.path}[{key!r}] has dtype {dtype_name!r}, which this torch cannot hold")
+            dtype = _DTYPES[dtype_name]
+            numel = 1
+            for s in shape:
+                numel *= s
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if begin < 0 or end - begin != nbytes:
+                raise RebasinError(f"{self.path}[{key!r}]: the header gives {end - begin} bytes for a {dtype_name} tensor "
+                                   f"of shape {shape} ({nbytes} bytes)")
+            if base + end > size:
+                raise RebasinError(f"{self.path} is truncated: {key!r} ends at byte {base + end} but the file has {size}")
+            self._entries[str(key)] = (dtype, shape, base + begin, nbytes)
+
+    def _open_pt(self) -> None:
+        try:
+            state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # torch raises many types for a bad file; all mean "cannot read"
+            raise RebasinError(f"cannot read {self.path} as a torch checkpoint: {type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise RebasinError(f"{self.path} does not hold a state_dict (a mapping key -> tensor)")
+        for key, t in state.items():
+            self._tensors[str(key)] = t
+            self._entries[str(key)] = (t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+
+    def _read(self, key: str) -> Tensor:
+        dtype, shape, offset, nbytes = self._entries[key]
+        if self.format == "pt":
+            return self._tensors[key].clone()  # a private copy; the source stays a file mapping
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buf.numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [view[done:]], offset + done)
+                    if got == 0:
+                        raise RebasinError(f"{self.path} is truncated: reading {key!r} stopped at byte {offset + done}")
+                    done += got
+            finally:
+                os.close(fd)
+        return buf.view(dtype).reshape(shape)
+
+    # ------------------------------------------------------------------ Mapping
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._entries:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __setitem__(self, key: str, value: object) -> None:
+        raise TypeError(f"a Checkpoint is read-only; copy it into a dict to change {key!r}")
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"a Checkpoint is read-only; copy it into a dict to delete {key!r}")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors, format={self.format!r})"
+
+    def meta(self, key: str | None = None) -> Tensor | dict[str, Tensor]:
+        """Shape and dtype without data: a ``meta``-device tensor for ``key``, or a dict of all of them.
+
+        The dict passes :meth:`PermutationSpec.validate` (without ``finite=True``), so a spec can be
+        checked against a checkpoint of any size without reading it.
+        """
+        if key is not None:
+            if key not in self._entries:
+                raise KeyError(key)
+            dtype, shape, _, _ = self._entries[key]
+            return torch.empty(shape, dtype=dtype, device="meta")
+        return {k: torch.empty(s, dtype=d, device="meta") for k, (d, s, _, _) in self._entries.items()}
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint file as a read-only mapping that reads each tensor from disk on access.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file, or a torch ``.pt`` / ``.pth`` / ``.bin`` file holding a state_dict (or a
+        dict with a ``"state_dict"`` entry) saved by :func:`torch.save`.
+
+    Returns
+    -------
+    Checkpoint
+        A ``Mapping[str, Tensor]``: ``ckpt[key]`` reads one tensor into a new CPU tensor. Pass it wherever
+        a state_dict is read (:func:`rebasin.weight_matching` then matches without holding either model,
+        :func:`save_permuted` writes a permuted copy tensor by tensor).
+
+    Raises
+    ------
+    RebasinError
+        If the file does not exist, has another extension, or is not a valid checkpoint (a truncated
+        safetensors file is detected here, from its header and size).
+
+    Notes
+    -----
+    Memory. A ``.safetensors`` tensor is read with ``os.preadv`` into a fresh buffer: the process
+    holds only the tensors the caller keeps. A ``.pt`` file is opened with
+    ``torch.load(mmap=True, weights_only=True)`` and each access copies the tensor out of the mapping:
+    the file pages a read touches stay mapped and count in the process's resident memory (RSS,
+    ``VmHWM``) until the checkpoint is dropped, although the kernel can reclaim them (they are page
+    cache, not private memory). For a flat memory profile convert ``.pt`` files to safetensors once.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from rebasin import open_checkpoint, save_permuted, PermutationSpec
+    >>> d = tempfile.mkdtemp()
+    >>> torch.save({"w": torch.ones(2, 3)}, os.path.join(d, "m.pt"))
+    >>> ckpt = open_checkpoint(os.path.join(d, "m.pt"))
+    >>> list(ckpt), tuple(ckpt.meta("w").shape)
+    (['w'], (2, 3))
+    """
+    p = Path(os.fspath(path))
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        fmt = "safetensors"
+    elif suffix in (".pt", ".pth", ".bin"):
+        fmt = "pt"
+    else:
+        raise RebasinError(f"cannot open {str(p)!r} as a checkpoint: unsupported extension {suffix or '(none)'!r}; "
+                           "use .safetensors or a torch .pt/.pth/.bin file")
+    if not p.is_file():
+        raise RebasinError(f"checkpoint file {str(p)!r} does not exist")
+    return Checkpoint(p, fmt)
+
+
+def meta_state(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Shapes and dtypes of ``source`` as ``meta`` tensors (no data is read from a :class:`Checkpoint`)."""
+    if not isinstance(source, Mapping):
+        raise RebasinError(f"expected a state_dict or a Checkpoint (a mapping key -> tensor), got {type(source).__name__}")
+    if isinstance(source, Checkpoint):
+        meta = source.meta()
+        assert isinstance(meta, dict)
+        return meta
+    return {k: (torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, Tensor) else v) for k, v in source.items()}
+
+
+def _tensor_bytes(t: Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def save_permuted(
+    spec: PermutationSpec,
+    perms: Mapping[str, Tensor],
+    source: Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``permute(spec, perms, source)`` to ``path``, one tensor at a time.
+
+    Parameters
+    ----------
+    spec
+        Permutation spec of the architecture.
+    perms
+        ``{perm: LongTensor (n,)}`` (missing names are the identity), as returned by the matchers.
+    source
+        A :class:`Checkpoint` from :func:`open_checkpoint` or a state_dict. Not mutated.
+    path
+        Output file: ``.safetensors`` is streamed (the header is computed from the shapes and dtypes
+        first, then each tensor is read, permuted, written and dropped, so the peak memory is about
+        one tensor); ``.pt`` / ``.pth`` gathers the whole permuted state_dict and calls
+        :func:`torch.save` (memory: one model).
+    metadata
+        Optional ``{str: str}`` stored in the safetensors header's ``__metadata__``.
+
+    Raises
+    ------
+    RebasinError
+        If ``source`` does not match the spec (the key is named), ``perms`` are not permutations of
+        the right sizes, or the extension is unsupported. The file is written to a temporary name next
+        to ``path`` and renamed at the end: on any error nothing is written.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from rebasin import PermutationSpec, open_checkpoint, permute, save_permuted
+    >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")})
+    >>> s = {"w1": torch.arange(6.).reshape(3, 2), "w2": torch.arange(3.).reshape(1, 3)}
+    >>> p = {"P": torch.tensor([2, 0, 1])}
+    >>> out = os.path.join(tempfile.mkdtemp(), "permuted.safetensors")
+    >>> save_permuted(spec, p, s, out)
+    >>> torch.equal(open_checkpoint(out)["w2"], permute(spec, p, s)["w2"])
+    True
+    """
+    out = Path(os.fspath(path))
+    suffix = out.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth"):
+        raise RebasinError(f"cannot write {str(out)!r}: unsupported extension {suffix or '(none)'!r}; "
+                           "use .safetensors (streamed) or .pt/.pth")
+    meta = meta_state(source)
+    sizes = spec.validate(meta, name="source")
+    check_permutations(spec, perms, sizes)
+    if suffix != ".safetensors":
+        state = {k: permute_unchecked(spec, perms, {k: source[k]})[k] for k in spec.axes}
+        _atomic_write(out, lambda f: torch.save(state, f))
+        return
+    _check_host()
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key in spec.axes:
+        t = meta[key]
+        if t.dtype not in _NAMES:
+            raise RebasinError(f"source[{key!r}] has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+
+    def write(f: object) -> None:
+        f.write(struct.pack("<Q", len(raw)))  # type: ignore[attr-defined]
+        f.write(raw)  # type: ignore[attr-defined]
+        for key in spec.axes:
+            t = permute_unchecked(spec, perms, {key: source[key]})[key]
+            if t.dtype != meta[key].dtype or tuple(t.shape) != tuple(meta[key].shape):  # pragma: no cover - defensive
+                raise RebasinError(f"source[{key!r}] changed shape or dtype while it was written")
+            f.write(_tensor_bytes(t))  # type: ignore[attr-defined]
+            del t
+
+    _atomic_write(out, write)
+
+
+def _atomic_write(path: Path, write: object) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``; rename it to ``path`` only on success."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise RebasinError(f"cannot write {str(path)!r}: the directory {str(directory)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)  # type: ignore[operator]
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

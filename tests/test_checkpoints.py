@@ -1,0 +1,226 @@
+"""Checkpoints on disk: open_checkpoint (read one tensor at a time), save_permuted (stream a permuted copy)
+and weight matching over checkpoints (the lazy engine, same permutations as in memory)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from rebasin import (
+    Checkpoint,
+    PermutationSpec,
+    RebasinError,
+    open_checkpoint,
+    permute,
+    random_permutation,
+    save_permuted,
+    spec_from_model,
+    weight_matching,
+)
+from rebasin.matching.weight_lazy import weight_matching_lazy
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+    )
+
+
+def _save(state: dict[str, torch.Tensor], path) -> Checkpoint:
+    """Write ``state`` as ``path`` (.pt with torch.save, .safetensors through save_permuted with no perms)."""
+    if str(path).endswith(".pt"):
+        torch.save(state, path)
+    else:
+        spec = PermutationSpec({k: (None,) * v.ndim for k, v in state.items()})
+        save_permuted(spec, {}, state, path)
+    return open_checkpoint(path)
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_round_trip_and_read_only(tmp_path, make_mlp, ext):
+    state = _state(make_mlp(4, [6], 3, bn=True, seed=0))
+    state["extra.half"] = torch.randn(3, 2).to(torch.bfloat16)
+    state["extra.scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    ckpt = _save(state, tmp_path / f"m{ext}")
+    assert list(ckpt) == list(state) and len(ckpt) == len(state) and "0.weight" in ckpt
+    for k, v in state.items():
+        got = ckpt[k]
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+        meta = ckpt.meta(k)
+        assert meta.device.type == "meta" and meta.shape == v.shape and meta.dtype == v.dtype
+    got = ckpt["0.weight"]
+    got.add_(1.0)  # the caller owns what it reads: the next read is unchanged
+    assert torch.equal(ckpt["0.weight"], state["0.weight"])
+    with pytest.raises(TypeError, match="read-only"):
+        ckpt["0.weight"] = torch.zeros(6, 4)  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        del ckpt["0.weight"]  # type: ignore[attr-defined]
+    with pytest.raises(KeyError):
+        ckpt["nope"]
+
+
+def test_safetensors_file_matches_the_reference_library(tmp_path, make_mlp):
+    st = pytest.importorskip("safetensors.torch")
+    state = _state(make_mlp(4, [6], 3, seed=0))
+    _save(state, tmp_path / "m.safetensors")
+    theirs = st.load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(theirs[k], state[k]) for k in state)
+    st.save_file(state, str(tmp_path / "ref.safetensors"))
+    ours = open_checkpoint(tmp_path / "ref.safetensors")
+    assert all(torch.equal(ours[k], state[k]) for k in state)
+
+
+def _concat_spec_and_state():
+    torch.manual_seed(3)
+    hid = 5
+    lstm = nn.LSTM(4, hid, batch_first=True)
+    spec = PermutationSpec(
+        {"weight_ih_l0": ("G", None), "weight_hh_l0": ("G", "H"), "bias_ih_l0": ("G",), "bias_hh_l0": ("G",)},
+        concat={"G": (("H", hid),) * 4},
+    )
+    return spec, _state(lstm)
+
+
+def _cases(make_mlp):
+    mlp = make_mlp(4, [8, 6], 3, seed=0)
+    cnn = _cnn(0)
+    x = torch.randn(2, 3, 4, 4)
+    yield spec_from_model(mlp, torch.randn(2, 4)), _state(mlp)
+    yield spec_from_model(cnn, x), _state(cnn)
+    yield _concat_spec_and_state()
+    lin = nn.Linear(6, 6)
+    yield PermutationSpec({"weight": ("P", "P"), "bias": ("P",)}), _state(lin)
+    conv = nn.Conv2d(6, 9, 3, groups=3)
+    yield PermutationSpec(
+        {"weight": ("O", "I", None, None), "bias": ("O",)},
+        structure={"I": ("G", 2), "O": ("G", 3)},
+        grouped={("weight", 1): 3},
+    ), _state(conv)
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
+def test_save_permuted_equals_permute(tmp_path, make_mlp, ext):
+    for i, (spec, state) in enumerate(_cases(make_mlp)):
+        perms = random_permutation(spec, seed=i + 1, sizes=spec.validate(state))
+        expected = permute(spec, perms, state)
+        src = _save(state, tmp_path / f"src{i}.safetensors")
+        for source in (state, src):
+            out = tmp_path / f"out{i}{ext}"
+            save_permuted(spec, perms, source, out)
+            got = open_checkpoint(out)
+            assert list(got) == list(spec.axes)
+            for k in expected:
+                assert torch.equal(got[k], expected[k]), (i, k)
+
+
+def test_lazy_weight_matching_gives_the_in_memory_permutations(tmp_path, make_mlp):
+    a = _state(make_mlp(5, [16, 12, 10], 3, seed=0))
+    b = _state(make_mlp(5, [16, 12, 10], 3, seed=1))
+    spec = spec_from_model(make_mlp(5, [16, 12, 10], 3, seed=0), torch.randn(2, 5))
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.pt")
+    for seed in (0, 3):
+        ref, info_ref = weight_matching(spec, a, b, seed=seed, return_info=True)
+        got, info = weight_matching(spec, ca, cb, seed=seed, return_info=True)
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+        assert info.n_sweeps == info_ref.n_sweeps and info.n_solves == info_ref.n_solves
+        assert info.objective == pytest.approx(info_ref.objective, rel=1e-5)
+    # a permuted copy of A is recovered exactly, from checkpoints
+    perms = random_permutation(spec, seed=7, sizes=spec.validate(a))
+    save_permuted(spec, perms, ca, tmp_path / "ap.safetensors")
+    back, info = weight_matching(spec, ca, open_checkpoint(tmp_path / "ap.safetensors"), return_info=True)
+    assert info.n_lowrank_updates == 0  # the lazy engine ran (it keeps no cached similarities)
+    moved = permute(spec, back, dict(open_checkpoint(tmp_path / "ap.safetensors")))
+    assert all(torch.equal(moved[k], a[k]) for k in a)
+
+
+def test_lazy_engine_on_concat_and_two_axes_agrees_with_in_memory():
+    for spec, state in (_concat_spec_and_state(), (PermutationSpec({"weight": ("P", "P"), "bias": ("P",)}), _state(nn.Linear(6, 6)))):
+        perms = random_permutation(spec, seed=2, sizes=spec.validate(state))
+        noisy = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in state.items()}
+        b = permute(spec, perms, noisy)
+        got, _ = weight_matching_lazy(spec, state, b)
+        moved = permute(spec, got, b)
+        # the objective at the answer is at least that at the true inverse permutations
+        truth = permute(spec, {k: torch.argsort(v) for k, v in perms.items()}, b)
+        dot = sum(float((state[k] * moved[k]).sum()) for k in state)
+        best = sum(float((state[k] * truth[k]).sum()) for k in state)
+        assert dot >= best - 1e-4
+
+
+def test_lazy_refuses_structured_specs(tmp_path):
+    conv = nn.Conv2d(6, 9, 3, groups=3)
+    spec = PermutationSpec({"weight": ("O", "I", None, None), "bias": ("O",)},
+                           structure={"I": ("G", 2), "O": ("G", 3)}, grouped={("weight", 1): 3})
+    ck = _save(_state(conv), tmp_path / "c.safetensors")
+    with pytest.raises(RebasinError, match="structured"):
+        weight_matching(spec, ck, ck)
+
+
+def test_bad_inputs(tmp_path, make_mlp):
+    state = _state(make_mlp(4, [6], 3, seed=0))
+    spec = spec_from_model(make_mlp(4, [6], 3, seed=0), torch.randn(2, 4))
+    with pytest.raises(RebasinError, match="does not exist"):
+        open_checkpoint(tmp_path / "missing.safetensors")
+    (tmp_path / "m.npz").write_bytes(b"x")
+    with pytest.raises(RebasinError, match="unsupported extension"):
+        open_checkpoint(tmp_path / "m.npz")
+    with pytest.raises(RebasinError, match="unsupported extension"):
+        save_permuted(spec, {}, state, tmp_path / "out.npz")
+    # keys that do not match the spec: the key is named, and nothing is written
+    other = _state(make_mlp(4, [6, 6], 3, seed=0))
+    ck = _save(other, tmp_path / "other.safetensors")
+    good = _save(state, tmp_path / "good.safetensors")
+    with pytest.raises(RebasinError, match="2.weight|4.weight"):
+        weight_matching(spec, good, ck)
+    with pytest.raises(RebasinError, match="4.weight"):
+        save_permuted(spec, {}, ck, tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    # a shape that does not match
+    wide = dict(state)
+    wide["2.weight"] = torch.randn(3, 7)
+    with pytest.raises(RebasinError, match="2.weight"):
+        weight_matching(spec, good, _save(wide, tmp_path / "wide.safetensors"))
+    # NaN: the same error as in memory
+    bad = dict(state)
+    bad["0.bias"] = bad["0.bias"].clone()
+    bad["0.bias"][1] = float("nan")
+    with pytest.raises(RebasinError, match=r"state_b\['0.bias'\].*NaN"):
+        weight_matching(spec, state, bad)
+    with pytest.raises(RebasinError, match=r"state_b\['0.bias'\].*NaN"):
+        weight_matching(spec, good, _save(bad, tmp_path / "nan.safetensors"))
+    # bad perms for save_permuted
+    with pytest.raises(RebasinError, match="not a permutation"):
+        save_permuted(spec, {"P0": torch.zeros(6, dtype=torch.long)}, good, tmp_path / "x.safetensors")
+    # truncated and malformed safetensors files
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-5])
+    with pytest.raises(RebasinError, match="truncated"):
+        open_checkpoint(tmp_path / "cut.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(RebasinError, match="not a safetensors file"):
+        open_checkpoint(tmp_path / "tiny.safetensors")
+    body = b"{not json"
+    (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(RebasinError, match="not JSON"):
+        open_checkpoint(tmp_path / "junk.safetensors")
+    head = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "size.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 8)
+    with pytest.raises(RebasinError, match="4 bytes"):
+        open_checkpoint(tmp_path / "size.safetensors")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(RebasinError, match="cannot read"):
+        open_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(RebasinError, match="state_dict or a Checkpoint"):
+        save_permuted(spec, {}, [1, 2], tmp_path / "y.safetensors")  # type: ignore[arg-type]

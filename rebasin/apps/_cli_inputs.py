@@ -22,8 +22,10 @@ from torch import nn
 
 from .._common import as_args, evaluating, head, split_batch
 from .._errors import RebasinError
+from ..spec.checkpoint import open_checkpoint
 
 __all__ = [
+    "build_model",
     "check_output_dir",
     "check_output_file",
     "example_shape",
@@ -95,6 +97,8 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise RebasinError(f"no such file: {path}")
+    if p.suffix == ".safetensors":
+        return dict(open_checkpoint(p))
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable checkpoint is one user error
@@ -111,11 +115,17 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def model_from(factory_spec: str, state: Mapping[str, torch.Tensor], label: str) -> nn.Module:
-    """``factory()`` with ``state`` loaded (strictly); a mismatch names the checkpoint and the factory."""
+def build_model(factory_spec: str) -> nn.Module:
+    """``factory()`` for ``--model``, checked to be an ``nn.Module`` (its own freshly built weights)."""
     model = _call(load_factory(factory_spec), factory_spec, "--model")
     if not isinstance(model, nn.Module):
         raise RebasinError(f"--model {factory_spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def model_from(factory_spec: str, state: Mapping[str, torch.Tensor], label: str) -> nn.Module:
+    """``factory()`` with ``state`` loaded (strictly); a mismatch names the checkpoint and the factory."""
+    model = build_model(factory_spec)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

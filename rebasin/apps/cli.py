@@ -24,6 +24,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from ._cli_inputs import (
     example_shape,
     has_batchnorm,
     importable_from_cwd,
+    build_model,
     load_state,
     loader_from,
     model_from,
@@ -130,6 +132,9 @@ def run_align(args: argparse.Namespace) -> None:
     output = check_output_file(args.output, "-o")
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
+    if args.method == "weight_matching" and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
+        _align_checkpoints(args, output, perms_file, device)
+        return
     state_a, state_b = load_state(args.model_a), load_state(args.model_b)
     model_a = model_from(args.model, state_a, args.model_a)
     model_b = model_from(args.model, state_b, args.model_b)
@@ -137,11 +142,46 @@ def run_align(args: argparse.Namespace) -> None:
     spec = spec_from_model(model_a, _example(args, first))
     where = device if matcher.accepts("device") else None  # a user's matcher may take no device
     res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
-    torch.save({k: v.cpu() for k, v in res.state_b.items()}, output)
+    if output.suffix == ".safetensors":
+        from ..spec.checkpoint import save_permuted
+
+        save_permuted(spec, {}, res.state_b, output)  # already aligned: written as it is
+    else:
+        torch.save({k: v.cpu() for k, v in res.state_b.items()}, output)
     _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
         torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
         sizes = ", ".join(f"{k} ({len(v)})" for k, v in res.perms.items()) or "none"
+        _print(f"permutations {sizes} -> {perms_file}")
+
+
+def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path | None, device: torch.device) -> None:
+    """``rebasin align A.safetensors B.safetensors`` with weight matching: never both models in memory.
+
+    The spec is traced on a freshly built ``--model`` (its own weights, dropped before matching); the
+    checkpoints are read one tensor at a time (:func:`rebasin.open_checkpoint`) and B's aligned copy is
+    streamed to ``-o`` (:func:`rebasin.save_permuted`; a ``.pt`` output is gathered in memory first).
+    """
+    import time
+
+    from ..matching.weight import weight_matching
+    from ..spec.checkpoint import open_checkpoint, save_permuted
+    from ..trace.tracing import spec_from_model
+
+    if output.suffix not in (".safetensors", ".pt", ".pth"):
+        raise RebasinError(f"-o {output}: write the aligned checkpoint as .safetensors (streamed) or .pt/.pth")
+    ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
+    model = build_model(args.model)
+    spec = spec_from_model(model, _example(args, None))
+    del model
+    start = time.perf_counter()
+    perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
+    save_permuted(spec, perms, ckpt_b, output)
+    _print(f"aligned {args.model_b} to {args.model_a} with weight_matching (one tensor at a time) in "
+           f"{time.perf_counter() - start:.2f} s -> {output}")
+    if perms_file is not None:
+        torch.save(perms, perms_file)
+        sizes = ", ".join(f"{k} ({len(v)})" for k, v in perms.items()) or "none"
         _print(f"permutations {sizes} -> {perms_file}")
 
 
@@ -384,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     land.add_argument("--out", default="rebasin-landscape", help="output folder (landscape.json)")
     land.set_defaults(func=run_landscape)
 
-    checkpoint = "a saved state_dict (torch.save(model.state_dict(), ...)) of the --model architecture"
+    checkpoint = ("a saved state_dict (torch.save(model.state_dict(), ...), or a .safetensors file) of the --model "
+                  "architecture")
     model_help = ("importable factory 'package.module:function' that builds your net (no arguments); "
                   "modules in the current folder are found too")
     shape_help = "input shape for tracing the net, e.g. 1,3,32,32 (default: two inputs of --data's first batch)"
@@ -406,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices and of the --example-shape input (same seed, same result)")
     al.add_argument("--device", default="auto", help=device_help)
     al.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="where to write B's aligned state_dict (folders are created)")
+                    help="where to write B's aligned state_dict (folders are created; .safetensors or .pt).\n"
+                         "weight_matching on two .safetensors files reads them one tensor at a time\n"
+                         "and streams a .safetensors output: neither model is held in memory")
     al.add_argument("--save-perms", default=None, metavar="FILE",
                     help="also write the permutations {name: LongTensor} that map B onto A\n"
                          "(torch.load(FILE); rebasin.permute(spec, perms, state_b) applies them)")

@@ -2,29 +2,33 @@
 
 The engine behind :func:`rebasin.weight_matching` when either model is a
 :class:`rebasin.spec.checkpoint.Checkpoint` (from :func:`rebasin.open_checkpoint`). It runs the same
-coordinate descent as the in-memory engine (:mod:`rebasin.matching.weight`): the same visiting order drawn
-from ``seed``, the same acceptance rule, and a permutation whose similarity cannot have changed since its
-last solve is not solved again, so it returns the same permutations (up to float32 summation order in the
-similarities). What differs is where the similarity comes from: instead of keeping both models laid out in
-memory with cached similarities, each visit of a permutation ``P`` rebuilds its ``n x n`` similarity from the
-tensors it touches (``spec.occurrences``: direct axes, concatenation parts, block axes), reading one tensor of
-A and the same tensor of B at a time. B's tensor gets every current permutation
-(:func:`rebasin.permute_unchecked` on a one-key dict, so concatenations, blocks and ``P W P^T`` follow the
-spec's own rules); the stretch of ``P`` is then un-permuted by indexing the columns of the product with
-``P``'s inverse:
+coordinate descent as the in-memory engine (:mod:`rebasin.matching.weight`), step for step: the same
+visiting order drawn from ``seed``, the same acceptance rule, the same skipped solves (a permutation whose
+similarity has not changed since its last solve), the same cached similarities corrected by the same
+low-rank updates, so it returns the same permutations. What differs is where things live:
 
-.. math::
+* the tensors stay on disk. A similarity ``S_P`` is built from the tensors ``P`` touches
+  (``spec.occurrences``: direct axes, concatenation parts, block axes), reading one tensor of A and the same
+  tensor of B at a time; B's tensor gets every current permutation but ``P``
+  (:func:`rebasin.permute_unchecked` on a one-key dict with ``skip=P``, so concatenations and blocks follow
+  the spec's own rules) and ``S_P += rows(A_k) rows(B'_k)^T``;
+* the cached ``n x n`` similarities are kept in an anonymous scratch file (page cache, not process memory)
+  and read back one at a time. When a permutation ``Q`` changes at ``m <= n / 4`` units, each cached
+  neighbouring similarity gets the exact correction ``A[:, J] (B'_new[:, J] - B'_old[:, J])^T``, which reads
+  the one tensor they share again; above that the cache is dropped and rebuilt on the next visit.
 
-    S_P = \\mathrm{rows}(A_k)\\, \\mathrm{rows}(\\pi(B_k))^\\top [:, P^{-1}]
-
-Memory: two tensors (and a float32 copy of each), one ``n x n`` similarity and its float64 cost matrix.
-Time: every visit reads and multiplies its tensors again (no cache, no low-rank updates), so a sweep costs
-about what the in-memory engine's first sweep costs. Structured permutations (heads, groups) are refused.
+Where ``P`` also acts on another axis of the same tensor (``P W P^T``) the tensor is permuted by every
+permutation and the product's columns are put back in B's order with ``P``'s inverse; such a similarity is
+rebuilt instead of corrected. Memory: two tensors (and float32 copies), one ``n x n`` similarity and its
+float64 cost matrix. Structured permutations (heads, groups) are refused.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,13 +38,14 @@ from torch import Tensor
 from .._common import check_int
 from .._errors import RebasinError
 from ..spec.checkpoint import meta_state
-from ..spec.core import PermutationSpec, check_permutations, permute_unchecked
+from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from .assignment import cost_from_similarity, solve_cost
 
 __all__ = ["weight_matching_lazy"]
 
-# Same acceptance threshold as the in-memory engine (rebasin.matching.weight._GAIN_RTOL): keep them equal.
+# Same constants as the in-memory engine (rebasin.matching.weight): keep them equal, or the results differ.
 _GAIN_RTOL = 1e-6
+_LOWRANK_FRACTION = 0.25
 
 
 def _validate(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> tuple[dict[str, int], dict[str, Tensor]]:
@@ -57,6 +62,50 @@ def _validate(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Map
 def _stretch_rows(t: Tensor, axis: int, lo: int, hi: int, n: int) -> Tensor:
     """Entries ``lo:hi`` of ``axis`` as an ``(n, -1)`` matrix (a block of ``k`` joins the columns)."""
     return t.narrow(axis, lo, hi - lo).movedim(axis, 0).reshape(n, -1)
+
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One stretch of one tensor axis that ``perm`` acts on, with the permutations on the tensor's other axes."""
+
+    perm: str
+    occ: Occurrence
+    twice: bool  # perm also acts on another axis of this tensor (P W P^T)
+    nbrs: dict[str, tuple[Occurrence, ...]]  # other axes' permutations and where they act
+
+
+class _Scratch:
+    """``n x n`` float32 matrices kept in an anonymous temporary file, read back one at a time."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile(prefix="rebasin-wm-")
+        self.slots: dict[tuple[str, str], tuple[int, int]] = {}  # (perm, kind) -> (offset, n)
+        self.end = 0
+
+    def put(self, key: tuple[str, str], mat: Tensor) -> None:
+        n = mat.shape[0]
+        if key not in self.slots:
+            self.slots[key] = (self.end, n)
+            self.end += n * n * 4
+        data = mat.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy()
+        view, off, done = memoryview(data), self.slots[key][0], 0
+        while done < len(view):
+            done += os.pwrite(self.file.fileno(), view[done:], off + done)
+
+    def get(self, key: tuple[str, str], device: torch.device) -> Tensor:
+        off, n = self.slots[key]
+        buf = torch.empty(n * n * 4, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < len(view):
+            got = os.preadv(self.file.fileno(), [view[done:]], off + done)
+            if got == 0:  # pragma: no cover - our own file
+                raise RebasinError("the scratch file of the similarity cache was truncated")
+            done += got
+        return buf.view(torch.float32).reshape(n, n).to(device)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def weight_matching_lazy(
@@ -79,8 +128,7 @@ def weight_matching_lazy(
     -------
     (dict[str, Tensor], dict)
         The permutations (as :func:`rebasin.weight_matching`) and the fields of a
-        :class:`rebasin.WeightMatchingInfo` (``n_full_builds`` counts similarity builds; there are no
-        low-rank updates).
+        :class:`rebasin.WeightMatchingInfo`.
 
     Raises
     ------
@@ -108,104 +156,172 @@ def weight_matching_lazy(
     def floating(key: str) -> bool:
         return meta[key].is_floating_point() and meta[key].numel() > 0
 
-    # which permutations' similarities change when a permutation changes (it is on another axis of a tensor)
-    on_key: dict[str, list[tuple[str, int]]] = {}
+    on_key: dict[str, list[tuple[str, Occurrence]]] = {}
     for p, occs in spec.occurrences.items():
         for o in occs:
             if floating(o.key):
-                on_key.setdefault(o.key, []).append((p, o.axis))
-    by_nbr: dict[str, set[str]] = {p: set() for p in spec.perms}
-    for pairs in on_key.values():
-        for q, qa in pairs:
-            by_nbr[q].update(r for r, ra in pairs if ra != qa)
-    active = [p for p in spec.perms if sizes[p] > 1 and any(floating(o.key) for o in spec.occurrences[p])]
+                on_key.setdefault(o.key, []).append((p, o))
+    static: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+    dynamic: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+    by_nbr: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+    for p, occs in spec.occurrences.items():
+        for o in occs:
+            if not floating(o.key):
+                continue
+            nbrs: dict[str, list[Occurrence]] = {}
+            for q, qo in on_key[o.key]:
+                if qo.axis != o.axis:
+                    nbrs.setdefault(q, []).append(qo)
+            term = _Term(p, o, p in nbrs, {q: tuple(v) for q, v in nbrs.items()})
+            (dynamic if nbrs else static)[p].append(term)
+            for q in nbrs:
+                by_nbr[q].append(term)
+    active = [p for p in spec.perms if sizes[p] > 1 and (static[p] or dynamic[p])]
 
     def current() -> dict[str, Tensor]:
         return {q: torch.from_numpy(v).to(dev) for q, v in perms.items()}
 
-    def load(state: Mapping[str, Tensor], key: str, which: str) -> Tensor:
-        t = state[key]
-        if not isinstance(t, Tensor):
-            raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
-        return t.detach().to(device=dev, dtype=torch.float32)
+    def load(state: Mapping[str, Tensor], key: str) -> Tensor:
+        return state[key].detach().to(device=dev, dtype=torch.float32)
 
-    with torch.no_grad():
-        # one pass over every key: finite values (as the in-memory path checks) and the initial objective
-        start = current()
-        initial = 0.0
-        for key in spec.axes:
-            if not meta[key].is_floating_point():
-                continue
-            a, b = state_a[key], state_b[key]
-            for t, which in ((a, "state_a"), (b, "state_b")):
-                if not isinstance(t, Tensor):
-                    raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
-                if t.numel() and not bool(torch.isfinite(t).all()):
-                    raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
-            if key in on_key:
-                moved = permute_unchecked(spec, start, {key: b.detach().to(device=dev, dtype=torch.float32)})[key]
-                initial += float((a.detach().to(device=dev, dtype=torch.float32) * moved).sum(dtype=torch.float64))
-                del moved
-            del a, b
+    def b_prime(t: _Term, cur: Mapping[str, Tensor]) -> Tensor:
+        """B's tensor with every permutation but ``t.perm`` applied (all of them when ``t.twice``)."""
+        return permute_unchecked(spec, cur, {t.occ.key: load(state_b, t.occ.key)}, None if t.twice else t.perm)[t.occ.key]
 
-        def similarity(p: str) -> Tensor:
-            n = sizes[p]
-            cur = current()
-            total = torch.zeros(n, n, dtype=torch.float32, device=dev)
-            for o in spec.occurrences[p]:
-                if not floating(o.key):
-                    continue
-                lo, hi = o.start * o.block, (o.start + n) * o.block
-                f = permute_unchecked(spec, cur, {o.key: load(state_b, o.key, "state_b")})[o.key]
-                f_rows = _stretch_rows(f, o.axis, lo, hi, n)
-                del f
-                a_rows = _stretch_rows(load(state_a, o.key, "state_a"), o.axis, lo, hi, n)
-                total.addmm_(a_rows, f_rows.T)
-                del a_rows, f_rows
-            inv = torch.argsort(cur[p])
-            return total.index_select(1, inv)  # undo p on its own stretch: column j is B's unit j
+    def build(terms: list[_Term], out: Tensor | None) -> Tensor:
+        """``out + sum_t A_t B'_t^T`` (``out`` updated in place when given)."""
+        cur = current()
+        for t in terms:
+            n = sizes[t.perm]
+            lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
+            f_rows = _stretch_rows(b_prime(t, cur), t.occ.axis, lo, hi, n)
+            a_rows = _stretch_rows(load(state_a, t.occ.key), t.occ.axis, lo, hi, n)
+            if t.twice:  # columns in the current order of t.perm: put them back in B's order
+                prod = torch.mm(a_rows, f_rows.T).index_select(1, torch.argsort(cur[t.perm]))
+                out = prod if out is None else out.add_(prod)
+            elif out is None:
+                out = torch.mm(a_rows, f_rows.T)
+            else:
+                out.addmm_(a_rows, f_rows.T)
+            del a_rows, f_rows
+        assert out is not None  # every caller passes at least one term or a base
+        return out
 
-        generator = torch.Generator().manual_seed(int(seed))
-        stale = {p: True for p in spec.perms}
-        objective = initial
-        history: list[float] = []
-        n_solves = n_skipped = n_builds = 0
-        buffers: dict[int, np.ndarray] = {}
-        converged = False
-        for _ in range(n_iter):
-            improved = False
-            for idx in torch.randperm(len(active), generator=generator).tolist():
-                name = active[idx]
-                if not stale[name]:
-                    n_skipped += 1
+    scratch = _Scratch()
+    has_static: set[str] = set()
+    cached: set[str] = set()  # permutations whose similarity is in the scratch file ("cache", p)
+    stale = {p: True for p in spec.perms}
+    counts = {"builds": 0, "lowrank": 0}
+
+    def similarity(p: str) -> Tensor | None:
+        if not stale[p]:
+            return None
+        stale[p] = False
+        if p in cached:
+            return scratch.get(("cache", p), dev)
+        base = None
+        if static[p]:
+            if p not in has_static:
+                scratch.put(("static", p), build(static[p], None))  # constant: computed once
+                has_static.add(p)
+            base = scratch.get(("static", p), dev)
+        if dynamic[p]:
+            counts["builds"] += 1
+            base = build(dynamic[p], base)
+        assert base is not None
+        scratch.put(("cache", p), base)
+        cached.add(p)
+        return base
+
+    def update(q: str, new: np.ndarray, changed: np.ndarray) -> None:
+        old = perms[q]
+        inv_old = np.empty_like(old)
+        inv_old[old] = np.arange(old.size)
+        src_units = torch.from_numpy(inv_old[new[changed]]).to(dev)
+        dst_units = torch.from_numpy(changed).to(dev)
+        lowrank = changed.size <= _LOWRANK_FRACTION * old.size
+        cur = current()  # before the change
+        for t in by_nbr[q]:
+            r = t.perm
+            if r in cached:
+                if lowrank and not t.twice and len(t.nbrs[q]) == 1:
+                    qo = t.nbrs[q][0]
+                    dst = block_index(dst_units + qo.start, qo.block)
+                    src = block_index(src_units + qo.start, qo.block)
+                    n = sizes[r]
+                    lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
+                    b = b_prime(t, cur)
+                    delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
+                    del b
+                    a_sel = load(state_a, t.occ.key).index_select(qo.axis, dst)
+                    sim = scratch.get(("cache", r), dev)
+                    sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)
+                    scratch.put(("cache", r), sim)
+                    del delta, a_sel, sim
+                    counts["lowrank"] += 1
+                else:
+                    cached.discard(r)
+            stale[r] = True
+        perms[q] = new
+
+    try:
+        with torch.no_grad():
+            # one pass over every key: finite values (as the in-memory path checks) and the initial objective
+            start = current()
+            initial = 0.0
+            for key in spec.axes:
+                if not meta[key].is_floating_point():
                     continue
-                stale[name] = False
-                sim = similarity(name)
-                n_builds += 1
-                n = sizes[name]
-                if n not in buffers:
-                    buffers[n] = np.empty((n, n), dtype=np.float64)
-                cost = cost_from_similarity(sim, out=buffers[n])
-                del sim
-                new = solve_cost(cost, name=name)
-                n_solves += 1
-                old = perms[name]
-                changed = np.flatnonzero(new != old)
-                if changed.size == 0:
-                    continue
-                gained = -cost[changed, new[changed]]
-                lost = -cost[changed, old[changed]]
-                gain = float(gained.sum() - lost.sum())
-                if gain > _GAIN_RTOL * float(np.abs(gained).sum() + np.abs(lost).sum()):
-                    perms[name] = new
-                    for r in by_nbr[name]:
-                        stale[r] = True
-                    objective += gain
-                    improved = True
-            history.append(objective)
-            if not improved:
-                converged = True
-                break
+                a, b = state_a[key], state_b[key]
+                for t, which in ((a, "state_a"), (b, "state_b")):
+                    if not isinstance(t, Tensor):
+                        raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
+                    if t.numel() and not bool(torch.isfinite(t).all()):
+                        raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
+                if key in on_key:
+                    moved = permute_unchecked(spec, start, {key: b.detach().to(device=dev, dtype=torch.float32)})[key]
+                    initial += float((a.detach().to(device=dev, dtype=torch.float32) * moved).sum(dtype=torch.float64))
+                    del moved
+                del a, b
+
+            generator = torch.Generator().manual_seed(int(seed))
+            objective = initial
+            history: list[float] = []
+            n_solves = n_skipped = 0
+            buffers: dict[int, np.ndarray] = {}
+            converged = False
+            for _ in range(n_iter):
+                improved = False
+                for idx in torch.randperm(len(active), generator=generator).tolist():
+                    name = active[idx]
+                    sim = similarity(name)
+                    if sim is None:
+                        n_skipped += 1
+                        continue
+                    n = sizes[name]
+                    if n not in buffers:
+                        buffers[n] = np.empty((n, n), dtype=np.float64)
+                    cost = cost_from_similarity(sim, out=buffers[n])
+                    del sim
+                    new = solve_cost(cost, name=name)
+                    n_solves += 1
+                    old = perms[name]
+                    changed = np.flatnonzero(new != old)
+                    if changed.size == 0:
+                        continue
+                    gained = -cost[changed, new[changed]]
+                    lost = -cost[changed, old[changed]]
+                    gain = float(gained.sum() - lost.sum())
+                    if gain > _GAIN_RTOL * float(np.abs(gained).sum() + np.abs(lost).sum()):
+                        update(name, new, changed)
+                        objective += gain
+                        improved = True
+                history.append(objective)
+                if not improved:
+                    converged = True
+                    break
+    finally:
+        scratch.close()
 
     out = {name: torch.from_numpy(p.copy()) for name, p in perms.items()}
     info = {
@@ -215,7 +331,7 @@ def weight_matching_lazy(
         "converged": converged,
         "n_solves": n_solves,
         "n_skipped": n_skipped,
-        "n_full_builds": n_builds,
-        "n_lowrank_updates": 0,
+        "n_full_builds": counts["builds"],
+        "n_lowrank_updates": counts["lowrank"],
     }
     return out, info

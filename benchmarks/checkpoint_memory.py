@@ -1,0 +1,174 @@
+"""Peak memory and time of weight matching from checkpoints on disk, against the in-memory run.
+
+Two independently initialised ``nn.Sequential(Linear(w, w), ReLU, ...)`` MLPs (``--depth`` layers of
+width ``--width``; defaults 48 x 1024, about 200 MB each in float32) are written as ``.safetensors``
+files to a temporary folder. Each measurement then runs in a fresh Python subprocess, so that its
+peak resident memory (``VmHWM`` of ``/proc/self/status``) is its own:
+
+* ``in memory``: both checkpoints read into dicts (``dict(open_checkpoint(path))``), then
+  :func:`rebasin.weight_matching` on the dicts (the cached, low-rank engine);
+* ``lazy``: :func:`rebasin.weight_matching` on the two :class:`rebasin.Checkpoint` mappings (the
+  engine that reads one tensor of each model at a time);
+* ``save_permuted``: the lazy run's permutations applied to B and streamed to a new ``.safetensors``
+  file by :func:`rebasin.save_permuted`.
+
+``peak growth`` is ``VmHWM`` at the end minus ``VmRSS`` after the imports and the spec (the peak is
+reset there through ``/proc/self/clear_refs`` where the kernel allows it); ``time`` includes reading
+the files. ``same perms`` compares each run's permutations with the in-memory run's.
+
+Run ``OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py --n-iter 3`` (a few minutes on 2 cores;
+without ``--n-iter`` the two independent models take tens of sweeps to converge, each run a quarter of an
+hour or more); ``--no-report`` skips writing the section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _report import append_report, machine_summary, markdown_table  # noqa: E402
+
+from rebasin import PermutationSpec, open_checkpoint, save_permuted, weight_matching  # noqa: E402
+
+
+def mlp_spec(depth: int) -> PermutationSpec:
+    """Spec of ``nn.Sequential(Linear, ReLU, ..., Linear)`` with ``depth`` Linear layers."""
+    axes: dict[str, tuple[str | None, ...]] = {}
+    prev: str | None = None
+    for i in range(depth):
+        out = f"P{i}" if i < depth - 1 else None
+        axes[f"{2 * i}.weight"] = (out, prev)
+        axes[f"{2 * i}.bias"] = (out,)
+        prev = out
+    return PermutationSpec(axes)
+
+
+def _status(field: str) -> int:
+    """``VmHWM`` / ``VmRSS`` of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(mode: str, folder: Path, depth: int, n_iter: int) -> None:
+    """One measurement in this (fresh) process; prints one JSON line."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    spec = mlp_spec(depth)
+    a_path, b_path = folder / "a.safetensors", folder / "b.safetensors"
+    reset = _reset_peak()
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    if mode == "memory":
+        state_a, state_b = dict(open_checkpoint(a_path)), dict(open_checkpoint(b_path))
+        t_load = time.perf_counter() - t0
+        perms, info = weight_matching(spec, state_a, state_b, n_iter=n_iter, return_info=True)
+    elif mode == "lazy":
+        t_load = 0.0
+        perms, info = weight_matching(spec, open_checkpoint(a_path), open_checkpoint(b_path), n_iter=n_iter,
+                                      return_info=True)
+    else:  # save
+        t_load = 0.0
+        perms = torch.load(folder / "perms_lazy.pt")
+        info = None
+        save_permuted(spec, perms, open_checkpoint(b_path), folder / "b_permuted.safetensors")
+    elapsed = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    if mode != "save":
+        torch.save(perms, folder / f"perms_{mode}.pt")
+    print(json.dumps({
+        "mode": mode, "time": elapsed, "load": t_load, "growth": peak - base, "reset": reset,
+        "sweeps": None if info is None else info.n_sweeps,
+        "converged": None if info is None else info.converged,
+    }))
+
+
+def _sweeps(result: dict) -> str:
+    return f"{result['sweeps']}" + ("" if result["converged"] else " (cap)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=48, help="Linear layers (default 48)")
+    parser.add_argument("--width", type=int, default=1024, help="width of every layer (default 1024)")
+    parser.add_argument("--n-iter", type=int, default=100,
+                        help="sweeps of weight matching at most, the same for both runs (default 100, the library's)")
+    parser.add_argument("--no-report", action="store_true", help="do not write the section of docs/benchmarks.md")
+    parser.add_argument("--child", choices=["memory", "lazy", "save"], help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.dir, args.depth, args.n_iter)
+        return
+    spec = mlp_spec(args.depth)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, seed in (("a", 0), ("b", 1)):
+            torch.manual_seed(seed)
+            layers: list[nn.Module] = []
+            for i in range(args.depth):
+                layers += [nn.Linear(args.width, args.width)] + ([nn.ReLU()] if i < args.depth - 1 else [])
+            state = nn.Sequential(*layers).state_dict()
+            save_permuted(spec, {}, state, folder / f"{name}.safetensors")
+            del layers, state
+        ckpt_mb = (folder / "a.safetensors").stat().st_size / 2**20
+        results = {}
+        for mode in ("memory", "lazy", "save"):
+            cmd = [sys.executable, __file__, "--child", mode, "--dir", str(folder), "--depth", str(args.depth),
+                   "--n-iter", str(args.n_iter)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
+            results[mode] = json.loads(out.strip().splitlines()[-1])
+            print(mode, results[mode], flush=True)
+        ref = torch.load(folder / "perms_memory.pt")
+        lazy = torch.load(folder / "perms_lazy.pt")
+        same = all(torch.equal(ref[k], lazy[k]) for k in ref)
+    t_mem = results["memory"]["time"]
+    rows = [
+        ["in memory (dicts)", f"{results['memory']['growth'] / 2**20:.0f}", f"{t_mem:.1f}",
+         f"{results['memory']['load']:.1f}", _sweeps(results["memory"]), "1.00", "(reference)"],
+        ["lazy (checkpoints)", f"{results['lazy']['growth'] / 2**20:.0f}", f"{results['lazy']['time']:.1f}", "-",
+         _sweeps(results["lazy"]), f"{results['lazy']['time'] / t_mem:.2f}", "yes" if same else "NO"],
+        ["save_permuted (B, streamed)", f"{results['save']['growth'] / 2**20:.0f}", f"{results['save']['time']:.1f}",
+         "-", "-", "-", "-"],
+    ]
+    table = markdown_table(["run", "peak growth (MB)", "time (s)", "of which loading (s)", "sweeps",
+                            "time / in memory", "same perms"], rows)
+    print(table)
+    print(f"checkpoint size: {ckpt_mb:.0f} MB each; target: lazy growth <= {ckpt_mb / 2:.0f} MB, time <= 1.5x")
+    if not args.no_report:
+        threads = os.environ.get("OMP_NUM_THREADS", "(unset)")
+        notes = (
+            f"Two independently initialised {args.depth}-layer, {args.width}-wide MLPs, {ckpt_mb:.0f} MB each as "
+            f"float32 safetensors; every run in a fresh subprocess, OMP_NUM_THREADS={threads}. Peak growth: VmHWM "
+            "minus the resident memory after the imports (the peak is reset there). Target: the lazy run's growth "
+            f"at most half a checkpoint ({ckpt_mb / 2:.0f} MB) and at most 1.5x the in-memory time. The machine is "
+            f"shared with other jobs, so times are noisy. {machine_summary()}."
+        )
+        command = "OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py " + shlex.join(
+            a for a in sys.argv[1:] if a != "--no-report")
+        append_report("Weight matching from checkpoints on disk (checkpoint_memory)", command.strip(), table, notes=notes)
+
+
+if __name__ == "__main__":
+    main()

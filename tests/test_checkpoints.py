@@ -255,3 +255,16 @@ def test_cli_align_on_safetensors_streams_the_aligned_checkpoint(tmp_path, capsy
     code = main(["align", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--model",
                  f"{__name__}:cli_net", "--example-shape", "1,4", "-o", str(tmp_path / "x.npz"), "--device", "cpu"])
     assert code == 2 and ".safetensors" in capsys.readouterr().err
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from rebasin.spec import checkpoint
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    tests = [t for obj in (checkpoint.open_checkpoint, checkpoint.save_permuted) for t in finder.find(obj, globs={})]
+    assert sum(len(t.examples) for t in tests) >= 8
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0

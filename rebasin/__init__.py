@@ -54,7 +54,7 @@ from .matching import (
     unregister_matcher,
     weight_matching,
 )
-from .merging import MergeComparison, MergeInfo, compare_merge, merge
+from .merging import MergeComparison, MergeInfo, compare_merge, merge, merge_checkpoints
 from .paths import (
     WA_PATHS,
     ArcPath,
@@ -200,6 +200,7 @@ __all__ = [
     "plot_paths",
     # uses
     "merge",
+    "merge_checkpoints",
     "MergeInfo",
     "compare_merge",
     "MergeComparison",

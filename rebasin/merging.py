@@ -46,9 +46,10 @@ from .matching.registry import get_matcher
 from .paths.linear import combine
 from .paths.repairing import repair_states
 from .paths.running import evaluate_state
-from .spec.core import PermutationSpec
+from .spec.checkpoint import LazyState, meta_state, open_checkpoint, save_permuted
+from .spec.core import PermutationSpec, permute_unchecked
 
-__all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge"]
+__all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge", "merge_checkpoints"]
 
 State = Mapping[str, Tensor]
 
@@ -481,3 +482,113 @@ def compare_merge(
                                                     sync=sync, group=group)[:2]
     loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, eval_loader, device, reducer(sync, group))
     return MergeComparison(accuracy=accuracy, loss=loss)
+
+
+class _AlignedAverage(LazyState):
+    """``sum_i w_i permute(spec, perms_i, source_i)``, computed key by key on access (one tensor of each source)."""
+
+    def __init__(self, spec: PermutationSpec, sources: Sequence[Mapping[str, Tensor]], perms: Sequence[Mapping[str, Tensor]],
+                 weights: Sequence[float], meta: dict[str, Tensor]) -> None:
+        self.spec, self.sources, self.perms, self.weights, self._meta = spec, list(sources), list(perms), list(weights), meta
+
+    def __getitem__(self, key: str) -> Tensor:
+        tensors = [{key: permute_unchecked(self.spec, p, {key: s[key]})[key]} for s, p in zip(self.sources, self.perms)]
+        return combine(tensors, self.weights)[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def meta(self, key: str | None = None) -> Tensor | dict[str, Tensor]:
+        return dict(self._meta) if key is None else self._meta[key]
+
+
+def merge_checkpoints(
+    spec: PermutationSpec,
+    sources: Sequence[Any],
+    path: Any,
+    *,
+    reference: int = 0,
+    n_iter: int = 10,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Tensor]]:
+    """Merge checkpoints on disk with weight matching, holding one tensor of each model at a time.
+
+    The checkpoint counterpart of ``merge(models, method="weight_matching", repair=False)``, with the same
+    rounds: every model is aligned to the reference, then re-aligned (warm-started) to the uniform average
+    of the others, aligned, until the permutations stop changing or ``n_iter`` rounds ran; the aligned
+    models are averaged. The averages are never stored: they are computed key by key when the lazy
+    weight matching reads them, and the merged model is streamed to ``path`` by :func:`save_permuted`.
+    REPAIR and the data-driven matchers need the models themselves: use :func:`merge` for them.
+
+    Parameters
+    ----------
+    spec
+        Permutation spec of the architecture.
+    sources
+        Two or more checkpoint paths (``.safetensors`` / ``.pt``) or mappings (:class:`rebasin.Checkpoint`,
+        state_dicts) with the same keys and shapes.
+    path
+        Output file: ``.safetensors`` (streamed) or ``.pt`` (gathered first).
+    reference
+        Index of the source whose unit order the merged model keeps.
+    n_iter
+        Alignment rounds at most (as :func:`merge`).
+    seed, device
+        As :func:`rebasin.weight_matching`.
+
+    Returns
+    -------
+    list[dict[str, Tensor]]
+        The permutations applied to each source (the identity for the reference).
+
+    Raises
+    ------
+    RebasinError
+        For fewer than two sources, sources that do not match the spec or each other, a bad
+        ``reference`` or ``n_iter``, NaN or inf values, or an unsupported output extension (nothing is
+        written then).
+    """
+    from .matching.weight import weight_matching
+
+    if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence) or len(sources) < 2:
+        raise RebasinError("merge_checkpoints needs a list of two or more checkpoint paths or mappings")
+    states = [s if isinstance(s, Mapping) else open_checkpoint(s) for s in sources]
+    n = len(states)
+    if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
+        raise RebasinError(f"reference must be an index into the {n} sources, got {reference!r}")
+    reference %= n
+    check_int(n_iter, "n_iter (alignment rounds)")
+    metas = [meta_state(s) for s in states]
+    sizes = spec.validate(metas[0], name="sources[0]")
+    for i, m in enumerate(metas[1:], 1):
+        spec.validate(m, name=f"sources[{i}]")
+        diff = [k for k in spec.axes if m[k].shape != metas[0][k].shape or m[k].dtype != metas[0][k].dtype]
+        if diff:
+            raise RebasinError(f"sources[{i}] differs from sources[0] in shape or dtype at {diff[:6]}")
+    identity = {p: torch.arange(sizes[p]) for p in spec.perms}
+    perms: list[dict[str, Tensor]] = [dict(identity) for _ in range(n)]
+    for i in range(n):  # round 1: everyone to the reference
+        if i != reference:
+            perms[i] = weight_matching(spec, _AlignedAverage(spec, [states[reference]], [identity], [1.0], metas[0]),
+                                       states[i], seed=seed, device=device)
+    rounds, converged = 1, n == 2
+    rest = [1.0 / (n - 1)] * (n - 1)
+    while not converged and rounds < n_iter:
+        changed = 0
+        for i in range(n):
+            if i == reference:
+                continue
+            others = [j for j in range(n) if j != i]
+            target = _AlignedAverage(spec, [states[j] for j in others], [perms[j] for j in others], rest, metas[0])
+            new = weight_matching(spec, target, states[i], init=perms[i], seed=seed, device=device)
+            if not _same_perms(perms[i], new):
+                changed += 1
+                perms[i] = new
+        rounds += 1
+        converged = changed == 0
+    save_permuted(spec, {}, _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[0]), path)
+    return perms

@@ -289,3 +289,31 @@ def test_lazy_matches_in_memory_with_init_and_on_p_w_pt(tmp_path, make_mlp):
         ref = weight_matching(spec2, s_a, s_b, seed=seed)
         got, _ = weight_matching_lazy(spec2, s_a, s_b, seed=seed)
         assert torch.equal(ref["P"], got["P"]), seed
+
+
+def test_merge_checkpoints_equals_merge_without_repair(tmp_path, make_mlp):
+    from rebasin import merge, merge_checkpoints
+
+    models = [make_mlp(5, [12, 10], 3, bn=True, seed=s) for s in range(3)]
+    spec = spec_from_model(models[0], torch.randn(2, 5))
+    paths = []
+    for i, m in enumerate(models):
+        _save(_state(m), tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    for n in (2, 3):
+        ref, info = merge(models[:n], spec=spec, repair=False, n_iter=5, return_info=True)
+        perms = merge_checkpoints(spec, paths[:n], tmp_path / "merged.safetensors", n_iter=5)
+        got = open_checkpoint(tmp_path / "merged.safetensors")
+        expected = ref.state_dict()
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-6)
+        for a, p in zip(info.alignments[1:], perms[1:]):
+            assert all(torch.equal(a.perms[k], p[k]) for k in p)
+    with pytest.raises(RebasinError, match="two or more"):
+        merge_checkpoints(spec, paths[:1], tmp_path / "x.safetensors")
+    with pytest.raises(RebasinError, match="reference"):
+        merge_checkpoints(spec, paths, tmp_path / "x.safetensors", reference=3)
+    other = _save(_state(make_mlp(5, [12, 11], 3, bn=True, seed=0)), tmp_path / "other.safetensors")
+    with pytest.raises(RebasinError, match="4.weight|sources\\[1\\]"):
+        merge_checkpoints(spec, [paths[0], other], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

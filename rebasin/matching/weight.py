@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._common import check_int
-from ..spec.checkpoint import Checkpoint
+from ..spec.checkpoint import LazyState
 from ..spec.core import PermutationSpec, check_permutations
 from .assignment import cost_from_similarity, solve_cost
 from .registry import MatchResult, register_matcher
@@ -385,7 +385,7 @@ def weight_matching(
     >>> all(torch.equal(permute(spec, perms, b)[k], a[k]) for k in a)
     True
     """
-    if isinstance(state_a, Checkpoint) or isinstance(state_b, Checkpoint):  # memory-flat engine: weight_lazy.py
+    if isinstance(state_a, LazyState) or isinstance(state_b, LazyState):  # memory-flat engine: weight_lazy.py
         perms_l, stats = weight_matching_lazy(spec, state_a, state_b, n_iter=n_iter, init=init, seed=seed, device=device)
         return (perms_l, WeightMatchingInfo(**stats)) if return_info else perms_l
     sizes = spec.validate_pair(state_a, state_b)

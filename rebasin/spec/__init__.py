@@ -7,7 +7,7 @@ Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`Permutat
 
 from __future__ import annotations
 
-from .checkpoint import Checkpoint, meta_state, open_checkpoint, save_permuted
+from .checkpoint import Checkpoint, LazyState, meta_state, open_checkpoint, save_permuted
 from .core import (
     Occurrence,
     axis_index,
@@ -43,6 +43,7 @@ __all__ = [
     "perm_to_matrix",
     "matrix_to_perm",
     "Checkpoint",
+    "LazyState",
     "open_checkpoint",
     "save_permuted",
     "meta_state",

@@ -32,7 +32,7 @@ from torch import Tensor
 from .._errors import RebasinError
 from .core import PermutationSpec, check_permutations, permute_unchecked
 
-__all__ = ["Checkpoint", "open_checkpoint", "save_permuted", "meta_state"]
+__all__ = ["Checkpoint", "LazyState", "open_checkpoint", "save_permuted", "meta_state"]
 
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
@@ -53,7 +53,25 @@ def _check_host() -> None:
         raise RebasinError("safetensors checkpoints are little-endian; this machine is not")
 
 
-class Checkpoint(Mapping[str, Tensor]):
+class LazyState(Mapping[str, Tensor]):
+    """A read-only mapping ``key -> tensor`` that produces each tensor on access and knows every shape up front.
+
+    Subclasses implement ``__getitem__``, ``__iter__``, ``__len__`` and :meth:`meta`; :func:`save_permuted`
+    and the lazy weight matching read such mappings one tensor at a time and take shapes from :meth:`meta`.
+    """
+
+    def meta(self, key: str | None = None) -> Tensor | dict[str, Tensor]:  # pragma: no cover - abstract
+        """A ``meta``-device tensor (shape and dtype) for ``key``, or a dict of all of them."""
+        raise NotImplementedError
+
+    def __setitem__(self, key: str, value: object) -> None:
+        raise TypeError(f"a {type(self).__name__} is read-only; copy it into a dict to change {key!r}")
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(f"a {type(self).__name__} is read-only; copy it into a dict to delete {key!r}")
+
+
+class Checkpoint(LazyState):
     """A read-only mapping ``key -> tensor`` over a checkpoint file; built by :func:`open_checkpoint`.
 
     Each ``ckpt[key]`` reads that tensor from disk and returns a new CPU tensor that the caller owns (it
@@ -166,12 +184,6 @@ class Checkpoint(Mapping[str, Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def __setitem__(self, key: str, value: object) -> None:
-        raise TypeError(f"a Checkpoint is read-only; copy it into a dict to change {key!r}")
-
-    def __delitem__(self, key: str) -> None:
-        raise TypeError(f"a Checkpoint is read-only; copy it into a dict to delete {key!r}")
-
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors, format={self.format!r})"
 
@@ -245,10 +257,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def meta_state(source: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Shapes and dtypes of ``source`` as ``meta`` tensors (no data is read from a :class:`Checkpoint`)."""
+    """Shapes and dtypes of ``source`` as ``meta`` tensors (no data is read from a :class:`LazyState`)."""
     if not isinstance(source, Mapping):
         raise RebasinError(f"expected a state_dict or a Checkpoint (a mapping key -> tensor), got {type(source).__name__}")
-    if isinstance(source, Checkpoint):
+    if isinstance(source, LazyState):
         meta = source.meta()
         assert isinstance(meta, dict)
         return meta

@@ -250,9 +250,18 @@ def weight_matching_lazy(
                     src = block_index(src_units + qo.start, qo.block)
                     n = sizes[r]
                     lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
-                    b = b_prime(t, cur)
-                    delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
-                    del b
+                    if spec.axes[t.occ.key][qo.axis] == q:  # direct axis: permute only the two slabs of m units
+                        full = block_index(cur[q], qo.block)
+                        rest = {k: v for k, v in cur.items() if k != q}
+                        b = load(state_b, t.occ.key)
+                        slabs = [permute_unchecked(spec, rest, {t.occ.key: b.index_select(qo.axis, full[i])}, r)[t.occ.key]
+                                 for i in (src, dst)]
+                        delta = slabs[0] - slabs[1]
+                        del b, slabs
+                    else:
+                        b = b_prime(t, cur)
+                        delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
+                        del b
                     a_sel = load(state_a, t.occ.key).index_select(qo.axis, dst)
                     sim = scratch.get(("cache", r), dev)
                     sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)

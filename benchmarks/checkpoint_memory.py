@@ -16,9 +16,9 @@ peak resident memory (``VmHWM`` of ``/proc/self/status``) is its own:
 reset there through ``/proc/self/clear_refs`` where the kernel allows it); ``time`` includes reading
 the files. ``same perms`` compares each run's permutations with the in-memory run's.
 
-Run ``OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py --n-iter 3`` (a few minutes on 2 cores;
-without ``--n-iter`` the two independent models take tens of sweeps to converge, each run a quarter of an
-hour or more); ``--no-report`` skips writing the section of docs/benchmarks.md.
+Run ``OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py`` (two independent models do not converge
+within the default 100 sweeps; 4 to 8 minutes on 2 cores); ``--n-iter 3`` caps both runs at 3 sweeps (about
+a minute); ``--no-report`` skips writing the section of docs/benchmarks.md.
 """
 
 from __future__ import annotations

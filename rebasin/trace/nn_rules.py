@@ -19,7 +19,6 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.padding import _ConstantPadNd, _ReflectionPadNd, _ReplicationPadNd
 from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _AvgPoolNd, _LPPoolNd, _MaxPoolNd
 
-from .ops import group_norm_reason, grouped_conv_reason
 from .registry import register_module
 from .rules import RuleContext
 
@@ -30,16 +29,68 @@ register_module(nn.Linear, params={"weight": ("out", "in"), "bias": ("out",)}, f
 
 
 def _conv(ctx: RuleContext) -> Any:
-    """Declared roles, unless the convolution is grouped (permutations may not cross groups)."""
-    groups = ctx.module.groups
+    """Declared roles; a grouped convolution permutes groups together and units inside each group.
+
+    With ``g`` groups the input permutation is structured in ``g`` blocks of ``C_in / g`` channels and
+    the output permutation in ``g`` blocks of ``C_out / g`` with the same outer permutation (output group
+    ``i`` reads input group ``i``); the weight's compressed axis is marked grouped. Depthwise
+    (``C_in / g == 1``): the weight's axis of one input channel carries nothing and the output, with
+    channel multiplier ``m = C_out / C_in``, moves in blocks of ``m`` with the input's permutation (``m = 1``:
+    it is the input's permutation). An unpermuted input keeps its groups in place: each output group
+    gets its own free permutation (a transposed convolution's output then stays unpermuted). Forms whose
+    weight cannot say this (one output channel per group, a transposed depthwise multiplier) are refused.
+    """
+    m = ctx.module
+    groups = m.groups
     if groups == 1:
         return ctx.apply_roles()
-    d = len(ctx.module.kernel_size)
+    d = len(m.kernel_size)
     xs = ctx.input
-    if xs is None or len(xs) < d + 1:
+    if xs is None or len(xs) < d + 1 or not isinstance(ctx.output_shape, tuple):
         return ctx.unsupported()
-    ctx.refuse(grouped_conv_reason(groups), *xs[-(d + 1):])
-    return xs[: -(d + 1)] + (None,) * (d + 1)
+    ctx.refuse("a convolution mixes the spatial axes it slides over, one of which is permuted", *xs[-d:])
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    e_in = xs[-(d + 1)]
+    lead, tail, plain = xs[: -(d + 1)], (None,) * d, xs[: -(d + 1)] + (None,) * (d + 1)
+    block_in, block_out = m.in_channels // groups, m.out_channels // groups
+    kind = f"a grouped {'transposed ' if transposed else ''}convolution (groups={groups})"
+    if e_in is None:
+        if transposed:
+            return plain  # the output's groups stay in place; not expressible on the transposed weight's axis 1
+        out = ctx.concat([(ctx.new_permutation(size=block_out), block_out) for _ in range(groups)])
+        w_axes: tuple[Any, ...] = (out, None)
+    elif block_in == 1:  # depthwise: input channel c feeds outputs c*m .. c*m+m-1
+        if block_out == 1:
+            out = e_in
+        elif transposed:
+            ctx.refuse(f"{kind} with {block_out} output channels per input channel is not supported (its weight's "
+                       "axis 0 would carry the outer permutation of its axis 1)", e_in)
+            return plain
+        else:
+            out = ctx.new_permutation(-(d + 1))
+            if out is None or ctx.structured(out, block_out, outer=e_in) is None:
+                return plain
+        w_axes = (e_in, None) if transposed else (out, None)
+    else:
+        outer = ctx.structured(e_in, block_in)
+        if outer is None:
+            return plain
+        if block_out == 1:
+            if not transposed:
+                ctx.refuse(f"{kind} with one output channel per group is not supported (its weight's axis 0 would "
+                           "carry the outer permutation of its grouped axis 1)", e_in)
+                return plain
+            out = outer
+            w_axes = (e_in, None)
+        else:
+            out = ctx.new_permutation(-(d + 1))
+            if out is None or ctx.structured(out, block_out, outer=outer) is None:
+                return plain
+            w_axes = (e_in, out) if transposed else (out, e_in)
+    ctx.assign("weight", w_axes + tail, groups={1: groups} if w_axes[1] is not None else None)
+    if "bias" in ctx.keys:
+        ctx.assign("bias", (out,))
+    return lead + (out,) + tail
 
 
 # The channel axis is the (d+1)-th from the end, so unbatched inputs work too.
@@ -73,13 +124,15 @@ register_module(_InstanceNorm, params=_STATS,
 
 
 def _group_norm(ctx: RuleContext) -> Any:
-    """Channel-wise with 1 or C groups; otherwise a permutation may not move channels across groups."""
+    """Channel-wise; with ``1 < g < C`` groups the channel permutation moves whole groups of ``C / g`` channels
+    (structured: an outer permutation of the groups, free inside each), which a grouped convolution before it
+    with the same group size shares; another grouping of the same channels is refused (nested groups)."""
     m, xs = ctx.module, ctx.input
     if xs is None or len(xs) < 2:
         return ctx.unsupported()
     if m.num_groups not in (1, m.num_channels) and xs[1] is not None:
-        ctx.refuse(group_norm_reason(m.num_groups, m.num_channels), xs[1])
-        return xs
+        if ctx.structured(xs[1], m.num_channels // m.num_groups) is None:
+            return xs
     return ctx.apply_roles()
 
 

@@ -383,6 +383,29 @@ class PermState:
             out.append(self.new_concat(node, [(None if p is None else AxisPerm(p), m) for p, m in got]))
         return out
 
+    def unify(self, node: Node | str, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None:
+        """One permutation for streams that must carry the same one (``what`` names them in a complaint).
+
+        Permuted entries are merged; with an unpermuted entry among them the merged permutation is the
+        identity (None is returned). None also, after a complaint, when they cannot be merged (different
+        sizes, blocks or structures).
+        """
+        live = [e for e in perms if e is not None]
+        if not live:
+            return None
+        if any(e.k != live[0].k or e.inner != live[0].inner for e in live):
+            self.complain(node, [e.pid for e in live], f"{what} carry permutations acting on different blocks")
+            return None
+        for e in live[1:]:
+            if not self.union(live[0].pid, e.pid):
+                self.complain(node, [e.pid for e in live], f"{what} must carry one permutation, but theirs differ "
+                              "in size or in their head / group structure")
+                return None
+        if len(live) < len(perms):
+            self.union(live[0].pid, DEAD)
+            return None
+        return live[0]
+
     def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None:
         """A new permutation of ``n`` units, living on ``axis`` of ``node``'s output (None: inside a module)."""
         if n <= 1:

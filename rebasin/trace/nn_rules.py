@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -191,5 +193,202 @@ for _cls in SPATIAL_MODULES:
 register_module(nn.Upsample, rule=lambda ctx: ctx.pooling(len(ctx.input or ()) - 2))
 for _cls in (nn.Flatten, nn.Unflatten):
     register_module(_cls, rule=lambda ctx: ctx.reshape())
-register_module(nn.MultiheadAttention,
-                rule=lambda ctx: ctx.unsupported("multi-head attention mixes the embedding axis across heads"))
+
+# ---------------------------------------------------------------------------------------------- attention
+_POSITIONS = "attention mixes sequence positions (and the batch), one axis of which is permuted"
+
+
+def _feature(ctx: RuleContext, st: Any) -> Any:
+    """The permutation on a stream's last (feature) axis; permutations on its other axes are refused."""
+    if not isinstance(st, tuple) or not st:
+        return None
+    ctx.refuse(_POSITIONS, *st[:-1])
+    return st[-1]
+
+
+def _attention(ctx: RuleContext, p: str, m: nn.MultiheadAttention, rq: Any, rk: Any, rv: Any, out: Any) -> Any:
+    """Assign the entries of the attention module ``m`` (keys under prefix ``p``) for query / key / value streams
+    permuted by ``rq`` / ``rk`` / ``rv``; ``out`` is the output's permutation (a new one when None). Returns
+    ``(out, heads)``: the output permutation and the head permutation (None for one head).
+
+    Heads: the query/key units (shared by q and k, so q.k is unchanged) and the value units (shared by v and
+    the output projection's input) are structured in blocks of ``head_dim`` with one shared outer permutation.
+    """
+    e, d = m.embed_dim, m.head_dim
+    qk, vo = ctx.new_permutation(size=e), ctx.new_permutation(size=e)
+    heads = ctx.structured(qk, d) if qk is not None else None
+    if vo is not None and (heads is not None or m.num_heads > 1):
+        ctx.structured(vo, d, outer=heads)
+    if out is None:
+        out = ctx.new_permutation(size=e)
+    keys = set(ctx.keys)
+    packed = ctx.concat([(qk, e), (qk, e), (vo, e)])
+    if m._qkv_same_embed_dim:
+        r = ctx.unify(rq, rk, rv, what="query, key and value of an attention with a packed in_proj_weight (the "
+                      "same projection reads all three; pass kdim/vdim for separate weights)")
+        ctx.assign(p + "in_proj_weight", (packed, r))
+    else:
+        ctx.assign(p + "q_proj_weight", (qk, rq))
+        ctx.assign(p + "k_proj_weight", (qk, rk))
+        ctx.assign(p + "v_proj_weight", (vo, rv))
+    if p + "in_proj_bias" in keys:
+        ctx.assign(p + "in_proj_bias", (packed,))
+    if p + "bias_k" in keys:
+        ctx.assign(p + "bias_k", (None, None, qk))
+        ctx.assign(p + "bias_v", (None, None, vo))
+    ctx.assign(p + "out_proj.weight", (out, vo))
+    if p + "out_proj.bias" in keys:
+        ctx.assign(p + "out_proj.bias", (out,))
+    return out, heads
+
+
+def _mha(ctx: RuleContext) -> Any:
+    """``nn.MultiheadAttention(query, key, value, ...)``: heads and the units inside them are permuted (see
+    :func:`_attention`); masks are over positions; the averaged attention weights carry no permutation, the
+    per-head ones (``average_attn_weights=False``) carry the head permutation on their head axis."""
+    m = ctx.module
+    q = ctx.arg(0, "query")
+    rq, rk, rv = _feature(ctx, q), _feature(ctx, ctx.arg(1, "key")), _feature(ctx, ctx.arg(2, "value"))
+    for i, name in ((3, "key_padding_mask"), (5, "attn_mask")):
+        ctx.refuse("an attention mask is over sequence positions, but one of its axes is permuted",
+                   *(ctx.arg(i, name) or ()))
+    shapes = ctx.output_shape
+    if not isinstance(q, tuple) or not isinstance(shapes, list) or len(shapes) != 2:
+        return ctx.unsupported()
+    out, heads = _attention(ctx, "", m, rq, rk, rv, None)
+    w = shapes[1]
+    if not isinstance(w, tuple):
+        return [(None,) * (len(q) - 1) + (out,), None]
+    per_head = ctx.node.kwargs.get("average_attn_weights", ctx.node.args[6] if len(ctx.node.args) > 6 else True)
+    waxes = [None] * len(w)
+    if per_head is False and heads is not None:
+        waxes[-3] = heads
+    return [(None,) * (len(q) - 1) + (out,), tuple(waxes)]
+
+
+register_module(nn.MultiheadAttention, rule=_mha)
+
+
+def _elementwise_activation(act: Any) -> bool:
+    if act in (F.relu, F.gelu, torch.relu, torch.tanh, torch.sigmoid, F.silu):
+        return True
+    return isinstance(act, nn.Module) and isinstance(act, ELEMENTWISE_MODULES)
+
+
+def _norm(ctx: RuleContext, key: str, r: Any) -> None:
+    for leaf in ("weight", "bias"):
+        if f"{key}.{leaf}" in ctx.keys:
+            ctx.assign(f"{key}.{leaf}", (r,))
+
+
+def _feed_forward(ctx: RuleContext, p: str, layer: nn.Module, r: Any) -> None:
+    hidden = ctx.new_permutation(size=layer.linear1.out_features)
+    if not _elementwise_activation(layer.activation):
+        ctx.refuse(f"the activation {layer.activation!r} is not known to be elementwise", hidden)
+    ctx.assign(p + "linear1.weight", (hidden, r))
+    ctx.assign(p + "linear2.weight", (r, hidden))
+    if p + "linear1.bias" in ctx.keys:
+        ctx.assign(p + "linear1.bias", (hidden,))
+        ctx.assign(p + "linear2.bias", (r,))
+
+
+def _encoder_layer(ctx: RuleContext, p: str, layer: Any, r: Any) -> Any:
+    """One ``nn.TransformerEncoderLayer`` (pre- or post-norm): the residual stream keeps ``r`` throughout."""
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        ctx.refuse(f"{type(layer).__name__} inside a transformer container has no rule", r)
+        return None
+    _attention(ctx, p + "self_attn.", layer.self_attn, r, r, r, r)
+    _feed_forward(ctx, p, layer, r)
+    _norm(ctx, p + "norm1", r)
+    _norm(ctx, p + "norm2", r)
+    return r
+
+
+def _decoder_layer(ctx: RuleContext, p: str, layer: Any, r: Any, mem: Any) -> Any:
+    """One ``nn.TransformerDecoderLayer``: self-attention on the stream ``r``, cross-attention reading the memory
+    stream ``mem`` (its packed projection makes both carry one permutation)."""
+    if not isinstance(layer, nn.TransformerDecoderLayer):
+        ctx.refuse(f"{type(layer).__name__} inside a transformer container has no rule", r, mem)
+        return None
+    _attention(ctx, p + "self_attn.", layer.self_attn, r, r, r, r)
+    _attention(ctx, p + "multihead_attn.", layer.multihead_attn, r, mem, mem, r)
+    _feed_forward(ctx, p, layer, r)
+    for n in ("norm1", "norm2", "norm3"):
+        _norm(ctx, p + n, r)
+    return r
+
+
+def _final_norm(ctx: RuleContext, key: str, norm: Any, r: Any) -> None:
+    if norm is None:
+        return
+    if not isinstance(norm, nn.LayerNorm) and not (hasattr(nn, "RMSNorm") and isinstance(norm, nn.RMSNorm)):
+        ctx.refuse(f"the final norm {type(norm).__name__} has no rule here", r)
+        return
+    _norm(ctx, key, r)
+
+
+def _encoder_stack(ctx: RuleContext, p: str, enc: Any, r: Any) -> Any:
+    if not isinstance(enc, nn.TransformerEncoder):
+        ctx.refuse(f"the encoder {type(enc).__name__} has no rule here", r)
+        return None
+    for i, layer in enumerate(enc.layers):
+        r = _encoder_layer(ctx, f"{p}layers.{i}.", layer, r)
+    _final_norm(ctx, p + "norm", enc.norm, r)
+    return r
+
+
+def _decoder_stack(ctx: RuleContext, p: str, dec: Any, r: Any, mem: Any) -> Any:
+    if not isinstance(dec, nn.TransformerDecoder):
+        ctx.refuse(f"the decoder {type(dec).__name__} has no rule here", r, mem)
+        return None
+    for i, layer in enumerate(dec.layers):
+        r = _decoder_layer(ctx, f"{p}layers.{i}.", layer, r, mem)
+    _final_norm(ctx, p + "norm", dec.norm, r)
+    return r
+
+
+def _stream_out(st: Any, r: Any) -> Any:
+    return (None,) * (len(st) - 1) + (r,)
+
+
+def _transformer_encoder_layer(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "src")
+    if not isinstance(x, tuple):
+        return ctx.unsupported()
+    return _stream_out(x, _encoder_layer(ctx, "", ctx.module, _feature(ctx, x)))
+
+
+def _transformer_decoder_layer(ctx: RuleContext) -> Any:
+    x, mem = ctx.arg(0, "tgt"), ctx.arg(1, "memory")
+    if not isinstance(x, tuple) or not isinstance(mem, tuple):
+        return ctx.unsupported()
+    return _stream_out(x, _decoder_layer(ctx, "", ctx.module, _feature(ctx, x), _feature(ctx, mem)))
+
+
+def _transformer_encoder(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "src")
+    if not isinstance(x, tuple):
+        return ctx.unsupported()
+    return _stream_out(x, _encoder_stack(ctx, "", ctx.module, _feature(ctx, x)))
+
+
+def _transformer_decoder(ctx: RuleContext) -> Any:
+    x, mem = ctx.arg(0, "tgt"), ctx.arg(1, "memory")
+    if not isinstance(x, tuple) or not isinstance(mem, tuple):
+        return ctx.unsupported()
+    return _stream_out(x, _decoder_stack(ctx, "", ctx.module, _feature(ctx, x), _feature(ctx, mem)))
+
+
+def _transformer(ctx: RuleContext) -> Any:
+    src, tgt = ctx.arg(0, "src"), ctx.arg(1, "tgt")
+    if not isinstance(src, tuple) or not isinstance(tgt, tuple):
+        return ctx.unsupported()
+    mem = _encoder_stack(ctx, "encoder.", ctx.module.encoder, _feature(ctx, src))
+    return _stream_out(tgt, _decoder_stack(ctx, "decoder.", ctx.module.decoder, _feature(ctx, tgt), mem))
+
+
+register_module(nn.TransformerEncoderLayer, rule=_transformer_encoder_layer)
+register_module(nn.TransformerDecoderLayer, rule=_transformer_decoder_layer)
+register_module(nn.TransformerEncoder, rule=_transformer_encoder)
+register_module(nn.TransformerDecoder, rule=_transformer_decoder)
+register_module(nn.Transformer, rule=_transformer)

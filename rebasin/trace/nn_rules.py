@@ -392,3 +392,90 @@ register_module(nn.TransformerDecoderLayer, rule=_transformer_decoder_layer)
 register_module(nn.TransformerEncoder, rule=_transformer_encoder)
 register_module(nn.TransformerDecoder, rule=_transformer_decoder)
 register_module(nn.Transformer, rule=_transformer)
+
+
+# ---------------------------------------------------------------------------------------------- recurrent
+_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
+
+
+def _used(node: Any, path: tuple[int, ...]) -> bool:
+    """Whether the element ``path`` of a nested pair output (``(output, h_n)``, ``(h_n, c_n)``) is read by anything
+    through getitem nodes (anything else reading the pair counts as a use)."""
+    if not path:
+        return bool(node.users)
+    for user in node.users:
+        if user.op != "call_function" or getattr(user.target, "__name__", "") != "getitem":
+            return True
+        if user.args[1] in (path[0], path[0] - 2) and _used(user, path[1:]):
+            return True
+    return False
+
+
+def _recurrent(ctx: RuleContext) -> Any:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: per layer and direction one hidden permutation ``H`` acts jointly on
+    every gate block of ``weight_ih`` / ``weight_hh`` / the biases (a concatenation of ``H`` per gate) and on the
+    recurrent input axis of ``weight_hh`` (``P W P^T`` through the gates). Layer 0 reads the input's feature
+    permutation, later layers the previous layer's output (both directions concatenated). With ``proj_size`` the
+    hidden output is projected: ``weight_hr`` maps ``H`` to a permutation of the projected units, which is what
+    ``weight_hh`` reads and the output carries. ``h_n`` / ``c_n`` stack layers and directions on axis 0, so each
+    index there has its own permutation: that is only expressible with one layer and one direction; otherwise
+    reading them inside the model is refused. An initial state passed in must carry the same permutation."""
+    m = ctx.module
+    gates = next(g for cls, g in _GATES.items() if isinstance(m, cls))
+    x, shapes = ctx.arg(0, "input"), ctx.output_shape
+    if not isinstance(x, tuple) or not isinstance(shapes, list) or len(shapes) != 2:
+        return ctx.unsupported()
+    r = _feature(ctx, x)
+    h, dirs = m.hidden_size, 2 if m.bidirectional else 1
+    proj = getattr(m, "proj_size", 0)
+    h_out = proj if proj > 0 else h
+    cells: list[Any] = []
+    outs: list[Any] = []
+    for layer in range(m.num_layers):
+        layer_outs = []
+        for direction in range(dirs):
+            sfx = f"_l{layer}{'_reverse' if direction else ''}"
+            hid = ctx.new_permutation(size=h)
+            out = ctx.new_permutation(size=proj) if proj > 0 else hid
+            g = ctx.concat([(hid, h)] * gates)
+            ctx.assign("weight_ih" + sfx, (g, r))
+            ctx.assign("weight_hh" + sfx, (g, out))
+            if "bias_ih" + sfx in ctx.keys:
+                ctx.assign("bias_ih" + sfx, (g,))
+                ctx.assign("bias_hh" + sfx, (g,))
+            if proj > 0:
+                ctx.assign("weight_hr" + sfx, (out, hid))
+            cells.append(hid)
+            layer_outs.append(out)
+        outs = layer_outs
+        r = ctx.concat([(o, h_out) for o in layer_outs]) if dirs > 1 else layer_outs[0]
+    single = m.num_layers * dirs == 1
+    lstm = isinstance(m, nn.LSTM)
+    states = [(outs[0] if single else None, (0,)), (cells[0] if single else None, (1,))] if lstm else \
+        [(outs[0] if single else None, ())]
+    init = ctx.arg(1, "hx")
+    inits = init if isinstance(init, list) else [init]
+    for (e, _), st in zip(states, inits):
+        if isinstance(st, tuple) and st:
+            if single:
+                ctx.unify(st[-1], e, what="the initial state passed in and the hidden units")
+            ctx.refuse("the initial state passed in stacks layers and directions, each with its own permutation",
+                       *(st if not single else st[:-1]))
+    state_axes = []
+    for (e, path), shape in zip(states, shapes[1] if lstm else [shapes[1]]):
+        if not isinstance(shape, tuple):
+            state_axes.append(None)
+            continue
+        if not single and _used(ctx.node, (1,) + path):
+            e = ctx.new_permutation(size=shape[-1])
+            ctx.refuse(f"h_n / c_n stack {m.num_layers} layer(s) x {dirs} direction(s) on axis 0, each with its own "
+                       "hidden permutation; read the last layer from the output sequence instead", e)
+        state_axes.append((None,) * (len(shape) - 1) + (e,))
+    out_shape = shapes[0]
+    if not isinstance(out_shape, tuple):
+        return ctx.unsupported()
+    return [(None,) * (len(out_shape) - 1) + (r,), state_axes if lstm else state_axes[0]]
+
+
+for _cls in _GATES:
+    register_module(_cls, rule=_recurrent)

@@ -514,6 +514,8 @@ class PermState:
     def verify_leaf(self, node: Node, st: Any, meta: Any) -> Any:
         if isinstance(st, tuple) and isinstance(meta, tuple) and len(st) == len(meta):
             return st
+        if isinstance(st, list) and isinstance(meta, list) and len(st) == len(meta):  # nested: LSTM's (h_n, c_n)
+            return [self.verify_leaf(node, s, m) for s, m in zip(st, meta)]
         if axis_perms(st):
             raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
         return plain_axes(meta)

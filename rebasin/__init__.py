@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ._errors import RebasinError
+from ._errors import RebasinError, RebasinWarning
 from .landscape import (
     HessianEigenvalue,
     HessianTrace,
@@ -116,6 +116,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "RebasinError",
+    "RebasinWarning",
     # specs and permutations
     "PermutationSpec",
     "spec_from_model",

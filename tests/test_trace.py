@@ -225,9 +225,10 @@ class _ChannelSum(nn.Module):
 
 
 UNSUPPORTED = {
-    "groupnorm-2-groups": (lambda: _Net(nn.GroupNorm(2, 8)), (1, 3, 6, 6), "middle", "GroupNorm"),
-    "depthwise-conv": (lambda: _Net(nn.Conv2d(8, 8, 3, padding=1, groups=8)), (1, 3, 6, 6), "middle", "groups=8"),
-    "multihead-attention": (_Attention, (2, 3, 5), "attn", "attention"),
+    "nested-groups": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GroupNorm(2, 8))),
+                      (1, 3, 6, 6), "middle_1", "nested groups"),
+    "one-output-per-group": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 4, 1, groups=4), nn.Conv2d(4, 8, 1))),
+                             (1, 3, 6, 6), "middle_0", "one output channel per group"),
     "stack": (_Stack, (2, 3), "stack", "torch.stack"),
     "mixing-reshape": (_MixingReshape, (2, 5), "reshape", "mixes channels"),
     "add-unpermuted": (_AddUnpermuted, (2, 5), "add", "unpermuted"),

@@ -27,6 +27,7 @@ merged residual group is named after its earliest member.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Node
 
 from .._common import as_args, evaluating, first_inputs, state_of
-from .._errors import RebasinError
+from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec
 from .engine import Propagation
 from .ops import INPLACE_FN
@@ -296,6 +297,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
                 blocks[(key, i)] = prop.key_blocks[(key, i)]
     spec = _structured_spec(prop, axes, blocks, name)
     spec.validate(tensors)
+    _warn_unclaimed(model, prop)
 
     act: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -318,6 +320,35 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
     return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act)
+
+
+def _warn_unclaimed(model: nn.Module, prop: Propagation) -> None:
+    """Warn, by module, about weights no rule gave axes to: their units stay unpermuted without a refusal.
+
+    A weight (a floating parameter with two or more axes) that some rule assigned is fine even when all its
+    permutations are the identity (it sits between the model's input and output). One that no rule assigned
+    was only read as opaque data (or by an op that touched no permutation), so the spec cannot know whether
+    its units could be permuted. Weights the forward pass never reads are not reported.
+    """
+    called = [f"{n.target}." for n in prop.gm.graph.nodes if n.op == "call_module"]
+    read = set(prop.param_key.values())
+    seen: set[int] = set()
+    found: dict[str, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for leaf, p in mod.named_parameters(recurse=False):
+            key = f"{mod_name}.{leaf}" if mod_name else leaf
+            if id(p) in seen or key in prop.key_axes or p.ndim < 2 or not p.is_floating_point():
+                continue
+            if key not in read and not any(key.startswith(c) for c in called):
+                continue  # never used by the forward pass: nothing to align
+            seen.add(id(p))
+            found.setdefault(mod_name or "(the model itself)", []).append(leaf)
+    if found:
+        names = ", ".join(f"{m} ({', '.join(v)})" for m, v in found.items())
+        warnings.warn(f"spec_from_model: no rule gave permutations to the weights of {names}; their units stay "
+                      "unpermuted, so alignment will not move them. Register a rule for the module "
+                      "(rebasin.register_module) or pass a manual PermutationSpec if they should be aligned.",
+                      RebasinWarning, stacklevel=3)
 
 
 def _perm_names(prop: Propagation, live: list[int]) -> dict[int, str]:

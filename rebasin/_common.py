@@ -388,13 +388,20 @@ def forward_with_state(
 ) -> Any:
     """``model(inputs)`` with its parameters and buffers replaced by ``state`` (strict; see :func:`as_args`).
 
+    Non-persistent buffers (not part of a state_dict) keep the model's own values.
+
     When the call fails and the floating inputs differ from the state in dtype or device, the error is a
     :class:`RebasinError` saying so (with torch's message); any other failure propagates unchanged.
     """
     args, kwargs = as_args(inputs)
+    full = dict(state)
+    persistent = model.state_dict(keep_vars=True)
+    for key, buf in model.named_buffers():  # non-persistent buffers (a causal mask) are not in a state_dict
+        if key not in full and key not in persistent:
+            full[key] = buf
     try:
         with evaluating(model, eval_mode):
-            return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+            return functional_call(model, full, args, kwargs, strict=True, tie_weights=False)
     except (RuntimeError, TypeError) as err:
         mismatch = input_mismatch(inputs, state)
         if mismatch is None:

@@ -500,3 +500,36 @@ def test_permuted_heads_are_really_moved_in_the_weights():
     assert not torch.equal(out["attn.in_proj_weight"], state["attn.in_proj_weight"])
     back = permute(spec, invert(perms), out)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+class _WithState(nn.Module):
+    def __init__(self, cls, layers, init):
+        super().__init__()
+        self.init, self.layers, self.lstm = init, layers, cls is nn.LSTM
+        self.h0 = nn.Linear(5, 6)
+        self.rnn, self.head = cls(5, 6, num_layers=layers, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x):
+        if self.init == "zeros":
+            h0 = torch.zeros(self.layers, 2, 6)
+        elif self.init == "input":
+            h0 = x[:, : self.layers, :1].transpose(0, 1).expand(self.layers, 2, 6).contiguous()
+        else:
+            h0 = torch.tanh(self.h0(x[:, 0])).unsqueeze(0)
+        out, _ = self.rnn(x, (h0, h0) if self.lstm else h0)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("layers, init", [(1, "zeros"), (2, "zeros"), (1, "input"), (2, "input"), (1, "linear")])
+def test_recurrent_initial_states(cls, layers, init):
+    """Zeros leave every permutation free; a fixed state keeps the hidden units in place; a computed state
+    of one layer carries the hidden permutation."""
+    spec = _traced(_WithState(cls, layers, init), _X)
+    hidden = spec.axes["rnn.weight_hh_l0"][1]
+    if init == "input":
+        assert hidden is None
+    else:
+        assert hidden is not None
+    if init == "linear":
+        assert spec.axes["h0.weight"][0] == hidden

@@ -429,7 +429,8 @@ def _recurrent(ctx: RuleContext) -> Any:
     h, dirs = m.hidden_size, 2 if m.bidirectional else 1
     proj = getattr(m, "proj_size", 0)
     h_out = proj if proj > 0 else h
-    cells: list[Any] = []
+    cells: list[Any] = []  # per layer and direction, in h_n's order
+    hs: list[Any] = []
     outs: list[Any] = []
     for layer in range(m.num_layers):
         layer_outs = []
@@ -446,26 +447,35 @@ def _recurrent(ctx: RuleContext) -> Any:
             if proj > 0:
                 ctx.assign("weight_hr" + sfx, (out, hid))
             cells.append(hid)
+            hs.append(out)
             layer_outs.append(out)
         outs = layer_outs
         r = ctx.concat([(o, h_out) for o in layer_outs]) if dirs > 1 else layer_outs[0]
     single = m.num_layers * dirs == 1
     lstm = isinstance(m, nn.LSTM)
-    states = [(outs[0] if single else None, (0,)), (cells[0] if single else None, (1,))] if lstm else \
-        [(outs[0] if single else None, ())]
-    init = ctx.arg(1, "hx")
-    inits = init if isinstance(init, list) else [init]
-    for (e, _), st in zip(states, inits):
-        if isinstance(st, tuple) and st:
-            if single:
-                ctx.unify(st[-1], e, what="the initial state passed in and the hidden units")
-            ctx.refuse("the initial state passed in stacks layers and directions, each with its own permutation",
-                       *(st if not single else st[:-1]))
+    stacks = [(layer_states, path) for layer_states, path in ((hs, (0,)), (cells, (1,)))] if lstm else [(hs, ())]
+    init = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("hx")
+    init_nodes = list(init) if isinstance(init, (tuple, list)) else [init]
+    init_perms = ctx.arg(1, "hx")
+    init_perms = init_perms if isinstance(init_perms, list) else [init_perms]
+    for (layer_states, _), node, st in zip(stacks, init_nodes, init_perms):
+        if node is None or _zeros(node) or not isinstance(st, tuple) or not st:
+            continue
+        ctx.refuse("the initial state passed in mixes positions on a permuted axis", *st[:-1])
+        if single:
+            ctx.unify(st[-1], layer_states[0], what="the initial state passed in and the hidden units")
+        elif st[-1] is not None:
+            ctx.refuse("the initial state passed in stacks layers and directions on axis 0, each with its own "
+                       "hidden permutation", st[-1])
+        else:  # each layer starts from fixed values in the original order: its hidden units stay in place
+            for e in layer_states:
+                ctx.unify(e, None)
     state_axes = []
-    for (e, path), shape in zip(states, shapes[1] if lstm else [shapes[1]]):
+    for (layer_states, path), shape in zip(stacks, shapes[1] if lstm else [shapes[1]]):
         if not isinstance(shape, tuple):
             state_axes.append(None)
             continue
+        e = layer_states[0] if single else None
         if not single and _used(ctx.node, (1,) + path):
             e = ctx.new_permutation(size=shape[-1])
             ctx.refuse(f"h_n / c_n stack {m.num_layers} layer(s) x {dirs} direction(s) on axis 0, each with its own "
@@ -475,6 +485,25 @@ def _recurrent(ctx: RuleContext) -> Any:
     if not isinstance(out_shape, tuple):
         return ctx.unsupported()
     return [(None,) * (len(out_shape) - 1) + (r,), state_axes if lstm else state_axes[0]]
+
+
+def _zeros(node: Any) -> bool:
+    """An initial state made by ``torch.zeros`` / ``zeros_like`` / ``new_zeros``: any permutation leaves it alone."""
+    t = getattr(node, "target", None)
+    if getattr(node, "op", None) == "get_attr" and str(t).startswith("_tensor_constant"):
+        # torch.zeros(...) of a constant shape is evaluated while tracing: a constant, not a model entry
+        try:
+            value = _attr(node.graph.owning_module, t)
+        except AttributeError:
+            return False
+        return isinstance(value, torch.Tensor) and not value.requires_grad and not bool(value.any())
+    return t in (torch.zeros, torch.zeros_like) or t == "new_zeros"
+
+
+def _attr(root: Any, target: str) -> Any:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
 
 
 for _cls in _GATES:

@@ -279,7 +279,10 @@ class RuleContext:
         slot = (i, name)
         if slot not in self._args:
             a = self.node.args[i] if i < len(self.node.args) else self.node.kwargs.get(name) if name else None
-            self._args[slot] = self._engine.arg(self.node, a)
+            if isinstance(a, (tuple, list)):  # a tuple of tensors passed in, e.g. LSTM's (h0, c0)
+                self._args[slot] = [self._engine.arg(self.node, x) for x in a]
+            else:
+                self._args[slot] = self._engine.arg(self.node, a)
         return self._args[slot]
 
     def arg_shape(self, i: int = 0, name: str | None = None) -> Any:

@@ -490,6 +490,7 @@ class PermState:
                     raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)} "
                                        f"(shape {meta}, axes {st}). {MANUAL}")
                 return plain_axes(meta)
+            st = tuple(None if e is not None and self.find(e.pid) == DEAD else e for e in st)  # made the identity
             outers = {self.find(x.pid) for x in st if x is not None and not x.inner}
             for ax, e in enumerate(st):
                 if e is not None and e.inner:
@@ -513,7 +514,7 @@ class PermState:
 
     def verify_leaf(self, node: Node, st: Any, meta: Any) -> Any:
         if isinstance(st, tuple) and isinstance(meta, tuple) and len(st) == len(meta):
-            return st
+            return tuple(None if e is not None and self.find(e.pid) == DEAD else e for e in st)
         if isinstance(st, list) and isinstance(meta, list) and len(st) == len(meta):  # nested: LSTM's (h_n, c_n)
             return [self.verify_leaf(node, s, m) for s, m in zip(st, meta)]
         if axis_perms(st):

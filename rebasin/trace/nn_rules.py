@@ -431,7 +431,6 @@ def _recurrent(ctx: RuleContext) -> Any:
     h_out = proj if proj > 0 else h
     cells: list[Any] = []  # per layer and direction, in h_n's order
     hs: list[Any] = []
-    outs: list[Any] = []
     for layer in range(m.num_layers):
         layer_outs = []
         for direction in range(dirs):
@@ -449,11 +448,10 @@ def _recurrent(ctx: RuleContext) -> Any:
             cells.append(hid)
             hs.append(out)
             layer_outs.append(out)
-        outs = layer_outs
         r = ctx.concat([(o, h_out) for o in layer_outs]) if dirs > 1 else layer_outs[0]
     single = m.num_layers * dirs == 1
     lstm = isinstance(m, nn.LSTM)
-    stacks = [(layer_states, path) for layer_states, path in ((hs, (0,)), (cells, (1,)))] if lstm else [(hs, ())]
+    stacks: list[tuple[list[Any], tuple[int, ...]]] = [(hs, (0,)), (cells, (1,))] if lstm else [(hs, ())]
     init = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("hx")
     init_nodes = list(init) if isinstance(init, (tuple, list)) else [init]
     init_perms = ctx.arg(1, "hx")

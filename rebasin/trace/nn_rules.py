@@ -4,8 +4,10 @@ These are ordinary registrations, made the way a user's would be and using only 
 :class:`~rebasin.trace.rules.RuleContext` API; importing :mod:`rebasin.trace` makes them. Declarative
 where roles say everything (Linear, BatchNorm, InstanceNorm, activations, dropout), callable where the
 module's configuration matters (a convolution's ``groups``, GroupNorm's groups, LayerNorm's
-``normalized_shape``, PReLU's ``num_parameters``, Embedding's index input, pooling's dimensionality).
-Rules sit on torch's base classes where torch has one (``_BatchNorm`` covers BatchNorm1d/2d/3d,
+``normalized_shape``, PReLU's ``num_parameters``, Embedding's index input, pooling's dimensionality) or
+where the module has inner structure: attention (``nn.MultiheadAttention`` and the ``nn.Transformer*``
+modules: heads structured, the residual stream kept) and recurrent layers (``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN``: one hidden permutation per layer and direction across the gates). Rules sit on torch's base classes where torch has one (``_BatchNorm`` covers BatchNorm1d/2d/3d,
 SyncBatchNorm and the lazy variants), so every subclass inside ``torch.nn`` finds them through its MRO.
 """
 

@@ -26,9 +26,9 @@ permutation acts on each axis of the module's state_dict entries. It is either
   its fx node, the permutations on its inputs, and the methods that create permutations, assign axes
   and refuse) and returning the permutations on its output's axes. A callable rule may also declare
   ``params`` and ``feature_dim``; ``ctx.apply_roles()`` then applies them, e.g. after a check of the
-  module's configuration (built-in convolutions refuse ``groups != 1`` this way). Other parts of the
-  toolkit read the declaration: REPAIR treats a module whose rule declares ``"weight"`` with an
-  ``"out"`` role on axis 0 as a producer of permuted channels.
+  module's configuration (built-in convolutions apply their roles this way when ``groups == 1``).
+  Other parts of the toolkit read the declaration: REPAIR treats a module whose rule declares
+  ``"weight"`` with an ``"out"`` role on axis 0 as a producer of permuted channels.
 
 Rules are registered with :func:`rebasin.register_module`; the built-in ``torch.nn`` rules
 (:mod:`rebasin.trace.nn_rules`) use the same function and only the public :class:`RuleContext` API.

@@ -6,19 +6,22 @@ graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`),
 is told which permutation lives on which axis of its output: a module node by its layer rule, a
 function or method node by the op table. A permutation is born at the output channel axis of
 every Linear / Conv (module, registered layer with an ``"out"`` role, or ``F.linear`` / ``F.conv*``),
-travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1
-or C groups), flatten, view, reshape, permute and transpose (each move checked against the recorded
-shapes), is merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the
-in-axis of the next weighted layer. Permutations that reach the model output are dropped (the output
-axis is never permuted), so the last layer's output axis is ``None``.
+travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm,
+flatten, view, reshape, permute and transpose (each move checked against the recorded shapes), is
+merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the in-axis of the
+next weighted layer. Structured permutations (attention heads, the groups of a grouped convolution or
+GroupNorm) and concatenations (``torch.cat``, packed q;k;v, recurrent gates) come from the rules of
+those layers and ops (:mod:`rebasin.trace.nn_rules`, :mod:`rebasin.trace.op_rules`). Permutations that
+reach the model output are dropped (the output axis is never permuted), so the last layer's output axis
+is ``None``.
 
-Whatever touches a live permutation in a way the rules cannot prove safe (``torch.cat``, attention,
-matmul, GroupNorm with 1 < groups < C, grouped / depthwise conv, a reshape that mixes channels, a
-reduction over the permuted axis, modules without a rule, unknown functions) raises
+Whatever touches a live permutation in a way the rules cannot prove safe (nested groups, a reshape that
+mixes channels, a reduction over the permuted axis, modules without a rule, unknown functions) raises
 :class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
 touches permutations which turn out to reach the output is fine: those permutations are the
 identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a
-random permutation leaves the outputs unchanged, so a silently wrong spec is never returned.
+random permutation leaves the outputs unchanged, so a silently wrong spec is never returned. Weights the
+forward pass reads but no rule gave permutations to are named in a :class:`~rebasin.RebasinWarning`.
 
 Permutations are named ``"P0", "P1", ...`` in graph order of the layer that creates them; a
 merged residual group is named after its earliest member.

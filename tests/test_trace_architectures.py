@@ -533,3 +533,21 @@ def test_recurrent_initial_states(cls, layers, init):
         assert hidden is not None
     if init == "linear":
         assert spec.axes["h0.weight"][0] == hidden
+
+
+def test_transformer_encoder_fast_path_with_a_padding_mask_is_exact():
+    """Default encoder (nested-tensor fast path in eval mode) with a key padding mask passed in."""
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.emb, self.enc, self.head = nn.Linear(5, 16), nn.TransformerEncoder(layer, 2), nn.Linear(16, 2)
+
+        def forward(self, x, pad):
+            return self.head(self.enc(self.emb(x), src_key_padding_mask=pad))
+
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note about enable_nested_tensor
+        spec = _traced(Enc(), (_X, _PAD))
+    _assert_heads_move(spec)

@@ -113,7 +113,34 @@ CAT_SPEC = PermutationSpec({"a.weight": ("A", None), "a.bias": ("A",), "b.weight
                             "c.weight": (None, "C"), "c.bias": (None,)},
                            concat={"C": (("A", 5), ("B", 3))})
 
+
+def _depthwise_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.ReLU(),
+                         nn.Conv2d(8, 2, 1))
+
+
+DEPTHWISE_SPEC = PermutationSpec(  # one input channel per group: the groups' inner blocks have size d = 1
+    {"0.weight": ("I", None, None, None), "0.bias": ("I",), "2.weight": ("M", "I", None, None), "2.bias": ("M",),
+     "4.weight": (None, "M", None, None), "4.bias": (None,)},
+    structure={"I": ("G", 1), "M": ("G", 2)},
+    grouped={("2.weight", 1): 4},
+)
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+# A real outer permutation: "M"'s blocks of 2 move with "C", which acts on axes itself (and on the same tensor).
+OUTER_SPEC = PermutationSpec(
+    {"0.weight": ("C", None), "0.bias": ("C",), "2.weight": ("M", "C"), "2.bias": ("M",),
+     "4.weight": (None, "M"), "4.bias": (None,)},
+    structure={"M": ("C", 2)},
+)
+
 CASES = {
+    "depthwise": (_depthwise_net, DEPTHWISE_SPEC, torch.randn(2, 3, 5, 5)),
+    "outer": (_mlp, OUTER_SPEC, torch.randn(2, 16)),
     "mha": (_Attn, _attn_spec(), torch.randn(2, 4, 5)),
     "gconv": (_gconv_net, GCONV_SPEC, torch.randn(2, 3, 5, 5)),
     "lstm": (_LSTMNet, LSTM_SPEC, torch.randn(2, 3, 4)),

@@ -19,6 +19,25 @@ flattens the rest (a block axis of size ``n * k`` becomes ``(n, k)`` and the ``k
 columns) and ``B'_k`` is ``B_k`` with all *other* permutations applied. A linear assignment then
 gives the best ``P``.
 
+Structured specs (``spec.structure``, ``spec.concat``, ``spec.grouped``, ``P W P^T``). The descent
+visits ``spec.units`` instead of single permutations. A unit of structured permutations sharing an
+outer (head / group) permutation ``σ`` is solved at once by
+:func:`~rebasin.matching.assignment.structured_assignment`: each member's similarity ``S`` (``n = H d``)
+is read as ``(H, d, H, d)``; the value of pairing head ``a`` of A with head ``b`` of B is the best
+within-head assignment of ``S[a, :, b, :]`` (a ``d x d`` assignment; ``d = 1`` is ``S`` itself), summed
+over the members (plus the outer's own similarity when ``σ`` acts on axes itself); ``σ`` is the
+``H x H`` assignment on those values and each member's inner permutations are the within-head
+solutions at ``(a, σ(a))``. This hierarchy is exact for the linearised step: for fixed ``σ`` the inner
+assignments are independent, so no structured permutation scores higher. The similarity terms come
+from ``spec.occurrences``: a concatenation part contributes only its stretch of the axis; a grouped
+weight's axis is compared block by block (its other axis aligned inside B's blocks with the current
+inner permutations, never across them, so every block pair gets a meaningful score). When one unit
+acts on two axes of a tensor (``P W P^T``, a recurrent weight, a grouped weight's rows and columns)
+the other axis is a neighbour held at the current estimate; the objective is then not linear in the
+unit, so a step is accepted only if the objective, recomputed in float64 on the tensors it touches,
+rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
+and specs without structure run exactly the unstructured loop.
+
 Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
 out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
 laid out once, in float32, on the compute device. When a permutation ``Q`` changes at ``m``
@@ -416,7 +435,8 @@ def weight_matching(
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], WeightMatchingInfo]:
     # _incremental=False runs the textbook loop (every similarity from scratch, every visit solved);
     # _on_solve(name, cost) sees each float64 cost matrix (-S) just before it is solved (a reused
-    # buffer: valid during the call only). Both exist for tests and benchmarks/wm_speed.py.
+    # buffer: valid during the call only; plain permutations only, not structured units).
+    # Both exist for tests and benchmarks/wm_speed.py.
     """Permutations of model B's hidden units that best match its weights to model A's.
 
     Maximises :math:`\\sum_k \\langle A_k, \\pi(B_k) \\rangle` over the permutations :math:`\\pi`
@@ -424,6 +444,15 @@ def weight_matching(
     from ``torch.Generator().manual_seed(seed)``, and replaces it by the solution of a linear
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
     sweep without improvement or after ``n_iter`` sweeps.
+
+    Structured permutations (heads, groups: ``spec.structure``) are chosen together with the others
+    sharing their outer permutation, hierarchically: the value of pairing head ``i`` of A with head
+    ``j`` of B is the best within-head matching of their units (summed over the permutations sharing
+    the heads, e.g. q/k and v/o), then one ``H x H`` assignment picks the heads; the result always
+    respects the structure. Concatenations (packed q;k;v, ``torch.cat``, LSTM gates), grouped
+    convolutions and one permutation on two axes (``P W P^T``) are supported; steps whose objective
+    is not linear in the permutations are accepted only if the recomputed objective rises. See the
+    module documentation and docs/concepts.md.
 
     Every floating tensor that a permutation touches counts, parameters *and* buffers: weights,
     biases, norm scales and shifts (outer products of the 1-D vectors) and BatchNorm running
@@ -433,7 +462,8 @@ def weight_matching(
     Parameters
     ----------
     spec
-        Permutation spec of the architecture (``spec.blocks`` is honoured).
+        Permutation spec of the architecture (``blocks``, ``structure``, ``concat`` and ``grouped``
+        are honoured).
     state_a, state_b
         state_dicts of the two models; same keys and shapes, finite values. Not mutated.
     n_iter

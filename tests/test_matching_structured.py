@@ -305,6 +305,12 @@ def test_activation_matching_refuses_permutations_only_inside_concatenations():
         activation_matching(model, model, [x], spec=spec)
 
 
+def test_activation_matching_says_which_matcher_to_use_when_the_model_cannot_be_traced():
+    model, spec, _ = _case("gconv")
+    with pytest.raises(RebasinError, match=r"tracing failed.*grouped.*use weight_matching"):
+        activation_matching(model, model, [torch.randn(4, 3, 5, 5)], spec=spec)
+
+
 # ---------------------------------------------------------------------------------------- STE and OT
 def test_ste_on_a_structured_spec_returns_structured_permutations():
     model_a, spec, a = _case("mha", 0)

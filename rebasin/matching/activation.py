@@ -293,7 +293,16 @@ def _collect_local(
     example_input = to_device(example_input, model_device(model_a))
     if spec is not None:
         _refuse_concat_only(spec)  # before tracing: the tracer may refuse such a model with a vaguer message
-    trace = trace_model(model_a, example_input)
+    try:
+        trace = trace_model(model_a, example_input)
+    except RebasinError as err:
+        if spec is None:
+            raise
+        raise RebasinError(
+            "activation matching traces model_a to find the activations of each permutation, even with a "
+            f"hand-written spec, and tracing failed: {err} — with this spec use weight_matching "
+            "(method='weight_matching') or ste_matching, which need no tracing"
+        ) from err
     if spec is None:
         spec = trace.spec
     sizes = spec.validate_pair(state_a, state_b)

@@ -237,7 +237,8 @@ def _activation_nodes_for(
             raise RebasinError(
                 f"no activation node was found for permutation {name!r} (it acts on {list(where)[:4]}): "
                 f"tracing the model gave no permutation on those axes; check the spec against "
-                "rebasin.spec_from_model(model, example_input) or leave spec=None"
+                "rebasin.spec_from_model(model, example_input) or leave spec=None; if the spec is right, use "
+                "weight_matching (method='weight_matching'), which needs no activations"
             )
         out[name] = nodes
     return out
@@ -312,6 +313,9 @@ def _collect_local(
     num_batches = 0
     for batch in _batches(first, rest, max_batches):
         x = to_device(split_batch(batch)[0], dev)
+        if not wanted:  # a spec without permutations: nothing to capture
+            num_batches += 1
+            continue
         with torch.no_grad():
             acts_a = trace.capture(state_a, x, wanted, train=False)
             acts_b = trace.capture(state_b, x, wanted, train=False)

@@ -298,6 +298,18 @@ def test_activation_matching_recovers_a_planted_structured_permutation():
     assert all(torch.equal(perms[p], again[p]) for p in perms)
 
 
+def test_activation_matching_with_a_real_outer_permutation():
+    model_a, spec, a = _case("outer", 1)
+    planted = random_permutation(spec, seed=4)
+    assert not torch.equal(planted["C"], torch.arange(4))
+    model_b = _mlp()
+    model_b.load_state_dict(permute(spec, planted, a))
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(0))
+    perms = activation_matching(model_a, model_b, [x], spec=spec)
+    check_permutations(spec, perms, spec.sizes)
+    assert all(torch.equal(perms[p], q) for p, q in invert(planted).items())
+
+
 def test_activation_matching_recovers_a_planted_permutation_through_a_cat():
     model_a, spec, a = _case("cat")
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))

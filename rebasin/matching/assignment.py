@@ -105,6 +105,8 @@ class StructuredAssignment(NamedTuple):
 
 # Below this block size every within-block assignment is found by enumerating the d! permutations at once.
 _ENUMERATE_MAX = 4
+# Entries of the enumeration's temporary (blocks x d! x d) per chunk.
+_ENUMERATE_CHUNK = 1 << 22
 
 
 def _block_assignments(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +119,15 @@ def _block_assignments(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return blocks[:, :, 0, 0].copy(), np.zeros((h1, h2, 1), dtype=np.int64)
     if d <= _ENUMERATE_MAX:
         cands = np.array(list(itertools.permutations(range(d))), dtype=np.int64)  # (d!, d)
-        vals = blocks[:, :, np.arange(d)[None, :], cands].sum(axis=-1)  # (H, H, d!)
-        best = vals.argmax(axis=-1)
-        return np.take_along_axis(vals, best[..., None], -1)[..., 0], cands[best]
+        value = np.empty((h1, h2), dtype=np.float64)
+        inner = np.empty((h1, h2, d), dtype=np.int64)
+        step = max(1, _ENUMERATE_CHUNK // (h2 * cands.size))  # rows of blocks per chunk: bounded memory
+        for lo in range(0, h1, step):
+            vals = blocks[lo:lo + step][:, :, np.arange(d)[None, :], cands].sum(axis=-1)  # (rows, H, d!)
+            best = vals.argmax(axis=-1)
+            value[lo:lo + step] = np.take_along_axis(vals, best[..., None], -1)[..., 0]
+            inner[lo:lo + step] = cands[best]
+        return value, inner
     value = np.empty((h1, h2), dtype=np.float64)
     inner = np.empty((h1, h2, d), dtype=np.int64)
     flat = -blocks.reshape(h1 * h2, d, d)

@@ -227,11 +227,11 @@ def _activation_nodes_for(
     The two specs may name their permutations differently (a hand-written spec): a permutation of
     ``spec`` gets the nodes of every traced permutation acting on one of the same (key, axis) pairs.
     """
-    owner = {ka: p for p, where in traced.perm_to_axes.items() for ka in where}
+    owner = {o[:3]: p for p, occ in traced.occurrences.items() for o in occ}
     out: dict[str, list[tuple[str, int]]] = {}
-    _refuse_concat_only(spec)
-    for name, where in spec.perm_to_axes.items():
-        traced_names = sorted({owner[ka] for ka in where if ka in owner})
+    for name, occ in spec.occurrences.items():
+        where = [o[:2] for o in occ]
+        traced_names = sorted({owner[o[:3]] for o in occ if o[:3] in owner})
         nodes = list(dict.fromkeys(n for t in traced_names for n in found.get(t, ())))
         if not nodes:
             raise RebasinError(
@@ -292,8 +292,6 @@ def _collect_local(
     if example_input is None:
         example_input = head(split_batch(first)[0])
     example_input = to_device(example_input, model_device(model_a))
-    if spec is not None:
-        _refuse_concat_only(spec)  # before tracing: the tracer may refuse such a model with a vaguer message
     try:
         trace = trace_model(model_a, example_input)
     except RebasinError as err:

@@ -309,6 +309,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         if p is not None and p in act and p not in found:
             found[p] = {(node, axis)}
     for p in act:
+        if p not in found:  # e.g. a part of a split (q and k of a packed projection): nodes carrying it flat
+            found[p] = _carriers(prop, p, name)
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
     if check:
@@ -360,6 +362,17 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
     return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
 
 
+def _carriers(prop: Propagation, perm: str, name: Any) -> set[tuple[Node, int]]:
+    """Graph nodes holding ``perm`` on a whole axis (not blocked, not split into heads), reshapes excluded."""
+    out: set[tuple[Node, int]] = set()
+    for node, st in prop.state.items():
+        if isinstance(st, tuple) and node not in prop.reshapes and node.op != "get_attr":
+            for i, e in enumerate(st):
+                if e is not None and e.k == 1 and not e.inner and name(e.pid) == perm:
+                    out.add((node, i))
+    return out
+
+
 def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:
     """Walk back through reshapes (and block-permuted values) to the pre-flatten feature map."""
     root = prop.find(pid)
@@ -371,7 +384,7 @@ def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, i
         for a in node.all_input_nodes:
             st = prop.state.get(a)
             if isinstance(st, tuple):
-                hits = [i for i, ee in enumerate(st) if ee is not None and prop.find(ee.pid) == root]
+                hits = [i for i, ee in enumerate(st) if ee is not None and not ee.inner and prop.find(ee.pid) == root]
                 if hits:
                     prev = (a, hits[0])
                     break

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
@@ -350,3 +351,34 @@ def test_sinkhorn_real_outer_depthwise():
     check_permutations(spec, hp)
     truth = invert(planted)
     assert all(torch.equal(hp[k], truth[k]) for k in truth)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sinkhorn_l2_recovers_a_planted_permutation_through_cat_and_grouped_conv(seed):
+    a = cat_grouped(seed=seed)
+    spec = cat_grouped_spec()
+    sa = _state(a)
+    planted = random_permutation(spec, seed=seed + 10, sizes=spec.validate(sa))
+    b = copy.deepcopy(a)
+    b.load_state_dict(permute(spec, planted, sa))
+    sr = SinkhornRebasin(a, b, spec=spec, cost="l2", seed=seed)
+    assert tuple(sr.logits["G"].shape) == (2, 2) and tuple(sr.logits["R"].shape) == (2, 3, 3)
+    sr.fit(steps=150, lr=0.1)
+    hp = sr.hard_permutations()
+    check_permutations(spec, hp)
+    truth = invert(planted)
+    assert all(torch.equal(hp[k], truth[k]) for k in truth)
+
+
+def test_sinkhorn_weight_matching_init_must_respect_the_structure(monkeypatch):
+    """A warm start outside the structure is refused with the reason (not a shape error later)."""
+    import rebasin.matching.sinkhorn_rebasin as sr_mod
+
+    a, b, spec, _ = _planted_attention(0)
+
+    def broken(spec, state_a, state_b, seed=0):
+        return {p: torch.roll(torch.arange(n), 1) for p, n in spec.validate(state_a).items()}  # crosses heads
+
+    monkeypatch.setattr(sr_mod, "weight_matching", broken)
+    with pytest.raises(RebasinError, match="outside the spec's structure"):
+        SinkhornRebasin(a, b, spec=spec, cost="l2", init="weight_matching")

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 import torch
+from builders import cat_grouped, cat_grouped_spec
 from torch import nn
-from torch.nn import functional as F
 from torch.testing import assert_close
 
 from rebasin import (
@@ -31,43 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:sinkhorn did not converge")
 
 
 # ----------------------------------------------------------------------------- a cat + grouped-conv net
-class CatGrouped(nn.Module):
-    """Two convs concatenated, a 1x1 conv over the concatenation, a grouped conv, a linear head."""
-
-    def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(2, 4, 3, padding=1)
-        self.b = nn.Conv2d(2, 2, 3, padding=1)
-        self.norm = nn.BatchNorm2d(6) if bn else nn.Identity()
-        self.m = nn.Conv2d(6, 6, 1)
-        self.g = nn.Conv2d(6, 4, 3, padding=1, groups=2)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
-        h = F.relu(self.g(F.relu(self.m(h))))
-        return self.head(h.mean(dim=(2, 3)))
-
-
-def cat_grouped_spec(bn: bool = False) -> PermutationSpec:
-    axes = {
-        "a.weight": ("P", None, None, None), "a.bias": ("P",),
-        "b.weight": ("Q", None, None, None), "b.bias": ("Q",),
-        "m.weight": ("R", "C", None, None), "m.bias": ("R",),
-        "g.weight": ("O", "R", None, None), "g.bias": ("O",),
-        "head.weight": (None, "O"), "head.bias": (None,),
-    }  # fmt: skip
-    if bn:
-        axes.update({f"norm.{k}": ("C",) for k in ("weight", "bias", "running_mean", "running_var")})
-        axes["norm.num_batches_tracked"] = ()
-    return PermutationSpec(
-        axes,
-        concat={"C": (("P", 4), ("Q", 2))},
-        structure={"R": ("G", 3), "O": ("G", 2)},
-        grouped={("g.weight", 1): 2},
-    )
-
-
 def _data(n: int = 64, batch: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     x = 1.5 * torch.randn(n, 2, 5, 5, generator=g) + 0.3
@@ -76,8 +39,7 @@ def _data(n: int = 64, batch: int = 32, seed: int = 0) -> list[tuple[torch.Tenso
 
 
 def _model(seed: int, bn: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    return CatGrouped(bn)
+    return cat_grouped(bn=bn, seed=seed)
 
 
 def test_cat_grouped_hand_spec_is_exact():

@@ -432,7 +432,7 @@ def _initial_logits(
             outer, d = spec.structure[name]
             outer_p, inner_p = split_structured(start[name].cpu(), d)
             if outer not in logits:
-                logits[outer] = nn.Parameter(onehot(start[outer] if outer in start else outer_p))
+                logits[outer] = nn.Parameter(onehot(start.get(outer, outer_p)))
             logits[name] = nn.Parameter(torch.stack([onehot(r) for r in inner_p]))
         elif name not in logits:
             logits[name] = nn.Parameter(onehot(start[name]))

@@ -187,7 +187,7 @@ def _contract_grouped(m: Tensor, t: Tensor, axis: int, groups: int) -> Tensor:
     ``m = structured_matrix(Sigma, T)`` that is exactly ``T_a``, as the rows of ``Sigma`` sum to one; the
     outer part already acted through axis 0). For a permutation matrix this is what ``permute`` does.
     """
-    rows, size = t.shape[0], t.shape[axis]
+    size = t.shape[axis]
     inner = m.reshape(groups, size, groups, size).sum(2)  # (g, size, size): T_a[c, k]
     moved = torch.movedim(t, axis, -1)
     shape = moved.shape

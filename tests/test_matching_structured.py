@@ -334,8 +334,18 @@ def test_activation_matching_refuses_permutations_only_inside_concatenations():
 
 
 def test_activation_matching_says_which_matcher_to_use_when_the_model_cannot_be_traced():
-    model, spec, _ = _case("gconv")
-    with pytest.raises(RebasinError, match=r"tracing failed.*grouped.*use weight_matching"):
+    class Nested(nn.Module):  # GroupNorm grouping a grouped convolution's channels otherwise: not traceable
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=4), nn.GroupNorm(2, 8),
+                                     nn.ReLU(), nn.Conv2d(8, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = Nested()
+    spec = PermutationSpec({k: (None,) * v.ndim for k, v in model.state_dict().items()})
+    with pytest.raises(RebasinError, match=r"tracing failed.*nested groups.*use weight_matching"):
         activation_matching(model, model, [torch.randn(4, 3, 5, 5)], spec=spec)
 
 

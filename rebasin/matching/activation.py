@@ -206,17 +206,16 @@ class ActivationMatchingInfo:
     num_batches: int
 
 
-def _refuse_concat_only(spec: PermutationSpec) -> None:
-    """Refuse a permutation that acts only inside concatenations: no activation node carries it alone."""
-    for name, where in spec.perm_to_axes.items():
-        if not where:
-            inside = sorted(c for c, parts in spec.concat.items() if any(q == name for q, _ in parts))
-            raise RebasinError(
-                f"activation matching cannot collect the activations of permutation {name!r}: it acts only "
-                f"inside the concatenation(s) {inside} (packed projections such as attention's q;k;v, "
-                "torch.cat, recurrent gates), so no layer outputs its units alone. Use weight_matching "
-                "(method='weight_matching') or ste_matching for this spec"
-            )
+def _concat_only_error(spec: PermutationSpec, name: str) -> RebasinError:
+    """The refusal of a permutation that acts only inside concatenations and has no activation node."""
+    inside = sorted(c for c, parts in spec.concat.items() if any(q == name for q, _ in parts))
+    return RebasinError(
+        f"activation matching cannot collect the activations of permutation {name!r}: it acts only "
+        f"inside the concatenation(s) {inside} (packed projections such as attention's q;k;v, "
+        "torch.cat, recurrent gates) of a layer the trace keeps whole (nn.MultiheadAttention, the "
+        "nn.Transformer* layers, nn.LSTM/GRU/RNN), so no graph node outputs its units. Use weight_matching "
+        "(method='weight_matching') or ste_matching for this spec"
+    )
 
 
 def _activation_nodes_for(
@@ -233,6 +232,8 @@ def _activation_nodes_for(
         where = [o[:2] for o in occ]
         traced_names = sorted({owner[o[:3]] for o in occ if o[:3] in owner})
         nodes = list(dict.fromkeys(n for t in traced_names for n in found.get(t, ())))
+        if not nodes and not spec.perm_to_axes.get(name):
+            raise _concat_only_error(spec, name)
         if not nodes:
             raise RebasinError(
                 f"no activation node was found for permutation {name!r} (it acts on {list(where)[:4]}): "

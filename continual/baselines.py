@@ -39,11 +39,16 @@ __all__ = ["STRATEGIES", "make_strategy", "mlp"]
 STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il", "mcsgd")
 
 
-def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10) -> nn.Module:
-    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden], n_classes)`` (flattens its input)."""
+def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1) -> nn.Module:
+    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden] * depth, n_classes)`` (flattens its input).
+
+    ``depth=2`` is MC-SGD's MLP (two hidden layers of 256).
+    """
     from rebasin.apps.models import MLP
 
-    return MLP(in_features, [hidden], n_classes)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise RebasinError(f"depth must be a positive int, got {depth!r}")
+    return MLP(in_features, [hidden] * depth, n_classes)
 
 
 def make_strategy(

@@ -3,7 +3,7 @@
 Example (the reference setup: MLP 784-256-10, AdamW 1e-3, batch 500, 5 epochs, replay 1000)::
 
     python -m continual.compare --benchmark rotated_mnist --data-root ../shared/data \\
-        --strategies naive,ewc,lwf,replay,rebasin_merge,rebasin_il --seeds 3 --epochs 5 --out results/
+        --strategies naive,ewc,lwf,replay,rebasin_merge,rebasin_il,mcsgd --seeds 3 --epochs 5 --jobs 2 --out results/
 
 After every experience each strategy is evaluated on every test experience, giving the accuracy
 matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). Reported:
@@ -62,7 +62,7 @@ __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "ac
 
 #: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
 SHARD_SETTINGS = (
-    "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "n_experiences", "train_samples",
+    "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "depth", "n_experiences", "train_samples",
     "test_samples",
 )
 
@@ -253,7 +253,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m continual.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="rotated_mnist")
     p.add_argument("--data-root", default=None, help="torchvision root holding MNIST/raw (never downloads)")
-    p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il",
+    p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il,mcsgd",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (FIRST..FIRST+N-1)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (to shard seeds across runs)")
@@ -263,7 +263,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--mem-size", type=int, default=1000, help="replay buffer of every strategy that replays")
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
+    p.add_argument("--depth", type=int, default=1, help="hidden layers of the MLP (2: MC-SGD's 2x256 MLP)")
     p.add_argument("--n-experiences", type=int, default=None, help="override the benchmark's default")
     p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
     p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")
@@ -289,6 +290,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--first-seed must be >= 0")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.depth < 1:
+        p.error("--depth must be >= 1")
     return args
 
 
@@ -342,7 +345,7 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
         if not path.is_file():
             raise RebasinError(f"{folder}: no runs.json (is it an --out folder of python -m continual.compare?)")
         data = json.loads(path.read_text())
-        mine = {k: data["args"].get(k) for k in SHARD_SETTINGS}
+        mine = {k: data["args"].get(k, 1 if k == "depth" else None) for k in SHARD_SETTINGS}  # depth: 1 before --depth
         if settings is None:
             settings, first = mine, str(folder)
         else:
@@ -402,7 +405,7 @@ def _run_cell(benchmark: Any, name: str, seed: int, settings: dict[str, Any]) ->
     s = settings
     options = s["options"].get(name)
     result = run_strategy(
-        name, benchmark, seed=seed, model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"]),
+        name, benchmark, seed=seed, model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"], s["depth"]),
         example_input=s["example_input"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
         mem_size=s["mem_size"], device=s["device"], options=options, progress=s["progress"],
     )
@@ -458,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine is not None:
         runs, settings = combine_runs(args.combine)
-        header = _header(settings, runs, f"MLP hidden {settings['hidden']}",
+        header = _header(settings, runs, f"MLP hidden {settings['hidden']} x {settings['depth']}",
                          f"combined from {', '.join(map(str, args.combine))}")
         print(_write_outputs(runs, header, out, {**settings, "combined_from": list(map(str, args.combine))}))
         return 0
@@ -473,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim)).to(args.device)
     cells = [(name, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.strategies]
     settings = dict(
-        in_features=in_features, hidden=args.hidden, n_classes=n_classes, example_input=example, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, mem_size=args.mem_size, device=args.device, options=options,
+        in_features=in_features, hidden=args.hidden, depth=args.depth, n_classes=n_classes, example_input=example,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mem_size=args.mem_size, device=args.device, options=options,
         progress=False if (args.no_progress or args.jobs > 1) else None,
     )
 
@@ -484,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runs = _run_cells(bm, cells, settings, jobs=args.jobs, report=report)
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
-    header = _header(vars(args), runs, f"MLP {in_features}-{args.hidden}-{n_classes}",
+    header = _header(vars(args), runs, f"MLP {in_features}-{'-'.join([str(args.hidden)] * args.depth)}-{n_classes}",
                      f"device {args.device}, torch threads {threads}"
                      + (f", {args.jobs} worker processes" if args.jobs > 1 else ""))
     print(_write_outputs(runs, header, out, vars(args)))

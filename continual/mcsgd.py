@@ -7,7 +7,8 @@ For every experience :math:`t`:
    ``Naive``) from :math:`\bar w_{t-1}`, the previous MC-SGD solution, and reaches the continual
    minimum :math:`\hat w_t`; the plugin keeps :math:`\hat w_t` and ``mem_size`` samples of the
    experience in its episodic memory;
-2. **mode-connectivity step** — starting again from :math:`\bar w_{t-1}`, SGD minimises the memory
+2. **mode-connectivity step** — starting again from :math:`\bar w_{t-1}` (by default a tenth of the
+   way from it towards :math:`\hat w_t`, ``start_position``), SGD minimises the memory
    loss sampled along the segments from every :math:`\hat w_j` (:math:`j \le t`) to :math:`w`
    (:func:`continual.lines.line_loss`); the result :math:`\bar w_t` is written into the model's
    parameters (the optimizer keeps holding them; its per-parameter state is dropped).

@@ -290,6 +290,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--first-seed must be >= 0")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.jobs > 1 and not str(args.device).startswith("cpu"):
+        p.error(f"--jobs > 1 runs the cells in forked CPU workers; with --device {args.device} use --jobs 1, or "
+                "shard with --first-seed / --strategies and --combine")
     if args.depth < 1:
         p.error("--depth must be >= 1")
     return args

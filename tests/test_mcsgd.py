@@ -259,3 +259,14 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
     assert [m["n_memory"] for m in mcsgd] == [10, 20, 30] and mcsgd[0]["loss_before"] is None
     assert seq[2]["extra"]["merges"] == [{"experience": 1, "alpha": 0.5}, {"experience": 2, "alpha": 0.5}]
     assert len(seq[0]["extra"]["forgetting_per_task"]) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--jobs", "0"], "--jobs must be >= 1"),
+                                                (["--jobs", "2", "--device", "cuda"], "forked CPU workers"),
+                                                (["--depth", "0"], "--depth must be >= 1")])
+def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):
+    from continual.compare import main
+
+    with pytest.raises(SystemExit):
+        main(["--benchmark", "synthetic", "--out", "unused", *extra])
+    assert message in capsys.readouterr().err

@@ -392,9 +392,12 @@ def forward_with_state(
     :class:`RebasinError` saying so (with torch's message); any other failure propagates unchanged.
     """
     args, kwargs = as_args(inputs)
+    full = dict(state)
+    for key, buf in model.named_buffers():  # non-persistent buffers are no state_dict entries: keep the model's
+        full.setdefault(key, buf)
     try:
         with evaluating(model, eval_mode):
-            return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+            return functional_call(model, full, args, kwargs, strict=True, tie_weights=False)
     except (RuntimeError, TypeError) as err:
         mismatch = input_mismatch(inputs, state)
         if mismatch is None:

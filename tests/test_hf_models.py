@@ -141,6 +141,24 @@ def test_weight_matching_recovers_planted_permutation(traced, name):
         assert torch.allclose(back[k], state_a[k], atol=1e-6), k
 
 
+_STRUCTURE_XFAIL = pytest.mark.xfail(
+    raises=(KeyError, RebasinError, AssertionError), strict=False,
+    reason="needs the structure-aware weight matching (heads as units, concatenations) built on another branch")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@_STRUCTURE_XFAIL
+def test_weight_matching_independent_models_keeps_the_function(traced, name):
+    # two random initialisations: the result must respect the heads, so B permuted computes what B computes
+    model, x, tr = traced[name]
+    other, _ = _build(name, seed=1)
+    spec, state_a, state_b = tr.spec, model.state_dict(), other.state_dict()
+    result = rebasin.weight_matching(spec, state_a, state_b, seed=0)
+    moved = permute(spec, result, state_b)
+    y0, y1 = _logits(other, state_b, x), _logits(other, moved, x)
+    assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_capture_other_batch_size(traced, name):
     model, _, tr = traced[name]

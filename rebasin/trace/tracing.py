@@ -1,5 +1,9 @@
 """Permutation specs by torch.fx tracing: :func:`spec_from_model` and :func:`trace_model`.
 
+When torch.fx cannot trace the model (Hugging Face ``transformers`` models, input-dependent Python
+control flow), the graph is recorded from one run instead (:mod:`rebasin.trace.dynamic`); everything
+below applies to both graphs.
+
 The model is traced with torch.fx, keeping every module with a layer rule as one node
 (:func:`rebasin.register_module`; torch.nn modules are leaves anyway), shapes come from running the
 graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node

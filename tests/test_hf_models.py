@@ -159,6 +159,27 @@ def test_weight_matching_independent_models_keeps_the_function(traced, name):
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
 
 
+_PACKED_XFAIL = pytest.mark.xfail(
+    raises=RebasinError, strict=True,
+    reason="GPT-2's query/key and value units live only inside the packed c_attn concatenation: activation "
+           "matching has no layer output of them alone (the tracer could offer the split's outputs; follow-up)")
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", pytest.param("gpt2", marks=_PACKED_XFAIL)])
+def test_activation_matching_recovers_planted_permutation(traced, name):
+    # batches of 5 and 3 while the trace saw 2: the dynamic trace records the model again per batch
+    model, x, tr = traced[name]
+    spec = tr.spec
+    other, _ = _build(name)
+    other.load_state_dict(permute(spec, random_permutation(spec, seed=5), model.state_dict()))
+    data = MODELS[name][1]
+    loader = [data(5, 10), data(5, 11), data(3, 12)]
+    result = rebasin.activation_matching(model, other, loader, example_input=x)
+    back = permute(spec, result, other.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.allclose(back[k], v, atol=1e-6), k
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_capture_other_batch_size(traced, name):
     model, _, tr = traced[name]

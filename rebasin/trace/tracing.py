@@ -396,7 +396,8 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
         if p is not None and p in used:
             structure[p] = (str(name(outer)), d)
     grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
-    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in used}
+    order = sorted(used, key=lambda n: (n[0], int(n[1:])))  # a set's order follows string hashing: fix it
+    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in order}
     return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
 
 

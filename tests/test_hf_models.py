@@ -96,19 +96,21 @@ def test_random_permutation_moves_heads_and_output_unchanged(traced, name):
     model, x, tr = traced[name]
     spec, state = tr.spec, model.state_dict()
     perms = random_permutation(spec, seed=3)
-    moved = 0
-    for p, (outer, d) in spec.structure.items():
+    heads_moved = units_moved = 0
+    for p, (_, d) in spec.structure.items():
         o, inner = split_structured(perms[p], d)
-        moved += int(not torch.equal(o, torch.arange(len(o))))
-    assert moved > 0, "no head permutation moved a head"
+        heads_moved += int(not torch.equal(o, torch.arange(len(o))))
+        units_moved += int(not torch.equal(inner, torch.arange(d).expand_as(inner)))
+    assert heads_moved > 0, "no head permutation moved a head"
+    assert units_moved > 0, "no unit moved inside a head"
     y0 = _logits(model, state, x)
     y1 = _logits(model, permute(spec, perms, state), x)
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
 
 
 def test_gpt2_tied_embeddings_and_conv1d(traced):
-    model, _, tr = traced["gpt2"]
-    axes = tr.spec.axes
+    spec = traced["gpt2"][2].spec
+    axes = spec.axes
     assert axes["lm_head.weight"] == axes["transformer.wte.weight"]
     hidden = axes["transformer.wte.weight"][1]
     assert hidden is not None and hidden == axes["transformer.wpe.weight"][1]
@@ -118,7 +120,7 @@ def test_gpt2_tied_embeddings_and_conv1d(traced):
     assert fc[0] == hidden and proj[1] == hidden and fc[1] == proj[0] is not None
     # packed q;k;v: a concatenation of (QK, QK, VO)
     packed = axes["transformer.h.0.attn.c_attn.weight"][1]
-    parts = tr.spec.concat[packed]
+    parts = spec.concat[packed]
     assert [n for _, n in parts] == [WIDTH] * 3 and parts[0][0] == parts[1][0] != parts[2][0]
 
 
@@ -137,8 +139,8 @@ def test_weight_matching_recovers_planted_permutation(traced, name):
     state_b = permute(spec, planted, state_a)
     result = rebasin.weight_matching(spec, state_a, state_b, seed=0)
     back = permute(spec, result, state_b)
-    for k in state_a:
-        assert torch.allclose(back[k], state_a[k], atol=1e-6), k
+    for k, v in state_a.items():
+        assert torch.allclose(back[k], v, atol=1e-6), k
 
 
 _STRUCTURE_XFAIL = pytest.mark.xfail(

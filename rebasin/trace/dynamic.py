@@ -232,7 +232,7 @@ def record_graph(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
             _run(model, rec, args, kwargs, lambda: model(*args, **kwargs))
         except RebasinError:
             raise
-        except Exception as err:  # noqa: BLE001 - one clear error for any failure of the run
+        except Exception as err:  # one clear error for any failure of the run
             raise RebasinError(f"the dynamic tracer could not run {type(model).__name__} on example_input "
                                f"({type(err).__name__}: {err})") from err
     root = nn.Module()

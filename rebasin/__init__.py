@@ -99,6 +99,7 @@ from .spec import (
     permute,
     random_permutation,
     soft_permute,
+    structured_matrix,
 )
 from .trace import (
     AxisPerm,
@@ -156,6 +157,7 @@ __all__ = [
     "SinkhornInfo",
     "SinkhornConvergenceWarning",
     "soft_permute",
+    "structured_matrix",
     "perm_to_matrix",
     "matrix_to_perm",
     "SinkhornRebasin",

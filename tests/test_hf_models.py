@@ -124,13 +124,7 @@ def test_gpt2_tied_embeddings_and_conv1d(traced):
     assert [n for _, n in parts] == [WIDTH] * 3 and parts[0][0] == parts[1][0] != parts[2][0]
 
 
-_CONCAT_XFAIL = pytest.mark.xfail(
-    raises=(KeyError, RebasinError), strict=False,
-    reason="GPT-2's packed c_attn is a concatenation (spec.concat); weight matching on this branch does not "
-           "read concatenations yet (the structure-aware matcher is being built separately)")
-
-
-@pytest.mark.parametrize("name", ["bert", "vit", pytest.param("gpt2", marks=_CONCAT_XFAIL)])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_weight_matching_recovers_planted_permutation(traced, name):
     model, _, tr = traced[name]
     spec = tr.spec
@@ -143,13 +137,7 @@ def test_weight_matching_recovers_planted_permutation(traced, name):
         assert torch.allclose(back[k], v, atol=1e-6), k
 
 
-_STRUCTURE_XFAIL = pytest.mark.xfail(
-    raises=(KeyError, RebasinError, AssertionError), strict=False,
-    reason="needs the structure-aware weight matching (heads as units, concatenations) built on another branch")
-
-
 @pytest.mark.parametrize("name", list(MODELS))
-@_STRUCTURE_XFAIL
 def test_weight_matching_independent_models_keeps_the_function(traced, name):
     # two random initialisations: the result must respect the heads, so B permuted computes what B computes
     model, x, tr = traced[name]
@@ -161,13 +149,7 @@ def test_weight_matching_independent_models_keeps_the_function(traced, name):
     assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
 
 
-_PACKED_XFAIL = pytest.mark.xfail(
-    raises=RebasinError, strict=True,
-    reason="GPT-2's query/key and value units live only inside the packed c_attn concatenation: activation "
-           "matching has no layer output of them alone (the tracer could offer the split's outputs; follow-up)")
-
-
-@pytest.mark.parametrize("name", ["bert", "vit", pytest.param("gpt2", marks=_PACKED_XFAIL)])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_activation_matching_recovers_planted_permutation(traced, name):
     # batches of 5 and 3 while the trace saw 2: the dynamic trace records the model again per batch
     model, x, tr = traced[name]

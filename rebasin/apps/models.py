@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .._errors import RebasinError
 
-__all__ = ["MLP", "VGG", "VGG_CONFIGS", "ResNet20", "SmallCNN", "ChannelLayerNorm"]
+__all__ = ["MLP", "VGG", "VGG_CONFIGS", "ResNet20", "SmallCNN", "ChannelLayerNorm", "ViT"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -312,3 +312,70 @@ class SmallCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, in_channels, H, W) -> (N, num_classes)``."""
         return self.head(self.features(x))
+
+
+class _ViTBlock(nn.Module):
+    """Pre-norm encoder block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``; attention written out with heads."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.fc1, self.fc2 = nn.Linear(width, mlp_ratio * width), nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q = q.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: patch embedding, cls token, learned positional embedding, pre-norm blocks.
+
+    Attention is written with ``split`` / ``view`` / ``transpose`` and
+    :func:`torch.nn.functional.scaled_dot_product_attention`, so :func:`rebasin.spec_from_model` finds the
+    residual-stream permutation, the head permutation and the permutations inside each head.
+
+    Parameters
+    ----------
+    image_size, patch_size, in_channels, num_classes
+        Input ``(N, in_channels, image_size, image_size)``; ``patch_size`` must divide ``image_size``.
+    width, depth, heads, mlp_ratio
+        Embedding width (divisible by ``heads``), number of blocks, attention heads, MLP hidden width
+        as a multiple of ``width``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = ViT(image_size=28, patch_size=7, width=32, depth=1, heads=4)
+    >>> tuple(model(torch.randn(2, 1, 28, 28)).shape)
+    (2, 10)
+    """
+
+    def __init__(self, image_size: int = 28, patch_size: int = 7, in_channels: int = 1, num_classes: int = 10,
+                 width: int = 64, depth: int = 3, heads: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise RebasinError(f"patch_size={patch_size} must divide image_size={image_size}")
+        if width % heads:
+            raise RebasinError(f"width={width} must be divisible by heads={heads}")
+        n = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, width))
+        self.blocks = nn.Sequential(*[_ViTBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.blocks(x)
+        return self.head(self.norm(x)[:, 0])

@@ -22,7 +22,7 @@ from .core import (
     permute,
     random_permutation,
 )
-from .soft import matrix_to_perm, perm_to_matrix, soft_permute
+from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
 __all__ = [
     "PermutationSpec",
@@ -39,6 +39,7 @@ __all__ = [
     "split_structured",
     "join_structured",
     "soft_permute",
+    "structured_matrix",
     "perm_to_matrix",
     "matrix_to_perm",
 ]

@@ -37,7 +37,7 @@ from .ops import (
 )
 from .registry import module_rule
 from .rules import RuleContext
-from .state import DEAD, axis_perms, bind_args, has_nodes, node_leaves, node_meta, plain_axes
+from .state import DEAD, axis_perms, bind_args, has_nodes, node_leaves, node_meta, plain_axes, static_value
 
 __all__ = ["Propagation"]
 
@@ -111,6 +111,7 @@ class Propagation(OpRules):
         return self.unknown(node)
 
     def split_call(self, node: Node, x: Any, kind: str, size: Any, dim: Any) -> Any:
+        size, dim = static_value(size), static_value(dim)
         shape = node_meta(x) if isinstance(x, Node) else None
         if not isinstance(shape, tuple) or has_nodes((size, dim)):
             return self.unknown(node)

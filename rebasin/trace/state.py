@@ -13,6 +13,8 @@ reshapes (:func:`reshape_axes`).
 
 from __future__ import annotations
 
+import builtins
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "bind_args",
     "target_name",
     "reshape_axes",
+    "static_value",
 ]
 
 DEAD = 0  # union-find root meaning "must be the identity"
@@ -103,6 +106,41 @@ def _prod(xs: Iterable[int]) -> int:
     for x in xs:
         out *= int(x)
     return out
+
+
+_ARITH = {operator.add: lambda a, b: a + b, operator.sub: lambda a, b: a - b, operator.mul: lambda a, b: a * b,
+          operator.floordiv: lambda a, b: a // b, operator.neg: lambda a: -a}
+
+
+def static_value(value: Any) -> Any:
+    """The value of a graph argument computed only from tensor shapes (``x.shape[-1] // h``), else ``value``.
+
+    Shapes were recorded on the example input, so such values are constants of this trace. A value that
+    depends on tensor data stays a :class:`~torch.fx.Node`.
+    """
+    if isinstance(value, (list, tuple)):
+        return type(value)(static_value(v) for v in value)
+    if not isinstance(value, Node):
+        return value
+    n = value
+    if n.op == "call_method" and n.target == "size":
+        shape = node_meta(n.args[0]) if isinstance(n.args[0], Node) else None
+        if isinstance(shape, tuple):
+            return shape[int(n.args[1])] if len(n.args) > 1 and isinstance(n.args[1], int) else shape
+    if n.op == "call_method" and n.target == "dim" and isinstance(node_meta(n.args[0]), tuple):
+        return len(node_meta(n.args[0]))
+    if n.op == "call_function":
+        if n.target is builtins.getattr and n.args[1] == "shape" and isinstance(node_meta(n.args[0]), tuple):
+            return node_meta(n.args[0])
+        if n.target is operator.getitem:
+            base, idx = static_value(n.args[0]), static_value(n.args[1])
+            if isinstance(base, tuple) and isinstance(idx, (int, slice)):
+                return base[idx]
+        if n.target in _ARITH:
+            args = [static_value(a) for a in n.args]
+            if all(isinstance(a, int) for a in args):
+                return _ARITH[n.target](*args)
+    return value
 
 
 def node_leaves(value: Any) -> list[Node]:

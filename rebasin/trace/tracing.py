@@ -345,6 +345,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         if p is not None and p in act and p not in found:
             found[p] = {(node, axis)}
     for p in act:
+        if p not in found:  # e.g. a part of a split (q and k of a packed projection): nodes carrying it flat
+            found[p] = _carriers(prop, p, name)
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
     if check:
@@ -388,8 +390,12 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
                 continue
             root = next(r for r in prop.concat_def if name(r) == p)
             concat[p] = tuple((None if q is None else name(q), n) for q, n in prop.concat_def[root])
-    used = {p for ax in axes.values() for p in ax if p is not None and p not in concat}
-    used |= {q for parts in concat.values() for q, _ in parts if q is not None}
+    used: dict[str, None] = {}  # ordered: first appearance in axes, parts of a concatenation in order
+    for ax in axes.values():
+        for p in ax:
+            for q in ([q for q, _ in concat[p]] if p in concat else [p]):
+                if q is not None:
+                    used[q] = None
     structure: dict[str, tuple[str, int]] = {}
     for r, (outer, d) in prop.struct.items():
         p = name(r)
@@ -399,6 +405,17 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
     order = sorted(used, key=lambda n: (n[0], int(n[1:])))  # a set's order follows string hashing: fix it
     sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in order}
     return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
+
+
+def _carriers(prop: Propagation, perm: str, name: Any) -> set[tuple[Node, int]]:
+    """Graph nodes holding ``perm`` on a whole axis (not blocked, not split into heads), reshapes excluded."""
+    out: set[tuple[Node, int]] = set()
+    for node, st in prop.state.items():
+        if isinstance(st, tuple) and node not in prop.reshapes and node.op != "get_attr":
+            for i, e in enumerate(st):
+                if e is not None and e.k == 1 and not e.inner and name(e.pid) == perm:
+                    out.add((node, i))
+    return out
 
 
 def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:
@@ -412,7 +429,7 @@ def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, i
         for a in node.all_input_nodes:
             st = prop.state.get(a)
             if isinstance(st, tuple):
-                hits = [i for i, ee in enumerate(st) if ee is not None and prop.find(ee.pid) == root]
+                hits = [i for i, ee in enumerate(st) if ee is not None and not ee.inner and prop.find(ee.pid) == root]
                 if hits:
                     prev = (a, hits[0])
                     break

@@ -1,0 +1,149 @@
+"""Hand-written attention, concatenation and split traced by spec_from_model (issue 13): exact specs with heads."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rebasin import RebasinError, permute, random_permutation, spec_from_model
+from rebasin.apps.models import ViT
+from rebasin.spec import split_structured
+
+
+class Attn(nn.Module):
+    """Separate q/k/v projections, heads by view/transpose, softmax(q k^T) v or SDPA, cls token, pos embedding."""
+
+    def __init__(self, e: int = 16, h: int = 4, sdpa: bool = False, mask: str | None = None) -> None:
+        super().__init__()
+        self.h, self.sdpa, self.mask = h, sdpa, mask
+        self.inp = nn.Linear(6, e)
+        self.cls = nn.Parameter(torch.randn(1, 1, e))
+        self.pos = nn.Parameter(torch.randn(1, 5, e))
+        self.ln = nn.LayerNorm(e)
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
+        self.fc1, self.fc2, self.head = nn.Linear(e, 32), nn.Linear(32, e), nn.Linear(e, 3)
+        self.register_buffer("head_bias", torch.randn(1, h, 5, 5))
+        self.register_buffer("causal", torch.ones(5, 5, dtype=torch.bool).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        x = self.inp(x)
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos
+        y = self.ln(x)
+        q = self.q(y).view(b, t + 1, self.h, -1).transpose(1, 2)
+        k = self.k(y).view(b, t + 1, self.h, -1).transpose(1, 2)
+        v = self.v(y).view(b, t + 1, self.h, -1).transpose(1, 2)
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if self.mask == "causal":
+                s = s.masked_fill(self.causal, float("-inf"))
+            elif self.mask == "per-head":
+                s = s + self.head_bias  # a state entry with a head axis: permuted with the heads
+            elif self.mask == "head-index":
+                s = s + torch.arange(self.h, dtype=s.dtype).view(1, self.h, 1, 1)  # depends on the head order
+            a = torch.softmax(s, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(b, t + 1, -1)
+        x = x + self.o(a)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x[:, 0])
+
+
+def _moves_heads_and_units(spec):
+    perms = random_permutation(spec, seed=1)
+    assert spec.structure, "no head structure found"
+    for p, (_, d) in spec.structure.items():
+        outer, inner = split_structured(perms[p], d)
+        assert not torch.equal(outer, torch.arange(len(outer)))
+        assert not torch.equal(inner, torch.arange(d).expand_as(inner))
+
+
+@pytest.mark.parametrize("sdpa, mask", [(False, None), (True, None), (False, "causal"), (False, "per-head")])
+def test_hand_written_attention_is_exact_with_heads(sdpa, mask):
+    torch.manual_seed(0)
+    model = Attn(sdpa=sdpa, mask=mask)
+    x = torch.randn(2, 4, 6)
+    spec = spec_from_model(model, x)  # asserts outputs unchanged under a random permutation (norms randomised)
+    r = spec.axes["pos"][2]
+    assert spec.axes["cls"] == (None, None, r) and spec.axes["ln.weight"] == (r,)
+    qk, vo = spec.axes["q.weight"][0], spec.axes["v.weight"][0]
+    assert spec.axes["k.weight"][0] == qk and spec.axes["o.weight"] == (r, vo) and qk != vo
+    assert spec.structure[qk][0] == spec.structure[vo][0] and spec.structure[qk][1] == 4
+    _moves_heads_and_units(spec)
+    if mask == "per-head":  # the bias's head axis carries the head permutation itself
+        assert spec.axes["head_bias"] == (None, spec.structure[qk][0], None, None)
+    perms = random_permutation(spec, seed=5)
+    y0 = model(x)
+    y1 = torch.func.functional_call(model, permute(spec, perms, model.state_dict()), (x,))
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_depending_on_the_head_order_is_refused():
+    with pytest.raises(RebasinError, match="node 'add_4'.*\['H0'\].*unpermuted tensor of the same size along axis 1"):
+        spec_from_model(Attn(mask="head-index"), torch.randn(2, 4, 6))
+
+
+def test_selecting_one_head_is_refused():
+    class OneHead(Attn):
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q(self.inp(x)).view(b, t, self.h, -1)
+            return self.head(self.o(q[:, :, 0].repeat(1, 1, self.h)))
+
+    with pytest.raises(RebasinError, match="indexes into the permuted axis"):
+        spec_from_model(OneHead(), torch.randn(2, 4, 6))
+
+
+def test_einsum_attention_is_refused_by_name():
+    class Ein(Attn):
+        def forward(self, x):
+            y = self.q(self.inp(x))
+            return self.head(torch.einsum("btc,bsc->btc", y, y))
+
+    with pytest.raises(RebasinError, match="einsum"):
+        spec_from_model(Ein(), torch.randn(2, 4, 6))
+
+
+def test_vit_packed_qkv_split_is_a_concatenation_of_structured_perms():
+    torch.manual_seed(0)
+    model = ViT(width=32, depth=2, heads=4)
+    spec = spec_from_model(model, torch.randn(2, 1, 28, 28))
+    c = spec.axes["blocks.0.qkv.weight"][0]
+    (qk, n1), (qk2, n2), (vo, n3) = spec.concat[c]
+    assert qk == qk2 and (n1, n2, n3) == (32, 32, 32) and spec.structure[qk] == (spec.structure[vo][0], 8)
+    assert spec.axes["blocks.0.proj.weight"][1] == vo
+    assert spec.axes["patch.weight"][0] == spec.axes["pos"][2] == spec.axes["blocks.1.ln1.weight"][0]
+    _moves_heads_and_units(spec)
+
+
+def test_split_at_other_boundaries_than_a_cat_is_refused():
+    class Resplit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.cat([self.a(x), self.b(x)], dim=-1)
+            u, w = h.split([2, 6], dim=-1)
+            return self.c(u) + self.d(w)
+
+    with pytest.raises(RebasinError, match="other boundaries"):
+        spec_from_model(Resplit(), torch.randn(2, 3))
+
+
+def test_chunk_of_a_linear_output_gives_independent_parts():
+    class Glu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(4, 2)
+
+        def forward(self, x):
+            u, g = self.a(x).chunk(2, dim=-1)
+            return self.b(u * torch.sigmoid(g))
+
+    spec = spec_from_model(Glu(), torch.randn(2, 3))  # u and g must share one permutation (multiplied)
+    c = spec.axes["a.weight"][0]
+    assert spec.concat[c][0] == spec.concat[c][1] and spec.axes["b.weight"][1] == spec.concat[c][0][0]

@@ -152,10 +152,21 @@ def check_pair(state_a: State, state_b: State) -> None:
 
 
 def check_finite(state: State, name: str) -> None:
-    """:class:`RebasinError` naming the first floating entry of ``state`` holding NaN or inf (one host sync if none)."""
+    """:class:`RebasinError` naming the first floating entry of ``state`` holding NaN or inf (one host sync if none).
+
+    A meta entry (a shape without values, e.g. from a model built under ``torch.device("meta")``) is refused
+    too: whatever checks finiteness goes on to compute with the values.
+    """
     floats = [(k, v) for k, v in state.items() if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())]
     if not floats:
         return
+    meta = next((k for k, v in floats if v.is_meta), None)
+    if meta is not None:
+        raise RebasinError(
+            f"{meta!r} of {name} is on meta (a shape without values, e.g. from a model built under "
+            "torch.device('meta')): this needs real weights; load them first (model.to_empty(device=...) and "
+            "load_state_dict)"
+        )
     flags = [torch.isfinite(v.detach()).all() for _, v in floats]
     if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
         return

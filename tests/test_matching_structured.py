@@ -326,10 +326,11 @@ def test_activation_matching_recovers_a_planted_permutation_through_a_cat():
         assert all(torch.equal(back[k], a[k]) for k in a)
 
 
-def test_activation_matching_refuses_permutations_only_inside_concatenations():
+def test_activation_matching_refuses_permutations_no_node_carries():
+    # nn.MultiheadAttention computes q, k, v inside one module: no graph node carries QK's units
     model, spec, _ = _case("mha")
     x = torch.randn(8, 4, 5)
-    with pytest.raises(RebasinError, match=r"'QK'.*only inside the concatenation.*weight_matching"):
+    with pytest.raises(RebasinError, match=r"weight_matching"):
         activation_matching(model, model, [x], spec=spec)
 
 

@@ -206,19 +206,6 @@ class ActivationMatchingInfo:
     num_batches: int
 
 
-def _refuse_concat_only(spec: PermutationSpec) -> None:
-    """Refuse a permutation that acts only inside concatenations: no activation node carries it alone."""
-    for name, where in spec.perm_to_axes.items():
-        if not where:
-            inside = sorted(c for c, parts in spec.concat.items() if any(q == name for q, _ in parts))
-            raise RebasinError(
-                f"activation matching cannot collect the activations of permutation {name!r}: it acts only "
-                f"inside the concatenation(s) {inside} (packed projections such as attention's q;k;v, "
-                "torch.cat, recurrent gates), so no layer outputs its units alone. Use weight_matching "
-                "(method='weight_matching') or ste_matching for this spec"
-            )
-
-
 def _activation_nodes_for(
     spec: PermutationSpec, traced: PermutationSpec, found: Mapping[str, list[tuple[str, int]]]
 ) -> dict[str, list[tuple[str, int]]]:

@@ -48,7 +48,7 @@ from .engine import Propagation
 from .ops import INPLACE_FN
 from .registry import trace_graph
 from .rules import AxisPerm
-from .shapes import record_shapes
+from .shapes import example_for, record_shapes
 from .state import DEAD, MANUAL, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
@@ -239,13 +239,18 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     ----------
     model
         Any module torch.fx can trace (modules with a layer rule are not traced into). Not mutated (traced in eval mode,
-        flags restored).
+        flags restored). It may be built under ``torch.device("meta")`` (shapes, no values): the spec is then
+        traced on meta tensors without allocating any weight or activation, and equals the spec of the same
+        model with real weights; the functional check is skipped (it needs values).
     example_input
         A tensor (e.g. shape ``(1, 3, 32, 32)``) or a tuple of positional inputs, on the model's
-        device. Used to record shapes and for the functional check.
+        device (for a meta model: on meta or any device, moved to meta). Or a bare shape (a
+        ``torch.Size`` or a tuple of ints): one floating input of that shape, meta for a meta model, else
+        seeded standard normal values on the model's device. Used to record shapes and for the
+        functional check.
     check
         Assert with :meth:`PermutationSpec.check` that a random permutation leaves the outputs
-        unchanged; a failure raises :class:`RebasinError`.
+        unchanged; a failure raises :class:`RebasinError`. Skipped for a meta model.
     tracer
         ``"fx"``: symbolic tracing with torch.fx. ``"dynamic"``: run the model once on
         ``example_input`` and record every torch call it makes (:mod:`rebasin.trace.dynamic`; Python
@@ -276,6 +281,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     if tracer not in _TRACERS:
         raise RebasinError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
     _load_hf_rules(model)
+    example_input, meta = example_for(model, example_input)
     args, kwargs = as_args(example_input)
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
     gm = None
@@ -349,7 +355,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
             found[p] = _carriers(prop, p, name)
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
-    if check:
+    if check and not meta:  # a meta model has no values to run the check on
         try:
             spec.check(model, example_input)
         except RebasinError as err:

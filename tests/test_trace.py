@@ -246,9 +246,16 @@ def test_unsupported_structure_raises_naming_the_node(name: str) -> None:
     assert f"node {node!r}" in msg and what in msg and "PermutationSpec(axes=" in msg, msg
 
 
-def test_data_dependent_control_flow_raises() -> None:
-    with pytest.raises(RebasinError, match=r"could not trace _ControlFlow.*control flow.*PermutationSpec\(axes="):
-        spec_from_model(_ControlFlow(), torch.randn(2, 5))
+def test_data_dependent_control_flow_raises_with_fx() -> None:
+    with pytest.raises(RebasinError, match=r"could not trace _ControlFlow.*control flow.*tracer='dynamic'.*"
+                                           r"PermutationSpec\(axes="):
+        spec_from_model(_ControlFlow(), torch.randn(2, 5), tracer="fx")
+
+
+def test_data_dependent_control_flow_falls_back_to_the_dynamic_tracer() -> None:
+    # the default tracer records the path the example input takes when torch.fx fails
+    spec = spec_from_model(_ControlFlow(), torch.randn(2, 5))
+    assert spec.axes == {"a.weight": (None, None), "a.bias": (None,)}
 
 
 def test_scalar_ops_and_dead_permutations_are_fine() -> None:
@@ -519,3 +526,26 @@ def test_model_trace_is_exported_dataclass() -> None:
     assert isinstance(tr, ModelTrace) and isinstance(tr.graph_module, torch.fx.GraphModule)
     y = forward_with_state(tr.graph_module, state_of(tr.graph_module), torch.randn(2, 3))
     assert y.shape == (2, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(5, [8, 8], 3), lambda: ResNet20(width=2, num_classes=3)],
+                         ids=["mlp", "resnet20"])
+def test_dynamic_tracer_agrees_with_fx(make) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 5) if isinstance(model, MLP) else torch.randn(2, 3, 8, 8)
+    fx, dyn = trace_model(model, x, tracer="fx"), trace_model(model, x, tracer="dynamic")
+    assert dyn.spec.axes == fx.spec.axes and dyn.spec.sizes == fx.spec.sizes
+    # capture records the model again, so another batch size works; same values as the fx replay
+    x5 = torch.randn(5, *x.shape[1:])
+    a, b = fx.capture(model.state_dict(), x5), dyn.capture(model.state_dict(), x5)
+    for p in fx.spec.perms:
+        ta = [a[n].transpose(0, ax) for n, ax in fx.activation_nodes[p]]
+        tb = [b[n].transpose(0, ax) for n, ax in dyn.activation_nodes[p]]
+        assert len(ta) == len(tb) and all(torch.allclose(u, v) for u, v in zip(ta, tb))
+    assert model.training is False and all(not m._forward_hooks for m in model.modules())
+
+
+def test_dynamic_tracer_bad_input_names_the_model() -> None:
+    with pytest.raises(RebasinError, match="dynamic tracer could not run MLP"):
+        trace_model(MLP(5, [8], 3), torch.randn(2, 7), tracer="dynamic")

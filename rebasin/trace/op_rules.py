@@ -292,6 +292,8 @@ class OpRules(PermState):
         xs, src, dst = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None, node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(src, tuple) or not isinstance(dst, tuple):
             return self.unknown(node)
+        if src == dst:  # a reshape to the same shape (HF attention's reshape(B, -1, T, d)) moves nothing
+            return xs
         self.reshapes.add(node)
         out, problem = reshape_axes(src, xs, dst, lambda p: self.size[self.find(p)],
                                     heads=lambda e, d: self.structure(node, e, d),

@@ -1,5 +1,9 @@
 """Permutation specs by torch.fx tracing: :func:`spec_from_model` and :func:`trace_model`.
 
+When torch.fx cannot trace the model (Hugging Face ``transformers`` models, input-dependent Python
+control flow), the graph is recorded from one run instead (:mod:`rebasin.trace.dynamic`); everything
+below applies to both graphs.
+
 The model is traced with torch.fx, keeping every module with a layer rule as one node
 (:func:`rebasin.register_module`; torch.nn modules are leaves anyway), shapes come from running the
 graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node
@@ -43,6 +47,7 @@ from torch.fx import Graph, GraphModule, Node
 from .._common import as_args, evaluating, first_inputs, state_of
 from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec
+from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
 from .ops import INPLACE_FN
 from .registry import trace_graph
@@ -76,6 +81,7 @@ class ModelTrace:
     graph_module: GraphModule
     activation_nodes: dict[str, list[tuple[str, int]]]
     _subgraphs: dict[tuple[str, ...], GraphModule] = field(default_factory=dict, repr=False, compare=False)
+    _model: nn.Module | None = field(default=None, repr=False, compare=False)  # set for dynamic traces
 
     def capture(
         self,
@@ -101,6 +107,12 @@ class ModelTrace:
             flags are restored afterwards. Python branches on ``self.training`` were fixed at
             trace time (eval mode).
 
+        Notes
+        -----
+        A dynamic trace (``tracer="dynamic"``) is not replayed: the model runs again on ``inputs``
+        under the recorder, so batches of any size work as long as the model takes the same path
+        through its Python code (else :class:`RebasinError`).
+
         Returns
         -------
         dict
@@ -120,6 +132,10 @@ class ModelTrace:
             nodes = (nodes,)
         names = tuple(nodes) if nodes is not None else self._default_nodes()
         self.spec.validate(state)
+        if self._model is not None:  # a dynamic trace: record the model again on these inputs
+            self._subgraph(names)  # checks the names
+            return dict(zip(names, capture_dynamic(self._model, self.graph_module, state, inputs, names, train,
+                                                   as_args)))
         sub = self._subgraph(names)
         own = sub.state_dict(keep_vars=True)
         buffers = {k for k, _ in sub.named_buffers()}
@@ -217,7 +233,10 @@ def _align_keys(gm: GraphModule, model: nn.Module, keys: Sequence[str]) -> None:
                            f"{sorted(set(got) ^ set(keys))[:12]}")
 
 
-def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> ModelTrace:
+_TRACERS = ("auto", "fx", "dynamic")
+
+
+def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tracer: str = "auto") -> ModelTrace:
     """Trace ``model`` with torch.fx and derive its permutation spec and activation nodes.
 
     Parameters
@@ -236,6 +255,12 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     check
         Assert with :meth:`PermutationSpec.check` that a random permutation leaves the outputs
         unchanged; a failure raises :class:`RebasinError`. Skipped for a meta model.
+    tracer
+        ``"fx"``: symbolic tracing with torch.fx. ``"dynamic"``: run the model once on
+        ``example_input`` and record every torch call it makes (:mod:`rebasin.trace.dynamic`; Python
+        control flow is resolved by the run, so models torch.fx cannot trace, such as Hugging Face
+        ``transformers`` models, work). ``"auto"`` (default): torch.fx, and the dynamic tracer when
+        torch.fx fails.
 
     Returns
     -------
@@ -257,17 +282,28 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     """
     if not isinstance(model, nn.Module):
         raise RebasinError(f"spec_from_model expects an nn.Module, got {type(model).__name__}")
+    if tracer not in _TRACERS:
+        raise RebasinError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
+    _load_hf_rules(model)
     example_input, meta = example_for(model, example_input)
     args, kwargs = as_args(example_input)
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
-    try:
-        with evaluating(root):
-            gm = trace_graph(root)
-    except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
-        raise RebasinError(
-            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes are "
-            f"data-dependent control flow (if/for on tensor values) or non-traceable calls. {MANUAL}"
-        ) from err
+    gm = None
+    if tracer != "dynamic":
+        try:
+            with evaluating(root):
+                gm = trace_graph(root)
+        except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
+            if tracer == "fx":
+                raise RebasinError(
+                    f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes "
+                    f"are data-dependent control flow (if/for on tensor values) or non-traceable calls; "
+                    f"tracer='dynamic' records one run of the model instead. {MANUAL}"
+                ) from err
+    dynamic = gm is None
+    if dynamic:
+        with evaluating(model):
+            gm = record_graph(model, args, kwargs)
     tensors = state_of(model)
     _align_keys(gm, model, list(tensors))
     with evaluating(gm), torch.no_grad():
@@ -330,7 +366,15 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         except RebasinError as err:
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
-    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act)
+    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, _model=model if dynamic else None)
+
+
+def _load_hf_rules(model: nn.Module) -> None:
+    """Register the ``transformers`` layer rules when the model holds a module of that library."""
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        from .hf_rules import register
+
+        register()
 
 
 def _warn_unclaimed(model: nn.Module, prop: Propagation) -> None:
@@ -458,10 +502,12 @@ def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
                         prop.key_blocks[(k, i)] = prop.key_blocks[(base, i)]
 
 
-def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True) -> PermutationSpec:
+def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True,
+                    tracer: str = "auto") -> PermutationSpec:
     """The :class:`PermutationSpec` of ``model``, found by tracing it with torch.fx.
 
-    See :func:`trace_model` (this returns its ``spec``).
+    See :func:`trace_model` (this returns its ``spec``; ``tracer="dynamic"`` records one run of the
+    model instead, the fallback when torch.fx fails).
 
     Examples
     --------
@@ -470,7 +516,7 @@ def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True)
     >>> spec.perms, dict(spec.sizes)
     (('P0', 'P1'), {'P0': 8, 'P1': 8})
     """
-    return trace_model(model, example_input, check=check).spec
+    return trace_model(model, example_input, check=check, tracer=tracer).spec
 
 
 def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None) -> PermutationSpec:

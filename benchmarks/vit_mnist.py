@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--num-points", type=int, default=11)
     parser.add_argument("--stat-batches", type=int, default=10, help="training batches of 256 for the data-driven matchers")
-    parser.add_argument("--rows", default="naive,wm,wm_within,wm_no_residual,wm_mlp_only,am,sinkhorn,wm_repair")
+    parser.add_argument("--rows", default="naive,wm,wm_within,wm_no_residual,wm_mlp_only,am,sinkhorn,sinkhorn_random,wm_repair,am_repair")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rebasin-bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,20 +128,26 @@ def main() -> None:
                         lambda: align(a, b, spec=without(spec, {residual} | heads), seed=args.seed).state_b, "wm"),
         "am": ("activation matching", lambda: align(a, b, spec=spec, method="activation_matching", loader=stats,
                                                       seed=args.seed).state_b, "am"),
-        "sinkhorn": ("Sinkhorn re-basin (L2)", lambda: align(a, b, spec=spec, method="sinkhorn", seed=args.seed).state_b,
-                     "sinkhorn"),
+        "sinkhorn": ("Sinkhorn re-basin (L2 cost, 300 steps)",
+                     lambda: align(a, b, spec=spec, method="sinkhorn", cost="l2", fit={"steps": 300},
+                                   seed=args.seed).state_b, "sinkhorn"),
+        "sinkhorn_random": ("Sinkhorn re-basin (random-point loss, WM init, 3 epochs)",
+                            lambda: align(a, b, spec=spec, method="sinkhorn", loader=stats, init="weight_matching",
+                                          fit={"epochs": 3}, seed=args.seed).state_b, "sinkhorn"),
     }
     rows = []
     naive_loss = None
+    endpoints = ""
     for row in args.rows.split(","):
         row = row.strip()
         start = time.perf_counter()
         try:
-            if row == "wm_repair":
+            if row in ("wm_repair", "am_repair"):
                 from rebasin import RepairedPath
 
-                label = "weight matching + REPAIR"
-                res = align(a, b, spec=spec, seed=args.seed)
+                method = "weight_matching" if row == "wm_repair" else "activation_matching"
+                label = f"{method.replace('_', ' ')} + REPAIR"
+                res = align(a, b, spec=spec, method=method, loader=stats, seed=args.seed)
                 path = RepairedPath(a, sa, res.state_b, stats, spec=spec, device=args.device)
                 align_s = time.perf_counter() - start
                 r = evaluate_path(a, None, None, test, path=path, num_points=args.num_points, device=args.device)
@@ -156,6 +162,10 @@ def main() -> None:
         lb = barrier(r, metric="loss")
         ab = barrier(r, metric="accuracy") * 100
         naive_loss = lb if row == "naive" else naive_loss
+        if row == "naive":
+            endpoints = (f"A: test loss {r.loss[0]:.3f}, accuracy {r.accuracy[0] * 100:.2f}%; "
+                         f"B: test loss {r.loss[-1]:.3f}, accuracy {r.accuracy[-1] * 100:.2f}%")
+            print(endpoints, flush=True)
         rel = f"{lb / naive_loss:.2f}" if naive_loss else "-"
         rows.append([label, f"{lb:.3f}", rel, f"{ab:.2f}", f"{align_s:.1f}"])
         print(rows[-1], flush=True)
@@ -166,8 +176,7 @@ def main() -> None:
     if not args.no_report:
         command = "python benchmarks/" + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
         notes = (f"{machine_summary(args.device)}. ViT(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
-                 f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1}; test loss/accuracy of A and "
-                 f"B in the log; barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
+                 f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1} ({endpoints}); barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
                  f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images.")
         append_report("ViT on MNIST: barriers per matcher and symmetry", command, table, notes=notes)
 

@@ -8,6 +8,9 @@ needs it. ``import rebasin`` never imports this package nor Avalanche.
 * :class:`RebasinILPlugin` — Peña et al. (2023)'s incremental learning by re-basin, added to any
   supervised strategy (the logic: :class:`IncrementalRebasin`); :class:`RebasinIL` — the same as a
   strategy (``SupervisedTemplate`` + ``ReplayPlugin`` + the plugin).
+* :class:`MCSGD` — Mirzadeh et al. (2021)'s Mode Connectivity SGD, the baseline that merges tasks
+  along linearly connected low-loss paths (:class:`MCSGDPlugin` holds it; the objective is in
+  :mod:`continual.lines`).
 * :mod:`continual.benchmarks` — Rotated / Permuted / Split MNIST from a local root, and a tiny
   synthetic benchmark; :mod:`continual.baselines`; ``python -m continual.compare``.
 """
@@ -23,6 +26,9 @@ __all__ = [
     "RebasinILPlugin",
     "ILRecord",
     "RebasinIL",
+    "MCSGD",
+    "MCSGDPlugin",
+    "MCSGDRecord",
     "IncrementalRebasin",
     "ILSettings",
     "make_strategy",
@@ -43,6 +49,9 @@ _WHERE = {
     "RebasinILPlugin": "il_plugin",
     "ILRecord": "il_plugin",
     "RebasinIL": "strategy",
+    "MCSGD": "mcsgd",
+    "MCSGDPlugin": "mcsgd",
+    "MCSGDRecord": "mcsgd",
     "IncrementalRebasin": "incremental",
     "ILSettings": "incremental",
     "make_strategy": "baselines",

@@ -17,6 +17,10 @@ name                      strategy
                           own per-experience memory)
 ``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
                           :class:`RebasinILPlugin`
+``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same AdamW for the
+                          continual step and ``mem_size // n_experiences`` samples per experience
+                          in its episodic memory (the same total memory as Replay's buffer after
+                          the last experience; ``options={"mem_size": k}`` sets it per experience)
 ========================  ===================================================================
 """
 
@@ -32,14 +36,19 @@ from rebasin import RebasinError
 
 __all__ = ["STRATEGIES", "make_strategy", "mlp"]
 
-STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il")
+STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il", "mcsgd")
 
 
-def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10) -> nn.Module:
-    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden], n_classes)`` (flattens its input)."""
+def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1) -> nn.Module:
+    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden] * depth, n_classes)`` (flattens its input).
+
+    ``depth=2`` is MC-SGD's MLP (two hidden layers of 256).
+    """
     from rebasin.apps.models import MLP
 
-    return MLP(in_features, [hidden], n_classes)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise RebasinError(f"depth must be a positive int, got {depth!r}")
+    return MLP(in_features, [hidden] * depth, n_classes)
 
 
 def make_strategy(
@@ -52,6 +61,7 @@ def make_strategy(
     train_epochs: int = 5,
     eval_mb_size: int = 1000,
     mem_size: int = 1000,
+    n_experiences: int | None = None,
     ewc_lambda: float = 100.0,
     device: str | torch.device = "cpu",
     evaluator: Any = None,
@@ -69,8 +79,14 @@ def make_strategy(
         Trained in place by the strategy.
     example_input
         An input batch, used by the re-basin strategies to trace the model.
+    mem_size
+        Replay buffer size of the strategies that replay; MC-SGD keeps ``mem_size // n_experiences``
+        samples (at least one) of every experience.
+    n_experiences
+        Number of experiences of the benchmark (only read by ``"mcsgd"``; required there unless
+        ``options`` sets ``mem_size``).
     options
-        Extra keyword arguments for the re-basin plugin / strategy (e.g. ``{"alpha": 0.5}``).
+        Extra keyword arguments for the re-basin / MC-SGD plugin or strategy (e.g. ``{"alpha": 0.5}``).
     evaluator
         An Avalanche ``EvaluationPlugin`` (Avalanche's default when None).
 
@@ -83,6 +99,7 @@ def make_strategy(
     from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.plugins.evaluation import default_evaluator
 
+    from .mcsgd import MCSGD
     from .plugin import RebasinMergePlugin
     from .strategy import RebasinIL
 
@@ -123,7 +140,19 @@ def make_strategy(
         "rebasin_il": lambda: RebasinIL(
             replay_mem_size=mem_size, example_input=example_input, seed=seed, **options, **common
         ),
+        "mcsgd": lambda: MCSGD(**{
+            "mem_size": options["mem_size"] if "mem_size" in options else _per_experience(mem_size, n_experiences),
+            "seed": seed, **options}, **common),
     }
     if options and name in ("naive", "ewc", "lwf", "replay"):
         raise RebasinError(f"options {sorted(options)} only apply to the re-basin strategies, not {name!r}")
     return builders[name]()
+
+
+def _per_experience(mem_size: int, n_experiences: int | None) -> int:
+    if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) or n_experiences < 1:
+        raise RebasinError(
+            f"make_strategy('mcsgd') needs n_experiences= (a positive int) to split mem_size over the "
+            f"experiences, got {n_experiences!r}; or pass options={{'mem_size': k}} (samples per experience)"
+        )
+    return max(1, mem_size // n_experiences)

@@ -3,7 +3,7 @@
 Example (the reference setup: MLP 784-256-10, AdamW 1e-3, batch 500, 5 epochs, replay 1000)::
 
     python -m continual.compare --benchmark rotated_mnist --data-root ../shared/data \\
-        --strategies naive,ewc,lwf,replay,rebasin_merge,rebasin_il --seeds 3 --epochs 5 --out results/
+        --strategies naive,ewc,lwf,replay,rebasin_merge,rebasin_il,mcsgd --seeds 3 --epochs 5 --jobs 2 --out results/
 
 After every experience each strategy is evaluated on every test experience, giving the accuracy
 matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). Reported:
@@ -11,7 +11,16 @@ matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). 
 * average accuracy ``ACC = mean_j R[T-1, j]`` (all tasks, after the last experience);
 * forgetting ``F = mean_{j < T-1} (R[j, j] - R[T-1, j])`` (accuracy right after learning a task minus
   final accuracy; Avalanche's ``StreamForgetting``);
+* backward transfer ``BWT = mean_{j < T-1} (R[T-1, j] - R[j, j])`` (Lopez-Paz and Ranzato; with this
+  ``R`` it is ``-F``; Avalanche's ``StreamBWT`` is stored next to it);
 * wall time (training plus the evaluations) per run.
+
+``--jobs N`` runs the (strategy, seed) cells in ``N`` worker processes on one machine (forked after
+the benchmark is built, one torch thread each); every cell seeds itself, so the numbers are those of
+the sequential run (one torch thread there too, e.g. ``OMP_NUM_THREADS=1``). ``runs.json`` also
+holds, per run, the forgetting of every task, the merge coefficient the re-basin plugins chose at
+every merge (``extra.merges``) and MC-SGD's memory line loss before and after each
+mode-connectivity step (``extra.mcsgd``).
 
 Long comparisons can be sharded: ``--first-seed K --seeds N`` runs seeds ``K..K+N-1``, and
 different strategies or seeds can run in separate processes or on separate machines; then
@@ -53,7 +62,7 @@ __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "ac
 
 #: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
 SHARD_SETTINGS = (
-    "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "n_experiences", "train_samples",
+    "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "depth", "n_experiences", "train_samples",
     "test_samples",
 )
 
@@ -69,6 +78,7 @@ class RunResult:
     forgetting: float
     time_s: float
     extra: dict[str, Any]
+    backward_transfer: float = math.nan
 
 
 def accuracy_matrix_metrics(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
@@ -107,7 +117,7 @@ def run_strategy(
 
     ``progress``: a tqdm bar over the experiences; None (default) shows it only when stderr is a terminal.
     """
-    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
 
     from .baselines import make_strategy
@@ -118,12 +128,12 @@ def run_strategy(
         warnings.simplefilter("ignore")
         evaluator = EvaluationPlugin(
             accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True),
-            loggers=[],
+            bwt_metrics(stream=True), loggers=[],
         )
     strategy = make_strategy(
         name, model=model, example_input=example_input, lr=lr, train_mb_size=batch_size, train_epochs=epochs,
-        eval_mb_size=max(batch_size, 1000), mem_size=mem_size, device=device, evaluator=evaluator, seed=seed,
-        options=options,
+        eval_mb_size=max(batch_size, 1000), mem_size=mem_size, n_experiences=len(benchmark.train_stream),
+        device=device, evaluator=evaluator, seed=seed, options=options,
     )
     n = len(benchmark.train_stream)
     matrix: list[list[float]] = []
@@ -146,14 +156,24 @@ def run_strategy(
     if bar is not None:
         bar.close()
     acc, forgetting = accuracy_matrix_metrics(matrix)
-    extra: dict[str, Any] = {"avalanche_stream_forgetting": float(last.get("StreamForgetting/eval_phase/test_stream", math.nan))}
+    r = np.asarray(matrix)
+    extra: dict[str, Any] = {
+        "avalanche_stream_forgetting": float(last.get("StreamForgetting/eval_phase/test_stream", math.nan)),
+        "avalanche_stream_bwt": float(last.get("StreamBWT/eval_phase/test_stream", math.nan)),
+        "forgetting_per_task": [float(r[j, j] - r[-1, j]) for j in range(n - 1)],
+    }
     for plugin in getattr(strategy, "plugins", []):
         history = getattr(plugin, "history", None)
         if history and hasattr(history[0], "alpha"):
             extra["alphas"] = [h.alpha for h in history]
+            extra["merges"] = [{"experience": h.experience, "alpha": h.alpha} for h in history]
         if history and hasattr(history[0], "n_moved"):
             extra["units_moved"] = [h.n_moved for h in history]
-    return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra)
+        if history and hasattr(history[0], "n_lines"):
+            extra["mcsgd"] = [{"experience": h.experience, "n_memory": h.n_memory, "steps": h.steps,
+                               "loss_before": None if math.isnan(h.loss_before) else h.loss_before,
+                               "loss_after": None if math.isnan(h.loss_after) else h.loss_after} for h in history]
+    return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra, backward_transfer=-forgetting)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -168,11 +188,13 @@ def summarise(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         mine = [r for r in runs if r.strategy == name]
         acc = _mean_std([r.average_accuracy for r in mine])
         fgt = _mean_std([r.forgetting for r in mine])
+        bwt = _mean_std([r.backward_transfer for r in mine])
         tim = _mean_std([r.time_s for r in mine])
         rows.append({
             "strategy": name, "seeds": len(mine),
             "acc_mean": acc[0], "acc_std": acc[1],
             "forgetting_mean": fgt[0], "forgetting_std": fgt[1],
+            "bwt_mean": bwt[0], "bwt_std": bwt[1],
             "time_s_mean": tim[0], "time_s_std": tim[1],
         })
     return rows
@@ -231,7 +253,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m continual.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="rotated_mnist")
     p.add_argument("--data-root", default=None, help="torchvision root holding MNIST/raw (never downloads)")
-    p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il",
+    p.add_argument("--strategies", default="naive,ewc,lwf,replay,rebasin_merge,rebasin_il,mcsgd",
                    help=f"comma-separated, from {','.join(STRATEGIES)}")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (FIRST..FIRST+N-1)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (to shard seeds across runs)")
@@ -241,7 +263,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--mem-size", type=int, default=1000, help="replay buffer of every strategy that replays")
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
+    p.add_argument("--depth", type=int, default=1, help="hidden layers of the MLP (2: MC-SGD's 2x256 MLP)")
     p.add_argument("--n-experiences", type=int, default=None, help="override the benchmark's default")
     p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
     p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")
@@ -249,6 +272,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="option for a re-basin strategy, e.g. rebasin_il.alpha=0.5 (value parsed as JSON)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes for the (strategy, seed) cells (one torch thread each); default 1")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -263,6 +288,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--seeds must be >= 1")
     if args.first_seed < 0:
         p.error("--first-seed must be >= 0")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.jobs > 1 and not str(args.device).startswith("cpu"):
+        p.error(f"--jobs > 1 runs the cells in forked CPU workers; with --device {args.device} use --jobs 1, or "
+                "shard with --first-seed / --strategies and --combine")
+    if args.depth < 1:
+        p.error("--depth must be >= 1")
     return args
 
 
@@ -316,7 +348,7 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
         if not path.is_file():
             raise RebasinError(f"{folder}: no runs.json (is it an --out folder of python -m continual.compare?)")
         data = json.loads(path.read_text())
-        mine = {k: data["args"].get(k) for k in SHARD_SETTINGS}
+        mine = {k: data["args"].get(k, 1 if k == "depth" else None) for k in SHARD_SETTINGS}  # depth: 1 before --depth
         if settings is None:
             settings, first = mine, str(folder)
         else:
@@ -324,7 +356,7 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
             if diff:
                 raise RebasinError(f"{folder} was run with other settings than {first}: {diff}")
         for r in data["runs"]:
-            result = RunResult(**r)
+            result = RunResult(**{"backward_transfer": -r["forgetting"], **r})  # runs.json before BWT
             key = (result.strategy, result.seed)
             if key in seen:
                 raise RebasinError(f"{result.strategy} seed {result.seed} is in both {seen[key]} and {folder}")
@@ -343,9 +375,10 @@ def _write_outputs(runs: Sequence[RunResult], header: str, out: Path, args: dict
     rows = summarise(runs)
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "time_s"])
+        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "backward_transfer", "time_s"])
         for r in runs:
-            w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}", f"{r.time_s:.2f}"])
+            w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}",
+                        f"{r.backward_transfer:.6f}", f"{r.time_s:.2f}"])
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -365,13 +398,73 @@ def _header(settings: dict[str, Any], runs: Sequence[RunResult], model: str, tai
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {tail}")
 
 
+_WORKER_BENCHMARK: Any = None  # set in the parent before forking the workers of --jobs
+
+
+def _run_cell(benchmark: Any, name: str, seed: int, settings: dict[str, Any]) -> RunResult:
+    """One (strategy, seed) cell of the comparison (the same call sequentially and in a worker)."""
+    from .baselines import mlp
+
+    s = settings
+    options = s["options"].get(name)
+    result = run_strategy(
+        name, benchmark, seed=seed, model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"], s["depth"]),
+        example_input=s["example_input"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
+        mem_size=s["mem_size"], device=s["device"], options=options, progress=s["progress"],
+    )
+    if options:
+        result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
+    return result
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\..*")
+    warnings.filterwarnings("ignore", message="No loggers specified")
+
+
+def _worker_cell(name: str, seed: int, settings: dict[str, Any]) -> RunResult:
+    return _run_cell(_WORKER_BENCHMARK, name, seed, settings)
+
+
+def _run_cells(
+    benchmark: Any, cells: Sequence[tuple[str, int]], settings: dict[str, Any], *, jobs: int, report: Any
+) -> list[RunResult]:
+    """Run every (strategy, seed) cell, in order or in ``jobs`` forked workers; results in the order of ``cells``."""
+    if jobs <= 1 or len(cells) <= 1:
+        out = []
+        for name, seed in cells:
+            out.append(_run_cell(benchmark, name, seed, settings))
+            report(out[-1])
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise RebasinError("--jobs > 1 needs the 'fork' start method (Linux, macOS); run with --jobs 1 or shard "
+                           "with --first-seed / --combine")
+    global _WORKER_BENCHMARK
+    _WORKER_BENCHMARK = benchmark  # inherited by the forked workers, not pickled
+    try:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_worker_cell, name, seed, settings): i for i, (name, seed) in enumerate(cells)}
+            results: list[RunResult | None] = [None] * len(cells)
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                report(results[futures[future]])
+    finally:
+        _WORKER_BENCHMARK = None
+    return [r for r in results if r is not None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.combine is not None:
         runs, settings = combine_runs(args.combine)
-        header = _header(settings, runs, f"MLP hidden {settings['hidden']}",
+        header = _header(settings, runs, f"MLP hidden {settings['hidden']} x {settings['depth']}",
                          f"combined from {', '.join(map(str, args.combine))}")
         print(_write_outputs(runs, header, out, {**settings, "combined_from": list(map(str, args.combine))}))
         return 0
@@ -382,26 +475,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     bm, in_features, n_classes = build_benchmark(args)
     print(f"benchmark {args.benchmark}: {len(bm.train_stream)} experiences, built in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from .baselines import mlp
-
     x0 = bm.train_stream[0].dataset[0][0]
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim)).to(args.device)
-    runs: list[RunResult] = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for name in args.strategies:
-            result = run_strategy(
-                name, bm, seed=seed, model_factory=lambda: mlp(in_features, args.hidden, n_classes),
-                example_input=example, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                mem_size=args.mem_size, device=args.device, options=options.get(name),
-                progress=False if args.no_progress else None,
-            )
-            if options.get(name):
-                result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options[name].items()) + ")"
-            runs.append(result)
-            print(f"{name:>20s} seed {seed}: ACC {100 * result.average_accuracy:.1f}%  "
-                  f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
-    header = _header(vars(args), runs, f"MLP {in_features}-{args.hidden}-{n_classes}",
-                     f"device {args.device}, torch threads {torch.get_num_threads()}")
+    cells = [(name, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.strategies]
+    settings = dict(
+        in_features=in_features, hidden=args.hidden, depth=args.depth, n_classes=n_classes, example_input=example,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mem_size=args.mem_size, device=args.device, options=options,
+        progress=False if (args.no_progress or args.jobs > 1) else None,
+    )
+
+    def report(result: RunResult) -> None:
+        print(f"{result.strategy:>20s} seed {result.seed}: ACC {100 * result.average_accuracy:.1f}%  "
+              f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
+
+    runs = _run_cells(bm, cells, settings, jobs=args.jobs, report=report)
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    header = _header(vars(args), runs, f"MLP {in_features}-{'-'.join([str(args.hidden)] * args.depth)}-{n_classes}",
+                     f"device {args.device}, torch threads {threads}"
+                     + (f", {args.jobs} worker processes" if args.jobs > 1 else ""))
     print(_write_outputs(runs, header, out, vars(args)))
     return 0
 

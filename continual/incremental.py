@@ -169,6 +169,11 @@ class IncrementalRebasin:
         if not isinstance(settings, ILSettings):
             raise RebasinError(f"settings must be an ILSettings, got {type(settings).__name__}")
         sizes = spec.validate(state_prev)
+        if spec.structure:
+            raise RebasinError(
+                f"the incremental-learning strategy learns one free n x n permutation matrix per permutation; the "
+                f"spec structures {sorted(spec.structure)} (heads or groups moved as blocks), which it does not support"
+            )
         trainable = list(trainable)
         unknown = [k for k in trainable if k not in state_prev]
         if unknown:

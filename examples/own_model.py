@@ -5,9 +5,10 @@
    permuting the weights as the spec says leaves the outputs unchanged; two copies trained from
    different seeds on the 8x8 digits are aligned with ``rebasin.align`` and the linear paths compared
    (BatchNorm statistics recomputed at every point, as a BN net needs).
-2. ``TwoBranch`` concatenates two conv branches with ``torch.cat``, which the tracer cannot prove
-   safe: it raises ``RebasinError`` naming the node. A hand-written ``PermutationSpec`` that leaves the
-   branches unpermuted works instead.
+2. ``TwoBranch`` concatenates two conv branches with ``torch.cat``: the traced spec says so with a
+   concatenation (``spec.concat``), and weight matching undoes a hidden permutation of it exactly.
+3. ``EinsumMix`` mixes channels with ``torch.einsum``, which the tracer cannot prove safe: it raises
+   ``RebasinError`` naming the node. A hand-written ``PermutationSpec`` works instead.
 
     python examples/own_model.py            # about 15 s on 2 CPU cores
     python examples/own_model.py --tiny     # a few seconds (CI)
@@ -62,6 +63,19 @@ class TwoBranch(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
+class EinsumMix(TwoBranch):
+    """TwoBranch whose first layer is written as an einsum over a raw weight tensor."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__(width)
+        self.mix = nn.Parameter(torch.randn(2 * width, 2 * width) / (2 * width) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([F.relu(self.branch3(x)), F.relu(self.branch5(x))], dim=1)
+        x = torch.einsum("oc,nchw->nohw", self.mix, x)
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Trace, check and align a user-defined model.")
     parser.add_argument("--tiny", action="store_true", help="small settings that run in seconds (CI)")
@@ -92,17 +106,29 @@ def main(argv: list[str] | None = None) -> dict:
         results[method] = rebasin.barrier(path, metric="loss")
         print(f"{method:>16}: loss barrier {results[method]:.4f} (BN statistics reset along the path)")
 
-    # torch.cat of two permuted branches: the tracer refuses, naming the node and suggesting a manual spec.
+    # torch.cat of two permuted branches: a concatenation of the branches' permutations.
     net = seeded_model(TwoBranch, seed=args.seed).to(args.device)
+    cat_spec = rebasin.spec_from_model(net, x[:2])
+    print(f"TwoBranch: conv.weight {cat_spec.axes['conv.weight']}, concat {dict(cat_spec.concat)}")
+    results["cat_concat"] = {k: [list(p) for p in v] for k, v in cat_spec.concat.items()}
+    hidden = rebasin.random_permutation(cat_spec, seed=args.seed + 1)
+    shuffled = rebasin.permute(cat_spec, hidden, net.state_dict())
+    found = rebasin.weight_matching(cat_spec, net.state_dict(), shuffled)
+    results["cat_recovered"] = all(
+        torch.equal(v, net.state_dict()[k]) for k, v in rebasin.permute(cat_spec, found, shuffled).items())
+    print(f"TwoBranch: weight matching undoes a random permutation exactly: {results['cat_recovered']}")
+
+    # An einsum over a raw weight: the tracer refuses, naming the node and suggesting a manual spec.
+    net = seeded_model(EinsumMix, seed=args.seed).to(args.device)
     try:
         rebasin.spec_from_model(net, x[:2])
     except rebasin.RebasinError as err:
         print(f"RebasinError: {err}")
-        results["cat_error"] = str(err)
-    # Manual spec: keep the branch channels (and so the concatenated axis) fixed, permute the rest.
+        results["einsum_error"] = str(err)
+    # Manual spec: keep the branch channels (and so the einsum's axes) fixed, permute the rest.
     manual = rebasin.PermutationSpec({
         "branch3.weight": (None, None, None, None), "branch3.bias": (None,),
-        "branch5.weight": (None, None, None, None), "branch5.bias": (None,),
+        "branch5.weight": (None, None, None, None), "branch5.bias": (None,), "mix": (None, None),
         "conv.weight": ("P", None, None, None), "conv.bias": ("P",),
         "bn.weight": ("P",), "bn.bias": ("P",), "bn.running_mean": ("P",), "bn.running_var": ("P",),
         "bn.num_batches_tracked": (), "fc.weight": (None, "P"), "fc.bias": (None,),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ._errors import RebasinError
+from ._errors import RebasinError, RebasinWarning
 from .landscape import (
     HessianEigenvalue,
     HessianTrace,
@@ -102,6 +102,7 @@ from .spec import (
     random_permutation,
     save_permuted,
     soft_permute,
+    structured_matrix,
 )
 from .trace import (
     AxisPerm,
@@ -119,6 +120,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "RebasinError",
+    "RebasinWarning",
     # specs and permutations
     "PermutationSpec",
     "spec_from_model",
@@ -163,6 +165,7 @@ __all__ = [
     "SinkhornInfo",
     "SinkhornConvergenceWarning",
     "soft_permute",
+    "structured_matrix",
     "perm_to_matrix",
     "matrix_to_perm",
     "SinkhornRebasin",

@@ -152,10 +152,21 @@ def check_pair(state_a: State, state_b: State) -> None:
 
 
 def check_finite(state: State, name: str) -> None:
-    """:class:`RebasinError` naming the first floating entry of ``state`` holding NaN or inf (one host sync if none)."""
+    """:class:`RebasinError` naming the first floating entry of ``state`` holding NaN or inf (one host sync if none).
+
+    A meta entry (a shape without values, e.g. from a model built under ``torch.device("meta")``) is refused
+    too: whatever checks finiteness goes on to compute with the values.
+    """
     floats = [(k, v) for k, v in state.items() if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())]
     if not floats:
         return
+    meta = next((k for k, v in floats if v.is_meta), None)
+    if meta is not None:
+        raise RebasinError(
+            f"{meta!r} of {name} is on meta (a shape without values, e.g. from a model built under "
+            "torch.device('meta')): this needs real weights; load them first (model.to_empty(device=...) and "
+            "load_state_dict)"
+        )
     flags = [torch.isfinite(v.detach()).all() for _, v in floats]
     if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
         return
@@ -388,13 +399,20 @@ def forward_with_state(
 ) -> Any:
     """``model(inputs)`` with its parameters and buffers replaced by ``state`` (strict; see :func:`as_args`).
 
+    Non-persistent buffers (not part of a state_dict) keep the model's own values.
+
     When the call fails and the floating inputs differ from the state in dtype or device, the error is a
     :class:`RebasinError` saying so (with torch's message); any other failure propagates unchanged.
     """
     args, kwargs = as_args(inputs)
+    full = dict(state)
+    persistent = model.state_dict(keep_vars=True)
+    for key, buf in model.named_buffers():  # non-persistent buffers (a causal mask) are not in a state_dict
+        if key not in full and key not in persistent:
+            full[key] = buf
     try:
         with evaluating(model, eval_mode):
-            return functional_call(model, dict(state), args, kwargs, strict=True, tie_weights=False)
+            return functional_call(model, full, args, kwargs, strict=True, tie_weights=False)
     except (RuntimeError, TypeError) as err:
         mismatch = input_mismatch(inputs, state)
         if mismatch is None:

@@ -1,8 +1,8 @@
-"""The one exception type of the toolkit."""
+"""The exception and warning types of the toolkit."""
 
 from __future__ import annotations
 
-__all__ = ["RebasinError"]
+__all__ = ["RebasinError", "RebasinWarning"]
 
 
 class RebasinError(ValueError):
@@ -12,3 +12,8 @@ class RebasinError(ValueError):
     that do not know about the toolkit. Messages name the state_dict key, the permutation
     and the shapes involved, and say what to change.
     """
+
+
+class RebasinWarning(UserWarning):
+    """Warned when a result is valid but probably not what was meant: a traced spec that leaves a weighted
+    module's units unpermuted because no rule claimed its parameters, or an alignment with nothing to align."""

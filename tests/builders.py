@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rebasin import PermutationSpec
+
 
 def mlp(
     in_features: int, hidden: Sequence[int], out_features: int, *, bn: bool = False, seed: int | None = None
@@ -49,3 +51,48 @@ def batches(
     x = torch.randn(n, *shape, generator=g) * scale + shift
     y = torch.randint(0, classes, (n,), generator=g)
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+class CatGrouped(nn.Module):
+    """Two convs concatenated, a 1x1 conv over the concatenation, a grouped conv, a linear head."""
+
+    def __init__(self, bn: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.m = nn.Conv2d(6, 6, 1)
+        self.g = nn.Conv2d(6, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
+        h = torch.relu(self.g(torch.relu(self.m(h))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def cat_grouped_spec(bn: bool = False) -> PermutationSpec:
+    """The hand-written spec of :class:`CatGrouped`: a concatenation, a structured and grouped permutation."""
+    axes = {
+        "a.weight": ("P", None, None, None), "a.bias": ("P",),
+        "b.weight": ("Q", None, None, None), "b.bias": ("Q",),
+        "m.weight": ("R", "C", None, None), "m.bias": ("R",),
+        "g.weight": ("O", "R", None, None), "g.bias": ("O",),
+        "head.weight": (None, "O"), "head.bias": (None,),
+    }  # fmt: skip
+    if bn:
+        axes.update({f"norm.{k}": ("C",) for k in ("weight", "bias", "running_mean", "running_var")})
+        axes["norm.num_batches_tracked"] = ()
+    return PermutationSpec(
+        axes,
+        concat={"C": (("P", 4), ("Q", 2))},
+        structure={"R": ("G", 3), "O": ("G", 2)},
+        grouped={("g.weight", 1): 2},
+    )
+
+
+def cat_grouped(*, bn: bool = False, seed: int | None = None) -> nn.Module:
+    """A :class:`CatGrouped` (``seed``: seeds the global torch RNG first)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return CatGrouped(bn)

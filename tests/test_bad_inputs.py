@@ -88,15 +88,16 @@ def test_float16_model_with_a_float32_example(capfd):
 
 
 def test_example_on_another_device(capfd):
-    # a meta-device model stands in for a GPU model given a CPU example
+    # a meta example stands in for a GPU example given to a CPU model (a meta model with a CPU example is
+    # traced on meta: tests/test_meta_spec.py)
     with pytest.raises(RebasinError) as err:
-        rebasin.spec_from_model(MLP(8, [16], 3).to("meta"), torch.randn(4, 8))
+        rebasin.spec_from_model(MLP(8, [16], 3), torch.randn(4, 8, device="meta"))
     line = first_line(err)
     assert line.startswith(
-        "example_input (4, 8) float32 does not run through MLP: layers.0 (Linear) raised RuntimeError: Tensor on "
-        "device meta is not on the expected device cpu!"
+        "example_input (4, 8) float32 on meta does not run through MLP: layers.0 (Linear) raised RuntimeError: "
+        "Tensor on device cpu is not on the expected device meta!"
     )
-    assert ("example_input is on cpu but the model's state is on meta ('layers.0.weight'); move the inputs (or "
+    assert ("example_input is on meta but the model's state is on cpu ('layers.0.weight'); move the inputs (or "
             "the model) to one device") in line
     assert capfd.readouterr().err == ""
 

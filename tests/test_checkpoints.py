@@ -144,8 +144,8 @@ def test_lazy_weight_matching_gives_the_in_memory_permutations(tmp_path, make_ml
     assert all(torch.equal(moved[k], a[k]) for k in a)
 
 
-def test_lazy_engine_on_concat_and_two_axes_agrees_with_in_memory():
-    for spec, state in (_concat_spec_and_state(), (PermutationSpec({"weight": ("P", "P"), "bias": ("P",)}), _state(nn.Linear(6, 6)))):
+def test_lazy_engine_on_a_concatenation_finds_the_optimum():
+    for spec, state in (_concat_spec_and_state(),):
         perms = random_permutation(spec, seed=2, sizes=spec.validate(state))
         noisy = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) for k, v in state.items()}
         b = permute(spec, perms, noisy)
@@ -280,15 +280,12 @@ def test_lazy_matches_in_memory_with_init_and_on_p_w_pt(tmp_path, make_mlp):
         ref = weight_matching(spec, a, b, **kwargs)
         got = weight_matching(spec, ca, cb, **kwargs)
         assert all(torch.equal(ref[k], got[k]) for k in ref), kwargs
-    # one permutation on both axes of a tensor (P W P^T): rebuilt instead of corrected, same answer
+    # one permutation on both axes of a tensor (P W P^T): the in-memory engine solves it jointly; refused lazily
     g = torch.Generator().manual_seed(0)
     spec2 = PermutationSpec({"w": ("P", "P"), "v": ("P", None)})
     s_a = {"w": torch.randn(16, 16, generator=g), "v": torch.randn(16, 3, generator=g)}
-    s_b = {"w": torch.randn(16, 16, generator=g), "v": torch.randn(16, 3, generator=g)}
-    for seed in range(3):
-        ref = weight_matching(spec2, s_a, s_b, seed=seed)
-        got, _ = weight_matching_lazy(spec2, s_a, s_b, seed=seed)
-        assert torch.equal(ref["P"], got["P"]), seed
+    with pytest.raises(RebasinError, match="two axes of one tensor"):
+        weight_matching_lazy(spec2, s_a, s_a)
 
 
 def test_merge_checkpoints_equals_merge_without_repair(tmp_path, make_mlp):

@@ -237,7 +237,7 @@ class Untraceable(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.a(x))
-        return self.b(torch.cat([h, h], dim=1))
+        return self.b(torch.stack([h, h], dim=1).flatten(1))  # stack: not followed by the tracer
 
 
 def test_untraceable_model_fails_at_construction():
@@ -577,3 +577,27 @@ def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):
         assert torch.equal(state_a[k], state_b[k]), k
     assert accs_a == accs_b
     assert torch.equal(rng_a, rng_b)
+
+
+class _TinyAttention(nn.Module):
+    """16 features as 4 tokens of 4 -> Linear -> a pre-norm transformer encoder layer (2 heads) -> mean -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.enc(self.inp(x.view(-1, 4, 4))).mean(1))
+
+
+def test_plugin_merges_an_attention_model_with_heads(bench):
+    torch.manual_seed(0)
+    model = _TinyAttention()
+    plugin = RebasinMergePlugin(alpha=0.5)
+    strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    results = run(strategy, bench)
+    assert 0.0 <= results[ACC] <= 1.0 and len(plugin.history) == 2
+    spec = plugin.spec
+    assert spec is not None and spec.structure  # heads and the units inside them were aligned

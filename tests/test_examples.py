@@ -65,8 +65,9 @@ def test_own_model(tmp_path):
     assert "('P0', 'P1', None, None)" in stdout  # conv2 maps the block's permutation back to the stem's
     assert printed(stdout, "weight_matching") == pytest.approx(res["weight_matching"], abs=1e-4)
     assert res["weight_matching"] < res["identity"]
-    assert "torch.cat" in res["cat_error"] and "manual spec" in res["cat_error"]
-    assert "RebasinError: spec_from_model cannot prove node 'cat'" in stdout
+    assert res["cat_concat"] and res["cat_recovered"] is True
+    assert "einsum" in res["einsum_error"] and "manual spec" in res["einsum_error"]
+    assert "RebasinError: spec_from_model cannot prove node 'einsum'" in stdout
     assert res["manual_recovered"] is True
 
 

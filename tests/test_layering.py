@@ -182,7 +182,7 @@ def test_no_public_function_shadows_its_own_module():
 @pytest.mark.parametrize(
     ("statement", "absent"),
     [
-        ("import rebasin", ("rebasin.apps", "continual", "avalanche", "matplotlib")),
+        ("import rebasin", ("rebasin.apps", "continual", "avalanche", "matplotlib", "transformers")),
         ("import rebasin.apps.cli", ("continual", "avalanche")),
     ],
 )

@@ -225,9 +225,10 @@ class _ChannelSum(nn.Module):
 
 
 UNSUPPORTED = {
-    "groupnorm-2-groups": (lambda: _Net(nn.GroupNorm(2, 8)), (1, 3, 6, 6), "middle", "GroupNorm"),
-    "depthwise-conv": (lambda: _Net(nn.Conv2d(8, 8, 3, padding=1, groups=8)), (1, 3, 6, 6), "middle", "groups=8"),
-    "multihead-attention": (_Attention, (2, 3, 5), "attn", "attention"),
+    "nested-groups": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GroupNorm(2, 8))),
+                      (1, 3, 6, 6), "middle_1", "nested groups"),
+    "one-output-per-group": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 4, 1, groups=4), nn.Conv2d(4, 8, 1))),
+                             (1, 3, 6, 6), "middle_0", "one output channel per group"),
     "stack": (_Stack, (2, 3), "stack", "torch.stack"),
     "mixing-reshape": (_MixingReshape, (2, 5), "reshape", "mixes channels"),
     "add-unpermuted": (_AddUnpermuted, (2, 5), "add", "unpermuted"),
@@ -245,9 +246,16 @@ def test_unsupported_structure_raises_naming_the_node(name: str) -> None:
     assert f"node {node!r}" in msg and what in msg and "PermutationSpec(axes=" in msg, msg
 
 
-def test_data_dependent_control_flow_raises() -> None:
-    with pytest.raises(RebasinError, match=r"could not trace _ControlFlow.*control flow.*PermutationSpec\(axes="):
-        spec_from_model(_ControlFlow(), torch.randn(2, 5))
+def test_data_dependent_control_flow_raises_with_fx() -> None:
+    with pytest.raises(RebasinError, match=r"could not trace _ControlFlow.*control flow.*tracer='dynamic'.*"
+                                           r"PermutationSpec\(axes="):
+        spec_from_model(_ControlFlow(), torch.randn(2, 5), tracer="fx")
+
+
+def test_data_dependent_control_flow_falls_back_to_the_dynamic_tracer() -> None:
+    # the default tracer records the path the example input takes when torch.fx fails
+    spec = spec_from_model(_ControlFlow(), torch.randn(2, 5))
+    assert spec.axes == {"a.weight": (None, None), "a.bias": (None,)}
 
 
 def test_scalar_ops_and_dead_permutations_are_fine() -> None:
@@ -518,3 +526,26 @@ def test_model_trace_is_exported_dataclass() -> None:
     assert isinstance(tr, ModelTrace) and isinstance(tr.graph_module, torch.fx.GraphModule)
     y = forward_with_state(tr.graph_module, state_of(tr.graph_module), torch.randn(2, 3))
     assert y.shape == (2, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: MLP(5, [8, 8], 3), lambda: ResNet20(width=2, num_classes=3)],
+                         ids=["mlp", "resnet20"])
+def test_dynamic_tracer_agrees_with_fx(make) -> None:
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 5) if isinstance(model, MLP) else torch.randn(2, 3, 8, 8)
+    fx, dyn = trace_model(model, x, tracer="fx"), trace_model(model, x, tracer="dynamic")
+    assert dyn.spec.axes == fx.spec.axes and dyn.spec.sizes == fx.spec.sizes
+    # capture records the model again, so another batch size works; same values as the fx replay
+    x5 = torch.randn(5, *x.shape[1:])
+    a, b = fx.capture(model.state_dict(), x5), dyn.capture(model.state_dict(), x5)
+    for p in fx.spec.perms:
+        ta = [a[n].transpose(0, ax) for n, ax in fx.activation_nodes[p]]
+        tb = [b[n].transpose(0, ax) for n, ax in dyn.activation_nodes[p]]
+        assert len(ta) == len(tb) and all(torch.allclose(u, v) for u, v in zip(ta, tb))
+    assert model.training is False and all(not m._forward_hooks for m in model.modules())
+
+
+def test_dynamic_tracer_bad_input_names_the_model() -> None:
+    with pytest.raises(RebasinError, match="dynamic tracer could not run MLP"):
+        trace_model(MLP(5, [8], 3), torch.randn(2, 7), tracer="dynamic")

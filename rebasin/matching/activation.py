@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from .._common import State, check_int, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
-from ..spec.core import PermutationSpec
+from ..spec.core import PermutationSpec, join_structured
 from ..trace.tracing import trace_model
-from .assignment import linear_assignment
+from .assignment import linear_assignment, structured_assignment
 from .registry import MatchResult, register_matcher
 
 __all__ = [
@@ -206,6 +206,18 @@ class ActivationMatchingInfo:
     num_batches: int
 
 
+def _concat_only_error(spec: PermutationSpec, name: str) -> RebasinError:
+    """The refusal of a permutation that acts only inside concatenations and has no activation node."""
+    inside = sorted(c for c, parts in spec.concat.items() if any(q == name for q, _ in parts))
+    return RebasinError(
+        f"activation matching cannot collect the activations of permutation {name!r}: it acts only "
+        f"inside the concatenation(s) {inside} (packed projections such as attention's q;k;v, "
+        "torch.cat, recurrent gates) of a layer the trace keeps whole (nn.MultiheadAttention, the "
+        "nn.Transformer* layers, nn.LSTM/GRU/RNN), so no graph node outputs its units. Use weight_matching "
+        "(method='weight_matching') or ste_matching for this spec"
+    )
+
+
 def _activation_nodes_for(
     spec: PermutationSpec, traced: PermutationSpec, found: Mapping[str, list[tuple[str, int]]]
 ) -> dict[str, list[tuple[str, int]]]:
@@ -214,16 +226,20 @@ def _activation_nodes_for(
     The two specs may name their permutations differently (a hand-written spec): a permutation of
     ``spec`` gets the nodes of every traced permutation acting on one of the same (key, axis) pairs.
     """
-    owner = {ka: p for p, where in traced.perm_to_axes.items() for ka in where}
+    owner = {o[:3]: p for p, occ in traced.occurrences.items() for o in occ}
     out: dict[str, list[tuple[str, int]]] = {}
-    for name, where in spec.perm_to_axes.items():
-        traced_names = sorted({owner[ka] for ka in where if ka in owner})
+    for name, occ in spec.occurrences.items():
+        where = [o[:2] for o in occ]
+        traced_names = sorted({owner[o[:3]] for o in occ if o[:3] in owner})
         nodes = list(dict.fromkeys(n for t in traced_names for n in found.get(t, ())))
+        if not nodes and not spec.perm_to_axes.get(name):
+            raise _concat_only_error(spec, name)
         if not nodes:
             raise RebasinError(
                 f"no activation node was found for permutation {name!r} (it acts on {list(where)[:4]}): "
                 f"tracing the model gave no permutation on those axes; check the spec against "
-                "rebasin.spec_from_model(model, example_input) or leave spec=None"
+                "rebasin.spec_from_model(model, example_input) or leave spec=None; if the spec is right, use "
+                "weight_matching (method='weight_matching'), which needs no activations"
             )
         out[name] = nodes
     return out
@@ -277,7 +293,16 @@ def _collect_local(
     if example_input is None:
         example_input = head(split_batch(first)[0])
     example_input = to_device(example_input, model_device(model_a))
-    trace = trace_model(model_a, example_input)
+    try:
+        trace = trace_model(model_a, example_input)
+    except RebasinError as err:
+        if spec is None:
+            raise
+        raise RebasinError(
+            "activation matching traces model_a to find the activations of each permutation, even with a "
+            f"hand-written spec, and tracing failed: {err} — with this spec use weight_matching "
+            "(method='weight_matching') or ste_matching, which need no tracing"
+        ) from err
     if spec is None:
         spec = trace.spec
     sizes = spec.validate_pair(state_a, state_b)
@@ -287,6 +312,9 @@ def _collect_local(
     num_batches = 0
     for batch in _batches(first, rest, max_batches):
         x = to_device(split_batch(batch)[0], dev)
+        if not wanted:  # a spec without permutations: nothing to capture
+            num_batches += 1
+            continue
         with torch.no_grad():
             acts_a = trace.capture(state_a, x, wanted, train=False)
             acts_b = trace.capture(state_b, x, wanted, train=False)
@@ -371,7 +399,13 @@ def activation_matching(
         \pi_P = \arg\max_{\pi} \sum_i \operatorname{corr}(a_i, b_{\pi(i)})
 
     by linear assignment. Statistics are streamed in float64; each permutation is solved on its own
-    (no coordinate descent is needed: the activations of A and B do not depend on ``π``).
+    (no coordinate descent is needed: the activations of A and B do not depend on ``π``). Structured
+    permutations (``spec.structure``: heads, groups) are solved together per outer permutation by
+    :func:`rebasin.matching.assignment.structured_assignment` on their correlation matrices (value of
+    pairing block ``a`` with block ``b`` = the best within-block assignment), so the result respects
+    the structure. A permutation that acts only inside concatenations (``spec.concat``: packed q;k;v,
+    LSTM gates) has no activations of its own; such a spec raises :class:`RebasinError` (use weight
+    matching).
 
     Parameters
     ----------
@@ -448,9 +482,11 @@ def activation_matching(
     perms: dict[str, Tensor] = {}
     before: dict[str, float] = {}
     after: dict[str, float] = {}
+    corrs = {name: m.correlation(eps) for name, m in moments.items()}
+    solved = _solve_units(spec, corrs)
     for name, m in moments.items():
-        corr = m.correlation(eps)
-        perm = linear_assignment(corr, name=name)
+        corr = corrs[name]
+        perm = solved[name]
         perms[name] = perm
         idx = torch.arange(m.n, device=corr.device)
         before[name] = float(corr.diagonal().mean())
@@ -466,6 +502,26 @@ def activation_matching(
         num_batches=num_batches,
     )
     return perms, info
+
+
+def _solve_units(spec: PermutationSpec, corrs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One assignment per unit of the spec: a free permutation on its correlations, a structured unit
+    (heads/groups sharing an outer permutation) by :func:`structured_assignment` on its members'
+    correlations (plus the outer's own, when the outer acts on axes itself)."""
+    out: dict[str, Tensor] = {}
+    for unit in spec.units:
+        members = [p for p in unit if p in spec.structure]
+        if not members:
+            out[unit[0]] = linear_assignment(corrs[unit[0]], name=unit[0])
+            continue
+        outer = spec.structure[members[0]][0]
+        res = structured_assignment([corrs[m] for m in members], [spec.structure[m][1] for m in members],
+                                    corrs.get(outer), name=outer)
+        for m, inner in zip(members, res.inner):
+            out[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner))
+        if outer in corrs:
+            out[outer] = torch.from_numpy(res.outer.astype("int64"))
+    return out
 
 
 @register_matcher(

@@ -9,12 +9,14 @@ B's state permuted into A's basin, and the matcher's diagnostics.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from .._common import state_of
+from .._errors import RebasinWarning
 from ..spec.core import PermutationSpec, permute
 from ..trace.tracing import spec_for
 from .registry import get_matcher
@@ -103,6 +105,10 @@ def align(
         spec = spec_for(model_a, example_input=example_input, loader=loader)
     state_a, state_b = state_of(model_a), state_of(model_b)
     spec.validate_pair(state_a, state_b)
+    if not spec.perms:
+        warnings.warn("align: the spec has no permutations: nothing to align, so model B is returned unchanged "
+                      "(check spec.axes; spec_from_model names the modules it could not permute)",
+                      RebasinWarning, stacklevel=2)
     start = time.perf_counter()
     result = matcher(spec, state_a, state_b, model_a=model_a, model_b=model_b, loader=loader, seed=seed, **options)
     elapsed = time.perf_counter() - start

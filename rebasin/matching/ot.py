@@ -75,6 +75,29 @@ def _neuron_rows(
     return t.movedim(axis, 0).reshape(n, -1)
 
 
+def _refuse_structure(spec: PermutationSpec) -> None:
+    """OT matches one permutation at a time in network order; structured specs need joint solves it does not do.
+
+    Heads/groups (``structure``) tie permutations of different layers (q/k and v/o) to one outer
+    permutation, and a permutation used only inside a concatenation has no rows of its own to
+    transport, so rather than return permutations that break the structure (or silently leave the
+    identity) it refuses.
+    """
+    what = []
+    if spec.structure:
+        what.append(f"structured permutations (heads/groups) {sorted(spec.structure)}")
+    if spec.concat:
+        what.append(f"concatenations {sorted(spec.concat)}")
+    if spec.grouped:
+        what.append(f"grouped axes {sorted(spec.grouped)}")
+    if what:
+        raise RebasinError(
+            "ot_matching does not support " + " and ".join(what) + ": it matches one permutation at a time "
+            "in network order and cannot keep heads/groups together or transport units that only appear inside "
+            "a concatenation. Use weight_matching (or activation_matching for heads/groups) for this spec"
+        )
+
+
 def ot_matching(
     spec: PermutationSpec, state_a: State, state_b: State, *, use_outgoing: bool = False
 ) -> dict[str, Tensor]:
@@ -117,7 +140,10 @@ def ot_matching(
     Raises
     ------
     RebasinError
-        If the states do not fit the spec or each other, or contain NaN / inf.
+        If the states do not fit the spec or each other, or contain NaN / inf, or the spec has
+        structured permutations, concatenations or grouped axes (``spec.structure``, ``spec.concat``,
+        ``spec.grouped``): OT solves one permutation at a time and would break heads/groups, so it
+        refuses them (one permutation on two axes, ``P W P^T``, is supported).
 
     Examples
     --------
@@ -134,6 +160,7 @@ def ot_matching(
         raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     if not isinstance(use_outgoing, bool):
         raise RebasinError(f"use_outgoing must be a bool, got {use_outgoing!r}")
+    _refuse_structure(spec)
     sizes = spec.validate_pair(state_a, state_b)
     solved: dict[str, Tensor] = {}
     for p in _ot_order(spec):

@@ -13,6 +13,14 @@ weights :math:`\pi(\theta_B)`:
 * any callable ``cost(module, batch) -> scalar tensor``.
 
 The answer is the hard permutation obtained by linear assignment on the logits.
+
+Structured permutations (``spec.structure``: attention heads, groups) are learned inside their structure:
+one ``H x H`` logit matrix per outer permutation (shared by every member of the structure, e.g. q/k and v/o
+of one attention layer) and per member one batch of ``H`` inner ``d x d`` logit matrices (one per destination
+block). Each goes through Sinkhorn (the inner ones as one batched call) and the member's soft matrix is
+:func:`rebasin.structured_matrix` of the two, so every cost sees ordinary flat soft matrices through
+:func:`rebasin.soft_permute`. The hard answer keeps the structure: the outer permutation by linear assignment
+on the outer logits, the inner permutation of each block by linear assignment on that block's inner logits.
 """
 
 from __future__ import annotations
@@ -42,8 +50,15 @@ from .._common import (
 )
 from .._distributed import fingerprint, guarded, lockstep, reducer, synced_backward
 from .._errors import RebasinError
-from ..spec.core import PermutationSpec, permute
-from ..spec.soft import matrix_to_perm, soft_permute
+from ..spec.core import (
+    PermutationSpec,
+    check_permutations,
+    join_structured,
+    permute,
+    random_permutation,
+    split_structured,
+)
+from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 from ..trace.tracing import spec_from_model
 from .registry import MatchResult, register_matcher
 from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
@@ -77,7 +92,8 @@ class SinkhornRebasin(nn.Module):
     init
         Starting permutation of the logits: ``"identity"``, ``"weight_matching"`` (warm start from
         :func:`rebasin.weight_matching`) or ``"random"`` (drawn from ``seed``). The logits start as
-        ``init_scale`` times that permutation matrix.
+        ``init_scale`` times that permutation matrix (for a structured permutation: its outer and inner
+        permutation matrices).
     init_scale
         Scale of the initial logits (1.0 as in the paper). With ``tau=1`` a wide layer then starts
         close to the uniform doubly-stochastic matrix; raise it to start sharper.
@@ -160,13 +176,7 @@ class SinkhornRebasin(nn.Module):
         self._generator = torch.Generator().manual_seed(self.seed)
 
         start = self._initial_perms(init, sizes)
-        logits = {}
-        for name in spec.perms:
-            n = sizes[name]
-            eye = torch.zeros(n, n, device=dev_a)
-            eye[torch.arange(n), start[name].to(dev_a)] = 1.0
-            logits[name] = nn.Parameter(init_scale * eye)
-        self.logits = nn.ParameterDict(logits)
+        self.logits = nn.ParameterDict(_initial_logits(spec, start, float(init_scale), dev_a))
         self.history: list[float] = []
         self._quiet = False  # fit() checks convergence once at the end instead of every step
 
@@ -174,10 +184,15 @@ class SinkhornRebasin(nn.Module):
     def _initial_perms(self, init: str, sizes: Mapping[str, int]) -> dict[str, Tensor]:
         if init == "identity":
             return {p: torch.arange(n) for p, n in sizes.items()}
-        if init == "random":
-            g = torch.Generator().manual_seed(self.seed)
-            return {p: torch.randperm(sizes[p], generator=g) for p in self.spec.perms}
-        return weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
+        if init == "random":  # drawn inside the structure; for a spec without one, one randperm per perm in order
+            return random_permutation(self.spec, seed=self.seed, sizes=sizes)
+        start = weight_matching(self.spec, self._state_a, self._state_b, seed=self.seed)
+        try:
+            check_permutations(self.spec, start, sizes)
+        except RebasinError as err:
+            raise RebasinError(f"init='weight_matching' returned permutations outside the spec's structure ({err}); "
+                               "use init='identity' or 'random'") from err
+        return start
 
     @property
     def device(self) -> torch.device:
@@ -191,15 +206,30 @@ class SinkhornRebasin(nn.Module):
 
     # ------------------------------------------------------------------ soft permutation
     def soft_matrices(self) -> dict[str, Tensor]:
-        """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable."""
-        out = {}
+        """``{perm: doubly stochastic n×n matrix}`` = Sinkhorn(logits / tau), differentiable.
+
+        One entry per permutation of the spec. A structured permutation's matrix is
+        ``structured_matrix(Sinkhorn(outer logits / tau), Sinkhorn(inner logits / tau))`` (the inner
+        logits, shape ``(H, d, d)``, in one batched call); a virtual outer permutation has no entry of its
+        own (it is inside its members' matrices).
+        """
         for name, logits in self.logits.items():
             if not bool(torch.isfinite(logits).all()):
                 raise RebasinError(
                     f"the logits of permutation {name!r} contain NaN or inf; lower the learning rate "
                     "or raise tau"
                 )
-            out[name] = sinkhorn(logits, tau=self.tau, n_iter=self.n_iter, grad=self.grad, warn=not self._quiet)
+
+        def sk(logits: Tensor) -> Tensor:
+            return sinkhorn(logits, tau=self.tau, n_iter=self.n_iter, grad=self.grad, warn=not self._quiet)
+
+        outer = {o: sk(self.logits[o]) for o in self.spec.outers}
+        out = {}
+        for name in self.spec.perms:
+            if name in self.spec.structure:
+                out[name] = structured_matrix(outer[self.spec.structure[name][0]], sk(self.logits[name]))
+            else:
+                out[name] = outer[name] if name in outer else sk(self.logits[name])
         return out
 
     def permuted_state_b(self) -> dict[str, Tensor]:
@@ -357,8 +387,21 @@ class SinkhornRebasin(nn.Module):
     # ------------------------------------------------------------------ results
     @torch.no_grad()
     def hard_permutations(self) -> dict[str, Tensor]:
-        """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``."""
-        return {name: matrix_to_perm(logits.detach()).cpu() for name, logits in self.logits.items()}
+        """Linear assignment on the logits: ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``.
+
+        Structured permutations stay inside their structure: the outer permutation is the assignment on
+        the outer logits (shared by the structure's members), each block's inner permutation the assignment
+        on that block's inner logits, joined with :func:`rebasin.spec.join_structured`.
+        """
+        outer = {o: matrix_to_perm(self.logits[o].detach()).cpu() for o in self.spec.outers}
+        out = {}
+        for name in self.spec.perms:
+            if name in self.spec.structure:
+                inner = matrix_to_perm(self.logits[name].detach()).cpu()
+                out[name] = join_structured(outer[self.spec.structure[name][0]], inner)
+            else:
+                out[name] = outer[name] if name in outer else matrix_to_perm(self.logits[name].detach()).cpu()
+        return out
 
     def aligned_state_dict(self) -> dict[str, Tensor]:
         """Model B's full state_dict permuted by the hard permutations (BN statistics included)."""
@@ -373,6 +416,27 @@ class SinkhornRebasin(nn.Module):
         model = copy.deepcopy(self._model)
         model.load_state_dict(self.aligned_state_dict())
         return model
+
+
+def _initial_logits(
+    spec: PermutationSpec, start: Mapping[str, Tensor], scale: float, device: torch.device
+) -> dict[str, nn.Parameter]:
+    """``scale`` times the permutation matrices of ``start``: ``(n, n)`` per free permutation, ``(H, H)`` per
+    outer permutation (virtual or not) and ``(H, d, d)`` inner logits per structured permutation."""
+    def onehot(p: Tensor) -> Tensor:
+        return scale * perm_to_matrix(p.cpu(), dtype=torch.get_default_dtype(), device=device)
+
+    logits: dict[str, nn.Parameter] = {}
+    for name in spec.perms:
+        if name in spec.structure:
+            outer, d = spec.structure[name]
+            outer_p, inner_p = split_structured(start[name].cpu(), d)
+            if outer not in logits:
+                logits[outer] = nn.Parameter(onehot(start.get(outer, outer_p)))
+            logits[name] = nn.Parameter(torch.stack([onehot(r) for r in inner_p]))
+        elif name not in logits:
+            logits[name] = nn.Parameter(onehot(start[name]))
+    return logits
 
 
 def _state_device(state: State) -> torch.device:

@@ -19,6 +19,25 @@ flattens the rest (a block axis of size ``n * k`` becomes ``(n, k)`` and the ``k
 columns) and ``B'_k`` is ``B_k`` with all *other* permutations applied. A linear assignment then
 gives the best ``P``.
 
+Structured specs (``spec.structure``, ``spec.concat``, ``spec.grouped``, ``P W P^T``). The descent
+visits ``spec.units`` instead of single permutations. A unit of structured permutations sharing an
+outer (head / group) permutation ``σ`` is solved at once by
+:func:`~rebasin.matching.assignment.structured_assignment`: each member's similarity ``S`` (``n = H d``)
+is read as ``(H, d, H, d)``; the value of pairing head ``a`` of A with head ``b`` of B is the best
+within-head assignment of ``S[a, :, b, :]`` (a ``d x d`` assignment; ``d = 1`` is ``S`` itself), summed
+over the members (plus the outer's own similarity when ``σ`` acts on axes itself); ``σ`` is the
+``H x H`` assignment on those values and each member's inner permutations are the within-head
+solutions at ``(a, σ(a))``. This hierarchy is exact for the linearised step: for fixed ``σ`` the inner
+assignments are independent, so no structured permutation scores higher. The similarity terms come
+from ``spec.occurrences``: a concatenation part contributes only its stretch of the axis; a grouped
+weight's axis is compared block by block (its other axis aligned inside B's blocks with the current
+inner permutations, never across them, so every block pair gets a meaningful score). When one unit
+acts on two axes of a tensor (``P W P^T``, a recurrent weight, a grouped weight's rows and columns)
+the other axis is a neighbour held at the current estimate; the objective is then not linear in the
+unit, so a step is accepted only if the objective, recomputed in float64 on the tensors it touches,
+rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
+and specs without structure run exactly the unstructured loop.
+
 Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
 out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
 laid out once, in float32, on the compute device. When a permutation ``Q`` changes at ``m``
@@ -42,8 +61,9 @@ from torch import Tensor
 
 from .._common import check_int
 from ..spec.checkpoint import LazyState
-from ..spec.core import PermutationSpec, check_permutations
-from .assignment import cost_from_similarity, solve_cost
+from ..spec.core import PermutationSpec, check_permutations, join_structured
+from ._structured_terms import ComplexTerms, as_tensors, complex_keys, nonlinear_units, unit_of
+from .assignment import cost_from_similarity, solve_cost, structured_assignment
 from .registry import MatchResult, register_matcher
 from .weight_lazy import weight_matching_lazy
 
@@ -161,6 +181,7 @@ class _Engine:
         perms: dict[str, np.ndarray],
         device: torch.device,
         incremental: bool,
+        skip_keys: frozenset[str] = frozenset(),
     ) -> None:
         self.sizes = dict(sizes)
         self.perms = perms
@@ -176,7 +197,7 @@ class _Engine:
         for perm, where in spec.perm_to_axes.items():
             for key, axis in where:
                 a, b = state_a[key], state_b[key]
-                if not a.is_floating_point() or a.numel() == 0:
+                if key in skip_keys or not a.is_floating_point() or a.numel() == 0:
                     continue  # integer buffers carry no similarity
                 t = _make_term(spec, key, axis, a, b, sizes, perms_dev, device)
                 (self.dynamic if t.nbrs else self.static)[perm].append(t)
@@ -209,15 +230,18 @@ class _Engine:
         assert out is not None  # every caller passes at least one term or a base
         return out
 
-    def similarity(self, perm: str) -> Tensor | None:
-        """``S_P`` of shape ``(n, n)``, or ``None`` if unchanged since the last solve.
+    def similarity(self, perm: str, force: bool = False) -> Tensor | None:
+        """``S_P`` of shape ``(n, n)``, or ``None`` if unchanged since the last solve (or, with
+        ``force=True``, only if ``P`` has no term here: its similarity is then zero).
 
         The returned tensor is the engine's cache (incremental mode): read it, do not keep it.
         """
+        if not (self.static[perm] or self.dynamic[perm]):
+            return None
         if not self.incremental:
             self.n_full_builds += 1
             return self._build(self.static[perm] + self.dynamic[perm])
-        if not self.stale[perm]:
+        if not self.stale[perm] and not force:
             return None
         self.stale[perm] = False
         if self.cache[perm] is None:
@@ -253,6 +277,109 @@ class _Engine:
             t.b.index_copy_(d, dst, fresh)
             self.stale[t.perm] = True
         self.perms[q] = new
+
+
+class _Structured:
+    """The units the plain loop cannot solve alone: structured units and permutations on complex keys.
+
+    A unit's similarity for each of its permutations is the engine's (plain keys, incremental) plus
+    the complex keys' (:class:`ComplexTerms`, recomputed). A structured unit is solved by
+    :func:`structured_assignment` (outer = assignment on the best within-block values), any other by
+    one linear assignment. The step is kept only if the objective rises: by the similarities' gain
+    when the objective is linear in the unit, else by the recomputed objective of the keys it touches.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        sizes: Mapping[str, int],
+        engine: _Engine,
+        keys: frozenset[str],
+        device: torch.device,
+    ) -> None:
+        self.spec, self.sizes, self.engine, self.device = spec, dict(sizes), engine, device
+        self.terms = ComplexTerms(spec, state_a, state_b, keys, sizes, device)
+        self.unit_index = unit_of(spec)
+        self.nonlinear = nonlinear_units(spec, keys)
+        self.initial_objective = self.terms.objective(keys, as_tensors(engine.perms, device)) if keys else 0.0
+
+    def plain(self, perm: str) -> bool:
+        """True for an unstructured permutation that only the engine's plain terms touch (the fast path)."""
+        return perm not in self.spec.structure and perm not in self.spec.outers and not self.terms.has(perm)
+
+    def worth(self, unit: tuple[str, ...]) -> bool:
+        """Whether visiting ``unit`` can change anything: some floating term and more than one choice."""
+        if len(unit) == 1 and self.plain(unit[0]):
+            return False
+        eng = self.engine
+        touched = any(self.terms.has(p) or eng.static[p] or eng.dynamic[p] for p in unit)
+        return touched and any(self.sizes[p] > 1 for p in unit)
+
+    def _similarity(self, perm: str, perms_t: Mapping[str, Tensor]) -> np.ndarray:
+        n = self.sizes[perm]
+        s = np.zeros((n, n), dtype=np.float64)
+        base = self.engine.similarity(perm, force=True)
+        if base is not None:
+            s += base.detach().to("cpu", torch.float64).numpy()
+        extra = self.terms.similarity(perm, perms_t) if self.terms.has(perm) else None
+        if extra is not None:
+            s += extra.detach().to("cpu", torch.float64).numpy()
+        return s
+
+    def step(self, unit: tuple[str, ...]) -> float | None:
+        """Solve ``unit``; apply and return the objective's gain if it rises, else None."""
+        spec, eng = self.spec, self.engine
+        perms_t = as_tensors(eng.perms, self.device)
+        sims = {p: self._similarity(p, perms_t) for p in unit}
+        members = [p for p in unit if p in spec.structure]
+        new: dict[str, np.ndarray] = {}
+        if members:
+            outer = spec.structure[members[0]][0]
+            res = structured_assignment([sims[m] for m in members], [spec.structure[m][1] for m in members],
+                                        sims.get(outer), name=outer)
+            for m, inner in zip(members, res.inner):
+                new[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner)).numpy()
+            if outer in sims:
+                new[outer] = res.outer.astype(np.int64)
+        else:
+            new[unit[0]] = solve_cost(-sims[unit[0]], name=unit[0])
+        old = {p: eng.perms[p] for p in unit}
+        if all(np.array_equal(new[p], old[p]) for p in unit):
+            return None
+        if self.unit_index[unit[0]] in self.nonlinear:
+            keys = self.terms.keys_of(unit) | {k for p in unit for k, _ in spec.perm_to_axes[p] if k in self.terms.a}
+            before = self.terms.objective(keys, perms_t)
+            after = self.terms.objective(keys, {**perms_t, **as_tensors(new, self.device)})
+            gain, scale = after - before, self.terms.scale(keys)
+            # plain keys of the unit are linear in it: their gain comes from the engine's similarities
+            for p in unit:
+                if eng.static[p] or eng.dynamic[p]:
+                    base = self._plain_similarity(p)
+                    rows = np.arange(new[p].size)
+                    g = base[rows, new[p]] - base[rows, old[p]]
+                    gain += float(g.sum())
+                    scale += float(np.abs(base[rows, new[p]]).sum() + np.abs(base[rows, old[p]]).sum())
+        else:
+            gain, scale = 0.0, 0.0
+            for p in unit:
+                rows = np.arange(new[p].size)
+                got, had = sims[p][rows, new[p]], sims[p][rows, old[p]]
+                gain += float(got.sum() - had.sum())
+                scale += float(np.abs(got).sum() + np.abs(had).sum())
+        if gain <= _GAIN_RTOL * scale:
+            return None
+        for p in unit:
+            changed = np.flatnonzero(new[p] != old[p])
+            if changed.size:
+                eng.update(p, new[p], changed)
+        return gain
+
+    def _plain_similarity(self, perm: str) -> np.ndarray:
+        base = self.engine.similarity(perm, force=True)
+        n = self.sizes[perm]
+        return np.zeros((n, n)) if base is None else base.detach().to("cpu", torch.float64).numpy()
 
 
 def _compute_device(spec: PermutationSpec, state_a: Mapping[str, Tensor]) -> torch.device:
@@ -310,7 +437,8 @@ def weight_matching(
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], WeightMatchingInfo]:
     # _incremental=False runs the textbook loop (every similarity from scratch, every visit solved);
     # _on_solve(name, cost) sees each float64 cost matrix (-S) just before it is solved (a reused
-    # buffer: valid during the call only). Both exist for tests and benchmarks/wm_speed.py.
+    # buffer: valid during the call only; plain permutations only, not structured units).
+    # Both exist for tests and benchmarks/wm_speed.py.
     """Permutations of model B's hidden units that best match its weights to model A's.
 
     Maximises :math:`\\sum_k \\langle A_k, \\pi(B_k) \\rangle` over the permutations :math:`\\pi`
@@ -318,6 +446,15 @@ def weight_matching(
     from ``torch.Generator().manual_seed(seed)``, and replaces it by the solution of a linear
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
     sweep without improvement or after ``n_iter`` sweeps.
+
+    Structured permutations (heads, groups: ``spec.structure``) are chosen together with the others
+    sharing their outer permutation, hierarchically: the value of pairing head ``i`` of A with head
+    ``j`` of B is the best within-head matching of their units (summed over the permutations sharing
+    the heads, e.g. q/k and v/o), then one ``H x H`` assignment picks the heads; the result always
+    respects the structure. Concatenations (packed q;k;v, ``torch.cat``, LSTM gates), grouped
+    convolutions and one permutation on two axes (``P W P^T``) are supported; steps whose objective
+    is not linear in the permutations are accepted only if the recomputed objective rises. See the
+    module documentation and docs/concepts.md.
 
     Every floating tensor that a permutation touches counts, parameters *and* buffers: weights,
     biases, norm scales and shifts (outer products of the 1-D vectors) and BatchNorm running
@@ -327,7 +464,8 @@ def weight_matching(
     Parameters
     ----------
     spec
-        Permutation spec of the architecture (``spec.blocks`` is honoured).
+        Permutation spec of the architecture (``blocks``, ``structure``, ``concat`` and ``grouped``
+        are honoured).
     state_a, state_b
         state_dicts of the two models; same keys and shapes, finite values. Not mutated. When either is
         a :class:`rebasin.Checkpoint` (:func:`rebasin.open_checkpoint`), the same algorithm runs reading
@@ -401,10 +539,13 @@ def weight_matching(
     dev = torch.device(device) if device is not None else _compute_device(spec, state_a)
 
     with torch.no_grad():
-        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental)
+        cx_keys = complex_keys(spec, state_a)
+        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental, cx_keys)
+        cx = _Structured(spec, state_a, state_b, sizes, engine, cx_keys, dev)
         generator = torch.Generator().manual_seed(int(seed))
-        active = engine.active()
-        objective = engine.initial_objective
+        plain = set(engine.active())
+        active = [u for u in spec.units if (len(u) == 1 and u[0] in plain) or cx.worth(u)]
+        objective = engine.initial_objective + cx.initial_objective
         history: list[float] = []
         n_solves = n_skipped = 0
         buffers: dict[int, np.ndarray] = {}  # one float64 cost matrix per size, reused
@@ -412,7 +553,15 @@ def weight_matching(
         for _ in range(n_iter):
             improved = False
             for idx in torch.randperm(len(active), generator=generator).tolist():
-                name = active[idx]
+                unit = active[idx]
+                if len(unit) > 1 or not cx.plain(unit[0]):
+                    n_solves += 1
+                    gain = cx.step(unit)
+                    if gain is not None:
+                        objective += gain
+                        improved = True
+                    continue
+                name = unit[0]
                 sim = engine.similarity(name)
                 if sim is None:
                     n_skipped += 1
@@ -447,7 +596,7 @@ def weight_matching(
         return out
     info = WeightMatchingInfo(
         objective=history,
-        initial_objective=engine.initial_objective,
+        initial_objective=engine.initial_objective + cx.initial_objective,
         n_sweeps=len(history),
         converged=converged,
         n_solves=n_solves,

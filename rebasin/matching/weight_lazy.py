@@ -19,8 +19,9 @@ low-rank updates, so it returns the same permutations. What differs is where thi
 
 Where ``P`` also acts on another axis of the same tensor (``P W P^T``) the tensor is permuted by every
 permutation and the product's columns are put back in B's order with ``P``'s inverse; such a similarity is
-rebuilt instead of corrected. Memory: two tensors (and float32 copies), one ``n x n`` similarity and its
-float64 cost matrix. Structured permutations (heads, groups) are refused.
+rebuilt instead of corrected (that path is kept, but such specs are refused for now: the in-memory engine
+solves those units jointly, differently). Memory: two tensors (and float32 copies), one ``n x n`` similarity
+and its float64 cost matrix. Structured permutations (heads, groups) are refused too.
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def weight_matching_lazy(
         raise RebasinError(
             f"weight matching over checkpoints does not support structured permutations (heads or groups: "
             f"{sorted(spec.structure)[:6]}); load the state_dicts into memory (dict(ckpt)) to match this spec")
+    twice = sorted({p for key, ax in spec.axes.items() for p in ax if p is not None and ax.count(p) > 1})
+    if twice:
+        raise RebasinError(
+            f"weight matching over checkpoints does not support a permutation on two axes of one tensor (P W P^T: "
+            f"{twice[:6]}); the in-memory engine solves those units differently. Load the state_dicts into memory "
+            "(dict(ckpt)) to match this spec")
     if init is not None:
         check_permutations(spec, init, sizes)
     dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -2,7 +2,11 @@
 
 A **producer** is a module whose registered layer rule (:func:`rebasin.register_module`) declares
 ``"weight"`` with the ``"out"`` role on axis 0 — ``nn.Linear``, ``nn.Conv{1,2,3}d``, or a user's
-layer registered the same way — and whose weight's output axis carries a permutation of the spec.
+layer registered the same way — and whose weight's output axis carries a permutation of the spec
+(structured or not: a grouped convolution's output channels are corrected one by one like any other)
+or a concatenation of them (a packed projection). A producer is BatchNorm-normalised when a
+BatchNorm carries its permutation, directly or as a part of a concatenation (a BatchNorm after
+``torch.cat``).
 Its output features are rows of ``weight`` (plus ``bias``), so REPAIR can fold a per-channel affine
 correction into them (:mod:`rebasin.paths._repair_math`). The statistics are taken on the producer's
 output along the rule's ``feature_dim``.
@@ -62,7 +66,9 @@ def producers(model: nn.Module, spec: PermutationSpec) -> tuple[list[Producer], 
             for suffix in ("weight", "bias", "running_mean", "running_var"):
                 axes = spec.axes.get(_prefix(name) + suffix)
                 if axes and axes[0] is not None:
-                    bn_perms.add(axes[0])
+                    # a BatchNorm after torch.cat normalises the channels of every part's producer
+                    parts = spec.concat.get(axes[0], ())
+                    bn_perms.update([axes[0]] + [q for q, _ in parts if q is not None])
     plain: list[Producer] = []
     normed: list[Producer] = []
     for name, m in modules.items():
@@ -75,8 +81,16 @@ def producers(model: nn.Module, spec: PermutationSpec) -> tuple[list[Producer], 
             continue
         has_bias = rule.role_axis("bias", "out") == 0 and getattr(m, "bias", None) is not None
         prod = Producer(name, axes[0], wkey, _prefix(name) + "bias" if has_bias else None, rule.feature_dim)
-        (normed if axes[0] in bn_perms else plain).append(prod)
+        (normed if _normalised(spec, axes[0], bn_perms) else plain).append(prod)
     return plain, normed, bns
+
+
+def _normalised(spec: PermutationSpec, name: str, bn_perms: set[str]) -> bool:
+    """Whether every channel of an axis carrying ``name`` (a permutation or a concatenation) is BN-normalised."""
+    if name in bn_perms:
+        return True
+    parts = spec.concat.get(name)
+    return bool(parts) and all(q is not None and q in bn_perms for q, _ in parts)
 
 
 @dataclass(frozen=True)
@@ -231,7 +245,10 @@ def collect(
         _reduce(red, moments, pair_sums, order)
     missing = [p.name for p in prods if p.name not in order]
     if missing and require_all:
-        raise RebasinError(f"{what}: the producing layers {missing} were never called by the forward pass")
+        raise RebasinError(
+            f"{what}: the producing layers {missing} were never called by the forward pass (a parent module that "
+            "uses their weights directly, as nn.MultiheadAttention does with out_proj, cannot be REPAIRed this way; "
+            "merge or interpolate without REPAIR there)")
     count = {name: moments[0][name].n for name in order}
     return Collected(
         order=order,

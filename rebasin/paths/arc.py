@@ -8,6 +8,7 @@ neurons keep their spread around the centre instead of collapsing towards it as 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -24,16 +25,81 @@ State = Mapping[str, Tensor]
 
 
 def _perm_mean(x: Tensor, key: str, spec: PermutationSpec) -> Tensor:
-    """Average ``x`` over every permuted axis (over the blocks' channel index for block axes)."""
-    for axis, name in enumerate(spec.axes[key]):
-        if name is None:
-            continue
+    """The mean of ``x``'s entries over their orbit under the spec's permutations (see :func:`arc_interpolate`)."""
+    axes = spec.axes[key]
+    plain = all(n is None or n not in spec.concat for n in axes)
+    named = [n for n in axes if n is not None]
+    if plain and len(set(named)) == len(named):
+        return _axis_means(x, key, spec, [(axis, n, spec.blocks.get((key, axis), 1)) for axis, n in enumerate(axes)])
+    # concatenations: each stretch of each axis carries one permutation (or none); average stretch by stretch
+    segments = []
+    for axis, name in enumerate(axes):
         k = spec.blocks.get((key, axis), 1)
-        n = x.shape[axis] // k
-        shape = x.shape
-        blocked = x.reshape(*shape[:axis], n, k, *shape[axis + 1 :])
-        x = blocked.mean(dim=axis, keepdim=True).expand_as(blocked).reshape(shape)
+        if name is None or name not in spec.concat:
+            segments.append([(name, 0, x.shape[axis], k)])
+        else:
+            segs, start = [], 0
+            for part, n in spec.concat[name]:
+                segs.append((part, start * k, n * k, k))
+                start += n
+            segments.append(segs)
+    out = torch.empty_like(x)
+    for combo in itertools.product(*segments):
+        index = tuple(slice(s0, s0 + n) for _, s0, n, _ in combo)
+        out[index] = _axis_means(x[index], key, spec, [(axis, q, k) for axis, (q, _, _, k) in enumerate(combo)])
+    return out
+
+
+def _axis_means(x: Tensor, key: str, spec: PermutationSpec, axes: list[tuple[int, str | None, int]]) -> Tensor:
+    """Orbit mean of ``x`` whose axis ``axis`` carries permutation ``name`` (None: none) in blocks of ``k``.
+
+    Different permutations move independent indices: the mean over each permuted axis. One permutation on
+    two axes (``P W P^T``) moves index pairs together: its diagonal and off-diagonal entries are averaged
+    separately. Cases whose orbits are finer still are refused.
+    """
+    named = [(axis, name, k) for axis, name, k in axes if name is not None]
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for axis, name, k in named:
+        seen.setdefault(name, []).append((axis, k))
+    outers = [spec.structure[n][0] if n in spec.structure else n for n in seen if n in spec.structure or n in spec.outers]
+    grouped = any((key, axis) in spec.grouped for axis, _, _ in named)
+    for name, where in seen.items():
+        if len(where) > 2 or (len(where) == 2 and (name in spec.structure or name in spec.outers)):
+            raise RebasinError(
+                f"arc_interpolate: permutation {name!r} acts on {len(where)} axes of {key!r}"
+                + (" and is structured (heads or groups)" if len(where) == 2 else "")
+                + "; the permutation-invariant centre of such a tensor is not supported. Use the linear path"
+            )
+    if not grouped and len(outers) != len(set(outers)):
+        raise RebasinError(
+            f"arc_interpolate: two permutations of {key!r} share an outer permutation (heads or groups move "
+            "together on two axes); the permutation-invariant centre of such a tensor is not supported. "
+            "Use the linear path"
+        )
+    for name, where in seen.items():
+        if len(where) == 2:
+            x = _pair_mean(x, where[0], where[1])
+        else:
+            axis, k = where[0]
+            shape = x.shape
+            n = shape[axis] // k
+            blocked = x.reshape(*shape[:axis], n, k, *shape[axis + 1 :])
+            x = blocked.mean(dim=axis, keepdim=True).expand_as(blocked).reshape(shape)
     return x
+
+
+def _pair_mean(x: Tensor, first: tuple[int, int], second: tuple[int, int]) -> Tensor:
+    """Orbit mean under one permutation acting on two axes: diagonal and off-diagonal averaged apart."""
+    (i, ki), (j, kj) = first, second
+    y = torch.movedim(x, (i, j), (0, 1))
+    moved = y.shape
+    n = moved[0] // ki
+    y = y.reshape(n, ki, n, kj, *moved[2:])
+    eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, 1, n, 1, *([1] * (len(moved) - 2)))
+    diag = (y * eye).sum(dim=(0, 2), keepdim=True) / n
+    off = (y * (1 - eye)).sum(dim=(0, 2), keepdim=True) / max(n * (n - 1), 1)
+    y = eye * diag + (1 - eye) * off
+    return torch.movedim(y.expand(n, ki, n, kj, *moved[2:]).reshape(moved), (0, 1), (i, j))
 
 
 def arc_interpolate(state_a: State, state_b: State, t: float, *, spec: PermutationSpec) -> dict[str, Tensor]:
@@ -42,7 +108,10 @@ def arc_interpolate(state_a: State, state_b: State, t: float, *, spec: Permutati
     For every floating entry touched by a permutation, :math:`\mu` is the mean of the pooled A and
     B neurons over the permuted axes (the permutation-invariant centre: :math:`\mu =
     \tfrac12(\bar\theta_A + \bar\theta_B)` with :math:`\bar\theta` the average over each permuted
-    axis, per block offset for channel-major block axes, broadcast back), and
+    axis, per block offset for channel-major block axes, broadcast back; in general the mean of each
+    entry over its orbit under the spec's permutations: each part of a concatenation is averaged on
+    its own stretch of the axis, parts left in place are not averaged, and a permutation on two axes
+    of one tensor, ``P W P^T``, averages the diagonal and the off-diagonal entries apart), and
 
     .. math::
 
@@ -67,6 +136,13 @@ def arc_interpolate(state_a: State, state_b: State, t: float, *, spec: Permutati
     -------
     dict
         New tensors, differentiable with respect to both inputs.
+
+    Raises
+    ------
+    RebasinError
+        For tensors whose orbits are finer than the rules above: a structured permutation (heads,
+        groups) on two axes of one tensor, two permutations sharing an outer permutation on two axes
+        of a tensor that is not a grouped weight, or one permutation on three or more axes.
 
     Examples
     --------

@@ -408,5 +408,11 @@ def _checked_inputs(
     if not isinstance(spec, PermutationSpec):
         raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     sizes = spec.validate_pair(a, b)
+    if spec.structure:
+        raise RebasinError(
+            f"proximal_alternating_minimization learns one free n x n permutation matrix per permutation; the spec "
+            f"structures {sorted(spec.structure)} (heads or groups moved as blocks), which it does not support. "
+            "Align with SinkhornRebasin or a matcher that honours the structure first"
+        )
     device = resolve_device(model, device=device)
     return {k: v.to(device) for k, v in a.items()}, {k: v.to(device) for k, v in b.items()}, spec, sizes, device

@@ -137,6 +137,22 @@ def _linear_chain(model: nn.Module) -> tuple[tuple[Op, ...], tuple[_Layer, ...]]
     )
 
 
+def _sub_spec(spec: PermutationSpec, keys: list[str]) -> PermutationSpec:
+    """The part of ``spec`` on ``keys``: their axes and blocks, and the concatenations, structure and grouped
+    axes that act on them (so the arc's centre of one layer sees the same orbits as in the whole spec)."""
+    axes = {k: spec.axes[k] for k in keys}
+    used = {n for ax in axes.values() for n in ax if n is not None}
+    concat = {c: parts for c, parts in spec.concat.items() if c in used}
+    perms = (used - set(concat)) | {q for parts in concat.values() for q, _ in parts if q is not None}
+    return PermutationSpec(
+        axes,
+        blocks={ka: v for ka, v in spec.blocks.items() if ka[0] in axes},
+        structure={q: v for q, v in spec.structure.items() if q in perms},
+        concat=concat,
+        grouped={ka: v for ka, v in spec.grouped.items() if ka[0] in axes},
+    )
+
+
 def _chain_spec(layers: tuple[_Layer, ...]) -> PermutationSpec:
     """The permutation spec of a Linear chain: hidden layer ``l`` carries ``P{l}``."""
     axes: dict[str, tuple[str | None, ...]] = {}
@@ -217,13 +233,7 @@ class WeightAdjustedPath:
         dev = self.device
         self._a = {k: v.detach().to(dev) for k, v in state_a.items()}
         self._b = {k: v.detach().to(dev) for k, v in state_b.items()}
-        self._specs = [
-            PermutationSpec(
-                {k: spec.axes[k] for k in keys if k is not None},
-                blocks={ka: v for ka, v in spec.blocks.items() if ka[0] in keys},
-            )
-            for keys in self.layer_keys
-        ]
+        self._specs = [_sub_spec(spec, [k for k in keys if k is not None]) for keys in self.layer_keys]
         x, _ = split_batch(batch)
         if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0 or not x.is_floating_point():
             raise RebasinError("batch must be a non-empty floating input tensor or an (inputs, targets) pair")

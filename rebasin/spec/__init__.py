@@ -23,7 +23,7 @@ from .core import (
     permute,
     random_permutation,
 )
-from .soft import matrix_to_perm, perm_to_matrix, soft_permute
+from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
 __all__ = [
     "PermutationSpec",
@@ -40,6 +40,7 @@ __all__ = [
     "split_structured",
     "join_structured",
     "soft_permute",
+    "structured_matrix",
     "perm_to_matrix",
     "matrix_to_perm",
     "Checkpoint",

@@ -291,7 +291,8 @@ class PermutationSpec:
 
         Raises :class:`RebasinError` listing missing and unexpected keys, tensors whose number of
         axes differs from the spec, and permutations whose axes disagree in size (with the keys and
-        shapes involved). With ``finite=True`` floating tensors containing NaN or inf are rejected.
+        shapes involved). With ``finite=True`` floating tensors containing NaN or inf are rejected, and so are
+        meta tensors (they have no values to compute with).
         """
         require_state(state_dict, name)
         missing = [k for k in self.axes if k not in state_dict]
@@ -342,6 +343,12 @@ class PermutationSpec:
                             + (f" = {shape[i]} / block {k})" if k > 1 else ")")
                         )
                     seen.setdefault(q, (m, key, shape))
+            if finite and t.is_meta:
+                raise RebasinError(
+                    f"{name}[{key!r}] (shape {shape}) is on meta (a shape without values, e.g. from a model built "
+                    "under torch.device('meta')): matching and paths need real weights; a meta state can only be "
+                    "traced (spec_from_model) and permuted (permute)"
+                )
             if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise RebasinError(f"{name}[{key!r}] (shape {shape}) contains NaN or inf values")
         sizes = {p: v[0] for p, v in seen.items()}
@@ -403,9 +410,18 @@ class PermutationSpec:
         forgets to permute them would otherwise pass. The model is run in eval mode (its training
         flags are restored) through :func:`torch.func.functional_call`, so it is not mutated.
         Returns the largest absolute output difference; raises :class:`RebasinError` if it exceeds
-        ``atol + rtol * max|y|``.
+        ``atol + rtol * max|y|``, or if the model or ``example_input`` is on meta (it needs values).
         """
-        state = _randomised_norms(model, state_of(model), seed)
+        state = state_of(model)
+        meta = [k for k, v in state.items() if v.is_meta]
+        if meta or any(t.is_meta for t in _tensor_leaves(example_input)):
+            where = f"its state ({meta[0]!r}) is" if meta else "example_input is"
+            raise RebasinError(
+                f"spec.check needs real weights and inputs: it compares the outputs of {type(model).__name__} "
+                f"before and after a permutation, but {where} on meta (shapes without values). Run the check on "
+                "a model with values (e.g. model.to_empty(device='cpu') then load a state_dict)"
+            )
+        state = _randomised_norms(model, state, seed)
         sizes = self.validate(state)
         perms = random_permutation(self, seed=seed, sizes=sizes)
         permuted = permute(self, perms, state)
@@ -433,6 +449,10 @@ class PermutationSpec:
         return worst
 
 
+def _tensor_leaves(x: Any) -> list[Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(x) if isinstance(v, Tensor)]
+
+
 _NORMS: tuple[type[nn.Module], ...] = tuple(
     c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
     if c is not None
@@ -458,7 +478,8 @@ def _randomised_norms(model: nn.Module, state: dict[str, Tensor], seed: int) -> 
         if not v.is_floating_point() or v.numel() < 2 or v.device.type == "meta":
             continue
         flat = v.detach().reshape(-1)
-        constant = bool(torch.isfinite(flat).all()) and bool((flat == flat[0]).all())
+        head = flat[:64]  # a cheap look first: a large weight matrix is rarely constant in its first entries
+        constant = bool((head == flat[0]).all()) and bool(torch.isfinite(flat).all()) and bool((flat == flat[0]).all())
         if key not in norm_keys and not constant:
             continue
         u = (torch.rand(v.shape, generator=g, dtype=torch.float64) * 2 - 1).to(v.device)

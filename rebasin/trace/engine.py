@@ -197,7 +197,12 @@ class Propagation(OpRules):
             return self.attention(node, b["query"], b["key"], b["value"], b.get("attn_mask"))
         if fn in _CAT:
             b = bind_args(node, ["tensors", "dim"])
-            return self.cat(node, b["tensors"], b.get("dim", 0))
+            parts = b["tensors"]
+            if isinstance(parts, (list, tuple)):  # torch.cat skips legacy empty (0,) tensors (a fresh KV cache)
+                parts = [t for t in parts if not (isinstance(t, Node) and node_meta(t) == (0,))] or parts
+                if len(parts) == 1 and node_meta(parts[0]) == node_meta(node):
+                    return self.arg(node, parts[0])
+            return self.cat(node, parts, b.get("dim", 0))
         if fn in (torch.split, torch.chunk):
             kind = "split" if fn is torch.split else "chunk"
             b = bind_args(node, ["tensor", "split_size_or_sections" if kind == "split" else "chunks", "dim"])

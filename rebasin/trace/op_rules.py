@@ -19,7 +19,6 @@ import torch
 from torch.fx import Node
 
 from .._errors import RebasinError
-from .ops import group_norm_reason, grouped_conv_reason
 from .rules import AxisPerm, Role, normalize_axis
 from .state import PermState, axis_perms, has_nodes, node_meta, plain_axes, reshape_axes
 
@@ -122,14 +121,67 @@ class OpRules(PermState):
         xs = self.arg(node, b["input"])
         if not isinstance(xs, tuple) or len(xs) < d + 1 or has_nodes(groups):
             return self.unknown(node)
-        if int(groups) != 1:
-            self.complain(node, [e.pid for e in xs[-(d + 1):] if e], grouped_conv_reason(groups))
-            return xs[: -(d + 1)] + (None,) * (d + 1)
         wkey, bkey = self.key_of(weight), self.key_of(bias)
         computed = COMPUTED if wkey is None or (bias is not None and bkey is None) else None
+        if int(groups) != 1:
+            if computed is not None:
+                self.complain(node, [e.pid for e in xs[-(d + 1):] if e], computed)
+                return xs[: -(d + 1)] + (None,) * (d + 1)
+            return self.grouped_conv(node, xs, wkey, bkey, int(groups), transposed, d)  # type: ignore[arg-type]
         w_roles: tuple[Role, ...] = (("in", "out") if transposed else ("out", "in")) + (None,) * d
         roles = {} if computed else {wkey: w_roles, **({bkey: ("out",)} if bkey else {})}
         return self.layer(node, b["input"], roles, -(d + 1), produces=True, computed=computed)
+
+    def grouped_conv(self, node: Node, xs: tuple[AxisPerm | None, ...], wkey: str, bkey: str | None, groups: int,
+                     transposed: bool, d: int) -> Any:
+        """A grouped convolution (``F.conv*`` with ``groups > 1``), as the built-in module rule does it: the input
+        permutation moves whole groups, the output's follows the same outer permutation, the weight's compressed
+        axis is grouped; depthwise outputs follow the input channel they read."""
+        meta = node_meta(node)
+        lead, tail, plain = xs[: -(d + 1)], (None,) * d, xs[: -(d + 1)] + (None,) * (d + 1)
+        self.complain(node, [e.pid for e in xs[-d:] if e], "a convolution mixes the spatial axes it slides over, "
+                      "one of which is permuted")
+        w = self.tensors[wkey]
+        c_in = w.shape[0] if transposed else w.shape[1] * groups
+        c_out = w.shape[1] * groups if transposed else w.shape[0]
+        block_in, block_out = c_in // groups, c_out // groups
+        e_in, co = xs[-(d + 1)], len(meta) - (d + 1)
+        kind = f"a grouped {'transposed ' if transposed else ''}convolution (groups={groups})"
+        if e_in is None:
+            if transposed:
+                return plain
+            out = self.new_concat(node, [(self.new_perm(block_out, node, None), block_out) for _ in range(groups)])
+            w_axes: tuple[Any, ...] = (out, None)
+        elif block_in == 1:
+            if block_out == 1:
+                out = e_in
+            elif transposed:
+                self.complain(node, [e_in.pid], f"{kind} with {block_out} output channels per input channel is not "
+                              "supported")
+                return plain
+            else:
+                out = self.new_perm(c_out, node, co)
+                if out is None or self.structure(node, out, block_out, e_in) is None:
+                    return plain
+            w_axes = (e_in, None) if transposed else (out, None)
+        else:
+            outer = self.structure(node, e_in, block_in)
+            if outer is None:
+                return plain
+            if block_out == 1:
+                if not transposed:
+                    self.complain(node, [e_in.pid], f"{kind} with one output channel per group is not supported")
+                    return plain
+                out, w_axes = outer, (e_in, None)
+            else:
+                out = self.new_perm(c_out, node, co)
+                if out is None or self.structure(node, out, block_out, outer) is None:
+                    return plain
+                w_axes = (e_in, out) if transposed else (out, e_in)
+        self.assign(node, wkey, w_axes + (None,) * (w.ndim - 2), {1: groups} if w_axes[1] is not None else None)
+        if bkey is not None:
+            self.assign(node, bkey, (out,))
+        return lead + (out,) + tail
 
     def norm_fn(self, node: Node, x: Any, params: list[Any], rule: Callable[[list[str]], Any]) -> Any:
         """Functional norms: parameters must be state_dict entries to receive permutations."""
@@ -152,8 +204,8 @@ class OpRules(PermState):
         if not isinstance(xs, tuple) or len(xs) < 2:
             return self.unknown(node)
         if groups not in (1, channels) and xs[1] is not None:
-            self.complain(node, [xs[1].pid], group_norm_reason(groups, channels))
-            return xs
+            if self.structure(node, xs[1], channels // groups) is None:
+                return xs
         return self.channelwise(node, x, keys)
 
     def channelwise(self, node: Node, x: Any, keys: Iterable[str]) -> Any:
@@ -240,6 +292,8 @@ class OpRules(PermState):
         xs, src, dst = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None, node_meta(node)
         if not isinstance(xs, tuple) or not isinstance(src, tuple) or not isinstance(dst, tuple):
             return self.unknown(node)
+        if src == dst:  # a reshape to the same shape (HF attention's reshape(B, -1, T, d)) moves nothing
+            return xs
         self.reshapes.add(node)
         out, problem = reshape_axes(src, xs, dst, lambda p: self.size[self.find(p)],
                                     heads=lambda e, d: self.structure(node, e, d),

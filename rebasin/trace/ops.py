@@ -19,8 +19,6 @@ parameter-free ops may sit between its Linear layers, so there is one table of o
 * ``UNSUPPORTED_HINT``: a readable description of ops that mix a permuted axis with others.
 * ``INPLACE_FN``: functions that write into their first argument.
 
-:func:`grouped_conv_reason` and :func:`group_norm_reason` word the two refusals that the functional
-forms (``F.conv2d``, ``F.group_norm``) share with the module rules of :mod:`rebasin.trace.nn_rules`.
 """
 
 from __future__ import annotations
@@ -47,8 +45,6 @@ __all__ = [
     "SPATIAL_FN",
     "UNSUPPORTED_HINT",
     "INPLACE_FN",
-    "grouped_conv_reason",
-    "group_norm_reason",
 ]
 
 
@@ -101,13 +97,3 @@ UNSUPPORTED_HINT = {
 INPLACE_FN = _fns(operator, ["iadd", "isub", "imul", "itruediv"]) | _fns(torch, ["relu_", "sigmoid_", "tanh_"]) | _fns(
     F, ["relu_", "elu_", "leaky_relu_", "hardtanh_"])
 
-
-def grouped_conv_reason(groups: Any) -> str:
-    """Why a grouped or depthwise convolution refuses a permutation of its channels."""
-    return f"a grouped or depthwise convolution (groups={groups}) only allows permutations within groups"
-
-
-def group_norm_reason(groups: int, channels: int) -> str:
-    """Why GroupNorm with ``1 < groups < channels`` refuses a permutation of its channels."""
-    return (f"GroupNorm with {groups} groups of {channels} channels normalises within groups, so a permutation "
-            "may not move channels across groups")

@@ -205,8 +205,8 @@ def registered_modules() -> dict[type[nn.Module], ModuleRule]:
     >>> from torch import nn
     >>> from rebasin.trace import registered_modules
     >>> rules = registered_modules()
-    >>> nn.Linear in rules, nn.LSTM in rules
-    (True, False)
+    >>> nn.Linear in rules, nn.LSTM in rules, nn.Bilinear in rules
+    (True, True, False)
     """
     return dict(_RULES)
 

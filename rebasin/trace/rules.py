@@ -26,9 +26,9 @@ permutation acts on each axis of the module's state_dict entries. It is either
   its fx node, the permutations on its inputs, and the methods that create permutations, assign axes
   and refuse) and returning the permutations on its output's axes. A callable rule may also declare
   ``params`` and ``feature_dim``; ``ctx.apply_roles()`` then applies them, e.g. after a check of the
-  module's configuration (built-in convolutions refuse ``groups != 1`` this way). Other parts of the
-  toolkit read the declaration: REPAIR treats a module whose rule declares ``"weight"`` with an
-  ``"out"`` role on axis 0 as a producer of permuted channels.
+  module's configuration (built-in convolutions apply their roles this way when ``groups == 1``).
+  Other parts of the toolkit read the declaration: REPAIR treats a module whose rule declares
+  ``"weight"`` with an ``"out"`` role on axis 0 as a producer of permuted channels.
 
 Rules are registered with :func:`rebasin.register_module`; the built-in ``torch.nn`` rules
 (:mod:`rebasin.trace.nn_rules`) use the same function and only the public :class:`RuleContext` API.
@@ -200,6 +200,7 @@ class _Engine(Protocol):
                groups: Mapping[int, int] | None = None) -> None: ...
     def structure(self, node: Node, e: AxisPerm, block: int, outer: AxisPerm | None = None) -> AxisPerm | None: ...
     def new_concat(self, node: Node, parts: Sequence[tuple[AxisPerm | None, int]]) -> AxisPerm | None: ...
+    def unify(self, node: Node, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None: ...
     def split_concat(self, node: Node, e: AxisPerm, sizes: Sequence[int]) -> list[AxisPerm | None] | None: ...
     def complain(self, node: Node, pids: Iterable[int], reason: str) -> None: ...
     def unknown(self, node: Node, reason: str | None = None) -> Any: ...
@@ -254,7 +255,7 @@ class RuleContext:
         self._engine = engine
         prefix = f"{self.name}."
         self._keys = {k: prefix + k for k in module.state_dict(keep_vars=True) if prefix + k in engine.tensors}
-        self._args: dict[int, Any] = {}
+        self._args: dict[tuple[int, str | None], Any] = {}
 
     # ------------------------------------------------------------------ what the rule reads
     @property
@@ -271,12 +272,23 @@ class RuleContext:
         """The model's tensor for the module's entry ``key`` (e.g. to read its shape)."""
         return self._engine.tensors[self._full(key)]
 
-    def arg(self, i: int = 0) -> Any:
-        """Permutations on positional argument ``i``: a tuple (one :class:`AxisPerm` or None per axis) for a
-        tensor, a list of those for a tuple of tensors, None for anything else."""
-        if i not in self._args:
-            self._args[i] = self._engine.arg(self.node, self.node.args[i] if i < len(self.node.args) else None)
-        return self._args[i]
+    def arg(self, i: int = 0, name: str | None = None) -> Any:
+        """Permutations on positional argument ``i`` (or keyword argument ``name`` when the call passes it by
+        name): a tuple (one :class:`AxisPerm` or None per axis) for a tensor, a list of those for a tuple of
+        tensors, None for anything else (an argument not given included)."""
+        slot = (i, name)
+        if slot not in self._args:
+            a = self.node.args[i] if i < len(self.node.args) else self.node.kwargs.get(name) if name else None
+            if isinstance(a, (tuple, list)):  # a tuple of tensors passed in, e.g. LSTM's (h0, c0)
+                self._args[slot] = [self._engine.arg(self.node, x) for x in a]
+            else:
+                self._args[slot] = self._engine.arg(self.node, a)
+        return self._args[slot]
+
+    def arg_shape(self, i: int = 0, name: str | None = None) -> Any:
+        """Shape of positional argument ``i`` (or keyword ``name``) on the example input; None if not a tensor."""
+        a = self.node.args[i] if i < len(self.node.args) else self.node.kwargs.get(name) if name else None
+        return self._engine.shape_of(a)
 
     @property
     def input(self) -> tuple[AxisPerm | None, ...] | None:
@@ -362,6 +374,16 @@ class RuleContext:
         """Split ``perm`` into consecutive parts of ``sizes`` units (it becomes their concatenation); None after a
         refusal when it is already a concatenation with other boundaries."""
         return self._engine.split_concat(self.node, perm, [int(n) for n in sizes])
+
+    def unify(self, *perms: AxisPerm | None, what: str = "the inputs") -> AxisPerm | None:
+        """Make inputs that must carry one permutation do so (self-attention's query, key and value; packed
+        projections of two streams): returns the merged permutation.
+
+        Unpermuted entries (None) among them make the merged permutation the identity (None is returned).
+        Returns None after refusing the node when they cannot be merged (different sizes or structures);
+        ``what`` names them in that message.
+        """
+        return self._engine.unify(self.node, list(perms), str(what))
 
     def refuse(self, reason: str, *perms: AxisPerm | None) -> None:
         """Declare the module unsafe for ``perms``: tracing ends in a :class:`RebasinError` naming the node

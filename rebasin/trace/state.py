@@ -421,6 +421,29 @@ class PermState:
             out.append(self.new_concat(node, [(None if p is None else AxisPerm(p), m) for p, m in got]))
         return out
 
+    def unify(self, node: Node | str, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None:
+        """One permutation for streams that must carry the same one (``what`` names them in a complaint).
+
+        Permuted entries are merged; with an unpermuted entry among them the merged permutation is the
+        identity (None is returned). None also, after a complaint, when they cannot be merged (different
+        sizes, blocks or structures).
+        """
+        live = [e for e in perms if e is not None]
+        if not live:
+            return None
+        if any(e.k != live[0].k or e.inner != live[0].inner for e in live):
+            self.complain(node, [e.pid for e in live], f"{what} carry permutations acting on different blocks")
+            return None
+        for e in live[1:]:
+            if not self.union(live[0].pid, e.pid):
+                self.complain(node, [e.pid for e in live], f"{what} must carry one permutation, but theirs differ "
+                              "in size or in their head / group structure")
+                return None
+        if len(live) < len(perms):
+            self.union(live[0].pid, DEAD)
+            return None
+        return live[0]
+
     def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None:
         """A new permutation of ``n`` units, living on ``axis`` of ``node``'s output (None: inside a module)."""
         if n <= 1:
@@ -505,6 +528,7 @@ class PermState:
                     raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)} "
                                        f"(shape {meta}, axes {st}). {MANUAL}")
                 return plain_axes(meta)
+            st = tuple(None if e is not None and self.find(e.pid) == DEAD else e for e in st)  # made the identity
             outers = {self.find(x.pid) for x in st if x is not None and not x.inner}
             for ax, e in enumerate(st):
                 if e is not None and e.inner:
@@ -528,7 +552,9 @@ class PermState:
 
     def verify_leaf(self, node: Node, st: Any, meta: Any) -> Any:
         if isinstance(st, tuple) and isinstance(meta, tuple) and len(st) == len(meta):
-            return st
+            return tuple(None if e is not None and self.find(e.pid) == DEAD else e for e in st)
+        if isinstance(st, list) and isinstance(meta, list) and len(st) == len(meta):  # nested: LSTM's (h_n, c_n)
+            return [self.verify_leaf(node, s, m) for s, m in zip(st, meta)]
         if axis_perms(st):
             raise RebasinError(f"spec_from_model lost track of the tensor axes at {self.where(node)}. {MANUAL}")
         return plain_axes(meta)

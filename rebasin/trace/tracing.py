@@ -1,24 +1,31 @@
 """Permutation specs by torch.fx tracing: :func:`spec_from_model` and :func:`trace_model`.
 
+When torch.fx cannot trace the model (Hugging Face ``transformers`` models, input-dependent Python
+control flow), the graph is recorded from one run instead (:mod:`rebasin.trace.dynamic`); everything
+below applies to both graphs.
+
 The model is traced with torch.fx, keeping every module with a layer rule as one node
 (:func:`rebasin.register_module`; torch.nn modules are leaves anyway), shapes come from running the
 graph once on ``example_input`` (:class:`torch.fx.passes.shape_prop.ShapeProp`), and then every node
 is told which permutation lives on which axis of its output: a module node by its layer rule, a
 function or method node by the op table. A permutation is born at the output channel axis of
 every Linear / Conv (module, registered layer with an ``"out"`` role, or ``F.linear`` / ``F.conv*``),
-travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm(1
-or C groups), flatten, view, reshape, permute and transpose (each move checked against the recorded
-shapes), is merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the
-in-axis of the next weighted layer. Permutations that reach the model output are dropped (the output
-axis is never permuted), so the last layer's output axis is ``None``.
+travels through elementwise ops, activations, dropout, pooling, BatchNorm / LayerNorm / GroupNorm,
+flatten, view, reshape, permute and transpose (each move checked against the recorded shapes), is
+merged with another one by ``+`` / ``*`` of two streams (union-find), and ends at the in-axis of the
+next weighted layer. Structured permutations (attention heads, the groups of a grouped convolution or
+GroupNorm) and concatenations (``torch.cat``, packed q;k;v, recurrent gates) come from the rules of
+those layers and ops (:mod:`rebasin.trace.nn_rules`, :mod:`rebasin.trace.op_rules`). Permutations that
+reach the model output are dropped (the output axis is never permuted), so the last layer's output axis
+is ``None``.
 
-Whatever touches a live permutation in a way the rules cannot prove safe (``torch.cat``, attention,
-matmul, GroupNorm with 1 < groups < C, grouped / depthwise conv, a reshape that mixes channels, a
-reduction over the permuted axis, modules without a rule, unknown functions) raises
+Whatever touches a live permutation in a way the rules cannot prove safe (nested groups, a reshape that
+mixes channels, a reduction over the permuted axis, modules without a rule, unknown functions) raises
 :class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
 touches permutations which turn out to reach the output is fine: those permutations are the
 identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a
-random permutation leaves the outputs unchanged, so a silently wrong spec is never returned.
+random permutation leaves the outputs unchanged, so a silently wrong spec is never returned. Weights the
+forward pass reads but no rule gave permutations to are named in a :class:`~rebasin.RebasinWarning`.
 
 Permutations are named ``"P0", "P1", ...`` in graph order of the layer that creates them; a
 merged residual group is named after its earliest member.
@@ -27,6 +34,7 @@ merged residual group is named after its earliest member.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,13 +45,14 @@ from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Node
 
 from .._common import as_args, evaluating, first_inputs, state_of
-from .._errors import RebasinError
+from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec
+from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
 from .ops import INPLACE_FN
 from .registry import trace_graph
 from .rules import AxisPerm
-from .shapes import record_shapes
+from .shapes import example_for, record_shapes
 from .state import DEAD, MANUAL, node_meta
 
 __all__ = ["spec_from_model", "trace_model", "ModelTrace"]
@@ -72,6 +81,7 @@ class ModelTrace:
     graph_module: GraphModule
     activation_nodes: dict[str, list[tuple[str, int]]]
     _subgraphs: dict[tuple[str, ...], GraphModule] = field(default_factory=dict, repr=False, compare=False)
+    _model: nn.Module | None = field(default=None, repr=False, compare=False)  # set for dynamic traces
 
     def capture(
         self,
@@ -97,6 +107,12 @@ class ModelTrace:
             flags are restored afterwards. Python branches on ``self.training`` were fixed at
             trace time (eval mode).
 
+        Notes
+        -----
+        A dynamic trace (``tracer="dynamic"``) is not replayed: the model runs again on ``inputs``
+        under the recorder, so batches of any size work as long as the model takes the same path
+        through its Python code (else :class:`RebasinError`).
+
         Returns
         -------
         dict
@@ -116,6 +132,10 @@ class ModelTrace:
             nodes = (nodes,)
         names = tuple(nodes) if nodes is not None else self._default_nodes()
         self.spec.validate(state)
+        if self._model is not None:  # a dynamic trace: record the model again on these inputs
+            self._subgraph(names)  # checks the names
+            return dict(zip(names, capture_dynamic(self._model, self.graph_module, state, inputs, names, train,
+                                                   as_args)))
         sub = self._subgraph(names)
         own = sub.state_dict(keep_vars=True)
         buffers = {k for k, _ in sub.named_buffers()}
@@ -213,20 +233,34 @@ def _align_keys(gm: GraphModule, model: nn.Module, keys: Sequence[str]) -> None:
                            f"{sorted(set(got) ^ set(keys))[:12]}")
 
 
-def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> ModelTrace:
+_TRACERS = ("auto", "fx", "dynamic")
+
+
+def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tracer: str = "auto") -> ModelTrace:
     """Trace ``model`` with torch.fx and derive its permutation spec and activation nodes.
 
     Parameters
     ----------
     model
         Any module torch.fx can trace (modules with a layer rule are not traced into). Not mutated (traced in eval mode,
-        flags restored).
+        flags restored). It may be built under ``torch.device("meta")`` (shapes, no values): the spec is then
+        traced on meta tensors without allocating any weight or activation, and equals the spec of the same
+        model with real weights; the functional check is skipped (it needs values).
     example_input
         A tensor (e.g. shape ``(1, 3, 32, 32)``) or a tuple of positional inputs, on the model's
-        device. Used to record shapes and for the functional check.
+        device (for a meta model: on meta or any device, moved to meta). Or a bare shape (a
+        ``torch.Size`` or a tuple of ints): one floating input of that shape, meta for a meta model, else
+        seeded standard normal values on the model's device. Used to record shapes and for the
+        functional check.
     check
         Assert with :meth:`PermutationSpec.check` that a random permutation leaves the outputs
-        unchanged; a failure raises :class:`RebasinError`.
+        unchanged; a failure raises :class:`RebasinError`. Skipped for a meta model.
+    tracer
+        ``"fx"``: symbolic tracing with torch.fx. ``"dynamic"``: run the model once on
+        ``example_input`` and record every torch call it makes (:mod:`rebasin.trace.dynamic`; Python
+        control flow is resolved by the run, so models torch.fx cannot trace, such as Hugging Face
+        ``transformers`` models, work). ``"auto"`` (default): torch.fx, and the dynamic tracer when
+        torch.fx fails.
 
     Returns
     -------
@@ -248,16 +282,28 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
     """
     if not isinstance(model, nn.Module):
         raise RebasinError(f"spec_from_model expects an nn.Module, got {type(model).__name__}")
+    if tracer not in _TRACERS:
+        raise RebasinError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
+    _load_hf_rules(model)
+    example_input, meta = example_for(model, example_input)
     args, kwargs = as_args(example_input)
     root = copy.copy(model)  # tensor constants of the trace are attached here, not to the model
-    try:
-        with evaluating(root):
-            gm = trace_graph(root)
-    except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
-        raise RebasinError(
-            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes are "
-            f"data-dependent control flow (if/for on tensor values) or non-traceable calls. {MANUAL}"
-        ) from err
+    gm = None
+    if tracer != "dynamic":
+        try:
+            with evaluating(root):
+                gm = trace_graph(root)
+        except Exception as err:  # noqa: BLE001 - any tracer failure becomes one clear error
+            if tracer == "fx":
+                raise RebasinError(
+                    f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). Typical causes "
+                    f"are data-dependent control flow (if/for on tensor values) or non-traceable calls; "
+                    f"tracer='dynamic' records one run of the model instead. {MANUAL}"
+                ) from err
+    dynamic = gm is None
+    if dynamic:
+        with evaluating(model):
+            gm = record_graph(model, args, kwargs)
     tensors = state_of(model)
     _align_keys(gm, model, list(tensors))
     with evaluating(gm), torch.no_grad():
@@ -296,6 +342,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
                 blocks[(key, i)] = prop.key_blocks[(key, i)]
     spec = _structured_spec(prop, axes, blocks, name)
     spec.validate(tensors)
+    _warn_unclaimed(model, prop)
 
     act: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -309,15 +356,54 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True) -> 
         if p is not None and p in act and p not in found:
             found[p] = {(node, axis)}
     for p in act:
+        if p not in found:  # e.g. a part of a split (q and k of a packed projection): nodes carrying it flat
+            found[p] = _carriers(prop, p, name)
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
-    if check:
+    if check and not meta:  # a meta model has no values to run the check on
         try:
             spec.check(model, example_input)
         except RebasinError as err:
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
-    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act)
+    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, _model=model if dynamic else None)
+
+
+def _load_hf_rules(model: nn.Module) -> None:
+    """Register the ``transformers`` layer rules when the model holds a module of that library."""
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        from .hf_rules import register
+
+        register()
+
+
+def _warn_unclaimed(model: nn.Module, prop: Propagation) -> None:
+    """Warn, by module, about weights no rule gave axes to: their units stay unpermuted without a refusal.
+
+    A weight (a floating parameter with two or more axes) that some rule assigned is fine even when all its
+    permutations are the identity (it sits between the model's input and output). One that no rule assigned
+    was only read as opaque data (or by an op that touched no permutation), so the spec cannot know whether
+    its units could be permuted. Weights the forward pass never reads are not reported.
+    """
+    called = [f"{n.target}." for n in prop.gm.graph.nodes if n.op == "call_module"]
+    read = set(prop.param_key.values())
+    seen: set[int] = set()
+    found: dict[str, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for leaf, p in mod.named_parameters(recurse=False):
+            key = f"{mod_name}.{leaf}" if mod_name else leaf
+            if id(p) in seen or key in prop.key_axes or p.ndim < 2 or not p.is_floating_point():
+                continue
+            if key not in read and not any(key.startswith(c) for c in called):
+                continue  # never used by the forward pass: nothing to align
+            seen.add(id(p))
+            found.setdefault(mod_name or "(the model itself)", []).append(leaf)
+    if found:
+        names = ", ".join(f"{m} ({', '.join(v)})" for m, v in found.items())
+        warnings.warn(f"spec_from_model: no rule gave permutations to the weights of {names}; their units stay "
+                      "unpermuted, so alignment will not move them. Register a rule for the module "
+                      "(rebasin.register_module) or pass a manual PermutationSpec if they should be aligned.",
+                      RebasinWarning, stacklevel=3)
 
 
 def _perm_names(prop: Propagation, live: list[int]) -> dict[int, str]:
@@ -356,8 +442,20 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
         if p is not None and p in used:
             structure[p] = (str(name(outer)), d)
     grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
-    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in used}
+    order = sorted(used, key=lambda p: ("PHC".find(p[0]), int(p[1:]) if p[1:].isdigit() else 0))  # stable order
+    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in order}
     return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
+
+
+def _carriers(prop: Propagation, perm: str, name: Any) -> set[tuple[Node, int]]:
+    """Graph nodes holding ``perm`` on a whole axis (not blocked, not split into heads), reshapes excluded."""
+    out: set[tuple[Node, int]] = set()
+    for node, st in prop.state.items():
+        if isinstance(st, tuple) and node not in prop.reshapes and node.op != "get_attr":
+            for i, e in enumerate(st):
+                if e is not None and e.k == 1 and not e.inner and name(e.pid) == perm:
+                    out.add((node, i))
+    return out
 
 
 def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, int]:
@@ -371,7 +469,7 @@ def _source(prop: Propagation, node: Node, axis: int, pid: int) -> tuple[Node, i
         for a in node.all_input_nodes:
             st = prop.state.get(a)
             if isinstance(st, tuple):
-                hits = [i for i, ee in enumerate(st) if ee is not None and prop.find(ee.pid) == root]
+                hits = [i for i, ee in enumerate(st) if ee is not None and not ee.inner and prop.find(ee.pid) == root]
                 if hits:
                     prev = (a, hits[0])
                     break
@@ -404,10 +502,12 @@ def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
                         prop.key_blocks[(k, i)] = prop.key_blocks[(base, i)]
 
 
-def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True) -> PermutationSpec:
+def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True,
+                    tracer: str = "auto") -> PermutationSpec:
     """The :class:`PermutationSpec` of ``model``, found by tracing it with torch.fx.
 
-    See :func:`trace_model` (this returns its ``spec``).
+    See :func:`trace_model` (this returns its ``spec``; ``tracer="dynamic"`` records one run of the
+    model instead, the fallback when torch.fx fails).
 
     Examples
     --------
@@ -416,7 +516,7 @@ def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True)
     >>> spec.perms, dict(spec.sizes)
     (('P0', 'P1'), {'P0': 8, 'P1': 8})
     """
-    return trace_model(model, example_input, check=check).spec
+    return trace_model(model, example_input, check=check, tracer=tracer).spec
 
 
 def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None) -> PermutationSpec:

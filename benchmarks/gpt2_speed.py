@@ -1,0 +1,146 @@
+"""Speed of tracing and weight matching a 12-layer, 768-wide GPT-2 (``transformers``, built from a config).
+
+Two ``GPT2LMHeadModel(GPT2Config(n_positions=...))`` are initialised from two seeds (random weights, no
+download). The script times
+
+* ``trace``: :func:`rebasin.trace_model` on model A (the dynamic tracer: torch.fx cannot trace it),
+  including the functional check ``spec.check`` that makes the spec exact, and ``trace (no check)``;
+* ``weight matching``: :func:`rebasin.weight_matching` of A and B (``return_info=True`` for the sweeps);
+* the floor, the primitives weight matching cannot avoid, each timed alone: ``floor_matmul``, one
+  sweep of similarity matmuls (for every permutation, the product of A's and B's entries over every
+  stretch of every axis it acts on, concatenation parts included, float32, ``addmm`` accumulation) and
+  ``floor_lsa``, :func:`scipy.optimize.linear_sum_assignment` on each permutation's similarity
+  (float64); plus, for each head permutation, one LAP over the heads. ``floor = (floor_matmul +
+  floor_lsa) x sweeps``; ``ratio = weight matching / floor``.
+
+Run ``OMP_NUM_THREADS=2 python benchmarks/gpt2_speed.py`` (needs ``pip install rebasin[hf]``; a few
+minutes, about 2 GB of memory); ``--no-report`` skips writing docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _report import append_report, machine_summary, markdown_table  # noqa: E402
+
+import rebasin  # noqa: E402
+from rebasin import trace_model  # noqa: E402
+
+
+def build(seed: int, n_positions: int) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=n_positions)).eval()
+
+
+def similarity_operands(spec, a, b):
+    """For each permutation: [(A stretch, B stretch)] as (n, -1) float32 matrices."""
+    sizes = spec.validate(a)
+    ops = {}
+    for perm, occ in spec.occurrences.items():
+        n = sizes[perm]
+        mats = []
+        for o in occ:
+            xa = a[o.key].movedim(o.axis, 0)[o.start * o.block:(o.start + n) * o.block]
+            xb = b[o.key].movedim(o.axis, 0)[o.start * o.block:(o.start + n) * o.block]
+            mats.append((xa.reshape(n, -1).float().contiguous(), xb.reshape(n, -1).float().contiguous()))
+        ops[perm] = mats
+    return ops, sizes
+
+
+def floor_times(spec, a, b, repeats: int) -> tuple[float, float]:
+    ops, sizes = similarity_operands(spec, a, b)
+    best_mm, sims = float("inf"), {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for perm, mats in ops.items():
+            s = torch.mm(mats[0][0], mats[0][1].T)
+            for x, y in mats[1:]:
+                s.addmm_(x, y.T)
+            sims[perm] = s
+        best_mm = min(best_mm, time.perf_counter() - t0)
+    costs = [(-s).double().numpy() for s in sims.values()]
+    for outer in spec.outers:  # one assignment of the heads per head permutation
+        h = spec.outer_size(outer, sizes)
+        costs.append(np.random.default_rng(0).standard_normal((h, h)))
+    best_lsa = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for c in costs:
+            linear_sum_assignment(c)
+        best_lsa = min(best_lsa, time.perf_counter() - t0)
+    return best_mm, best_lsa
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-positions", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=8, help="example input length")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of the floor timings (min kept)")
+    parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--report-file", default=None)
+    args = parser.parse_args(argv)
+
+    model_a, model_b = build(0, args.n_positions), build(1, args.n_positions)
+    x = torch.randint(0, model_a.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    tr = trace_model(model_a, x)
+    t_trace = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trace_model(model_a, x, check=False)
+    t_trace_nocheck = time.perf_counter() - t0
+    spec = tr.spec
+    a = {k: v.detach() for k, v in model_a.state_dict().items()}
+    b = {k: v.detach() for k, v in model_b.state_dict().items()}
+    print(f"trace {t_trace:.2f} s (no check {t_trace_nocheck:.2f} s): {len(spec.perms)} permutations, "
+          f"{len(spec.structure)} structured, {len(spec.concat)} concatenations", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        _, info = rebasin.weight_matching(spec, a, b, return_info=True)
+        t_wm, sweeps, wm_note = time.perf_counter() - t0, int(info.n_sweeps), ""
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        t_wm, sweeps, wm_note = float("nan"), 1, f"failed: {type(err).__name__}: {str(err)[:80]}"
+    print(f"weight matching {t_wm:.2f} s, {sweeps} sweeps {wm_note}", flush=True)
+    mm, lsa = floor_times(spec, a, b, args.repeats)
+    floor = (mm + lsa) * sweeps
+    rows = [
+        ["trace (spec_from_model, with check)", t_trace, ""],
+        ["trace (check=False)", t_trace_nocheck, ""],
+        ["weight matching", t_wm, f"{sweeps} sweeps {wm_note}".strip()],
+        ["floor_matmul (one sweep)", mm, ""],
+        ["floor_lsa (one sweep)", lsa, f"{len(spec.perms)} perms + {len(spec.outers)} head LAPs"],
+        ["floor = (matmul + lsa) x sweeps", floor, ""],
+        ["ratio weight matching / floor", t_wm / floor, "target <= 1.25"],
+    ]
+    table = markdown_table(["step", "seconds", "note"], rows)
+    print(table)
+    if not args.no_report:
+        command = "OMP_NUM_THREADS={} python benchmarks/gpt2_speed.py {}".format(
+            torch.get_num_threads(), " ".join(shlex.quote(s) for s in (argv or sys.argv[1:])))
+        notes = (f"Machine: {machine_summary()}. GPT2Config() defaults (12 layers, width 768, 12 heads, vocab "
+                 f"50257) with n_positions={args.n_positions}, two random initialisations; example input "
+                 f"(1, {args.seq}) tokens. The trace includes spec.check (a random permutation, randomised "
+                 "norms, two forwards, on the 124M parameters).\n")
+        path = append_report("GPT-2 trace and weight matching speed (gpt2_speed)", command.strip(), table,
+                             notes=notes, path=args.report_file)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

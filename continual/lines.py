@@ -1,0 +1,229 @@
+r"""Plain functions behind :class:`continual.MCSGD` (no Avalanche import): losses along line segments.
+
+Mirzadeh et al. (2021), "Linear Mode Connectivity in Multitask and Continual Learning" (MC-SGD), look
+for a solution :math:`\bar w_t` for tasks :math:`1..t` that is linearly connected, through low loss,
+to the continual minima :math:`\hat w_1, \dots, \hat w_t` (each trained from the previous
+:math:`\bar w` on one task). With an episodic memory :math:`M` (a few samples of every task seen),
+the objective of :math:`w` is the memory loss sampled along the segments from each anchor
+:math:`\hat w_j` to :math:`w`:
+
+.. math::
+
+    \mathcal{L}_{\text{line}}(w) = \frac{1}{t\,n} \sum_{j=1}^{t} \sum_{k=1}^{n}
+        \ell_M\!\big(\hat w_j + \tfrac{k}{n}\,(w - \hat w_j)\big),
+
+where :math:`\ell_M` is the mean loss on a batch of the memory and :math:`n` the number of points
+per line. The point :math:`k = 0` (the anchor itself) is left out: it does not depend on :math:`w`.
+The paper sums the terms; the mean here only rescales the learning rate, and keeps the step size
+independent of the number of tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from rebasin import RebasinError
+
+__all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS"]
+
+#: How :func:`line_loss` combines its batch losses.
+REDUCTIONS = ("mean", "sum")
+
+State = Mapping[str, Tensor]
+
+
+def line_points(n: int) -> tuple[float, ...]:
+    """The ``n`` interpolation weights ``k/n`` (``k = 1..n``) of :math:`w` on each segment.
+
+    Examples
+    --------
+    >>> line_points(4)
+    (0.25, 0.5, 0.75, 1.0)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RebasinError(f"line_points must be a positive int, got {n!r}")
+    return tuple(k / n for k in range(1, n + 1))
+
+
+def line_loss(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    anchors: Sequence[State],
+    x: Tensor,
+    y: Tensor,
+    *,
+    points: Sequence[float],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Mean loss of ``(x, y)`` at ``points`` along the segment from every anchor to ``params``.
+
+    Parameters
+    ----------
+    model
+        Provides the architecture (and its buffers); its own parameters are not read nor changed.
+    params
+        :math:`w`: a tensor for every parameter name of ``model`` (differentiable: the loss is built
+        with :func:`torch.func.functional_call`).
+    anchors
+        The :math:`\hat w_j`: mappings holding (at least) every parameter name of ``model``.
+    x, y
+        One batch (inputs, integer targets), on the model's device.
+    points
+        Interpolation weights of ``params`` on each segment (0: the anchor, 1: ``params``).
+    loss_fn
+        ``loss_fn(outputs, targets)`` returning the batch mean; cross-entropy by default.
+    reduction
+        ``"mean"`` (default) or ``"sum"`` (the paper's sum over lines and points) of the batch losses.
+
+    Returns
+    -------
+    Tensor
+        A scalar: the mean (or sum) of ``len(anchors) * len(points)`` batch losses.
+    """
+    if reduction not in REDUCTIONS:
+        raise RebasinError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    if not anchors:
+        raise RebasinError("line_loss needs at least one anchor")
+    if not points:
+        raise RebasinError("line_loss needs at least one point per line")
+    loss_fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
+    names = [name for name, _ in model.named_parameters()]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise RebasinError(f"line_loss: params miss the model's parameter(s) {missing}")
+    buffers = dict(model.named_buffers())
+    total = None
+    count = 0
+    for j, anchor in enumerate(anchors):
+        gone = [n for n in names if n not in anchor]
+        if gone:
+            raise RebasinError(f"line_loss: anchor {j} misses the model's parameter(s) {gone}")
+        for t in points:
+            point = {n: anchor[n] + float(t) * (params[n] - anchor[n]) for n in names}
+            out = functional_call(model, {**buffers, **point}, (x,))
+            loss = loss_fn(out, y)
+            total = loss if total is None else total + loss
+            count += 1
+    return total / count if reduction == "mean" else total
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """What :func:`fit_on_lines` did.
+
+    Attributes
+    ----------
+    state
+        The fitted parameters (new tensors, detached), keyed like ``model.named_parameters()``.
+    loss_before, loss_after
+        The line loss over the whole memory at the start and at the end.
+    steps
+        Optimiser steps taken.
+    time_s
+        Wall time.
+    """
+
+    state: dict[str, Tensor]
+    loss_before: float
+    loss_after: float
+    steps: int
+    time_s: float
+
+
+def _memory_line_loss(model, params, anchors, x, y, *, points, loss_fn, reduction, batch_size) -> float:
+    with torch.no_grad():
+        total, n = 0.0, 0
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            loss = line_loss(model, params, anchors, xb, yb, points=points, loss_fn=loss_fn, reduction=reduction)
+            total += float(loss) * xb.shape[0]
+            n += xb.shape[0]
+    return total / n
+
+
+def fit_on_lines(
+    model: nn.Module,
+    start: State,
+    anchors: Sequence[State],
+    memory: tuple[Tensor, Tensor],
+    *,
+    points: Sequence[float],
+    lr: float,
+    momentum: float = 0.0,
+    epochs: int = 1,
+    batch_size: int = 64,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    reduction: str = "mean",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> LineFit:
+    r"""Minimise :func:`line_loss` over the memory with SGD, starting from ``start`` (MC-SGD's second step).
+
+    Parameters
+    ----------
+    model
+        The architecture (and its buffers); not changed.
+    start
+        :math:`\bar w_{t-1}`, the initial point (parameters of ``model``, extra keys ignored).
+    anchors
+        :math:`\hat w_1, \dots, \hat w_t`.
+    memory
+        ``(x, y)``: the episodic memory of every task so far, current task included.
+    points, loss_fn, reduction
+        As for :func:`line_loss`.
+    lr, momentum
+        Of :class:`torch.optim.SGD`.
+    epochs
+        Passes over the memory (shuffled with a generator seeded by ``seed``; the global RNG is not used).
+    batch_size
+        Memory samples per step.
+    device
+        Where to compute; the model's parameters' device when None.
+
+    The model runs in evaluation mode throughout (no dropout, so no draw from the global RNG; batch
+    norm uses ``model``'s running statistics).
+
+    Returns
+    -------
+    LineFit
+        The fitted parameters on ``device`` and the memory line loss before and after.
+    """
+    start_time = time.perf_counter()
+    x, y = memory
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise RebasinError(f"the memory must hold the same positive number of inputs and targets, got "
+                           f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if device is None:
+        device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    names = [name for name, _ in model.named_parameters()]
+    params = {n: start[n].detach().to(device).clone().requires_grad_(True) for n in names}
+    anchors = [{n: a[n].detach().to(device) for n in names} for a in anchors]
+    optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
+    kwargs = {"points": points, "loss_fn": loss_fn, "reduction": reduction}
+    g = torch.Generator().manual_seed(int(seed))
+    steps = 0
+    was_training = model.training
+    model.eval()  # no dropout draws from the global RNG, batch norm uses the model's running statistics
+    try:
+        before = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0], generator=g).to(device)
+            for i in range(0, x.shape[0], batch_size):
+                idx = order[i : i + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                line_loss(model, params, anchors, x[idx], y[idx], **kwargs).backward()
+                optimizer.step()
+                steps += 1
+        after = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
+    finally:
+        model.train(was_training)
+    state = {n: p.detach().clone() for n, p in params.items()}
+    return LineFit(state, before, after, steps, time.perf_counter() - start_time)

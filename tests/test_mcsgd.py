@@ -1,0 +1,272 @@
+"""Tests of continual.MCSGD (Mirzadeh et al. 2021) and its line objective, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("avalanche")
+
+from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
+from avalanche.training import Naive  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+
+from continual.baselines import make_strategy  # noqa: E402
+from continual.benchmarks import synthetic  # noqa: E402
+from continual.lines import fit_on_lines, line_loss, line_points  # noqa: E402
+from continual.mcsgd import MCSGD, MCSGDPlugin  # noqa: E402
+from rebasin import RebasinError  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:No loggers specified"),
+]
+
+ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return synthetic(3, seed=0)
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def common(model: nn.Module) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    return dict(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), criterion=nn.CrossEntropyLoss(),
+        train_mb_size=32, train_epochs=1, eval_mb_size=256, evaluator=evaluator,
+    )
+
+
+# ------------------------------------------------------------------ the line objective
+def test_line_points_leave_out_the_anchor():
+    assert line_points(4) == (0.25, 0.5, 0.75, 1.0)
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(RebasinError, match="line_points"):
+            line_points(bad)
+
+
+def test_line_loss_is_the_mean_loss_at_interpolated_weights():
+    model = tiny(1)
+    g = torch.Generator().manual_seed(0)
+    w = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    anchors = [{k: torch.randn(v.shape, generator=g) for k, v in w.items()} for _ in range(2)]
+    x, y = torch.randn(20, 16, generator=g), torch.randint(0, 4, (20,), generator=g)
+    got = line_loss(model, w, anchors, x, y, points=(0.5, 1.0))
+    expected = []
+    probe = copy.deepcopy(model)
+    for a in anchors:
+        for t in (0.5, 1.0):
+            probe.load_state_dict({k: a[k] + t * (w[k] - a[k]) for k in w})
+            expected.append(nn.functional.cross_entropy(probe(x), y))
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in model.state_dict().items():  # the model's own weights are neither read nor changed
+        assert torch.equal(v, before[k])
+
+
+def test_fit_on_lines_lowers_the_memory_loss_along_the_lines():
+    model = tiny(2)
+    g = torch.Generator().manual_seed(1)
+    start = {k: v.clone() for k, v in model.named_parameters()}
+    hat = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    points = line_points(4)
+    fit = fit_on_lines(model, start, [start, hat], (x, y), points=points, lr=0.1, momentum=0.5, epochs=20,
+                       batch_size=16, seed=0)
+    assert fit.steps == 20 * 4
+    with torch.no_grad():
+        at_start = float(line_loss(model, start, [start, hat], x, y, points=points))
+        at_end = float(line_loss(model, fit.state, [start, hat], x, y, points=points))
+    assert fit.loss_before == pytest.approx(at_start, rel=1e-5)
+    assert fit.loss_after == pytest.approx(at_end, rel=1e-5)
+    assert at_end < 0.8 * at_start
+    # every point sampled on the line between the fitted w and hat is lower than it was from the start
+    for t in points:
+        with torch.no_grad():
+            before = line_loss(model, start, [hat], x, y, points=(t,))
+            after = line_loss(model, fit.state, [hat], x, y, points=(t,))
+        assert after < before, t
+    # same seed, same result; inputs untouched
+    again = fit_on_lines(model, start, [start, hat], (x, y), points=points, lr=0.1, momentum=0.5, epochs=20,
+                         batch_size=16, seed=0)
+    for k in fit.state:
+        assert torch.equal(fit.state[k], again.state[k])
+    for k, v in model.named_parameters():
+        assert torch.equal(v, start[k])
+
+
+def test_line_functions_reject_bad_inputs():
+    model = tiny()
+    params = dict(model.named_parameters())
+    x, y = torch.randn(4, 16), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RebasinError, match="at least one anchor"):
+        line_loss(model, params, [], x, y, points=(1.0,))
+    with pytest.raises(RebasinError, match="anchor 0 misses"):
+        line_loss(model, params, [{"0.weight": params["0.weight"]}], x, y, points=(1.0,))
+    with pytest.raises(RebasinError, match="memory"):
+        fit_on_lines(model, params, [params], (x[:0], y[:0]), points=(1.0,), lr=0.1)
+
+
+# ------------------------------------------------------------------ the strategy
+def test_mcsgd_trains_and_evaluates(bench):
+    model = tiny(3)
+    plugins: list = []
+    strategy = MCSGD(mem_size=16, mc_epochs=3, mc_batch_size=16, plugins=plugins, **common(model))
+    accs = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        accs.append(strategy.eval(bench.test_stream)[ACC])
+    assert plugins == []  # the caller's list is not mutated
+    hist = strategy.history
+    assert [h.experience for h in hist] == [0, 1, 2] and [h.n_memory for h in hist] == [16, 32, 48]
+    assert [h.n_lines for h in hist] == [1, 2, 3] and hist[0].steps == 0 and math.isnan(hist[0].loss_before)
+    for h in hist[1:]:
+        assert h.steps == 3 * math.ceil(h.n_memory / 16)
+        assert h.loss_after < h.loss_before
+    assert len(strategy.mcsgd_plugin.anchors) == 3
+    # the model holds w_bar, written into the optimizer's parameter objects
+    params = list(model.parameters())
+    assert all(p is q for p, q in zip(params, strategy.optimizer.param_groups[0]["params"]))
+    assert accs[-1] > 0.3  # four classes: chance is 0.25
+
+
+def test_mcsgd_first_experience_is_plain_training_and_plugin_equals_strategy(bench):
+    def train(kind: str):
+        model = tiny(4)
+        if kind == "naive":
+            strategy = Naive(**common(model))
+        elif kind == "plugin":
+            strategy = Naive(plugins=[MCSGDPlugin(mem_size=8, loss_fn=nn.CrossEntropyLoss())], **common(model))
+        else:
+            strategy = MCSGD(mem_size=8, **common(model))
+        torch.manual_seed(5)
+        states = []
+        for exp in bench.train_stream:
+            strategy.train(exp)
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return states, torch.get_rng_state()
+
+    naive, rng_naive = train("naive")
+    plugin, rng_plugin = train("plugin")
+    strategy, rng_strategy = train("strategy")
+    for k in naive[0]:  # w_bar_1 = w_hat_1: the first experience is Naive's, bit for bit
+        assert torch.equal(naive[0][k], strategy[0][k])
+        assert not torch.equal(naive[-1][k], strategy[-1][k])
+        for a, b in zip(plugin, strategy):
+            assert torch.equal(a[k], b[k])
+    # no draw from the global RNG beyond what the base strategy does
+    assert torch.equal(rng_naive, rng_strategy) and torch.equal(rng_plugin, rng_strategy)
+
+
+def test_mcsgd_plugin_callbacks_leave_the_global_rng_alone(bench):
+    plugin = MCSGDPlugin(mem_size=8)
+    for name in ("before_training_exp", "after_training_exp"):
+        inner = getattr(plugin, name)
+
+        def wrapped(strategy, *args, _inner=inner, **kwargs):
+            before = torch.get_rng_state()
+            _inner(strategy, *args, **kwargs)
+            assert torch.equal(torch.get_rng_state(), before)
+
+        setattr(plugin, name, wrapped)
+    strategy = Naive(plugins=[plugin], **common(tiny()))
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    assert len(plugin.history) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mem_size": 0}, "mem_size"),
+        ({"mem_size": -3}, "mem_size"),
+        ({"mem_size": 2.5}, "mem_size"),
+        ({"mem_size": True}, "mem_size"),
+        ({"line_points": 0}, "line_points"),
+        ({"mc_lr": 0.0}, "mc_lr"),
+        ({"mc_lr": float("nan")}, "mc_lr"),
+        ({"mc_lr": "0.1"}, "mc_lr"),
+        ({"mc_momentum": 1.0}, "mc_momentum"),
+        ({"mc_epochs": 0}, "mc_epochs"),
+        ({"mc_batch_size": None}, "mc_batch_size"),
+        ({"start_position": 1.5}, "start_position"),
+        ({"optimizer_state": "drop"}, "optimizer_state"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_mcsgd_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(RebasinError, match=match):
+        MCSGDPlugin(**kwargs)
+    with pytest.raises(RebasinError, match=match):
+        MCSGD(**{**common(tiny()), **kwargs})
+
+
+def test_mcsgd_rejects_wrong_types():
+    model = tiny()
+    with pytest.raises(RebasinError, match="model must be a torch.nn.Module"):
+        MCSGD(**{**common(model), "model": model.state_dict()})
+    with pytest.raises(RebasinError, match="optimizer must be a torch.optim.Optimizer"):
+        MCSGD(**{**common(model), "optimizer": "sgd"})
+    with pytest.raises(RebasinError, match="plugins must be a list"):
+        MCSGD(**{**common(model), "plugins": "replay"})
+    with pytest.raises(RebasinError, match="loss_fn must be callable"):
+        MCSGDPlugin(loss_fn="ce")
+    with pytest.raises(RebasinError, match="n_experiences"):
+        make_strategy("mcsgd", model=model, example_input=None)
+    strategy = make_strategy("mcsgd", model=model, example_input=None, mem_size=100, n_experiences=3)
+    assert strategy.mcsgd_plugin.mem_size == 33
+    strategy = make_strategy("mcsgd", model=model, example_input=None, options={"mem_size": 5})
+    assert strategy.mcsgd_plugin.mem_size == 5
+
+
+# ------------------------------------------------------------------ compare
+def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
+    from continual.compare import main
+
+    args = ["--benchmark", "synthetic", "--strategies", "naive,mcsgd,rebasin_merge", "--seeds", "2", "--epochs", "1",
+            "--batch-size", "64", "--mem-size", "30", "--hidden", "16", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each
+    try:
+        assert main([*args, "--out", str(tmp_path / "seq")]) == 0
+        assert main([*args, "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    seq = json.loads((tmp_path / "seq" / "runs.json").read_text())["runs"]
+    par = json.loads((tmp_path / "par" / "runs.json").read_text())["runs"]
+    assert [(r["strategy"], r["seed"]) for r in seq] == [(r["strategy"], r["seed"]) for r in par]
+    assert [(r["strategy"], r["seed"]) for r in seq][:3] == [("naive", 0), ("mcsgd", 0), ("rebasin_merge", 0)]
+    for a, b in zip(seq, par):
+        assert a["accuracy"] == b["accuracy"]
+        assert a["backward_transfer"] == pytest.approx(-a["forgetting"])
+        for key in ("forgetting_per_task", "alphas", "merges", "mcsgd"):
+            assert a["extra"].get(key) == b["extra"].get(key)
+    mcsgd = seq[1]["extra"]["mcsgd"]
+    assert [m["n_memory"] for m in mcsgd] == [10, 20, 30] and mcsgd[0]["loss_before"] is None
+    assert seq[2]["extra"]["merges"] == [{"experience": 1, "alpha": 0.5}, {"experience": 2, "alpha": 0.5}]
+    assert len(seq[0]["extra"]["forgetting_per_task"]) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--jobs", "0"], "--jobs must be >= 1"),
+                                                (["--jobs", "2", "--device", "cuda"], "forked CPU workers"),
+                                                (["--depth", "0"], "--depth must be >= 1")])
+def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):
+    from continual.compare import main
+
+    with pytest.raises(SystemExit):
+        main(["--benchmark", "synthetic", "--out", "unused", *extra])
+    assert message in capsys.readouterr().err

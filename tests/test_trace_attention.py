@@ -147,3 +147,25 @@ def test_chunk_of_a_linear_output_gives_independent_parts():
     spec = spec_from_model(Glu(), torch.randn(2, 3))  # u and g must share one permutation (multiplied)
     c = spec.axes["a.weight"][0]
     assert spec.concat[c][0] == spec.concat[c][1] and spec.axes["b.weight"][1] == spec.concat[c][0][0]
+
+
+def test_einops_rearrange_heads_are_traced():
+    einops = pytest.importorskip("einops")
+
+    class Ein(nn.Module):
+        def __init__(self, e=16, h=4):
+            super().__init__()
+            self.h = h
+            self.inp, self.q, self.k, self.v, self.o = (nn.Linear(6, e),) + tuple(nn.Linear(e, e) for _ in range(4))
+            self.head = nn.Linear(e, 3)
+
+        def forward(self, x):
+            x = self.inp(x)
+            q, k, v = (einops.rearrange(f(x), "b t (h d) -> b h t d", h=self.h) for f in (self.q, self.k, self.v))
+            a = einops.rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)")
+            return self.head(x + self.o(a))
+
+    torch.manual_seed(0)
+    spec = spec_from_model(Ein(), torch.randn(2, 5, 6))  # exact (functional check)
+    _moves_heads_and_units(spec)
+    assert spec.structure[spec.axes["q.weight"][0]] == spec.structure[spec.axes["k.weight"][0]]

@@ -129,6 +129,15 @@ def _bn_mismatch(kind: str) -> Callable[[int], Any]:
     return run
 
 
+def _no_perms_sinkhorn(rank: int) -> Any:
+    """Rank 1's models have no hidden layer (no permutation, no logits): it used to fail with StopIteration
+    before the agreement, leaving rank 0 to pair its fingerprint with rank 1's next collective."""
+    from rebasin import SinkhornRebasin
+
+    a, b = models() if rank == 0 else (mlp(5, [], 3, seed=1), mlp(5, [], 3, seed=2))
+    return SinkhornRebasin(a, b, cost="midpoint", example_input=torch.randn(2, 5)).fit(shard(data(), rank))
+
+
 def _empty(fn: Callable[[list[Any]], Any]) -> Callable[[int], Any]:
     def run(rank: int) -> Any:
         return fn(shard(data(), rank) if rank == 0 else [])
@@ -303,6 +312,7 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "pam_nosync": lambda rank: pam(shard(data(), rank), sync=False),
     "empty_pam": _empty(pam),
     **{f"bn_mismatch_{kind}": _bn_mismatch(kind) for kind in ("reset", "evaluate", "activation", "repair")},
+    "no_perms_sinkhorn": _no_perms_sinkhorn,
     "after_errors": _after_errors,
 }
 

@@ -302,3 +302,26 @@ def test_merge_equals_the_cpu_merge(device, method):
     via_arg = merge(models, device=device, **opts)
     on_device(via_arg.state_dict(), device)
     assert_states_close(via_arg.state_dict(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pam_equals_the_cpu_run(device):
+    """One round (its outputs do not hinge on a backtracking decision that float rounding could flip)."""
+    from rebasin import proximal_alternating_minimization
+
+    a, b, _ = planted()
+    sa, sb = a.state_dict(), b.state_dict()
+    opts = {"example_input": X, "rounds": 1, "theta_steps": 3, "lr": 1e-2, "seed": 5}
+    want = proximal_alternating_minimization(a, sa, sb, data(), **opts)
+    model = moved(a, device)
+    db = to(sb, device)
+    before = snapshot(db)
+    runs = [proximal_alternating_minimization(model, to(sa, device), db, data(), **{**opts, "example_input": X.to(device)}),
+            proximal_alternating_minimization(a, sa, sb, data(), device=device, **opts)]
+    assert_unchanged(db, before, device)
+    for got in runs:
+        assert_same_perms(got.perms, want.perms)
+        assert_close(torch.tensor(got.history), torch.tensor(want.history), **TRAINED)
+        assert all(p.device.type == device for p in got.curve.parameters())
+        assert_states_close(got.curve.state_dict_at(0.5), want.curve.state_dict_at(0.5), **TRAINED)
+        assert all(s.device.type == device for s in got.soft.values())

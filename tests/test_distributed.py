@@ -243,6 +243,12 @@ def test_ranks_with_and_without_batchnorm_raise_on_every_rank(world, kind):
         assert "disagree on the spec or the model/state shapes" in msg
 
 
+def test_a_rank_failing_before_the_agreement_raises_on_every_rank(world):
+    first, second = errors(world, "no_perms_sinkhorn")
+    assert "rank 1 of 2 failed" in first and "no permutations" in first
+    assert "no permutations" in second
+
+
 @pytest.mark.parametrize(
     "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn", "empty_cka",
              "empty_hessian", "empty_pam"]

@@ -34,11 +34,13 @@ from rebasin import (
     activation_matching,
     evaluate_path,
     fit_curve,
+    proximal_alternating_minimization,
     repair,
     reset_bn_stats,
     ste_matching,
 )
 from rebasin.landscape import cka
+from rebasin.paths.pam import ProximalStep
 from rebasin.trace import spec_from_model
 
 
@@ -87,6 +89,11 @@ def cases(device: torch.device, width: int) -> dict[str, Callable[[list[Any], bo
         fit_curve(a, c, loader, epochs=1, lr=1e-3, seed=0, sync=sync)
         return {k: v.detach() for k, v in c.named_parameters()}
 
+    def pam(loader: list[Any], sync: bool) -> Any:
+        res = proximal_alternating_minimization(a, a.state_dict(), b.state_dict(), loader, spec=spec, rounds=2,
+                                                theta_steps=4, lr=1e-3, perm_step=ProximalStep(batches=2), sync=sync)
+        return {"perms": res.perms, "bends": {k: v.detach() for k, v in res.curve.named_parameters()}}
+
     return {
         "reset_bn_stats": lambda ld, s: reset_bn_stats(a_bn, a_bn.state_dict(), ld, sync=s),
         "evaluate_path (BN reset)": lambda ld, s: evaluate_path(
@@ -97,10 +104,11 @@ def cases(device: torch.device, width: int) -> dict[str, Callable[[list[Any], bo
         "ste_matching": lambda ld, s: ste_matching(a, b, ld, spec=spec, lr=0.01, n_iter=20, sync=s),
         "SinkhornRebasin.fit": sinkhorn,
         "fit_curve": curve,
+        "proximal_alternating_minimization": pam,
     }
 
 
-FITTERS = {"ste_matching", "SinkhornRebasin.fit", "fit_curve"}
+FITTERS = {"ste_matching", "SinkhornRebasin.fit", "fit_curve", "proximal_alternating_minimization"}
 
 
 def union(batches: list[Any], world: int) -> list[Any]:

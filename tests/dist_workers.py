@@ -110,6 +110,34 @@ def _mismatch_activation(rank: int) -> Any:
     return activation_matching(a, b, shard(data(), rank))
 
 
+def _bn_mismatch(kind: str) -> Callable[[int], Any]:
+    """Rank 0's models have BatchNorm, rank 1's do not: every rank must raise, before any other collective."""
+
+    def run(rank: int) -> Any:
+        from rebasin import activation_matching, evaluate_path, repair, reset_bn_stats
+
+        a, b = models(bn=rank == 0)
+        loader = shard(data(), rank)
+        if kind == "reset":
+            return reset_bn_stats(a, a.state_dict(), loader)
+        if kind == "evaluate":
+            return evaluate_path(a, a.state_dict(), b.state_dict(), loader, num_points=2, bn_loader=loader).loss
+        if kind == "activation":
+            return activation_matching(a, b, loader)
+        return repair(a, a.state_dict(), b.state_dict(), 0.5, loader).state_dict()
+
+    return run
+
+
+def _no_perms_sinkhorn(rank: int) -> Any:
+    """Rank 1's models have no hidden layer (no permutation, no logits): it used to fail with StopIteration
+    before the agreement, leaving rank 0 to pair its fingerprint with rank 1's next collective."""
+    from rebasin import SinkhornRebasin
+
+    a, b = models() if rank == 0 else (mlp(5, [], 3, seed=1), mlp(5, [], 3, seed=2))
+    return SinkhornRebasin(a, b, cost="midpoint", example_input=torch.randn(2, 5)).fit(shard(data(), rank))
+
+
 def _empty(fn: Callable[[list[Any]], Any]) -> Callable[[int], Any]:
     def run(rank: int) -> Any:
         return fn(shard(data(), rank) if rank == 0 else [])
@@ -176,6 +204,18 @@ def curve_fit(loader: list[Any], **kw: Any) -> Any:
     curve = BezierCurve(a, b, num_bends=3)
     fit = fit_curve(a, curve, loader, epochs=2, lr=1e-2, seed=4, **kw)
     return {"losses": fit.loss, "bends": {k: v.detach().clone() for k, v in curve.named_parameters()}}
+
+
+def pam(loader: list[Any], **kw: Any) -> Any:
+    from rebasin import proximal_alternating_minimization
+    from rebasin.paths.pam import ProximalStep
+
+    a, b = models()
+    res = proximal_alternating_minimization(a, a.state_dict(), b.state_dict(), loader, example_input=torch.randn(2, 5),
+                                            rounds=2, theta_steps=3, lr=1e-2, finetune_steps=2, seed=5,
+                                            perm_step=ProximalStep(lr=1.0, batches=2, n_iter=200), **kw)
+    return {"perms": res.perms, "history": res.history, "finetune": res.finetune_loss, "changed": res.changed,
+            "bends": {k: v.detach().clone() for k, v in res.curve.named_parameters()}, "soft": res.soft}
 
 
 def _unequal(fn: Callable[[list[Any]], Any]) -> Callable[[int], Any]:
@@ -268,6 +308,11 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "merge": lambda rank: merged(shard(data(), rank)),
     "hessian": lambda rank: hessian(shard(data(), rank)),
     "empty_hessian": _empty(hessian),
+    "pam": lambda rank: pam(shard(data(), rank)),
+    "pam_nosync": lambda rank: pam(shard(data(), rank), sync=False),
+    "empty_pam": _empty(pam),
+    **{f"bn_mismatch_{kind}": _bn_mismatch(kind) for kind in ("reset", "evaluate", "activation", "repair")},
+    "no_perms_sinkhorn": _no_perms_sinkhorn,
     "after_errors": _after_errors,
 }
 

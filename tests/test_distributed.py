@@ -178,6 +178,25 @@ def test_mode_connectivity_with_a_bezier_curve_is_reduced(world):
     assert got[0]["values"] == got[1]["values"]
 
 
+def test_pam_takes_the_steps_of_one_process_on_the_union_batches(world):
+    want = dw.pam(dw.union(dw.data()))
+    got = ok(world, "pam")
+    for res in got:
+        assert all(torch.equal(res["perms"][k], want["perms"][k]) for k in want["perms"])
+        assert res["changed"] == want["changed"]
+        assert_close(torch.tensor(res["history"]), torch.tensor(want["history"]), atol=1e-5, rtol=1e-5)
+        assert res["finetune"] == pytest.approx(want["finetune"], abs=1e-5)
+        for k in want["bends"]:
+            assert_close(res["bends"][k], want["bends"][k], atol=1e-5, rtol=1e-5)
+        for k in want["soft"]:
+            assert_close(res["soft"][k], want["soft"][k], atol=1e-4, rtol=1e-4)
+    for k in want["bends"]:  # decided once: bitwise the same on both ranks
+        assert torch.equal(got[0]["bends"][k], got[1]["bends"][k])
+    for rank, res in enumerate(ok(world, "pam_nosync")):  # opting out: this rank's shard alone
+        alone = dw.pam(dw.shard(dw.data(), rank), sync=False)
+        assert_close(torch.tensor(res["history"]), torch.tensor(alone["history"]))
+
+
 @pytest.mark.parametrize("name", ["unequal_ste", "unequal_sinkhorn", "unequal_curve"])
 def test_shards_of_different_lengths_raise_on_every_rank(world, name):
     for msg in errors(world, name):
@@ -216,9 +235,23 @@ def test_ranks_with_different_shapes_raise_on_every_rank(world, name):
         assert "disagree on the spec or the model/state shapes" in msg
 
 
+@pytest.mark.parametrize("kind", ["reset", "evaluate", "activation", "repair"])
+def test_ranks_with_and_without_batchnorm_raise_on_every_rank(world, kind):
+    """A rank whose model has no BatchNorm used to return from reset_bn_stats before any collective, leaving
+    the other rank's reduction to pair with its *next* collective (a hang, or a garbled later call)."""
+    for msg in errors(world, f"bn_mismatch_{kind}"):
+        assert "disagree on the spec or the model/state shapes" in msg
+
+
+def test_a_rank_failing_before_the_agreement_raises_on_every_rank(world):
+    first, second = errors(world, "no_perms_sinkhorn")
+    assert "rank 1 of 2 failed" in first and "no permutations" in first
+    assert "no permutations" in second
+
+
 @pytest.mark.parametrize(
     "name", ["empty_reset", "empty_activation", "empty_repair", "empty_evaluate", "empty_sinkhorn", "empty_cka",
-             "empty_hessian"]
+             "empty_hessian", "empty_pam"]
 )
 def test_a_rank_with_an_empty_shard_raises_on_every_rank(world, name):
     msgs = errors(world, name)

@@ -253,3 +253,11 @@ def test_bad_n_iter_is_named(n_iter):
     a, b = mlp(0), mlp(1)
     with pytest.raises(RebasinError, match="n_iter must be an int >= 1"):
         SinkhornRebasin(a, b, spec=mlp_spec(a), n_iter=n_iter)
+
+
+def test_fit_without_permutations_is_a_clear_error():
+    a, b = builders.mlp(5, [], 3, seed=1), builders.mlp(5, [], 3, seed=2)
+    module = SinkhornRebasin(a, b, cost="l2", example_input=torch.randn(2, 5))
+    assert module.device.type == "cpu"  # no logits: the states' device
+    with pytest.raises(RebasinError, match="no permutations, so there is nothing to learn"):
+        module.fit(steps=2)

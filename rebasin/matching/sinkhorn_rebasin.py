@@ -196,7 +196,9 @@ class SinkhornRebasin(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.logits.values())).device
+        for logits in self.logits.values():
+            return logits.device
+        return _state_device(self._state_a)  # a spec without permutations has no logits
 
     def _apply(self, fn, *args, **kwargs):  # keep the stored states with the logits on .to()/.cuda()
         super()._apply(fn, *args, **kwargs)
@@ -337,16 +339,21 @@ class SinkhornRebasin(nn.Module):
         afterwards).
         """
         red = reducer(sync, group)
-        if device is not None:
-            self.to(device)
-        device = self.device
-        params = list(self.logits.parameters())
+        # every local check runs inside the agreement, so a rank that fails here fails every rank
+        with guarded(red, "SinkhornRebasin.fit") as outcome:
+            if not self.logits:
+                raise RebasinError("SinkhornRebasin.fit: the spec has no permutations, so there is nothing to learn "
+                                   "(check spec.axes; spec_from_model names the modules it could not permute)")
+            if device is not None:
+                self.to(device)
+            device = self.device
+            params = list(self.logits.parameters())
+            if loader is None and isinstance(self.cost, str) and self.cost != "l2":
+                raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
+            outcome.key = fingerprint(self.spec.axes, self._state_a, params, self.cost if isinstance(self.cost, str) else "custom",
+                                      loader is None)
         if red is not None:
-            with guarded(red, "SinkhornRebasin.fit") as outcome:
-                outcome.key = fingerprint(self.spec.axes, self._state_a, params, self.cost if isinstance(self.cost, str) else "custom")
             red.same_tensors(params)
-        if loader is None and isinstance(self.cost, str) and self.cost != "l2":
-            raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
         opt = optimizer if optimizer is not None else torch.optim.Adam(self.logits.parameters(), lr=lr)
         if loader is None:
             batches_per_epoch = None

@@ -10,7 +10,7 @@ Both evaluate :class:`Objective`: the loss of the model at a point of the curve 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common import check_float, check_int, cycle_batches, forward_with_state, split_batch, to_device
+from .._distributed import Reducer, synced_backward
 from .._errors import RebasinError
 from ..matching.sinkhorn_op import sinkhorn
 from ..spec.core import PermutationSpec
@@ -26,7 +27,9 @@ from .curves import BezierCurve, PolyChainCurve
 from .running import LossFn
 
 __all__ = ["Curve", "ProximalStep", "Objective", "RunningMean", "adam", "bend_steps", "centred_direction",
-           "proximal_step"]  # fmt: skip
+           "checked", "proximal_step"]  # fmt: skip
+
+WHAT = "proximal_alternating_minimization"
 
 Curve = BezierCurve | PolyChainCurve
 
@@ -125,6 +128,29 @@ class RunningMean:
     def mean(self) -> float:
         return self.total / self.count
 
+    def over_ranks(self, red: Reducer | None) -> float:
+        """The mean over every rank's examples (this process's mean when ``red`` is None)."""
+        if red is None:
+            return self.mean
+        total, count = red.sum_numbers(self.total, self.count)
+        return total / count
+
+
+def checked(red: Reducer | None, fn: Callable[[], Any], what: str) -> Any:
+    """``fn()``; with ``red``, a failure on any rank raises on every rank (one tiny collective)."""
+    if red is None:
+        return fn()
+    error: BaseException | None = None
+    value: Any = None
+    try:
+        value = fn()
+    except Exception as err:  # noqa: BLE001 - raised on every rank by red.fail
+        error = err
+    (failed,) = red.sum_numbers(0.0 if error is None else 1.0)
+    if failed:
+        red.fail(what, error)
+    return value
+
 
 # ----------------------------------------------------------------------------------------------
 # (a) the bend step
@@ -138,17 +164,30 @@ def adam(curve: Curve, lr: float) -> torch.optim.Optimizer | None:
 
 def bend_steps(
     objective: Objective, curve: Curve, end: Mapping[str, Tensor] | None, opt: torch.optim.Optimizer | None,
-    n: int, seen: RunningMean,
+    n: int, seen: RunningMean, red: Reducer | None = None,
 ) -> None:
-    r"""``n`` optimizer steps on the bend :math:`\theta` with B fixed at ``end``, one batch and one :math:`t` each."""
+    r"""``n`` optimizer steps on the bend :math:`\theta` with B fixed at ``end``, one batch and one :math:`t` each.
+
+    With ``red`` the bend's gradient is averaged over the ranks before each step (every rank draws the same
+    :math:`t`), and a failure on one rank (an empty shard, a non-finite loss) raises on every rank.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]] if opt is not None else []
     for _ in range(n):
-        x, y, t = objective.draw()
-        loss = objective.loss(curve, end, x, y, t)
+        got: list[tuple[Tensor, int]] = []
+
+        def loss_of(got: list[tuple[Tensor, int]] = got) -> Tensor:
+            x, y, t = objective.draw()
+            loss = objective.loss(curve, end, x, y, t)
+            got.append((loss.detach(), int(y.shape[0])))
+            return loss
+
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            synced_backward(red, params, loss_of, WHAT)
             opt.step()
-        seen.add(loss, int(y.shape[0]))
+        else:
+            checked(red, loss_of, WHAT)
+        seen.add(*got[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,27 +203,45 @@ def centred_direction(g: Tensor) -> Tensor:
 
 def proximal_step(
     objective: Objective, curve: Curve, spec: PermutationSpec, soft: dict[str, Tensor],
-    state_b: Mapping[str, Tensor], step: ProximalStep, seen: RunningMean,
+    state_b: Mapping[str, Tensor], step: ProximalStep, seen: RunningMean, red: Reducer | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     r"""One backtracking proximal step on the soft permutations :math:`S` with the bend fixed.
 
     :math:`S \leftarrow \mathrm{Sinkhorn}((S - \eta\hat G)/\tau)`, :math:`\eta` halved until the loss on the
     step's own batches (same :math:`t`, same dropout masks) does not rise. Returns the new :math:`S` and the
     :math:`\eta` taken (0.0 and the old :math:`S` when every trial was rejected).
+
+    With ``red`` the gradient and the losses (before and after each trial) are averaged over the ranks, each on
+    its own batches with the same :math:`t`: every rank takes the same step, the one a single process would take
+    on the union of the ranks' batches (equal batch sizes).
     """
     m = step.batches
-    draws = [(*objective.draw(i, m), objective.dropout_seed()) for i in range(m)]
-    leaves = {p: s.detach().clone().requires_grad_(True) for p, s in soft.items()}
     grads = {p: torch.zeros_like(s) for p, s in soft.items()}
-    base = 0.0
-    for x, y, t, rng in draws:
-        loss = objective.loss(curve, soft_permute(spec, leaves, state_b), x, y, t, rng)
-        got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        for p, g in zip(leaves, got):
-            if g is not None:
-                grads[p] += g / m
-        base += float(loss.detach()) / m
-        seen.add(loss, int(y.shape[0]))
+    draws: list[tuple[Any, Any, float, int]] = []
+
+    def local() -> float:
+        draws.extend((*objective.draw(i, m), objective.dropout_seed()) for i in range(m))
+        leaves = {p: s.detach().clone().requires_grad_(True) for p, s in soft.items()}
+        base = 0.0
+        for x, y, t, rng in draws:
+            loss = objective.loss(curve, soft_permute(spec, leaves, state_b), x, y, t, rng)
+            got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for p, g in zip(leaves, got):
+                if g is not None:
+                    grads[p] += g / m
+            base += float(loss.detach()) / m
+            seen.add(loss, int(y.shape[0]))
+        return base
+
+    base = checked(red, local, WHAT)
+    if red is not None:
+        *summed, (total,) = red.sum([*grads.values(), torch.tensor([base], dtype=torch.float64)])
+        grads = {p: (g / red.world).to(grads[p].dtype) for p, g in zip(grads, summed)}
+        base = float(total) / red.world
+
+    def trial_value(end: Mapping[str, Tensor]) -> float:
+        return sum(float(objective.loss(curve, end, *draw)) for draw in draws) / m
+
     direction = {p: centred_direction(g) for p, g in grads.items()}
     eta = float(step.lr)
     for _ in range(step.max_backtracks + 1):
@@ -195,7 +252,9 @@ def proximal_step(
         }  # fmt: skip
         with torch.no_grad():
             end = soft_permute(spec, trial, state_b)
-            value = sum(float(objective.loss(curve, end, *draw)) for draw in draws) / m
+            value = checked(red, lambda end=end: trial_value(end), WHAT)
+        if red is not None:
+            value = red.sum_numbers(value)[0] / red.world
         if value <= base:
             return trial, eta
         eta *= 0.5

@@ -88,6 +88,7 @@ from .._common import (
     resolve_device,
     training,
 )
+from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..matching.weight import weight_matching
 from ..spec.core import PermutationSpec, check_permutations, permute
@@ -230,6 +231,8 @@ def proximal_alternating_minimization(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    sync: bool = True,
+    group: Any = None,
 ) -> PAMResult:
     r"""Jointly learn a low-loss curve's bend and the permutation of B (Tatro et al. 2020, PAM).
 
@@ -299,6 +302,15 @@ def proximal_alternating_minimization(
         Where to compute; default the model's device.
     progress
         Show a tqdm bar over rounds; None (default): only when stderr is a terminal (or in Jupyter), so a piped or logged run stays clean.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the starting
+        permutations and bends are the group's first rank's, the bend's gradients, the permutation step's
+        gradient and its backtracking losses are averaged over the ranks of ``group`` (None: the default group),
+        and ``history`` and ``finetune_loss`` are over every rank's examples. Every rank draws the same
+        :math:`t` (same ``seed``), so for equal batch sizes each step is the one a single process takes on the
+        union of the ranks' batches (BatchNorm's batch statistics and dropout masks stay per rank), and every
+        rank returns the same permutations and curve. A rank whose shard is empty, or whose arguments differ,
+        makes every rank raise. ``sync=False``: this process alone. See docs/distributed.md.
 
     Returns
     -------
@@ -323,14 +335,22 @@ def proximal_alternating_minimization(
     >>> evaluate_path(model, None, None, test_loader, path=res.curve).barrier()                  # doctest: +SKIP
     """
     start_time = time.perf_counter()
-    a, b, spec, sizes, device = _checked_inputs(
-        model, state_a, state_b, loader, spec=spec, example_input=example_input, curve=curve, rounds=rounds,
-        theta_steps=theta_steps, lr=lr, perm_step=perm_step, finetune_steps=finetune_steps, device=device,
-    )  # fmt: skip
-    hard = _initial_perms(init, spec, sizes, a, b, seed)
+    red = reducer(sync, group)
+    with guarded(red, "proximal_alternating_minimization") as outcome:  # every rank's arguments agree
+        a, b, spec, sizes, device = _checked_inputs(
+            model, state_a, state_b, loader, spec=spec, example_input=example_input, curve=curve, rounds=rounds,
+            theta_steps=theta_steps, lr=lr, perm_step=perm_step, finetune_steps=finetune_steps, device=device,
+        )  # fmt: skip
+        hard = _initial_perms(init, spec, sizes, a, b, seed)
+        outcome.key = fingerprint(a, b, sorted(sizes.items()), spec.axes, curve, num_bends, rounds, theta_steps,
+                                  lr, perm_step, finetune_steps, seed, hard)
+    if red is not None:  # decided once: the first rank's starting permutations
+        hard = red.broadcast(hard)
     dtype = next((v.dtype for v in a.values() if v.is_floating_point()), torch.float32)
     soft = {p: perm_to_matrix(hard[p], dtype=dtype, device=device) for p in spec.perms}
     path = CURVE_KINDS[curve](a, permute(spec, hard, b), num_bends=num_bends).to(device)
+    if red is not None:
+        red.same_tensors([p for p in path.parameters() if p.requires_grad])
     opt = adam(path, lr)
     objective = Objective(model, loader, F.cross_entropy if loss_fn is None else loss_fn, device, seed)
     history: list[float] = []
@@ -341,20 +361,22 @@ def proximal_alternating_minimization(
             seen = RunningMean()
             with torch.no_grad():
                 end = soft_permute(spec, soft, b)
-            bend_steps(objective, path, end, opt, theta_steps, seen)  # (a) the bend, P fixed
-            soft, eta = proximal_step(objective, path, spec, soft, b, perm_step, seen)  # (b) P, the bend fixed
+            bend_steps(objective, path, end, opt, theta_steps, seen, red)  # (a) the bend, P fixed
+            soft, eta = proximal_step(objective, path, spec, soft, b, perm_step, seen, red)  # (b) P, the bend fixed
             rounded = {p: matrix_to_perm(s).cpu() for p, s in soft.items()}
             changed.append(sum(int((rounded[p] != hard[p]).sum()) for p in spec.perms))
             hard = rounded
             etas.append(eta)
-            history.append(seen.mean)
+            history.append(seen.over_ranks(red))
         _warn_if_off_the_polytope(soft)
         final = path.with_end(permute(spec, hard, b))
         finetune_loss = float("nan")
         if finetune_steps:
             seen = RunningMean()
-            bend_steps(objective, final, None, adam(final, lr), finetune_steps, seen)
-            finetune_loss = seen.mean
+            bend_steps(objective, final, None, adam(final, lr), finetune_steps, seen, red)
+            finetune_loss = seen.over_ranks(red)
+        if red is not None:  # bitwise the first rank's curve on every rank
+            red.same_tensors([p for p in final.parameters() if p.requires_grad])
     return PAMResult(
         perms=hard,
         curve=final,

@@ -167,14 +167,18 @@ def reset_bn_stats(
     >>> int(new["1.num_batches_tracked"])
     2
     """
+    red = reducer(sync, group)
     check_state_for_model(model, state)
     bns = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
     out = dict(state)
     if not bns:
+        # Nothing to compute here, but a rank whose model has BatchNorm would now wait in this call's
+        # collectives: compare the fingerprint first, so a BN-vs-no-BN mismatch raises on every rank.
+        with guarded(red, "reset_bn_stats") as outcome:
+            outcome.key = fingerprint(state, list(bns))
         return out
     if max_batches is not None:
         check_int(max_batches, "max_batches")
-    red = reducer(sync, group)
     device = resolve_device(model, device=device)
     prefix = {name: f"{name}." if name else "" for name in bns}
     buffers = ("running_mean", "running_var", "num_batches_tracked")

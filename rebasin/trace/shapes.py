@@ -15,7 +15,7 @@ ever allocated and the spec equals the one of the same model with real weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -61,7 +61,9 @@ def example_for(model: nn.Module, example_input: Any) -> tuple[Any, bool]:
     A bare shape (a ``torch.Size`` or a tuple of ints, e.g. ``(1, 3, 32, 32)``) becomes one floating tensor of
     that shape in the dtype of the model's first floating entry (float32 if none): a meta tensor for a meta
     model, else standard normal values from a generator seeded with 0 on the model's device. For a meta model,
-    every tensor of the example input (CPU, CUDA, ...) is moved to meta; nothing is allocated.
+    every tensor of the example input (CPU, CUDA, ...) is moved to meta; nothing is allocated. For a model whose
+    parameters and buffers all live on one device, the example input's tensors are moved there (a CUDA model
+    traced from a CPU loader's first batch).
     """
     meta = on_meta(model)
     if _is_shape(example_input):
@@ -75,7 +77,23 @@ def example_for(model: nn.Module, example_input: Any) -> tuple[Any, bool]:
         return torch.randn(shape, generator=gen, dtype=dtype).to(device), False
     if meta:
         return to_device(example_input, torch.device("meta")), True
-    return example_input, False
+    # A model on one device traces on that device: a CUDA model's example often comes from a CPU loader.
+    devices = {v.device for v in model.state_dict(keep_vars=True).values()}
+    inputs = _devices_in(example_input)
+    if len(devices) == 1 and inputs - devices and "meta" not in {d.type for d in inputs}:
+        return to_device(example_input, devices.pop()), False
+    return example_input, False  # a meta input for a real model is refused later, naming both devices
+
+
+def _devices_in(x: Any) -> set[torch.device]:
+    """The devices of the tensors inside (nested) tuples, lists and mappings ``x``."""
+    if isinstance(x, torch.Tensor):
+        return {x.device}
+    if isinstance(x, (tuple, list)):
+        return set().union(*(_devices_in(v) for v in x))
+    if isinstance(x, Mapping):
+        return set().union(*(_devices_in(v) for v in x.values()))
+    return set()
 
 
 class _NodeFailed(Exception):

@@ -82,7 +82,7 @@ def test_hand_written_attention_is_exact_with_heads(sdpa, mask):
 
 
 def test_mask_depending_on_the_head_order_is_refused():
-    with pytest.raises(RebasinError, match="node 'add_4'.*\['H0'\].*unpermuted tensor of the same size along axis 1"):
+    with pytest.raises(RebasinError, match=r"node 'add_4'.*\['H0'\].*unpermuted tensor of the same size along axis 1"):
         spec_from_model(Attn(mask="head-index"), torch.randn(2, 4, 6))
 
 

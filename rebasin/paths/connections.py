@@ -246,6 +246,16 @@ class FlowPath:
     :func:`rebasin.barrier` through the result. ``t = 0`` and ``t = 1`` return copies of A's and
     B's tensors. One hidden layer: ``t`` outside ``[0, 1]`` continues along the circle. More hidden
     layers (the layer-wise path, :meth:`FlowConnection.path`): ``t`` must lie in ``[0, 1]``.
+
+    Attributes
+    ----------
+    connection
+        The :class:`FlowConnection`.
+    state_a, state_b
+        Detached copies of the endpoints on the connection's device.
+    stages
+        Several hidden layers: the :class:`rebasin.WeightAdjustedPath` that runs the layer-wise path
+        (its ``num_stages``, ``stage(t)``); None for one hidden layer.
     """
 
     def __init__(self, connection: FlowConnection, state_a: State, state_b: State, batch: Any = None, *,
@@ -540,6 +550,11 @@ def fit_flow_connection(
     >>> path = conn.path(zoo[0], zoo[1])
     >>> torch.equal(path.state_dict_at(1.0)["layers.0.weight"], zoo[1]["layers.0.weight"])
     True
+    >>> deep_zoo = [MLP(4, [8, 6], 3).state_dict() for _ in range(2)]
+    >>> deep = fit_flow_connection(MLP(4, [8, 6], 3), deep_zoo, n_iter=2, hidden=8)
+    >>> deep.layerwise, [f.dim for f in deep.flows]
+    (True, [5, 9])
+    >>> mid = deep.path(deep_zoo[0], deep_zoo[1], torch.randn(32, 4)).state_dict_at(0.5)
     >>> res = evaluate_path(model, None, None, test_loader, path=path)  # doctest: +SKIP
     """
     layout = _layout(model)

@@ -8,6 +8,10 @@ global connections (Flow IAF / RealNVP, Bijection) are fitted on, and ``--eval-n
 give the evaluated pairs (every pair among them), so every learnable connection is measured on pairs it
 never saw. Trained networks are cached in ``--zoo-dir`` (``net{seed}.pt``); a rerun reuses them.
 
+``--depth 2`` (or more) trains nets with that many hidden layers of ``--width`` units instead (not the seed's
+table): the Flow and Bijection connections then run layer by layer (one flow per hidden layer, the transition
+layer refit on the WA inputs; see ``FlowConnection.path``), and the report goes to its own section.
+
 For every pair and method: the worst accuracy along the path on the train set (``--train-eval``
 images) and the 10k test set over ``--num-points`` evenly spaced t; mean ± std over pairs.
 The table (with the seed's figures beside ours) is printed and appended to docs/benchmarks.md.
@@ -171,7 +175,7 @@ def table(args, x, y, xt, yt, states):
             "Flow (RealNVP)": lambda: conn_path(conns["Flow (RealNVP)"], sa, sb),
             "Bijection (RealNVP)": lambda: conn_path(conns["Bijection (RealNVP)"], sa, sb),
             "Linear+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, device=device),
-            "Arc+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, path="arc", device=device),
+            "Arc+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, base="arc", device=device),
             "OT": lambda: (lambda t: interpolate(sa, sb_ot, t)),
             "OT+WA": lambda: weight_adjusted_path(model, sa, sb_ot, wa_batch, device=device),
             "Bezier (3 bends)": lambda: bezier(3),

@@ -8,6 +8,10 @@ global connections (Flow IAF / RealNVP, Bijection) are fitted on, and ``--eval-n
 give the evaluated pairs (every pair among them), so every learnable connection is measured on pairs it
 never saw. Trained networks are cached in ``--zoo-dir`` (``net{seed}.pt``); a rerun reuses them.
 
+``--depth 2`` (or more) trains nets with that many hidden layers of ``--width`` units instead (not the seed's
+table): the Flow and Bijection connections then run layer by layer (one flow per hidden layer, the transition
+layer refit on the WA inputs; see ``FlowConnection.path``), and the report goes to its own section.
+
 For every pair and method: the worst accuracy along the path on the train set (``--train-eval``
 images) and the 10k test set over ``--num-points`` evenly spaced t; mean ± std over pairs.
 The table (with the seed's figures beside ours) is printed and appended to docs/benchmarks.md.
@@ -35,9 +39,9 @@ from rebasin.apps.models import MLP  # noqa: E402
 from rebasin.apps.training import seeded_model  # noqa: E402
 
 
-def train_sgd(x, y, *, width, epochs, lr, batch_size, seed):
-    """One 784-width-10 ReLU net trained with plain SGD; shuffling from a seeded Generator."""
-    model = seeded_model(lambda: MLP(784, [width], 10), seed=seed)
+def train_sgd(x, y, *, width, epochs, lr, batch_size, seed, depth=1):
+    """One 784-width(-width...)-10 ReLU net (``depth`` hidden layers) trained with plain SGD; seeded shuffling."""
+    model = seeded_model(lambda: MLP(784, [width] * depth, 10), seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -57,12 +61,14 @@ def zoo(args, x, y, seeds):
     out.mkdir(parents=True, exist_ok=True)
     states = []
     for s in seeds:
-        f = out / f"net{s}_w{args.width}_e{args.epochs}_lr{args.lr:g}.pt"
+        tag = "" if args.depth == 1 else f"_d{args.depth}"
+        f = out / f"net{s}_w{args.width}{tag}_e{args.epochs}_lr{args.lr:g}.pt"
         if f.exists():
             states.append(torch.load(f))
             continue
         t0 = time.perf_counter()
-        st = train_sgd(x, y, width=args.width, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=s)
+        st = train_sgd(x, y, width=args.width, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=s,
+                       depth=args.depth)
         torch.save(st, f)
         print(f"trained net {s} in {time.perf_counter() - t0:.0f}s", flush=True)
         states.append(st)
@@ -109,7 +115,7 @@ def table(args, x, y, xt, yt, states):
     from rebasin.apps.training import evaluate
 
     device = torch.device(args.device)
-    model = MLP(784, [args.width], 10).to(device)
+    model = MLP(784, [args.width] * args.depth, 10).to(device)
     fit_zoo, eval_zoo = states[: args.fit_nets], states[args.fit_nets :]
     g = torch.Generator().manual_seed(args.seed)
     sub = torch.randperm(len(x), generator=g)[: args.train_eval]
@@ -117,6 +123,13 @@ def table(args, x, y, xt, yt, states):
     wa_batch = x[torch.randperm(len(x), generator=g)[: args.wa_samples]].to(device)
     train = tensor_loader(x, y, batch_size=128, shuffle=True, seed=args.seed)
     spec = spec_from_model(model, x[:2].to(device))
+    # several hidden layers: the learnable connections run layer by layer and refit the transition layer
+    # on the same inputs as the WA paths
+    deep = args.depth > 1
+    refit = {"refit_batch": wa_batch} if deep else {}
+
+    def conn_path(conn, a, b):
+        return conn.path(a, b, wa_batch) if deep else conn.path(a, b)
     timings = {}
 
     def timed(name, fn):
@@ -132,7 +145,7 @@ def table(args, x, y, xt, yt, states):
         "Flow (RealNVP)": timed("fit Flow (RealNVP)", lambda: fit_flow_connection(
             model, fit_zoo, kind="realnvp", n_iter=args.flow_iter, seed=args.seed)),
         "Bijection (RealNVP)": timed("fit Bijection (RealNVP)", lambda: fit_bijection_connection(
-            model, fit_zoo, train, kind="realnvp", n_iter=args.bijection_iter, seed=args.seed)),
+            model, fit_zoo, train, kind="realnvp", n_iter=args.bijection_iter, seed=args.seed, **refit)),
     }
     facts = {name: {"ll_zoo": c.log_likelihood_end, "ll_heldout": c.log_likelihood(eval_zoo),
                     "ll_start": c.log_likelihood_start} for name, c in conns.items()}
@@ -145,7 +158,7 @@ def table(args, x, y, xt, yt, states):
         sb_wm = permute(spec, weight_matching(spec, sa, sb, seed=args.seed), sb)
         ends = []
         for st in (sa, sb):
-            m = MLP(784, [args.width], 10)
+            m = MLP(784, [args.width] * args.depth, 10)
             m.load_state_dict(st)
             ends.append([evaluate(m, ld, device=device)[1] * 100 for ld in loaders])
         results.setdefault("endpoints", []).append([(ends[0][k] + ends[1][k]) / 2 for k in range(2)])
@@ -158,17 +171,17 @@ def table(args, x, y, xt, yt, states):
         paths = {
             "Linear": lambda: (lambda t: interpolate(sa, sb, t)),
             "Arc": lambda: ArcPath(sa, sb, spec=spec),
-            "Flow (IAF)": lambda: conns["Flow (IAF)"].path(sa, sb),
-            "Flow (RealNVP)": lambda: conns["Flow (RealNVP)"].path(sa, sb),
-            "Bijection (RealNVP)": lambda: conns["Bijection (RealNVP)"].path(sa, sb),
+            "Flow (IAF)": lambda: conn_path(conns["Flow (IAF)"], sa, sb),
+            "Flow (RealNVP)": lambda: conn_path(conns["Flow (RealNVP)"], sa, sb),
+            "Bijection (RealNVP)": lambda: conn_path(conns["Bijection (RealNVP)"], sa, sb),
             "Linear+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, device=device),
-            "Arc+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, path="arc", device=device),
+            "Arc+WA": lambda: weight_adjusted_path(model, sa, sb, wa_batch, base="arc", device=device),
             "OT": lambda: (lambda t: interpolate(sa, sb_ot, t)),
             "OT+WA": lambda: weight_adjusted_path(model, sa, sb_ot, wa_batch, device=device),
             "Bezier (3 bends)": lambda: bezier(3),
             "Bezier (5 bends)": lambda: bezier(5),
-            "weight matching, then Flow (RealNVP)": lambda: conns["Flow (RealNVP)"].path(sa, sb_wm),
-            "weight matching, then Bijection (RealNVP)": lambda: conns["Bijection (RealNVP)"].path(sa, sb_wm),
+            "weight matching, then Flow (RealNVP)": lambda: conn_path(conns["Flow (RealNVP)"], sa, sb_wm),
+            "weight matching, then Bijection (RealNVP)": lambda: conn_path(conns["Bijection (RealNVP)"], sa, sb_wm),
             "weight matching, then Linear (reference)": lambda: (lambda t: interpolate(sa, sb_wm, t)),
         }
         for name, build in paths.items():
@@ -192,6 +205,8 @@ def main() -> None:
     parser.add_argument("--zoo-dir", default="/tmp/rebasin-connections-zoo")
     parser.add_argument("--part", choices=["zoo", "table"], default="table")
     parser.add_argument("--width", type=int, default=2000)
+    parser.add_argument("--depth", type=int, default=1,
+                        help="hidden layers (the seed's table: 1; >1 runs the learnable connections layer by layer)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -224,7 +239,8 @@ def main() -> None:
     xt, yt = mnist_tensors(root, train=False)
     results, timings, facts = table(args, x, y, xt.flatten(1), yt, states)
     header = ["method", "worst train acc % (ours)", "worst test acc % (ours)", "seed: worst test acc %"]
-    rows = [[name, fmt([r[0] for r in res]), fmt([r[1] for r in res]), SEED.get(name, "–")]
+    seed_col = SEED if args.depth == 1 else {}  # the seed's figures are for one hidden layer
+    rows = [[name, fmt([r[0] for r in res]), fmt([r[1] for r in res]), seed_col.get(name, "–")]
             for name, res in results.items()]
     text = markdown_table(header, rows)
     print(text)
@@ -235,7 +251,7 @@ def main() -> None:
     ll = "; ".join(f"{k}: zoo {v['ll_zoo']:.3f}, held-out nets {v['ll_heldout']:.3f} (start {v['ll_start']:.3f})"
                    for k, v in facts.items())
     notes = (
-        f"{machine_summary(args.device)}. MLP 784-{args.width}-10 (ReLU), plain SGD lr {args.lr:g} (no momentum, "
+        f"{machine_summary(args.device)}. MLP 784-{'-'.join([str(args.width)] * args.depth)}-10 (ReLU), plain SGD lr {args.lr:g} (no momentum, "
         f"no weight decay), batch {args.batch_size}, {args.epochs} epochs, one seed per net; zoo of "
         f"{args.fit_nets} nets (seeds {seeds[0]}..{seeds[args.fit_nets - 1]}) for fitting the Flow and Bijection "
         f"connections, {args.pairs} pairs of {args.eval_nets} other nets evaluated (unseen by every fit). Worst "
@@ -244,11 +260,17 @@ def main() -> None:
         f"steps (lr 1e-3, 512 neurons per step), IAF with {args.iaf_blocks} blocks; Bijection: RealNVP trained "
         f"{args.bijection_iter} steps (one zoo pair, one t, one batch of 128 per step) from the identity flow. "
         f"WA refits on {args.wa_samples} training inputs; Bezier curves trained {args.curve_epochs} epoch(s) of "
-        f"Adam 1e-3. Fit times: {fit_t}. Mean log-likelihood per coordinate: {ll}. Total "
+        f"Adam 1e-3. "
+        + (f"{args.depth} hidden layers: Flow and Bijection run layer by layer (one flow per hidden layer, the "
+           f"transition layer refit on the WA inputs; Bijection trained through the refit). " if args.depth > 1 else "")
+        + f"Fit times: {fit_t}. Mean log-likelihood per coordinate: {ll}. Total "
         f"{(time.perf_counter() - t_start) / 60:.0f} min."
     )
     if not args.no_report:
-        append_report("Connection methods of Anokhin & Yarotsky, learnable ones included", command, text, notes=notes)
+        title = "Connection methods of Anokhin & Yarotsky, learnable ones included"
+        if args.depth > 1:
+            title += f" ({args.depth} hidden layers, layer by layer)"
+        append_report(title, command, text, notes=notes)
 
 
 if __name__ == "__main__":

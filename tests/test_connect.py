@@ -144,6 +144,39 @@ def test_wa_path_is_continuous_at_and_between_stage_boundaries(kind):
             assert far > 0 and near <= 0.05 * far + 1e-4, (t, side, far, near)
 
 
+def test_wa_custom_layer_move_reproduces_the_linear_base_and_is_differentiable():
+    ma, mb = mlp_pair()
+    sa, sb = state_of(ma), state_of(mb)
+    x = rand(40, 5)
+    calls = []
+
+    def lerp_move(i, start, end, s):
+        calls.append((i, s))
+        return torch.lerp(start[0], end[0], s), torch.lerp(start[1], end[1], s)
+
+    custom = weight_adjusted_path(ma, sa, sb, x, base=lerp_move)
+    line = weight_adjusted_path(ma, sa, sb, x)
+    assert custom.kind == "custom"
+    for t in (0.0, 0.1, 1 / 3, 0.5, 0.9, 1.0):
+        got, ref = custom.state_dict_at(t), line.state_dict_at(t)
+        assert all(torch.equal(got[k], ref[k]) for k in ref), t
+    assert all(0.0 < s < 1.0 for _, s in calls)  # never called at a stage end
+    # differentiable=True: gradients reach what the moving layer depends on, through the refit
+    scale = torch.ones((), requires_grad=True)
+
+    def scaled(i, start, end, s):
+        w, b = lerp_move(i, start, end, s)
+        return w * scale, b
+
+    st = weight_adjusted_path(ma, sa, sb, x, base=scaled).state_dict_at(0.2, differentiable=True)
+    assert st["layers.2.weight"].requires_grad  # the refit depends on the moved layer
+    forward_with_state(ma, st, x).square().sum().backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad)
+    with torch.no_grad():
+        plain = weight_adjusted_path(ma, sa, sb, x, base=scaled).state_dict_at(0.2)
+    assert not plain["layers.2.weight"].requires_grad
+
+
 def test_wa_stage_structure_and_refit():
     ma, mb = mlp_pair(hidden=(32, 32))
     sa, sb = state_of(ma), state_of(mb)

@@ -25,6 +25,16 @@ networks of the same architecture. The path is exact at both ends (``t = 0`` ret
 ``t = 1`` B's, bit for bit; :math:`\nu^{-1}(\nu(u))` itself round-trips to float precision).
 Neurons are paired by index: align B to A first (e.g. :func:`rebasin.weight_matching`) to pair them
 by similarity.
+
+Networks with more hidden layers (Linear chains, e.g. ``MLP(784, [512, 512], 10)``) are connected
+layer by layer, the scheme the seed uses for deep nets: the Weight Adjustment path of
+:func:`rebasin.weight_adjusted_path` (``L`` Linear layers, ``L`` stages; while layer ``k`` moves, layer
+``k+1`` is refit by least squares so that its pre-activations on a batch of inputs follow A's), with the
+moving *hidden* layer travelling on the flow path instead of a straight line. Hidden layer ``l`` has its
+own flow :math:`\nu_l`, fitted on that layer's neurons across the zoo, where a neuron is now the
+layer's *incoming* weights and bias :math:`u = (w, b) \in \mathbb{R}^{d_{l-1} + 1}` (its outgoing
+weights are the next layer's incoming ones, which the refit handles). The output layer moves on the
+straight line in the last stage. See :meth:`FlowConnection.path`.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from .._common import (
 )
 from .._errors import RebasinError
 from .flows import FLOW_KINDS, NeuronFlow
+from .weight_adjusted import WeightAdjustedPath, linear_chain_keys
 
 __all__ = ["FlowConnection", "FlowPath", "fit_flow_connection", "fit_bijection_connection"]
 
@@ -98,16 +109,61 @@ class _Layout:
         return out
 
 
+@dataclass(frozen=True)
+class _DeepLayout:
+    """A Linear chain with at least two hidden layers: ``(weight, bias)`` keys of every Linear, in order.
+
+    The neurons of hidden layer ``l`` (``l < len(layers) - 1``) are the rows ``[W_l[i], b_l[i]]``.
+    """
+
+    layers: tuple[tuple[str, str | None], ...]
+    d_in: tuple[int, ...]  # input width of every Linear
+
+    @property
+    def num_hidden(self) -> int:
+        return len(self.layers) - 1
+
+    def dim(self, layer: int) -> int:
+        return self.d_in[layer] + (self.layers[layer][1] is not None)
+
+    def neurons(self, state: State, layer: int) -> Tensor:
+        """``(width_l, d_l)``: row ``i`` is ``[W_l[i], b_l[i]]``."""
+        w, b = self.layers[layer]
+        if b is None:
+            return state[w]
+        return torch.cat([state[w], state[b][:, None].to(state[w].dtype)], dim=1)
+
+    def split(self, u: Tensor, like: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+        """Neuron matrix ``u`` back to ``(weight, bias)`` in ``like``'s dtypes."""
+        w, b = like
+        if b is None:
+            return u.to(w.dtype), None
+        return u[:, :-1].to(w.dtype), u[:, -1].to(b.dtype)
+
+
 _HINT = (
-    "flow and bijection connections take a network with one hidden layer: two nn.Linear modules with "
-    "parameter-free elementwise ops between them (e.g. rebasin.apps.models.MLP(784, [2000], 10))"
+    "flow and bijection connections take a network with one hidden layer (two nn.Linear modules with "
+    "parameter-free elementwise ops between them, e.g. rebasin.apps.models.MLP(784, [2000], 10)) or a "
+    "feed-forward chain of Linear layers with more hidden layers (connected layer by layer)"
 )
 
 
-def _layout(model: nn.Module) -> _Layout:
+def _deep_layout(model: nn.Module) -> _DeepLayout:
+    layers = linear_chain_keys(model)
+    ref = model.state_dict()
+    owned = {k for pair in layers for k in pair if k is not None}
+    other = [k for k, v in ref.items() if k not in owned and v.is_floating_point()]
+    if other:
+        raise RebasinError(f"{_HINT}; {type(model).__name__} has other floating entries {other[:8]}")
+    return _DeepLayout(layers, tuple(int(ref[w].shape[1]) for w, _ in layers))
+
+
+def _layout(model: nn.Module) -> _Layout | _DeepLayout:
     if not isinstance(model, nn.Module):
         raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) > 2:
+        return _deep_layout(model)
     if len(linears) != 2:
         raise RebasinError(f"{_HINT}; {type(model).__name__} has {len(linears)} Linear modules "
                            f"{[n for n, _ in linears]}")
@@ -147,15 +203,63 @@ def _check_zoo(model: nn.Module, states: Sequence[State]) -> list[dict[str, Tens
 # the connection and its paths
 
 
+class _LayerMove:
+    r"""The moving hidden layer of the layer-wise path: :math:`\nu_l^{-1}[c\,\nu_l(S) + s'\,\nu_l(B)]` row by row.
+
+    The output layer (no flow) moves on the straight line. Encodings of the stage ends are cached when
+    autograd is off (a path evaluated at many ``t``).
+    """
+
+    def __init__(self, connection: FlowConnection) -> None:
+        self.connection = connection
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, i: int, start: tuple[Tensor, Tensor | None], end: tuple[Tensor, Tensor | None],
+                 s: float) -> tuple[Tensor, Tensor | None]:
+        conn = self.connection
+        layout = conn.layout
+        assert isinstance(layout, _DeepLayout)
+        if i >= layout.num_hidden:  # the output layer: straight line
+            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
+        flow = conn.flows[i]
+        dev, dtype = conn.device, conn.dtype
+
+        def neurons(wb: tuple[Tensor, Tensor | None]) -> Tensor:
+            u = wb[0] if wb[1] is None else torch.cat([wb[0], wb[1][:, None].to(wb[0].dtype)], dim=1)
+            return u.to(dev, dtype)
+
+        if torch.is_grad_enabled():
+            za, zb = flow(neurons(start))[0], flow(neurons(end))[0]
+        else:
+            if i not in self._cache:
+                self._cache[i] = (flow(neurons(start))[0], flow(neurons(end))[0])
+            za, zb = self._cache[i]
+        c, sn = math.cos(math.pi * s / 2.0), math.sin(math.pi * s / 2.0)
+        w, b = layout.split(flow.inverse(c * za + sn * zb), start)
+        return w.to(start[0].device), None if b is None else b.to(start[0].device)
+
+
 class FlowPath:
     r"""The path :math:`\psi(t)` of a :class:`FlowConnection` between two networks; ``state_dict_at(t)``.
 
     Plugs into :func:`rebasin.evaluate_path` as ``path=``, into :func:`rebasin.plot_paths` and
     :func:`rebasin.barrier` through the result. ``t = 0`` and ``t = 1`` return copies of A's and
-    B's tensors; ``t`` outside ``[0, 1]`` continues along the circle.
+    B's tensors. One hidden layer: ``t`` outside ``[0, 1]`` continues along the circle. More hidden
+    layers (the layer-wise path, :meth:`FlowConnection.path`): ``t`` must lie in ``[0, 1]``.
+
+    Attributes
+    ----------
+    connection
+        The :class:`FlowConnection`.
+    state_a, state_b
+        Detached copies of the endpoints on the connection's device.
+    stages
+        Several hidden layers: the :class:`rebasin.WeightAdjustedPath` that runs the layer-wise path
+        (its ``num_stages``, ``stage(t)``); None for one hidden layer.
     """
 
-    def __init__(self, connection: FlowConnection, state_a: State, state_b: State) -> None:
+    def __init__(self, connection: FlowConnection, state_a: State, state_b: State, batch: Any = None, *,
+                 ridge: float = 1e-6) -> None:
         check_pair(state_a, state_b)
         shapes = {k: tuple(v.shape) for k, v in state_a.items()}
         if shapes != connection.shapes:
@@ -166,6 +270,19 @@ class FlowPath:
         dev = connection.device
         self.state_a = {k: v.detach().to(dev) for k, v in state_a.items()}
         self.state_b = {k: v.detach().to(dev) for k, v in state_b.items()}
+        self.stages: WeightAdjustedPath | None = None
+        if connection.layerwise:
+            if batch is None:
+                raise RebasinError(
+                    "the layer-wise flow path of a network with several hidden layers refits the transition layer "
+                    "on data: pass batch= (inputs, or an (inputs, targets) pair; a few thousand training inputs)")
+            assert connection.model is not None
+            self.stages = WeightAdjustedPath(connection.model, self.state_a, self.state_b, batch,
+                                             base=_LayerMove(connection), ridge=ridge, device=dev)
+            return
+        if batch is not None:
+            raise RebasinError("batch= is only used by the layer-wise path of networks with several hidden layers; "
+                               "the path of a one-hidden-layer network needs no data")
         with torch.no_grad():
             self._za = connection.encode(self.state_a)
             self._zb = connection.encode(self.state_b)
@@ -173,6 +290,8 @@ class FlowPath:
     def state_dict_at(self, t: float) -> dict[str, Tensor]:
         """The full state_dict at ``t`` (new tensors)."""
         t = check_float(t, "t")
+        if self.stages is not None:
+            return self.stages.state_dict_at(t)
         if t == 0.0 or t == 1.0:
             return {k: v.clone() for k, v in (self.state_a if t == 0.0 else self.state_b).items()}
         with torch.no_grad():
@@ -181,51 +300,85 @@ class FlowPath:
     __call__ = state_dict_at
 
     def __repr__(self) -> str:
-        return f"FlowPath(method={self.connection.method!r}, kind={self.connection.kind!r})"
+        return (f"FlowPath(method={self.connection.method!r}, kind={self.connection.kind!r}, "
+                f"layerwise={self.connection.layerwise})")
 
 
 class FlowConnection:
-    r"""A fitted global connection: the neuron map :math:`\nu` and how it was fitted.
+    r"""A fitted global connection: the neuron map(s) :math:`\nu` and how they were fitted.
 
     Built by :func:`fit_flow_connection` or :func:`fit_bijection_connection`.
 
     Attributes
     ----------
+    flows
+        One :class:`rebasin.paths.flows.NeuronFlow` per hidden layer (eval mode, ``requires_grad``
+        off): one flow over whole neurons :math:`(w, b, c)` for a one-hidden-layer network; for a
+        network with ``L - 1 >= 2`` hidden layers, flow ``l`` acts on hidden layer ``l``'s incoming
+        neurons :math:`(w, b)`.
     flow
-        The :class:`rebasin.paths.flows.NeuronFlow` :math:`\nu` (eval mode, ``requires_grad`` off).
+        ``flows[0]``.
+    layerwise
+        True for networks with several hidden layers (the layer-wise path, :meth:`path`).
     method
         ``"flow"`` (maximum likelihood) or ``"bijection"`` (trained on the path loss).
     kind
         ``"realnvp"`` or ``"iaf"``.
     history
-        One value per optimisation step: the minibatch mean log-likelihood per coordinate
-        (``"flow"``) or the minibatch task loss at the sampled ``t`` (``"bijection"``).
+        One value per optimisation step: the minibatch mean log-likelihood per coordinate, averaged
+        over the layers' flows (``"flow"``) or the minibatch task loss at the sampled ``t``
+        (``"bijection"``).
     log_likelihood_start, log_likelihood_end
-        Mean log-likelihood per coordinate of all zoo neurons before and after fitting.
+        Mean log-likelihood per coordinate of all zoo neurons before and after fitting (averaged over
+        the layers' flows).
     shapes
         ``{key: shape}`` of the architecture's state_dict; :meth:`path` accepts states of these shapes.
     device
-        Where the flow lives and the paths are computed.
+        Where the flows live and the paths are computed.
+    dtype
+        The flows' dtype.
+    model
+        Several hidden layers: a private copy of the architecture (the layer-wise path traces it);
+        None for one hidden layer.
     """
 
-    def __init__(self, flow: NeuronFlow, layout: _Layout, like: State, *, method: str,
+    def __init__(self, flows: Sequence[NeuronFlow], layout: _Layout | _DeepLayout, like: State, *, method: str,
                  history: Sequence[float], log_likelihood_start: float, log_likelihood_end: float,
-                 device: torch.device) -> None:
-        self.flow, self.layout = flow.eval().requires_grad_(False), layout
+                 device: torch.device, model: nn.Module | None = None) -> None:
+        self.flows = tuple(f.eval().requires_grad_(False) for f in flows)
+        self.flow = self.flows[0]
+        self.layout = layout
+        self.layerwise = isinstance(layout, _DeepLayout)
+        self.model = model
         self.shapes = {k: tuple(v.shape) for k, v in like.items()}
-        self.method, self.kind = method, flow.kind
+        self.method, self.kind = method, self.flow.kind
+        self.dtype = self.flow.mean.dtype
         self.history = tuple(float(v) for v in history)
         self.log_likelihood_start = float(log_likelihood_start)
         self.log_likelihood_end = float(log_likelihood_end)
         self.device = device
 
-    def encode(self, state: State) -> Tensor:
-        r""":math:`\nu` of every hidden neuron of ``state``: shape ``(width, d)``."""
-        return self.flow(self.layout.neurons(state).to(self.device))[0]
+    def _neuron_sets(self, state: State) -> list[Tensor]:
+        if isinstance(self.layout, _DeepLayout):
+            return [self.layout.neurons(state, l) for l in range(self.layout.num_hidden)]
+        return [self.layout.neurons(state)]
+
+    def encode(self, state: State, layer: int = 0) -> Tensor:
+        r""":math:`\nu_l` of every neuron of hidden layer ``layer`` of ``state``: shape ``(width, d)``."""
+        sets = self._neuron_sets(state)
+        if not 0 <= layer < len(sets):
+            raise RebasinError(f"layer must be in [0, {len(sets)}), got {layer!r}")
+        return self.flows[layer](sets[layer].to(self.device, self.dtype))[0]
 
     def state_at(self, state_a: State, state_b: State, t: float, *, za: Tensor | None = None,
                  zb: Tensor | None = None) -> dict[str, Tensor]:
-        r""":math:`\psi(t)` as a full state_dict, differentiable with respect to :attr:`flow`'s parameters."""
+        r""":math:`\psi(t)` as a full state_dict, differentiable with respect to :attr:`flow`'s parameters.
+
+        One-hidden-layer networks only; the layer-wise path of deeper ones needs data (:meth:`path`).
+        """
+        if isinstance(self.layout, _DeepLayout):
+            raise RebasinError("state_at is the one-hidden-layer formula; for several hidden layers use "
+                               "path(state_a, state_b, batch).state_dict_at(t)")
         za = self.encode(state_a) if za is None else za
         zb = self.encode(state_b) if zb is None else zb
         c, s = math.cos(math.pi * t / 2.0), math.sin(math.pi * t / 2.0)
@@ -240,19 +393,45 @@ class FlowConnection:
                 out[key] = a.clone()
         return out
 
-    def path(self, state_a: State, state_b: State) -> FlowPath:
-        """The path between two networks of the connection's architecture (any pair, not only the zoo's)."""
-        return FlowPath(self, state_a, state_b)
+    def path(self, state_a: State, state_b: State, batch: Any = None, *, ridge: float = 1e-6) -> FlowPath:
+        r"""The path between two networks of the connection's architecture (any pair, not only the zoo's).
+
+        One hidden layer: every neuron :math:`(w, b, c)` moves on
+        :math:`\nu^{-1}[\cos(\pi t/2)\nu(u^A) + \sin(\pi t/2)\nu(u^B)]`, the output bias on the straight
+        line; ``batch`` must be None.
+
+        ``L - 1 >= 2`` hidden layers (``L`` Linear layers): the layer-wise path, which is
+        :func:`rebasin.weight_adjusted_path` (stages, refits, ``ridge``, ``batch``: see there) with the
+        moving layer's own path replaced. ``[0, 1]`` is cut into ``L`` equal stages; in stage ``k``
+        (local position :math:`s`) layers ``< k`` are at B, layers ``> k + 1`` at A, and
+
+        * hidden layer ``k`` (``k < L``) moves from its stage start :math:`S_k` (A's layer for
+          ``k = 1``, else the refit that ended stage ``k - 1``) to B's layer neuron by neuron,
+          :math:`u(s) = \nu_k^{-1}[\cos(\pi s/2)\,\nu_k(u^{S_k}) + \sin(\pi s/2)\,\nu_k(u^{B_k})]`
+          with :math:`u = (w, b)` a row of the layer's weight and its bias;
+        * layer ``k + 1`` is refit by ridge least squares on ``batch`` so that its pre-activations
+          follow A's (the transition layer; exactly as in :func:`rebasin.weight_adjusted_path`);
+        * in the last stage the output layer moves on the straight line from its refit to B's.
+
+        ``t = 0`` gives A and ``t = 1`` gives B bit for bit; stage ends are joined exactly (the flow is
+        not evaluated at ``s = 0, 1``). ``batch`` is required here.
+        """
+        return FlowPath(self, state_a, state_b, batch, ridge=ridge)
 
     def log_likelihood(self, states: Sequence[State]) -> float:
-        """Mean log-likelihood per coordinate of the hidden neurons of ``states`` under :math:`\\nu`."""
+        """Mean log-likelihood per coordinate of the hidden neurons of ``states`` (averaged over the flows)."""
+        sets = [self._neuron_sets(s) for s in states]
         with torch.no_grad():
-            u = torch.cat([self.layout.neurons(s).to(self.device) for s in states])
-            return float(self.flow.log_prob(u).mean()) / self.layout.dim
+            lls = []
+            for l, flow in enumerate(self.flows):
+                u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)
+                lls.append(_mean_ll(flow, u))
+        return sum(lls) / len(lls)
 
     def __repr__(self) -> str:
-        return (f"FlowConnection(method={self.method!r}, kind={self.kind!r}, dim={self.layout.dim}, "
-                f"steps={len(self.history)})")
+        dims = [f.dim for f in self.flows]
+        return (f"FlowConnection(method={self.method!r}, kind={self.kind!r}, layerwise={self.layerwise}, "
+                f"dims={dims}, steps={len(self.history)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +449,22 @@ def _new_flow(kind: str, zoo_neurons: Tensor, n_layers: int, hidden: int, n_bloc
                       mean=mean, std=std, seed=seed, dtype=dtype)
 
 
+def _zoo_neurons(layout: _Layout | _DeepLayout, zoo: Sequence[State]) -> list[Tensor]:
+    """Per flow: every zoo network's neurons of that layer, stacked."""
+    if isinstance(layout, _DeepLayout):
+        return [torch.cat([layout.neurons(s, l) for s in zoo]) for l in range(layout.num_hidden)]
+    return [torch.cat([layout.neurons(s) for s in zoo])]
+
+
 def _mean_ll(flow: NeuronFlow, u: Tensor, chunk: int = 4096) -> float:
     with torch.no_grad():
         total = sum(float(flow.log_prob(u[i : i + chunk]).sum()) for i in range(0, len(u), chunk))
     return total / (len(u) * u.shape[1])
+
+
+def _model_copy(layout: _Layout | _DeepLayout, model: nn.Module) -> nn.Module | None:
+    """A private copy of the architecture for the layer-wise path's tracing (deep nets only)."""
+    return copy.deepcopy(model).eval() if isinstance(layout, _DeepLayout) else None
 
 
 def fit_flow_connection(
@@ -304,11 +495,19 @@ def fit_flow_connection(
     :math:`\psi(t) = \nu^{-1}[\cos(\pi t/2)\nu(u^A) + \sin(\pi t/2)\nu(u^B)]` neuron by neuron
     (module docstring).
 
+    Several hidden layers (a Linear chain of ``L >= 3`` Linear layers): one flow :math:`\nu_l` per
+    hidden layer, each fitted as above on that layer's incoming neurons :math:`u = (w, b)` (a row of
+    the layer's weight with its bias) pooled over the zoo; one Adam step updates every flow (each
+    on its own minibatch, the objective is the sum of the layers' mean log-likelihoods per
+    coordinate). The connection then joins two networks layer by layer (:meth:`FlowConnection.path`,
+    which needs a ``batch`` of inputs for the transition-layer refits).
+
     Parameters
     ----------
     model
-        The architecture: two ``nn.Linear`` layers with parameter-free elementwise ops between them.
-        Not mutated.
+        The architecture: two ``nn.Linear`` layers with parameter-free elementwise ops between them,
+        or a feed-forward chain of more Linear layers (e.g. ``MLP(784, [512, 512], 10)``; traced with
+        torch.fx, no norm layers). Not mutated.
     states
         The zoo: at least 2 trained state_dicts of ``model`` (finite). Not mutated.
     kind
@@ -339,7 +538,8 @@ def fit_flow_connection(
     ------
     RebasinError
         If the zoo has fewer than 2 networks, a state does not fit ``model`` (mixed architectures)
-        or holds NaN/inf, the model has more than one hidden layer, or ``kind`` is unknown.
+        or holds NaN/inf, the model is neither a one-hidden-layer network nor a Linear chain, or
+        ``kind`` is unknown.
 
     Examples
     --------
@@ -350,6 +550,11 @@ def fit_flow_connection(
     >>> path = conn.path(zoo[0], zoo[1])
     >>> torch.equal(path.state_dict_at(1.0)["layers.0.weight"], zoo[1]["layers.0.weight"])
     True
+    >>> deep_zoo = [MLP(4, [8, 6], 3).state_dict() for _ in range(2)]
+    >>> deep = fit_flow_connection(MLP(4, [8, 6], 3), deep_zoo, n_iter=2, hidden=8)
+    >>> deep.layerwise, [f.dim for f in deep.flows]
+    (True, [5, 9])
+    >>> mid = deep.path(deep_zoo[0], deep_zoo[1], torch.randn(32, 4)).state_dict_at(0.5)
     >>> res = evaluate_path(model, None, None, test_loader, path=path)  # doctest: +SKIP
     """
     layout = _layout(model)
@@ -357,23 +562,27 @@ def fit_flow_connection(
     n_iter, batch_size = check_int(n_iter, "n_iter", 0), check_int(batch_size, "batch_size")
     lr = check_float(lr, "lr")
     dev = resolve_device(model, device=device)
-    u = torch.cat([layout.neurons(s) for s in zoo]).to(dev, dtype)
-    flow = _new_flow(kind, u, n_layers, hidden, n_blocks, seed, dtype).to(dev)
+    us = [u.to(dev, dtype) for u in _zoo_neurons(layout, zoo)]
+    flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
     g = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(flow.parameters(), lr=lr)
-    ll_start = _mean_ll(flow, u)
+    opt = torch.optim.Adam([p for f in flows for p in f.parameters()], lr=lr)
+    ll_start = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)
     history = []
-    flow.train()
+    for f in flows:
+        f.train()
     for _ in progress_bar(range(n_iter), progress, desc="flow", unit="step"):
-        idx = torch.randint(0, len(u), (batch_size,), generator=g).to(dev)
-        ll = flow.log_prob(u[idx]).mean() / u.shape[1]
+        lls = []
+        for f, u in zip(flows, us):
+            idx = torch.randint(0, len(u), (batch_size,), generator=g).to(dev)
+            lls.append(f.log_prob(u[idx]).mean() / u.shape[1])
+        ll = torch.stack(lls).sum()
         opt.zero_grad(set_to_none=True)
         (-ll).backward()
         opt.step()
-        history.append(float(ll.detach()))
-    ll_end = _mean_ll(flow, u)
-    return FlowConnection(flow, layout, zoo[0], method="flow", history=history,
-                          log_likelihood_start=ll_start, log_likelihood_end=ll_end, device=dev)
+        history.append(float(ll.detach()) / len(us))
+    ll_end = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)
+    return FlowConnection(flows, layout, zoo[0], method="flow", history=history, log_likelihood_start=ll_start,
+                          log_likelihood_end=ll_end, device=dev, model=_model_copy(layout, model))
 
 
 def fit_bijection_connection(
@@ -389,6 +598,8 @@ def fit_bijection_connection(
     lr: float = 1e-3,
     loss_fn: LossFn | None = None,
     init: FlowConnection | None = None,
+    refit_batch: Any = None,
+    ridge: float = 1e-6,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -408,10 +619,19 @@ def fit_bijection_connection(
     starts as the per-coordinate standardisation (every layer the identity), i.e. as an arc about
     the zoo's mean neuron, unless ``init`` gives a fitted connection to start from.
 
+    Several hidden layers (a Linear chain of ``L >= 3`` Linear layers): :math:`\psi_W` is the
+    layer-wise path of :meth:`FlowConnection.path` with one flow per hidden layer (incoming neurons
+    :math:`(w, b)`), the transition layer refit on ``refit_batch``; each step builds that path for
+    the drawn pair and backpropagates the task loss at :math:`t` through the moving layer's flow
+    *and* through the least-squares refit of the next layer. :math:`t` is drawn uniformly from the
+    first ``L - 1`` stages, :math:`t \sim U(0, (L-1)/L)` (in the last stage only the output layer
+    moves, on a straight line, and nothing depends on :math:`W`).
+
     Parameters
     ----------
     model
-        Two ``nn.Linear`` layers with parameter-free elementwise ops between them. Not mutated.
+        Two ``nn.Linear`` layers with parameter-free elementwise ops between them, or a feed-forward
+        chain of more Linear layers (traced with torch.fx, no norm layers). Not mutated.
     states
         The zoo: at least 2 trained state_dicts of ``model``. Not mutated.
     loader
@@ -426,7 +646,13 @@ def fit_bijection_connection(
     loss_fn
         ``loss_fn(outputs, targets) -> batch mean``; default cross-entropy.
     init
-        A :class:`FlowConnection` whose flow (copied) is the starting point.
+        A :class:`FlowConnection` whose flows (copied) are the starting point.
+    refit_batch
+        Several hidden layers only: the inputs (or an ``(inputs, targets)`` pair) the transition
+        layers are refit on during training; default the first batch of ``loader``. Give the same
+        kind of batch to :meth:`FlowConnection.path` afterwards.
+    ridge
+        Relative ridge of those refits (:func:`rebasin.weight_adjusted_path`).
     seed
         Seeds the flow's initialisation and the pairs and ``t`` drawn.
     dtype, device, progress
@@ -440,8 +666,9 @@ def fit_bijection_connection(
     Raises
     ------
     RebasinError
-        Bad zoo (fewer than 2 networks, mixed architectures, NaN/inf), a model with more than one
-        hidden layer, an unknown ``kind``, or an empty loader.
+        Bad zoo (fewer than 2 networks, mixed architectures, NaN/inf), a model that is neither a
+        one-hidden-layer network nor a Linear chain, an unknown ``kind``, an empty loader, or
+        ``refit_batch`` given for a one-hidden-layer network.
 
     Examples
     --------
@@ -458,35 +685,49 @@ def fit_bijection_connection(
     n_iter, lr = check_int(n_iter, "n_iter", 0), check_float(lr, "lr")
     dev = resolve_device(model, device=device)
     zoo = [{k: v.to(dev) for k, v in s.items()} for s in zoo]
-    u_all = torch.cat([layout.neurons(s) for s in zoo]).to(dtype)
+    us = [u.to(dtype) for u in _zoo_neurons(layout, zoo)]
     if init is not None:
         if not isinstance(init, FlowConnection):
             raise RebasinError(f"init must be a FlowConnection or None, got {type(init).__name__}")
         if init.layout != layout:
             raise RebasinError(f"init was fitted on another architecture ({init.layout}) than model ({layout})")
-        flow = copy.deepcopy(init.flow).to(dev)
+        flows = [copy.deepcopy(f).to(dev) for f in init.flows]
     else:
-        flow = _new_flow(kind, u_all, n_layers, hidden, n_blocks, seed, dtype).to(dev)
+        flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
+    deep = isinstance(layout, _DeepLayout)
+    if refit_batch is not None and not deep:
+        raise RebasinError("refit_batch is only used for networks with several hidden layers (the layer-wise path)")
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     g = torch.Generator().manual_seed(int(seed))
-    conn = FlowConnection(flow, layout, zoo[0], method="bijection", history=[],
-                          log_likelihood_start=_mean_ll(flow, u_all), log_likelihood_end=float("nan"), device=dev)
-    flow.requires_grad_(True).train()
-    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    net = _model_copy(layout, model)
+    ll_start = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)
+    conn = FlowConnection(flows, layout, zoo[0], method="bijection", history=[], log_likelihood_start=ll_start,
+                          log_likelihood_end=float("nan"), device=dev, model=net)
+    for f in flows:
+        f.requires_grad_(True).train()
+    opt = torch.optim.Adam([p for f in flows for p in f.parameters()], lr=lr)
     history = []
     batches = cycle_batches(loader, "fit_bijection_connection")
+    if deep and n_iter > 0 and refit_batch is None:
+        refit_batch = split_batch(next(cycle_batches(loader, "fit_bijection_connection")))[0]
+    t_max = (layout.num_hidden / (layout.num_hidden + 1)) if isinstance(layout, _DeepLayout) else 1.0
     for _ in progress_bar(range(n_iter), progress, desc="bijection", unit="step"):
         i, j = torch.randperm(len(zoo), generator=g)[:2].tolist()
-        t = float(torch.rand((), generator=g, dtype=torch.float64))
+        t = t_max * float(torch.rand((), generator=g, dtype=torch.float64))
         x, y = split_batch(next(batches))
         if y is None:
             raise RebasinError("fit_bijection_connection needs (inputs, targets) batches; the loader yielded inputs only")
-        state = conn.state_at(zoo[i], zoo[j], t)
+        if deep:
+            state = conn.path(zoo[i], zoo[j], refit_batch, ridge=ridge).stages.state_dict_at(t, differentiable=True)
+        else:
+            state = conn.state_at(zoo[i], zoo[j], t)
         loss = loss_fn(forward_with_state(model, state, to_device(x, dev), eval_mode=True), to_device(y, dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if loss.requires_grad:  # t on a stage end (probability 0): the state does not depend on the flows
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         history.append(float(loss.detach()))
-    return FlowConnection(flow, layout, zoo[0], method="bijection", history=history,
-                          log_likelihood_start=conn.log_likelihood_start,
-                          log_likelihood_end=_mean_ll(flow, u_all), device=dev)
+    return FlowConnection(flows, layout, zoo[0], method="bijection", history=history,
+                          log_likelihood_start=ll_start,
+                          log_likelihood_end=sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us),
+                          device=dev, model=net)

@@ -19,6 +19,7 @@ Every path object has ``state_dict_at(t)`` and plugs into :func:`rebasin.evaluat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -39,11 +40,15 @@ from ..trace.ops import DROPOUT_FN, ELEMENTWISE_FN, ELEMENTWISE_METHOD, IDENTITY
 from ..trace.registry import module_rule, trace_graph
 from .arc import arc_interpolate
 
-__all__ = ["weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS"]
+__all__ = ["weight_adjusted_path", "WeightAdjustedPath", "WA_PATHS", "LayerMove", "linear_chain_keys"]
 
 WA_PATHS = ("linear", "arc")
 
 State = Mapping[str, Tensor]
+LayerWB = tuple[Tensor, "Tensor | None"]
+#: ``move(i, start, end, s) -> (weight, bias)``: layer ``i`` (0-based) at position ``s`` in ``(0, 1)`` of its stage,
+#: from ``start`` to ``end`` (each ``(weight, bias_or_None)``); a custom ``base`` of :class:`WeightAdjustedPath`.
+LayerMove = Callable[[int, LayerWB, LayerWB, float], LayerWB]
 
 
 
@@ -137,6 +142,19 @@ def _linear_chain(model: nn.Module) -> tuple[tuple[Op, ...], tuple[_Layer, ...]]
     )
 
 
+def linear_chain_keys(model: nn.Module) -> tuple[tuple[str, str | None], ...]:
+    """``(weight_key, bias_key_or_None)`` of every Linear layer of a Linear chain, in network order.
+
+    Raises
+    ------
+    RebasinError
+        If ``model`` is not a feed-forward chain of Linear layers with parameter-free ops in between.
+    """
+    if not isinstance(model, nn.Module):
+        raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
+    return tuple((layer.weight, layer.bias) for layer in _linear_chain(model)[1])
+
+
 def _sub_spec(spec: PermutationSpec, keys: list[str]) -> PermutationSpec:
     """The part of ``spec`` on ``keys``: their axes and blocks, and the concatenations, structure and grouped
     axes that act on them (so the arc's centre of one layer sees the same orbits as in the whole spec)."""
@@ -189,7 +207,8 @@ class WeightAdjustedPath:
     layer_keys
         ``(weight_key, bias_key_or_None)`` of each Linear layer, in network order.
     kind
-        ``"linear"`` or ``"arc"``: the ``base`` path the moving layer travels on.
+        ``"linear"`` or ``"arc"``: the ``base`` path the moving layer travels on; ``"custom"`` for a
+        :data:`LayerMove` callable (how the Flow and Bijection connections run their layer-wise path).
     """
 
     __name__ = "weight_adjusted"
@@ -202,15 +221,15 @@ class WeightAdjustedPath:
         state_b: State,
         batch: Any,
         *,
-        base: str = "linear",
+        base: str | LayerMove = "linear",
         spec: PermutationSpec | None = None,
         ridge: float = 1e-6,
         device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RebasinError(f"model must be an nn.Module, got {type(model).__name__}")
-        if base not in WA_PATHS:
-            raise RebasinError(f"unknown path kind base={base!r}; valid kinds: {list(WA_PATHS)}")
+        if not callable(base) and base not in WA_PATHS:
+            raise RebasinError(f"unknown path kind base={base!r}; valid kinds: {list(WA_PATHS)} or a LayerMove callable")
         self.ridge = check_float(ridge, "ridge")
         if not self.ridge > 0:
             raise RebasinError(f"ridge must be > 0 (it keeps every refit unique and continuous in t), got {ridge!r}")
@@ -225,7 +244,8 @@ class WeightAdjustedPath:
             raise RebasinError(f"spec must be a PermutationSpec or None, got {type(spec).__name__}")
         else:
             spec.validate_pair(state_a, state_b)
-        self.kind = base
+        self.kind = base if isinstance(base, str) else "custom"
+        self._mover: LayerMove | None = None if isinstance(base, str) else base
         self.device = resolve_device(model, device=device)
         self.num_stages = len(layers)
         self.layer_keys = tuple((layer.weight, layer.bias) for layer in layers)
@@ -286,7 +306,7 @@ class WeightAdjustedPath:
             feats = torch.cat([feats, feats.new_ones(feats.shape[0], 1)], dim=1)
         gram = feats.T @ feats / feats.shape[0]
         rhs = feats.T @ resid / feats.shape[0]
-        lam = self.ridge * max(float(gram.diagonal().mean()), 1e-12)
+        lam = self.ridge * max(float(gram.diagonal().mean().detach()), 1e-12)
         gram.diagonal().add_(lam)
         chol, info = torch.linalg.cholesky_ex(gram)
         sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(gram, rhs).solution
@@ -297,17 +317,25 @@ class WeightAdjustedPath:
     def _move(self, i: int, s: float) -> tuple[Tensor, Tensor | None]:
         """Layer ``i`` at position ``s`` of its stage: from its stage start to B's weights."""
         start, end = self._start[i], self._wb(self._b, i)
+        if self._mover is not None:
+            if s == 0.0 or s == 1.0:
+                return start if s == 0.0 else end
+            return self._mover(i, start, end, s)
         if self.kind == "linear":
             return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
         keys = [k for k in self.layer_keys[i] if k is not None]
         out = arc_interpolate(dict(zip(keys, start)), dict(zip(keys, end)), s, spec=self._specs[i])
         return out[keys[0]], out[keys[1]] if len(keys) > 1 else None
 
-    def _refit(self, i: int, s: float, moved: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    def _refit(self, i: int, s: float, moved: tuple[Tensor, Tensor | None], *,
+               cache: bool = True) -> tuple[Tensor, Tensor | None]:
         if s == 0.0:
             return self._wb(self._a, i + 1)
         if s == 1.0:
             return self._start[i + 1]
+        if not cache:
+            h = _run(self._layers[i].post, self._lin(self._hin_b[i], moved))
+            return self._adjusted(i, h, torch.lerp(self._z_start[i], self._z_a[i + 1], s))
         key = (i, s)
         if key not in self._cache:
             h = _run(self._layers[i].post, self._lin(self._hin_b[i], moved))
@@ -326,18 +354,22 @@ class WeightAdjustedPath:
         return k, min(max(u - (k - 1), 0.0), 1.0)
 
     # ------------------------------------------------------------------ public
-    def state_dict_at(self, t: float) -> dict[str, Tensor]:
-        """The full state_dict at ``t`` (new tensors on ``device``, in the endpoints' dtypes)."""
+    def state_dict_at(self, t: float, *, differentiable: bool = False) -> dict[str, Tensor]:
+        """The full state_dict at ``t`` (new tensors on ``device``, in the endpoints' dtypes).
+
+        With ``differentiable=True`` autograd records the moving layer and the refit (no cache): gradients
+        reach whatever a custom ``base`` made the moving layer depend on (a flow's parameters, say).
+        """
         k, s = self.stage(t)
         t = float(t)
         if t == 0.0 or t == 1.0:
             return {key: v.clone() for key, v in (self._a if t == 0.0 else self._b).items()}
-        with torch.no_grad():
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
             layer: dict[int, tuple[Tensor, Tensor | None]] = {}
             i = k - 1
             layer[i] = self._move(i, s)
             if i + 1 < self.num_stages:
-                layer[i + 1] = self._refit(i, s, layer[i])
+                layer[i + 1] = self._refit(i, s, layer[i], cache=not differentiable)
             out: dict[str, Tensor] = {}
             for j, keys in enumerate(self.layer_keys):
                 wb = layer.get(j, self._wb(self._b if j < i else self._a, j))
@@ -362,7 +394,7 @@ def weight_adjusted_path(
     state_b: State,
     batch: Any,
     *,
-    base: str = "linear",
+    base: str | LayerMove = "linear",
     spec: PermutationSpec | None = None,
     ridge: float = 1e-6,
     device: torch.device | str | None = None,
@@ -425,7 +457,10 @@ def weight_adjusted_path(
         The refit inputs: a tensor or an ``(inputs, targets)`` pair (targets are ignored). A few
         thousand training inputs is typical; the Gram matrices are ``(width+1)^2``.
     base
-        ``"linear"`` or ``"arc"``: the path the moving layer travels on. ``path=`` is a
+        ``"linear"`` or ``"arc"``: the path the moving layer travels on; or a :data:`LayerMove`
+        callable ``move(i, start, end, s) -> (weight, bias)`` giving layer ``i`` (0-based) at ``s`` in
+        ``(0, 1)`` of its stage (the path uses ``start`` at ``s = 0`` and ``end`` at ``s = 1`` exactly,
+        without calling it). ``path=`` is a
         deprecated alias (``path=`` names a path object everywhere else).
     spec
         Permutation spec of the model, used for the arc's permutation-invariant centre;

@@ -187,13 +187,15 @@ def fit_on_lines(
     device
         Where to compute; the model's parameters' device when None.
 
-    The model runs in evaluation mode throughout (no dropout, so no draw from the global RNG; batch
-    norm uses ``model``'s running statistics).
-
     Returns
     -------
     LineFit
         The fitted parameters on ``device`` and the memory line loss before and after.
+
+    Notes
+    -----
+    The model runs in evaluation mode throughout (no dropout, so no draw from the global RNG; batch
+    norm uses ``model``'s running statistics).
     """
     start_time = time.perf_counter()
     x, y = memory

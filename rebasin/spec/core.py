@@ -105,6 +105,8 @@ class PermutationSpec:
         blocks, axis 0 of ``key`` must carry a permutation structured with the same ``outer``, and
         row ``r`` of axis 0 uses the block of its group.
 
+    Notes
+    -----
     A permutation may act on several axes of one tensor: ``("P", "P")`` is ``P W P^T`` (a
     single-layer residual block ``h + f(W h)``, a recurrent weight).
 

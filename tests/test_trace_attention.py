@@ -169,3 +169,13 @@ def test_einops_rearrange_heads_are_traced():
     spec = spec_from_model(Ein(), torch.randn(2, 5, 6))  # exact (functional check)
     _moves_heads_and_units(spec)
     assert spec.structure[spec.axes["q.weight"][0]] == spec.structure[spec.axes["k.weight"][0]]
+
+
+def test_align_refuses_models_with_other_head_counts_but_equal_shapes():
+    torch.manual_seed(0)
+    a, b = ViT(width=32, depth=1, heads=4), ViT(width=32, depth=1, heads=2)
+    assert all(a.state_dict()[k].shape == v.shape for k, v in b.state_dict().items())
+    import rebasin
+
+    with pytest.raises(RebasinError, match="different permutation specs.*structure"):
+        rebasin.align(a, b, example_input=torch.randn(2, 1, 28, 28))

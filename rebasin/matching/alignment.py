@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._common import state_of
 from .._errors import RebasinWarning
 from ..spec.core import PermutationSpec, permute
-from ..trace.tracing import spec_for
+from ..trace.tracing import same_architecture, spec_for
 from .registry import get_matcher
 
 __all__ = ["Alignment", "align"]
@@ -101,10 +101,13 @@ def align(
     if device is not None:
         options["device"] = device
     matcher.check_options(options)
+    traced = spec is None
     if spec is None:
         spec = spec_for(model_a, example_input=example_input, loader=loader)
     state_a, state_b = state_of(model_a), state_of(model_b)
     spec.validate_pair(state_a, state_b)
+    if traced and model_b is not model_a:
+        same_architecture(spec, model_b, example_input=example_input, loader=loader)
     if not spec.perms:
         warnings.warn("align: the spec has no permutations: nothing to align, so model B is returned unchanged "
                       "(check spec.axes; spec_from_model names the modules it could not permute)",

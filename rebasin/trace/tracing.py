@@ -55,7 +55,7 @@ from .rules import AxisPerm
 from .shapes import example_for, record_shapes
 from .state import DEAD, MANUAL, node_meta
 
-__all__ = ["spec_from_model", "trace_model", "ModelTrace"]
+__all__ = ["spec_from_model", "trace_model", "ModelTrace", "spec_for", "same_architecture"]
 
 # --------------------------------------------------------------------------- public API
 @dataclass
@@ -519,13 +519,32 @@ def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True,
     return trace_model(model, example_input, check=check, tracer=tracer).spec
 
 
-def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None) -> PermutationSpec:
+def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None, check: bool = True) -> PermutationSpec:
     """Trace ``model``'s spec from ``example_input``, or from the first two samples of ``loader``'s first batch."""
     if example_input is None:
         if loader is None:
             raise RebasinError("cannot trace the model: pass spec=, example_input= or loader=")
         example_input = first_inputs(loader)
-    return spec_from_model(model, example_input)
+    return spec_from_model(model, example_input, check=check)
+
+
+def same_architecture(spec: PermutationSpec, model_b: nn.Module, *, example_input: Any = None,
+                      loader: Any = None) -> None:
+    """Raise :class:`RebasinError` when ``model_b`` traces to another spec than ``spec`` (model A's).
+
+    Two models can have equal state_dict shapes and still differ in structure, e.g. the number of attention
+    heads: aligning one with the other's spec would silently mix heads.
+    """
+    other = spec_for(model_b, example_input=example_input, loader=loader, check=False)
+    if other == spec:
+        return
+    diff = [f"structure {dict(spec.structure)} vs {dict(other.structure)}"] if dict(spec.structure) != dict(
+        other.structure) else []
+    diff += [f"{k}: {spec.axes[k]} vs {other.axes.get(k)}" for k in spec.axes if spec.axes[k] != other.axes.get(k)]
+    raise RebasinError(
+        "model_a and model_b have the same state_dict shapes but trace to different permutation specs (another "
+        "number of attention heads or groups, another wiring): " + "; ".join(diff[:4])
+        + ". Align models of one architecture, or pass spec= explicitly if you know better")
 
 
 def _positional(gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

@@ -221,7 +221,7 @@ def main() -> None:
             f"at most half a checkpoint ({ckpt_mb / 2:.0f} MB) and at most 1.5x the in-memory time. The machine is "
             f"shared with other jobs, so times are noisy. {machine_summary()}."
         )
-        command = "OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py " + shlex.join(
+        command = f"OMP_NUM_THREADS={threads} python benchmarks/checkpoint_memory.py " + shlex.join(
             a for a in sys.argv[1:] if a != "--no-report")
         title = "Weight matching from checkpoints on disk" + (", GPT-2" if args.gpt2 else "")
         append_report(f"{title} (checkpoint_memory)", command.strip(), table, notes=notes)

@@ -67,6 +67,23 @@ def _stretch_rows(t: Tensor, axis: int, lo: int, hi: int, n: int) -> Tensor:
 
 
 
+# Elements per chunk of the element-wise passes (finite check, objective): their temporaries stay small
+# next to the tensor itself (an embedding of 50257 x 768 floats is 154 MB).
+_CHUNK = 1 << 20
+
+
+def _all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()`` chunk by chunk (the one-shot call allocates several copies' worth)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(_CHUNK))
+
+
+def _dot64(a: Tensor, b: Tensor) -> float:
+    """``<a, b>``: float32 products summed in float64, chunk by chunk."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return float(sum(float((x * y).sum(dtype=torch.float64)) for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK))))
+
+
 @dataclass(frozen=True)
 class _Term:
     """One stretch of one tensor axis that ``perm`` acts on, with the permutations on the tensor's other axes."""
@@ -260,10 +277,9 @@ class _LazyEngine:
         """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations, one key at a time."""
         start, total = self.current(), 0.0
         for key in self.on_key:
-            b = self.state_b[key].detach().to(device=self.device, dtype=torch.float32)
-            moved = permute_unchecked(self.spec, start, {key: b})[key]
-            total += float((self.load(self.state_a, key) * moved).sum(dtype=torch.float64))
-            del b, moved
+            moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key)})[key]  # B's copy dropped
+            total += _dot64(self.load(self.state_a, key), moved)
+            del moved
         return total
 
 
@@ -316,7 +332,7 @@ def weight_matching_lazy(
                 t = state[key]
                 if not isinstance(t, Tensor):
                     raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
-                if t.numel() and not bool(torch.isfinite(t).all()):
+                if t.numel() and not _all_finite(t):
                     raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
                 del t
         cx_keys = complex_keys(spec, meta)

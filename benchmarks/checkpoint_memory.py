@@ -19,6 +19,12 @@ the files. ``same perms`` compares each run's permutations with the in-memory ru
 Run ``OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py`` (two independent models do not converge
 within the default 100 sweeps; 4 to 8 minutes on 2 cores); ``--n-iter 3`` caps both runs at 3 sweeps (about
 a minute); ``--no-report`` skips writing the section of docs/benchmarks.md.
+
+``--gpt2`` measures a transformer instead (needs ``transformers``): two random ``GPT2LMHeadModel(GPT2Config())``
+(12 layers, width 768, 12 heads; ``--n-positions`` 64), the spec traced from model A by
+:func:`rebasin.trace_model` in the parent process (heads as structured units, packed q;k;v as
+concatenations), the state_dicts' spec keys written as ``.safetensors``; the same three runs follow, each child
+reading the spec from a plain-data pickle. Its rows go to their own section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -56,6 +63,34 @@ def mlp_spec(depth: int) -> PermutationSpec:
     return PermutationSpec(axes)
 
 
+def _spec_data(spec: PermutationSpec) -> dict:
+    """The spec's fields as plain dicts (a ``PermutationSpec`` holds read-only mapping views, which do not pickle)."""
+    return {"axes": dict(spec.axes), "blocks": dict(spec.blocks), "structure": dict(spec.structure),
+            "concat": dict(spec.concat), "grouped": dict(spec.grouped)}
+
+
+def gpt2_spec_and_states(n_positions: int) -> tuple[PermutationSpec, dict, dict]:
+    """The traced spec of a random ``GPT2Config()`` model and two random state_dicts (seeds 0 and 1)."""
+    import warnings
+
+    import transformers
+
+    from rebasin import trace_model
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=n_positions)).eval()
+
+    model = build(0)
+    spec = trace_model(model, torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))).spec
+    state_a = {k: v.detach() for k, v in model.state_dict().items() if k in spec.axes}
+    del model
+    state_b = {k: v.detach() for k, v in build(1).state_dict().items() if k in spec.axes}
+    return spec, state_a, state_b
+
+
 def _status(field: str) -> int:
     """``VmHWM`` / ``VmRSS`` of this process in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -72,10 +107,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(mode: str, folder: Path, depth: int, n_iter: int) -> None:
+def child(mode: str, folder: Path, n_iter: int) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    spec = mlp_spec(depth)
+    with open(folder / "spec.pkl", "rb") as f:
+        spec = PermutationSpec(**pickle.load(f))
     a_path, b_path = folder / "a.safetensors", folder / "b.safetensors"
     reset = _reset_peak()
     base = _status("VmRSS")
@@ -114,29 +150,42 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024, help="width of every layer (default 1024)")
     parser.add_argument("--n-iter", type=int, default=100,
                         help="sweeps of weight matching at most, the same for both runs (default 100, the library's)")
+    parser.add_argument("--gpt2", action="store_true",
+                        help="two random GPT2Config() models (12 layers, width 768) instead of the MLPs")
+    parser.add_argument("--n-positions", type=int, default=64, help="n_positions of the GPT-2 config (default 64)")
     parser.add_argument("--no-report", action="store_true", help="do not write the section of docs/benchmarks.md")
     parser.add_argument("--child", choices=["memory", "lazy", "save"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.dir, args.depth, args.n_iter)
+        child(args.child, args.dir, args.n_iter)
         return
-    spec = mlp_spec(args.depth)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name, seed in (("a", 0), ("b", 1)):
-            torch.manual_seed(seed)
-            layers: list[nn.Module] = []
-            for i in range(args.depth):
-                layers += [nn.Linear(args.width, args.width)] + ([nn.ReLU()] if i < args.depth - 1 else [])
-            state = nn.Sequential(*layers).state_dict()
-            save_permuted(spec, {}, state, folder / f"{name}.safetensors")
-            del layers, state
+        t0 = time.perf_counter()
+        if args.gpt2:
+            spec, state_a, state_b = gpt2_spec_and_states(args.n_positions)
+            print(f"GPT-2 spec traced and models built in {time.perf_counter() - t0:.1f} s: {len(spec.perms)} "
+                  f"permutations, {len(spec.structure)} structured, {len(spec.concat)} concatenations", flush=True)
+            for name, state in (("a", state_a), ("b", state_b)):
+                save_permuted(spec, {}, state, folder / f"{name}.safetensors")
+            del state_a, state_b, state
+        else:
+            spec = mlp_spec(args.depth)
+            for name, seed in (("a", 0), ("b", 1)):
+                torch.manual_seed(seed)
+                layers: list[nn.Module] = []
+                for i in range(args.depth):
+                    layers += [nn.Linear(args.width, args.width)] + ([nn.ReLU()] if i < args.depth - 1 else [])
+                state = nn.Sequential(*layers).state_dict()
+                save_permuted(spec, {}, state, folder / f"{name}.safetensors")
+                del layers, state
+        with open(folder / "spec.pkl", "wb") as f:
+            pickle.dump(_spec_data(spec), f)
         ckpt_mb = (folder / "a.safetensors").stat().st_size / 2**20
         results = {}
         for mode in ("memory", "lazy", "save"):
-            cmd = [sys.executable, __file__, "--child", mode, "--dir", str(folder), "--depth", str(args.depth),
-                   "--n-iter", str(args.n_iter)]
+            cmd = [sys.executable, __file__, "--child", mode, "--dir", str(folder), "--n-iter", str(args.n_iter)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
             print(mode, results[mode], flush=True)
@@ -158,16 +207,24 @@ def main() -> None:
     print(f"checkpoint size: {ckpt_mb:.0f} MB each; target: lazy growth <= {ckpt_mb / 2:.0f} MB, time <= 1.5x")
     if not args.no_report:
         threads = os.environ.get("OMP_NUM_THREADS", "(unset)")
+        if args.gpt2:
+            models = (f"Two independently initialised GPT-2 models (GPT2Config(): 12 layers, width 768, 12 heads, "
+                      f"vocab 50257; n_positions={args.n_positions}), the spec traced from model A ({len(spec.perms)} "
+                      f"permutations, {len(spec.structure)} of them inside heads, {len(spec.concat)} packed q;k;v "
+                      f"concatenations), {ckpt_mb:.0f} MB each as float32 safetensors (the tied lm_head.weight is "
+                      "stored too)")
+        else:
+            models = f"Two independently initialised {args.depth}-layer, {args.width}-wide MLPs, {ckpt_mb:.0f} MB each as float32 safetensors"
         notes = (
-            f"Two independently initialised {args.depth}-layer, {args.width}-wide MLPs, {ckpt_mb:.0f} MB each as "
-            f"float32 safetensors; every run in a fresh subprocess, OMP_NUM_THREADS={threads}. Peak growth: VmHWM "
+            f"{models}; every run in a fresh subprocess, OMP_NUM_THREADS={threads}. Peak growth: VmHWM "
             "minus the resident memory after the imports (the peak is reset there). Target: the lazy run's growth "
             f"at most half a checkpoint ({ckpt_mb / 2:.0f} MB) and at most 1.5x the in-memory time. The machine is "
             f"shared with other jobs, so times are noisy. {machine_summary()}."
         )
-        command = "OMP_NUM_THREADS=2 python benchmarks/checkpoint_memory.py " + shlex.join(
+        command = f"OMP_NUM_THREADS={threads} python benchmarks/checkpoint_memory.py " + shlex.join(
             a for a in sys.argv[1:] if a != "--no-report")
-        append_report("Weight matching from checkpoints on disk (checkpoint_memory)", command.strip(), table, notes=notes)
+        title = "Weight matching from checkpoints on disk" + (", GPT-2" if args.gpt2 else "")
+        append_report(f"{title} (checkpoint_memory)", command.strip(), table, notes=notes)
 
 
 if __name__ == "__main__":

@@ -158,13 +158,112 @@ def test_lazy_engine_on_a_concatenation_finds_the_optimum():
         assert dot >= best - 1e-4
 
 
-def test_lazy_refuses_structured_specs(tmp_path):
-    conv = nn.Conv2d(6, 9, 3, groups=3)
-    spec = PermutationSpec({"weight": ("O", "I", None, None), "bias": ("O",)},
-                           structure={"I": ("G", 2), "O": ("G", 3)}, grouped={("weight", 1): 3})
-    ck = _save(_state(conv), tmp_path / "c.safetensors")
-    with pytest.raises(RebasinError, match="structured"):
-        weight_matching(spec, ck, ck)
+def _structured_specs() -> dict[str, tuple[PermutationSpec, nn.Module]]:
+    """Hand-written structured specs (as in tests/test_spec_structure.py) and a module to draw weights from."""
+    e, h, hid = 12, 3, 5
+    mha = PermutationSpec(
+        {"in_proj_weight": ("QKV", "R"), "in_proj_bias": ("QKV",), "out_proj.weight": ("R", "VO"), "out_proj.bias": ("R",)},
+        structure={"QK": ("H", e // h), "VO": ("H", e // h)},
+        concat={"QKV": (("QK", e), ("QK", e), ("VO", e))},
+    )
+    grouped = PermutationSpec({"weight": ("O", "I", None, None), "bias": ("O",)},
+                              structure={"I": ("G", 2), "O": ("G", 3)}, grouped={("weight", 1): 3})
+    lstm = PermutationSpec(
+        {"weight_ih_l0": ("G", None), "weight_hh_l0": ("G", "H"), "bias_ih_l0": ("G",), "bias_hh_l0": ("G",)},
+        concat={"G": (("H", hid),) * 4},
+    )
+    pwp = PermutationSpec({"weight": ("P", "P"), "bias": ("P",)})
+    return {
+        "mha": (mha, lambda: nn.MultiheadAttention(e, h)),
+        "grouped": (grouped, lambda: nn.Conv2d(6, 9, 3, groups=3)),
+        "lstm": (lstm, lambda: nn.LSTM(4, hid)),
+        "pwp": (pwp, lambda: nn.Linear(16, 16)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mha", "grouped", "lstm", "pwp"])
+def test_lazy_structured_specs_give_the_in_memory_permutations(tmp_path, name):
+    spec, make = _structured_specs()[name]
+    torch.manual_seed(0)
+    a, b = _state(make()), _state(make())
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.pt")
+    for seed in (0, 1, 2):
+        ref, info_ref = weight_matching(spec, a, b, seed=seed, return_info=True)
+        got, info = weight_matching(spec, ca, cb, seed=seed, return_info=True)
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), (name, seed)
+        assert (info.n_sweeps, info.n_solves, info.n_skipped) == (info_ref.n_sweeps, info_ref.n_solves, info_ref.n_skipped)
+        assert (info.n_full_builds, info.n_lowrank_updates) == (info_ref.n_full_builds, info_ref.n_lowrank_updates)
+        assert info.objective == pytest.approx(info_ref.objective, rel=1e-6)
+        assert info.initial_objective == pytest.approx(info_ref.initial_objective, rel=1e-6)
+    # a permuted copy of A (heads moved, units moved inside heads), streamed to disk: same answer as in memory
+    # (a lone block can stop in a local optimum from the identity, in memory as well)
+    perms = random_permutation(spec, seed=3, sizes=spec.validate(a))
+    save_permuted(spec, perms, ca, tmp_path / "ap.safetensors")
+    planted = open_checkpoint(tmp_path / "ap.safetensors")
+    back, ref = weight_matching(spec, ca, planted), weight_matching(spec, a, permute(spec, perms, a))
+    assert all(torch.equal(back[k], ref[k]) for k in ref), name
+    back = weight_matching(spec, ca, planted, init={k: torch.argsort(v) for k, v in perms.items()})
+    moved = permute(spec, back, dict(planted))
+    assert all(torch.equal(moved[k], a[k]) for k in a), name  # the truth is a fixed point
+
+
+def test_lazy_structured_unit_with_init_and_plain_neighbours(tmp_path):
+    # an MHA block between two plain layers: structured units, plain units and low-rank updates side by side
+    e, h = 8, 2
+    spec = PermutationSpec(
+        {"inp.weight": ("R", None), "inp.bias": ("R",),
+         "in_proj_weight": ("QKV", "R"), "in_proj_bias": ("QKV",), "out_proj.weight": ("S", "VO"), "out_proj.bias": ("S",),
+         "head.weight": (None, "S")},
+        structure={"QK": ("H", e // h), "VO": ("H", e // h)},
+        concat={"QKV": (("QK", e), ("QK", e), ("VO", e))},
+    )
+    g = torch.Generator().manual_seed(4)
+
+    def draw() -> dict[str, torch.Tensor]:
+        shapes = {"inp.weight": (e, 5), "inp.bias": (e,), "in_proj_weight": (3 * e, e), "in_proj_bias": (3 * e,),
+                  "out_proj.weight": (e, e), "out_proj.bias": (e,), "head.weight": (3, e)}
+        return {k: torch.randn(v, generator=g) for k, v in shapes.items()}
+
+    a, b = draw(), draw()
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.safetensors")
+    init = random_permutation(spec, seed=5, sizes=spec.validate(a))
+    for kwargs in ({"init": init}, {"n_iter": 0, "init": init}, {"n_iter": 1}, {"seed": 4}):
+        ref = weight_matching(spec, a, b, **kwargs)
+        got = weight_matching(spec, ca, cb, **kwargs)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), kwargs
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    """A 2-layer, 32-wide GPT-2 from a config, its spec and a second model (module scope: tracing registers
+    transformers' Conv1D layer rule once, before the per-test registry guard)."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    from rebasin.trace import trace_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model_a = transformers.GPT2LMHeadModel(cfg).eval()
+    model_b = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    return trace_model(model_a, x).spec, _state(model_a), _state(model_b)
+
+
+def test_lazy_tiny_gpt2_gives_the_in_memory_permutations(tmp_path, tiny_gpt2):
+    spec, a, b = tiny_gpt2
+    assert spec.structure
+    a = {k: v for k, v in a.items() if k in spec.axes}
+    b = {k: v for k, v in b.items() if k in spec.axes}
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.safetensors")
+    ref, info_ref = weight_matching(spec, a, b, return_info=True)
+    got, info = weight_matching(spec, ca, cb, return_info=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (info.n_sweeps, info.n_solves, info.n_lowrank_updates) == (info_ref.n_sweeps, info_ref.n_solves, info_ref.n_lowrank_updates)
+    assert info.objective == pytest.approx(info_ref.objective, rel=1e-6)
 
 
 def test_bad_inputs(tmp_path, make_mlp):
@@ -280,12 +379,15 @@ def test_lazy_matches_in_memory_with_init_and_on_p_w_pt(tmp_path, make_mlp):
         ref = weight_matching(spec, a, b, **kwargs)
         got = weight_matching(spec, ca, cb, **kwargs)
         assert all(torch.equal(ref[k], got[k]) for k in ref), kwargs
-    # one permutation on both axes of a tensor (P W P^T): the in-memory engine solves it jointly; refused lazily
+    # one permutation on both axes of a tensor (P W P^T) and on a plain tensor: same steps as in memory
     g = torch.Generator().manual_seed(0)
     spec2 = PermutationSpec({"w": ("P", "P"), "v": ("P", None)})
     s_a = {"w": torch.randn(16, 16, generator=g), "v": torch.randn(16, 3, generator=g)}
-    with pytest.raises(RebasinError, match="two axes of one tensor"):
-        weight_matching_lazy(spec2, s_a, s_a)
+    s_b = {"w": torch.randn(16, 16, generator=g), "v": torch.randn(16, 3, generator=g)}
+    for seed in (0, 1):
+        got, _ = weight_matching_lazy(spec2, s_a, s_b, seed=seed)
+        ref = weight_matching(spec2, s_a, s_b, seed=seed)
+        assert torch.equal(got["P"], ref["P"])
 
 
 def test_merge_checkpoints_equals_merge_without_repair(tmp_path, make_mlp):

@@ -88,7 +88,12 @@ def _gather_rows(t: Tensor, axis: int, p: Tensor, groups: int) -> Tensor:
 
 
 class ComplexTerms:
-    """Similarities and objective of the complex keys, recomputed from the current permutations."""
+    """Similarities and objective of the complex keys, recomputed from the current permutations.
+
+    With ``lazy=True`` nothing is held: each similarity or objective reads the tensors it needs from
+    ``state_a`` / ``state_b`` (checkpoints on disk) one key at a time, so the results are those of the
+    in-memory terms (same arithmetic) with about one tensor of each model in memory.
+    """
 
     def __init__(
         self,
@@ -98,13 +103,27 @@ class ComplexTerms:
         keys: frozenset[str],
         sizes: Mapping[str, int],
         device: torch.device,
+        lazy: bool = False,
     ) -> None:
         self.spec, self.sizes, self.device = spec, dict(sizes), device
-        self.a = {k: state_a[k].detach().to(device=device, dtype=torch.float32) for k in keys}
-        self.b = {k: state_b[k].detach().to(device=device, dtype=torch.float32) for k in keys}
-        self.a64 = {k: state_a[k].detach().to(device=device, dtype=torch.float64) for k in keys}
-        self.b64 = {k: state_b[k].detach().to(device=device, dtype=torch.float64) for k in keys}
+        self.keys = keys
+        self.lazy = lazy
+        self.state_a, self.state_b = state_a, state_b
+        if not lazy:  # held in memory, two dtypes each
+            self.a = {k: state_a[k].detach().to(device=device, dtype=torch.float32) for k in keys}
+            self.b = {k: state_b[k].detach().to(device=device, dtype=torch.float32) for k in keys}
+            self.a64 = {k: state_a[k].detach().to(device=device, dtype=torch.float64) for k in keys}
+            self.b64 = {k: state_b[k].detach().to(device=device, dtype=torch.float64) for k in keys}
         self.occ = {p: [o for o in occs if o.key in keys] for p, occs in spec.occurrences.items()}
+
+    def _get(self, which: str, key: str, dtype: torch.dtype) -> Tensor:
+        """A's or B's tensor ``key`` in ``dtype`` on the device (read from the state now when ``lazy``)."""
+        if not self.lazy:
+            held = {("a", torch.float32): self.a, ("b", torch.float32): self.b,
+                    ("a", torch.float64): self.a64, ("b", torch.float64): self.b64}[(which, dtype)]
+            return held[key]
+        state = self.state_a if which == "a" else self.state_b
+        return state[key].detach().to(device=self.device, dtype=dtype)
 
     def has(self, perm: str) -> bool:
         return bool(self.occ.get(perm))
@@ -126,7 +145,7 @@ class ComplexTerms:
         out: Tensor | None = None
         for key, axis, start, block, groups in self.occ.get(perm, ()):
             names = spec.axes[key]
-            b = self.b[key]
+            b = self._get("b", key, torch.float32)
             gx = next((i for i in range(len(names)) if (key, i) in spec.grouped), None)
             for i, name in enumerate(names):
                 if i == axis or name is None:
@@ -136,7 +155,7 @@ class ComplexTerms:
                 idx = axis_index(spec, name, perms)
                 if idx is not None:
                     b = b.index_select(i, block_index(idx, spec.blocks.get((key, i), 1)).to(self.device))
-            a = self.a[key]
+            a = self._get("a", key, torch.float32)
             if gx is not None:
                 g = spec.grouped[(key, gx)]
                 if axis == gx:  # rows aligned inside B's groups, then block-by-block similarity
@@ -156,13 +175,17 @@ class ComplexTerms:
 
     def objective(self, keys: Iterable[str], perms: Mapping[str, Tensor]) -> float:
         """``sum_k <A_k, permute(perms, B_k)>`` over ``keys`` in float64."""
-        keys = sorted(keys)
-        moved = permute_unchecked(self.spec, perms, {k: self.b64[k] for k in keys})
-        return float(sum(float((self.a64[k] * moved[k]).sum()) for k in keys))
+        total = 0.0
+        for k in sorted(keys):  # one key at a time: a lazy state holds one tensor of each model
+            moved = permute_unchecked(self.spec, perms, {k: self._get("b", k, torch.float64)})[k]
+            total += float((self._get("a", k, torch.float64) * moved).sum())
+            del moved
+        return total
 
     def scale(self, keys: Iterable[str]) -> float:
         """``sum_k ||A_k|| ||B_k||``, a bound on every ``|<A_k, pi(B_k)>|`` (the tolerance's scale)."""
-        return float(sum(float(self.a64[k].norm() * self.b64[k].norm()) for k in keys))
+        return float(sum(float(self._get("a", k, torch.float64).norm() * self._get("b", k, torch.float64).norm())
+                         for k in keys))
 
 
 def _grouped_view(t: Tensor, gx: int, groups: int) -> Tensor:

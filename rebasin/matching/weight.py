@@ -61,20 +61,17 @@ from torch import Tensor
 
 from .._common import check_int
 from ..spec.checkpoint import LazyState
-from ..spec.core import PermutationSpec, check_permutations, join_structured
-from ._structured_terms import ComplexTerms, as_tensors, complex_keys, nonlinear_units, unit_of
-from .assignment import cost_from_similarity, solve_cost, structured_assignment
+from ..spec.core import PermutationSpec, check_permutations
+from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
+from ._structured_terms import ComplexTerms, complex_keys
 from .registry import MatchResult, register_matcher
 from .weight_lazy import weight_matching_lazy
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
 
-# A new permutation is accepted only if it raises the objective by more than this fraction of the
-# similarity entries it trades (sum of |S| over the changed rows, old and new): float32 noise
-# cannot make the descent cycle.
-_GAIN_RTOL = 1e-6
-# Low-rank update of a cached similarity when at most this fraction of a neighbour changed.
-_LOWRANK_FRACTION = 0.25
+# Low-rank update of a cached similarity when at most this fraction of a neighbour changed (a module
+# constant so that tests can force every update to be low-rank).
+_LOWRANK_FRACTION = LOWRANK_FRACTION
 
 
 @dataclass(frozen=True)
@@ -279,109 +276,6 @@ class _Engine:
         self.perms[q] = new
 
 
-class _Structured:
-    """The units the plain loop cannot solve alone: structured units and permutations on complex keys.
-
-    A unit's similarity for each of its permutations is the engine's (plain keys, incremental) plus
-    the complex keys' (:class:`ComplexTerms`, recomputed). A structured unit is solved by
-    :func:`structured_assignment` (outer = assignment on the best within-block values), any other by
-    one linear assignment. The step is kept only if the objective rises: by the similarities' gain
-    when the objective is linear in the unit, else by the recomputed objective of the keys it touches.
-    """
-
-    def __init__(
-        self,
-        spec: PermutationSpec,
-        state_a: Mapping[str, Tensor],
-        state_b: Mapping[str, Tensor],
-        sizes: Mapping[str, int],
-        engine: _Engine,
-        keys: frozenset[str],
-        device: torch.device,
-    ) -> None:
-        self.spec, self.sizes, self.engine, self.device = spec, dict(sizes), engine, device
-        self.terms = ComplexTerms(spec, state_a, state_b, keys, sizes, device)
-        self.unit_index = unit_of(spec)
-        self.nonlinear = nonlinear_units(spec, keys)
-        self.initial_objective = self.terms.objective(keys, as_tensors(engine.perms, device)) if keys else 0.0
-
-    def plain(self, perm: str) -> bool:
-        """True for an unstructured permutation that only the engine's plain terms touch (the fast path)."""
-        return perm not in self.spec.structure and perm not in self.spec.outers and not self.terms.has(perm)
-
-    def worth(self, unit: tuple[str, ...]) -> bool:
-        """Whether visiting ``unit`` can change anything: some floating term and more than one choice."""
-        if len(unit) == 1 and self.plain(unit[0]):
-            return False
-        eng = self.engine
-        touched = any(self.terms.has(p) or eng.static[p] or eng.dynamic[p] for p in unit)
-        return touched and any(self.sizes[p] > 1 for p in unit)
-
-    def _similarity(self, perm: str, perms_t: Mapping[str, Tensor]) -> np.ndarray:
-        n = self.sizes[perm]
-        s = np.zeros((n, n), dtype=np.float64)
-        base = self.engine.similarity(perm, force=True)
-        if base is not None:
-            s += base.detach().to("cpu", torch.float64).numpy()
-        extra = self.terms.similarity(perm, perms_t) if self.terms.has(perm) else None
-        if extra is not None:
-            s += extra.detach().to("cpu", torch.float64).numpy()
-        return s
-
-    def step(self, unit: tuple[str, ...]) -> float | None:
-        """Solve ``unit``; apply and return the objective's gain if it rises, else None."""
-        spec, eng = self.spec, self.engine
-        perms_t = as_tensors(eng.perms, self.device)
-        sims = {p: self._similarity(p, perms_t) for p in unit}
-        members = [p for p in unit if p in spec.structure]
-        new: dict[str, np.ndarray] = {}
-        if members:
-            outer = spec.structure[members[0]][0]
-            res = structured_assignment([sims[m] for m in members], [spec.structure[m][1] for m in members],
-                                        sims.get(outer), name=outer)
-            for m, inner in zip(members, res.inner):
-                new[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner)).numpy()
-            if outer in sims:
-                new[outer] = res.outer.astype(np.int64)
-        else:
-            new[unit[0]] = solve_cost(-sims[unit[0]], name=unit[0])
-        old = {p: eng.perms[p] for p in unit}
-        if all(np.array_equal(new[p], old[p]) for p in unit):
-            return None
-        if self.unit_index[unit[0]] in self.nonlinear:
-            keys = self.terms.keys_of(unit) | {k for p in unit for k, _ in spec.perm_to_axes[p] if k in self.terms.a}
-            before = self.terms.objective(keys, perms_t)
-            after = self.terms.objective(keys, {**perms_t, **as_tensors(new, self.device)})
-            gain, scale = after - before, self.terms.scale(keys)
-            # plain keys of the unit are linear in it: their gain comes from the engine's similarities
-            for p in unit:
-                if eng.static[p] or eng.dynamic[p]:
-                    base = self._plain_similarity(p)
-                    rows = np.arange(new[p].size)
-                    g = base[rows, new[p]] - base[rows, old[p]]
-                    gain += float(g.sum())
-                    scale += float(np.abs(base[rows, new[p]]).sum() + np.abs(base[rows, old[p]]).sum())
-        else:
-            gain, scale = 0.0, 0.0
-            for p in unit:
-                rows = np.arange(new[p].size)
-                got, had = sims[p][rows, new[p]], sims[p][rows, old[p]]
-                gain += float(got.sum() - had.sum())
-                scale += float(np.abs(got).sum() + np.abs(had).sum())
-        if gain <= _GAIN_RTOL * scale:
-            return None
-        for p in unit:
-            changed = np.flatnonzero(new[p] != old[p])
-            if changed.size:
-                eng.update(p, new[p], changed)
-        return gain
-
-    def _plain_similarity(self, perm: str) -> np.ndarray:
-        base = self.engine.similarity(perm, force=True)
-        n = self.sizes[perm]
-        return np.zeros((n, n)) if base is None else base.detach().to("cpu", torch.float64).numpy()
-
-
 def _compute_device(spec: PermutationSpec, state_a: Mapping[str, Tensor]) -> torch.device:
     for key, axes in spec.axes.items():
         t = state_a[key]
@@ -541,68 +435,19 @@ def weight_matching(
     with torch.no_grad():
         cx_keys = complex_keys(spec, state_a)
         engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental, cx_keys)
-        cx = _Structured(spec, state_a, state_b, sizes, engine, cx_keys, dev)
-        generator = torch.Generator().manual_seed(int(seed))
-        plain = set(engine.active())
-        active = [u for u in spec.units if (len(u) == 1 and u[0] in plain) or cx.worth(u)]
-        objective = engine.initial_objective + cx.initial_objective
-        history: list[float] = []
-        n_solves = n_skipped = 0
-        buffers: dict[int, np.ndarray] = {}  # one float64 cost matrix per size, reused
-        converged = False
-        for _ in range(n_iter):
-            improved = False
-            for idx in torch.randperm(len(active), generator=generator).tolist():
-                unit = active[idx]
-                if len(unit) > 1 or not cx.plain(unit[0]):
-                    n_solves += 1
-                    gain = cx.step(unit)
-                    if gain is not None:
-                        objective += gain
-                        improved = True
-                    continue
-                name = unit[0]
-                sim = engine.similarity(name)
-                if sim is None:
-                    n_skipped += 1
-                    continue
-                n = engine.sizes[name]
-                if n not in buffers:
-                    buffers[n] = np.empty((n, n), dtype=np.float64)
-                cost = cost_from_similarity(sim, out=buffers[n])  # -S, float64, CPU, reused buffer
-                del sim
-                if _on_solve is not None:
-                    _on_solve(name, cost)
-                new = solve_cost(cost, name=name)
-                n_solves += 1
-                old = engine.perms[name]
-                changed = np.flatnonzero(new != old)
-                if changed.size == 0:
-                    continue
-                gained = -cost[changed, new[changed]]
-                lost = -cost[changed, old[changed]]
-                gain = float(gained.sum() - lost.sum())
-                if gain > _GAIN_RTOL * float(np.abs(gained).sum() + np.abs(lost).sum()):
-                    engine.update(name, new, changed)
-                    objective += gain
-                    improved = True
-            history.append(objective)
-            if not improved:
-                converged = True
-                break
+        cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
+        initial = engine.initial_objective + cx.initial_objective
+        run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed,
+                                 on_solve=_on_solve)
 
     out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     if not return_info:
         return out
     info = WeightMatchingInfo(
-        objective=history,
-        initial_objective=engine.initial_objective + cx.initial_objective,
-        n_sweeps=len(history),
-        converged=converged,
-        n_solves=n_solves,
-        n_skipped=n_skipped,
+        initial_objective=initial,
         n_full_builds=engine.n_full_builds,
         n_lowrank_updates=engine.n_lowrank_updates,
+        **run,
     )
     return out, info
 

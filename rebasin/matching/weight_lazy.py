@@ -2,26 +2,31 @@
 
 The engine behind :func:`rebasin.weight_matching` when either model is a
 :class:`rebasin.spec.checkpoint.Checkpoint` (from :func:`rebasin.open_checkpoint`). It runs the same
-coordinate descent as the in-memory engine (:mod:`rebasin.matching.weight`), step for step: the same
-visiting order drawn from ``seed``, the same acceptance rule, the same skipped solves (a permutation whose
+coordinate descent as the in-memory engine (:mod:`rebasin.matching.weight`), step for step
+(:func:`rebasin.matching._descent.coordinate_descent`, shared by both): the same visiting order of
+``spec.units`` drawn from ``seed``, the same acceptance rule, the same skipped solves (a permutation whose
 similarity has not changed since its last solve), the same cached similarities corrected by the same
 low-rank updates, so it returns the same permutations. What differs is where things live:
 
-* the tensors stay on disk. A similarity ``S_P`` is built from the tensors ``P`` touches
-  (``spec.occurrences``: direct axes, concatenation parts, block axes), reading one tensor of A and the same
-  tensor of B at a time; B's tensor gets every current permutation but ``P``
-  (:func:`rebasin.permute_unchecked` on a one-key dict with ``skip=P``, so concatenations and blocks follow
-  the spec's own rules) and ``S_P += rows(A_k) rows(B'_k)^T``;
+* the tensors stay on disk. A plain similarity ``S_P`` (keys whose axes carry distinct free permutations)
+  is built from the tensors ``P`` touches, reading one tensor of A and the same tensor of B at a time;
+  B's tensor gets every current permutation but ``P`` (:func:`rebasin.permute_unchecked` on a one-key dict
+  with ``skip=P``, so blocks follow the spec's own rules) and ``S_P += rows(A_k) rows(B'_k)^T``;
 * the cached ``n x n`` similarities are kept in an anonymous scratch file (page cache, not process memory)
   and read back one at a time. When a permutation ``Q`` changes at ``m <= n / 4`` units, each cached
   neighbouring similarity gets the exact correction ``A[:, J] (B'_new[:, J] - B'_old[:, J])^T``, which reads
-  the one tensor they share again; above that the cache is dropped and rebuilt on the next visit.
+  the one tensor they share again; above that the cache is dropped and rebuilt on the next visit;
+* structured units (heads, groups: ``spec.structure``) and the *complex* keys (a concatenation such as a
+  packed q;k;v or LSTM gates, a grouped convolution, one unit on two axes of a tensor: ``P W P^T``) go
+  through the in-memory engine's own :class:`~rebasin.matching._descent.StructuredSteps`, whose
+  :class:`~rebasin.matching._structured_terms.ComplexTerms` here read each complex tensor from the
+  checkpoints when a similarity or an objective needs it (``lazy=True``) instead of holding them: at each
+  visit of a unit, one tensor of A and B at a time, the other permutations' current estimates applied
+  (``axis_index`` / ``index_select``), then :func:`~rebasin.matching.assignment.structured_assignment` and
+  the same acceptance test.
 
-Where ``P`` also acts on another axis of the same tensor (``P W P^T``) the tensor is permuted by every
-permutation and the product's columns are put back in B's order with ``P``'s inverse; such a similarity is
-rebuilt instead of corrected (that path is kept, but such specs are refused for now: the in-memory engine
-solves those units jointly, differently). Memory: two tensors (and float32 copies), one ``n x n`` similarity
-and its float64 cost matrix. Structured permutations (heads, groups) are refused too.
+Memory: two tensors (and float32 / float64 copies of one complex tensor), one ``n x n`` similarity per
+member of the unit being solved and its float64 cost matrix.
 """
 
 from __future__ import annotations
@@ -40,14 +45,10 @@ from .._common import check_int
 from .._errors import RebasinError
 from ..spec.checkpoint import meta_state
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
-from .assignment import cost_from_similarity, solve_cost
+from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
+from ._structured_terms import ComplexTerms, complex_keys
 
 __all__ = ["weight_matching_lazy"]
-
-# Same constants as the in-memory engine (rebasin.matching.weight): keep them equal, or the results differ.
-_GAIN_RTOL = 1e-6
-_LOWRANK_FRACTION = 0.25
-
 
 def _validate(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> tuple[dict[str, int], dict[str, Tensor]]:
     """Keys, shapes and sizes from the meta views (no data read); returns the sizes and A's meta view."""
@@ -66,13 +67,29 @@ def _stretch_rows(t: Tensor, axis: int, lo: int, hi: int, n: int) -> Tensor:
 
 
 
+# Elements per chunk of the element-wise passes (finite check, objective): their temporaries stay small
+# next to the tensor itself (an embedding of 50257 x 768 floats is 154 MB).
+_CHUNK = 1 << 20
+
+
+def _all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()`` chunk by chunk (the one-shot call allocates several copies' worth)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(_CHUNK))
+
+
+def _dot64(a: Tensor, b: Tensor) -> float:
+    """``<a, b>``: float32 products summed in float64, chunk by chunk."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return float(sum(float((x * y).sum(dtype=torch.float64)) for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK))))
+
+
 @dataclass(frozen=True)
 class _Term:
     """One stretch of one tensor axis that ``perm`` acts on, with the permutations on the tensor's other axes."""
 
     perm: str
     occ: Occurrence
-    twice: bool  # perm also acts on another axis of this tensor (P W P^T)
     nbrs: dict[str, tuple[Occurrence, ...]]  # other axes' permutations and where they act
 
 
@@ -109,6 +126,163 @@ class _Scratch:
         self.file.close()
 
 
+class _LazyEngine:
+    """The plain terms of the descent (keys with distinct free permutations on their axes), read from disk.
+
+    Same interface and arithmetic as the in-memory ``_Engine`` of :mod:`rebasin.matching.weight`
+    (see :mod:`rebasin.matching._descent`); similarities are cached in a :class:`_Scratch` file.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        meta: Mapping[str, Tensor],
+        sizes: Mapping[str, int],
+        perms: dict[str, np.ndarray],
+        device: torch.device,
+        skip_keys: frozenset[str],
+    ) -> None:
+        self.spec, self.state_a, self.state_b = spec, state_a, state_b
+        self.sizes, self.perms, self.device = dict(sizes), perms, device
+
+        def floating(key: str) -> bool:
+            return key not in skip_keys and meta[key].is_floating_point() and meta[key].numel() > 0
+
+        self.on_key: dict[str, list[tuple[str, Occurrence]]] = {}
+        for p, occs in spec.occurrences.items():
+            for o in occs:
+                if floating(o.key):
+                    self.on_key.setdefault(o.key, []).append((p, o))
+        self.static: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+        self.dynamic: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+        self.by_nbr: dict[str, list[_Term]] = {p: [] for p in spec.perms}
+        for p, occs in spec.occurrences.items():
+            for o in occs:
+                if not floating(o.key):
+                    continue
+                nbrs: dict[str, list[Occurrence]] = {}
+                for q, qo in self.on_key[o.key]:
+                    if qo.axis != o.axis:
+                        nbrs.setdefault(q, []).append(qo)
+                term = _Term(p, o, {q: tuple(v) for q, v in nbrs.items()})
+                (self.dynamic if nbrs else self.static)[p].append(term)
+                for q in nbrs:
+                    self.by_nbr[q].append(term)
+        self.scratch = _Scratch()
+        self.has_static: set[str] = set()
+        self.cached: set[str] = set()  # permutations whose similarity is in the scratch file ("cache", p)
+        self.stale = {p: True for p in spec.perms}
+        self.n_full_builds = 0
+        self.n_lowrank_updates = 0
+
+    def active(self) -> list[str]:
+        """Permutations worth visiting: size above one and at least one floating tensor."""
+        return [p for p in self.spec.perms if self.sizes[p] > 1 and (self.static[p] or self.dynamic[p])]
+
+    def current(self) -> dict[str, Tensor]:
+        return {q: torch.from_numpy(v).to(self.device) for q, v in self.perms.items()}
+
+    def load(self, state: Mapping[str, Tensor], key: str) -> Tensor:
+        return state[key].detach().to(device=self.device, dtype=torch.float32)
+
+    def b_prime(self, t: _Term, cur: Mapping[str, Tensor]) -> Tensor:
+        """B's tensor with every permutation but ``t.perm`` applied."""
+        return permute_unchecked(self.spec, cur, {t.occ.key: self.load(self.state_b, t.occ.key)}, t.perm)[t.occ.key]
+
+    def build(self, terms: list[_Term], out: Tensor | None) -> Tensor:
+        """``out + sum_t A_t B'_t^T`` (``out`` updated in place when given)."""
+        cur = self.current()
+        for t in terms:
+            n = self.sizes[t.perm]
+            lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
+            f_rows = _stretch_rows(self.b_prime(t, cur), t.occ.axis, lo, hi, n)
+            a_rows = _stretch_rows(self.load(self.state_a, t.occ.key), t.occ.axis, lo, hi, n)
+            if out is None:
+                out = torch.mm(a_rows, f_rows.T)
+            else:
+                out.addmm_(a_rows, f_rows.T)
+            del a_rows, f_rows
+        assert out is not None  # every caller passes at least one term or a base
+        return out
+
+    def similarity(self, p: str, force: bool = False) -> Tensor | None:
+        """``S_P`` of the plain terms, or ``None`` if unchanged since the last solve (with ``force``: only
+        if ``P`` has no plain term). The result is a fresh tensor read from the scratch file."""
+        if not (self.static[p] or self.dynamic[p]):
+            return None
+        if not self.stale[p] and not force:
+            return None
+        self.stale[p] = False
+        if p in self.cached:
+            return self.scratch.get(("cache", p), self.device)
+        base = None
+        if self.static[p]:
+            if p not in self.has_static:
+                self.scratch.put(("static", p), self.build(self.static[p], None))  # constant: computed once
+                self.has_static.add(p)
+            base = self.scratch.get(("static", p), self.device)
+        if self.dynamic[p]:
+            self.n_full_builds += 1
+            base = self.build(self.dynamic[p], base)
+        assert base is not None
+        self.scratch.put(("cache", p), base)
+        self.cached.add(p)
+        return base
+
+    def update(self, q: str, new: np.ndarray, changed: np.ndarray) -> None:
+        """Set permutation ``q`` to ``new`` (it differs from the current one at rows ``changed``)."""
+        spec, dev = self.spec, self.device
+        old = self.perms[q]
+        inv_old = np.empty_like(old)
+        inv_old[old] = np.arange(old.size)
+        src_units = torch.from_numpy(inv_old[new[changed]]).to(dev)
+        dst_units = torch.from_numpy(changed).to(dev)
+        lowrank = changed.size <= LOWRANK_FRACTION * old.size
+        cur = self.current()  # before the change
+        for t in self.by_nbr[q]:
+            r = t.perm
+            if r in self.cached:
+                if lowrank and len(t.nbrs[q]) == 1:
+                    qo = t.nbrs[q][0]
+                    dst = block_index(dst_units + qo.start, qo.block)
+                    src = block_index(src_units + qo.start, qo.block)
+                    n = self.sizes[r]
+                    lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
+                    if spec.axes[t.occ.key][qo.axis] == q:  # direct axis: permute only the two slabs of m units
+                        full = block_index(cur[q], qo.block)
+                        rest = {k: v for k, v in cur.items() if k != q}
+                        b = self.load(self.state_b, t.occ.key)
+                        slabs = [permute_unchecked(spec, rest, {t.occ.key: b.index_select(qo.axis, full[i])}, r)[t.occ.key]
+                                 for i in (src, dst)]
+                        delta = slabs[0] - slabs[1]
+                        del b, slabs
+                    else:
+                        b = self.b_prime(t, cur)
+                        delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
+                        del b
+                    a_sel = self.load(self.state_a, t.occ.key).index_select(qo.axis, dst)
+                    sim = self.scratch.get(("cache", r), dev)
+                    sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)
+                    self.scratch.put(("cache", r), sim)
+                    del delta, a_sel, sim
+                    self.n_lowrank_updates += 1
+                else:
+                    self.cached.discard(r)
+            self.stale[r] = True
+        self.perms[q] = new
+
+    def initial_objective(self) -> float:
+        """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations, one key at a time."""
+        start, total = self.current(), 0.0
+        for key in self.on_key:
+            moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key)})[key]  # B's copy dropped
+            total += _dot64(self.load(self.state_a, key), moved)
+            del moved
+        return total
+
+
 def weight_matching_lazy(
     spec: PermutationSpec,
     state_a: Mapping[str, Tensor],
@@ -135,21 +309,10 @@ def weight_matching_lazy(
     ------
     RebasinError
         As :func:`rebasin.weight_matching` (mismatching keys or shapes, NaN or inf, bad ``init`` or
-        ``n_iter``), and for a spec with structured permutations (heads or groups), which this engine
-        does not solve.
+        ``n_iter``).
     """
     check_int(n_iter, "n_iter", 0)
     sizes, meta = _validate(spec, state_a, state_b)
-    if spec.structure:
-        raise RebasinError(
-            f"weight matching over checkpoints does not support structured permutations (heads or groups: "
-            f"{sorted(spec.structure)[:6]}); load the state_dicts into memory (dict(ckpt)) to match this spec")
-    twice = sorted({p for key, ax in spec.axes.items() for p in ax if p is not None and ax.count(p) > 1})
-    if twice:
-        raise RebasinError(
-            f"weight matching over checkpoints does not support a permutation on two axes of one tensor (P W P^T: "
-            f"{twice[:6]}); the in-memory engine solves those units differently. Load the state_dicts into memory "
-            "(dict(ckpt)) to match this spec")
     if init is not None:
         check_permutations(spec, init, sizes)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -160,194 +323,33 @@ def weight_matching_lazy(
         else:
             perms[name] = np.arange(sizes[name], dtype=np.int64)
 
-    def floating(key: str) -> bool:
-        return meta[key].is_floating_point() and meta[key].numel() > 0
-
-    on_key: dict[str, list[tuple[str, Occurrence]]] = {}
-    for p, occs in spec.occurrences.items():
-        for o in occs:
-            if floating(o.key):
-                on_key.setdefault(o.key, []).append((p, o))
-    static: dict[str, list[_Term]] = {p: [] for p in spec.perms}
-    dynamic: dict[str, list[_Term]] = {p: [] for p in spec.perms}
-    by_nbr: dict[str, list[_Term]] = {p: [] for p in spec.perms}
-    for p, occs in spec.occurrences.items():
-        for o in occs:
-            if not floating(o.key):
+    with torch.no_grad():
+        # one pass over every key: tensors, finite values (as the in-memory path checks)
+        for key in spec.axes:
+            if not meta[key].is_floating_point():
                 continue
-            nbrs: dict[str, list[Occurrence]] = {}
-            for q, qo in on_key[o.key]:
-                if qo.axis != o.axis:
-                    nbrs.setdefault(q, []).append(qo)
-            term = _Term(p, o, p in nbrs, {q: tuple(v) for q, v in nbrs.items()})
-            (dynamic if nbrs else static)[p].append(term)
-            for q in nbrs:
-                by_nbr[q].append(term)
-    active = [p for p in spec.perms if sizes[p] > 1 and (static[p] or dynamic[p])]
+            for state, which in ((state_a, "state_a"), (state_b, "state_b")):
+                t = state[key]
+                if not isinstance(t, Tensor):
+                    raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
+                if t.numel() and not _all_finite(t):
+                    raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
+                del t
+        cx_keys = complex_keys(spec, meta)
+        engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys)
+        try:
+            terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
+            cx = StructuredSteps(spec, engine, terms, dev)
+            initial = engine.initial_objective() + cx.initial_objective
+            run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed)
+        finally:
+            engine.scratch.close()
 
-    def current() -> dict[str, Tensor]:
-        return {q: torch.from_numpy(v).to(dev) for q, v in perms.items()}
-
-    def load(state: Mapping[str, Tensor], key: str) -> Tensor:
-        return state[key].detach().to(device=dev, dtype=torch.float32)
-
-    def b_prime(t: _Term, cur: Mapping[str, Tensor]) -> Tensor:
-        """B's tensor with every permutation but ``t.perm`` applied (all of them when ``t.twice``)."""
-        return permute_unchecked(spec, cur, {t.occ.key: load(state_b, t.occ.key)}, None if t.twice else t.perm)[t.occ.key]
-
-    def build(terms: list[_Term], out: Tensor | None) -> Tensor:
-        """``out + sum_t A_t B'_t^T`` (``out`` updated in place when given)."""
-        cur = current()
-        for t in terms:
-            n = sizes[t.perm]
-            lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
-            f_rows = _stretch_rows(b_prime(t, cur), t.occ.axis, lo, hi, n)
-            a_rows = _stretch_rows(load(state_a, t.occ.key), t.occ.axis, lo, hi, n)
-            if t.twice:  # columns in the current order of t.perm: put them back in B's order
-                prod = torch.mm(a_rows, f_rows.T).index_select(1, torch.argsort(cur[t.perm]))
-                out = prod if out is None else out.add_(prod)
-            elif out is None:
-                out = torch.mm(a_rows, f_rows.T)
-            else:
-                out.addmm_(a_rows, f_rows.T)
-            del a_rows, f_rows
-        assert out is not None  # every caller passes at least one term or a base
-        return out
-
-    scratch = _Scratch()
-    has_static: set[str] = set()
-    cached: set[str] = set()  # permutations whose similarity is in the scratch file ("cache", p)
-    stale = {p: True for p in spec.perms}
-    counts = {"builds": 0, "lowrank": 0}
-
-    def similarity(p: str) -> Tensor | None:
-        if not stale[p]:
-            return None
-        stale[p] = False
-        if p in cached:
-            return scratch.get(("cache", p), dev)
-        base = None
-        if static[p]:
-            if p not in has_static:
-                scratch.put(("static", p), build(static[p], None))  # constant: computed once
-                has_static.add(p)
-            base = scratch.get(("static", p), dev)
-        if dynamic[p]:
-            counts["builds"] += 1
-            base = build(dynamic[p], base)
-        assert base is not None
-        scratch.put(("cache", p), base)
-        cached.add(p)
-        return base
-
-    def update(q: str, new: np.ndarray, changed: np.ndarray) -> None:
-        old = perms[q]
-        inv_old = np.empty_like(old)
-        inv_old[old] = np.arange(old.size)
-        src_units = torch.from_numpy(inv_old[new[changed]]).to(dev)
-        dst_units = torch.from_numpy(changed).to(dev)
-        lowrank = changed.size <= _LOWRANK_FRACTION * old.size
-        cur = current()  # before the change
-        for t in by_nbr[q]:
-            r = t.perm
-            if r in cached:
-                if lowrank and not t.twice and len(t.nbrs[q]) == 1:
-                    qo = t.nbrs[q][0]
-                    dst = block_index(dst_units + qo.start, qo.block)
-                    src = block_index(src_units + qo.start, qo.block)
-                    n = sizes[r]
-                    lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
-                    if spec.axes[t.occ.key][qo.axis] == q:  # direct axis: permute only the two slabs of m units
-                        full = block_index(cur[q], qo.block)
-                        rest = {k: v for k, v in cur.items() if k != q}
-                        b = load(state_b, t.occ.key)
-                        slabs = [permute_unchecked(spec, rest, {t.occ.key: b.index_select(qo.axis, full[i])}, r)[t.occ.key]
-                                 for i in (src, dst)]
-                        delta = slabs[0] - slabs[1]
-                        del b, slabs
-                    else:
-                        b = b_prime(t, cur)
-                        delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
-                        del b
-                    a_sel = load(state_a, t.occ.key).index_select(qo.axis, dst)
-                    sim = scratch.get(("cache", r), dev)
-                    sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)
-                    scratch.put(("cache", r), sim)
-                    del delta, a_sel, sim
-                    counts["lowrank"] += 1
-                else:
-                    cached.discard(r)
-            stale[r] = True
-        perms[q] = new
-
-    try:
-        with torch.no_grad():
-            # one pass over every key: finite values (as the in-memory path checks) and the initial objective
-            start = current()
-            initial = 0.0
-            for key in spec.axes:
-                if not meta[key].is_floating_point():
-                    continue
-                a, b = state_a[key], state_b[key]
-                for t, which in ((a, "state_a"), (b, "state_b")):
-                    if not isinstance(t, Tensor):
-                        raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
-                    if t.numel() and not bool(torch.isfinite(t).all()):
-                        raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
-                if key in on_key:
-                    moved = permute_unchecked(spec, start, {key: b.detach().to(device=dev, dtype=torch.float32)})[key]
-                    initial += float((a.detach().to(device=dev, dtype=torch.float32) * moved).sum(dtype=torch.float64))
-                    del moved
-                del a, b
-
-            generator = torch.Generator().manual_seed(int(seed))
-            objective = initial
-            history: list[float] = []
-            n_solves = n_skipped = 0
-            buffers: dict[int, np.ndarray] = {}
-            converged = False
-            for _ in range(n_iter):
-                improved = False
-                for idx in torch.randperm(len(active), generator=generator).tolist():
-                    name = active[idx]
-                    sim = similarity(name)
-                    if sim is None:
-                        n_skipped += 1
-                        continue
-                    n = sizes[name]
-                    if n not in buffers:
-                        buffers[n] = np.empty((n, n), dtype=np.float64)
-                    cost = cost_from_similarity(sim, out=buffers[n])
-                    del sim
-                    new = solve_cost(cost, name=name)
-                    n_solves += 1
-                    old = perms[name]
-                    changed = np.flatnonzero(new != old)
-                    if changed.size == 0:
-                        continue
-                    gained = -cost[changed, new[changed]]
-                    lost = -cost[changed, old[changed]]
-                    gain = float(gained.sum() - lost.sum())
-                    if gain > _GAIN_RTOL * float(np.abs(gained).sum() + np.abs(lost).sum()):
-                        update(name, new, changed)
-                        objective += gain
-                        improved = True
-                history.append(objective)
-                if not improved:
-                    converged = True
-                    break
-    finally:
-        scratch.close()
-
-    out = {name: torch.from_numpy(p.copy()) for name, p in perms.items()}
+    out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     info = {
-        "objective": history,
         "initial_objective": initial,
-        "n_sweeps": len(history),
-        "converged": converged,
-        "n_solves": n_solves,
-        "n_skipped": n_skipped,
-        "n_full_builds": counts["builds"],
-        "n_lowrank_updates": counts["lowrank"],
+        "n_full_builds": engine.n_full_builds,
+        "n_lowrank_updates": engine.n_lowrank_updates,
+        **run,
     }
     return out, info

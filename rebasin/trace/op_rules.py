@@ -249,15 +249,9 @@ class OpRules(PermState):
                 if axis_perms(self.state.get(a)):
                     return self.unknown(node)
                 continue
-            key = self.key_of(a) or self.param_views.get(a)
+            key, st = self.operand(node, a)
             if key is not None:
                 shape = tuple(self.tensors[key].shape)
-            if key is not None:
-                cur = self.key_axes.get(key)
-                st = tuple(None if p is None else AxisPerm(p, self.key_blocks.get((key, i), 1)) for i, p in
-                           enumerate(cur)) if cur is not None else (None,) * len(shape)
-            else:
-                st = self.state.get(a)
             if not isinstance(st, tuple) or len(st) != len(shape) or len(shape) > nd:
                 return self.unknown(node)
             ops.append((key, shape, st))
@@ -273,20 +267,26 @@ class OpRules(PermState):
                     found.append(st[j])
                 elif key is None and meta[ax] > 1:
                     plain = True
-            e = found[0] if found else None
-            for other in found[1:]:
-                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
-                    self.complain(node, [e.pid, other.pid], "it combines two permuted tensors of different "  # type: ignore[union-attr]
-                                  "widths elementwise")
-            if e is not None and plain:
-                self.complain(node, [e.pid], f"it combines a permuted tensor with an unpermuted tensor of the "
-                              f"same size along axis {ax} (only scalars and broadcasts are safe)")
-            out.append(e)
+            out.append(self.merge_axis(node, found, plain, "it combines two permuted tensors of different widths "
+                                       "elementwise", f"it combines a permuted tensor with an unpermuted tensor of "
+                                       f"the same size along axis {ax} (only scalars and broadcasts are safe)"))
         for key, shape, _ in ops:
             if key is not None:
                 self.assign(node, key, tuple(out[nd - len(shape) + j] if shape[j] == meta[nd - len(shape) + j]
                                              else None for j in range(len(shape))))
         return tuple(out)
+
+    def merge_axis(self, node: Node, found: list[AxisPerm], plain: bool, mismatch: str, unpermuted: str) -> AxisPerm | None:
+        """The one permutation of an output axis where several operands' axes meet: ``found`` (their permutations)
+        are merged; ``mismatch`` is the complaint when they cannot be (other sizes, blocks or head split), and
+        ``unpermuted`` the one when ``plain`` (an unpermuted operand of the same size meets a permuted one)."""
+        e = found[0] if found else None
+        for other in found[1:]:
+            if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
+                self.complain(node, [e.pid, other.pid], mismatch)  # type: ignore[union-attr]
+        if e is not None and plain:
+            self.complain(node, [e.pid], unpermuted)
+        return e
 
     def reshape(self, node: Node, x: Any) -> Any:
         xs, src, dst = self.arg(node, x), node_meta(x) if isinstance(x, Node) else None, node_meta(node)
@@ -472,13 +472,8 @@ class OpRules(PermState):
                     found.append(st[j])
                 elif out_shape[ax] > 1:
                     plain = True
-            e = found[0] if found else None
-            for other in found[1:]:
-                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
-                    self.complain(node, [e.pid, other.pid], "it combines batch axes with different permutations")  # type: ignore[union-attr]
-            if e is not None and plain:
-                self.complain(node, [e.pid], f"it combines a permuted axis {ax} with an unpermuted one of the same size")
-            out.append(e)
+            out.append(self.merge_axis(node, found, plain, "it combines batch axes with different permutations",
+                                       f"it combines a permuted axis {ax} with an unpermuted one of the same size"))
         return tuple(out)
 
     def attention(self, node: Node, q: Any, k: Any, v: Any, mask: Any) -> Any:
@@ -534,14 +529,10 @@ class OpRules(PermState):
                 out.append(self.new_concat(node, [(st[d], shape[d]) for _, shape, st in ops]))
                 continue
             found = [st[ax] for _, _, st in ops if st[ax] is not None]
-            e = found[0] if found else None
-            for other in found[1:]:
-                if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
-                    self.complain(node, [e.pid, other.pid], "it concatenates tensors whose other axes carry "  # type: ignore[union-attr]
-                                  "different permutations")
-            if e is not None and any(st[ax] is None and key is None and meta[ax] > 1 for key, _, st in ops):
-                self.complain(node, [e.pid], f"it concatenates a permuted tensor with an unpermuted one (axis {ax})")
-            out.append(e)
+            plain = any(st[ax] is None and key is None and meta[ax] > 1 for key, _, st in ops)
+            out.append(self.merge_axis(node, found, plain, "it concatenates tensors whose other axes carry different "
+                                       "permutations", f"it concatenates a permuted tensor with an unpermuted one "
+                                       f"(axis {ax})"))
         for key, shape, _ in ops:
             if key is not None:
                 nd = self.tensors[key].ndim

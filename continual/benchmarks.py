@@ -30,6 +30,8 @@ from torch import Tensor
 from rebasin import RebasinError
 from rebasin.apps.data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
+from ._checks import positive_int
+
 __all__ = [
     "rotated_mnist",
     "permuted_mnist",
@@ -147,7 +149,7 @@ def rotated_mnist(
     20
     """
     if angles is None:
-        n = _positive(n_experiences, "n_experiences")
+        n = positive_int(n_experiences, "n_experiences")
         angles = [180.0 * i / (n - 1) for i in range(n)] if n > 1 else [0.0]
     angles = [float(a) for a in angles]
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
@@ -169,7 +171,7 @@ def permuted_mnist(
     Every experience, the first included, is permuted. See :func:`rotated_mnist` for the other
     arguments.
     """
-    n = _positive(n_experiences, "n_experiences")
+    n = positive_int(n_experiences, "n_experiences")
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     g = torch.Generator().manual_seed(int(seed) + 1)
     train, test = [], []
@@ -194,7 +196,7 @@ def split_mnist(
     ``class_order`` defaults to ``0, 1, ..., 9`` (experience 0 holds digits 0 and 1 with five
     experiences). See :func:`rotated_mnist` for the other arguments.
     """
-    n = _positive(n_experiences, "n_experiences")
+    n = positive_int(n_experiences, "n_experiences")
     order = list(range(10)) if class_order is None else [int(c) for c in class_order]
     if sorted(order) != list(range(10)):
         raise RebasinError(f"class_order must be a permutation of 0..9, got {order}")
@@ -239,7 +241,7 @@ def synthetic(
     >>> len(bm.train_stream[0].dataset)  # doctest: +SKIP
     256
     """
-    n = _positive(n_experiences, "n_experiences")
+    n = positive_int(n_experiences, "n_experiences")
     g = torch.Generator().manual_seed(int(seed))
     means = 2.0 * torch.randn(n_classes, n_features, generator=g)
 
@@ -255,12 +257,6 @@ def synthetic(
         train.append((xtr @ rot, ytr))
         test.append((xte @ rot, yte))
     return benchmark_from_tensors(train, test)
-
-
-def _positive(n: Any, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise RebasinError(f"{name} must be a positive int, got {n!r}")
-    return n
 
 
 #: Benchmarks by name, as used by ``python -m continual.compare --benchmark NAME``.

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from rebasin import RebasinError
 
+from ._checks import positive_float, positive_int
 from ._data import concat_tensors, sample_tensors
 from .lines import REDUCTIONS, fit_on_lines
 from .lines import line_points as line_points_of
@@ -78,18 +79,6 @@ class MCSGDRecord:
     loss_after: float
     steps: int
     time_s: float
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RebasinError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise RebasinError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 class MCSGDPlugin(SupervisedPlugin):
@@ -155,14 +144,14 @@ class MCSGDPlugin(SupervisedPlugin):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.mem_size = _positive_int(mem_size, "mem_size")
+        self.mem_size = positive_int(mem_size, "mem_size")
         self.points = line_points_of(line_points)
-        self.mc_lr = _positive_float(mc_lr, "mc_lr")
+        self.mc_lr = positive_float(mc_lr, "mc_lr")
         if isinstance(mc_momentum, bool) or not isinstance(mc_momentum, (int, float)) or not 0 <= mc_momentum < 1:
             raise RebasinError(f"mc_momentum must be a number in [0, 1), got {mc_momentum!r}")
         self.mc_momentum = float(mc_momentum)
-        self.mc_epochs = _positive_int(mc_epochs, "mc_epochs")
-        self.mc_batch_size = _positive_int(mc_batch_size, "mc_batch_size")
+        self.mc_epochs = positive_int(mc_epochs, "mc_epochs")
+        self.mc_batch_size = positive_int(mc_batch_size, "mc_batch_size")
         if isinstance(start_position, bool) or not isinstance(start_position, (int, float)) \
                 or not 0 <= start_position <= 1:
             raise RebasinError(f"start_position must be a number in [0, 1], got {start_position!r}")

@@ -340,7 +340,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         for i, p in enumerate(ax):
             if p is not None and prop.key_blocks.get((key, i), 1) > 1:
                 blocks[(key, i)] = prop.key_blocks[(key, i)]
-    spec = _structured_spec(prop, axes, blocks, name)
+    spec = _structured_spec(prop, axes, blocks, name, {n: r for r, n in names.items()})
     spec.validate(tensors)
     _warn_unclaimed(model, prop)
 
@@ -421,21 +421,16 @@ def _perm_names(prop: Propagation, live: list[int]) -> dict[int, str]:
 
 
 def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
-                     blocks: dict[tuple[str, int], int], name: Any) -> PermutationSpec:
-    """The spec with concatenations, structures and grouped axes read from the propagation state."""
+                     blocks: dict[tuple[str, int], int], name: Any, roots: dict[str, int]) -> PermutationSpec:
+    """The spec with concatenations, structures and grouped axes read from the propagation state
+    (``roots``: the union-find root of each name)."""
     concat: dict[str, tuple[tuple[str | None, int], ...]] = {}
     for ax in axes.values():
         for p in ax:
-            if p is None or not p.startswith("C") or p in concat:
-                continue
-            root = next(r for r in prop.concat_def if name(r) == p)
-            concat[p] = tuple((None if q is None else name(q), n) for q, n in prop.concat_def[root])
-    used: dict[str, None] = {}  # ordered: first appearance in axes, parts of a concatenation in order
-    for ax in axes.values():
-        for p in ax:
-            for q in ([q for q, _ in concat[p]] if p in concat else [p]):
-                if q is not None:
-                    used[q] = None
+            if p is not None and p.startswith("C") and p not in concat:
+                concat[p] = tuple((None if q is None else name(q), n) for q, n in prop.concat_def[roots[p]])
+    used = {q for ax in axes.values() for p in ax if p is not None
+            for q in ([q for q, _ in concat[p]] if p in concat else [p]) if q is not None}
     structure: dict[str, tuple[str, int]] = {}
     for r, (outer, d) in prop.struct.items():
         p = name(r)
@@ -443,7 +438,7 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
             structure[p] = (str(name(outer)), d)
     grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
     order = sorted(used, key=lambda p: ("PHC".find(p[0]), int(p[1:]) if p[1:].isdigit() else 0))  # stable order
-    sizes = {p: prop.size[prop.find(next(r for r in range(1, len(prop.parent)) if name(r) == p))] for p in order}
+    sizes = {p: prop.size[roots[p]] for p in order}
     return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
 
 

@@ -320,9 +320,14 @@ def head(x: Any, n: int = 2) -> Any:
 
 
 def first_inputs(loader: Iterable[Any], n: int = 2) -> Any:
-    """The first ``n`` samples of the inputs of ``loader``'s first batch."""
-    for batch in loader:
-        return head(split_batch(batch)[0], n)
+    """The first ``n`` samples of the inputs of ``loader``'s first batch.
+
+    A ``DataLoader`` without its own ``generator`` draws its shuffling seed from the global RNG when
+    iterated; the global state is restored afterwards, so reading an example draws no global randomness.
+    """
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            return head(split_batch(batch)[0], n)
     raise RebasinError("the loader yielded no batch, so no example input can be read from it")
 
 

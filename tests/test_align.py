@@ -74,3 +74,18 @@ def test_bad_methods_and_options_are_named():
 
 def test_every_method_is_listed_with_its_target():
     assert {"identity", "weight_matching", "activation_matching", "ste", "sinkhorn", "ot"} == set(rebasin.matcher_names())
+
+
+def test_align_reading_the_example_from_a_shuffled_loader_draws_no_global_randomness():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import rebasin
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)) for _ in range(2))
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.zeros(16, dtype=torch.long)), batch_size=4,
+                        shuffle=True)  # no generator: iterating it draws a seed from the global RNG
+    before = torch.random.get_rng_state()
+    rebasin.align(a, b, loader=loader)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._common import state_of
+from .._common import first_inputs, state_of
 from .._errors import RebasinWarning
 from ..spec.core import PermutationSpec, permute
 from ..trace.tracing import same_architecture, spec_for
@@ -103,6 +103,8 @@ def align(
     matcher.check_options(options)
     traced = spec is None
     if spec is None:
+        if example_input is None and loader is not None:
+            example_input = first_inputs(loader)  # read once: both models are traced on it
         spec = spec_for(model_a, example_input=example_input, loader=loader)
     state_a, state_b = state_of(model_a), state_of(model_b)
     spec.validate_pair(state_a, state_b)

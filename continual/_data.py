@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from rebasin import PermutationSpec, RebasinError, spec_from_model
 
-__all__ = ["sample_tensors", "concat_tensors", "first_input", "tensor_batches", "trace_spec", "spec_at_experience"]
+__all__ = ["sample_tensors", "tensors_at", "subset", "concat_tensors", "first_input", "tensor_batches", "trace_spec", "spec_at_experience"]
 
 
 def _eval_view(dataset: Any) -> Any:
@@ -33,16 +33,26 @@ def sample_tensors(
     n = len(dataset)
     if n == 0:
         raise RebasinError("cannot sample from an empty dataset")
-    data = _eval_view(dataset)
     if max_samples is None or max_samples >= n:
         index = list(range(n))
     else:
         g = torch.Generator().manual_seed(int(seed))
         index = torch.randperm(n, generator=g)[: int(max_samples)].sort().values.tolist()
-    subset = data.subset(index) if hasattr(data, "subset") else torch.utils.data.Subset(data, index)
-    collate = getattr(subset, "collate_fn", None)
+    return tensors_at(dataset, index, seed=seed, batch_size=batch_size)
+
+
+def subset(dataset: Any, index: list[int]) -> Any:
+    """The items ``index`` of ``dataset``: its own ``subset`` (Avalanche datasets keep their type), else a ``Subset``."""
+    return dataset.subset(index) if hasattr(dataset, "subset") else torch.utils.data.Subset(dataset, index)
+
+
+def tensors_at(dataset: Any, index: list[int], *, seed: int, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """The items ``index`` of ``dataset``, in that order, as ``(x, y)`` on the CPU (evaluation transforms; see
+    :func:`sample_tensors`, which draws the index)."""
+    subset_ = subset(_eval_view(dataset), index)
+    collate = getattr(subset_, "collate_fn", None)
     loader = DataLoader(
-        subset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+        subset_, batch_size=batch_size, shuffle=False, collate_fn=collate,
         generator=torch.Generator().manual_seed(int(seed)),
     )
     xs, ys = [], []

@@ -10,11 +10,11 @@ name                      strategy
 ``ewc``                   ``EWC(ewc_lambda=100)``
 ``lwf``                   ``LwF(alpha=1, temperature=2)``
 ``replay``                ``Replay(mem_size)``
-``rebasin_merge``         ``Replay(mem_size)`` + :class:`RebasinMergePlugin` (weight matching,
-                          fixed alpha 0.5; ``options={"alpha": None}`` chooses it on the replay
-                          buffer instead, which picks 1.0 because the buffer was trained on)
-``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` (alpha chosen on the plugin's
-                          own per-experience memory)
+``rebasin_merge``         ``Replay(mem_size)`` + :class:`RebasinMergePlugin` at its defaults (weight
+                          matching, alpha chosen for each merge on held-out samples of every task
+                          seen, every task weighted the same); ``options`` override them, e.g.
+                          ``{"alpha": 0.5}``
+``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
 ``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
                           :class:`RebasinILPlugin`
 ``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same AdamW for the
@@ -125,16 +125,13 @@ def make_strategy(
             mem_size=mem_size,
             **{**common, "plugins": common["plugins"] + [
                 RebasinMergePlugin(
-                    **{"alpha": 0.5, "select_alpha_on": "replay", **options},
-                    model=model, example_input=example_input, seed=seed,
+                    **options, model=model, example_input=example_input, seed=seed,
                 )
             ]},
         ),
         "naive_rebasin_merge": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [
-                RebasinMergePlugin(
-                    select_alpha_on="memory", model=model, example_input=example_input, seed=seed, **options
-                )
+                RebasinMergePlugin(model=model, example_input=example_input, seed=seed, **options)
             ]},
         ),
         "rebasin_il": lambda: RebasinIL(

@@ -32,7 +32,7 @@ from rebasin.apps.data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 from ._checks import positive_int
 
-__all__ = [
+__all__ = ["random_angles", 
     "rotated_mnist",
     "permuted_mnist",
     "split_mnist",
@@ -112,12 +112,18 @@ def rotate_images(x: Tensor, degrees: float) -> Tensor:
     return (out - MNIST_MEAN) / MNIST_STD
 
 
+def random_angles(n: int, *, seed: int = 0) -> list[float]:
+    """``n`` rotation angles drawn uniformly from ``[0, 180)`` degrees, rounded to 0.1, from a seeded generator."""
+    g = torch.Generator().manual_seed(int(seed) + 2)
+    return [round(180.0 * float(u), 1) for u in torch.rand(positive_int(n, "n"), generator=g, dtype=torch.float64)]
+
+
 def rotated_mnist(
     root: str | os.PathLike[str],
     n_experiences: int = 20,
     *,
     seed: int = 0,
-    angles: Sequence[float] | None = None,
+    angles: Sequence[float] | str | None = None,
     train_samples: int | None = None,
     test_samples: int | None = None,
 ) -> Any:
@@ -130,9 +136,10 @@ def rotated_mnist(
     n_experiences
         Number of experiences (ignored when ``angles`` is given).
     seed
-        Seeds the optional subsets.
+        Seeds the optional subsets and the random angles.
     angles
-        Rotation of each experience; default ``linspace(0, 180, n_experiences)``.
+        Rotation of each experience; default ``linspace(0, 180, n_experiences)``; ``"random"``:
+        ``n_experiences`` angles drawn uniformly from ``[0, 180)`` (seeded by ``seed``).
     train_samples, test_samples
         Use a seeded random subset of this many training / test images (the same images in every
         experience); all 60,000 / 10,000 by default.
@@ -151,7 +158,13 @@ def rotated_mnist(
     if angles is None:
         n = positive_int(n_experiences, "n_experiences")
         angles = [180.0 * i / (n - 1) for i in range(n)] if n > 1 else [0.0]
+    elif isinstance(angles, str):
+        if angles != "random":
+            raise RebasinError(f"angles must be a sequence of degrees, None or 'random', got {angles!r}")
+        angles = random_angles(positive_int(n_experiences, "n_experiences"), seed=seed)
     angles = [float(a) for a in angles]
+    if not angles:
+        raise RebasinError("angles must hold at least one rotation")
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     train = [(rotate_images(xtr, a), ytr) for a in angles]
     test = [(rotate_images(xte, a), yte) for a in angles]

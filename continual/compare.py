@@ -63,7 +63,7 @@ __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "ac
 #: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
 SHARD_SETTINGS = (
     "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "depth", "n_experiences", "train_samples",
-    "test_samples",
+    "test_samples", "angles",
 )
 
 
@@ -266,6 +266,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
     p.add_argument("--depth", type=int, default=1, help="hidden layers of the MLP (2: MC-SGD's 2x256 MLP)")
     p.add_argument("--n-experiences", type=int, default=None, help="override the benchmark's default")
+    p.add_argument("--angles", default=None,
+                   help="rotated_mnist only: comma-separated degrees, or 'random' (uniform in [0, 180), seeded by "
+                        "--benchmark-seed); default linspace(0, 180, n_experiences)")
+    p.add_argument("--benchmark-seed", type=int, default=0,
+                   help="seed of the benchmark itself (subsets, random angles, permutations); the same for every run")
     p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
     p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")
     p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",
@@ -295,6 +300,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 "shard with --first-seed / --strategies and --combine")
     if args.depth < 1:
         p.error("--depth must be >= 1")
+    if args.angles is not None:
+        if args.benchmark != "rotated_mnist":
+            p.error("--angles only applies to --benchmark rotated_mnist")
+        if args.angles != "random":
+            try:
+                args.angles = [float(a) for a in args.angles.split(",") if a.strip()]
+            except ValueError:
+                p.error(f"--angles must be comma-separated degrees or 'random', got {args.angles!r}")
+            if not args.angles:
+                p.error("--angles holds no angle")
     return args
 
 
@@ -320,6 +335,10 @@ def build_benchmark(args: argparse.Namespace) -> tuple[Any, int, int]:
     kwargs: dict[str, Any] = {}
     if args.n_experiences is not None:
         kwargs["n_experiences"] = args.n_experiences
+    if getattr(args, "angles", None) is not None:
+        kwargs["angles"] = args.angles
+    if args.benchmark != "synthetic":
+        kwargs["seed"] = getattr(args, "benchmark_seed", 0)
     if args.benchmark == "synthetic":
         bm = BENCHMARKS["synthetic"](**kwargs)
     else:

@@ -148,12 +148,14 @@ def select_alpha(
     grid: int | Sequence[float] = 11,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
+    old_weight: float = 0.5,
 ) -> AlphaChoice:
     """Pick the weight of the new model that minimises the mean loss over old and new data.
 
     Every candidate of the grid is evaluated with :func:`rebasin.evaluate_path` (the model is run
-    through ``functional_call`` and not modified). The objective is the average of the mean loss on
-    ``old_loader`` and the mean loss on ``new_loader``; without old data it is the new-data loss alone.
+    through ``functional_call`` and not modified). The objective is
+    ``old_weight * (mean loss on old_loader) + (1 - old_weight) * (mean loss on new_loader)``; without
+    old data it is the new-data loss alone.
     Ties go to the larger ``alpha`` (the newer model).
 
     Parameters
@@ -170,6 +172,9 @@ def select_alpha(
         ``loss_fn(outputs, targets)`` returning the batch mean; cross-entropy by default.
     device
         Where to evaluate; the model's device by default.
+    old_weight
+        Weight of the old-data loss in ``[0, 1]`` (0.5: old and new count the same; ``k / (k + 1)``
+        after ``k`` old tasks: every task counts the same).
 
     Returns
     -------
@@ -182,12 +187,13 @@ def select_alpha(
     0.6
     """
     ts = alpha_grid(grid)
+    old_weight = check_alpha(old_weight, "old_weight")
     new = evaluate_path(model, state_prev_aligned, state_new, new_loader, ts=ts, loss_fn=loss_fn, device=device)
     loss_new = tuple(float(v) for v in new.loss)
     if old_loader is not None:
         old = evaluate_path(model, state_prev_aligned, state_new, old_loader, ts=ts, loss_fn=loss_fn, device=device)
         loss_old = tuple(float(v) for v in old.loss)
-        objective = tuple(0.5 * (a + b) for a, b in zip(loss_old, loss_new))
+        objective = tuple(old_weight * a + (1.0 - old_weight) * b for a, b in zip(loss_old, loss_new))
     else:
         loss_old = tuple(float("nan") for _ in ts)
         objective = loss_new

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, sample_tensors, spec_at_experience, tensor_batches, trace_spec
+from ._data import concat_tensors, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
 from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
 __all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES"]
 
-ALPHA_SOURCES = ("replay", "memory")
+ALPHA_SOURCES = ("holdout", "replay", "memory")
 _OPTIMIZER_STATES = ("reset", "keep")
 
 
@@ -45,6 +45,8 @@ class MergeRecord:
         The permutations that aligned the previous model to the new one (empty when skipped).
     n_old, n_new
         Samples of old / new data used for the alignment and the choice of alpha.
+    old_weight
+        Weight of the old-data loss in the choice of alpha (None for a fixed alpha).
     time_s
         Wall time of alignment plus merge.
     """
@@ -56,6 +58,7 @@ class MergeRecord:
     n_old: int
     n_new: int
     time_s: float
+    old_weight: float | None = None
 
 
 def _find_replay_buffer(strategy: Any) -> Any | None:
@@ -92,31 +95,46 @@ class RebasinMergePlugin(SupervisedPlugin):
         ``"sinkhorn"``, ... Matchers that read data (registered with ``needs_data`` or ``uses_data``) get
         the old + new samples described below.
     alpha
-        A fixed weight of the new model in ``[0, 1]``, or None to choose it on a grid for each
-        experience: the candidate minimising the average of the mean loss on old data and the mean
-        loss on new data (:func:`continual.merging.select_alpha`).
+        A fixed weight of the new model in ``[0, 1]``, or None (default) to choose it on a grid for
+        each experience: the candidate minimising ``old_weight`` times the mean loss on old data plus
+        ``1 - old_weight`` times the mean loss on new data (:func:`continual.merging.select_alpha`).
     select_alpha_on
-        Where the old data comes from:
+        Where the data for choosing alpha comes from:
 
+        * ``"holdout"`` (default): data the model never trains on. The plugin holds out
+          ``memory_per_experience`` samples of every experience (seeded; removed from the strategy's
+          ``adapted_dataset`` before its dataloader is built, so neither the training pass nor a
+          replay plugin's dataloader sees them) and keeps them: the current experience's slice is
+          the new data, the earlier slices the old data. Choosing on data the model was trained on
+          favours the freshly trained model; the grid in docs/benchmarks.md ("Choosing alpha: a grid of
+          protocols") measures the sources against each other. The strategy trains on
+          ``memory_per_experience`` fewer samples per experience; a replay buffer (filled by Avalanche
+          from ``experience.dataset``) can still store some held-out samples. Only with ``alpha=None``.
         * ``"replay"``: the strategy's replay buffer (the ``storage_policy.buffer`` of a
           :class:`~avalanche.training.plugins.ReplayPlugin`, e.g. inside ``Replay``), as it was at the
           start of the experience. A strategy without a replay buffer is rejected before the first
           experience trains; a buffer that is empty when a merge needs it raises
           :class:`RebasinError` (no silent fallback). The buffer's samples are mixed into every
           training batch of ``Replay``, so their loss favours the freshly trained model and the
-          choice tends to ``alpha = 1`` (no merge); on 20-task Rotated MNIST a fixed ``alpha=0.5``
-          worked better (docs/benchmarks.md).
+          choice tends to ``alpha = 1`` (no merge). The new data are training samples.
         * ``"memory"``: the plugin keeps its own ``memory_per_experience`` samples of every
-          experience it has seen (training samples; nothing is added to the strategy's training
-          data).
+          experience it has seen (training samples; nothing is added to or removed from the
+          strategy's training data). The new data are training samples.
+    old_weight
+        Weight of the old-data loss when choosing alpha, in ``[0, 1]``. None (default): every task
+        counts the same, ``k / (k + 1)`` at the merge after ``k`` earlier experiences (the average
+        accuracy over all tasks seen is what a continual learner is judged by); 0.5: old and new
+        data count the same.
     alpha_grid
         Number of evenly spaced candidates in ``[0, 1]`` (both ends included) or explicit values.
     new_samples
-        Samples of the current experience used as "new data" (seeded random subset).
+        Samples of the current experience used as "new data" (seeded random subset; with
+        ``"holdout"`` the held-out slice, at most this many).
     old_samples
         At most this many samples of old data (seeded random subset of the buffer / memory).
     memory_per_experience
-        Samples kept per experience by ``select_alpha_on="memory"``.
+        Samples kept per experience by ``select_alpha_on="memory"`` and held out per experience by
+        ``"holdout"``. An experience with no more samples than this is refused (nothing left to train on).
     spec
         Permutation spec of the model. If None it is traced with :func:`rebasin.trace.spec_from_model`:
         at construction when ``model`` and ``example_input`` are given, otherwise before the first
@@ -146,7 +164,7 @@ class RebasinMergePlugin(SupervisedPlugin):
     Examples
     --------
     >>> from avalanche.training import Replay                                   # doctest: +SKIP
-    >>> plugin = RebasinMergePlugin(matcher="weight_matching", select_alpha_on="replay")  # doctest: +SKIP
+    >>> plugin = RebasinMergePlugin()  # weight matching, alpha chosen on held-out samples  # doctest: +SKIP
     >>> strategy = Replay(model=model, optimizer=opt, mem_size=1000, plugins=[plugin])    # doctest: +SKIP
     >>> for exp in benchmark.train_stream:                                      # doctest: +SKIP
     ...     strategy.train(exp)
@@ -157,7 +175,8 @@ class RebasinMergePlugin(SupervisedPlugin):
         *,
         matcher: str = "weight_matching",
         alpha: float | None = None,
-        select_alpha_on: str = "replay",
+        select_alpha_on: str = "holdout",
+        old_weight: float | None = None,
         alpha_grid: int | Sequence[float] = 11,
         new_samples: int = 1000,
         old_samples: int = 1000,
@@ -185,6 +204,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self.matcher = matcher
         self.alpha = None if alpha is None else check_alpha(alpha)
         self.select_alpha_on = select_alpha_on
+        self.old_weight = None if old_weight is None else check_alpha(old_weight, "old_weight")
         self.alpha_grid = _alpha_grid(alpha_grid)
         self.new_samples = new_samples
         self.old_samples = old_samples
@@ -204,6 +224,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self._prev_state: dict[str, Tensor] | None = None
         self._old_buffer: Any = None
         self._memory: list[tuple[Tensor, Tensor]] = []
+        self._heldout: tuple[Tensor, Tensor] | None = None
         self._n_seen = 0
 
     # ------------------------------------------------------------------ helpers
@@ -214,8 +235,12 @@ class RebasinMergePlugin(SupervisedPlugin):
     def _rng_seed(self, salt: int) -> int:
         return self.seed * 1_000_003 + self._n_seen * 101 + salt
 
+    @property
+    def _holds_out(self) -> bool:
+        return self.alpha is None and self.select_alpha_on == "holdout"
+
     def _old_data(self, strategy: Any) -> tuple[Tensor, Tensor] | None:
-        if self.select_alpha_on == "memory":
+        if self.select_alpha_on in ("memory", "holdout"):
             data = concat_tensors(self._memory)
             if data is not None and data[0].shape[0] > self.old_samples:
                 g = torch.Generator().manual_seed(self._rng_seed(1))
@@ -233,6 +258,29 @@ class RebasinMergePlugin(SupervisedPlugin):
         return sample_tensors(buffer, self.old_samples, seed=self._rng_seed(1), batch_size=self.batch_size)
 
     # ------------------------------------------------------------------ Avalanche callbacks
+    def after_train_dataset_adaptation(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Hold out ``memory_per_experience`` samples of the experience (``select_alpha_on="holdout"``).
+
+        Runs after Avalanche adapted the experience's dataset and before the training dataloader
+        (the strategy's own or a replay plugin's) is built from ``strategy.adapted_dataset``.
+        """
+        self._heldout = None
+        if not self._holds_out:
+            return
+        dataset = strategy.adapted_dataset
+        n, m = len(dataset), self.memory_per_experience
+        if n <= m:
+            raise RebasinError(
+                f"RebasinMergePlugin(select_alpha_on='holdout'): experience {_exp_id(strategy)} has {n} training "
+                f"samples; holding out memory_per_experience={m} would leave nothing to train on. Lower "
+                "memory_per_experience, use select_alpha_on='memory', or pass a fixed alpha."
+            )
+        g = torch.Generator().manual_seed(self._rng_seed(5))
+        order = torch.randperm(n, generator=g)
+        held, kept = order[:m].sort().values.tolist(), order[m:].sort().values.tolist()
+        self._heldout = tensors_at(dataset, held, seed=self._rng_seed(5), batch_size=self.batch_size)
+        strategy.adapted_dataset = subset(dataset, kept)
+
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
             self.spec = spec_at_experience(strategy, self.example_input)
@@ -252,7 +300,9 @@ class RebasinMergePlugin(SupervisedPlugin):
         try:
             if self._n_seen > 0 and self._prev_state is not None:
                 self._merge(strategy)
-            if self.select_alpha_on == "memory" and self._needs_data:
+            if self._holds_out and self._heldout is not None:
+                self._memory.append(self._heldout)
+            elif self.select_alpha_on == "memory" and self._needs_data:
                 self._memory.append(
                     sample_tensors(
                         strategy.experience.dataset, self.memory_per_experience,
@@ -263,6 +313,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             self._n_seen += 1
             self._prev_state = None
             self._old_buffer = None
+            self._heldout = None
 
     # ------------------------------------------------------------------ the merge
     def _merge(self, strategy: Any) -> None:
@@ -275,9 +326,20 @@ class RebasinMergePlugin(SupervisedPlugin):
         device = torch.device(strategy.device)
         new_data = old_data = None
         if self._needs_data:
-            new_data = sample_tensors(
-                strategy.experience.dataset, self.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size
-            )
+            if self._holds_out:
+                new_data = self._heldout
+                if new_data is None:
+                    raise RebasinError(
+                        "RebasinMergePlugin(select_alpha_on='holdout'): no held-out samples for this experience; "
+                        "the strategy did not call after_train_dataset_adaptation (a custom training loop?). "
+                        "Use select_alpha_on='memory' or a fixed alpha."
+                    )
+                if new_data[0].shape[0] > self.new_samples:
+                    new_data = (new_data[0][: self.new_samples], new_data[1][: self.new_samples])
+            else:
+                new_data = sample_tensors(
+                    strategy.experience.dataset, self.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size
+                )
             if self.alpha is None or self.select_alpha_on == "memory":
                 old_data = self._old_data(strategy)
         prev_model = copy.deepcopy(model)
@@ -298,12 +360,15 @@ class RebasinMergePlugin(SupervisedPlugin):
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         choice = None
         alpha = self.alpha
+        old_weight = None
         if alpha is None:
+            k = self._n_seen  # experiences before this one
+            old_weight = self.old_weight if self.old_weight is not None else k / (k + 1)
             new_loader = tensor_batches(new_data[0], new_data[1], self.batch_size)
             old_loader = tensor_batches(old_data[0], old_data[1], self.batch_size)
             choice = select_alpha(
                 model, prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
-                grid=self.alpha_grid, loss_fn=self.loss_fn, device=device,
+                grid=self.alpha_grid, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
             )
             alpha = choice.alpha
         if alpha != 1.0:
@@ -316,6 +381,7 @@ class RebasinMergePlugin(SupervisedPlugin):
                 0 if old_data is None else int(old_data[0].shape[0]),
                 0 if new_data is None else int(new_data[0].shape[0]),
                 time.perf_counter() - start,
+                old_weight,
             )
         )
 

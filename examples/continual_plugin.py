@@ -2,7 +2,7 @@
 
 After each experience the plugin aligns the previous experience's model to the freshly trained one
 (weight matching) and moves the model to a point on the straight line between them, choosing the
-weight on a small memory of old samples and on new samples. Fine-tuning alone forgets the old tasks.
+weight on samples it held out of every experience (never trained on). Fine-tuning alone forgets the old tasks.
 
 The benchmark is built offline: Rotated digits (scikit-learn's 8x8 digits, experience ``i`` rotated by
 ``90 * i / (n - 1)`` degrees), or Rotated MNIST over the same angles on a subset of the images when
@@ -79,10 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = seeded_model(lambda: MLP(in_features, [width], 10), seed=args.seed)
         plugins = []
         if label != "naive":
-            # alpha=None: choose the weight of the new model on a grid, on the plugin's own memory
-            # of old samples plus new samples (a fixed alpha=0.5 needs no data at all).
-            plugins.append(RebasinMergePlugin(select_alpha_on="memory", model=model,
-                                              example_input=torch.zeros(1, in_features), seed=args.seed))
+            # The defaults: weight matching, and the weight of the new model chosen at every merge on
+            # samples the plugin held out of each experience (never trained on), every task counting the same.
+            plugins.append(RebasinMergePlugin(model=model, example_input=torch.zeros(1, in_features), seed=args.seed))
         strategy = Naive(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), criterion=nn.CrossEntropyLoss(),
             train_mb_size=64, train_epochs=epochs, eval_mb_size=500, device=args.device, plugins=plugins,

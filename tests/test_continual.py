@@ -152,6 +152,76 @@ def test_plugin_inside_strategies_with_metrics(bench, kind):
     assert {id(p) for p in opt_params} == {id(p) for p in params}
 
 
+class BatchLog(SupervisedPlugin):
+    """Records every training input row and the size of the training set of each experience."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+
+    def before_training_exp(self, strategy, *args, **kwargs):
+        self.sizes.append(len(strategy.adapted_dataset))
+
+    def after_training_iteration(self, strategy, *args, **kwargs):
+        self.rows.append(strategy.mb_x.detach().clone())
+
+
+def test_plugin_defaults_hold_out_samples_the_model_never_trains_on(bench):
+    model = tiny()
+    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=5)  # defaults: select_alpha_on="holdout"
+    log = BatchLog()
+    strategy = Naive(plugins=[plugin, log], **common(model))
+    run(strategy, bench)
+    assert log.sizes == [256 - 40] * 3
+    trained = torch.cat(log.rows)
+    assert len(plugin._memory) == 3
+    for held_x, _ in plugin._memory:
+        assert held_x.shape[0] == 40
+        # no held-out row was ever in a training batch
+        dist = torch.cdist(held_x.flatten(1), trained.flatten(1))
+        assert float(dist.min()) > 0.0
+    assert [h.experience for h in plugin.history] == [1, 2]
+    for k, h in enumerate(plugin.history, start=1):
+        assert h.choice is not None and h.n_new == 40 and h.n_old == 40 * k
+        assert h.old_weight == pytest.approx(k / (k + 1))  # every task counts the same
+    # the same seed holds out the same samples
+    again = RebasinMergePlugin(memory_per_experience=40, alpha_grid=5)
+    run(Naive(plugins=[again], **common(tiny())), bench)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plugin._memory, again._memory))
+    assert [h.alpha for h in again.history] == [h.alpha for h in plugin.history]
+
+
+def test_plugin_old_weight_is_passed_to_the_choice(bench):
+    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, old_weight=0.5)
+    run(Replay(mem_size=64, plugins=[plugin], **common(tiny())), bench)
+    assert [h.old_weight for h in plugin.history] == [0.5, 0.5]
+
+
+def test_plugin_holdout_refuses_an_experience_it_would_empty(bench):
+    model = tiny()
+    strategy = Naive(plugins=[RebasinMergePlugin(memory_per_experience=256)], **common(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RebasinError, match="memory_per_experience=256 would leave nothing"):
+        strategy.train(bench.train_stream[0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RebasinError, match="old_weight"):
+        RebasinMergePlugin(old_weight=1.5)
+
+
+def test_select_alpha_old_weight():
+    model = nn.Linear(4, 2)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    good = {"weight": torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0]]), "bias": torch.zeros(2)}
+    bad = {"weight": -good["weight"], "bias": torch.zeros(2)}
+    old = [(x, (x[:, 0] < 0).long())]
+    new = [(x, (x[:, 0] >= 0).long())]  # the other labelling: new data prefers the other end
+    assert select_alpha(model, good, bad, new_loader=new, old_loader=old, grid=5, old_weight=1.0).alpha == 0.0
+    assert select_alpha(model, good, bad, new_loader=new, old_loader=old, grid=5, old_weight=0.0).alpha == 1.0
+    with pytest.raises(RebasinError, match="old_weight"):
+        select_alpha(model, good, bad, new_loader=new, old_loader=old, old_weight=2.0)
+
+
 def test_plugin_writes_merge_into_optimizer_params_and_resets_state(bench):
     model = tiny()
     plugin = RebasinMergePlugin(alpha=0.3, select_alpha_on="memory")

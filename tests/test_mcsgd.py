@@ -257,16 +257,33 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
             assert a["extra"].get(key) == b["extra"].get(key)
     mcsgd = seq[1]["extra"]["mcsgd"]
     assert [m["n_memory"] for m in mcsgd] == [10, 20, 30] and mcsgd[0]["loss_before"] is None
-    assert seq[2]["extra"]["merges"] == [{"experience": 1, "alpha": 0.5}, {"experience": 2, "alpha": 0.5}]
+    merges = seq[2]["extra"]["merges"]  # rebasin_merge at the plugin's defaults: alpha chosen per merge
+    assert [m["experience"] for m in merges] == [1, 2] and all(0.0 <= m["alpha"] <= 1.0 for m in merges)
     assert len(seq[0]["extra"]["forgetting_per_task"]) == 2
 
 
 @pytest.mark.parametrize(("extra", "message"), [(["--jobs", "0"], "--jobs must be >= 1"),
                                                 (["--jobs", "2", "--device", "cuda"], "forked CPU workers"),
-                                                (["--depth", "0"], "--depth must be >= 1")])
+                                                (["--depth", "0"], "--depth must be >= 1"),
+                                                (["--angles", "10,20"], "--angles only applies to --benchmark rotated_mnist"),
+                                                (["--benchmark", "rotated_mnist", "--data-root", "unused", "--angles", "1,x"],
+                                                 "--angles must be comma-separated degrees or 'random'")])
 def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):
     from continual.compare import main
 
     with pytest.raises(SystemExit):
         main(["--benchmark", "synthetic", "--out", "unused", *extra])
     assert message in capsys.readouterr().err
+
+
+def test_random_angles_are_seeded_and_in_range():
+    from continual.benchmarks import random_angles
+
+    a = random_angles(20, seed=3)
+    assert a == random_angles(20, seed=3) and a != random_angles(20, seed=4)
+    assert len(a) == 20 and all(0.0 <= x < 180.0 for x in a)
+    before = torch.random.get_rng_state()
+    random_angles(5)
+    assert torch.equal(before, torch.random.get_rng_state())  # no global randomness
+    with pytest.raises(RebasinError, match="n must be a positive int"):
+        random_angles(0)

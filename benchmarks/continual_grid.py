@@ -1,0 +1,219 @@
+"""Choosing alpha: Replay + RebasinMergePlugin over a grid of continual-learning protocols.
+
+    OMP_NUM_THREADS=1 python benchmarks/continual_grid.py --data-root ../shared/data --seeds 3 --jobs 2
+
+Every cell of the grid is one protocol (benchmark, rotation set, tasks, epochs, replay memory); every
+protocol runs every variant on every seed, and the table reports every cell, not the best ones:
+
+* ``replay``: Avalanche's ``Replay`` alone;
+* ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
+  ``rebasin_merge``);
+* the other ways of choosing the merge weight alpha, each differing from the defaults in one setting
+  (``--variants`` lists them), and MC-SGD at its defaults.
+
+The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
+permutations), so three seeds are three protocols of each kind. Results go to ``--out`` (JSON, one
+record per run, written as runs finish, so an interrupted grid can be resumed with ``--resume``) and the
+summary table to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _report import append_report, machine_summary, markdown_table, mnist_root, relative_command  # noqa: E402
+
+#: (label, benchmark, number of experiences, angles, epochs, replay memory)
+CELLS: list[tuple[str, str, int, str | None, int, int]] = [
+    ("rot 0-180 10t 1ep m500", "rotated_mnist", 10, None, 1, 500),
+    ("rot rand 10t 1ep m500", "rotated_mnist", 10, "random", 1, 500),
+    ("rot rand 10t 5ep m500", "rotated_mnist", 10, "random", 5, 500),
+    ("rot rand 10t 1ep m200", "rotated_mnist", 10, "random", 1, 200),
+    ("rot rand 10t 1ep m1000", "rotated_mnist", 10, "random", 1, 1000),
+    ("rot rand 5t 1ep m500", "rotated_mnist", 5, "random", 1, 500),
+    ("rot rand 20t 1ep m500", "rotated_mnist", 20, "random", 1, 500),
+    ("perm 10t 1ep m500", "permuted_mnist", 10, None, 1, 500),
+    ("perm 10t 5ep m500", "permuted_mnist", 10, None, 5, 500),
+    ("perm 20t 1ep m200", "permuted_mnist", 20, None, 1, 200),
+]
+
+#: (label, strategy of continual.baselines, options)
+VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("replay", "replay", {}),
+    ("defaults", "rebasin_merge", {}),
+    ("holdout, old=new", "rebasin_merge", {"old_weight": 0.5}),
+    ("memory", "rebasin_merge", {"select_alpha_on": "memory"}),
+    ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5}),
+    ("alpha 0.5", "rebasin_merge", {"alpha": 0.5}),
+    ("mcsgd", "mcsgd", {}),
+]
+
+_CACHE: dict[tuple[str, int], Any] = {}
+_ARGS: Any = None
+
+
+def _benchmark(cell: tuple, seed: int) -> Any:
+    from continual.benchmarks import permuted_mnist, rotated_mnist
+
+    key = (cell[0], seed)
+    if key not in _CACHE:
+        _CACHE.clear()  # one benchmark at a time per worker
+        _, name, n, angles, _, _ = cell
+        kwargs = dict(seed=seed, train_samples=_ARGS.train_samples, test_samples=_ARGS.test_samples)
+        if name == "rotated_mnist":
+            _CACHE[key] = rotated_mnist(_ARGS.data_root, n, angles=angles, **kwargs)
+        else:
+            _CACHE[key] = permuted_mnist(_ARGS.data_root, n, **kwargs)
+    return _CACHE[key]
+
+
+def _init(args: Any) -> None:
+    global _ARGS
+    _ARGS = args
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+
+def _run(cell_index: int, variant_index: int, seed: int) -> dict[str, Any]:
+    from continual.baselines import mlp
+    from continual.compare import run_strategy
+
+    cell = CELLS[cell_index]
+    label, strategy, options = VARIANTS[variant_index]
+    bm = _benchmark(cell, seed)
+    x0 = bm.train_stream[0].dataset[0][0]
+    example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim))
+    result = run_strategy(
+        strategy, bm, seed=seed, model_factory=lambda: mlp(784, _ARGS.hidden, 10, 1), example_input=example,
+        epochs=cell[4], batch_size=_ARGS.batch_size, lr=_ARGS.lr, mem_size=cell[5], device="cpu",
+        options=options or None, progress=False,
+    )
+    return {"cell": cell[0], "variant": label, "seed": seed, "acc": result.average_accuracy,
+            "forgetting": result.forgetting, "time_s": result.time_s, "alphas": result.extra.get("alphas")}
+
+
+def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str]) -> tuple[str, list[str]]:
+    by = {(r["cell"], r["variant"], r["seed"]): r for r in records}
+    rows, notes = [], []
+    wins = {v: 0 for v in variants}
+    for cell in cells:
+        row = [cell]
+        means = {}
+        for v in variants:
+            accs = [100 * r["acc"] for (c, vv, _), r in by.items() if c == cell and vv == v]
+            if not accs:
+                row.append("-")
+                continue
+            means[v] = statistics.fmean(accs)
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            row.append(f"{means[v]:.1f} ± {sd:.1f}")
+        if means:
+            best = max(means.values())
+            for v, m in means.items():
+                if m == best:
+                    wins[v] += 1
+            row = [row[0]] + [f"**{x}**" if variants[i] in means and means[variants[i]] == best else x
+                              for i, x in enumerate(row[1:])]
+        seeds = sorted({s for (c, vv, s) in by if c == cell and vv == "defaults"})
+        diffs = [100 * (by[(cell, "defaults", s)]["acc"] - by[(cell, "replay", s)]["acc"])
+                 for s in seeds if (cell, "replay", s) in by]
+        row.append(" / ".join(f"{d:+.1f}" for d in diffs) if diffs else "-")
+        rows.append(row)
+    header = ["protocol"] + variants + ["defaults − replay per seed"]
+    mean_row = ["mean over protocols"]
+    for v in variants:
+        cell_means = []
+        for cell in cells:
+            accs = [100 * r["acc"] for (c, vv, _), r in by.items() if c == cell and vv == v]
+            if accs:
+                cell_means.append(statistics.fmean(accs))
+        mean_row.append(f"{statistics.fmean(cell_means):.1f}" if len(cell_means) == len(cells) else "-")
+    rows.append(mean_row + [""])
+    rows.append(["protocols where best"] + [str(wins[v]) for v in variants] + [""])
+    return markdown_table(header, rows), notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--train-samples", type=int, default=10000)
+    p.add_argument("--test-samples", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cells", default=None, help="comma-separated cell indices (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated variant indices (default: all)")
+    p.add_argument("--out", default="continual_grid.json")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    p.add_argument("--no-report", action="store_true")
+    args = p.parse_args(argv)
+    args.data_root = mnist_root(args.data_root)
+    cells = list(range(len(CELLS))) if args.cells is None else [int(i) for i in args.cells.split(",")]
+    variants = list(range(len(VARIANTS))) if args.variants is None else [int(i) for i in args.variants.split(",")]
+    out = Path(args.out)
+    records: list[dict[str, Any]] = json.loads(out.read_text()) if args.resume and out.exists() else []
+    done = {(r["cell"], r["variant"], r["seed"]) for r in records}
+    # Seed-major, so a partial grid already has every protocol on the first seeds.
+    tasks = [(c, v, s) for s in range(args.seeds) for c in cells for v in variants
+             if (CELLS[c][0], VARIANTS[v][0], s) not in done]
+    start = time.perf_counter()
+
+    def keep(record: dict[str, Any]) -> None:
+        records.append(record)
+        out.write_text(json.dumps(records, indent=1))
+        print(f"{record['cell']:>24s} | {record['variant']:>24s} | seed {record['seed']}: "
+              f"{100 * record['acc']:.1f}%  ({record['time_s']:.0f} s)", file=sys.stderr, flush=True)
+
+    if args.jobs <= 1:
+        _init(args)
+        for task in tasks:
+            keep(_run(*task))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_init, initargs=(args,)) as pool:
+            for future in as_completed([pool.submit(_run, *t) for t in tasks]):
+                keep(future.result())
+    elapsed = time.perf_counter() - start
+    cell_labels = [CELLS[c][0] for c in cells]
+    variant_labels = [VARIANTS[v][0] for v in variants]
+    table, _ = _table(records, cell_labels, variant_labels)
+    print(table)
+    if not args.no_report:
+        seeds = sorted({r["seed"] for r in records})
+        notes = (
+            f"Average accuracy (%) after the last task, mean ± std over seeds {', '.join(map(str, seeds))} (each seed "
+            f"also draws the protocol's MNIST subset, random angles and pixel permutations); the best mean of "
+            f"each protocol in bold. MNIST subsets of {args.train_samples} training and {args.test_samples} test "
+            f"images per task; MLP 784-{args.hidden}-10, AdamW lr {args.lr}, batch {args.batch_size}; "
+            f"`rot 0-180`: angles `linspace(0, 180, T)`, `rot rand`: T angles uniform in [0, 180); `perm`: "
+            f"pixel permutations; `Nt` tasks, `Nep` epochs per task, `mN` replay memory (MC-SGD keeps mN / T "
+            f"samples per task). Variants: "
+            + "; ".join(f"`{label}` = {strategy}" + (f" with {options}" if options else "")
+                        for label, strategy, options in (VARIANTS[v] for v in variants))
+            + f". {machine_summary()}; one torch thread per run, {args.jobs} worker process(es); "
+              f"the grid took {elapsed / 60:.0f} min."
+        )
+        append_report("Choosing alpha: a grid of protocols (continual_grid)",
+                      relative_command("OMP_NUM_THREADS=1 python " + " ".join(sys.argv)), table, notes=notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -295,6 +295,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--first-seed must be >= 0")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.mem_size < 1:
+        p.error("--mem-size must be >= 1 (the replay buffer and MC-SGD's memory; Naive, EWC and LwF keep none)")
     if args.jobs > 1 and not str(args.device).startswith("cpu"):
         p.error(f"--jobs > 1 runs the cells in forked CPU workers; with --device {args.device} use --jobs 1, or "
                 "shard with --first-seed / --strategies and --combine")
@@ -478,6 +480,14 @@ def _run_cells(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except RebasinError as err:  # a bad setting or a missing dataset: one line, no traceback
+        print(f"python -m continual.compare: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -266,6 +266,7 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
                                                 (["--jobs", "2", "--device", "cuda"], "forked CPU workers"),
                                                 (["--depth", "0"], "--depth must be >= 1"),
                                                 (["--angles", "10,20"], "--angles only applies to --benchmark rotated_mnist"),
+                                                (["--mem-size", "0"], "--mem-size must be >= 1"),
                                                 (["--benchmark", "rotated_mnist", "--data-root", "unused", "--angles", "1,x"],
                                                  "--angles must be comma-separated degrees or 'random'")])
 def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):
@@ -274,6 +275,22 @@ def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):
     with pytest.raises(SystemExit):
         main(["--benchmark", "synthetic", "--out", "unused", *extra])
     assert message in capsys.readouterr().err
+
+
+def test_compare_without_mnist_is_one_line(tmp_path, capsys):
+    from continual.compare import main
+
+    assert main(["--benchmark", "rotated_mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m continual.compare: error: MNIST not found") and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_alpha_grid_is_refused():
+    from continual import RebasinMergePlugin
+
+    with pytest.raises(RebasinError, match=r"alpha_grid values must lie in \[0, 1\]"):
+        RebasinMergePlugin(alpha_grid=[0.5, 1.5])
 
 
 def test_random_angles_are_seeded_and_in_range():

@@ -547,3 +547,25 @@ def test_save_permuted_and_merge_in_slices_of_rows(tmp_path, make_mlp, monkeypat
     assert all(torch.equal(perms_m[1][k], ref_merge[1][k]) for k in spec.perms)
     m0, m1 = open_checkpoint(tmp_path / "m0.safetensors"), open_checkpoint(tmp_path / "m1.safetensors")
     assert all(torch.equal(m0[k], m1[k]) for k in spec.axes)
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_big_tensors_are_read_into_their_own_mappings(tmp_path, ext):
+    from rebasin.spec.checkpoint import fresh_buffer
+
+    g = torch.Generator().manual_seed(0)
+    state = {"big": torch.randn(600, 700, generator=g), "d": torch.randn(300, 500, generator=g).double(),
+             "empty": torch.zeros(0, 3)}
+    ckpt = _save(state, tmp_path / f"m{ext}")
+    for key in state:
+        got = ckpt[key]
+        assert got.dtype == state[key].dtype and torch.equal(got, state[key])
+    rows = ckpt.read_rows("big", 100, 500)  # 1.1 MB: a mapping of its own
+    assert torch.equal(rows, state["big"][100:500])
+    rows.mul_(0.0)  # writable, and private
+    assert torch.equal(ckpt.read_rows("big", 100, 500), state["big"][100:500])
+    for n in (0, 5, 3 << 20):
+        buf = fresh_buffer(n)
+        assert buf.dtype == torch.uint8 and buf.shape == (n,)
+        buf.fill_(7)
+        assert int(buf.sum()) == 7 * n

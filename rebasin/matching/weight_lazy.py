@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .._common import check_int
 from .._errors import RebasinError
-from ..spec.checkpoint import meta_state, read_rows, row_ranges
+from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
 from ._structured_terms import ComplexTerms, complex_keys
@@ -113,7 +113,7 @@ class _Scratch:
 
     def get(self, key: tuple[str, str], device: torch.device) -> Tensor:
         off, n = self.slots[key]
-        buf = torch.empty(n * n * 4, dtype=torch.uint8)
+        buf = fresh_buffer(n * n * 4)  # its own mapping from 1 MiB up: no heap holes once dropped
         view, done = memoryview(buf.numpy()), 0
         while done < len(view):
             got = os.preadv(self.file.fileno(), [view[done:]], off + done)

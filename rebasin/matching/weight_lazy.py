@@ -25,8 +25,14 @@ low-rank updates, so it returns the same permutations. What differs is where thi
   (``axis_index`` / ``index_select``), then :func:`~rebasin.matching.assignment.structured_assignment` and
   the same acceptance test.
 
-Memory: two tensors (and float32 / float64 copies of one complex tensor), one ``n x n`` similarity per
-member of the unit being solved and its float64 cost matrix.
+A tensor larger than :data:`rebasin.spec.checkpoint.ROW_CHUNK_BYTES` whose first axis no permutation acts on
+(a token embedding, a tied LM head) is read in slices of rows (:meth:`Checkpoint.read_rows
+<rebasin.spec.checkpoint.Checkpoint.read_rows>`): each similarity, low-rank correction, objective and
+finite-value check adds its slices one at a time (the sums over its rows split over the slices), so A's and
+B's copies of it are never whole in memory.
+
+Memory: two tensors or two such slices (and float32 / float64 copies of one complex tensor), one ``n x n``
+similarity per member of the unit being solved and its float64 cost matrix.
 """
 
 from __future__ import annotations

@@ -557,9 +557,9 @@ def test_big_tensors_are_read_into_their_own_mappings(tmp_path, ext):
     state = {"big": torch.randn(600, 700, generator=g), "d": torch.randn(300, 500, generator=g).double(),
              "empty": torch.zeros(0, 3)}
     ckpt = _save(state, tmp_path / f"m{ext}")
-    for key in state:
+    for key, value in state.items():
         got = ckpt[key]
-        assert got.dtype == state[key].dtype and torch.equal(got, state[key])
+        assert got.dtype == value.dtype and torch.equal(got, value)
     rows = ckpt.read_rows("big", 100, 500)  # 1.1 MB: a mapping of its own
     assert torch.equal(rows, state["big"][100:500])
     rows.mul_(0.0)  # writable, and private

@@ -337,8 +337,8 @@ def weight_matching_lazy(
         ``n_iter``).
     """
     check_int(n_iter, "n_iter", 0)
-    if chunk_bytes is None:
-        from ..spec import checkpoint  # the module's constant at call time (tests shrink it)
+    if chunk_bytes is None:  # the module's constant at call time (tests shrink it)
+        from ..spec import checkpoint
 
         chunk_bytes = checkpoint.ROW_CHUNK_BYTES
     check_int(chunk_bytes, "chunk_bytes", 1)

@@ -35,8 +35,8 @@ from torch import Tensor
 from .._errors import RebasinError
 from .core import PermutationSpec, check_permutations, permute_unchecked
 
-__all__ = ["Checkpoint", "LazyState", "open_checkpoint", "save_permuted", "meta_state", "read_rows", "row_ranges",
-           "fresh_buffer", "ROW_CHUNK_BYTES"]
+__all__ = ["ROW_CHUNK_BYTES", "Checkpoint", "LazyState", "fresh_buffer", "meta_state", "open_checkpoint", "read_rows",
+           "row_ranges", "save_permuted"]
 
 # Tensors larger than this many bytes are read, matched and written in slices of rows (along the first axis)
 # when no permutation acts on that axis (an embedding of 50257 x 768 floats is 154 MB; two of them, A's and
@@ -48,7 +48,7 @@ _MAPPED_FROM = 1 << 20
 
 
 def fresh_buffer(nbytes: int) -> Tensor:
-    """A ``uint8`` CPU tensor of ``nbytes`` bytes (uninitialised, or zero) that nothing else holds.
+    """A ``uint8`` CPU tensor of ``nbytes`` bytes (contents undefined) that nothing else holds.
 
     From 1 MiB up it lies in its own anonymous memory mapping, returned to the system as soon as the
     tensor is dropped. Reading many big tensors one after the other through the C heap instead leaves
@@ -112,7 +112,8 @@ class Checkpoint(LazyState):
 
     Each ``ckpt[key]`` reads that tensor from disk and returns a new CPU tensor that the caller owns (it
     does not alias the file or any other result); :meth:`read_rows` reads a slice of rows of one tensor.
-    ``keys()``, ``len()``, ``in`` and :meth:`meta` read no tensor data. Item assignment and deletion raise ``TypeError`` (the mapping is read-only).
+    ``keys()``, ``len()``, ``in`` and :meth:`meta` read no tensor data. Item assignment and deletion raise
+    ``TypeError`` (the mapping is read-only).
 
     Attributes
     ----------
@@ -237,7 +238,8 @@ class Checkpoint(LazyState):
         for s in shape[1:]:
             row *= s
         row *= torch.empty((), dtype=dtype).element_size()
-        return self._pread(key, offset + start * row, (stop - start) * row).view(dtype).reshape((stop - start, *shape[1:]))
+        buf = self._pread(key, offset + start * row, (stop - start) * row)
+        return buf.view(dtype).reshape((stop - start, *shape[1:]))
 
     # ------------------------------------------------------------------ Mapping
     def __getitem__(self, key: str) -> Tensor:
@@ -272,9 +274,9 @@ class Checkpoint(LazyState):
 
 
 def _copy(t: Tensor) -> Tensor:
-    """A contiguous copy of ``t`` in a :func:`fresh_buffer`."""
-    if not t.numel():
-        return torch.empty(t.shape, dtype=t.dtype)
+    """A contiguous copy of ``t`` in a :func:`fresh_buffer` (a plain clone for an empty, quantized or sparse tensor)."""
+    if not t.numel() or t.is_quantized or t.layout != torch.strided:
+        return t.clone()
     return fresh_buffer(t.numel() * t.element_size()).view(t.dtype).reshape(t.shape).copy_(t)
 
 

@@ -46,7 +46,7 @@ from .matching.registry import get_matcher
 from .paths.linear import combine
 from .paths.repairing import repair_states
 from .paths.running import evaluate_state
-from .spec.checkpoint import LazyState, meta_state, open_checkpoint, save_permuted
+from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
 
 __all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge", "merge_checkpoints"]
@@ -493,6 +493,15 @@ class _AlignedAverage(LazyState):
 
     def __getitem__(self, key: str) -> Tensor:
         tensors = [{key: permute_unchecked(self.spec, p, {key: s[key]})[key]} for s, p in zip(self.sources, self.perms)]
+        return combine(tensors, self.weights)[key]
+
+    def read_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``self[key]``, reading only those rows of each source when no permutation
+        acts on the first axis (else the whole tensor, sliced)."""
+        if not self.spec.axes[key] or self.spec.axes[key][0] is not None or any(k == key for k, _ in self.spec.grouped):
+            return super().read_rows(key, start, stop)
+        tensors = [{key: permute_unchecked(self.spec, p, {key: read_rows(s, key, start, stop)})[key]}
+                   for s, p in zip(self.sources, self.perms)]
         return combine(tensors, self.weights)[key]
 
     def __iter__(self) -> Any:

@@ -416,3 +416,156 @@ def test_merge_checkpoints_equals_merge_without_repair(tmp_path, make_mlp):
     with pytest.raises(RebasinError, match="4.weight|sources\\[1\\]"):
         merge_checkpoints(spec, [paths[0], other], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- row slices
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_read_rows_equals_a_slice_of_the_tensor(tmp_path, ext):
+    g = torch.Generator().manual_seed(0)
+    state = {"e": torch.randn(7, 3, 2, generator=g), "h": torch.randn(5, 4, generator=g).to(torch.bfloat16),
+             "v": torch.randn(6, generator=g), "s": torch.tensor(1.5)}
+    ckpt = _save(state, tmp_path / f"m{ext}")
+    for key in ("e", "h", "v"):
+        rows = state[key].shape[0]
+        for a, b in ((0, rows), (0, 1), (2, 5), (rows - 1, rows), (3, 3)):
+            got = ckpt.read_rows(key, a, b)
+            assert got.dtype == state[key].dtype and torch.equal(got, state[key][a:b]), (key, a, b)
+    got = ckpt.read_rows("e", 1, 3)
+    got.add_(1.0)  # the caller owns the slice
+    assert torch.equal(ckpt["e"], state["e"])
+    with pytest.raises(KeyError):
+        ckpt.read_rows("nope", 0, 1)
+    with pytest.raises(RebasinError, match="scalar"):
+        ckpt.read_rows("s", 0, 1)
+    for a, b in ((-1, 2), (3, 2), (0, 8), (0.0, 2), (True, 2)):
+        with pytest.raises(RebasinError, match="not a range"):
+            ckpt.read_rows("e", a, b)  # type: ignore[arg-type]
+
+
+def test_row_ranges_cut_only_big_tensors_with_an_unpermuted_first_axis():
+    from rebasin.spec.checkpoint import row_ranges
+
+    spec = PermutationSpec({"emb": (None, "P"), "w": ("P", None), "b": ("P",), "s": ()})
+    meta = {"emb": torch.empty(10, 4, device="meta"), "w": torch.empty(4, 10, device="meta"),
+            "b": torch.empty(4, device="meta"), "s": torch.empty((), device="meta")}
+    assert row_ranges(spec, "emb", meta["emb"], 48) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # 16-byte rows
+    assert row_ranges(spec, "emb", meta["emb"], 1) == [(i, i + 1) for i in range(10)]  # at least one row each
+    assert row_ranges(spec, "emb", meta["emb"], 160) is None  # small enough to read whole
+    assert row_ranges(spec, "w", meta["w"], 8) is None  # P acts on the rows
+    assert row_ranges(spec, "s", meta["s"], 1) is None
+    spec, _ = _structured_specs()["grouped"]  # a grouped axis needs the rows (its permutation acts on axis 0 too)
+    assert row_ranges(spec, "weight", torch.empty(9, 2, 3, 3, device="meta"), 8) is None
+
+
+def _embedding_spec_and_states():
+    """An embedding, a 3-d tensor with two permutations behind an unpermuted first axis, and plain layers."""
+    spec = PermutationSpec({
+        "emb": (None, "P"), "w1": ("Q", "P"), "b1": ("Q",), "t3": (None, "Q", "R"),
+        "w2": ("R", "Q"), "b2": ("R",), "head": (None, "R"),
+    })
+    shapes = {"emb": (40, 12), "w1": (10, 12), "b1": (10,), "t3": (9, 10, 8), "w2": (8, 10), "b2": (8,), "head": (30, 8)}
+    g = torch.Generator().manual_seed(11)
+    return spec, *({k: torch.randn(v, generator=g) for k, v in shapes.items()} for _ in range(2))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 1000])
+def test_lazy_matching_in_slices_of_rows_gives_the_in_memory_permutations(tmp_path, chunk_bytes):
+    spec, a, b = _embedding_spec_and_states()
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.pt")
+    init = random_permutation(spec, seed=2, sizes=spec.validate(a))
+    for kwargs in ({}, {"seed": 3}, {"init": init}, {"n_iter": 1}):
+        ref, info_ref = weight_matching(spec, a, b, return_info=True, **kwargs)
+        for sa, sb in ((ca, cb), (a, cb)):
+            got, info = weight_matching_lazy(spec, sa, sb, chunk_bytes=chunk_bytes, **kwargs)
+            assert all(torch.equal(ref[k], got[k]) for k in ref), (chunk_bytes, kwargs)
+            assert (info["n_sweeps"], info["n_solves"]) == (info_ref.n_sweeps, info_ref.n_solves)
+            assert (info["n_full_builds"], info["n_lowrank_updates"]) == (info_ref.n_full_builds, info_ref.n_lowrank_updates)
+            assert info["objective"] == pytest.approx(info_ref.objective, rel=1e-6)
+            assert info["initial_objective"] == pytest.approx(info_ref.initial_objective, rel=1e-6)
+    # NaN in a slice of rows is found, and named as in memory
+    bad = dict(b)
+    bad["emb"] = bad["emb"].clone()
+    bad["emb"][37, 5] = float("inf")
+    with pytest.raises(RebasinError, match=r"state_b\['emb'\] \(shape \(40, 12\)\).*NaN or inf"):
+        weight_matching_lazy(spec, ca, _save(bad, tmp_path / "bad.safetensors"), chunk_bytes=chunk_bytes)
+    for wrong in (0, -5, 1.5, True):
+        with pytest.raises(RebasinError, match="chunk_bytes"):
+            weight_matching_lazy(spec, ca, cb, chunk_bytes=wrong)  # type: ignore[arg-type]
+
+
+def test_lazy_tiny_gpt2_in_slices_of_rows_gives_the_in_memory_permutations(tmp_path, tiny_gpt2, monkeypatch):
+    from rebasin.spec import checkpoint
+
+    spec, a, b = tiny_gpt2
+    a = {k: v for k, v in a.items() if k in spec.axes}
+    b = {k: v for k, v in b.items() if k in spec.axes}
+    ca, cb = _save(a, tmp_path / "a.safetensors"), _save(b, tmp_path / "b.safetensors")
+    assert spec.axes["transformer.wte.weight"][0] is None
+    ref, info_ref = weight_matching(spec, a, b, return_info=True)
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK_BYTES", 700)  # the 50 x 32 embedding in 5-row slices
+    got, info = weight_matching(spec, ca, cb, return_info=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (info.n_sweeps, info.n_solves, info.n_lowrank_updates) == (info_ref.n_sweeps, info_ref.n_solves, info_ref.n_lowrank_updates)
+    assert info.objective == pytest.approx(info_ref.objective, rel=1e-6)
+    save_permuted(spec, got, cb, tmp_path / "bp.safetensors")
+    expected = permute(spec, got, b)
+    written = open_checkpoint(tmp_path / "bp.safetensors")
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_save_permuted_and_merge_in_slices_of_rows(tmp_path, make_mlp, monkeypatch):
+    from rebasin import merge_checkpoints
+    from rebasin.spec import checkpoint
+
+    spec, a, b = _embedding_spec_and_states()
+    ca = _save(a, tmp_path / "a.safetensors")
+    _save(b, tmp_path / "b.safetensors")
+    perms = random_permutation(spec, seed=4, sizes=spec.validate(a))
+    ref_merge = merge_checkpoints(spec, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m0.safetensors")
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK_BYTES", 100)
+    expected = permute(spec, perms, a)
+    for source in (a, ca):
+        for ext in (".safetensors", ".pt"):
+            save_permuted(spec, perms, source, tmp_path / f"out{ext}")
+            got = open_checkpoint(tmp_path / f"out{ext}")
+            assert list(got) == list(spec.axes) and all(torch.equal(got[k], expected[k]) for k in expected)
+    # the safetensors file is the one written whole (the reference library reads it too)
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK_BYTES", 1 << 30)
+    save_permuted(spec, perms, ca, tmp_path / "whole.safetensors")
+    assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
+    # the other cases of test_save_permuted_equals_permute, in slices of rows
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK_BYTES", 8)
+    for i, (spec_i, state) in enumerate(_cases(make_mlp)):
+        p = random_permutation(spec_i, seed=i + 1, sizes=spec_i.validate(state))
+        save_permuted(spec_i, p, _save(state, tmp_path / f"src{i}.safetensors"), tmp_path / f"o{i}.safetensors")
+        want, got = permute(spec_i, p, state), open_checkpoint(tmp_path / f"o{i}.safetensors")
+        assert all(torch.equal(got[k], want[k]) for k in want), i
+    # merge_checkpoints reads and writes its aligned average in slices of rows: the same merged model
+    perms_m = merge_checkpoints(spec, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m1.safetensors")
+    assert all(torch.equal(perms_m[1][k], ref_merge[1][k]) for k in spec.perms)
+    m0, m1 = open_checkpoint(tmp_path / "m0.safetensors"), open_checkpoint(tmp_path / "m1.safetensors")
+    assert all(torch.equal(m0[k], m1[k]) for k in spec.axes)
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_big_tensors_are_read_into_their_own_mappings(tmp_path, ext):
+    from rebasin.spec.checkpoint import fresh_buffer
+
+    g = torch.Generator().manual_seed(0)
+    state = {"big": torch.randn(600, 700, generator=g), "d": torch.randn(300, 500, generator=g).double(),
+             "empty": torch.zeros(0, 3)}
+    ckpt = _save(state, tmp_path / f"m{ext}")
+    for key, value in state.items():
+        got = ckpt[key]
+        assert got.dtype == value.dtype and torch.equal(got, value)
+    rows = ckpt.read_rows("big", 100, 500)  # 1.1 MB: a mapping of its own
+    assert torch.equal(rows, state["big"][100:500])
+    rows.mul_(0.0)  # writable, and private
+    assert torch.equal(ckpt.read_rows("big", 100, 500), state["big"][100:500])
+    for n in (0, 5, 3 << 20):
+        buf = fresh_buffer(n)
+        assert buf.dtype == torch.uint8 and buf.shape == (n,)
+        buf.fill_(7)
+        assert int(buf.sum()) == 7 * n

@@ -25,8 +25,14 @@ low-rank updates, so it returns the same permutations. What differs is where thi
   (``axis_index`` / ``index_select``), then :func:`~rebasin.matching.assignment.structured_assignment` and
   the same acceptance test.
 
-Memory: two tensors (and float32 / float64 copies of one complex tensor), one ``n x n`` similarity per
-member of the unit being solved and its float64 cost matrix.
+A tensor larger than :data:`rebasin.spec.checkpoint.ROW_CHUNK_BYTES` whose first axis no permutation acts on
+(a token embedding, a tied LM head) is read in slices of rows (:meth:`Checkpoint.read_rows
+<rebasin.spec.checkpoint.Checkpoint.read_rows>`): each similarity, low-rank correction, objective and
+finite-value check adds its slices one at a time (the sums over its rows split over the slices), so A's and
+B's copies of it are never whole in memory.
+
+Memory: two tensors or two such slices (and float32 / float64 copies of one complex tensor), one ``n x n``
+similarity per member of the unit being solved and its float64 cost matrix.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from torch import Tensor
 
 from .._common import check_int
 from .._errors import RebasinError
-from ..spec.checkpoint import meta_state
+from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
 from ._structured_terms import ComplexTerms, complex_keys
@@ -113,7 +119,7 @@ class _Scratch:
 
     def get(self, key: tuple[str, str], device: torch.device) -> Tensor:
         off, n = self.slots[key]
-        buf = torch.empty(n * n * 4, dtype=torch.uint8)
+        buf = fresh_buffer(n * n * 4)  # its own mapping from 1 MiB up: no heap holes once dropped
         view, done = memoryview(buf.numpy()), 0
         while done < len(view):
             got = os.preadv(self.file.fileno(), [view[done:]], off + done)
@@ -143,6 +149,7 @@ class _LazyEngine:
         perms: dict[str, np.ndarray],
         device: torch.device,
         skip_keys: frozenset[str],
+        chunk_bytes: int,
     ) -> None:
         self.spec, self.state_a, self.state_b = spec, state_a, state_b
         self.sizes, self.perms, self.device = dict(sizes), perms, device
@@ -151,6 +158,9 @@ class _LazyEngine:
             return key not in skip_keys and meta[key].is_floating_point() and meta[key].numel() > 0
 
         self.on_key: dict[str, list[tuple[str, Occurrence]]] = {}
+        # big tensors whose first axis no permutation acts on are read in slices of rows (None: whole)
+        self.rows: dict[str, list[tuple[int, int]] | None] = {
+            k: (row_ranges(spec, k, meta[k], chunk_bytes) if floating(k) else None) for k in spec.axes}
         for p, occs in spec.occurrences.items():
             for o in occs:
                 if floating(o.key):
@@ -184,26 +194,34 @@ class _LazyEngine:
     def current(self) -> dict[str, Tensor]:
         return {q: torch.from_numpy(v).to(self.device) for q, v in self.perms.items()}
 
-    def load(self, state: Mapping[str, Tensor], key: str) -> Tensor:
-        return state[key].detach().to(device=self.device, dtype=torch.float32)
+    def slices(self, key: str) -> list[tuple[int, int] | None]:
+        """The row slices ``key`` is read in: ``[None]`` (the whole tensor) unless it is cut into rows."""
+        return list(self.rows[key] or [None])
 
-    def b_prime(self, t: _Term, cur: Mapping[str, Tensor]) -> Tensor:
-        """B's tensor with every permutation but ``t.perm`` applied."""
-        return permute_unchecked(self.spec, cur, {t.occ.key: self.load(self.state_b, t.occ.key)}, t.perm)[t.occ.key]
+    def load(self, state: Mapping[str, Tensor], key: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """A's or B's tensor ``key`` (or its rows ``rows``) in float32 on the device."""
+        t = state[key] if rows is None else read_rows(state, key, *rows)
+        return t.detach().to(device=self.device, dtype=torch.float32)
+
+    def b_prime(self, t: _Term, cur: Mapping[str, Tensor], rows: tuple[int, int] | None = None) -> Tensor:
+        """B's tensor (or its rows ``rows``) with every permutation but ``t.perm`` applied."""
+        return permute_unchecked(self.spec, cur, {t.occ.key: self.load(self.state_b, t.occ.key, rows)}, t.perm)[t.occ.key]
 
     def build(self, terms: list[_Term], out: Tensor | None) -> Tensor:
-        """``out + sum_t A_t B'_t^T`` (``out`` updated in place when given)."""
+        """``out + sum_t A_t B'_t^T`` (``out`` updated in place when given); a tensor cut into rows adds
+        its slices one at a time (the sum over its columns splits over the slices)."""
         cur = self.current()
         for t in terms:
             n = self.sizes[t.perm]
             lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
-            f_rows = _stretch_rows(self.b_prime(t, cur), t.occ.axis, lo, hi, n)
-            a_rows = _stretch_rows(self.load(self.state_a, t.occ.key), t.occ.axis, lo, hi, n)
-            if out is None:
-                out = torch.mm(a_rows, f_rows.T)
-            else:
-                out.addmm_(a_rows, f_rows.T)
-            del a_rows, f_rows
+            for rows in self.slices(t.occ.key):
+                f_rows = _stretch_rows(self.b_prime(t, cur, rows), t.occ.axis, lo, hi, n)
+                a_rows = _stretch_rows(self.load(self.state_a, t.occ.key, rows), t.occ.axis, lo, hi, n)
+                if out is None:
+                    out = torch.mm(a_rows, f_rows.T)
+                else:
+                    out.addmm_(a_rows, f_rows.T)
+                del a_rows, f_rows
         assert out is not None  # every caller passes at least one term or a base
         return out
 
@@ -250,23 +268,25 @@ class _LazyEngine:
                     src = block_index(src_units + qo.start, qo.block)
                     n = self.sizes[r]
                     lo, hi = t.occ.start * t.occ.block, (t.occ.start + n) * t.occ.block
-                    if spec.axes[t.occ.key][qo.axis] == q:  # direct axis: permute only the two slabs of m units
-                        full = block_index(cur[q], qo.block)
-                        rest = {k: v for k, v in cur.items() if k != q}
-                        b = self.load(self.state_b, t.occ.key)
-                        slabs = [permute_unchecked(spec, rest, {t.occ.key: b.index_select(qo.axis, full[i])}, r)[t.occ.key]
-                                 for i in (src, dst)]
-                        delta = slabs[0] - slabs[1]
-                        del b, slabs
-                    else:
-                        b = self.b_prime(t, cur)
-                        delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
-                        del b
-                    a_sel = self.load(self.state_a, t.occ.key).index_select(qo.axis, dst)
                     sim = self.scratch.get(("cache", r), dev)
-                    sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)
+                    for rows in self.slices(t.occ.key):  # a tensor cut into rows: its slices one at a time
+                        if spec.axes[t.occ.key][qo.axis] == q:  # direct axis: permute only the two slabs of m units
+                            full = block_index(cur[q], qo.block)
+                            rest = {k: v for k, v in cur.items() if k != q}
+                            b = self.load(self.state_b, t.occ.key, rows)
+                            slabs = [permute_unchecked(spec, rest, {t.occ.key: b.index_select(qo.axis, full[i])}, r)[t.occ.key]
+                                     for i in (src, dst)]
+                            delta = slabs[0] - slabs[1]
+                            del b, slabs
+                        else:
+                            b = self.b_prime(t, cur, rows)
+                            delta = b.index_select(qo.axis, src) - b.index_select(qo.axis, dst)
+                            del b
+                        a_sel = self.load(self.state_a, t.occ.key, rows).index_select(qo.axis, dst)
+                        sim.addmm_(_stretch_rows(a_sel, t.occ.axis, lo, hi, n), _stretch_rows(delta, t.occ.axis, lo, hi, n).T)
+                        del delta, a_sel
                     self.scratch.put(("cache", r), sim)
-                    del delta, a_sel, sim
+                    del sim
                     self.n_lowrank_updates += 1
                 else:
                     self.cached.discard(r)
@@ -277,9 +297,10 @@ class _LazyEngine:
         """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations, one key at a time."""
         start, total = self.current(), 0.0
         for key in self.on_key:
-            moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key)})[key]  # B's copy dropped
-            total += _dot64(self.load(self.state_a, key), moved)
-            del moved
+            for rows in self.slices(key):
+                moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key, rows)})[key]  # B's copy dropped
+                total += _dot64(self.load(self.state_a, key, rows), moved)
+                del moved
         return total
 
 
@@ -292,12 +313,16 @@ def weight_matching_lazy(
     init: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Weight matching reading one tensor of each model at a time (see the module docstring).
 
     Parameters are those of :func:`rebasin.weight_matching`; ``state_a`` / ``state_b`` are any
     mappings (usually :class:`rebasin.spec.checkpoint.Checkpoint`), read key by key and never held
-    whole. ``device`` defaults to the CPU.
+    whole. ``device`` defaults to the CPU. ``chunk_bytes`` (default
+    :data:`rebasin.spec.checkpoint.ROW_CHUNK_BYTES`, read at call time) bounds the slices of rows that a big
+    tensor is read in when no permutation acts on its first axis (:func:`rebasin.spec.checkpoint.row_ranges`):
+    A's and B's copies of such a tensor are then never whole in memory.
 
     Returns
     -------
@@ -312,6 +337,11 @@ def weight_matching_lazy(
         ``n_iter``).
     """
     check_int(n_iter, "n_iter", 0)
+    if chunk_bytes is None:  # the module's constant at call time (tests shrink it)
+        from ..spec import checkpoint
+
+        chunk_bytes = checkpoint.ROW_CHUNK_BYTES
+    check_int(chunk_bytes, "chunk_bytes", 1)
     sizes, meta = _validate(spec, state_a, state_b)
     if init is not None:
         check_permutations(spec, init, sizes)
@@ -328,15 +358,18 @@ def weight_matching_lazy(
         for key in spec.axes:
             if not meta[key].is_floating_point():
                 continue
+            ranges = row_ranges(spec, key, meta[key], chunk_bytes)
             for state, which in ((state_a, "state_a"), (state_b, "state_b")):
-                t = state[key]
-                if not isinstance(t, Tensor):
-                    raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
-                if t.numel() and not _all_finite(t):
-                    raise RebasinError(f"{which}[{key!r}] (shape {tuple(t.shape)}) contains NaN or inf values")
-                del t
+                for rows in ranges or [None]:  # a big tensor in slices of rows
+                    t = state[key] if rows is None else read_rows(state, key, *rows)
+                    if not isinstance(t, Tensor):
+                        raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
+                    if t.numel() and not _all_finite(t):
+                        shape = tuple(meta[key].shape)
+                        raise RebasinError(f"{which}[{key!r}] (shape {shape}) contains NaN or inf values")
+                    del t
         cx_keys = complex_keys(spec, meta)
-        engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys)
+        engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
         try:
             terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
             cx = StructuredSteps(spec, engine, terms, dev)

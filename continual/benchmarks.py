@@ -32,7 +32,8 @@ from rebasin.apps.data import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 from ._checks import positive_int
 
-__all__ = ["random_angles", 
+__all__ = [
+    "random_angles",
     "rotated_mnist",
     "permuted_mnist",
     "split_mnist",

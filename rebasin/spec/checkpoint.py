@@ -63,6 +63,7 @@ def fresh_buffer(nbytes: int) -> Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
     return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)  # the tensor keeps the mapping alive
 
+
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr)
     for name, attr in (

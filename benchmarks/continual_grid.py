@@ -59,7 +59,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5}),
     ("alpha 0.5", "rebasin_merge", {"alpha": 0.5}),
     ("mcsgd", "mcsgd", {}),
+    # Replay with the plugin's stored samples added to its buffer (trained on, not only used to choose alpha):
+    # the defaults keep memory_per_experience held-out samples of every task besides the replay buffer.
+    ("replay, memory + held-out", "replay", {}),
+    ("replay buffer + new held-out", "rebasin_merge", {"select_alpha_on": "replay_holdout"}),
 ]
+#: variants whose replay buffer also gets the samples the plugin's defaults hold out (per task)
+EXTRA_MEMORY = {"replay, memory + held-out"}
 
 _CACHE: dict[tuple[str, int], Any] = {}
 _ARGS: Any = None
@@ -80,6 +86,14 @@ def _benchmark(cell: tuple, seed: int) -> Any:
     return _CACHE[key]
 
 
+def _held_out_per_task() -> int:
+    import inspect
+
+    from continual import RebasinMergePlugin
+
+    return int(inspect.signature(RebasinMergePlugin).parameters["memory_per_experience"].default)
+
+
 def _init(args: Any) -> None:
     global _ARGS
     _ARGS = args
@@ -94,11 +108,12 @@ def _run(cell_index: int, variant_index: int, seed: int) -> dict[str, Any]:
     cell = CELLS[cell_index]
     label, strategy, options = VARIANTS[variant_index]
     bm = _benchmark(cell, seed)
+    mem_size = cell[5] + (_held_out_per_task() * cell[2] if label in EXTRA_MEMORY else 0)
     x0 = bm.train_stream[0].dataset[0][0]
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim))
     result = run_strategy(
         strategy, bm, seed=seed, model_factory=lambda: mlp(784, _ARGS.hidden, 10, 1), example_input=example,
-        epochs=cell[4], batch_size=_ARGS.batch_size, lr=_ARGS.lr, mem_size=cell[5], device="cpu",
+        epochs=cell[4], batch_size=_ARGS.batch_size, lr=_ARGS.lr, mem_size=mem_size, device="cpu",
         options=options or None, progress=False,
     )
     return {"cell": cell[0], "variant": label, "seed": seed, "acc": result.average_accuracy,

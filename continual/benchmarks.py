@@ -114,9 +114,14 @@ def rotate_images(x: Tensor, degrees: float) -> Tensor:
 
 
 def random_angles(n: int, *, seed: int = 0) -> list[float]:
-    """``n`` rotation angles drawn uniformly from ``[0, 180)`` degrees, rounded to 0.1, from a seeded generator."""
+    """``n`` rotation angles drawn uniformly from ``[0, 180)`` degrees, rounded down to 0.1, from a seeded generator.
+
+    The generator is seeded with ``seed + 2``: ``seed`` itself draws the MNIST subsets and ``seed + 1`` the
+    pixel permutations of :func:`permuted_mnist`, so the three streams stay independent.
+    """
     g = torch.Generator().manual_seed(int(seed) + 2)
-    return [round(180.0 * float(u), 1) for u in torch.rand(positive_int(n, "n"), generator=g, dtype=torch.float64)]
+    return [math.floor(1800.0 * float(u)) / 10.0
+            for u in torch.rand(positive_int(n, "n"), generator=g, dtype=torch.float64)]
 
 
 def rotated_mnist(

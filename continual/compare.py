@@ -63,7 +63,7 @@ __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "ac
 #: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
 SHARD_SETTINGS = (
     "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "depth", "n_experiences", "train_samples",
-    "test_samples", "angles",
+    "test_samples", "angles", "benchmark_seed",
 )
 
 
@@ -369,7 +369,8 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
         if not path.is_file():
             raise RebasinError(f"{folder}: no runs.json (is it an --out folder of python -m continual.compare?)")
         data = json.loads(path.read_text())
-        mine = {k: data["args"].get(k, 1 if k == "depth" else None) for k in SHARD_SETTINGS}  # depth: 1 before --depth
+        # runs.json written before an option existed holds its default: depth 1, benchmark seed 0
+        mine = {k: data["args"].get(k, {"depth": 1, "benchmark_seed": 0}.get(k)) for k in SHARD_SETTINGS}
         if settings is None:
             settings, first = mine, str(folder)
         else:

@@ -25,7 +25,7 @@ from .merging import alpha_grid as _alpha_grid
 
 __all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES"]
 
-ALPHA_SOURCES = ("holdout", "replay", "memory")
+ALPHA_SOURCES = ("holdout", "replay_holdout", "replay", "memory")
 _OPTIMIZER_STATES = ("reset", "keep")
 
 
@@ -101,15 +101,23 @@ class RebasinMergePlugin(SupervisedPlugin):
     select_alpha_on
         Where the data for choosing alpha comes from:
 
-        * ``"holdout"`` (default): data the model never trains on. The plugin holds out
+        * ``"holdout"`` (default): data the model was not trained on. The plugin holds out
           ``memory_per_experience`` samples of every experience (seeded; removed from the strategy's
           ``adapted_dataset`` before its dataloader is built, so neither the training pass nor a
-          replay plugin's dataloader sees them) and keeps them: the current experience's slice is
-          the new data, the earlier slices the old data. Choosing on data the model was trained on
-          favours the freshly trained model; the grid in docs/benchmarks.md ("Choosing alpha: a grid of
-          protocols") measures the sources against each other. The strategy trains on
-          ``memory_per_experience`` fewer samples per experience; a replay buffer (filled by Avalanche
-          from ``experience.dataset``) can still store some held-out samples. Only with ``alpha=None``.
+          replay plugin's dataloader of that experience sees them) and keeps them: the current
+          experience's slice is the new data, the earlier slices the old data. Choosing on data the
+          model was trained on favours the freshly trained model; the grid in docs/benchmarks.md
+          ("Choosing alpha: a grid of protocols") measures the sources against each other. Costs: the
+          strategy trains on ``memory_per_experience`` fewer samples per experience, and the plugin
+          **stores** ``memory_per_experience`` samples of every experience besides any replay buffer
+          (the grid also reports Replay given that storage as extra buffer). A replay buffer, which
+          Avalanche fills from ``experience.dataset``, may store and later replay a few held-out
+          samples. Plugins placed before this one that add old data to ``adapted_dataset`` (or a
+          cumulative strategy) mix old samples into the "new" slice. Only with ``alpha=None``.
+        * ``"replay_holdout"``: old data from the replay buffer (as ``"replay"``), new data from a
+          held-out slice of the current experience that is not kept: no storage besides the buffer, but
+          the buffer is trained on and the choice tends to ``alpha = 1`` (the grid's
+          "replay buffer + new held-out" runs).
         * ``"replay"``: the strategy's replay buffer (the ``storage_policy.buffer`` of a
           :class:`~avalanche.training.plugins.ReplayPlugin`, e.g. inside ``Replay``), as it was at the
           start of the experience. A strategy without a replay buffer is rejected before the first
@@ -237,7 +245,7 @@ class RebasinMergePlugin(SupervisedPlugin):
 
     @property
     def _holds_out(self) -> bool:
-        return self.alpha is None and self.select_alpha_on == "holdout"
+        return self.alpha is None and self.select_alpha_on in ("holdout", "replay_holdout")
 
     def _old_data(self, strategy: Any) -> tuple[Tensor, Tensor] | None:
         if self.select_alpha_on in ("memory", "holdout"):
@@ -250,7 +258,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         buffer = self._old_buffer
         if buffer is None or len(buffer) == 0:
             raise RebasinError(
-                f"RebasinMergePlugin(select_alpha_on='replay'): the replay buffer is empty at experience "
+                f"RebasinMergePlugin(select_alpha_on={self.select_alpha_on!r}): the replay buffer is empty at experience "
                 f"{_exp_id(strategy)}, so alpha cannot be chosen on old data. Give the replay plugin a "
                 "positive mem_size, put the replay plugin in the strategy, use select_alpha_on='memory', "
                 "or pass a fixed alpha."
@@ -284,11 +292,11 @@ class RebasinMergePlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
             self.spec = spec_at_experience(strategy, self.example_input)
-        if self.select_alpha_on == "replay" and self._needs_data and self.alpha is None:
+        if self.select_alpha_on in ("replay", "replay_holdout") and self._needs_data and self.alpha is None:
             policy = _find_replay_buffer(strategy)
             if policy is None:
                 raise RebasinError(
-                    "RebasinMergePlugin(select_alpha_on='replay') needs a replay buffer in the strategy "
+                    f"RebasinMergePlugin(select_alpha_on={self.select_alpha_on!r}) needs a replay buffer in the strategy "
                     "(the Replay strategy or a ReplayPlugin in plugins=); none was found. Use "
                     "select_alpha_on='memory' or a fixed alpha."
                 )
@@ -300,7 +308,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         try:
             if self._n_seen > 0 and self._prev_state is not None:
                 self._merge(strategy)
-            if self._holds_out and self._heldout is not None:
+            if self.select_alpha_on == "holdout" and self._holds_out and self._heldout is not None:
                 self._memory.append(self._heldout)
             elif self.select_alpha_on == "memory" and self._needs_data:
                 self._memory.append(
@@ -334,8 +342,10 @@ class RebasinMergePlugin(SupervisedPlugin):
                         "the strategy did not call after_train_dataset_adaptation (a custom training loop?). "
                         "Use select_alpha_on='memory' or a fixed alpha."
                     )
-                if new_data[0].shape[0] > self.new_samples:
-                    new_data = (new_data[0][: self.new_samples], new_data[1][: self.new_samples])
+                if new_data[0].shape[0] > self.new_samples:  # a seeded random subset, not the first rows
+                    g = torch.Generator().manual_seed(self._rng_seed(0))
+                    idx = torch.randperm(new_data[0].shape[0], generator=g)[: self.new_samples].sort().values
+                    new_data = (new_data[0][idx], new_data[1][idx])
             else:
                 new_data = sample_tensors(
                     strategy.experience.dataset, self.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size

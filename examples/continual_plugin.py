@@ -2,7 +2,7 @@
 
 After each experience the plugin aligns the previous experience's model to the freshly trained one
 (weight matching) and moves the model to a point on the straight line between them, choosing the
-weight on samples it held out of every experience (never trained on). Fine-tuning alone forgets the old tasks.
+weight on samples it held out of every experience (not trained on). Fine-tuning alone forgets the old tasks.
 
 The benchmark is built offline: Rotated digits (scikit-learn's 8x8 digits, experience ``i`` rotated by
 ``90 * i / (n - 1)`` degrees), or Rotated MNIST over the same angles on a subset of the images when
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         plugins = []
         if label != "naive":
             # The defaults: weight matching, and the weight of the new model chosen at every merge on
-            # samples the plugin held out of each experience (never trained on), every task counting the same.
+            # samples the plugin held out of each experience (not trained on), every task counting the same.
             plugins.append(RebasinMergePlugin(model=model, example_input=torch.zeros(1, in_features), seed=args.seed))
         strategy = Naive(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), criterion=nn.CrossEntropyLoss(),

@@ -193,9 +193,26 @@ def test_plugin_defaults_hold_out_samples_the_model_never_trains_on(bench):
 
 
 def test_plugin_old_weight_is_passed_to_the_choice(bench):
-    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, old_weight=0.5)
+    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, old_weight=0.25)
     run(Replay(mem_size=64, plugins=[plugin], **common(tiny())), bench)
-    assert [h.old_weight for h in plugin.history] == [0.5, 0.5]
+    assert [h.old_weight for h in plugin.history] == [0.25, 0.25]
+    for h in plugin.history:  # the objective the choice minimised is the weighted one
+        expected = [0.25 * a + 0.75 * b for a, b in zip(h.choice.loss_old, h.choice.loss_new)]
+        assert list(h.choice.objective) == pytest.approx(expected)
+
+
+def test_plugin_holdout_inside_replay_keeps_the_slice_out_of_its_own_experience(bench):
+    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3)
+    log = BatchLog()
+    strategy = Replay(mem_size=64, plugins=[plugin, log], **common(tiny()))
+    for k, exp in enumerate(bench.train_stream):
+        start = len(log.rows)
+        strategy.train(exp)
+        batches = torch.cat(log.rows[start:]).flatten(1)
+        held_x = plugin._memory[k][0].flatten(1)
+        # Replay's dataloader is built from the reduced dataset: no held-out row in this experience's batches
+        assert float(torch.cdist(held_x, batches).min()) > 0.0
+    assert log.sizes == [256 - 40] * 3 and len(plugin.history) == 2
 
 
 def test_plugin_holdout_refuses_an_experience_it_would_empty(bench):
@@ -609,10 +626,13 @@ def guard_global_rng(plugin) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("config", ["memory", "replay", "activation_matching", "sinkhorn"])
+@pytest.mark.parametrize("config", ["holdout", "memory", "replay", "activation_matching", "sinkhorn"])
 def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
     model = tiny()
-    if config == "replay":
+    if config == "holdout":  # the defaults, inside Replay
+        plugin = RebasinMergePlugin(alpha_grid=3, memory_per_experience=32)
+        strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    elif config == "replay":
         plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=3)
         strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
     elif config == "memory":
@@ -625,6 +645,7 @@ def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
     calls = guard_global_rng(plugin)
     run(strategy, bench)  # the spec is traced from the first experience's data
     assert len(plugin.history) == 2 and calls["after_training_exp"] == 3 and calls["before_training_exp"] == 3
+    assert calls["after_train_dataset_adaptation"] == 3
 
 
 def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):

@@ -1,6 +1,6 @@
 """Choosing alpha: Replay + RebasinMergePlugin over a grid of continual-learning protocols.
 
-    OMP_NUM_THREADS=1 python benchmarks/continual_grid.py --data-root ../shared/data --seeds 3 --jobs 2
+    OMP_NUM_THREADS=1 python benchmarks/continual_grid.py --data-root ../shared/data --seeds 2 --jobs 2
 
 Every cell of the grid is one protocol (benchmark, rotation set, tasks, epochs, replay memory); every
 protocol runs every variant on every seed, and the table reports every cell, not the best ones:
@@ -8,13 +8,17 @@ protocol runs every variant on every seed, and the table reports every cell, not
 * ``replay``: Avalanche's ``Replay`` alone;
 * ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
   ``rebasin_merge``);
-* the other ways of choosing the merge weight alpha, each differing from the defaults in one setting
-  (``--variants`` lists them), and MC-SGD at its defaults.
+* the other ways of choosing the merge weight alpha, each differing from the defaults in one setting,
+  and MC-SGD at its defaults;
+* two controls: Replay whose buffer also gets the samples a plugin variant stores (200 or 20 per task),
+  i.e. the same total storage spent on replay instead of on choosing alpha.
 
+``--variants`` picks columns by their index in ``VARIANTS`` (two more are there: alpha chosen on the
+replay buffer, the plugin's old default, and on the buffer with a transient held-out slice of the new task).
 The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
-permutations), so three seeds are three protocols of each kind. Results go to ``--out`` (JSON, one
-record per run, written as runs finish, so an interrupted grid can be resumed with ``--resume``) and the
-summary table to docs/benchmarks.md.
+permutations), so each seed is another protocol of each kind. Results go to ``--out`` (JSON, one record
+per run, written as runs finish; ``--resume`` keeps them and runs only what is missing, so a complete file
+just prints the table) and the summary table to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -61,11 +64,15 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("mcsgd", "mcsgd", {}),
     # Replay with the plugin's stored samples added to its buffer (trained on, not only used to choose alpha):
     # the defaults keep memory_per_experience held-out samples of every task besides the replay buffer.
-    ("replay, memory + held-out", "replay", {}),
+    ("replay +200/task", "replay", {}),
     ("replay buffer + new held-out", "rebasin_merge", {"select_alpha_on": "replay_holdout"}),
+    ("holdout 20/task", "rebasin_merge", {"memory_per_experience": 20}),
+    ("replay +20/task", "replay", {}),
 ]
-#: variants whose replay buffer also gets the samples the plugin's defaults hold out (per task)
-EXTRA_MEMORY = {"replay, memory + held-out"}
+#: the variants a plain run covers (the table's columns, in this order); the others run with --variants
+DEFAULT_VARIANTS = [0, 1, 2, 3, 5, 9, 6, 7, 10]
+#: variants whose replay buffer also gets what a plugin variant stores (samples per task; None: the defaults')
+EXTRA_MEMORY: dict[str, int | None] = {"replay +200/task": None, "replay +20/task": 20}
 
 _CACHE: dict[tuple[str, int], Any] = {}
 _ARGS: Any = None
@@ -108,7 +115,8 @@ def _run(cell_index: int, variant_index: int, seed: int) -> dict[str, Any]:
     cell = CELLS[cell_index]
     label, strategy, options = VARIANTS[variant_index]
     bm = _benchmark(cell, seed)
-    mem_size = cell[5] + (_held_out_per_task() * cell[2] if label in EXTRA_MEMORY else 0)
+    extra = EXTRA_MEMORY.get(label, 0)
+    mem_size = cell[5] + (_held_out_per_task() if extra is None else extra) * cell[2]
     x0 = bm.train_stream[0].dataset[0][0]
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim))
     result = run_strategy(
@@ -136,11 +144,12 @@ def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str])
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             row.append(f"{means[v]:.1f} ± {sd:.1f}")
         if means:
-            best = max(means.values())
+            best = max(m for v, m in means.items() if v not in EXTRA_MEMORY)  # the controls are not candidates
             for v, m in means.items():
-                if m == best:
+                if m == best and v not in EXTRA_MEMORY:
                     wins[v] += 1
-            row = [row[0]] + [f"**{x}**" if variants[i] in means and means[variants[i]] == best else x
+            row = [row[0]] + [f"**{x}**" if variants[i] in means and means[variants[i]] == best
+                              and variants[i] not in EXTRA_MEMORY else x
                               for i, x in enumerate(row[1:])]
         seeds = sorted({s for (c, vv, s) in by if c == cell and vv == "defaults"})
         diffs = [100 * (by[(cell, "defaults", s)]["acc"] - by[(cell, "replay", s)]["acc"])
@@ -157,7 +166,8 @@ def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str])
                 cell_means.append(statistics.fmean(accs))
         mean_row.append(f"{statistics.fmean(cell_means):.1f}" if len(cell_means) == len(cells) else "-")
     rows.append(mean_row + [""])
-    rows.append(["protocols where best"] + [str(wins[v]) for v in variants] + [""])
+    rows.append(["protocols where best"] + [str(wins[v]) if v not in EXTRA_MEMORY else "(control)" for v in variants]
+                + [""])
     return markdown_table(header, rows), notes
 
 
@@ -172,21 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cells", default=None, help="comma-separated cell indices (default: all)")
-    p.add_argument("--variants", default=None, help="comma-separated variant indices (default: all)")
+    p.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: DEFAULT_VARIANTS)")
     p.add_argument("--out", default="continual_grid.json")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
     args.data_root = mnist_root(args.data_root)
     cells = list(range(len(CELLS))) if args.cells is None else [int(i) for i in args.cells.split(",")]
-    variants = list(range(len(VARIANTS))) if args.variants is None else [int(i) for i in args.variants.split(",")]
+    variants = DEFAULT_VARIANTS if args.variants is None else [int(i) for i in args.variants.split(",")]
     out = Path(args.out)
     records: list[dict[str, Any]] = json.loads(out.read_text()) if args.resume and out.exists() else []
     done = {(r["cell"], r["variant"], r["seed"]) for r in records}
     # Seed-major, so a partial grid already has every protocol on the first seeds.
     tasks = [(c, v, s) for s in range(args.seeds) for c in cells for v in variants
              if (CELLS[c][0], VARIANTS[v][0], s) not in done]
-    start = time.perf_counter()
 
     def keep(record: dict[str, Any]) -> None:
         records.append(record)
@@ -205,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                                  initializer=_init, initargs=(args,)) as pool:
             for future in as_completed([pool.submit(_run, *t) for t in tasks]):
                 keep(future.result())
-    elapsed = time.perf_counter() - start
     cell_labels = [CELLS[c][0] for c in cells]
     variant_labels = [VARIANTS[v][0] for v in variants]
     table, _ = _table(records, cell_labels, variant_labels)
@@ -214,16 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted({r["seed"] for r in records})
         notes = (
             f"Average accuracy (%) after the last task, mean ± std over seeds {', '.join(map(str, seeds))} (each seed "
-            f"also draws the protocol's MNIST subset, random angles and pixel permutations); the best mean of "
-            f"each protocol in bold. MNIST subsets of {args.train_samples} training and {args.test_samples} test "
+            f"also draws the protocol's MNIST subset, random angles and pixel permutations). MNIST subsets of {args.train_samples} training and {args.test_samples} test "
             f"images per task; MLP 784-{args.hidden}-10, AdamW lr {args.lr}, batch {args.batch_size}; "
             f"`rot 0-180`: angles `linspace(0, 180, T)`, `rot rand`: T angles uniform in [0, 180); `perm`: "
             f"pixel permutations; `Nt` tasks, `Nep` epochs per task, `mN` replay memory (MC-SGD keeps mN / T "
             f"samples per task). Variants: "
             + "; ".join(f"`{label}` = {strategy}" + (f" with {options}" if options else "")
+                        + (f" with a buffer of mN + {_held_out_per_task() if EXTRA_MEMORY[label] is None else EXTRA_MEMORY[label]}"
+                           "·T (a control: what the plugin variant stores, spent on replay)" if label in EXTRA_MEMORY else "")
                         for label, strategy, options in (VARIANTS[v] for v in variants))
-            + f". {machine_summary()}; one torch thread per run, {args.jobs} worker process(es); "
-              f"the grid took {elapsed / 60:.0f} min."
+            + ". `rebasin_merge` = Replay + RebasinMergePlugin; `defaults` is the plugin with no arguments (weight "
+              "matching, alpha chosen on 200 held-out samples per task, every task weighted the same); bold: the best "
+              "mean of each protocol among the non-control columns"
+            + f". {machine_summary()}; one torch thread per run; the runs' wall times add up to "
+              f"{sum(r['time_s'] for r in records) / 60:.0f} min."
         )
         append_report("Choosing alpha: a grid of protocols (continual_grid)",
                       relative_command("OMP_NUM_THREADS=1 python " + " ".join(sys.argv)), table, notes=notes)

@@ -42,11 +42,16 @@ def _task(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _zoo(n_models: int = 4, width: int = 16, steps: int = 150) -> list[dict[str, torch.Tensor]]:
     """Small trained one-hidden-layer nets (their own generators; the global RNG is not touched)."""
+    return _trained_nets([width], seed_base=100, n_models=n_models, steps=steps)
+
+
+def _trained_nets(hidden: list[int], *, seed_base: int, n_models: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """``n_models`` MLPs 4-hidden-3 trained on :func:`_task` with SGD, net ``k`` initialised from seed ``seed_base + k``."""
     x, y = _task()
     out = []
     for k in range(n_models):
-        g = torch.Generator().manual_seed(100 + k)
-        model = MLP(4, [width], 3)
+        g = torch.Generator().manual_seed(seed_base + k)
+        model = MLP(4, hidden, 3)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
@@ -242,21 +247,7 @@ DEEP = [12, 10]
 
 def _deep_zoo(n_models: int = 5, steps: int = 150) -> list[dict[str, torch.Tensor]]:
     """Small trained two-hidden-layer nets 4-12-10-3 (own generators)."""
-    x, y = _task()
-    out = []
-    for k in range(n_models):
-        g = torch.Generator().manual_seed(200 + k)
-        model = MLP(4, DEEP, 3)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-        opt = torch.optim.SGD(model.parameters(), lr=0.2)
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        out.append({k2: v.detach().clone() for k2, v in model.state_dict().items()})
-    return out
+    return _trained_nets(DEEP, seed_base=200, n_models=n_models, steps=steps)
 
 
 @pytest.fixture(scope="module")

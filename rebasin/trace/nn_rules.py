@@ -13,6 +13,7 @@ SyncBatchNorm and the lazy variants), so every subclass inside ``torch.nn`` find
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -353,32 +354,28 @@ def _stream_out(st: Any, r: Any) -> Any:
     return (None,) * (len(st) - 1) + (r,)
 
 
-def _transformer_encoder_layer(ctx: RuleContext) -> Any:
-    x = ctx.arg(0, "src")
-    if not isinstance(x, tuple):
-        return ctx.unsupported()
-    return _stream_out(x, _encoder_layer(ctx, "", ctx.module, _feature(ctx, x)))
+def _encoder_rule(build: Callable[..., Any]) -> Callable[[RuleContext], Any]:
+    """The rule of a module called as ``module(src, ...)``: ``build(ctx, prefix, module, x)`` on the source stream."""
+
+    def rule(ctx: RuleContext) -> Any:
+        x = ctx.arg(0, "src")
+        if not isinstance(x, tuple):
+            return ctx.unsupported()
+        return _stream_out(x, build(ctx, "", ctx.module, _feature(ctx, x)))
+
+    return rule
 
 
-def _transformer_decoder_layer(ctx: RuleContext) -> Any:
-    x, mem = ctx.arg(0, "tgt"), ctx.arg(1, "memory")
-    if not isinstance(x, tuple) or not isinstance(mem, tuple):
-        return ctx.unsupported()
-    return _stream_out(x, _decoder_layer(ctx, "", ctx.module, _feature(ctx, x), _feature(ctx, mem)))
+def _decoder_rule(build: Callable[..., Any]) -> Callable[[RuleContext], Any]:
+    """The rule of a module called as ``module(tgt, memory, ...)``: ``build(ctx, prefix, module, x, mem)``."""
 
+    def rule(ctx: RuleContext) -> Any:
+        x, mem = ctx.arg(0, "tgt"), ctx.arg(1, "memory")
+        if not isinstance(x, tuple) or not isinstance(mem, tuple):
+            return ctx.unsupported()
+        return _stream_out(x, build(ctx, "", ctx.module, _feature(ctx, x), _feature(ctx, mem)))
 
-def _transformer_encoder(ctx: RuleContext) -> Any:
-    x = ctx.arg(0, "src")
-    if not isinstance(x, tuple):
-        return ctx.unsupported()
-    return _stream_out(x, _encoder_stack(ctx, "", ctx.module, _feature(ctx, x)))
-
-
-def _transformer_decoder(ctx: RuleContext) -> Any:
-    x, mem = ctx.arg(0, "tgt"), ctx.arg(1, "memory")
-    if not isinstance(x, tuple) or not isinstance(mem, tuple):
-        return ctx.unsupported()
-    return _stream_out(x, _decoder_stack(ctx, "", ctx.module, _feature(ctx, x), _feature(ctx, mem)))
+    return rule
 
 
 def _transformer(ctx: RuleContext) -> Any:
@@ -389,10 +386,10 @@ def _transformer(ctx: RuleContext) -> Any:
     return _stream_out(tgt, _decoder_stack(ctx, "decoder.", ctx.module.decoder, _feature(ctx, tgt), mem))
 
 
-register_module(nn.TransformerEncoderLayer, rule=_transformer_encoder_layer)
-register_module(nn.TransformerDecoderLayer, rule=_transformer_decoder_layer)
-register_module(nn.TransformerEncoder, rule=_transformer_encoder)
-register_module(nn.TransformerDecoder, rule=_transformer_decoder)
+register_module(nn.TransformerEncoderLayer, rule=_encoder_rule(_encoder_layer))
+register_module(nn.TransformerDecoderLayer, rule=_decoder_rule(_decoder_layer))
+register_module(nn.TransformerEncoder, rule=_encoder_rule(_encoder_stack))
+register_module(nn.TransformerDecoder, rule=_decoder_rule(_decoder_stack))
 register_module(nn.Transformer, rule=_transformer)
 
 

@@ -128,9 +128,9 @@ def _run(cell_index: int, variant_index: int, seed: int) -> dict[str, Any]:
             "forgetting": result.forgetting, "time_s": result.time_s, "alphas": result.extra.get("alphas")}
 
 
-def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str]) -> tuple[str, list[str]]:
+def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str]) -> str:
     by = {(r["cell"], r["variant"], r["seed"]): r for r in records}
-    rows, notes = [], []
+    rows = []
     wins = {v: 0 for v in variants}
     for cell in cells:
         row = [cell]
@@ -168,7 +168,7 @@ def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str])
     rows.append(mean_row + [""])
     rows.append(["protocols where best"] + [str(wins[v]) if v not in EXTRA_MEMORY else "(control)" for v in variants]
                 + [""])
-    return markdown_table(header, rows), notes
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep(future.result())
     cell_labels = [CELLS[c][0] for c in cells]
     variant_labels = [VARIANTS[v][0] for v in variants]
-    table, _ = _table(records, cell_labels, variant_labels)
+    table = _table(records, cell_labels, variant_labels)
     print(table)
     if not args.no_report:
         seeds = sorted({r["seed"] for r in records})

@@ -11,6 +11,7 @@ needs it. ``import rebasin`` never imports this package nor Avalanche.
 * :class:`MCSGD` — Mirzadeh et al. (2021)'s Mode Connectivity SGD, the baseline that merges tasks
   along linearly connected low-loss paths (:class:`MCSGDPlugin` holds it; the objective is in
   :mod:`continual.lines`).
+* :class:`ExperienceLRDecay` — a learning rate decayed per experience (MC-SGD's schedule), for any strategy.
 * :mod:`continual.benchmarks` — Rotated / Permuted / Split MNIST from a local root, and a tiny
   synthetic benchmark; :mod:`continual.baselines`; ``python -m continual.compare``.
 """
@@ -41,6 +42,7 @@ __all__ = [
     "select_alpha",
     "write_state_",
     "AlphaChoice",
+    "ExperienceLRDecay",
 ]
 
 _WHERE = {
@@ -64,6 +66,7 @@ _WHERE = {
     "select_alpha": "merging",
     "write_state_": "merging",
     "AlphaChoice": "merging",
+    "ExperienceLRDecay": "optim",
 }
 
 

@@ -1,7 +1,8 @@
 """The strategies compared by ``python -m continual.compare``, built with one shared setup.
 
-Every strategy gets the same model architecture (fresh copy), the same optimizer settings (AdamW),
-batch size, epochs and evaluation plugin; the ones that replay use the same buffer size.
+Every strategy gets the same model architecture (fresh copy), the same optimizer settings (AdamW by
+default; SGD with momentum and a learning rate decayed per experience for MC-SGD's protocol), batch
+size, epochs and evaluation plugin; the ones that replay use the same buffer size.
 
 ========================  ===================================================================
 name                      strategy
@@ -17,7 +18,7 @@ name                      strategy
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
 ``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
                           :class:`RebasinILPlugin`
-``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same AdamW for the
+``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same optimizer for the
                           continual step and ``mem_size // n_experiences`` samples per experience
                           in its episodic memory (the same total memory as Replay's buffer after
                           the last experience; ``options={"mem_size": k}`` sets it per experience)
@@ -34,21 +35,26 @@ from torch import nn
 
 from rebasin import RebasinError
 
-__all__ = ["STRATEGIES", "make_strategy", "mlp"]
+__all__ = ["OPTIMIZERS", "STRATEGIES", "make_strategy", "mlp"]
+
+#: The optimizers :func:`make_strategy` builds.
+OPTIMIZERS = ("adamw", "sgd")
 
 STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il", "mcsgd")
 
 
-def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1) -> nn.Module:
-    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden] * depth, n_classes)`` (flattens its input).
+def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1,
+        dropout: float = 0.0) -> nn.Module:
+    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden] * depth, n_classes, dropout=dropout)``.
 
-    ``depth=2`` is MC-SGD's MLP (two hidden layers of 256).
+    It flattens its input. ``depth=2`` is MC-SGD's MLP (two hidden layers of 256; its Permuted MNIST
+    configuration adds ``dropout=0.25``).
     """
     from rebasin.apps.models import MLP
 
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise RebasinError(f"depth must be a positive int, got {depth!r}")
-    return MLP(in_features, [hidden] * depth, n_classes)
+    return MLP(in_features, [hidden] * depth, n_classes, dropout=dropout)
 
 
 def make_strategy(
@@ -68,8 +74,12 @@ def make_strategy(
     plugins: list[Any] | None = None,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
+    optimizer: str = "adamw",
+    momentum: float = 0.0,
+    lr_decay: float = 1.0,
+    min_lr: float = 0.0,
 ) -> Any:
-    """Build the named strategy (see the module table) around ``model`` with AdamW(``lr``).
+    """Build the named strategy (see the module table) around ``model`` with AdamW(``lr``) or SGD.
 
     Parameters
     ----------
@@ -89,6 +99,11 @@ def make_strategy(
         Extra keyword arguments for the re-basin / MC-SGD plugin or strategy (e.g. ``{"alpha": 0.5}``).
     evaluator
         An Avalanche ``EvaluationPlugin`` (Avalanche's default when None).
+    optimizer, momentum
+        ``"adamw"`` (default; ``momentum`` must stay 0) or ``"sgd"`` (with ``momentum``).
+    lr_decay, min_lr
+        Below 1: the learning rate before experience ``k`` is ``max(min_lr, lr * lr_decay ** k)``
+        (:class:`continual.optim.ExperienceLRDecay`, MC-SGD's schedule), for every strategy.
 
     Returns
     -------
@@ -104,17 +119,29 @@ def make_strategy(
     from .strategy import RebasinIL
 
     options = dict(options or {})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    if optimizer not in OPTIMIZERS:
+        raise RebasinError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise RebasinError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if optimizer == "adamw" and momentum:
+        raise RebasinError("momentum applies to optimizer='sgd' only")
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
+    plugins = list(plugins or [])
+    if lr_decay != 1.0:
+        from .optim import ExperienceLRDecay
+
+        plugins.append(ExperienceLRDecay(lr_decay, min_lr=min_lr))
     common: dict[str, Any] = dict(
         model=model,
-        optimizer=optimizer,
+        optimizer=opt,
         criterion=nn.CrossEntropyLoss(),
         train_mb_size=train_mb_size,
         train_epochs=train_epochs,
         eval_mb_size=eval_mb_size,
         device=device,
         evaluator=default_evaluator if evaluator is None else evaluator,
-        plugins=list(plugins or []),
+        plugins=plugins,
     )
     builders: dict[str, Callable[[], Any]] = {
         "naive": lambda: Naive(**common),

@@ -13,7 +13,9 @@ read from a local torchvision root (``root/MNIST/raw/*-ubyte``) and never downlo
   different random rotation of the input space per experience) for fast tests.
 
 All are deterministic given ``seed``. Images are returned as ``(N, 1, 28, 28)`` float32 normalised
-with MNIST's mean and std (models flatten them); synthetic inputs are ``(N, n_features)``.
+with MNIST's mean and std (models flatten them), or with ``pixels="raw"`` in ``[0, 1]`` (what
+``ToTensor`` gives, and what MC-SGD's reference code trains on: its learning rates diverge on
+normalised inputs); synthetic inputs are ``(N, n_features)``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,20 @@ __all__ = [
     "rotate_images",
     "benchmark_from_tensors",
     "BENCHMARKS",
+    "PIXELS",
 ]
 
 Pairs = list[tuple[Tensor, Tensor]]
+
+#: How the MNIST benchmarks scale their pixels.
+PIXELS = ("normalized", "raw")
+
+
+def _scaled(pairs: Pairs, pixels: str) -> Pairs:
+    """``pairs`` of MNIST-normalised images as ``pixels`` asks (``"raw"``: back to ``[0, 1]``)."""
+    if pixels not in PIXELS:
+        raise RebasinError(f"unknown pixels {pixels!r}; choose one of {PIXELS}")
+    return pairs if pixels == "normalized" else [(x * MNIST_STD + MNIST_MEAN, y) for x, y in pairs]
 
 
 def benchmark_from_tensors(train: Pairs, test: Pairs) -> Any:
@@ -132,6 +145,7 @@ def rotated_mnist(
     angles: Sequence[float] | str | None = None,
     train_samples: int | None = None,
     test_samples: int | None = None,
+    pixels: str = "normalized",
 ) -> Any:
     """Rotated MNIST: experience ``i`` is every image rotated by ``angles[i]`` degrees.
 
@@ -149,6 +163,8 @@ def rotated_mnist(
     train_samples, test_samples
         Use a seeded random subset of this many training / test images (the same images in every
         experience); all 60,000 / 10,000 by default.
+    pixels
+        ``"normalized"`` (default: MNIST's mean and std) or ``"raw"`` (``[0, 1]``).
 
     Returns
     -------
@@ -171,10 +187,11 @@ def rotated_mnist(
     angles = [float(a) for a in angles]
     if not angles:
         raise RebasinError("angles must hold at least one rotation")
+    _scaled([], pixels)  # a bad value fails before MNIST is read
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     train = [(rotate_images(xtr, a), ytr) for a in angles]
     test = [(rotate_images(xte, a), yte) for a in angles]
-    return benchmark_from_tensors(train, test)
+    return benchmark_from_tensors(_scaled(train, pixels), _scaled(test, pixels))
 
 
 def permuted_mnist(
@@ -184,6 +201,7 @@ def permuted_mnist(
     seed: int = 0,
     train_samples: int | None = None,
     test_samples: int | None = None,
+    pixels: str = "normalized",
 ) -> Any:
     """Permuted MNIST: experience ``i`` applies its own random pixel permutation (drawn from ``seed``).
 
@@ -191,6 +209,7 @@ def permuted_mnist(
     arguments.
     """
     n = positive_int(n_experiences, "n_experiences")
+    _scaled([], pixels)
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     g = torch.Generator().manual_seed(int(seed) + 1)
     train, test = [], []
@@ -198,7 +217,7 @@ def permuted_mnist(
         p = torch.randperm(28 * 28, generator=g)
         train.append((xtr.reshape(-1, 784)[:, p].reshape(xtr.shape), ytr))
         test.append((xte.reshape(-1, 784)[:, p].reshape(xte.shape), yte))
-    return benchmark_from_tensors(train, test)
+    return benchmark_from_tensors(_scaled(train, pixels), _scaled(test, pixels))
 
 
 def split_mnist(
@@ -209,6 +228,7 @@ def split_mnist(
     class_order: Sequence[int] | None = None,
     train_samples: int | None = None,
     test_samples: int | None = None,
+    pixels: str = "normalized",
 ) -> Any:
     """Split MNIST (class-incremental): the ten digits in ``n_experiences`` equal groups.
 
@@ -221,6 +241,7 @@ def split_mnist(
         raise RebasinError(f"class_order must be a permutation of 0..9, got {order}")
     if 10 % n:
         raise RebasinError(f"n_experiences must divide the 10 classes evenly, got {n}")
+    _scaled([], pixels)
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     k = 10 // n
     train, test = [], []
@@ -229,7 +250,7 @@ def split_mnist(
         mtr, mte = torch.isin(ytr, classes), torch.isin(yte, classes)
         train.append((xtr[mtr], ytr[mtr]))
         test.append((xte[mte], yte[mte]))
-    return benchmark_from_tensors(train, test)
+    return benchmark_from_tensors(_scaled(train, pixels), _scaled(test, pixels))
 
 
 def synthetic(

@@ -63,8 +63,13 @@ __all__ = ["RunResult", "run_strategy", "summarise", "combine_runs", "main", "ac
 #: ``runs.json`` arguments that must agree between shards merged by ``--combine``.
 SHARD_SETTINGS = (
     "benchmark", "epochs", "batch_size", "lr", "mem_size", "hidden", "depth", "n_experiences", "train_samples",
-    "test_samples", "angles", "benchmark_seed",
+    "test_samples", "angles", "benchmark_seed", "optimizer", "momentum", "lr_decay", "min_lr", "dropout",
+    "pixels",
 )
+
+#: What a ``runs.json`` written before a setting existed ran with.
+_OLD_DEFAULTS = {"depth": 1, "benchmark_seed": 0, "optimizer": "adamw", "momentum": 0.0, "lr_decay": 1.0,
+                 "min_lr": 0.0, "dropout": 0.0, "pixels": "normalized"}
 
 
 @dataclass
@@ -112,10 +117,13 @@ def run_strategy(
     device: str,
     options: dict[str, Any] | None = None,
     progress: bool | None = None,
+    optim: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train ``name`` on every experience of ``benchmark`` and evaluate on the whole test stream after each.
 
     ``progress``: a tqdm bar over the experiences; None (default) shows it only when stderr is a terminal.
+    ``optim``: ``optimizer``, ``momentum``, ``lr_decay``, ``min_lr`` for
+    :func:`continual.baselines.make_strategy` (AdamW, constant learning rate when None).
     """
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
@@ -133,7 +141,7 @@ def run_strategy(
     strategy = make_strategy(
         name, model=model, example_input=example_input, lr=lr, train_mb_size=batch_size, train_epochs=epochs,
         eval_mb_size=max(batch_size, 1000), mem_size=mem_size, n_experiences=len(benchmark.train_stream),
-        device=device, evaluator=evaluator, seed=seed, options=options,
+        device=device, evaluator=evaluator, seed=seed, options=options, **(optim or {}),
     )
     n = len(benchmark.train_stream)
     matrix: list[list[float]] = []
@@ -262,6 +270,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="of every strategy")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (--optimizer sgd)")
+    p.add_argument("--lr-decay", type=float, default=1.0,
+                   help="learning rate before experience k: max(--min-lr, lr * decay**k) (MC-SGD's schedule)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after every hidden layer of the MLP")
     p.add_argument("--mem-size", type=int, default=1000, help="replay buffer of every strategy that replays")
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP's hidden layers")
     p.add_argument("--depth", type=int, default=1, help="hidden layers of the MLP (2: MC-SGD's 2x256 MLP)")
@@ -271,6 +285,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "--benchmark-seed); default linspace(0, 180, n_experiences)")
     p.add_argument("--benchmark-seed", type=int, default=0,
                    help="seed of the benchmark itself (subsets, random angles, permutations); the same for every run")
+    p.add_argument("--pixels", choices=("normalized", "raw"), default="normalized",
+                   help="MNIST benchmarks: normalised with MNIST's mean and std, or raw [0, 1] (MC-SGD's protocol)")
     p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
     p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")
     p.add_argument("--option", action="append", default=[], metavar="STRATEGY.KEY=VALUE",
@@ -302,6 +318,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 "shard with --first-seed / --strategies and --combine")
     if args.depth < 1:
         p.error("--depth must be >= 1")
+    if not 0 <= args.momentum < 1 or (args.momentum and args.optimizer != "sgd"):
+        p.error("--momentum must be in [0, 1) and needs --optimizer sgd")
+    if not 0 < args.lr_decay <= 1 or args.min_lr < 0:
+        p.error("--lr-decay must be in (0, 1] and --min-lr >= 0")
+    if not 0 <= args.dropout < 1:
+        p.error("--dropout must be in [0, 1)")
     if args.angles is not None:
         if args.benchmark != "rotated_mnist":
             p.error("--angles only applies to --benchmark rotated_mnist")
@@ -345,7 +367,8 @@ def build_benchmark(args: argparse.Namespace) -> tuple[Any, int, int]:
         bm = BENCHMARKS["synthetic"](**kwargs)
     else:
         bm = BENCHMARKS[args.benchmark](
-            args.data_root, train_samples=args.train_samples, test_samples=args.test_samples, **kwargs
+            args.data_root, train_samples=args.train_samples, test_samples=args.test_samples,
+            pixels=getattr(args, "pixels", "normalized"), **kwargs
         )
     x0 = bm.train_stream[0].dataset[0][0]
     n_classes = 1 + max(int(max(exp.dataset.targets)) for exp in bm.train_stream)
@@ -369,8 +392,7 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
         if not path.is_file():
             raise RebasinError(f"{folder}: no runs.json (is it an --out folder of python -m continual.compare?)")
         data = json.loads(path.read_text())
-        # runs.json written before an option existed holds its default: depth 1, benchmark seed 0
-        mine = {k: data["args"].get(k, {"depth": 1, "benchmark_seed": 0}.get(k)) for k in SHARD_SETTINGS}
+        mine = {k: data["args"].get(k, _OLD_DEFAULTS.get(k)) for k in SHARD_SETTINGS}
         if settings is None:
             settings, first = mine, str(folder)
         else:
@@ -415,7 +437,15 @@ def _write_outputs(runs: Sequence[RunResult], header: str, out: Path, args: dict
 def _header(settings: dict[str, Any], runs: Sequence[RunResult], model: str, tail: str) -> str:
     """The line above the summary table: benchmark, training settings, seeds, then ``tail``."""
     seeds = sorted({r.seed for r in runs})
-    return (f"{settings['benchmark']} ({len(runs[0].accuracy)} experiences), {model}, AdamW lr {settings['lr']}, "
+    s = {**_OLD_DEFAULTS, **settings}
+    opt = "AdamW" if s["optimizer"] == "adamw" else f"SGD momentum {s['momentum']}"
+    if s["lr_decay"] != 1.0:
+        opt += f" (lr x{s['lr_decay']} per experience, min {s['min_lr']})"
+    if s["dropout"]:
+        model += f" dropout {s['dropout']}"
+    if s["pixels"] != "normalized":
+        model += f", {s['pixels']} pixels"
+    return (f"{settings['benchmark']} ({len(runs[0].accuracy)} experiences), {model}, {opt} lr {settings['lr']}, "
             f"batch {settings['batch_size']}, {settings['epochs']} epochs, replay {settings['mem_size']}, "
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {tail}")
 
@@ -430,9 +460,10 @@ def _run_cell(benchmark: Any, name: str, seed: int, settings: dict[str, Any]) ->
     s = settings
     options = s["options"].get(name)
     result = run_strategy(
-        name, benchmark, seed=seed, model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"], s["depth"]),
+        name, benchmark, seed=seed,
+        model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"], s["depth"], s["dropout"]),
         example_input=s["example_input"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-        mem_size=s["mem_size"], device=s["device"], options=options, progress=s["progress"],
+        mem_size=s["mem_size"], device=s["device"], options=options, progress=s["progress"], optim=s["optim"],
     )
     if options:
         result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
@@ -511,7 +542,8 @@ def _main(argv: Sequence[str] | None) -> int:
     settings = dict(
         in_features=in_features, hidden=args.hidden, depth=args.depth, n_classes=n_classes, example_input=example,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mem_size=args.mem_size, device=args.device, options=options,
-        progress=False if (args.no_progress or args.jobs > 1) else None,
+        progress=False if (args.no_progress or args.jobs > 1) else None, dropout=args.dropout,
+        optim={"optimizer": args.optimizer, "momentum": args.momentum, "lr_decay": args.lr_decay, "min_lr": args.min_lr},
     )
 
     def report(result: RunResult) -> None:

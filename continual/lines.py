@@ -16,6 +16,20 @@ where :math:`\ell_M` is the mean loss on a batch of the memory and :math:`n` the
 per line. The point :math:`k = 0` (the anchor itself) is left out: it does not depend on :math:`w`.
 The paper sums the terms; the mean here only rescales the learning rate, and keeps the step size
 independent of the number of tasks.
+
+The reference implementation (imirzadeh/CL-LinearModeConnectivity, read for its arithmetic, not copied)
+takes a different step, reproduced by :func:`reference_line_loss` and :func:`fit_paired_lines`: two
+segments only, each with its own data — :math:`\bar w_{t-1} \to w` on the episodic memory and
+:math:`\hat w_t \to w` on a subset of the current task — and, on each, the update direction
+
+.. math::
+
+    g(a, w) = \sum_{k=0}^{n} (n + 1 - k)\, \nabla \ell_B\big(a + \tfrac{k}{n}(w - a)\big) / |B|,
+
+the gradient of the batch-mean loss *at* each point (not through the interpolation: no factor
+:math:`k/n`, and the anchor itself, :math:`k = 0`, counts), weighted :math:`n + 1 - k` because the
+gradients accumulate on one module from point to point and every partial sum is added, and divided
+by the batch size because the batch-mean loss is divided by the number of samples.
 """
 
 from __future__ import annotations
@@ -30,7 +44,8 @@ from torch.func import functional_call
 
 from rebasin import RebasinError
 
-__all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS"]
+__all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "reference_line_loss",
+           "fit_paired_lines"]
 
 #: How :func:`line_loss` combines its batch losses.
 REDUCTIONS = ("mean", "sum")
@@ -225,6 +240,146 @@ def fit_on_lines(
                 optimizer.step()
                 steps += 1
         after = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
+    finally:
+        model.train(was_training)
+    state = {n: p.detach().clone() for n, p in params.items()}
+    return LineFit(state, before, after, steps, time.perf_counter() - start_time)
+
+
+def reference_line_loss(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    anchor: State,
+    x: Tensor,
+    y: Tensor,
+    *,
+    n_points: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    r"""A surrogate whose gradient in ``params`` is the reference MC-SGD update direction :math:`g(a, w)` (module doc).
+
+    Every point :math:`p_k = a + \tfrac{k}{n}(w - a)` (``k = 0..n_points``) enters as
+    ``p_k.detach() + (w - w.detach())``: its value is :math:`p_k`, its gradient in :math:`w` the identity.
+    The returned value is :math:`\sum_k (n + 1 - k)\, \ell_B(p_k) / |B|`.
+
+    Parameters
+    ----------
+    model
+        Provides the architecture and buffers; its parameters are neither read nor changed.
+    params
+        :math:`w`, differentiable tensors for every parameter name of ``model``.
+    anchor
+        :math:`a` (at least every parameter name of ``model``).
+    x, y
+        One batch on the model's device.
+    n_points
+        :math:`n`: the segment is sampled at ``k / n`` for ``k = 0..n``.
+    loss_fn
+        Batch-mean loss; cross-entropy by default.
+    """
+    points = line_points(n_points)
+    loss_fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
+    if x.shape[0] == 0:
+        raise RebasinError("reference_line_loss needs a non-empty batch")
+    names = [name for name, _ in model.named_parameters()]
+    missing = [n for n in names if n not in params or n not in anchor]
+    if missing:
+        raise RebasinError(f"reference_line_loss: params or anchor miss the model's parameter(s) {missing}")
+    buffers = dict(model.named_buffers())
+    total = None
+    for k, t in enumerate((0.0, *points)):
+        point = {n: (anchor[n] + t * (params[n] - anchor[n])).detach() + (params[n] - params[n].detach())
+                 for n in names}
+        loss = (n_points + 1 - k) * loss_fn(functional_call(model, {**buffers, **point}, (x,)), y)
+        total = loss if total is None else total + loss
+    return total / x.shape[0]
+
+
+def fit_paired_lines(
+    model: nn.Module,
+    start: State,
+    lines: Sequence[tuple[State, tuple[Tensor, Tensor], int]],
+    *,
+    n_points: int,
+    lr: float,
+    momentum: float = 0.0,
+    epochs: int = 1,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> LineFit:
+    r"""The reference implementation's mode-connectivity step: SGD on :func:`reference_line_loss`, one data set per line.
+
+    Parameters
+    ----------
+    model
+        The architecture (and its buffers); not changed.
+    start
+        The initial point.
+    lines
+        ``(anchor, (x, y), batch_size)`` for every segment; MC-SGD passes
+        :math:`(\bar w_{t-1}, \text{memory}, \cdot)` and :math:`(\hat w_t, \text{current subset}, \cdot)`.
+        Each data set is shuffled (seeded) and cut into batches of its own size; step ``i`` adds the
+        surrogates of the lines that still have an ``i``-th batch, so an epoch takes as many steps as
+        the longest line has batches.
+    n_points, loss_fn
+        As for :func:`reference_line_loss`.
+    lr, momentum, epochs
+        Of the :class:`torch.optim.SGD` run (``epochs`` passes).
+    seed
+        Seeds the shuffling (the global RNG is not used).
+    device
+        Where to compute; the model's parameters' device when None.
+
+    Returns
+    -------
+    LineFit
+        ``loss_before`` / ``loss_after``: the batch-mean loss at ``k / n_points`` (``k = 1..n``) along
+        every line on its own data, averaged over the lines.
+    """
+    start_time = time.perf_counter()
+    if not lines:
+        raise RebasinError("fit_paired_lines needs at least one line")
+    if device is None:
+        device = next(model.parameters()).device
+    names = [name for name, _ in model.named_parameters()]
+    data = []
+    for j, (anchor, (x, y), batch_size) in enumerate(lines):
+        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+            raise RebasinError(f"line {j}: the data must hold the same positive number of inputs and targets, "
+                               f"got {tuple(x.shape)} and {tuple(y.shape)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RebasinError(f"line {j}: batch_size must be a positive int, got {batch_size!r}")
+        data.append(({n: anchor[n].detach().to(device) for n in names}, x.to(device), y.to(device), batch_size))
+    params = {n: start[n].detach().to(device).clone().requires_grad_(True) for n in names}
+    optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
+    points = line_points(n_points)
+    g = torch.Generator().manual_seed(int(seed))
+
+    def mean_line_loss() -> float:
+        losses = [_memory_line_loss(model, params, [a], x, y, points=points, loss_fn=loss_fn, reduction="mean",
+                                    batch_size=1000) for a, x, y, _ in data]
+        return sum(losses) / len(losses)
+
+    steps = 0
+    was_training = model.training
+    model.eval()  # as in fit_on_lines: no dropout draw, running batch-norm statistics
+    try:
+        before = mean_line_loss()
+        for _ in range(epochs):
+            batches = []
+            for anchor, x, y, batch_size in data:
+                order = torch.randperm(x.shape[0], generator=g).to(device)
+                batches.append([(anchor, x[order[i : i + batch_size]], y[order[i : i + batch_size]])
+                                for i in range(0, x.shape[0], batch_size)])
+            for i in range(max(len(b) for b in batches)):
+                optimizer.zero_grad(set_to_none=True)
+                loss = sum(reference_line_loss(model, params, a, xb, yb, n_points=n_points, loss_fn=loss_fn)
+                           for b in batches if i < len(b) for a, xb, yb in [b[i]])
+                loss.backward()
+                optimizer.step()
+                steps += 1
+        after = mean_line_loss()
     finally:
         model.train(was_training)
     state = {n: p.detach().clone() for n, p in params.items()}

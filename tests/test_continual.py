@@ -606,6 +606,23 @@ def test_rotated_mnist_benchmark_shapes():
     torch.testing.assert_close(x, torch.flip(x0, dims=(1, 2)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(not os.environ.get("REBASIN_DATA"), reason="set REBASIN_DATA to a local MNIST root")
+@pytest.mark.parametrize("name", ["rotated_mnist", "permuted_mnist", "split_mnist"])
+def test_mnist_benchmarks_raw_pixels(name):
+    from continual import benchmarks
+    from rebasin.apps.data import MNIST_MEAN, MNIST_STD
+
+    make = getattr(benchmarks, name)
+    kw = {"train_samples": 64, "test_samples": 32} | ({"n_experiences": 2} if name != "split_mnist" else {})
+    norm, raw = make(os.environ["REBASIN_DATA"], **kw), make(os.environ["REBASIN_DATA"], pixels="raw", **kw)
+    for a, b in zip(norm.train_stream, raw.train_stream):
+        xa, xb = a.dataset[3][0], b.dataset[3][0]
+        torch.testing.assert_close(xb, xa * MNIST_STD + MNIST_MEAN)
+        assert float(xb.min()) >= -1e-6 and float(xb.max()) <= 1 + 1e-6
+    with pytest.raises(RebasinError, match="unknown pixels"):
+        make(os.environ["REBASIN_DATA"], pixels="unit", **kw)
+
+
 # ------------------------------------------------------------------ no hidden side effects
 def guard_global_rng(plugin) -> dict:
     """Wrap every Avalanche callback of ``plugin`` so that each call asserts the global torch RNG

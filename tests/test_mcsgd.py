@@ -19,7 +19,13 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
 from continual.baselines import make_strategy  # noqa: E402
 from continual.benchmarks import synthetic  # noqa: E402
-from continual.lines import fit_on_lines, line_loss, line_points  # noqa: E402
+from continual.lines import (  # noqa: E402
+    fit_on_lines,
+    fit_paired_lines,
+    line_loss,
+    line_points,
+    reference_line_loss,
+)
 from continual.mcsgd import MCSGD, MCSGDPlugin  # noqa: E402
 from rebasin import RebasinError  # noqa: E402
 
@@ -121,11 +127,68 @@ def test_line_functions_reject_bad_inputs():
         fit_on_lines(model, params, [params], (x[:0], y[:0]), points=(1.0,), lr=0.1)
 
 
+def test_reference_line_loss_gradient_is_the_reference_update():
+    """Its gradient is sum_k (n + 1 - k) grad l(a + k/n (w - a)) / |B|: at the points, not through them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    names = [n for n, _ in model.named_parameters()]
+    anchor = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    w = {n: torch.randn_like(p).requires_grad_(True) for n, p in model.named_parameters()}
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = {n: t.detach().clone() for n, t in w.items()}
+    n_points = 4
+    reference_line_loss(model, w, anchor, x, y, n_points=n_points).backward()
+    expected = {n: torch.zeros_like(t) for n, t in w.items()}
+    for k in range(n_points + 1):
+        point = {n: (anchor[n] + k / n_points * (before[n] - anchor[n])).requires_grad_(True) for n in names}
+        loss = nn.functional.cross_entropy(torch.func.functional_call(model, point, (x,)), y)
+        grads = torch.autograd.grad(loss, [point[n] for n in names])
+        for n, g in zip(names, grads):
+            expected[n] += (n_points + 1 - k) * g / x.shape[0]
+    for n in names:
+        torch.testing.assert_close(w[n].grad, expected[n], rtol=1e-10, atol=1e-12)
+        assert torch.equal(w[n].detach(), before[n])  # inputs untouched
+    # the value: the weighted point losses over the batch size
+    with torch.no_grad():
+        value = reference_line_loss(model, w, anchor, x, y, n_points=1)
+        at = [nn.functional.cross_entropy(torch.func.functional_call(model, p, (x,)), y) for p in (anchor, before)]
+    torch.testing.assert_close(value, (2 * at[0] + at[1]) / 6)
+
+
+def test_fit_paired_lines_steps_and_seeding():
+    torch.manual_seed(1)
+    model = tiny(1)
+    a = {n: p.detach().clone() for n, p in model.named_parameters()}
+    b = {n: p + 0.3 * torch.randn_like(p) for n, p in a.items()}
+    teacher = torch.randn(16, 4)
+    xa, xb = torch.randn(30, 16), torch.randn(50, 16)
+    ya, yb = (xa @ teacher).argmax(1), (xb @ teacher).argmax(1)  # learnable labels
+    copies = [t.clone() for t in (xa, ya, xb, yb)]
+    lines = [(a, (xa, ya), 10), (b, (xb, yb), 16)]  # 3 and 4 batches: 4 steps per epoch
+    fit = fit_paired_lines(model, a, lines, n_points=5, lr=0.003, momentum=0.8, epochs=10, seed=3)
+    again = fit_paired_lines(model, a, lines, n_points=5, lr=0.003, momentum=0.8, epochs=10, seed=3)
+    other = fit_paired_lines(model, a, lines, n_points=5, lr=0.003, momentum=0.8, epochs=10, seed=4)
+    assert fit.steps == 40 and math.isfinite(fit.loss_before) and fit.loss_after < fit.loss_before
+    assert all(torch.equal(fit.state[n], again.state[n]) for n in fit.state)
+    assert any(not torch.equal(fit.state[n], other.state[n]) for n in fit.state)
+    assert all(torch.equal(t, c) for t, c in zip((xa, ya, xb, yb), copies))
+    assert all(torch.equal(p, a[n]) for n, p in model.named_parameters())  # the model is not changed
+    with pytest.raises(RebasinError, match="at least one line"):
+        fit_paired_lines(model, a, [], n_points=5, lr=0.1)
+    with pytest.raises(RebasinError, match="batch_size"):
+        fit_paired_lines(model, a, [(a, (xa, ya), 0)], n_points=5, lr=0.1)
+    with pytest.raises(RebasinError, match="line 0"):
+        fit_paired_lines(model, a, [(a, (xa[:0], ya[:0]), 4)], n_points=5, lr=0.1)
+    with pytest.raises(RebasinError, match="line_points"):
+        fit_paired_lines(model, a, lines, n_points=0, lr=0.1)
+
+
 # ------------------------------------------------------------------ the strategy
 def test_mcsgd_trains_and_evaluates(bench):
     model = tiny(3)
     plugins: list = []
-    strategy = MCSGD(mem_size=16, mc_epochs=3, mc_batch_size=16, plugins=plugins, **common(model))
+    strategy = MCSGD(variant="all_lines", mem_size=16, mc_epochs=3, mc_batch_size=16, plugins=plugins,
+                     **common(model))
     accs = []
     for exp in bench.train_stream:
         strategy.train(exp)
@@ -142,6 +205,75 @@ def test_mcsgd_trains_and_evaluates(bench):
     params = list(model.parameters())
     assert all(p is q for p, q in zip(params, strategy.optimizer.param_groups[0]["params"]))
     assert accs[-1] > 0.3  # four classes: chance is 0.25
+
+
+def test_mcsgd_reference_variant_carries_two_chains(bench):
+    """Each experience trains from w_hat_{t-1}; the model holds w_bar_t between experiences; two lines."""
+    from avalanche.training.plugins import SupervisedPlugin
+
+    class Probe(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.starts = []
+
+        def before_training_epoch(self, strategy, *args, **kwargs):
+            self.starts.append({n: p.detach().clone() for n, p in strategy.model.named_parameters()})
+
+    probe = Probe()
+    model = tiny(6)
+    strategy = MCSGD(mem_size=8, subset_size=40, plugins=[probe], **common(model))
+    solutions = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        solutions.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    plugin = strategy.mcsgd_plugin
+    hist = strategy.history
+    assert [h.n_lines for h in hist] == [1, 2, 2] and [h.n_memory for h in hist] == [8, 16, 24]
+    assert hist[1].steps == math.ceil(40 / 16) == hist[2].steps  # the subset line is the longer one
+    for t in (1, 2):
+        # the continual step started from the previous continual minimum, not from the evaluated solution
+        assert all(torch.equal(probe.starts[t][n], plugin.anchors[t - 1][n]) for n in probe.starts[t])
+        assert math.isfinite(hist[t].loss_before) and math.isfinite(hist[t].loss_after)
+    assert all(torch.equal(solutions[0][n], plugin.anchors[0][n]) for n in solutions[0])  # w_bar_1 = w_hat_1
+    # ... while the model held w_bar_2 != w_hat_2 between the second and third experience
+    assert any(not torch.equal(solutions[1][n], plugin.anchors[1][n]) for n in solutions[1])
+    assert all(torch.equal(solutions[2][n], plugin.solution[n]) for n in solutions[2])
+    # the MC step moves: w_bar_t is neither end of the segment it starts on
+    for n in solutions[2]:
+        assert not torch.equal(solutions[2][n], plugin.anchors[2][n])
+
+
+def test_experience_lr_decay_schedule(bench):
+    from avalanche.training.plugins import SupervisedPlugin
+
+    from continual.optim import ExperienceLRDecay
+
+    model = tiny(7)
+    decay = ExperienceLRDecay(0.5, min_lr=0.01)
+    seen = []
+
+    class Record(SupervisedPlugin):
+        def before_training_epoch(self, strategy, *args, **kwargs):
+            seen.append(strategy.optimizer.param_groups[0]["lr"])
+
+    strategy = Naive(plugins=[decay, Record()], **{**common(model), "optimizer": torch.optim.SGD(
+        model.parameters(), lr=0.03, momentum=0.8)})
+    for exp in bench.train_stream:
+        strategy.train(exp)
+    assert seen == pytest.approx([0.03, 0.015, 0.01])
+    for bad, match in [(0.0, "decay"), (1.5, "decay"), (True, "decay")]:
+        with pytest.raises(RebasinError, match=match):
+            ExperienceLRDecay(bad)
+    with pytest.raises(RebasinError, match="min_lr"):
+        ExperienceLRDecay(0.5, min_lr=-1)
+    with pytest.raises(RebasinError, match="momentum applies"):
+        make_strategy("naive", model=model, example_input=None, momentum=0.5)
+    with pytest.raises(RebasinError, match="unknown optimizer"):
+        make_strategy("naive", model=model, example_input=None, optimizer="adam")
+    sgd = make_strategy("replay", model=model, example_input=None, optimizer="sgd", momentum=0.8, lr=0.05,
+                        lr_decay=0.8)
+    assert isinstance(sgd.optimizer, torch.optim.SGD) and sgd.optimizer.param_groups[0]["momentum"] == 0.8
+    assert any(isinstance(p, ExperienceLRDecay) for p in sgd.plugins)
 
 
 def test_mcsgd_first_experience_is_plain_training_and_plugin_equals_strategy(bench):
@@ -205,6 +337,8 @@ def test_mcsgd_plugin_callbacks_leave_the_global_rng_alone(bench):
         ({"mc_batch_size": None}, "mc_batch_size"),
         ({"start_position": 1.5}, "start_position"),
         ({"optimizer_state": "drop"}, "optimizer_state"),
+        ({"variant": "paper"}, "variant"),
+        ({"subset_size": 0}, "subset_size"),
         ({"seed": 1.5}, "seed"),
     ],
 )
@@ -267,6 +401,10 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
                                                 (["--depth", "0"], "--depth must be >= 1"),
                                                 (["--angles", "10,20"], "--angles only applies to --benchmark rotated_mnist"),
                                                 (["--mem-size", "0"], "--mem-size must be >= 1"),
+                                                (["--momentum", "0.8"], "needs --optimizer sgd"),
+                                                (["--optimizer", "sgd", "--momentum", "1"], "--momentum must be in"),
+                                                (["--lr-decay", "0"], "--lr-decay must be in"),
+                                                (["--dropout", "1"], "--dropout must be in"),
                                                 (["--benchmark", "rotated_mnist", "--data-root", "unused", "--angles", "1,x"],
                                                  "--angles must be comma-separated degrees or 'random'")])
 def test_compare_rejects_bad_jobs_and_depth(extra, message, capsys):

@@ -9,7 +9,8 @@ protocol runs every variant on every seed, and the table reports every cell, not
 * ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
   ``rebasin_merge``);
 * the other ways of choosing the merge weight alpha, each differing from the defaults in one setting,
-  and MC-SGD at its defaults;
+  and MC-SGD's earlier all-lines step (``continual.MCSGD(variant="all_lines")`` with the defaults it had
+  when the grid ran);
 * two controls: Replay whose buffer also gets the samples a plugin variant stores (200 or 20 per task),
   i.e. the same total storage spent on replay instead of on choosing alpha.
 
@@ -53,6 +54,10 @@ CELLS: list[tuple[str, str, int, str | None, int, int]] = [
     ("perm 20t 1ep m200", "permuted_mnist", 20, None, 1, 200),
 ]
 
+#: continual.MCSGD's earlier step and defaults (``variant="all_lines"``), the grid's MC-SGD column
+ALL_LINES: dict[str, Any] = {"variant": "all_lines", "line_points": 10, "mc_lr": 0.05, "mc_batch_size": 64,
+                             "start_position": 0.1}
+
 #: (label, strategy of continual.baselines, options)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay", "replay", {}),
@@ -61,7 +66,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("memory", "rebasin_merge", {"select_alpha_on": "memory"}),
     ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5}),
     ("alpha 0.5", "rebasin_merge", {"alpha": 0.5}),
-    ("mcsgd", "mcsgd", {}),
+    # the grid ran before continual.MCSGD followed the reference code: its earlier step, with its earlier defaults
+    ("mcsgd, all lines", "mcsgd", ALL_LINES),
     # Replay with the plugin's stored samples added to its buffer (trained on, not only used to choose alpha):
     # the defaults keep memory_per_experience held-out samples of every task besides the replay buffer.
     ("replay +200/task", "replay", {}),

@@ -22,10 +22,10 @@ For the first experience :math:`\bar w_1 = \hat w_1`.
 (imirzadeh/CL-LinearModeConnectivity, ``experiment_2.py``, ``core/train_methods.py``,
 ``core/mode_connectivity.py``; read, not copied). The defaults are its 20-task Rotated MNIST
 configuration — 10 memory samples per task (its "memory 200" over 20 tasks), a current-task subset of
-200, 5 segments per line (6 points), momentum 0.8, batch 16, one pass — except the step size and start:
-the configuration in the code (``mc_lr=0.15``, start 5% of the way) diverged here, and
-``mc_lr=0.005``, ``start_position=0.25`` is the best of five points of the authors' own search space for
-that benchmark (``config/lcm_20_offline_space.json``) on a 10-task, one-seed pilot (docs/benchmarks.md).
+200, 5 segments per line (6 points), momentum 0.8, batch 16, one pass, start 5% of the way from
+:math:`\bar w_{t-1}` to :math:`\hat w_t` — except the step size: its ``mc_lr=0.15`` diverged here, and
+``mc_lr=0.005`` was the best of a pilot over the step size and start on the 20-task benchmark
+(one seed; docs/benchmarks.md lists every point).
 Its Permuted MNIST configuration: ``mc_lr=0.0006``, ``start_position=0.25``, ``subset_size=2000``.
 The continual step of the reference uses SGD (momentum 0.8, batch 16) with the learning rate
 decayed per task; give the strategy that optimizer and :class:`continual.optim.ExperienceLRDecay`
@@ -161,7 +161,7 @@ class MCSGDPlugin(SupervisedPlugin):
         mc_momentum: float = 0.8,
         mc_epochs: int = 1,
         mc_batch_size: int = 16,
-        start_position: float = 0.25,
+        start_position: float = 0.05,
         reduction: str = "mean",
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         optimizer_state: str = "reset",
@@ -317,7 +317,7 @@ class MCSGD(SupervisedTemplate):
         mc_momentum: float = 0.8,
         mc_epochs: int = 1,
         mc_batch_size: int = 16,
-        start_position: float = 0.25,
+        start_position: float = 0.05,
         reduction: str = "mean",
         optimizer_state: str = "reset",
         seed: int = 0,

@@ -128,10 +128,11 @@ def make_strategy(
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
     plugins = list(plugins or [])
-    if lr_decay != 1.0:
-        from .optim import ExperienceLRDecay
+    from .optim import ExperienceLRDecay
 
-        plugins.append(ExperienceLRDecay(lr_decay, min_lr=min_lr))
+    decay = ExperienceLRDecay(lr_decay, min_lr=min_lr)  # checks both
+    if lr_decay != 1.0:
+        plugins.append(decay)
     common: dict[str, Any] = dict(
         model=model,
         optimizer=opt,

@@ -320,8 +320,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--depth must be >= 1")
     if not 0 <= args.momentum < 1 or (args.momentum and args.optimizer != "sgd"):
         p.error("--momentum must be in [0, 1) and needs --optimizer sgd")
-    if not 0 < args.lr_decay <= 1 or args.min_lr < 0:
-        p.error("--lr-decay must be in (0, 1] and --min-lr >= 0")
+    if not 0 < args.lr_decay <= 1:
+        p.error("--lr-decay must be in (0, 1]")
+    if args.min_lr < 0 or (args.min_lr and args.lr_decay == 1):
+        p.error("--min-lr must be >= 0 and needs --lr-decay below 1")
     if not 0 <= args.dropout < 1:
         p.error("--dropout must be in [0, 1)")
     if args.angles is not None:
@@ -438,14 +440,15 @@ def _header(settings: dict[str, Any], runs: Sequence[RunResult], model: str, tai
     """The line above the summary table: benchmark, training settings, seeds, then ``tail``."""
     seeds = sorted({r.seed for r in runs})
     s = {**_OLD_DEFAULTS, **settings}
-    opt = "AdamW" if s["optimizer"] == "adamw" else f"SGD momentum {s['momentum']}"
+    opt = (f"AdamW lr {settings['lr']}" if s["optimizer"] == "adamw"
+           else f"SGD lr {settings['lr']} momentum {s['momentum']}")
     if s["lr_decay"] != 1.0:
-        opt += f" (lr x{s['lr_decay']} per experience, min {s['min_lr']})"
+        opt += f" (x{s['lr_decay']} per experience, at least {s['min_lr']})"
     if s["dropout"]:
-        model += f" dropout {s['dropout']}"
+        model += f", dropout {s['dropout']}"
     if s["pixels"] != "normalized":
         model += f", {s['pixels']} pixels"
-    return (f"{settings['benchmark']} ({len(runs[0].accuracy)} experiences), {model}, {opt} lr {settings['lr']}, "
+    return (f"{settings['benchmark']} ({len(runs[0].accuracy)} experiences), {model}, {opt}, "
             f"batch {settings['batch_size']}, {settings['epochs']} epochs, replay {settings['mem_size']}, "
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {tail}")
 

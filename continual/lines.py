@@ -276,6 +276,11 @@ def reference_line_loss(
         :math:`n`: the segment is sampled at ``k / n`` for ``k = 0..n``.
     loss_fn
         Batch-mean loss; cross-entropy by default.
+
+    Notes
+    -----
+    The model runs in whatever mode it is in: call it in evaluation mode (as :func:`fit_paired_lines`
+    does), or batch norm updates its running statistics and dropout draws from the global RNG.
     """
     points = line_points(n_points)
     loss_fn = nn.functional.cross_entropy if loss_fn is None else loss_fn
@@ -288,8 +293,9 @@ def reference_line_loss(
     buffers = dict(model.named_buffers())
     total = None
     for k, t in enumerate((0.0, *points)):
-        point = {n: (anchor[n] + t * (params[n] - anchor[n])).detach() + (params[n] - params[n].detach())
-                 for n in names}
+        with torch.no_grad():
+            fixed = {n: anchor[n] + t * (params[n] - anchor[n]) for n in names}
+        point = {n: fixed[n] + (params[n] - params[n].detach()) for n in names}
         loss = (n_points + 1 - k) * loss_fn(functional_call(model, {**buffers, **point}, (x,)), y)
         total = loss if total is None else total + loss
     return total / x.shape[0]
@@ -343,17 +349,23 @@ def fit_paired_lines(
     if device is None:
         device = next(model.parameters()).device
     names = [name for name, _ in model.named_parameters()]
+    points = line_points(n_points)  # checks n_points first
     data = []
     for j, (anchor, (x, y), batch_size) in enumerate(lines):
+        gone = [n for n in names if n not in anchor]
+        if gone:
+            raise RebasinError(f"fit_paired_lines: line {j}'s anchor misses the model's parameter(s) {gone}")
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
             raise RebasinError(f"line {j}: the data must hold the same positive number of inputs and targets, "
                                f"got {tuple(x.shape)} and {tuple(y.shape)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RebasinError(f"line {j}: batch_size must be a positive int, got {batch_size!r}")
         data.append(({n: anchor[n].detach().to(device) for n in names}, x.to(device), y.to(device), batch_size))
+    missing = [n for n in names if n not in start]
+    if missing:
+        raise RebasinError(f"fit_paired_lines: start misses the model's parameter(s) {missing}")
     params = {n: start[n].detach().to(device).clone().requires_grad_(True) for n in names}
     optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
-    points = line_points(n_points)
     g = torch.Generator().manual_seed(int(seed))
 
     def mean_line_loss() -> float:

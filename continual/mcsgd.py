@@ -6,8 +6,8 @@ and the MC-SGD solution :math:`\bar w_t`, the one that is evaluated. For every e
 
 1. **continual step** — the strategy trains as usual (its own optimizer, plain fine-tuning like
    ``Naive``) from :math:`\hat w_{t-1}` and reaches :math:`\hat w_t`; the plugin keeps
-   :math:`\hat w_t`, ``mem_size`` samples of the experience in its episodic memory and, for the step
-   below, ``subset_size`` further samples of it;
+   :math:`\hat w_t` and ``mem_size`` samples of the experience in its episodic memory, and draws
+   ``subset_size`` samples of it (independently; not kept) for the step below;
 2. **mode-connectivity step** — from :math:`\bar w_{t-1} + s\,(\hat w_t - \bar w_{t-1})`
    (``start_position`` :math:`s`), SGD with momentum moves :math:`w` so that the segment from
    :math:`\bar w_{t-1}` to :math:`w` has low loss on the memory (every task so far, this one
@@ -30,8 +30,11 @@ Its Permuted MNIST configuration: ``mc_lr=0.0006``, ``start_position=0.25``, ``s
 The continual step of the reference uses SGD (momentum 0.8, batch 16) with the learning rate
 decayed per task; give the strategy that optimizer and :class:`continual.optim.ExperienceLRDecay`
 (``python -m continual.compare --optimizer sgd --lr-decay``). Assumed or changed: the memory is a
-seeded subset without replacement (the reference samples with replacement) and its batches
-(``mem_size`` samples each) mix tasks (the reference's hold one task each).
+seeded subset without replacement (the reference samples the memory and the subset with replacement) and
+its batches (``min(mem_size, mc_batch_size)`` samples) mix tasks (the reference's hold one task each).
+The chains hold parameters only: with batch norm, :math:`\bar w_t` is evaluated with the running
+statistics of :math:`\hat w_t`. Evaluations during an experience (``eval_every > 0``) see the
+:math:`\hat w` chain.
 
 ``variant="all_lines"`` is our earlier reading of the paper's equation: every experience trains from
 :math:`\bar w_{t-1}`, and the step minimises the memory loss averaged over the segments from every
@@ -81,8 +84,10 @@ class MCSGDRecord:
     n_lines
         Segments in the objective (2 in ``"reference"``; the experiences seen so far in ``"all_lines"``).
     loss_before, loss_after
-        Memory line loss at :math:`\\bar w_{t-1}` and at :math:`\\bar w_t` (NaN for the first experience,
-        where :math:`\\bar w_1 = \\hat w_1`).
+        The step's objective as reported by :class:`continual.lines.LineFit` at its start point (on the
+        segment from :math:`\\bar w_{t-1}` towards :math:`\\hat w_t`) and at :math:`\\bar w_t`: the mean batch
+        loss at the points ``k / line_points``, ``k = 1..line_points``, of every line on its own data (NaN for
+        the first experience, where :math:`\\bar w_1 = \\hat w_1`).
     steps
         SGD steps of the mode-connectivity step.
     time_s
@@ -107,8 +112,9 @@ class MCSGDPlugin(SupervisedPlugin):
         ``"reference"`` (default) or ``"all_lines"`` (see the module doc).
     mem_size
         Samples kept from every experience in the episodic memory (a seeded random subset of its
-        training data, read through its evaluation transforms); in ``"reference"`` also the batch size
-        of the memory line.
+        training data, read through its evaluation transforms); in ``"reference"`` the memory line is
+        batched ``min(mem_size, mc_batch_size)`` samples at a time (the reference batches every task's
+        memory at its batch size).
     subset_size
         ``"reference"`` only: samples of the current experience for the :math:`\hat w_t` line (drawn
         with another seed than the memory's; the whole experience when it is smaller).
@@ -133,7 +139,7 @@ class MCSGDPlugin(SupervisedPlugin):
         whenever the plugin writes weights into the model (the reference builds a new optimizer per
         task); ``"keep"``: leave it.
     seed
-        Seeds the memory subsets and the shuffling of the memory. The plugin never draws from the
+        Seeds the memory subsets, the current-task subsets and their shuffling. The plugin never draws from the
         global torch RNG (the model runs in evaluation mode in the mode-connectivity step, so dropout
         draws nothing), so the strategy's own training draws exactly what it would without it.
 
@@ -143,6 +149,8 @@ class MCSGDPlugin(SupervisedPlugin):
         One record per experience.
     anchors : list[dict[str, Tensor]]
         The continual minima :math:`\hat w_j` (parameters only).
+    solution : dict[str, Tensor] or None
+        :math:`\bar w_t`, the last MC-SGD solution (parameters only; None before the first experience).
 
     Examples
     --------
@@ -201,7 +209,7 @@ class MCSGDPlugin(SupervisedPlugin):
         self.anchors: list[dict[str, Tensor]] = []
         self._memory: list[tuple[Tensor, Tensor]] = []
         self._start: dict[str, Tensor] | None = None
-        self.solution: dict[str, Tensor] | None = None  # \bar w_t, the last MC-SGD solution
+        self.solution: dict[str, Tensor] | None = None
 
     def _rng_seed(self, salt: int) -> int:
         return self.seed * 1_000_003 + len(self.history) * 101 + salt
@@ -231,7 +239,7 @@ class MCSGDPlugin(SupervisedPlugin):
         memory = concat_tensors(self._memory)
         start, self._start = self._start, None
         if len(self.anchors) == 1:
-            self.solution = hat
+            self.solution = {n: w.clone() for n, w in hat.items()}
             self.history.append(MCSGDRecord(int(exp), int(memory[0].shape[0]), 1, math.nan, math.nan, 0, 0.0))
             return
         device = torch.device(strategy.device)
@@ -241,7 +249,8 @@ class MCSGDPlugin(SupervisedPlugin):
             current = sample_tensors(dataset, self.subset_size, seed=self._rng_seed(2),
                                      batch_size=min(self.subset_size, 1000))
             fit = fit_paired_lines(
-                model, init, [(prev, memory, self.mem_size), (hat, current, self.mc_batch_size)],
+                model, init,
+                [(prev, memory, min(self.mem_size, self.mc_batch_size)), (hat, current, self.mc_batch_size)],
                 n_points=self.line_points, lr=self.mc_lr, momentum=self.mc_momentum, epochs=self.mc_epochs,
                 loss_fn=self.loss_fn, seed=self._rng_seed(1), device=device,
             )

@@ -1,4 +1,4 @@
-"""Optimizer schedules across experiences, as Avalanche plugins (no Avalanche import until used)."""
+"""Optimizer schedules across experiences, as Avalanche plugins (imports Avalanche)."""
 
 from __future__ import annotations
 

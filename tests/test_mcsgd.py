@@ -221,7 +221,7 @@ def test_mcsgd_reference_variant_carries_two_chains(bench):
 
     probe = Probe()
     model = tiny(6)
-    strategy = MCSGD(mem_size=8, subset_size=40, plugins=[probe], **common(model))
+    strategy = MCSGD(mem_size=8, subset_size=40, mc_lr=0.01, plugins=[probe], **common(model))
     solutions = []
     for exp in bench.train_stream:
         strategy.train(exp)
@@ -238,9 +238,20 @@ def test_mcsgd_reference_variant_carries_two_chains(bench):
     # ... while the model held w_bar_2 != w_hat_2 between the second and third experience
     assert any(not torch.equal(solutions[1][n], plugin.anchors[1][n]) for n in solutions[1])
     assert all(torch.equal(solutions[2][n], plugin.solution[n]) for n in solutions[2])
-    # the MC step moves: w_bar_t is neither end of the segment it starts on
-    for n in solutions[2]:
-        assert not torch.equal(solutions[2][n], plugin.anchors[2][n])
+    # w_bar_3 is exactly the reference step from w_bar_2 and w_hat_3, recomputed here from the plugin's seeds
+    from continual._data import concat_tensors, sample_tensors
+
+    exp = bench.train_stream[2]
+    start = {n: w + plugin.start_position * (plugin.anchors[2][n] - w) for n, w in solutions[1].items()}
+    subset = sample_tensors(exp.dataset, 40, seed=plugin.seed * 1_000_003 + 2 * 101 + 2, batch_size=40)
+    expected = fit_paired_lines(
+        model, start, [(solutions[1], concat_tensors(plugin._memory), 8), (plugin.anchors[2], subset, 16)],
+        n_points=5, lr=plugin.mc_lr, momentum=plugin.mc_momentum, seed=plugin.seed * 1_000_003 + 2 * 101 + 1,
+    )
+    assert all(torch.equal(solutions[2][n], expected.state[n]) for n in solutions[2])
+    # ... and the step moved it: not where it started, and the lines' loss went down
+    assert any(not torch.allclose(solutions[2][n], start[n], atol=1e-4) for n in start)
+    assert hist[2].loss_after < hist[2].loss_before
 
 
 def test_experience_lr_decay_schedule(bench):
@@ -268,6 +279,10 @@ def test_experience_lr_decay_schedule(bench):
         ExperienceLRDecay(0.5, min_lr=-1)
     with pytest.raises(RebasinError, match="momentum applies"):
         make_strategy("naive", model=model, example_input=None, momentum=0.5)
+    with pytest.raises(RebasinError, match="min_lr"):
+        make_strategy("naive", model=model, example_input=None, min_lr=-1.0)
+    with pytest.raises(RebasinError, match="decay"):
+        make_strategy("naive", model=model, example_input=None, lr_decay=True)
     with pytest.raises(RebasinError, match="unknown optimizer"):
         make_strategy("naive", model=model, example_input=None, optimizer="adam")
     sgd = make_strategy("replay", model=model, example_input=None, optimizer="sgd", momentum=0.8, lr=0.05,
@@ -404,6 +419,7 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
                                                 (["--momentum", "0.8"], "needs --optimizer sgd"),
                                                 (["--optimizer", "sgd", "--momentum", "1"], "--momentum must be in"),
                                                 (["--lr-decay", "0"], "--lr-decay must be in"),
+                                                (["--min-lr", "0.001"], "needs --lr-decay below 1"),
                                                 (["--dropout", "1"], "--dropout must be in"),
                                                 (["--benchmark", "rotated_mnist", "--data-root", "unused", "--angles", "1,x"],
                                                  "--angles must be comma-separated degrees or 'random'")])

@@ -114,22 +114,21 @@ def make_strategy(
     from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.plugins.evaluation import default_evaluator
 
+    from ._checks import number_in
     from .mcsgd import MCSGD
+    from .optim import ExperienceLRDecay
     from .plugin import RebasinMergePlugin
     from .strategy import RebasinIL
 
     options = dict(options or {})
     if optimizer not in OPTIMIZERS:
         raise RebasinError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise RebasinError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    momentum = number_in(momentum, "momentum", 0, 1, high_open=True)
     if optimizer == "adamw" and momentum:
         raise RebasinError("momentum applies to optimizer='sgd' only")
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw"
            else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
     plugins = list(plugins or [])
-    from .optim import ExperienceLRDecay
-
     decay = ExperienceLRDecay(lr_decay, min_lr=min_lr)  # checks both
     if lr_decay != 1.0:
         plugins.append(decay)

@@ -52,10 +52,14 @@ Pairs = list[tuple[Tensor, Tensor]]
 PIXELS = ("normalized", "raw")
 
 
-def _scaled(pairs: Pairs, pixels: str) -> Pairs:
-    """``pairs`` of MNIST-normalised images as ``pixels`` asks (``"raw"``: back to ``[0, 1]``)."""
+def _check_pixels(pixels: str) -> None:
     if pixels not in PIXELS:
         raise RebasinError(f"unknown pixels {pixels!r}; choose one of {PIXELS}")
+
+
+def _scaled(pairs: Pairs, pixels: str) -> Pairs:
+    """``pairs`` of MNIST-normalised images as ``pixels`` asks (``"raw"``: back to ``[0, 1]``)."""
+    _check_pixels(pixels)
     return pairs if pixels == "normalized" else [(x * MNIST_STD + MNIST_MEAN, y) for x, y in pairs]
 
 
@@ -187,7 +191,7 @@ def rotated_mnist(
     angles = [float(a) for a in angles]
     if not angles:
         raise RebasinError("angles must hold at least one rotation")
-    _scaled([], pixels)  # a bad value fails before MNIST is read
+    _check_pixels(pixels)  # before MNIST is read
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     train = [(rotate_images(xtr, a), ytr) for a in angles]
     test = [(rotate_images(xte, a), yte) for a in angles]
@@ -209,7 +213,7 @@ def permuted_mnist(
     arguments.
     """
     n = positive_int(n_experiences, "n_experiences")
-    _scaled([], pixels)
+    _check_pixels(pixels)
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     g = torch.Generator().manual_seed(int(seed) + 1)
     train, test = [], []
@@ -241,7 +245,7 @@ def split_mnist(
         raise RebasinError(f"class_order must be a permutation of 0..9, got {order}")
     if 10 % n:
         raise RebasinError(f"n_experiences must divide the 10 classes evenly, got {n}")
-    _scaled([], pixels)
+    _check_pixels(pixels)
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     k = 10 // n
     train, test = [], []

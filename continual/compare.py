@@ -255,8 +255,8 @@ def _plot(runs: Sequence[RunResult], path: Path) -> None:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    from .baselines import STRATEGIES
-    from .benchmarks import BENCHMARKS
+    from .baselines import OPTIMIZERS, STRATEGIES
+    from .benchmarks import BENCHMARKS, PIXELS
 
     p = argparse.ArgumentParser(prog="python -m continual.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="rotated_mnist")
@@ -270,7 +270,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="of every strategy")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="of every strategy")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (--optimizer sgd)")
     p.add_argument("--lr-decay", type=float, default=1.0,
                    help="learning rate before experience k: max(--min-lr, lr * decay**k) (MC-SGD's schedule)")
@@ -285,7 +285,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         "--benchmark-seed); default linspace(0, 180, n_experiences)")
     p.add_argument("--benchmark-seed", type=int, default=0,
                    help="seed of the benchmark itself (subsets, random angles, permutations); the same for every run")
-    p.add_argument("--pixels", choices=("normalized", "raw"), default="normalized",
+    p.add_argument("--pixels", choices=PIXELS, default="normalized",
                    help="MNIST benchmarks: normalised with MNIST's mean and std, or raw [0, 1] (MC-SGD's protocol)")
     p.add_argument("--train-samples", type=int, default=None, help="MNIST training images per experience")
     p.add_argument("--test-samples", type=int, default=None, help="MNIST test images per experience")

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import RebasinError
+from rebasin._common import evaluating
 
 __all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "reference_line_loss",
            "fit_paired_lines"]
@@ -227,9 +228,8 @@ def fit_on_lines(
     kwargs = {"points": points, "loss_fn": loss_fn, "reduction": reduction}
     g = torch.Generator().manual_seed(int(seed))
     steps = 0
-    was_training = model.training
-    model.eval()  # no dropout draws from the global RNG, batch norm uses the model's running statistics
-    try:
+    # eval mode: no dropout draws from the global RNG, batch norm uses the model's running statistics
+    with evaluating(model):
         before = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
         for _ in range(epochs):
             order = torch.randperm(x.shape[0], generator=g).to(device)
@@ -240,8 +240,6 @@ def fit_on_lines(
                 optimizer.step()
                 steps += 1
         after = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
-    finally:
-        model.train(was_training)
     state = {n: p.detach().clone() for n, p in params.items()}
     return LineFit(state, before, after, steps, time.perf_counter() - start_time)
 
@@ -374,9 +372,7 @@ def fit_paired_lines(
         return sum(losses) / len(losses)
 
     steps = 0
-    was_training = model.training
-    model.eval()  # as in fit_on_lines: no dropout draw, running batch-norm statistics
-    try:
+    with evaluating(model):  # as in fit_on_lines
         before = mean_line_loss()
         for _ in range(epochs):
             batches = []
@@ -392,7 +388,5 @@ def fit_paired_lines(
                 optimizer.step()
                 steps += 1
         after = mean_line_loss()
-    finally:
-        model.train(was_training)
     state = {n: p.detach().clone() for n, p in params.items()}
     return LineFit(state, before, after, steps, time.perf_counter() - start_time)

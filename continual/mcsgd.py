@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from rebasin import RebasinError
 
-from ._checks import positive_float, positive_int
+from ._checks import number_in, positive_float, positive_int
 from ._data import concat_tensors, sample_tensors
 from .lines import REDUCTIONS, fit_on_lines, fit_paired_lines
 from .lines import line_points as line_points_of
@@ -181,18 +181,13 @@ class MCSGDPlugin(SupervisedPlugin):
         self.variant = variant
         self.mem_size = positive_int(mem_size, "mem_size")
         self.subset_size = positive_int(subset_size, "subset_size")
-        self.line_points = positive_int(line_points, "line_points")
-        self.points = line_points_of(line_points)
+        self.points = line_points_of(line_points)  # checks line_points
+        self.line_points = line_points
         self.mc_lr = positive_float(mc_lr, "mc_lr")
-        if isinstance(mc_momentum, bool) or not isinstance(mc_momentum, (int, float)) or not 0 <= mc_momentum < 1:
-            raise RebasinError(f"mc_momentum must be a number in [0, 1), got {mc_momentum!r}")
-        self.mc_momentum = float(mc_momentum)
+        self.mc_momentum = number_in(mc_momentum, "mc_momentum", 0, 1, high_open=True)
         self.mc_epochs = positive_int(mc_epochs, "mc_epochs")
         self.mc_batch_size = positive_int(mc_batch_size, "mc_batch_size")
-        if isinstance(start_position, bool) or not isinstance(start_position, (int, float)) \
-                or not 0 <= start_position <= 1:
-            raise RebasinError(f"start_position must be a number in [0, 1], got {start_position!r}")
-        self.start_position = float(start_position)
+        self.start_position = number_in(start_position, "start_position", 0, 1)
         if optimizer_state not in _OPTIMIZER_STATES:
             raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
         if reduction not in REDUCTIONS:
@@ -244,7 +239,7 @@ class MCSGDPlugin(SupervisedPlugin):
             return
         device = torch.device(strategy.device)
         if self.variant == "reference":
-            prev = self.solution if self.solution is not None else start
+            prev = self.solution  # set at the first experience
             init = {n: w + self.start_position * (hat[n] - w) for n, w in prev.items()}
             current = sample_tensors(dataset, self.subset_size, seed=self._rng_seed(2),
                                      batch_size=min(self.subset_size, 1000))
@@ -339,8 +334,8 @@ class MCSGD(SupervisedTemplate):
             raise RebasinError(f"MCSGD: plugins must be a list of plugins, got {type(plugins).__name__}")
         criterion = nn.CrossEntropyLoss() if criterion is None else criterion
         self.mcsgd_plugin = MCSGDPlugin(
-            variant=variant, mem_size=mem_size, subset_size=subset_size, line_points=line_points, mc_lr=mc_lr, mc_momentum=mc_momentum, mc_epochs=mc_epochs,
-            mc_batch_size=mc_batch_size, start_position=start_position, reduction=reduction,
+            variant=variant, mem_size=mem_size, subset_size=subset_size, line_points=line_points, mc_lr=mc_lr,
+            mc_momentum=mc_momentum, mc_epochs=mc_epochs, mc_batch_size=mc_batch_size, start_position=start_position, reduction=reduction,
             loss_fn=criterion,
             optimizer_state=optimizer_state, seed=seed,
         )

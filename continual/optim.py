@@ -8,6 +8,8 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from rebasin import RebasinError
 
+from ._checks import number_in
+
 __all__ = ["ExperienceLRDecay"]
 
 
@@ -28,11 +30,9 @@ class ExperienceLRDecay(SupervisedPlugin):
 
     def __init__(self, decay: float, *, min_lr: float = 0.0) -> None:
         super().__init__()
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-            raise RebasinError(f"decay must be a number in (0, 1], got {decay!r}")
+        self.decay = number_in(decay, "decay", 0, 1, low_open=True)
         if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not min_lr >= 0:
             raise RebasinError(f"min_lr must be a number >= 0, got {min_lr!r}")
-        self.decay = float(decay)
         self.min_lr = float(min_lr)
         self.experiences = 0
         self._base: list[float] | None = None

@@ -19,6 +19,12 @@ from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
 
+from rebasin.trace import hf_rules
+
+# trace_model registers the transformers layer rules the first time it meets one, on purpose and for good; register
+# them at import so that the conftest guard against registry leaks sees them before any test, in any order.
+hf_rules.register()
+
 SEQ, VOCAB, WIDTH, HEADS = 8, 50, 32, 4
 
 

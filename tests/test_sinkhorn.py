@@ -265,7 +265,8 @@ def test_cuda_forward_and_backward_match_cpu():
         w = logits(2, n, n, seed=n + 1)
         grads = []
         for dev in ("cpu", "cuda"):
-            xi = x.to(dev).requires_grad_()
+            # a fresh leaf per device: x.to("cpu") is x itself, so requires_grad_() on it would make the CUDA copy a non-leaf
+            xi = x.detach().to(dev).requires_grad_()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 s = sinkhorn(xi, tau=tau, n_iter=300, tol=1e-12)

@@ -45,11 +45,13 @@ from torch.func import functional_call
 
 from rebasin import RebasinError
 
-__all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "reference_line_loss",
+__all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "STEPS", "reference_line_loss",
            "fit_paired_lines"]
 
 #: How :func:`line_loss` combines its batch losses.
 REDUCTIONS = ("mean", "sum")
+#: When :func:`fit_paired_lines` steps: after every batch, or once per epoch.
+STEPS = ("batch", "epoch")
 
 State = Mapping[str, Tensor]
 
@@ -327,6 +329,7 @@ def fit_paired_lines(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    step_every: str = "batch",
 ) -> LineFit:
     r"""The reference implementation's mode-connectivity step: SGD on :func:`reference_line_loss`, one data set per line.
 
@@ -350,6 +353,13 @@ def fit_paired_lines(
         Seeds the shuffling (the global RNG is not used).
     device
         Where to compute; the model's parameters' device when None.
+    step_every
+        ``"batch"`` (default): one SGD step per batch index, as above (the reference code from its
+        Permuted MNIST configuration's commit on). ``"epoch"``: one step per epoch, on the direction summed
+        over every batch of every line, each line's batches weighted by their share of its data:
+        :math:`\sum_b g_b\,|B_b| / N` per line, which for equal batches is :math:`g` of the whole line's data
+        divided by the batch size (the reference code at its Rotated MNIST configuration's commit, whose
+        ``lmc_lr`` of 0.15 belongs to this step).
 
     Returns
     -------
@@ -360,6 +370,9 @@ def fit_paired_lines(
     start_time = time.perf_counter()
     if not lines:
         raise RebasinError("fit_paired_lines needs at least one line")
+    if step_every not in STEPS:
+        raise RebasinError(f"unknown step_every {step_every!r}; choose one of {STEPS}")
+    per_batch = step_every == "batch"
     if device is None:
         device = next(model.parameters()).device
     names = [name for name, _ in model.named_parameters()]
@@ -387,6 +400,7 @@ def fit_paired_lines(
                                     batch_size=1000) for a, x, y, _ in data]
         return sum(losses) / len(losses)
 
+    sizes = [x.shape[0] for _, x, _, _ in data]
     steps = 0
     with _evaluating(model):  # as in fit_on_lines
         before = mean_line_loss()
@@ -396,11 +410,18 @@ def fit_paired_lines(
                 order = torch.randperm(x.shape[0], generator=g).to(device)
                 batches.append([(anchor, x[order[i : i + batch_size]], y[order[i : i + batch_size]])
                                 for i in range(0, x.shape[0], batch_size)])
+            optimizer.zero_grad(set_to_none=True)
             for i in range(max(len(b) for b in batches)):
-                optimizer.zero_grad(set_to_none=True)
+                if per_batch:
+                    optimizer.zero_grad(set_to_none=True)
                 loss = sum(reference_line_loss(model, params, a, xb, yb, n_points=n_points, loss_fn=loss_fn)
-                           for b in batches if i < len(b) for a, xb, yb in [b[i]])
+                           * (1.0 if per_batch else xb.shape[0] / n)
+                           for b, n in zip(batches, sizes) if i < len(b) for a, xb, yb in [b[i]])
                 loss.backward()
+                if per_batch:
+                    optimizer.step()
+                    steps += 1
+            if not per_batch:
                 optimizer.step()
                 steps += 1
         after = mean_line_loss()

@@ -21,17 +21,19 @@ For the first experience :math:`\bar w_1 = \hat w_1`.
 ``variant="reference"`` (the default) is the reference implementation as we read it
 (imirzadeh/CL-LinearModeConnectivity, ``experiment_2.py``, ``core/train_methods.py``,
 ``core/mode_connectivity.py``; read, not copied). The defaults are its 20-task Rotated MNIST
-configuration — 10 memory samples per task (its "memory 200" over 20 tasks), a current-task subset of
-200, 5 segments per line (6 points), momentum 0.8, batch 16, one pass, start 5% of the way from
-:math:`\bar w_{t-1}` to :math:`\hat w_t` — except the step size: its ``mc_lr=0.15`` diverged here, and
-``mc_lr=0.005`` was the best of a pilot over the step size and start on the 20-task benchmark
-(one seed; docs/benchmarks.md lists every point).
-Its Permuted MNIST configuration: ``mc_lr=0.0006``, ``start_position=0.25``, ``subset_size=2000``.
+configuration as committed (commit 06046cc) — 10 memory samples per task (its "memory 200" over 20 tasks), a
+current-task subset of 200, 5 segments per line (6 points), ``mc_lr=0.15``, momentum 0.8, batch 16, one
+pass, start 5% of the way from :math:`\bar w_{t-1}` to :math:`\hat w_t` — with the step that code takes: **one**
+SGD step per pass, on the direction summed over every batch (``mc_step_every="epoch"``).
+Its Permuted MNIST configuration (commit 73355dd) steps after every batch: ``mc_step_every="batch"``,
+``mc_lr=0.0006``, ``start_position=0.25``, ``subset_size=2000``. docs/benchmarks.md ("MC-SGD's protocol")
+reproduces the paper's numbers with both.
 The continual step of the reference uses SGD (momentum 0.8, batch 16) with the learning rate
 decayed per task; give the strategy that optimizer and :class:`continual.optim.ExperienceLRDecay`
 (``python -m continual.compare --optimizer sgd --lr-decay``). Assumed or changed: the memory is a
 seeded subset without replacement (the reference samples the memory and the subset with replacement) and
-its batches (``min(mem_size, mc_batch_size)`` samples) mix tasks (the reference's hold one task each).
+its batches (``min(mem_size, mc_batch_size)`` samples) mix tasks (the reference's hold one task each; with
+one step per pass, the default, the batching changes nothing but the rounding).
 The chains hold parameters only: with batch norm, :math:`\bar w_t` is evaluated with the running
 statistics of :math:`\hat w_t`. Evaluations during an experience (``eval_every > 0``) see the
 :math:`\hat w` chain.
@@ -60,7 +62,7 @@ from rebasin import RebasinError
 
 from ._checks import number_in, positive_float, positive_int
 from ._data import concat_tensors, sample_tensors
-from .lines import REDUCTIONS, fit_on_lines, fit_paired_lines
+from .lines import REDUCTIONS, STEPS, fit_on_lines, fit_paired_lines
 from .lines import line_points as line_points_of
 from .merging import reset_optimizer_state_, write_state_
 
@@ -127,6 +129,11 @@ class MCSGDPlugin(SupervisedPlugin):
         Passes of the mode-connectivity step.
     mc_batch_size
         Batch size of the current subset (``"reference"``) or of the memory (``"all_lines"``).
+    mc_step_every
+        ``"reference"`` only: ``"epoch"`` (default), one step per pass on the direction summed over all the
+        batches (the reference code's step at its Rotated MNIST configuration's commit), or ``"batch"``, a
+        step per batch (at its Permuted MNIST configuration's commit); :func:`continual.lines.fit_paired_lines`'s
+        ``step_every``.
     start_position
         Where the mode-connectivity step starts on the segment from :math:`\bar w_{t-1}` (0) to
         :math:`\hat w_t` (1).
@@ -165,10 +172,11 @@ class MCSGDPlugin(SupervisedPlugin):
         mem_size: int = 10,
         subset_size: int = 200,
         line_points: int = 5,
-        mc_lr: float = 0.005,
+        mc_lr: float = 0.15,
         mc_momentum: float = 0.8,
         mc_epochs: int = 1,
         mc_batch_size: int = 16,
+        mc_step_every: str = "epoch",
         start_position: float = 0.05,
         reduction: str = "mean",
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -187,6 +195,9 @@ class MCSGDPlugin(SupervisedPlugin):
         self.mc_momentum = number_in(mc_momentum, "mc_momentum", 0, 1, high_open=True)
         self.mc_epochs = positive_int(mc_epochs, "mc_epochs")
         self.mc_batch_size = positive_int(mc_batch_size, "mc_batch_size")
+        if mc_step_every not in STEPS:
+            raise RebasinError(f"unknown mc_step_every {mc_step_every!r}; choose one of {STEPS}")
+        self.mc_step_every = mc_step_every
         self.start_position = number_in(start_position, "start_position", 0, 1)
         if optimizer_state not in _OPTIMIZER_STATES:
             raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
@@ -247,7 +258,7 @@ class MCSGDPlugin(SupervisedPlugin):
                 model, init,
                 [(prev, memory, min(self.mem_size, self.mc_batch_size)), (hat, current, self.mc_batch_size)],
                 n_points=self.line_points, lr=self.mc_lr, momentum=self.mc_momentum, epochs=self.mc_epochs,
-                loss_fn=self.loss_fn, seed=self._rng_seed(1), device=device,
+                loss_fn=self.loss_fn, seed=self._rng_seed(1), device=device, step_every=self.mc_step_every,
             )
             n_lines = 2
         else:
@@ -281,8 +292,8 @@ class MCSGD(SupervisedTemplate):
         mcsgd_plugin]``.
     mem_size
         Samples of every experience kept in the episodic memory.
-    variant, subset_size, line_points, mc_lr, mc_momentum, mc_epochs, mc_batch_size, start_position, reduction,
-    optimizer_state, seed
+    variant, subset_size, line_points, mc_lr, mc_momentum, mc_epochs, mc_batch_size, mc_step_every, start_position,
+    reduction, optimizer_state, seed
         As for :class:`MCSGDPlugin`.
 
     Attributes
@@ -317,10 +328,11 @@ class MCSGD(SupervisedTemplate):
         mem_size: int = 10,
         subset_size: int = 200,
         line_points: int = 5,
-        mc_lr: float = 0.005,
+        mc_lr: float = 0.15,
         mc_momentum: float = 0.8,
         mc_epochs: int = 1,
         mc_batch_size: int = 16,
+        mc_step_every: str = "epoch",
         start_position: float = 0.05,
         reduction: str = "mean",
         optimizer_state: str = "reset",
@@ -335,9 +347,9 @@ class MCSGD(SupervisedTemplate):
         criterion = nn.CrossEntropyLoss() if criterion is None else criterion
         self.mcsgd_plugin = MCSGDPlugin(
             variant=variant, mem_size=mem_size, subset_size=subset_size, line_points=line_points, mc_lr=mc_lr,
-            mc_momentum=mc_momentum, mc_epochs=mc_epochs, mc_batch_size=mc_batch_size, start_position=start_position, reduction=reduction,
-            loss_fn=criterion,
-            optimizer_state=optimizer_state, seed=seed,
+            mc_momentum=mc_momentum, mc_epochs=mc_epochs, mc_batch_size=mc_batch_size, mc_step_every=mc_step_every,
+            start_position=start_position, reduction=reduction, loss_fn=criterion, optimizer_state=optimizer_state,
+            seed=seed,
         )
         super().__init__(
             model=model,

@@ -183,6 +183,35 @@ def test_fit_paired_lines_steps_and_seeding():
         fit_paired_lines(model, a, lines, n_points=0, lr=0.1)
 
 
+def test_fit_paired_lines_one_step_per_epoch():
+    """step_every="epoch": one step per pass on sum_b g_b |B_b| / N per line, i.e. g(whole line) * N / |B|."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    names = [n for n, _ in model.named_parameters()]
+    a = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    b = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    w0 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    xa, ya = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    xb, yb = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    lines = [(a, (xa, ya), 4), (b, (xb, yb), 5)]  # equal batches within each line: 3 and 2 of them
+    lr = 0.1
+    fit = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, momentum=0.8, step_every="epoch", seed=5)
+    assert fit.steps == 1
+    w = {n: t.clone().requires_grad_(True) for n, t in w0.items()}
+    (reference_line_loss(model, w, a, xa, ya, n_points=3) * 12 / 4
+     + reference_line_loss(model, w, b, xb, yb, n_points=3) * 10 / 5).backward()
+    for n in names:  # a fresh SGD's first step is lr * direction, momentum or not
+        torch.testing.assert_close(fit.state[n], w0[n] - lr * w[n].grad, rtol=1e-10, atol=1e-12)
+    # the shuffling only reorders a sum: another seed gives the same step up to rounding
+    other = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, momentum=0.8, step_every="epoch", seed=6)
+    assert all(torch.allclose(other.state[n], fit.state[n], rtol=1e-12, atol=1e-14) for n in names)
+    three = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, epochs=3, step_every="epoch")
+    per_batch = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, epochs=3)
+    assert three.steps == 3 and per_batch.steps == 9
+    with pytest.raises(RebasinError, match="step_every"):
+        fit_paired_lines(model, w0, lines, n_points=3, lr=lr, step_every="sample")
+
+
 # ------------------------------------------------------------------ the strategy
 def test_mcsgd_trains_and_evaluates(bench):
     model = tiny(3)
@@ -207,7 +236,8 @@ def test_mcsgd_trains_and_evaluates(bench):
     assert accs[-1] > 0.3  # four classes: chance is 0.25
 
 
-def test_mcsgd_reference_variant_carries_two_chains(bench):
+@pytest.mark.parametrize("step_every", ["epoch", "batch"])
+def test_mcsgd_reference_variant_carries_two_chains(bench, step_every):
     """Each experience trains from w_hat_{t-1}; the model holds w_bar_t between experiences; two lines."""
     from avalanche.training.plugins import SupervisedPlugin
 
@@ -221,7 +251,8 @@ def test_mcsgd_reference_variant_carries_two_chains(bench):
 
     probe = Probe()
     model = tiny(6)
-    strategy = MCSGD(mem_size=8, subset_size=40, mc_lr=0.01, plugins=[probe], **common(model))
+    strategy = MCSGD(mem_size=8, subset_size=40, mc_lr=0.01, mc_step_every=step_every, plugins=[probe],
+                     **common(model))
     solutions = []
     for exp in bench.train_stream:
         strategy.train(exp)
@@ -229,7 +260,8 @@ def test_mcsgd_reference_variant_carries_two_chains(bench):
     plugin = strategy.mcsgd_plugin
     hist = strategy.history
     assert [h.n_lines for h in hist] == [1, 2, 2] and [h.n_memory for h in hist] == [8, 16, 24]
-    assert hist[1].steps == math.ceil(40 / 16) == hist[2].steps  # the subset line is the longer one
+    # one step per pass, or one per batch of the longer line (the subset's)
+    assert hist[1].steps == hist[2].steps == (1 if step_every == "epoch" else math.ceil(40 / 16))
     for t in (1, 2):
         # the continual step started from the previous continual minimum, not from the evaluated solution
         assert all(torch.equal(probe.starts[t][n], plugin.anchors[t - 1][n]) for n in probe.starts[t])
@@ -247,6 +279,7 @@ def test_mcsgd_reference_variant_carries_two_chains(bench):
     expected = fit_paired_lines(
         model, start, [(solutions[1], concat_tensors(plugin._memory), 8), (plugin.anchors[2], subset, 16)],
         n_points=5, lr=plugin.mc_lr, momentum=plugin.mc_momentum, seed=plugin.seed * 1_000_003 + 2 * 101 + 1,
+        step_every=step_every,
     )
     assert all(torch.equal(solutions[2][n], expected.state[n]) for n in solutions[2])
     # ... and the step moved it: not where it started, and the lines' loss went down
@@ -354,6 +387,7 @@ def test_mcsgd_plugin_callbacks_leave_the_global_rng_alone(bench):
         ({"optimizer_state": "drop"}, "optimizer_state"),
         ({"variant": "paper"}, "variant"),
         ({"subset_size": 0}, "subset_size"),
+        ({"mc_step_every": "step"}, "mc_step_every"),
         ({"seed": 1.5}, "seed"),
     ],
 )

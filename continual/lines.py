@@ -92,7 +92,8 @@ def line_loss(
     anchors
         The :math:`\hat w_j`: mappings holding (at least) every parameter name of ``model``.
     x, y
-        One batch (inputs, integer targets), on the model's device.
+        One batch (inputs, integer targets), on the device of ``params`` (the model's buffers are copied
+        there when they live elsewhere).
     points
         Interpolation weights of ``params`` on each segment (0: the anchor, 1: ``params``).
     loss_fn
@@ -116,7 +117,7 @@ def line_loss(
     missing = [n for n in names if n not in params]
     if missing:
         raise RebasinError(f"line_loss: params miss the model's parameter(s) {missing}")
-    buffers = dict(model.named_buffers())
+    buffers = {n: b.to(x.device) for n, b in model.named_buffers()}  # running statistics follow the data
     total = None
     count = 0
     for j, anchor in enumerate(anchors):
@@ -287,7 +288,7 @@ def reference_line_loss(
     anchor
         :math:`a` (at least every parameter name of ``model``).
     x, y
-        One batch on the model's device.
+        One batch, on the device of ``params`` (the model's buffers are copied there when they live elsewhere).
     n_points
         :math:`n`: the segment is sampled at ``k / n`` for ``k = 0..n``.
     loss_fn
@@ -306,7 +307,7 @@ def reference_line_loss(
     missing = [n for n in names if n not in params or n not in anchor]
     if missing:
         raise RebasinError(f"reference_line_loss: params or anchor miss the model's parameter(s) {missing}")
-    buffers = dict(model.named_buffers())
+    buffers = {n: b.to(x.device) for n, b in model.named_buffers()}  # running statistics follow the data
     total = None
     for k, t in enumerate((0.0, *points)):
         with torch.no_grad():
@@ -356,10 +357,12 @@ def fit_paired_lines(
     step_every
         ``"batch"`` (default): one SGD step per batch index, as above (the reference code from its
         Permuted MNIST configuration's commit on). ``"epoch"``: one step per epoch, on the direction summed
-        over every batch of every line, each line's batches weighted by their share of its data:
-        :math:`\sum_b g_b\,|B_b| / N` per line, which for equal batches is :math:`g` of the whole line's data
-        divided by the batch size (the reference code at its Rotated MNIST configuration's commit, whose
-        ``lmc_lr`` of 0.15 belongs to this step).
+        over every batch of every line, each batch weighted by its share of its line's data:
+        :math:`\sum_b \sum_k (n + 1 - k)\, \nabla \ell_{B_b}(p_k) / N` per line of :math:`N` samples, for any
+        batch sizes (with equal batches, :math:`g` of the whole line's data times :math:`N / |B|`). That is the
+        reference code at its Rotated MNIST configuration's commit, which sums the batch-mean losses over the
+        whole loader, divides by the number of samples and steps once; its ``lmc_lr`` of 0.15 belongs to
+        this step.
 
     Returns
     -------
@@ -415,8 +418,8 @@ def fit_paired_lines(
                 if per_batch:
                     optimizer.zero_grad(set_to_none=True)
                 loss = sum(reference_line_loss(model, params, a, xb, yb, n_points=n_points, loss_fn=loss_fn)
-                           * (1.0 if per_batch else xb.shape[0] / n)
-                           for b, n in zip(batches, sizes) if i < len(b) for a, xb, yb in [b[i]])
+                           * (1.0 if per_batch else xb.shape[0] / size)
+                           for b, size in zip(batches, sizes) if i < len(b) for a, xb, yb in [b[i]])
                 loss.backward()
                 if per_batch:
                     optimizer.step()

@@ -33,7 +33,8 @@ decayed per task; give the strategy that optimizer and :class:`continual.optim.E
 (``python -m continual.compare --optimizer sgd --lr-decay``). Assumed or changed: the memory is a
 seeded subset without replacement (the reference samples the memory and the subset with replacement) and
 its batches (``min(mem_size, mc_batch_size)`` samples) mix tasks (the reference's hold one task each; with
-one step per pass, the default, the batching changes nothing but the rounding).
+one step per pass, the default, and ``mem_size <= mc_batch_size``, every batch has ``mem_size`` samples either
+way and the batching changes nothing but the rounding).
 The chains hold parameters only: with batch norm, :math:`\bar w_t` is evaluated with the running
 statistics of :math:`\hat w_t`. Evaluations during an experience (``eval_every > 0``) see the
 :math:`\hat w` chain.
@@ -124,7 +125,9 @@ class MCSGDPlugin(SupervisedPlugin):
         Segments per line: points ``k / line_points``, ``k = 0..line_points`` in ``"reference"`` (the
         anchor counts there), ``k = 1..line_points`` in ``"all_lines"``.
     mc_lr, mc_momentum
-        SGD of the mode-connectivity step.
+        SGD of the mode-connectivity step. The default step size, 0.15, belongs to ``mc_step_every="epoch"``
+        (one step per pass); stepping after every batch it diverges on Rotated MNIST (docs/benchmarks.md):
+        the reference's per-batch configuration uses 0.0006, ``variant="all_lines"``'s documented runs 0.05.
     mc_epochs
         Passes of the mode-connectivity step.
     mc_batch_size

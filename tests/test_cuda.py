@@ -325,3 +325,34 @@ def test_pam_equals_the_cpu_run(device):
         assert all(p.device.type == device for p in got.curve.parameters())
         assert_states_close(got.curve.state_dict_at(0.5), want.curve.state_dict_at(0.5), **TRAINED)
         assert all(s.device.type == device for s in got.soft.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_continual_line_fits_compute_on_the_given_device(device):
+    """MC-SGD's line fits with a CPU model (batch norm buffers included) and ``device=``: the CPU result, there."""
+    from continual.lines import fit_on_lines, fit_paired_lines  # no Avalanche import
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    a = {n: p.detach().clone() for n, p in model.named_parameters()}
+    b = {n: p + 0.3 * torch.randn_like(p) for n, p in a.items()}
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    before = snapshot(model.state_dict())
+    lines = [(a, (x[:10], y[:10]), 4), (b, (x[10:], y[10:]), 5)]
+    for fit in (
+        lambda dev: fit_paired_lines(model, a, lines, n_points=3, lr=0.05, momentum=0.8, epochs=2, seed=1,
+                                     device=dev),
+        lambda dev: fit_paired_lines(model, a, lines, n_points=3, lr=0.05, epochs=2, seed=1, step_every="epoch",
+                                     device=dev),
+        lambda dev: fit_on_lines(model, b, [a, b], (x, y), points=(0.5, 1.0), lr=0.05, momentum=0.8, epochs=2,
+                                 batch_size=8, seed=1, device=dev),
+    ):
+        want, got = fit("cpu"), fit(device)
+        on_device(got.state, device)
+        assert_states_close(got.state, want.state)
+        assert got.steps == want.steps
+        assert_close(torch.tensor([got.loss_before, got.loss_after]), torch.tensor([want.loss_before, want.loss_after]),
+                     **TOL)
+    assert_unchanged(model.state_dict(), before, "cpu")

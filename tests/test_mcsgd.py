@@ -184,32 +184,60 @@ def test_fit_paired_lines_steps_and_seeding():
 
 
 def test_fit_paired_lines_one_step_per_epoch():
-    """step_every="epoch": one step per pass on sum_b g_b |B_b| / N per line, i.e. g(whole line) * N / |B|."""
+    """step_every="epoch": per pass, one SGD step on sum_b sum_k (n + 1 - k) grad l_{B_b}(p_k) / N per line.
+
+    The direction is recomputed here by per-point autograd (as the reference code gets it: batch-mean losses
+    summed over the loader and divided by its size), with unequal batches, over two passes with momentum.
+    """
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     names = [n for n, _ in model.named_parameters()]
     a = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     b = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     w0 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    xa, ya = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    xa, ya = torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 3, (11,))
     xb, yb = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
-    lines = [(a, (xa, ya), 4), (b, (xb, yb), 5)]  # equal batches within each line: 3 and 2 of them
-    lr = 0.1
-    fit = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, momentum=0.8, step_every="epoch", seed=5)
-    assert fit.steps == 1
+    lines = [(a, (xa, ya), 4), (b, (xb, yb), 3)]  # batches of 4, 4, 3 and of 3, 3, 3, 1
+    n_points, lr, momentum, seed = 3, 0.1, 0.8, 5
+
+    def direction(w, g):
+        out = {n: torch.zeros_like(t) for n, t in w.items()}
+        for anchor, (x, y), size in lines:
+            order = torch.randperm(x.shape[0], generator=g)  # the order fit_paired_lines draws, line by line
+            for i in range(0, x.shape[0], size):
+                xi, yi = x[order[i : i + size]], y[order[i : i + size]]
+                for k in range(n_points + 1):
+                    point = {n: (anchor[n] + k / n_points * (w[n] - anchor[n])).requires_grad_(True) for n in names}
+                    loss = nn.functional.cross_entropy(torch.func.functional_call(model, point, (xi,)), yi)
+                    for n, grad in zip(names, torch.autograd.grad(loss, [point[n] for n in names])):
+                        out[n] += (n_points + 1 - k) * grad / x.shape[0]
+        return out
+
+    g = torch.Generator().manual_seed(seed)
+    d1 = direction(w0, g)
+    w1 = {n: w0[n] - lr * d1[n] for n in names}  # a fresh SGD's first step: lr * direction, momentum or not
+    d2 = direction(w1, g)
+    w2 = {n: w1[n] - lr * (momentum * d1[n] + d2[n]) for n in names}
+    one = fit_paired_lines(model, w0, lines, n_points=n_points, lr=lr, momentum=momentum, step_every="epoch",
+                           seed=seed)
+    two = fit_paired_lines(model, w0, lines, n_points=n_points, lr=lr, momentum=momentum, epochs=2,
+                           step_every="epoch", seed=seed)
+    assert one.steps == 1 and two.steps == 2
+    for n in names:
+        torch.testing.assert_close(one.state[n], w1[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(two.state[n], w2[n], rtol=1e-10, atol=1e-12)
+    # with equal batches the direction is that of reference_line_loss on the whole line's data, times N / |B|
+    equal = [(a, (xa[:8], ya[:8]), 4), (b, (xb[:9], yb[:9]), 3)]
+    fit = fit_paired_lines(model, w0, equal, n_points=n_points, lr=lr, step_every="epoch", seed=seed)
     w = {n: t.clone().requires_grad_(True) for n, t in w0.items()}
-    (reference_line_loss(model, w, a, xa, ya, n_points=3) * 12 / 4
-     + reference_line_loss(model, w, b, xb, yb, n_points=3) * 10 / 5).backward()
-    for n in names:  # a fresh SGD's first step is lr * direction, momentum or not
+    (reference_line_loss(model, w, a, xa[:8], ya[:8], n_points=n_points) * 8 / 4
+     + reference_line_loss(model, w, b, xb[:9], yb[:9], n_points=n_points) * 9 / 3).backward()
+    for n in names:
         torch.testing.assert_close(fit.state[n], w0[n] - lr * w[n].grad, rtol=1e-10, atol=1e-12)
-    # the shuffling only reorders a sum: another seed gives the same step up to rounding
-    other = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, momentum=0.8, step_every="epoch", seed=6)
-    assert all(torch.allclose(other.state[n], fit.state[n], rtol=1e-12, atol=1e-14) for n in names)
-    three = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, epochs=3, step_every="epoch")
-    per_batch = fit_paired_lines(model, w0, lines, n_points=3, lr=lr, epochs=3)
-    assert three.steps == 3 and per_batch.steps == 9
+    per_batch = fit_paired_lines(model, w0, lines, n_points=n_points, lr=lr, epochs=3)
+    assert per_batch.steps == 12  # the longer line's 4 batches, 3 passes
     with pytest.raises(RebasinError, match="step_every"):
-        fit_paired_lines(model, w0, lines, n_points=3, lr=lr, step_every="sample")
+        fit_paired_lines(model, w0, lines, n_points=n_points, lr=lr, step_every="sample")
 
 
 # ------------------------------------------------------------------ the strategy

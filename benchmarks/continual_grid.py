@@ -8,7 +8,9 @@ protocol runs every variant on every seed, and the table reports every cell, not
 * ``replay``: Avalanche's ``Replay`` alone;
 * ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
   ``rebasin_merge``);
-* the other ways of choosing the merge weight alpha, each differing from the defaults in one setting,
+* ``one chain``: the plugin training every experience from the merge (``train_from="merged"``, its
+  defaults until this grid preferred two chains);
+* the other ways of choosing the merge weight alpha, each differing from ``one chain`` in one setting,
   and MC-SGD's earlier all-lines step (``continual.MCSGD(variant="all_lines")`` with the defaults it had
   when the grid ran);
 * two controls: Replay whose buffer also gets the samples a plugin variant stores (200 or 20 per task),
@@ -59,24 +61,29 @@ ALL_LINES: dict[str, Any] = {"variant": "all_lines", "line_points": 10, "mc_lr":
                              "start_position": 0.1}
 
 #: (label, strategy of continual.baselines, options)
+#: The plugin variants other than ``defaults`` ran with one chain of weights (``train_from="merged"``, the
+#: defaults before the grid preferred two chains): each differs from ``one chain`` in one setting.
+ONE = {"train_from": "merged"}
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay", "replay", {}),
     ("defaults", "rebasin_merge", {}),
-    ("holdout, old=new", "rebasin_merge", {"old_weight": 0.5}),
-    ("memory", "rebasin_merge", {"select_alpha_on": "memory"}),
-    ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5}),
-    ("alpha 0.5", "rebasin_merge", {"alpha": 0.5}),
+    ("holdout, old=new", "rebasin_merge", {"old_weight": 0.5, **ONE}),
+    ("memory", "rebasin_merge", {"select_alpha_on": "memory", **ONE}),
+    ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5, **ONE}),
+    ("alpha 0.5", "rebasin_merge", {"alpha": 0.5, **ONE}),
     # the grid ran before continual.MCSGD followed the reference code: its earlier step, with its earlier defaults
     ("mcsgd, all lines", "mcsgd", ALL_LINES),
     # Replay with the plugin's stored samples added to its buffer (trained on, not only used to choose alpha):
     # the defaults keep memory_per_experience held-out samples of every task besides the replay buffer.
     ("replay +200/task", "replay", {}),
-    ("replay buffer + new held-out", "rebasin_merge", {"select_alpha_on": "replay_holdout"}),
-    ("holdout 20/task", "rebasin_merge", {"memory_per_experience": 20}),
+    ("replay buffer + new held-out", "rebasin_merge", {"select_alpha_on": "replay_holdout", **ONE}),
+    ("holdout 20/task", "rebasin_merge", {"memory_per_experience": 20, **ONE}),
     ("replay +20/task", "replay", {}),
+    ("holdout, by accuracy", "rebasin_merge", {"select_alpha_by": "accuracy", **ONE}),
+    ("one chain", "rebasin_merge", ONE),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
-DEFAULT_VARIANTS = [0, 1, 2, 3, 5, 9, 6, 7, 10]
+DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]
 #: variants whose replay buffer also gets what a plugin variant stores (samples per task; None: the defaults')
 EXTRA_MEMORY: dict[str, int | None] = {"replay +200/task": None, "replay +20/task": 20}
 
@@ -238,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                            "·T (a control: what the plugin variant stores, spent on replay)" if label in EXTRA_MEMORY else "")
                         for label, strategy, options in (VARIANTS[v] for v in variants))
             + ". `rebasin_merge` = Replay + RebasinMergePlugin; `defaults` is the plugin with no arguments (weight "
-              "matching, alpha chosen on 200 held-out samples per task, every task weighted the same); bold: the best "
+              "matching, alpha chosen on 200 held-out samples per task, every task weighted the same, two chains: each "
+              "task trains from the weights before the last merge); bold: the best "
               "mean of each protocol among the non-control columns"
             + f". {machine_summary()}; one torch thread per run; the runs' wall times add up to "
               f"{sum(r['time_s'] for r in records) / 60:.0f} min."

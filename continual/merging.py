@@ -41,6 +41,7 @@ from rebasin import PermutationSpec, RebasinError, evaluate_path, interpolate, p
 
 __all__ = [
     "AlphaChoice",
+    "CRITERIA",
     "alpha_grid",
     "merge_states",
     "select_alpha",
@@ -67,8 +68,13 @@ class AlphaChoice:
         Mean loss on the old-task data and on the new-task data at each candidate (``loss_old`` is
         all NaN when no old data was given).
     objective
-        What was minimised: the average of the two mean losses (each data set counts equally,
-        whatever its size), or ``loss_new`` alone without old data.
+        What was minimised: the ``old_weight``-weighted average of the two mean losses (of the two error
+        rates with ``criterion="accuracy"``), or the new data's alone without old data.
+    acc_old, acc_new
+        Accuracy on the old-task and new-task data at each candidate (None when the outputs are not class
+        scores; ``acc_old`` all NaN without old data).
+    criterion
+        ``"loss"`` or ``"accuracy"`` (see :func:`select_alpha`).
     """
 
     alpha: float
@@ -76,6 +82,13 @@ class AlphaChoice:
     loss_old: tuple[float, ...]
     loss_new: tuple[float, ...]
     objective: tuple[float, ...]
+    acc_old: tuple[float, ...] | None = None
+    acc_new: tuple[float, ...] | None = None
+    criterion: str = "loss"
+
+
+#: What :func:`select_alpha` optimises.
+CRITERIA = ("loss", "accuracy")
 
 
 def alpha_grid(grid: int | Sequence[float]) -> tuple[float, ...]:
@@ -149,14 +162,17 @@ def select_alpha(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
     old_weight: float = 0.5,
+    criterion: str = "loss",
 ) -> AlphaChoice:
-    """Pick the weight of the new model that minimises the mean loss over old and new data.
+    """Pick the weight of the new model that minimises the mean loss (or error) over old and new data.
 
     Every candidate of the grid is evaluated with :func:`rebasin.evaluate_path` (the model is run
     through ``functional_call`` and not modified). The objective is
     ``old_weight * (mean loss on old_loader) + (1 - old_weight) * (mean loss on new_loader)``; without
-    old data it is the new-data loss alone.
-    Ties go to the larger ``alpha`` (the newer model).
+    old data it is the new-data loss alone. With ``criterion="accuracy"`` the error rates (1 - accuracy)
+    take the place of the losses, and ties (frequent: accuracy moves in steps of one sample) go to the lower
+    loss objective.
+    Remaining ties go to the larger ``alpha`` (the newer model).
 
     Parameters
     ----------
@@ -175,6 +191,9 @@ def select_alpha(
     old_weight
         Weight of the old-data loss in ``[0, 1]`` (0.5: old and new count the same; ``k / (k + 1)``
         after ``k`` old tasks: every task counts the same).
+    criterion
+        ``"loss"`` (default) or ``"accuracy"``: what the choice optimises. The loss rewards the flatter,
+        less confident predictions of an interpolated model even where they classify no better.
 
     Returns
     -------
@@ -188,22 +207,38 @@ def select_alpha(
     """
     ts = alpha_grid(grid)
     old_weight = check_alpha(old_weight, "old_weight")
+    if criterion not in CRITERIA:
+        raise RebasinError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
     new = evaluate_path(model, state_prev_aligned, state_new, new_loader, ts=ts, loss_fn=loss_fn, device=device)
     loss_new = tuple(float(v) for v in new.loss)
+    acc_new = None if new.accuracy is None else tuple(float(v) for v in new.accuracy)
     if old_loader is not None:
         old = evaluate_path(model, state_prev_aligned, state_new, old_loader, ts=ts, loss_fn=loss_fn, device=device)
         loss_old = tuple(float(v) for v in old.loss)
-        objective = tuple(old_weight * a + (1.0 - old_weight) * b for a, b in zip(loss_old, loss_new))
+        acc_old = None if old.accuracy is None or acc_new is None else tuple(float(v) for v in old.accuracy)
     else:
         loss_old = tuple(float("nan") for _ in ts)
-        objective = loss_new
-    finite = [i for i, v in enumerate(objective) if v == v and v != float("inf")]
+        acc_old = None if acc_new is None else tuple(float("nan") for _ in ts)
+
+    def weighted(olds: tuple[float, ...], news: tuple[float, ...]) -> tuple[float, ...]:
+        if old_loader is None:
+            return news
+        return tuple(old_weight * a + (1.0 - old_weight) * b for a, b in zip(olds, news))
+
+    loss_objective = weighted(loss_old, loss_new)
+    if criterion == "accuracy":
+        if acc_new is None or acc_old is None:
+            raise RebasinError("criterion='accuracy' needs class scores: the outputs gave no accuracy")
+        objective = weighted(tuple(1.0 - a for a in acc_old), tuple(1.0 - a for a in acc_new))
+    else:
+        objective = loss_objective
+    finite = [i for i, v in enumerate(loss_objective) if v == v and v != float("inf")]
     if not finite:
         raise RebasinError(
             f"the merge loss is not finite at any alpha of the grid {ts}; check the data and the models"
         )
-    best = min(finite, key=lambda i: (objective[i], -ts[i]))
-    return AlphaChoice(ts[best], ts, loss_old, loss_new, objective)
+    best = min(finite, key=lambda i: (objective[i], loss_objective[i], -ts[i]))
+    return AlphaChoice(ts[best], ts, loss_old, loss_new, objective, acc_old, acc_new, criterion)
 
 
 @torch.no_grad()

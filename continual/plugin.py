@@ -20,12 +20,14 @@ from rebasin import PermutationSpec, RebasinError, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
 from ._data import concat_tensors, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
-from .merging import AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
+from .merging import CRITERIA, AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .merging import alpha_grid as _alpha_grid
 
-__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES"]
+__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM"]
 
 ALPHA_SOURCES = ("holdout", "replay_holdout", "replay", "memory")
+#: Where each experience's training starts (see ``RebasinMergePlugin``'s ``train_from``).
+TRAIN_FROM = ("merged", "sequential")
 _OPTIMIZER_STATES = ("reset", "keep")
 
 
@@ -74,16 +76,25 @@ class RebasinMergePlugin(SupervisedPlugin):
     r"""Align the freshly trained model to the previous experience's model and merge along the line.
 
     After training on experience :math:`k \ge 1` (the first experience a strategy trains is only
-    remembered), with :math:`\theta_{\text{prev}}` the weights at the start of experience :math:`k`:
+    remembered), with :math:`\theta_{\text{prev}}` the model the strategy held before experience :math:`k`
+    (the previous merge) and :math:`\theta_{\text{new}}` the weights its training reached:
 
     1. :func:`rebasin.align` finds the permutation :math:`\pi` of the hidden units of
-       :math:`\theta_{\text{prev}}` that best matches the new weights :math:`\theta_{\text{new}}`;
+       :math:`\theta_{\text{prev}}` that best matches :math:`\theta_{\text{new}}`;
     2. the strategy's model gets :math:`(1-\alpha)\,\pi(\theta_{\text{prev}}) + \alpha\,\theta_{\text{new}}`,
        written **into the existing parameter objects** (the optimizer keeps holding them);
     3. the optimizer's per-parameter state is dropped (``optimizer_state="reset"``), so no Adam moment
        or momentum computed for the pre-merge weights is applied to the merged ones.
 
-    ``alpha`` is the weight of the **new** model: ``alpha=1`` leaves the model untouched (bitwise).
+    By default (``train_from="sequential"``) the next experience trains from :math:`\theta_{\text{new}}`,
+    the weights before the merge, not from the merge: two chains of weights, as in MC-SGD — a sequential one
+    that keeps learning each task in full, and the merged one, which the model holds between experiences
+    (what is evaluated) and which is the previous end of the next merge. ``train_from="merged"`` trains
+    every experience from the merge (one chain). docs/benchmarks.md ("Choosing alpha: a grid of protocols")
+    measures both.
+
+    ``alpha`` is the weight of the **new** model: ``alpha=1`` leaves the model untouched (bitwise), with
+    either chain.
     The previous model is permuted into the new model's basis, so the optimizer state that is kept
     (``optimizer_state="keep"``) still belongs to the parameter it was computed for.
 
@@ -128,6 +139,9 @@ class RebasinMergePlugin(SupervisedPlugin):
         * ``"memory"``: the plugin keeps its own ``memory_per_experience`` samples of every
           experience it has seen (training samples; nothing is added to or removed from the
           strategy's training data). The new data are training samples.
+    select_alpha_by
+        ``"loss"`` (default): the candidate with the lowest weighted mean loss; ``"accuracy"``: the lowest
+        weighted error rate, ties to the lower loss (:func:`continual.merging.select_alpha`'s ``criterion``).
     old_weight
         Weight of the old-data loss when choosing alpha, in ``[0, 1]``. None (default): every task
         counts the same, ``k / (k + 1)`` at the merge after ``k`` earlier experiences (the average
@@ -157,6 +171,11 @@ class RebasinMergePlugin(SupervisedPlugin):
         cross-entropy by default.
     optimizer_state
         ``"reset"`` (default) or ``"keep"``.
+    train_from
+        ``"sequential"`` (default): every experience trains from the previous experience's weights *before*
+        its merge, as MC-SGD's continual step does; the merged model, held between experiences (for
+        evaluation), is the "previous" end of the next merge. ``"merged"``: every experience trains from the
+        merged model (one chain of weights; the default until the grid of protocols preferred two chains).
     batch_size
         Batch size of the evaluation passes.
     seed
@@ -184,6 +203,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         matcher: str = "weight_matching",
         alpha: float | None = None,
         select_alpha_on: str = "holdout",
+        select_alpha_by: str = "loss",
         old_weight: float | None = None,
         alpha_grid: int | Sequence[float] = 11,
         new_samples: int = 1000,
@@ -195,6 +215,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         matcher_options: Mapping[str, Any] | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         optimizer_state: str = "reset",
+        train_from: str = "sequential",
         batch_size: int = 500,
         seed: int = 0,
     ) -> None:
@@ -205,6 +226,10 @@ class RebasinMergePlugin(SupervisedPlugin):
             raise RebasinError(f"unknown select_alpha_on {select_alpha_on!r}; choose one of {ALPHA_SOURCES}")
         if optimizer_state not in _OPTIMIZER_STATES:
             raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
+        if train_from not in TRAIN_FROM:
+            raise RebasinError(f"unknown train_from {train_from!r}; choose one of {TRAIN_FROM}")
+        if select_alpha_by not in CRITERIA:
+            raise RebasinError(f"unknown select_alpha_by {select_alpha_by!r}; choose one of {CRITERIA}")
         for name, value in (("new_samples", new_samples), ("old_samples", old_samples),
                             ("memory_per_experience", memory_per_experience), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -212,6 +237,9 @@ class RebasinMergePlugin(SupervisedPlugin):
         self.matcher = matcher
         self.alpha = None if alpha is None else check_alpha(alpha)
         self.select_alpha_on = select_alpha_on
+        self.select_alpha_by = select_alpha_by
+        self.train_from = train_from
+        self._sequential: dict[str, Tensor] | None = None
         self.old_weight = None if old_weight is None else check_alpha(old_weight, "old_weight")
         self.alpha_grid = _alpha_grid(alpha_grid)
         self.new_samples = new_samples
@@ -303,9 +331,20 @@ class RebasinMergePlugin(SupervisedPlugin):
             # The buffer as it is now: old experiences only, whatever the order of the plugins.
             self._old_buffer = policy.buffer
         self._prev_state = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+        state = strategy.model.state_dict()
+        if self.train_from == "sequential" and self._sequential is not None and any(
+            not torch.equal(v, state[k]) for k, v in self._sequential.items()
+        ):
+            # the model holds the merge (the previous end of the next one); training goes on from the weights before
+            # it. Nothing is written (nor the optimizer reset) when the last merge kept the new model (alpha = 1).
+            write_state_(strategy.model, self._sequential)
+            if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
+                reset_optimizer_state_(strategy.optimizer, strategy.model.parameters())
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         try:
+            if self.train_from == "sequential":
+                self._sequential = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
             if self._n_seen > 0 and self._prev_state is not None:
                 self._merge(strategy)
             if self.select_alpha_on == "holdout" and self._holds_out and self._heldout is not None:
@@ -379,6 +418,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             choice = select_alpha(
                 model, prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
                 grid=self.alpha_grid, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
+                criterion=self.select_alpha_by,
             )
             alpha = choice.alpha
         if alpha != 1.0:

@@ -116,6 +116,38 @@ def test_select_alpha_prefers_the_better_end():
     assert choice.alpha == 0.0
 
 
+def test_select_alpha_by_accuracy_minimises_the_weighted_error():
+    """Random labels: the loss is lowest mid-path (flatter outputs), the error rate elsewhere."""
+    from rebasin import evaluate_path
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3)
+    a = {"weight": torch.randn(3, 4, generator=g) * 3, "bias": torch.zeros(3)}
+    b = {"weight": torch.randn(3, 4, generator=g) * 3, "bias": torch.zeros(3)}
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    by_loss = select_alpha(model, a, b, new_loader=[(x, y)], grid=11)
+    by_acc = select_alpha(model, a, b, new_loader=[(x, y)], grid=11, criterion="accuracy")
+    assert (by_loss.alpha, by_acc.alpha) == (0.5, 0.9)
+    assert (by_loss.criterion, by_acc.criterion) == ("loss", "accuracy")
+    path = evaluate_path(model, a, b, [(x, y)], ts=by_acc.grid)
+    assert list(by_acc.acc_new) == pytest.approx(path.accuracy)
+    assert list(by_acc.objective) == pytest.approx([1 - v for v in path.accuracy])
+    i, j = by_acc.grid.index(0.5), by_acc.grid.index(0.9)
+    assert by_acc.acc_new[j] > by_acc.acc_new[i] and by_acc.loss_new[j] > by_acc.loss_new[i]
+    # old and new data: old_weight weights the error rates; ties go to the lower weighted loss
+    old, new = [(x[:20], y[:20])], [(x[20:], y[20:])]
+    c = select_alpha(model, a, b, new_loader=new, old_loader=old, grid=11, old_weight=0.25, criterion="accuracy")
+    error = [0.25 * (1 - o) + 0.75 * (1 - n) for o, n in zip(c.acc_old, c.acc_new)]
+    loss = [0.25 * o + 0.75 * n for o, n in zip(c.loss_old, c.loss_new)]
+    assert list(c.objective) == pytest.approx(error)
+    assert c.alpha == c.grid[min(range(11), key=lambda k: (error[k], loss[k], -c.grid[k]))]
+    with pytest.raises(RebasinError, match="criterion"):
+        select_alpha(model, a, b, new_loader=[(x, y)], criterion="error")
+    with pytest.raises(RebasinError, match="class scores"):  # regression targets give no accuracy
+        select_alpha(model, a, b, new_loader=[(x, torch.randn(40, 3))], loss_fn=nn.functional.mse_loss,
+                     criterion="accuracy")
+
+
 def test_write_state_keeps_parameter_objects_and_rejects_bad_keys():
     model = tiny()
     before = [id(p) for p in model.parameters()]
@@ -665,10 +697,11 @@ def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
     assert calls["after_train_dataset_adaptation"] == 3
 
 
-def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):
+@pytest.mark.parametrize("train_from", ["merged", "sequential"])
+def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench, train_from):
     def train(with_plugin: bool):
         model = tiny(3)
-        plugin = RebasinMergePlugin(alpha=1.0) if with_plugin else None  # spec traced from the data
+        plugin = RebasinMergePlugin(alpha=1.0, train_from=train_from) if with_plugin else None  # spec from the data
         strategy = Replay(mem_size=48, plugins=[plugin] if with_plugin else [], **common(model))
         torch.manual_seed(11)
         accs = []
@@ -685,6 +718,50 @@ def test_merge_plugin_alpha_one_inside_replay_is_bitwise_replay(bench):
         assert torch.equal(state_a[k], state_b[k]), k
     assert accs_a == accs_b
     assert torch.equal(rng_a, rng_b)
+
+
+@pytest.mark.parametrize("train_from", ["sequential", "merged"])
+def test_merge_plugin_chains(bench, train_from):
+    """"sequential" (default): experience t trains from w_hat_{t-1}, the model holds the merge in between;
+    "merged": experience t trains from the merge."""
+    from avalanche.training.plugins import SupervisedPlugin
+
+    class Probe(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.starts, self.ends = [], []
+
+        def before_training_epoch(self, strategy, *args, **kwargs):
+            if strategy.clock.train_exp_epochs == 0:
+                self.starts.append({k: v.detach().clone() for k, v in strategy.model.state_dict().items()})
+
+        def after_training_epoch(self, strategy, *args, **kwargs):
+            self.ends.append({k: v.detach().clone() for k, v in strategy.model.state_dict().items()})
+
+    probe = Probe()
+    model = tiny(5)
+    plugin = RebasinMergePlugin(alpha=0.5, train_from=train_from)
+    strategy = Naive(plugins=[probe, plugin], **common(model))
+    held = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        held.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    hats = probe.ends[1::2]  # two epochs per experience: the weights at the end of each experience's training
+    assert len(hats) == 3 and [h.alpha for h in plugin.history] == [0.5, 0.5]
+    for t in (1, 2):
+        # experience t starts from w_hat_{t-1} (two chains) or from the merge the model held (one chain)
+        start = hats[t - 1] if train_from == "sequential" else held[t - 1]
+        assert all(torch.equal(probe.starts[t][k], start[k]) for k in start)
+        # between experiences the model holds (pi(previous merge) + w_hat_t) / 2
+        prev = held[t - 1]
+        perms = plugin.history[t - 1].perms
+        aligned = permute(plugin.spec, perms, prev)
+        for k in held[t]:
+            torch.testing.assert_close(held[t][k], 0.5 * aligned[k] + 0.5 * hats[t][k])
+    assert all(torch.equal(held[0][k], hats[0][k]) for k in held[0])  # nothing to merge after the first
+    assert any(not torch.equal(held[1][k], hats[1][k]) for k in held[1])
+    with pytest.raises(RebasinError, match="train_from"):
+        RebasinMergePlugin(train_from="merge")
 
 
 class _TinyAttention(nn.Module):

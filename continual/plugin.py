@@ -94,7 +94,12 @@ class RebasinMergePlugin(SupervisedPlugin):
     measures both.
 
     ``alpha`` is the weight of the **new** model: ``alpha=1`` leaves the model untouched (bitwise), with
-    either chain.
+    either chain. With two chains the plugin keeps a copy of the unmerged state (one more model's worth of
+    memory on its device), and ``optimizer_state="reset"`` also drops the sequential chain's optimizer state
+    after every merge with ``alpha < 1`` (``"keep"`` keeps it: with two chains the kept state belongs to the
+    weights training resumes from). Plugins that snapshot the model after an experience and run after this
+    one (Avalanche's ``EWC`` and ``LwF`` append theirs after the user's plugins) see the merge, while training
+    resumes from the unmerged weights; use ``train_from="merged"`` to keep them on one chain.
     The previous model is permuted into the new model's basis, so the optimizer state that is kept
     (``optimizer_state="keep"``) still belongs to the parameter it was computed for.
 
@@ -108,7 +113,8 @@ class RebasinMergePlugin(SupervisedPlugin):
     alpha
         A fixed weight of the new model in ``[0, 1]``, or None (default) to choose it on a grid for
         each experience: the candidate minimising ``old_weight`` times the mean loss on old data plus
-        ``1 - old_weight`` times the mean loss on new data (:func:`continual.merging.select_alpha`).
+        ``1 - old_weight`` times the mean loss on new data (:func:`continual.merging.select_alpha`; the
+        error rate instead of the loss with ``select_alpha_by="accuracy"``).
     select_alpha_on
         Where the data for choosing alpha comes from:
 

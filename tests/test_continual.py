@@ -141,6 +141,12 @@ def test_select_alpha_by_accuracy_minimises_the_weighted_error():
     loss = [0.25 * o + 0.75 * n for o, n in zip(c.loss_old, c.loss_new)]
     assert list(c.objective) == pytest.approx(error)
     assert c.alpha == c.grid[min(range(11), key=lambda k: (error[k], loss[k], -c.grid[k]))]
+    # a tie in error (both ends classify the one sample right): the lower loss wins, not the larger alpha
+    xt, yt = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([0])
+    confident = {"weight": torch.zeros(3, 4), "bias": torch.tensor([4.0, 0.0, 0.0])}
+    timid = {"weight": torch.zeros(3, 4), "bias": torch.tensor([0.5, 0.0, 0.0])}
+    tie = select_alpha(model, confident, timid, new_loader=[(xt, yt)], grid=3, criterion="accuracy")
+    assert set(tie.acc_new) == {1.0} and tie.alpha == 0.0
     with pytest.raises(RebasinError, match="criterion"):
         select_alpha(model, a, b, new_loader=[(x, y)], criterion="error")
     with pytest.raises(RebasinError, match="class scores"):  # regression targets give no accuracy
@@ -222,6 +228,17 @@ def test_plugin_defaults_hold_out_samples_the_model_never_trains_on(bench):
     run(Naive(plugins=[again], **common(tiny())), bench)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plugin._memory, again._memory))
     assert [h.alpha for h in again.history] == [h.alpha for h in plugin.history]
+
+
+def test_plugin_select_alpha_by_is_passed_to_the_choice(bench):
+    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, select_alpha_by="accuracy")
+    run(Replay(mem_size=64, plugins=[plugin], **common(tiny())), bench)
+    for h in plugin.history:
+        assert h.choice.criterion == "accuracy" and h.choice.acc_new is not None
+        error = [h.old_weight * (1 - a) + (1 - h.old_weight) * (1 - b) for a, b in zip(h.choice.acc_old, h.choice.acc_new)]
+        assert list(h.choice.objective) == pytest.approx(error)
+    with pytest.raises(RebasinError, match="select_alpha_by"):
+        RebasinMergePlugin(select_alpha_by="error")
 
 
 def test_plugin_old_weight_is_passed_to_the_choice(bench):

@@ -34,9 +34,8 @@ by the batch size because the batch-mean loss is divided by the number of sample
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import RebasinError
+from rebasin.apps.training import evaluating
 
 __all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "STEPS", "reference_line_loss",
            "fit_paired_lines"]
@@ -132,22 +132,6 @@ def line_loss(
             count += 1
     return total / count if reduction == "mean" else total
 
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block (no dropout draw, running batch-norm statistics); every submodule's flag restored.
-
-    The same as ``rebasin._common.evaluating``, which ``continual`` may not import (a private module of
-    another package).
-    """
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
 
 @dataclass(frozen=True)
 class LineFit:
@@ -248,7 +232,7 @@ def fit_on_lines(
     g = torch.Generator().manual_seed(int(seed))
     steps = 0
     # eval mode: no dropout draws from the global RNG, batch norm uses the model's running statistics
-    with _evaluating(model):
+    with evaluating(model):
         before = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
         for _ in range(epochs):
             order = torch.randperm(x.shape[0], generator=g).to(device)
@@ -405,7 +389,7 @@ def fit_paired_lines(
 
     sizes = [x.shape[0] for _, x, _, _ in data]
     steps = 0
-    with _evaluating(model):  # as in fit_on_lines
+    with evaluating(model):  # as in fit_on_lines
         before = mean_line_loss()
         for _ in range(epochs):
             batches = []

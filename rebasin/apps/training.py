@@ -10,11 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._common import check_int, nonempty, progress_bar, resolve_device, split_batch, state_of, to_device
+from .._common import (
+    check_int,
+    evaluating,
+    nonempty,
+    progress_bar,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
+)
 from .._errors import RebasinError
 from ..paths.running import LossFn, evaluate_state
 
-__all__ = ["fit_classifier_", "evaluate", "seeded_model"]
+__all__ = ["fit_classifier_", "evaluate", "seeded_model", "evaluating"]
 
 M = TypeVar("M", bound=nn.Module)
 

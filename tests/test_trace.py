@@ -214,14 +214,14 @@ class _AddUnpermuted(nn.Module):
         return self.b(F.relu(self.a(x)) + x)
 
 
-class _ChannelSum(nn.Module):
+class _ChannelCumsum(nn.Module):  # a running sum over the features depends on their order
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Linear(5, 6)
-        self.b = nn.Linear(1, 2)
+        self.b = nn.Linear(6, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x).sum(1, keepdim=True))
+        return self.b(self.a(x).cumsum(1))
 
 
 UNSUPPORTED = {
@@ -232,7 +232,7 @@ UNSUPPORTED = {
     "stack": (_Stack, (2, 3), "stack", "torch.stack"),
     "mixing-reshape": (_MixingReshape, (2, 5), "reshape", "mixes channels"),
     "add-unpermuted": (_AddUnpermuted, (2, 5), "add", "unpermuted"),
-    "channel-sum": (_ChannelSum, (2, 5), "sum_1", "reduces over the permuted axis"),
+    "channel-cumsum": (_ChannelCumsum, (2, 5), "cumsum", "Tensor.cumsum is not an operation"),
 }
 
 

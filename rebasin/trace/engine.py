@@ -91,6 +91,10 @@ class Propagation(OpRules):
         if name in ELEMENTWISE_METHOD:
             return self.elementwise(node, list(node.args) + list(node.kwargs.values()))
         if name in IDENTITY_METHOD:
+            key = self.key_of(x) or (self.param_views.get(x) if isinstance(x, Node) else None)
+            if key is not None:  # param.float(): a view whose permutations follow its later use (Gemma's 1 + w)
+                self.param_views[node] = key
+                return plain_axes(node_meta(node))
             return self.arg(node, x)
         if name in QUERY_METHOD:
             self.arg(node, x)

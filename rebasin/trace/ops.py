@@ -14,7 +14,8 @@ parameter-free ops may sit between its Linear layers, so there is one table of o
 * ``QUERY_METHOD``: return metadata (sizes, device), not a tensor.
 * ``RESHAPE_FN`` / ``RESHAPE_METHOD``: views and reshapes, followed axis by axis.
 * ``REORDER_FN`` / ``REORDER_METHOD``: axis reorderings (permute, transpose, ...).
-* ``REDUCE_NAMES`` / ``REDUCE_FN``: reductions; reducing over a permuted axis is refused.
+* ``REDUCE_NAMES`` / ``REDUCE_FN``: symmetric reductions over whole axes; invariant to a permutation of a
+  reduced axis (which carries nothing afterwards).
 * ``SPATIAL_FN``: pooling over the last ``d`` axes (``{function: d}``).
 * ``UNSUPPORTED_HINT``: a readable description of ops that mix a permuted axis with others.
 * ``INPLACE_FN``: functions that write into their first argument.

@@ -372,9 +372,10 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
 def _load_hf_rules(model: nn.Module) -> None:
     """Register the ``transformers`` layer rules when the model holds a module of that library."""
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
-        from .hf_rules import register
+        from . import hf_rules, llm_rules
 
-        register()
+        hf_rules.register()
+        llm_rules.register(model)
 
 
 def _warn_unclaimed(model: nn.Module, prop: Propagation) -> None:

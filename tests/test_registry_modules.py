@@ -460,7 +460,9 @@ def test_registering_twice_needs_overwrite_and_the_scope_restores_builtins() -> 
     relu_rule = module_rule(nn.ReLU)
     with registration_scope():
         with pytest.raises(RebasinError, match=r"ReLU already has a layer rule \(params=\{\}.*overwrite=True"):
-            register_module(nn.ReLU, params={})
+            register_module(nn.ReLU, params={"weight": (None,)})
+        register_module(nn.ReLU, params={})  # the same rule again (a factory called twice): a no-op
+        assert module_rule(nn.ReLU) is relu_rule
         register_module(nn.ReLU, rule=lambda ctx: ctx.unsupported("no ReLU today"), overwrite=True)
         with pytest.raises(RebasinError, match="no ReLU today"):
             spec_from_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3))

@@ -114,7 +114,8 @@ def register_module(
     RebasinError
         For a class that is not an ``nn.Module`` subclass, neither ``params`` nor ``rule``, an
         unknown role, a role given to two axes of one entry, a non-int ``feature_dim``, or a class
-        that already has a rule (without ``overwrite=True``). Entries the module does not have,
+        that already has another rule (without ``overwrite=True``; registering the same rule again is
+        a no-op, so a model factory may register its layers every time it is called). Entries the module does not have,
         missing entries and role tuples of the wrong length are reported when a model is traced,
         naming the node, the entry and its shape.
 
@@ -143,6 +144,8 @@ def register_module(
 
         return decorate
     new = ModuleRule(cls, params, feature_dim, rule)
+    if cls in _RULES and _RULES[cls] == new:
+        return cls  # the same rule again (a model factory that registers on every call): nothing to do
     if cls in _RULES and not overwrite:
         raise RebasinError(
             f"{cls.__name__} already has a layer rule ({_describe(_RULES[cls])}); pass overwrite=True to replace "

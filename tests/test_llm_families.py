@@ -35,6 +35,8 @@ FAMILIES = {  # name: (builder, key/value heads)
                                                                 mlp_bias=True, **_COMMON)), 4),
     "llama-tied": (lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True,
                                                             **_COMMON)), 2),
+    "llama-eager": (lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, attn_implementation="eager",
+                                                             **_COMMON)), 2),  # attention weights returned
     "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, **_COMMON)), 2),
     "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **_COMMON)), 2),
     "gpt-neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(rotary_pct=0.5, **_COMMON)), 4),

@@ -144,12 +144,19 @@ class _Recorder(TorchFunctionMode):
             self.depth -= 1
             if self.depth:
                 return
-            node = self.graph.call_module(name, self.value(tuple(args)), self.value(dict(kwargs)))
+            kept = {k: None if _is_kv_cache(v) else v for k, v in kwargs.items()}  # replays must not share it
+            node = self.graph.call_module(name, self.value(tuple(args)), self.value(kept))
             self.outputs(out, node)
         return hook
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _is_kv_cache(value: Any) -> bool:
+    """A ``transformers`` key/value cache: state the leaf attention updates in place, so a replay of the graph
+    (shape recording) would append to what the recorded run left there; leaf calls are recorded without it."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(value).__mro__)
 
 
 def _holds_tensor(out: Any) -> bool:

@@ -20,7 +20,7 @@ reach the model output are dropped (the output axis is never permuted), so the l
 is ``None``.
 
 Whatever touches a live permutation in a way the rules cannot prove safe (nested groups, a reshape that
-mixes channels, a reduction over the permuted axis, modules without a rule, unknown functions) raises
+mixes channels, modules without a rule, unknown functions) raises
 :class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
 touches permutations which turn out to reach the output is fine: those permutations are the
 identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a

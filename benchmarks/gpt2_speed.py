@@ -87,17 +87,10 @@ def floor_times(spec, a, b, repeats: int) -> tuple[float, float]:
     return best_mm, best_lsa
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-positions", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=8, help="example input length")
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of the floor timings (min kept)")
-    parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
-    parser.add_argument("--report-file", default=None)
-    args = parser.parse_args(argv)
-
-    model_a, model_b = build(0, args.n_positions), build(1, args.n_positions)
-    x = torch.randint(0, model_a.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
+def trace_and_match(model_a: torch.nn.Module, model_b: torch.nn.Module, x: torch.Tensor,
+                    repeats: int) -> tuple[list[list], rebasin.PermutationSpec, dict]:
+    """Time the trace (with and without the check), weight matching and the floor; return the table rows,
+    the spec and A's state."""
     t0 = time.perf_counter()
     tr = trace_model(model_a, x)
     t_trace = time.perf_counter() - t0
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # noqa: BLE001 - reported in the table
         t_wm, sweeps, wm_note = float("nan"), 1, f"failed: {type(err).__name__}: {str(err)[:80]}"
     print(f"weight matching {t_wm:.2f} s, {sweeps} sweeps {wm_note}", flush=True)
-    mm, lsa = floor_times(spec, a, b, args.repeats)
+    mm, lsa = floor_times(spec, a, b, repeats)
     floor = (mm + lsa) * sweeps
     rows = [
         ["trace (spec_from_model, with check)", t_trace, ""],
@@ -128,6 +121,21 @@ def main(argv: list[str] | None = None) -> None:
         ["floor = (matmul + lsa) x sweeps", floor, ""],
         ["ratio weight matching / floor", t_wm / floor, "target <= 1.25"],
     ]
+    return rows, spec, a
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-positions", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=8, help="example input length")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of the floor timings (min kept)")
+    parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--report-file", default=None)
+    args = parser.parse_args(argv)
+
+    model_a, model_b = build(0, args.n_positions), build(1, args.n_positions)
+    x = torch.randint(0, model_a.config.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    rows, _, _ = trace_and_match(model_a, model_b, x, args.repeats)
     table = markdown_table(["step", "seconds", "note"], rows)
     print(table)
     if not args.no_report:

@@ -6,7 +6,7 @@ intermediate 2048, vocabulary 32000) are initialised from two seeds. The script 
 * ``trace``: :func:`rebasin.trace_model` on model A (the dynamic tracer), with the functional check
   ``spec.check`` that makes the spec exact, and without it;
 * ``weight matching``: :func:`rebasin.weight_matching` of A and B;
-* the floor, as in ``gpt2_speed.py`` (its ``floor_times``): one sweep of similarity matmuls over every
+* the floor, as in ``gpt2_speed.py`` (its ``trace_and_match`` times all of this): one sweep of similarity matmuls over every
   stretch of every axis each permutation acts on, plus one ``linear_sum_assignment`` per permutation and
   one per head permutation; ``floor = (floor_matmul + floor_lsa) x sweeps``, ``ratio = weight matching / floor``.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,10 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
-from gpt2_speed import floor_times  # noqa: E402
-
-import rebasin  # noqa: E402
-from rebasin import trace_model  # noqa: E402
+from gpt2_speed import trace_and_match  # noqa: E402
 
 
 def build(seed: int, args: argparse.Namespace) -> torch.nn.Module:
@@ -66,32 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_a, model_b = build(0, args), build(1, args)
     x = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    tr = trace_model(model_a, x)
-    t_trace = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trace_model(model_a, x, check=False)
-    t_trace_nocheck = time.perf_counter() - t0
-    spec = tr.spec
-    a = {k: v.detach() for k, v in model_a.state_dict().items()}
-    b = {k: v.detach() for k, v in model_b.state_dict().items()}
-    print(f"trace {t_trace:.2f} s (no check {t_trace_nocheck:.2f} s): {len(spec.perms)} permutations, "
-          f"{len(spec.structure)} structured", flush=True)
-    t0 = time.perf_counter()
-    _, info = rebasin.weight_matching(spec, a, b, return_info=True)
-    t_wm, sweeps = time.perf_counter() - t0, int(info.n_sweeps)
-    print(f"weight matching {t_wm:.2f} s, {sweeps} sweeps", flush=True)
-    mm, lsa = floor_times(spec, a, b, args.repeats)
-    floor = (mm + lsa) * sweeps
-    rows = [
-        ["trace (spec_from_model, with check)", t_trace, ""],
-        ["trace (check=False)", t_trace_nocheck, ""],
-        ["weight matching", t_wm, f"{sweeps} sweeps"],
-        ["floor_matmul (one sweep)", mm, ""],
-        ["floor_lsa (one sweep)", lsa, f"{len(spec.perms)} perms + {len(spec.outers)} head LAPs"],
-        ["floor = (matmul + lsa) x sweeps", floor, ""],
-        ["ratio weight matching / floor", t_wm / floor, "target <= 1.25"],
-    ]
+    rows, spec, a = trace_and_match(model_a, model_b, x, args.repeats)
     table = markdown_table(["step", "seconds", "note"], rows)
     print(table)
     if not args.no_report:

@@ -48,6 +48,13 @@ if hasattr(T, "GemmaForCausalLM"):
 if hasattr(T, "Gemma3ForCausalLM"):
     FAMILIES["gemma3"] = (lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(num_key_value_heads=2, head_dim=D,
                                                                           **_COMMON)), 2)
+if hasattr(T, "Olmo2ForCausalLM"):  # q_norm / k_norm over all of q / k (not per head): they follow the heads
+    FAMILIES["olmo2"] = (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(num_key_value_heads=2, **_COMMON)), 2)
+for _cls, _cfg in (("Gemma2ForCausalLM", "Gemma2Config"), ("OlmoForCausalLM", "OlmoConfig"),
+                   ("GraniteForCausalLM", "GraniteConfig"), ("StableLmForCausalLM", "StableLmConfig")):
+    if hasattr(T, _cls):  # StableLM: partial rotary (a quarter of each head) and LayerNorm with bias
+        FAMILIES[_cls[: -len("ForCausalLM")].lower()] = (
+            lambda c=_cls, k=_cfg: getattr(T, c)(getattr(T, k)(num_key_value_heads=2, head_dim=D, **_COMMON)), 2)
 if hasattr(T, "PhiForCausalLM"):
     FAMILIES["phi"] = (lambda: T.PhiForCausalLM(T.PhiConfig(num_key_value_heads=4, partial_rotary_factor=0.5,
                                                             **_COMMON)), 4)
@@ -125,6 +132,11 @@ def test_qk_units_stay_in_place_and_heads_move(traced, name):
         assert k is None and spec.axes[attn + "v_proj.weight"][0] is None and q not in spec.structure
         return
     assert spec.blocks[(attn + "k_proj.weight", 0)] == D and spec.sizes[k] == kv
+    if name == "olmo2":  # norms over all of q and k follow the head permutations of their rows
+        assert spec.axes[attn + "q_norm.weight"] == (q,) and spec.axes[attn + "k_norm.weight"] == (k,)
+        assert spec.blocks[(attn + "q_norm.weight", 0)] == D
+    if name in ("qwen3", "gemma3"):  # norms over one head's units: the units do not move
+        assert spec.axes[attn + "q_norm.weight"] == (None,) == spec.axes[attn + "k_norm.weight"]
     if kv == HEADS:  # one key/value head per query head: v units permuted inside heads, sharing q/k's heads
         v = spec.axes[attn + "v_proj.weight"][0]
         assert q == k and spec.structure[v] == (q, D)

@@ -1,4 +1,7 @@
-"""Layer rules for the rotary-embedding attention of Hugging Face LLMs (Llama, Mistral, Qwen2, Gemma, Phi, GPT-NeoX).
+"""Layer rules for the rotary-embedding attention of Hugging Face LLMs (Llama, Mistral, Qwen2/3, Gemma, Phi, GPT-NeoX).
+
+Also OLMo / OLMo2, Granite and StableLM (the same attention layout). Not covered: attention with q, k and v
+packed in one ``qkv_proj`` (Phi-3): its rows would be a concatenation of head-blocked parts.
 
 ``import rebasin`` never imports ``transformers``: :func:`~rebasin.trace.tracing.trace_model` calls
 :func:`register` with the model when it holds a module defined in that library, and the attention
@@ -18,6 +21,7 @@ per key/value head) and head width ``d``:
   scores (it commutes with the rotation only where both frequencies are equal). GPT-NeoX and Phi rotate
   only the first ``rotary_ndims`` units; their other q/k units are kept in place too (a choice: they
   could move among themselves);
+* q/k norms (Qwen3, Gemma3: over one head's units; OLMo2: over all of q or k) get nothing or the rows' heads;
 * the units inside a value head (rows of v, columns of the output projection) are permuted per head
   when ``g == 1`` and not packed with q/k; with ``g > 1`` one value head feeds ``g`` query heads whose
   outputs sit in separate column blocks of the output projection, and the spec cannot tie one
@@ -157,8 +161,14 @@ def _split_attention(ctx: RuleContext) -> Any:
     _assign_linear(ctx, "k_proj", _blocks(kv_heads, d), e_in)
     _assign_linear(ctx, "v_proj", values if g == 1 else _blocks(kv_heads, d), e_in)
     _assign_linear(ctx, out_name, out, values if g == 1 else _blocks(q_heads, d))
-    for k in norms:  # q/k norms over the units of a head: those units are not permuted
-        ctx.assign(k, (None,) * ctx.tensor(k).ndim)
+    rows = {"q": (h * d, _blocks(q_heads, d)), "k": (kv * d, _blocks(kv_heads, d))}
+    for k in norms:  # over the units of one head (Qwen3, Gemma3): not permuted; over all of q or k (OLMo2): its rows
+        n, entry = rows[k[0]]
+        t = ctx.tensor(k)
+        if t.ndim != 1 or t.shape[0] not in (d, n):
+            ctx.refuse(f"its norm entry {k!r} has shape {tuple(t.shape)}, neither one head ({d}) nor all of "
+                       f"{k[0]} ({n})", e_in, out)
+        ctx.assign(k, (entry if t.ndim == 1 and t.shape[0] == n and n != d else None,) + (None,) * (t.ndim - 1))
     return _outputs(ctx, x, out, q_heads)
 
 

@@ -90,8 +90,8 @@ def _heads(ctx: RuleContext, width: int) -> tuple[int, int, int]:
     if width % h or h % kv:
         raise RebasinError(
             f"spec_from_model: the attention {ctx.name!r} ({type(ctx.module).__name__}) has {width} query units, "
-            f"{h} query heads and {kv} key/value heads: the heads do not divide the units or the groups the "
-            "heads; pass a manual PermutationSpec")
+            f"{h} query heads and {kv} key/value heads: the heads do not divide the units, or the key/value "
+            "heads do not divide the query heads; pass a manual PermutationSpec")
     return h, kv, width // h
 
 

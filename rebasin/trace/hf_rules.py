@@ -11,6 +11,7 @@ through by the op table and the ``torch.nn`` rules.
 from __future__ import annotations
 
 from .registry import module_rule, register_module
+from .zoo_rules import register_hf
 
 __all__ = ["register"]
 
@@ -23,3 +24,4 @@ def register() -> None:
         return
     if module_rule(Conv1D) is None:
         register_module(Conv1D, params={"weight": ("in", "out"), "bias": ("out",)}, feature_dim=-1)
+    register_hf()  # T5, Swin, Whisper (rebasin.trace.zoo_rules)

@@ -94,6 +94,7 @@ class EinsumAttention(nn.Module):
         self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(3))
         self.wo = nn.Parameter(torch.randn(width, width) / width ** 0.5)
         self.norm = nn.LayerNorm(width)
+        self.drop = DropPath(0.2)
 
     def forward(self, x):
         b, n, c = x.shape
@@ -103,7 +104,7 @@ class EinsumAttention(nn.Module):
         v = torch.einsum("bnc,dc->bnd", h, self.wv).view(b, n, self.heads, -1)
         att = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
         o = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, c)
-        return x + torch.einsum("bnd,cd->bnc", o, self.wo)
+        return x + self.drop(torch.einsum("bnd,cd->bnc", o, self.wo))
 
 
 class EinsumNet(nn.Module):
@@ -363,6 +364,34 @@ def test_einsum_contraction_over_one_shared_permutation():
 def test_einsum_sum_over_a_permuted_axis_is_refused():
     with pytest.raises(RebasinError, match="sums over the permuted axis"):
         rebasin.spec_from_model(_Einsum("bi,bj->bj"), torch.randn(3, 4))
+
+
+def test_einsum_in_sublist_form_is_read():
+    class Sub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.einsum(self.a(x), [0, 1], [0, 1]))
+
+    spec = rebasin.spec_from_model(Sub(), torch.randn(3, 4))  # torch.einsum turns the sublists into an equation
+    assert spec.axes["a.weight"][0] == spec.axes["b.weight"][1] is not None
+
+
+def test_swin_v2_cosine_window_attention():
+    # the relative bias comes from a small MLP whose output units are the heads; logit_scale is per head
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[2, 2],
+                            num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
+    spec = trace_model(model, _images(size=16)).spec
+    heads = spec.axes["features.1.0.attn.logit_scale"][0]
+    assert heads is not None and spec.axes["features.1.0.attn.cpb_mlp.2.weight"][0] == heads
+    assert spec.check(model, _images(size=16), seed=2) <= 1e-4
+    state_a = model.state_dict()
+    _, state_b = _planted(spec, state_a)
+    _assert_recovered(spec, rebasin.weight_matching(spec, state_a, state_b, seed=0), state_a, state_b)
 
 
 class _Pad(nn.Module):

@@ -326,11 +326,17 @@ def _getitem(prop: OpRules, node: Node) -> Any:
 # ---------------------------------------------------------------------------------------------- torchvision Swin
 def _relative_bias(prop: OpRules, node: Node) -> Any:
     """torchvision ``_get_relative_position_bias(table, index, window)``: (1, heads, N, N); the heads axis is the
-    table's axis 1."""
+    table's axis 1 (a parameter in Swin V1, the output units of a small MLP in Swin V2)."""
     table = node.args[0] if node.args else node.kwargs.get("relative_position_bias_table")
     key, meta = prop.key_of(table), node_meta(node)
-    if key is None or not isinstance(meta, tuple) or len(meta) != 4:
-        return prop.unknown(node, "a relative position bias whose table is not a parameter")
+    if not isinstance(meta, tuple) or len(meta) != 4:
+        return prop.unknown(node, "a relative position bias of unexpected shape")
+    if key is None:
+        st = prop.arg(node, table)
+        if not isinstance(st, tuple) or len(st) != 2:
+            return prop.unknown(node, "a relative position bias whose table cannot be read")
+        prop.complain(node, [st[0].pid] if st[0] is not None else [], "the relative positions are permuted")
+        return (None, st[1], None, None)
     heads = prop.new_perm(meta[1], node, None)
     prop.assign(node, key, (None, heads))
     return (None, heads, None, None)
@@ -341,19 +347,22 @@ _SWA = ["input", "qkv_weight", "proj_weight", "relative_position_bias", "window_
 
 
 def _shifted_window_attention(prop: OpRules, node: Node) -> Any:
-    """torchvision ``shifted_window_attention`` (Swin V1): multi-head attention inside windows of a channels-last map.
+    """torchvision ``shifted_window_attention``: multi-head attention inside windows of a channels-last map.
 
     Heads are structured as everywhere: q and k rows share one permutation inside each head, v rows and the
     projection's columns another; the relative-position bias follows the heads; the output projection makes
-    a new permutation of the channels.
+    a new permutation of the channels. Swin V2's cosine attention normalises q and k over the units of each
+    head (invariant to their permutation) and scales each head by ``logit_scale`` (heads, 1, 1).
     """
     b = bind_args(node, _SWA)
     xs, meta = prop.arg(node, b["input"]), node_meta(node)
     wq, wp = prop.key_of(b.get("qkv_weight")), prop.key_of(b.get("proj_weight"))
     bq, bp = prop.key_of(b.get("qkv_bias")), prop.key_of(b.get("proj_bias"))
     heads = static_value(b.get("num_heads"))
-    if b.get("logit_scale") is not None:
-        return prop.unknown(node, "Swin V2's cosine attention (logit_scale, a computed relative bias) has no rule")
+    scale = b.get("logit_scale")
+    ks = prop.key_of(scale)
+    if scale is not None and (ks is None or prop.tensors[ks].ndim != 3):
+        return prop.unknown(node, "Swin V2's cosine attention with a logit scale that is not a (heads, 1, 1) parameter")
     if not isinstance(xs, tuple) or not isinstance(meta, tuple) or len(xs) != 4 or wq is None or wp is None \
             or not isinstance(heads, int) or (b.get("qkv_bias") is not None and bq is None) \
             or (b.get("proj_bias") is not None and bp is None):
@@ -375,6 +384,8 @@ def _shifted_window_attention(prop: OpRules, node: Node) -> Any:
     prop.assign(node, wp, (out, vo))
     if bp is not None:
         prop.assign(node, bp, (out,))
+    if ks is not None:
+        prop.assign(node, ks, (outer, None, None))
     bias = b.get("relative_position_bias")
     bs = prop.arg(node, bias) if isinstance(bias, Node) else None
     if isinstance(bs, tuple) and len(bs) == 4:

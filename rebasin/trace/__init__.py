@@ -19,7 +19,10 @@ user's; the functions and Tensor methods a ``forward`` calls directly are descri
 Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registry`` (registration,
 lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
 ``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
-cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand).
+cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand), ``zoo_ops``
+(functions of today's model families: stochastic depth, ``einsum``, channel-free ``pad`` and ``roll``, per-head
+attention biases, advanced indexing, sums of squares; consulted first for every function call) with
+``swin_ops`` (torchvision's Swin), and ``zoo_rules`` (T5, Swin and Whisper modules of ``transformers``).
 """
 
 from __future__ import annotations

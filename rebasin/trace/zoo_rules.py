@@ -35,7 +35,8 @@ def register_rms_norm(cls: type[nn.Module], weight: str = "weight") -> None:
     The root mean square over the features is invariant to any permutation of them, so the output
     carries the input's permutations and the scale follows the feature permutation.
     """
-    if module_rule(cls) is None or module_rule(cls).cls is not cls:  # type: ignore[union-attr]
+    found = module_rule(cls)
+    if found is None or found.cls is not cls:
         register_module(cls, params={weight: ("in",)}, feature_dim=-1)
 
 
@@ -116,5 +117,6 @@ def register_hf() -> None:
              (("whisper.modeling_whisper", "WhisperPositionalEmbedding"), _positional_embedding))
     for (module, name), rule in rules:
         cls = cls_of(module, name)
-        if cls is not None and (module_rule(cls) is None or module_rule(cls).cls is not cls):  # type: ignore[union-attr]
+        found = module_rule(cls) if cls is not None else None
+        if cls is not None and (found is None or found.cls is not cls):
             register_module(cls, rule=rule)

@@ -14,12 +14,13 @@ import warnings
 
 import pytest
 import torch
+from builders import heads_and_units_moved
 import torch.nn.functional as F
 from torch import nn
 
 import rebasin
 from rebasin import RebasinError
-from rebasin.spec.core import permute, random_permutation, split_structured
+from rebasin.spec.core import permute, random_permutation
 from rebasin.trace import trace_model
 
 tv = pytest.importorskip("torchvision")
@@ -271,21 +272,11 @@ def test_efficientnet_planted_permutation_is_a_fixed_point(traced):
                       state_b)
 
 
-def _heads_and_units_move(spec):
-    perms = random_permutation(spec, seed=3)
-    heads = units = 0
-    for p, (_, d) in spec.structure.items():
-        o, inner = split_structured(perms[p], d)
-        heads += int(not torch.equal(o, torch.arange(len(o))))
-        units += int(not torch.equal(inner, torch.arange(d).expand_as(inner)))
-    return heads, units
-
-
 @pytest.mark.parametrize("name", ["swin_torchvision", "swin_hf", "t5", "clip", "whisper", "einsum"])
 def test_attention_heads_are_structured_and_move(traced, name):
     spec = traced[name][2].spec
     assert spec.structure
-    heads, units = _heads_and_units_move(spec)
+    heads, units = heads_and_units_moved(spec, random_permutation(spec, seed=3))
     assert heads > 0 and units > 0
 
 

@@ -156,13 +156,13 @@ def efficientnet():
 def swin_torchvision():
     from torchvision.models.swin_transformer import SwinTransformer
     return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[2, 2],
-                           stochastic_depth_prob=0.1, num_classes=5), _images(size=24)
+                           stochastic_depth_prob=0.1, num_classes=5), _images(size=20)  # 5x5 patches: padded windows
 
 
 def swin_hf():
-    cfg = T.SwinConfig(image_size=24, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=2,
+    cfg = T.SwinConfig(image_size=20, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=2,
                        drop_path_rate=0.1, num_labels=5)
-    return Logits(T.SwinForImageClassification(cfg)), _images(size=24)
+    return Logits(T.SwinForImageClassification(cfg)), _images(size=20)  # 5x5 patches: padded windows
 
 
 def t5():
@@ -209,7 +209,7 @@ ZOO = {"convnext": convnext, "efficientnet": efficientnet, "swin_torchvision": s
 
 def _build(name, seed=0):
     torch.manual_seed(seed)
-    model, x = {**ZOO, **PINNED}[name]()
+    model, x = ZOO[name]()
     return model.eval(), x
 
 

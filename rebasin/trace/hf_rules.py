@@ -3,9 +3,10 @@
 ``import rebasin`` never imports ``transformers``: :func:`~rebasin.trace.tracing.trace_model` calls
 :func:`register` when the model holds a module defined in that library. Today this is GPT-2's
 ``Conv1D`` (``transformers.pytorch_utils.Conv1D``), a Linear layer whose weight is stored transposed,
-``(in, out)``, and the T5 / Swin / Whisper modules of :mod:`rebasin.trace.zoo_rules`. Everything else in BERT, ViT and GPT-2 (embeddings, LayerNorm, Linear, attention written
-with ``view`` / ``transpose`` / ``matmul`` / ``softmax`` / ``scaled_dot_product_attention``) is traced
-through by the op table and the ``torch.nn`` rules.
+``(in, out)``, and the T5 / Swin / Whisper modules of :mod:`rebasin.trace.zoo_rules`. Everything else in
+BERT, ViT and GPT-2 (embeddings, LayerNorm, Linear, attention written with ``view`` / ``transpose`` /
+``matmul`` / ``softmax`` / ``scaled_dot_product_attention``) is traced through by the op table and the
+``torch.nn`` rules.
 """
 
 from __future__ import annotations

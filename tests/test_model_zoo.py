@@ -272,6 +272,17 @@ def test_efficientnet_planted_permutation_is_a_fixed_point(traced):
                       state_b)
 
 
+@pytest.mark.parametrize("name", ["convnext", "einsum"])
+def test_activation_matching_recovers_planted_permutation(traced, name):
+    # the einsum rule tells activation matching which activations a weight reads; window attention (a function
+    # kept whole) has no node for its heads, so torchvision's Swin is weight matching's (as nn.MultiheadAttention)
+    model, x, tr = traced[name]
+    other, _ = _build(name)
+    other.load_state_dict(permute(tr.spec, random_permutation(tr.spec, seed=5), model.state_dict()))
+    result = rebasin.activation_matching(model, other, [x, x], example_input=x)
+    _assert_recovered(tr.spec, result, model.state_dict(), other.state_dict())
+
+
 @pytest.mark.parametrize("name", ["swin_torchvision", "swin_hf", "t5", "clip", "whisper", "einsum"])
 def test_attention_heads_are_structured_and_move(traced, name):
     spec = traced[name][2].spec

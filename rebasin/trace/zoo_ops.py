@@ -117,6 +117,7 @@ def _einsum(prop: OpRules, node: Node) -> Any:
     if any(not isinstance(st, tuple) for _, st in operands):
         return prop.unknown(node)
     acts = [(t, s, st) for t, s, (k, st) in zip(terms, shapes, operands) if k is None]
+    act_nodes = [a for a, (k, _) in zip(ops, operands) if k is None]
     params = [(t, k, st) for t, (k, st) in zip(terms, operands) if k is not None]
     merged: dict[str, AxisPerm | None] = {}
     where = f"the einsum {eq!r}"
@@ -138,9 +139,9 @@ def _einsum(prop: OpRules, node: Node) -> Any:
                 entries.append(merged[c])
                 e_c = merged[c]
                 if e_c is not None and c not in out:  # a weight reads these activation features
-                    for ta, _, _st in acts:
+                    for a, (ta, _, _) in zip(act_nodes, acts):
                         if c in ta:
-                            prop.consumers.append((ops[terms.index(ta)], ta.index(c), e_c.pid))
+                            prop.consumers.append((a, ta.index(c), e_c.pid))
             elif c in out:
                 if c not in produced:
                     produced[c] = prop.new_perm(meta[out.index(c)], node, out.index(c))

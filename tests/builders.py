@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from rebasin import PermutationSpec
+from rebasin.spec.core import split_structured
 
 
 def mlp(
@@ -96,3 +97,13 @@ def cat_grouped(*, bn: bool = False, seed: int | None = None) -> nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
     return CatGrouped(bn)
+
+
+def heads_and_units_moved(spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """How many structured permutations of ``perms`` move whole heads (groups), and how many move units inside one."""
+    heads = units = 0
+    for p, (_, d) in spec.structure.items():
+        outer, inner = split_structured(perms[p], d)
+        heads += int(not torch.equal(outer, torch.arange(len(outer))))
+        units += int(not torch.equal(inner, torch.arange(d).expand_as(inner)))
+    return heads, units

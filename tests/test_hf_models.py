@@ -11,10 +11,11 @@ import warnings
 
 import pytest
 import torch
+from builders import heads_and_units_moved
 
 import rebasin
 from rebasin import RebasinError
-from rebasin.spec.core import permute, random_permutation, split_structured
+from rebasin.spec.core import permute, random_permutation
 from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
@@ -102,11 +103,7 @@ def test_random_permutation_moves_heads_and_output_unchanged(traced, name):
     model, x, tr = traced[name]
     spec, state = tr.spec, model.state_dict()
     perms = random_permutation(spec, seed=3)
-    heads_moved = units_moved = 0
-    for p, (_, d) in spec.structure.items():
-        o, inner = split_structured(perms[p], d)
-        heads_moved += int(not torch.equal(o, torch.arange(len(o))))
-        units_moved += int(not torch.equal(inner, torch.arange(d).expand_as(inner)))
+    heads_moved, units_moved = heads_and_units_moved(spec, perms)
     assert heads_moved > 0, "no head permutation moved a head"
     assert units_moved > 0, "no unit moved inside a head"
     y0 = _logits(model, state, x)

@@ -367,7 +367,7 @@ def test_layer_scale_parameter_gets_the_permutation() -> None:
 
 
 def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """If a rule were wrong (here: torch.roll treated as elementwise), check=True turns it into an error."""
+    """If a rule were wrong (here: torch.flip treated as elementwise), check=True turns it into an error."""
     import rebasin.trace.engine as trace_mod
 
     class Rolled(nn.Module):
@@ -376,11 +376,11 @@ def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.Monkey
             self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.roll(F.relu(self.a(x)), 1, 1))
+            return self.b(torch.flip(F.relu(self.a(x)), [1]))
 
-    with pytest.raises(RebasinError, match="torch.roll"):
+    with pytest.raises(RebasinError, match="torch.flip"):
         spec_from_model(Rolled(), torch.randn(2, 5))
-    monkeypatch.setattr(trace_mod, "ELEMENTWISE_FN", trace_mod.ELEMENTWISE_FN | {torch.roll})
+    monkeypatch.setattr(trace_mod, "ELEMENTWISE_FN", trace_mod.ELEMENTWISE_FN | {torch.flip})
     assert spec_from_model(Rolled(), torch.randn(2, 5), check=False).perms == ("P0",)
     with pytest.raises(RebasinError, match="fails the functional check"):
         spec_from_model(Rolled(), torch.randn(2, 5))

@@ -97,14 +97,21 @@ def test_selecting_one_head_is_refused():
         spec_from_model(OneHead(), torch.randn(2, 4, 6))
 
 
-def test_einsum_attention_is_refused_by_name():
+def test_einsum_is_read_and_an_unsafe_one_refused_by_name():
     class Ein(Attn):
+        def __init__(self, eq):
+            super().__init__()
+            self.eq = eq
+
         def forward(self, x):
             y = self.q(self.inp(x))
-            return self.head(torch.einsum("btc,bsc->btc", y, y))
+            other = y if self.eq.startswith("btc,bsc") else torch.arange(16.0)  # a constant along c
+            return self.head(torch.einsum(self.eq, y, other))
 
-    with pytest.raises(RebasinError, match="einsum"):
-        spec_from_model(Ein(), torch.randn(2, 4, 6))
+    # y[b,t,c] * sum_s y[b,s,c]: elementwise along c, so the permutation of c passes through
+    assert spec_from_model(Ein("btc,bsc->btc"), torch.randn(2, 4, 6)).perms
+    with pytest.raises(RebasinError, match="einsum 'btc,c->btc' meets a permuted axis 'c' with an unpermuted"):
+        spec_from_model(Ein("btc,c->btc"), torch.randn(2, 4, 6))
 
 
 def test_vit_packed_qkv_split_is_a_concatenation_of_structured_perms():

@@ -20,7 +20,10 @@ Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registr
 lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
 ``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
 cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand), ``llm_rules`` (the rotary-embedding
-attention of Llama-like ``transformers`` models, registered on demand).
+attention of Llama-like ``transformers`` models, registered on demand), ``zoo_ops``
+(functions of today's model families: stochastic depth, ``einsum``, channel-free ``pad`` and ``roll``, per-head
+attention biases, advanced indexing, sums of squares; consulted first for every function call) with
+``swin_ops`` (torchvision's Swin), and ``zoo_rules`` (T5, Swin and Whisper modules of ``transformers``).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from .ops import (
     SPATIAL_FN,
 )
 from .registry import module_rule
+from .zoo_ops import function_rule
 from .rules import RuleContext
 from .state import DEAD, axis_perms, bind_args, has_nodes, node_leaves, node_meta, plain_axes, static_value
 
@@ -131,6 +132,9 @@ class Propagation(OpRules):
         return self.split(node, x, sizes, d)
 
     def visit_function(self, node: Node, fn: Any) -> Any:
+        zoo = function_rule(fn)
+        if zoo is not None:  # the model-zoo rules (rebasin.trace.zoo_ops) decide first
+            return zoo(self, node)
         args = node.args
         if fn is operator.getitem:
             return self.getitem(node)

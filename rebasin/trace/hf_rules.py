@@ -3,14 +3,16 @@
 ``import rebasin`` never imports ``transformers``: :func:`~rebasin.trace.tracing.trace_model` calls
 :func:`register` when the model holds a module defined in that library. Today this is GPT-2's
 ``Conv1D`` (``transformers.pytorch_utils.Conv1D``), a Linear layer whose weight is stored transposed,
-``(in, out)``. Everything else in BERT, ViT and GPT-2 (embeddings, LayerNorm, Linear, attention written
-with ``view`` / ``transpose`` / ``matmul`` / ``softmax`` / ``scaled_dot_product_attention``) is traced
-through by the op table and the ``torch.nn`` rules.
+``(in, out)``, and the T5 / Swin / Whisper modules of :mod:`rebasin.trace.zoo_rules`. Everything else in
+BERT, ViT and GPT-2 (embeddings, LayerNorm, Linear, attention written with ``view`` / ``transpose`` /
+``matmul`` / ``softmax`` / ``scaled_dot_product_attention``) is traced through by the op table and the
+``torch.nn`` rules.
 """
 
 from __future__ import annotations
 
 from .registry import module_rule, register_module
+from .zoo_rules import register_hf
 
 __all__ = ["register"]
 
@@ -23,3 +25,4 @@ def register() -> None:
         return
     if module_rule(Conv1D) is None:
         register_module(Conv1D, params={"weight": ("in", "out"), "bias": ("out",)}, feature_dim=-1)
+    register_hf()  # T5, Swin, Whisper (rebasin.trace.zoo_rules)

@@ -189,8 +189,14 @@ def test_objective_non_decreasing_and_tracks_the_true_objective():
     pb = permute(spec, perms, b)
     exact = sum(float((a[k].double() * pb[k].double()).sum()) for k in a if k != "6.bias")
     assert info.objective[-1] == pytest.approx(exact, rel=1e-5)
-    start = sum(float((a[k].double() * b[k].double()).sum()) for k in a if k != "6.bias")
-    assert info.initial_objective == pytest.approx(start, rel=1e-6)
+    identity = sum(float((a[k].double() * b[k].double()).sum()) for k in a if k != "6.bias")
+    assert info.identity_objective == pytest.approx(identity, rel=1e-6)
+    # the descent started from the layer-wise start here, whose objective beats the identity's
+    assert info.start == "layerwise" and info.initial_objective > info.identity_objective
+    assert info.final_objective == info.objective[-1]
+    _, from_identity = weight_matching(spec, a, b, start="identity", return_info=True)
+    assert from_identity.start == "identity"
+    assert from_identity.initial_objective == pytest.approx(identity, rel=1e-6)
 
 
 def test_result_is_a_coordinatewise_optimum():
@@ -392,7 +398,7 @@ def test_cached_similarities_stay_exact_under_low_rank_updates(which, monkeypatc
 def test_unchanged_similarity_is_not_solved_again():
     spec, a = mlp_spec(), state(mlp(16))
     _, b = planted(spec, a)
-    perms, info = weight_matching(spec, a, b, return_info=True)
+    perms, info = weight_matching(spec, a, b, start="identity", return_info=True)
     again, info2 = weight_matching(spec, a, b, init=perms, return_info=True)
     assert info2.n_sweeps == 1 and info2.converged and info2.n_solves == 3 and info2.n_skipped == 0
     assert all(torch.equal(again[k], perms[k]) for k in perms)

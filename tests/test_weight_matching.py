@@ -455,3 +455,24 @@ def test_cost_matrix_buffer_reused_only_when_it_fits():
         other = cost_from_similarity(s, out=bad)
         assert other is not bad and other.dtype == np.float64
         assert_close(torch.from_numpy(other), -s.double())
+
+
+def test_bad_start_is_refused_with_the_choices():
+    spec, a = mlp_spec(), state(mlp(8))
+    _, b = planted(spec, a)
+    with pytest.raises(RebasinError, match=r"start must be one of \['auto', 'identity', 'layerwise'\], got 'best'"):
+        weight_matching(spec, a, b, start="best")
+    init = {p: torch.arange(n) for p, n in spec.validate(a).items()}
+    with pytest.raises(RebasinError, match="start='identity' and init were both given"):
+        weight_matching(spec, a, b, start="identity", init=init)
+    _, info = weight_matching(spec, a, b, init=init, return_info=True)
+    assert info.start == "init"
+
+
+def test_layerwise_start_is_exact_for_a_planted_permutation():
+    """Forced alone (no descent), the layer-wise start already is the planted answer."""
+    spec, a = mlp_spec(), state(mlp(16))
+    truth, b = planted(spec, a)
+    perms, info = weight_matching(spec, a, b, start="layerwise", n_iter=0, return_info=True)
+    assert all(torch.equal(perms[p], torch.argsort(truth[p])) for p in spec.perms)
+    assert info.start == "layerwise" and info.final_objective > info.identity_objective

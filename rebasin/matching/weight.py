@@ -38,6 +38,12 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
+Start. Without ``init`` the descent starts from the better of the identity and a layer-wise start
+(:mod:`rebasin.matching._start`: each permutation solved once, in waves from the network's ends
+inwards, from the tensors whose other axes are already settled). From the identity alone the descent
+can stop far from the optimum when the weights carry no hint, e.g. a freshly initialised network
+against a permuted copy of itself; the layer-wise start is exact there.
+
 Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
 out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
 laid out once, in float32, on the compute device. When a permutation ``Q`` changes at ``m``

@@ -235,3 +235,26 @@ def test_identity_start_alone_stops_at_a_local_optimum():
     assert stuck.converged and stuck.start == "identity"
     assert stuck.final_objective < 0.5 * found.final_objective  # 1,452 against 5,877
     assert found.start == "layerwise" and found.n_sweeps == 1  # exact start: one sweep confirms it
+
+
+def test_checkpoints_on_disk_take_the_same_start(tmp_path, monkeypatch):
+    """The engine over checkpoints (one tensor at a time, big tensors in slices of rows) starts the same way."""
+    from safetensors.torch import save_file
+
+    from rebasin.spec import checkpoint
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(num_classes=10).eval()
+    spec = rebasin.spec_from_model(model, torch.randn(1, 3, 64, 64))
+    state_a = model.state_dict()
+    state_b = rebasin.permute(spec, rebasin.random_permutation(spec, seed=1), state_a)
+    save_file({k: v.contiguous() for k, v in state_a.items()}, tmp_path / "a.safetensors")
+    save_file({k: v.contiguous() for k, v in state_b.items()}, tmp_path / "b.safetensors")
+    ref, info_ref = rebasin.weight_matching(spec, state_a, state_b, return_info=True)
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK_BYTES", 4096)  # the classifier is read in slices of rows
+    got, info = rebasin.weight_matching(spec, rebasin.open_checkpoint(tmp_path / "a.safetensors"),
+                                        rebasin.open_checkpoint(tmp_path / "b.safetensors"), return_info=True)
+    assert all(torch.equal(ref[p], got[p]) for p in spec.perms)
+    assert info.start == info_ref.start == "layerwise"
+    assert info.identity_objective == pytest.approx(info_ref.identity_objective, rel=1e-6, abs=1e-6)
+    assert info.final_objective == pytest.approx(info_ref.final_objective, rel=1e-6)

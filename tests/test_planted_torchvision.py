@@ -28,11 +28,12 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import convnext, densenet, efficientnet, maxvit, regnet, resnet, shufflenetv2, swin_transformer
+from torchvision.models import convnext, densenet, maxvit, regnet, resnet, shufflenetv2, swin_transformer
 from torchvision.models import vgg as tv_vgg
 from torchvision.models import vision_transformer
 
 import rebasin
+from builders import randomize_norms_
 
 Builder = Callable[[], nn.Module]
 
@@ -166,20 +167,6 @@ for _case, _names in {"convnext_tiny": ("convnext_small", "convnext_base", "conv
         SMALLER[_name] = f"does not trace, as the {_case!r} case: {UNTRACED[_case][0]}"
 
 
-def _perturbed(model: nn.Module, seed: int) -> nn.Module:
-    """Random norm scales, shifts and running statistics (no ties left between units)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-    return model
-
-
 def test_every_classifier_is_listed():
     names = set(torchvision.models.list_models(module=torchvision.models))
     listed = set(CASES) | set(SMALLER) | set(UNTRACED)
@@ -195,7 +182,8 @@ def test_planted_permutation_is_recovered(name: str) -> None:
     model = builder().eval()
     spec = rebasin.spec_from_model(model, torch.randn(1, 3, side, side))
     for kind in ("fresh", "perturbed"):
-        state_a = {k: v.clone() for k, v in (model if kind == "fresh" else _perturbed(model, 1)).state_dict().items()}
+        source = model if kind == "fresh" else randomize_norms_(model, 1)
+        state_a = {k: v.clone() for k, v in source.state_dict().items()}
         planted = rebasin.random_permutation(spec, seed=1)
         state_b = rebasin.permute(spec, planted, state_a)
         if kind == "perturbed":

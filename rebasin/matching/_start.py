@@ -19,13 +19,14 @@ the identity has the higher objective, so it never ends below the identity's obj
 Left out of the waves (and left at the identity for the descent): grouped axes and tensors on which
 one unit acts on two axes (``P W P^T``), and units that no settled tensor reaches.
 
-Tensors are read through ``read(which, key, rows)`` (float32 on the compute device) in the row
-slices ``slices(key)``, so the checkpoint engine reads one tensor at a time as it does elsewhere.
+Tensors are read through an :class:`Access` (``read(which, key, rows)``, in the row slices
+``slices(key)``), so the checkpoint engine reads one tensor at a time as it does elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from ..spec.core import Occurrence, PermutationSpec, axis_index, block_index, jo
 from ._structured_terms import as_tensors, unit_of
 from .assignment import solve_cost, structured_assignment
 
-__all__ = ["START_CHOICES", "check_start", "choose_start", "layerwise_start", "objective_at", "solve_unit", "Reader"]
+__all__ = ["START_CHOICES", "Access", "check_start", "choose_start", "layerwise_start", "objective_at", "solve_unit"]
 
 START_CHOICES = ("auto", "identity", "layerwise")
 
@@ -44,6 +45,22 @@ START_CHOICES = ("auto", "identity", "layerwise")
 # in float32 on the compute device
 Reader = Callable[[str, str, "tuple[int, int] | None"], Tensor]
 Slices = Callable[[str], "list[tuple[int, int] | None]"]
+
+
+class Access(NamedTuple):
+    """How the start reads the two models.
+
+    ``shapes``: A's tensors or their meta views (only ``.shape`` is read); ``floating(key)``: whether
+    ``key`` carries similarity (a non-empty floating tensor); ``read(which, key, rows)``: A's (``"a"``)
+    or B's (``"b"``) tensor, or its rows ``rows``, in float32 on ``device``; ``slices(key)``: the row
+    slices ``key`` is read in (``[None]``: whole).
+    """
+
+    shapes: Mapping[str, Tensor]
+    floating: Callable[[str], bool]
+    read: Reader
+    slices: Slices
+    device: torch.device
 
 
 def solve_unit(spec: PermutationSpec, unit: tuple[str, ...], sims: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,33 +92,22 @@ def _parts(spec: PermutationSpec, name: str | None) -> list[str]:
     return [name]
 
 
-def objective_at(spec: PermutationSpec, perms: Mapping[str, np.ndarray], keys: list[str], read: Reader,
-                 slices: Slices, device: torch.device) -> float:
+def objective_at(spec: PermutationSpec, perms: Mapping[str, np.ndarray], keys: list[str], access: Access) -> float:
     """``sum_k <A_k, perm(B_k)>`` over ``keys`` (float32 products summed in float64), one key at a time."""
-    cur = as_tensors(perms, device)
+    cur = as_tensors(perms, access.device)
     total = 0.0
     for key in keys:
-        for rows in slices(key):
-            moved = permute_unchecked(spec, cur, {key: read("b", key, rows)})[key]
-            total += float((read("a", key, rows) * moved).sum(dtype=torch.float64))
+        for rows in access.slices(key):
+            moved = permute_unchecked(spec, cur, {key: access.read("b", key, rows)})[key]
+            total += float((access.read("a", key, rows) * moved).sum(dtype=torch.float64))
             del moved
     return total
 
 
-def layerwise_start(
-    spec: PermutationSpec,
-    sizes: Mapping[str, int],
-    shapes: Mapping[str, Tensor],
-    floating: Callable[[str], bool],
-    read: Reader,
-    slices: Slices,
-    device: torch.device,
-) -> tuple[dict[str, np.ndarray], int]:
+def layerwise_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Access) -> tuple[dict[str, np.ndarray], int]:
     """Permutations solved in waves from the settled tensors inwards (see the module docstring).
 
-    ``shapes``: A's tensors or their meta views (only ``.shape`` is read); ``floating(key)``: whether
-    ``key`` carries similarity (a non-empty floating tensor, not skipped). Returns the
-    permutations (the identity where no wave reached) and the number of waves.
+    Returns the permutations (the identity where no wave reached) and the number of waves.
     """
     units = unit_of(spec)
     perms = {p: np.arange(sizes[p], dtype=np.int64) for p in spec.perms}
@@ -110,12 +116,12 @@ def layerwise_start(
     for p, occs in spec.occurrences.items():
         for o in occs:
             names = spec.axes[o.key]
-            if not floating(o.key) or any((o.key, i) in spec.grouped for i in range(len(names))):
+            if not access.floating(o.key) or any((o.key, i) in spec.grouped for i in range(len(names))):
                 continue
             others = {q for i, name in enumerate(names) if i != o.axis for q in _parts(spec, name)}
             if any(units[q] == units[p] for q in others):
                 continue  # one unit on two axes: not linear in the unit
-            shape = shapes[o.key].shape
+            shape = access.shapes[o.key].shape
             entries = int(np.prod(shape)) // max(1, shape[o.axis]) * o.block  # per unit: 1 for a bias
             usable[p].append((o, others, entries > 1))
     pending = [u for u in spec.units if any(sizes[p] > 1 and usable[p] for p in u)]
@@ -127,11 +133,11 @@ def layerwise_start(
         if not ready:
             break
         waves += 1
-        cur = as_tensors(perms, device)
+        cur = as_tensors(perms, access.device)
         new: dict[str, np.ndarray] = {}
         for unit in ready:
-            sims = {p: _similarity(spec, p, [o for o, others, _ in usable[p] if others <= settled], cur,
-                                   sizes, read, slices, device) for p in unit}
+            sims = {p: _similarity(spec, p, [o for o, others, _ in usable[p] if others <= settled], cur, sizes, access)
+                    for p in unit}
             new.update(solve_unit(spec, unit, sims))
         perms.update(new)
         settled.update(p for u in ready for p in u)
@@ -140,13 +146,14 @@ def layerwise_start(
 
 
 def _similarity(spec: PermutationSpec, perm: str, occs: list[Occurrence], cur: Mapping[str, Tensor],
-                sizes: Mapping[str, int], read: Reader, slices: Slices, device: torch.device) -> np.ndarray:
+                sizes: Mapping[str, int], access: Access) -> np.ndarray:
     """``sum_o rows(A) rows(B')^T`` over ``occs`` (``B'``: the other axes at ``cur``), float64 ``(n, n)``."""
+    read, device = access.read, access.device
     n = sizes[perm]
     out = torch.zeros(n, n, dtype=torch.float32, device=device)
     for o in occs:
         names = spec.axes[o.key]
-        for rows in slices(o.key):
+        for rows in access.slices(o.key):
             b = read("b", o.key, rows)
             for i, name in enumerate(names):
                 if i == o.axis or name is None:
@@ -169,31 +176,22 @@ def check_start(start: object, init: object) -> None:
         raise RebasinError(f"start={start!r} and init were both given; init is the start: pass one of them")
 
 
-def choose_start(
-    spec: PermutationSpec,
-    sizes: Mapping[str, int],
-    shapes: Mapping[str, Tensor],
-    floating: Callable[[str], bool],
-    read: Reader,
-    slices: Slices,
-    device: torch.device,
-    init: Mapping[str, Tensor] | None,
-    start: str,
-) -> tuple[dict[str, np.ndarray], str, float]:
+def choose_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Access,
+                 init: Mapping[str, Tensor] | None, start: str) -> tuple[dict[str, np.ndarray], str, float]:
     """The descent's starting permutations, the name of that start and the identity's objective.
 
     ``init`` (missing names at the identity) when given; else the identity, the layer-wise start, or
     (``"auto"``) the layer-wise start if its objective is higher than the identity's.
     """
-    keys = [k for k, axes in spec.axes.items() if floating(k) and any(a is not None for a in axes)]
-    identity_objective = objective_at(spec, {}, keys, read, slices, device)
+    keys = [k for k, axes in spec.axes.items() if access.floating(k) and any(a is not None for a in axes)]
+    identity_objective = objective_at(spec, {}, keys, access)
     perms = {p: np.arange(sizes[p], dtype=np.int64) for p in spec.perms}
     if init is not None:
         perms.update({p: t.detach().to("cpu", torch.int64).numpy().copy() for p, t in init.items()})
         return perms, "init", identity_objective
     if start == "identity":
         return perms, "identity", identity_objective
-    layerwise, _ = layerwise_start(spec, sizes, shapes, floating, read, slices, device)
-    if start == "layerwise" or objective_at(spec, layerwise, keys, read, slices, device) > identity_objective:
+    layerwise, _ = layerwise_start(spec, sizes, access)
+    if start == "layerwise" or objective_at(spec, layerwise, keys, access) > identity_objective:
         return layerwise, "layerwise", identity_objective
     return perms, "identity", identity_objective

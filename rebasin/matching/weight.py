@@ -69,7 +69,7 @@ from .._common import check_int
 from ..spec.checkpoint import LazyState
 from ..spec.core import PermutationSpec, check_permutations
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
-from ._start import check_start, choose_start
+from ._start import Access, check_start, choose_start
 from ._structured_terms import ComplexTerms, complex_keys
 from .registry import MatchResult, register_matcher
 from .weight_lazy import weight_matching_lazy
@@ -469,8 +469,8 @@ def weight_matching(
         return state_a[key].is_floating_point() and state_a[key].numel() > 0
 
     with torch.no_grad():
-        perms, start_kind, identity_objective = choose_start(spec, sizes, state_a, floating, read, lambda k: [None],
-                                                             dev, init, start)
+        access = Access(state_a, floating, read, lambda k: [None], dev)
+        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, state_a)
         engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental, cx_keys)
         cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)

@@ -52,7 +52,7 @@ from .._errors import RebasinError
 from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
-from ._start import check_start, choose_start
+from ._start import Access, check_start, choose_start
 from ._structured_terms import ComplexTerms, complex_keys
 
 __all__ = ["weight_matching_lazy"]
@@ -375,8 +375,8 @@ def weight_matching_lazy(
         def floating(key: str) -> bool:
             return meta[key].is_floating_point() and meta[key].numel() > 0
 
-        perms, start_kind, identity_objective = choose_start(
-            spec, sizes, meta, floating, read, lambda k: list(ranges[k] or [None]), dev, init, start)
+        access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)
+        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, meta)
         engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
         try:

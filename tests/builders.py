@@ -107,3 +107,20 @@ def heads_and_units_moved(spec: PermutationSpec, perms: dict[str, torch.Tensor])
         heads += int(not torch.equal(outer, torch.arange(len(outer))))
         units += int(not torch.equal(inner, torch.arange(d).expand_as(inner)))
     return heads, units
+
+
+def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm non-trivial running stats and every norm a random affine transform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.num_batches_tracked.fill_(7)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                if m.weight is not None:
+                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                if m.bias is not None:
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    return model

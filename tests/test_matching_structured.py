@@ -235,7 +235,9 @@ def test_weight_matching_with_noise_stays_structured_and_objective_is_true(name)
     start = permute(spec, {}, b)
     initial = sum(float((a[k].double() * start[k].double()).sum()) for k in a if a[k].is_floating_point()
                   and any(p is not None for p in spec.axes[k]))
-    assert info.initial_objective == pytest.approx(initial, rel=1e-6) and true >= initial
+    # float32 products summed in float64: an absolute tolerance too, the identity's objective may be near 0
+    assert info.identity_objective == pytest.approx(initial, rel=1e-6, abs=1e-6) and true >= initial
+    assert true >= info.initial_objective - 1e-6 * abs(info.initial_objective)
 
 
 @pytest.mark.parametrize("name", ["mha", "gconv"])

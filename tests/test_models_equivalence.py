@@ -16,22 +16,7 @@ from rebasin import PermutationSpec, permute, random_permutation, spec_from_mode
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20, SmallCNN
 
-
-def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorm non-trivial running stats and every norm a random affine transform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                m.num_batches_tracked.fill_(7)
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
-                if m.weight is not None:
-                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-                if m.bias is not None:
-                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-    return model
+from builders import randomize_norms_
 
 
 def max_output_change(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed: int = 1) -> float:

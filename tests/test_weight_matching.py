@@ -189,8 +189,14 @@ def test_objective_non_decreasing_and_tracks_the_true_objective():
     pb = permute(spec, perms, b)
     exact = sum(float((a[k].double() * pb[k].double()).sum()) for k in a if k != "6.bias")
     assert info.objective[-1] == pytest.approx(exact, rel=1e-5)
-    start = sum(float((a[k].double() * b[k].double()).sum()) for k in a if k != "6.bias")
-    assert info.initial_objective == pytest.approx(start, rel=1e-6)
+    identity = sum(float((a[k].double() * b[k].double()).sum()) for k in a if k != "6.bias")
+    assert info.identity_objective == pytest.approx(identity, rel=1e-6)
+    # the descent started from the layer-wise start here, whose objective beats the identity's
+    assert info.start == "layerwise" and info.initial_objective > info.identity_objective
+    assert info.final_objective == info.objective[-1]
+    _, from_identity = weight_matching(spec, a, b, start="identity", return_info=True)
+    assert from_identity.start == "identity"
+    assert from_identity.initial_objective == pytest.approx(identity, rel=1e-6)
 
 
 def test_result_is_a_coordinatewise_optimum():
@@ -392,7 +398,7 @@ def test_cached_similarities_stay_exact_under_low_rank_updates(which, monkeypatc
 def test_unchanged_similarity_is_not_solved_again():
     spec, a = mlp_spec(), state(mlp(16))
     _, b = planted(spec, a)
-    perms, info = weight_matching(spec, a, b, return_info=True)
+    perms, info = weight_matching(spec, a, b, start="identity", return_info=True)
     again, info2 = weight_matching(spec, a, b, init=perms, return_info=True)
     assert info2.n_sweeps == 1 and info2.converged and info2.n_solves == 3 and info2.n_skipped == 0
     assert all(torch.equal(again[k], perms[k]) for k in perms)
@@ -449,3 +455,24 @@ def test_cost_matrix_buffer_reused_only_when_it_fits():
         other = cost_from_similarity(s, out=bad)
         assert other is not bad and other.dtype == np.float64
         assert_close(torch.from_numpy(other), -s.double())
+
+
+def test_bad_start_is_refused_with_the_choices():
+    spec, a = mlp_spec(), state(mlp(8))
+    _, b = planted(spec, a)
+    with pytest.raises(RebasinError, match=r"start must be one of \['auto', 'identity', 'layerwise'\], got 'best'"):
+        weight_matching(spec, a, b, start="best")
+    init = {p: torch.arange(n) for p, n in spec.validate(a).items()}
+    with pytest.raises(RebasinError, match="start='identity' and init were both given"):
+        weight_matching(spec, a, b, start="identity", init=init)
+    _, info = weight_matching(spec, a, b, init=init, return_info=True)
+    assert info.start == "init"
+
+
+def test_layerwise_start_is_exact_for_a_planted_permutation():
+    """Forced alone (no descent), the layer-wise start already is the planted answer."""
+    spec, a = mlp_spec(), state(mlp(16))
+    truth, b = planted(spec, a)
+    perms, info = weight_matching(spec, a, b, start="layerwise", n_iter=0, return_info=True)
+    assert all(torch.equal(perms[p], torch.argsort(truth[p])) for p in spec.perms)
+    assert info.start == "layerwise" and info.final_objective > info.identity_objective

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..spec.core import PermutationSpec, join_structured
+from ..spec.core import PermutationSpec
+from ._start import solve_unit
 from ._structured_terms import ComplexTerms, as_tensors, nonlinear_units, unit_of
-from .assignment import cost_from_similarity, solve_cost, structured_assignment
+from .assignment import cost_from_similarity, solve_cost
 
 __all__ = ["PlainEngine", "StructuredSteps", "coordinate_descent", "GAIN_RTOL", "LOWRANK_FRACTION"]
 
@@ -94,18 +95,7 @@ class StructuredSteps:
         spec, eng = self.spec, self.engine
         perms_t = as_tensors(eng.perms, self.device)
         sims = {p: self._similarity(p, perms_t) for p in unit}
-        members = [p for p in unit if p in spec.structure]
-        new: dict[str, np.ndarray] = {}
-        if members:
-            outer = spec.structure[members[0]][0]
-            res = structured_assignment([sims[m] for m in members], [spec.structure[m][1] for m in members],
-                                        sims.get(outer), name=outer)
-            for m, inner in zip(members, res.inner):
-                new[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner)).numpy()
-            if outer in sims:
-                new[outer] = res.outer.astype(np.int64)
-        else:
-            new[unit[0]] = solve_cost(-sims[unit[0]], name=unit[0])
+        new = solve_unit(spec, unit, sims)
         old = {p: eng.perms[p] for p in unit}
         if all(np.array_equal(new[p], old[p]) for p in unit):
             return None

@@ -38,6 +38,12 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
+Start. Without ``init`` the descent starts from the better of the identity and a layer-wise start
+(:mod:`rebasin.matching._start`: each permutation solved once, in waves from the network's ends
+inwards, from the tensors whose other axes are already settled). From the identity alone the descent
+can stop far from the optimum when the weights carry no hint, e.g. a freshly initialised network
+against a permuted copy of itself; the layer-wise start is exact there.
+
 Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
 out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
 laid out once, in float32, on the compute device. When a permutation ``Q`` changes at ``m``
@@ -63,6 +69,7 @@ from .._common import check_int
 from ..spec.checkpoint import LazyState
 from ..spec.core import PermutationSpec, check_permutations
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
+from ._start import Access, check_start, choose_start
 from ._structured_terms import ComplexTerms, complex_keys
 from .registry import MatchResult, register_matcher
 from .weight_lazy import weight_matching_lazy
@@ -85,7 +92,14 @@ class WeightMatchingInfo:
         value plus the gains of the accepted steps (computed in float64 from the float32
         similarities).
     initial_objective
-        The objective at the starting permutations (``init`` or the identity).
+        The objective at the starting permutations (see ``start``).
+    identity_objective
+        The objective at the identity (B as given): the value to beat. ``final_objective`` is never
+        below it unless ``init`` started the descent elsewhere.
+    start
+        Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
+        ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see
+        :mod:`rebasin.matching._start`); with ``start="auto"`` the better of the last two.
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
@@ -102,12 +116,19 @@ class WeightMatchingInfo:
 
     objective: list[float] = field(default_factory=list)
     initial_objective: float = 0.0
+    identity_objective: float = 0.0
+    start: str = "identity"
     n_sweeps: int = 0
     converged: bool = False
     n_solves: int = 0
     n_skipped: int = 0
     n_full_builds: int = 0
     n_lowrank_updates: int = 0
+
+    @property
+    def final_objective(self) -> float:
+        """The objective at the returned permutations (the last sweep's, or the start's after none)."""
+        return self.objective[-1] if self.objective else self.initial_objective
 
 
 class _Term:
@@ -292,6 +313,7 @@ def weight_matching(
     *,
     n_iter: int = ...,
     init: Mapping[str, Tensor] | None = ...,
+    start: str = ...,
     seed: int = ...,
     return_info: Literal[False] = ...,
     device: torch.device | str | None = ...,
@@ -308,6 +330,7 @@ def weight_matching(
     *,
     n_iter: int = ...,
     init: Mapping[str, Tensor] | None = ...,
+    start: str = ...,
     seed: int = ...,
     return_info: Literal[True],
     device: torch.device | str | None = ...,
@@ -323,6 +346,7 @@ def weight_matching(
     *,
     n_iter: int = 100,
     init: Mapping[str, Tensor] | None = None,
+    start: str = "auto",
     seed: int = 0,
     return_info: bool = False,
     device: torch.device | str | None = None,
@@ -340,6 +364,13 @@ def weight_matching(
     from ``torch.Generator().manual_seed(seed)``, and replaces it by the solution of a linear
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
     sweep without improvement or after ``n_iter`` sweeps.
+
+    The descent starts from the better (higher objective) of the identity and a layer-wise start:
+    each permutation solved once, in waves from the network's ends inwards, from the tensors whose
+    other axes are already settled. From the identity alone the descent can stop at a poor local
+    optimum when the weights carry no gradient of agreement, e.g. a freshly initialised network
+    matched against a permuted copy of itself; the layer-wise start recovers such a planted
+    permutation exactly. ``info.identity_objective`` and ``info.final_objective`` show the gain.
 
     Structured permutations (heads, groups: ``spec.structure``) are chosen together with the others
     sharing their outer permutation, hierarchically: the value of pairing head ``i`` of A with head
@@ -368,6 +399,9 @@ def weight_matching(
         Maximum number of sweeps (``0`` returns the starting permutations).
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
+    start
+        Without ``init``: ``"auto"`` (default) starts from the better of ``"identity"`` and
+        ``"layerwise"`` (see above); either can be forced. Not allowed together with ``init``.
     seed
         Seed of the visiting order; the same seed gives the same result.
     return_info
@@ -387,7 +421,7 @@ def weight_matching(
     RebasinError
         If the state_dicts do not match the spec or each other (keys and shapes are listed), hold
         NaN or inf (the key is named), ``init`` is not a set of permutations of the right sizes,
-        or ``n_iter`` is negative.
+        ``n_iter`` is negative, or ``start`` is unknown or given together with ``init``.
 
     Notes
     -----
@@ -417,22 +451,26 @@ def weight_matching(
     >>> all(torch.equal(permute(spec, perms, b)[k], a[k]) for k in a)
     True
     """
+    check_start(start, init)
     if isinstance(state_a, LazyState) or isinstance(state_b, LazyState):  # memory-flat engine: weight_lazy.py
-        perms_l, stats = weight_matching_lazy(spec, state_a, state_b, n_iter=n_iter, init=init, seed=seed, device=device)
+        perms_l, stats = weight_matching_lazy(spec, state_a, state_b, n_iter=n_iter, init=init, start=start,
+                                              seed=seed, device=device)
         return (perms_l, WeightMatchingInfo(**stats)) if return_info else perms_l
     sizes = spec.validate_pair(state_a, state_b)
     check_int(n_iter, "n_iter", 0)
     if init is not None:
         check_permutations(spec, init, sizes)
-    perms: dict[str, np.ndarray] = {}
-    for name in spec.perms:
-        if init is not None and name in init:
-            perms[name] = init[name].detach().to("cpu", torch.int64).numpy().copy()
-        else:
-            perms[name] = np.arange(sizes[name], dtype=np.int64)
     dev = torch.device(device) if device is not None else _compute_device(spec, state_a)
 
+    def read(which: str, key: str, rows: tuple[int, int] | None) -> Tensor:
+        return (state_a if which == "a" else state_b)[key].detach().to(device=dev, dtype=torch.float32)
+
+    def floating(key: str) -> bool:
+        return state_a[key].is_floating_point() and state_a[key].numel() > 0
+
     with torch.no_grad():
+        access = Access(state_a, floating, read, lambda k: [None], dev)
+        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, state_a)
         engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental, cx_keys)
         cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
@@ -445,6 +483,8 @@ def weight_matching(
         return out
     info = WeightMatchingInfo(
         initial_objective=initial,
+        identity_objective=identity_objective,
+        start=start_kind,
         n_full_builds=engine.n_full_builds,
         n_lowrank_updates=engine.n_lowrank_updates,
         **run,
@@ -464,8 +504,10 @@ def _weight_matcher(
     seed: int = 0,
     n_iter: int = 100,
     init: Mapping[str, Tensor] | None = None,
+    start: str = "auto",
     device: torch.device | str | None = None,
 ) -> MatchResult:
     """Weight matching (data-free); options as :func:`weight_matching`."""
-    perms, info = weight_matching(spec, state_a, state_b, n_iter=n_iter, init=init, seed=seed, device=device, return_info=True)
+    perms, info = weight_matching(spec, state_a, state_b, n_iter=n_iter, init=init, start=start, seed=seed,
+                                  device=device, return_info=True)
     return MatchResult(perms, info)

@@ -52,6 +52,7 @@ from .._errors import RebasinError
 from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
+from ._start import Access, check_start, choose_start
 from ._structured_terms import ComplexTerms, complex_keys
 
 __all__ = ["weight_matching_lazy"]
@@ -311,6 +312,7 @@ def weight_matching_lazy(
     *,
     n_iter: int = 100,
     init: Mapping[str, Tensor] | None = None,
+    start: str = "auto",
     seed: int = 0,
     device: torch.device | str | None = None,
     chunk_bytes: int | None = None,
@@ -337,6 +339,7 @@ def weight_matching_lazy(
         ``n_iter``).
     """
     check_int(n_iter, "n_iter", 0)
+    check_start(start, init)
     if chunk_bytes is None:  # the module's constant at call time (tests shrink it)
         from ..spec import checkpoint
 
@@ -346,12 +349,6 @@ def weight_matching_lazy(
     if init is not None:
         check_permutations(spec, init, sizes)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    perms: dict[str, np.ndarray] = {}
-    for name in spec.perms:
-        if init is not None and name in init:
-            perms[name] = init[name].detach().to("cpu", torch.int64).numpy().copy()
-        else:
-            perms[name] = np.arange(sizes[name], dtype=np.int64)
 
     with torch.no_grad():
         # one pass over every key: tensors, finite values (as the in-memory path checks)
@@ -368,6 +365,18 @@ def weight_matching_lazy(
                         shape = tuple(meta[key].shape)
                         raise RebasinError(f"{which}[{key!r}] (shape {shape}) contains NaN or inf values")
                     del t
+        ranges = {k: row_ranges(spec, k, meta[k], chunk_bytes) for k in spec.axes}
+
+        def read(which: str, key: str, rows: tuple[int, int] | None) -> Tensor:
+            state = state_a if which == "a" else state_b
+            t = state[key] if rows is None else read_rows(state, key, *rows)
+            return t.detach().to(device=dev, dtype=torch.float32)
+
+        def floating(key: str) -> bool:
+            return meta[key].is_floating_point() and meta[key].numel() > 0
+
+        access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)
+        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, meta)
         engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
         try:
@@ -381,6 +390,8 @@ def weight_matching_lazy(
     out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     info = {
         "initial_objective": initial,
+        "identity_objective": identity_objective,
+        "start": start_kind,
         "n_full_builds": engine.n_full_builds,
         "n_lowrank_updates": engine.n_lowrank_updates,
         **run,

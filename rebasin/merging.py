@@ -541,7 +541,9 @@ def merge_checkpoints(
         Two or more checkpoint paths (``.safetensors`` / ``.pt``) or mappings (:class:`rebasin.Checkpoint`,
         state_dicts) with the same keys and shapes.
     path
-        Output file: ``.safetensors`` (streamed) or ``.pt`` (gathered first).
+        Output file, in the format its extension names: ``.safetensors`` (streamed) or a torch
+        ``.pt`` / ``.pth`` / ``.bin`` file (gathered first). Every tensor keeps the sources' dtype; a
+        bfloat16 or float16 average is computed in float32 and rounded once.
     reference
         Index of the source whose unit order the merged model keeps.
     n_iter

@@ -117,6 +117,25 @@ def _example(args: argparse.Namespace, first_inputs: Any) -> Any:
     return first_inputs
 
 
+def _checkpoint_output(path: str) -> Path:
+    """``-o``: a writable file whose extension names a checkpoint format (checked before any work)."""
+    from ..spec.checkpoint import output_format
+
+    try:
+        output_format(path)
+    except RebasinError as exc:
+        raise RebasinError(f"-o {path}: {exc}") from None
+    return check_output_file(path, "-o")
+
+
+def _save_like(state: dict[str, torch.Tensor], output: Path, like: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` to ``output`` in the format its extension names, each tensor in the dtype it has in
+    ``like`` (the checkpoint read: a bfloat16 file loaded into a float32 model goes back in bfloat16)."""
+    from ..spec.checkpoint import save_state
+
+    save_state(state, output, dtypes={k: v.dtype for k, v in like.items() if k in state})
+
+
 def run_align(args: argparse.Namespace) -> None:
     """``rebasin align``: every input checked, then ``align``; writes B's aligned state_dict (and perms)."""
     from ..matching.alignment import align
@@ -129,7 +148,7 @@ def run_align(args: argparse.Namespace) -> None:
             f"matcher {args.method!r} needs data: pass --data package.module:loader_factory (a loader of "
             "(inputs, targets) batches)"
         )
-    output = check_output_file(args.output, "-o")
+    output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
     if args.method == "weight_matching" and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
@@ -142,12 +161,7 @@ def run_align(args: argparse.Namespace) -> None:
     spec = spec_from_model(model_a, _example(args, first))
     where = device if matcher.accepts("device") else None  # a user's matcher may take no device
     res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
-    if output.suffix == ".safetensors":
-        from ..spec.checkpoint import save_permuted
-
-        save_permuted(spec, {}, res.state_b, output)  # already aligned: written as it is
-    else:
-        torch.save({k: v.cpu() for k, v in res.state_b.items()}, output)
+    _save_like(res.state_b, output, state_b)
     _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
         torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
@@ -168,8 +182,6 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
     from ..spec.checkpoint import open_checkpoint, save_permuted
     from ..trace.tracing import spec_from_model
 
-    if output.suffix not in (".safetensors", ".pt", ".pth"):
-        raise RebasinError(f"-o {output}: write the aligned checkpoint as .safetensors (streamed) or .pt/.pth")
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
     model = build_model(args.model)
     spec = spec_from_model(model, _example(args, None))
@@ -298,7 +310,7 @@ def run_merge(args: argparse.Namespace) -> None:
         raise RebasinError("--repair measures channel statistics: pass --data package.module:loader_factory")
     if not -len(args.models) <= args.reference < len(args.models):
         raise RebasinError(f"--reference must index the {len(args.models)} checkpoints, got {args.reference}")
-    output = check_output_file(args.output, "-o")
+    output = _checkpoint_output(args.output)
     device = _device(args)
     states = [load_state(p) for p in args.models]
     models = [model_from(args.model, s, p) for s, p in zip(states, args.models)]
@@ -317,7 +329,7 @@ def run_merge(args: argparse.Namespace) -> None:
         else:
             _print("note: the merged BatchNorm statistics are averages of the models' statistics; pass --data "
                    "(they are then recomputed) or --repair")
-    torch.save({k: v.cpu() for k, v in state.items()}, output)
+    _save_like(state, output, states[args.reference])
     rounds = f"{info.rounds} round{'s' if info.rounds > 1 else ''}" + ("" if info.converged else ", not converged")
     _print(f"merged {len(models)} models with {args.method}{note} ({rounds}, {info.time_s:.2f} s) -> {output}")
     if evals is not None:
@@ -447,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices and of the --example-shape input (same seed, same result)")
     al.add_argument("--device", default="auto", help=device_help)
     al.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="where to write B's aligned state_dict (folders are created; .safetensors or .pt).\n"
+                    help="where to write B's aligned state_dict (folders are created), in the format\n"
+                         "its extension names (.safetensors, or torch .pt/.pth/.bin) and B's dtypes.\n"
                          "weight_matching on two .safetensors files reads them one tensor at a time\n"
                          "and streams a .safetensors output: neither model is held in memory")
     al.add_argument("--save-perms", default=None, metavar="FILE",
@@ -496,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint)
     me.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
     me.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="where to write the merged state_dict (folders are created)")
+                    help="where to write the merged state_dict (folders are created), in the format\n"
+                         "its extension names (.safetensors, or torch .pt/.pth/.bin) and the\n"
+                         "reference checkpoint's dtypes")
     me.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
     me.add_argument("--data", default=None, metavar=_FACTORY,

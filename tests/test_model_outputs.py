@@ -20,6 +20,10 @@ from rebasin.apps.cli import main
 T = pytest.importorskip("transformers")
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
+from rebasin.trace import hf_rules  # noqa: E402
+
+hf_rules.register()  # at import, as in test_hf_models: the conftest guard against registry leaks then sees them
+
 KINDS = ["model_output", "dict", "tuple"]
 
 

@@ -65,6 +65,15 @@ def _three(dtype: torch.dtype):
     return spec, a, others
 
 
+def _three_files(tmp_path, dtype: torch.dtype, ext: str):
+    """:func:`_three` written as a, b, c with extension ``ext``: ``(spec, a, [paths])``."""
+    spec, a, others = _three(dtype)
+    paths = [tmp_path / f"{n}{ext}" for n in "abc"]
+    for state, p in zip((a, *others), paths):
+        _write_input(state, p)
+    return spec, a, paths
+
+
 def _check(out: dict[str, torch.Tensor], a: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     assert list(out) == list(a) or set(out) == set(a)
     for k, v in a.items():
@@ -80,10 +89,7 @@ def _check(out: dict[str, torch.Tensor], a: dict[str, torch.Tensor], dtype: torc
 @pytest.mark.parametrize("out_ext", EXTS)
 @pytest.mark.parametrize("command", ["align", "merge"])
 def test_cli_keeps_format_and_dtype(tmp_path, command, out_ext, in_ext, dtype):
-    spec, a, (b, c) = _three(dtype)
-    paths = [tmp_path / f"{n}{in_ext}" for n in "abc"]
-    for state, p in zip((a, b, c), paths):
-        _write_input(state, p)
+    spec, a, paths = _three_files(tmp_path, dtype, in_ext)
     out = tmp_path / f"out{out_ext}"
     inputs = paths[:2] if command == "align" else paths
     code = main([command, *map(str, inputs), "--model", f"{__name__}:small_net", "--example-shape", "1,4",
@@ -97,10 +103,7 @@ def test_cli_keeps_format_and_dtype(tmp_path, command, out_ext, in_ext, dtype):
 @pytest.mark.parametrize("out_ext", [*EXTS, ".bin"])
 @pytest.mark.parametrize("api", ["save_permuted", "merge_checkpoints", "save_state"])
 def test_python_api_keeps_format_and_dtype(tmp_path, api, out_ext, in_ext, dtype):
-    spec, a, (b, c) = _three(dtype)
-    paths = [tmp_path / f"{n}{in_ext}" for n in "abc"]
-    for state, p in zip((a, b, c), paths):
-        _write_input(state, p)
+    spec, a, paths = _three_files(tmp_path, dtype, in_ext)
     out = tmp_path / f"out{out_ext}"
     if api == "save_permuted":
         ckpt_b = open_checkpoint(paths[1])

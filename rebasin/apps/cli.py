@@ -139,10 +139,11 @@ def _checkpoint_output(path: str) -> Path:
     """``-o``: a writable file whose extension names a checkpoint format (checked before any work)."""
     from ..spec.checkpoint import output_format
 
-    try:
-        output_format(path)
-    except RebasinError as exc:
-        raise RebasinError(f"-o {path}: {exc}") from None
+    if not Path(path).is_dir():  # a folder at -o is check_output_file's error
+        try:
+            output_format(path)
+        except RebasinError as exc:
+            raise RebasinError(f"-o {path}: {exc}") from None
     return check_output_file(path, "-o")
 
 

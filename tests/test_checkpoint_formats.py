@@ -134,6 +134,8 @@ def test_save_state_bad_inputs(tmp_path):
         save_state({"w": 3}, tmp_path / "out.pt")  # type: ignore[dict-item]
     with pytest.raises(RebasinError, match="'v'.*not in the state"):
         save_state({"w": torch.zeros(2)}, tmp_path / "out.pt", dtypes={"v": torch.float16})
+    with pytest.raises(RebasinError, match="torch dtypes.*'bf16'"):
+        save_state({"w": torch.zeros(2)}, tmp_path / "out.pt", dtypes={"w": "bf16"})  # type: ignore[dict-item]
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -462,6 +462,9 @@ def save_state(
     unknown = sorted(set(dtypes or {}) - set(meta))
     if unknown:
         raise RebasinError(f"dtypes names {unknown[:6]}, which are not in the state (its keys: {list(meta)[:6]}...)")
+    wrong = {k: v for k, v in (dtypes or {}).items() if not isinstance(v, torch.dtype)}
+    if wrong:
+        raise RebasinError(f"dtypes must map keys to torch dtypes (torch.bfloat16, ...), got {wrong}")
     out_meta = {k: (m.to(dtypes[k]) if dtypes and k in dtypes else m) for k, m in meta.items()}
 
     def pieces(key: str) -> Iterator[Tensor]:

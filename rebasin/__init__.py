@@ -101,6 +101,7 @@ from .spec import (
     permute,
     random_permutation,
     save_permuted,
+    save_state,
     soft_permute,
     structured_matrix,
 )
@@ -142,6 +143,7 @@ __all__ = [
     "open_checkpoint",
     "Checkpoint",
     "save_permuted",
+    "save_state",
     # matching
     "align",
     "Alignment",

@@ -8,6 +8,10 @@ Nothing here knows about permutations. Each helper has one meaning for the whole
   keyword inputs — the layout of ``transformers`` batches.
 * **inputs** are a tensor (one positional argument), a tuple/list (positional arguments) or a mapping
   (keyword arguments); :func:`forward_with_state` calls the model accordingly.
+* **an output** is what the model returns: a tensor of logits, a mapping with a ``"logits"`` entry (a
+  ``transformers`` ``ModelOutput``, a dict) or a tuple/list whose first element is the logits;
+  :func:`logits_of` finds them, and :func:`cross_entropy_of` is the default loss of every function that
+  takes ``loss_fn`` (a ``loss_fn`` of the user's receives the output as the model returns it).
 * **a device** is the one passed, else the device of the model(s); two models on different devices
   without ``device=`` are an error, never a silent copy.
 * **an int/float argument** is checked with :func:`check_int` / :func:`check_float`, which reject bools
@@ -56,6 +60,9 @@ __all__ = [
     "nonempty",
     "cycle_batches",
     "forward_with_state",
+    "logits_of",
+    "find_logits",
+    "cross_entropy_of",
     "describe_tensors",
     "input_mismatch",
     "first_line",
@@ -426,6 +433,48 @@ def forward_with_state(
             f"{type(model).__name__} cannot run on these inputs: {mismatch} "
             f"(torch: {first_line(err)})"
         ) from err
+
+
+def find_logits(output: Any) -> Tensor | None:
+    """The logits in a model's output, or ``None`` when it holds none (see :func:`logits_of`)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):  # a transformers ModelOutput is an OrderedDict
+        logits = output.get("logits")
+        return logits if isinstance(logits, Tensor) else None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: the output itself when it is a tensor, its ``"logits"`` entry when it is
+    a mapping (a ``transformers`` ``ModelOutput`` such as ``SequenceClassifierOutput``, a dict), its first
+    element when it is a tuple or list (``return_dict=False`` outputs).
+
+    Raises
+    ------
+    RebasinError
+        Any other output, described, with the way out (``loss_fn=``).
+    """
+    logits = find_logits(output)
+    if logits is not None:
+        return logits
+    if isinstance(output, Mapping):
+        what = f"a {type(output).__name__} with keys {list(output)[:8]} and no tensor 'logits'"
+    elif isinstance(output, (tuple, list)):
+        what = f"a {type(output).__name__} whose first element is {type(output[0]).__name__ if output else 'missing'}"
+    else:
+        what = f"a {type(output).__name__}"
+    raise RebasinError(
+        f"the model returned {what}; the default loss and the accuracy need logits: return a tensor, a dict or "
+        "ModelOutput with 'logits', or a tuple whose first element is the logits, or pass loss_fn=(output, target) -> loss"
+    )
+
+
+def cross_entropy_of(output: Any, target: Tensor) -> Tensor:
+    """``F.cross_entropy(logits_of(output), target)``: the default loss wherever a ``loss_fn`` is taken."""
+    return torch.nn.functional.cross_entropy(logits_of(output), target)
 
 
 def first_line(err: BaseException) -> str:

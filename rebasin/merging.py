@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ._common import (
     check_int,
     forward_with_state,
+    logits_of,
     module_with_state,
     resolve_device,
     split_batch,
@@ -181,7 +182,7 @@ def _ensemble(
             if y is None:
                 raise RebasinError("evaluation needs (inputs, targets) batches")
             x, y = to_device(x, device), to_device(y, device)
-            out = sum(forward_with_state(models[0], w, x, eval_mode=True) for w in works) / len(works)
+            out = sum(logits_of(forward_with_state(models[0], w, x, eval_mode=True)) for w in works) / len(works)
             m = int(y.shape[0])
             loss_sum += float(F.cross_entropy(out, y)) * m
             n += m
@@ -541,7 +542,9 @@ def merge_checkpoints(
         Two or more checkpoint paths (``.safetensors`` / ``.pt``) or mappings (:class:`rebasin.Checkpoint`,
         state_dicts) with the same keys and shapes.
     path
-        Output file: ``.safetensors`` (streamed) or ``.pt`` (gathered first).
+        Output file, in the format its extension names: ``.safetensors`` (streamed) or a torch
+        ``.pt`` / ``.pth`` / ``.bin`` file (gathered first). Every tensor keeps the sources' dtype; a
+        bfloat16 or float16 average is computed in float32 and rounded once.
     reference
         Index of the source whose unit order the merged model keeps.
     n_iter

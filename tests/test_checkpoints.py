@@ -362,7 +362,7 @@ def test_docstring_examples_run():
     from rebasin.spec import checkpoint
 
     finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
-    tests = [t for obj in (checkpoint.open_checkpoint, checkpoint.save_permuted) for t in finder.find(obj, globs={})]
+    tests = [t for obj in (checkpoint.open_checkpoint, checkpoint.save_permuted, checkpoint.save_state) for t in finder.find(obj, globs={})]
     assert sum(len(t.examples) for t in tests) >= 8
     for t in tests:
         runner.run(t)

@@ -20,6 +20,8 @@ def _python_blocks(text: str) -> list[str]:
 def _check_quickstart(namespace: dict, out: str, blocks: list[str]) -> None:
     assert len(blocks) >= 6
     assert "loss barrier" in out and "merged accuracy" in out
+    # one permutation on both axes of a square weight (P W Pᵀ) is traced
+    assert "('P0', 'P0')" in out and namespace["Residual"] is not None
     # the manual spec on the page matches the traced one for the same MLP
     assert namespace["manual"].axes == namespace["spec"].axes
 

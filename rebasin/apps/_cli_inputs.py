@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._common import as_args, evaluating, head, split_batch
+from .._common import as_args, cross_entropy_of, evaluating, head, split_batch
 from .._errors import RebasinError
 from ..spec.checkpoint import open_checkpoint
 
@@ -28,6 +27,8 @@ __all__ = [
     "build_model",
     "check_output_dir",
     "check_output_file",
+    "EXAMPLE_DTYPES",
+    "example_input",
     "example_shape",
     "has_batchnorm",
     "importable_from_cwd",
@@ -145,6 +146,30 @@ def example_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: ``--example-dtype`` names: floating inputs are drawn from a normal distribution, integer ones (token ids)
+#: uniformly below the smallest embedding table of the model.
+EXAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16, "long": torch.int64, "int64": torch.int64, "int32": torch.int32}
+
+
+def example_input(shape_text: str, dtype_name: str, model: nn.Module, seed: int) -> torch.Tensor:
+    """The ``--example-shape`` / ``--example-dtype`` input for tracing ``model``, drawn from a generator seeded
+    by ``seed`` (never from the global RNG).
+
+    A floating dtype gives standard normal values; an integer dtype gives ids in ``[0, n)`` with ``n`` the
+    smallest ``num_embeddings`` of the model's ``nn.Embedding`` layers (2 when it has none), so every id is
+    valid for every table.
+    """
+    shape = example_shape(shape_text)
+    if dtype_name not in EXAMPLE_DTYPES:
+        raise RebasinError(f"--example-dtype must be one of {', '.join(EXAMPLE_DTYPES)}, got {dtype_name!r}")
+    dtype, gen = EXAMPLE_DTYPES[dtype_name], torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(*shape, generator=gen).to(dtype)
+    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return torch.randint(0, min(tables, default=2), shape, generator=gen, dtype=dtype)
+
+
 def loader_from(
     spec: str, option: str, model: nn.Module, *, targets: bool
 ) -> tuple[Iterable[Any], Any]:
@@ -185,7 +210,7 @@ def loader_from(
         with torch.no_grad(), evaluating(model):
             out = model(*args, **kwargs)
             if targets:
-                F.cross_entropy(out, y)
+                cross_entropy_of(out, y)
     except Exception as exc:  # a batch that does not fit the model is one user error
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise RebasinError(

@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from .._common import first_line
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
 from ._cli_inputs import (
     check_output_dir,
     check_output_file,
-    example_shape,
+    EXAMPLE_DTYPES,
+    example_input,
     has_batchnorm,
     importable_from_cwd,
     build_model,
@@ -104,23 +106,58 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device_from_name(args.device)
 
 
-def _example(args: argparse.Namespace, first_inputs: Any) -> Any:
-    """The input for tracing: ``--example-shape`` when given, else the first two inputs of ``--data``.
+def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any) -> Any:
+    """``spec_from_model`` on ``--example-shape`` (of ``--example-dtype``) when given, else on the first two
+    inputs of ``--data``.
 
     The ``--example-shape`` input is drawn from a generator seeded by ``--seed``, never from the global RNG
-    (``main`` may run inside a caller's process).
+    (``main`` may run inside a caller's process). A model that takes token ids and was given a floating
+    input fails with torch's "Expected tensor for argument #1 'indices'"; the error then says how to give
+    integer inputs.
     """
+    from ..trace.tracing import spec_from_model
+
     if args.example_shape is not None:
-        return torch.randn(*example_shape(args.example_shape), generator=torch.Generator().manual_seed(args.seed))
-    if first_inputs is None:
+        example = example_input(args.example_shape, args.example_dtype, model, args.seed)
+    elif first_inputs is None:
         raise RebasinError("pass --example-shape (e.g. 1,3,32,32) or --data, so the model can be traced")
-    return first_inputs
+    else:
+        example = first_inputs
+    try:
+        return spec_from_model(model, example)
+    except (RebasinError, RuntimeError) as exc:
+        if args.example_shape is None or not example.is_floating_point() or "'indices'" not in str(exc):
+            raise
+        raise RebasinError(
+            f"{type(model).__name__} takes integer inputs (token ids), but --example-shape {args.example_shape} "
+            f"gave {args.example_dtype} values: pass --example-dtype long (ids below the embedding size) or --data "
+            f"(its first batch is traced) ({first_line(exc)})"
+        ) from exc
+
+
+def _checkpoint_output(path: str) -> Path:
+    """``-o``: a writable file whose extension names a checkpoint format (checked before any work)."""
+    from ..spec.checkpoint import output_format
+
+    if not Path(path).is_dir():  # a folder at -o is check_output_file's error
+        try:
+            output_format(path)
+        except RebasinError as exc:
+            raise RebasinError(f"-o {path}: {exc}") from None
+    return check_output_file(path, "-o")
+
+
+def _save_like(state: dict[str, torch.Tensor], output: Path, like: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` to ``output`` in the format its extension names, each tensor in the dtype it has in
+    ``like`` (the checkpoint read: a bfloat16 file loaded into a float32 model goes back in bfloat16)."""
+    from ..spec.checkpoint import save_state
+
+    save_state(state, output, dtypes={k: v.dtype for k, v in like.items() if k in state})
 
 
 def run_align(args: argparse.Namespace) -> None:
     """``rebasin align``: every input checked, then ``align``; writes B's aligned state_dict (and perms)."""
     from ..matching.alignment import align
-    from ..trace.tracing import spec_from_model
 
     import_matcher_modules(args.matcher_module)  # main() did already; a no-op then (build_parser() users)
     matcher = get_matcher(args.method)  # an unknown name is a one-line error listing the registered ones
@@ -129,7 +166,7 @@ def run_align(args: argparse.Namespace) -> None:
             f"matcher {args.method!r} needs data: pass --data package.module:loader_factory (a loader of "
             "(inputs, targets) batches)"
         )
-    output = check_output_file(args.output, "-o")
+    output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
     if args.method == "weight_matching" and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
@@ -139,15 +176,10 @@ def run_align(args: argparse.Namespace) -> None:
     model_a = model_from(args.model, state_a, args.model_a)
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
-    spec = spec_from_model(model_a, _example(args, first))
+    spec = _spec(args, model_a, first)
     where = device if matcher.accepts("device") else None  # a user's matcher may take no device
     res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
-    if output.suffix == ".safetensors":
-        from ..spec.checkpoint import save_permuted
-
-        save_permuted(spec, {}, res.state_b, output)  # already aligned: written as it is
-    else:
-        torch.save({k: v.cpu() for k, v in res.state_b.items()}, output)
+    _save_like(res.state_b, output, state_b)
     _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
         torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
@@ -166,13 +198,10 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
 
     from ..matching.weight import weight_matching
     from ..spec.checkpoint import open_checkpoint, save_permuted
-    from ..trace.tracing import spec_from_model
 
-    if output.suffix not in (".safetensors", ".pt", ".pth"):
-        raise RebasinError(f"-o {output}: write the aligned checkpoint as .safetensors (streamed) or .pt/.pth")
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
     model = build_model(args.model)
-    spec = spec_from_model(model, _example(args, None))
+    spec = _spec(args, model, None)
     del model
     start = time.perf_counter()
     perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
@@ -286,7 +315,6 @@ def run_merge(args: argparse.Namespace) -> None:
     from .._common import module_with_state, state_of
     from ..merging import compare_merge, merge
     from ..paths import reset_bn_stats
-    from ..trace.tracing import spec_from_model
 
     import_matcher_modules(args.matcher_module)
     if len(args.models) < 2:
@@ -298,13 +326,13 @@ def run_merge(args: argparse.Namespace) -> None:
         raise RebasinError("--repair measures channel statistics: pass --data package.module:loader_factory")
     if not -len(args.models) <= args.reference < len(args.models):
         raise RebasinError(f"--reference must index the {len(args.models)} checkpoints, got {args.reference}")
-    output = check_output_file(args.output, "-o")
+    output = _checkpoint_output(args.output)
     device = _device(args)
     states = [load_state(p) for p in args.models]
     models = [model_from(args.model, s, p) for s, p in zip(states, args.models)]
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
     evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
-    spec = spec_from_model(models[0], _example(args, first))
+    spec = _spec(args, models[0], first)
     merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,
                          repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
     state = state_of(merged)
@@ -317,7 +345,7 @@ def run_merge(args: argparse.Namespace) -> None:
         else:
             _print("note: the merged BatchNorm statistics are averages of the models' statistics; pass --data "
                    "(they are then recomputed) or --repair")
-    torch.save({k: v.cpu() for k, v in state.items()}, output)
+    _save_like(state, output, states[args.reference])
     rounds = f"{info.rounds} round{'s' if info.rounds > 1 else ''}" + ("" if info.converged else ", not converged")
     _print(f"merged {len(models)} models with {args.method}{note} ({rounds}, {info.time_s:.2f} s) -> {output}")
     if evals is not None:
@@ -429,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = ("importable factory 'package.module:function' that builds your net (no arguments); "
                   "modules in the current folder are found too")
     shape_help = "input shape for tracing the net, e.g. 1,3,32,32 (default: two inputs of --data's first batch)"
+    dtype_help = (f"dtype of the --example-shape input: {', '.join(EXAMPLE_DTYPES)} (default float32); integer "
+                  "dtypes draw token ids below the model's embedding size")
     device_help = "cpu, cuda, cuda:1 or auto (CUDA when available)"
 
     al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
@@ -438,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("model_b", help="the model B to align to A: " + checkpoint)
     al.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
     al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
+    al.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
     al.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
@@ -447,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0, help="seed of the matcher's random choices and of the --example-shape input (same seed, same result)")
     al.add_argument("--device", default="auto", help=device_help)
     al.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="where to write B's aligned state_dict (folders are created; .safetensors or .pt).\n"
+                    help="where to write B's aligned state_dict (folders are created), in the format\n"
+                         "its extension names (.safetensors, or torch .pt/.pth/.bin) and B's dtypes.\n"
                          "weight_matching on two .safetensors files reads them one tensor at a time\n"
                          "and streams a .safetensors output: neither model is held in memory")
     al.add_argument("--save-perms", default=None, metavar="FILE",
@@ -496,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint)
     me.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
     me.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="where to write the merged state_dict (folders are created)")
+                    help="where to write the merged state_dict (folders are created), in the format\n"
+                         "its extension names (.safetensors, or torch .pt/.pth/.bin) and the\n"
+                         "reference checkpoint's dtypes")
     me.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
     me.add_argument("--data", default=None, metavar=_FACTORY,
@@ -512,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loader to report accuracy on: each model, the naive average, the merged\n"
                          "model and the ensemble")
     me.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
+    me.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
     me.add_argument("--reference", type=int, default=0,
                     help="index of the checkpoint whose basin (unit order) the merged model keeps")
     me.add_argument("--n-iter", type=positive, default=10, help="alignment rounds at most")

@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
+    as_args,
     check_int,
+    cross_entropy_of,
     evaluating,
     nonempty,
     progress_bar,
@@ -122,7 +123,8 @@ def fit_classifier_(
                         raise RebasinError("training needs (inputs, targets) batches; the loader yielded inputs only")
                     x, y = to_device(x, device), to_device(y, device)
                     opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
+                    args, kwargs = as_args(x)
+                    cross_entropy_of(model(*args, **kwargs), y).backward()
                     opt.step()
     finally:
         for m, f in flags.items():

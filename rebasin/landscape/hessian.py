@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
     check_float,
     check_int,
     check_state_for_model,
+    cross_entropy_of,
     forward_with_state,
     resolve_device,
     split_batch,
@@ -51,7 +51,7 @@ class _HessianOperator:
         self, model: nn.Module, batch: Any, *, loss_fn: LossFn | None, state: State | None, device: Any,
         red: Reducer | None = None,
     ) -> None:
-        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        loss_fn = cross_entropy_of if loss_fn is None else loss_fn
         if not callable(loss_fn):
             raise RebasinError(f"loss_fn must be callable(outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         self.model, self.loss_fn = model, loss_fn

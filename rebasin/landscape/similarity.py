@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._common import check_int, forward_with_state, resolve_device, split_batch, state_of, to_device
+from .._common import (
+    check_int,
+    find_logits,
+    forward_with_state,
+    resolve_device,
+    split_batch,
+    state_of,
+    to_device,
+)
 from .._distributed import Reducer, fingerprint, guarded, reducer
 from .._errors import RebasinError
 
@@ -32,7 +40,10 @@ def _features(model: nn.Module, state: State, x: Any, module: nn.Module | None, 
     finally:
         if handle is not None:
             handle.remove()
-    if module is not None:
+    if module is None:
+        logits = find_logits(out)  # a ModelOutput's or a dict's logits, a tuple's first element
+        out = out if logits is None else logits
+    else:
         if len(captured) != 1:
             raise RebasinError(f"layer {name!r} ran {len(captured)} times in one forward pass; CKA needs exactly one output")
         out = captured[0]

@@ -37,6 +37,7 @@ from .._common import (
     State,
     check_int,
     check_state_for_model,
+    cross_entropy_of,
     evaluating,
     forward_with_state,
     model_device,
@@ -164,7 +165,7 @@ class SinkhornRebasin(nn.Module):
         sizes = spec.validate_pair(state_a, state_b)
         self.spec = spec
         self.cost = cost
-        self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else cross_entropy_of
         self.tau = float(tau)
         self.n_iter = int(n_iter)
         self.grad = grad

@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
-    State,
     check_int,
+    cross_entropy_of,
     forward_with_state,
     head,
     model_device,
@@ -46,6 +45,7 @@ from .._common import (
     progress_counter,
     resolve_device,
     split_batch,
+    State,
     to_device,
 )
 from .._distributed import Reducer, fingerprint, guarded, lockstep, reducer, synced_backward
@@ -195,7 +195,7 @@ def ste_matching(
     """
     _check_options(epochs, lr, max_steps, select)
     red = reducer(sync, group)
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = cross_entropy_of if loss_fn is None else loss_fn
     dev = resolve_device(model_a, model_b, device=device)
     with guarded(red, "ste_matching") as outcome:
         state_a, state_b = paired_states(model_a, model_b, dev, state_a=state_a, state_b=state_b)

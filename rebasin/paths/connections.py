@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
@@ -54,6 +53,7 @@ from .._common import (
     check_int,
     check_pair,
     check_state_for_model,
+    cross_entropy_of,
     cycle_batches,
     forward_with_state,
     progress_bar,
@@ -697,7 +697,7 @@ def fit_bijection_connection(
     deep = isinstance(layout, _DeepLayout)
     if refit_batch is not None and not deep:
         raise RebasinError("refit_batch is only used for networks with several hidden layers (the layer-wise path)")
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = cross_entropy_of if loss_fn is None else loss_fn
     g = torch.Generator().manual_seed(int(seed))
     net = _model_copy(layout, model)
     ll_start = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
@@ -37,6 +36,7 @@ from .._common import (
     check_pair,
     check_same_layout,
     check_state_for_model,
+    cross_entropy_of,
     forward_with_state,
     own_global_rng,
     progress_bar,
@@ -414,7 +414,7 @@ def fit_curve(
         with guarded(red, "fit_curve") as outcome:
             outcome.key = fingerprint(path.state_dict_at(0.0), params, epochs)
         red.same_tensors(params)
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = cross_entropy_of if loss_fn is None else loss_fn
     opt: torch.optim.Optimizer | None = None
     if params:
         opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)

@@ -81,9 +81,12 @@ def evaluate_path(
     ts
         Explicit positions (any finite values, extrapolation allowed); overrides ``num_points``.
     loss_fn
-        ``loss_fn(outputs, targets) -> batch mean``; default cross-entropy. The reported loss is
-        the mean over all examples. Accuracy (argmax over dim 1) is reported when targets are
-        integer class indices of shape ``outputs.shape[:1] + outputs.shape[2:]``, else None.
+        ``loss_fn(outputs, targets) -> batch mean``, given the model's output as it returns it;
+        default cross-entropy on the logits. The reported loss is the mean over all examples. The
+        logits are the output itself, the ``"logits"`` of a ``transformers`` ``ModelOutput`` or a
+        dict, or the first element of a tuple. Accuracy (argmax over dim 1 of the logits) is
+        reported when targets are integer class indices of shape ``logits.shape[:1] +
+        logits.shape[2:]``, else None.
     bn_loader
         If given, BatchNorm running statistics are recomputed at every ``t`` with
         :func:`reset_bn_stats` before evaluating (no-op for models without BatchNorm).

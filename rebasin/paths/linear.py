@@ -98,16 +98,20 @@ def interpolate(state_a: State, state_b: State, t: float) -> dict[str, Tensor]:
 
 
 def combine(states: Sequence[State], weights: Sequence[float]) -> dict[str, Tensor]:
-    """``sum_i w_i state_i`` for floating entries (exact for one-hot weights), integers from state 0."""
+    """``sum_i w_i state_i`` for floating entries (exact for one-hot weights), integers from state 0.
+
+    Each entry keeps state 0's dtype; a bfloat16 or float16 sum is accumulated in float32 and rounded once.
+    """
     if len(states) == 2 and weights[0] + weights[1] == 1.0:
-        return interpolate(states[0], states[1], weights[1])
+        return interpolate(states[0], states[1], weights[1])  # one lerp: rounded once in any dtype
     out: dict[str, Tensor] = {}
     for key, ref in states[0].items():
         if ref.is_floating_point() or ref.is_complex():
-            acc = states[0][key] * weights[0]
+            low = ref.is_floating_point() and torch.finfo(ref.dtype).bits < 32
+            acc = (ref.float() if low else ref) * weights[0]
             for s, w in zip(states[1:], weights[1:]):
-                acc = acc + s[key].to(ref.device) * w
-            out[key] = acc
+                acc = acc + s[key].to(ref.device, torch.float32 if low else s[key].dtype) * w
+            out[key] = acc.to(ref.dtype) if low else acc
         else:
             out[key] = ref.clone()
     return out

@@ -74,7 +74,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._common import (
@@ -83,6 +82,7 @@ from .._common import (
     check_int,
     check_pair,
     check_state_for_model,
+    cross_entropy_of,
     own_global_rng,
     progress_bar,
     resolve_device,
@@ -352,7 +352,7 @@ def proximal_alternating_minimization(
     if red is not None:
         red.same_tensors([p for p in path.parameters() if p.requires_grad])
     opt = adam(path, lr)
-    objective = Objective(model, loader, F.cross_entropy if loss_fn is None else loss_fn, device, seed)
+    objective = Objective(model, loader, cross_entropy_of if loss_fn is None else loss_fn, device, seed)
     history: list[float] = []
     changed: list[int] = []
     etas: list[float] = []

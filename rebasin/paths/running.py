@@ -18,6 +18,8 @@ from .._common import (
     State,
     check_int,
     check_state_for_model,
+    cross_entropy_of,
+    find_logits,
     forward_with_state,
     only_training,
     resolve_device,
@@ -45,7 +47,9 @@ def evaluate_state(
 ) -> tuple[float, float | None, int]:
     """Mean loss, accuracy (None unless every batch looks like classification) and example count.
 
-    ``loss_fn(output, target)`` returns the batch *mean*; it is weighted by the batch size.
+    ``loss_fn(output, target)`` returns the batch *mean*; it is weighted by the batch size. It receives the
+    model's output as it is; the default (cross-entropy) and the accuracy read the logits in it (a tensor,
+    a ``ModelOutput``/dict's ``"logits"``, a tuple's first element: :func:`rebasin._common.logits_of`).
     This is the single evaluation routine behind :func:`evaluate_path` and ``rebasin.apps.training.evaluate``.
     Under ``torch.distributed`` (``sync=True`` and an initialised process group) the loss sum, the correct
     count and the example counts are summed over the ranks of ``group``: every rank gets the numbers of the
@@ -80,7 +84,7 @@ def _evaluate_local(
     """This process's ``(loss sum, correct, examples, targets, classification, batches)``."""
     check_state_for_model(model, state, name=name)
     state = {k: v.to(device) for k, v in state.items()}
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = cross_entropy_of if loss_fn is None else loss_fn
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n_examples = n_targets = n_batches = 0
@@ -96,15 +100,16 @@ def _evaluate_local(
             n = int(y.shape[0])
             loss_sum += loss_fn(out, y).detach().to(torch.float64) * n
             n_examples += n
+            logits = find_logits(out)  # a ModelOutput's or a dict's "logits", a tuple's first element
             classification = classification and (
-                isinstance(out, Tensor)
+                logits is not None
                 and not y.is_floating_point()
                 and y.dtype != torch.bool
-                and out.ndim == y.ndim + 1
-                and out.shape[0] == y.shape[0]
+                and logits.ndim == y.ndim + 1
+                and logits.shape[0] == y.shape[0]
             )
             if classification:
-                correct += (out.argmax(dim=1) == y).sum()
+                correct += (logits.argmax(dim=1) == y).sum()
                 n_targets += y.numel()
     if n_examples == 0 and not allow_empty:
         raise RebasinError("the evaluation loader yielded no batches")

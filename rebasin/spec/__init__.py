@@ -7,7 +7,7 @@ Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`Permutat
 
 from __future__ import annotations
 
-from .checkpoint import Checkpoint, LazyState, meta_state, open_checkpoint, save_permuted
+from .checkpoint import Checkpoint, LazyState, meta_state, open_checkpoint, output_format, save_permuted, save_state
 from .core import (
     Occurrence,
     axis_index,
@@ -47,5 +47,7 @@ __all__ = [
     "LazyState",
     "open_checkpoint",
     "save_permuted",
+    "save_state",
+    "output_format",
     "meta_state",
 ]

@@ -6,7 +6,9 @@ caller drops the tensor, nothing of it stays in memory. :meth:`Checkpoint.meta` 
 ``meta``-device tensor (shape and dtype, no data) for checks such as :meth:`PermutationSpec.validate`.
 
 :func:`save_permuted` permutes a checkpoint (or a state_dict) tensor by tensor and streams the result to a
-``.safetensors`` file, so its peak memory is about one tensor. A tensor larger than :data:`ROW_CHUNK_BYTES`
+``.safetensors`` file, so its peak memory is about one tensor; :func:`save_state` writes a state_dict as it
+is. Both choose the format by the output's extension (:func:`output_format`: ``.safetensors``, or a torch
+``.pt`` / ``.pth`` / ``.bin`` file) and keep every tensor's dtype unless told otherwise. A tensor larger than :data:`ROW_CHUNK_BYTES`
 whose first axis no permutation acts on (a token embedding) goes through in slices of rows
 (:meth:`Checkpoint.read_rows`, :func:`row_ranges`), so the peak is about one such slice instead.
 
@@ -28,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,8 +38,8 @@ from torch import Tensor
 from .._errors import RebasinError
 from .core import PermutationSpec, check_permutations, permute_unchecked
 
-__all__ = ["ROW_CHUNK_BYTES", "Checkpoint", "LazyState", "fresh_buffer", "meta_state", "open_checkpoint", "read_rows",
-           "row_ranges", "save_permuted"]
+__all__ = ["ROW_CHUNK_BYTES", "Checkpoint", "LazyState", "fresh_buffer", "meta_state", "open_checkpoint", "output_format",
+           "read_rows", "row_ranges", "save_permuted", "save_state"]
 
 # Tensors larger than this many bytes are read, matched and written in slices of rows (along the first axis)
 # when no permutation acts on that axis (an embedding of 50257 x 768 floats is 154 MB; two of them, A's and
@@ -384,6 +387,99 @@ def _tensor_bytes(t: Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """The format a checkpoint written to ``path`` gets, from its extension: ``"safetensors"`` or ``"pt"``.
+
+    ``.safetensors`` is a safetensors file, ``.pt`` / ``.pth`` / ``.bin`` a :func:`torch.save` file. Every
+    writer of the toolkit (:func:`save_state`, :func:`save_permuted`, :func:`rebasin.merge_checkpoints`,
+    ``rebasin align -o`` and ``rebasin merge -o``) chooses the format here.
+
+    Raises
+    ------
+    RebasinError
+        For any other extension (the path and the extensions that work are named).
+    """
+    p = Path(os.fspath(path))
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in _TORCH_SUFFIXES:
+        return "pt"
+    raise RebasinError(f"cannot write {str(p)!r}: unsupported extension {suffix or '(none)'!r}; "
+                       "use .safetensors (streamed) or a torch .pt/.pth/.bin file")
+
+
+def save_state(
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    *,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a state_dict (or a :class:`Checkpoint`) to ``path`` in the format its extension names.
+
+    Parameters
+    ----------
+    state
+        ``{key: tensor}``, or a lazy mapping such as a :class:`Checkpoint` (then read one tensor at a
+        time). Not mutated.
+    path
+        ``.safetensors``: a safetensors file, streamed tensor by tensor (a lazy tensor above
+        :data:`ROW_CHUNK_BYTES` in slices of rows); ``.pt`` / ``.pth`` / ``.bin``: :func:`torch.save` of
+        the whole state_dict (memory: one model). See :func:`output_format`.
+    dtypes
+        ``{key: dtype}`` to write some tensors in another dtype than they have, e.g. the dtypes of the
+        checkpoint a float32 model was loaded from (``{k: v.dtype for k, v in original.items()}``), so a
+        bfloat16 checkpoint goes back to disk in bfloat16. Keys not given keep their dtype.
+    metadata
+        Optional ``{str: str}`` stored in the safetensors header's ``__metadata__`` (not written to
+        torch files).
+
+    Raises
+    ------
+    RebasinError
+        An unsupported extension, a ``state`` that is not a mapping of tensors, ``dtypes`` naming a key
+        the state does not have, or a dtype safetensors cannot store. The file is written to a temporary
+        name next to ``path`` and renamed at the end: on any error nothing is written.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> from rebasin import open_checkpoint, save_state
+    >>> out = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> save_state({"w": torch.ones(2, 3)}, out, dtypes={"w": torch.bfloat16})
+    >>> open_checkpoint(out)["w"].dtype
+    torch.bfloat16
+    """
+    fmt = output_format(path)
+    meta = meta_state(state)
+    bad = next((k for k, v in meta.items() if not isinstance(v, Tensor)), None)
+    if bad is not None:
+        raise RebasinError(f"state[{bad!r}] is a {type(meta[bad]).__name__}, not a tensor: a state_dict maps keys to tensors")
+    unknown = sorted(set(dtypes or {}) - set(meta))
+    if unknown:
+        raise RebasinError(f"dtypes names {unknown[:6]}, which are not in the state (its keys: {list(meta)[:6]}...)")
+    wrong = {k: v for k, v in (dtypes or {}).items() if not isinstance(v, torch.dtype)}
+    if wrong:
+        raise RebasinError(f"dtypes must map keys to torch dtypes (torch.bfloat16, ...), got {wrong}")
+    out_meta = {k: (m.to(dtypes[k]) if dtypes and k in dtypes else m) for k, m in meta.items()}
+
+    def pieces(key: str) -> Iterator[Tensor]:
+        m = meta[key]
+        nbytes = m.numel() * m.element_size()
+        if not isinstance(state, LazyState) or m.ndim == 0 or m.shape[0] < 2 or nbytes <= ROW_CHUNK_BYTES:
+            yield state[key]
+            return
+        step = max(1, ROW_CHUNK_BYTES // max(1, nbytes // m.shape[0]))
+        for a in range(0, m.shape[0], step):
+            yield state.read_rows(key, a, min(a + step, m.shape[0]))
+
+    _write_checkpoint(Path(os.fspath(path)), fmt, out_meta, pieces, metadata)
+
+
 def save_permuted(
     spec: PermutationSpec,
     perms: Mapping[str, Tensor],
@@ -394,6 +490,8 @@ def save_permuted(
 ) -> None:
     """Write ``permute(spec, perms, source)`` to ``path``, one tensor at a time.
 
+    Every tensor keeps its dtype (a bfloat16 checkpoint is written in bfloat16).
+
     Parameters
     ----------
     spec
@@ -403,10 +501,11 @@ def save_permuted(
     source
         A :class:`Checkpoint` from :func:`open_checkpoint` or a state_dict. Not mutated.
     path
-        Output file: ``.safetensors`` is streamed (the header is computed from the shapes and dtypes
-        first, then each tensor is read, permuted, written and dropped, so the peak memory is about
-        one tensor, and a tensor above :data:`ROW_CHUNK_BYTES` whose first axis is not permuted goes in
-        slices of rows, so it is never whole in memory); ``.pt`` / ``.pth`` gathers the whole permuted state_dict and calls
+        Output file, in the format its extension names (:func:`output_format`): ``.safetensors`` is
+        streamed (the header is computed from the shapes and dtypes first, then each tensor is read,
+        permuted, written and dropped, so the peak memory is about one tensor, and a tensor above
+        :data:`ROW_CHUNK_BYTES` whose first axis is not permuted goes in slices of rows, so it is never
+        whole in memory); ``.pt`` / ``.pth`` / ``.bin`` gathers the whole permuted state_dict and calls
         :func:`torch.save` (memory: one model).
     metadata
         Optional ``{str: str}`` stored in the safetensors header's ``__metadata__``.
@@ -431,26 +530,49 @@ def save_permuted(
     True
     """
     out = Path(os.fspath(path))
-    suffix = out.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth"):
-        raise RebasinError(f"cannot write {str(out)!r}: unsupported extension {suffix or '(none)'!r}; "
-                           "use .safetensors (streamed) or .pt/.pth")
+    fmt = output_format(out)
     meta = meta_state(source)
     sizes = spec.validate(meta, name="source")
     check_permutations(spec, perms, sizes)
-    if suffix != ".safetensors":
-        state = {k: permute_unchecked(spec, perms, {k: source[k]})[k] for k in spec.axes}
-        _atomic_write(out, lambda f: torch.save(state, f))
+
+    def pieces(key: str) -> Iterator[Tensor]:
+        for rows in row_ranges(spec, key, meta[key]) or [None]:  # a big tensor in slices of rows
+            part = source[key] if rows is None else read_rows(source, key, *rows)
+            yield permute_unchecked(spec, perms, {key: part})[key]
+
+    _write_checkpoint(out, fmt, {k: meta[k] for k in spec.axes}, pieces, metadata)
+
+
+def _write_checkpoint(out: Path, fmt: str, meta: dict[str, Tensor], pieces: Any,
+                      metadata: Mapping[str, str] | None) -> None:
+    """Write the tensors ``pieces(key)`` yields (whole, or consecutive slices of rows) for every key of
+    ``meta``, each cast to ``meta[key].dtype``, to ``out`` in format ``fmt`` (atomically).
+
+    The one writer behind :func:`save_state` and :func:`save_permuted`: a safetensors file is streamed
+    (its header comes from ``meta``), a torch file gathers the state_dict and calls :func:`torch.save`.
+    """
+
+    def cast(key: str, t: Tensor) -> Tensor:
+        return t if t.dtype == meta[key].dtype else t.to(meta[key].dtype)
+
+    if fmt == "pt":
+        def save(f: object) -> None:
+            state = {}
+            for key in meta:
+                parts = [cast(key, t).detach().cpu() for t in pieces(key)]
+                state[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            torch.save(state, f)
+
+        _atomic_write(out, save)
         return
     _check_host()
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for key in spec.axes:
-        t = meta[key]
+    for key, t in meta.items():
         if t.dtype not in _NAMES:
-            raise RebasinError(f"source[{key!r}] has dtype {t.dtype}, which safetensors cannot store")
+            raise RebasinError(f"{key!r} has dtype {t.dtype}, which safetensors cannot store")
         nbytes = t.numel() * t.element_size()
         header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -460,19 +582,17 @@ def save_permuted(
     def write(f: object) -> None:
         f.write(struct.pack("<Q", len(raw)))  # type: ignore[attr-defined]
         f.write(raw)  # type: ignore[attr-defined]
-        for key in spec.axes:
-            m = meta[key]
-            ranges = row_ranges(spec, key, m)
-            for rows in ranges or [None]:  # a big tensor in slices of rows: they are contiguous in the file
-                if rows is None:
-                    t, shape = permute_unchecked(spec, perms, {key: source[key]})[key], tuple(m.shape)
-                else:
-                    t = permute_unchecked(spec, perms, {key: read_rows(source, key, *rows)})[key]
-                    shape = (rows[1] - rows[0], *m.shape[1:])
-                if t.dtype != m.dtype or tuple(t.shape) != shape:  # pragma: no cover - defensive
-                    raise RebasinError(f"source[{key!r}] changed shape or dtype while it was written")
+        for key, m in meta.items():
+            rows = 0
+            for t in pieces(key):  # slices of rows are contiguous in the file
+                t = cast(key, t)
+                rows += t.shape[0] if t.ndim else 1
+                if t.ndim != m.ndim or tuple(t.shape[1:]) != tuple(m.shape[1:]):  # pragma: no cover - defensive
+                    raise RebasinError(f"{key!r} changed shape while it was written")
                 f.write(_tensor_bytes(t))  # type: ignore[attr-defined]
                 del t
+            if rows != (m.shape[0] if m.ndim else 1):  # pragma: no cover - defensive
+                raise RebasinError(f"{key!r} changed shape while it was written")
 
     _atomic_write(out, write)
 

@@ -112,7 +112,8 @@ class CLeWI(SupervisedTemplate):
     mem_size
         Size of the replay buffer (the reference's 500 on its benchmarks); at least 1.
     alpha, repair_samples, matcher, spec, example_input, matcher_options, seed
-        As for :class:`CLeWIPlugin`.
+        As for :class:`CLeWIPlugin`; without ``spec`` and ``example_input`` the spec is traced on the first
+        experience's samples.
 
     Attributes
     ----------
@@ -145,8 +146,8 @@ class CLeWI(SupervisedTemplate):
     ) -> None:
         positive_int(mem_size, "mem_size")
         self.clewi_plugin = CLeWIPlugin(
-            alpha=alpha, repair_samples=repair_samples, matcher=matcher, spec=spec, model=model,
-            example_input=example_input, matcher_options=matcher_options, seed=seed,
+            alpha=alpha, repair_samples=repair_samples, matcher=matcher, spec=spec,
+            model=None if example_input is None else model, example_input=example_input, matcher_options=matcher_options, seed=seed,
         )
         self.replay_plugin = ReplayPlugin(mem_size=mem_size)
         super().__init__(

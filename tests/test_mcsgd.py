@@ -506,7 +506,7 @@ def test_bad_alpha_grid_is_refused():
     from continual import RebasinMergePlugin
 
     with pytest.raises(RebasinError, match=r"alpha_grid values must lie in \[0, 1\]"):
-        RebasinMergePlugin(alpha_grid=[0.5, 1.5])
+        RebasinMergePlugin(alpha={"grid": [0.5, 1.5]})
 
 
 def test_random_angles_are_seeded_and_in_range():

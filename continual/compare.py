@@ -629,7 +629,7 @@ def _main(argv: Sequence[str] | None) -> int:
             base = (name[len("replay_eq_"):] if control else name).split(" (")[0]
             return order.get(base, len(order)), control
 
-        runs.sort(key=lambda r: (*place(r.strategy), r.seed))
+        runs.sort(key=lambda r: (r.seed, *place(r.strategy)))  # seed-major, as the cells ran
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     header = _header(vars(args), runs, f"MLP {in_features}-{'-'.join([str(args.hidden)] * args.depth)}-{n_classes}",
                      f"device {args.device}, torch threads {threads}"

@@ -305,15 +305,15 @@ class RebasinMergePlugin(SupervisedPlugin):
             )
         groups = list(policy.buffer_groups.values()) if hasattr(policy, "buffer_groups") else [policy]
         k, offset, parts = self._n_seen % folds, 0, []
-        for group in groups:
+        for group in groups:  # position p of the whole buffer is in fold p % folds
             data = group.buffer
-            n = len(data)
-            fold = [i for i in range(n) if (offset + i) % folds == k]
-            offset += n
-            if fold:
+            in_fold = [(offset + i) % folds == k for i in range(len(data))]
+            offset += len(data)
+            if any(in_fold):
+                fold = [i for i, f in enumerate(in_fold) if f]
                 parts.append(tensors_at(data, fold, seed=self._rng_seed(6), batch_size=self.batch_size))
                 self._taken.append((group, data))
-                group.buffer = subset(data, [i for i in range(n) if i not in set(fold)])
+                group.buffer = subset(data, [i for i, f in enumerate(in_fold) if not f])
         self._fold = concat_tensors(parts)
 
     def _put_fold_back(self) -> None:

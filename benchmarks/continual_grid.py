@@ -16,8 +16,10 @@ protocol runs every variant on every seed, and the table reports every cell, not
 * two controls: Replay whose buffer also gets the samples a plugin variant stores (200 or 20 per task),
   i.e. the same total storage spent on replay instead of on choosing alpha.
 
-``--variants`` picks columns by their index in ``VARIANTS`` (two more are there: alpha chosen on the
-replay buffer, the plugin's old default, and on the buffer with a transient held-out slice of the new task).
+``--variants`` picks columns by their index in ``VARIANTS`` (more are there: alpha chosen on the
+replay buffer, the plugin's old default, and on the buffer with a transient held-out slice of the new task; and,
+with no storage besides the buffer, ``buffer fold`` — ``continual.compare``'s ``rebasin_merge_fold`` — and
+``clewi``).
 The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
 permutations), so each seed is another protocol of each kind. Results go to ``--out`` (JSON, one record
 per run, written as runs finish; ``--resume`` keeps them and runs only what is missing, so a complete file
@@ -67,20 +69,24 @@ ONE = {"train_from": "merged"}
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay", "replay", {}),
     ("defaults", "rebasin_merge", {}),
-    ("holdout, old=new", "rebasin_merge", {"old_weight": 0.5, **ONE}),
-    ("memory", "rebasin_merge", {"select_alpha_on": "memory", **ONE}),
-    ("replay buffer, old=new", "rebasin_merge", {"select_alpha_on": "replay", "old_weight": 0.5, **ONE}),
+    ("holdout, old=new", "rebasin_merge", {"alpha": {"old_weight": 0.5}, **ONE}),
+    ("memory", "rebasin_merge", {"alpha": {"source": "memory"}, **ONE}),
+    ("replay buffer, old=new", "rebasin_merge", {"alpha": {"source": "replay", "old_weight": 0.5}, **ONE}),
     ("alpha 0.5", "rebasin_merge", {"alpha": 0.5, **ONE}),
     # the grid ran before continual.MCSGD followed the reference code: its earlier step, with its earlier defaults
     ("mcsgd, all lines", "mcsgd", ALL_LINES),
     # Replay with the plugin's stored samples added to its buffer (trained on, not only used to choose alpha):
     # the defaults keep memory_per_experience held-out samples of every task besides the replay buffer.
     ("replay +200/task", "replay", {}),
-    ("replay buffer + new held-out", "rebasin_merge", {"select_alpha_on": "replay_holdout", **ONE}),
-    ("holdout 20/task", "rebasin_merge", {"memory_per_experience": 20, **ONE}),
+    ("replay buffer + new held-out", "rebasin_merge", {"alpha": {"source": "replay_holdout"}, **ONE}),
+    ("holdout 20/task", "rebasin_merge", {"alpha": {"samples": 20}, **ONE}),
     ("replay +20/task", "replay", {}),
-    ("holdout, by accuracy", "rebasin_merge", {"select_alpha_by": "accuracy", **ONE}),
+    ("holdout, by accuracy", "rebasin_merge", {"alpha": {"criterion": "accuracy"}, **ONE}),
     ("one chain", "rebasin_merge", ONE),
+    # no storage besides the buffer (issue 27): alpha chosen on a rotating fold of the buffer the experience does
+    # not train on; and CLeWI (replay, then align, interpolate at 0.5 and REPAIR)
+    ("buffer fold", "rebasin_merge_fold", {}),
+    ("clewi", "clewi", {}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]
@@ -107,11 +113,9 @@ def _benchmark(cell: tuple, seed: int) -> Any:
 
 
 def _held_out_per_task() -> int:
-    import inspect
+    from continual import AlphaPolicy
 
-    from continual import RebasinMergePlugin
-
-    return int(inspect.signature(RebasinMergePlugin).parameters["memory_per_experience"].default)
+    return AlphaPolicy().samples  # at most max_fraction of an experience: 200 of the grid's 10000 per task
 
 
 def _init(args: Any) -> None:

@@ -4,7 +4,10 @@
 needs it. ``import rebasin`` never imports this package nor Avalanche.
 
 * :class:`RebasinMergePlugin` — after each experience, align the fresh model to the previous one and
-  merge along the linear path (fixed or chosen weight), composable with Naive, Replay, EWC, LwF.
+  merge along the linear path (fixed or chosen weight), composable with Naive, Replay, EWC, LwF;
+  :class:`AlphaPolicy` says how it chooses the merge weight (and what that stores).
+* :class:`CLeWI` — Kozal et al. (2024)'s continual learning with weight interpolation (replay; after each task
+  align, interpolate at 0.5 and REPAIR on the buffer), a baseline; :class:`CLeWIPlugin` holds it.
 * :class:`RebasinILPlugin` — Peña et al. (2023)'s incremental learning by re-basin, added to any
   supervised strategy (the logic: :class:`IncrementalRebasin`); :class:`RebasinIL` — the same as a
   strategy (``SupervisedTemplate`` + ``ReplayPlugin`` + the plugin).
@@ -24,6 +27,9 @@ from typing import Any
 __all__ = [
     "RebasinMergePlugin",
     "MergeRecord",
+    "AlphaPolicy",
+    "CLeWI",
+    "CLeWIPlugin",
     "RebasinILPlugin",
     "ILRecord",
     "RebasinIL",
@@ -48,6 +54,9 @@ __all__ = [
 _WHERE = {
     "RebasinMergePlugin": "plugin",
     "MergeRecord": "plugin",
+    "AlphaPolicy": "policy",
+    "CLeWI": "clewi",
+    "CLeWIPlugin": "clewi",
     "RebasinILPlugin": "il_plugin",
     "ILRecord": "il_plugin",
     "RebasinIL": "strategy",

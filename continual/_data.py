@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from rebasin import PermutationSpec, RebasinError, spec_from_model
 
-__all__ = ["sample_tensors", "tensors_at", "subset", "concat_tensors", "first_input", "tensor_batches", "trace_spec", "spec_at_experience"]
+__all__ = ["sample_tensors", "tensors_at", "subset", "concat_tensors", "first_input", "tensor_batches", "trace_spec", "spec_at_experience",
+           "find_replay_buffer"]
 
 
 def _eval_view(dataset: Any) -> Any:
@@ -110,3 +111,13 @@ def trace_spec(model: nn.Module, example_input: Any) -> PermutationSpec:
             f"cannot trace {type(model).__name__} to build a permutation spec ({type(err).__name__}: {err}). "
             "Pass spec= (a hand-written rebasin.PermutationSpec) instead."
         ) from err
+
+
+def find_replay_buffer(strategy: Any) -> tuple[Any, Any]:
+    """``(plugin, storage policy)`` of the strategy's first plugin with a replay buffer (ReplayPlugin and kin),
+    ``(None, None)`` without one."""
+    for plugin in getattr(strategy, "plugins", []):
+        policy = getattr(plugin, "storage_policy", None)
+        if policy is not None and hasattr(policy, "buffer"):
+            return plugin, policy
+    return None, None

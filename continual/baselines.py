@@ -15,7 +15,16 @@ name                      strategy
                           matching, alpha chosen for each merge on held-out samples of every task
                           seen, every task weighted the same); ``options`` override them, e.g.
                           ``{"alpha": 0.5}``
+``rebasin_merge_fold``    ``Replay(mem_size)`` + :class:`RebasinMergePlugin` with
+                          ``alpha=AlphaPolicy(source="buffer_fold")``: alpha chosen on a rotating fold of
+                          the buffer that the experience does not train on (no storage besides the buffer)
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
+``rebasin_merge_zero``    ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy(source="current")``:
+                          no old sample stored (alpha chosen on the current task's held-out slice)
+``si``                    ``SynapticIntelligence(si_lambda=1)``
+``clewi``                 :class:`CLeWI` (Kozal et al. 2024; ``mem_size`` buffer, alpha 0.5, REPAIR)
+``replay_eq_<name>``      ``Replay`` whose buffer is ``mem_size`` plus what ``<name>`` stores besides its
+                          buffer (``continual.compare`` adds it with the right ``mem_size``)
 ``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
                           :class:`RebasinILPlugin`
 ``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same optimizer for the
@@ -35,12 +44,15 @@ from torch import nn
 
 from rebasin import RebasinError
 
-__all__ = ["OPTIMIZERS", "STRATEGIES", "make_strategy", "mlp"]
+__all__ = ["OPTIMIZERS", "STRATEGIES", "EQUAL_STORAGE", "make_strategy", "mlp"]
 
 #: The optimizers :func:`make_strategy` builds.
 OPTIMIZERS = ("adamw", "sgd")
 
-STRATEGIES = ("naive", "ewc", "lwf", "replay", "rebasin_merge", "naive_rebasin_merge", "rebasin_il", "mcsgd")
+STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_fold", "naive_rebasin_merge",
+              "rebasin_merge_zero", "rebasin_il", "mcsgd", "clewi")
+#: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge``: Replay with what it stores).
+EQUAL_STORAGE = "replay_eq_"
 
 
 def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1,
@@ -109,15 +121,19 @@ def make_strategy(
     -------
     avalanche strategy
     """
+    if name.startswith(EQUAL_STORAGE) and name[len(EQUAL_STORAGE):].split(" (")[0] in STRATEGIES:
+        name = "replay"  # the control: Replay, with the mem_size it was given
     if name not in STRATEGIES:
-        raise RebasinError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)}")
-    from avalanche.training import EWC, LwF, Naive, Replay
+        raise RebasinError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)} or {EQUAL_STORAGE}<one of them>")
+    from avalanche.training import EWC, LwF, Naive, Replay, SynapticIntelligence
     from avalanche.training.plugins.evaluation import default_evaluator
 
     from ._checks import number_in
+    from .clewi import CLeWI
     from .mcsgd import MCSGD
     from .optim import ExperienceLRDecay
     from .plugin import RebasinMergePlugin
+    from .policy import AlphaPolicy
     from .strategy import RebasinIL
 
     options = dict(options or {})
@@ -156,6 +172,25 @@ def make_strategy(
                 )
             ]},
         ),
+        "rebasin_merge_fold": lambda: Replay(
+            mem_size=mem_size,
+            **{**common, "plugins": common["plugins"] + [
+                RebasinMergePlugin(
+                    **{"alpha": AlphaPolicy(source="buffer_fold"), **options}, model=model,
+                    example_input=example_input, seed=seed,
+                )
+            ]},
+        ),
+        "rebasin_merge_zero": lambda: Naive(
+            **{**common, "plugins": common["plugins"] + [
+                RebasinMergePlugin(
+                    **{"alpha": AlphaPolicy(source="current"), **options}, model=model,
+                    example_input=example_input, seed=seed,
+                )
+            ]},
+        ),
+        "si": lambda: SynapticIntelligence(si_lambda=1.0, **common),
+        "clewi": lambda: CLeWI(mem_size=mem_size, example_input=example_input, seed=seed, **options, **common),
         "naive_rebasin_merge": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [
                 RebasinMergePlugin(model=model, example_input=example_input, seed=seed, **options)
@@ -168,7 +203,7 @@ def make_strategy(
             "mem_size": options["mem_size"] if "mem_size" in options else _per_experience(mem_size, n_experiences),
             "seed": seed, **options}, **common),
     }
-    if options and name in ("naive", "ewc", "lwf", "replay"):
+    if options and name in ("naive", "ewc", "lwf", "si", "replay"):
         raise RebasinError(f"options {sorted(options)} only apply to the re-basin strategies, not {name!r}")
     return builders[name]()
 

@@ -13,7 +13,14 @@ matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). 
   final accuracy; Avalanche's ``StreamForgetting``);
 * backward transfer ``BWT = mean_{j < T-1} (R[T-1, j] - R[j, j])`` (Lopez-Paz and Ranzato; with this
   ``R`` it is ``-F``; Avalanche's ``StreamBWT`` is stored next to it);
-* wall time (training plus the evaluations) per run.
+* wall time (training plus the evaluations) per run;
+* storage: what the strategy keeps over the stream (:func:`continual.storage.strategy_storage`): replay
+  buffer samples, other samples (held out to choose a merge, or an episodic memory) and model-sized copies.
+
+Methods are compared at equal storage: for every strategy that stores samples besides its replay buffer
+(``rebasin_merge`` at its defaults keeps its held-out samples, ``mcsgd`` its episodic memory), a control
+``replay_eq_<strategy>`` is added and run on the same seeds: ``Replay`` whose buffer holds as many samples
+as the strategy stores in all (``--no-equal-storage`` skips them).
 
 ``--jobs N`` runs the (strategy, seed) cells in ``N`` worker processes on one machine (forked after
 the benchmark is built, one torch thread each); every cell seeds itself, so the numbers are those of
@@ -49,7 +56,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +91,7 @@ class RunResult:
     time_s: float
     extra: dict[str, Any]
     backward_transfer: float = math.nan
+    storage: dict[str, float] = field(default_factory=dict)  # continual.storage.strategy_storage after the run
 
 
 def accuracy_matrix_metrics(matrix: Sequence[Sequence[float]]) -> tuple[float, float]:
@@ -129,6 +137,7 @@ def run_strategy(
     from avalanche.training.plugins import EvaluationPlugin
 
     from .baselines import make_strategy
+    from .storage import strategy_storage
 
     _seed_everything(seed)
     model = model_factory()
@@ -181,7 +190,8 @@ def run_strategy(
             extra["mcsgd"] = [{"experience": h.experience, "n_memory": h.n_memory, "steps": h.steps,
                                "loss_before": None if math.isnan(h.loss_before) else h.loss_before,
                                "loss_after": None if math.isnan(h.loss_after) else h.loss_after} for h in history]
-    return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra, backward_transfer=-forgetting)
+    return RunResult(name, seed, matrix, acc, forgetting, elapsed, extra, backward_transfer=-forgetting,
+                     storage=strategy_storage(strategy))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -190,7 +200,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per strategy: mean and std over seeds of accuracy, forgetting and time."""
+    """One row per strategy: mean and std over seeds of accuracy, forgetting and time; mean storage."""
+    from .storage import STORAGE_KEYS
+
     rows = []
     for name in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == name]
@@ -204,20 +216,33 @@ def summarise(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "forgetting_mean": fgt[0], "forgetting_std": fgt[1],
             "bwt_mean": bwt[0], "bwt_std": bwt[1],
             "time_s_mean": tim[0], "time_s_std": tim[1],
+            **{key: statistics.fmean(r.storage.get(key, math.nan) for r in mine) for key in STORAGE_KEYS},
         })
     return rows
 
 
 def _markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
-    lines = [header, "", "| strategy | seeds | average accuracy (%) | forgetting (%) | wall time (s) |",
-             "|---|---|---|---|---|"]
+    lines = [header, "", "| strategy | seeds | average accuracy (%) | forgetting (%) | stored samples (buffer + other) "
+             "| model copies | wall time (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['seeds']} | {100 * r['acc_mean']:.1f} ± {100 * r['acc_std']:.1f} | "
-            f"{100 * r['forgetting_mean']:.1f} ± {100 * r['forgetting_std']:.1f} | "
-            f"{r['time_s_mean']:.0f} ± {r['time_s_std']:.0f} |"
+            f"{100 * r['forgetting_mean']:.1f} ± {100 * r['forgetting_std']:.1f} | {_stored(r)} | "
+            f"{_number(r.get('model_copies'))} | {r['time_s_mean']:.0f} ± {r['time_s_std']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    return "?" if value is None or value != value else f"{value:g}"
+
+
+def _stored(row: dict[str, Any]) -> str:
+    """``"total (buffer + other)"`` samples of a summary row; ``?`` for runs from before storage was recorded."""
+    buffer, held, memory = (row.get(k) for k in ("buffer_samples", "held_out_samples", "memory_samples"))
+    if any(v is None or v != v for v in (buffer, held, memory)):
+        return "?"
+    return f"{buffer + held + memory:g} ({buffer:g} + {held + memory:g})"
 
 
 def _plot(runs: Sequence[RunResult], path: Path) -> None:
@@ -296,9 +321,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes for the (strategy, seed) cells (one torch thread each); default 1")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-equal-storage", action="store_true",
+                   help="skip the replay_eq_<strategy> controls (Replay given what a strategy stores besides its buffer)")
     args = p.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    unknown = [s for s in args.strategies if s not in STRATEGIES and not _is_control(s)]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     if args.combine is not None:
@@ -337,6 +364,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             if not args.angles:
                 p.error("--angles holds no angle")
     return args
+
+
+def _rank(name: str) -> float:
+    """Table order: the order of ``continual.baselines.STRATEGIES``, a control right after what it controls."""
+    from .baselines import EQUAL_STORAGE, STRATEGIES
+
+    order = {n: float(i) for i, n in enumerate(STRATEGIES)}
+    if name.startswith(EQUAL_STORAGE):
+        return order.get(name[len(EQUAL_STORAGE):].split(" (")[0], len(order)) + 0.5
+    return order.get(name.split(" (")[0], len(order))
+
+
+def _is_control(name: str) -> bool:
+    from .baselines import EQUAL_STORAGE, STRATEGIES
+
+    return name.startswith(EQUAL_STORAGE) and name[len(EQUAL_STORAGE):].split(" (")[0] in STRATEGIES
 
 
 def _options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -402,7 +445,7 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
             if diff:
                 raise RebasinError(f"{folder} was run with other settings than {first}: {diff}")
         for r in data["runs"]:
-            result = RunResult(**{"backward_transfer": -r["forgetting"], **r})  # runs.json before BWT
+            result = RunResult(**{"backward_transfer": -r["forgetting"], **r})  # runs.json before BWT / storage
             key = (result.strategy, result.seed)
             if key in seen:
                 raise RebasinError(f"{result.strategy} seed {result.seed} is in both {seen[key]} and {folder}")
@@ -410,21 +453,20 @@ def combine_runs(folders: Sequence[str | Path]) -> tuple[list[RunResult], dict[s
             runs.append(result)
     if settings is None:
         raise RebasinError("--combine needs at least one folder")
-    from .baselines import STRATEGIES
-
-    order = {name: i for i, name in enumerate(STRATEGIES)}
-    runs.sort(key=lambda r: (order.get(r.strategy.split(" (")[0], len(order)), r.strategy, r.seed))
+    runs.sort(key=lambda r: (_rank(r.strategy), r.strategy, r.seed))
     return runs, settings
 
 
 def _write_outputs(runs: Sequence[RunResult], header: str, out: Path, args: dict[str, Any]) -> str:
+    from .storage import STORAGE_KEYS
+
     rows = summarise(runs)
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "backward_transfer", "time_s"])
+        w.writerow(["strategy", "seed", "average_accuracy", "forgetting", "backward_transfer", "time_s", *STORAGE_KEYS])
         for r in runs:
             w.writerow([r.strategy, r.seed, f"{r.average_accuracy:.6f}", f"{r.forgetting:.6f}",
-                        f"{r.backward_transfer:.6f}", f"{r.time_s:.2f}"])
+                        f"{r.backward_transfer:.6f}", f"{r.time_s:.2f}", *(r.storage.get(k, "") for k in STORAGE_KEYS)])
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -453,20 +495,41 @@ def _header(settings: dict[str, Any], runs: Sequence[RunResult], model: str, tai
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {tail}")
 
 
+def equal_storage_cells(runs: Sequence[RunResult], done: Sequence[str] = ()) -> list[tuple[str, int, int]]:
+    """The ``(replay_eq_<strategy>, seed, mem_size)`` controls for the runs that store samples besides a buffer.
+
+    The control's buffer holds every sample the run stored (its buffer's and the others), so Replay and the
+    strategy compare at equal storage. Strategies already in ``done`` (given explicitly) are not added again.
+    """
+    from .baselines import EQUAL_STORAGE
+    from .storage import extra_samples, total_samples
+
+    cells = []
+    for r in runs:
+        name = EQUAL_STORAGE + r.strategy
+        if r.storage and extra_samples(r.storage) > 0 and not _is_control(r.strategy) and name not in done:
+            cells.append((name, r.seed, total_samples(r.storage)))
+    return cells
+
+
 _WORKER_BENCHMARK: Any = None  # set in the parent before forking the workers of --jobs
 
 
-def _run_cell(benchmark: Any, name: str, seed: int, settings: dict[str, Any]) -> RunResult:
-    """One (strategy, seed) cell of the comparison (the same call sequentially and in a worker)."""
+def _run_cell(benchmark: Any, name: str, seed: int, settings: dict[str, Any], mem_size: int | None = None) -> RunResult:
+    """One (strategy, seed) cell of the comparison (the same call sequentially and in a worker).
+
+    ``mem_size``: the buffer of an equal-storage control (``replay_eq_<strategy>``), else ``settings``'s.
+    """
     from .baselines import mlp
 
     s = settings
-    options = s["options"].get(name)
+    options = None if _is_control(name) else s["options"].get(name)
     result = run_strategy(
         name, benchmark, seed=seed,
         model_factory=lambda: mlp(s["in_features"], s["hidden"], s["n_classes"], s["depth"], s["dropout"]),
         example_input=s["example_input"], epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-        mem_size=s["mem_size"], device=s["device"], options=options, progress=s["progress"], optim=s["optim"],
+        mem_size=s["mem_size"] if mem_size is None else mem_size, device=s["device"], options=options,
+        progress=s["progress"], optim=s["optim"],
     )
     if options:
         result.strategy = name + " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
@@ -479,18 +542,19 @@ def _worker_init() -> None:
     warnings.filterwarnings("ignore", message="No loggers specified")
 
 
-def _worker_cell(name: str, seed: int, settings: dict[str, Any]) -> RunResult:
-    return _run_cell(_WORKER_BENCHMARK, name, seed, settings)
+def _worker_cell(name: str, seed: int, settings: dict[str, Any], mem_size: int | None) -> RunResult:
+    return _run_cell(_WORKER_BENCHMARK, name, seed, settings, mem_size)
 
 
 def _run_cells(
-    benchmark: Any, cells: Sequence[tuple[str, int]], settings: dict[str, Any], *, jobs: int, report: Any
+    benchmark: Any, cells: Sequence[tuple[str, int, int | None]], settings: dict[str, Any], *, jobs: int, report: Any
 ) -> list[RunResult]:
-    """Run every (strategy, seed) cell, in order or in ``jobs`` forked workers; results in the order of ``cells``."""
+    """Run every (strategy, seed, mem_size) cell, in order or in ``jobs`` forked workers; results in the order of
+    ``cells``."""
     if jobs <= 1 or len(cells) <= 1:
         out = []
-        for name, seed in cells:
-            out.append(_run_cell(benchmark, name, seed, settings))
+        for name, seed, mem in cells:
+            out.append(_run_cell(benchmark, name, seed, settings, mem))
             report(out[-1])
         return out
     import multiprocessing
@@ -504,7 +568,8 @@ def _run_cells(
     try:
         with ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=multiprocessing.get_context("fork"),
                                  initializer=_worker_init) as pool:
-            futures = {pool.submit(_worker_cell, name, seed, settings): i for i, (name, seed) in enumerate(cells)}
+            futures = {pool.submit(_worker_cell, name, seed, settings, mem): i
+                       for i, (name, seed, mem) in enumerate(cells)}
             results: list[RunResult | None] = [None] * len(cells)
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -541,7 +606,7 @@ def _main(argv: Sequence[str] | None) -> int:
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     x0 = bm.train_stream[0].dataset[0][0]
     example = x0.unsqueeze(0).repeat(2, *([1] * x0.ndim)).to(args.device)
-    cells = [(name, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.strategies]
+    cells = [(name, seed, None) for seed in range(args.first_seed, args.first_seed + args.seeds) for name in args.strategies]
     settings = dict(
         in_features=in_features, hidden=args.hidden, depth=args.depth, n_classes=n_classes, example_input=example,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mem_size=args.mem_size, device=args.device, options=options,
@@ -554,6 +619,17 @@ def _main(argv: Sequence[str] | None) -> int:
               f"forgetting {100 * result.forgetting:.1f}%  {result.time_s:.0f} s", file=sys.stderr)
 
     runs = _run_cells(bm, cells, settings, jobs=args.jobs, report=report)
+    if not args.no_equal_storage:
+        controls = equal_storage_cells(runs, done=args.strategies)
+        runs += _run_cells(bm, controls, settings, jobs=args.jobs, report=report)
+        order = {name: i for i, name in enumerate(args.strategies)}
+
+        def place(name: str) -> tuple[int, bool]:  # the order asked for, each control after its strategy
+            control = _is_control(name) and name not in order
+            base = (name[len("replay_eq_"):] if control else name).split(" (")[0]
+            return order.get(base, len(order)), control
+
+        runs.sort(key=lambda r: (r.seed, *place(r.strategy)))  # seed-major, as the cells ran
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     header = _header(vars(args), runs, f"MLP {in_features}-{'-'.join([str(args.hidden)] * args.depth)}-{n_classes}",
                      f"device {args.device}, torch threads {threads}"

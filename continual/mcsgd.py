@@ -223,6 +223,13 @@ class MCSGDPlugin(SupervisedPlugin):
     def _rng_seed(self, salt: int) -> int:
         return self.seed * 1_000_003 + len(self.history) * 101 + salt
 
+    def storage(self) -> dict[str, int]:
+        """What the method keeps besides the model: its episodic memory (``memory_samples``) and the model-sized
+        states it needs (``model_copies``: the other chain, 1, in ``"reference"``; every :math:`\\hat w_j` in
+        ``"all_lines"``)."""
+        copies = 1 if self.variant == "reference" else len(self.anchors)
+        return {"memory_samples": sum(int(x.shape[0]) for x, _ in self._memory), "model_copies": copies}
+
     def _reset_optimizer(self, strategy: Any) -> None:
         if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
             reset_optimizer_state_(strategy.optimizer, strategy.model.parameters())

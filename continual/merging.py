@@ -45,6 +45,7 @@ __all__ = [
     "alpha_grid",
     "merge_states",
     "select_alpha",
+    "conservative_alpha",
     "write_state_",
     "reset_optimizer_state_",
     "midpoint_state",
@@ -239,6 +240,26 @@ def select_alpha(
         )
     best = min(finite, key=lambda i: (objective[i], loss_objective[i], -ts[i]))
     return AlphaChoice(ts[best], ts, loss_old, loss_new, objective, acc_old, acc_new, criterion)
+
+
+def conservative_alpha(choice: AlphaChoice, tolerance: float) -> float:
+    """The smallest alpha of ``choice.grid`` whose new-data accuracy is within ``tolerance`` of the largest alpha's.
+
+    The choice of a learner that keeps no old data: it cannot measure forgetting, so it keeps as much of the
+    previous model as the new task allows. The largest candidate (``alpha = 1`` on the default grid, the
+    freshly trained model) is the reference and always qualifies.
+
+    Examples
+    --------
+    >>> c = AlphaChoice(0.0, (0.0, 0.5, 1.0), (), (), (), acc_new=(0.5, 0.89, 0.9))
+    >>> conservative_alpha(c, 0.02)
+    0.5
+    """
+    if choice.acc_new is None:
+        raise RebasinError("choosing alpha on the current task's accuracy needs class scores: the outputs gave none")
+    tolerance = check_alpha(tolerance, "tolerance")
+    reference = choice.acc_new[-1]
+    return next(t for t, a in zip(choice.grid, choice.acc_new) if a >= reference - tolerance)
 
 
 @torch.no_grad()

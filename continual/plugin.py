@@ -1,34 +1,41 @@
 """``RebasinMergePlugin``: after each experience, re-basin and merge with the previous experience's model.
 
 A thin Avalanche :class:`~avalanche.training.plugins.SupervisedPlugin` over the plain functions of
-:mod:`continual.merging` and :func:`rebasin.align`.
+:mod:`continual.merging` and :func:`rebasin.align`; how the merge weight is chosen is an
+:class:`continual.AlphaPolicy` (:mod:`continual.policy`).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, align, get_matcher
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
 from rebasin.apps.data import tensor_loader
 
-from ._data import concat_tensors, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
-from .merging import CRITERIA, AlphaChoice, check_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
-from .merging import alpha_grid as _alpha_grid
+from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
+from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
+from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
-__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM"]
+__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS"]
 
-ALPHA_SOURCES = ("holdout", "replay_holdout", "replay", "memory")
 #: Where each experience's training starts (see ``RebasinMergePlugin``'s ``train_from``).
 TRAIN_FROM = ("merged", "sequential")
 _OPTIMIZER_STATES = ("reset", "keep")
+#: The 0.2 keywords that only mattered with ``alpha=None``, and the :class:`AlphaPolicy` field each became.
+DEPRECATED_OPTIONS = {
+    "select_alpha_on": "source", "select_alpha_by": "criterion", "old_weight": "old_weight",
+    "alpha_grid": "grid", "new_samples": "new_samples", "old_samples": "old_samples",
+    "memory_per_experience": "samples",
+}
 
 
 @dataclass(frozen=True)
@@ -63,15 +70,6 @@ class MergeRecord:
     old_weight: float | None = None
 
 
-def _find_replay_buffer(strategy: Any) -> Any | None:
-    """The replay buffer dataset of the strategy's first plugin that has one (ReplayPlugin and kin)."""
-    for plugin in getattr(strategy, "plugins", []):
-        policy = getattr(plugin, "storage_policy", None)
-        if policy is not None and hasattr(policy, "buffer"):
-            return policy
-    return None
-
-
 class RebasinMergePlugin(SupervisedPlugin):
     r"""Align the freshly trained model to the previous experience's model and merge along the line.
 
@@ -103,66 +101,27 @@ class RebasinMergePlugin(SupervisedPlugin):
     The previous model is permuted into the new model's basis, so the optimizer state that is kept
     (``optimizer_state="keep"``) still belongs to the parameter it was computed for.
 
+    What the plugin stores over the stream (samples and model copies) is reported by :meth:`storage`;
+    ``python -m continual.compare`` puts it in every table next to an equal-storage Replay control.
+
     Parameters
     ----------
     matcher
         Any registered matcher (``rebasin.matcher_names()``, including one added with
         :func:`rebasin.register_matcher`): ``"weight_matching"`` (data-free), ``"activation_matching"``,
         ``"sinkhorn"``, ... Matchers that read data (registered with ``needs_data`` or ``uses_data``) get
-        the old + new samples described below.
+        the samples of the choice of alpha (with a fixed alpha: ``new_samples`` training samples of the
+        experience, and the kept samples of ``source="memory"``).
     alpha
-        A fixed weight of the new model in ``[0, 1]``, or None (default) to choose it on a grid for
-        each experience: the candidate minimising ``old_weight`` times the mean loss on old data plus
-        ``1 - old_weight`` times the mean loss on new data (:func:`continual.merging.select_alpha`; the
-        error rate instead of the loss with ``select_alpha_by="accuracy"``).
-    select_alpha_on
-        Where the data for choosing alpha comes from:
-
-        * ``"holdout"`` (default): data the model was not trained on. The plugin holds out
-          ``memory_per_experience`` samples of every experience (seeded; removed from the strategy's
-          ``adapted_dataset`` before its dataloader is built, so neither the training pass nor a
-          replay plugin's dataloader of that experience sees them) and keeps them: the current
-          experience's slice is the new data, the earlier slices the old data. Choosing on data the
-          model was trained on favours the freshly trained model; the grid in docs/benchmarks.md
-          ("Choosing alpha: a grid of protocols") measures the sources against each other. Costs: the
-          strategy trains on ``memory_per_experience`` fewer samples per experience, and the plugin
-          **stores** ``memory_per_experience`` samples of every experience besides any replay buffer
-          (the grid also reports Replay given that storage as extra buffer). A replay buffer, which
-          Avalanche fills from ``experience.dataset``, may store and later replay a few held-out
-          samples. Plugins placed before this one that add old data to ``adapted_dataset`` (or a
-          cumulative strategy) mix old samples into the "new" slice. Only with ``alpha=None``.
-        * ``"replay_holdout"``: old data from the replay buffer (as ``"replay"``), new data from a
-          held-out slice of the current experience that is not kept: no storage besides the buffer, but
-          the buffer is trained on and the choice tends to ``alpha = 1`` (the grid's
-          "replay buffer + new held-out" runs).
-        * ``"replay"``: the strategy's replay buffer (the ``storage_policy.buffer`` of a
-          :class:`~avalanche.training.plugins.ReplayPlugin`, e.g. inside ``Replay``), as it was at the
-          start of the experience. A strategy without a replay buffer is rejected before the first
-          experience trains; a buffer that is empty when a merge needs it raises
-          :class:`RebasinError` (no silent fallback). The buffer's samples are mixed into every
-          training batch of ``Replay``, so their loss favours the freshly trained model and the
-          choice tends to ``alpha = 1`` (no merge). The new data are training samples.
-        * ``"memory"``: the plugin keeps its own ``memory_per_experience`` samples of every
-          experience it has seen (training samples; nothing is added to or removed from the
-          strategy's training data). The new data are training samples.
-    select_alpha_by
-        ``"loss"`` (default): the candidate with the lowest weighted mean loss; ``"accuracy"``: the lowest
-        weighted error rate, ties to the lower loss (:func:`continual.merging.select_alpha`'s ``criterion``).
-    old_weight
-        Weight of the old-data loss when choosing alpha, in ``[0, 1]``. None (default): every task
-        counts the same, ``k / (k + 1)`` at the merge after ``k`` earlier experiences (the average
-        accuracy over all tasks seen is what a continual learner is judged by); 0.5: old and new
-        data count the same.
-    alpha_grid
-        Number of evenly spaced candidates in ``[0, 1]`` (both ends included) or explicit values.
-    new_samples
-        Samples of the current experience used as "new data" (seeded random subset; with
-        ``"holdout"`` the held-out slice, at most this many).
-    old_samples
-        At most this many samples of old data (seeded random subset of the buffer / memory).
-    memory_per_experience
-        Samples kept per experience by ``select_alpha_on="memory"`` and held out per experience by
-        ``"holdout"``. An experience with no more samples than this is refused (nothing left to train on).
+        A fixed weight of the new model in ``[0, 1]`` (``0.5``: the midpoint), or an
+        :class:`~continual.policy.AlphaPolicy` saying how to choose it for every merge: where its samples
+        come from (``source``: held out and kept, a fold of the replay buffer, the current task only, ...),
+        what it minimises, on which grid, with how many samples. A mapping of the policy's fields (e.g. from
+        JSON) is read as one. Default: ``AlphaPolicy()`` — 200 held-out samples of every experience (at most
+        20% of it), kept; every task weighted the same; the loss. The policy's fields were separate keywords
+        until 0.3 (``select_alpha_on``, ``select_alpha_by``, ``old_weight``, ``alpha_grid``, ``new_samples``,
+        ``old_samples``, ``memory_per_experience``); they still work for one release with a
+        :class:`DeprecationWarning`, as does ``alpha=None`` (the policy given by them).
     spec
         Permutation spec of the model. If None it is traced with :func:`rebasin.trace.spec_from_model`:
         at construction when ``model`` and ``example_input`` are given, otherwise before the first
@@ -181,23 +140,39 @@ class RebasinMergePlugin(SupervisedPlugin):
         ``"sequential"`` (default): every experience trains from the previous experience's weights *before*
         its merge, as MC-SGD's continual step does; the merged model, held between experiences (for
         evaluation), is the "previous" end of the next merge. ``"merged"``: every experience trains from the
-        merged model (one chain of weights; the default until the grid of protocols preferred two chains).
+        merged model (one chain of weights).
     batch_size
         Batch size of the evaluation passes.
     seed
-        Seeds the subsets, the loaders and the matcher. The plugin never draws from the global torch
-        RNG (private generators only, also for every DataLoader it iterates), so it does not change
+        Seeds the subsets, the folds, the loaders and the matcher. The plugin never draws from the global
+        torch RNG (private generators only, also for every DataLoader it iterates), so it does not change
         the training it observes: ``alpha=1.0`` inside ``Replay`` trains what ``Replay`` alone does.
+
+    Notes
+    -----
+    The sources of :class:`~continual.policy.AlphaPolicy` and their costs: ``"holdout"`` trains on
+    ``samples`` fewer samples per experience and **stores** them besides any replay buffer (Replay given
+    that storage as extra buffer is the fair control; docs/benchmarks.md). ``"buffer_fold"`` stores
+    nothing more than the buffer: at every experience one fold of the buffer is taken out of the replay
+    plugin's storage while the training dataloader is built (and put back before the buffer is updated),
+    so the merge is judged on old samples this experience did not train on; it needs the replay plugin to
+    come after this one in ``plugins`` (``Replay(plugins=[plugin])`` does that). ``"current"`` keeps no
+    old sample at all. A hold-out is cut from ``strategy.adapted_dataset`` after Avalanche adapted the
+    experience and before any dataloader is built, and never takes more than ``max_fraction`` of it.
+    Plugins placed before this one that add old data to ``adapted_dataset`` (or a cumulative strategy) mix
+    old samples into the "new" slice.
 
     Attributes
     ----------
     history : list[MergeRecord]
         One record per experience after the first.
+    policy : AlphaPolicy
+        How alpha is chosen (with a fixed ``alpha``: the sample counts a data-reading matcher uses).
 
     Examples
     --------
     >>> from avalanche.training import Replay                                   # doctest: +SKIP
-    >>> plugin = RebasinMergePlugin()  # weight matching, alpha chosen on held-out samples  # doctest: +SKIP
+    >>> plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold"))   # doctest: +SKIP
     >>> strategy = Replay(model=model, optimizer=opt, mem_size=1000, plugins=[plugin])    # doctest: +SKIP
     >>> for exp in benchmark.train_stream:                                      # doctest: +SKIP
     ...     strategy.train(exp)
@@ -207,14 +182,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self,
         *,
         matcher: str = "weight_matching",
-        alpha: float | None = None,
-        select_alpha_on: str = "holdout",
-        select_alpha_by: str = "loss",
-        old_weight: float | None = None,
-        alpha_grid: int | Sequence[float] = 11,
-        new_samples: int = 1000,
-        old_samples: int = 1000,
-        memory_per_experience: int = 200,
+        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),
         spec: PermutationSpec | None = None,
         model: nn.Module | None = None,
         example_input: Any = None,
@@ -224,33 +192,21 @@ class RebasinMergePlugin(SupervisedPlugin):
         train_from: str = "sequential",
         batch_size: int = 500,
         seed: int = 0,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
         registered = get_matcher(matcher)  # an unknown name lists the registered matchers
         registered.check_options(matcher_options or {})  # a typo fails here, not after the first experience
-        if select_alpha_on not in ALPHA_SOURCES:
-            raise RebasinError(f"unknown select_alpha_on {select_alpha_on!r}; choose one of {ALPHA_SOURCES}")
         if optimizer_state not in _OPTIMIZER_STATES:
             raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
         if train_from not in TRAIN_FROM:
             raise RebasinError(f"unknown train_from {train_from!r}; choose one of {TRAIN_FROM}")
-        if select_alpha_by not in CRITERIA:
-            raise RebasinError(f"unknown select_alpha_by {select_alpha_by!r}; choose one of {CRITERIA}")
-        for name, value in (("new_samples", new_samples), ("old_samples", old_samples),
-                            ("memory_per_experience", memory_per_experience), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RebasinError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RebasinError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.alpha, self.policy = _alpha_and_policy(alpha, deprecated)
         self.matcher = matcher
-        self.alpha = None if alpha is None else check_alpha(alpha)
-        self.select_alpha_on = select_alpha_on
-        self.select_alpha_by = select_alpha_by
         self.train_from = train_from
         self._sequential: dict[str, Tensor] | None = None
-        self.old_weight = None if old_weight is None else check_alpha(old_weight, "old_weight")
-        self.alpha_grid = _alpha_grid(alpha_grid)
-        self.new_samples = new_samples
-        self.old_samples = old_samples
-        self.memory_per_experience = memory_per_experience
         self.matcher_options = dict(matcher_options or {})
         self.loss_fn = loss_fn
         self.optimizer_state = optimizer_state
@@ -265,9 +221,29 @@ class RebasinMergePlugin(SupervisedPlugin):
         self.history: list[MergeRecord] = []
         self._prev_state: dict[str, Tensor] | None = None
         self._old_buffer: Any = None
+        self._fold: tuple[Tensor, Tensor] | None = None
+        self._taken: list[tuple[Any, Any]] = []  # (buffer group, its dataset before the fold was taken out)
         self._memory: list[tuple[Tensor, Tensor]] = []
         self._heldout: tuple[Tensor, Tensor] | None = None
+        self._warned_cap = False
         self._n_seen = 0
+
+    # ------------------------------------------------------------------ what it stores
+    def storage(self) -> dict[str, int]:
+        """What the plugin keeps over the stream besides the model (and any replay buffer, which is the strategy's).
+
+        Returns
+        -------
+        dict
+            ``held_out_samples`` (kept held-out samples, ``source="holdout"``), ``memory_samples`` (kept
+            training samples, ``source="memory"``) and ``model_copies`` (state_dicts kept between experiences:
+            the previous model while an experience trains; with ``train_from="sequential"`` the unmerged
+            weights between experiences, while the model holds the merge: one at a time either way).
+        """
+        kept = sum(int(x.shape[0]) for x, _ in self._memory)
+        holdout = self.alpha is None and self.policy.source == "holdout"
+        return {"held_out_samples": kept if holdout else 0, "memory_samples": 0 if holdout else kept,
+                "model_copies": 1}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -279,29 +255,75 @@ class RebasinMergePlugin(SupervisedPlugin):
 
     @property
     def _holds_out(self) -> bool:
-        return self.alpha is None and self.select_alpha_on in ("holdout", "replay_holdout")
+        return self.alpha is None and self.policy.holds_out
+
+    @property
+    def _keeps_memory(self) -> bool:
+        source = self.policy.source
+        return (source == "holdout" and self._holds_out) or (source == "memory" and self._needs_data)
 
     def _old_data(self, strategy: Any) -> tuple[Tensor, Tensor] | None:
-        if self.select_alpha_on in ("memory", "holdout"):
-            data = concat_tensors(self._memory)
-            if data is not None and data[0].shape[0] > self.old_samples:
-                g = torch.Generator().manual_seed(self._rng_seed(1))
-                idx = torch.randperm(data[0].shape[0], generator=g)[: self.old_samples]
-                data = (data[0][idx], data[1][idx])
-            return data
+        source, cap = self.policy.source, self.policy.old_samples
+        if source == "current":
+            return None
+        if source in ("memory", "holdout"):
+            return _subsample(concat_tensors(self._memory), cap, self._rng_seed(1))
+        if source == "buffer_fold":
+            if self._fold is None:
+                raise RebasinError(
+                    f"RebasinMergePlugin(alpha=AlphaPolicy(source='buffer_fold')): the fold of the replay buffer is "
+                    f"empty at experience {_exp_id(strategy)} (a buffer with fewer samples than folds="
+                    f"{self.policy.folds}?); give the replay plugin a larger mem_size or lower folds="
+                )
+            return _subsample(self._fold, cap, self._rng_seed(1))
         buffer = self._old_buffer
         if buffer is None or len(buffer) == 0:
             raise RebasinError(
-                f"RebasinMergePlugin(select_alpha_on={self.select_alpha_on!r}): the replay buffer is empty at experience "
+                f"RebasinMergePlugin(alpha=AlphaPolicy(source={source!r})): the replay buffer is empty at experience "
                 f"{_exp_id(strategy)}, so alpha cannot be chosen on old data. Give the replay plugin a "
-                "positive mem_size, put the replay plugin in the strategy, use select_alpha_on='memory', "
+                "positive mem_size, put the replay plugin in the strategy, use source='holdout', "
                 "or pass a fixed alpha."
             )
-        return sample_tensors(buffer, self.old_samples, seed=self._rng_seed(1), batch_size=self.batch_size)
+        return sample_tensors(buffer, cap, seed=self._rng_seed(1), batch_size=self.batch_size)
+
+    def _take_fold(self, strategy: Any, owner: Any, policy: Any) -> None:
+        """Take this experience's fold out of the replay buffer (restored by :meth:`_put_fold_back`)."""
+        plugins = list(getattr(strategy, "plugins", []))
+        if plugins.index(owner) < plugins.index(self):
+            raise RebasinError(
+                f"RebasinMergePlugin(alpha=AlphaPolicy(source='buffer_fold')) must come before {type(owner).__name__} "
+                "in the strategy's plugins (it takes the fold out of the buffer before the replay dataloader is built); "
+                "Replay(plugins=[merge_plugin]) puts it there"
+            )
+        folds = self.policy.folds
+        size = getattr(policy, "max_size", None)
+        if isinstance(size, int) and size < folds:
+            raise RebasinError(
+                f"RebasinMergePlugin(alpha=AlphaPolicy(source='buffer_fold', folds={folds})): the replay buffer holds at "
+                f"most {size} samples, too few to cut into {folds} folds; give the replay plugin mem_size >= {folds} or "
+                "lower folds="
+            )
+        groups = list(policy.buffer_groups.values()) if hasattr(policy, "buffer_groups") else [policy]
+        k, offset, parts = self._n_seen % folds, 0, []
+        for group in groups:  # position p of the whole buffer is in fold p % folds
+            data = group.buffer
+            in_fold = [(offset + i) % folds == k for i in range(len(data))]
+            offset += len(data)
+            if any(in_fold):
+                fold = [i for i, f in enumerate(in_fold) if f]
+                parts.append(tensors_at(data, fold, seed=self._rng_seed(6), batch_size=self.batch_size))
+                self._taken.append((group, data))
+                group.buffer = subset(data, [i for i, f in enumerate(in_fold) if not f])
+        self._fold = concat_tensors(parts)
+
+    def _put_fold_back(self) -> None:
+        for group, data in self._taken:
+            group.buffer = data
+        self._taken = []
 
     # ------------------------------------------------------------------ Avalanche callbacks
     def after_train_dataset_adaptation(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        """Hold out ``memory_per_experience`` samples of the experience (``select_alpha_on="holdout"``).
+        """Hold out a slice of the experience (the sources that do; see :class:`~continual.policy.AlphaPolicy`).
 
         Runs after Avalanche adapted the experience's dataset and before the training dataloader
         (the strategy's own or a replay plugin's) is built from ``strategy.adapted_dataset``.
@@ -310,12 +332,15 @@ class RebasinMergePlugin(SupervisedPlugin):
         if not self._holds_out:
             return
         dataset = strategy.adapted_dataset
-        n, m = len(dataset), self.memory_per_experience
-        if n <= m:
-            raise RebasinError(
-                f"RebasinMergePlugin(select_alpha_on='holdout'): experience {_exp_id(strategy)} has {n} training "
-                f"samples; holding out memory_per_experience={m} would leave nothing to train on. Lower "
-                "memory_per_experience, use select_alpha_on='memory', or pass a fixed alpha."
+        n = len(dataset)
+        m, capped = holdout_size(n, self.policy)
+        if capped and not self._warned_cap:
+            self._warned_cap = True
+            warnings.warn(
+                f"RebasinMergePlugin: holding out {self.policy.samples} of the {n} samples of experience "
+                f"{_exp_id(strategy)} would take more than max_fraction={self.policy.max_fraction} of it; holding out "
+                f"{m} (the cap applies to every experience; this warning is given once)",
+                RebasinWarning, stacklevel=2,
             )
         g = torch.Generator().manual_seed(self._rng_seed(5))
         order = torch.randperm(n, generator=g)
@@ -326,16 +351,18 @@ class RebasinMergePlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
             self.spec = spec_at_experience(strategy, self.example_input)
-        if self.select_alpha_on in ("replay", "replay_holdout") and self._needs_data and self.alpha is None:
-            policy = _find_replay_buffer(strategy)
+        if self.alpha is None and self.policy.uses_buffer:
+            owner, policy = find_replay_buffer(strategy)
             if policy is None:
                 raise RebasinError(
-                    f"RebasinMergePlugin(select_alpha_on={self.select_alpha_on!r}) needs a replay buffer in the strategy "
-                    "(the Replay strategy or a ReplayPlugin in plugins=); none was found. Use "
-                    "select_alpha_on='memory' or a fixed alpha."
+                    f"RebasinMergePlugin(alpha=AlphaPolicy(source={self.policy.source!r})) needs a replay buffer in the "
+                    "strategy (the Replay strategy or a ReplayPlugin in plugins=); none was found. Use "
+                    "source='holdout', source='current' or a fixed alpha."
                 )
-            # The buffer as it is now: old experiences only, whatever the order of the plugins.
-            self._old_buffer = policy.buffer
+            if self.policy.source == "buffer_fold":
+                self._take_fold(strategy, owner, policy)
+            else:  # the buffer as it is now: old experiences only, whatever the order of the plugins
+                self._old_buffer = policy.buffer
         self._prev_state = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
         state = strategy.model.state_dict()
         if self.train_from == "sequential" and self._sequential is not None and any(
@@ -346,19 +373,25 @@ class RebasinMergePlugin(SupervisedPlugin):
             write_state_(strategy.model, self._sequential)
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
                 reset_optimizer_state_(strategy.optimizer, strategy.model.parameters())
+        self._sequential = None  # the model holds it now: one stored copy (the previous model) at a time
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        # the replay dataloader was built without the fold: the buffer gets it back before anything else reads it
+        self._put_fold_back()
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         try:
+            self._put_fold_back()  # before the replay plugin (after this one) updates the buffer
             if self.train_from == "sequential":
                 self._sequential = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
             if self._n_seen > 0 and self._prev_state is not None:
                 self._merge(strategy)
-            if self.select_alpha_on == "holdout" and self._holds_out and self._heldout is not None:
+            if self._keeps_memory and self.policy.source == "holdout" and self._heldout is not None:
                 self._memory.append(self._heldout)
-            elif self.select_alpha_on == "memory" and self._needs_data:
+            elif self._keeps_memory and self.policy.source == "memory":
                 self._memory.append(
                     sample_tensors(
-                        strategy.experience.dataset, self.memory_per_experience,
+                        strategy.experience.dataset, self.policy.samples,
                         seed=self._rng_seed(2), batch_size=self.batch_size,
                     )
                 )
@@ -366,9 +399,30 @@ class RebasinMergePlugin(SupervisedPlugin):
             self._n_seen += 1
             self._prev_state = None
             self._old_buffer = None
+            self._fold = None
             self._heldout = None
 
     # ------------------------------------------------------------------ the merge
+    def _new_data(self, strategy: Any) -> tuple[Tensor, Tensor]:
+        if not self._holds_out:
+            return sample_tensors(
+                strategy.experience.dataset, self.policy.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size
+            )
+        if self._heldout is None:
+            raise RebasinError(
+                f"RebasinMergePlugin(alpha=AlphaPolicy(source={self.policy.source!r})): no held-out samples for this "
+                "experience; the strategy did not call after_train_dataset_adaptation (a custom training loop?). Use "
+                "source='memory' or a fixed alpha."
+            )
+        return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))
+
+    def _merged_state(
+        self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor], alpha: float,
+        data: tuple[Tensor, Tensor] | None,
+    ) -> dict[str, Tensor]:
+        """The state written into the model for a merge with ``alpha < 1`` (subclasses add a correction)."""
+        return merge_states(prev_aligned, state_new, alpha)
+
     def _merge(self, strategy: Any) -> None:
         start = time.perf_counter()
         model: nn.Module = strategy.model
@@ -379,29 +433,14 @@ class RebasinMergePlugin(SupervisedPlugin):
         device = torch.device(strategy.device)
         new_data = old_data = None
         if self._needs_data:
-            if self._holds_out:
-                new_data = self._heldout
-                if new_data is None:
-                    raise RebasinError(
-                        "RebasinMergePlugin(select_alpha_on='holdout'): no held-out samples for this experience; "
-                        "the strategy did not call after_train_dataset_adaptation (a custom training loop?). "
-                        "Use select_alpha_on='memory' or a fixed alpha."
-                    )
-                if new_data[0].shape[0] > self.new_samples:  # a seeded random subset, not the first rows
-                    g = torch.Generator().manual_seed(self._rng_seed(0))
-                    idx = torch.randperm(new_data[0].shape[0], generator=g)[: self.new_samples].sort().values
-                    new_data = (new_data[0][idx], new_data[1][idx])
-            else:
-                new_data = sample_tensors(
-                    strategy.experience.dataset, self.new_samples, seed=self._rng_seed(0), batch_size=self.batch_size
-                )
-            if self.alpha is None or self.select_alpha_on == "memory":
+            new_data = self._new_data(strategy)
+            if self.alpha is None or self.policy.source == "memory":
                 old_data = self._old_data(strategy)
         prev_model = copy.deepcopy(model)
         prev_model.load_state_dict(self._prev_state)
+        both = concat_tensors([d for d in (old_data, new_data) if d is not None])
         loader = None
-        if new_data is not None:
-            both = concat_tensors([d for d in (old_data, new_data) if d is not None])
+        if both is not None:
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
         matcher = get_matcher(self.matcher)
         options = dict(self.matcher_options)
@@ -417,18 +456,20 @@ class RebasinMergePlugin(SupervisedPlugin):
         alpha = self.alpha
         old_weight = None
         if alpha is None:
+            policy = self.policy
             k = self._n_seen  # experiences before this one
-            old_weight = self.old_weight if self.old_weight is not None else k / (k + 1)
-            new_loader = tensor_batches(new_data[0], new_data[1], self.batch_size)
-            old_loader = tensor_batches(old_data[0], old_data[1], self.batch_size)
+            old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
             choice = select_alpha(
-                model, prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
-                grid=self.alpha_grid, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
-                criterion=self.select_alpha_by,
+                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),
+                old_loader=None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
+                grid=policy.candidates, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
+                criterion="accuracy" if policy.source == "current" else policy.criterion,
             )
-            alpha = choice.alpha
+            alpha = conservative_alpha(choice, policy.tolerance) if policy.source == "current" else choice.alpha
+            if policy.source == "current":
+                old_weight = None
         if alpha != 1.0:
-            write_state_(model, merge_states(prev_aligned, state_new, alpha))
+            write_state_(model, self._merged_state(strategy, prev_aligned, state_new, alpha, both))
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
                 reset_optimizer_state_(strategy.optimizer, model.parameters())
         self.history.append(
@@ -441,6 +482,38 @@ class RebasinMergePlugin(SupervisedPlugin):
             )
         )
 
+
+def _alpha_and_policy(alpha: Any, deprecated: dict[str, Any]) -> tuple[float | None, AlphaPolicy]:
+    """``(fixed alpha or None, policy)`` from ``alpha=`` and the deprecated keywords (one warning each)."""
+    unknown = sorted(set(deprecated) - set(DEPRECATED_OPTIONS))
+    if unknown:
+        raise TypeError(f"RebasinMergePlugin() got unexpected keyword argument(s) {unknown}")
+    fields = {}
+    for old, value in deprecated.items():
+        new = DEPRECATED_OPTIONS[old]
+        warnings.warn(
+            f"RebasinMergePlugin({old}=...) is deprecated and will be removed in the next release; use "
+            f"RebasinMergePlugin(alpha=AlphaPolicy({new}=...))", DeprecationWarning, stacklevel=3,
+        )
+        fields[new] = value
+    if alpha is None:
+        warnings.warn(
+            "RebasinMergePlugin(alpha=None) is deprecated and will be removed in the next release; use "
+            "RebasinMergePlugin(alpha=AlphaPolicy(...)) (the default)", DeprecationWarning, stacklevel=3,
+        )
+        alpha = AlphaPolicy()
+    value = as_alpha(alpha)
+    if isinstance(value, AlphaPolicy):
+        return None, replace(value, **fields) if fields else value
+    return value, AlphaPolicy(**fields)
+
+
+def _subsample(data: tuple[Tensor, Tensor] | None, cap: int, seed: int) -> tuple[Tensor, Tensor] | None:
+    """At most ``cap`` rows of ``data``: a seeded random subset in index order, not the first rows."""
+    if data is None or data[0].shape[0] <= cap:
+        return data
+    idx = torch.randperm(data[0].shape[0], generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+    return data[0][idx], data[1][idx]
 
 def _exp_id(strategy: Any) -> int:
     exp = getattr(strategy, "experience", None)

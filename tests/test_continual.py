@@ -25,6 +25,7 @@ from continual.il_plugin import RebasinILPlugin  # noqa: E402
 from continual.incremental import ILSettings, IncrementalRebasin  # noqa: E402
 from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
 from continual.plugin import RebasinMergePlugin  # noqa: E402
+from continual.policy import AlphaPolicy  # noqa: E402
 from continual.strategy import RebasinIL  # noqa: E402
 from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
 
@@ -170,10 +171,10 @@ def test_write_state_keeps_parameter_objects_and_rejects_bad_keys():
 def test_plugin_inside_strategies_with_metrics(bench, kind):
     model = tiny()
     if kind == "replay":
-        plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=5)
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="replay", grid=5))
         strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
     else:
-        plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=5, memory_per_experience=64)
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="memory", grid=5, samples=64))
         strategy = Naive(plugins=[plugin], **common(model))
     params = list(model.parameters())
     results = run(strategy, bench)
@@ -207,7 +208,7 @@ class BatchLog(SupervisedPlugin):
 
 def test_plugin_defaults_hold_out_samples_the_model_never_trains_on(bench):
     model = tiny()
-    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=5)  # defaults: select_alpha_on="holdout"
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(samples=40, grid=5))  # the default source: "holdout"
     log = BatchLog()
     strategy = Naive(plugins=[plugin, log], **common(model))
     run(strategy, bench)
@@ -224,25 +225,25 @@ def test_plugin_defaults_hold_out_samples_the_model_never_trains_on(bench):
         assert h.choice is not None and h.n_new == 40 and h.n_old == 40 * k
         assert h.old_weight == pytest.approx(k / (k + 1))  # every task counts the same
     # the same seed holds out the same samples
-    again = RebasinMergePlugin(memory_per_experience=40, alpha_grid=5)
+    again = RebasinMergePlugin(alpha=AlphaPolicy(samples=40, grid=5))
     run(Naive(plugins=[again], **common(tiny())), bench)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plugin._memory, again._memory))
     assert [h.alpha for h in again.history] == [h.alpha for h in plugin.history]
 
 
 def test_plugin_select_alpha_by_is_passed_to_the_choice(bench):
-    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, select_alpha_by="accuracy")
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(samples=40, grid=3, criterion="accuracy"))
     run(Replay(mem_size=64, plugins=[plugin], **common(tiny())), bench)
     for h in plugin.history:
         assert h.choice.criterion == "accuracy" and h.choice.acc_new is not None
         error = [h.old_weight * (1 - a) + (1 - h.old_weight) * (1 - b) for a, b in zip(h.choice.acc_old, h.choice.acc_new)]
         assert list(h.choice.objective) == pytest.approx(error)
-    with pytest.raises(RebasinError, match="select_alpha_by"):
-        RebasinMergePlugin(select_alpha_by="error")
+    with pytest.raises(RebasinError, match="unknown criterion 'error'"):
+        RebasinMergePlugin(alpha=AlphaPolicy(criterion="error"))
 
 
 def test_plugin_old_weight_is_passed_to_the_choice(bench):
-    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3, old_weight=0.25)
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(samples=40, grid=3, old_weight=0.25))
     run(Replay(mem_size=64, plugins=[plugin], **common(tiny())), bench)
     assert [h.old_weight for h in plugin.history] == [0.25, 0.25]
     for h in plugin.history:  # the objective the choice minimised is the weighted one
@@ -251,7 +252,7 @@ def test_plugin_old_weight_is_passed_to_the_choice(bench):
 
 
 def test_plugin_holdout_inside_replay_keeps_the_slice_out_of_its_own_experience(bench):
-    plugin = RebasinMergePlugin(memory_per_experience=40, alpha_grid=3)
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(samples=40, grid=3))
     log = BatchLog()
     strategy = Replay(mem_size=64, plugins=[plugin, log], **common(tiny()))
     for k, exp in enumerate(bench.train_stream):
@@ -266,13 +267,13 @@ def test_plugin_holdout_inside_replay_keeps_the_slice_out_of_its_own_experience(
 
 def test_plugin_holdout_refuses_an_experience_it_would_empty(bench):
     model = tiny()
-    strategy = Naive(plugins=[RebasinMergePlugin(memory_per_experience=256)], **common(model))
+    strategy = Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(samples=256))], **common(model))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RebasinError, match="memory_per_experience=256 would leave nothing"):
+    with pytest.raises(RebasinError, match="the experience has 256 training samples, no more than the hold-out of 256"):
         strategy.train(bench.train_stream[0])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(RebasinError, match="old_weight"):
-        RebasinMergePlugin(old_weight=1.5)
+        RebasinMergePlugin(alpha=AlphaPolicy(old_weight=1.5))
 
 
 def test_select_alpha_old_weight():
@@ -290,7 +291,7 @@ def test_select_alpha_old_weight():
 
 def test_plugin_writes_merge_into_optimizer_params_and_resets_state(bench):
     model = tiny()
-    plugin = RebasinMergePlugin(alpha=0.3, select_alpha_on="memory")
+    plugin = RebasinMergePlugin(alpha=0.3)
     strategy = Naive(plugins=[plugin], **common(model))
     strategy.train(bench.train_stream[0])
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -341,7 +342,7 @@ def test_plugin_alpha_one_is_a_bitwise_noop(bench):
 
 def test_plugin_replay_without_buffer_errors_before_training(bench):
     model = tiny()
-    strategy = Naive(plugins=[RebasinMergePlugin(select_alpha_on="replay")], **common(model))
+    strategy = Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(source="replay"))], **common(model))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RebasinError, match="replay buffer"):
         strategy.train(bench.train_stream[0])
@@ -351,7 +352,7 @@ def test_plugin_replay_without_buffer_errors_before_training(bench):
 
 def test_plugin_empty_replay_buffer_errors_at_use(bench):
     model = tiny()
-    plugin = RebasinMergePlugin(select_alpha_on="replay")
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="replay"))
 
     class EmptyPolicy:
         buffer: list = []
@@ -389,7 +390,7 @@ def test_untraceable_model_fails_at_construction():
 
 def test_plugin_traces_before_the_first_experience_trains(bench):
     model = Untraceable()
-    strategy = Naive(plugins=[RebasinMergePlugin(select_alpha_on="memory")], **common(model))
+    strategy = Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(source="memory"))], **common(model))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RebasinError, match="spec"):
         strategy.train(bench.train_stream[0])
@@ -399,8 +400,8 @@ def test_plugin_traces_before_the_first_experience_trains(bench):
 def test_plugin_rejects_bad_arguments():
     with pytest.raises(RebasinError, match="matcher"):
         RebasinMergePlugin(matcher="nope")
-    with pytest.raises(RebasinError, match="select_alpha_on"):
-        RebasinMergePlugin(select_alpha_on="nope")
+    with pytest.raises(RebasinError, match="unknown source 'nope'"):
+        RebasinMergePlugin(alpha=AlphaPolicy(source="nope"))
     with pytest.raises(RebasinError, match="alpha"):
         RebasinMergePlugin(alpha=-0.1)
 
@@ -594,15 +595,24 @@ def test_compare_writes_outputs(tmp_path):
     for name in ("runs.csv", "summary.csv", "summary.md", "accuracy.png", "runs.json"):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge", "rebasin_il"]
+    # the plugin's defaults keep held-out samples besides the buffer: an equal-storage Replay control follows it
+    assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge", "replay_eq_rebasin_merge", "rebasin_il"]
     assert "± " in (tmp_path / "summary.md").read_text()
+    runs = {r["strategy"]: r for r in json.loads((tmp_path / "runs.json").read_text())["runs"]}
+    held = runs["rebasin_merge"]["storage"]
+    # synthetic(3): 256 samples per experience; 200 asked, at most 20% (51) held out of each and kept
+    assert held == {"buffer_samples": 32, "held_out_samples": 3 * 51, "memory_samples": 0, "model_copies": 1}
+    assert runs["replay_eq_rebasin_merge"]["storage"]["buffer_samples"] == 32 + 3 * 51
+    assert runs["naive"]["storage"] == {"buffer_samples": 0, "held_out_samples": 0, "memory_samples": 0,
+                                        "model_copies": 0}
+    assert "| 185 (32 + 153) |" in (tmp_path / "summary.md").read_text()
 
 
 def test_compare_shards_combine_into_one_table(tmp_path):
     from continual.compare import combine_runs, main
 
     common_args = ["--benchmark", "synthetic", "--epochs", "1", "--batch-size", "64", "--mem-size", "32",
-                   "--hidden", "16", "--no-progress"]
+                   "--hidden", "16", "--no-progress", "--no-equal-storage"]
     main([*common_args, "--strategies", "naive", "--seeds", "2", "--out", str(tmp_path / "a")])
     main([*common_args, "--strategies", "rebasin_merge,naive", "--first-seed", "2", "--seeds", "1",
           "--out", str(tmp_path / "b")])
@@ -692,17 +702,26 @@ def guard_global_rng(plugin) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("config", ["holdout", "memory", "replay", "activation_matching", "sinkhorn"])
+@pytest.mark.parametrize("config", ["holdout", "memory", "replay", "buffer_fold", "current", "clewi",
+                                    "activation_matching", "sinkhorn"])
 def test_merge_plugin_leaves_the_global_rng_alone(bench, config):
     model = tiny()
-    if config == "holdout":  # the defaults, inside Replay
-        plugin = RebasinMergePlugin(alpha_grid=3, memory_per_experience=32)
+    if config in ("buffer_fold", "current"):
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source=config, grid=3, samples=32))
+        strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
+    elif config == "clewi":
+        from continual.clewi import CLeWI
+
+        strategy = CLeWI(mem_size=64, repair_samples=32, **common(model))
+        plugin = strategy.clewi_plugin
+    elif config == "holdout":  # the defaults, inside Replay
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(grid=3, samples=32))
         strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
     elif config == "replay":
-        plugin = RebasinMergePlugin(select_alpha_on="replay", alpha_grid=3)
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="replay", grid=3))
         strategy = Replay(mem_size=64, plugins=[plugin], **common(model))
     elif config == "memory":
-        plugin = RebasinMergePlugin(select_alpha_on="memory", alpha_grid=3, memory_per_experience=32)
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="memory", grid=3, samples=32))
         strategy = Naive(plugins=[plugin], **common(model))
     else:
         options = {"fit": {"progress": False, "steps": 5}} if config == "sinkhorn" else None

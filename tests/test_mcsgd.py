@@ -460,7 +460,10 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
     seq = json.loads((tmp_path / "seq" / "runs.json").read_text())["runs"]
     par = json.loads((tmp_path / "par" / "runs.json").read_text())["runs"]
     assert [(r["strategy"], r["seed"]) for r in seq] == [(r["strategy"], r["seed"]) for r in par]
-    assert [(r["strategy"], r["seed"]) for r in seq][:3] == [("naive", 0), ("mcsgd", 0), ("rebasin_merge", 0)]
+    # each equal-storage control right after the strategy it controls (MC-SGD's memory, the plugin's held-out samples)
+    assert [(r["strategy"], r["seed"]) for r in seq][:5] == [
+        ("naive", 0), ("mcsgd", 0), ("replay_eq_mcsgd", 0), ("rebasin_merge", 0), ("replay_eq_rebasin_merge", 0)]
+    assert seq[2]["storage"]["buffer_samples"] == 30 and seq[4]["storage"]["buffer_samples"] == 30 + 3 * 51
     for a, b in zip(seq, par):
         assert a["accuracy"] == b["accuracy"]
         assert a["backward_transfer"] == pytest.approx(-a["forgetting"])
@@ -468,7 +471,7 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
             assert a["extra"].get(key) == b["extra"].get(key)
     mcsgd = seq[1]["extra"]["mcsgd"]
     assert [m["n_memory"] for m in mcsgd] == [10, 20, 30] and mcsgd[0]["loss_before"] is None
-    merges = seq[2]["extra"]["merges"]  # rebasin_merge at the plugin's defaults: alpha chosen per merge
+    merges = seq[3]["extra"]["merges"]  # rebasin_merge at the plugin's defaults: alpha chosen per merge
     assert [m["experience"] for m in merges] == [1, 2] and all(0.0 <= m["alpha"] <= 1.0 for m in merges)
     assert len(seq[0]["extra"]["forgetting_per_task"]) == 2
 
@@ -506,7 +509,7 @@ def test_bad_alpha_grid_is_refused():
     from continual import RebasinMergePlugin
 
     with pytest.raises(RebasinError, match=r"alpha_grid values must lie in \[0, 1\]"):
-        RebasinMergePlugin(alpha_grid=[0.5, 1.5])
+        RebasinMergePlugin(alpha={"grid": [0.5, 1.5]})
 
 
 def test_random_angles_are_seeded_and_in_range():

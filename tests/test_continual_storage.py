@@ -1,0 +1,240 @@
+"""Equal storage: AlphaPolicy, the bounded hold-out, the buffer fold, zero storage, CLeWI and storage accounting."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("avalanche")
+
+from avalanche.training import LwF, Naive, Replay  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
+
+from continual.benchmarks import synthetic  # noqa: E402
+from continual.clewi import CLeWI  # noqa: E402
+from continual.merging import AlphaChoice, conservative_alpha, merge_states  # noqa: E402
+from continual.plugin import DEPRECATED_OPTIONS, RebasinMergePlugin  # noqa: E402
+from continual.policy import AlphaPolicy, holdout_size  # noqa: E402
+from continual.storage import strategy_storage  # noqa: E402
+from rebasin import RebasinError, RebasinWarning  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Call to deprecated function update"),
+    pytest.mark.filterwarnings("ignore:No loggers specified"),
+]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return synthetic(3, seed=0)  # 256 training samples of 16 features per experience, 4 classes
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def common(model: nn.Module) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(loggers=[])
+    return dict(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), criterion=nn.CrossEntropyLoss(),
+                train_mb_size=32, train_epochs=1, eval_mb_size=256, evaluator=evaluator)
+
+
+def train(strategy, bench) -> None:
+    for exp in bench.train_stream:
+        strategy.train(exp)
+
+
+class Rows(SupervisedPlugin):
+    """Every training input row, per experience."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[torch.Tensor]] = []
+
+    def before_training_exp(self, strategy, *args, **kwargs):
+        self.rows.append([])
+
+    def after_training_iteration(self, strategy, *args, **kwargs):
+        self.rows[-1].append(strategy.mb_x.detach().clone())
+
+
+# ------------------------------------------------------------------ the policy object
+def test_alpha_policy_bad_inputs_each_fail_clearly():
+    with pytest.raises(RebasinError, match="grid is empty"):
+        AlphaPolicy(grid=[])
+    with pytest.raises(RebasinError, match="unknown source 'fold'"):
+        AlphaPolicy(source="fold")
+    with pytest.raises(RebasinError, match="folds must be an int >= 2"):
+        AlphaPolicy(source="buffer_fold", folds=1)
+    with pytest.raises(RebasinError, match=r"max_fraction must be a number in \(0, 1\)"):
+        AlphaPolicy(max_fraction=1.0)
+    with pytest.raises(RebasinError, match="samples must be a positive int"):
+        AlphaPolicy(samples=0)
+    with pytest.raises(RebasinError, match="not an AlphaPolicy"):
+        RebasinMergePlugin(alpha={"sorce": "holdout"})
+    with pytest.raises(RebasinError, match="alpha must be a number in"):
+        RebasinMergePlugin(alpha="half")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        RebasinMergePlugin(alpha_grids=3)
+
+
+def test_alpha_is_a_number_or_a_policy():
+    assert RebasinMergePlugin(alpha=0.5).alpha == 0.5
+    plugin = RebasinMergePlugin(alpha={"source": "buffer_fold", "folds": 3})  # e.g. from --option JSON
+    assert plugin.alpha is None and plugin.policy == AlphaPolicy(source="buffer_fold", folds=3)
+    assert RebasinMergePlugin().policy == AlphaPolicy()
+    assert AlphaPolicy(grid=3).candidates == (0.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("old", sorted(DEPRECATED_OPTIONS))
+def test_each_old_keyword_still_works_with_a_deprecation_warning(old):
+    value = {"select_alpha_on": "memory", "select_alpha_by": "accuracy", "old_weight": 0.25, "alpha_grid": 3,
+             "new_samples": 7, "old_samples": 9, "memory_per_experience": 11}[old]
+    with pytest.warns(DeprecationWarning, match=rf"RebasinMergePlugin\({old}=\.\.\.\) is deprecated"):
+        plugin = RebasinMergePlugin(**{old: value})
+    field = DEPRECATED_OPTIONS[old]
+    expected = AlphaPolicy(**{field: value})
+    assert plugin.alpha is None and plugin.policy == expected
+
+
+def test_alpha_none_is_a_deprecated_alias_of_the_default_policy():
+    with pytest.warns(DeprecationWarning, match=r"alpha=None\) is deprecated"):
+        plugin = RebasinMergePlugin(alpha=None)
+    assert plugin.alpha is None and plugin.policy == AlphaPolicy()
+
+
+# ------------------------------------------------------------------ the hold-out is bounded
+def test_holdout_size_is_capped_by_the_fraction():
+    assert holdout_size(1000, AlphaPolicy(samples=200)) == (200, False)
+    assert holdout_size(250, AlphaPolicy(samples=200)) == (50, True)  # the issue's new user: 50 held out, not 200
+    assert holdout_size(250, AlphaPolicy(samples=200, max_fraction=0.1)) == (25, True)
+    with pytest.raises(RebasinError, match="250 training samples, no more than the hold-out of 300"):
+        holdout_size(250, AlphaPolicy(samples=300))
+
+
+def test_the_hold_out_cannot_eat_an_experience_and_warns_once(bench):
+    rows = Rows()
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(samples=200, grid=3))  # 200 of 256: capped at 51
+    with pytest.warns(RebasinWarning, match="holding out 200 of the 256 samples") as record:
+        train(Naive(plugins=[plugin, rows], **common(tiny())), bench)
+    assert len([w for w in record if issubclass(w.category, RebasinWarning)]) == 1
+    assert [sum(r.shape[0] for r in exp) for exp in rows.rows] == [256 - 51] * 3
+    assert plugin.storage() == {"held_out_samples": 3 * 51, "memory_samples": 0, "model_copies": 1}
+
+
+def test_an_experience_smaller_than_the_hold_out_fails_before_training(bench):
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(samples=300))], **common(model))
+    with pytest.raises(RebasinError, match="256 training samples, no more than the hold-out of 300"):
+        strategy.train(bench.train_stream[0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ the buffer fold
+def test_buffer_fold_chooses_on_buffer_samples_this_experience_never_trained_on(bench):
+    rows = Rows()
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold", folds=4, samples=20, grid=3))
+    strategy = Replay(mem_size=64, plugins=[plugin, rows], **common(tiny()))
+    replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+    folds = []
+    original = plugin._take_fold
+
+    def spy(*args):
+        original(*args)
+        folds.append(plugin._fold)
+
+    plugin._take_fold = spy
+    for k, exp in enumerate(bench.train_stream):
+        strategy.train(exp)
+        assert len(replay.storage_policy.buffer) == 64  # the fold is back before the buffer is updated
+        if k > 0:
+            fold_x = folds[-1][0]
+            assert fold_x.shape[0] == 64 // 4
+            trained = torch.cat(rows.rows[k])
+            assert float(torch.cdist(fold_x, trained).min()) > 0.0  # no fold row in this experience's batches
+    assert [h.n_old for h in plugin.history] == [16, 16]
+    assert all(h.choice is not None and h.n_new == 20 for h in plugin.history)
+    assert plugin.storage() == {"held_out_samples": 0, "memory_samples": 0, "model_copies": 1}
+    assert folds[0] is None and not torch.equal(folds[1][0], folds[2][0])  # no buffer yet; then the fold rotates
+
+
+def test_buffer_fold_bad_setups_fail_before_training(bench):
+    policy = AlphaPolicy(source="buffer_fold", folds=5)
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RebasinError, match="at most 3 samples, too few to cut into 5 folds"):
+        Replay(mem_size=3, plugins=[RebasinMergePlugin(alpha=policy)], **common(model)).train(bench.train_stream[0])
+    with pytest.raises(RebasinError, match="must come before ReplayPlugin"):
+        Naive(plugins=[ReplayPlugin(mem_size=64), RebasinMergePlugin(alpha=policy)], **common(model)).train(
+            bench.train_stream[0])
+    with pytest.raises(RebasinError, match="needs a replay buffer"):
+        Naive(plugins=[RebasinMergePlugin(alpha=policy)], **common(model)).train(bench.train_stream[0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ zero storage
+def test_conservative_alpha_keeps_as_much_old_as_the_new_task_allows():
+    choice = AlphaChoice(1.0, (0.0, 0.25, 0.5, 1.0), (), (), (), acc_new=(0.3, 0.85, 0.89, 0.9))
+    assert conservative_alpha(choice, 0.02) == 0.5
+    assert conservative_alpha(choice, 0.05) == 0.25
+    assert conservative_alpha(choice, 0.0) == 1.0
+    with pytest.raises(RebasinError, match="class scores"):
+        conservative_alpha(AlphaChoice(1.0, (0.0, 1.0), (), (), ()), 0.02)
+
+
+def test_zero_storage_keeps_no_sample(bench):
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="current", samples=40, grid=5, tolerance=0.05))
+    strategy = Naive(plugins=[plugin], **common(tiny()))
+    train(strategy, bench)
+    assert plugin._memory == []
+    assert [h.n_old for h in plugin.history] == [0, 0] and [h.n_new for h in plugin.history] == [40, 40]
+    for h in plugin.history:
+        assert h.alpha == conservative_alpha(h.choice, 0.05)
+    assert strategy_storage(strategy) == {"buffer_samples": 0, "held_out_samples": 0, "memory_samples": 0,
+                                          "model_copies": 1}
+
+
+# ------------------------------------------------------------------ CLeWI
+def test_clewi_interpolates_and_repairs_on_top_of_replay(bench):
+    model = tiny(1)
+    user_plugins: list = []
+    strategy = CLeWI(mem_size=48, plugins=user_plugins, **common(model))
+    plugins = strategy.plugins
+    assert user_plugins == [] and plugins.index(strategy.clewi_plugin) < plugins.index(strategy.replay_plugin)
+    merged = []
+    original = strategy.clewi_plugin._merged_state
+
+    def spy(strat, prev, new, alpha, data):
+        out = original(strat, prev, new, alpha, data)
+        merged.append((merge_states(prev, new, alpha), out))
+        return out
+
+    strategy.clewi_plugin._merged_state = spy
+    train(strategy, bench)
+    assert [h.alpha for h in strategy.history] == [0.5, 0.5]
+    for plain, repaired in merged:  # REPAIR rescales the interpolated units: not the plain midpoint
+        assert not torch.equal(plain["0.weight"], repaired["0.weight"])
+    for k, v in model.state_dict().items():  # the model holds the last repaired merge
+        torch.testing.assert_close(v, merged[-1][1][k])
+    assert strategy_storage(strategy) == {"buffer_samples": 48, "held_out_samples": 0, "memory_samples": 0,
+                                          "model_copies": 1}
+    with pytest.raises(RebasinError, match="fixed number"):
+        CLeWI(alpha=AlphaPolicy(), **common(tiny()))
+
+
+# ------------------------------------------------------------------ storage of Avalanche's own strategies
+def test_storage_counts_what_regularisation_strategies_keep(bench):
+    strategy = LwF(alpha=1.0, temperature=2.0, **common(tiny()))
+    strategy.train(bench.train_stream[0])
+    assert strategy_storage(strategy)["model_copies"] == 1.0  # LwF's previous model
+    strategy = Replay(mem_size=40, **common(tiny()))
+    strategy.train(bench.train_stream[0])
+    assert strategy_storage(strategy) == {"buffer_samples": 40, "held_out_samples": 0, "memory_samples": 0,
+                                          "model_copies": 0}

@@ -15,7 +15,7 @@ Along an axis carrying permutation ``p``, the permuted tensor's slice ``i`` is t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -286,6 +286,31 @@ class PermutationSpec:
         structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
         concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
         return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped)  # type: ignore[arg-type]
+
+    def subset(self, keys: Iterable[str]) -> PermutationSpec:
+        """The spec of only ``keys`` (in this spec's order): for a part of a state_dict, such as one shard of a
+        checkpoint, or a state_dict that stores one of two tied weights.
+
+        Block sizes, structure, concatenations and groups are kept where they concern what is left; sizes of
+        permutations that no longer act on any axis are dropped.
+
+        Raises
+        ------
+        RebasinError
+            If a key is not in the spec.
+        """
+        wanted = set(keys)
+        unknown = sorted(wanted - set(self.axes))
+        if unknown:
+            raise RebasinError(f"cannot take a subset of the spec: keys [{_fmt_keys(unknown)}] are not in it")
+        axes = {k: ax for k, ax in self.axes.items() if k in wanted}
+        used = {p for ax in axes.values() for p in ax if p is not None}
+        concat = {c: parts for c, parts in self.concat.items() if c in used}
+        free = (used - set(concat)) | {q for parts in concat.values() for q, _ in parts if q is not None}
+        structure = {p: s for p, s in self.structure.items() if p in free}
+        sizes = None if self.sizes is None else {p: n for p, n in self.sizes.items() if p in free}
+        return PermutationSpec(axes, sizes, {ka: k for ka, k in self.blocks.items() if ka[0] in wanted}, structure,
+                               concat, {ka: g for ka, g in self.grouped.items() if ka[0] in wanted})
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:

@@ -19,7 +19,8 @@ user's; the functions and Tensor methods a ``forward`` calls directly are descri
 Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registry`` (registration,
 lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
 ``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
-cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand).
+cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand),
+``pretrained`` (the spec of a Hugging Face model folder, traced on its config's model on the meta device).
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from . import nn_rules  # noqa: F401 - registers the built-in torch.nn rules
 from .registry import module_rule, register_module, registered_modules, registration_scope
 from .rules import AxisPerm, ModuleRule, RuleContext
 from .tracing import ModelTrace, spec_from_model, trace_model
+from .pretrained import model_from_config, same_pretrained_architecture, spec_from_pretrained
 
 __all__ = [
     "spec_from_model",
     "trace_model",
+    "spec_from_pretrained",
+    "model_from_config",
+    "same_pretrained_architecture",
     "ModelTrace",
     "register_module",
     "registration_scope",

@@ -3,7 +3,8 @@
 :func:`spec_from_pretrained` builds the class named by ``config.json``'s ``architectures`` with
 ``transformers`` under ``torch.device("meta")`` (shapes, no values: nothing is allocated, whatever the
 model's size), traces it with :func:`spec_from_model` on an input made from the config, and keeps the keys
-the folder stores: of two tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)
+the folder stores, under the names it stores them by (``transformers`` 5 renames some on saving): of two tied
+weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)
 ``save_pretrained`` stores one, and the spec keeps that one. :func:`same_pretrained_architecture` checks
 that another folder holds the same architecture.
 """
@@ -93,17 +94,43 @@ def _example(model: nn.Module, folder: PretrainedFolder, example_input: Any) -> 
                        f"{main!r}); pass example_input= (--example-shape on the command line)")
 
 
+def _saved_names(model: nn.Module) -> dict[str, str]:
+    """``{state_dict key: the name save_pretrained stores it under}``: ``transformers`` 5 saves some weights
+    under their historical names (ViT's ``vit.layers.0.attention.q_proj`` as
+    ``vit.encoder.layer.0.attention.attention.query``). Found by running its own renaming on meta tensors."""
+    keys = list(model.state_dict(keep_vars=True))
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores the state_dict's own names
+        return {k: k for k in keys}
+    if not isinstance(model, PreTrainedModel):
+        return {k: k for k in keys}
+    state = {k: torch.empty(0, device="meta") for k in keys}  # one distinct tensor per key, to follow it by identity
+    owner = {id(t): k for k, t in state.items()}
+    saved = revert_weight_conversion(model, state)
+    names = {owner[id(t)]: k for k, t in saved.items() if id(t) in owner}
+    if len(names) != len(keys) or len(saved) != len(keys):
+        changed = sorted(set(keys) - set(names))
+        raise RebasinError(f"{type(model).__name__} is saved with its weights converted (fused or split by transformers, "
+                           f"not only renamed), e.g. {changed[:3]}; its folders cannot be aligned tensor by tensor")
+    return names
+
+
 def _stored_keys(spec: PermutationSpec, model: nn.Module, folder: PretrainedFolder) -> PermutationSpec:
-    """``spec`` without the tied weights the folder does not store (their twin that it stores stays)."""
+    """``spec`` under the names the folder stores, without the tied weights it does not store (their twin stays)."""
+    saved = _saved_names(model)
     state = model.state_dict(keep_vars=True)
     owners: dict[int, list[str]] = {}
     for key, t in state.items():
         owners.setdefault(id(t), []).append(key)
-    keep = []
+    keep: dict[str, str] = {}
     for key in spec.axes:
-        twins = [k for k in owners.get(id(state[key]), []) if k != key and k in folder] if key in state else []
-        if key in folder or not twins:
-            keep.append(key)
+        name = saved.get(key, key)
+        twins = [k for k in owners.get(id(state[key]), []) if k != key and saved.get(k, k) in folder] \
+            if key in state else []
+        if name in folder or not twins:
+            keep[key] = name
             continue
         twin = twins[0]
         same = spec.axes[twin] == spec.axes[key] and all(
@@ -111,7 +138,7 @@ def _stored_keys(spec: PermutationSpec, model: nn.Module, folder: PretrainedFold
         if not same:
             raise RebasinError(f"{type(model).__name__}: the tied weights {key!r} and {twin!r} carry different "
                                f"permutations ({spec.axes[key]} and {spec.axes[twin]}); {folder.path} stores only "
-                               f"{twin!r}, so the spec cannot be applied to it")
+                               f"{saved.get(twin, twin)!r}, so the spec cannot be applied to it")
     return spec.subset(keep)
 
 

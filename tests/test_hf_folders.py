@@ -275,3 +275,36 @@ def test_open_pretrained_bad_folders(folders):
     with pytest.raises(RebasinError, match="needs like="):
         rebasin.save_pretrained_permuted(rebasin.PermutationSpec({"w": (None,)}), {}, {"w": torch.ones(1)},
                                          folders / "new")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from rebasin.spec import core, hf_folder
+    from rebasin.trace import pretrained
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    objs = (hf_folder.open_pretrained, pretrained.spec_from_pretrained, core.PermutationSpec.subset)
+    tests = [t for obj in objs for t in finder.find(obj, globs={})]
+    assert sum(len(t.examples) for t in tests) >= 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in tests:
+            runner.run(t)
+    assert runner.failures == 0
+
+
+def test_spec_subset_keeps_structure_and_renames(tmp_path):
+    _save(_model("bert", 0), tmp_path / "bert", shard=False)
+    spec = rebasin.spec_from_pretrained(tmp_path / "bert")
+    layer = [k for k in spec.axes if ".layer.0.attention." in k]
+    part = spec.subset(layer)
+    assert list(part.axes) == layer and part.structure and set(part.structure) <= set(spec.structure)
+    assert dict(part.sizes) == {p: spec.sizes[p] for p in part.perms}
+    renamed = spec.subset({k: "x." + k for k in layer})
+    assert [renamed.axes["x." + k] for k in layer] == [spec.axes[k] for k in layer]
+    assert dict(renamed.structure) == dict(part.structure)
+    with pytest.raises(RebasinError, match="are not in it"):
+        spec.subset(["nope"])
+    with pytest.raises(RebasinError, match="the same new name"):
+        spec.subset({layer[0]: "same", layer[1]: "same"})

@@ -302,6 +302,7 @@ class PermutationSpec:
 
         Examples
         --------
+        >>> from rebasin import PermutationSpec
         >>> spec = PermutationSpec({"a.weight": ("P", None), "a.bias": ("P",), "b.weight": (None, "P")})
         >>> dict(spec.subset({"a.weight": "first.weight", "b.weight": "second.weight"}).axes)
         {'first.weight': ('P', None), 'second.weight': (None, 'P')}

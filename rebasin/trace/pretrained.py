@@ -180,9 +180,11 @@ def spec_from_pretrained(
 
     Examples
     --------
-    >>> import tempfile, torch, transformers, rebasin  # doctest: +SKIP
-    >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
-    >>> transformers.GPT2LMHeadModel(cfg).save_pretrained(d := tempfile.mkdtemp())
+    >>> import tempfile, transformers, rebasin
+    >>> cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16,
+    ...                               bos_token_id=0, eos_token_id=0)
+    >>> d = tempfile.mkdtemp()
+    >>> transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
     >>> spec = rebasin.spec_from_pretrained(d)
     >>> "lm_head.weight" in spec.axes, "transformer.wte.weight" in spec.axes
     (False, True)

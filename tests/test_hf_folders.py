@@ -157,6 +157,9 @@ def test_bfloat16_folder_stays_bfloat16(tmp_path):
     o32 = T.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(o32, x), _logits(b32, x), rtol=1e-4, atol=1e-5)
     assert _distance(folder_a, out) < 0.2 * _distance(folder_a, folder_b)
+    assert _cli("merge", folder_a, folder_b, "-o", tmp_path / "merged", "--device", "cpu") == 0
+    assert {m.dtype for m in rebasin.open_pretrained(tmp_path / "merged").meta().values()} == {torch.bfloat16}
+    assert torch.isfinite(_logits(T.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval(), x)).all()
 
 
 def test_merge_three_folders_loads_and_runs(tmp_path, capsys):
@@ -265,6 +268,8 @@ def test_checkpoint_files_still_need_model(folders, capsys, monkeypatch):
 def test_open_pretrained_bad_folders(folders):
     with pytest.raises(RebasinError, match="is not a folder"):
         rebasin.open_pretrained(folders / "file.pt")
+    with pytest.raises(RebasinError, match="is a folder, not a checkpoint file; .* rebasin.open_pretrained"):
+        rebasin.open_checkpoint(folders / "gpt2")
     sharded = folders / "sharded"
     _save(_model("gpt2", 0), sharded, shard=True)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

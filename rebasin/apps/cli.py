@@ -4,7 +4,9 @@ Every subcommand has ``--help``, with a line for every option. ``align`` aligns 
 matcher and saves B's aligned state_dict (and, with ``--save-perms``, the permutations); ``path`` evaluates
 the linear path (with the BatchNorm statistics reset for BN nets, optionally REPAIR and a trained Bezier
 curve) and writes ``results.json`` in the demo's format and a figure; ``merge`` merges two or more
-checkpoints into one basin, optionally with REPAIR.
+checkpoints into one basin, optionally with REPAIR. ``align`` and ``merge`` also take Hugging Face model folders
+(what ``save_pretrained`` writes) without ``--model`` and write a folder ``from_pretrained`` loads
+(:mod:`rebasin.apps.folders`).
 
 Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
 factory that cannot be imported or returns something other than a loader, a first batch the model cannot

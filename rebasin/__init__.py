@@ -97,11 +97,13 @@ from .spec import (
     invert,
     matrix_to_perm,
     open_checkpoint,
+    open_pretrained,
     perm_to_matrix,
     permute,
     random_permutation,
     save_permuted,
     save_state,
+    save_pretrained_permuted,
     soft_permute,
     structured_matrix,
 )
@@ -114,6 +116,7 @@ from .trace import (
     register_module,
     registration_scope,
     spec_from_model,
+    spec_from_pretrained,
     trace_model,
 )
 
@@ -144,6 +147,10 @@ __all__ = [
     "Checkpoint",
     "save_permuted",
     "save_state",
+    # Hugging Face model folders (save_pretrained's layout) on disk
+    "open_pretrained",
+    "spec_from_pretrained",
+    "save_pretrained_permuted",
     # matching
     "align",
     "Alignment",

@@ -21,6 +21,7 @@ aligned average before REPAIR, the output ensemble).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from .paths.repairing import repair_states
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
+from .spec.hf_folder import PretrainedFolder, check_new_folder, open_pretrained, save_pretrained_permuted
 
 __all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge", "merge_checkpoints"]
 
@@ -539,12 +541,15 @@ def merge_checkpoints(
     spec
         Permutation spec of the architecture.
     sources
-        Two or more checkpoint paths (``.safetensors`` / ``.pt``) or mappings (:class:`rebasin.Checkpoint`,
-        state_dicts) with the same keys and shapes.
+        Two or more checkpoint paths (``.safetensors`` / ``.pt``), Hugging Face model folders, or mappings
+        (:class:`rebasin.Checkpoint`, :class:`rebasin.spec.PretrainedFolder`, state_dicts) with the same keys
+        and shapes.
     path
         Output file, in the format its extension names: ``.safetensors`` (streamed) or a torch
         ``.pt`` / ``.pth`` / ``.bin`` file (gathered first). Every tensor keeps the sources' dtype; a
-        bfloat16 or float16 average is computed in float32 and rounded once.
+        bfloat16 or float16 average is computed in float32 and rounded once. When the reference is a model
+        folder, a new folder laid out like it (:func:`rebasin.save_pretrained_permuted`), which
+        ``from_pretrained`` loads.
     reference
         Index of the source whose unit order the merged model keeps.
     n_iter
@@ -568,11 +573,15 @@ def merge_checkpoints(
 
     if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence) or len(sources) < 2:
         raise RebasinError("merge_checkpoints needs a list of two or more checkpoint paths or mappings")
-    states = [s if isinstance(s, Mapping) else open_checkpoint(s) for s in sources]
+    states = [s if isinstance(s, Mapping) else open_pretrained(s) if os.path.isdir(s) else open_checkpoint(s)
+              for s in sources]
     n = len(states)
     if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
         raise RebasinError(f"reference must be an index into the {n} sources, got {reference!r}")
     reference %= n
+    like = states[reference] if isinstance(states[reference], PretrainedFolder) else None
+    if like is not None:
+        check_new_folder(path)  # before the rounds: a folder in the way is found now, not at the end
     check_int(n_iter, "n_iter (alignment rounds)")
     metas = [meta_state(s) for s in states]
     sizes = spec.validate(metas[0], name="sources[0]")
@@ -602,5 +611,9 @@ def merge_checkpoints(
                 perms[i] = new
         rounds += 1
         converged = changed == 0
-    save_permuted(spec, {}, _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[0]), path)
+    merged = _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[0])
+    if like is not None:
+        save_pretrained_permuted(spec, {}, merged, path, like=like)
+    else:
+        save_permuted(spec, {}, merged, path)
     return perms

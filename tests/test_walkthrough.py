@@ -31,11 +31,13 @@ def test_walkthrough_page_is_in_the_nav():
 
 
 def test_walkthrough_commands_run_as_written(tmp_path):
-    shutil.copy(ROOT / "examples" / "walkthrough" / "mynet.py", tmp_path / "mynet.py")
+    for script in ("mynet.py", "hf_models.py"):
+        shutil.copy(ROOT / "examples" / "walkthrough" / script, tmp_path / script)
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
     commands = _commands()
     assert [c[:2] for c in commands if c[0] == "rebasin"] == [
         ["rebasin", "path"], ["rebasin", "align"], ["rebasin", "align"], ["rebasin", "path"], ["rebasin", "merge"],
+        ["rebasin", "align"], ["rebasin", "merge"],
     ]
     stdout = {}
     for command in commands:
@@ -63,6 +65,11 @@ def test_walkthrough_commands_run_as_written(tmp_path):
     # what the page says about the numbers: alignment removes most of the barrier, REPAIR lowers it further
     barrier = {name: row["barrier"]["loss"] for name, row in aligned["methods"].items()}
     assert barrier["repair"] < barrier["linear"] < 0.25 * naive["methods"]["linear"]["barrier"]["loss"]
-    merge_out = next(v for k, v in stdout.items() if k.startswith("rebasin merge"))
+    # the Hugging Face folders: written in the layout of B (shards and index) and of A, loadable
+    models = tmp_path / "models"
+    assert sorted(p.name for p in (models / "B_aligned").iterdir()) == sorted(p.name for p in (models / "B").iterdir())
+    assert (models / "B_aligned" / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in (models / "merged").iterdir()) == sorted(p.name for p in (models / "A").iterdir())
+    merge_out = next(v for k, v in stdout.items() if k.startswith("rebasin merge") and k.endswith(".pt"))
     accuracy = re.search(r"naive average ([\d.]+)%, merged ([\d.]+)%", merge_out)
     assert accuracy and float(accuracy.group(2)) > float(accuracy.group(1))

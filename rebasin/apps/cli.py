@@ -4,7 +4,9 @@ Every subcommand has ``--help``, with a line for every option. ``align`` aligns 
 matcher and saves B's aligned state_dict (and, with ``--save-perms``, the permutations); ``path`` evaluates
 the linear path (with the BatchNorm statistics reset for BN nets, optionally REPAIR and a trained Bezier
 curve) and writes ``results.json`` in the demo's format and a figure; ``merge`` merges two or more
-checkpoints into one basin, optionally with REPAIR.
+checkpoints into one basin, optionally with REPAIR. ``align`` and ``merge`` also take Hugging Face model folders
+(what ``save_pretrained`` writes) without ``--model`` and write a folder ``from_pretrained`` loads
+(:mod:`rebasin.apps.folders`).
 
 Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
 factory that cannot be imported or returns something other than a loader, a first batch the model cannot
@@ -44,6 +46,7 @@ from ._cli_inputs import (
     loader_from,
     model_from,
 )
+from .folders import align_folders, any_folder, merge_folders
 from .demo import (
     demo_methods,
     device_from_name,
@@ -161,11 +164,15 @@ def run_align(args: argparse.Namespace) -> None:
 
     import_matcher_modules(args.matcher_module)  # main() did already; a no-op then (build_parser() users)
     matcher = get_matcher(args.method)  # an unknown name is a one-line error listing the registered ones
+    if any_folder([args.model_a, args.model_b]):  # Hugging Face model folders: built from config.json
+        align_folders(args)
+        return
     if matcher.needs_data and args.data is None:
         raise RebasinError(
             f"matcher {args.method!r} needs data: pass --data package.module:loader_factory (a loader of "
             "(inputs, targets) batches)"
         )
+    _need_model(args)
     output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
@@ -185,6 +192,12 @@ def run_align(args: argparse.Namespace) -> None:
         torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
         sizes = ", ".join(f"{k} ({len(v)})" for k, v in res.perms.items()) or "none"
         _print(f"permutations {sizes} -> {perms_file}")
+
+
+def _need_model(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise RebasinError("pass --model PACKAGE.MODULE:FACTORY, the architecture of the checkpoints (Hugging Face "
+                           "model folders need none: the model is built from their config.json)")
 
 
 def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path | None, device: torch.device) -> None:
@@ -326,6 +339,10 @@ def run_merge(args: argparse.Namespace) -> None:
         raise RebasinError("--repair measures channel statistics: pass --data package.module:loader_factory")
     if not -len(args.models) <= args.reference < len(args.models):
         raise RebasinError(f"--reference must index the {len(args.models)} checkpoints, got {args.reference}")
+    if any_folder(args.models):  # Hugging Face model folders: built from config.json
+        merge_folders(args)
+        return
+    _need_model(args)
     output = _checkpoint_output(args.output)
     device = _device(args)
     states = [load_state(p) for p in args.models]
@@ -460,13 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     dtype_help = (f"dtype of the --example-shape input: {', '.join(EXAMPLE_DTYPES)} (default float32); integer "
                   "dtypes draw token ids below the model's embedding size")
     device_help = "cpu, cuda, cuda:1 or auto (CUDA when available)"
+    checkpoint_or_folder = (checkpoint + ", or a Hugging Face model folder (save_pretrained's config.json and "
+                            "safetensors shards; no --model needed)")
+    optional_model = model_help + "; optional for Hugging Face model folders (default: built from config.json)"
 
     al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
                         help="align B to A (two saved state_dicts of your own architecture)",
                         description="Permute B's hidden units to match A's; B's function is unchanged.")
-    al.add_argument("model_a", help="the reference model A: " + checkpoint)
-    al.add_argument("model_b", help="the model B to align to A: " + checkpoint)
-    al.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
+    al.add_argument("model_a", help="the reference model A: " + checkpoint_or_folder)
+    al.add_argument("model_b", help="the model B to align to A: " + checkpoint_or_folder)
+    al.add_argument("--model", default=None, metavar=_FACTORY, help=optional_model)
     al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
     al.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
@@ -481,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to write B's aligned state_dict (folders are created), in the format\n"
                          "its extension names (.safetensors, or torch .pt/.pth/.bin) and B's dtypes.\n"
                          "weight_matching on two .safetensors files reads them one tensor at a time\n"
-                         "and streams a .safetensors output: neither model is held in memory")
+                         "and streams a .safetensors output: neither model is held in memory;\n"
+                         "for two model folders, a new folder laid out like B that from_pretrained loads")
     al.add_argument("--save-perms", default=None, metavar="FILE",
                     help="also write the permutations {name: LongTensor} that map B onto A\n"
                          "(torch.load(FILE); rebasin.permute(spec, perms, state_b) applies them)")
@@ -525,12 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
         help="merge two or more saved models into one (align into one basin, average, optional REPAIR)",
         description="Align every model into the reference's basin, average the weights, optionally REPAIR.")
-    me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint)
-    me.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
+    me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint_or_folder)
+    me.add_argument("--model", default=None, metavar=_FACTORY, help=optional_model)
     me.add_argument("-o", "--output", required=True, metavar="FILE",
                     help="where to write the merged state_dict (folders are created), in the format\n"
                          "its extension names (.safetensors, or torch .pt/.pth/.bin) and the\n"
-                         "reference checkpoint's dtypes")
+                         "reference checkpoint's dtypes; for model folders, a new folder laid out like\n"
+                         "the reference's, merged one tensor at a time")
     me.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
     me.add_argument("--data", default=None, metavar=_FACTORY,

@@ -8,6 +8,7 @@ Layer 1 of the toolkit (above the private ``rebasin._common``): :class:`Permutat
 from __future__ import annotations
 
 from .checkpoint import Checkpoint, LazyState, meta_state, open_checkpoint, output_format, save_permuted, save_state
+from .hf_folder import PretrainedFolder, open_pretrained, save_pretrained_permuted
 from .core import (
     Occurrence,
     axis_index,
@@ -50,4 +51,7 @@ __all__ = [
     "save_state",
     "output_format",
     "meta_state",
+    "PretrainedFolder",
+    "open_pretrained",
+    "save_pretrained_permuted",
 ]

@@ -330,6 +330,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     p = Path(os.fspath(path))
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise RebasinError(f"{str(p)!r} is a folder, not a checkpoint file; open a Hugging Face model folder "
+                           "(save_pretrained's config.json and safetensors shards) with rebasin.open_pretrained")
     if suffix == ".safetensors":
         fmt = "safetensors"
     elif suffix in (".pt", ".pth", ".bin"):

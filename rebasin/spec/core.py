@@ -15,7 +15,7 @@ Along an axis carrying permutation ``p``, the permuted tensor's slice ``i`` is t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -286,6 +286,42 @@ class PermutationSpec:
         structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
         concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
         return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped)  # type: ignore[arg-type]
+
+    def subset(self, keys: Iterable[str] | Mapping[str, str]) -> PermutationSpec:
+        """The spec of only ``keys`` (in this spec's order), or with ``{key: new key}``, of those keys renamed.
+
+        For a part of a state_dict (one shard of a checkpoint, a state_dict that stores one of two tied
+        weights) or a state_dict stored under other names (a ``transformers`` model saves some of its
+        weights under their historical names). Block sizes, structure, concatenations and groups are kept
+        where they concern what is left; sizes of permutations that no longer act on any axis are dropped.
+
+        Raises
+        ------
+        RebasinError
+            If a key is not in the spec, or two keys get one new name.
+
+        Examples
+        --------
+        >>> from rebasin import PermutationSpec
+        >>> spec = PermutationSpec({"a.weight": ("P", None), "a.bias": ("P",), "b.weight": (None, "P")})
+        >>> dict(spec.subset({"a.weight": "first.weight", "b.weight": "second.weight"}).axes)
+        {'first.weight': ('P', None), 'second.weight': (None, 'P')}
+        """
+        names = dict(keys) if isinstance(keys, Mapping) else {k: k for k in keys}
+        unknown = sorted(set(names) - set(self.axes))
+        if unknown:
+            raise RebasinError(f"cannot take a subset of the spec: keys [{_fmt_keys(unknown)}] are not in it")
+        if len(set(names.values())) != len(names):
+            raise RebasinError("cannot rename the spec's keys: two keys get the same new name")
+        axes = {names[k]: ax for k, ax in self.axes.items() if k in names}
+        used = {p for ax in axes.values() for p in ax if p is not None}
+        concat = {c: parts for c, parts in self.concat.items() if c in used}
+        free = (used - set(concat)) | {q for parts in concat.values() for q, _ in parts if q is not None}
+        structure = {p: s for p, s in self.structure.items() if p in free}
+        sizes = None if self.sizes is None else {p: n for p, n in self.sizes.items() if p in free}
+        blocks = {(names[k], a): b for (k, a), b in self.blocks.items() if k in names}
+        grouped = {(names[k], a): g for (k, a), g in self.grouped.items() if k in names}
+        return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:

@@ -425,7 +425,7 @@ class OpRules(PermState):
         if wkey is not None and len(sb) == 2:
             roles = ("out", "in") if transposed else ("in", "out")
             if transposed:  # the transpose node recorded the weight as opaque; it is read as a weight here
-                self.opaque = [o for o in self.opaque if o != (self.where(b), wkey)]
+                self.opaque = [o for o in self.opaque if o != (b, wkey)]
             return self.layer(node, a, {wkey: roles}, -1, produces=True)
         ka, xa = self.operand(node, a)
         kb, xb = self.operand(node, b)

@@ -226,6 +226,7 @@ class RuleTracer(Tracer):
 def trace_graph(model: nn.Module) -> GraphModule:
     """``torch.fx.symbolic_trace(model)`` with registered modules as leaves."""
     tracer = RuleTracer()
+    tracer.record_stack_traces = True  # messages name the line of the user's forward (state.node_site)
     graph = tracer.trace(model)
     return GraphModule(tracer.root, graph, type(model).__name__)
 

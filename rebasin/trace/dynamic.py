@@ -66,8 +66,12 @@ class _Recorder(TorchFunctionMode):
     def annotate(self, node: Node) -> None:
         """Record where ``node`` was called, as torch.fx does: the module path and the user's source line."""
         node.meta["nn_module_stack"] = {p: (p, c) for p, c in self.module_stack}
-        f = sys._getframe(1)
+        f, in_torch = sys._getframe(1), False
         while f is not None and f.f_code.co_filename.startswith(LIBRARY_DIRS):
+            if f.f_code.co_filename.startswith(LIBRARY_DIRS[1]) and in_torch:
+                f = None  # back at the recorder's entry: no user code called this (e.g. nn.Sequential)
+                break
+            in_torch = in_torch or f.f_code.co_filename.startswith(LIBRARY_DIRS[0])
             f = f.f_back
         if f is not None:
             node.stack_trace = f'File "{f.f_code.co_filename}", line {f.f_lineno}, in {f.f_code.co_name}'

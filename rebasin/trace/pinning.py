@@ -148,7 +148,7 @@ def resolve_pins(prop: PermState, model: nn.Module, strict: bool) -> SpecCoverag
         row[0] += now[pid]
         row[1] += n - now[pid]
     for module, (leaves, units) in _unclaimed(model, prop).items():
-        pins.append(Pin(module, units, "", None, f"no rule gives permutations to its weights ({', '.join(leaves)}), "
+        pins.append(Pin(module, units, "", None, f"no rule gave permutations to its weights ({', '.join(leaves)}), "
                         "so its units stay in place; register a rule for the module (rebasin.register_module)"))
         modules.setdefault(module, [0, 0])[1] += units
     coverage = SpecCoverage({m: (a, b) for m, (a, b) in modules.items()}, tuple(pins), type(model).__name__)

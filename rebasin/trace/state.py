@@ -528,8 +528,8 @@ class PermState:
     def unify(self, node: Node | str, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None:
         """One permutation for streams that must carry the same one (``what`` names them in a complaint).
 
-        Permuted entries are merged; with an unpermuted entry among them the merged permutation is the
-        identity (None is returned). None also, after a complaint, when they cannot be merged (different
+        Permuted entries are merged; with an unpermuted entry among them the merged permutation is pinned
+        to the identity (reported; None is returned). None also, after a complaint, when they cannot be merged (different
         sizes, blocks or structures).
         """
         live = [e for e in perms if e is not None]
@@ -543,8 +543,8 @@ class PermState:
                 self.complain(node, [e.pid for e in live], f"{what} must carry one permutation, but theirs differ "
                               "in size or in their head / group structure")
                 return None
-        if len(live) < len(perms):
-            self.union(live[0].pid, DEAD)
+        if len(live) < len(perms):  # the identity: pinned (reported) when tracing ends
+            self.pin(node, [live[0].pid], f"{what} must carry one permutation, and one of them is not permuted")
             return None
         return live[0]
 

@@ -8,8 +8,10 @@ checkpoints into one basin, optionally with REPAIR.
 
 Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
 factory that cannot be imported or returns something other than a loader, a first batch the model cannot
-run on, an output path that cannot be written — ends with a one-line error and exit status 2, checked
-before any alignment, evaluation or training runs (:mod:`rebasin.apps._cli_inputs`).
+run on, an output path that cannot be written, a model in which tracing leaves nothing to permute
+(``align``) — ends with a one-line error and exit status 2, checked before any alignment, evaluation or
+training runs (:mod:`rebasin.apps._cli_inputs`). ``align`` and ``merge`` print the traced spec's coverage
+(hidden units permutable vs pinned to the identity); ``--strict`` refuses what would be pinned.
 
 Methods come from the matcher registry (:func:`rebasin.register_matcher`): ``rebasin align --help``
 lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``,
@@ -117,10 +119,28 @@ def _example(args: argparse.Namespace, first_inputs: Any) -> Any:
     return first_inputs
 
 
+def _traced_spec(model: torch.nn.Module, example: Any, args: argparse.Namespace, *, need_perms: bool) -> Any:
+    """The traced spec (``--strict`` refuses what would be pinned); prints its coverage.
+
+    With ``need_perms`` a spec in which nothing is left to permute is a :class:`RebasinError` (exit 2): there is
+    nothing to align.
+    """
+    from ..trace.tracing import spec_from_model
+
+    spec = spec_from_model(model, example, strict=args.strict)
+    if spec.coverage is not None:
+        _print(spec.coverage.summary())
+    if need_perms and not spec.perms:
+        raise RebasinError(
+            f"nothing to align: tracing {type(model).__name__} left no permutation (every hidden unit is pinned "
+            "to the identity or reaches the output; the warning above names the modules and lines). Register "
+            "layer rules for them in the --model factory's module (rebasin.register_module)")
+    return spec
+
+
 def run_align(args: argparse.Namespace) -> None:
     """``rebasin align``: every input checked, then ``align``; writes B's aligned state_dict (and perms)."""
     from ..matching.alignment import align
-    from ..trace.tracing import spec_from_model
 
     import_matcher_modules(args.matcher_module)  # main() did already; a no-op then (build_parser() users)
     matcher = get_matcher(args.method)  # an unknown name is a one-line error listing the registered ones
@@ -139,7 +159,7 @@ def run_align(args: argparse.Namespace) -> None:
     model_a = model_from(args.model, state_a, args.model_a)
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
-    spec = spec_from_model(model_a, _example(args, first))
+    spec = _traced_spec(model_a, _example(args, first), args, need_perms=True)
     where = device if matcher.accepts("device") else None  # a user's matcher may take no device
     res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
     if output.suffix == ".safetensors":
@@ -166,13 +186,12 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
 
     from ..matching.weight import weight_matching
     from ..spec.checkpoint import open_checkpoint, save_permuted
-    from ..trace.tracing import spec_from_model
 
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise RebasinError(f"-o {output}: write the aligned checkpoint as .safetensors (streamed) or .pt/.pth")
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
     model = build_model(args.model)
-    spec = spec_from_model(model, _example(args, None))
+    spec = _traced_spec(model, _example(args, None), args, need_perms=True)
     del model
     start = time.perf_counter()
     perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
@@ -286,7 +305,6 @@ def run_merge(args: argparse.Namespace) -> None:
     from .._common import module_with_state, state_of
     from ..merging import compare_merge, merge
     from ..paths import reset_bn_stats
-    from ..trace.tracing import spec_from_model
 
     import_matcher_modules(args.matcher_module)
     if len(args.models) < 2:
@@ -304,7 +322,7 @@ def run_merge(args: argparse.Namespace) -> None:
     models = [model_from(args.model, s, p) for s, p in zip(states, args.models)]
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
     evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
-    spec = spec_from_model(models[0], _example(args, first))
+    spec = _traced_spec(models[0], _example(args, first), args, need_perms=False)
     merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,
                          repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
     state = state_of(merged)
@@ -430,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "modules in the current folder are found too")
     shape_help = "input shape for tracing the net, e.g. 1,3,32,32 (default: two inputs of --data's first batch)"
     device_help = "cpu, cuda, cuda:1 or auto (CUDA when available)"
+    strict_help = ("refuse (exit 2) any construct the tracer cannot prove safe for a permutation, instead of\n"
+                   "pinning its units to the identity (the default; a warning names them and the\n"
+                   "coverage line counts them)")
 
     al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
                         help="align B to A (two saved state_dicts of your own architecture)",
@@ -438,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("model_b", help="the model B to align to A: " + checkpoint)
     al.add_argument("--model", required=True, metavar=_FACTORY, help=model_help)
     al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
+    al.add_argument("--strict", action="store_true", help=strict_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
     al.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
@@ -512,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loader to report accuracy on: each model, the naive average, the merged\n"
                          "model and the ensemble")
     me.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
+    me.add_argument("--strict", action="store_true", help=strict_help)
     me.add_argument("--reference", type=int, default=0,
                     help="index of the checkpoint whose basin (unit order) the merged model keeps")
     me.add_argument("--n-iter", type=positive, default=10, help="alignment rounds at most")

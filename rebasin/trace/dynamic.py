@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .._errors import RebasinError
 from .registry import RuleTracer
-from .state import LIBRARY_DIRS
+from .state import call_site
 
 __all__ = ["record_graph", "capture_dynamic"]
 
@@ -66,15 +65,9 @@ class _Recorder(TorchFunctionMode):
     def annotate(self, node: Node) -> None:
         """Record where ``node`` was called, as torch.fx does: the module path and the user's source line."""
         node.meta["nn_module_stack"] = {p: (p, c) for p, c in self.module_stack}
-        f, in_torch = sys._getframe(1), False
-        while f is not None and f.f_code.co_filename.startswith(LIBRARY_DIRS):
-            if f.f_code.co_filename.startswith(LIBRARY_DIRS[1]) and in_torch:
-                f = None  # back at the recorder's entry: no user code called this (e.g. nn.Sequential)
-                break
-            in_torch = in_torch or f.f_code.co_filename.startswith(LIBRARY_DIRS[0])
-            f = f.f_back
-        if f is not None:
-            node.stack_trace = f'File "{f.f_code.co_filename}", line {f.f_lineno}, in {f.f_code.co_name}'
+        site = call_site(1)
+        if site is not None:
+            node.stack_trace = site
 
     # ---- values
     def value(self, a: Any) -> Any:

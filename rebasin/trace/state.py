@@ -17,6 +17,7 @@ import builtins
 import operator
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ __all__ = [
     "node_site",
     "LIBRARY_DIRS",
     "user_frame",
+    "call_site",
     "describe_node",
     "Issue",
     "reshape_axes",
@@ -92,6 +94,25 @@ def user_frame(filenames_lines: Iterable[tuple[str, int]]) -> tuple[str, int] | 
         if not f.startswith(LIBRARY_DIRS):
             found = (f, int(line))
     return found
+
+
+def call_site(depth: int = 1) -> str | None:
+    """Where the user's code made the call being recorded, as a one-frame ``node.stack_trace``, or None.
+
+    Walks out from the caller ``depth`` frames up, past torch and the tracer, to the first other frame:
+    the line of the model's ``forward`` (or of a library the model's code lives in). Meeting the tracer
+    again after torch means no user code made the call (an ``nn.Sequential`` running its children).
+    Cheaper than torch.fx's ``record_stack_traces`` (one frame, no formatting).
+    """
+    f, in_torch = sys._getframe(depth + 1), False
+    while f is not None and f.f_code.co_filename.startswith(LIBRARY_DIRS):
+        if in_torch and f.f_code.co_filename.startswith(LIBRARY_DIRS[1]):
+            return None
+        in_torch = in_torch or f.f_code.co_filename.startswith(LIBRARY_DIRS[0])
+        f = f.f_back
+    if f is None:
+        return None
+    return f'File "{f.f_code.co_filename}", line {f.f_lineno}, in {f.f_code.co_name}'
 
 
 def _short_path(path: str) -> str:

@@ -300,6 +300,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         raise RebasinError(f"spec_from_model expects an nn.Module, got {type(model).__name__}")
     if tracer not in _TRACERS:
         raise RebasinError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
+    if not isinstance(strict, bool):
+        raise RebasinError(f"strict must be True or False, got {strict!r}")
     _load_hf_rules(model)
     example_input, meta = example_for(model, example_input)
     args, kwargs = as_args(example_input)
@@ -329,7 +331,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     prop.run()
     _tie_aliases(prop, model)
 
-    coverage = resolve_pins(prop, model, bool(strict))
+    coverage = resolve_pins(prop, model, strict)
 
     live = sorted({prop.find(p) for p in range(1, len(prop.parent))} - {DEAD})
     names = perm_names(prop, live)

@@ -203,8 +203,8 @@ def test_nothing_left_to_permute_warns_once_and_align_says_nothing_to_align():
     spec, msgs = _pin_warnings(spec_from_model, a, torch.randn(2, 8))
     assert len(msgs) == 1 and "Nothing is left to permute: alignment has nothing to align" in msgs[0]
     assert spec.perms == () and (spec.coverage.permutable, spec.coverage.pinned) == (0, 8)
-    with pytest.warns(RebasinWarning, match="nothing to align"):
-        res = rebasin.align(a, b, spec=spec)
+    res, msgs = _pin_warnings(rebasin.align, a, b, example_input=torch.randn(2, 8))  # traces A and B
+    assert len(msgs) == 2 and "Nothing is left to permute" in msgs[0] and "nothing to align" in msgs[1], msgs
     assert res.perms == {}
     assert all(torch.equal(v, state_b[k]) for k, v in b.state_dict().items())  # nothing mutated
 

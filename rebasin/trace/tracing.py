@@ -37,6 +37,7 @@ merged residual group is named after its earliest member.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Node
 
 from .._common import as_args, evaluating, first_inputs, state_of
-from .._errors import RebasinError
+from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, SpecCoverage
 from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
@@ -497,7 +498,9 @@ def same_architecture(spec: PermutationSpec, model_b: nn.Module, *, example_inpu
     Two models can have equal state_dict shapes and still differ in structure, e.g. the number of attention
     heads: aligning one with the other's spec would silently mix heads.
     """
-    other = spec_for(model_b, example_input=example_input, loader=loader, check=False)
+    with warnings.catch_warnings():  # model A's trace already reported its pinned units
+        warnings.simplefilter("ignore", RebasinWarning)
+        other = spec_for(model_b, example_input=example_input, loader=loader, check=False)
     if other == spec:
         return
     diff = [f"structure {dict(spec.structure)} vs {dict(other.structure)}"] if dict(spec.structure) != dict(

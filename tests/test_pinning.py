@@ -231,16 +231,19 @@ def nothing_left() -> nn.Module:
     return NothingLeft()
 
 
-def _save(path, factory, seed):
-    torch.manual_seed(seed)
-    torch.save(factory().state_dict(), path)
+def _align_argv(tmp_path, factory, shape):
+    """``rebasin align`` arguments for two checkpoints of ``factory`` (seeds 0 and 1); returns them and ``-o``."""
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for seed, path in enumerate(paths):
+        torch.manual_seed(seed)
+        torch.save(factory().state_dict(), path)
+    out = tmp_path / "o.pt"
+    return ["align", *map(str, paths), "--model", f"{__name__}:{factory.__name__}", "--example-shape", shape,
+            "-o", str(out)], out
 
 
 def test_cli_align_prints_coverage_and_strict_refuses(tmp_path, capsys):
-    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "o.pt"
-    _save(a, input_residual, 0)
-    _save(b, input_residual, 1)
-    argv = ["align", str(a), str(b), "--model", f"{__name__}:input_residual", "--example-shape", "4,16", "-o", str(out)]
+    argv, out = _align_argv(tmp_path, input_residual, "4,16")
     with pytest.warns(RebasinWarning, match="- l2: 16 unit"):
         assert main(argv) == 0
     assert "coverage: 32 of 48 hidden units permutable (66.7%), 16 pinned" in capsys.readouterr().out
@@ -252,10 +255,7 @@ def test_cli_align_prints_coverage_and_strict_refuses(tmp_path, capsys):
 
 
 def test_cli_align_exits_2_when_nothing_is_left_to_align(tmp_path, capsys):
-    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "o.pt"
-    _save(a, nothing_left, 0)
-    _save(b, nothing_left, 1)
-    argv = ["align", str(a), str(b), "--model", f"{__name__}:nothing_left", "--example-shape", "2,8", "-o", str(out)]
+    argv, out = _align_argv(tmp_path, nothing_left, "2,8")
     with pytest.warns(RebasinWarning, match="Nothing is left to permute"):
         assert main(argv) == 2
     captured = capsys.readouterr()

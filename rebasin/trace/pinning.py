@@ -20,6 +20,8 @@ counted in :class:`~rebasin.SpecCoverage` (``spec.coverage``).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 
@@ -153,8 +155,17 @@ def resolve_pins(prop: PermState, model: nn.Module, strict: bool) -> SpecCoverag
         modules.setdefault(module, [0, 0])[1] += units
     coverage = SpecCoverage({m: (a, b) for m, (a, b) in modules.items()}, tuple(pins), type(model).__name__)
     if pins:
-        warnings.warn(pin_message(coverage), RebasinWarning, stacklevel=4)
+        warnings.warn(pin_message(coverage), RebasinWarning, stacklevel=_outside_rebasin())
     return coverage
+
+
+def _outside_rebasin() -> int:
+    """The ``stacklevel`` of the caller's first frame outside the rebasin package (the user's call)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(package):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def pin_message(coverage: SpecCoverage) -> str:

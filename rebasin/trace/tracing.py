@@ -69,7 +69,8 @@ class ModelTrace:
     Attributes
     ----------
     spec
-        The :class:`PermutationSpec` of the model, with ``sizes`` filled in.
+        The :class:`PermutationSpec` of the model, with ``sizes`` and ``coverage`` (hidden units permutable
+        and pinned per module, :class:`~rebasin.SpecCoverage`) filled in.
     graph_module
         The traced :class:`torch.fx.GraphModule`. Its ``state_dict`` keys equal the model's; it
         shares the model's submodules and tensors (it is a view, not a copy) and is never mutated

@@ -5,9 +5,9 @@ an op or module without a rule, a reduction over the permuted axis, a reshape th
 recorded as an :class:`~rebasin.trace.state.Issue` (:meth:`PermState.complain
 <rebasin.trace.state.PermState.complain>`); a rule that knows some units cannot move records a
 deliberate one (:meth:`RuleContext.pin <rebasin.trace.rules.RuleContext.pin>`). When the graph is done,
-:func:`resolve_pins` visits them in graph order: an issue whose permutations are all the identity
-already (they reach the model output, or an earlier pin took them) is moot; otherwise its permutations
-are merged with the identity, and with them everything unified with them (the residual stream they
+:func:`resolve_pins` visits them, deliberate pins first, then in graph order: an issue whose permutations
+are all the identity already (they reach the model output, or an earlier pin took them) is moot;
+otherwise its permutations are merged with the identity, and with them everything unified with them (the residual stream they
 belong to, the parts of a concatenation, the heads of a structured permutation). The identity is always
 a valid element, so pinning never breaks functional equivalence; the rest of the model stays permutable.
 Under ``strict=True`` the first live issue that is not deliberate raises :class:`RebasinError` instead.
@@ -127,7 +127,9 @@ def resolve_pins(prop: PermState, model: nn.Module, strict: bool) -> SpecCoverag
     now = {pid: live_units(prop, pid) for pid in born}
     free = {pid: n for pid, n in now.items() if n}  # hidden units before pinning (output units excluded)
     pins: list[Pin] = []
-    for issue in prop.complaints + _opaque_issues(prop):
+    issues = prop.complaints + _opaque_issues(prop)
+    # deliberate pins first: a rule's statement holds whatever else happens, so refusals of units it pinned are moot
+    for issue in [i for i in issues if i.deliberate] + [i for i in issues if not i.deliberate]:
         live = [p for p in issue.pids if not prop.dead(p)]
         if not live:
             continue

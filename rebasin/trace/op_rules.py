@@ -6,7 +6,8 @@ what :meth:`RuleContext.apply_roles <rebasin.trace.rules.RuleContext.apply_roles
 rule, and what ``F.linear``, ``F.conv*``, ``F.batch_norm`` and ``F.prelu`` run with their parameters'
 roles. The other methods are the rules of parameter-free ops: elementwise (with broadcasting),
 reshape, axis reorder, reduction, pooling and indexing. Each either returns the output's entries or
-records a complaint naming the node (:meth:`PermState.complain <rebasin.trace.state.PermState.complain>`).
+records an issue naming the module path and source line (:meth:`PermState.complain
+<rebasin.trace.state.PermState.complain>`): the permutations it touches are pinned, or refused under ``strict=True``.
 """
 
 from __future__ import annotations

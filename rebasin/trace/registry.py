@@ -117,7 +117,7 @@ def register_module(
         unknown role, a role given to two axes of one entry, a non-int ``feature_dim``, or a class
         that already has a rule (without ``overwrite=True``). Entries the module does not have,
         missing entries and role tuples of the wrong length are reported when a model is traced,
-        naming the node, the entry and its shape.
+        naming the module path and source line, the entry and its shape.
 
     Examples
     --------

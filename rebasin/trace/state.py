@@ -116,6 +116,10 @@ def call_site(depth: int = 1) -> str | None:
 
 
 def _short_path(path: str) -> str:
+    """``path`` relative to the working directory, or from its package for an installed library."""
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in path:
+            return path.rsplit(marker, 1)[1]
     try:
         rel = os.path.relpath(path)
     except ValueError:  # another drive

@@ -262,3 +262,24 @@ def test_cli_align_exits_2_when_nothing_is_left_to_align(tmp_path, capsys):
     assert "error: nothing to align: tracing NothingLeft left no permutation" in captured.err
     assert "coverage: 0 of 8 hidden units permutable" in captured.out
     assert not out.exists()
+
+
+def test_a_small_llama_traces_and_aligns_what_it_can_instead_of_being_refused():
+    """Rules for RMSNorm / rotary attention may pin nothing at all; whatever is pinned is named by module path."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with rebasin.registration_scope():  # tracing registers the transformers rules on demand
+        spec, msgs = _pin_warnings(spec_from_model, model, torch.randint(0, 64, (1, 8)))  # the check runs
+    assert len(msgs) <= 1
+    for line in (msgs[0].splitlines()[1:] if msgs else []):
+        if line.startswith("  - "):
+            assert re.match(r"  - model\.[\w.]+: \d+ unit\(s\) pinned: .* in model\.[\w.]+ \(transformers/[\w/]+\.py:"
+                            r"\d+\): ", line), line
+    assert spec.coverage.permutable >= 2 * 64  # at least the MLP units of both layers
+    state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state_b = permute(spec, random_permutation(spec, seed=3), state_a)
+    back = permute(spec, weight_matching(spec, state_a, state_b), state_b)
+    assert all(torch.equal(back[k], state_a[k]) for k in state_a)

@@ -78,6 +78,7 @@ def test_input_residual_pins_the_stream_and_keeps_the_hidden_units_permutable(tr
     for seed in (1, 2, 3):  # equivalence with randomised BatchNorm statistics
         spec.check(model, _X, seed=seed)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is not mutated
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the recorder's are gone
 
 
 def test_weight_matching_recovers_a_planted_permutation_of_the_free_units():

@@ -7,8 +7,10 @@
    (BatchNorm statistics recomputed at every point, as a BN net needs).
 2. ``TwoBranch`` concatenates two conv branches with ``torch.cat``: the traced spec says so with a
    concatenation (``spec.concat``), and weight matching undoes a hidden permutation of it exactly.
-3. ``EinsumMix`` mixes channels with ``torch.einsum``, which the tracer cannot prove safe: it raises
-   ``RebasinError`` naming the node. A hand-written ``PermutationSpec`` works instead.
+3. ``EinsumMix`` mixes channels with ``torch.einsum``, which the tracer cannot prove safe: it pins the
+   units the einsum touches (one warning names them by module path and source line) and keeps the rest
+   permutable; ``strict=True`` raises ``RebasinError`` instead. A hand-written ``PermutationSpec`` says
+   the same by hand.
 
     python examples/own_model.py            # about 15 s on 2 CPU cores
     python examples/own_model.py --tiny     # a few seconds (CI)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,10 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
         torch.equal(v, net.state_dict()[k]) for k, v in rebasin.permute(cat_spec, found, shuffled).items())
     print(f"TwoBranch: weight matching undoes a random permutation exactly: {results['cat_recovered']}")
 
-    # An einsum over a raw weight: the tracer refuses, naming the node and suggesting a manual spec.
+    # An einsum over a raw weight: the tracer cannot prove it safe. By default it pins the units the einsum
+    # touches to the identity (one warning names them by module path and source line) and keeps the rest
+    # permutable; spec.coverage counts both. strict=True refuses instead.
     net = seeded_model(EinsumMix, seed=args.seed).to(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", rebasin.RebasinWarning)
+        pinned = rebasin.spec_from_model(net, x[:2])
+    for w in caught:
+        print(f"RebasinWarning: {w.message}")
+    print(pinned.coverage.summary())
+    results["einsum_coverage"] = pinned.coverage.as_dict()
     try:
-        rebasin.spec_from_model(net, x[:2])
+        rebasin.spec_from_model(net, x[:2], strict=True)
     except rebasin.RebasinError as err:
         print(f"RebasinError: {err}")
         results["einsum_error"] = str(err)

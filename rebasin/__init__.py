@@ -91,6 +91,7 @@ from .paths import (
 from .spec import (
     Checkpoint,
     PermutationSpec,
+    SpecCoverage,
     check_permutations,
     compose,
     identity_permutation,
@@ -127,6 +128,7 @@ __all__ = [
     "RebasinWarning",
     # specs and permutations
     "PermutationSpec",
+    "SpecCoverage",
     "spec_from_model",
     "trace_model",
     "ModelTrace",

@@ -6,12 +6,15 @@ from its own ``torch.Generator``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from rebasin import PermutationSpec
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, spec_from_model
 from rebasin.spec.core import split_structured
 
 
@@ -124,3 +127,31 @@ def randomize_norms_(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.bias is not None:
                     m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
     return model
+
+
+def refused_then_pinned(model: nn.Module, example: Any, where: str, reason: str, pinned: Sequence[str],
+                        **kwargs: Any) -> PermutationSpec:
+    """A construct the tracer cannot prove safe: refused under ``strict=True``, pinned by default.
+
+    ``where`` is a regex for how messages name the construct (module path or call, and the ``file:line`` of
+    the model's source), ``reason`` a regex for why. Under ``strict=True`` the error names both (and no fx
+    node name). By default exactly one pin warning lists each module path in ``pinned`` with pinned units,
+    ``where`` and ``reason`` on its line; ``spec.coverage`` counts them, and the spec passes the functional
+    check (``spec_from_model`` runs it). Returns the default spec.
+    """
+    try:
+        spec_from_model(model, example, strict=True, **kwargs)
+    except RebasinError as err:
+        msg = str(err)
+        assert re.search(f"{where}.*{reason}", msg) and "node '" not in msg, msg
+    else:
+        raise AssertionError("strict=True did not refuse")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        spec = spec_from_model(model, example, **kwargs)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RebasinWarning) and "pinned" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    for module in pinned:
+        assert re.search(rf"- {re.escape(module)}: \d+ unit\(s\) pinned: [^\n]*{where}[^\n]*{reason}", msgs[0]), msgs[0]
+        assert spec.coverage is not None and spec.coverage.modules[module][1] > 0, spec.coverage
+    return spec

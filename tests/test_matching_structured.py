@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rebasin import RebasinError
+from rebasin import RebasinError, RebasinWarning
 from rebasin.matching.activation import activation_matching
 from rebasin.matching.assignment import structured_assignment
 from rebasin.matching.ot import ot_matching
@@ -336,8 +336,8 @@ def test_activation_matching_refuses_permutations_no_node_carries():
         activation_matching(model, model, [x], spec=spec)
 
 
-def test_activation_matching_says_which_matcher_to_use_when_the_model_cannot_be_traced():
-    class Nested(nn.Module):  # GroupNorm grouping a grouped convolution's channels otherwise: not traceable
+def test_activation_matching_says_which_matcher_to_use_when_the_trace_pins_the_units():
+    class Nested(nn.Module):  # GroupNorm grouping a grouped convolution's channels otherwise: pinned by the tracer
         def __init__(self) -> None:
             super().__init__()
             self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=4), nn.GroupNorm(2, 8),
@@ -347,9 +347,11 @@ def test_activation_matching_says_which_matcher_to_use_when_the_model_cannot_be_
             return self.net(x)
 
     model = Nested()
-    spec = PermutationSpec({k: (None,) * v.ndim for k, v in model.state_dict().items()})
-    with pytest.raises(RebasinError, match=r"tracing failed.*nested groups.*use weight_matching"):
-        activation_matching(model, model, [torch.randn(4, 3, 5, 5)], spec=spec)
+    axes = {k: (None,) * v.ndim for k, v in model.state_dict().items()}
+    spec = PermutationSpec({**axes, "net.0.weight": ("P", None, None, None), "net.0.bias": ("P",)})
+    with pytest.warns(RebasinWarning, match=r"- net\.0: 8 unit\(s\) pinned: net\.3 \(GroupNorm.*nested groups"):
+        with pytest.raises(RebasinError, match=r"no activation node was found for permutation 'P'.*use weight_matching"):
+            activation_matching(model, model, [torch.randn(4, 3, 5, 5)], spec=spec)
 
 
 # ---------------------------------------------------------------------------------------- STE and OT

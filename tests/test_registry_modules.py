@@ -16,6 +16,7 @@ from rebasin import (
     ModuleRule,
     PermutationSpec,
     RebasinError,
+    RebasinWarning,
     RuleContext,
     channel_stats,
     invert,
@@ -340,8 +341,11 @@ def test_callable_rule_with_declared_params_and_refusal(groups: int) -> None:
             spec = spec_from_model(model, torch.randn(2, 3))
             assert spec.axes["2.weight"] == ("P1", "P0")
         else:
-            with pytest.raises(RebasinError, match=r"node '_2'.*GroupedLinear.*\['P0'\]: GroupedLinear with 2 groups"):
-                spec_from_model(model, torch.randn(2, 3))
+            with pytest.raises(RebasinError, match=r"2 \(GroupedLinear\).*\['P0'\]: GroupedLinear with 2 groups"):
+                spec_from_model(model, torch.randn(2, 3), strict=True)
+            with pytest.warns(RebasinWarning, match=r"- 0: 4 unit\(s\) pinned: 2 \(GroupedLinear\): GroupedLinear with 2"):
+                spec = spec_from_model(model, torch.randn(2, 3))
+            assert dict(spec.coverage.modules) == {"0": (0, 4), "2": (0, 6)}  # its rule gave its weight no axes
 
 
 def test_elementwise_registration_reaches_the_weight_adjusted_path() -> None:
@@ -393,14 +397,14 @@ def test_only_module_classes_can_be_registered() -> None:
     [
         # role tuple length is checked against the tensor's rank, with the key and the shape
         ({"weight": ("out",), "bias": ("out",)}, -1,
-         r"MyLinear at node 'fc1'.*params\['weight'\] has 1 role.*'fc1.weight' has shape \(8, 5\) \(2 axes\)"),
+         r"MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*params\['weight'\] has 1 role.*'fc1.weight' has shape \(8, 5\) \(2 axes\)"),
         # a name the module does not have: its entries and shapes are listed
         ({**LINEAR_ROLES, "gain": ("out",)}, -1,
-         r"MyLinear at node 'fc1'.*names 'gain', which MyLinear does not have.*'weight': \(8, 5\), 'bias': \(8,\)"),
+         r"MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*names 'gain', which MyLinear does not have.*'weight': \(8, 5\), 'bias': \(8,\)"),
         # an entry the declaration leaves out
-        ({"weight": ("out", "in")}, -1, r"MyLinear at node 'fc1'.*does not name.*\{'bias': \(8,\)\}"),
+        ({"weight": ("out", "in")}, -1, r"MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*does not name.*\{'bias': \(8,\)\}"),
         # an axis whose size is not the number of features (wrong feature_dim: 0 is the batch axis)
-        (LINEAR_ROLES, 0, r"node 'fc1'.*'fc1.weight' has shape \(8, 5\); its axis 0 has the role 'out' but has 8 "
+        (LINEAR_ROLES, 0, r"at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\), 'fc1.weight' has shape \(8, 5\); its axis 0 has the role 'out' but has 8 "
                           r"entries, not the 4 output features \(axis 0 of the output, shape \(4, 8\)\)"),
     ],
 )  # fmt: skip
@@ -415,16 +419,16 @@ def test_bad_declarations_are_reported_when_tracing(params: dict, feature_dim: i
 @pytest.mark.parametrize(
     ("rule", "pattern"),
     [
-        (lambda ctx: "nope", r"rule for MyLinear at node 'fc1'.*returned 'nope'"),
+        (lambda ctx: "nope", r"rule for MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*returned 'nope'"),
         (lambda ctx: ctx.assign("kernel", (None, None)),
-         r"MyLinear at node 'fc1'.* names 'kernel'.*'weight': \(8, 5\)"),
+         r"MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).* names 'kernel'.*'weight': \(8, 5\)"),
         (lambda ctx: ctx.assign("weight", (None,)), r"gave 'fc1.weight' \(shape \(8, 5\)\) 1 axes"),
         (lambda ctx: ctx.assign("weight", (ctx.new_permutation(size=3), None)),
          r"permutation of 3 entries on axis 0 of 'fc1.weight', which has shape \(8, 5\)"),
         (lambda ctx: ctx.assign("weight", ("P0", None)), r"axis 0 of 'fc1.weight' the value 'P0'"),
-        (lambda ctx: ctx.new_permutation(), r"new_permutation at node 'fc1'.*exactly one"),
+        (lambda ctx: ctx.new_permutation(), r"new_permutation at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*exactly one"),
         (lambda ctx: ctx.new_permutation(5), r"axis 5 is not an axis of the output \(shape \(4, 8\)\)"),
-        (lambda ctx: ctx.apply_roles(), r"MyLinear at node 'fc1'.*apply_roles\(\) needs params="),
+        (lambda ctx: ctx.apply_roles(), r"MyLinear at fc1 \(MyLinear, tests/test_registry_modules\.py:\d+\).*apply_roles\(\) needs params="),
     ],
 )  # fmt: skip
 def test_callable_rule_misuse_names_the_node_and_key(rule, pattern: str) -> None:
@@ -464,8 +468,8 @@ def test_registering_twice_needs_overwrite_and_the_scope_restores_builtins() -> 
         register_module(nn.ReLU, params={})  # the same rule again (a factory called twice): a no-op
         assert module_rule(nn.ReLU) is relu_rule
         register_module(nn.ReLU, rule=lambda ctx: ctx.unsupported("no ReLU today"), overwrite=True)
-        with pytest.raises(RebasinError, match="no ReLU today"):
-            spec_from_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3))
+        with pytest.raises(RebasinError, match=r"1 \(ReLU\).*no ReLU today"):
+            spec_from_model(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(2, 3), strict=True)
     assert module_rule(nn.ReLU) is relu_rule
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     assert spec_from_model(model, torch.randn(2, 3)).perms == ("P0",)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rebasin import ModelTrace, PermutationSpec, RebasinError, permute, random_permutation, spec_from_model, trace_model
+from rebasin import ModelTrace, PermutationSpec, RebasinError, RebasinWarning, permute, random_permutation, spec_from_model, trace_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20
 
@@ -224,26 +226,47 @@ class _ChannelCumsum(nn.Module):  # a running sum over the features depends on t
         return self.b(self.a(x).cumsum(1))
 
 
+# name: (model, input shape, how messages name the construct (module path or call, then the model's source
+# line), the reason, the module whose units are pinned)
 UNSUPPORTED = {
     "nested-groups": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GroupNorm(2, 8))),
-                      (1, 3, 6, 6), "middle_1", "nested groups"),
+                      (1, 3, 6, 6), r"middle\.1 \(GroupNorm, tests/test_trace\.py:141\)", "nested groups", "middle.0"),
     "one-output-per-group": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 4, 1, groups=4), nn.Conv2d(4, 8, 1))),
-                             (1, 3, 6, 6), "middle_0", "one output channel per group"),
-    "stack": (_Stack, (2, 3), "stack", "torch.stack"),
-    "mixing-reshape": (_MixingReshape, (2, 5), "reshape", "mixes channels"),
-    "add-unpermuted": (_AddUnpermuted, (2, 5), "add", "unpermuted"),
-    "channel-cumsum": (_ChannelCumsum, (2, 5), "cumsum", "Tensor.cumsum is not an operation"),
+                             (1, 3, 6, 6), r"middle\.0 \(Conv2d, tests/test_trace\.py:141\)",
+                             "one output channel per group", "conv_a"),
+    "stack": (_Stack, (2, 3), r"torch\.stack in _Stack\.forward \(tests/test_trace\.py:176\)", "torch.stack", "a"),
+    "mixing-reshape": (_MixingReshape, (2, 5), r"Tensor\.reshape in _MixingReshape\.forward \(tests/test_trace\.py:194\)",
+                       "mixes channels", "a"),
+    "add-unpermuted": (_AddUnpermuted, (2, 5), r"the \+ in _AddUnpermuted\.forward \(tests/test_trace\.py:216\)",
+                       "unpermuted", "a"),
+    "channel-cumsum": (_ChannelCumsum, (2, 5), r"Tensor\.cumsum in _ChannelCumsum\.forward \(tests/test_trace\.py:226\)",
+                       "Tensor.cumsum is not an operation", "a"),
 }
 
 
 @pytest.mark.parametrize("name", list(UNSUPPORTED))
-def test_unsupported_structure_raises_naming_the_node(name: str) -> None:
-    make, shape, node, what = UNSUPPORTED[name]
+def test_unsupported_structure_is_refused_under_strict_naming_module_and_line(name: str) -> None:
+    make, shape, where, what, _ = UNSUPPORTED[name]
     torch.manual_seed(0)
     with pytest.raises(RebasinError) as info:
-        spec_from_model(make(), torch.randn(shape))
+        spec_from_model(make(), torch.randn(shape), strict=True)
     msg = str(info.value)
-    assert f"node {node!r}" in msg and what in msg and "PermutationSpec(axes=" in msg, msg
+    assert re.search(where, msg) and what in msg and "PermutationSpec(axes=" in msg, msg
+    assert "node '" not in msg, msg
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_structure_pins_by_default_naming_module_and_line(name: str) -> None:
+    make, shape, where, what, pinned = UNSUPPORTED[name]
+    torch.manual_seed(0)
+    with pytest.warns(RebasinWarning) as rec:
+        spec = spec_from_model(make(), torch.randn(shape))  # the functional check runs
+    msgs = [str(w.message) for w in rec if "pinned" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert re.search(rf"- {re.escape(pinned)}: \d+ unit\(s\) pinned: {where}: [^\n]*{re.escape(what)}", msgs[0]), msgs[0]
+    assert spec.coverage is not None and spec.coverage.modules[pinned][1] > 0
+    assert any(p.module == pinned and p.line is not None and p.line.startswith("tests/test_trace.py:")
+               for p in spec.coverage.pins)
 
 
 def test_data_dependent_control_flow_raises_with_fx() -> None:
@@ -335,8 +358,13 @@ def test_transposed_tied_weight_raises() -> None:
             h = F.relu(self.mid(F.relu(self.enc(x))))
             return F.linear(h, self.enc.weight.t())
 
-    with pytest.raises(RebasinError, match=r"node 'linear'.*computed in the graph.*PermutationSpec\(axes="):
-        spec_from_model(TiedAutoencoder(), torch.randn(2, 5))
+    with pytest.raises(RebasinError, match=r"torch\.nn\.functional\.linear in TiedAutoencoder\.forward "
+                       r"\(tests/test_trace\.py:\d+\).*computed in the graph.*PermutationSpec\(axes="):
+        spec_from_model(TiedAutoencoder(), torch.randn(2, 5), strict=True)
+    with pytest.warns(RebasinWarning, match=r"- mid: 6 unit\(s\) pinned: torch\.nn\.functional\.linear in "
+                      r"TiedAutoencoder\.forward \(tests/test_trace\.py:\d+\): [^\n]*computed in the graph"):
+        spec = spec_from_model(TiedAutoencoder(), torch.randn(2, 5))
+    assert dict(spec.coverage.modules) == {"enc": (0, 6), "mid": (0, 6)}  # enc.weight is read transposed: pinned too
 
 
 def test_permuted_parameter_used_in_unknown_op_raises() -> None:
@@ -348,8 +376,12 @@ def test_permuted_parameter_used_in_unknown_op_raises() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(F.relu(self.enc(x))) + self.enc.weight[0, 0]
 
-    with pytest.raises(RebasinError, match=r"uses the parameter 'enc.weight'.*\['P0'\].*PermutationSpec\(axes="):
-        spec_from_model(WeightPenalty(), torch.randn(2, 5))
+    with pytest.raises(RebasinError, match=r"indexing \[\.\.\.\] in WeightPenalty\.forward \(tests/test_trace\.py:\d+\) "
+                       r"safe for permutation\(s\) \['P0'\].*uses the parameter 'enc.weight'.*PermutationSpec\(axes="):
+        spec_from_model(WeightPenalty(), torch.randn(2, 5), strict=True)
+    with pytest.warns(RebasinWarning, match=r"- enc: 6 unit\(s\) pinned: the indexing .* uses the parameter 'enc.weight'"):
+        spec = spec_from_model(WeightPenalty(), torch.randn(2, 5))
+    assert spec.perms == () and spec.coverage.pinned == 6
 
 
 def test_layer_scale_parameter_gets_the_permutation() -> None:
@@ -379,7 +411,7 @@ def test_wrong_spec_is_caught_by_the_functional_check(monkeypatch: pytest.Monkey
             return self.b(torch.flip(F.relu(self.a(x)), [1]))
 
     with pytest.raises(RebasinError, match="torch.flip"):
-        spec_from_model(Rolled(), torch.randn(2, 5))
+        spec_from_model(Rolled(), torch.randn(2, 5), strict=True)
     monkeypatch.setattr(trace_mod, "ELEMENTWISE_FN", trace_mod.ELEMENTWISE_FN | {torch.flip})
     assert spec_from_model(Rolled(), torch.randn(2, 5), check=False).perms == ("P0",)
     with pytest.raises(RebasinError, match="fails the functional check"):

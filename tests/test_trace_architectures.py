@@ -19,6 +19,8 @@ import rebasin
 from rebasin import RebasinError, RebasinWarning, spec_from_model
 from rebasin.spec import invert, permute, random_permutation, split_structured
 
+from builders import refused_then_pinned
+
 
 def _traced(model: nn.Module, x, seeds=(1, 2, 3)):
     """The traced spec, after checking equivalence for several random permutations and norm statistics."""
@@ -230,8 +232,8 @@ def test_transformer_layer_with_an_unknown_activation_is_refused_by_name():
             return x - x.mean(-1, keepdim=True)
 
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, activation=Odd())
-    with pytest.raises(RebasinError, match=r"node 'body'.*not known to be elementwise"):
-        spec_from_model(_Seq2(layer), _X)
+    refused_then_pinned(_Seq2(layer), _X, r"body \(TransformerEncoderLayer, tests/test_trace_architectures\.py:\d+\)",
+                        "not known to be elementwise", ["body"])
 
 
 # --------------------------------------------------------------------------- grouped convolutions, GroupNorm
@@ -339,13 +341,14 @@ def test_grouped_transposed_conv_and_functional_forms():
     assert spec.grouped[("w", 1)] == 4 and spec.structure[spec.axes["gw"][0]][1] == 4
 
 
-@pytest.mark.parametrize("middle, node, what", [
-    (lambda: nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(2, 16)), "body_1",
-     "nested groups"),
-    (lambda: nn.Conv2d(16, 4, 1, groups=4), "body", "one output channel per group"),
-    (lambda: nn.ConvTranspose2d(16, 32, 1, groups=16), "body", "output channels per input channel"),
+@pytest.mark.parametrize("middle, node, what, pinned", [
+    (lambda: nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(2, 16)), r"body\.1 \(GroupNorm",
+     "nested groups", ["a", "body.0"]),
+    (lambda: nn.Conv2d(16, 4, 1, groups=4), r"body \(Conv2d", "one output channel per group", ["a"]),
+    (lambda: nn.ConvTranspose2d(16, 32, 1, groups=16), r"body \(ConvTranspose2d", "output channels per input channel",
+     ["a"]),
 ])
-def test_group_structures_the_spec_cannot_express_are_refused_by_name(middle, node, what):
+def test_group_structures_the_spec_cannot_express_are_refused_by_name(middle, node, what, pinned):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -356,8 +359,7 @@ def test_group_structures_the_spec_cannot_express_are_refused_by_name(middle, no
 
     net = Net()
     net(_IMG)
-    with pytest.raises(RebasinError, match=rf"node '{node}'.*{what}"):
-        spec_from_model(net, _IMG)
+    refused_then_pinned(net, _IMG, node + r", tests/test_trace_architectures\.py:\d+\)", what, pinned)
 
 
 # --------------------------------------------------------------------------- recurrent layers
@@ -421,8 +423,7 @@ def test_recurrent_final_state_of_several_layers_is_refused_by_name():
 
     spec = _traced(Last(1), _X)  # one layer, one direction: h_n carries the hidden permutation
     assert spec.axes["head.weight"][1] == spec.axes["rnn.weight_hh_l0"][1]
-    with pytest.raises(RebasinError, match=r"node 'rnn'.*stack 2 layer"):
-        spec_from_model(Last(2), _X)
+    refused_then_pinned(Last(2), _X, r"rnn \(GRU, tests/test_trace_architectures\.py:\d+\)", "stack 2 layer", ["rnn"])
 
 
 def test_recurrent_initial_state_of_several_layers_with_a_permutation_is_refused():
@@ -437,8 +438,7 @@ def test_recurrent_initial_state_of_several_layers_with_a_permutation_is_refused
             out, _ = self.rnn(x, h0)
             return self.head(out[:, -1])
 
-    with pytest.raises(RebasinError, match=r"node 'rnn'.*initial state"):
-        spec_from_model(Init(), _X)
+    refused_then_pinned(Init(), _X, r"rnn \(RNN, tests/test_trace_architectures\.py:\d+\)", "initial state", ["h0"])
 
 
 # --------------------------------------------------------------------------- bad input, never silent
@@ -460,8 +460,8 @@ def test_attention_mask_varying_along_the_permuted_head_axis_is_refused():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
             return self.out(y.transpose(1, 2).reshape(b, t, 8))
 
-    with pytest.raises(RebasinError, match=r"node 'scaled_dot_product_attention'.*mask"):
-        spec_from_model(Hand(), torch.randn(2, 6, 8))
+    refused_then_pinned(Hand(), torch.randn(2, 6, 8), r"torch\.nn\.functional\.scaled_dot_product_attention in "
+                        r"Hand\.forward \(tests/test_trace_architectures\.py:\d+\)", "mask", ["q"])
 
 
 def test_weights_no_rule_claims_are_reported_by_module():
@@ -474,7 +474,8 @@ def test_weights_no_rule_claims_are_reported_by_module():
         def forward(self, x):
             return self.head(torch.mm(x, self.w))  # an op the tracer has no rule for
 
-    with pytest.warns(RebasinWarning, match=r"\(the model itself\) \(w\)"):
+    with pytest.warns(RebasinWarning, match=r"- Opaque \(the model itself\): 5 unit\(s\) pinned: no rule gave "
+                      r"permutations to its weights \(w\)"):
         spec_from_model(Opaque(), torch.randn(3, 5))
 
 
@@ -519,8 +520,14 @@ class _WithState(nn.Module):
 @pytest.mark.parametrize("layers, init", [(1, "zeros"), (2, "zeros"), (1, "input"), (2, "input"), (1, "linear")])
 def test_recurrent_initial_states(cls, layers, init):
     """Zeros leave every permutation free; a fixed state keeps the hidden units in place; a computed state
-    of one layer carries the hidden permutation."""
-    spec = _traced(_WithState(cls, layers, init), _X)
+    of one layer carries the hidden permutation (the pinned units are reported, never silent)."""
+    if init == "input":
+        with pytest.warns(RebasinWarning, match=r"- rnn: \d+ unit\(s\) pinned: rnn \(\w+, tests/test_trace_architectures"
+                          r"\.py:\d+\): the initial state passed in"):
+            spec = spec_from_model(_WithState(cls, layers, init).eval(), _X)
+        assert spec.coverage.modules["rnn"] == (0, 6 * layers)
+    else:
+        spec = _traced(_WithState(cls, layers, init), _X)
     hidden = spec.axes["rnn.weight_hh_l0"][1]
     if init == "input":
         assert hidden is None

@@ -11,6 +11,8 @@ from rebasin import RebasinError, permute, random_permutation, spec_from_model
 from rebasin.apps.models import ViT
 from rebasin.spec import split_structured
 
+from builders import refused_then_pinned
+
 
 class Attn(nn.Module):
     """Separate q/k/v projections, heads by view/transpose, softmax(q k^T) v or SDPA, cls token, pos embedding."""
@@ -82,8 +84,9 @@ def test_hand_written_attention_is_exact_with_heads(sdpa, mask):
 
 
 def test_mask_depending_on_the_head_order_is_refused():
-    with pytest.raises(RebasinError, match=r"node 'add_4'.*\['H0'\].*unpermuted tensor of the same size along axis 1"):
-        spec_from_model(Attn(mask="head-index"), torch.randn(2, 4, 6))
+    refused_then_pinned(Attn(mask="head-index"), torch.randn(2, 4, 6),
+                        r"the \+ in Attn\.forward \(tests/test_trace_attention\.py:\d+\)",
+                        r"unpermuted tensor of the same size along axis 1", ["q", "k", "v"])
 
 
 def test_selecting_one_head_is_refused():
@@ -93,8 +96,9 @@ def test_selecting_one_head_is_refused():
             q = self.q(self.inp(x)).view(b, t, self.h, -1)
             return self.head(self.o(q[:, :, 0].repeat(1, 1, self.h)))
 
-    with pytest.raises(RebasinError, match="indexes into the permuted axis"):
-        spec_from_model(OneHead(), torch.randn(2, 4, 6))
+    refused_then_pinned(OneHead(), torch.randn(2, 4, 6),
+                        r"the indexing \[\.\.\.\] in OneHead\.forward \(tests/test_trace_attention\.py:\d+\)",
+                        "indexes into the permuted axis", ["q"])
 
 
 def test_einsum_is_read_and_an_unsafe_one_refused_by_name():
@@ -110,8 +114,9 @@ def test_einsum_is_read_and_an_unsafe_one_refused_by_name():
 
     # y[b,t,c] * sum_s y[b,s,c]: elementwise along c, so the permutation of c passes through
     assert spec_from_model(Ein("btc,bsc->btc"), torch.randn(2, 4, 6)).perms
-    with pytest.raises(RebasinError, match="einsum 'btc,c->btc' meets a permuted axis 'c' with an unpermuted"):
-        spec_from_model(Ein("btc,c->btc"), torch.randn(2, 4, 6))
+    refused_then_pinned(Ein("btc,c->btc"), torch.randn(2, 4, 6),
+                        r"torch\.functional\.einsum in Ein\.forward \(tests/test_trace_attention\.py:\d+\)",
+                        "einsum 'btc,c->btc' meets a permuted axis 'c' with an unpermuted", ["q"])
 
 
 def test_vit_packed_qkv_split_is_a_concatenation_of_structured_perms():
@@ -137,8 +142,9 @@ def test_split_at_other_boundaries_than_a_cat_is_refused():
             u, w = h.split([2, 6], dim=-1)
             return self.c(u) + self.d(w)
 
-    with pytest.raises(RebasinError, match="other boundaries"):
-        spec_from_model(Resplit(), torch.randn(2, 3))
+    refused_then_pinned(Resplit(), torch.randn(2, 3),
+                        r"Tensor\.split in Resplit\.forward \(tests/test_trace_attention\.py:\d+\)", "other boundaries",
+                        ["a", "b"])
 
 
 def test_chunk_of_a_linear_output_gives_independent_parts():

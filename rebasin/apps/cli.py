@@ -10,8 +10,10 @@ checkpoints into one basin, optionally with REPAIR. ``align`` and ``merge`` also
 
 Bad input — an unknown method, a missing or unreadable checkpoint, architectures that do not match, a
 factory that cannot be imported or returns something other than a loader, a first batch the model cannot
-run on, an output path that cannot be written — ends with a one-line error and exit status 2, checked
-before any alignment, evaluation or training runs (:mod:`rebasin.apps._cli_inputs`).
+run on, an output path that cannot be written, a model in which tracing leaves nothing to permute
+(``align``) — ends with a one-line error and exit status 2, checked before any alignment, evaluation or
+training runs (:mod:`rebasin.apps._cli_inputs`). ``align`` and ``merge`` print the traced spec's coverage
+(hidden units permutable vs pinned to the identity); ``--strict`` refuses what would be pinned.
 
 Methods come from the matcher registry (:func:`rebasin.register_matcher`): ``rebasin align --help``
 lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``,
@@ -109,9 +111,12 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device_from_name(args.device)
 
 
-def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any) -> Any:
+def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any, *, need_perms: bool) -> Any:
     """``spec_from_model`` on ``--example-shape`` (of ``--example-dtype``) when given, else on the first two
-    inputs of ``--data``.
+    inputs of ``--data``; ``--strict`` refuses what would be pinned, and the spec's coverage is printed.
+
+    With ``need_perms`` a spec in which nothing is left to permute is a :class:`RebasinError` (exit 2): there is
+    nothing to align.
 
     The ``--example-shape`` input is drawn from a generator seeded by ``--seed``, never from the global RNG
     (``main`` may run inside a caller's process). A model that takes token ids and was given a floating
@@ -127,7 +132,7 @@ def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any) -
     else:
         example = first_inputs
     try:
-        return spec_from_model(model, example)
+        spec = spec_from_model(model, example, strict=args.strict)
     except (RebasinError, RuntimeError) as exc:
         if args.example_shape is None or not example.is_floating_point() or "'indices'" not in str(exc):
             raise
@@ -136,6 +141,14 @@ def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any) -
             f"gave {args.example_dtype} values: pass --example-dtype long (ids below the embedding size) or --data "
             f"(its first batch is traced) ({first_line(exc)})"
         ) from exc
+    if spec.coverage is not None:
+        _print(spec.coverage.summary())
+    if need_perms and not spec.perms:
+        raise RebasinError(
+            f"nothing to align: tracing {type(model).__name__} left no permutation (every hidden unit is pinned "
+            "to the identity or reaches the output; the warning above names the modules and lines). Register "
+            "layer rules for them in the --model factory's module (rebasin.register_module)")
+    return spec
 
 
 def _checkpoint_output(path: str) -> Path:
@@ -183,7 +196,7 @@ def run_align(args: argparse.Namespace) -> None:
     model_a = model_from(args.model, state_a, args.model_a)
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
-    spec = _spec(args, model_a, first)
+    spec = _spec(args, model_a, first, need_perms=True)
     where = device if matcher.accepts("device") else None  # a user's matcher may take no device
     res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
     _save_like(res.state_b, output, state_b)
@@ -214,7 +227,7 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
 
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
     model = build_model(args.model)
-    spec = _spec(args, model, None)
+    spec = _spec(args, model, None, need_perms=True)
     del model
     start = time.perf_counter()
     perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
@@ -349,7 +362,7 @@ def run_merge(args: argparse.Namespace) -> None:
     models = [model_from(args.model, s, p) for s, p in zip(states, args.models)]
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
     evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
-    spec = _spec(args, models[0], first)
+    spec = _spec(args, models[0], first, need_perms=False)
     merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,
                          repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
     state = state_of(merged)
@@ -480,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_or_folder = (checkpoint + ", or a Hugging Face model folder (save_pretrained's config.json and "
                             "safetensors shards; no --model needed)")
     optional_model = model_help + "; optional for Hugging Face model folders (default: built from config.json)"
+    strict_help = ("refuse (exit 2) any construct the tracer cannot prove safe for a permutation, instead of\n"
+                   "pinning its units to the identity (the default; a warning names them and the\n"
+                   "coverage line counts them)")
 
     al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
                         help="align B to A (two saved state_dicts of your own architecture)",
@@ -489,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--model", default=None, metavar=_FACTORY, help=optional_model)
     al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
     al.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
+    al.add_argument("--strict", action="store_true", help=strict_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
     al.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
@@ -569,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "model and the ensemble")
     me.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
     me.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
+    me.add_argument("--strict", action="store_true", help=strict_help)
     me.add_argument("--reference", type=int, default=0,
                     help="index of the checkpoint whose basin (unit order) the merged model keeps")
     me.add_argument("--n-iter", type=positive, default=10, help="alignment rounds at most")

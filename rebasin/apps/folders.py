@@ -47,14 +47,21 @@ def _only_weight_matching(args: argparse.Namespace, command: str, data_options: 
                            "load them with from_pretrained and call rebasin.merge for REPAIR or evaluation")
 
 
-def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[PretrainedFolder]) -> PermutationSpec:
-    """The spec of ``first`` (from its config, or ``--model``), after checking that ``others`` hold the same model."""
+def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[PretrainedFolder], *,
+          need_perms: bool) -> PermutationSpec:
+    """The spec of ``first`` (from its config, or ``--model``; ``--strict`` as for checkpoints, coverage printed),
+    after checking that ``others`` hold the same model; with ``need_perms`` an empty spec is an error."""
     from ..trace.pretrained import same_pretrained_architecture, spec_from_pretrained
 
     model = None if args.model is None else build_model(args.model)
     example = None if args.example_shape is None else example_shape(args.example_shape)
-    spec = spec_from_pretrained(first, example, model=model)
+    spec = spec_from_pretrained(first, example, model=model, strict=args.strict)
     del model
+    if spec.coverage is not None:
+        print(spec.coverage.summary())
+    if need_perms and not spec.perms:
+        raise RebasinError(f"nothing to align: tracing {first.architecture} left no permutation (every hidden unit "
+                           "is pinned to the identity or reaches the output; the warning above names them)")
     same_pretrained_architecture(spec, first, others, example_input=example)
     return spec
 
@@ -68,7 +75,7 @@ def align_folders(args: argparse.Namespace) -> None:
     folder_a, folder_b = _open_all([args.model_a, args.model_b], "rebasin align")
     output = check_new_folder(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
-    spec = _spec(args, folder_a, [folder_b])
+    spec = _spec(args, folder_a, [folder_b], need_perms=True)
     start = time.perf_counter()
     perms = weight_matching(spec, folder_a, folder_b, seed=args.seed, device=device_from_name(args.device))
     save_pretrained_permuted(spec, perms, folder_b, output)
@@ -88,7 +95,7 @@ def merge_folders(args: argparse.Namespace) -> None:
     folders = _open_all(list(args.models), "rebasin merge")
     check_new_folder(args.output)
     reference = folders[args.reference]
-    spec = _spec(args, reference, [f for f in folders if f is not reference])
+    spec = _spec(args, reference, [f for f in folders if f is not reference], need_perms=False)
     start = time.perf_counter()
     merge_checkpoints(spec, folders, args.output, reference=args.reference, n_iter=args.n_iter, seed=args.seed,
                       device=device_from_name(args.device))

@@ -16,6 +16,8 @@ from .core import (
     split_structured,
     Axes,
     PermutationSpec,
+    Pin,
+    SpecCoverage,
     block_index,
     check_permutations,
     compose,
@@ -28,6 +30,8 @@ from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matri
 
 __all__ = [
     "PermutationSpec",
+    "SpecCoverage",
+    "Pin",
     "Axes",
     "permute",
     "invert",

@@ -29,6 +29,8 @@ from .._errors import RebasinError
 
 __all__ = [
     "PermutationSpec",
+    "SpecCoverage",
+    "Pin",
     "Axes",
     "permute",
     "permute_unchecked",
@@ -55,6 +57,107 @@ class Occurrence(NamedTuple):
     start: int = 0
     block: int = 1
     groups: int = 1
+
+
+class Pin(NamedTuple):
+    """Units a traced spec keeps in place (see :class:`SpecCoverage`).
+
+    ``module``: the path of the module whose units are pinned (``""``: the model itself); ``units``: how
+    many; ``where``: the construct that pinned them, by module path and what it calls (``""`` when the
+    module's own weights have no rule); ``line``: its source line ``"file:line"`` in the model's
+    ``forward`` (None when unknown); ``reason``: why the tracer could not let them move.
+    """
+
+    module: str
+    units: int
+    where: str
+    line: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class SpecCoverage:
+    """How much of a traced model is permutable: hidden units per module, free or pinned to the identity.
+
+    :func:`rebasin.spec_from_model` fills :attr:`PermutationSpec.coverage`. A module's *hidden units* are
+    the units it makes (a Linear's or Conv's output features, the units inside a rule's module) that do
+    not reach the model output; each is either *permutable* or *pinned* (kept in place because some
+    construct could not be proven safe for a permutation of it, see :attr:`pins`). Plain data:
+    :meth:`as_dict` / :meth:`from_dict` round-trip through JSON.
+
+    Attributes
+    ----------
+    modules
+        ``{module path: (permutable units, pinned units)}`` (``""`` is the model itself).
+    pins
+        One :class:`Pin` per (pinned module, cause), in graph order.
+    model
+        The model's class name (how the model itself is shown).
+
+    Examples
+    --------
+    >>> cov = SpecCoverage({"l1": (32, 0), "l2": (0, 16)}, (Pin("l2", 16, "add", "net.py:9", "..."),))
+    >>> cov.permutable, cov.pinned
+    (32, 16)
+    >>> SpecCoverage.from_dict(cov.as_dict()) == cov
+    True
+    """
+
+    modules: Mapping[str, tuple[int, int]]
+    pins: tuple[Pin, ...] = ()
+    model: str = "model"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", MappingProxyType({str(k): (int(a), int(b))
+                                                              for k, (a, b) in dict(self.modules).items()}))
+        object.__setattr__(self, "pins", tuple(Pin(*p) for p in self.pins))
+
+    @property
+    def permutable(self) -> int:
+        """Hidden units that may move, over all modules."""
+        return sum(a for a, _ in self.modules.values())
+
+    @property
+    def pinned(self) -> int:
+        """Hidden units pinned to the identity, over all modules."""
+        return sum(b for _, b in self.modules.values())
+
+    def label(self, module: str) -> str:
+        """How a module path is shown (the model itself by its class name)."""
+        return module or f"{self.model} (the model itself)"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpecCoverage):
+            return NotImplemented
+        return dict(self.modules) == dict(other.modules) and self.pins == other.pins and self.model == other.model
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"model", "permutable", "pinned", "modules": {path: [free, pinned]}, "pins": [{...}]}``."""
+        return {"model": self.model, "permutable": self.permutable, "pinned": self.pinned,
+                "modules": {k: list(v) for k, v in self.modules.items()},
+                "pins": [p._asdict() for p in self.pins]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpecCoverage:
+        """Inverse of :meth:`as_dict`."""
+        return cls({k: tuple(v) for k, v in data["modules"].items()},
+                   tuple(Pin(**p) for p in data.get("pins", ())), data.get("model", "model"))
+
+    def summary(self, limit: int = 12) -> str:
+        """Lines for people: the totals, then the modules with pinned units (at most ``limit``)."""
+        total = self.permutable + self.pinned
+        share = f" ({100 * self.permutable / total:.1f}%)" if total else ""
+        lines = [f"coverage: {self.permutable} of {total} hidden units permutable{share}, {self.pinned} pinned"]
+        hit = [(m, b) for m, (_, b) in self.modules.items() if b]
+        for m, b in hit[:limit]:
+            reasons = sorted({p.reason for p in self.pins if p.module == m})
+            lines.append(f"  pinned {b:>6} in {self.label(m)}: {reasons[0] if reasons else ''}"
+                         + (f" (+{len(reasons) - 1} more reasons)" if len(reasons) > 1 else ""))
+        if len(hit) > limit:
+            lines.append(f"  ... and {len(hit) - limit} more module(s) with pinned units")
+        return "\n".join(lines)
 
 
 def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
@@ -104,6 +207,9 @@ class PermutationSpec:
         ``(C_out, C_in / g, kh, kw)``): its permutation (size ``C_in``) must be structured with ``g``
         blocks, axis 0 of ``key`` must carry a permutation structured with the same ``outer``, and
         row ``r`` of axis 0 uses the block of its group.
+    coverage
+        Optional :class:`SpecCoverage`: for a traced spec, which hidden units are permutable and which
+        the tracer pinned to the identity, by module. Reporting only: not part of equality.
 
     Notes
     -----
@@ -128,6 +234,7 @@ class PermutationSpec:
     structure: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     concat: Mapping[str, tuple[tuple[str | None, int], ...]] = field(default_factory=dict)
     grouped: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    coverage: SpecCoverage | None = field(default=None)
 
     def __post_init__(self) -> None:
         clean: dict[str, Axes] = {}
@@ -269,7 +376,8 @@ class PermutationSpec:
                    for f in ("axes", "blocks", "structure", "concat", "grouped"))
 
     def _extras(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped}
+        return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped,
+                "coverage": self.coverage}
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -285,7 +393,8 @@ class PermutationSpec:
         sizes = None if self.sizes is None else {r(p): n for p, n in self.sizes.items()}
         structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
         concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
-        return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped)  # type: ignore[arg-type]
+        return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped,  # type: ignore[arg-type]
+                               self.coverage)
 
     def subset(self, keys: Iterable[str] | Mapping[str, str]) -> PermutationSpec:
         """The spec of only ``keys`` (in this spec's order), or with ``{key: new key}``, of those keys renamed.
@@ -321,7 +430,7 @@ class PermutationSpec:
         sizes = None if self.sizes is None else {p: n for p, n in self.sizes.items() if p in free}
         blocks = {(names[k], a): b for (k, a), b in self.blocks.items() if k in names}
         grouped = {(names[k], a): g for (k, a), g in self.grouped.items() if k in names}
-        return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
+        return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, self.coverage)
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:

@@ -18,7 +18,8 @@ user's; the functions and Tensor methods a ``forward`` calls directly are descri
 
 Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registry`` (registration,
 lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
-``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
+``pinning`` (what cannot be proven safe is pinned to the identity and reported, or refused under
+``strict=True``), ``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
 cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand), ``llm_rules`` (the rotary-embedding
 attention of Llama-like ``transformers`` models, registered on demand), ``zoo_ops``
 (functions of today's model families: stochastic depth, ``einsum``, channel-free ``pad`` and ``roll``, per-head

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .._errors import RebasinError
 from .registry import RuleTracer
+from .state import call_site
 
 __all__ = ["record_graph", "capture_dynamic"]
 
@@ -59,6 +60,14 @@ class _Recorder(TorchFunctionMode):
         self.depth = 0  # > 0 while inside a leaf module
         self.keep = keep
         self.values: dict[str, Tensor] = {}
+        self.module_stack: list[tuple[str, str]] = []  # (path, class name) of the modules whose forward runs
+
+    def annotate(self, node: Node) -> None:
+        """Record where ``node`` was called, as torch.fx does: the module path and the user's source line."""
+        node.meta["nn_module_stack"] = {p: (p, c) for p, c in self.module_stack}
+        site = call_site(1)
+        if site is not None:
+            node.stack_trace = site
 
     # ---- values
     def value(self, a: Any) -> Any:
@@ -129,6 +138,7 @@ class _Recorder(TorchFunctionMode):
                 node = self.graph.call_method(attr, a, kw)
         else:
             node = self.graph.call_function(func, a, kw)
+        self.annotate(node)
         if _mutates(func) and args and isinstance(args[0], Tensor):
             self.bind(args[0], node)  # the mutated tensor is this node's value from now on
         if _holds_tensor(out):
@@ -146,8 +156,18 @@ class _Recorder(TorchFunctionMode):
                 return
             kept = {k: None if _is_kv_cache(v) else v for k, v in kwargs.items()}  # replays must not share it
             node = self.graph.call_module(name, self.value(tuple(args)), self.value(kept))
+            self.annotate(node)
             self.outputs(out, node)
         return hook
+
+    def enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.module_stack.append((name, type(module).__name__))
+        return hook
+
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.module_stack:
+            self.module_stack.pop()
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -206,7 +226,13 @@ def _run(model: nn.Module, rec: _Recorder, args: Sequence[Any], kwargs: Mapping[
         if isinstance(v, Tensor):
             rec.bind(v, node)
     hooks = []
-    for name, leaf in _leaves(model):
+    leaf_mods = _leaves(model)
+    leaf_ids = {id(m) for _, m in leaf_mods}
+    for name, m in model.named_modules():
+        if name and id(m) not in leaf_ids and not isinstance(m, _CONTAINERS):  # module paths of inner calls
+            hooks.append(m.register_forward_pre_hook(rec.enter(name)))
+            hooks.append(m.register_forward_hook(rec.leave, always_call=True))
+    for name, leaf in leaf_mods:
         hooks.append(leaf.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
         hooks.append(leaf.register_forward_hook(rec.make_hook(name), with_kwargs=True))
     try:

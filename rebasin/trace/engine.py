@@ -6,8 +6,9 @@ a ``call_module`` node to the rule of its module class in the layer-rule registr
 ``call_function`` / ``call_method`` node to the rule its op-table entry (:mod:`rebasin.trace.ops`)
 names. A permutation is created at the output features of every weighted layer, carried through the
 ops the rules prove safe (:mod:`rebasin.trace.op_rules`), merged with another one where two streams
-meet, and ends at the input features of the next weighted layer; anything else is recorded as a
-complaint naming the node (:mod:`rebasin.trace.state`).
+meet, and ends at the input features of the next weighted layer; anything else is recorded as an
+issue naming the module path and source line (:mod:`rebasin.trace.state`), which pins the permutations
+it touches to the identity, or refuses them under ``strict=True`` (:mod:`rebasin.trace.pinning`).
 """
 
 from __future__ import annotations

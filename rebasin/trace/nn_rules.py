@@ -463,10 +463,10 @@ def _recurrent(ctx: RuleContext) -> Any:
             ctx.unify(st[-1], layer_states[0], what="the initial state passed in and the hidden units")
         elif st[-1] is not None:
             ctx.refuse("the initial state passed in stacks layers and directions on axis 0, each with its own "
-                       "hidden permutation", st[-1])
+                       "hidden permutation", st[-1], *layer_states)
         else:  # each layer starts from fixed values in the original order: its hidden units stay in place
-            for e in layer_states:
-                ctx.unify(e, None)
+            ctx.pin("the initial state passed in is not permuted, so every layer's hidden units stay in place",
+                    *layer_states)
     state_axes = []
     for (layer_states, path), shape in zip(stacks, shapes[1] if lstm else [shapes[1]]):
         if not isinstance(shape, tuple):
@@ -476,7 +476,7 @@ def _recurrent(ctx: RuleContext) -> Any:
         if not single and _used(ctx.node, (1,) + path):
             e = ctx.new_permutation(size=shape[-1])
             ctx.refuse(f"h_n / c_n stack {m.num_layers} layer(s) x {dirs} direction(s) on axis 0, each with its own "
-                       "hidden permutation; read the last layer from the output sequence instead", e)
+                       "hidden permutation; read the last layer from the output sequence instead", e, *layer_states)
         state_axes.append((None,) * (len(shape) - 1) + (e,))
     out_shape = shapes[0]
     if not isinstance(out_shape, tuple):

@@ -6,7 +6,8 @@ what :meth:`RuleContext.apply_roles <rebasin.trace.rules.RuleContext.apply_roles
 rule, and what ``F.linear``, ``F.conv*``, ``F.batch_norm`` and ``F.prelu`` run with their parameters'
 roles. The other methods are the rules of parameter-free ops: elementwise (with broadcasting),
 reshape, axis reorder, reduction, pooling and indexing. Each either returns the output's entries or
-records a complaint naming the node (:meth:`PermState.complain <rebasin.trace.state.PermState.complain>`).
+records an issue naming the module path and source line (:meth:`PermState.complain
+<rebasin.trace.state.PermState.complain>`): the permutations it touches are pinned, or refused under ``strict=True``.
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ class OpRules(PermState):
         if wkey is not None and len(sb) == 2:
             roles = ("out", "in") if transposed else ("in", "out")
             if transposed:  # the transpose node recorded the weight as opaque; it is read as a weight here
-                self.opaque = [o for o in self.opaque if o != (self.where(b), wkey)]
+                self.opaque = [o for o in self.opaque if o != (b, wkey)]
             return self.layer(node, a, {wkey: roles}, -1, produces=True)
         ka, xa = self.operand(node, a)
         kb, xb = self.operand(node, b)

@@ -148,6 +148,7 @@ def spec_from_pretrained(
     *,
     model: nn.Module | None = None,
     check: bool = True,
+    strict: bool = False,
 ) -> PermutationSpec:
     """The permutation spec of a Hugging Face model folder's weights, traced without loading them.
 
@@ -165,6 +166,8 @@ def spec_from_pretrained(
         model is free). Its state_dict keys must be the folder's, tied weights aside.
     check
         As :func:`spec_from_model` (skipped for a meta model: it has no values to run).
+    strict
+        As :func:`spec_from_model`: refuse what would otherwise be pinned to the identity.
 
     Returns
     -------
@@ -193,7 +196,7 @@ def spec_from_pretrained(
     built = model if model is not None else model_from_config(folder)
     if not isinstance(built, nn.Module):
         raise RebasinError(f"model must be an nn.Module, got {type(built).__name__}")
-    spec = spec_from_model(built, _example(built, folder, example_input), check=check)
+    spec = spec_from_model(built, _example(built, folder, example_input), check=check, strict=strict)
     spec = _stored_keys(spec, built, folder)
     spec.validate(folder.meta(), name=str(folder.path))  # type: ignore[arg-type]
     return spec

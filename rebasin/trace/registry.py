@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from torch import nn
-from torch.fx import GraphModule, Tracer
+from torch.fx import GraphModule, Node, Tracer
 
 from .._errors import RebasinError
 from .rules import ModuleRule, Role, RuleFn
+from .state import call_site
 
 __all__ = [
     "register_module",
@@ -117,7 +118,7 @@ def register_module(
         that already has another rule (without ``overwrite=True``; registering the same rule again is
         a no-op, so a model factory may register its layers every time it is called). Entries the module does not have,
         missing entries and role tuples of the wrong length are reported when a model is traced,
-        naming the node, the entry and its shape.
+        naming the module path and source line, the entry and its shape.
 
     Examples
     --------
@@ -224,6 +225,15 @@ class RuleTracer(Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_registered_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> Node:
+        """torch.fx's node, with the line of the user's ``forward`` that made it (messages name it)."""
+        node = super().create_node(*args, **kwargs)
+        if node.op in ("call_module", "call_function", "call_method"):
+            site = call_site(1)
+            if site is not None:
+                node.stack_trace = site
+        return node
 
 
 def trace_graph(model: nn.Module) -> GraphModule:

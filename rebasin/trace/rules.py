@@ -203,6 +203,7 @@ class _Engine(Protocol):
     def unify(self, node: Node, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None: ...
     def split_concat(self, node: Node, e: AxisPerm, sizes: Sequence[int]) -> list[AxisPerm | None] | None: ...
     def complain(self, node: Node, pids: Iterable[int], reason: str) -> None: ...
+    def pin(self, node: Node, pids: Iterable[int], reason: str) -> None: ...
     def unknown(self, node: Node, reason: str | None = None) -> Any: ...
     def layer(self, node: Node, x: Any, roles: Mapping[str, tuple[Role, ...]], feature_dim: int, *,
               produces: bool, computed: str | None = None) -> Any: ...
@@ -217,7 +218,8 @@ class RuleContext:
     A rule reads the permutations on the module's inputs (:attr:`input`, :meth:`arg`), creates
     permutations (:meth:`new_permutation`), says which permutation acts on each axis of the module's
     state_dict entries (:meth:`assign`), refuses what it cannot prove safe (:meth:`refuse`,
-    :meth:`unsupported`) and returns the permutations on its output's axes: a tuple with one
+    :meth:`unsupported`: pinned to the identity by default, an error under ``strict=True``), pins what it
+    knows cannot move (:meth:`pin`) and returns the permutations on its output's axes: a tuple with one
     :class:`AxisPerm` or ``None`` per axis. The common cases are one call each: :meth:`apply_roles`
     (declared roles), :meth:`pooling`, :meth:`reshape`. Keys are relative to the module
     (``"weight"``, or ``"proj.weight"`` for a child's entry).
@@ -260,7 +262,7 @@ class RuleContext:
     # ------------------------------------------------------------------ what the rule reads
     @property
     def where(self) -> str:
-        """The node as error messages name it: ``node 'fc' (op=call_module, target=fc (MyLinear))``."""
+        """The module call as messages name it: module path, class and source line, ``fc (MyLinear, net.py:12)``."""
         return self._engine.where(self.node)
 
     @property
@@ -386,9 +388,25 @@ class RuleContext:
         return self._engine.unify(self.node, list(perms), str(what))
 
     def refuse(self, reason: str, *perms: AxisPerm | None) -> None:
-        """Declare the module unsafe for ``perms``: tracing ends in a :class:`RebasinError` naming the node
-        and ``reason`` if any of them is still a real permutation (does not just reach the model output)."""
+        """Declare the module not provably safe for ``perms``.
+
+        When tracing ends, each of them that is still a real permutation (does not just reach the model
+        output) is pinned to the identity, with everything unified with it, and named with ``reason`` in
+        the tracer's warning (module path and source line); under ``strict=True`` tracing raises
+        :class:`RebasinError` instead. The rule goes on as if the permutations were real (return them on
+        the output as usual: a pinned permutation is simply the identity there).
+        """
         self._engine.complain(self.node, [e.pid for e in perms if e is not None], str(reason))
+
+    def pin(self, reason: str, *perms: AxisPerm | None) -> None:
+        """Pin ``perms`` to the identity on purpose: the rule knows these units cannot move (e.g. the query/key
+        units inside a rotary head), so this is a statement about the model, not a failure.
+
+        Like :meth:`refuse` the permutations (and everything unified with them) become the identity when
+        tracing ends and are reported with ``reason`` in the tracer's one warning and in ``spec.coverage``;
+        unlike it, ``strict=True`` does not turn a pin into an error.
+        """
+        self._engine.pin(self.node, [e.pid for e in perms if e is not None], str(reason))
 
     def unsupported(self, reason: str | None = None) -> Any:
         """Refuse every permutation on the module's inputs (see :meth:`refuse`); return an unpermuted output."""

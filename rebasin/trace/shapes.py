@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .._common import describe_tensors, first_line, input_mismatch, to_device
 from .._errors import RebasinError
-from .state import target_name
+from .state import describe_node
 
 __all__ = ["example_for", "on_meta", "record_shapes"]
 
@@ -173,7 +173,7 @@ def record_shapes(gm: GraphModule, inputs: Sequence[Any], model_name: str) -> No
 
 def _message(gm: GraphModule, failed: _NodeFailed, inputs: Sequence[Any], model_name: str) -> str:
     node, err = failed.node, failed.error
-    where = target_name(node, gm)
+    where = describe_node(node, gm, model_name)
     given = describe_tensors((failed.args_, failed.kwargs_))
     text = (f"example_input {describe_tensors(list(inputs))} does not run through {model_name}: {where} raised "
             f"{type(err).__name__}: {first_line(err)}; it was given {given}")

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import builtins
 import operator
+import os
+import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
@@ -38,6 +43,12 @@ __all__ = [
     "node_leaves",
     "bind_args",
     "target_name",
+    "node_site",
+    "LIBRARY_DIRS",
+    "user_frame",
+    "call_site",
+    "describe_node",
+    "Issue",
     "reshape_axes",
     "static_value",
 ]
@@ -63,9 +74,125 @@ def target_name(node: Node, gm: nn.Module) -> str:
     if node.op == "call_method":
         return f"Tensor.{t}"
     if callable(t):
+        name = getattr(t, "__name__", None)
+        if name and getattr(F, name, None) is t:  # F.linear's __module__ is torch._C._nn
+            return f"torch.nn.functional.{name}"
         mod = getattr(t, "__module__", None) or ""
         return f"{mod + '.' if mod else ''}{getattr(t, '__name__', repr(t))}"
     return str(t)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in ')
+#: Frames in these folders are not the user's code: torch and the tracer itself.
+LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def user_frame(filenames_lines: Iterable[tuple[str, int]]) -> tuple[str, int] | None:
+    """The innermost ``(file, line)`` of a call stack (outermost first) outside :data:`LIBRARY_DIRS`."""
+    found = None
+    for f, line in filenames_lines:
+        if not f.startswith(LIBRARY_DIRS):
+            found = (f, int(line))
+    return found
+
+
+def call_site(depth: int = 1) -> str | None:
+    """Where the user's code made the call being recorded, as a one-frame ``node.stack_trace``, or None.
+
+    Walks out from the caller ``depth`` frames up, past torch and the tracer, to the first other frame:
+    the line of the model's ``forward`` (or of a library the model's code lives in). Meeting the tracer
+    again after torch means no user code made the call (an ``nn.Sequential`` running its children).
+    Cheaper than torch.fx's ``record_stack_traces`` (one frame, no formatting).
+    """
+    f, in_torch = sys._getframe(depth + 1), False
+    while f is not None and f.f_code.co_filename.startswith(LIBRARY_DIRS):
+        if in_torch and f.f_code.co_filename.startswith(LIBRARY_DIRS[1]):
+            return None
+        in_torch = in_torch or f.f_code.co_filename.startswith(LIBRARY_DIRS[0])
+        f = f.f_back
+    if f is None:
+        return None
+    return f'File "{f.f_code.co_filename}", line {f.f_lineno}, in {f.f_code.co_name}'
+
+
+def _short_path(path: str) -> str:
+    """``path`` relative to the working directory, or from its package for an installed library."""
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in path:
+            return path.rsplit(marker, 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def node_site(node: Node) -> tuple[str | None, str | None]:
+    """``(module path, "file:line")`` of a graph node, each None when the graph does not record it.
+
+    The module path is the called module of a ``call_module`` node, else the innermost module whose
+    ``forward`` made the call (torch.fx's ``nn_module_stack`` meta, which the dynamic recorder writes
+    too; ``""`` for the model's own ``forward``). The source line is the innermost frame of the recorded
+    stack (``node.stack_trace``) outside torch and the tracer: the line of the user's ``forward``.
+    """
+    if node.op == "call_module":
+        module: str | None = str(node.target)
+    else:
+        stack = node.meta.get("nn_module_stack")
+        module = None if stack is None else (str(list(stack.values())[-1][0]) if stack else "")
+    if module is None and node.op in ("call_function", "call_method") and node.stack_trace:
+        module = ""
+    line = None
+    if node.stack_trace:
+        hit = user_frame((m.group(1), int(m.group(2))) for m in _FRAME.finditer(node.stack_trace))
+        if hit is not None:
+            line = f"{_short_path(hit[0])}:{hit[1]}"
+    return module, line
+
+
+_SYMBOLS = {operator.add: "the +", operator.sub: "the -", operator.mul: "the *", operator.truediv: "the /",
+            operator.matmul: "the @", operator.getitem: "the indexing [...]", operator.neg: "the unary -",
+            operator.iadd: "the +=", operator.imul: "the *=", operator.floordiv: "the //"}
+
+
+def describe_node(node: Node, gm: nn.Module, model_name: str | None = None) -> str:
+    """A node as messages name it: what it calls, the module path and the source line, never the fx node name.
+
+    ``fc2 (Linear, net.py:31)`` for a module call; ``torch.mean in blocks.0.norm (net.py:12)`` for a
+    function or method called in a module's ``forward``; ``operator.add in Residual.forward (net.py:40)``
+    in the model's own ``forward`` (``model_name``, default the graph module's class name).
+    """
+    module, line = node_site(node)
+    at = f", {line}" if line else ""
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__}{at})"
+    what = _SYMBOLS.get(node.target, target_name(node, gm)) if node.op == "call_function" else target_name(node, gm)
+    if node.op in ("placeholder", "output", "get_attr"):
+        what = {"placeholder": f"the model input {node.target!r}", "output": "the model output",
+                "get_attr": f"the tensor {node.target!r}"}[node.op]
+        return what
+    if module is None:
+        return f"{what} ({line})" if line else what
+    owner = f"{model_name or type(gm).__name__}.forward" if module == "" else module
+    return f"{what} in {owner} ({line})" if line else f"{what} in {owner}"
+
+
+class Issue(NamedTuple):
+    """One construct that keeps permutations in place: pinned to the identity (or refused under ``strict``).
+
+    ``module`` is the module path the construct belongs to (``""``: the model's own ``forward``),
+    ``where`` the full description (:func:`describe_node`), ``line`` its ``"file:line"`` (or None),
+    ``pids`` the permutation handles it touches, ``reason`` why, and ``deliberate`` whether a rule pinned
+    them on purpose (:meth:`~rebasin.trace.rules.RuleContext.pin`; kept under ``strict=True``) rather than
+    refused what it cannot prove safe.
+    """
+
+    module: str
+    where: str
+    line: str | None
+    pids: tuple[int, ...]
+    reason: str
+    deliberate: bool = False
 
 
 def node_meta(node: Node) -> Any:
@@ -240,8 +367,9 @@ def reshape_axes(
 class PermState:
     """The permutation entries of every graph value and state_dict entry, with union-find and complaints."""
 
-    def __init__(self, gm: GraphModule, tensors: Mapping[str, Tensor]) -> None:
+    def __init__(self, gm: GraphModule, tensors: Mapping[str, Tensor], model_name: str | None = None) -> None:
         self.gm = gm
+        self.model_name = model_name
         self.tensors = tensors
         self.parent: list[int] = [DEAD]
         self.size: list[int] = [0]
@@ -249,8 +377,9 @@ class PermState:
         self.param_key: dict[Node, str] = {}
         self.key_axes: dict[str, list[int | None]] = {}
         self.key_blocks: dict[tuple[str, int], int] = {}
-        self.complaints: list[tuple[str, list[int], str]] = []
-        self.opaque: list[tuple[str, str]] = []
+        self.complaints: list[Issue] = []
+        self.opaque: list[tuple[Node | str, str]] = []  # (where a parameter was used as data, its key)
+        self.born: dict[int, Node | str] = {}  # every permutation new_perm made -> the node that made it
         self.consumers: list[tuple[Node, int, int]] = []
         self.created: dict[int, tuple[Node, int]] = {}
         self.reshapes: set[Node] = set()
@@ -424,8 +553,8 @@ class PermState:
     def unify(self, node: Node | str, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None:
         """One permutation for streams that must carry the same one (``what`` names them in a complaint).
 
-        Permuted entries are merged; with an unpermuted entry among them the merged permutation is the
-        identity (None is returned). None also, after a complaint, when they cannot be merged (different
+        Permuted entries are merged; with an unpermuted entry among them the merged permutation is pinned
+        to the identity (reported; None is returned). None also, after a complaint, when they cannot be merged (different
         sizes, blocks or structures).
         """
         live = [e for e in perms if e is not None]
@@ -439,8 +568,8 @@ class PermState:
                 self.complain(node, [e.pid for e in live], f"{what} must carry one permutation, but theirs differ "
                               "in size or in their head / group structure")
                 return None
-        if len(live) < len(perms):
-            self.union(live[0].pid, DEAD)
+        if len(live) < len(perms):  # the identity: pinned (reported) when tracing ends
+            self.pin(node, [live[0].pid], f"{what} must carry one permutation, and one of them is not permuted")
             return None
         return live[0]
 
@@ -451,6 +580,7 @@ class PermState:
         self.parent.append(len(self.parent))
         self.size.append(int(n))
         pid = len(self.parent) - 1
+        self.born[pid] = node
         if axis is not None:
             self.created[pid] = (node, axis)
         return AxisPerm(pid)
@@ -460,19 +590,31 @@ class PermState:
 
     # ---- bookkeeping
     def where(self, node: Node) -> str:
-        return f"node {node.name!r} (op={node.op}, target={target_name(node, self.gm)})"
+        """The node as messages name it: module path and source line (:func:`describe_node`)."""
+        return describe_node(node, self.gm, self.model_name)
 
-    def complain(self, node: Node | str, pids: Iterable[int], reason: str) -> None:
-        pids = list(pids)
-        if pids:
-            self.complaints.append((node if isinstance(node, str) else self.where(node), pids, reason))
+    def complain(self, node: Node | str, pids: Iterable[int], reason: str, *, deliberate: bool = False) -> None:
+        """Record that ``node`` keeps ``pids`` in place: they are pinned to the identity (with everything unified
+        with them) when tracing ends, or refused under ``strict=True`` unless ``deliberate`` (see :class:`Issue`)."""
+        pids = tuple(pids)
+        if not pids:
+            return
+        if isinstance(node, str):
+            self.complaints.append(Issue(node, node, None, pids, reason, deliberate))
+            return
+        module, line = node_site(node)
+        self.complaints.append(Issue(module or "", self.where(node), line, pids, reason, deliberate))
+
+    def pin(self, node: Node | str, pids: Iterable[int], reason: str) -> None:
+        """Pin ``pids`` to the identity on purpose (a rule knows they cannot move); reported, kept under strict."""
+        self.complain(node, pids, reason, deliberate=True)
 
     def arg(self, node: Node, a: Any) -> Any:
         """State of an argument used as data (a parameter used this way is recorded as opaque)."""
         if not isinstance(a, Node):
             return None
         if a in self.param_key:
-            self.opaque.append((self.where(node), self.param_key[a]))
+            self.opaque.append((node, self.param_key[a]))
         return self.state.get(a)
 
     def assign(self, node: Node | str, key: str, entries: Sequence[AxisPerm | None],

@@ -20,12 +20,15 @@ reach the model output are dropped (the output axis is never permuted), so the l
 is ``None``.
 
 Whatever touches a live permutation in a way the rules cannot prove safe (nested groups, a reshape that
-mixes channels, modules without a rule, unknown functions) raises
-:class:`RebasinError` naming the fx node and asking for a manual ``PermutationSpec(axes=...)``. A construct that only
-touches permutations which turn out to reach the output is fine: those permutations are the
-identity. ``check=True`` (the default) finally asserts with :meth:`PermutationSpec.check` that a
-random permutation leaves the outputs unchanged, so a silently wrong spec is never returned. Weights the
-forward pass reads but no rule gave permutations to are named in a :class:`~rebasin.RebasinWarning`.
+mixes channels, a reduction over the permuted axis, modules without a rule, unknown functions, a residual
+on the model input) pins that permutation, and everything unified with it, to the identity
+(:mod:`rebasin.trace.pinning`): the identity is always valid, so the rest of the model stays permutable.
+One :class:`~rebasin.RebasinWarning` names the pinned units by module path, with the source line of the
+construct and the reason, and ``spec.coverage`` counts permutable and pinned units per module;
+``strict=True`` raises :class:`RebasinError` instead. A construct that only touches permutations which
+turn out to reach the output is fine: those permutations are the identity. ``check=True`` (the default)
+finally asserts with :meth:`PermutationSpec.check` that a random permutation leaves the outputs
+unchanged, so a silently wrong spec is never returned.
 
 Permutations are named ``"P0", "P1", ...`` in graph order of the layer that creates them; a
 merged residual group is named after its earliest member.
@@ -46,9 +49,10 @@ from torch.fx import Graph, GraphModule, Node
 
 from .._common import as_args, evaluating, first_inputs, state_of
 from .._errors import RebasinError, RebasinWarning
-from ..spec.core import PermutationSpec
+from ..spec.core import PermutationSpec, SpecCoverage
 from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
+from .pinning import perm_names, resolve_pins
 from .ops import INPLACE_FN
 from .registry import trace_graph
 from .rules import AxisPerm
@@ -65,7 +69,8 @@ class ModelTrace:
     Attributes
     ----------
     spec
-        The :class:`PermutationSpec` of the model, with ``sizes`` filled in.
+        The :class:`PermutationSpec` of the model, with ``sizes`` and ``coverage`` (hidden units permutable
+        and pinned per module, :class:`~rebasin.SpecCoverage`) filled in.
     graph_module
         The traced :class:`torch.fx.GraphModule`. Its ``state_dict`` keys equal the model's; it
         shares the model's submodules and tensors (it is a view, not a copy) and is never mutated
@@ -236,7 +241,8 @@ def _align_keys(gm: GraphModule, model: nn.Module, keys: Sequence[str]) -> None:
 _TRACERS = ("auto", "fx", "dynamic")
 
 
-def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tracer: str = "auto") -> ModelTrace:
+def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tracer: str = "auto",
+                strict: bool = False) -> ModelTrace:
     """Trace ``model`` with torch.fx and derive its permutation spec and activation nodes.
 
     Parameters
@@ -261,6 +267,11 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         control flow is resolved by the run, so models torch.fx cannot trace, such as Hugging Face
         ``transformers`` models, work). ``"auto"`` (default): torch.fx, and the dynamic tracer when
         torch.fx fails.
+    strict
+        Refuse (:class:`RebasinError`) any construct that keeps a permutation in place instead of pinning
+        its units to the identity. Default False: such units are pinned, named in one
+        :class:`~rebasin.RebasinWarning` (module path, source line, reason) and counted in
+        ``spec.coverage`` (:class:`~rebasin.SpecCoverage`); the rest of the model stays permutable.
 
     Returns
     -------
@@ -270,8 +281,15 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     Raises
     ------
     RebasinError
-        If the model cannot be traced (e.g. data-dependent control flow), or an operation touches
-        a permutation in a way that is not provably safe (the message names the fx node).
+        If the model cannot be traced (e.g. data-dependent control flow), or, with ``strict=True``, an
+        operation touches a permutation in a way that is not provably safe (the message names the module
+        path and source line).
+
+    Warns
+    -----
+    RebasinWarning
+        Once, listing the units pinned to the identity by module path, with the construct's source line
+        and the reason (``strict=False``); it says so when nothing is left to permute.
 
     Examples
     --------
@@ -284,6 +302,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         raise RebasinError(f"spec_from_model expects an nn.Module, got {type(model).__name__}")
     if tracer not in _TRACERS:
         raise RebasinError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
+    if not isinstance(strict, bool):
+        raise RebasinError(f"strict must be True or False, got {strict!r}")
     _load_hf_rules(model)
     example_input, meta = example_for(model, example_input)
     args, kwargs = as_args(example_input)
@@ -309,27 +329,17 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     with evaluating(gm), torch.no_grad():
         record_shapes(gm, _positional(gm, args, kwargs), type(model).__name__)
 
-    prop = Propagation(gm, tensors)
+    prop = Propagation(gm, tensors, type(model).__name__)
     prop.run()
     _tie_aliases(prop, model)
 
+    coverage = resolve_pins(prop, model, strict)
+
     live = sorted({prop.find(p) for p in range(1, len(prop.parent))} - {DEAD})
-    names = _perm_names(prop, live)
+    names = perm_names(prop, live)
 
     def name(p: int | None) -> str | None:
         return None if p is None or prop.dead(p) else names.get(prop.find(p))
-
-    for where, pids, reason in prop.complaints:
-        hit = sorted({n for n in map(name, pids) if n is not None})
-        if hit:
-            raise RebasinError(f"spec_from_model cannot prove {where} safe for permutation(s) {hit}: {reason}. "
-                               f"{MANUAL}")
-    for where, key in prop.opaque:
-        hit = [n for n in map(name, prop.key_axes.get(key, [])) if n is not None]
-        if hit:
-            raise RebasinError(f"spec_from_model: {where} uses the parameter {key!r}, which carries permutation(s) "
-                               f"{hit}, in an operation the tracer does not understand (e.g. a transposed or "
-                               f"shared weight). {MANUAL}")
 
     axes: dict[str, tuple[str | None, ...]] = {}
     blocks: dict[tuple[str, int], int] = {}
@@ -340,9 +350,8 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         for i, p in enumerate(ax):
             if p is not None and prop.key_blocks.get((key, i), 1) > 1:
                 blocks[(key, i)] = prop.key_blocks[(key, i)]
-    spec = _structured_spec(prop, axes, blocks, name, {n: r for r, n in names.items()})
+    spec = _structured_spec(prop, axes, blocks, name, {n: r for r, n in names.items()}, coverage)
     spec.validate(tensors)
-    _warn_unclaimed(model, prop)
 
     act: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -378,51 +387,9 @@ def _load_hf_rules(model: nn.Module) -> None:
         llm_rules.register(model)
 
 
-def _warn_unclaimed(model: nn.Module, prop: Propagation) -> None:
-    """Warn, by module, about weights no rule gave axes to: their units stay unpermuted without a refusal.
-
-    A weight (a floating parameter with two or more axes) that some rule assigned is fine even when all its
-    permutations are the identity (it sits between the model's input and output). One that no rule assigned
-    was only read as opaque data (or by an op that touched no permutation), so the spec cannot know whether
-    its units could be permuted. Weights the forward pass never reads are not reported.
-    """
-    called = [f"{n.target}." for n in prop.gm.graph.nodes if n.op == "call_module"]
-    read = set(prop.param_key.values())
-    seen: set[int] = set()
-    found: dict[str, list[str]] = {}
-    for mod_name, mod in model.named_modules():
-        for leaf, p in mod.named_parameters(recurse=False):
-            key = f"{mod_name}.{leaf}" if mod_name else leaf
-            if id(p) in seen or key in prop.key_axes or p.ndim < 2 or not p.is_floating_point():
-                continue
-            if key not in read and not any(key.startswith(c) for c in called):
-                continue  # never used by the forward pass: nothing to align
-            seen.add(id(p))
-            found.setdefault(mod_name or "(the model itself)", []).append(leaf)
-    if found:
-        names = ", ".join(f"{m} ({', '.join(v)})" for m, v in found.items())
-        warnings.warn(f"spec_from_model: no rule gave permutations to the weights of {names}; their units stay "
-                      "unpermuted, so alignment will not move them. Register a rule for the module "
-                      "(rebasin.register_module) or pass a manual PermutationSpec if they should be aligned.",
-                      RebasinWarning, stacklevel=3)
-
-
-def _perm_names(prop: Propagation, live: list[int]) -> dict[int, str]:
-    """Names of the live roots: ``P#`` for permutations, ``C#`` for concatenations, ``H#`` for outer
-    (head / group) permutations that act on no axis of their own."""
-    on_axes = {prop.find(p) for cur in prop.key_axes.values() for p in cur if p is not None}
-    outers = {prop.find(o) for o, _ in prop.struct.values()}
-    names: dict[int, str] = {}
-    counters = {"P": 0, "C": 0, "H": 0}
-    for r in live:
-        kind = "C" if r in prop.concat_def else "H" if r in outers and r not in on_axes else "P"
-        names[r] = f"{kind}{counters[kind]}"
-        counters[kind] += 1
-    return names
-
-
 def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
-                     blocks: dict[tuple[str, int], int], name: Any, roots: dict[str, int]) -> PermutationSpec:
+                     blocks: dict[tuple[str, int], int], name: Any, roots: dict[str, int],
+                     coverage: SpecCoverage | None = None) -> PermutationSpec:
     """The spec with concatenations, structures and grouped axes read from the propagation state
     (``roots``: the union-find root of each name)."""
     concat: dict[str, tuple[tuple[str | None, int], ...]] = {}
@@ -440,7 +407,7 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
     grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
     order = sorted(used, key=lambda p: ("PHC".find(p[0]), int(p[1:]) if p[1:].isdigit() else 0))  # stable order
     sizes = {p: prop.size[roots[p]] for p in order}
-    return PermutationSpec(axes, sizes, blocks, structure, concat, grouped)
+    return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, coverage)
 
 
 def _carriers(prop: Propagation, perm: str, name: Any) -> set[tuple[Node, int]]:
@@ -499,11 +466,13 @@ def _tie_aliases(prop: Propagation, model: nn.Module) -> None:
 
 
 def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True,
-                    tracer: str = "auto") -> PermutationSpec:
+                    tracer: str = "auto", strict: bool = False) -> PermutationSpec:
     """The :class:`PermutationSpec` of ``model``, found by tracing it with torch.fx.
 
     See :func:`trace_model` (this returns its ``spec``; ``tracer="dynamic"`` records one run of the
-    model instead, the fallback when torch.fx fails).
+    model instead, the fallback when torch.fx fails). Constructs the tracer cannot prove safe for a
+    permutation pin its units to the identity (one warning names them; ``spec.coverage`` counts them);
+    ``strict=True`` refuses them instead.
 
     Examples
     --------
@@ -512,7 +481,7 @@ def spec_from_model(model: nn.Module, example_input: Any, *, check: bool = True,
     >>> spec.perms, dict(spec.sizes)
     (('P0', 'P1'), {'P0': 8, 'P1': 8})
     """
-    return trace_model(model, example_input, check=check, tracer=tracer).spec
+    return trace_model(model, example_input, check=check, tracer=tracer, strict=strict).spec
 
 
 def spec_for(model: nn.Module, *, example_input: Any = None, loader: Any = None, check: bool = True) -> PermutationSpec:
@@ -531,7 +500,9 @@ def same_architecture(spec: PermutationSpec, model_b: nn.Module, *, example_inpu
     Two models can have equal state_dict shapes and still differ in structure, e.g. the number of attention
     heads: aligning one with the other's spec would silently mix heads.
     """
-    other = spec_for(model_b, example_input=example_input, loader=loader, check=False)
+    with warnings.catch_warnings():  # model A's trace already reported its pinned units
+        warnings.simplefilter("ignore", RebasinWarning)
+        other = spec_for(model_b, example_input=example_input, loader=loader, check=False)
     if other == spec:
         return
     diff = [f"structure {dict(spec.structure)} vs {dict(other.structure)}"] if dict(spec.structure) != dict(

@@ -363,9 +363,18 @@ def test_einsum_contraction_over_one_shared_permutation():
     assert spec.axes["a.weight"][0] == spec.axes["b.weight"][0] is not None
 
 
+def _refused_or_pinned(model, x, match):
+    """Refused under strict=True; by default the units are pinned, with the reason in the one warning."""
+    with pytest.raises(RebasinError, match=match):
+        rebasin.spec_from_model(model, x, strict=True)
+    with pytest.warns(rebasin.RebasinWarning, match=match):
+        spec = rebasin.spec_from_model(model, x)
+    assert spec.coverage is not None and spec.coverage.pinned > 0
+    return spec
+
+
 def test_einsum_sum_over_a_permuted_axis_is_refused():
-    with pytest.raises(RebasinError, match="sums over the permuted axis"):
-        rebasin.spec_from_model(_Einsum("bi,bj->bj"), torch.randn(3, 4))
+    _refused_or_pinned(_Einsum("bi,bj->bj"), torch.randn(3, 4), "sums over the permuted axis")
 
 
 def test_einsum_in_sublist_form_is_read():
@@ -409,8 +418,7 @@ def test_pad_on_the_channel_axis_is_refused_and_zero_channel_pad_passes():
     x = torch.randn(2, 3, 5, 3)
     spec = rebasin.spec_from_model(_Pad((0, 0, 0, 1, 1, 0)), x)
     assert spec.axes["fc.weight"][0] is not None
-    with pytest.raises(RebasinError, match="pads a permuted axis"):
-        rebasin.spec_from_model(_Pad((0, 1, 0, 1)), x)
+    _refused_or_pinned(_Pad((0, 1, 0, 1)), x, "pads a permuted axis")
 
 
 class _Roll(nn.Module):
@@ -425,8 +433,7 @@ class _Roll(nn.Module):
 def test_roll_over_spatial_axes_passes_and_over_channels_is_refused():
     x = torch.randn(2, 4, 3)
     assert rebasin.spec_from_model(_Roll((1,)), x).perms
-    with pytest.raises(RebasinError, match="rolls a permuted axis"):
-        rebasin.spec_from_model(_Roll((2,)), x)
+    _refused_or_pinned(_Roll((2,)), x, "rolls a permuted axis")
 
 
 class _Pick(nn.Module):
@@ -443,38 +450,35 @@ def test_advanced_index_on_unpermuted_axes_passes_on_permuted_refused():
     x, idx = torch.randn(2, 5, 3), torch.tensor([1, 4])
     spec = rebasin.spec_from_model(_Pick(False), (x, idx))
     assert spec.axes["fc.weight"][0] is not None
-    with pytest.raises(RebasinError, match="advanced indexing along a permuted axis"):
-        rebasin.spec_from_model(_Pick(True), (x, idx))
+    _refused_or_pinned(_Pick(True), (x, idx), "advanced indexing along a permuted axis")
 
 
 # ------------------------------------------------------------------------------------------- with pinned units
 # Two models have units that no permutation may move: the MLP-Mixer's token-mixing outputs (the patch axis, which
 # the residual keeps in place) and ShuffleNetV2's branch outputs (the channel shuffle interleaves two branches'
-# channels, which blocks and concatenations cannot express). Everything else in them is free. Until the engine
-# pins such units (issue 25, item 1) the models are refused at exactly those places; afterwards these tests run
-# the same checks as above.
+# channels, which blocks and concatenations cannot express). Everything else in them is free: those units are
+# pinned to the identity (named in the one warning, counted by spec.coverage), strict=True refuses.
 def shufflenet():
     from torchvision.models.shufflenetv2 import ShuffleNetV2
     return ShuffleNetV2([1, 1, 1], [8, 8, 16, 32, 32], num_classes=5), _images()
 
 
-PINNED = {"mixer": (mixer, "unpermuted tensor of the same size along axis 1"),
-          "shufflenet": (shufflenet, "splits a concatenation of permutations")}
-PINNED_AT = {"mixer": "token-mixing outputs (token2) at the residual add over the patch axis",
-             "shufflenet": "every unit's branch outputs at the channel shuffle's view"}
+# name: (builder, the reason the pins give, a module whose units are pinned)
+PINNED = {"mixer": (mixer, "unpermuted tensor of the same size along axis 1", "blocks.0.token2"),
+          "shufflenet": (shufflenet, "splits a concatenation of permutations", "stage2.0.branch2.5")}
 
 
 def _trace_pinned(name):
-    make, reason = PINNED[name]
+    make, reason, module = PINNED[name]
     torch.manual_seed(0)
     model, x = make()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rebasin.RebasinWarning)
-            return trace_model(model.eval(), x)
-    except RebasinError as err:
-        assert reason in str(err), err
-        pytest.xfail(f"{name}: needs pins for the {PINNED_AT[name]}")
+    with pytest.raises(RebasinError, match=reason):
+        trace_model(model.eval(), x, strict=True)
+    with pytest.warns(rebasin.RebasinWarning, match=reason):
+        tr = trace_model(model.eval(), x)
+    assert tr.spec.coverage.modules[module][1] > 0, tr.spec.coverage
+    assert tr.spec.coverage.permutable > 0
+    return tr
 
 
 @pytest.mark.parametrize("name", list(PINNED))

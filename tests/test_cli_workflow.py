@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -30,7 +31,7 @@ BUILT_IN_MATCHERS = ("identity", "weight_matching", "activation_matching", "ste"
 DEMO_ROW = {"barrier", "midpoint", "path", "time_s"}
 
 
-def rebasin(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def rebasin(*args: str, cwd: Path, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "rebasin", *args]

@@ -17,6 +17,12 @@ from torch import nn
 from rebasin import PermutationSpec, RebasinError, RebasinWarning, spec_from_model
 from rebasin.spec.core import split_structured
 
+#: Seconds a child process of a test (an example script, a command of the CLI or of a docs page, the
+#: distributed world) may run before the test calls it hung. Only a guard against hangs, never a speed
+#: check: the longest of them take about a minute on two quiet cores and several on a loaded machine (the
+#: examples hit a 240 s limit there), so it is set far above both.
+HANG_S = 1800
+
 
 def mlp(
     in_features: int, hidden: Sequence[int], out_features: int, *, bn: bool = False, seed: int | None = None

@@ -3,15 +3,15 @@
 :func:`run_world` starts the process group once and runs every scenario of :data:`SCENARIOS` on both
 ranks (rank ``r`` gets batches ``r, r + 2, ...`` of :func:`data`, as a ``DistributedSampler`` would),
 recording what each returned or raised; the tests then compare with one process on all the batches.
-A scenario that raises on one rank only would leave the other waiting: the group's timeout (short here)
-turns that into an error instead of a hang, and :func:`run_world` kills workers that outlive its own.
+A scenario that raises on one rank only would leave the other waiting: the group's timeout turns that into
+an error instead of a hang, and :func:`run_world` kills workers that outlive its own (both only guards
+against hangs, set far above the time a busy machine needs).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from builders import mlp
+from builders import HANG_S, mlp
 
 WORLD = 2
-PG_TIMEOUT_S = 20
+#: How long a rank waits for the other at a collective (and at the start) before it raises. Only a guard
+#: against a scenario that leaves one rank waiting (a bug): the ranks meet within a second on a quiet machine,
+#: but on a loaded one a rank can lag by tens of seconds (spawning, importing torch), so it is set far above.
+PG_TIMEOUT_S = 300
 
 
 def data(n_batches: int = 4, batch: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -318,12 +321,14 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
 
 
 # ---------------------------------------------------------------------------------------- the world
-def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+def _worker(rank: int, out_dir: str, names: list[str]) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    # the ranks meet through a file in the run's own folder, not a TCP port: worlds started at once by
+    # parallel test workers (pytest-xdist) cannot take each other's rendezvous
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     results: dict[str, Any] = {}
     try:
         for name in names:
@@ -336,19 +341,12 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_world(names: list[str] | None = None, timeout_s: float = 180.0) -> list[dict[str, Any]]:
+def run_world(names: list[str] | None = None, timeout_s: float = HANG_S) -> list[dict[str, Any]]:
     """Run the scenarios on two gloo processes; ``[rank 0 results, rank 1 results]``."""
     names = list(SCENARIOS) if names is None else names
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, out_dir, names)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_worker, args=(r, out_dir, names)) for r in range(WORLD)]
         for p in procs:
             p.start()
         for p in procs:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -30,7 +31,7 @@ BUILT_IN_MATCHERS = ("identity", "weight_matching", "activation_matching", "ste"
 DEMO_ROW = {"barrier", "midpoint", "path", "time_s"}
 
 
-def rebasin(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def rebasin(*args: str, cwd: Path, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "rebasin", *args]
@@ -51,7 +52,10 @@ def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> str:
     return proc.stderr
 
 
-@pytest.fixture(scope="module")
+# session scope: built once per pytest-xdist worker (a few seconds), so this module's end-to-end tests spread over
+# the workers; a module-scoped fixture keeps a module on one worker (tests/conftest.py), and these tests are the
+# suite's longest chain of child processes
+@pytest.fixture(scope="session")
 def work(tmp_path_factory) -> Path:
     """Three trained MLP checkpoints (A, B, C), two BatchNorm ones, and a file where a folder could be."""
     root = tmp_path_factory.mktemp("cli")
@@ -180,10 +184,10 @@ def test_every_option_has_help():
 
 
 def test_help_of_each_subcommand(tmp_path):
-    for command in ("align", "path", "merge"):
-        stdout = ok(rebasin(command, "--help", cwd=tmp_path))
+    helps = {command: ok(rebasin(command, "--help", cwd=tmp_path)) for command in ("align", "path", "merge")}
+    for stdout in helps.values():
         assert "--model" in stdout and "--device" in stdout
-    assert all(name in ok(rebasin("align", "--help", cwd=tmp_path)) for name in BUILT_IN_MATCHERS)
+    assert all(name in helps["align"] for name in BUILT_IN_MATCHERS)
 
 
 ALIGN = ("align", "ckpt/A.pt", "ckpt/B.pt", *MLP, "--example-shape", "1,64")

@@ -24,7 +24,7 @@ TOL = {"atol": 1e-6, "rtol": 1e-6}
 
 @pytest.fixture(scope="module")
 def world() -> list[dict[str, Any]]:
-    return dw.run_world(timeout_s=150)
+    return dw.run_world()
 
 
 def ok(world: list[dict[str, Any]], name: str) -> list[Any]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import HANG_S
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["align_mlps", "own_model", "sinkhorn_custom_cost", "repair_bn_cnn", "merge_models", "continual_plugin"]
@@ -27,7 +28,7 @@ def run_example(name: str, tmp_path: Path) -> tuple[str, dict]:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     env.pop("REBASIN_DATA", None)  # the offline digits variant everywhere
     cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--tiny", "--out", str(out), "--device", "cpu", "--seed", "0"]
-    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, f"{name}.py exited with {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert not (tmp_path / "examples_out").exists(), "the script ignored --out"
     return proc.stdout, json.loads((out / "results.json").read_text())

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from builders import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "walkthrough.md"
@@ -43,7 +44,7 @@ def test_walkthrough_commands_run_as_written(tmp_path):
     for command in commands:
         program = {"python": [sys.executable], "rebasin": [sys.executable, "-P", "-m", "rebasin"]}[command[0]]
         proc = subprocess.run(program + command[1:], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+                              timeout=HANG_S, check=False)
         assert proc.returncode == 0, f"{shlex.join(command)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr
         stdout[shlex.join(command[:2]) + " " + command[-1]] = proc.stdout

@@ -67,7 +67,7 @@ class TwoBranch(nn.Module):
 
 
 class EinsumMix(TwoBranch):
-    """TwoBranch whose first layer is written as an einsum over a raw weight tensor."""
+    """TwoBranch with a channel mix written as an einsum over a raw weight tensor (read from its equation)."""
 
     def __init__(self, width: int = 8) -> None:
         super().__init__(width)
@@ -76,6 +76,14 @@ class EinsumMix(TwoBranch):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([F.relu(self.branch3(x)), F.relu(self.branch5(x))], dim=1)
         x = torch.einsum("oc,nchw->nohw", self.mix, x)
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+class CumsumMix(TwoBranch):
+    """TwoBranch with a cumulative sum over the channels: an op no rule proves safe for a permutation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([F.relu(self.branch3(x)), F.relu(self.branch5(x))], dim=1).cumsum(dim=1)
         return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
@@ -121,26 +129,33 @@ def main(argv: list[str] | None = None) -> dict:
         torch.equal(v, net.state_dict()[k]) for k, v in rebasin.permute(cat_spec, found, shuffled).items())
     print(f"TwoBranch: weight matching undoes a random permutation exactly: {results['cat_recovered']}")
 
-    # An einsum over a raw weight: the tracer cannot prove it safe. By default it pins the units the einsum
+    # An einsum is read from its equation: the raw weight's "o" axis is a new permutation, its "c" axis takes
+    # the concatenation's; the whole model stays permutable.
+    net = seeded_model(EinsumMix, seed=args.seed).to(args.device)
+    ein_spec = rebasin.spec_from_model(net, x[:2])
+    print(f"EinsumMix: mix {ein_spec.axes['mix']}, {ein_spec.coverage.summary().splitlines()[0]}")
+    results["einsum_coverage"] = ein_spec.coverage.as_dict()
+
+    # A cumulative sum over the channels: the tracer cannot prove it safe. By default it pins the units it
     # touches to the identity (one warning names them by module path and source line) and keeps the rest
     # permutable; spec.coverage counts both. strict=True refuses instead.
-    net = seeded_model(EinsumMix, seed=args.seed).to(args.device)
+    net = seeded_model(CumsumMix, seed=args.seed).to(args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", rebasin.RebasinWarning)
         pinned = rebasin.spec_from_model(net, x[:2])
     for w in caught:
         print(f"RebasinWarning: {w.message}")
     print(pinned.coverage.summary())
-    results["einsum_coverage"] = pinned.coverage.as_dict()
+    results["cumsum_coverage"] = pinned.coverage.as_dict()
     try:
         rebasin.spec_from_model(net, x[:2], strict=True)
     except rebasin.RebasinError as err:
         print(f"RebasinError: {err}")
-        results["einsum_error"] = str(err)
-    # Manual spec: keep the branch channels (and so the einsum's axes) fixed, permute the rest.
+        results["cumsum_error"] = str(err)
+    # Manual spec: keep the branch channels (and so the cumulative sum's axis) fixed, permute the rest.
     manual = rebasin.PermutationSpec({
         "branch3.weight": (None, None, None, None), "branch3.bias": (None,),
-        "branch5.weight": (None, None, None, None), "branch5.bias": (None,), "mix": (None, None),
+        "branch5.weight": (None, None, None, None), "branch5.bias": (None,),
         "conv.weight": ("P", None, None, None), "conv.bias": ("P",),
         "bn.weight": ("P",), "bn.bias": ("P",), "bn.running_mean": ("P",), "bn.running_var": ("P",),
         "bn.num_batches_tracked": (), "fc.weight": (None, "P"), "fc.bias": (None,),

@@ -27,7 +27,7 @@ from continual.merging import merge_states, rebasin_il_state, select_alpha, writ
 from continual.plugin import RebasinMergePlugin  # noqa: E402
 from continual.policy import AlphaPolicy  # noqa: E402
 from continual.strategy import RebasinIL  # noqa: E402
-from rebasin import PermutationSpec, RebasinError, permute  # noqa: E402
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, permute  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -374,27 +374,38 @@ class Untraceable(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.a(x))
-        return self.b(torch.stack([h, h], dim=1).flatten(1))  # stack: not followed by the tracer
+        return self.b(torch.stack([h, h], dim=1).flatten(1))  # stack: not followed by the tracer, so a's units are pinned
 
 
-def test_untraceable_model_fails_at_construction():
+def test_tracing_problems_surface_at_construction():
     model = Untraceable()
     x = torch.randn(2, 16)
-    with pytest.raises(RebasinError, match="spec"):
-        RebasinMergePlugin(model=model, example_input=x)
-    with pytest.raises(RebasinError, match="spec"):
+    # what the tracer cannot prove safe is pinned (one warning at construction), not refused
+    with pytest.warns(RebasinWarning, match="pinned"):
+        plugin = RebasinMergePlugin(model=model, example_input=x)
+    assert plugin.spec.perms == () and plugin.spec.coverage.modules["a"] == (0, 8)
+    with pytest.warns(RebasinWarning, match="pinned"):
         RebasinIL(example_input=x, **common(model))
+    # an input the model cannot run is refused before any training
+    with pytest.raises(RebasinError, match="spec"):
+        RebasinMergePlugin(model=tiny(), example_input=torch.randn(2, 15))
     with pytest.raises(RebasinError, match="example_input"):
         RebasinIL(**common(tiny()))
 
 
 def test_plugin_traces_before_the_first_experience_trains(bench):
     model = Untraceable()
-    strategy = Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(source="memory"))], **common(model))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RebasinError, match="spec"):
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="memory"))
+    seen = []
+
+    class Probe(SupervisedPlugin):
+        def before_training_iteration(self, strategy, *args, **kwargs):
+            seen.append(plugin.spec)
+
+    strategy = Naive(plugins=[plugin, Probe()], **common(model))
+    with pytest.warns(RebasinWarning, match="pinned"):
         strategy.train(bench.train_stream[0])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert seen and all(s is not None and s is seen[0] for s in seen)  # traced once, before the first step
 
 
 def test_plugin_rejects_bad_arguments():

@@ -67,11 +67,12 @@ def test_own_model(tmp_path):
     assert printed(stdout, "weight_matching") == pytest.approx(res["weight_matching"], abs=1e-4)
     assert res["weight_matching"] < res["identity"]
     assert res["cat_concat"] and res["cat_recovered"] is True
-    assert "einsum" in res["einsum_error"] and "manual spec" in res["einsum_error"]
-    assert "RebasinError: spec_from_model(strict=True) cannot prove torch.functional.einsum in EinsumMix.forward (" in stdout
-    cov = res["einsum_coverage"]  # by default the einsum's units are pinned and the rest stays permutable
-    assert cov["pinned"] == 32 and cov["permutable"] == 16 and cov["modules"]["branch3"] == [0, 8]
-    assert "- branch3: 8 unit(s) pinned: torch.functional.einsum in EinsumMix.forward (" in stdout
+    assert res["einsum_coverage"]["pinned"] == 0 and res["einsum_coverage"]["permutable"] == 48  # read from its equation
+    assert "cumsum" in res["cumsum_error"] and "manual spec" in res["cumsum_error"]
+    assert "RebasinError: spec_from_model(strict=True) cannot prove Tensor.cumsum in CumsumMix.forward (" in stdout
+    cov = res["cumsum_coverage"]  # by default the cumsum's units are pinned and the rest stays permutable
+    assert cov["pinned"] == 16 and cov["permutable"] == 16 and cov["modules"]["branch3"] == [0, 8]
+    assert "- branch3: 8 unit(s) pinned: Tensor.cumsum in CumsumMix.forward (" in stdout
     assert res["manual_recovered"] is True
 
 

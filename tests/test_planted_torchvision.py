@@ -13,7 +13,8 @@ torchvision model makes ``test_every_classifier_is_listed`` fail), each as
   that still has every kind of block the family has (same constructor class, fewer layers or
   channels) so that the whole list runs in well under a minute;
 * a larger member of a family checked here at a smaller size (the reason names the case);
-* a model that does not trace (the reason says why; ``test_untraced_still_refused`` keeps that honest).
+* (MaxViT and ShuffleNetV2 trace with some units pinned to the identity; ``test_pinned_families_name_their_pins``
+  keeps that honest).
 
 Each case is checked fresh (torchvision's own initialisation: BatchNorm scales 1, shifts 0, many zero
 biases) and perturbed (random norm parameters and statistics, 1 % noise on B).
@@ -158,25 +159,25 @@ SMALLER.update({
     **{n: _same("swin_v2_t", "wider and deeper") for n in ("swin_v2_s", "swin_v2_b")},
 })
 
-# name -> (reason, a small builder of the family and its input side, used to check the refusal)
-UNTRACED: dict[str, tuple[str, Builder, int]] = {
-    "maxvit_t": ("MaxViT's grid/window partition reshapes are not read yet",
-                 partial(maxvit.MaxVit, input_size=(32, 32), stem_channels=8, partition_size=2,
-                         block_channels=[8, 16], block_layers=[1, 1], head_dim=4,
-                         stochastic_depth_prob=0.1, num_classes=10), 32),
-    "shufflenet_v2_x0_5": ("the channel shuffle's view mixes the permuted axis with a new one",
-                           partial(shufflenetv2.ShuffleNetV2, [1, 1, 1], [8, 16, 32, 64, 128], num_classes=10), 32),
-}
-for _name in ("shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"):
-    SMALLER[_name] = f"does not trace, as the 'shufflenet_v2_x0_5' case: {UNTRACED['shufflenet_v2_x0_5'][0]}"
+# Families with units the tracer pins to the identity (MaxViT's grid/window partitions, ShuffleNetV2's channel
+# shuffle): the rest stays permutable and is checked like every case; test_pinned_families_name_their_pins keeps
+# the pins honest.
+PINNED = ("maxvit_t", "shufflenet_v2_x0_5")
+CASES.update({
+    "maxvit_t": (partial(maxvit.MaxVit, input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+                         block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.1, num_classes=10), 32),
+    "shufflenet_v2_x0_5": (partial(shufflenetv2.ShuffleNetV2, [1, 1, 1], [8, 16, 32, 64, 128], num_classes=10), 32),
+})
+SMALLER.update({n: _same("shufflenet_v2_x0_5", "wider") for n in ("shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
+                                                                   "shufflenet_v2_x2_0")})
 
 
 def test_every_classifier_is_listed():
     names = set(torchvision.models.list_models(module=torchvision.models))
-    listed = set(CASES) | set(SMALLER) | set(UNTRACED)
-    assert names - listed == set(), "new torchvision models: add them to CASES, SMALLER or UNTRACED"
+    listed = set(CASES) | set(SMALLER)
+    assert names - listed == set(), "new torchvision models: add them to CASES or SMALLER"
     assert listed - names == set()
-    assert not (set(CASES) & set(SMALLER)) and not (set(CASES) & set(UNTRACED))
+    assert not set(CASES) & set(SMALLER)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -205,13 +206,17 @@ def test_planted_permutation_is_recovered(name: str) -> None:
             assert info.final_objective == pytest.approx(best, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(UNTRACED))
-def test_untraced_still_refused(name: str) -> None:
-    """Each family listed as not tracing still does not (move it to CASES when it does)."""
-    _, builder, side = UNTRACED[name]
+@pytest.mark.parametrize("name", PINNED)
+def test_pinned_families_name_their_pins(name: str) -> None:
+    """strict=True refuses these families; by default their pinned units are named and counted, the rest moves."""
+    builder, side = CASES[name]
     torch.manual_seed(0)
+    model, x = builder().eval(), torch.randn(1, 3, side, side)
     with pytest.raises(rebasin.RebasinError):
-        rebasin.spec_from_model(builder().eval(), torch.randn(1, 3, side, side))
+        rebasin.spec_from_model(model, x, strict=True)
+    with pytest.warns(rebasin.RebasinWarning, match="pinned"):
+        spec = rebasin.spec_from_model(model, x)
+    assert spec.coverage.pinned > 0 and spec.coverage.permutable > spec.coverage.pinned
 
 
 def test_identity_start_alone_stops_at_a_local_optimum():

@@ -57,12 +57,12 @@ def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[Pretra
     example = None if args.example_shape is None else example_shape(args.example_shape)
     spec = spec_from_pretrained(first, example, model=model, strict=args.strict)
     del model
+    same_pretrained_architecture(spec, first, others, example_input=example)
     if spec.coverage is not None:
         print(spec.coverage.summary())
     if need_perms and not spec.perms:
         raise RebasinError(f"nothing to align: tracing {first.architecture} left no permutation (every hidden unit "
                            "is pinned to the identity or reaches the output; the warning above names them)")
-    same_pretrained_architecture(spec, first, others, example_input=example)
     return spec
 
 

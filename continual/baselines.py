@@ -21,7 +21,8 @@ name                      strategy
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
 ``rebasin_merge_zero``    ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy(source="current")``:
                           no old sample stored (alpha chosen on the current task's held-out slice)
-``si``                    ``SynapticIntelligence(si_lambda=1)``
+``si``                    Synaptic Intelligence (``si_lambda=1``): ``Naive`` + :class:`continual.si.SIPlugin`
+                          (Avalanche's plugin with copied snapshots; Avalanche's own trains Naive on CPU)
 ``clewi``                 :class:`CLeWI` (Kozal et al. 2024; ``mem_size`` buffer, alpha 0.5, REPAIR)
 ``replay_eq_<name>``      ``Replay`` whose buffer is ``mem_size`` plus what ``<name>`` stores besides its
                           buffer (``continual.compare`` adds it with the right ``mem_size``)
@@ -125,7 +126,7 @@ def make_strategy(
         name = "replay"  # the control: Replay, with the mem_size it was given
     if name not in STRATEGIES:
         raise RebasinError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)} or {EQUAL_STORAGE}<one of them>")
-    from avalanche.training import EWC, LwF, Naive, Replay, SynapticIntelligence
+    from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.plugins.evaluation import default_evaluator
 
     from ._checks import number_in
@@ -133,6 +134,7 @@ def make_strategy(
     from .mcsgd import MCSGD
     from .optim import ExperienceLRDecay
     from .plugin import RebasinMergePlugin
+    from .si import SIPlugin
     from .policy import AlphaPolicy
     from .strategy import RebasinIL
 
@@ -189,7 +191,7 @@ def make_strategy(
                 )
             ]},
         ),
-        "si": lambda: SynapticIntelligence(si_lambda=1.0, **common),
+        "si": lambda: Naive(**{**common, "plugins": common["plugins"] + [SIPlugin(si_lambda=1.0)]}),
         "clewi": lambda: CLeWI(mem_size=mem_size, example_input=example_input, seed=seed, **options, **common),
         "naive_rebasin_merge": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [

@@ -238,3 +238,41 @@ def test_storage_counts_what_regularisation_strategies_keep(bench):
     strategy.train(bench.train_stream[0])
     assert strategy_storage(strategy) == {"buffer_samples": 40, "held_out_samples": 0, "memory_samples": 0,
                                           "model_copies": 0}
+
+
+def test_si_penalises_on_cpu_where_avalanches_plugin_trains_naive(bench):
+    from avalanche.training.plugins import SynapticIntelligencePlugin
+
+    from continual.si import SIPlugin
+
+    def run(plugins):
+        model = tiny()
+        strategy = Naive(plugins=plugins, **common(model))
+        train(strategy, bench)
+        return model
+
+    naive = run([])
+    theirs, ours = SynapticIntelligencePlugin(si_lambda=1.0), SIPlugin(si_lambda=1.0)
+    avalanche_si, si = run([theirs]), run([ours])
+    # Avalanche 0.6 on CPU: its snapshots are views of the live weights, so no importance and no penalty
+    assert max(float(v.data.abs().max()) for v in theirs.ewc_data[1].values()) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(naive.parameters(), avalanche_si.parameters()))
+    importance = torch.cat([v.data for v in ours.ewc_data[1].values()])
+    assert float(importance.max()) > 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(naive.parameters(), si.parameters()))
+    # the anchor is the weights after the last experience, a copy (not the live parameters)
+    anchor = torch.cat([v.data for v in ours.ewc_data[0].values()])
+    torch.testing.assert_close(anchor, torch.cat([p.detach().flatten() for p in si.parameters()]))
+    assert all(v.data.data_ptr() != p.data_ptr() for v, p in zip(ours.ewc_data[0].values(), si.parameters()))
+
+
+def test_make_strategy_si_uses_the_copying_plugin(bench):
+    from continual.baselines import make_strategy
+    from continual.si import SIPlugin
+
+    model = tiny()
+    strategy = make_strategy("si", model=model, example_input=torch.zeros(2, 16), train_mb_size=32, train_epochs=1,
+                             evaluator=common(model)["evaluator"])
+    assert sum(isinstance(p, SIPlugin) for p in strategy.plugins) == 1
+    strategy.train(bench.train_stream[0])
+    assert strategy_storage(strategy)["model_copies"] > 0  # SI's state is counted

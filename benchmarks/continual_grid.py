@@ -18,8 +18,8 @@ protocol runs every variant on every seed, and the table reports every cell, not
 
 ``--variants`` picks columns by their index in ``VARIANTS`` (more are there: alpha chosen on the
 replay buffer, the plugin's old default, and on the buffer with a transient held-out slice of the new task; and,
-with no storage besides the buffer, ``buffer fold`` — ``continual.compare``'s ``rebasin_merge_fold`` — and
-``clewi``).
+with no storage besides the buffer, ``buffer fold`` — ``continual.compare``'s ``rebasin_merge_fold`` —, the same with
+``refit`` (``rebasin_merge_refit``) and ``clewi``).
 The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
 permutations), so each seed is another protocol of each kind. Results go to ``--out`` (JSON, one record
 per run, written as runs finish; ``--resume`` keeps them and runs only what is missing, so a complete file
@@ -87,6 +87,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     # not train on; and CLeWI (replay, then align, interpolate at 0.5 and REPAIR)
     ("buffer fold", "rebasin_merge_fold", {}),
     ("clewi", "clewi", {}),
+    # the buffer fold, and once alpha is chosen one more pass over the held-out slice (AlphaPolicy(refit=True))
+    ("buffer fold + refit", "rebasin_merge_refit", {}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]

@@ -18,10 +18,13 @@ name                      strategy
 ``rebasin_merge_fold``    ``Replay(mem_size)`` + :class:`RebasinMergePlugin` with
                           ``alpha=AlphaPolicy(source="buffer_fold")``: alpha chosen on a rotating fold of
                           the buffer that the experience does not train on (no storage besides the buffer)
+``rebasin_merge_refit``   ``rebasin_merge_fold`` with ``AlphaPolicy(refit=True)``: once alpha is chosen, one
+                          more pass over the held-out slice (with buffer samples) before the merge
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
 ``rebasin_merge_zero``    ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy(source="current")``:
                           no old sample stored (alpha chosen on the current task's held-out slice)
-``si``                    ``SynapticIntelligence(si_lambda=1)``
+``si``                    Synaptic Intelligence (``si_lambda=1``): ``Naive`` + :class:`continual.si.SIPlugin`
+                          (Avalanche's plugin with copied snapshots; Avalanche's own trains Naive on CPU)
 ``clewi``                 :class:`CLeWI` (Kozal et al. 2024; ``mem_size`` buffer, alpha 0.5, REPAIR)
 ``replay_eq_<name>``      ``Replay`` whose buffer is ``mem_size`` plus what ``<name>`` stores besides its
                           buffer (``continual.compare`` adds it with the right ``mem_size``)
@@ -49,7 +52,8 @@ __all__ = ["OPTIMIZERS", "STRATEGIES", "EQUAL_STORAGE", "make_strategy", "mlp"]
 #: The optimizers :func:`make_strategy` builds.
 OPTIMIZERS = ("adamw", "sgd")
 
-STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_fold", "naive_rebasin_merge",
+STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_fold", "rebasin_merge_refit",
+              "naive_rebasin_merge",
               "rebasin_merge_zero", "rebasin_il", "mcsgd", "clewi")
 #: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge``: Replay with what it stores).
 EQUAL_STORAGE = "replay_eq_"
@@ -125,7 +129,7 @@ def make_strategy(
         name = "replay"  # the control: Replay, with the mem_size it was given
     if name not in STRATEGIES:
         raise RebasinError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)} or {EQUAL_STORAGE}<one of them>")
-    from avalanche.training import EWC, LwF, Naive, Replay, SynapticIntelligence
+    from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.plugins.evaluation import default_evaluator
 
     from ._checks import number_in
@@ -133,6 +137,7 @@ def make_strategy(
     from .mcsgd import MCSGD
     from .optim import ExperienceLRDecay
     from .plugin import RebasinMergePlugin
+    from .si import SIPlugin
     from .policy import AlphaPolicy
     from .strategy import RebasinIL
 
@@ -159,28 +164,19 @@ def make_strategy(
         evaluator=default_evaluator if evaluator is None else evaluator,
         plugins=plugins,
     )
+
+    def replay_with_merge(**defaults: Any) -> Any:  # Replay + the merge plugin (``options`` over ``defaults``)
+        plugin = RebasinMergePlugin(**{**defaults, **options}, model=model, example_input=example_input, seed=seed)
+        return Replay(mem_size=mem_size, **{**common, "plugins": common["plugins"] + [plugin]})
+
     builders: dict[str, Callable[[], Any]] = {
         "naive": lambda: Naive(**common),
         "ewc": lambda: EWC(ewc_lambda=ewc_lambda, **common),
         "lwf": lambda: LwF(alpha=1.0, temperature=2.0, **common),
         "replay": lambda: Replay(mem_size=mem_size, **common),
-        "rebasin_merge": lambda: Replay(
-            mem_size=mem_size,
-            **{**common, "plugins": common["plugins"] + [
-                RebasinMergePlugin(
-                    **options, model=model, example_input=example_input, seed=seed,
-                )
-            ]},
-        ),
-        "rebasin_merge_fold": lambda: Replay(
-            mem_size=mem_size,
-            **{**common, "plugins": common["plugins"] + [
-                RebasinMergePlugin(
-                    **{"alpha": AlphaPolicy(source="buffer_fold"), **options}, model=model,
-                    example_input=example_input, seed=seed,
-                )
-            ]},
-        ),
+        "rebasin_merge": lambda: replay_with_merge(),
+        "rebasin_merge_fold": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold")),
+        "rebasin_merge_refit": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold", refit=True)),
         "rebasin_merge_zero": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [
                 RebasinMergePlugin(
@@ -189,7 +185,7 @@ def make_strategy(
                 )
             ]},
         ),
-        "si": lambda: SynapticIntelligence(si_lambda=1.0, **common),
+        "si": lambda: Naive(**{**common, "plugins": common["plugins"] + [SIPlugin(si_lambda=1.0)]}),
         "clewi": lambda: CLeWI(mem_size=mem_size, example_input=example_input, seed=seed, **options, **common),
         "naive_rebasin_merge": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [

@@ -183,7 +183,8 @@ def run_strategy(
         history = getattr(plugin, "history", None)
         if history and hasattr(history[0], "alpha"):
             extra["alphas"] = [h.alpha for h in history]
-            extra["merges"] = [{"experience": h.experience, "alpha": h.alpha} for h in history]
+            extra["merges"] = [{"experience": h.experience, "alpha": h.alpha,
+                                "refit_steps": getattr(h, "refit_steps", 0)} for h in history]
         if history and hasattr(history[0], "n_moved"):
             extra["units_moved"] = [h.n_moved for h in history]
         if history and hasattr(history[0], "n_lines"):

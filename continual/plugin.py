@@ -58,6 +58,8 @@ class MergeRecord:
         Weight of the old-data loss in the choice of alpha (None for a fixed alpha).
     time_s
         Wall time of alignment plus merge.
+    refit_steps
+        Optimizer steps taken on the held-out slice after the choice (``AlphaPolicy(refit=True)``), else 0.
     """
 
     experience: int
@@ -68,6 +70,7 @@ class MergeRecord:
     n_new: int
     time_s: float
     old_weight: float | None = None
+    refit_steps: int = 0
 
 
 class RebasinMergePlugin(SupervisedPlugin):
@@ -386,6 +389,8 @@ class RebasinMergePlugin(SupervisedPlugin):
                 self._sequential = {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
             if self._n_seen > 0 and self._prev_state is not None:
                 self._merge(strategy)
+            elif self._holds_out and self.policy.refit:  # nothing to merge yet: the first slice is trained on anyway
+                self._refit(strategy, torch.device(strategy.device))
             if self._keeps_memory and self.policy.source == "holdout" and self._heldout is not None:
                 self._memory.append(self._heldout)
             elif self._keeps_memory and self.policy.source == "memory":
@@ -442,14 +447,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         loader = None
         if both is not None:
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
-        matcher = get_matcher(self.matcher)
-        options = dict(self.matcher_options)
-        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
-            options.setdefault("fit", {"progress": False})
-        result = align(
-            model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device if matcher.accepts("device") else None, **options,
-        )
+        result = self._align(model, prev_model, loader, device)
         state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         choice = None
@@ -468,6 +466,12 @@ class RebasinMergePlugin(SupervisedPlugin):
             alpha = conservative_alpha(choice, policy.tolerance) if policy.source == "current" else choice.alpha
             if policy.source == "current":
                 old_weight = None
+        steps = 0
+        if self.alpha is None and self.policy.refit:
+            steps = self._refit(strategy, device)  # the merge is of the weights the refit reached, aligned again
+            result = self._align(model, prev_model, loader, device)
+            state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         if alpha != 1.0:
             write_state_(model, self._merged_state(strategy, prev_aligned, state_new, alpha, both))
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
@@ -479,8 +483,64 @@ class RebasinMergePlugin(SupervisedPlugin):
                 0 if new_data is None else int(new_data[0].shape[0]),
                 time.perf_counter() - start,
                 old_weight,
+                steps,
             )
         )
+
+    def _align(self, model: nn.Module, prev_model: nn.Module, loader: Any, device: torch.device) -> Any:
+        """:func:`rebasin.align` of the previous model to ``model`` with the plugin's matcher."""
+        matcher = get_matcher(self.matcher)
+        options = dict(self.matcher_options)
+        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
+            options.setdefault("fit", {"progress": False})
+        return align(
+            model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
+            device=device if matcher.accepts("device") else None, **options,
+        )
+
+    def _refit(self, strategy: Any, device: torch.device) -> int:
+        """One pass of the model over the held-out slice, with replay-buffer samples in every batch; the steps taken.
+
+        Batches of ``strategy.train_mb_size`` held-out samples (seeded order), each with as many samples drawn
+        from the replay buffer (old experiences only at this point) when the strategy has one; the strategy's
+        optimizer and criterion. With ``train_from="sequential"`` the refit weights are the chain's.
+        """
+        if self._heldout is None:
+            return 0
+        model: nn.Module = strategy.model
+        optimizer = getattr(strategy, "optimizer", None)
+        if optimizer is None:
+            raise RebasinError(
+                "RebasinMergePlugin(alpha=AlphaPolicy(refit=True)) needs the strategy's optimizer (strategy.optimizer); "
+                "none found. Use refit=False"
+            )
+        criterion = getattr(strategy, "_criterion", None) or nn.functional.cross_entropy
+        old = None
+        _, buffer_policy = find_replay_buffer(strategy)
+        if buffer_policy is not None and len(buffer_policy.buffer) > 0:
+            old = sample_tensors(buffer_policy.buffer, None, seed=self._rng_seed(8), batch_size=self.batch_size)
+        x_new, y_new = self._heldout
+        size = max(1, int(getattr(strategy, "train_mb_size", self.batch_size)))
+        g = torch.Generator().manual_seed(self._rng_seed(7))
+        order = torch.randperm(x_new.shape[0], generator=g)
+        was_training, steps = model.training, 0
+        model.train()
+        try:
+            for i in range(0, order.numel(), size):
+                idx = order[i : i + size]
+                x, y = x_new[idx], y_new[idx]
+                if old is not None:
+                    j = torch.randint(old[0].shape[0], (idx.numel(),), generator=g)
+                    x, y = torch.cat([x, old[0][j]]), torch.cat([y, old[1][j]])
+                optimizer.zero_grad()
+                criterion(model(x.to(device)), y.to(device)).backward()
+                optimizer.step()
+                steps += 1
+        finally:
+            model.train(was_training)
+        if self.train_from == "sequential":
+            self._sequential = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return steps
 
 
 def _alpha_and_policy(alpha: Any, deprecated: dict[str, Any]) -> tuple[float | None, AlphaPolicy]:

@@ -69,6 +69,13 @@ class AlphaPolicy:
         ``"buffer_fold"``: the buffer is cut into this many folds (at least 2).
     tolerance
         ``"current"``: accuracy the new task may lose against the freshly trained model, in ``[0, 1]``.
+    refit
+        The sources that hold a slice out (:data:`HOLDING_OUT`): once alpha is chosen, the freshly trained
+        model takes one more pass over the held-out slice (batches of the strategy's size, each with as many
+        replay-buffer samples when the strategy has a buffer, as Avalanche's replay batches) with the
+        strategy's optimizer and criterion, and the merge is built from those weights with the chosen
+        alpha. The slice then costs the experience no training sample, and nothing more is stored (it is
+        dropped after the experience, as without ``refit``).
 
     Examples
     --------
@@ -86,6 +93,7 @@ class AlphaPolicy:
     old_samples: int = 1000
     folds: int = 5
     tolerance: float = 0.02
+    refit: bool = False
     candidates: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +112,13 @@ class AlphaPolicy:
         number_in(self.tolerance, "AlphaPolicy: tolerance", 0, 1)
         if self.old_weight is not None:
             check_alpha(self.old_weight, "AlphaPolicy: old_weight")
+        if not isinstance(self.refit, bool):
+            raise RebasinError(f"AlphaPolicy: refit must be True or False, got {self.refit!r}")
+        if self.refit and self.source not in HOLDING_OUT:
+            raise RebasinError(
+                f"AlphaPolicy(source={self.source!r}, refit=True): refit trains on the held-out slice after the "
+                f"choice, and source {self.source!r} holds nothing out; use one of {HOLDING_OUT} or refit=False"
+            )
 
     @property
     def stores_samples(self) -> bool:

@@ -24,7 +24,8 @@ __all__ = ["STORAGE_KEYS", "strategy_storage", "extra_samples", "total_samples"]
 #: The fields of :func:`strategy_storage`'s answer, in table order.
 STORAGE_KEYS = ("buffer_samples", "held_out_samples", "memory_samples", "model_copies")
 _WALKED = ("avalanche.training.plugins.ewc", "avalanche.training.plugins.synaptic_intelligence",
-           "avalanche.training.plugins.lwf", "avalanche.training.regularization", "avalanche.training.utils")
+           "avalanche.training.plugins.lwf", "avalanche.training.regularization", "avalanche.training.utils",
+           "continual.si")
 
 
 def _numel(obj: Any, depth: int = 0, seen: set[int] | None = None) -> int:

@@ -76,6 +76,10 @@ def test_alpha_policy_bad_inputs_each_fail_clearly():
         AlphaPolicy(max_fraction=1.0)
     with pytest.raises(RebasinError, match="samples must be a positive int"):
         AlphaPolicy(samples=0)
+    with pytest.raises(RebasinError, match="refit must be True or False, got 'yes'"):
+        AlphaPolicy(source="buffer_fold", refit="yes")
+    with pytest.raises(RebasinError, match="source 'replay' holds nothing out"):
+        AlphaPolicy(source="replay", refit=True)
     with pytest.raises(RebasinError, match="not an AlphaPolicy"):
         RebasinMergePlugin(alpha={"sorce": "holdout"})
     with pytest.raises(RebasinError, match="alpha must be a number in"):
@@ -238,3 +242,101 @@ def test_storage_counts_what_regularisation_strategies_keep(bench):
     strategy.train(bench.train_stream[0])
     assert strategy_storage(strategy) == {"buffer_samples": 40, "held_out_samples": 0, "memory_samples": 0,
                                           "model_copies": 0}
+
+
+def test_si_penalises_on_cpu_where_avalanches_plugin_trains_naive(bench):
+    from avalanche.training.plugins import SynapticIntelligencePlugin
+
+    from continual.si import SIPlugin
+
+    def run(plugins):
+        model = tiny()
+        strategy = Naive(plugins=plugins, **common(model))
+        train(strategy, bench)
+        return model
+
+    naive = run([])
+    theirs, ours = SynapticIntelligencePlugin(si_lambda=1.0), SIPlugin(si_lambda=1.0)
+    avalanche_si, si = run([theirs]), run([ours])
+    # Avalanche 0.6 on CPU: its snapshots are views of the live weights, so no importance and no penalty
+    assert max(float(v.data.abs().max()) for v in theirs.ewc_data[1].values()) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(naive.parameters(), avalanche_si.parameters()))
+    importance = torch.cat([v.data for v in ours.ewc_data[1].values()])
+    assert float(importance.max()) > 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(naive.parameters(), si.parameters()))
+    # the anchor is the weights after the last experience, a copy (not the live parameters)
+    anchor = torch.cat([v.data for v in ours.ewc_data[0].values()])
+    torch.testing.assert_close(anchor, torch.cat([p.detach().flatten() for p in si.parameters()]))
+    assert all(v.data.data_ptr() != p.data_ptr() for v, p in zip(ours.ewc_data[0].values(), si.parameters()))
+
+
+def test_make_strategy_si_uses_the_copying_plugin(bench):
+    from continual.baselines import make_strategy
+    from continual.si import SIPlugin
+
+    model = tiny()
+    strategy = make_strategy("si", model=model, example_input=torch.zeros(2, 16), train_mb_size=32, train_epochs=1,
+                             evaluator=common(model)["evaluator"])
+    assert sum(isinstance(p, SIPlugin) for p in strategy.plugins) == 1
+    strategy.train(bench.train_stream[0])
+    assert strategy_storage(strategy)["model_copies"] > 0  # SI's state is counted
+
+
+def test_refit_trains_on_the_held_out_slice_after_the_choice_and_stores_nothing_more(bench):
+    # 256 samples per experience, 40 held out, batches of 32: two refit steps after every experience
+    policy = AlphaPolicy(source="buffer_fold", folds=4, samples=40, grid=3, refit=True)
+    plugin = RebasinMergePlugin(alpha=policy, train_from="sequential")
+    rows = Rows()
+    strategy = Replay(mem_size=64, plugins=[plugin, rows], **common(tiny()))
+    seen: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] = []
+    original = plugin._refit
+
+    def spy(strategy_, device):
+        inputs: list[torch.Tensor] = []
+        hook = strategy_.model[0].register_forward_hook(
+            lambda m, args, out: inputs.append(args[0].detach().clone()) if m.training else None)
+        try:
+            steps = original(strategy_, device)
+        finally:
+            hook.remove()
+        seen.append((plugin._heldout[0].clone(), inputs, strategy_.model[0].weight.detach().clone()))
+        return steps
+
+    plugin._refit = spy
+    for k, exp in enumerate(bench.train_stream):
+        strategy.train(exp)
+        held, inputs, refit_weight = seen[k]
+        assert held.shape[0] == 40 and len(inputs) == 2
+        refit_rows = torch.cat(inputs)
+        # every held-out row is trained on in the refit, none in the experience's own batches
+        exact = torch.cdist(held, refit_rows, compute_mode="donot_use_mm_for_euclid_dist")
+        assert float(exact.min(dim=1).values.max()) == 0.0
+        assert float(torch.cdist(held, torch.cat(rows.rows[k])).min()) > 0.0
+        # after the first experience, every refit batch is half held-out, half buffer samples
+        assert refit_rows.shape[0] == (40 if k == 0 else 80)
+        # the next experience trains from the refit weights (the sequential chain), whatever the merge did
+        torch.testing.assert_close(plugin._sequential["0.weight"], refit_weight)
+    assert [h.refit_steps for h in plugin.history] == [2, 2]
+    assert plugin.storage() == {"held_out_samples": 0, "memory_samples": 0, "model_copies": 1}
+
+
+def test_without_refit_nothing_changes_and_with_it_the_weights_do(bench):
+    def final(refit: bool) -> nn.Module:
+        model = tiny()
+        plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold", folds=4, samples=40, grid=3, refit=refit))
+        train(Replay(mem_size=64, plugins=[plugin], **common(model)), bench)
+        assert all(h.refit_steps == (2 if refit else 0) for h in plugin.history)
+        return model
+
+    plain, refit = final(False), final(True)
+    assert not torch.equal(plain[0].weight, refit[0].weight)
+
+
+def test_make_strategy_rebasin_merge_refit(bench):
+    from continual.baselines import make_strategy
+
+    model = tiny()
+    strategy = make_strategy("rebasin_merge_refit", model=model, example_input=torch.zeros(2, 16), mem_size=64,
+                             train_mb_size=32, train_epochs=1, evaluator=common(model)["evaluator"])
+    plugin = next(p for p in strategy.plugins if isinstance(p, RebasinMergePlugin))
+    assert plugin.policy == AlphaPolicy(source="buffer_fold", refit=True)

@@ -6,9 +6,12 @@ from its own ``torch.Generator``.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import types
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,3 +164,12 @@ def refused_then_pinned(model: nn.Module, example: Any, where: str, reason: str,
         assert re.search(rf"- {re.escape(module)}: \d+ unit\(s\) pinned: [^\n]*{where}[^\n]*{reason}", msgs[0]), msgs[0]
         assert spec.coverage is not None and spec.coverage.modules[module][1] > 0, spec.coverage
     return spec
+
+
+def benchmark_module(name: str) -> types.ModuleType:
+    """The module ``benchmarks/<name>.py`` (models the benchmarks and the tests share), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -23,6 +23,17 @@ from .core import (
     permute,
     random_permutation,
 )
+from .transforms import (
+    KINDS,
+    SignedPermutation,
+    SymmetryKinds,
+    apply_transforms,
+    fold_rmsnorm,
+    kind_of,
+    random_orthogonal,
+    random_signed_permutation,
+    transform_matrix,
+)
 from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
 __all__ = [
@@ -48,4 +59,13 @@ __all__ = [
     "open_checkpoint",
     "save_permuted",
     "meta_state",
+    "SignedPermutation",
+    "SymmetryKinds",
+    "KINDS",
+    "kind_of",
+    "apply_transforms",
+    "fold_rmsnorm",
+    "random_signed_permutation",
+    "random_orthogonal",
+    "transform_matrix",
 ]

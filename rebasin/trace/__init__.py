@@ -28,6 +28,7 @@ from __future__ import annotations
 from . import nn_rules  # noqa: F401 - registers the built-in torch.nn rules
 from .registry import module_rule, register_module, registered_modules, registration_scope
 from .rules import AxisPerm, ModuleRule, RuleContext
+from .symmetry import symmetry_kinds
 from .tracing import ModelTrace, spec_from_model, trace_model
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "ModuleRule",
     "RuleContext",
     "AxisPerm",
+    "symmetry_kinds",
 ]

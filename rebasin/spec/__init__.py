@@ -33,6 +33,7 @@ from .transforms import (
     random_orthogonal,
     random_signed_permutation,
     transform_matrix,
+    why_structured,
 )
 from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
@@ -68,4 +69,5 @@ __all__ = [
     "random_signed_permutation",
     "random_orthogonal",
     "transform_matrix",
+    "why_structured",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "random_orthogonal",
     "fold_rmsnorm",
     "transform_matrix",
+    "why_structured",
 ]
 
 KINDS = ("permutation", "signed", "orthogonal")  # each kind contains the previous ones
@@ -148,15 +149,21 @@ class SymmetryKinds:
                 f"{have} only")
 
 
-def _is_plain(spec: PermutationSpec, perm: str) -> str | None:
-    """None when ``perm`` acts on whole axes only; else what makes it structured."""
+def why_structured(spec: PermutationSpec, perm: str) -> str | None:
+    """None when class ``perm`` acts on whole axes only (it may then take signed or orthogonal maps); else why not.
+
+    Examples
+    --------
+    >>> why_structured(PermutationSpec({"w": ("P", None)}), "P") is None
+    True
+    """
     if perm in spec.structure or perm in spec.outers:
-        return "it is structured (heads or groups)"
+        return "it is structured (attention heads or groups; head-internal maps are not implemented)"
     if any(perm == part for parts in spec.concat.values() for part, _ in parts):
-        return "it is part of a concatenation"
+        return "it is part of a concatenation (packed projections, torch.cat)"
     for key, axis in spec.perm_to_axes.get(perm, ()):
         if spec.blocks.get((key, axis), 1) > 1:
-            return f"it acts in blocks on axis {axis} of {key!r}"
+            return f"it acts in blocks on axis {axis} of {key!r} (after a flatten)"
         if (key, axis) in spec.grouped:
             return f"it acts on the grouped axis {axis} of {key!r}"
     return None
@@ -269,7 +276,7 @@ def apply_transforms(
                                "example_input)) so that its legality and the norm scales of the class are known")
         if not kinds.admits(name, kind):
             raise RebasinError(kinds.why_not(name, kind))
-        why = _is_plain(spec, name)
+        why = why_structured(spec, name)
         if why is not None:
             raise RebasinError(f"class {name!r} takes only permutations: {why}")
         _check_transform(name, t, sizes[name])

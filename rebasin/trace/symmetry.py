@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..spec.core import PermutationSpec
-from ..spec.transforms import SymmetryKinds
+from ..spec.transforms import SymmetryKinds, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model
 
@@ -250,19 +250,6 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(s) for s in shape)
 
 
-def _structured(spec: PermutationSpec, perm: str) -> str | None:
-    if perm in spec.structure or perm in spec.outers:
-        return "it is structured (attention heads or groups; head-internal maps are not implemented)"
-    if any(perm == part for parts in spec.concat.values() for part, _ in parts):
-        return "it is part of a concatenation (packed projections, torch.cat)"
-    for key, axis in spec.perm_to_axes.get(perm, ()):
-        if spec.blocks.get((key, axis), 1) > 1:
-            return f"it acts in blocks on axis {axis} of {key!r} (after a flatten)"
-        if (key, axis) in spec.grouped:
-            return f"it acts on the grouped axis {axis} of {key!r}"
-    return None
-
-
 def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelTrace | None = None) -> SymmetryKinds:
     """Which classes of ``model``'s spec admit signed permutations and orthogonal maps.
 
@@ -296,7 +283,7 @@ def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelT
     scales: dict[str, tuple[str, ...]] = {}
     readers: dict[str, tuple[str, ...]] = {}
     for p in tr.spec.perms:
-        why = _structured(tr.spec, p)
+        why = why_structured(tr.spec, p)
         if why is None:
             a = _Analysis(tr, p)
             why = a.run()

@@ -1,4 +1,4 @@
-"""Weight matching with signed permutations and orthogonal maps (``rebasin.matching.transform_matching``).
+"""Weight matching with signed permutations and orthogonal maps (``rebasin.matching.generalized``).
 
 A Llama-style model from a tiny ``transformers`` config, B made from A by planted transforms: a signed
 permutation (or, after folding the RMSNorm scales, an orthogonal map) of the residual stream and random

@@ -18,7 +18,7 @@ from .sinkhorn_rebasin import SinkhornRebasin
 from .ot import ot_matching
 from .alignment import Alignment, align
 from .assignment import linear_assignment
-from .transform_matching import transform_matching
+from .generalized import transform_matching
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
 
 __all__ = [

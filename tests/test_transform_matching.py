@@ -25,14 +25,15 @@ from rebasin.spec import (
     random_signed_permutation,
     transform_matrix,
 )
-from rebasin.trace import symmetry_kinds, trace_model
+from rebasin.trace import hf_rules, llm_rules, symmetry_kinds, trace_model
 
 VOCAB = 50
 
 
-@pytest.fixture(scope="module")
-def llama() -> tuple[nn.Module, object, SymmetryKinds]:
-    T = pytest.importorskip("transformers")
+T = pytest.importorskip("transformers")
+
+
+def _llama() -> nn.Module:
     cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
@@ -44,6 +45,16 @@ def llama() -> tuple[nn.Module, object, SymmetryKinds]:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    return model
+
+
+hf_rules.register()  # the first trace registers these rules for good; here, for the conftest's guard
+llm_rules.register(_llama())
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[nn.Module, object, SymmetryKinds]:
+    model = _llama()
     x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
     tr = trace_model(model, x)
     return model, tr, symmetry_kinds(model, trace=tr)

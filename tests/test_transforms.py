@@ -8,6 +8,7 @@ permutations, and asking for more is refused with the module and the op.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -27,7 +28,7 @@ from rebasin.spec import (
     random_signed_permutation,
     transform_matrix,
 )
-from rebasin.trace import symmetry_kinds, trace_model
+from rebasin.trace import hf_rules, llm_rules, symmetry_kinds, trace_model
 
 VOCAB = 50
 
@@ -49,6 +50,10 @@ def _llama(seed: int = 0, **extra: object) -> nn.Module:
 
 
 _X = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+
+if importlib.util.find_spec("transformers") is not None:  # the first trace registers the attention rule for good;
+    hf_rules.register()
+    llm_rules.register(_llama())  # here, so that the conftest's registry guard sees it before any test
 
 
 def _logits(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Tensor:

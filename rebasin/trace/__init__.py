@@ -20,7 +20,8 @@ Modules: ``rules`` (roles, :class:`ModuleRule`, :class:`RuleContext`), ``registr
 lookup, the leaf-aware tracer), ``nn_rules`` (built-ins), ``ops`` (op table), ``engine`` (propagation),
 ``tracing`` (:func:`spec_from_model`, :func:`trace_model`), ``dynamic`` (the fallback for models torch.fx
 cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, registered on demand), ``llm_rules`` (the rotary-embedding
-attention of Llama-like ``transformers`` models, registered on demand).
+attention of Llama-like ``transformers`` models, registered on demand), ``symmetry`` (which classes admit signed
+permutations and orthogonal maps), ``folding`` (:func:`fold_layernorm`, LayerNorm to RMSNorm).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 from . import nn_rules  # noqa: F401 - registers the built-in torch.nn rules
 from .registry import module_rule, register_module, registered_modules, registration_scope
 from .rules import AxisPerm, ModuleRule, RuleContext
+from .folding import fold_layernorm
 from .symmetry import symmetry_kinds
 from .tracing import ModelTrace, spec_from_model, trace_model
 
@@ -43,4 +45,5 @@ __all__ = [
     "RuleContext",
     "AxisPerm",
     "symmetry_kinds",
+    "fold_layernorm",
 ]

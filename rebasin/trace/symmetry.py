@@ -35,7 +35,7 @@ from ..spec.transforms import SymmetryKinds, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model
 
-__all__ = ["symmetry_kinds"]
+__all__ = ["symmetry_kinds", "is_linear_layer"]
 
 _ADD = {"add", "sub", "iadd", "isub", "__add__", "__sub__", "__radd__", "neg"}
 _MUL = {"mul", "__mul__", "__rmul__", "imul", "truediv", "div", "__truediv__"}
@@ -118,7 +118,7 @@ class _Analysis:
             return None
         if u.op == "call_module":
             m = self.gm.get_submodule(str(u.target))
-            if isinstance(m, (nn.Linear, nn.Dropout, nn.Identity)):
+            if isinstance(m, (nn.Dropout, nn.Identity)) or is_linear_layer(m):
                 return None
             if isinstance(m, _ATTENTION_MODULES) or _is_llm_attention(m):
                 return None
@@ -214,7 +214,7 @@ class _Analysis:
                     keys = [k for k, ax in self.spec.axes.items()
                             if k.startswith(prefix) and len(ax) == 2 and ax[1] == self.perm]
                     m = self.gm.get_submodule(str(u.target))
-                    if not keys or not (isinstance(m, (nn.Linear,) + _ATTENTION_MODULES) or _is_llm_attention(m)):
+                    if not keys or not (isinstance(m, _ATTENTION_MODULES) or is_linear_layer(m) or _is_llm_attention(m)):
                         return ()
                     out.extend(keys)
                 elif u.op in ("call_function", "call_method") and _op(u) in _PASS and self.carries(u):
@@ -222,6 +222,11 @@ class _Analysis:
                 else:
                     return ()
         return tuple(dict.fromkeys(out))
+
+
+def is_linear_layer(m: nn.Module) -> bool:
+    """``nn.Linear`` or ``transformers``' ``Conv1D`` (a Linear stored ``(in, out)``): linear in its input."""
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers."))
 
 
 def _is_square(node: Node) -> bool:

@@ -33,50 +33,10 @@ from torch.fx import Node
 from .._common import as_args, evaluating
 from .._errors import RebasinError
 from .state import node_meta
-from .symmetry import is_linear_layer
+from .symmetry import linear_readers
 from .tracing import trace_model
 
 __all__ = ["fold_layernorm"]
-
-_PASS_MODULES = (nn.Dropout, nn.Identity)
-_PASS_OPS = {"to", "float", "contiguous", "clone", "detach", "view", "reshape", "getitem", "dropout", "flatten"}
-
-
-def _op_name(node: Node) -> str:
-    t = node.target
-    return str(t) if node.op == "call_method" else str(getattr(t, "__name__", t))
-
-
-def _readers(gm: Any, ln: Node, perm: str, axes: Mapping[str, tuple[str | None, ...]]) -> tuple[list[tuple[str, int]], str | None]:
-    """``([(weight key, axis), ...], None)`` for the weights reading ``ln``'s output, or ``([], why)``."""
-    out: list[tuple[str, int]] = []
-    todo, seen = [ln], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for u in n.users:
-            if u.op == "call_module":
-                m = gm.get_submodule(str(u.target))
-                if isinstance(m, _PASS_MODULES):
-                    todo.append(u)
-                    continue
-                if not (is_linear_layer(m) or isinstance(m, nn.MultiheadAttention)):
-                    return [], f"its output goes into module {u.target!r} ({type(m).__name__}), not a linear layer"
-                keys = [(k, ax.index(perm)) for k, ax in axes.items()
-                        if k.startswith(f"{u.target}.") and len(ax) >= 2 and perm in ax]
-                if not keys:
-                    return [], f"the weights of {u.target!r} do not read the normalised features"
-                out.extend(keys)
-            elif u.op in ("call_function", "call_method") and _op_name(u) in _PASS_OPS:
-                todo.append(u)
-            else:
-                what = "the model output" if u.op == "output" else f"{_op_name(u)} (node {u.name!r})"
-                return [], (f"its output goes into {what}, not only into linear layers (a post-LN block adds it to "
-                            "the residual stream)")
-    return list(dict.fromkeys(out)), None
-
 
 def _bias_key(weight_key: str) -> str:
     head, _, leaf = weight_key.rpartition(".")
@@ -163,7 +123,7 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
         ln_keys = {f"{name}.{leaf}" for name, _ in lns for leaf in ("weight", "bias")}
         read: set[tuple[str, int]] = set()
         for name, node in lns:
-            keys, why = _readers(gm, node, p, spec.axes)
+            keys, why = linear_readers(tr, node, p)
             if why is not None:
                 raise RebasinError(f"fold_layernorm: cannot fold the LayerNorm {name!r}: {why}. Only pre-LN models, "
                                    "whose LayerNorm outputs are read by linear layers only, can be rewritten")

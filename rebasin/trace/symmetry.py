@@ -35,7 +35,7 @@ from ..spec.transforms import SymmetryKinds, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model
 
-__all__ = ["symmetry_kinds", "is_linear_layer"]
+__all__ = ["symmetry_kinds", "is_linear_layer", "linear_readers"]
 
 _ADD = {"add", "sub", "iadd", "isub", "__add__", "__sub__", "__radd__", "neg"}
 _MUL = {"mul", "__mul__", "__rmul__", "imul", "truediv", "div", "__truediv__"}
@@ -200,28 +200,49 @@ class _Analysis:
         return any(isinstance(d, int) and d % len(shape) == axis for d in dims)
 
     def readers(self, node: Node) -> tuple[str, ...]:
-        """The 2-D weights whose columns read ``node`` (through casts, dropout and indexing); () if any other use."""
-        out: list[str] = []
-        todo, seen = [node], set()
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            for u in n.users:
-                if u.op == "call_module":
-                    prefix = f"{u.target}."
-                    keys = [k for k, ax in self.spec.axes.items()
-                            if k.startswith(prefix) and len(ax) == 2 and ax[1] == self.perm]
-                    m = self.gm.get_submodule(str(u.target))
-                    if not keys or not (isinstance(m, _ATTENTION_MODULES) or is_linear_layer(m) or _is_llm_attention(m)):
-                        return ()
-                    out.extend(keys)
-                elif u.op in ("call_function", "call_method") and _op(u) in _PASS and self.carries(u):
+        """The 2-D weights whose columns read ``node``; () if it has another use (then nothing can be folded)."""
+        found, why = linear_readers(self.tr, node, self.perm)
+        if why is not None or any(a != 1 or len(self.spec.axes[k]) != 2 for k, a in found):
+            return ()
+        return tuple(k for k, _ in found)
+
+
+def linear_readers(tr: ModelTrace, node: Node, perm: str) -> tuple[list[tuple[str, int]], str | None]:
+    """The weights reading ``node``'s output (a norm's), as ``([(key, axis of perm), ...], None)``, or ``([], why)``.
+
+    Uses are followed through dropout, casts, reshapes and indexing that keep ``perm`` on a whole axis; every
+    other use must be a linear layer (``nn.Linear``, ``Conv1D``) or an attention module whose weights read
+    ``perm``, else ``why`` names the use.
+    """
+    gm, axes = tr.graph_module, tr.spec.axes
+    keep = {name for name, _ in tr.carriers.get(perm, ())}
+    out: list[tuple[str, int]] = []
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op == "call_module":
+                m = gm.get_submodule(str(u.target))
+                if isinstance(m, (nn.Dropout, nn.Identity)):
                     todo.append(u)
-                else:
-                    return ()
-        return tuple(dict.fromkeys(out))
+                    continue
+                if not (is_linear_layer(m) or isinstance(m, _ATTENTION_MODULES) or _is_llm_attention(m)):
+                    return [], f"its output goes into module {u.target!r} ({type(m).__name__}), not a linear layer"
+                a = 0 if type(m).__name__ == "Conv1D" else 1  # the input axis: Conv1D stores (in, out)
+                keys = [(k, a) for k, ax in axes.items() if k.startswith(f"{u.target}.") and len(ax) == 2 and ax[a] == perm]
+                if not keys:
+                    return [], f"the weights of {u.target!r} do not read the normalised features"
+                out.extend(keys)
+            elif u.op in ("call_function", "call_method") and _op(u) in _PASS and u.name in keep:
+                todo.append(u)
+            else:
+                what = "the model output" if u.op == "output" else f"{_op(u)} (node {u.name!r})"
+                return [], (f"its output goes into {what}, not only into linear layers (a post-LN block adds it to "
+                            "the residual stream)")
+    return list(dict.fromkeys(out)), None
 
 
 def is_linear_layer(m: nn.Module) -> bool:

@@ -57,7 +57,7 @@ def llama() -> tuple[nn.Module, object, SymmetryKinds]:
     model = _llama()
     x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
     tr = trace_model(model, x)
-    return model, tr, symmetry_kinds(model, trace=tr)
+    return model, tr, symmetry_kinds(model, x, trace=tr)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ def _logits(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.Tensor:
 def llama() -> tuple[nn.Module, object, SymmetryKinds]:
     model = _llama(mlp_bias=True)
     tr = trace_model(model, _X)
-    return model, tr, symmetry_kinds(model, trace=tr)
+    return model, tr, symmetry_kinds(model, _X, trace=tr)
 
 
 def _stream(tr: object) -> str:
@@ -131,7 +131,7 @@ def test_llama_orthogonal_stream_after_fold(llama: tuple) -> None:
 def test_tied_embeddings_refuse_fold() -> None:
     model = _llama(tie_word_embeddings=True)
     tr = trace_model(model, _X)
-    kinds = symmetry_kinds(model, trace=tr)
+    kinds = symmetry_kinds(model, _X, trace=tr)
     p = tr.spec.axes["model.norm.weight"][0]
     out = apply_transforms(tr.spec, {p: random_signed_permutation(tr.spec.sizes[p], seed=1)},
                            model.state_dict(), kinds=kinds)
@@ -245,3 +245,11 @@ def test_matrix_forms_agree() -> None:
     d = apply_transforms(spec, {"P": perm}, s)
     for key in s:
         torch.testing.assert_close(c[key], d[key])
+
+
+def test_functional_check_catches_a_wrong_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _gelu_mlp()
+    monkeypatch.setattr("rebasin.trace.symmetry._Analysis.run", lambda self: None)  # claims every class is free
+    with pytest.raises(RebasinError, match="a random signed permutation of them changes the outputs"):
+        symmetry_kinds(model, torch.randn(2, 4))
+    assert symmetry_kinds(model, torch.randn(2, 4), check=False).kinds["P0"] == "orthogonal"

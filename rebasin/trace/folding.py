@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import Node
 
-from .._common import as_args, evaluating
+from .._common import as_args, evaluating, tensor_leaves
 from .._errors import RebasinError
 from .state import node_meta
 from .symmetry import linear_readers
@@ -42,16 +42,6 @@ def _bias_key(weight_key: str) -> str:
     head, _, leaf = weight_key.rpartition(".")
     leaf = leaf.replace("weight", "bias")
     return f"{head}.{leaf}" if head else leaf
-
-
-def _leaves(x: Any) -> list[Tensor]:
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _leaves(v)]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _leaves(v)]
-    return []
 
 
 def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) -> nn.Module:
@@ -172,7 +162,7 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
     if check:
         args, kwargs = as_args(example_input)
         with torch.no_grad(), evaluating(model):
-            ref, got = _leaves(model(*args, **kwargs)), _leaves(out(*args, **kwargs))
+            ref, got = tensor_leaves(model(*args, **kwargs)), tensor_leaves(out(*args, **kwargs))
         worst = max((float((r - o).abs().max()) / (1.0 + float(r.abs().max())) for r, o in zip(ref, got)
                      if r.is_floating_point()), default=0.0)
         if len(ref) != len(got) or worst > 1e-4:

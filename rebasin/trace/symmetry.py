@@ -31,7 +31,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..spec.core import PermutationSpec
-from ..spec.transforms import SymmetryKinds, why_structured
+from .._common import forward_with_state, tensor_leaves
+from .._errors import RebasinError
+from ..spec.transforms import SymmetryKinds, apply_transforms, random_signed_permutation, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model
 
@@ -276,7 +278,8 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(s) for s in shape)
 
 
-def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelTrace | None = None) -> SymmetryKinds:
+def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelTrace | None = None,
+                   check: bool = True) -> SymmetryKinds:
     """Which classes of ``model``'s spec admit signed permutations and orthogonal maps.
 
     Parameters
@@ -287,6 +290,11 @@ def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelT
         As for :func:`rebasin.trace.trace_model`.
     trace
         A trace of ``model`` already made (its ``spec`` is the one the kinds refer to).
+    check
+        Apply a random signed permutation (seeded) to every class found to admit orthogonal maps and
+        assert that the outputs on ``example_input`` do not change (a safety net under the analysis, as
+        :meth:`~rebasin.PermutationSpec.check` is under the tracer). Needs ``example_input`` and values
+        (skipped for a meta model).
 
     Returns
     -------
@@ -321,4 +329,26 @@ def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelT
         else:
             kinds[p] = "permutation"
             reasons[p] = why
-    return SymmetryKinds(kinds, scales, reasons, readers)
+    out = SymmetryKinds(kinds, scales, reasons, readers)
+    if check and example_input is not None:
+        _check(model, tr.spec, out, example_input)
+    return out
+
+
+def _check(model: nn.Module, spec: PermutationSpec, kinds: SymmetryKinds, example_input: Any) -> None:
+    state = model.state_dict()
+    free = [p for p, k in kinds.kinds.items() if k != "permutation"]
+    if not free or any(t.is_meta for t in state.values()):
+        return
+    gen = torch.Generator().manual_seed(0)
+    moved = apply_transforms(spec, {p: random_signed_permutation(int(spec.sizes[p]), generator=gen) for p in free},
+                             state, kinds=kinds)
+    with torch.no_grad():
+        ref = tensor_leaves(forward_with_state(model, state, example_input, eval_mode=True))
+        got = tensor_leaves(forward_with_state(model, moved, example_input, eval_mode=True))
+    for r, g in zip(ref, got):
+        if r.is_floating_point() and not torch.allclose(r, g, rtol=1e-4, atol=1e-5 * (1.0 + float(r.abs().max()))):
+            raise RebasinError(f"symmetry_kinds found {free} free of elementwise functions, but a random signed "
+                               f"permutation of them changes the outputs of {type(model).__name__}: the model uses an "
+                               "operation the analysis treats as linear but is not. Transform these classes by "
+                               "permutations only, or report the model")

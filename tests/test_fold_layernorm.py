@@ -125,3 +125,24 @@ def test_layernorm_read_directly_is_refused() -> None:
     torch.manual_seed(0)
     with pytest.raises(RebasinError, match="outputs differ"):
         fold_layernorm(_randomise_norms(Raw()), torch.randn(4, 3))
+
+
+def test_folded_gpt2_planted_rotation_is_recovered() -> None:
+    """Procrustes through GPT-2's transposed Conv1D readers and packed q;k;v (planted permutations elsewhere)."""
+    from rebasin.matching import transform_matching
+    from rebasin.spec import random_permutation
+
+    folded = fold_layernorm(_gpt2(), _IDS)
+    tr = trace_model(folded, _IDS)
+    kinds = symmetry_kinds(folded, _IDS, trace=tr)
+    stream = tr.spec.axes["transformer.wte.weight"][1]
+    a = folded.state_dict()
+    q = random_orthogonal(tr.spec.sizes[stream], seed=2)
+    plant = dict(random_permutation(tr.spec, seed=3))
+    plant[stream] = q
+    b = apply_transforms(tr.spec, plant, a, kinds=kinds)
+    found = transform_matching(tr.spec, a, b, kinds=kinds, use={stream: "orthogonal"})
+    assert (found[stream] - q.T).abs().max() < 1e-4
+    back = apply_transforms(tr.spec, found, b, kinds=kinds)
+    for k in a:
+        torch.testing.assert_close(back[k], a[k], rtol=1e-4, atol=1e-4)

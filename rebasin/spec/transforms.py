@@ -74,6 +74,16 @@ Transform = Union[Tensor, SignedPermutation]
 def kind_of(transform: Transform) -> str:
     """``"permutation"``, ``"signed"`` or ``"orthogonal"``: the kind of one transform (not validated).
 
+    Parameters
+    ----------
+    transform
+        A 1-D integer tensor, a :class:`SignedPermutation` or a square floating matrix.
+
+    Raises
+    ------
+    RebasinError
+        For anything else.
+
     Examples
     --------
     >>> kind_of(torch.tensor([1, 0])), kind_of(torch.eye(2))
@@ -190,6 +200,15 @@ def _check_transform(name: str, t: Transform, n: int) -> None:
 
 def transform_matrix(transform: Transform, n: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The ``n x n`` matrix of a transform (``Q[i, p[i]] = 1``, resp. ``signs[i]``; a matrix is returned as is).
+
+    Parameters
+    ----------
+    transform
+        A permutation, :class:`SignedPermutation` or orthogonal matrix.
+    n
+        The size (default: the permutation's length).
+    dtype
+        The matrix's dtype.
 
     Examples
     --------
@@ -312,6 +331,13 @@ def random_signed_permutation(n: int, *, seed: int | None = 0,
                               generator: torch.Generator | None = None) -> SignedPermutation:
     """A uniformly random signed permutation of size ``n`` (on the CPU).
 
+    Parameters
+    ----------
+    n
+        Its size.
+    seed, generator
+        The randomness: a seed, or a ``torch.Generator`` to continue (no global RNG is used).
+
     Examples
     --------
     >>> sp = random_signed_permutation(4, seed=1)
@@ -327,6 +353,15 @@ def random_signed_permutation(n: int, *, seed: int | None = 0,
 def random_orthogonal(n: int, *, seed: int | None = 0, generator: torch.Generator | None = None,
                       dtype: torch.dtype = torch.float32) -> Tensor:
     """A Haar-random orthogonal ``n x n`` matrix (QR of a Gaussian matrix with the sign fix), on the CPU.
+
+    Parameters
+    ----------
+    n
+        Its size.
+    seed, generator
+        The randomness: a seed, or a ``torch.Generator`` to continue (no global RNG is used).
+    dtype
+        The result's dtype (drawn in float64).
 
     Examples
     --------

@@ -73,7 +73,9 @@ def test_planted_signed_stream_recovered_exactly(llama: tuple) -> None:
     plant[p] = random_signed_permutation(spec.sizes[p], seed=12)
     b = apply_transforms(spec, plant, a, kinds=kinds)
     before = {k: v.clone() for k, v in b.items()}
+    before_a = {k: v.clone() for k, v in a.items()}
     found = transform_matching(spec, a, b, kinds=kinds)
+    assert all(torch.equal(a[k], before_a[k]) for k in a)
     assert set(found) == set(spec.perms)
     assert isinstance(found[p], SignedPermutation)
     back = apply_transforms(spec, found, b, kinds=kinds)

@@ -113,7 +113,9 @@ def test_llama_orthogonal_stream_after_fold(llama: tuple) -> None:
     q = random_orthogonal(tr.spec.sizes[p], seed=6)
     with pytest.raises(RebasinError, match="fold_rmsnorm"):
         apply_transforms(tr.spec, {p: q}, state, kinds=kinds)
+    before = {k: v.clone() for k, v in state.items()}
     folded = fold_rmsnorm(tr.spec, state, kinds)
+    assert all(torch.equal(state[k], before[k]) for k in state)  # not mutated
     torch.testing.assert_close(_logits(model, folded), _logits(model, state), atol=1e-5, rtol=1e-5)
     assert all(bool((folded[k] == 1).all()) for k in kinds.scales[p])
     transforms = dict(random_permutation(tr.spec, seed=7))

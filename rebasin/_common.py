@@ -38,6 +38,7 @@ from ._errors import RebasinError
 
 __all__ = [
     "State",
+    "tensor_leaves",
     "check_int",
     "check_float",
     "check_same_layout",
@@ -485,14 +486,15 @@ def first_line(err: BaseException) -> str:
     return type(err).__name__
 
 
-def _tensors(x: Any) -> list[Tensor]:
+def tensor_leaves(x: Any) -> list[Tensor]:
+    """The tensors of a (nested) value: tuples, lists, dicts, ``transformers`` outputs."""
     leaves, _ = torch.utils._pytree.tree_flatten(x)
     return [v for v in leaves if isinstance(v, Tensor)]
 
 
 def describe_tensors(x: Any, limit: int = 4) -> str:
     """``(4, 9) float32`` for a tensor; the tensors of (nested) inputs joined by ``, ``; ``a <type>`` otherwise."""
-    tensors = _tensors(x)
+    tensors = tensor_leaves(x)
     if not tensors:
         return f"a {type(x).__name__}"
     parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors[:limit]]
@@ -507,7 +509,7 @@ def input_mismatch(inputs: Any, state: Mapping[str, Tensor]) -> str | None:
     Compares the first floating input tensor with the first floating entry of the state (dtype), and the first
     input tensor with the first state entry (device).
     """
-    xs = _tensors(inputs)
+    xs = tensor_leaves(inputs)
     entries = [(k, v) for k, v in state.items() if isinstance(v, Tensor)]
     if not xs or not entries:
         return None

@@ -461,3 +461,40 @@ def test_counts_that_are_not_ints_are_refused_by_the_shared_check():
         ste_matching(model, model, data, epochs=1.5)
     with pytest.raises(RebasinError, match=r"max_steps must be an int >= 0, got True"):
         ste_matching(model, model, data, max_steps=True)
+
+
+# ------------------------------------------------------------------------------------------ symmetry kinds
+def test_orthogonal_map_through_a_gelu(capfd):
+    from rebasin.spec import apply_transforms, random_orthogonal
+    from rebasin.trace import symmetry_kinds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    spec = rebasin.spec_from_model(model, x)
+    with pytest.raises(RebasinError) as err:
+        apply_transforms(spec, {"P0": random_orthogonal(8, seed=0)}, model.state_dict(),
+                         kinds=symmetry_kinds(model, x))
+    assert first_line(err) == (
+        "class 'P0' admits transforms up to 'permutation', not 'orthogonal': module '1' (GELU) is not known to "
+        "commute with a rotation or sign flip of its input (an elementwise function, a mean over the features, or "
+        "a module the analysis does not know). Transform it by a permutation only"
+    )
+    out, errout = capfd.readouterr()
+    assert errout == "" and out == ""
+
+
+def test_fold_layernorm_of_a_post_ln_block():
+    class PostLN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.f, self.norm, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.inp(x))
+            return self.out(self.norm(h + self.f(h)))
+
+    torch.manual_seed(0)
+    with pytest.raises(RebasinError) as err:
+        rebasin.fold_layernorm(PostLN(), torch.randn(2, 3))
+    assert first_line(err).startswith("fold_layernorm: cannot fold the LayerNorm 'norm': its output goes into add")

@@ -18,6 +18,7 @@ from .sinkhorn_rebasin import SinkhornRebasin
 from .ot import ot_matching
 from .alignment import Alignment, align
 from .assignment import linear_assignment
+from .generalized import transform_matching
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "SinkhornConvergenceWarning",
     "SinkhornRebasin",
     "linear_assignment",
+    "transform_matching",
 ]

@@ -26,6 +26,18 @@ from .core import (
     permute,
     random_permutation,
 )
+from .transforms import (
+    KINDS,
+    SignedPermutation,
+    SymmetryKinds,
+    apply_transforms,
+    fold_rmsnorm,
+    kind_of,
+    random_orthogonal,
+    random_signed_permutation,
+    transform_matrix,
+    why_structured,
+)
 from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
 __all__ = [
@@ -58,4 +70,14 @@ __all__ = [
     "PretrainedFolder",
     "open_pretrained",
     "save_pretrained_permuted",
+    "SignedPermutation",
+    "SymmetryKinds",
+    "KINDS",
+    "kind_of",
+    "apply_transforms",
+    "fold_rmsnorm",
+    "random_signed_permutation",
+    "random_orthogonal",
+    "transform_matrix",
+    "why_structured",
 ]

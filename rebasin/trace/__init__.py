@@ -24,7 +24,8 @@ cannot trace: one recorded run), ``hf_rules`` (``transformers`` layers, register
 attention of Llama-like ``transformers`` models, registered on demand), ``zoo_ops``
 (functions of today's model families: stochastic depth, ``einsum``, channel-free ``pad`` and ``roll``, per-head
 attention biases, advanced indexing, sums of squares; consulted first for every function call) with
-``swin_ops`` (torchvision's Swin), ``zoo_rules`` (T5, Swin and Whisper modules of ``transformers``), and ``pretrained`` (the spec of a Hugging Face model
+``swin_ops`` (torchvision's Swin), ``zoo_rules`` (T5, Swin and Whisper modules of ``transformers``), ``symmetry`` (which classes admit signed
+permutations and orthogonal maps), ``folding`` (:func:`fold_layernorm`, LayerNorm to RMSNorm), and ``pretrained`` (the spec of a Hugging Face model
 folder, traced on its config's model on the meta device).
 """
 
@@ -33,6 +34,8 @@ from __future__ import annotations
 from . import nn_rules  # noqa: F401 - registers the built-in torch.nn rules
 from .registry import module_rule, register_module, registered_modules, registration_scope
 from .rules import AxisPerm, ModuleRule, RuleContext
+from .folding import fold_layernorm
+from .symmetry import symmetry_kinds
 from .tracing import ModelTrace, spec_from_model, trace_model
 from .pretrained import model_from_config, same_pretrained_architecture, spec_from_pretrained
 
@@ -50,4 +53,6 @@ __all__ = [
     "ModuleRule",
     "RuleContext",
     "AxisPerm",
+    "symmetry_kinds",
+    "fold_layernorm",
 ]

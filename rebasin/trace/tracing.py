@@ -80,11 +80,16 @@ class ModelTrace:
         features it acts on as they are consumed by the next Linear / Conv (post-activation,
         post-pool, block outputs; taken before any flatten, so a Flatten→Linear contributes the
         pre-flatten feature map with ``axis=1``). A residual stream lists several nodes.
+    carriers
+        ``{perm: [(node_name, axis), ...]}``: every graph node holding ``perm`` on a whole axis (not
+        in blocks, not split into heads), in graph order; :func:`rebasin.trace.symmetry_kinds` reads
+        what each of them flows into.
     """
 
     spec: PermutationSpec
     graph_module: GraphModule
     activation_nodes: dict[str, list[tuple[str, int]]]
+    carriers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     _subgraphs: dict[tuple[str, ...], GraphModule] = field(default_factory=dict, repr=False, compare=False)
     _model: nn.Module | None = field(default=None, repr=False, compare=False)  # set for dynamic traces
 
@@ -369,13 +374,23 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
             found[p] = _carriers(prop, p, name)
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
+    carriers: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
+    for node in gm.graph.nodes:  # graph order
+        st = prop.state.get(node)
+        if isinstance(st, tuple) and node.op != "get_attr":
+            for i, e in enumerate(st):
+                p = None if e is None or e.k != 1 or e.inner else name(e.pid)
+                if p in carriers:
+                    carriers[p].append((node.name, i))
+
     if check and not meta:  # a meta model has no values to run the check on
         try:
             spec.check(model, example_input)
         except RebasinError as err:
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
-    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, _model=model if dynamic else None)
+    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, carriers=carriers,
+                      _model=model if dynamic else None)
 
 
 def _load_hf_rules(model: nn.Module) -> None:

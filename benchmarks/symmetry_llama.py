@@ -1,0 +1,178 @@
+"""Barriers between two character-level Llama models trained from two seeds: permutations, signs, rotations.
+
+Two tiny ``LlamaForCausalLM`` (from a config, no download) are trained from seeds 0 and 1 on the source text of
+a few modules of the Python standard library (bytes; nothing downloaded). The loss along the linear path from
+A to the aligned B is measured on held-out text for:
+
+* naive: B as it is;
+* weight matching: permutations of every class (stream, heads, MLP units);
+* signed stream: ``transform_matching`` with a signed permutation of the residual stream (permutations elsewhere);
+* folded, weight matching / orthogonal stream: both models with their RMSNorm scales folded into the readers
+  (``fold_rmsnorm``; the same functions), then permutations only, or an orthogonal stream map by Procrustes.
+
+Barrier = max over the path of the loss minus the mean of the endpoints (11 points). One seed pair: read the
+pattern, not the digits. Run ``OMP_NUM_THREADS=2 python benchmarks/symmetry_llama.py`` (a few minutes on two
+cores; ``--steps``, ``--width`` ... to change it); ``--no-report`` skips writing docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _report import append_report, machine_summary, markdown_table  # noqa: E402
+
+from rebasin import permute, weight_matching  # noqa: E402
+from rebasin.matching import transform_matching  # noqa: E402
+from rebasin.spec import apply_transforms, fold_rmsnorm  # noqa: E402
+from rebasin.trace import symmetry_kinds, trace_model  # noqa: E402
+
+
+def corpus() -> torch.Tensor:
+    import argparse as m1
+    import collections as m2
+    import json.decoder as m3
+    import typing as m4
+
+    text = "\n".join(inspect.getsource(m) for m in (m1, m2, m3, m4))
+    return torch.tensor([min(b, 127) for b in text.encode("utf-8")], dtype=torch.long)
+
+
+def build(seed: int, args: argparse.Namespace) -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=args.width, intermediate_size=2 * args.width,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                   num_key_value_heads=args.heads, max_position_embeddings=args.seq)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(cfg)
+
+
+def batches(data: torch.Tensor, n: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - seq - 1, (n, batch), generator=g)
+    return [torch.stack([data[s:s + seq + 1] for s in row.tolist()]) for row in starts]
+
+
+def loss_of(model: torch.nn.Module, state: dict, chunks: list[torch.Tensor]) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for c in chunks:
+            logits = functional_call(model, state, (c[:, :-1],), tie_weights=False).logits
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c[:, 1:].reshape(-1)))
+    return total / len(chunks)
+
+
+def train(model: torch.nn.Module, train_data: torch.Tensor, args: argparse.Namespace, seed: int) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model.train()
+    for c in batches(train_data, args.steps, args.batch, args.seq, seed + 100):
+        logits = model(c[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def barrier(model: torch.nn.Module, a: dict, b: dict, chunks: list[torch.Tensor], points: int) -> tuple[float, float]:
+    losses = []
+    for i in range(points):
+        t = i / (points - 1)
+        losses.append(loss_of(model, {k: (1 - t) * a[k] + t * b[k] if a[k].is_floating_point() else a[k] for k in a},
+                              chunks))
+    return max(losses) - 0.5 * (losses[0] + losses[-1]), losses[(points - 1) // 2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--report-file", default=None)
+    args = parser.parse_args(argv)
+
+    data = corpus()
+    cut = int(0.9 * data.numel())
+    train_data, test_data = data[:cut], data[cut:]
+    chunks = batches(test_data, 8, 32, args.seq, 0)
+    start = time.time()
+    models = [build(s, args) for s in (0, 1)]
+    for s, m in enumerate(models):
+        train(m, train_data, args, s)
+    train_s = time.time() - start
+    model = models[0]
+    a, b = ({k: v.detach().clone() for k, v in m.state_dict().items()} for m in models)
+    x = chunks[0][:2, :-1]
+    tr = trace_model(model, x)
+    spec = tr.spec
+    kinds = symmetry_kinds(model, x, trace=tr)
+    stream = spec.axes["model.norm.weight"][0]
+    rows = []
+
+    def row(name: str, sa: dict, sb: dict, seconds: float) -> None:
+        bar, mid = barrier(model, sa, sb, chunks, args.points)
+        rows.append([name, bar, mid, seconds])
+        print(rows[-1], flush=True)
+
+    row("naive (identity)", a, b, 0.0)
+    t0 = time.time()
+    perms = weight_matching(spec, a, b)
+    row("weight matching (permutations)", a, permute(spec, perms, b), time.time() - t0)
+    t0 = time.time()
+    signed = transform_matching(spec, a, b, kinds=kinds)
+    row("signed stream + permutations", a, apply_transforms(spec, signed, b, kinds=kinds), time.time() - t0)
+    fa, fb = fold_rmsnorm(spec, a, kinds), fold_rmsnorm(spec, b, kinds)
+    row("folded, naive", fa, fb, 0.0)
+    t0 = time.time()
+    row("folded, weight matching (permutations)", fa, permute(spec, weight_matching(spec, fa, fb), fb),
+        time.time() - t0)
+    t0 = time.time()
+    fsigned = transform_matching(spec, fa, fb, kinds=kinds)
+    row("folded, signed stream + permutations", fa, apply_transforms(spec, fsigned, fb, kinds=kinds), time.time() - t0)
+    t0 = time.time()
+    ortho = transform_matching(spec, fa, fb, kinds=kinds, use={stream: "orthogonal"})
+    row("folded, orthogonal stream + permutations", fa, apply_transforms(spec, ortho, fb, kinds=kinds),
+        time.time() - t0)
+    naive = rows[0][1]
+    table = markdown_table(["path", "test-loss barrier", "/ naive", "midpoint loss", "align time (s)"],
+                           [[r[0], r[1], r[1] / naive if naive > 0 else float("nan"), r[2], r[3]] for r in rows])
+    print(table)
+    if not args.no_report:
+        command = "OMP_NUM_THREADS={} python benchmarks/symmetry_llama.py {}".format(
+            torch.get_num_threads(), " ".join(shlex.quote(s) for s in (argv or sys.argv[1:])))
+        la, lb = loss_of(model, a, chunks), loss_of(model, b, chunks)
+        notes = (f"Machine: {machine_summary()}. Two LlamaForCausalLM ({args.layers} layers, width {args.width}, "
+                 f"{args.heads} heads, SwiGLU {2 * args.width}, byte vocabulary 128) trained {args.steps} steps "
+                 f"(AdamW {args.lr}, batch {args.batch} x {args.seq} bytes) from seeds 0 and 1 on the source of "
+                 f"argparse, collections, json.decoder and typing ({data.numel()} bytes, last 10% held out); test "
+                 f"loss A {la:.3f}, B {lb:.3f} nats per byte; training took {train_s:.0f} s for both. Barrier = max "
+                 f"minus mean of the endpoints over {args.points} points on 8 x 32 held-out windows. 'Folded': both "
+                 "models with their RMSNorm scales folded into the readers (same functions, another path).\n")
+        path = append_report("Llama from two seeds: signed and orthogonal stream (symmetry_llama)", command.strip(),
+                             table, notes=notes, path=args.report_file)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Weight matching beyond permutations: signed permutations and orthogonal maps of the residual stream.
+
+:func:`transform_matching` maximises the same objective as :func:`rebasin.weight_matching`,
+
+.. math::
+
+    \\max_{T} \\sum_k \\langle A_k, T(B_k) \\rangle,
+
+but some classes (those :class:`~rebasin.spec.SymmetryKinds` declares legal, e.g. the residual stream of
+a Llama-family model) range over signed permutations or orthogonal matrices. It alternates two steps:
+
+* every class kept a permutation is solved by :func:`rebasin.weight_matching` on B with the other
+  classes' current transforms applied (those classes are removed from the spec for that call);
+* each signed or orthogonal class ``p`` is solved in closed form from its similarity
+  ``S = sum_(k, a) rows_a(A_k) rows_a(B'_k)^T`` (every axis it acts on, B' with all other classes applied):
+  a signed permutation is the assignment on ``|S| + G`` (``G`` the outer products of the norm scales,
+  which move without signs) with signs ``sign(S[i, perm[i]])``; an orthogonal map is ``U V^T`` from the SVD
+  ``S = U Σ V^T`` (orthogonal Procrustes), which maximises ``<Q, S>``.
+
+It stops after a round in which nothing changes (orthogonal maps: by less than ``1e-7``) or after
+``n_iter`` rounds. Each step maximises the objective over its variables with the others fixed, so the
+objective never falls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .._common import check_int
+from .._errors import RebasinError
+from ..spec.core import PermutationSpec, permute
+from ..spec.transforms import (
+    SignedPermutation,
+    SymmetryKinds,
+    Transform,
+    apply_transforms,
+    why_structured,
+)
+from .assignment import linear_assignment
+from .weight import weight_matching
+
+__all__ = ["transform_matching"]
+
+
+def _rows(t: Tensor, axis: int) -> Tensor:
+    return torch.movedim(t.detach().double(), axis, 0).reshape(t.shape[axis], -1)
+
+
+def _similarity(spec: PermutationSpec, perm: str, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
+                skip: set[str]) -> Tensor:
+    n = int(spec.sizes[perm]) if spec.sizes is not None else None
+    s = None
+    for key, axis in spec.perm_to_axes[perm]:
+        if key in skip or not a[key].is_floating_point():
+            continue
+        term = _rows(a[key], axis) @ _rows(b[key], axis).to(a[key].device).T
+        s = term if s is None else s + term
+    if s is None:
+        size = n if n is not None else a[spec.perm_to_axes[perm][0][0]].shape[spec.perm_to_axes[perm][0][1]]
+        s = torch.zeros(size, size, dtype=torch.float64)
+    return s
+
+
+def _solve(spec: PermutationSpec, perm: str, kind: str, kinds: SymmetryKinds, a: Mapping[str, Tensor],
+           b: Mapping[str, Tensor]) -> Transform:
+    scales = set(kinds.scales.get(perm, ()))
+    s = _similarity(spec, perm, a, b, scales).cpu()
+    if kind == "orthogonal":
+        u, _, vh = torch.linalg.svd(s)
+        return (u @ vh).float()
+    g = torch.zeros_like(s)
+    for key in scales:
+        g += a[key].detach().double().cpu()[:, None] * b[key].detach().double().cpu()[None, :]
+    p = linear_assignment(s.abs() + g, name=perm)
+    picked = s[torch.arange(p.numel()), p]
+    return SignedPermutation(p, torch.where(picked < 0, -1.0, 1.0))
+
+
+def _same(x: Transform, y: Transform) -> bool:
+    if isinstance(x, SignedPermutation) and isinstance(y, SignedPermutation):
+        return torch.equal(x.perm, y.perm) and torch.equal(x.signs, y.signs)
+    if isinstance(x, Tensor) and isinstance(y, Tensor):
+        return bool((x - y).abs().max() <= 1e-7)
+    return False
+
+
+def _without(spec: PermutationSpec, drop: set[str]) -> PermutationSpec:
+    """The spec with the classes in ``drop`` (plain ones) left out: their axes become None."""
+    axes = {k: tuple(None if p in drop else p for p in ax) for k, ax in spec.axes.items()}
+    sizes = None if spec.sizes is None else {p: n for p, n in spec.sizes.items() if p not in drop}
+    return PermutationSpec(axes, sizes, spec.blocks, spec.structure, spec.concat, spec.grouped)
+
+
+def transform_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    kinds: SymmetryKinds,
+    use: Mapping[str, str] | None = None,
+    n_iter: int = 20,
+    seed: int = 0,
+) -> dict[str, Transform]:
+    """Transforms of model B (permutations, signed permutations, orthogonal maps) matching its weights to A's.
+
+    Parameters
+    ----------
+    spec
+        The spec of the architecture, with ``sizes``.
+    state_a, state_b
+        state_dicts of the two models (finite, same shapes); not mutated.
+    kinds
+        Which classes admit which kinds, and their norm scales (:func:`rebasin.trace.symmetry_kinds`).
+    use
+        ``{perm: kind}``: the kind to fit for each class (``"permutation"``, ``"signed"`` or
+        ``"orthogonal"``); classes not listed are permutations. Default: ``"signed"`` for every class that
+        admits it. An orthogonal class needs its norm scales to be ones in both models
+        (:func:`rebasin.fold_rmsnorm` both first).
+    n_iter
+        Maximum number of rounds (each: weight matching of the permutations, then every other class).
+    seed
+        Seed of weight matching's visiting order.
+
+    Returns
+    -------
+    dict
+        ``{perm: transform}`` for every class: ``apply_transforms(spec, result, state_b, kinds=kinds)`` is
+        close to ``state_a``.
+
+    Raises
+    ------
+    RebasinError
+        For a kind a class does not admit (the message names the module and the op), an unknown kind or
+        class, norm scales that are not ones under an orthogonal class, or states that do not match the spec.
+
+    Examples
+    --------
+    >>> from rebasin.spec import random_signed_permutation
+    >>> spec = PermutationSpec({"w1": ("P", None), "b1": ("P",), "w2": (None, "P")})
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = {"w1": torch.randn(6, 3, generator=g), "b1": torch.randn(6, generator=g),
+    ...      "w2": torch.randn(2, 6, generator=g)}
+    >>> k = SymmetryKinds({"P": "orthogonal"})
+    >>> b = apply_transforms(spec, {"P": random_signed_permutation(6, seed=1)}, a, kinds=k)
+    >>> t = transform_matching(spec, a, b, kinds=k)
+    >>> all(torch.allclose(apply_transforms(spec, t, b, kinds=k)[key], a[key]) for key in a)
+    True
+    """
+    check_int(n_iter, "n_iter", minimum=0)
+    sizes = spec.validate_pair(state_a, state_b)
+    if use is None:
+        use = {p: "signed" for p in spec.perms if kinds.admits(p, "signed") and why_structured(spec, p) is None}
+    free: dict[str, str] = {}
+    for p, kind in use.items():
+        if p not in spec.perm_to_axes:
+            raise RebasinError(f"use names the unknown class {p!r}; the spec has {list(spec.perms)}")
+        if not kinds.admits(p, kind):  # also checks the kind's name
+            raise RebasinError(kinds.why_not(p, kind))
+        if kind != "permutation":
+            why = why_structured(spec, p)
+            if why is not None:
+                raise RebasinError(f"class {p!r} takes only permutations: {why}")
+            free[p] = kind
+    for p, kind in free.items():
+        if kind == "orthogonal":
+            for key in kinds.scales.get(p, ()):
+                for name, st in (("state_a", state_a), ("state_b", state_b)):
+                    if not bool((st[key] == 1).all()):
+                        raise RebasinError(f"class {p!r} is to be matched by an orthogonal map, but {name}[{key!r}] "
+                                           "is a norm scale that is not all ones; fold the scales of both models "
+                                           "first (rebasin.fold_rmsnorm)")
+    trans: dict[str, Transform] = {
+        p: (torch.eye(sizes[p]) if k == "orthogonal" else SignedPermutation(torch.arange(sizes[p]), torch.ones(sizes[p])))
+        for p, k in free.items()}
+    rest = _without(spec, set(free)) if free else spec
+    perms: dict[str, Tensor] = {}
+    for it in range(max(n_iter, 1) if free else 1):
+        if n_iter == 0:
+            break
+        b_free = apply_transforms(spec, trans, state_b, kinds=kinds) if free else state_b
+        perms = weight_matching(rest, state_a, b_free, init=perms or None, seed=seed + it)
+        b_perm = permute(spec, perms, state_b)
+        changed = False
+        for p in free:
+            others = {q: t for q, t in trans.items() if q != p}
+            b_cur = apply_transforms(spec, others, b_perm, kinds=kinds) if others else b_perm
+            new = _solve(spec, p, free[p], kinds, state_a, b_cur)
+            changed |= not _same(new, trans[p])
+            trans[p] = new
+        if not changed:
+            break
+    out: dict[str, Transform] = {p: perms.get(p, torch.arange(sizes[p])) for p in spec.perms if p not in free}
+    out.update(trans)
+    return out
+

@@ -442,13 +442,10 @@ class RebasinMergePlugin(SupervisedPlugin):
         loader = None
         if both is not None:
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
-        matcher = get_matcher(self.matcher)
-        options = dict(self.matcher_options)
-        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
-            options.setdefault("fit", {"progress": False})
+        options = {"progress": False, **self.matcher_options}  # standard keywords: only matchers declaring them get them
         result = align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device if matcher.accepts("device") else None, **options,
+            device=device, **options,
         )
         state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}

@@ -325,24 +325,22 @@ def merge(
         found = alignments[i]
         return states[i] if found is None else found.state_b
 
-    # Weight matching is warm-started from the model's current permutations in the later rounds: its
+    # A matcher that declares the standard keyword init (weight matching, Sinkhorn) is warm-started from the
+    # model's current permutations in the later rounds. Weight matching's
     # sweeps never lower the objective, so each re-alignment can only raise the sum of pairwise
     # similarities and the rounds settle. From the identity every round it lands in a different local
     # optimum now and then, and the rounds keep changing (4 digits MLPs 64-128-128-10: 17 rounds to
     # settle from the identity, 7 warm-started).
-    # (only a "weight_matching" that takes init: a user may have replaced the built-in with one that does not)
-    warm = method == "weight_matching" and matcher.accepts("init") and "init" not in options
-
-    # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
-    where = device if matcher.accepts("device") else None
-    # so do sync= and group= (the data-reading built-ins take them; weight matching reads no data)
-    reduce_options = {k: v for k, v in (("sync", sync), ("group", group)) if matcher.accepts(k) and k not in options}
+    # (the registry passes init, device, sync and group only to matchers that declare them, so nothing here
+    # tests a matcher's name or signature)
+    warm = "init" not in options
 
     def align_to(target: nn.Module, i: int) -> Alignment:
         previous = alignments[i]
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
-        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=where,
-                     **options, **reduce_options, **extra)
+        standard = {k: v for k, v in (("sync", sync), ("group", group)) if k not in options}
+        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
+                     **options, **standard, **extra)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:

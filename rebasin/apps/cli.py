@@ -169,7 +169,7 @@ def run_align(args: argparse.Namespace) -> None:
     output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
-    if args.method == "weight_matching" and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
+    if matcher.reads_checkpoints and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
         _align_checkpoints(args, output, perms_file, device)
         return
     state_a, state_b = load_state(args.model_a), load_state(args.model_b)
@@ -177,8 +177,7 @@ def run_align(args: argparse.Namespace) -> None:
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
     spec = _spec(args, model_a, first)
-    where = device if matcher.accepts("device") else None  # a user's matcher may take no device
-    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
+    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=device)
     _save_like(res.state_b, output, state_b)
     _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
@@ -188,7 +187,8 @@ def run_align(args: argparse.Namespace) -> None:
 
 
 def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path | None, device: torch.device) -> None:
-    """``rebasin align A.safetensors B.safetensors`` with weight matching: never both models in memory.
+    """``rebasin align A.safetensors B.safetensors`` with a matcher that reads checkpoints one tensor at a time
+    (weight matching): never both models in memory.
 
     The spec is traced on a freshly built ``--model`` (its own weights, dropped before matching); the
     checkpoints are read one tensor at a time (:func:`rebasin.open_checkpoint`) and B's aligned copy is
@@ -196,7 +196,6 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
     """
     import time
 
-    from ..matching.weight import weight_matching
     from ..spec.checkpoint import open_checkpoint, save_permuted
 
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
@@ -204,9 +203,9 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
     spec = _spec(args, model, None)
     del model
     start = time.perf_counter()
-    perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
+    perms = get_matcher(args.method)(spec, ckpt_a, ckpt_b, seed=args.seed, device=device).perms
     save_permuted(spec, perms, ckpt_b, output)
-    _print(f"aligned {args.model_b} to {args.model_a} with weight_matching (one tensor at a time) in "
+    _print(f"aligned {args.model_b} to {args.model_a} with {args.method} (one tensor at a time) in "
            f"{time.perf_counter() - start:.2f} s -> {output}")
     if perms_file is not None:
         torch.save(perms, perms_file)

@@ -46,8 +46,8 @@ def _matcher_rows() -> list[str]:
     for name in matcher_names():
         if name == "identity":  # the "naive" row, always shown first
             continue
-        per_cost = name == "sinkhorn" and get_matcher(name).accepts("cost")
-        rows += [f"sinkhorn_{cost}" for cost in SINKHORN_COSTS] if per_cost else [name]
+        per_cost = "cost" in (get_matcher(name).options() or ()) and name in _PER_COST
+        rows += [f"{name}_{cost}" for cost in SINKHORN_COSTS] if per_cost else [name]
     return list(dict.fromkeys(rows))
 
 
@@ -131,18 +131,26 @@ def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, A
     Only the options the registered matcher takes are passed: a matcher registered over a built-in name
     (``register_matcher(..., overwrite=True)``) gets none of the built-in's settings it does not know.
     """
-    method, options = name, {}
-    if name not in matcher_names() and name.startswith("sinkhorn_"):
-        method, options = "sinkhorn", {
-            "cost": name.split("_", 1)[1],
-            "init": "identity",
-            "n_iter": args.sinkhorn_iters,
-            "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr, "progress": _progress(args)},
-        }
-    elif name == "ste":
-        options = {"epochs": args.ste_epochs, "lr": 1e-3}
-    matcher = get_matcher(method)
-    return method, {k: v for k, v in options.items() if matcher.accepts(k)}
+    method, cost = name, None
+    if name not in matcher_names() and "_" in name and name.rsplit("_", 1)[0] in _PER_COST:
+        method, cost = name.rsplit("_", 1)
+    options = _demo_settings(args).get(method, {})
+    if cost is not None:
+        options = {**options, "cost": cost}
+    return method, get_matcher(method).known({**options, "progress": _progress(args)})
+
+
+#: Built-in matchers the demo shows once per built-in cost (when the registered one takes ``cost=``).
+_PER_COST = ("sinkhorn",)
+
+
+def _demo_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The demo's own settings for some built-ins (a table, not a test of the matcher's name)."""
+    return {
+        "sinkhorn": {"init": "identity", "n_iter": args.sinkhorn_iters,
+                     "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr}},
+        "ste": {"epochs": args.ste_epochs, "lr": 1e-3},
+    }
 
 
 def _align_quietly(model_a, model_b, method, options, loader, spec, args, device):
@@ -153,10 +161,9 @@ def _align_quietly(model_a, model_b, method, options, loader, spec, args, device
     """
     from ..matching.alignment import align
 
-    where = device if get_matcher(method).accepts("device") else None  # a user's matcher may take no device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=where,
+        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=device,
                     **options)
     unconverged = False
     for w in caught:

@@ -231,3 +231,23 @@ def test_builtin_order_is_the_fixed_list_not_the_import_order():
     from rebasin.matching import registry
 
     assert rebasin.matcher_names()[: len(registry.BUILTINS)] == tuple(b[0] for b in registry.BUILTINS)
+
+
+def test_no_test_hooks_in_public_signatures():
+    import inspect
+
+    for fn in (rebasin.weight_matching, rebasin.activation_matching, rebasin.ste_matching, rebasin.ot_matching,
+               rebasin.matching.sinkhorn_matching, rebasin.align, rebasin.merge):
+        hooks = [p for p in inspect.signature(fn).parameters if p.startswith("_")]
+        assert not hooks, (fn.__name__, hooks)
+
+
+def test_registration_order_does_not_depend_on_import_order():
+    import subprocess
+    import sys
+
+    code = ("import rebasin.matching.ot, rebasin.matching.ste; from rebasin.matching import registry; "
+            "print(','.join(registry.matcher_names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(",") == list(rebasin.matcher_names())
+    assert out.startswith("identity,weight_matching,activation_matching,ste,sinkhorn,ot")

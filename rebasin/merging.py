@@ -9,7 +9,7 @@ Algorithm (a "merge many" in the spirit of Ainsworth et al. 2023, with any match
    aligned models (leave-one-out, so a model is not pulled towards itself), until no permutation
    changes or ``n_iter`` rounds were run.
 3. Average the aligned state_dicts.
-4. Optionally REPAIR (:func:`rebasin.repair_states` with uniform weights): every permuted channel
+4. Optionally REPAIR (:func:`rebasin.repair` with uniform weights): every permuted channel
    of the average gets the mean of the ``N`` aligned models' channel statistics — BatchNorm
    statistics reset, other channels corrected in their producing layer.
 
@@ -45,7 +45,7 @@ from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
 from .paths.linear import combine
-from .paths.repairing import repair_states
+from .paths.repairing import repair
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
@@ -226,7 +226,7 @@ def merge(
     each model is re-aligned to the leave-one-out average of the others until the permutations
     stop changing), their state_dicts are averaged, and the average is optionally REPAIRed so that
     every permuted channel has the mean of the ``N`` aligned models' channel statistics (see
-    :func:`rebasin.repair_states`).
+    :func:`rebasin.repair`).
 
     Parameters
     ----------
@@ -364,7 +364,7 @@ def merge(
     uniform = [1.0 / n] * n
     aligned_states = [aligned(i) for i in range(n)]
     if repair:
-        merged_state = repair_states(
+        merged_state = repair(
             ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )
@@ -464,7 +464,7 @@ def compare_merge(
     aligned = [states[i] if a is None else a.state_b for i, a in enumerate(info.alignments)]
     candidates: dict[str, State] = {"naive": combine(states, uniform)}
     if info.repaired:
-        candidates["naive_repair"] = repair_states(
+        candidates["naive_repair"] = repair(
             ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )

@@ -239,7 +239,7 @@ def run_path(args: argparse.Namespace) -> dict[str, Any]:
     """``rebasin path``: the linear path (and REPAIRed path, Bezier curve) between two saved models."""
     import time
 
-    from ..paths import evaluate_path
+    from ..paths import BNResetPath, LinearPath, RepairedPath, evaluate_path
     from ..paths.curves import BezierCurve, fit_curve
     from ..paths.running import evaluate_state
 
@@ -258,22 +258,27 @@ def run_path(args: argparse.Namespace) -> dict[str, Any]:
     if bn_reset:
         _print(f"BatchNorm statistics are recomputed on {stats} at every point (--no-bn-reset to keep them)")
 
-    common = {"num_points": args.num_points, "max_batches": args.max_batches, "device": device,
-              "progress": args.progress}
+    common = {"num_points": args.num_points, "device": device, "progress": args.progress}
+
+    def bn(path: Any) -> Any:
+        return path if bn_loader is None else BNResetPath(path, model, bn_loader, max_batches=args.max_batches,
+                                                          device=device)
+
     kinds = ["linear", *(["repair"] if args.repair else []), *(["bezier"] if args.curve == "bezier" else [])]
     paths: dict[str, Any] = {}
     rows: dict[str, Any] = {}
     for kind in kinds:
         start = time.perf_counter()
         if kind == "linear":
-            path = evaluate_path(model, state_a, state_b, test, bn_loader=bn_loader, **common)
+            path = evaluate_path(model, bn(LinearPath(state_a, state_b)), test, **common)
         elif kind == "repair":  # REPAIR sets BatchNorm statistics itself
-            path = evaluate_path(model, state_a, state_b, test, repair=True, repair_loader=train, **common)
+            repaired = RepairedPath(model, state_a, state_b, train, max_batches=args.max_batches, device=device)
+            path = evaluate_path(model, repaired, test, **common)
         else:
             curve = BezierCurve(state_a, state_b, num_bends=3)
             fit_curve(model, curve, train, epochs=args.curve_epochs, lr=args.curve_lr, seed=args.seed,
                       device=device, progress=bool(args.progress))
-            path = evaluate_path(model, None, None, test, path=curve, bn_loader=bn_loader, **common)
+            path = evaluate_path(model, bn(curve), test, **common)
         paths[kind] = path
         rows[kind] = _row(path, kind, time.perf_counter() - start, kind != "repair" and bn_reset)
         r = rows[kind]

@@ -198,7 +198,7 @@ def _train_pair(args: argparse.Namespace, device: torch.device, progress: bool):
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train two models, align them with every method, evaluate the paths; return the results dict."""
     from .._common import state_of
-    from ..paths import barrier, evaluate_path
+    from ..paths import LinearPath, RepairedPath, barrier, evaluate_path
     from ..paths.curves import BezierCurve, fit_curve
     from ..trace.tracing import spec_from_model
 
@@ -217,8 +217,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         # which rows ran before it (a shared loader's shuffle generator advances with every pass)
         return demo_data(args)[0]
 
-    def evaluate_on_test(**kw):
-        return evaluate_path(model_a, loader=test, num_points=args.num_points, device=device, **kw)
+    def evaluate_on_test(path):
+        return evaluate_path(model_a, path, test, num_points=args.num_points, device=device)
 
     results: dict[str, Any] = {}
     paths = {}
@@ -234,13 +234,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         res = aligned[matcher]
         t_use = time.perf_counter()
         if kind == "linear":
-            path = evaluate_on_test(state_a=state_a, state_b=res.state_b)
+            path = evaluate_on_test(LinearPath(state_a, res.state_b))
         elif kind == "repair":
-            path = evaluate_on_test(state_a=state_a, state_b=res.state_b, repair=True, repair_loader=fresh_train())
+            path = evaluate_on_test(RepairedPath(model_a, state_a, res.state_b, fresh_train(), device=device))
         else:  # bezier: one trainable bend between A and the aligned B
             curve = BezierCurve(state_a, res.state_b, num_bends=3)
             fit_curve(model_a, curve, fresh_train(), epochs=args.curve_epochs, seed=args.seed, device=device, progress=progress)
-            path = evaluate_on_test(state_a=None, state_b=None, path=curve)
+            path = evaluate_on_test(curve)
         extra = time.perf_counter() - t_use if kind == "bezier" else 0.0
         paths[name] = path
         mid = len(path.loss) // 2
@@ -382,7 +382,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     }
     report["worst_accuracy"] = {}
     for name, path in paths.items():
-        res = evaluate_path(model_a, None, None, test, num_points=args.num_points, path=path, device=device)
+        res = evaluate_path(model_a, path, test, num_points=args.num_points, device=device)
         report["worst_accuracy"][name] = min(res.accuracy)
     _say("worst test accuracy along the path (endpoints "
          f"{100 * endpoints[0][1]:.2f}% / {100 * endpoints[1][1]:.2f}%): "

@@ -52,6 +52,9 @@ def _evaluate_path_02(
     **rest: Any,
 ) -> PathResult:
     """The 0.2 ``evaluate_path(model, state_a, state_b, loader, ...)``: the path object built from its keywords."""
+    if loader is None and state_a is not None and not isinstance(state_b, Mapping):
+        raise RebasinError("evaluate_path(model, path, loader) takes a path object, not a state_dict: pass "
+                           "LinearPath(state_a, state_b) (or another path object) as the second argument")
     if max_batches is not None:
         check_int(max_batches, "max_batches")
     if repair:
@@ -74,9 +77,6 @@ def _evaluate_path_02(
 
 
 def _state_source(path: PathLike) -> tuple[Callable[[float], State], str]:
-    if isinstance(path, Mapping):
-        raise RebasinError("path is a state_dict: evaluate_path(model, path, loader) takes a path object, e.g. "
-                           "LinearPath(state_a, state_b)")
     inner = path.path if isinstance(path, BNResetPath) else path
     name = "linear" if isinstance(inner, LinearPath) else (
         type(inner).__name__ if isinstance(inner, StatePath) else getattr(inner, "__name__", type(inner).__name__))

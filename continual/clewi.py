@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError, repair
 
-from ._checks import positive_int
+from rebasin.checks import check_int
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, tensor_batches
 from .plugin import MergeRecord, RebasinMergePlugin
 from .policy import AlphaPolicy
@@ -63,7 +63,7 @@ class CLeWIPlugin(RebasinMergePlugin):
     ) -> None:
         if isinstance(alpha, AlphaPolicy) or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise RebasinError(f"CLeWIPlugin: alpha must be a fixed number in [0, 1], got {alpha!r}")
-        positive_int(repair_samples, "repair_samples")
+        check_int(repair_samples, "repair_samples")
         super().__init__(
             matcher=matcher, alpha=float(alpha), spec=spec, model=model, example_input=example_input,
             matcher_options=matcher_options, optimizer_state=optimizer_state, train_from="merged",
@@ -144,7 +144,7 @@ class CLeWI(SupervisedTemplate):
         matcher_options: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
-        positive_int(mem_size, "mem_size")
+        check_int(mem_size, "mem_size")
         self.clewi_plugin = CLeWIPlugin(
             alpha=alpha, repair_samples=repair_samples, matcher=matcher, spec=spec,
             model=None if example_input is None else model, example_input=example_input, matcher_options=matcher_options, seed=seed,

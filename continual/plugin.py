@@ -19,7 +19,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
-from rebasin.apps.data import tensor_loader
+from rebasin.datasets import tensor_loader
 
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_

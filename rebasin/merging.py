@@ -45,7 +45,7 @@ from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
 from .paths.linear import combine
-from .paths.repairing import repair
+from .paths import repairing  # the module: merge(repair=...) is a flag, repairing.repair the function
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
@@ -364,7 +364,7 @@ def merge(
     uniform = [1.0 / n] * n
     aligned_states = [aligned(i) for i in range(n)]
     if repair:
-        merged_state = repair(
+        merged_state = repairing.repair(
             ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )
@@ -464,7 +464,7 @@ def compare_merge(
     aligned = [states[i] if a is None else a.state_b for i, a in enumerate(info.alignments)]
     candidates: dict[str, State] = {"naive": combine(states, uniform)}
     if info.repaired:
-        candidates["naive_repair"] = repair(
+        candidates["naive_repair"] = repairing.repair(
             ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )

@@ -31,7 +31,9 @@ _OLD_KEYWORDS = frozenset({"state_a", "state_b", "path", "bn_loader", "repair", 
 
 def _old_form(model: Any = None, *args: Any, **kwargs: Any) -> bool:
     """The 0.2 form ``evaluate_path(model, state_a, state_b, loader, ...)``: states (or None) where the path goes."""
-    return (bool(args) and (args[0] is None or isinstance(args[0], Mapping))) or bool(_OLD_KEYWORDS & set(kwargs))
+    if len(args) >= 3 or _OLD_KEYWORDS & set(kwargs):  # model, state_a, state_b, loader
+        return True
+    return bool(args) and (args[0] is None or isinstance(args[0], Mapping))
 
 
 def _evaluate_path_02(

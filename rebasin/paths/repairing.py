@@ -242,7 +242,9 @@ class _Repairer:
 
 def _two_state_form(model: Any = None, *args: Any, **kwargs: Any) -> bool:
     """The 0.2 form ``repair(model, state_a, state_b, t, loader)``: a state_dict where the states go."""
-    return (bool(args) and isinstance(args[0], Mapping)) or "state_a" in kwargs or "t" in kwargs
+    if len(args) >= 4 or "state_a" in kwargs or "t" in kwargs:  # state_a, state_b, t, loader
+        return True
+    return bool(args) and isinstance(args[0], (Mapping, nn.Module))
 
 
 def _repair_at(

@@ -19,6 +19,7 @@ from .._common import (
     check_int,
     check_state_for_model,
     cross_entropy_of,
+    evaluating,
     find_logits,
     forward_with_state,
     only_training,
@@ -30,7 +31,9 @@ from .._common import (
 from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 
-__all__ = ["evaluate_state", "reset_bn_stats", "reset_bn_stats_", "BNResetPath", "LossFn"]
+# evaluating (every submodule in eval mode for a block, each flag restored) is defined with the other
+# train/eval-mode helpers in rebasin._common (the tracer uses it too) and made public here
+__all__ = ["evaluate_state", "reset_bn_stats", "reset_bn_stats_", "BNResetPath", "LossFn", "evaluating"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -2,24 +2,7 @@
 
 from __future__ import annotations
 
-from ..datasets import (
-    MNIST_MEAN,
-    MNIST_STD,
-    data_root_from_env,
-    digits_loaders,
-    digits_tensors,
-    mnist_loaders,
-    mnist_tensors,
-    tensor_loader,
-)
+from .. import datasets
+from ..datasets import *  # noqa: F403  # the public home's names, listed once there
 
-__all__ = [
-    "tensor_loader",
-    "digits_tensors",
-    "digits_loaders",
-    "mnist_tensors",
-    "mnist_loaders",
-    "data_root_from_env",
-    "MNIST_MEAN",
-    "MNIST_STD",
-]
+__all__ = list(datasets.__all__)

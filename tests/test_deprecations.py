@@ -50,7 +50,9 @@ def test_docs_and_examples_use_the_new_names():
     """Deprecated names stay working for users, but our own pages and examples teach the current ones."""
     import re
 
-    pattern = re.compile(r"rebasin\.(fit_classifier_|evaluate|seeded_model)\(|rebasin\.(models|data|train)\b(?!/)")
+    pattern = re.compile(r"rebasin\.(fit_classifier_|evaluate|seeded_model|repair_states|repaired_path)\(|"
+                         r"evaluate_path\(\w+, (None|\w*state)|repair=True, repair_loader|"
+                         r"rebasin\.(models|data|train)\b(?!/)")
     files = [*(ROOT / "examples").glob("*.py"), *(ROOT / "docs").rglob("*.md"), ROOT / "README.md"]
     files = [p for p in files if p.name != "architecture.md"]  # the migration table names the old modules
     found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for m in pattern.finditer(p.read_text())]

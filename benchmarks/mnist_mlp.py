@@ -90,9 +90,9 @@ def main() -> None:
         options = {**options}
         if args.sinkhorn_epochs is not None and "fit" in options and "epochs" in options["fit"]:
             options["fit"] = {**options["fit"], "epochs": args.sinkhorn_epochs}
-        if method == "sinkhorn":
-            options["fit"] = {**options["fit"], "progress": True}
-        res = align(model_a, model_b, method=method, loader=train, seed=args.seed, device=device, **options)
+        # progress is a standard keyword: the registry passes it to the matchers that show one
+        res = align(model_a, model_b, method=method, loader=train, seed=args.seed, device=device, progress=True,
+                    **options)
         line = LinearPath(state_a, res.state_b)
         how = BNResetPath(line, model_a, train, max_batches=20, device=device) if bn_reset else line
         path = evaluate_path(model_a, how, test, num_points=args.num_points, device=device)

@@ -2,8 +2,8 @@
 
 For each width and each pair of models the script runs, side by side,
 
-* ``plain``: the textbook algorithm (``rebasin.matching.weight._INCREMENTAL = False``): every visit builds the similarity
-  from scratch and solves it;
+* ``plain``: the textbook algorithm (the seam ``rebasin.matching.weight._INCREMENTAL = False``): every visit
+  builds the similarity from scratch and solves it;
 * ``fast``: the default (cached static terms, low-rank updates, skipped unchanged solves);
 
 and times, alone, the two primitives the textbook algorithm cannot avoid:

@@ -251,3 +251,23 @@ def test_registration_order_does_not_depend_on_import_order():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out.split(",") == list(rebasin.matcher_names())
     assert out.startswith("identity,weight_matching,activation_matching,ste,sinkhorn,ot")
+
+
+def test_merge_warm_starts_every_matcher_that_declares_init():
+    """init is a standard keyword: merge's later rounds pass the previous permutations to any matcher taking it."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)) for _ in range(3)]
+    spec = spec_from_model(models[0], torch.randn(2, 5))
+    seen = []
+
+    def warm(spec, state_a, state_b, *, seed=0, init=None):
+        "Weight matching that records its starting permutations."
+        seen.append(init is not None)
+        return rebasin.weight_matching(spec, state_a, state_b, seed=seed, init=init)
+
+    register_matcher("warm", warm)
+    try:
+        _, info = rebasin.merge(models, method="warm", spec=spec, repair=False, n_iter=3, return_info=True)
+    finally:
+        unregister_matcher("warm")
+    assert info.rounds >= 2 and seen[:2] == [False, False] and all(seen[2:])

@@ -100,7 +100,7 @@ def worst(model, path, loaders, num_points, device):
 
     out = []
     for loader in loaders:
-        res = evaluate_path(model, None, None, loader, num_points=num_points, path=path, device=device)
+        res = evaluate_path(model, path, loader, num_points=num_points, device=device)
         out.append(100 * min(res.accuracy))
     return out
 

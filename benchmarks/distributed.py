@@ -32,6 +32,8 @@ from rebasin import (
     BezierCurve,
     SinkhornRebasin,
     activation_matching,
+    BNResetPath,
+    LinearPath,
     evaluate_path,
     fit_curve,
     proximal_alternating_minimization,
@@ -97,8 +99,9 @@ def cases(device: torch.device, width: int) -> dict[str, Callable[[list[Any], bo
     return {
         "reset_bn_stats": lambda ld, s: reset_bn_stats(a_bn, a_bn.state_dict(), ld, sync=s),
         "evaluate_path (BN reset)": lambda ld, s: evaluate_path(
-            a_bn, a_bn.state_dict(), b_bn.state_dict(), ld, num_points=5, bn_loader=ld, sync=s).loss,
-        "repair": lambda ld, s: repair(a, a.state_dict(), b.state_dict(), 0.5, ld, spec=spec, sync=s).state_dict(),
+            a_bn, BNResetPath(LinearPath(a_bn.state_dict(), b_bn.state_dict()), a_bn, ld, sync=s), ld, num_points=5,
+            sync=s).loss,
+        "repair": lambda ld, s: repair(a, [a.state_dict(), b.state_dict()], [0.5, 0.5], ld, spec=spec, sync=s),
         "activation_matching": lambda ld, s: activation_matching(a, b, ld, spec=spec, sync=s),
         "cka": lambda ld, s: cka(a, b, ld, layer="2", sync=s),
         "ste_matching": lambda ld, s: ste_matching(a, b, ld, spec=spec, lr=0.01, n_iter=20, sync=s),

@@ -134,7 +134,7 @@ def part_paths(args, data, device) -> tuple[str, str]:
     rows = []
     for name, (path, t_match) in paths.items():
         t0 = time.perf_counter()
-        res = evaluate_path(a, None, None, test, num_points=args.num_points, path=path, device=device)
+        res = evaluate_path(a, path, test, num_points=args.num_points, device=device)
         i = min(range(len(res.accuracy)), key=res.accuracy.__getitem__)
         rows.append([name, f"{100 * res.accuracy[i]:.2f}", f"{res.t[i]:.2f}", f"{100 * res.accuracy[len(res.t) // 2]:.2f}",
                      f"{t_match:.2f}", f"{time.perf_counter() - t0:.0f}"])

@@ -29,7 +29,7 @@ from _report import append_report  # noqa: E402
 from rebasin import align# noqa: E402
 from rebasin.apps.data import data_root_from_env, mnist_loaders  # noqa: E402
 from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import barrier, evaluate_path# noqa: E402
+from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
 
 ARCHS = {
@@ -84,17 +84,18 @@ def main() -> None:
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model_a.modules())
     bn_reset = args.bn_reset == "on" or (args.bn_reset == "auto" and has_bn)
-    bn_opts = {"bn_loader": train, "max_batches": 20} if bn_reset else {}
     rows = []
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method, options = METHODS[name]
         options = {**options}
         if args.sinkhorn_epochs is not None and "fit" in options and "epochs" in options["fit"]:
             options["fit"] = {**options["fit"], "epochs": args.sinkhorn_epochs}
-        if method == "sinkhorn":
-            options["fit"] = {**options["fit"], "progress": True}
-        res = align(model_a, model_b, method=method, loader=train, seed=args.seed, device=device, **options)
-        path = evaluate_path(model_a, state_a, res.state_b, test, num_points=args.num_points, device=device, **bn_opts)
+        # progress is a standard keyword: the registry passes it to the matchers that show one
+        res = align(model_a, model_b, method=method, loader=train, seed=args.seed, device=device, progress=True,
+                    **options)
+        line = LinearPath(state_a, res.state_b)
+        how = BNResetPath(line, model_a, train, max_batches=20, device=device) if bn_reset else line
+        path = evaluate_path(model_a, how, test, num_points=args.num_points, device=device)
         rows.append(
             (
                 name,

@@ -31,7 +31,7 @@ from _report import append_report, machine_summary, markdown_table, mnist_root  
 from rebasin import align# noqa: E402
 from rebasin.apps.data import mnist_loaders  # noqa: E402
 from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import barrier, evaluate_path# noqa: E402
+from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
 from rebasin import RepairedPath# noqa: E402
 from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
 
@@ -56,14 +56,15 @@ def run_arch(name: str, args: argparse.Namespace, root: Path) -> list[list[objec
     sa = {k: v.detach() for k, v in a.state_dict().items()}
     bn = None if flatten else stats_loader  # BN nets: the plain path keeps interpolated running stats
     rows = []
-    plain = evaluate_path(a, sa, res.state_b, test, num_points=args.num_points, device=args.device)
+    plain = evaluate_path(a, LinearPath(sa, res.state_b), test, num_points=args.num_points, device=args.device)
     start = time.perf_counter()
     path = RepairedPath(a, sa, res.state_b, stats_loader, spec=res.spec, device=args.device)
-    repaired = evaluate_path(a, None, None, test, path=path, num_points=args.num_points, device=args.device)
+    repaired = evaluate_path(a, path, test, num_points=args.num_points, device=args.device)
     repair_s = time.perf_counter() - start
     variants = [("aligned, plain interpolation", plain, 0.0)]
     if bn is not None:
-        reset = evaluate_path(a, sa, res.state_b, test, num_points=args.num_points, bn_loader=bn, device=args.device)
+        reset = evaluate_path(a, BNResetPath(LinearPath(sa, res.state_b), a, bn, device=args.device), test, num_points=args.num_points,
+                              device=args.device)
         variants.append(("aligned, BN stats reset", reset, 0.0))
     variants.append(("aligned + REPAIR", repaired, repair_s))
     base = barrier(plain, metric="accuracy") * 100

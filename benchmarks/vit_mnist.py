@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin import PermutationSpec, RebasinError, align, barrier, evaluate_path, permute, spec_from_model  # noqa: E402
+from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, permute, spec_from_model  # noqa: E402
 from rebasin.apps.data import mnist_loaders  # noqa: E402
 from rebasin.apps.models import ViT  # noqa: E402
 from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
@@ -150,12 +150,12 @@ def main() -> None:
                 res = align(a, b, spec=spec, method=method, loader=stats, seed=args.seed)
                 path = RepairedPath(a, sa, res.state_b, stats, spec=spec, device=args.device)
                 align_s = time.perf_counter() - start
-                r = evaluate_path(a, None, None, test, path=path, num_points=args.num_points, device=args.device)
+                r = evaluate_path(a, path, test, num_points=args.num_points, device=args.device)
             else:
                 label, make, _ = variants[row]
                 state_b = make()
                 align_s = time.perf_counter() - start
-                r = evaluate_path(a, sa, state_b, test, num_points=args.num_points, device=args.device)
+                r = evaluate_path(a, LinearPath(sa, state_b), test, num_points=args.num_points, device=args.device)
         except RebasinError as err:
             rows.append([variants.get(row, (row,))[0], "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
             continue

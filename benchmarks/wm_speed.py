@@ -2,8 +2,8 @@
 
 For each width and each pair of models the script runs, side by side,
 
-* ``plain``: the textbook algorithm (``_incremental=False``): every visit builds the similarity
-  from scratch and solves it;
+* ``plain``: the textbook algorithm (the seam ``rebasin.matching.weight._INCREMENTAL = False``): every visit
+  builds the similarity from scratch and solves it;
 * ``fast``: the default (cached static terms, low-rank updates, skipped unchanged solves);
 
 and times, alone, the two primitives the textbook algorithm cannot avoid:
@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
 
 from rebasin import PermutationSpec, permute, random_permutation  # noqa: E402
-from rebasin import weight_matching# noqa: E402
+from rebasin import weight_matching  # noqa: E402
+from rebasin.matching import weight as weight_module  # noqa: E402
 
 
 def mlp_spec(depth: int = 3) -> PermutationSpec:
@@ -128,11 +129,17 @@ def run_case(width: int, case: str, device: torch.device, repeats: int, seed: in
         lsa_times.append(t1 - t0)
         hook_time[0] += t1 - t0
 
-    def timed(**kw):
+    def timed(_incremental: bool = True, _on_solve=None):
+        # the textbook loop and the solve hook are module-level seams of rebasin.matching.weight
         sync(device)
-        t0 = time.perf_counter()
-        out = weight_matching(spec, a, b, return_info=True, device=device, n_iter=n_iter, **kw)
-        sync(device)
+        saved = weight_module._INCREMENTAL, weight_module._ON_SOLVE
+        weight_module._INCREMENTAL, weight_module._ON_SOLVE = _incremental, _on_solve
+        try:
+            t0 = time.perf_counter()
+            out = weight_matching(spec, a, b, return_info=True, device=device, n_iter=n_iter)
+            sync(device)
+        finally:
+            weight_module._INCREMENTAL, weight_module._ON_SOLVE = saved
         return time.perf_counter() - t0, out
 
     # the floor's sweep of matmuls is timed between the runs (min over all), so that a burst of

@@ -61,12 +61,12 @@ EQUAL_STORAGE = "replay_eq_"
 
 def mlp(in_features: int = 784, hidden: int = 256, n_classes: int = 10, depth: int = 1,
         dropout: float = 0.0) -> nn.Module:
-    """The reference model: ``rebasin.apps.models.MLP(in_features, [hidden] * depth, n_classes, dropout=dropout)``.
+    """The reference model: ``rebasin.nets.MLP(in_features, [hidden] * depth, n_classes, dropout=dropout)``.
 
     It flattens its input. ``depth=2`` is MC-SGD's MLP (two hidden layers of 256; its Permuted MNIST
     configuration adds ``dropout=0.25``).
     """
-    from rebasin.apps.models import MLP
+    from rebasin.nets import MLP
 
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise RebasinError(f"depth must be a positive int, got {depth!r}")
@@ -132,7 +132,7 @@ def make_strategy(
     from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.plugins.evaluation import default_evaluator
 
-    from ._checks import number_in
+    from rebasin.checks import check_number_in
     from .clewi import CLeWI
     from .mcsgd import MCSGD
     from .optim import ExperienceLRDecay
@@ -144,7 +144,7 @@ def make_strategy(
     options = dict(options or {})
     if optimizer not in OPTIMIZERS:
         raise RebasinError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
-    momentum = number_in(momentum, "momentum", 0, 1, high_open=True)
+    momentum = check_number_in(momentum, "momentum", 0, 1, high_open=True)
     if optimizer == "adamw" and momentum:
         raise RebasinError("momentum applies to optimizer='sgd' only")
     opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw"

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rebasin import RebasinError
-from rebasin.apps.data import MNIST_MEAN, MNIST_STD, mnist_tensors
+from rebasin.datasets import MNIST_MEAN, MNIST_STD, mnist_tensors
 
-from ._checks import positive_int
+from rebasin.checks import check_int
 
 __all__ = [
     "random_angles",
@@ -138,7 +138,7 @@ def random_angles(n: int, *, seed: int = 0) -> list[float]:
     """
     g = torch.Generator().manual_seed(int(seed) + 2)
     return [math.floor(1800.0 * float(u)) / 10.0
-            for u in torch.rand(positive_int(n, "n"), generator=g, dtype=torch.float64)]
+            for u in torch.rand(check_int(n, "n"), generator=g, dtype=torch.float64)]
 
 
 def rotated_mnist(
@@ -182,12 +182,12 @@ def rotated_mnist(
     20
     """
     if angles is None:
-        n = positive_int(n_experiences, "n_experiences")
+        n = check_int(n_experiences, "n_experiences")
         angles = [180.0 * i / (n - 1) for i in range(n)] if n > 1 else [0.0]
     elif isinstance(angles, str):
         if angles != "random":
             raise RebasinError(f"angles must be a sequence of degrees, None or 'random', got {angles!r}")
-        angles = random_angles(positive_int(n_experiences, "n_experiences"), seed=seed)
+        angles = random_angles(check_int(n_experiences, "n_experiences"), seed=seed)
     angles = [float(a) for a in angles]
     if not angles:
         raise RebasinError("angles must hold at least one rotation")
@@ -212,7 +212,7 @@ def permuted_mnist(
     Every experience, the first included, is permuted. See :func:`rotated_mnist` for the other
     arguments.
     """
-    n = positive_int(n_experiences, "n_experiences")
+    n = check_int(n_experiences, "n_experiences")
     _check_pixels(pixels)
     (xtr, ytr), (xte, yte) = _mnist(root, train_samples, test_samples, seed)
     g = torch.Generator().manual_seed(int(seed) + 1)
@@ -239,7 +239,7 @@ def split_mnist(
     ``class_order`` defaults to ``0, 1, ..., 9`` (experience 0 holds digits 0 and 1 with five
     experiences). See :func:`rotated_mnist` for the other arguments.
     """
-    n = positive_int(n_experiences, "n_experiences")
+    n = check_int(n_experiences, "n_experiences")
     order = list(range(10)) if class_order is None else [int(c) for c in class_order]
     if sorted(order) != list(range(10)):
         raise RebasinError(f"class_order must be a permutation of 0..9, got {order}")
@@ -285,7 +285,7 @@ def synthetic(
     >>> len(bm.train_stream[0].dataset)  # doctest: +SKIP
     256
     """
-    n = positive_int(n_experiences, "n_experiences")
+    n = check_int(n_experiences, "n_experiences")
     g = torch.Generator().manual_seed(int(seed))
     means = 2.0 * torch.randn(n_classes, n_features, generator=g)
 

@@ -5,7 +5,7 @@ code: jedrzejkozal/weight-interpolation-cl, read, not copied): experience replay
 previous model is permutation-aligned to the freshly trained one, the two are interpolated with a fixed
 weight (0.5 in the reference code) and the interpolated network is REPAIRed on samples of the buffer; the
 next task trains from the result. Here: :class:`continual.RebasinMergePlugin` with ``alpha=0.5``,
-``train_from="merged"`` and the merge replaced by :func:`rebasin.repair_states` on replay-buffer samples
+``train_from="merged"`` and the merge replaced by :func:`rebasin.repair` on replay-buffer samples
 plus samples of the current experience (the reference's buffer is filled during the task, so it holds
 both). Assumed: weight matching as the alignment (the reference offers several), the
 interpolation at ``alpha`` as the weight of the new model.
@@ -22,9 +22,9 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, repair_states
+from rebasin import PermutationSpec, RebasinError, repair
 
-from ._checks import positive_int
+from rebasin.checks import check_int
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, tensor_batches
 from .plugin import MergeRecord, RebasinMergePlugin
 from .policy import AlphaPolicy
@@ -63,7 +63,7 @@ class CLeWIPlugin(RebasinMergePlugin):
     ) -> None:
         if isinstance(alpha, AlphaPolicy) or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise RebasinError(f"CLeWIPlugin: alpha must be a fixed number in [0, 1], got {alpha!r}")
-        positive_int(repair_samples, "repair_samples")
+        check_int(repair_samples, "repair_samples")
         super().__init__(
             matcher=matcher, alpha=float(alpha), spec=spec, model=model, example_input=example_input,
             matcher_options=matcher_options, optimizer_state=optimizer_state, train_from="merged",
@@ -93,7 +93,7 @@ class CLeWIPlugin(RebasinMergePlugin):
             parts.append(sample_tensors(self._repair_buffer, self.repair_samples, seed=self._rng_seed(8),
                                         batch_size=self.batch_size))
         x, y = concat_tensors(parts)
-        return repair_states(
+        return repair(
             strategy.model, [prev_aligned, state_new], [1.0 - alpha, alpha], tensor_batches(x, y, self.batch_size),
             spec=self.spec, device=torch.device(strategy.device), sync=False,
         )
@@ -144,7 +144,7 @@ class CLeWI(SupervisedTemplate):
         matcher_options: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
-        positive_int(mem_size, "mem_size")
+        check_int(mem_size, "mem_size")
         self.clewi_plugin = CLeWIPlugin(
             alpha=alpha, repair_samples=repair_samples, matcher=matcher, spec=spec,
             model=None if example_input is None else model, example_input=example_input, matcher_options=matcher_options, seed=seed,

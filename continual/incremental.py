@@ -45,7 +45,7 @@ from torch.func import functional_call
 
 from rebasin import PermutationSpec, RebasinError, matrix_to_perm, sinkhorn
 
-from ._checks import positive_float
+from rebasin.checks import check_positive
 from .merging import check_alpha, midpoint_state, rebasin_il_state
 
 __all__ = ["ILSettings", "IncrementalRebasin", "INITS"]
@@ -92,7 +92,7 @@ class ILSettings:
         set_ = object.__setattr__  # frozen: normalise the validated values in place
         set_(self, "alpha", check_alpha(self.alpha))
         for name in ("perm_lr", "residual_lr", "tau"):
-            set_(self, name, positive_float(getattr(self, name), name))
+            set_(self, name, check_positive(getattr(self, name), name))
         wd = self.residual_weight_decay
         if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (wd >= 0 and math.isfinite(wd)):
             raise RebasinError(f"residual_weight_decay must be a finite number >= 0, got {wd!r}")

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import RebasinError
-from rebasin.apps.training import evaluating
+from rebasin.paths.running import evaluating
 
 __all__ = ["line_points", "line_loss", "fit_on_lines", "LineFit", "REDUCTIONS", "STEPS", "reference_line_loss",
            "fit_paired_lines"]

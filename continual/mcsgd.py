@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from rebasin import RebasinError
 
-from ._checks import number_in, positive_float, positive_int
+from rebasin.checks import check_int, check_number_in, check_positive
 from ._data import concat_tensors, sample_tensors
 from .lines import REDUCTIONS, STEPS, fit_on_lines, fit_paired_lines
 from .lines import line_points as line_points_of
@@ -190,18 +190,18 @@ class MCSGDPlugin(SupervisedPlugin):
         if variant not in VARIANTS:
             raise RebasinError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
         self.variant = variant
-        self.mem_size = positive_int(mem_size, "mem_size")
-        self.subset_size = positive_int(subset_size, "subset_size")
+        self.mem_size = check_int(mem_size, "mem_size")
+        self.subset_size = check_int(subset_size, "subset_size")
         self.points = line_points_of(line_points)  # checks line_points
         self.line_points = line_points
-        self.mc_lr = positive_float(mc_lr, "mc_lr")
-        self.mc_momentum = number_in(mc_momentum, "mc_momentum", 0, 1, high_open=True)
-        self.mc_epochs = positive_int(mc_epochs, "mc_epochs")
-        self.mc_batch_size = positive_int(mc_batch_size, "mc_batch_size")
+        self.mc_lr = check_positive(mc_lr, "mc_lr")
+        self.mc_momentum = check_number_in(mc_momentum, "mc_momentum", 0, 1, high_open=True)
+        self.mc_epochs = check_int(mc_epochs, "mc_epochs")
+        self.mc_batch_size = check_int(mc_batch_size, "mc_batch_size")
         if mc_step_every not in STEPS:
             raise RebasinError(f"unknown mc_step_every {mc_step_every!r}; choose one of {STEPS}")
         self.mc_step_every = mc_step_every
-        self.start_position = number_in(start_position, "start_position", 0, 1)
+        self.start_position = check_number_in(start_position, "start_position", 0, 1)
         if optimizer_state not in _OPTIMIZER_STATES:
             raise RebasinError(f"unknown optimizer_state {optimizer_state!r}; choose one of {_OPTIMIZER_STATES}")
         if reduction not in REDUCTIONS:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, evaluate_path, interpolate, permute, soft_permute
+from rebasin import LinearPath, PermutationSpec, RebasinError, evaluate_path, interpolate, permute, soft_permute
 
 __all__ = [
     "AlphaChoice",
@@ -210,11 +210,12 @@ def select_alpha(
     old_weight = check_alpha(old_weight, "old_weight")
     if criterion not in CRITERIA:
         raise RebasinError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
-    new = evaluate_path(model, state_prev_aligned, state_new, new_loader, ts=ts, loss_fn=loss_fn, device=device)
+    line = LinearPath(state_prev_aligned, state_new)
+    new = evaluate_path(model, line, new_loader, ts=ts, loss_fn=loss_fn, device=device)
     loss_new = tuple(float(v) for v in new.loss)
     acc_new = None if new.accuracy is None else tuple(float(v) for v in new.accuracy)
     if old_loader is not None:
-        old = evaluate_path(model, state_prev_aligned, state_new, old_loader, ts=ts, loss_fn=loss_fn, device=device)
+        old = evaluate_path(model, line, old_loader, ts=ts, loss_fn=loss_fn, device=device)
         loss_old = tuple(float(v) for v in old.loss)
         acc_old = None if old.accuracy is None or acc_new is None else tuple(float(v) for v in old.accuracy)
     else:

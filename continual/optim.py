@@ -8,7 +8,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from rebasin import RebasinError
 
-from ._checks import number_in
+from rebasin.checks import check_number_in
 
 __all__ = ["ExperienceLRDecay"]
 
@@ -30,7 +30,7 @@ class ExperienceLRDecay(SupervisedPlugin):
 
     def __init__(self, decay: float, *, min_lr: float = 0.0) -> None:
         super().__init__()
-        self.decay = number_in(decay, "decay", 0, 1, low_open=True)
+        self.decay = check_number_in(decay, "decay", 0, 1, low_open=True)
         if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not min_lr >= 0:
             raise RebasinError(f"min_lr must be a number >= 0, got {min_lr!r}")
         self.min_lr = float(min_lr)

@@ -19,7 +19,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
-from rebasin.apps.data import tensor_loader
+from rebasin.datasets import tensor_loader
 
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
@@ -489,13 +489,10 @@ class RebasinMergePlugin(SupervisedPlugin):
 
     def _align(self, model: nn.Module, prev_model: nn.Module, loader: Any, device: torch.device) -> Any:
         """:func:`rebasin.align` of the previous model to ``model`` with the plugin's matcher."""
-        matcher = get_matcher(self.matcher)
-        options = dict(self.matcher_options)
-        if self.matcher == "sinkhorn" and matcher.accepts("fit"):  # a replacement "sinkhorn" may not take fit=
-            options.setdefault("fit", {"progress": False})
+        options = {"progress": False, **self.matcher_options}  # standard keywords: only matchers declaring them get them
         return align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device if matcher.accepts("device") else None, **options,
+            device=device, **options,
         )
 
     def _refit(self, strategy: Any, device: torch.device) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 from rebasin import RebasinError
 
-from ._checks import number_in, positive_int
+from rebasin.checks import check_int, check_number_in
 from .merging import CRITERIA, alpha_grid, check_alpha
 
 __all__ = ["AlphaPolicy", "ALPHA_SOURCES", "HOLDING_OUT", "as_alpha", "holdout_size"]
@@ -105,11 +105,11 @@ class AlphaPolicy:
             raise RebasinError("AlphaPolicy: grid is empty; give at least one value in [0, 1] or an int >= 2")
         object.__setattr__(self, "candidates", alpha_grid(self.grid))
         for name in ("samples", "new_samples", "old_samples"):
-            positive_int(getattr(self, name), f"AlphaPolicy: {name}")
-        number_in(self.max_fraction, "AlphaPolicy: max_fraction", 0, 1, low_open=True, high_open=True)
+            check_int(getattr(self, name), f"AlphaPolicy: {name}")
+        check_number_in(self.max_fraction, "AlphaPolicy: max_fraction", 0, 1, low_open=True, high_open=True)
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise RebasinError(f"AlphaPolicy: folds must be an int >= 2 (one fold is held out), got {self.folds!r}")
-        number_in(self.tolerance, "AlphaPolicy: tolerance", 0, 1)
+        check_number_in(self.tolerance, "AlphaPolicy: tolerance", 0, 1)
         if self.old_weight is not None:
             check_alpha(self.old_weight, "AlphaPolicy: old_weight")
         if not isinstance(self.refit, bool):

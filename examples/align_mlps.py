@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     state_a = model_a.state_dict()
     paths = {
-        "naive": rebasin.evaluate_path(model_a, state_a, model_b.state_dict(), test, num_points=points),
-        "weight matching": rebasin.evaluate_path(model_a, state_a, state_b_aligned, test, num_points=points),
+        "naive": rebasin.evaluate_path(model_a, rebasin.LinearPath(state_a, model_b.state_dict()), test, num_points=points),
+        "weight matching": rebasin.evaluate_path(model_a, rebasin.LinearPath(state_a, state_b_aligned), test,
+                                                  num_points=points),
     }
     results = {"test_accuracy": {"a": paths["naive"].accuracy[0], "b": paths["naive"].accuracy[-1]}}
     print(f"test accuracy: A {100 * results['test_accuracy']['a']:.2f}%, B {100 * results['test_accuracy']['b']:.2f}%")

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"spec_perms": dict(spec.sizes)}
     for method in ("identity", "weight_matching"):  # "identity" = no alignment (naive)
         aligned = rebasin.align(models[0], models[1], method=method, spec=spec, seed=args.seed)
-        path = rebasin.evaluate_path(models[0], models[0].state_dict(), aligned.state_b, test,
-                                     num_points=points, bn_loader=train)
+        line = rebasin.LinearPath(models[0].state_dict(), aligned.state_b)
+        path = rebasin.evaluate_path(models[0], rebasin.BNResetPath(line, models[0], train), test, num_points=points)
         results[method] = rebasin.barrier(path, metric="loss")
         print(f"{method:>16}: loss barrier {results[method]:.4f} (BN statistics reset along the path)")
 

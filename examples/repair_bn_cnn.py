@@ -4,9 +4,9 @@ Averaging two aligned networks shrinks the spread of their hidden units ("varian
 et al., ICLR 2023). In a BatchNorm net the interpolated running statistics are wrong as well, so the
 plain aligned path looks worse than it need be. Two fixes, both measured on the training data:
 
-* reset BN: recompute the BatchNorm running statistics at every point (``evaluate_path(bn_loader=)``);
+* reset BN: recompute the BatchNorm running statistics at every point (``BNResetPath``);
 * REPAIR: give every permuted channel the interpolated endpoint mean and std
-  (``evaluate_path(repair=True)``) -- BN channels by the reset, the BN-free hidden Linear of the
+  (``RepairedPath``) -- BN channels by the reset, the BN-free hidden Linear of the
   classifier by folding a per-channel affine correction into its weights.
 
 Two VGG-style CNNs (conv-BN-ReLU x 2 with max-pools, a hidden Linear, on the 8x8 digits as 1x8x8
@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     aligned = rebasin.align(model_a, model_b, method="weight_matching", example_input=example, seed=args.seed)
     state_a = model_a.state_dict()
 
-    def path(state_b, **fix):
-        return rebasin.evaluate_path(model_a, state_a, state_b, test, num_points=points, spec=aligned.spec, **fix)
+    def path(how):
+        return rebasin.evaluate_path(model_a, how, test, num_points=points)
+
+    def reset_bn(state_b):
+        return rebasin.BNResetPath(rebasin.LinearPath(state_a, state_b), model_a, train)
 
     paths = {
-        "naive": path(model_b.state_dict()),
-        "naive + reset BN": path(model_b.state_dict(), bn_loader=train),
-        "aligned": path(aligned.state_b),
-        "aligned + reset BN": path(aligned.state_b, bn_loader=train),
-        "aligned + REPAIR": path(aligned.state_b, repair=True, repair_loader=train),
+        "naive": path(rebasin.LinearPath(state_a, model_b.state_dict())),
+        "naive + reset BN": path(reset_bn(model_b.state_dict())),
+        "aligned": path(rebasin.LinearPath(state_a, aligned.state_b)),
+        "aligned + reset BN": path(reset_bn(aligned.state_b)),
+        "aligned + REPAIR": path(rebasin.RepairedPath(model_a, state_a, aligned.state_b, train, spec=aligned.spec)),
     }
     results = {}
     for name, result in paths.items():

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = rebasin.spec_from_model(model_a, torch.zeros(1, 64, device=args.device))
 
     def loss_barrier(state_b) -> float:
-        path = rebasin.evaluate_path(model_a, model_a.state_dict(), state_b, test, num_points=points)
+        path = rebasin.evaluate_path(model_a, rebasin.LinearPath(model_a.state_dict(), state_b), test, num_points=points)
         return rebasin.barrier(path, metric="loss")
 
     results = {"naive": loss_barrier(model_b.state_dict())}

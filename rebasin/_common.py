@@ -41,6 +41,8 @@ __all__ = [
     "tensor_leaves",
     "check_int",
     "check_float",
+    "check_positive",
+    "check_number_in",
     "check_same_layout",
     "require_state",
     "check_state_for_model",
@@ -96,6 +98,29 @@ def check_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not math.isfinite(out):
         raise RebasinError(f"{name} must be a finite real number, got {value!r}")
     return out
+
+
+def check_positive(value: Any, name: str) -> float:
+    """``float(value)`` if it is a finite real number above 0 (not a bool), else :class:`RebasinError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise RebasinError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_number_in(
+    value: Any, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """``float(value)`` if it is a real number (not a bool) in the interval, else :class:`RebasinError`.
+
+    The interval is ``[low, high]``, open on a side with ``low_open`` / ``high_open``; the message
+    writes it that way, e.g. ``momentum must be a number in [0, 1), got 1.0``.
+    """
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise RebasinError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
 
 
 def require_state(obj: Any, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Keyword names renamed in 0.2 that keep working for one release (any module may use it).
+"""Keyword names renamed in 0.2, and 0.2 spellings replaced in 0.3, that keep working for one release (any module may use it).
 
 Only names that the documentation or the examples used get an alias here; the others were renamed outright.
 """
@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["renamed_keywords"]
+__all__ = ["renamed_keywords", "deprecated_form", "deprecated_alias"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,3 +68,49 @@ def renamed_keywords(*, positional: tuple[str, ...] = (), **renames: str) -> Cal
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def deprecated_form(old: Callable[..., Any], *, when: Callable[..., bool], use: str) -> Callable[[F], F]:
+    """Decorator: a 0.2 calling form of a function keeps working for one release, with a :class:`DeprecationWarning`.
+
+    Parameters
+    ----------
+    old
+        Implements the old form: called with the call's arguments when ``when(*args, **kwargs)`` is true.
+    when
+        Tells the old form from the new one by the arguments alone.
+    use
+        The new spelling, for the message.
+    """
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if when(*args, **kwargs):
+                warnings.warn(
+                    f"this form of {func.__name__}() is deprecated and will be removed in the next release; use {use}",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                return old(*args, **kwargs)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]  # functools.wraps keeps F's signature
+
+    return decorate
+
+
+def deprecated_alias(func: F, old_name: str, use: str) -> F:
+    """``func`` under its 0.2 name ``old_name``: the same call, with a :class:`DeprecationWarning` naming ``use``."""
+
+    @functools.wraps(func)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(
+            f"{old_name} is deprecated and will be removed in the next release; use {use}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return func(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    return alias  # type: ignore[return-value]

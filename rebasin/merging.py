@@ -9,7 +9,7 @@ Algorithm (a "merge many" in the spirit of Ainsworth et al. 2023, with any match
    aligned models (leave-one-out, so a model is not pulled towards itself), until no permutation
    changes or ``n_iter`` rounds were run.
 3. Average the aligned state_dicts.
-4. Optionally REPAIR (:func:`rebasin.repair_states` with uniform weights): every permuted channel
+4. Optionally REPAIR (:func:`rebasin.repair` with uniform weights): every permuted channel
    of the average gets the mean of the ``N`` aligned models' channel statistics — BatchNorm
    statistics reset, other channels corrected in their producing layer.
 
@@ -46,7 +46,7 @@ from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
 from .paths.linear import combine
-from .paths.repairing import repair_states
+from .paths import repairing  # the module: merge(repair=...) is a flag, repairing.repair the function
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
@@ -228,7 +228,7 @@ def merge(
     each model is re-aligned to the leave-one-out average of the others until the permutations
     stop changing), their state_dicts are averaged, and the average is optionally REPAIRed so that
     every permuted channel has the mean of the ``N`` aligned models' channel statistics (see
-    :func:`rebasin.repair_states`).
+    :func:`rebasin.repair`).
 
     Parameters
     ----------
@@ -327,24 +327,22 @@ def merge(
         found = alignments[i]
         return states[i] if found is None else found.state_b
 
-    # Weight matching is warm-started from the model's current permutations in the later rounds: its
+    # A matcher that declares the standard keyword init (weight matching, Sinkhorn) is warm-started from the
+    # model's current permutations in the later rounds. Weight matching's
     # sweeps never lower the objective, so each re-alignment can only raise the sum of pairwise
     # similarities and the rounds settle. From the identity every round it lands in a different local
     # optimum now and then, and the rounds keep changing (4 digits MLPs 64-128-128-10: 17 rounds to
     # settle from the identity, 7 warm-started).
-    # (only a "weight_matching" that takes init: a user may have replaced the built-in with one that does not)
-    warm = method == "weight_matching" and matcher.accepts("init") and "init" not in options
-
-    # the compute device goes to every matcher that takes one (all built-ins do; a user's may not)
-    where = device if matcher.accepts("device") else None
-    # so do sync= and group= (the data-reading built-ins take them; weight matching reads no data)
-    reduce_options = {k: v for k, v in (("sync", sync), ("group", group)) if matcher.accepts(k) and k not in options}
+    # (the registry passes init, device, sync and group only to matchers that declare them, so nothing here
+    # tests a matcher's name or signature)
+    warm = "init" not in options
 
     def align_to(target: nn.Module, i: int) -> Alignment:
         previous = alignments[i]
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
-        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=where,
-                     **options, **reduce_options, **extra)
+        standard = {k: v for k, v in (("sync", sync), ("group", group)) if k not in options}
+        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
+                     **options, **standard, **extra)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:
@@ -368,7 +366,7 @@ def merge(
     uniform = [1.0 / n] * n
     aligned_states = [aligned(i) for i in range(n)]
     if repair:
-        merged_state = repair_states(
+        merged_state = repairing.repair(
             ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )
@@ -468,7 +466,7 @@ def compare_merge(
     aligned = [states[i] if a is None else a.state_b for i, a in enumerate(info.alignments)]
     candidates: dict[str, State] = {"naive": combine(states, uniform)}
     if info.repaired:
-        candidates["naive_repair"] = repair_states(
+        candidates["naive_repair"] = repairing.repair(
             ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
             device=device, sync=sync, group=group,
         )

@@ -74,7 +74,7 @@ def test_alpha_policy_bad_inputs_each_fail_clearly():
         AlphaPolicy(source="buffer_fold", folds=1)
     with pytest.raises(RebasinError, match=r"max_fraction must be a number in \(0, 1\)"):
         AlphaPolicy(max_fraction=1.0)
-    with pytest.raises(RebasinError, match="samples must be a positive int"):
+    with pytest.raises(RebasinError, match="samples must be an int >= 1"):
         AlphaPolicy(samples=0)
     with pytest.raises(RebasinError, match="refit must be True or False, got 'yes'"):
         AlphaPolicy(source="buffer_fold", refit="yes")

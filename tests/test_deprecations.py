@@ -64,8 +64,75 @@ def test_docs_and_examples_use_the_new_names():
     """Deprecated names stay working for users, but our own pages and examples teach the current ones."""
     import re
 
-    pattern = re.compile(r"rebasin\.(fit_classifier_|evaluate|seeded_model)\(|rebasin\.(models|data|train)\b(?!/)")
+    pattern = re.compile(r"rebasin\.(fit_classifier_|evaluate|seeded_model|repair_states|repaired_path)\(|"
+                         r"evaluate_path\(\w+, (None|\w*state)|repair=True, repair_loader|"
+                         r"rebasin\.(models|data|train)\b(?!/)")
     files = [*(ROOT / "examples").glob("*.py"), *(ROOT / "docs").rglob("*.md"), ROOT / "README.md"]
     files = [p for p in files if p.name != "architecture.md"]  # the migration table names the old modules
     found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for m in pattern.finditer(p.read_text())]
     assert not found, found
+
+
+# ------------------------------------------------------------------ 0.2 spellings of REPAIR and evaluate_path
+def _repair_case():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    for m in (a, b):  # randomised norm statistics, so that a wrong reset shows
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    spec = rebasin.spec_from_model(a, torch.randn(2, 3))
+    data = [(torch.randn(16, 3), torch.randint(0, 2, (16,))) for _ in range(2)]
+    return a, a.state_dict(), b.state_dict(), spec, data
+
+
+def test_repair_two_state_form_is_deprecated_and_equals_the_new_form():
+    from torch.testing import assert_close
+
+    model, sa, sb, spec, data = _repair_case()
+    new = rebasin.repair(model, [sa, sb], [0.7, 0.3], data, spec=spec)
+    with pytest.warns(DeprecationWarning, match=r"repair\(\) is deprecated.*repair\(model, \[state_a, state_b\]"):
+        old = rebasin.repair(model, sa, sb, 0.3, data, spec=spec)
+    assert isinstance(old, type(model))
+    for k, v in new.items():
+        assert_close(old.state_dict()[k], v)
+
+
+def test_repair_states_is_a_deprecated_alias_of_repair():
+    from torch.testing import assert_close
+
+    model, sa, sb, spec, data = _repair_case()
+    new = rebasin.repair(model, [sa, sb], [0.5, 0.5], data, spec=spec)
+    with pytest.warns(DeprecationWarning, match=r"repair_states is deprecated.*use repair\(model, states, weights"):
+        old = rebasin.repair_states(model, [sa, sb], [0.5, 0.5], data, spec=spec)
+    for k, v in new.items():
+        assert_close(old[k], v)
+
+
+def test_repaired_path_is_a_deprecated_alias_of_repaired_path_class():
+    model, sa, sb, spec, data = _repair_case()
+    with pytest.warns(DeprecationWarning, match=r"repaired_path is deprecated.*RepairedPath"):
+        path = rebasin.repaired_path(model, sa, sb, data, spec=spec)
+    assert isinstance(path, rebasin.RepairedPath)
+
+
+@pytest.mark.parametrize("form", ["linear", "bn_loader", "repair", "path"])
+def test_evaluate_path_old_form_is_deprecated_and_equals_the_path_object(form):
+    model, sa, sb, spec, data = _repair_case()
+    curve = rebasin.BezierCurve(sa, sb, num_bends=3)
+    old_kw, new_path = {
+        "linear": ({}, rebasin.LinearPath(sa, sb)),
+        "bn_loader": ({"bn_loader": data}, rebasin.BNResetPath(rebasin.LinearPath(sa, sb), model, data)),
+        "repair": ({"repair": True, "repair_loader": data, "spec": spec},
+                   rebasin.RepairedPath(model, sa, sb, data, spec=spec)),
+        "path": ({"path": curve}, curve),
+    }[form]
+    states = (None, None) if form == "path" else (sa, sb)
+    with pytest.warns(DeprecationWarning, match=r"this form of evaluate_path\(\) is deprecated.*LinearPath"):
+        old = rebasin.evaluate_path(model, *states, data, num_points=3, **old_kw)
+    new = rebasin.evaluate_path(model, new_path, data, num_points=3)
+    assert old.loss == new.loss and old.accuracy == new.accuracy
+    assert old.metadata["path"] == new.metadata["path"] and old.metadata["bn_reset"] == new.metadata["bn_reset"]

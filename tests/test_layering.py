@@ -22,6 +22,10 @@ LAYERS = {
     "rebasin._deprecation": 1,
     "rebasin._distributed": 1,
     "rebasin.spec": 2,
+    # public helpers shared by the applications and continual (plain data, reference nets, argument checks)
+    "rebasin.datasets": 2,
+    "rebasin.nets": 2,
+    "rebasin.checks": 2,
     "rebasin.trace": 3,
     "rebasin.matching": 4,
     "rebasin.paths": 5,
@@ -160,6 +164,23 @@ def test_no_module_takes_another_modules_private_names():
             private_module = any(part.startswith("_") and not part.startswith("__") for part in target.split("."))
             if private_module and target.split(".")[0] != module.split(".")[0]:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports the private module {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_continual_uses_public_rebasin_only():
+    """continual is built on the library's public surface: no application layer, no private module or name."""
+    bad = []
+    for module, path in MODULES.items():
+        if not module.startswith("continual"):
+            continue
+        for target, name, line in _imports(module, path):
+            if not target.startswith("rebasin"):
+                continue
+            if target == "rebasin.apps" or target.startswith("rebasin.apps."):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports the application layer {target}")
+            private_module = any(part.startswith("_") and not part.startswith("__") for part in target.split("."))
+            if private_module or (name is not None and name.startswith("_") and not name.startswith("__")):
+                bad.append(f"{path.relative_to(ROOT)}:{line} takes a private name: {target}{'.' + name if name else ''}")
     assert not bad, "\n".join(bad)
 
 

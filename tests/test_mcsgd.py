@@ -521,5 +521,5 @@ def test_random_angles_are_seeded_and_in_range():
     before = torch.random.get_rng_state()
     random_angles(5)
     assert torch.equal(before, torch.random.get_rng_state())  # no global randomness
-    with pytest.raises(RebasinError, match="n must be a positive int"):
+    with pytest.raises(RebasinError, match="n must be an int >= 1"):
         random_angles(0)

@@ -372,3 +372,41 @@ def test_evaluate_path_with_bn_reset(setup):
     s2 = {k: v + 0.1 for k, v in s.items()}
     with_reset = evaluate_path(m, s, s2, data, num_points=3, bn_loader=data)
     assert with_reset.loss == evaluate_path(m, s, s2, data, num_points=3).loss
+
+
+# ------------------------------------------------------------------ path objects: the path says how it is built
+def test_evaluate_path_takes_path_objects_and_names_them():
+    from torch.testing import assert_close
+
+    from rebasin import BNResetPath, LinearPath, reset_bn_stats
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    other = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    for m in (model, other):
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    sa, sb = model.state_dict(), other.state_dict()
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    line = LinearPath(sa, sb)
+    reset = BNResetPath(line, model, data, max_batches=1)
+    for k, v in reset_bn_stats(model, line.state_dict_at(0.5), data).items():
+        assert_close(reset.state_dict_at(0.5)[k], v)
+    plain = evaluate_path(model, line, data, num_points=3)
+    fixed = evaluate_path(model, reset, data, num_points=3)
+    assert plain.metadata["path"] == fixed.metadata["path"] == "linear"
+    assert not plain.metadata["bn_reset"] and fixed.metadata["bn_reset"] and fixed.metadata["max_batches"] == 1
+    assert plain.loss != fixed.loss  # the randomised statistics are replaced at every point
+
+
+def test_path_objects_reject_bad_inputs_clearly():
+    from rebasin import BNResetPath, LinearPath
+
+    model = nn.Linear(4, 3)
+    sa = model.state_dict()
+    with pytest.raises(RebasinError, match=r"takes a path object, not a state_dict: pass LinearPath\(state_a, state_b\)"):
+        evaluate_path(model, sa, [(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))], num_points=2)
+    with pytest.raises(RebasinError, match="BNResetPath needs data"):
+        BNResetPath(LinearPath(sa, sa), model, None)
+    with pytest.raises(RebasinError, match="path must be a callable"):
+        BNResetPath(42, model, [torch.randn(2, 4)])

@@ -44,7 +44,9 @@ def test_builtins_are_registered_and_listed_in_order():
     assert {"activation_matching", "ste", "sinkhorn", "ot"} <= set(names)
     assert set(rebasin.matcher_names(needs_data=True)) == {"activation_matching", "ste"}
     wm = rebasin.get_matcher("weight_matching")
-    assert "n_iter" in wm.options() and "device" in wm.options() and wm.description
+    assert "n_iter" in wm.options() and wm.description
+    # the standard keywords are read from the signature once, not listed as options
+    assert "device" not in wm.options() and {"device", "seed", "init"} <= wm.standard
 
 
 def test_a_users_matcher_works_through_align(oracle):
@@ -78,12 +80,12 @@ def test_registration_errors_are_clear():
     with pytest.raises(RebasinError, match="must have the signature"):
         register_matcher("two_args", lambda spec, a: {})
     with pytest.raises(RebasinError, match="must have the signature"):
-        register_matcher("no_seed", lambda spec, a, b, *, model_a=None, model_b=None, loader=None: {})
+        register_matcher("models_no_states", lambda model_a, model_b, loader, *, spec=None: {})
     with pytest.raises(RebasinError, match="non-empty string"):
         register_matcher("", lambda spec, a, b, **kw: {})
     with pytest.raises(RebasinError, match="unknown method 'nope'"):
         unregister_matcher("nope")
-    assert "two_args" not in rebasin.matcher_names()
+    assert "two_args" not in rebasin.matcher_names() and "models_no_states" not in rebasin.matcher_names()
 
 
 def test_data_driven_matchers_say_they_need_data():
@@ -185,3 +187,87 @@ def test_an_option_declared_without_a_bare_star_is_accepted():
             rebasin.align(a, b, method="positional_options", spec=spec, n_ite=3)
     finally:
         unregister_matcher("positional_options")
+
+
+def test_standard_keywords_reach_only_the_matchers_that_declare_them():
+    """mergekit's easy_define for matchers: device/sync/group/init/progress go only where declared."""
+    seen = []
+
+    def bare(spec, state_a, state_b):
+        "No standard keyword at all."
+        seen.append("bare")
+        return {}
+
+    def some(spec, state_a, state_b, *, device=None, init=None, seed=0):
+        "Declares device, init and seed."
+        seen.append((str(device), init is not None, seed))
+        return {}
+
+    a, b, spec, _ = _pair(7)
+    for name, fn in (("bare", bare), ("some", some)):
+        register_matcher(name, fn)
+    try:
+        init = {p: torch.arange(n) for p, n in spec.resolved_sizes(a.state_dict()).items()}
+        for name in ("bare", "some"):
+            rebasin.align(a, b, method=name, spec=spec, seed=4, device="cpu", sync=False, group=None, init=init,
+                          progress=False)
+        assert rebasin.get_matcher("bare").standard == frozenset()
+    finally:
+        unregister_matcher("bare")
+        unregister_matcher("some")
+    assert seen == ["bare", ("cpu", True, 4)]
+
+
+def test_the_public_functions_are_what_is_registered():
+    assert rebasin.get_matcher("weight_matching").fn is rebasin.weight_matching
+    assert rebasin.get_matcher("activation_matching").fn is rebasin.activation_matching
+    assert rebasin.get_matcher("ste").fn is rebasin.ste_matching
+    assert rebasin.get_matcher("ot").fn is rebasin.ot_matching
+    assert rebasin.get_matcher("sinkhorn").fn is rebasin.matching.sinkhorn_matching
+    assert rebasin.get_matcher("ste").models_first and not rebasin.get_matcher("ot").models_first
+
+
+def test_builtin_order_is_the_fixed_list_not_the_import_order():
+    from rebasin.matching import registry
+
+    assert rebasin.matcher_names()[: len(registry.BUILTINS)] == tuple(b[0] for b in registry.BUILTINS)
+
+
+def test_no_test_hooks_in_public_signatures():
+    import inspect
+
+    for fn in (rebasin.weight_matching, rebasin.activation_matching, rebasin.ste_matching, rebasin.ot_matching,
+               rebasin.matching.sinkhorn_matching, rebasin.align, rebasin.merge):
+        hooks = [p for p in inspect.signature(fn).parameters if p.startswith("_")]
+        assert not hooks, (fn.__name__, hooks)
+
+
+def test_registration_order_does_not_depend_on_import_order():
+    import subprocess
+    import sys
+
+    code = ("import rebasin.matching.ot, rebasin.matching.ste; from rebasin.matching import registry; "
+            "print(','.join(registry.matcher_names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(",") == list(rebasin.matcher_names())
+    assert out.startswith("identity,weight_matching,activation_matching,ste,sinkhorn,ot")
+
+
+def test_merge_warm_starts_every_matcher_that_declares_init():
+    """init is a standard keyword: merge's later rounds pass the previous permutations to any matcher taking it."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)) for _ in range(3)]
+    spec = spec_from_model(models[0], torch.randn(2, 5))
+    seen = []
+
+    def warm(spec, state_a, state_b, *, seed=0, init=None):
+        "Weight matching that records its starting permutations."
+        seen.append(init is not None)
+        return rebasin.weight_matching(spec, state_a, state_b, seed=seed, init=init)
+
+    register_matcher("warm", warm)
+    try:
+        _, info = rebasin.merge(models, method="warm", spec=spec, repair=False, n_iter=3, return_info=True)
+    finally:
+        unregister_matcher("warm")
+    assert info.rounds >= 2 and seen[:2] == [False, False] and all(seen[2:])

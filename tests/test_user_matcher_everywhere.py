@@ -241,7 +241,9 @@ def test_merge_runs_a_replacement_weight_matching_without_init():
     try:
         merged, info = merge([a, b, c], spec=spec, repair=False, device="cpu", n_iter=3, return_info=True)
     finally:
-        register_matcher("weight_matching", builtin.fn, description=builtin.description, overwrite=True)
+        register_matcher("weight_matching", builtin.fn, description=builtin.description, overwrite=True,
+                         reads_checkpoints=builtin.reads_checkpoints)
+    assert rebasin.get_matcher("weight_matching") == builtin
     assert info.rounds >= 2 and len(calls) == 2 * info.rounds
     x = torch.randn(16, 4)
     assert_close(merged(x), a(x))

@@ -189,7 +189,7 @@ def run_align(args: argparse.Namespace) -> None:
     output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
-    if args.method == "weight_matching" and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
+    if matcher.reads_checkpoints and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
         _align_checkpoints(args, output, perms_file, device)
         return
     state_a, state_b = load_state(args.model_a), load_state(args.model_b)
@@ -197,8 +197,7 @@ def run_align(args: argparse.Namespace) -> None:
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
     spec = _spec(args, model_a, first, need_perms=True)
-    where = device if matcher.accepts("device") else None  # a user's matcher may take no device
-    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=where)
+    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=device)
     _save_like(res.state_b, output, state_b)
     _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
@@ -214,7 +213,8 @@ def _need_model(args: argparse.Namespace) -> None:
 
 
 def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path | None, device: torch.device) -> None:
-    """``rebasin align A.safetensors B.safetensors`` with weight matching: never both models in memory.
+    """``rebasin align A.safetensors B.safetensors`` with a matcher that reads checkpoints one tensor at a time
+    (weight matching): never both models in memory.
 
     The spec is traced on a freshly built ``--model`` (its own weights, dropped before matching); the
     checkpoints are read one tensor at a time (:func:`rebasin.open_checkpoint`) and B's aligned copy is
@@ -222,7 +222,6 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
     """
     import time
 
-    from ..matching.weight import weight_matching
     from ..spec.checkpoint import open_checkpoint, save_permuted
 
     ckpt_a, ckpt_b = open_checkpoint(args.model_a), open_checkpoint(args.model_b)
@@ -230,9 +229,9 @@ def _align_checkpoints(args: argparse.Namespace, output: Path, perms_file: Path 
     spec = _spec(args, model, None, need_perms=True)
     del model
     start = time.perf_counter()
-    perms = weight_matching(spec, ckpt_a, ckpt_b, seed=args.seed, device=device)
+    perms = get_matcher(args.method)(spec, ckpt_a, ckpt_b, seed=args.seed, device=device).perms
     save_permuted(spec, perms, ckpt_b, output)
-    _print(f"aligned {args.model_b} to {args.model_a} with weight_matching (one tensor at a time) in "
+    _print(f"aligned {args.model_b} to {args.model_a} with {args.method} (one tensor at a time) in "
            f"{time.perf_counter() - start:.2f} s -> {output}")
     if perms_file is not None:
         torch.save(perms, perms_file)
@@ -266,7 +265,7 @@ def run_path(args: argparse.Namespace) -> dict[str, Any]:
     """``rebasin path``: the linear path (and REPAIRed path, Bezier curve) between two saved models."""
     import time
 
-    from ..paths import evaluate_path
+    from ..paths import BNResetPath, LinearPath, RepairedPath, evaluate_path
     from ..paths.curves import BezierCurve, fit_curve
     from ..paths.running import evaluate_state
 
@@ -285,22 +284,27 @@ def run_path(args: argparse.Namespace) -> dict[str, Any]:
     if bn_reset:
         _print(f"BatchNorm statistics are recomputed on {stats} at every point (--no-bn-reset to keep them)")
 
-    common = {"num_points": args.num_points, "max_batches": args.max_batches, "device": device,
-              "progress": args.progress}
+    common = {"num_points": args.num_points, "device": device, "progress": args.progress}
+
+    def bn(path: Any) -> Any:
+        return path if bn_loader is None else BNResetPath(path, model, bn_loader, max_batches=args.max_batches,
+                                                          device=device)
+
     kinds = ["linear", *(["repair"] if args.repair else []), *(["bezier"] if args.curve == "bezier" else [])]
     paths: dict[str, Any] = {}
     rows: dict[str, Any] = {}
     for kind in kinds:
         start = time.perf_counter()
         if kind == "linear":
-            path = evaluate_path(model, state_a, state_b, test, bn_loader=bn_loader, **common)
+            path = evaluate_path(model, bn(LinearPath(state_a, state_b)), test, **common)
         elif kind == "repair":  # REPAIR sets BatchNorm statistics itself
-            path = evaluate_path(model, state_a, state_b, test, repair=True, repair_loader=train, **common)
+            repaired = RepairedPath(model, state_a, state_b, train, max_batches=args.max_batches, device=device)
+            path = evaluate_path(model, repaired, test, **common)
         else:
             curve = BezierCurve(state_a, state_b, num_bends=3)
             fit_curve(model, curve, train, epochs=args.curve_epochs, lr=args.curve_lr, seed=args.seed,
                       device=device, progress=bool(args.progress))
-            path = evaluate_path(model, None, None, test, path=curve, bn_loader=bn_loader, **common)
+            path = evaluate_path(model, bn(curve), test, **common)
         paths[kind] = path
         rows[kind] = _row(path, kind, time.perf_counter() - start, kind != "repair" and bn_reset)
         r = rows[kind]

@@ -46,8 +46,8 @@ def _matcher_rows() -> list[str]:
     for name in matcher_names():
         if name == "identity":  # the "naive" row, always shown first
             continue
-        per_cost = name == "sinkhorn" and get_matcher(name).accepts("cost")
-        rows += [f"sinkhorn_{cost}" for cost in SINKHORN_COSTS] if per_cost else [name]
+        per_cost = "cost" in (get_matcher(name).options() or ()) and name in _PER_COST
+        rows += [f"{name}_{cost}" for cost in SINKHORN_COSTS] if per_cost else [name]
     return list(dict.fromkeys(rows))
 
 
@@ -131,18 +131,26 @@ def _matcher_call(name: str, args: argparse.Namespace) -> tuple[str, dict[str, A
     Only the options the registered matcher takes are passed: a matcher registered over a built-in name
     (``register_matcher(..., overwrite=True)``) gets none of the built-in's settings it does not know.
     """
-    method, options = name, {}
-    if name not in matcher_names() and name.startswith("sinkhorn_"):
-        method, options = "sinkhorn", {
-            "cost": name.split("_", 1)[1],
-            "init": "identity",
-            "n_iter": args.sinkhorn_iters,
-            "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr, "progress": _progress(args)},
-        }
-    elif name == "ste":
-        options = {"epochs": args.ste_epochs, "lr": 1e-3}
-    matcher = get_matcher(method)
-    return method, {k: v for k, v in options.items() if matcher.accepts(k)}
+    method, cost = name, None
+    if name not in matcher_names() and "_" in name and name.rsplit("_", 1)[0] in _PER_COST:
+        method, cost = name.rsplit("_", 1)
+    options = _demo_settings(args).get(method, {})
+    if cost is not None:
+        options = {**options, "cost": cost}
+    return method, get_matcher(method).known({**options, "progress": _progress(args)})
+
+
+#: Built-in matchers the demo shows once per built-in cost (when the registered one takes ``cost=``).
+_PER_COST = ("sinkhorn",)
+
+
+def _demo_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The demo's own settings for some built-ins (a table, not a test of the matcher's name)."""
+    return {
+        "sinkhorn": {"init": "identity", "n_iter": args.sinkhorn_iters,
+                     "fit": {"epochs": args.sinkhorn_epochs, "lr": args.sinkhorn_lr}},
+        "ste": {"epochs": args.ste_epochs, "lr": 1e-3},
+    }
 
 
 def _align_quietly(model_a, model_b, method, options, loader, spec, args, device):
@@ -153,10 +161,9 @@ def _align_quietly(model_a, model_b, method, options, loader, spec, args, device
     """
     from ..matching.alignment import align
 
-    where = device if get_matcher(method).accepts("device") else None  # a user's matcher may take no device
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=where,
+        res = align(model_a, model_b, method=method, loader=loader, spec=spec, seed=args.seed, device=device,
                     **options)
     unconverged = False
     for w in caught:
@@ -191,7 +198,7 @@ def _train_pair(args: argparse.Namespace, device: torch.device, progress: bool):
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train two models, align them with every method, evaluate the paths; return the results dict."""
     from .._common import state_of
-    from ..paths import barrier, evaluate_path
+    from ..paths import LinearPath, RepairedPath, barrier, evaluate_path
     from ..paths.curves import BezierCurve, fit_curve
     from ..trace.tracing import spec_from_model
 
@@ -210,8 +217,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         # which rows ran before it (a shared loader's shuffle generator advances with every pass)
         return demo_data(args)[0]
 
-    def evaluate_on_test(**kw):
-        return evaluate_path(model_a, loader=test, num_points=args.num_points, device=device, **kw)
+    def evaluate_on_test(path):
+        return evaluate_path(model_a, path, test, num_points=args.num_points, device=device)
 
     results: dict[str, Any] = {}
     paths = {}
@@ -227,13 +234,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         res = aligned[matcher]
         t_use = time.perf_counter()
         if kind == "linear":
-            path = evaluate_on_test(state_a=state_a, state_b=res.state_b)
+            path = evaluate_on_test(LinearPath(state_a, res.state_b))
         elif kind == "repair":
-            path = evaluate_on_test(state_a=state_a, state_b=res.state_b, repair=True, repair_loader=fresh_train())
+            path = evaluate_on_test(RepairedPath(model_a, state_a, res.state_b, fresh_train(), device=device))
         else:  # bezier: one trainable bend between A and the aligned B
             curve = BezierCurve(state_a, res.state_b, num_bends=3)
             fit_curve(model_a, curve, fresh_train(), epochs=args.curve_epochs, seed=args.seed, device=device, progress=progress)
-            path = evaluate_on_test(state_a=None, state_b=None, path=curve)
+            path = evaluate_on_test(curve)
         extra = time.perf_counter() - t_use if kind == "bezier" else 0.0
         paths[name] = path
         mid = len(path.loss) // 2
@@ -375,7 +382,7 @@ def run_landscape(args: argparse.Namespace) -> dict[str, Any]:
     }
     report["worst_accuracy"] = {}
     for name, path in paths.items():
-        res = evaluate_path(model_a, None, None, test, num_points=args.num_points, path=path, device=device)
+        res = evaluate_path(model_a, path, test, num_points=args.num_points, device=device)
         report["worst_accuracy"][name] = min(res.accuracy)
     _say("worst test accuracy along the path (endpoints "
          f"{100 * endpoints[0][1]:.2f}% / {100 * endpoints[1][1]:.2f}%): "

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .._errors import RebasinError
+from ..matching.registry import get_matcher
 from ..spec.core import PermutationSpec
 from ..spec.hf_folder import PretrainedFolder, check_new_folder, open_pretrained
 from ._cli_inputs import build_model, check_output_file, example_shape
@@ -37,7 +38,7 @@ def _open_all(paths: list[str], command: str) -> list[PretrainedFolder]:
 
 
 def _only_weight_matching(args: argparse.Namespace, command: str, data_options: tuple[str, ...]) -> None:
-    if args.method != "weight_matching":
+    if not get_matcher(args.method).reads_checkpoints:
         raise RebasinError(f"{command} on model folders uses weight_matching (read one tensor at a time), got --method "
                            f"{args.method}; for a data-driven method load the models with from_pretrained and call "
                            "rebasin.align / rebasin.merge")
@@ -68,7 +69,6 @@ def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[Pretra
 
 def align_folders(args: argparse.Namespace) -> None:
     """``rebasin align DIR_A DIR_B -o DIR``: B aligned to A, written as a model folder laid out like B."""
-    from ..matching.weight import weight_matching
     from ..spec.hf_folder import save_pretrained_permuted
 
     _only_weight_matching(args, "rebasin align", ("data",))
@@ -77,9 +77,9 @@ def align_folders(args: argparse.Namespace) -> None:
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     spec = _spec(args, folder_a, [folder_b], need_perms=True)
     start = time.perf_counter()
-    perms = weight_matching(spec, folder_a, folder_b, seed=args.seed, device=device_from_name(args.device))
+    perms = get_matcher(args.method)(spec, folder_a, folder_b, seed=args.seed, device=device_from_name(args.device)).perms
     save_pretrained_permuted(spec, perms, folder_b, output)
-    print(f"aligned {args.model_b} to {args.model_a} with weight_matching (one tensor at a time) in "
+    print(f"aligned {args.model_b} to {args.model_a} with {args.method} (one tensor at a time) in "
           f"{time.perf_counter() - start:.2f} s -> {output} (a model folder: from_pretrained loads it)", flush=True)
     if perms_file is not None:
         torch.save(perms, perms_file)

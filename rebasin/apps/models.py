@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import RebasinError
+from ..nets import MLP
 
 __all__ = ["MLP", "VGG", "VGG_CONFIGS", "ResNet20", "SmallCNN", "ChannelLayerNorm", "ViT"]
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 #: Standard VGG layer configurations (channel counts, ``"M"`` = 2x2 max-pool).
 VGG_CONFIGS: dict[str, list[int | str]] = {
@@ -37,65 +36,6 @@ def _scaled(c: int, width: float) -> int:
     if width <= 0:
         raise RebasinError(f"width must be positive, got {width}")
     return max(1, int(round(c * width)))
-
-
-class MLP(nn.Module):
-    """Multi-layer perceptron: ``[Linear -> norm -> activation -> dropout] * len(hidden) -> Linear``.
-
-    The input is flattened from axis 1 (so ``(N, 1, 28, 28)`` images work with ``in_features=784``).
-    Parameters live in ``self.layers`` (an ``nn.Sequential``).
-
-    Parameters
-    ----------
-    in_features, hidden, out_features
-        Input width, hidden widths, output width.
-    activation
-        ``"relu"``, ``"gelu"`` or ``"tanh"``.
-    norm
-        ``None``, ``"layernorm"`` or ``"batchnorm"`` after each hidden Linear.
-    dropout
-        Dropout probability after each activation (0 = no dropout layer).
-
-    Examples
-    --------
-    >>> model = MLP(784, [256], 10)
-    >>> model(torch.zeros(2, 1, 28, 28)).shape
-    torch.Size([2, 10])
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        hidden: Sequence[int],
-        out_features: int,
-        *,
-        activation: Literal["relu", "gelu", "tanh"] = "relu",
-        norm: Literal["layernorm", "batchnorm"] | None = None,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        _choice("activation", activation, list(_ACTIVATIONS))
-        _choice("norm", norm, [None, "layernorm", "batchnorm"])
-        if not 0.0 <= dropout < 1.0:
-            raise RebasinError(f"dropout must be in [0, 1), got {dropout}")
-        layers: list[nn.Module] = []
-        prev = int(in_features)
-        for h in hidden:
-            layers.append(nn.Linear(prev, int(h)))
-            if norm == "layernorm":
-                layers.append(nn.LayerNorm(int(h)))
-            elif norm == "batchnorm":
-                layers.append(nn.BatchNorm1d(int(h)))
-            layers.append(_ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            prev = int(h)
-        layers.append(nn.Linear(prev, int(out_features)))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, *) -> (N, out_features)``."""
-        return self.layers(torch.flatten(x, 1))
 
 
 class VGG(nn.Module):

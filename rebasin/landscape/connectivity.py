@@ -14,8 +14,8 @@ from .._deprecation import renamed_keywords
 from .._errors import RebasinError
 from ..paths.curves import CURVE_KINDS, CurveFit, fit_curve
 from ..paths.evaluation import evaluate_path
-from ..paths.linear import PathLike, PathResult, StatePath
-from ..paths.running import LossFn
+from ..paths.linear import LinearPath, PathLike, PathResult, StatePath
+from ..paths.running import BNResetPath, LossFn
 
 __all__ = ["ModeConnectivity", "mode_connectivity"]
 
@@ -175,8 +175,8 @@ def mode_connectivity(
         raise RebasinError("pass both state_a and state_b, or neither (with path=)")
     a = None if state_a is None else as_state(state_a, "state_a")
     b = None if state_b is None else as_state(state_b, "state_b")
-    options = {"num_points": num_points, "loss_fn": loss_fn, "bn_loader": bn_loader, "device": device,
-               "progress": progress, "sync": sync, "group": group}  # fmt: skip
+    options = {"num_points": num_points, "loss_fn": loss_fn, "device": device, "progress": progress, "sync": sync,
+               "group": group}  # fmt: skip
     trained: Any = None  # the path object evaluated; None for the straight line
     fit: CurveFit | None = None
     if path is not None:
@@ -202,11 +202,11 @@ def mode_connectivity(
             fit = fit_curve(model, trained, loader if fit_loader is None else fit_loader, epochs=epochs, lr=lr,
                             seed=seed, loss_fn=loss_fn, device=device, progress=progress, sync=sync,
                             group=group)  # fmt: skip
-    if trained is None:
-        result = evaluate_path(model, a, b, loader, **options)
-    else:
-        with torch.no_grad():
-            result = evaluate_path(model, None, None, loader, path=trained, **options)
+    measured: Any = LinearPath(a, b) if trained is None else trained  # type: ignore[arg-type]  # a, b set above
+    if bn_loader is not None:
+        measured = BNResetPath(measured, model, bn_loader, device=device, sync=sync, group=group)
+    with torch.no_grad():
+        result = evaluate_path(model, measured, loader, **options)
     if metric == "error":
         if result.accuracy is None:
             raise RebasinError("metric='error' needs a classification task (integer targets); use metric='loss'")

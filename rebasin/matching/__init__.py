@@ -8,18 +8,17 @@ neuron matching (Anokhin & Yarotsky), and Sinkhorn re-basin (Peña et al.) with 
 
 from __future__ import annotations
 
-# ruff: noqa: I001 - the import order is the order of registration: the order help texts, the demo's rows and
-# rebasin.matcher_names() list the built-in matchers (identity, weight, activation, STE, Sinkhorn, OT)
-from .registry import MatchResult, Matcher, get_matcher, matcher_names, register_matcher, unregister_matcher
-from .weight import WeightMatchingInfo, weight_matching
+# the built-in matchers are registered from one fixed list in .registry (BUILTINS), whatever the import order
 from .activation import ActivationMatchingInfo, activation_correlations, activation_matching
-from .ste import STEInfo, ste_matching
-from .sinkhorn_rebasin import SinkhornRebasin
-from .ot import ot_matching
 from .alignment import Alignment, align
 from .assignment import linear_assignment
 from .generalized import transform_matching
+from .ot import ot_matching
+from .registry import MatchResult, Matcher, get_matcher, matcher_names, register_matcher, unregister_matcher
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
+from .sinkhorn_rebasin import SinkhornRebasin, sinkhorn_matching
+from .ste import STEInfo, ste_matching
+from .weight import WeightMatchingInfo, weight_matching
 
 __all__ = [
     "register_matcher",
@@ -43,6 +42,7 @@ __all__ = [
     "SinkhornInfo",
     "SinkhornConvergenceWarning",
     "SinkhornRebasin",
+    "sinkhorn_matching",
     "linear_assignment",
     "transform_matching",
 ]

@@ -26,7 +26,6 @@ from .._errors import RebasinError
 from ..spec.core import PermutationSpec, join_structured
 from ..trace.tracing import trace_model
 from .assignment import linear_assignment, structured_assignment
-from .registry import MatchResult, register_matcher
 
 __all__ = [
     "activation_matching",
@@ -522,41 +521,3 @@ def _solve_units(spec: PermutationSpec, corrs: Mapping[str, Tensor]) -> dict[str
         if outer in corrs:
             out[outer] = torch.from_numpy(res.outer.astype("int64"))
     return out
-
-
-@register_matcher(
-    "activation_matching", needs_data=True, description="Ainsworth et al.: correlate the hidden units' activations"
-)
-def _activation_matcher(
-    spec: PermutationSpec,
-    state_a: Mapping[str, Tensor],
-    state_b: Mapping[str, Tensor],
-    *,
-    model_a: nn.Module | None = None,
-    model_b: nn.Module | None = None,
-    loader: Iterable[Any] | None = None,
-    seed: int = 0,
-    max_batches: int | None = None,
-    eps: float = 1e-8,
-    device: Any = None,
-    sync: bool = True,
-    group: Any = None,
-) -> MatchResult:
-    """Activation matching (deterministic); options as :func:`activation_matching`."""
-    if model_a is None:
-        raise RebasinError("activation_matching needs model_a (the architecture to run the states through)")
-    perms, info = activation_matching(
-        model_a,
-        model_b if model_b is not None else model_a,
-        loader,
-        spec=spec,
-        max_batches=max_batches,
-        eps=eps,
-        device=device,
-        return_info=True,
-        state_a=state_a,
-        state_b=state_b,
-        sync=sync,
-        group=group,
-    )
-    return MatchResult(perms, info)

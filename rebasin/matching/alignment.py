@@ -83,9 +83,11 @@ def align(
     seed
         Seeds every random choice of the matcher.
     device
-        Where the matcher computes (passed on when given; every built-in matcher accepts it).
+        Where the matcher computes (passed on when given to a matcher that declares ``device``, as every
+        built-in does).
     options
-        The matcher's own options; for ``"sinkhorn"`` :class:`SinkhornRebasin`'s constructor options plus
+        The matcher's own options and the other standard keywords (``sync``, ``group``, ``init``,
+        ``progress``: passed only to a matcher that declares them, see :mod:`rebasin.matching.registry`); for ``"sinkhorn"`` :class:`SinkhornRebasin`'s constructor options plus
         ``fit={...}`` for :meth:`SinkhornRebasin.fit`. Unknown options raise :class:`RebasinError`.
 
     Returns
@@ -98,8 +100,6 @@ def align(
     >>> model_b.load_state_dict(res.state_b)                     # doctest: +SKIP
     """
     matcher = get_matcher(method)
-    if device is not None:
-        options["device"] = device
     matcher.check_options(options)
     traced = spec is None
     if spec is None:
@@ -115,7 +115,8 @@ def align(
                       "(check spec.axes; spec_from_model names the modules it could not permute)",
                       RebasinWarning, stacklevel=2)
     start = time.perf_counter()
-    result = matcher(spec, state_a, state_b, model_a=model_a, model_b=model_b, loader=loader, seed=seed, **options)
+    result = matcher(spec, state_a, state_b, model_a=model_a, model_b=model_b, loader=loader, seed=seed, device=device,
+                     **options)
     elapsed = time.perf_counter() - start
     aligned = permute(spec, result.perms, state_b) if result.perms else dict(state_b)
     # permute() passes untouched tensors through; the result must not alias B's parameters

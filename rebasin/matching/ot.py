@@ -17,7 +17,6 @@ from torch import Tensor
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, block_index
 from .assignment import solve_cost
-from .registry import register_matcher
 
 __all__ = ["ot_matching"]
 
@@ -99,7 +98,12 @@ def _refuse_structure(spec: PermutationSpec) -> None:
 
 
 def ot_matching(
-    spec: PermutationSpec, state_a: State, state_b: State, *, use_outgoing: bool = False
+    spec: PermutationSpec,
+    state_a: State,
+    state_b: State,
+    *,
+    use_outgoing: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
     r"""Neuron matching by exact optimal transport between neuron weight distributions.
 
@@ -130,6 +134,9 @@ def ot_matching(
         Also append each neuron's outgoing weights (its slices along every non-zero axis
         carrying ``P``, e.g. the columns of the next layer). A permutation that never appears on
         axis 0 always uses them.
+    device
+        Where the distances are computed; default: where ``state_a``'s tensors are. The permutations
+        come back on the CPU either way.
 
     Returns
     -------
@@ -162,6 +169,9 @@ def ot_matching(
         raise RebasinError(f"use_outgoing must be a bool, got {use_outgoing!r}")
     _refuse_structure(spec)
     sizes = spec.validate_pair(state_a, state_b)
+    if device is not None:
+        state_a = {k: v.to(device) for k, v in state_a.items()}
+        state_b = {k: v.to(device) for k, v in state_b.items()}
     solved: dict[str, Tensor] = {}
     for p in _ot_order(spec):
         n = sizes[p]
@@ -178,23 +188,3 @@ def ot_matching(
         cost = fa.pow(2).sum(1, keepdim=True) + fb.pow(2).sum(1)[None, :] - 2.0 * fa @ fb.T
         solved[p] = torch.from_numpy(solve_cost(cost.clamp_min_(0.0).cpu().numpy(), name=p))
     return {p: solved[p] for p in spec.perms}
-
-
-@register_matcher("ot", description="Anokhin & Yarotsky: exact optimal transport between neuron weight distributions")
-def _ot_matcher(
-    spec: PermutationSpec,
-    state_a: State,
-    state_b: State,
-    *,
-    model_a: object = None,
-    model_b: object = None,
-    loader: object = None,
-    seed: int = 0,
-    use_outgoing: bool = False,
-    device: torch.device | str | None = None,
-) -> dict[str, Tensor]:
-    """OT neuron matching (data-free, deterministic); options as :func:`ot_matching` (computed on ``device``)."""
-    if device is not None:
-        state_a = {k: v.to(device) for k, v in state_a.items()}
-        state_b = {k: v.to(device) for k, v in state_b.items()}
-    return {p: v.cpu() for p, v in ot_matching(spec, state_a, state_b, use_outgoing=use_outgoing).items()}

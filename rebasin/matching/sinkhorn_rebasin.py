@@ -61,11 +61,10 @@ from ..spec.core import (
 )
 from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 from ..trace.tracing import spec_from_model
-from .registry import MatchResult, register_matcher
 from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
 from .weight import weight_matching
 
-__all__ = ["SinkhornRebasin", "COSTS"]
+__all__ = ["SinkhornRebasin", "sinkhorn_matching", "COSTS"]
 
 COSTS = ("l2", "midpoint", "random")
 _INITS = ("identity", "weight_matching", "random")
@@ -92,7 +91,8 @@ class SinkhornRebasin(nn.Module):
         Sinkhorn temperature, number of iterations and gradient mode (see :func:`rebasin.sinkhorn`).
     init
         Starting permutation of the logits: ``"identity"``, ``"weight_matching"`` (warm start from
-        :func:`rebasin.weight_matching`) or ``"random"`` (drawn from ``seed``). The logits start as
+        :func:`rebasin.weight_matching`), ``"random"`` (drawn from ``seed``) or the permutations
+        themselves, ``{perm: LongTensor}`` (missing names start at the identity). The logits start as
         ``init_scale`` times that permutation matrix (for a structured permutation: its outer and inner
         permutation matrices).
     init_scale
@@ -132,7 +132,7 @@ class SinkhornRebasin(nn.Module):
         tau: float = 1.0,
         n_iter: int = 20,
         grad: str = "implicit",
-        init: str = "identity",
+        init: str | Mapping[str, Tensor] = "identity",
         init_scale: float = 1.0,
         seed: int = 0,
         state_a: State | None = None,
@@ -141,7 +141,7 @@ class SinkhornRebasin(nn.Module):
         super().__init__()
         if not (isinstance(cost, str) and cost in COSTS) and not callable(cost):
             raise RebasinError(f"unknown cost {cost!r}; choose one of {COSTS} or pass a callable cost(module, batch)")
-        if init not in _INITS:
+        if not isinstance(init, Mapping) and init not in _INITS:
             raise RebasinError(f"unknown init {init!r}; choose one of {_INITS}")
         if grad not in SINKHORN_GRADS:
             raise RebasinError(f"unknown grad {grad!r}; choose one of {SINKHORN_GRADS}")
@@ -182,7 +182,10 @@ class SinkhornRebasin(nn.Module):
         self._quiet = False  # fit() checks convergence once at the end instead of every step
 
     # ------------------------------------------------------------------ set-up helpers
-    def _initial_perms(self, init: str, sizes: Mapping[str, int]) -> dict[str, Tensor]:
+    def _initial_perms(self, init: str | Mapping[str, Tensor], sizes: Mapping[str, int]) -> dict[str, Tensor]:
+        if isinstance(init, Mapping):
+            check_permutations(self.spec, init, sizes)
+            return {p: torch.as_tensor(init[p]).cpu() if p in init else torch.arange(n) for p, n in sizes.items()}
         if init == "identity":
             return {p: torch.arange(n) for p, n in sizes.items()}
         if init == "random":  # drawn inside the structure; for a spec without one, one randperm per perm in order
@@ -454,12 +457,7 @@ def _state_device(state: State) -> torch.device:
     return torch.device("cpu")
 
 
-@register_matcher(
-    "sinkhorn",
-    uses_data=True,
-    description="Pena et al.: learn soft permutations end to end (costs l2 / midpoint / random)",
-)
-def _sinkhorn_matcher(
+def sinkhorn_matching(
     spec: PermutationSpec,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
@@ -473,20 +471,51 @@ def _sinkhorn_matcher(
     tau: float = 1.0,
     n_iter: int = 20,
     grad: str = "implicit",
-    init: str = "identity",
+    init: str | Mapping[str, Tensor] = "identity",
     init_scale: float = 1.0,
     fit: Mapping[str, Any] | None = None,
     device: Any = None,
+    progress: bool | None = None,
     sync: bool = True,
     group: Any = None,
-) -> MatchResult:
-    """Sinkhorn re-basin: options as :class:`SinkhornRebasin`, ``fit={...}`` for :meth:`SinkhornRebasin.fit`.
+    return_info: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[float]]:
+    """Sinkhorn re-basin of the given states in one call: :class:`SinkhornRebasin` fitted, hard permutations out.
 
-    The states are aligned as given (the models are the architecture); the info is the cost history.
+    The states are aligned as given (the models are only the architecture, run through
+    ``torch.func.functional_call``; neither is copied or changed). This is the function registered as
+    ``"sinkhorn"``.
+
+    Parameters
+    ----------
+    spec, state_a, state_b
+        The permutation spec and the two full state_dicts.
+    model_a, model_b
+        The architecture (``model_b`` defaults to ``model_a``).
+    loader
+        Data for the task-loss costs (``"midpoint"``, ``"random"``); ``"l2"`` needs none.
+    seed, cost, loss_fn, tau, n_iter, grad, init, init_scale
+        As :class:`SinkhornRebasin` (``init`` may also be the starting permutations ``{perm: LongTensor}``).
+    fit
+        Options of :meth:`SinkhornRebasin.fit` (``epochs``, ``steps``, ``lr``, ...).
+    device, progress, sync, group
+        As :meth:`SinkhornRebasin.fit` (given in ``fit`` too, ``fit``'s value wins).
+    return_info
+        Also return the cost history (one float per step).
+
+    Returns
+    -------
+    dict[str, Tensor] or (dict[str, Tensor], list[float])
+        ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``.
+
+    Raises
+    ------
+    RebasinError
+        Without ``model_a``, for an unknown ``fit`` option, and for every error of :class:`SinkhornRebasin`.
     """
     if model_a is None:
         raise RebasinError("sinkhorn needs model_a (the architecture to run the states through)")
-    fit = {"sync": sync, "group": group, **(fit or {})}
+    fit = {"sync": sync, "group": group, "progress": progress, **(fit or {})}
     unknown = sorted(set(fit) - _FIT_OPTIONS)
     if unknown:
         raise RebasinError(
@@ -508,7 +537,8 @@ def _sinkhorn_matcher(
         state_b=state_b,
     )
     history = module.fit(loader, device=device, **fit)
-    return MatchResult(module.hard_permutations(), history)
+    perms = module.hard_permutations()
+    return (perms, history) if return_info else perms
 
 
 # what ``fit={...}`` may hold: SinkhornRebasin.fit's options (``loader`` and ``device`` come from the matcher's

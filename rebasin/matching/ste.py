@@ -52,7 +52,6 @@ from .._distributed import Reducer, fingerprint, guarded, lockstep, reducer, syn
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute_unchecked
 from ..trace.tracing import spec_from_model
-from .registry import MatchResult, register_matcher
 from .weight import weight_matching
 
 __all__ = ["ste_matching", "STEInfo"]
@@ -395,51 +394,3 @@ class _History:
             best_perms=self.best_or(final),
             changed=self.changed,
         )
-
-
-# ---------------------------------------------------------------------------------------- registry
-@register_matcher("ste", needs_data=True, description="Ainsworth et al.: straight-through estimator on the midpoint loss")
-def _ste_matcher(
-    spec: PermutationSpec,
-    state_a: Mapping[str, Tensor],
-    state_b: Mapping[str, Tensor],
-    *,
-    model_a: nn.Module | None = None,
-    model_b: nn.Module | None = None,
-    loader: Iterable[Any] | None = None,
-    seed: int = 0,
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    max_steps: int | None = None,
-    n_iter: int = 100,
-    device: Any = None,
-    progress: bool | None = None,
-    select: Literal["final", "best"] = "final",
-    sync: bool = True,
-    group: Any = None,
-) -> MatchResult:
-    """The straight-through estimator on the given states; options as :func:`ste_matching`."""
-    if model_a is None:
-        raise RebasinError("ste needs model_a (the architecture to run the states through)")
-    perms, info = ste_matching(
-        model_a,
-        model_b if model_b is not None else model_a,
-        loader,  # type: ignore[arg-type]  # the registry checked it is given (needs_data)
-        spec=spec,
-        loss_fn=loss_fn,
-        epochs=epochs,
-        lr=lr,
-        max_steps=max_steps,
-        n_iter=n_iter,
-        seed=seed,
-        device=device,
-        progress=progress,
-        select=select,
-        return_info=True,
-        state_a=state_a,
-        state_b=state_b,
-        sync=sync,
-        group=group,
-    )
-    return MatchResult(perms, info)

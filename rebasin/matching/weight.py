@@ -71,7 +71,6 @@ from ..spec.core import PermutationSpec, check_permutations
 from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
 from ._start import Access, check_start, choose_start
 from ._structured_terms import ComplexTerms, complex_keys
-from .registry import MatchResult, register_matcher
 from .weight_lazy import weight_matching_lazy
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
@@ -305,6 +304,14 @@ def _compute_device(spec: PermutationSpec, state_a: Mapping[str, Tensor]) -> tor
     return torch.device("cpu")
 
 
+# Test seams, patched by tests and benchmarks/wm_speed.py (never arguments of the public function):
+# _INCREMENTAL = False runs the textbook loop (every similarity from scratch, every visit solved);
+# _ON_SOLVE(name, cost) sees each float64 cost matrix (-S) just before it is solved (a reused buffer:
+# valid during the call only; plain permutations only, not structured units).
+_INCREMENTAL: bool = True
+_ON_SOLVE: Callable[[str, np.ndarray], None] | None = None
+
+
 @overload
 def weight_matching(
     spec: PermutationSpec,
@@ -317,8 +324,6 @@ def weight_matching(
     seed: int = ...,
     return_info: Literal[False] = ...,
     device: torch.device | str | None = ...,
-    _incremental: bool = ...,
-    _on_solve: Callable[[str, np.ndarray], None] | None = ...,
 ) -> dict[str, Tensor]: ...
 
 
@@ -334,8 +339,6 @@ def weight_matching(
     seed: int = ...,
     return_info: Literal[True],
     device: torch.device | str | None = ...,
-    _incremental: bool = ...,
-    _on_solve: Callable[[str, np.ndarray], None] | None = ...,
 ) -> tuple[dict[str, Tensor], WeightMatchingInfo]: ...
 
 
@@ -350,13 +353,7 @@ def weight_matching(
     seed: int = 0,
     return_info: bool = False,
     device: torch.device | str | None = None,
-    _incremental: bool = True,
-    _on_solve: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], WeightMatchingInfo]:
-    # _incremental=False runs the textbook loop (every similarity from scratch, every visit solved);
-    # _on_solve(name, cost) sees each float64 cost matrix (-S) just before it is solved (a reused
-    # buffer: valid during the call only; plain permutations only, not structured units).
-    # Both exist for tests and benchmarks/wm_speed.py.
     """Permutations of model B's hidden units that best match its weights to model A's.
 
     Maximises :math:`\\sum_k \\langle A_k, \\pi(B_k) \\rangle` over the permutations :math:`\\pi`
@@ -472,11 +469,11 @@ def weight_matching(
         access = Access(state_a, floating, read, lambda k: [None], dev)
         perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, state_a)
-        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _incremental, cx_keys)
+        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _INCREMENTAL, cx_keys)
         cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
         initial = engine.initial_objective + cx.initial_objective
         run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed,
-                                 on_solve=_on_solve)
+                                 on_solve=_ON_SOLVE)
 
     out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     if not return_info:
@@ -490,24 +487,3 @@ def weight_matching(
         **run,
     )
     return out, info
-
-
-@register_matcher("weight_matching", description="Ainsworth et al.: maximise the summed inner products of the weights")
-def _weight_matcher(
-    spec: PermutationSpec,
-    state_a: Mapping[str, Tensor],
-    state_b: Mapping[str, Tensor],
-    *,
-    model_a: object = None,
-    model_b: object = None,
-    loader: object = None,
-    seed: int = 0,
-    n_iter: int = 100,
-    init: Mapping[str, Tensor] | None = None,
-    start: str = "auto",
-    device: torch.device | str | None = None,
-) -> MatchResult:
-    """Weight matching (data-free); options as :func:`weight_matching`."""
-    perms, info = weight_matching(spec, state_a, state_b, n_iter=n_iter, init=init, start=start, seed=seed,
-                                  device=device, return_info=True)
-    return MatchResult(perms, info)

@@ -14,11 +14,11 @@ from .connections import FlowConnection, FlowPath, fit_bijection_connection, fit
 from .curves import CURVE_KINDS, BezierCurve, CurveFit, PolyChainCurve, fit_curve
 from .evaluation import evaluate_path
 from .flows import FLOW_KINDS, NeuronFlow
-from .linear import BARRIER_KINDS, BARRIER_METRICS, PathResult, StatePath, barrier, combine, interpolate
+from .linear import BARRIER_KINDS, BARRIER_METRICS, LinearPath, PathResult, StatePath, barrier, combine, interpolate
 from .pam import PAMResult, ProximalStep, proximal_alternating_minimization
 from .plot import plot_paths
-from .repairing import ChannelStats, RepairedPath, channel_stats, repair, repair_states, repaired_path, reset_bn_stats_
-from .running import reset_bn_stats
+from .repairing import ChannelStats, RepairedPath, channel_stats, repair, repair_states, repaired_path
+from .running import BNResetPath, reset_bn_stats, reset_bn_stats_
 from .weight_adjusted import WA_PATHS, WeightAdjustedPath, weight_adjusted_path
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "combine",
     "PathResult",
     "StatePath",
+    "LinearPath",
+    "BNResetPath",
     "barrier",
     "BARRIER_KINDS",
     "BARRIER_METRICS",

@@ -177,11 +177,11 @@ def arc_interpolate(state_a: State, state_b: State, t: float, *, spec: Permutati
 
 
 class ArcPath:
-    """The arc between ``state_a`` and ``state_b`` as a path object for ``evaluate_path(path=...)``.
+    """The arc between ``state_a`` and ``state_b`` as a path object for ``evaluate_path(model, path, loader)``.
 
     Examples
     --------
-    >>> res = evaluate_path(model, None, None, test, path=ArcPath(sa, sb, spec=spec), bn_loader=train)  # doctest: +SKIP
+    >>> res = evaluate_path(model, BNResetPath(ArcPath(sa, sb, spec=spec), model, train), test)  # doctest: +SKIP
     """
 
     __name__ = "arc"

@@ -555,7 +555,7 @@ def fit_flow_connection(
     >>> deep.layerwise, [f.dim for f in deep.flows]
     (True, [5, 9])
     >>> mid = deep.path(deep_zoo[0], deep_zoo[1], torch.randn(32, 4)).state_dict_at(0.5)
-    >>> res = evaluate_path(model, None, None, test_loader, path=path)  # doctest: +SKIP
+    >>> res = evaluate_path(model, path, test_loader)  # doctest: +SKIP
     """
     layout = _layout(model)
     zoo = _check_zoo(model, states)

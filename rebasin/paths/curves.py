@@ -390,7 +390,7 @@ def fit_curve(
     --------
     >>> curve = BezierCurve(model_a, aligned_b, num_bends=3)                    # doctest: +SKIP
     >>> fit = fit_curve(model_a, curve, train_loader, epochs=5, lr=1e-3)        # doctest: +SKIP
-    >>> res = evaluate_path(model_a, None, None, test_loader, path=curve, bn_loader=train_loader)  # doctest: +SKIP
+    >>> res = evaluate_path(model_a, BNResetPath(curve, model_a, train_loader), test_loader)  # doctest: +SKIP
     """
     if not isinstance(path, _Curve):
         raise RebasinError(f"path must be a BezierCurve or PolyChainCurve (a curve with bends), got {type(path).__name__}")

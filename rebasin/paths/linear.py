@@ -18,6 +18,7 @@ from torch import Tensor
 from .._common import (
     State,
     check_float,
+    check_pair,
     check_same_layout,
 )
 from .._errors import RebasinError
@@ -30,6 +31,7 @@ __all__ = [
     "BARRIER_KINDS",
     "BARRIER_METRICS",
     "StatePath",
+    "LinearPath",
 ]
 
 BARRIER_KINDS = ("max_minus_mean", "detrended", "midpoint")
@@ -48,6 +50,45 @@ PathLike = Union[StatePath, Callable[[float], Mapping[str, Tensor]]]
 
 # ----------------------------------------------------------------------------------------------
 # interpolation
+
+
+class LinearPath:
+    """The straight line from ``state_a`` to ``state_b`` as a path object (for :func:`rebasin.evaluate_path`).
+
+    ``state_dict_at(t)`` (and calling it) is ``interpolate(state_a, state_b, t)``.
+
+    Parameters
+    ----------
+    state_a, state_b
+        Full state_dicts of one architecture (same keys, shapes and dtypes; finite). Not mutated.
+
+    Examples
+    --------
+    >>> import torch
+    >>> path = LinearPath({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    >>> path.state_dict_at(0.25)["w"]
+    tensor([0.2500, 0.2500])
+    """
+
+    __name__ = "linear"
+
+    def __init__(self, state_a: State, state_b: State) -> None:
+        check_pair(state_a, state_b)  # same layout and dtypes, finite: NaN in B would poison even t = 0
+        self.state_a, self.state_b = dict(state_a), dict(state_b)
+
+    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+        """The state at ``t`` (0 is A, 1 is B; any finite ``t``)."""
+        return interpolate(self.state_a, self.state_b, t)
+
+    __call__ = state_dict_at
+
+    def to(self, device: torch.device | str) -> LinearPath:
+        """The same line with both endpoints on ``device`` (a new object)."""
+        path = LinearPath.__new__(LinearPath)
+        path.state_a = {k: v.to(device) for k, v in self.state_a.items()}
+        path.state_b = {k: v.to(device) for k, v in self.state_b.items()}
+        return path
+
 
 
 def interpolate(state_a: State, state_b: State, t: float) -> dict[str, Tensor]:

@@ -332,7 +332,7 @@ def proximal_alternating_minimization(
     Examples
     --------
     >>> res = proximal_alternating_minimization(model, sa, sb, train_loader, example_input=x[:2])  # doctest: +SKIP
-    >>> evaluate_path(model, None, None, test_loader, path=res.curve).barrier()                  # doctest: +SKIP
+    >>> evaluate_path(model, res.curve, test_loader).barrier()                  # doctest: +SKIP
     """
     start_time = time.perf_counter()
     red = reducer(sync, group)

@@ -13,8 +13,9 @@ The work is split along its ideas:
   layer-rule registry, so a user's registered linear-like layer is REPAIRed too) and one loop that
   measures their output statistics;
 * :mod:`rebasin.paths._repair_math` — target and closed-form statistics, the correction, the fold;
-* this module — :func:`repair`, :func:`repair_states`, :class:`RepairedPath` / :func:`repaired_path`,
-  :func:`channel_stats` and :func:`reset_bn_stats_`, all driven by one ``_Repairer``.
+* this module — :func:`repair` (the one REPAIR function, ``N`` states with weights), the path object
+  :class:`RepairedPath` and :func:`channel_stats`, all driven by one ``_Repairer``. Resetting BatchNorm
+  statistics lives in :mod:`rebasin.paths.running` alone.
 
 Everything generalises from two endpoints at ``t`` to ``N`` endpoints with convex weights ``w_i``,
 which :func:`rebasin.merge` uses.
@@ -37,9 +38,9 @@ from .._common import (
     check_state_for_model,
     module_with_state,
     resolve_device,
-    state_of,
 )
 from .._distributed import fingerprint, guarded, reducer
+from .._deprecation import deprecated_alias, deprecated_form
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ._repair_math import correction, fold, predicted_stats, target_stats
@@ -48,81 +49,15 @@ from .linear import combine
 from .running import reset_bn_stats
 
 __all__ = [
-    "reset_bn_stats_",
     "repair",
-    "repair_states",
     "RepairedPath",
+    "repair_states",
     "repaired_path",
     "channel_stats",
     "ChannelStats",
 ]
 
 State = Mapping[str, Tensor]
-
-
-# ----------------------------------------------------------------------------------------------
-# BatchNorm
-
-
-def reset_bn_stats_(
-    model: nn.Module,
-    loader: Iterable[Any],
-    *,
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    sync: bool = True,
-    group: Any = None,
-) -> nn.Module:
-    """Recompute ``model``'s BatchNorm running statistics over ``loader``, in place.
-
-    The statistics are PyTorch's exact cumulative average (as with ``momentum=None``): the mean
-    over batches of each batch's mean and unbiased variance of every BatchNorm input, computed in
-    float64 with only the BatchNorm layers in training mode (dropout stays off), see
-    :func:`rebasin.reset_bn_stats`. With one batch holding all the data (or equal batch
-    means, for the mean) these are the exact full-data statistics. ``momentum`` and the
-    ``training`` flags are left as they were.
-
-    Parameters
-    ----------
-    model
-        Mutated: only its BatchNorm ``running_mean``, ``running_var`` and
-        ``num_batches_tracked`` buffers change (in place, keeping their dtype and device).
-    loader
-        Yields ``(inputs, targets)`` or bare inputs; targets are ignored.
-    max_batches
-        Use at most this many batches (all when None).
-    device
-        Where to run the forward passes; defaults to the model's device.
-    sync, group
-        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
-        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
-        result on the union of the shards. ``sync=False``: this process's data only.
-
-    Returns
-    -------
-    nn.Module
-        ``model`` itself.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    >>> x = torch.randn(64, 3)
-    >>> _ = reset_bn_stats_(model, [x])
-    >>> torch.allclose(model[1].running_mean, model[0](x).mean(0).detach(), atol=1e-6)
-    True
-    """
-    if loader is None:
-        raise RebasinError("reset_bn_stats_ needs data: pass a loader of (inputs, targets) batches")
-    new = reset_bn_stats(model, state_of(model), loader, max_batches=max_batches, device=device,
-                    sync=sync, group=group)
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for key, value in new.items():
-            if key in buffers and value.data_ptr() != buffers[key].data_ptr():
-                buffers[key].copy_(value)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +153,7 @@ def _weights(weights: Sequence[float], n: int) -> list[float]:
 
 
 class _Repairer:
-    """Shared machinery of :func:`repair_states`, :class:`RepairedPath` and :func:`rebasin.merge`."""
+    """Shared machinery of :func:`repair` and :class:`RepairedPath`."""
 
     def __init__(
         self,
@@ -305,140 +240,14 @@ class _Repairer:
 # public API
 
 
-def repair_states(
-    model: nn.Module,
-    states: Sequence[State],
-    weights: Sequence[float],
-    loader: Iterable[Any],
-    *,
-    spec: PermutationSpec | None = None,
-    closed_form: bool = False,
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    sync: bool = True,
-    group: Any = None,
-) -> dict[str, Tensor]:
-    r"""The weighted combination :math:`\sum_i w_i \theta_i` of aligned states, REPAIRed.
-
-    The correction of :func:`repair` (where the formulas are stated) with the two weights
-    ``(1 - t, t)`` replaced by any ``w_i``: every permuted channel gets the weighted endpoint
-    statistics. :func:`rebasin.merge` uses uniform weights.
-
-    Parameters
-    ----------
-    model
-        The architecture. Unchanged.
-    states
-        ``N >= 1`` full state_dicts of ``model``, already aligned to one another. Not mutated.
-    weights
-        ``N`` finite weights (usually convex: non-negative, summing to one).
-    loader
-        Data for the statistics: ``(inputs, targets)`` batches (targets ignored). Use a loader
-        that yields the same batches each pass (no shuffling) for exact endpoint behaviour.
-    spec
-        The permutation spec (traced from the loader's first batch when omitted); it says which
-        layers produce permuted channels.
-    closed_form
-        Predict the combined net's channel statistics from the endpoints' statistics and
-        cross-correlations instead of measuring them on the combined net (one pass over the
-        endpoints only; BatchNorm statistics are still reset with a pass over the combined net).
-    max_batches
-        Use at most this many batches per pass.
-    device
-        Where to run; defaults to the model's device.
-    sync, group
-        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
-        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
-        result on the union of the shards. ``sync=False``: this process's data only.
-
-    Returns
-    -------
-    dict
-        A new state_dict on the devices of ``states[0]``.
-
-    Examples
-    --------
-    >>> merged = repair_states(model, [sa, sb, sc], [1 / 3] * 3, loader, spec=spec)  # doctest: +SKIP
-    """
-    rep = _Repairer(model, states, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
-                    sync=sync, group=group)
-    return rep.state_at(weights)
+def _two_state_form(model: Any = None, *args: Any, **kwargs: Any) -> bool:
+    """The 0.2 form ``repair(model, state_a, state_b, t, loader)``: a state_dict where the states go."""
+    if len(args) >= 4 or "state_a" in kwargs or "t" in kwargs:  # state_a, state_b, t, loader
+        return True
+    return bool(args) and isinstance(args[0], (Mapping, nn.Module))
 
 
-class RepairedPath:
-    """The linear path from ``state_a`` to ``state_b`` with REPAIR applied at every point.
-
-    Endpoint statistics are measured once (on first use) and reused for every ``t``, so evaluating
-    a whole path costs one pass over the endpoints plus, per ``t``, the passes of the correction.
-    Plugs into :func:`rebasin.evaluate_path` as ``path=`` (it has :meth:`state_dict_at`, and
-    calling it is the same).
-
-    Parameters
-    ----------
-    model, state_a, state_b, loader, spec, closed_form, max_batches, device
-        As for :func:`repair`.
-
-    Examples
-    --------
-    >>> path = RepairedPath(model, sa, sb_aligned, train_loader, spec=spec)  # doctest: +SKIP
-    >>> result = evaluate_path(model, None, None, test_loader, path=path)    # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        state_a: State,
-        state_b: State,
-        loader: Iterable[Any],
-        *,
-        spec: PermutationSpec | None = None,
-        closed_form: bool = False,
-        max_batches: int | None = None,
-        device: torch.device | str | None = None,
-        sync: bool = True,
-        group: Any = None,
-    ) -> None:
-        check_same_layout(state_a, state_b)
-        self._rep = _Repairer(
-            model, [state_a, state_b], loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
-            sync=sync, group=group,
-        )
-        self.__name__ = "repair" + ("_closed_form" if closed_form else "")
-
-    def state_dict_at(self, t: float) -> dict[str, Tensor]:
-        """The REPAIRed state_dict at ``t`` (a new dict of new tensors for the corrected entries)."""
-        t = check_float(t, "t")
-        return self._rep.state_at([1.0 - t, t])
-
-    __call__ = state_dict_at
-
-
-def repaired_path(
-    model: nn.Module,
-    state_a: State,
-    state_b: State,
-    loader: Iterable[Any],
-    *,
-    spec: PermutationSpec | None = None,
-    closed_form: bool = False,
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    sync: bool = True,
-    group: Any = None,
-) -> RepairedPath:
-    """A :class:`RepairedPath` for ``evaluate_path(..., path=repaired_path(...))``.
-
-    Examples
-    --------
-    >>> res = evaluate_path(model, None, None, test, path=repaired_path(model, sa, sb, train))  # doctest: +SKIP
-    """
-    return RepairedPath(
-        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
-        sync=sync, group=group,
-    )
-
-
-def repair(
+def _repair_at(
     model: nn.Module,
     state_a: State,
     state_b: State,
@@ -452,17 +261,53 @@ def repair(
     sync: bool = True,
     group: Any = None,
 ) -> nn.Module:
-    r"""The interpolated network at ``t`` with its channel statistics REPAIRed.
+    """The 0.2 ``repair(model, state_a, state_b, t, loader)``: the REPAIRed network at ``t``, as a module."""
+    t = check_float(t, "t")
+    if loader is None:
+        raise RebasinError(
+            "repair needs data to measure channel statistics: pass a loader of (inputs, targets) batches"
+        )
+    path = RepairedPath(
+        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+        sync=sync, group=group,
+    )
+    state = path.state_dict_at(t)
+    return module_with_state(model, state, None if device is None else torch.device(device))
 
-    Builds :math:`\theta(t) = (1 - t)\theta_A + t\theta_B` and corrects it so that every permuted
-    channel has the interpolated endpoint statistics (measured on the same data)
+
+@deprecated_form(
+    _repair_at,
+    when=_two_state_form,
+    use="repair(model, [state_a, state_b], [1 - t, t], loader) for the state_dict, or "
+    "RepairedPath(model, state_a, state_b, loader) for the whole path",
+)
+def repair(
+    model: nn.Module,
+    states: Sequence[State],
+    weights: Sequence[float],
+    loader: Iterable[Any],
+    *,
+    spec: PermutationSpec | None = None,
+    closed_form: bool = False,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
+) -> dict[str, Tensor]:
+    r"""REPAIR: the weighted combination :math:`\sum_i w_i \theta_i` of aligned states, its channel statistics fixed.
+
+    The one REPAIR function; :class:`RepairedPath` is the same along a whole linear path (endpoint
+    statistics measured once), and :func:`rebasin.merge` calls this with uniform weights.
+
+    Builds :math:`\theta = \sum_i w_i \theta_i` and corrects it so that every permuted channel has
+    the combined endpoint statistics (measured on the same data); for two endpoints at ``t``, with the
+    weights ``(1 - t, t)``,
 
     .. math::
 
         \mu_t = (1 - t)\,\mu_A + t\,\mu_B, \qquad \sigma_t = (1 - t)\,\sigma_A + t\,\sigma_B
 
-    (for ``N`` endpoints with weights :math:`w_i`, as in :func:`repair_states`:
-    :math:`\mu = \sum_i w_i \mu_i`, :math:`\sigma = \sum_i w_i \sigma_i`):
+    (for ``N`` endpoints :math:`\mu = \sum_i w_i \mu_i`, :math:`\sigma = \sum_i w_i \sigma_i`):
 
     * channels feeding a BatchNorm: the running statistics are recomputed over ``loader``
       (:func:`rebasin.reset_bn_stats`; at ``t = 0`` this gives A with statistics measured on
@@ -494,22 +339,26 @@ def repair(
     Parameters
     ----------
     model
-        The architecture (any of the two endpoints, or a fresh instance). Unchanged.
-    state_a, state_b
-        Full state_dicts of the endpoints, B already aligned to A (e.g. ``align(...).state_b``).
-        Not mutated.
-    t
-        Position on the path (finite; 0 is A, 1 is B).
+        The architecture (any of the endpoints, or a fresh instance). Unchanged.
+    states
+        ``N >= 1`` full state_dicts of ``model``, already aligned to one another (e.g. ``[state_a,
+        align(...).state_b]``). Not mutated.
+    weights
+        ``N`` finite weights (usually convex: non-negative, summing to one); ``[1 - t, t]`` is the point
+        ``t`` of the line from ``states[0]`` to ``states[1]``.
     loader
-        Data for the statistics, ``(inputs, targets)`` batches. Required.
+        Data for the statistics: ``(inputs, targets)`` batches (targets ignored). Use a loader
+        that yields the same batches each pass (no shuffling) for exact endpoint behaviour.
     spec
-        The permutation spec; traced from the loader's first batch when omitted.
+        The permutation spec (traced from the loader's first batch when omitted); it says which
+        layers produce permuted channels.
     closed_form
-        See above.
+        Predict the combined net's channel statistics from the endpoints (see above) instead of
+        measuring them on the combined net (BatchNorm statistics are still reset with a pass over it).
     max_batches
         Use at most this many batches per pass (all when None).
     device
-        Where to run; defaults to the model's device. The returned module is moved there.
+        Where to run; defaults to the model's device.
     sync, group
         Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
         statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
@@ -517,14 +366,20 @@ def repair(
 
     Returns
     -------
-    nn.Module
-        A new module (a deep copy of ``model``) holding the repaired state; parameters keep
-        ``model``'s ``requires_grad`` flags, so it can be fine-tuned as usual.
+    dict
+        A new state_dict on the devices of ``states[0]`` (load it with ``model.load_state_dict`` or
+        :func:`rebasin.module_with_state`).
 
     Raises
     ------
     RebasinError
-        Without a loader, for states that do not fit the model, or a non-finite ``t``.
+        Without a loader, for states that do not fit the model or one another, or bad weights.
+
+    Notes
+    -----
+    The 0.2 spellings keep working for one release with a :class:`DeprecationWarning`:
+    ``repair(model, state_a, state_b, t, loader)`` (returned a module), ``repair_states(...)`` (this
+    function) and ``repaired_path(...)`` (:class:`RepairedPath`).
 
     Examples
     --------
@@ -536,19 +391,64 @@ def repair(
     >>> spec = PermutationSpec({"0.weight": ("P", None), "0.bias": ("P",),
     ...                         "2.weight": (None, "P"), "2.bias": (None,)})
     >>> data = [(torch.randn(32, 3), torch.zeros(32, dtype=torch.long))]
-    >>> mid = repair(model, model.state_dict(), other.state_dict(), 0.5, data, spec=spec)
-    >>> isinstance(mid, nn.Sequential)
+    >>> mid = repair(model, [model.state_dict(), other.state_dict()], [0.5, 0.5], data, spec=spec)
+    >>> sorted(mid) == sorted(model.state_dict())
     True
     """
-    t = check_float(t, "t")
-    if loader is None:
-        raise RebasinError(
-            "repair needs data to measure channel statistics: pass a loader of (inputs, targets) batches"
-        )
-    path = RepairedPath(
-        model, state_a, state_b, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
-        sync=sync, group=group,
-    )
-    state = path.state_dict_at(t)
-    return module_with_state(model, state, None if device is None else torch.device(device))
+    rep = _Repairer(model, states, loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+                    sync=sync, group=group)
+    return rep.state_at(weights)
 
+
+class RepairedPath:
+    """The linear path from ``state_a`` to ``state_b`` with REPAIR applied at every point.
+
+    Endpoint statistics are measured once (on first use) and reused for every ``t``, so evaluating
+    a whole path costs one pass over the endpoints plus, per ``t``, the passes of the correction.
+    Plugs into :func:`rebasin.evaluate_path` as ``path=`` (it has :meth:`state_dict_at`, and
+    calling it is the same).
+
+    Parameters
+    ----------
+    model, state_a, state_b, loader, spec, closed_form, max_batches, device, sync, group
+        As for :func:`repair` (with the two states ``[state_a, state_b]``).
+
+    Examples
+    --------
+    >>> path = RepairedPath(model, sa, sb_aligned, train_loader, spec=spec)  # doctest: +SKIP
+    >>> result = evaluate_path(model, path, test_loader)                      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state_a: State,
+        state_b: State,
+        loader: Iterable[Any],
+        *,
+        spec: PermutationSpec | None = None,
+        closed_form: bool = False,
+        max_batches: int | None = None,
+        device: torch.device | str | None = None,
+        sync: bool = True,
+        group: Any = None,
+    ) -> None:
+        check_same_layout(state_a, state_b)
+        self._rep = _Repairer(
+            model, [state_a, state_b], loader, spec=spec, closed_form=closed_form, max_batches=max_batches, device=device,
+            sync=sync, group=group,
+        )
+        self.__name__ = "repair" + ("_closed_form" if closed_form else "")
+        self.max_batches = max_batches
+
+    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+        """The REPAIRed state_dict at ``t`` (a new dict of new tensors for the corrected entries)."""
+        t = check_float(t, "t")
+        return self._rep.state_at([1.0 - t, t])
+
+    __call__ = state_dict_at
+
+
+#: 0.2 spellings, kept one release with a DeprecationWarning.
+repair_states = deprecated_alias(repair, "repair_states", "repair(model, states, weights, loader) (the same arguments)")
+repaired_path = deprecated_alias(RepairedPath, "repaired_path", "RepairedPath(...) (the same arguments)")

@@ -19,17 +19,21 @@ from .._common import (
     check_int,
     check_state_for_model,
     cross_entropy_of,
+    evaluating,
     find_logits,
     forward_with_state,
     only_training,
     resolve_device,
     split_batch,
+    state_of,
     to_device,
 )
 from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 
-__all__ = ["evaluate_state", "reset_bn_stats", "LossFn"]
+# evaluating (every submodule in eval mode for a block, each flag restored) is defined with the other
+# train/eval-mode helpers in rebasin._common (the tracer uses it too) and made public here
+__all__ = ["evaluate_state", "reset_bn_stats", "reset_bn_stats_", "BNResetPath", "LossFn", "evaluating"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -251,3 +255,126 @@ def reset_bn_stats(
         if count_key in state:
             out[count_key] = torch.full_like(state[count_key], k)
     return out
+
+
+def reset_bn_stats_(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    sync: bool = True,
+    group: Any = None,
+) -> nn.Module:
+    """Recompute ``model``'s BatchNorm running statistics over ``loader``, in place.
+
+    The statistics are PyTorch's exact cumulative average (as with ``momentum=None``): the mean
+    over batches of each batch's mean and unbiased variance of every BatchNorm input, computed in
+    float64 with only the BatchNorm layers in training mode (dropout stays off), see
+    :func:`rebasin.reset_bn_stats`. With one batch holding all the data (or equal batch
+    means, for the mean) these are the exact full-data statistics. ``momentum`` and the
+    ``training`` flags are left as they were.
+
+    Parameters
+    ----------
+    model
+        Mutated: only its BatchNorm ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` buffers change (in place, keeping their dtype and device).
+    loader
+        Yields ``(inputs, targets)`` or bare inputs; targets are ignored.
+    max_batches
+        Use at most this many batches (all when None).
+    device
+        Where to run the forward passes; defaults to the model's device.
+    sync, group
+        Under ``torch.distributed`` (an initialised process group and ``sync=True``, the default) the
+        statistics are summed over the ranks of ``group`` (None: the default group): every rank gets the
+        result on the union of the shards. ``sync=False``: this process's data only.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> x = torch.randn(64, 3)
+    >>> _ = reset_bn_stats_(model, [x])
+    >>> torch.allclose(model[1].running_mean, model[0](x).mean(0).detach(), atol=1e-6)
+    True
+    """
+    if loader is None:
+        raise RebasinError("reset_bn_stats_ needs data: pass a loader of (inputs, targets) batches")
+    new = reset_bn_stats(model, state_of(model), loader, max_batches=max_batches, device=device, sync=sync,
+                         group=group)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in new.items():
+            if key in buffers and value.data_ptr() != buffers[key].data_ptr():
+                buffers[key].copy_(value)
+    return model
+
+
+class BNResetPath:
+    """Any path with every BatchNorm's running statistics recomputed at each ``t`` (:func:`reset_bn_stats`).
+
+    Wrap the line, a curve or any path object before :func:`rebasin.evaluate_path`: the points of an
+    interpolated network with BatchNorm are only meaningful with statistics of their own.
+
+    Parameters
+    ----------
+    path
+        A callable ``t -> state_dict`` or an object with ``state_dict_at(t)`` (e.g.
+        :class:`rebasin.LinearPath`, a curve).
+    model
+        The architecture. Unchanged.
+    loader
+        The statistics data: ``(inputs, targets)`` or bare inputs; targets are ignored.
+    max_batches, device, sync, group
+        As for :func:`reset_bn_stats`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from rebasin import LinearPath
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> path = BNResetPath(LinearPath(model.state_dict(), model.state_dict()), model, [torch.randn(16, 3)])
+    >>> int(path.state_dict_at(0.5)["1.num_batches_tracked"])
+    1
+    """
+
+    def __init__(
+        self,
+        path: Any,
+        model: nn.Module,
+        loader: Iterable[Any],
+        *,
+        max_batches: int | None = None,
+        device: torch.device | str | None = None,
+        sync: bool = True,
+        group: Any = None,
+    ) -> None:
+        at = getattr(path, "state_dict_at", path)
+        if not callable(at):
+            raise RebasinError(
+                f"path must be a callable t -> state_dict or have a state_dict_at(t) method; got {type(path).__name__}"
+            )
+        if loader is None:
+            raise RebasinError("BNResetPath needs data: pass a loader of (inputs, targets) batches")
+        if max_batches is not None:
+            check_int(max_batches, "max_batches")
+        self.path, self.model, self.loader = path, model, loader
+        self.max_batches, self.device, self.sync, self.group = max_batches, device, sync, group
+        self._at = at
+        self.__name__ = getattr(path, "__name__", type(path).__name__)
+
+    def state_dict_at(self, t: float) -> dict[str, Tensor]:
+        """The path's state at ``t`` with recomputed BatchNorm statistics."""
+        return reset_bn_stats(self.model, self._at(t), self.loader, max_batches=self.max_batches, device=self.device,
+                              sync=self.sync, group=self.group)
+
+    __call__ = state_dict_at

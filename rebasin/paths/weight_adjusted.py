@@ -491,6 +491,6 @@ def weight_adjusted_path(
     >>> wa = weight_adjusted_path(model, sa, sb, torch.randn(32, 4))
     >>> torch.equal(wa.state_dict_at(0.0)["layers.0.weight"], sa["layers.0.weight"])
     True
-    >>> res = evaluate_path(model, None, None, loader, path=wa)  # doctest: +SKIP
+    >>> res = evaluate_path(model, wa, loader)  # doctest: +SKIP
     """
     return WeightAdjustedPath(model, state_a, state_b, batch, base=base, spec=spec, ridge=ridge, device=device)

@@ -26,8 +26,8 @@ name                      strategy
 ``si``                    Synaptic Intelligence (``si_lambda=1``): ``Naive`` + :class:`continual.si.SIPlugin`
                           (Avalanche's plugin with copied snapshots; Avalanche's own trains Naive on CPU)
 ``clewi``                 :class:`CLeWI` (Kozal et al. 2024; ``mem_size`` buffer, alpha 0.5, REPAIR)
-``replay_eq_<name>``      ``Replay`` whose buffer is ``mem_size`` plus what ``<name>`` stores besides its
-                          buffer (``continual.compare`` adds it with the right ``mem_size``)
+``replay_eq_<name>``      ``Replay`` whose buffer holds as many samples as ``<name>`` stores in all (buffer
+                          and any other samples; ``continual.compare`` adds it with the right ``mem_size``)
 ``rebasin_il``            :class:`RebasinIL` (``replay_mem_size=mem_size``): ``ReplayPlugin`` +
                           :class:`RebasinILPlugin`
 ``mcsgd``                 :class:`MCSGD` (Mirzadeh et al. 2021) with the same optimizer for the

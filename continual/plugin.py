@@ -253,6 +253,15 @@ class RebasinMergePlugin(SupervisedPlugin):
     def _needs_data(self) -> bool:
         return self.alpha is None or get_matcher(self.matcher).uses_data
 
+    def __getattr__(self, name: str) -> Any:
+        """The 0.2 attributes (``plugin.select_alpha_on``, ...) read the policy's field, with a DeprecationWarning."""
+        if name in DEPRECATED_OPTIONS and "policy" in self.__dict__:
+            field_name = DEPRECATED_OPTIONS[name]
+            warnings.warn(f"RebasinMergePlugin.{name} is deprecated and will be removed in the next release; use "
+                          f"RebasinMergePlugin.policy.{field_name}", DeprecationWarning, stacklevel=2)
+            return getattr(self.__dict__["policy"], field_name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _rng_seed(self, salt: int) -> int:
         return self.seed * 1_000_003 + self._n_seen * 101 + salt
 
@@ -522,21 +531,31 @@ class RebasinMergePlugin(SupervisedPlugin):
         order = torch.randperm(x_new.shape[0], generator=g)
         was_training, steps = model.training, 0
         model.train()
-        try:
-            for i in range(0, order.numel(), size):
-                idx = order[i : i + size]
-                x, y = x_new[idx], y_new[idx]
-                if old is not None:
-                    j = torch.randint(old[0].shape[0], (idx.numel(),), generator=g)
-                    x, y = torch.cat([x, old[0][j]]), torch.cat([y, old[1][j]])
-                optimizer.zero_grad()
-                criterion(model(x.to(device)), y.to(device)).backward()
-                optimizer.step()
-                steps += 1
-        finally:
-            model.train(was_training)
+        # dropout in the refit draws from a forked RNG seeded by the plugin, never from the global one
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._rng_seed(9))
+            try:
+                steps = self._refit_steps(model, optimizer, criterion, x_new, y_new, old, order, size, g, device)
+            finally:
+                model.train(was_training)
         if self.train_from == "sequential":
             self._sequential = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return steps
+
+    @staticmethod
+    def _refit_steps(model: nn.Module, optimizer: Any, criterion: Any, x_new: torch.Tensor, y_new: torch.Tensor,
+                     old: Any, order: torch.Tensor, size: int, g: torch.Generator, device: torch.device) -> int:
+        steps = 0
+        for i in range(0, order.numel(), size):
+            idx = order[i : i + size]
+            x, y = x_new[idx], y_new[idx]
+            if old is not None:
+                j = torch.randint(old[0].shape[0], (idx.numel(),), generator=g)
+                x, y = torch.cat([x, old[0][j]]), torch.cat([y, old[1][j]])
+            optimizer.zero_grad()
+            criterion(model(x.to(device)), y.to(device)).backward()
+            optimizer.step()
+            steps += 1
         return steps
 
 

@@ -609,7 +609,7 @@ def merge_checkpoints(
                 perms[i] = new
         rounds += 1
         converged = changed == 0
-    merged = _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[0])
+    merged = _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[reference])  # the reference's dtypes
     if like is not None:
         save_pretrained_permuted(spec, {}, merged, path, like=like)
     else:

@@ -105,6 +105,8 @@ def test_each_old_keyword_still_works_with_a_deprecation_warning(old):
     field = DEPRECATED_OPTIONS[old]
     expected = AlphaPolicy(**{field: value})
     assert plugin.alpha is None and plugin.policy == expected
+    with pytest.warns(DeprecationWarning, match=rf"RebasinMergePlugin\.{old} is deprecated"):
+        assert getattr(plugin, old) == value  # the 0.2 attribute reads the policy's field
 
 
 def test_alpha_none_is_a_deprecated_alias_of_the_default_policy():

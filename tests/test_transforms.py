@@ -175,6 +175,22 @@ class _LinearStream(nn.Module):
         return self.out(self.norm(self.a(x) + self.b(x)) + self.a(x))
 
 
+def test_a_square_read_by_a_linear_is_not_rotation_safe() -> None:
+    """x ** 2 summed over the features is invariant (RMSNorm); x ** 2 read by a linear layer is not."""
+
+    class Squared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l3(torch.relu(self.l2(self.l1(x) ** 2)))
+
+    kinds = symmetry_kinds(Squared(), torch.randn(2, 4), check=False)  # the analysis alone, no safety net
+    assert kinds.kinds["P0"] == "permutation"
+    assert "square" in kinds.reasons["P0"]
+
+
 def test_rmsnorm_module_and_adds() -> None:
     torch.manual_seed(1)
     model = _LinearStream()

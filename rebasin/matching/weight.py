@@ -94,7 +94,7 @@ class WeightMatchingInfo:
         The objective at the starting permutations (see ``start``).
     identity_objective
         The objective at the identity (B as given): the value to beat. ``final_objective`` is never
-        below it unless ``init`` started the descent elsewhere.
+        below it unless ``init`` or ``start="layerwise"`` started the descent elsewhere.
     start
         Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
         ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see

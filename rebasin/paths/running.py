@@ -111,6 +111,7 @@ def _evaluate_local(
                 and y.dtype != torch.bool
                 and logits.ndim == y.ndim + 1
                 and logits.shape[0] == y.shape[0]
+                and tuple(logits.shape[2:]) == tuple(y.shape[1:])  # classes on axis 1, as cross_entropy reads them
             )
             if classification:
                 correct += (logits.argmax(dim=1) == y).sum()

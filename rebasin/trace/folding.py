@@ -119,10 +119,12 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
                                    "whose LayerNorm outputs are read by linear layers only, can be rewritten")
             m = gm.get_submodule(name)
             d = m.normalized_shape[0]
-            g = state[f"{name}.weight"] if m.weight is not None else torch.ones(d)
-            b = state[f"{name}.bias"] if getattr(m, "bias", None) is not None else torch.zeros(d)
+            g_ln = state[f"{name}.weight"] if m.weight is not None else None
+            b_ln = state[f"{name}.bias"] if getattr(m, "bias", None) is not None else None
             for key, axis in keys:
                 w = state[key]
+                g = g_ln if g_ln is not None else w.new_ones(d)  # on the reader's device
+                b = b_ln if b_ln is not None else w.new_zeros(d)
                 shape = [1] * w.ndim
                 shape[axis] = -1
                 new[key] = new[key] * g.to(w.dtype).reshape(shape)

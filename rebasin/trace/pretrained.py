@@ -79,8 +79,10 @@ def _example(model: nn.Module, folder: PretrainedFolder, example_input: Any) -> 
     config = getattr(model, "config", None)
     shape = example_input if isinstance(example_input, (tuple, list, torch.Size)) and example_input and \
         all(isinstance(s, int) and not isinstance(s, bool) for s in example_input) else None
-    if example_input is not None and (shape is None or main != "input_ids"):
+    if example_input is not None and shape is None:
         return example_input
+    if shape is not None and main != "input_ids":  # a bare shape for a model of images, audio, ...: zeros of it
+        return torch.zeros(tuple(shape))
     if main == "input_ids":
         if shape is None:
             limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8

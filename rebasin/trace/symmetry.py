@@ -118,6 +118,10 @@ class _Analysis:
         """None when ``u`` commutes with an orthogonal map of the class on ``axis`` of its input ``x``."""
         if u.op == "output":
             return None
+        if _is_square(x):  # a square carries the class's axis but not its rotations: only a sum over the axis is invariant
+            if u.op in ("call_function", "call_method") and _op(u) in _REDUCE and self._reduces(u, axis):
+                return None
+            return "uses an elementwise square of the class other than by summing it over the class's axis"
         if u.op == "call_module":
             m = self.gm.get_submodule(str(u.target))
             if isinstance(m, (nn.Dropout, nn.Identity)) or is_linear_layer(m):

@@ -50,9 +50,9 @@ def pair():
 
 # ------------------------------------------------------------------------------------------ tracing
 def _without_models_line(line: str) -> str:
-    """The message with the source line of ``rebasin/apps/models.py`` checked, then removed (it moves with edits)."""
-    assert re.search(r" \((Linear|Conv2d), rebasin/apps/models\.py:\d+\) raised", line), line
-    return re.sub(r", rebasin/apps/models\.py:\d+\)", ")", line)
+    """The message with the source line of ``rebasin/nets.py`` or ``rebasin/apps/models.py`` checked, then removed (it moves with edits)."""
+    assert re.search(r" \((Linear|Conv2d), rebasin/(?:nets|apps/models)\.py:\d+\) raised", line), line
+    return re.sub(r", rebasin/(?:nets|apps/models)\.py:\d+\)", ")", line)
 
 
 def test_wrong_example_shape_names_the_cause_and_prints_nothing(capfd):

@@ -98,7 +98,9 @@ def objective_at(spec: PermutationSpec, perms: Mapping[str, np.ndarray], keys: l
     total = 0.0
     for key in keys:
         for rows in access.slices(key):
-            moved = permute_unchecked(spec, cur, {key: access.read("b", key, rows)})[key]
+            moved = access.read("b", key, rows)
+            if cur:  # the identity (no permutations) moves nothing: no copy
+                moved = permute_unchecked(spec, cur, {key: moved})[key]
             total += float((access.read("a", key, rows) * moved).sum(dtype=torch.float64))
             del moved
     return total

@@ -20,7 +20,6 @@ The table (with the seed's figures beside ours) is printed and appended to docs/
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import shlex
 import sys
@@ -108,9 +107,19 @@ def worst(model, path, loaders, num_points, device):
 def table(args, x, y, xt, yt, states):
     import json
 
-    from rebasin import (ArcPath, BezierCurve, fit_bijection_connection, fit_curve, fit_flow_connection,
-                         interpolate, ot_matching, permute, spec_from_model, weight_adjusted_path,
-                         weight_matching)
+    from rebasin import (
+        ArcPath,
+        BezierCurve,
+        fit_bijection_connection,
+        fit_curve,
+        fit_flow_connection,
+        interpolate,
+        ot_matching,
+        permute,
+        spec_from_model,
+        weight_adjusted_path,
+        weight_matching,
+    )
     from rebasin.apps.data import tensor_loader
     from rebasin.apps.training import evaluate
 

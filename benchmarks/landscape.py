@@ -35,9 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin import ArcPath, evaluate_path, interpolate, permute, spec_from_model, weight_matching  # noqa: E402
+from rebasin import (  # noqa: E402  # noqa: E402
+    ArcPath,
+    evaluate_path,
+    interpolate,
+    ot_matching,
+    permute,
+    spec_from_model,
+    weight_adjusted_path,
+    weight_matching,
+)
 from rebasin._common import state_of  # noqa: E402
-from rebasin import ot_matching, weight_adjusted_path# noqa: E402
 from rebasin.apps.data import mnist_tensors, tensor_loader  # noqa: E402
 from rebasin.apps.models import MLP  # noqa: E402
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402

@@ -26,10 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report  # noqa: E402
 
-from rebasin import align# noqa: E402
+from rebasin import (  # noqa: E402
+    BNResetPath,
+    LinearPath,
+    align,  # noqa: E402
+    barrier,
+    evaluate_path,
+)
 from rebasin.apps.data import data_root_from_env, mnist_loaders  # noqa: E402
 from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
 
 ARCHS = {

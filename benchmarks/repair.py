@@ -28,11 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin import align# noqa: E402
+from rebasin import (  # noqa: E402
+    BNResetPath,
+    LinearPath,
+    RepairedPath,  # noqa: E402
+    align,  # noqa: E402
+    barrier,
+    evaluate_path,
+)
 from rebasin.apps.data import mnist_loaders  # noqa: E402
 from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
-from rebasin import RepairedPath# noqa: E402
 from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
 
 ARCHS = {

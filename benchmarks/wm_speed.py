@@ -44,8 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
 
-from rebasin import PermutationSpec, permute, random_permutation  # noqa: E402
-from rebasin import weight_matching  # noqa: E402
+from rebasin import (  # noqa: E402
+    PermutationSpec,
+    permute,
+    random_permutation,
+    weight_matching,  # noqa: E402
+)
 from rebasin.matching import weight as weight_module  # noqa: E402
 
 

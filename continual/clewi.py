@@ -23,8 +23,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError, repair
-
 from rebasin.checks import check_int
+
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, tensor_batches
 from .plugin import MergeRecord, RebasinMergePlugin
 from .policy import AlphaPolicy

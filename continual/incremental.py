@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import PermutationSpec, RebasinError, matrix_to_perm, sinkhorn
-
 from rebasin.checks import check_positive
+
 from .merging import check_alpha, midpoint_state, rebasin_il_state
 
 __all__ = ["ILSettings", "IncrementalRebasin", "INITS"]

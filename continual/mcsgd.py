@@ -60,8 +60,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from rebasin import RebasinError
-
 from rebasin.checks import check_int, check_number_in, check_positive
+
 from ._data import concat_tensors, sample_tensors
 from .lines import REDUCTIONS, STEPS, fit_on_lines, fit_paired_lines
 from .lines import line_points as line_points_of

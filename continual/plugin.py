@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
 from rebasin.datasets import tensor_loader
 
-from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
+from ._data import (
+    concat_tensors,
+    find_replay_buffer,
+    sample_tensors,
+    spec_at_experience,
+    subset,
+    tensor_batches,
+    tensors_at,
+    trace_spec,
+)
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
@@ -185,7 +194,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self,
         *,
         matcher: str = "weight_matching",
-        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),
+        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),  # noqa: B008 - AlphaPolicy is a frozen dataclass: one shared default is safe
         spec: PermutationSpec | None = None,
         model: nn.Module | None = None,
         example_input: Any = None,

@@ -702,7 +702,7 @@ def guard_global_rng(plugin) -> dict:
         if not name.startswith(("before_", "after_")):
             continue
 
-        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):
+        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):  # noqa: B008 - binds the method being wrapped at definition time, on purpose
             before = torch.get_rng_state()
             out = _inner(strategy, *args, **kwargs)
             assert torch.equal(torch.get_rng_state(), before), f"{type(plugin).__name__}.{_name} drew global RNG"

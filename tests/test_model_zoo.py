@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-from builders import benchmark_module, heads_and_units_moved
 import torch.nn.functional as F
+from builders import benchmark_module, heads_and_units_moved
 from torch import nn
 
 import rebasin

@@ -37,18 +37,17 @@ from .._common import first_line
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
 from ._cli_inputs import (
+    EXAMPLE_DTYPES,
+    build_model,
     check_output_dir,
     check_output_file,
-    EXAMPLE_DTYPES,
     example_input,
     has_batchnorm,
     importable_from_cwd,
-    build_model,
     load_state,
     loader_from,
     model_from,
 )
-from .folders import align_folders, any_folder, merge_folders
 from .demo import (
     demo_methods,
     device_from_name,
@@ -56,6 +55,7 @@ from .demo import (
     run_landscape,
     save_paths_figure,
 )
+from .folders import align_folders, any_folder, merge_folders
 
 __all__ = ["build_parser", "import_matcher_modules", "main"]
 

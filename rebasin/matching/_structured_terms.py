@@ -143,7 +143,7 @@ class ComplexTerms:
         """
         spec, n = self.spec, self.sizes[perm]
         out: Tensor | None = None
-        for key, axis, start, block, groups in self.occ.get(perm, ()):
+        for key, axis, start, block, _groups in self.occ.get(perm, ()):
             names = spec.axes[key]
             b = self._get("b", key, torch.float32)
             gx = next((i for i in range(len(names)) if (key, i) in spec.grouped), None)

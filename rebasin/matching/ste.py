@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common import (
+    State,
     check_int,
     cross_entropy_of,
     forward_with_state,
@@ -45,7 +46,6 @@ from .._common import (
     progress_counter,
     resolve_device,
     split_batch,
-    State,
     to_device,
 )
 from .._distributed import Reducer, fingerprint, guarded, lockstep, reducer, synced_backward

@@ -360,7 +360,7 @@ class FlowConnection:
 
     def _neuron_sets(self, state: State) -> list[Tensor]:
         if isinstance(self.layout, _DeepLayout):
-            return [self.layout.neurons(state, l) for l in range(self.layout.num_hidden)]
+            return [self.layout.neurons(state, l) for l in range(self.layout.num_hidden)]  # noqa: E741 - l is the hidden layer index, as in the layout API
         return [self.layout.neurons(state)]
 
     def encode(self, state: State, layer: int = 0) -> Tensor:
@@ -423,7 +423,7 @@ class FlowConnection:
         sets = [self._neuron_sets(s) for s in states]
         with torch.no_grad():
             lls = []
-            for l, flow in enumerate(self.flows):
+            for l, flow in enumerate(self.flows):  # noqa: E741 - l is the hidden layer index, as in the layout API
                 u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)
                 lls.append(_mean_ll(flow, u))
         return sum(lls) / len(lls)
@@ -452,7 +452,7 @@ def _new_flow(kind: str, zoo_neurons: Tensor, n_layers: int, hidden: int, n_bloc
 def _zoo_neurons(layout: _Layout | _DeepLayout, zoo: Sequence[State]) -> list[Tensor]:
     """Per flow: every zoo network's neurons of that layer, stacked."""
     if isinstance(layout, _DeepLayout):
-        return [torch.cat([layout.neurons(s, l) for s in zoo]) for l in range(layout.num_hidden)]
+        return [torch.cat([layout.neurons(s, l) for s in zoo]) for l in range(layout.num_hidden)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     return [torch.cat([layout.neurons(s) for s in zoo])]
 
 
@@ -563,7 +563,7 @@ def fit_flow_connection(
     lr = check_float(lr, "lr")
     dev = resolve_device(model, device=device)
     us = [u.to(dev, dtype) for u in _zoo_neurons(layout, zoo)]
-    flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
+    flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     g = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.Adam([p for f in flows for p in f.parameters()], lr=lr)
     ll_start = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)
@@ -693,7 +693,7 @@ def fit_bijection_connection(
             raise RebasinError(f"init was fitted on another architecture ({init.layout}) than model ({layout})")
         flows = [copy.deepcopy(f).to(dev) for f in init.flows]
     else:
-        flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
+        flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     deep = isinstance(layout, _DeepLayout)
     if refit_batch is not None and not deep:
         raise RebasinError("refit_batch is only used for networks with several hidden layers (the layer-wise path)")

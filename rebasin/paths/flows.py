@@ -198,7 +198,7 @@ class NeuronFlow(nn.Module):
         self.register_buffer("std", std)
         g = torch.Generator().manual_seed(int(seed))
         layers: list[nn.Module] = []
-        for k in range(n_layers):
+        for _k in range(n_layers):
             if kind == "realnvp":
                 keep = torch.zeros(dim)
                 keep[torch.randperm(dim, generator=g)[: dim // 2]] = 1.0

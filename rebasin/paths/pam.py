@@ -224,7 +224,7 @@ def proximal_alternating_minimization(
     rounds: int = 10,
     theta_steps: int = 20,
     lr: float = 1e-3,
-    perm_step: ProximalStep = ProximalStep(),
+    perm_step: ProximalStep = ProximalStep(),  # noqa: B008 - ProximalStep is a frozen dataclass: one shared default is safe
     init: str | Mapping[str, Tensor] = "weight_matching",
     finetune_steps: int = 0,
     loss_fn: LossFn | None = None,

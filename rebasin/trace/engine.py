@@ -37,9 +37,9 @@ from .ops import (
     SPATIAL_FN,
 )
 from .registry import module_rule
-from .zoo_ops import function_rule
 from .rules import RuleContext
 from .state import DEAD, axis_perms, bind_args, has_nodes, node_leaves, node_meta, plain_axes, static_value
+from .zoo_ops import function_rule
 
 __all__ = ["Propagation"]
 

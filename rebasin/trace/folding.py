@@ -23,7 +23,6 @@ not only on linear readers. They are refused.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch

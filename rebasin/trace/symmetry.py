@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..spec.core import PermutationSpec
 from .._common import forward_with_state, tensor_leaves
 from .._errors import RebasinError
+from ..spec.core import PermutationSpec
 from ..spec.transforms import SymmetryKinds, apply_transforms, random_signed_permutation, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model

@@ -52,8 +52,8 @@ from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, SpecCoverage
 from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
-from .pinning import perm_names, resolve_pins
 from .ops import INPLACE_FN
+from .pinning import perm_names, resolve_pins
 from .registry import trace_graph
 from .rules import AxisPerm
 from .shapes import example_for, record_shapes
@@ -218,7 +218,7 @@ def _align_keys(gm: GraphModule, model: nn.Module, keys: Sequence[str]) -> None:
         *path, leaf = key.split(".")
         g_mod: nn.Module = gm
         m_mod: nn.Module = model
-        for i, part in enumerate(path):
+        for _i, part in enumerate(path):
             m_child = getattr(m_mod, part)
             g_child = getattr(g_mod, part, None)
             if g_child is None:

@@ -34,8 +34,8 @@ from torch.fx import Node
 
 from .op_rules import OpRules
 from .rules import AxisPerm
-from .swin_ops import SWIN_RULES
 from .state import axis_perms, bind_args, has_nodes, node_meta, plain_axes, static_value
+from .swin_ops import SWIN_RULES
 
 __all__ = ["function_rule", "FUNCTION_RULES", "NAMED_FUNCTION_RULES"]
 
@@ -134,7 +134,7 @@ def _einsum(prop: OpRules, node: Node) -> Any:
     produced: dict[str, AxisPerm | None] = {}
     for t, key, _ in params:
         entries: list[AxisPerm | None] = []
-        for i, c in enumerate(t):
+        for _i, c in enumerate(t):
             if any(c in ta for ta, _, _ in acts):
                 entries.append(merged[c])
                 e_c = merged[c]

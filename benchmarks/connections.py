@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin.apps.data import mnist_tensors  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
-from rebasin.apps.training import seeded_model  # noqa: E402
+from rebasin.apps.data import mnist_tensors
+from rebasin.apps.models import MLP
+from rebasin.apps.training import seeded_model
 
 
 def train_sgd(x, y, *, width, epochs, lr, batch_size, seed, depth=1):

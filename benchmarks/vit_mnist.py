@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, spec_from_model  # noqa: E402
-from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin.apps.models import ViT  # noqa: E402
-from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, spec_from_model
+from rebasin.apps.data import mnist_loaders
+from rebasin.apps.models import ViT
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def within_heads_only(spec: PermutationSpec) -> PermutationSpec:

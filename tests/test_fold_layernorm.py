@@ -20,7 +20,7 @@ from rebasin.trace import symmetry_kinds, trace_model
 
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules  # noqa: E402 - imported after importorskip("transformers")
+from rebasin.trace import hf_rules
 
 hf_rules.register()  # registered for good by the first trace; here, so that the conftest's registry guard sees it
 

@@ -20,7 +20,7 @@ from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules  # noqa: E402 - imported after importorskip("transformers")
+from rebasin.trace import hf_rules
 
 # trace_model registers the transformers layer rules the first time it meets one, on purpose and for good; register
 # them at import so that the conftest guard against registry leaks sees them before any test, in any order.

@@ -23,7 +23,7 @@ from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules, llm_rules  # noqa: E402 - imported after importorskip("transformers")
+from rebasin.trace import hf_rules, llm_rules
 
 SEQ, VOCAB, WIDTH, HEADS, D = 8, 50, 32, 4, 8
 _COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=2,

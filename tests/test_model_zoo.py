@@ -26,7 +26,7 @@ from rebasin.trace import trace_model
 tv = pytest.importorskip("torchvision")
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules  # noqa: E402
+from rebasin.trace import hf_rules
 
 # trace_model registers the transformers rules the first time it meets one; register them at import so the
 # conftest guard against registry leaks sees them before any test.

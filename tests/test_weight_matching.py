@@ -61,7 +61,7 @@ def conv_model(seed: int = 0) -> nn.Sequential:
 
 
 def conv_spec() -> PermutationSpec:
-    bn = lambda i, p: {  # noqa: E731
+    bn = lambda i, p: {  # noqa: E731 - a small factory of BatchNorm entries
         f"{i}.weight": (p,),
         f"{i}.bias": (p,),
         f"{i}.running_mean": (p,),

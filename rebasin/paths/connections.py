@@ -170,7 +170,7 @@ def _layout(model: nn.Module) -> _Layout | _DeepLayout:
     (n1, l1), (n2, l2) = linears
     if l2.in_features != l1.out_features:
         raise RebasinError(f"{_HINT}; {n1!r} has {l1.out_features} outputs but {n2!r} takes {l2.in_features}")
-    pre = lambda name: f"{name}." if name else ""  # noqa: E731
+    pre = lambda name: f"{name}." if name else ""  # noqa: E731 - a one-line key prefix
     owned = {f"{pre(n1)}weight", f"{pre(n2)}weight"} | {f"{pre(n)}bias" for n, m in linears if m.bias is not None}
     other = [k for k, v in model.state_dict().items() if k not in owned and v.is_floating_point()]
     if other:

@@ -437,7 +437,7 @@ class RebasinMergePlugin(SupervisedPlugin):
                 "experience; the strategy did not call after_train_dataset_adaptation (a custom training loop?). Use "
                 "source='memory' or a fixed alpha."
             )
-        return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))
+        return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))  # type: ignore[return-value]  # Optional narrowed by earlier logic mypy cannot follow
 
     def _merged_state(
         self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor], alpha: float,
@@ -460,7 +460,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             if self.alpha is None or self.policy.source == "memory":
                 old_data = self._old_data(strategy)
         prev_model = copy.deepcopy(model)
-        prev_model.load_state_dict(self._prev_state)
+        prev_model.load_state_dict(self._prev_state)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         both = concat_tensors([d for d in (old_data, new_data) if d is not None])
         loader = None
         if both is not None:
@@ -476,7 +476,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             k = self._n_seen  # experiences before this one
             old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
             choice = select_alpha(
-                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),
+                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                 old_loader=None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
                 grid=policy.candidates, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
                 criterion="accuracy" if policy.source == "current" else policy.criterion,

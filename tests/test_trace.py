@@ -447,7 +447,7 @@ def test_flatten_dropout_linear_blocks_and_activation_node() -> None:
 
 def test_bad_model_argument() -> None:
     with pytest.raises(RebasinError, match="nn.Module"):
-        spec_from_model(lambda x: x, torch.randn(2))  # type: ignore[arg-type]
+        spec_from_model(lambda x: x, torch.randn(2))  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 # --------------------------------------------------------------------------- activation nodes / capture

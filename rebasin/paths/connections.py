@@ -220,13 +220,13 @@ class _LayerMove:
         layout = conn.layout
         assert isinstance(layout, _DeepLayout)
         if i >= layout.num_hidden:  # the output layer: straight line
-            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
+            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         flow = conn.flows[i]
         dev, dtype = conn.device, conn.dtype
 
         def neurons(wb: tuple[Tensor, Tensor | None]) -> Tensor:
             u = wb[0] if wb[1] is None else torch.cat([wb[0], wb[1][:, None].to(wb[0].dtype)], dim=1)
-            return u.to(dev, dtype)
+            return u.to(dev, dtype)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
 
         if torch.is_grad_enabled():
             za, zb = flow(neurons(start))[0], flow(neurons(end))[0]
@@ -368,7 +368,7 @@ class FlowConnection:
         sets = self._neuron_sets(state)
         if not 0 <= layer < len(sets):
             raise RebasinError(f"layer must be in [0, {len(sets)}), got {layer!r}")
-        return self.flows[layer](sets[layer].to(self.device, self.dtype))[0]
+        return self.flows[layer](sets[layer].to(self.device, self.dtype))[0]  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
 
     def state_at(self, state_a: State, state_b: State, t: float, *, za: Tensor | None = None,
                  zb: Tensor | None = None) -> dict[str, Tensor]:
@@ -424,7 +424,7 @@ class FlowConnection:
         with torch.no_grad():
             lls = []
             for l, flow in enumerate(self.flows):  # noqa: E741 - l is the hidden layer index, as in the layout API
-                u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)
+                u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
                 lls.append(_mean_ll(flow, u))
         return sum(lls) / len(lls)
 
@@ -718,7 +718,7 @@ def fit_bijection_connection(
         if y is None:
             raise RebasinError("fit_bijection_connection needs (inputs, targets) batches; the loader yielded inputs only")
         if deep:
-            state = conn.path(zoo[i], zoo[j], refit_batch, ridge=ridge).stages.state_dict_at(t, differentiable=True)
+            state = conn.path(zoo[i], zoo[j], refit_batch, ridge=ridge).stages.state_dict_at(t, differentiable=True)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
         else:
             state = conn.state_at(zoo[i], zoo[j], t)
         loss = loss_fn(forward_with_state(model, state, to_device(x, dev), eval_mode=True), to_device(y, dev))

@@ -243,7 +243,7 @@ def _stored(row: dict[str, Any]) -> str:
     buffer, held, memory = (row.get(k) for k in ("buffer_samples", "held_out_samples", "memory_samples"))
     if any(v is None or v != v for v in (buffer, held, memory)):
         return "?"
-    return f"{buffer + held + memory:g} ({buffer:g} + {held + memory:g})"  # type: ignore[operator]  # Optional narrowed by earlier logic mypy cannot follow
+    return f"{buffer + held + memory:g} ({buffer:g} + {held + memory:g})"  # type: ignore[operator]  # the sizes are set for every run that reaches the table
 
 
 def _plot(runs: Sequence[RunResult], path: Path) -> None:
@@ -268,7 +268,7 @@ def _plot(runs: Sequence[RunResult], path: Path) -> None:
         ax.set_xlabel("task")
         if k == 0:
             ax.set_ylabel("after experience")
-    fig.colorbar(im, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="accuracy (%)")  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+    fig.colorbar(im, ax=axes[0][: len(names)].tolist(), shrink=0.8, label="accuracy (%)")  # type: ignore[arg-type]  # im is the image drawn by the last pass of the loop above
     ax = axes[0][-1]
     for name in names:
         ax.plot(range(1, mats[name].shape[0] + 1), 100 * mats[name].mean(axis=1), marker=".", label=name)

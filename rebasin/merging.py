@@ -611,7 +611,7 @@ def merge_checkpoints(
         converged = changed == 0
     merged = _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[reference])  # the reference's dtypes
     if like is not None:
-        save_pretrained_permuted(spec, {}, merged, path, like=like)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+        save_pretrained_permuted(spec, {}, merged, path, like=like)  # type: ignore[arg-type]  # like is a PretrainedFolder when merging folders (the only case that sets it)
     else:
         save_permuted(spec, {}, merged, path)
     return perms

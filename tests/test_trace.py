@@ -239,16 +239,16 @@ class _ChannelCumsum(nn.Module):  # a running sum over the features depends on t
 # line), the reason, the module whose units are pinned)
 UNSUPPORTED = {
     "nested-groups": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GroupNorm(2, 8))),
-                      (1, 3, 6, 6), r"middle\.1 \(GroupNorm, tests/test_trace\.py:141\)", "nested groups", "middle.0"),
+                      (1, 3, 6, 6), r"middle\.1 \(GroupNorm, tests/test_trace\.py:150\)", "nested groups", "middle.0"),
     "one-output-per-group": (lambda: _Net(nn.Sequential(nn.Conv2d(8, 4, 1, groups=4), nn.Conv2d(4, 8, 1))),
-                             (1, 3, 6, 6), r"middle\.0 \(Conv2d, tests/test_trace\.py:141\)",
+                             (1, 3, 6, 6), r"middle\.0 \(Conv2d, tests/test_trace\.py:150\)",
                              "one output channel per group", "conv_a"),
-    "stack": (_Stack, (2, 3), r"torch\.stack in _Stack\.forward \(tests/test_trace\.py:176\)", "torch.stack", "a"),
-    "mixing-reshape": (_MixingReshape, (2, 5), r"Tensor\.reshape in _MixingReshape\.forward \(tests/test_trace\.py:194\)",
+    "stack": (_Stack, (2, 3), r"torch\.stack in _Stack\.forward \(tests/test_trace\.py:185\)", "torch.stack", "a"),
+    "mixing-reshape": (_MixingReshape, (2, 5), r"Tensor\.reshape in _MixingReshape\.forward \(tests/test_trace\.py:203\)",
                        "mixes channels", "a"),
-    "add-unpermuted": (_AddUnpermuted, (2, 5), r"the \+ in _AddUnpermuted\.forward \(tests/test_trace\.py:216\)",
+    "add-unpermuted": (_AddUnpermuted, (2, 5), r"the \+ in _AddUnpermuted\.forward \(tests/test_trace\.py:225\)",
                        "unpermuted", "a"),
-    "channel-cumsum": (_ChannelCumsum, (2, 5), r"Tensor\.cumsum in _ChannelCumsum\.forward \(tests/test_trace\.py:226\)",
+    "channel-cumsum": (_ChannelCumsum, (2, 5), r"Tensor\.cumsum in _ChannelCumsum\.forward \(tests/test_trace\.py:235\)",
                        "Tensor.cumsum is not an operation", "a"),
 }
 

@@ -29,7 +29,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -402,7 +402,7 @@ def _print(msg: str) -> None:
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line: ``rebasin align: error: ... (see --help)``."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]  # Optional narrowed by earlier logic mypy cannot follow
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

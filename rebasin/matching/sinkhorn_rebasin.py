@@ -365,7 +365,7 @@ class SinkhornRebasin(nn.Module):
             epochs_iter: Iterable = [range(total)]
         else:
             batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]  # len() only where hasattr(loader, '__len__')
-            total = None if batches_per_epoch is None else batches_per_epoch * epochs  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
+            total = None if batches_per_epoch is None else batches_per_epoch * epochs  # type: ignore[assignment]  # total is None when the loader has no length
             epochs_iter = (lockstep(red, nonempty(loader, "SinkhornRebasin.fit"), "SinkhornRebasin.fit")
                            for _ in range(epochs))
         desc = f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})"

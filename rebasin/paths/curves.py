@@ -406,7 +406,7 @@ def fit_curve(
     check_state_for_model(model, path.state_dict_at(0.0), name="the curve's state")
     if device is None:
         device = path.start.t0.device if path.keys else resolve_device(model, device=None)  # type: ignore[assignment]  # nn.Module attributes are typed Tensor | Module
-    device = torch.device(device)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+    device = torch.device(device)  # type: ignore[arg-type]  # device was resolved from the curve or the model just above
     path.to(device)
     params = [p for p in path.parameters() if p.requires_grad]
     red = reducer(sync, group)

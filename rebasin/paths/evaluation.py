@@ -74,7 +74,7 @@ def _evaluate_path_02(
         path = LinearPath(state_a, state_b)
     if bn_loader is not None:
         path = BNResetPath(path, model, bn_loader, max_batches=max_batches, device=device, sync=sync, group=group)
-    return evaluate_path.__wrapped__(model, path, loader, device=device, sync=sync, group=group,  # type: ignore[attr-defined]  # Optional narrowed by earlier logic mypy cannot follow
+    return evaluate_path.__wrapped__(model, path, loader, device=device, sync=sync, group=group,  # type: ignore[attr-defined]  # __wrapped__ is the undecorated function: mypy only sees the wrapper
                                      **rest)
 
 
@@ -211,4 +211,4 @@ def evaluate_path(
         "device": str(device),
     }
     accuracy = None if any(a is None for a in accs) else [float(a) for a in accs if a is not None]
-    return PathResult(t=grid, loss=losses, accuracy=accuracy, metadata=metadata)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+    return PathResult(t=grid, loss=losses, accuracy=accuracy, metadata=metadata)  # type: ignore[arg-type]  # PathResult stores these sequences as given (lists); its fields say tuple

@@ -62,7 +62,7 @@ def plot_paths(
             raise RebasinError(f"unknown split {split!r}; available: {list(results)}")
         groups = [(s, results[s]) for s in splits]
     else:
-        groups = [(split, results)]  # type: ignore[list-item]  # Optional narrowed by earlier logic mypy cannot follow
+        groups = [(split, results)]  # type: ignore[list-item]  # a single group is wrapped into the (name, results) list form here
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.0, 4.0), constrained_layout=True)

@@ -539,7 +539,7 @@ def save_permuted(
     check_permutations(spec, perms, sizes)
 
     def pieces(key: str) -> Iterator[Tensor]:
-        for rows in row_ranges(spec, key, meta[key]) or [None]:  # type: ignore[list-item]  # Optional narrowed by earlier logic mypy cannot follow; a big tensor in slices of rows
+        for rows in row_ranges(spec, key, meta[key]) or [None]:  # type: ignore[list-item]  # [None] stands for one read of the whole tensor; a big tensor in slices of rows
             part = source[key] if rows is None else read_rows(source, key, *rows)
             yield permute_unchecked(spec, perms, {key: part})[key]
 

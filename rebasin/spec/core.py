@@ -131,7 +131,7 @@ class SpecCoverage:
             return NotImplemented
         return dict(self.modules) == dict(other.modules) and self.pins == other.pins and self.model == other.model
 
-    __hash__ = None  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
+    __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"model", "permutable", "pinned", "modules": {path: [free, pinned]}, "pins": [{...}]}``."""
@@ -379,7 +379,7 @@ class PermutationSpec:
         return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped,
                 "coverage": self.coverage}
 
-    __hash__ = None  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
+    __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
 
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""

@@ -122,9 +122,9 @@ register_module(nn.Embedding, rule=_embedding)
 # ---------------------------------------------------------------------------------------------- norms
 _STATS = {"weight": ("in",), "bias": ("in",), "running_mean": ("in",), "running_var": ("in",),
           "num_batches_tracked": ()}
-register_module(_BatchNorm, params=_STATS, feature_dim=1)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+register_module(_BatchNorm, params=_STATS, feature_dim=1)  # type: ignore[arg-type]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
 # InstanceNorm{d}d takes (N, C, *spatial) or unbatched (C, *spatial): the channel axis counts from the end.
-register_module(_InstanceNorm, params=_STATS,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+register_module(_InstanceNorm, params=_STATS,  # type: ignore[arg-type]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
                 rule=lambda ctx: ctx.apply_roles(feature_dim=-ctx.module._get_no_batch_dim()))  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
 
 
@@ -470,7 +470,7 @@ def _recurrent(ctx: RuleContext) -> Any:
     state_axes = []  # type: ignore[var-annotated]  # an empty list filled below
     for (layer_states, path), shape in zip(stacks, shapes[1] if lstm else [shapes[1]]):
         if not isinstance(shape, tuple):
-            state_axes.append(None)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+            state_axes.append(None)  # type: ignore[arg-type]  # None marks a state axis without a permutation
             continue
         e = layer_states[0] if single else None
         if not single and _used(ctx.node, (1,) + path):

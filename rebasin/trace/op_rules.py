@@ -99,10 +99,10 @@ class OpRules(PermState):
     def check_sizes(self, node: Node, key: str, roles: tuple[Role, ...], sizes: Mapping[str, tuple[int, str]]) -> None:
         shape = tuple(self.tensors[key].shape)
         for i, role in enumerate(roles):
-            if role in sizes and shape[i] != sizes[role][0]:  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
+            if role in sizes and shape[i] != sizes[role][0]:  # type: ignore[index]  # role in sizes: a key, so not None
                 raise RebasinError(f"spec_from_model: at {self.where(node)}, {key!r} has shape {shape}; its axis {i} "
-                                   f"has the role {role!r} but has {shape[i]} entries, not the {sizes[role][0]} "  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
-                                   f"{sizes[role][1]}")  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
+                                   f"has the role {role!r} but has {shape[i]} entries, not the {sizes[role][0]} "  # type: ignore[index]  # role in sizes: a key, so not None
+                                   f"{sizes[role][1]}")  # type: ignore[index]  # role in sizes: a key, so not None
 
     def linear_fn(self, node: Node, b: dict[str, Any]) -> Any:
         weight, bias = b.get("weight"), b.get("bias")
@@ -430,7 +430,7 @@ class OpRules(PermState):
             roles = ("out", "in") if transposed else ("in", "out")
             if transposed:  # the transpose node recorded the weight as opaque; it is read as a weight here
                 self.opaque = [o for o in self.opaque if o != (b, wkey)]
-            return self.layer(node, a, {wkey: roles}, -1, produces=True)  # type: ignore[dict-item]  # Optional narrowed by earlier logic mypy cannot follow
+            return self.layer(node, a, {wkey: roles}, -1, produces=True)  # type: ignore[dict-item]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
         ka, xa = self.operand(node, a)
         kb, xb = self.operand(node, b)
         if ka is not None or kb is not None or not isinstance(xa, tuple) or not isinstance(xb, tuple):

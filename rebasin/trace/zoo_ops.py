@@ -222,7 +222,7 @@ def _is_square(a: Any) -> bool:
         return False
     t, args = a.target, list(a.args) + list(a.kwargs.values())
     if a.op == "call_method":
-        t = {"pow": torch.pow, "square": torch.square, "mul": torch.mul}.get(str(t))  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
+        t = {"pow": torch.pow, "square": torch.square, "mul": torch.mul}.get(str(t))  # type: ignore[assignment]  # t is rebound from the fx target to the matching torch function
     if t is torch.square:
         return True
     if t in (torch.pow, operator.pow):

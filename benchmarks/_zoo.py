@@ -134,7 +134,7 @@ def convnext():
 
 
 def efficientnet():
-    from torchvision.models.efficientnet import MBConvConfig, EfficientNet
+    from torchvision.models.efficientnet import EfficientNet, MBConvConfig
     settings = [MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 16, 2), MBConvConfig(4, 5, 2, 16, 24, 1)]
     return EfficientNet(settings, dropout=0.1, stochastic_depth_prob=0.2, num_classes=5, last_channel=32), images()
 

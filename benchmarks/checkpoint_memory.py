@@ -43,12 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from _report import append_report, machine_summary, markdown_table
+from torch import nn
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
-
-from rebasin import PermutationSpec, open_checkpoint, save_permuted, weight_matching  # noqa: E402
+from rebasin import PermutationSpec, open_checkpoint, save_permuted, weight_matching
 
 
 def mlp_spec(depth: int) -> PermutationSpec:

@@ -20,7 +20,6 @@ The table (with the seed's figures beside ours) is printed and appended to docs/
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import shlex
 import sys
@@ -32,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin.apps.data import mnist_tensors  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
-from rebasin.apps.training import seeded_model  # noqa: E402
+from rebasin.apps.data import mnist_tensors
+from rebasin.apps.models import MLP
+from rebasin.apps.training import seeded_model
 
 
 def train_sgd(x, y, *, width, epochs, lr, batch_size, seed, depth=1):
@@ -108,9 +107,19 @@ def worst(model, path, loaders, num_points, device):
 def table(args, x, y, xt, yt, states):
     import json
 
-    from rebasin import (ArcPath, BezierCurve, fit_bijection_connection, fit_curve, fit_flow_connection,
-                         interpolate, ot_matching, permute, spec_from_model, weight_adjusted_path,
-                         weight_matching)
+    from rebasin import (
+        ArcPath,
+        BezierCurve,
+        fit_bijection_connection,
+        fit_curve,
+        fit_flow_connection,
+        interpolate,
+        ot_matching,
+        permute,
+        spec_from_model,
+        weight_adjusted_path,
+        weight_matching,
+    )
     from rebasin.apps.data import tensor_loader
     from rebasin.apps.training import evaluate
 

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root, relative_command  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root, relative_command
 
 #: (label, benchmark, number of experiences, angles, epochs, replay memory)
 CELLS: list[tuple[str, str, int, str | None, int, int]] = [

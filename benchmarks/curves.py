@@ -25,16 +25,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import align# noqa: E402
-from rebasin import ArcPath, BezierCurve, PolyChainCurve, fit_curve# noqa: E402
-from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
-from rebasin import evaluate_path# noqa: E402
-from rebasin import plot_paths# noqa: E402
-from rebasin import RepairedPath# noqa: E402
-from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import (
+    ArcPath,
+    BezierCurve,
+    PolyChainCurve,
+    RepairedPath,
+    align,
+    evaluate_path,
+    fit_curve,
+    plot_paths,
+)
+from rebasin.apps.data import mnist_loaders
+from rebasin.apps.models import MLP
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     root = mnist_root(args.data_root)
 
     hidden = [int(h) for h in args.hidden.split(",")]
-    factory = lambda: MLP(784, hidden, 10)  # noqa: E731
+    factory = lambda: MLP(784, hidden, 10)  # noqa: E731 - a one-line model factory
     train, test = mnist_loaders(root, batch_size=128, train_subset=args.train_subset, seed=args.seed)
     stats, _ = mnist_loaders(root, batch_size=500, train_subset=args.train_subset, seed=args.seed)
     stats = list(stats)[:10]

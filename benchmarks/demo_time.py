@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary  # noqa: E402
+from _report import append_report, machine_summary
 
 
 def main() -> None:

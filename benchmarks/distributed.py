@@ -30,10 +30,10 @@ from torch import nn
 
 from rebasin import (
     BezierCurve,
-    SinkhornRebasin,
-    activation_matching,
     BNResetPath,
     LinearPath,
+    SinkhornRebasin,
+    activation_matching,
     evaluate_path,
     fit_curve,
     proximal_alternating_minimization,

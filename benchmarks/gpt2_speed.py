@@ -33,10 +33,10 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
 
-import rebasin  # noqa: E402
-from rebasin import trace_model  # noqa: E402
+import rebasin
+from rebasin import trace_model
 
 
 def build(seed: int, n_positions: int) -> torch.nn.Module:

@@ -35,10 +35,10 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
 
-from rebasin import sinkhorn, spec_from_model, weight_matching  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
+from rebasin import sinkhorn, spec_from_model, weight_matching
+from rebasin.apps.models import MLP
 
 TITLE = "GPU next to CPU: weight matching and the Sinkhorn backward (gpu_timing)"
 

@@ -30,10 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
-from checkpoint_memory import _reset_peak, _status  # noqa: E402
+import torch
+from _report import append_report, machine_summary, markdown_table
+from checkpoint_memory import _reset_peak, _status
 
 
 def child(argv: list[str]) -> None:

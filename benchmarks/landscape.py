@@ -33,14 +33,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import ArcPath, evaluate_path, interpolate, permute, spec_from_model, weight_matching  # noqa: E402
-from rebasin._common import state_of  # noqa: E402
-from rebasin import ot_matching, weight_adjusted_path# noqa: E402
-from rebasin.apps.data import mnist_tensors, tensor_loader  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
-from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
+from rebasin import (
+    ArcPath,
+    evaluate_path,
+    interpolate,
+    ot_matching,
+    permute,
+    spec_from_model,
+    weight_adjusted_path,
+    weight_matching,
+)
+from rebasin._common import state_of
+from rebasin.apps.data import mnist_tensors, tensor_loader
+from rebasin.apps.models import MLP
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 
 def noisy_labels(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -66,7 +74,7 @@ def part_metrics(args, data, device) -> tuple[str, str]:
     from rebasin import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
 
     (x, y), (xt, yt) = data
-    factory = lambda: MLP(784, [512, 512], 10)  # noqa: E731
+    factory = lambda: MLP(784, [512, 512], 10)  # noqa: E731 - a one-line model factory
     test = tensor_loader(xt, yt, batch_size=1000)
     g = torch.Generator().manual_seed(args.seed)
     sub = torch.randperm(len(x), generator=g)[: args.eval_samples]
@@ -109,7 +117,7 @@ def part_metrics(args, data, device) -> tuple[str, str]:
 
 def part_paths(args, data, device) -> tuple[str, str]:
     (x, y), (xt, yt) = data
-    factory = lambda: MLP(784, [args.width], 10)  # noqa: E731
+    factory = lambda: MLP(784, [args.width], 10)  # noqa: E731 - a one-line model factory
     test = tensor_loader(xt, yt, batch_size=1000)
     a, b = train_pair(factory, x, y, epochs=args.epochs, seed=args.seed, device=device)
     sa, sb = state_of(a), state_of(b)
@@ -172,7 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     root = mnist_root(args.data_root)
     device = torch.device(args.device)
-    flat = lambda xy: (xy[0].flatten(1), xy[1])  # noqa: E731
+    flat = lambda xy: (xy[0].flatten(1), xy[1])  # noqa: E731 - a one-line batch transform
     x, y = flat(mnist_tensors(root, train=True))
     if args.train_samples is not None:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.train_samples]

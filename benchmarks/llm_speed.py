@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
-from gpt2_speed import trace_and_match  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
+from gpt2_speed import trace_and_match
 
 
 def build(seed: int, args: argparse.Namespace) -> torch.nn.Module:

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin import compare_merge, merge  # noqa: E402
-from rebasin.apps.models import MLP  # noqa: E402
-from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import compare_merge, merge
+from rebasin.apps.data import mnist_loaders
+from rebasin.apps.models import MLP
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def main() -> None:

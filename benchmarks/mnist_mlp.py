@@ -24,13 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report  # noqa: E402
+from _report import append_report
 
-from rebasin import align# noqa: E402
-from rebasin.apps.data import data_root_from_env, mnist_loaders  # noqa: E402
-from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
-from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
+from rebasin import (
+    BNResetPath,
+    LinearPath,
+    align,
+    barrier,
+    evaluate_path,
+)
+from rebasin.apps.data import data_root_from_env, mnist_loaders
+from rebasin.apps.models import MLP, SmallCNN
+from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 
 ARCHS = {
     "mlp3": (lambda: MLP(784, [512, 512, 512], 10), True),

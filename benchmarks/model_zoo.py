@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import importlib.util
+import math
 import re
 import shlex
 import sys
@@ -43,13 +43,12 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import _zoo
+import torch
+from torch import nn
 
-import _zoo  # noqa: E402
-
-import rebasin  # noqa: E402
-from rebasin import RebasinError, permute, random_permutation, spec_from_model, weight_matching  # noqa: E402
+import rebasin
+from rebasin import RebasinError, permute, random_permutation, spec_from_model, weight_matching
 
 #: seeds of the planted permutations (``random_permutation(spec, seed=...)``)
 PLANTED_SEEDS = range(10)

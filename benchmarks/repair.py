@@ -26,14 +26,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import align# noqa: E402
-from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin.apps.models import MLP, SmallCNN  # noqa: E402
-from rebasin import BNResetPath, LinearPath, barrier, evaluate_path  # noqa: E402
-from rebasin import RepairedPath# noqa: E402
-from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import (
+    BNResetPath,
+    LinearPath,
+    RepairedPath,
+    align,
+    barrier,
+    evaluate_path,
+)
+from rebasin.apps.data import mnist_loaders
+from rebasin.apps.models import MLP, SmallCNN
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 ARCHS = {
     "mlp": (lambda: MLP(784, [128] * 10, 10), True),

@@ -32,12 +32,12 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
 
-from rebasin import permute, weight_matching  # noqa: E402
-from rebasin.matching import transform_matching  # noqa: E402
-from rebasin.spec import apply_transforms, fold_rmsnorm  # noqa: E402
-from rebasin.trace import symmetry_kinds, trace_model  # noqa: E402
+from rebasin import permute, weight_matching
+from rebasin.matching import transform_matching
+from rebasin.spec import apply_transforms, fold_rmsnorm
+from rebasin.trace import symmetry_kinds, trace_model
 
 
 def corpus() -> torch.Tensor:

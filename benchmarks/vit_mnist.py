@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
+from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, permute, spec_from_model  # noqa: E402
-from rebasin.apps.data import mnist_loaders  # noqa: E402
-from rebasin.apps.models import ViT  # noqa: E402
-from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, spec_from_model
+from rebasin.apps.data import mnist_loaders
+from rebasin.apps.models import ViT
+from rebasin.apps.training import fit_classifier_, seeded_model
 
 
 def within_heads_only(spec: PermutationSpec) -> PermutationSpec:
@@ -114,7 +114,6 @@ def main() -> None:
     spec = spec_from_model(a, x0)
     residual = spec.axes["pos"][2]
     heads = {p for p in spec.structure}
-    mlp = {p for p in spec.perms if p not in heads and p != residual}
     sa = {k: v.detach() for k, v in a.state_dict().items()}
     sb = {k: v.detach() for k, v in b.state_dict().items()}
     variants = {

@@ -42,11 +42,15 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
 
-from rebasin import PermutationSpec, permute, random_permutation  # noqa: E402
-from rebasin import weight_matching  # noqa: E402
-from rebasin.matching import weight as weight_module  # noqa: E402
+from rebasin import (
+    PermutationSpec,
+    permute,
+    random_permutation,
+    weight_matching,
+)
+from rebasin.matching import weight as weight_module
 
 
 def mlp_spec(depth: int = 3) -> PermutationSpec:

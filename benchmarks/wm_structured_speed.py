@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from _report import append_report, machine_summary, markdown_table
 
-import rebasin.matching.assignment as assignment  # noqa: E402
-from rebasin import PermutationSpec, permute, random_permutation, weight_matching  # noqa: E402
+import rebasin.matching.assignment as assignment
+from rebasin import PermutationSpec, permute, random_permutation, weight_matching
 
 HEADER = ["E", "H", "layers", "case", "sweeps", "conv.", "wall s", "s / sweep", "within-head LAP share", "recovered"]
 

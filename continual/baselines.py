@@ -133,12 +133,13 @@ def make_strategy(
     from avalanche.training.plugins.evaluation import default_evaluator
 
     from rebasin.checks import check_number_in
+
     from .clewi import CLeWI
     from .mcsgd import MCSGD
     from .optim import ExperienceLRDecay
     from .plugin import RebasinMergePlugin
-    from .si import SIPlugin
     from .policy import AlphaPolicy
+    from .si import SIPlugin
     from .strategy import RebasinIL
 
     options = dict(options or {})

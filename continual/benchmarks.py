@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rebasin import RebasinError
-from rebasin.datasets import MNIST_MEAN, MNIST_STD, mnist_tensors
-
 from rebasin.checks import check_int
+from rebasin.datasets import MNIST_MEAN, MNIST_STD, mnist_tensors
 
 __all__ = [
     "random_angles",

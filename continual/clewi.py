@@ -23,8 +23,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from rebasin import PermutationSpec, RebasinError, repair
-
 from rebasin.checks import check_int
+
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, tensor_batches
 from .plugin import MergeRecord, RebasinMergePlugin
 from .policy import AlphaPolicy
@@ -92,7 +92,7 @@ class CLeWIPlugin(RebasinMergePlugin):
         if self._repair_buffer is not None and len(self._repair_buffer) > 0:
             parts.append(sample_tensors(self._repair_buffer, self.repair_samples, seed=self._rng_seed(8),
                                         batch_size=self.batch_size))
-        x, y = concat_tensors(parts)
+        x, y = concat_tensors(parts)  # type: ignore[misc]  # Optional narrowed by earlier logic mypy cannot follow
         return repair(
             strategy.model, [prev_aligned, state_new], [1.0 - alpha, alpha], tensor_batches(x, y, self.batch_size),
             spec=self.spec, device=torch.device(strategy.device), sync=False,

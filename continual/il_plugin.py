@@ -208,8 +208,8 @@ class RebasinILPlugin(SupervisedPlugin):
     def _merge(self, strategy: Any) -> None:
         start = time.perf_counter()
         step = self.step
-        perms = step.hard_perms()
-        write_state_(strategy.model, step.merged_state(perms))
+        perms = step.hard_perms()  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
+        write_state_(strategy.model, step.merged_state(perms))  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
         optimizer = getattr(strategy, "optimizer", None)
         if optimizer is not None:
             reset_optimizer_state_(optimizer, strategy.model.parameters())
@@ -219,7 +219,7 @@ class RebasinILPlugin(SupervisedPlugin):
                 int(getattr(exp, "current_experience", -1)),
                 perms,
                 {k: int((p != torch.arange(p.numel())).sum()) for k, p in perms.items()},
-                step.delta_norm(),
+                step.delta_norm(),  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 time.perf_counter() - start,
             )
         )

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import PermutationSpec, RebasinError, matrix_to_perm, sinkhorn
-
 from rebasin.checks import check_positive
+
 from .merging import check_alpha, midpoint_state, rebasin_il_state
 
 __all__ = ["ILSettings", "IncrementalRebasin", "INITS"]
@@ -232,7 +232,7 @@ class IncrementalRebasin:
         """L2 norm of the residual over all parameters (0.0 without residuals)."""
         if not self.delta:
             return 0.0
-        return float(torch.sqrt(sum((d.detach().double() ** 2).sum() for d in self.delta.values())))
+        return float(torch.sqrt(sum((d.detach().double() ** 2).sum() for d in self.delta.values())))  # type: ignore[arg-type]  # sum() over tensors is typed with its start value 0
 
     @torch.no_grad()
     def merged_state(self, perms: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -130,7 +130,7 @@ def line_loss(
             loss = loss_fn(out, y)
             total = loss if total is None else total + loss
             count += 1
-    return total / count if reduction == "mean" else total
+    return total / count if reduction == "mean" else total  # type: ignore[operator, return-value]  # total is a Tensor after the loop: the lines and points are non-empty
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def fit_on_lines(
             for i in range(0, x.shape[0], batch_size):
                 idx = order[i : i + batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                line_loss(model, params, anchors, x[idx], y[idx], **kwargs).backward()
+                line_loss(model, params, anchors, x[idx], y[idx], **kwargs).backward()  # type: ignore[arg-type]  # the options dict mixes value types; each key goes to its own parameter
                 optimizer.step()
                 steps += 1
         after = _memory_line_loss(model, params, anchors, x, y, batch_size=batch_size, **kwargs)
@@ -299,7 +299,7 @@ def reference_line_loss(
         point = {n: fixed[n] + (params[n] - params[n].detach()) for n in names}
         loss = (n_points + 1 - k) * loss_fn(functional_call(model, {**buffers, **point}, (x,)), y)
         total = loss if total is None else total + loss
-    return total / x.shape[0]
+    return total / x.shape[0]  # type: ignore[operator, return-value]  # total is a Tensor after the loop: it runs at least once (t = 0)
 
 
 def fit_paired_lines(
@@ -404,7 +404,7 @@ def fit_paired_lines(
                 loss = sum(reference_line_loss(model, params, a, xb, yb, n_points=n_points, loss_fn=loss_fn)
                            * (1.0 if per_batch else xb.shape[0] / size)
                            for b, size in zip(batches, sizes) if i < len(b) for a, xb, yb in [b[i]])
-                loss.backward()
+                loss.backward()  # type: ignore[union-attr]  # sum() over tensors is typed with its start value 0
                 if per_batch:
                     optimizer.step()
                     steps += 1

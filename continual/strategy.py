@@ -121,7 +121,7 @@ class RebasinIL(SupervisedTemplate):
     @property
     def spec(self) -> PermutationSpec:
         """The model's permutation spec (``rebasin_plugin.spec``)."""
-        return self.rebasin_plugin.spec
+        return self.rebasin_plugin.spec  # type: ignore[return-value]  # Optional narrowed by earlier logic mypy cannot follow
 
     @property
     def alpha(self) -> float:

@@ -246,7 +246,7 @@ def resolve_device(*models: nn.Module | None, device: torch.device | str | None 
     if not found:
         return torch.device("cpu")
     first = found[0][1]
-    for i, d in found[1:]:
+    for _i, d in found[1:]:
         if d != first:
             raise RebasinError(
                 f"the models are on different devices ({first} and {d}): move them to one device, or "

@@ -65,7 +65,7 @@ def renamed_keywords(*, positional: tuple[str, ...] = (), **renames: str) -> Cal
                     kwargs[new] = kwargs.pop(old)
             return func(*args, **kwargs)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]  # functools.wraps keeps the wrapped function's signature
 
     return decorate
 
@@ -113,4 +113,4 @@ def deprecated_alias(func: F, old_name: str, use: str) -> F:
         return func(*args, **kwargs)
 
     alias.__name__ = alias.__qualname__ = old_name
-    return alias  # type: ignore[return-value]
+    return alias  # type: ignore[return-value]  # functools.wraps keeps the wrapped function's signature

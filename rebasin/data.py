@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-from .apps.data import *  # noqa: F403
-from .apps.data import __all__  # noqa: F401
+from .apps.data import *  # noqa: F403 - the deprecated alias re-exports the moved module's names
+from .apps.data import __all__  # noqa: F401 - re-exported so the alias lists the same names
 
 warnings.warn(
     "rebasin.data moved to rebasin.apps.data; the old module is removed in the next release",

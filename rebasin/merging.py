@@ -45,8 +45,8 @@ from ._distributed import Reducer, fingerprint, guarded, reducer
 from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
-from .paths.linear import combine
 from .paths import repairing  # the module: merge(repair=...) is a flag, repairing.repair the function
+from .paths.linear import combine
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
@@ -186,11 +186,11 @@ def _ensemble(
             x, y = to_device(x, device), to_device(y, device)
             out = sum(logits_of(forward_with_state(models[0], w, x, eval_mode=True)) for w in works) / len(works)
             m = int(y.shape[0])
-            loss_sum += float(F.cross_entropy(out, y)) * m
+            loss_sum += float(F.cross_entropy(out, y)) * m  # type: ignore[arg-type]  # the model's output is a Tensor; the helper's return type admits a float
             n += m
-            classification = classification and not y.is_floating_point() and out.ndim == y.ndim + 1
+            classification = classification and not y.is_floating_point() and out.ndim == y.ndim + 1  # type: ignore[union-attr]  # the model's output is a Tensor; the helper's return type admits a float
             if classification:
-                correct += int((out.argmax(1) == y).sum())
+                correct += int((out.argmax(1) == y).sum())  # type: ignore[union-attr]  # the model's output is a Tensor; the helper's return type admits a float
         outcome.count, outcome.key = batches, fingerprint(works)
     if red is not None:
         loss_sum, total_n, total_correct, not_classification = red.sum_numbers(
@@ -367,7 +367,7 @@ def merge(
     aligned_states = [aligned(i) for i in range(n)]
     if repair:
         merged_state = repairing.repair(
-            ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,
+            ref_model, aligned_states, uniform, loader, spec=spec, closed_form=closed_form, max_batches=max_batches,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
             device=device, sync=sync, group=group,
         )
     else:
@@ -467,7 +467,7 @@ def compare_merge(
     candidates: dict[str, State] = {"naive": combine(states, uniform)}
     if info.repaired:
         candidates["naive_repair"] = repairing.repair(
-            ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,
+            ref_model, states, uniform, loader, spec=info.spec, closed_form=closed_form, max_batches=max_batches,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
             device=device, sync=sync, group=group,
         )
     candidates["aligned_average"] = combine(aligned, uniform)
@@ -478,7 +478,7 @@ def compare_merge(
         lo, acc, _ = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, sync=sync, group=group)
         loss["models"].append(lo)
         accuracy["models"].append(acc)
-    for name, s in candidates.items():
+    for name, s in candidates.items():  # type: ignore[assignment]  # the name is reused for read-only candidate states
         loss[name], accuracy[name] = evaluate_state(ref_model, s, eval_loader, loss_fn=None, device=device, name=name,
                                                     sync=sync, group=group)[:2]
     loss["ensemble"], accuracy["ensemble"] = _ensemble(models, states, eval_loader, device, reducer(sync, group))
@@ -611,7 +611,7 @@ def merge_checkpoints(
         converged = changed == 0
     merged = _AlignedAverage(spec, states, perms, [1.0 / n] * n, metas[reference])  # the reference's dtypes
     if like is not None:
-        save_pretrained_permuted(spec, {}, merged, path, like=like)
+        save_pretrained_permuted(spec, {}, merged, path, like=like)  # type: ignore[arg-type]  # like is a PretrainedFolder when merging folders (the only case that sets it)
     else:
         save_permuted(spec, {}, merged, path)
     return perms

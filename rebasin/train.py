@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-from .apps.training import *  # noqa: F403
-from .apps.training import __all__  # noqa: F401
+from .apps.training import *  # noqa: F403 - the deprecated alias re-exports the moved module's names
+from .apps.training import __all__  # noqa: F401 - re-exported so the alias lists the same names
 
 warnings.warn(
     "rebasin.train moved to rebasin.apps.training; the old module is removed in the next release",

@@ -129,13 +129,13 @@ def test_save_state_bad_inputs(tmp_path):
     with pytest.raises(RebasinError, match=r"\.npz.*\.safetensors"):
         save_state({"w": torch.zeros(2)}, tmp_path / "out.npz")
     with pytest.raises(RebasinError, match="mapping"):
-        save_state([torch.zeros(2)], tmp_path / "out.pt")  # type: ignore[arg-type]
+        save_state([torch.zeros(2)], tmp_path / "out.pt")  # type: ignore[arg-type]  # the wrong type is the input under test
     with pytest.raises(RebasinError, match="'w'.*tensor"):
-        save_state({"w": 3}, tmp_path / "out.pt")  # type: ignore[dict-item]
+        save_state({"w": 3}, tmp_path / "out.pt")  # type: ignore[dict-item]  # the wrong type is the input under test
     with pytest.raises(RebasinError, match="'v'.*not in the state"):
         save_state({"w": torch.zeros(2)}, tmp_path / "out.pt", dtypes={"v": torch.float16})
     with pytest.raises(RebasinError, match="torch dtypes.*'bf16'"):
-        save_state({"w": torch.zeros(2)}, tmp_path / "out.pt", dtypes={"w": "bf16"})  # type: ignore[dict-item]
+        save_state({"w": torch.zeros(2)}, tmp_path / "out.pt", dtypes={"w": "bf16"})  # type: ignore[dict-item]  # the wrong type is the input under test
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -63,9 +63,9 @@ def test_round_trip_and_read_only(tmp_path, make_mlp, ext):
     got.add_(1.0)  # the caller owns what it reads: the next read is unchanged
     assert torch.equal(ckpt["0.weight"], state["0.weight"])
     with pytest.raises(TypeError, match="read-only"):
-        ckpt["0.weight"] = torch.zeros(6, 4)  # type: ignore[index]
+        ckpt["0.weight"] = torch.zeros(6, 4)  # type: ignore[index]  # the wrong type is the input under test
     with pytest.raises(TypeError, match="read-only"):
-        del ckpt["0.weight"]  # type: ignore[attr-defined]
+        del ckpt["0.weight"]  # type: ignore[attr-defined]  # the wrong type is the input under test
     with pytest.raises(KeyError):
         ckpt["nope"]
 
@@ -322,7 +322,7 @@ def test_bad_inputs(tmp_path, make_mlp):
     with pytest.raises(RebasinError, match="cannot read"):
         open_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(RebasinError, match="state_dict or a Checkpoint"):
-        save_permuted(spec, {}, [1, 2], tmp_path / "y.safetensors")  # type: ignore[arg-type]
+        save_permuted(spec, {}, [1, 2], tmp_path / "y.safetensors")  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 def cli_net() -> nn.Module:
@@ -441,7 +441,7 @@ def test_read_rows_equals_a_slice_of_the_tensor(tmp_path, ext):
         ckpt.read_rows("s", 0, 1)
     for a, b in ((-1, 2), (3, 2), (0, 8), (0.0, 2), (True, 2)):
         with pytest.raises(RebasinError, match="not a range"):
-            ckpt.read_rows("e", a, b)  # type: ignore[arg-type]
+            ckpt.read_rows("e", a, b)  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 def test_row_ranges_cut_only_big_tensors_with_an_unpermuted_first_axis():
@@ -492,7 +492,7 @@ def test_lazy_matching_in_slices_of_rows_gives_the_in_memory_permutations(tmp_pa
         weight_matching_lazy(spec, ca, _save(bad, tmp_path / "bad.safetensors"), chunk_bytes=chunk_bytes)
     for wrong in (0, -5, 1.5, True):
         with pytest.raises(RebasinError, match="chunk_bytes"):
-            weight_matching_lazy(spec, ca, cb, chunk_bytes=wrong)  # type: ignore[arg-type]
+            weight_matching_lazy(spec, ca, cb, chunk_bytes=wrong)  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 def test_lazy_tiny_gpt2_in_slices_of_rows_gives_the_in_memory_permutations(tmp_path, tiny_gpt2, monkeypatch):

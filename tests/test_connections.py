@@ -211,7 +211,7 @@ def test_bijection_init_warm_start(zoo) -> None:
         assert torch.equal(pa, pb)
     assert warm.flow is not flow.flow
     with pytest.raises(RebasinError, match="init must be a FlowConnection"):
-        fit_bijection_connection(model, zoo, [(x, y)], n_iter=0, init="flow")  # type: ignore[arg-type]
+        fit_bijection_connection(model, zoo, [(x, y)], n_iter=0, init="flow")  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 # ------------------------------------------------------------------------------------------ bad zoos
@@ -229,7 +229,7 @@ def test_bad_zoo_is_a_clear_error(zoo) -> None:
     with pytest.raises(RebasinError, match="NaN"):
         fit_flow_connection(model, [zoo[0], nan])
     with pytest.raises(RebasinError, match="list of state_dicts"):
-        fit_flow_connection(model, zoo[0])  # type: ignore[arg-type]
+        fit_flow_connection(model, zoo[0])  # type: ignore[arg-type]  # the wrong type is the input under test
     with pytest.raises(RebasinError, match="one hidden layer"):
         lone = torch.nn.Sequential(torch.nn.Linear(4, 3))
         fit_flow_connection(lone, [lone.state_dict()] * 2)

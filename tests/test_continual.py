@@ -16,18 +16,18 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
-from avalanche.training import Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+from avalanche.training import Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin
 
-from continual.benchmarks import synthetic  # noqa: E402
-from continual.il_plugin import RebasinILPlugin  # noqa: E402
-from continual.incremental import ILSettings, IncrementalRebasin  # noqa: E402
-from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_  # noqa: E402
-from continual.plugin import RebasinMergePlugin  # noqa: E402
-from continual.policy import AlphaPolicy  # noqa: E402
-from continual.strategy import RebasinIL  # noqa: E402
-from rebasin import PermutationSpec, RebasinError, RebasinWarning, permute  # noqa: E402
+from continual.benchmarks import synthetic
+from continual.il_plugin import RebasinILPlugin
+from continual.incremental import ILSettings, IncrementalRebasin
+from continual.merging import merge_states, rebasin_il_state, select_alpha, write_state_
+from continual.plugin import RebasinMergePlugin
+from continual.policy import AlphaPolicy
+from continual.strategy import RebasinIL
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, permute
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -702,7 +702,7 @@ def guard_global_rng(plugin) -> dict:
         if not name.startswith(("before_", "after_")):
             continue
 
-        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):
+        def wrapped(strategy, *args, _inner=getattr(plugin, name), _name=name, **kwargs):  # noqa: B008 - binds the method being wrapped at definition time, on purpose
             before = torch.get_rng_state()
             out = _inner(strategy, *args, **kwargs)
             assert torch.equal(torch.get_rng_state(), before), f"{type(plugin).__name__}.{_name} drew global RNG"

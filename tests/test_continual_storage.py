@@ -10,16 +10,16 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.training import LwF, Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin  # noqa: E402
+from avalanche.training import LwF, Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, SupervisedPlugin
 
-from continual.benchmarks import synthetic  # noqa: E402
-from continual.clewi import CLeWI  # noqa: E402
-from continual.merging import AlphaChoice, conservative_alpha, merge_states  # noqa: E402
-from continual.plugin import DEPRECATED_OPTIONS, RebasinMergePlugin  # noqa: E402
-from continual.policy import AlphaPolicy, holdout_size  # noqa: E402
-from continual.storage import strategy_storage  # noqa: E402
-from rebasin import RebasinError, RebasinWarning  # noqa: E402
+from continual.benchmarks import synthetic
+from continual.clewi import CLeWI
+from continual.merging import AlphaChoice, conservative_alpha, merge_states
+from continual.plugin import DEPRECATED_OPTIONS, RebasinMergePlugin
+from continual.policy import AlphaPolicy, holdout_size
+from continual.storage import strategy_storage
+from rebasin import RebasinError, RebasinWarning
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Call to deprecated function update"),

@@ -25,7 +25,7 @@ def test_training_helpers_left_the_top_level_with_a_warning(name):
 
 def test_unknown_top_level_names_are_still_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
-        rebasin.nonexistent  # noqa: B018
+        rebasin.nonexistent  # noqa: B018 - the attribute access itself is under test
 
 
 OLD_MODULES = [

@@ -225,7 +225,7 @@ def test_sync_and_group_arguments_without_a_process_group():
     with pytest.raises(RebasinError, match="sync=False"):
         reducer(False, group=object())
     with pytest.raises(RebasinError, match="sync must be True or False"):
-        reducer("yes")  # type: ignore[arg-type]
+        reducer("yes")  # type: ignore[arg-type]  # the wrong type is the input under test
 
 
 # ---------------------------------------------------------------------------------------- bad input: every rank raises

@@ -28,7 +28,7 @@ import rebasin
 
 try:  # the transformers layer rules register the first time a page traces such a model: register them at
     # import, so that the conftest guard against registry leaks sees them before any test
-    import transformers  # noqa: F401
+    import transformers  # noqa: F401 - imported for its side effect (registers the layer rules)
 except ImportError:  # pragma: no cover
     pass
 else:

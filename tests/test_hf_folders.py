@@ -25,7 +25,7 @@ from rebasin.spec.core import permute, random_permutation
 
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules  # noqa: E402
+from rebasin.trace import hf_rules
 
 hf_rules.register()  # registered for good the first time a transformers model is traced; see test_hf_models.py
 

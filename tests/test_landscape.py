@@ -243,7 +243,7 @@ def cka_reference(x: torch.Tensor, y: torch.Tensor) -> float:
     """Kornblith et al.'s linear CKA from the Gram matrices, written independently."""
     n = x.shape[0]
     hmat = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k, l = hmat @ (x @ x.T) @ hmat, hmat @ (y @ y.T) @ hmat
+    k, l = hmat @ (x @ x.T) @ hmat, hmat @ (y @ y.T) @ hmat  # noqa: E741 - K and L are the centred Gram matrices of CKA
     return float((k * l).sum() / (k.norm() * l.norm()))
 
 

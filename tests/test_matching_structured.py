@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from rebasin import RebasinError, RebasinWarning
+from rebasin.matching import weight as weight_module
 from rebasin.matching.activation import activation_matching
 from rebasin.matching.assignment import structured_assignment
 from rebasin.matching.ot import ot_matching
@@ -19,8 +20,6 @@ from rebasin.matching.ste import ste_matching
 from rebasin.matching.weight import weight_matching
 from rebasin.spec import PermutationSpec, check_permutations, invert, permute, random_permutation, split_structured
 from rebasin.trace import spec_from_model
-from rebasin.matching import weight as weight_module
-
 
 
 def textbook(*args, **kwargs):

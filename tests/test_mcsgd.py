@@ -13,21 +13,21 @@ from torch import nn
 
 pytest.importorskip("avalanche")
 
-from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
-from avalanche.training import Naive  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
 
-from continual.baselines import make_strategy  # noqa: E402
-from continual.benchmarks import synthetic  # noqa: E402
-from continual.lines import (  # noqa: E402
+from continual.baselines import make_strategy
+from continual.benchmarks import synthetic
+from continual.lines import (
     fit_on_lines,
     fit_paired_lines,
     line_loss,
     line_points,
     reference_line_loss,
 )
-from continual.mcsgd import MCSGD, MCSGDPlugin  # noqa: E402
-from rebasin import RebasinError  # noqa: E402
+from continual.mcsgd import MCSGD, MCSGDPlugin
+from rebasin import RebasinError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

@@ -18,9 +18,9 @@ from rebasin import RebasinError
 from rebasin.apps.cli import main
 
 T = pytest.importorskip("transformers")
-from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-from rebasin.trace import hf_rules  # noqa: E402
+from rebasin.trace import hf_rules
 
 hf_rules.register()  # at import, as in test_hf_models: the conftest guard against registry leaks then sees them
 

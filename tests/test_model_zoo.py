@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-from builders import benchmark_module, heads_and_units_moved
 import torch.nn.functional as F
+from builders import benchmark_module, heads_and_units_moved
 from torch import nn
 
 import rebasin
@@ -26,7 +26,7 @@ from rebasin.trace import trace_model
 tv = pytest.importorskip("torchvision")
 T = pytest.importorskip("transformers")
 
-from rebasin.trace import hf_rules  # noqa: E402
+from rebasin.trace import hf_rules
 
 # trace_model registers the transformers rules the first time it meets one; register them at import so the
 # conftest guard against registry leaks sees them before any test.

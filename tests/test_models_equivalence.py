@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from builders import randomize_norms_
 from torch import nn
 
 from rebasin import PermutationSpec, permute, random_permutation, spec_from_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20, SmallCNN
-
-from builders import randomize_norms_
 
 
 def max_output_change(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed: int = 1) -> float:

@@ -143,7 +143,7 @@ def test_theta_steps_zero_keeps_the_initial_bend(setup):
 
 def test_inputs_are_not_mutated_batchnorm_and_dropout():
     torch.manual_seed(0)
-    factory = lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+    factory = lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))  # noqa: E731 - a one-line model factory
     ma, mb = seeded_model(factory, 1), seeded_model(factory, 2)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     loader = tensor_loader(x, y, batch_size=16)

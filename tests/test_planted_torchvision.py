@@ -28,13 +28,21 @@ from functools import partial
 import pytest
 import torch
 import torchvision
+from builders import randomize_norms_
 from torch import nn
-from torchvision.models import convnext, densenet, maxvit, regnet, resnet, shufflenetv2, swin_transformer
+from torchvision.models import (
+    convnext,
+    densenet,
+    maxvit,
+    regnet,
+    resnet,
+    shufflenetv2,
+    swin_transformer,
+    vision_transformer,
+)
 from torchvision.models import vgg as tv_vgg
-from torchvision.models import vision_transformer
 
 import rebasin
-from builders import randomize_norms_
 
 Builder = Callable[[], nn.Module]
 

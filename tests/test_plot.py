@@ -8,7 +8,7 @@ from rebasin import PathResult, RebasinError, plot_paths
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def result(scale: float) -> PathResult:

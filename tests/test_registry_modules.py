@@ -389,7 +389,7 @@ def test_bad_declarations_are_rejected_at_registration(kwargs: dict, pattern: st
 
 def test_only_module_classes_can_be_registered() -> None:
     with pytest.raises(RebasinError, match="nn.Module subclass.*int"):
-        register_module(int, params={})  # type: ignore[type-var]
+        register_module(int, params={})  # type: ignore[type-var]  # the wrong type is the input under test
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_hessian_loss_fn_is_a_keyword_with_the_cross_entropy_default():
 def test_hessian_positional_loss_fn_and_iters_are_deprecated_aliases():
     model, _ = _pair()
     batch = _data()
-    mse = lambda out, y: (out - F.one_hot(y, 3).float()).pow(2).mean()  # noqa: E731
+    mse = lambda out, y: (out - F.one_hot(y, 3).float()).pow(2).mean()  # noqa: E731 - a one-line loss
     new = hessian_top_eigenvalue(model, batch, loss_fn=mse, n_iter=30, tol=0.0, seed=2)
     old = _deprecated(lambda: hessian_top_eigenvalue(model, mse, batch, iters=30, tol=0.0, seed=2),
                       r"hessian_top_eigenvalue\(model, loss_fn, batch\)|iters=")  # fmt: skip
@@ -142,7 +142,7 @@ def test_weight_adjusted_path_base_and_its_deprecated_alias():
 
 
 def test_evaluate_path_max_batches_caps_the_statistics_loaders_only():
-    factory = lambda: MLP(5, [8], 3, norm="batchnorm")  # noqa: E731
+    factory = lambda: MLP(5, [8], 3, norm="batchnorm")  # noqa: E731 - a one-line model factory
     ma, mb = _pair(factory)
     sa, sb = state_of(ma), state_of(mb)
     x, y = _data()

@@ -149,11 +149,11 @@ def test_gradients_reach_matrices_logits_and_state():
     g = torch.Generator().manual_seed(0)
     logits = {p: torch.randn(n, n, generator=g, dtype=torch.float64, requires_grad=True) for p, n in sizes.items()}
     target = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in sd.items()}
-    mats = {p: sinkhorn(l, n_iter=300) for p, l in logits.items()}
+    mats = {p: sinkhorn(l, n_iter=300) for p, l in logits.items()}  # noqa: E741 - l holds the logits
     out = soft_permute(spec, mats, sd)
     loss = sum(((out[k] - target[k]) ** 2).sum() for k in sd)
     loss.backward()
-    for p, l in logits.items():
+    for p, l in logits.items():  # noqa: E741 - l holds the logits
         assert l.grad is not None and torch.isfinite(l.grad).all() and l.grad.abs().sum() > 0, p
     for k, v in sd.items():
         assert v.grad is not None and v.grad.abs().sum() > 0, k

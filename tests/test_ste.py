@@ -205,6 +205,6 @@ def test_errors():
     with pytest.raises(RebasinError, match=r"\(x, y\)"):
         ste_matching(_mlp(0), _mlp(1), [x], spec=SPEC)
     with pytest.raises(RebasinError, match="select"):
-        ste_matching(_mlp(0), _mlp(1), _batches(x, y, 8), spec=SPEC, select="last")  # type: ignore[arg-type]
+        ste_matching(_mlp(0), _mlp(1), _batches(x, y, 8), spec=SPEC, select="last")  # type: ignore[arg-type]  # the wrong type is the input under test
     with pytest.raises(RebasinError, match="lr"):
         ste_matching(_mlp(0), _mlp(1), _batches(x, y, 8), spec=SPEC, lr=0.0)

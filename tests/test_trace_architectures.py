@@ -12,14 +12,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import refused_then_pinned
 from torch import nn
 from torch.func import functional_call
 
 import rebasin
-from rebasin import RebasinError, RebasinWarning, spec_from_model
+from rebasin import RebasinWarning, spec_from_model
 from rebasin.spec import invert, permute, random_permutation, split_structured
-
-from builders import refused_then_pinned
 
 
 def _traced(model: nn.Module, x, seeds=(1, 2, 3)):
@@ -39,7 +38,7 @@ def _assert_heads_move(spec, seed=0):
     moved_outer = moved_inner = False
     for s in range(seed, seed + 5):
         perms = random_permutation(spec, seed=s)
-        for p, (outer, d) in spec.structure.items():
+        for p, (_outer, d) in spec.structure.items():
             o, inner = split_structured(perms[p], d)
             moved_outer |= not torch.equal(o, torch.arange(len(o)))
             moved_inner |= not torch.equal(inner, torch.arange(d).expand(len(o), d))

@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import refused_then_pinned
 from torch import nn
 
 from rebasin import RebasinError, permute, random_permutation, spec_from_model
 from rebasin.apps.models import ViT
 from rebasin.spec import split_structured
-
-from builders import refused_then_pinned
 
 
 class Attn(nn.Module):

@@ -13,7 +13,6 @@ from rebasin.matching import WeightMatchingInfo, linear_assignment, weight_match
 from rebasin.matching import weight as weight_module
 from rebasin.matching.weight import _Engine
 
-
 # ---------------------------------------------------------------- tiny models and their specs
 
 def textbook(*args, **kwargs):
@@ -62,7 +61,7 @@ def conv_model(seed: int = 0) -> nn.Sequential:
 
 
 def conv_spec() -> PermutationSpec:
-    bn = lambda i, p: {  # noqa: E731
+    bn = lambda i, p: {  # noqa: E731 - a small factory of BatchNorm entries
         f"{i}.weight": (p,),
         f"{i}.bias": (p,),
         f"{i}.running_mean": (p,),
@@ -226,7 +225,7 @@ def test_same_seed_same_result_and_other_seeds_valid():
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
     for seed in (0, 1, 2):
         p = weight_matching(spec, a, b, seed=seed)
-        for k, v in p.items():
+        for _k, v in p.items():
             assert torch.equal(torch.sort(v).values, torch.arange(24))
 
 
@@ -363,7 +362,7 @@ def _reference_similarity(spec, a, b, perms, name):
         if not a[key].is_floating_point():
             continue
         k = spec.blocks.get((key, axis), 1)
-        rows = lambda t: t.double().movedim(axis, 0).reshape(n, k, *t.movedim(axis, 0).shape[1:]).reshape(n, -1)  # noqa: E731
+        rows = lambda t: t.double().movedim(axis, 0).reshape(n, k, *t.movedim(axis, 0).shape[1:]).reshape(n, -1)  # noqa: E731, B023 - called only inside this iteration
         s += rows(a[key]) @ rows(pb[key]).T
     return s
 

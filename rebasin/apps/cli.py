@@ -29,7 +29,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -37,18 +37,17 @@ from .._common import first_line
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
 from ._cli_inputs import (
+    EXAMPLE_DTYPES,
+    build_model,
     check_output_dir,
     check_output_file,
-    EXAMPLE_DTYPES,
     example_input,
     has_batchnorm,
     importable_from_cwd,
-    build_model,
     load_state,
     loader_from,
     model_from,
 )
-from .folders import align_folders, any_folder, merge_folders
 from .demo import (
     demo_methods,
     device_from_name,
@@ -56,6 +55,7 @@ from .demo import (
     run_landscape,
     save_paths_figure,
 )
+from .folders import align_folders, any_folder, merge_folders
 
 __all__ = ["build_parser", "import_matcher_modules", "main"]
 
@@ -367,7 +367,7 @@ def run_merge(args: argparse.Namespace) -> None:
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
     evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
     spec = _spec(args, models[0], first, need_perms=False)
-    merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,
+    merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,  # type: ignore[misc]  # nn.Module attributes are typed Tensor | Module
                          repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
     state = state_of(merged)
     note = " and REPAIR" if args.repair else ""
@@ -402,7 +402,7 @@ def _print(msg: str) -> None:
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line: ``rebasin align: error: ... (see --help)``."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     positive, at_least_2 = _int_at_least(1), _int_at_least(2)
 
-    demo = sub.add_parser("demo", parents=[matcher_module],
+    demo = sub.add_parser("demo", parents=[matcher_module],  # type: ignore[list-item]  # typeshed's subparsers action is generic in a parser type it cannot bind here
                           help="train two nets, align them with every method, compare barriers")
     demo.add_argument("--dataset", choices=["digits", "mnist"], default="digits",
                       help="scikit-learn's 8x8 digits (offline, default) or MNIST from --data-root")
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pinning its units to the identity (the default; a warning names them and the\n"
                    "coverage line counts them)")
 
-    al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
+    al = sub.add_parser("align", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,  # type: ignore[list-item]  # typeshed's subparsers action is generic in a parser type it cannot bind here
                         help="align B to A (two saved state_dicts of your own architecture)",
                         description="Permute B's hidden units to match A's; B's function is unchanged.")
     al.add_argument("model_a", help="the reference model A: " + checkpoint_or_folder)
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.set_defaults(func=run_path)
 
     me = sub.add_parser(
-        "merge", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,
+        "merge", parents=[matcher_module], formatter_class=argparse.RawTextHelpFormatter,  # type: ignore[list-item]  # typeshed's subparsers action is generic in a parser type it cannot bind here
         help="merge two or more saved models into one (align into one basin, average, optional REPAIR)",
         description="Align every model into the reference's basin, average the weights, optionally REPAIR.")
     me.add_argument("models", nargs="+", metavar="CHECKPOINT", help="two or more checkpoints: " + checkpoint_or_folder)

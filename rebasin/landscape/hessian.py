@@ -274,7 +274,7 @@ def hessian_top_eigenvalue(
     v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(op.device)
     v = v / v.norm()
     lam, converged, it, change = math.nan, False, 0, math.inf
-    for it in range(1, n_iter + 1):
+    for it in range(1, n_iter + 1):  # noqa: B007 - read after the loop: the number of iterations run
         hv = op(v)
         new = float(v @ hv)
         norm = hv.norm()

@@ -130,9 +130,9 @@ class _CKAStats:
             hsic, nx, ny = (kx * ky).sum(), kx.norm(), ky.norm()
         else:
             assert self.mx is not None and self.my is not None
-            cxy = self.mxy - torch.outer(self.mx, self.my) / self.n
-            nx = (self.mxx - torch.outer(self.mx, self.mx) / self.n).norm()
-            ny = (self.myy - torch.outer(self.my, self.my) / self.n).norm()
+            cxy = self.mxy - torch.outer(self.mx, self.my) / self.n  # type: ignore[operator]  # Optional narrowed by earlier logic mypy cannot follow
+            nx = (self.mxx - torch.outer(self.mx, self.mx) / self.n).norm()  # type: ignore[operator]  # Optional narrowed by earlier logic mypy cannot follow
+            ny = (self.myy - torch.outer(self.my, self.my) / self.n).norm()  # type: ignore[operator]  # Optional narrowed by earlier logic mypy cannot follow
             hsic = cxy.pow(2).sum()
         for norm, ss, which in ((nx, self.ssx, "model_a"), (ny, self.ssy, "model_b")):
             if not float(norm) > 1e-12 * ss:
@@ -237,4 +237,4 @@ def cka(
     if red is not None:
         assert stats is not None  # every rank has samples (agreed above)
         stats.reduce(red)
-    return stats.value()
+    return stats.value()  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow

@@ -143,7 +143,7 @@ class ComplexTerms:
         """
         spec, n = self.spec, self.sizes[perm]
         out: Tensor | None = None
-        for key, axis, start, block, groups in self.occ.get(perm, ()):
+        for key, axis, start, block, _groups in self.occ.get(perm, ()):
             names = spec.axes[key]
             b = self._get("b", key, torch.float32)
             gx = next((i for i in range(len(names)) if (key, i) in spec.grouped), None)
@@ -159,15 +159,15 @@ class ComplexTerms:
             if gx is not None:
                 g = spec.grouped[(key, gx)]
                 if axis == gx:  # rows aligned inside B's groups, then block-by-block similarity
-                    b = b.index_select(0, _relative(spec, names[0], perms[names[0]]).to(self.device))
+                    b = b.index_select(0, _relative(spec, names[0], perms[names[0]]).to(self.device))  # type: ignore[arg-type, index]  # Optional narrowed by earlier logic mypy cannot follow
                     sim = torch.einsum("aoir,bojr->aibj", _grouped_view(a, gx, g), _grouped_view(b, gx, g))
                     out = sim.reshape(n, n) if out is None else out.add_(sim.reshape(n, n))
                     continue
-                rel = _relative(spec, names[gx], perms[names[gx]]).to(self.device)
+                rel = _relative(spec, names[gx], perms[names[gx]]).to(self.device)  # type: ignore[arg-type, index]  # Optional narrowed by earlier logic mypy cannot follow
                 if axis == 0:
                     b = _gather_rows(b, gx, rel, g)
                 else:  # a third permuted axis: rows (done above) and grouped columns at the current estimate
-                    b = _gather_rows(b, gx, perms[names[gx]].to(self.device), g)
+                    b = _gather_rows(b, gx, perms[names[gx]].to(self.device), g)  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
             a = a.narrow(axis, start * block, n * block).movedim(axis, 0).reshape(n, -1)
             b = b.narrow(axis, start * block, n * block).movedim(axis, 0).reshape(n, -1)
             out = torch.mm(a, b.T) if out is None else out.addmm_(a, b.T)

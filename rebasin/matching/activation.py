@@ -65,7 +65,7 @@ class _Moments:
     """
 
     def __init__(self, n: int, device: torch.device) -> None:
-        kw = {"dtype": torch.float64, "device": device}
+        kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
         self.n = n
         self.count = 0
         self.shift_a: Tensor | None = None
@@ -86,7 +86,7 @@ class _Moments:
             self.shift_a = a.mean(dim=1)
             self.shift_b = b.mean(dim=1)
         a = a - self.shift_a[:, None]
-        b = b - self.shift_b[:, None]
+        b = b - self.shift_b[:, None]  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
         self.count += a.shape[1]
         self.sum_a += a.sum(dim=1)
         self.sum_b += b.sum(dim=1)

@@ -44,7 +44,7 @@ def cost_from_similarity(similarity: Tensor, out: np.ndarray | None = None) -> n
         if not usable:
             return neg.cpu().numpy()
         torch.from_numpy(out).copy_(neg)
-        return out
+        return out  # type: ignore[return-value]  # Optional narrowed by earlier logic mypy cannot follow
     if not usable:
         return np.negative(similarity.numpy(), dtype=np.float64)
     return np.negative(similarity.numpy(), out=out)

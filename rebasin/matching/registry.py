@@ -44,7 +44,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -339,7 +339,7 @@ def register_matcher(
     >>> unregister_matcher("reverse").description
     'Reverse every permutation (a toy).'
     """
-    flags = {"needs_data": needs_data, "description": description, "uses_data": uses_data,
+    flags: dict[str, Any] = {"needs_data": needs_data, "description": description, "uses_data": uses_data,
              "reads_checkpoints": reads_checkpoints}
     if fn is None:
 

@@ -261,11 +261,11 @@ class SinkhornRebasin(nn.Module):
         # Buffers are handed over as copies: integer counters and (in train mode) the running
         # statistics that BatchNorm updates in place must neither alias the stored states nor
         # carry gradients (train-mode BatchNorm normalises with batch statistics anyway).
-        for name, _ in model.named_buffers():
+        for name, _ in model.named_buffers():  # type: ignore[union-attr]  # nn.Module attributes are typed Tensor | Module
             if name in state and (self.training or not state[name].is_floating_point()):
                 state[name] = state[name].detach().clone()
-        with training(model) if self.training else evaluating(model):
-            return forward_with_state(model, state, x)
+        with training(model) if self.training else evaluating(model):  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
+            return forward_with_state(model, state, x)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
 
     # ------------------------------------------------------------------ costs
     def l2_cost(self) -> Tensor:
@@ -364,8 +364,8 @@ class SinkhornRebasin(nn.Module):
             total = steps if steps is not None else 100 * epochs
             epochs_iter: Iterable = [range(total)]
         else:
-            batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
-            total = None if batches_per_epoch is None else batches_per_epoch * epochs
+            batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]  # len() only where hasattr(loader, '__len__')
+            total = None if batches_per_epoch is None else batches_per_epoch * epochs  # type: ignore[assignment]  # total is None when the loader has no length
             epochs_iter = (lockstep(red, nonempty(loader, "SinkhornRebasin.fit"), "SinkhornRebasin.fit")
                            for _ in range(epochs))
         desc = f"sinkhorn re-basin ({self.cost if isinstance(self.cost, str) else 'custom'})"
@@ -381,7 +381,7 @@ class SinkhornRebasin(nn.Module):
                         batch = None if loader is None else to_device(batch, device)
                         opt.zero_grad(set_to_none=True)
                         value = synced_backward(
-                            red, params, lambda batch=batch: self.compute_cost(batch), "SinkhornRebasin.fit"
+                            red, params, lambda batch=batch: self.compute_cost(batch), "SinkhornRebasin.fit"  # type: ignore[misc]  # mypy cannot infer a lambda assigned to a typed variable
                         )
                         opt.step()
                         self.history.append(value)
@@ -425,8 +425,8 @@ class SinkhornRebasin(nn.Module):
         parameters; it trains only its own logits), so the result trains like any module.
         """
         model = copy.deepcopy(self._model)
-        model.load_state_dict(self.aligned_state_dict())
-        return model
+        model.load_state_dict(self.aligned_state_dict())  # type: ignore[union-attr]  # nn.Module attributes are typed Tensor | Module
+        return model  # type: ignore[return-value]  # nn.Module attributes are typed Tensor | Module
 
 
 def _initial_logits(

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._common import (
+    State,
     check_int,
     cross_entropy_of,
     forward_with_state,
@@ -45,7 +46,6 @@ from .._common import (
     progress_counter,
     resolve_device,
     split_batch,
-    State,
     to_device,
 )
 from .._distributed import Reducer, fingerprint, guarded, lockstep, reducer, synced_backward
@@ -217,7 +217,7 @@ def ste_matching(
             optimizer.zero_grad(set_to_none=True)
             value = synced_backward(  # 3. ℓ(f(midpoint)(x), y), its gradient averaged over the ranks
                 red, list(weights.values()),
-                lambda mid=mid, x=x, y=y, step=step: _midpoint_loss(model_a, mid, x, y, loss_fn, step)[0],
+                lambda mid=mid, x=x, y=y, step=step: _midpoint_loss(model_a, mid, x, y, loss_fn, step)[0],  # type: ignore[misc]  # mypy cannot infer a lambda assigned to a typed variable
                 "ste_matching",
             )
             optimizer.step()  # 4. an Adam step on W
@@ -347,7 +347,7 @@ def _total_steps(loader: Iterable[Any], epochs: int, max_steps: int | None) -> i
     """Number of steps for the progress bar (None when the loader has no length and no ``max_steps``)."""
     total: int | None
     try:
-        total = int(epochs) * len(loader)  # type: ignore[arg-type]
+        total = int(epochs) * len(loader)  # type: ignore[arg-type]  # a loader without len() raises TypeError, caught below
     except TypeError:
         total = None
     if max_steps is not None:

@@ -114,14 +114,14 @@ class _Scratch:
             self.slots[key] = (self.end, n)
             self.end += n * n * 4
         data = mat.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy()
-        view, off, done = memoryview(data), self.slots[key][0], 0
+        view, off, done = memoryview(data), self.slots[key][0], 0  # type: ignore[arg-type]  # numpy's stubs omit the buffer protocol
         while done < len(view):
             done += os.pwrite(self.file.fileno(), view[done:], off + done)
 
     def get(self, key: tuple[str, str], device: torch.device) -> Tensor:
         off, n = self.slots[key]
         buf = fresh_buffer(n * n * 4)  # its own mapping from 1 MiB up: no heap holes once dropped
-        view, done = memoryview(buf.numpy()), 0
+        view, done = memoryview(buf.numpy()), 0  # type: ignore[arg-type]  # numpy's stubs omit the buffer protocol
         while done < len(view):
             got = os.preadv(self.file.fileno(), [view[done:]], off + done)
             if got == 0:  # pragma: no cover - our own file
@@ -197,7 +197,7 @@ class _LazyEngine:
 
     def slices(self, key: str) -> list[tuple[int, int] | None]:
         """The row slices ``key`` is read in: ``[None]`` (the whole tensor) unless it is cut into rows."""
-        return list(self.rows[key] or [None])
+        return list(self.rows[key] or [None])  # type: ignore[list-item]  # [None] stands for one read of the whole tensor
 
     def load(self, state: Mapping[str, Tensor], key: str, rows: tuple[int, int] | None = None) -> Tensor:
         """A's or B's tensor ``key`` (or its rows ``rows``) in float32 on the device."""
@@ -357,7 +357,7 @@ def weight_matching_lazy(
                 continue
             ranges = row_ranges(spec, key, meta[key], chunk_bytes)
             for state, which in ((state_a, "state_a"), (state_b, "state_b")):
-                for rows in ranges or [None]:  # a big tensor in slices of rows
+                for rows in ranges or [None]:  # type: ignore[list-item]  # [None] stands for one read of the whole tensor; a big tensor in slices of rows
                     t = state[key] if rows is None else read_rows(state, key, *rows)
                     if not isinstance(t, Tensor):
                         raise RebasinError(f"{which}[{key!r}] is a {type(t).__name__}, expected a Tensor")
@@ -365,7 +365,7 @@ def weight_matching_lazy(
                         shape = tuple(meta[key].shape)
                         raise RebasinError(f"{which}[{key!r}] (shape {shape}) contains NaN or inf values")
                     del t
-        ranges = {k: row_ranges(spec, k, meta[k], chunk_bytes) for k in spec.axes}
+        ranges = {k: row_ranges(spec, k, meta[k], chunk_bytes) for k in spec.axes}  # type: ignore[assignment]  # the name is rebound from one key's row ranges to the table over keys
 
         def read(which: str, key: str, rows: tuple[int, int] | None) -> Tensor:
             state = state_a if which == "a" else state_b
@@ -375,7 +375,7 @@ def weight_matching_lazy(
         def floating(key: str) -> bool:
             return meta[key].is_floating_point() and meta[key].numel() > 0
 
-        access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)
+        access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)  # type: ignore[call-overload, index]  # ranges is the table over keys here; [None] reads the whole tensor
         perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, meta)
         engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)

@@ -252,7 +252,7 @@ def proximal_step(
         }  # fmt: skip
         with torch.no_grad():
             end = soft_permute(spec, trial, state_b)
-            value = checked(red, lambda end=end: trial_value(end), WHAT)
+            value = checked(red, lambda end=end: trial_value(end), WHAT)  # type: ignore[misc]  # mypy cannot infer a lambda assigned to a typed variable
         if red is not None:
             value = red.sum_numbers(value)[0] / red.world
         if value <= base:

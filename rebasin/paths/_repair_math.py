@@ -29,7 +29,7 @@ def target_stats(stats: Sequence[ChannelStats], weights: Sequence[float]) -> Cha
     """``(sum_i w_i mu_i, sum_i w_i sigma_i)`` over the endpoints' statistics of one layer."""
     mean = sum(w * s.mean for w, s in zip(weights, stats))
     std = sum(w * s.std for w, s in zip(weights, stats))
-    return ChannelStats(mean, std)  # type: ignore[arg-type]
+    return ChannelStats(mean, std)  # type: ignore[arg-type]  # sum() over tensors is typed with its start value 0
 
 
 def predicted_stats(
@@ -40,8 +40,8 @@ def predicted_stats(
     second = sum(w * w * (s.std**2 + s.mean**2) for w, s in zip(weights, stats))
     for (i, j), e_ij in cross.items():
         second = second + 2.0 * weights[i] * weights[j] * e_ij
-    var = (second - mean * mean).clamp_min(0.0)  # type: ignore[operator, union-attr]
-    return ChannelStats(mean, var.sqrt())  # type: ignore[arg-type]
+    var = (second - mean * mean).clamp_min(0.0)  # type: ignore[union-attr]  # sum() over tensors is typed with its start value 0
+    return ChannelStats(mean, var.sqrt())  # type: ignore[arg-type]  # sum() over tensors is typed with its start value 0
 
 
 def correction(target: ChannelStats, actual: ChannelStats) -> tuple[Tensor, Tensor]:

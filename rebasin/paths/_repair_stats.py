@@ -90,7 +90,7 @@ def _normalised(spec: PermutationSpec, name: str, bn_perms: set[str]) -> bool:
     if name in bn_perms:
         return True
     parts = spec.concat.get(name)
-    return bool(parts) and all(q is not None and q in bn_perms for q, _ in parts)
+    return bool(parts) and all(q is not None and q in bn_perms for q, _ in parts)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Moments:
             self.s1, self.s2 = s1, s2
         else:
             self.s1 += s1
-            self.s2 += s2  # type: ignore[operator]
+            self.s2 += s2  # type: ignore[operator]  # s2 is set together with s1 by the first batch
         self.n += rows.shape[0]
 
     def stats(self) -> ChannelStats:
@@ -268,7 +268,7 @@ def _reduce(
     flat: list[Tensor] = []
     for m in moments:
         for name in order:
-            flat += [m[name].s1, m[name].s2, torch.tensor([float(m[name].n)], dtype=torch.float64)]  # type: ignore[list-item]
+            flat += [m[name].s1, m[name].s2, torch.tensor([float(m[name].n)], dtype=torch.float64)]  # type: ignore[list-item]  # s1 and s2 are set once a batch has been seen
     pairs = [(name, k) for name in order for k in sorted(pair_sums[name])]
     flat += [pair_sums[name][k] for name, k in pairs]
     total = iter(red.sum(flat))

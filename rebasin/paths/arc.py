@@ -76,7 +76,7 @@ def _axis_means(x: Tensor, key: str, spec: PermutationSpec, axes: list[tuple[int
             "together on two axes); the permutation-invariant centre of such a tensor is not supported. "
             "Use the linear path"
         )
-    for name, where in seen.items():
+    for _name, where in seen.items():
         if len(where) == 2:
             x = _pair_mean(x, where[0], where[1])
         else:

@@ -170,7 +170,7 @@ def _layout(model: nn.Module) -> _Layout | _DeepLayout:
     (n1, l1), (n2, l2) = linears
     if l2.in_features != l1.out_features:
         raise RebasinError(f"{_HINT}; {n1!r} has {l1.out_features} outputs but {n2!r} takes {l2.in_features}")
-    pre = lambda name: f"{name}." if name else ""  # noqa: E731
+    pre = lambda name: f"{name}." if name else ""  # noqa: E731 - a one-line key prefix
     owned = {f"{pre(n1)}weight", f"{pre(n2)}weight"} | {f"{pre(n)}bias" for n, m in linears if m.bias is not None}
     other = [k for k, v in model.state_dict().items() if k not in owned and v.is_floating_point()]
     if other:
@@ -220,13 +220,13 @@ class _LayerMove:
         layout = conn.layout
         assert isinstance(layout, _DeepLayout)
         if i >= layout.num_hidden:  # the output layer: straight line
-            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
+            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         flow = conn.flows[i]
         dev, dtype = conn.device, conn.dtype
 
         def neurons(wb: tuple[Tensor, Tensor | None]) -> Tensor:
             u = wb[0] if wb[1] is None else torch.cat([wb[0], wb[1][:, None].to(wb[0].dtype)], dim=1)
-            return u.to(dev, dtype)
+            return u.to(dev, dtype)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
 
         if torch.is_grad_enabled():
             za, zb = flow(neurons(start))[0], flow(neurons(end))[0]
@@ -360,7 +360,7 @@ class FlowConnection:
 
     def _neuron_sets(self, state: State) -> list[Tensor]:
         if isinstance(self.layout, _DeepLayout):
-            return [self.layout.neurons(state, l) for l in range(self.layout.num_hidden)]
+            return [self.layout.neurons(state, l) for l in range(self.layout.num_hidden)]  # noqa: E741 - l is the hidden layer index, as in the layout API
         return [self.layout.neurons(state)]
 
     def encode(self, state: State, layer: int = 0) -> Tensor:
@@ -368,7 +368,7 @@ class FlowConnection:
         sets = self._neuron_sets(state)
         if not 0 <= layer < len(sets):
             raise RebasinError(f"layer must be in [0, {len(sets)}), got {layer!r}")
-        return self.flows[layer](sets[layer].to(self.device, self.dtype))[0]
+        return self.flows[layer](sets[layer].to(self.device, self.dtype))[0]  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
 
     def state_at(self, state_a: State, state_b: State, t: float, *, za: Tensor | None = None,
                  zb: Tensor | None = None) -> dict[str, Tensor]:
@@ -423,8 +423,8 @@ class FlowConnection:
         sets = [self._neuron_sets(s) for s in states]
         with torch.no_grad():
             lls = []
-            for l, flow in enumerate(self.flows):
-                u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)
+            for l, flow in enumerate(self.flows):  # noqa: E741 - l is the hidden layer index, as in the layout API
+                u = torch.cat([ns[l] for ns in sets]).to(self.device, self.dtype)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
                 lls.append(_mean_ll(flow, u))
         return sum(lls) / len(lls)
 
@@ -452,7 +452,7 @@ def _new_flow(kind: str, zoo_neurons: Tensor, n_layers: int, hidden: int, n_bloc
 def _zoo_neurons(layout: _Layout | _DeepLayout, zoo: Sequence[State]) -> list[Tensor]:
     """Per flow: every zoo network's neurons of that layer, stacked."""
     if isinstance(layout, _DeepLayout):
-        return [torch.cat([layout.neurons(s, l) for s in zoo]) for l in range(layout.num_hidden)]
+        return [torch.cat([layout.neurons(s, l) for s in zoo]) for l in range(layout.num_hidden)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     return [torch.cat([layout.neurons(s) for s in zoo])]
 
 
@@ -563,7 +563,7 @@ def fit_flow_connection(
     lr = check_float(lr, "lr")
     dev = resolve_device(model, device=device)
     us = [u.to(dev, dtype) for u in _zoo_neurons(layout, zoo)]
-    flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
+    flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     g = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.Adam([p for f in flows for p in f.parameters()], lr=lr)
     ll_start = sum(_mean_ll(f, u) for f, u in zip(flows, us)) / len(us)
@@ -693,7 +693,7 @@ def fit_bijection_connection(
             raise RebasinError(f"init was fitted on another architecture ({init.layout}) than model ({layout})")
         flows = [copy.deepcopy(f).to(dev) for f in init.flows]
     else:
-        flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]
+        flows = [_new_flow(kind, u, n_layers, hidden, n_blocks, seed + l, dtype).to(dev) for l, u in enumerate(us)]  # noqa: E741 - l is the hidden layer index, as in the layout API
     deep = isinstance(layout, _DeepLayout)
     if refit_batch is not None and not deep:
         raise RebasinError("refit_batch is only used for networks with several hidden layers (the layer-wise path)")
@@ -718,7 +718,7 @@ def fit_bijection_connection(
         if y is None:
             raise RebasinError("fit_bijection_connection needs (inputs, targets) batches; the loader yielded inputs only")
         if deep:
-            state = conn.path(zoo[i], zoo[j], refit_batch, ridge=ridge).stages.state_dict_at(t, differentiable=True)
+            state = conn.path(zoo[i], zoo[j], refit_batch, ridge=ridge).stages.state_dict_at(t, differentiable=True)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
         else:
             state = conn.state_at(zoo[i], zoo[j], t)
         loss = loss_fn(forward_with_state(model, state, to_device(x, dev), eval_mode=True), to_device(y, dev))

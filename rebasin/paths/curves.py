@@ -119,7 +119,7 @@ class _Curve(nn.Module):
             return self.start[i]
         if j == self.num_bends - 1:
             return self.end[i]
-        return self.bends[j - 1][self._trainable_index[key]]
+        return self.bends[j - 1][self._trainable_index[key]]  # type: ignore[index]  # nn.Module attributes are typed Tensor | Module
 
     def _trainable_at(self, t: float, points: list[Tensor]) -> Tensor:  # pragma: no cover - abstract
         """The curve's formula at ``t`` through the control points ``points`` of one entry."""
@@ -171,7 +171,7 @@ class _Curve(nn.Module):
     def _points(self, key: str, end: Tensor) -> list[Tensor]:
         """Control points of the trainable entry ``key``: A's tensor, the bends, then ``end``."""
         j = self._trainable_index[key]
-        return [self.start[self._index[key]], *(bend[j] for bend in self.bends), end]
+        return [self.start[self._index[key]], *(bend[j] for bend in self.bends), end]  # type: ignore[index]  # nn.Module attributes are typed Tensor | Module
 
     def with_end(self, state_b: State | nn.Module) -> _Curve:
         """A curve of the same kind from the same A to ``state_b``, carrying a copy of this curve's bends.
@@ -405,8 +405,8 @@ def fit_curve(
         raise RebasinError("fit_curve needs a loader of (inputs, targets) batches")
     check_state_for_model(model, path.state_dict_at(0.0), name="the curve's state")
     if device is None:
-        device = path.start.t0.device if path.keys else resolve_device(model, device=None)
-    device = torch.device(device)
+        device = path.start.t0.device if path.keys else resolve_device(model, device=None)  # type: ignore[assignment]  # nn.Module attributes are typed Tensor | Module
+    device = torch.device(device)  # type: ignore[arg-type]  # device was resolved from the curve or the model just above
     path.to(device)
     params = [p for p in path.parameters() if p.requires_grad]
     red = reducer(sync, group)
@@ -452,7 +452,7 @@ def fit_curve(
                 total += float(seen[0]) * n
                 count += n
             if red is not None:  # the epoch's mean loss over every rank's examples
-                total, count = red.sum_numbers(total, count)
+                total, count = red.sum_numbers(total, count)  # type: ignore[assignment]  # Reducer.sum_numbers returns floats; these are whole counts
             if count == 0:
                 raise RebasinError("fit_curve: the loader yielded no batches")
             losses.append(total / count)

@@ -63,7 +63,7 @@ def _evaluate_path_02(
         if path is not None:
             raise RebasinError("repair=True builds its own path from state_a and state_b; do not pass path=")
         stats_loader = repair_loader if repair_loader is not None else (bn_loader if bn_loader is not None else loader)
-        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=max_batches,  # type: ignore[arg-type]
+        path = RepairedPath(model, state_a, state_b, stats_loader, spec=spec, max_batches=max_batches,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                             device=resolve_device(model, device=device), sync=sync, group=group)
     elif path is not None:
         if state_a is not None or state_b is not None:
@@ -74,7 +74,7 @@ def _evaluate_path_02(
         path = LinearPath(state_a, state_b)
     if bn_loader is not None:
         path = BNResetPath(path, model, bn_loader, max_batches=max_batches, device=device, sync=sync, group=group)
-    return evaluate_path.__wrapped__(model, path, loader, device=device, sync=sync, group=group,  # type: ignore[attr-defined]
+    return evaluate_path.__wrapped__(model, path, loader, device=device, sync=sync, group=group,  # type: ignore[attr-defined]  # __wrapped__ is the undecorated function: mypy only sees the wrapper
                                      **rest)
 
 
@@ -211,4 +211,4 @@ def evaluate_path(
         "device": str(device),
     }
     accuracy = None if any(a is None for a in accs) else [float(a) for a in accs if a is not None]
-    return PathResult(t=grid, loss=losses, accuracy=accuracy, metadata=metadata)
+    return PathResult(t=grid, loss=losses, accuracy=accuracy, metadata=metadata)  # type: ignore[arg-type]  # PathResult stores these sequences as given (lists); its fields say tuple

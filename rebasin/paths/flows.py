@@ -87,8 +87,8 @@ class _Coupling(nn.Module):
         self.net = _MaskedMLP([ones(hidden, d), ones(hidden, hidden), ones(2 * d, hidden)], generator, dtype)
 
     def _params(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = self.net(x * self.keep).chunk(2, dim=-1)
-        free = 1.0 - self.keep
+        raw_s, t = self.net(x * self.keep).chunk(2, dim=-1)  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
+        free = 1.0 - self.keep  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
         return _scale(raw_s) * free, t * free
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,7 +130,7 @@ class _Autoregressive(nn.Module):
         for j in range(self.n_blocks):
             s, t = self._params(z)
             sel = self.degree == j
-            z = torch.where(sel, (x - t) * torch.exp(-s), z)
+            z = torch.where(sel, (x - t) * torch.exp(-s), z)  # type: ignore[arg-type]  # sel is a bool tensor; torch types the comparison as Tensor | bool
         s, _ = self._params(z)
         return z, -s.sum(-1)
 
@@ -198,7 +198,7 @@ class NeuronFlow(nn.Module):
         self.register_buffer("std", std)
         g = torch.Generator().manual_seed(int(seed))
         layers: list[nn.Module] = []
-        for k in range(n_layers):
+        for _k in range(n_layers):
             if kind == "realnvp":
                 keep = torch.zeros(dim)
                 keep[torch.randperm(dim, generator=g)[: dim // 2]] = 1.0
@@ -212,25 +212,25 @@ class NeuronFlow(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(z, log|det dz/dx|)`` = :math:`\nu(x)` and its log-Jacobian, per row. Shapes ``(n, d)``, ``(n,)``."""
-        z = (x.to(self.mean.dtype) - self.mean) / self.std
-        logdet = -torch.log(self.std).sum().expand(z.shape[:-1]).clone()
+        z = (x.to(self.mean.dtype) - self.mean) / self.std  # type: ignore[arg-type, operator]  # nn.Module attributes are typed Tensor | Module
+        logdet = -torch.log(self.std).sum().expand(z.shape[:-1]).clone()  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
         for layer in self.layers:
             if isinstance(layer, _Coupling):
                 z, ld = layer(z)
             else:
-                z, ld = layer.density_direction(z)  # type: ignore[union-attr]
+                z, ld = layer.density_direction(z)  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
             logdet = logdet + ld
         return z, logdet
 
     def inverse(self, z: Tensor) -> Tensor:
         r""":math:`\nu^{-1}(z)`, shape ``(n, d)``."""
-        x = z.to(self.mean.dtype)
+        x = z.to(self.mean.dtype)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
         for layer in reversed(self.layers):
             if isinstance(layer, _Coupling):
                 x = layer.inverse(x)
             else:
-                x, _ = layer.sample_direction(x)  # type: ignore[union-attr]
-        return x * self.std + self.mean
+                x, _ = layer.sample_direction(x)  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
+        return x * self.std + self.mean  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
 
     def log_prob(self, x: Tensor) -> Tensor:
         r"""Log-density of each row under the flow: :math:`\log N(\nu(x); 0, I) + \log|\det J_\nu(x)|`."""

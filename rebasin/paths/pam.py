@@ -135,7 +135,7 @@ def _flat_step_options(func: Fn) -> Fn:
             kwargs["perm_step"] = dataclasses.replace(kwargs.get("perm_step", ProximalStep()), **fields)
         return func(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the wrapped function's signature
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def proximal_alternating_minimization(
     rounds: int = 10,
     theta_steps: int = 20,
     lr: float = 1e-3,
-    perm_step: ProximalStep = ProximalStep(),
+    perm_step: ProximalStep = ProximalStep(),  # noqa: B008 - ProximalStep is a frozen dataclass: one shared default is safe
     init: str | Mapping[str, Tensor] = "weight_matching",
     finetune_steps: int = 0,
     loss_fn: LossFn | None = None,
@@ -373,13 +373,13 @@ def proximal_alternating_minimization(
         finetune_loss = float("nan")
         if finetune_steps:
             seen = RunningMean()
-            bend_steps(objective, final, None, adam(final, lr), finetune_steps, seen, red)
+            bend_steps(objective, final, None, adam(final, lr), finetune_steps, seen, red)  # type: ignore[arg-type]  # _Curve is the protocol both curve classes satisfy
             finetune_loss = seen.over_ranks(red)
         if red is not None:  # bitwise the first rank's curve on every rank
             red.same_tensors([p for p in final.parameters() if p.requires_grad])
     return PAMResult(
         perms=hard,
-        curve=final,
+        curve=final,  # type: ignore[arg-type]  # _Curve is the protocol both curve classes satisfy
         history=tuple(history),
         changed=tuple(changed),
         perm_steps=tuple(etas),

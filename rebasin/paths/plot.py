@@ -60,9 +60,9 @@ def plot_paths(
         splits = list(results) if split in (None, "all") else [split]
         if split not in (None, "all") and split not in results:
             raise RebasinError(f"unknown split {split!r}; available: {list(results)}")
-        groups = [(s, results[s]) for s in splits]  # type: ignore[index]
+        groups = [(s, results[s]) for s in splits]
     else:
-        groups = [(split, results)]
+        groups = [(split, results)]  # type: ignore[list-item]  # a single group is wrapped into the (name, results) list form here
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.0, 4.0), constrained_layout=True)
@@ -71,7 +71,7 @@ def plot_paths(
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
     labels: list[str] = []
     for gi, (split_name, group) in enumerate(groups):
-        for label, res in group.items():  # type: ignore[union-attr]
+        for label, res in group.items():  # type: ignore[union-attr]  # groups holds (name, mapping of results) pairs after the normalisation above
             values = getattr(res, metric)
             if values is None:
                 raise RebasinError(f"path result {label!r} has no {metric} values")

@@ -39,8 +39,8 @@ from .._common import (
     module_with_state,
     resolve_device,
 )
-from .._distributed import fingerprint, guarded, reducer
 from .._deprecation import deprecated_alias, deprecated_form
+from .._distributed import fingerprint, guarded, reducer
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ._repair_math import correction, fold, predicted_stats, target_stats

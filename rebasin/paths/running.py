@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -66,7 +65,7 @@ def evaluate_state(
         )
         outcome.count, outcome.key = n_batches, fingerprint(state)
     if red is not None:
-        loss_sum, correct, n_examples, n_targets, not_classification = red.sum_numbers(
+        loss_sum, correct, n_examples, n_targets, not_classification = red.sum_numbers(  # type: ignore[assignment]  # Reducer.sum_numbers returns floats; these are whole counts
             loss_sum, correct, n_examples, n_targets, float(not classification)
         )
         classification = not_classification == 0
@@ -114,7 +113,7 @@ def _evaluate_local(
                 and tuple(logits.shape[2:]) == tuple(y.shape[1:])  # classes on axis 1, as cross_entropy reads them
             )
             if classification:
-                correct += (logits.argmax(dim=1) == y).sum()
+                correct += (logits.argmax(dim=1) == y).sum()  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 n_targets += y.numel()
     if n_examples == 0 and not allow_empty:
         raise RebasinError("the evaluation loader yielded no batches")

@@ -91,7 +91,7 @@ def _node_op(node: Node, model: nn.Module) -> Op | nn.Linear:
         if node.target in DROPOUT_FN:
             return lambda x: x
         fn = node.target
-        return lambda x: fn(*map_arg(node.args, lambda _: x), **map_arg(node.kwargs, lambda _: x))
+        return lambda x: fn(*map_arg(node.args, lambda _: x), **map_arg(node.kwargs, lambda _: x))  # type: ignore[operator]  # torch.fx types Node.target as Callable | str; a call_function target is the callable
     if node.op == "call_method" and node.target in _CHAIN_METHOD:
         name = str(node.target)
 
@@ -322,9 +322,9 @@ class WeightAdjustedPath:
                 return start if s == 0.0 else end
             return self._mover(i, start, end, s)
         if self.kind == "linear":
-            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)
+            return torch.lerp(start[0], end[0], s), None if start[1] is None else torch.lerp(start[1], end[1], s)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         keys = [k for k in self.layer_keys[i] if k is not None]
-        out = arc_interpolate(dict(zip(keys, start)), dict(zip(keys, end)), s, spec=self._specs[i])
+        out = arc_interpolate(dict(zip(keys, start)), dict(zip(keys, end)), s, spec=self._specs[i])  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         return out[keys[0]], out[keys[1]] if len(keys) > 1 else None
 
     def _refit(self, i: int, s: float, moved: tuple[Tensor, Tensor | None], *,
@@ -375,7 +375,7 @@ class WeightAdjustedPath:
                 wb = layer.get(j, self._wb(self._b if j < i else self._a, j))
                 for key, v in zip(keys, wb):
                     if key is not None:
-                        out[key] = v.clone()
+                        out[key] = v.clone()  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
             for key, a in self._a.items():
                 if key not in out:
                     out[key] = torch.lerp(a, self._b[key], t) if a.is_floating_point() else a.clone()

@@ -201,7 +201,7 @@ class Checkpoint(LazyState):
         """``nbytes`` bytes of the file from ``offset`` into a fresh ``uint8`` buffer."""
         buf = fresh_buffer(nbytes)
         if nbytes:
-            view = memoryview(buf.numpy())
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs omit the buffer protocol
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 done = 0
@@ -387,7 +387,7 @@ def row_ranges(spec: PermutationSpec, key: str, meta: Tensor, chunk_bytes: int |
 
 def _tensor_bytes(t: Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy's stubs omit the buffer protocol
 
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -539,7 +539,7 @@ def save_permuted(
     check_permutations(spec, perms, sizes)
 
     def pieces(key: str) -> Iterator[Tensor]:
-        for rows in row_ranges(spec, key, meta[key]) or [None]:  # a big tensor in slices of rows
+        for rows in row_ranges(spec, key, meta[key]) or [None]:  # type: ignore[list-item]  # [None] stands for one read of the whole tensor; a big tensor in slices of rows
             part = source[key] if rows is None else read_rows(source, key, *rows)
             yield permute_unchecked(spec, perms, {key: part})[key]
 
@@ -564,7 +564,7 @@ def _write_checkpoint(out: Path, fmt: str, meta: dict[str, Tensor], pieces: Any,
             for key in meta:
                 parts = [cast(key, t).detach().cpu() for t in pieces(key)]
                 state[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
-            torch.save(state, f)
+            torch.save(state, f)  # type: ignore[arg-type]  # the writer gets the opened binary file, typed object
 
         _atomic_write(out, save)
         return
@@ -583,8 +583,8 @@ def _write_checkpoint(out: Path, fmt: str, meta: dict[str, Tensor], pieces: Any,
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
 
     def write(f: object) -> None:
-        f.write(struct.pack("<Q", len(raw)))  # type: ignore[attr-defined]
-        f.write(raw)  # type: ignore[attr-defined]
+        f.write(struct.pack("<Q", len(raw)))  # type: ignore[attr-defined]  # the writer gets the opened binary file, typed object
+        f.write(raw)  # type: ignore[attr-defined]  # the writer gets the opened binary file, typed object
         for key, m in meta.items():
             rows = 0
             for t in pieces(key):  # slices of rows are contiguous in the file
@@ -592,7 +592,7 @@ def _write_checkpoint(out: Path, fmt: str, meta: dict[str, Tensor], pieces: Any,
                 rows += t.shape[0] if t.ndim else 1
                 if t.ndim != m.ndim or tuple(t.shape[1:]) != tuple(m.shape[1:]):  # pragma: no cover - defensive
                     raise RebasinError(f"{key!r} changed shape while it was written")
-                f.write(_tensor_bytes(t))  # type: ignore[attr-defined]
+                f.write(_tensor_bytes(t))  # type: ignore[attr-defined]  # the writer gets the opened binary file, typed object
                 del t
             if rows != (m.shape[0] if m.ndim else 1):  # pragma: no cover - defensive
                 raise RebasinError(f"{key!r} changed shape while it was written")
@@ -608,7 +608,7 @@ def _atomic_write(path: Path, write: object) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)  # type: ignore[operator]
+            write(f)  # type: ignore[operator]  # write is the chosen format writer, typed object
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -131,7 +131,7 @@ class SpecCoverage:
             return NotImplemented
         return dict(self.modules) == dict(other.modules) and self.pins == other.pins and self.model == other.model
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"model", "permutable", "pinned", "modules": {path: [free, pinned]}, "pins": [{...}]}``."""
@@ -379,7 +379,7 @@ class PermutationSpec:
         return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped,
                 "coverage": self.coverage}
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
 
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
@@ -393,7 +393,7 @@ class PermutationSpec:
         sizes = None if self.sizes is None else {r(p): n for p, n in self.sizes.items()}
         structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
         concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
-        return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped,  # type: ignore[arg-type]
+        return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                                self.coverage)
 
     def subset(self, keys: Iterable[str] | Mapping[str, str]) -> PermutationSpec:
@@ -681,12 +681,12 @@ def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
     grouped: dict[tuple[str, int], int] = {}
     for (key, axis), g in dict(spec.grouped).items():
         ax = axes.get(key)
-        p = ax[axis] if ax is not None and 0 < axis < len(ax) else None
+        p = ax[axis] if ax is not None and 0 < axis < len(ax) else None  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
         if p is None or p in concat or p not in structure or int(g) < 2:
             raise RebasinError(
                 f"spec grouped entry ({key!r}, {axis}) = {g}: the axis (not axis 0) must carry a structured, "
                 "non-derived permutation and the group count must be at least 2")
-        rows = ax[0]
+        rows = ax[0]  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
         if rows is None or rows not in structure or structure[rows][0] != structure[p][0]:
             raise RebasinError(
                 f"spec grouped entry ({key!r}, {axis}): axis 0 must carry a permutation structured with the same "
@@ -713,8 +713,8 @@ def _check_structure_sizes(spec: PermutationSpec, sizes: Mapping[str, int], name
                                f"{outer!r} but have {outer_n[outer][0]} and {h} blocks")
         outer_n.setdefault(outer, (h, p))
     for (key, axis), g in spec.grouped.items():
-        p = spec.axes[key][axis]
-        h = sizes[p] // spec.structure[p][1]  # type: ignore[index]
+        p = spec.axes[key][axis]  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
+        h = sizes[p] // spec.structure[p][1]
         if h != g:
             raise RebasinError(f"spec grouped entry ({key!r}, {axis}) has {g} groups but {p!r} has {h} blocks")
 

@@ -119,7 +119,7 @@ class PretrainedFolder(LazyState):
         """Shape and dtype without data: a ``meta``-device tensor for ``key``, or a dict of all of them."""
         if key is not None:
             return self._shard(key).meta(key)
-        metas: dict[str, dict[str, Tensor]] = {name: ckpt.meta() for name, ckpt in self.shards.items()}  # type: ignore[misc]
+        metas: dict[str, dict[str, Tensor]] = {name: ckpt.meta() for name, ckpt in self.shards.items()}  # type: ignore[misc]  # meta() without a key returns the dict of every tensor; the return type covers both forms
         return {k: metas[name][k] for k, name in self.weight_map.items()}
 
 
@@ -298,9 +298,9 @@ def save_pretrained_permuted(
         raise RebasinError(f"cannot write the folder {str(out)!r}: it is a folder being read; choose a new folder")
     meta = meta_state(source)
     sizes = spec.validate(meta, name=f"the weights to write to {out}")
-    spec.validate(like.meta(), name=str(like.path))
+    spec.validate(like.meta(), name=str(like.path))  # type: ignore[arg-type]  # meta() without a key returns the dict of every tensor; the return type covers both forms
     check_permutations(spec, perms, sizes)
-    differ = [k for k in like.weight_map if like.meta(k).shape != meta[k].shape]  # type: ignore[union-attr]
+    differ = [k for k in like.weight_map if like.meta(k).shape != meta[k].shape]  # type: ignore[union-attr]  # meta() without a key returns the dict of every tensor; the return type covers both forms
     if differ:
         raise RebasinError(f"the weights to write differ in shape from {like.path} at {differ[:6]}")
     try:

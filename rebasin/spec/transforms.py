@@ -217,7 +217,7 @@ def transform_matrix(transform: Transform, n: int | None = None, dtype: torch.dt
             [-1.,  0.]])
     """
     if kind_of(transform) == "orthogonal":
-        return transform.to(dtype)  # type: ignore[union-attr]
+        return transform.to(dtype)  # type: ignore[union-attr]  # kind_of(...) == "orthogonal" means a Tensor; mypy cannot narrow through kind_of
     perm = transform.perm if isinstance(transform, SignedPermutation) else transform
     n = perm.numel() if n is None else n
     out = torch.zeros(n, n, dtype=dtype, device=perm.device)
@@ -288,7 +288,7 @@ def apply_transforms(
             raise RebasinError(f"unknown class {name!r}; the spec has {list(spec.perms)}")
         kind = kind_of(t)
         if kind == "permutation":
-            perms[name] = t  # type: ignore[assignment]
+            perms[name] = t  # type: ignore[assignment]  # kind_of(...) == "permutation" means a Tensor; mypy cannot narrow through kind_of
             continue
         if kinds is None:
             raise RebasinError(f"transform {name!r} is a {kind} map: pass kinds= (rebasin.trace.symmetry_kinds(model, "

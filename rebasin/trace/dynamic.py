@@ -131,7 +131,7 @@ class _Recorder(TorchFunctionMode):
             elif attr.startswith("__") and attr[2:-2] in _BINARY:
                 node = self.graph.call_function(_BINARY[attr[2:-2]], a, kw)
             elif attr.startswith("__") and attr[2:-2] in _UNARY:
-                node = self.graph.call_function(_UNARY[attr[2:-2]], a, kw)
+                node = self.graph.call_function(_UNARY[attr[2:-2]], a, kw)  # type: ignore[arg-type]  # a table of torch functions; fx's call_function wants a Callable
             elif "." in attr:
                 raise RebasinError(f"the dynamic tracer cannot record the Tensor attribute {attr!r}")
             else:
@@ -273,9 +273,9 @@ def record_graph(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any
         root.add_module(name, child)
     for k, t in model.named_parameters(recurse=False):
         root.register_parameter(k, t)
-    for k, t in model.named_buffers(recurse=False):
+    for k, t in model.named_buffers(recurse=False):  # type: ignore[assignment]  # t is reused: parameters above, buffers and constants here
         root.register_buffer(k, t)
-    for k, t in rec.constants.items():
+    for k, t in rec.constants.items():  # type: ignore[assignment]  # t is reused: parameters above, buffers and constants here
         root.register_buffer(k, t, persistent=False)
     rec.graph.lint()
     return GraphModule(root, rec.graph, class_name=f"Dynamic{type(model).__name__}")

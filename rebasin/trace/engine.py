@@ -37,9 +37,9 @@ from .ops import (
     SPATIAL_FN,
 )
 from .registry import module_rule
-from .zoo_ops import function_rule
 from .rules import RuleContext
 from .state import DEAD, axis_perms, bind_args, has_nodes, node_leaves, node_meta, plain_axes, static_value
+from .zoo_ops import function_rule
 
 __all__ = ["Propagation"]
 
@@ -164,7 +164,7 @@ class Propagation(OpRules):
             shape = b.get("normalized_shape")
             if has_nodes(shape):
                 return self.unknown(node, "normalized_shape is computed in the graph")
-            m = 1 if isinstance(shape, int) else len(shape)
+            m = 1 if isinstance(shape, int) else len(shape)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
             ps = [b.get("weight"), b.get("bias")]
             return self.norm_fn(node, b["input"], ps, lambda keys: self.trailing(node, b["input"], m, keys))
         if fn is F.group_norm:

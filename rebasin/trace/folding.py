@@ -23,7 +23,6 @@ not only on linear readers. They are refused.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -95,8 +94,8 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
         m = gm.get_submodule(str(node.target))
         x = node.args[0] if node.args else None
         shape = node_meta(x) if isinstance(x, Node) else None
-        p = carried.get((x.name, len(shape) - 1)) if isinstance(shape, tuple) and shape else None
-        if p is None or len(m.normalized_shape) != 1:
+        p = carried.get((x.name, len(shape) - 1)) if isinstance(shape, tuple) and shape else None  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
+        if p is None or len(m.normalized_shape) != 1:  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
             raise RebasinError(f"fold_layernorm: the LayerNorm {node.target!r} does not normalise the features of a "
                                "class of the spec (one axis carrying a permutation); it cannot be folded")
         norms.setdefault(p, []).append((str(node.target), node))
@@ -118,7 +117,7 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
                 raise RebasinError(f"fold_layernorm: cannot fold the LayerNorm {name!r}: {why}. Only pre-LN models, "
                                    "whose LayerNorm outputs are read by linear layers only, can be rewritten")
             m = gm.get_submodule(name)
-            d = m.normalized_shape[0]
+            d = m.normalized_shape[0]  # type: ignore[index]  # nn.Module attributes are typed Tensor | Module
             g_ln = state[f"{name}.weight"] if m.weight is not None else None
             b_ln = state[f"{name}.bias"] if getattr(m, "bias", None) is not None else None
             for key, axis in keys:
@@ -150,7 +149,7 @@ def fold_layernorm(model: nn.Module, example_input: Any, *, check: bool = True) 
         ln = out.get_submodule(name)
         parent_name, _, leaf = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, leaf, nn.RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False,
+        setattr(parent, leaf, nn.RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False,  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
                                          device=state[f"{name}.weight"].device if ln.weight is not None else None))
     for bk, shift in added_bias.items():
         head, _, leaf = bk.rpartition(".")

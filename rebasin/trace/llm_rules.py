@@ -143,7 +143,7 @@ def _split_attention(ctx: RuleContext) -> Any:
     unknown = sorted(set(ctx.keys) - known - set(norms))
     if unknown:
         return ctx.unsupported(f"it has state_dict entries the attention rule does not know: {unknown}")
-    h, kv, d = _heads(ctx, m.q_proj.out_features)
+    h, kv, d = _heads(ctx, m.q_proj.out_features)  # type: ignore[arg-type, union-attr]  # nn.Module attributes are typed Tensor | Module
     g = h // kv
     kv_heads = ctx.new_permutation(size=kv)
     if g == 1:

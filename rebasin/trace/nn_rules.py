@@ -49,7 +49,7 @@ def _conv(ctx: RuleContext) -> Any:
     groups = m.groups
     if groups == 1:
         return ctx.apply_roles()
-    d = len(m.kernel_size)
+    d = len(m.kernel_size)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
     xs = ctx.input
     if xs is None or len(xs) < d + 1 or not isinstance(ctx.output_shape, tuple):
         return ctx.unsupported()
@@ -57,12 +57,12 @@ def _conv(ctx: RuleContext) -> Any:
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     e_in = xs[-(d + 1)]
     lead, tail, plain = xs[: -(d + 1)], (None,) * d, xs[: -(d + 1)] + (None,) * (d + 1)
-    block_in, block_out = m.in_channels // groups, m.out_channels // groups
+    block_in, block_out = m.in_channels // groups, m.out_channels // groups  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
     kind = f"a grouped {'transposed ' if transposed else ''}convolution (groups={groups})"
     if e_in is None:
         if transposed:
             return plain  # the output's groups stay in place; not expressible on the transposed weight's axis 1
-        out = ctx.concat([(ctx.new_permutation(size=block_out), block_out) for _ in range(groups)])
+        out = ctx.concat([(ctx.new_permutation(size=block_out), block_out) for _ in range(groups)])  # type: ignore[arg-type, misc]  # nn.Module attributes are typed Tensor | Module
         w_axes: tuple[Any, ...] = (out, None)
     elif block_in == 1:  # depthwise: input channel c feeds outputs c*m .. c*m+m-1
         if block_out == 1:
@@ -73,11 +73,11 @@ def _conv(ctx: RuleContext) -> Any:
             return plain
         else:
             out = ctx.new_permutation(-(d + 1))
-            if out is None or ctx.structured(out, block_out, outer=e_in) is None:
+            if out is None or ctx.structured(out, block_out, outer=e_in) is None:  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
                 return plain
         w_axes = (e_in, None) if transposed else (out, None)
     else:
-        outer = ctx.structured(e_in, block_in)
+        outer = ctx.structured(e_in, block_in)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
         if outer is None:
             return plain
         if block_out == 1:
@@ -89,10 +89,10 @@ def _conv(ctx: RuleContext) -> Any:
             w_axes = (e_in, None)
         else:
             out = ctx.new_permutation(-(d + 1))
-            if out is None or ctx.structured(out, block_out, outer=outer) is None:
+            if out is None or ctx.structured(out, block_out, outer=outer) is None:  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
                 return plain
             w_axes = (e_in, out) if transposed else (out, e_in)
-    ctx.assign("weight", w_axes + tail, groups={1: groups} if w_axes[1] is not None else None)
+    ctx.assign("weight", w_axes + tail, groups={1: groups} if w_axes[1] is not None else None)  # type: ignore[dict-item]  # nn.Module attributes are typed Tensor | Module
     if "bias" in ctx.keys:
         ctx.assign("bias", (out,))
     return lead + (out,) + tail
@@ -102,7 +102,7 @@ def _conv(ctx: RuleContext) -> Any:
 for _cls, _d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
     register_module(_cls, params={"weight": ("out", "in") + (None,) * _d, "bias": ("out",)},
                     feature_dim=-(_d + 1), rule=_conv)
-for _cls, _d in ((nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)):
+for _cls, _d in ((nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)):  # type: ignore[assignment]  # one variable holds any of the rule's module classes
     register_module(_cls, params={"weight": ("in", "out") + (None,) * _d, "bias": ("out",)},
                     feature_dim=-(_d + 1), rule=_conv)
 
@@ -122,10 +122,10 @@ register_module(nn.Embedding, rule=_embedding)
 # ---------------------------------------------------------------------------------------------- norms
 _STATS = {"weight": ("in",), "bias": ("in",), "running_mean": ("in",), "running_var": ("in",),
           "num_batches_tracked": ()}
-register_module(_BatchNorm, params=_STATS, feature_dim=1)
+register_module(_BatchNorm, params=_STATS, feature_dim=1)  # type: ignore[arg-type]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
 # InstanceNorm{d}d takes (N, C, *spatial) or unbatched (C, *spatial): the channel axis counts from the end.
-register_module(_InstanceNorm, params=_STATS,
-                rule=lambda ctx: ctx.apply_roles(feature_dim=-ctx.module._get_no_batch_dim()))
+register_module(_InstanceNorm, params=_STATS,  # type: ignore[arg-type]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
+                rule=lambda ctx: ctx.apply_roles(feature_dim=-ctx.module._get_no_batch_dim()))  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
 
 
 def _group_norm(ctx: RuleContext) -> Any:
@@ -136,7 +136,7 @@ def _group_norm(ctx: RuleContext) -> Any:
     if xs is None or len(xs) < 2:
         return ctx.unsupported()
     if m.num_groups not in (1, m.num_channels) and xs[1] is not None:
-        if ctx.structured(xs[1], m.num_channels // m.num_groups) is None:
+        if ctx.structured(xs[1], m.num_channels // m.num_groups) is None:  # type: ignore[arg-type, operator]  # nn.Module attributes are typed Tensor | Module
             return xs
     return ctx.apply_roles()
 
@@ -146,7 +146,7 @@ register_module(nn.GroupNorm, params={"weight": ("in",), "bias": ("in",)}, featu
 
 def _layer_norm(ctx: RuleContext) -> Any:
     """Normalised over the last ``len(normalized_shape)`` axes; its weight and bias have those axes."""
-    xs, m = ctx.input, len(ctx.module.normalized_shape)
+    xs, m = ctx.input, len(ctx.module.normalized_shape)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
     if xs is None or len(xs) < m:
         return ctx.unsupported()
     for key in ctx.keys:
@@ -164,7 +164,7 @@ def _prelu(ctx: RuleContext) -> Any:
     xs = ctx.input
     if xs is None:
         return ctx.unsupported()
-    many = ctx.module.num_parameters > 1
+    many = ctx.module.num_parameters > 1  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
     return ctx.apply_roles({"weight": ("in",) if many else (None,)}, feature_dim=1 if len(xs) >= 2 else 0)
 
 
@@ -177,7 +177,7 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Softmax, nn.LogSoftmax, nn.Softmin,
 )
-for _cls in ELEMENTWISE_MODULES:
+for _cls in ELEMENTWISE_MODULES:  # type: ignore[assignment]  # one variable holds any of the rule's module classes
     register_module(_cls, params={})
 
 
@@ -191,10 +191,10 @@ SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
     _MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _LPPoolNd, _ConstantPadNd, _ReflectionPadNd,
     _ReplicationPadNd,
 )
-for _cls in SPATIAL_MODULES:
+for _cls in SPATIAL_MODULES:  # type: ignore[assignment]  # one variable holds any of the rule's module classes
     register_module(_cls, rule=_pooling)
 register_module(nn.Upsample, rule=lambda ctx: ctx.pooling(len(ctx.input or ()) - 2))
-for _cls in (nn.Flatten, nn.Unflatten):
+for _cls in (nn.Flatten, nn.Unflatten):  # type: ignore[assignment]  # one variable holds any of the rule's module classes
     register_module(_cls, rule=lambda ctx: ctx.reshape())
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -258,7 +258,7 @@ def _mha(ctx: RuleContext) -> Any:
     shapes = ctx.output_shape
     if not isinstance(q, tuple) or not isinstance(shapes, list) or len(shapes) != 2:
         return ctx.unsupported()
-    out, heads = _attention(ctx, "", m, rq, rk, rv, None)
+    out, heads = _attention(ctx, "", m, rq, rk, rv, None)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
     w = shapes[1]
     if not isinstance(w, tuple):
         return [(None,) * (len(q) - 1) + (out,), None]
@@ -285,7 +285,7 @@ def _norm(ctx: RuleContext, key: str, r: Any) -> None:
 
 
 def _feed_forward(ctx: RuleContext, p: str, layer: nn.Module, r: Any) -> None:
-    hidden = ctx.new_permutation(size=layer.linear1.out_features)
+    hidden = ctx.new_permutation(size=layer.linear1.out_features)  # type: ignore[arg-type, union-attr]  # nn.Module attributes are typed Tensor | Module
     if not _elementwise_activation(layer.activation):
         ctx.refuse(f"the activation {layer.activation!r} is not known to be elementwise", hidden)
     ctx.assign(p + "linear1.weight", (hidden, r))
@@ -430,13 +430,13 @@ def _recurrent(ctx: RuleContext) -> Any:
     h_out = proj if proj > 0 else h
     cells: list[Any] = []  # per layer and direction, in h_n's order
     hs: list[Any] = []
-    for layer in range(m.num_layers):
+    for layer in range(m.num_layers):  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
         layer_outs = []
         for direction in range(dirs):
             sfx = f"_l{layer}{'_reverse' if direction else ''}"
-            hid = ctx.new_permutation(size=h)
+            hid = ctx.new_permutation(size=h)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
             out = ctx.new_permutation(size=proj) if proj > 0 else hid
-            g = ctx.concat([(hid, h)] * gates)
+            g = ctx.concat([(hid, h)] * gates)  # type: ignore[list-item]  # nn.Module attributes are typed Tensor | Module
             ctx.assign("weight_ih" + sfx, (g, r))
             ctx.assign("weight_hh" + sfx, (g, out))
             if "bias_ih" + sfx in ctx.keys:
@@ -447,8 +447,8 @@ def _recurrent(ctx: RuleContext) -> Any:
             cells.append(hid)
             hs.append(out)
             layer_outs.append(out)
-        r = ctx.concat([(o, h_out) for o in layer_outs]) if dirs > 1 else layer_outs[0]
-    single = m.num_layers * dirs == 1
+        r = ctx.concat([(o, h_out) for o in layer_outs]) if dirs > 1 else layer_outs[0]  # type: ignore[misc]  # nn.Module attributes are typed Tensor | Module
+    single = m.num_layers * dirs == 1  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
     lstm = isinstance(m, nn.LSTM)
     stacks: list[tuple[list[Any], tuple[int, ...]]] = [(hs, (0,)), (cells, (1,))] if lstm else [(hs, ())]
     init = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("hx")
@@ -467,10 +467,10 @@ def _recurrent(ctx: RuleContext) -> Any:
         else:  # each layer starts from fixed values in the original order: its hidden units stay in place
             ctx.pin("the initial state passed in is not permuted, so every layer's hidden units stay in place",
                     *layer_states)
-    state_axes = []
+    state_axes = []  # type: ignore[var-annotated]  # an empty list filled below
     for (layer_states, path), shape in zip(stacks, shapes[1] if lstm else [shapes[1]]):
         if not isinstance(shape, tuple):
-            state_axes.append(None)
+            state_axes.append(None)  # type: ignore[arg-type]  # None marks a state axis without a permutation
             continue
         e = layer_states[0] if single else None
         if not single and _used(ctx.node, (1,) + path):
@@ -490,7 +490,7 @@ def _zeros(node: Any) -> bool:
     if getattr(node, "op", None) == "get_attr" and str(t).startswith("_tensor_constant"):
         # torch.zeros(...) of a constant shape is evaluated while tracing: a constant, not a model entry
         try:
-            value = _attr(node.graph.owning_module, t)
+            value = _attr(node.graph.owning_module, t)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         except AttributeError:
             return False
         return isinstance(value, torch.Tensor) and not value.requires_grad and not bool(value.any())
@@ -503,5 +503,5 @@ def _attr(root: Any, target: str) -> Any:
     return root
 
 
-for _cls in _GATES:
+for _cls in _GATES:  # type: ignore[assignment]  # one variable holds any of the rule's module classes
     register_module(_cls, rule=_recurrent)

@@ -99,10 +99,10 @@ class OpRules(PermState):
     def check_sizes(self, node: Node, key: str, roles: tuple[Role, ...], sizes: Mapping[str, tuple[int, str]]) -> None:
         shape = tuple(self.tensors[key].shape)
         for i, role in enumerate(roles):
-            if role in sizes and shape[i] != sizes[role][0]:
+            if role in sizes and shape[i] != sizes[role][0]:  # type: ignore[index]  # role in sizes: a key, so not None
                 raise RebasinError(f"spec_from_model: at {self.where(node)}, {key!r} has shape {shape}; its axis {i} "
-                                   f"has the role {role!r} but has {shape[i]} entries, not the {sizes[role][0]} "
-                                   f"{sizes[role][1]}")
+                                   f"has the role {role!r} but has {shape[i]} entries, not the {sizes[role][0]} "  # type: ignore[index]  # role in sizes: a key, so not None
+                                   f"{sizes[role][1]}")  # type: ignore[index]  # role in sizes: a key, so not None
 
     def linear_fn(self, node: Node, b: dict[str, Any]) -> Any:
         weight, bias = b.get("weight"), b.get("bias")
@@ -111,7 +111,7 @@ class OpRules(PermState):
                 self.arg(node, a)
         wkey, bkey = self.key_of(weight), self.key_of(bias)
         computed = COMPUTED if wkey is None or (bias is not None and bkey is None) else None
-        roles = {} if computed else {wkey: ("out", "in"), **({bkey: ("out",)} if bkey else {})}
+        roles = {} if computed else {wkey: ("out", "in"), **({bkey: ("out",)} if bkey else {})}  # type: ignore[misc]  # mypy cannot infer the key type of {} in a conditional expression
         return self.layer(node, b["input"], roles, -1, produces=True, computed=computed)
 
     def conv_fn(self, node: Node, b: dict[str, Any], transposed: bool, d: int) -> Any:
@@ -128,9 +128,9 @@ class OpRules(PermState):
             if computed is not None:
                 self.complain(node, [e.pid for e in xs[-(d + 1):] if e], computed)
                 return xs[: -(d + 1)] + (None,) * (d + 1)
-            return self.grouped_conv(node, xs, wkey, bkey, int(groups), transposed, d)  # type: ignore[arg-type]
+            return self.grouped_conv(node, xs, wkey, bkey, int(groups), transposed, d)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         w_roles: tuple[Role, ...] = (("in", "out") if transposed else ("out", "in")) + (None,) * d
-        roles = {} if computed else {wkey: w_roles, **({bkey: ("out",)} if bkey else {})}
+        roles = {} if computed else {wkey: w_roles, **({bkey: ("out",)} if bkey else {})}  # type: ignore[misc]  # mypy cannot infer the key type of {} in a conditional expression
         return self.layer(node, b["input"], roles, -(d + 1), produces=True, computed=computed)
 
     def grouped_conv(self, node: Node, xs: tuple[AxisPerm | None, ...], wkey: str, bkey: str | None, groups: int,
@@ -238,8 +238,8 @@ class OpRules(PermState):
         keys = {self.key_of(a) or self.param_views.get(a) for a in nodes}
         if len(nodes) >= 1 and len(keys) == 1 and None not in keys:
             key0 = next(iter(keys))
-            if tuple(self.tensors[key0].shape) == meta:  # f(param): a view whose permutations follow its later use
-                self.param_views[node] = key0  # type: ignore[assignment]
+            if tuple(self.tensors[key0].shape) == meta:  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow; f(param): a view whose permutations follow its later use
+                self.param_views[node] = key0  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
                 return plain_axes(meta)
         ops: list[tuple[str | None, tuple[int, ...], tuple[AxisPerm | None, ...]]] = []
         for a in operands:
@@ -265,7 +265,7 @@ class OpRules(PermState):
                 if j < 0 or shape[j] != meta[ax]:
                     continue
                 if st[j] is not None:
-                    found.append(st[j])
+                    found.append(st[j])  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                 elif key is None and meta[ax] > 1:
                     plain = True
             out.append(self.merge_axis(node, found, plain, "it combines two permuted tensors of different widths "
@@ -283,8 +283,8 @@ class OpRules(PermState):
         ``unpermuted`` the one when ``plain`` (an unpermuted operand of the same size meets a permuted one)."""
         e = found[0] if found else None
         for other in found[1:]:
-            if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]
-                self.complain(node, [e.pid, other.pid], mismatch)  # type: ignore[union-attr]
+            if other.k != e.k or other.inner != e.inner or not self.union(e.pid, other.pid):  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
+                self.complain(node, [e.pid, other.pid], mismatch)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
         if e is not None and plain:
             self.complain(node, [e.pid], unpermuted)
         return e
@@ -316,9 +316,9 @@ class OpRules(PermState):
             if node.op == "call_method":
                 res = getattr(probe, str(node.target))(*node.args[1:], **node.kwargs)
             elif node.target is builtins.getattr:
-                res = getattr(probe, node.args[1])
+                res = getattr(probe, node.args[1])  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
             else:
-                res = node.target(probe, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+                res = node.target(probe, *node.args[1:], **node.kwargs)  # type: ignore[operator]  # torch.fx types Node.target as Callable | str; a call_function target is the callable
         except Exception:  # noqa: BLE001 - an op we cannot replay is simply unsupported
             return self.unknown(node)
         order = [int(s) - 2 for s in res.shape]
@@ -339,7 +339,7 @@ class OpRules(PermState):
         if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
             dims = set(range(nd))
         else:
-            dims = {int(d) % max(nd, 1) for d in (dim if isinstance(dim, (tuple, list)) else [dim])}
+            dims = {int(d) % max(nd, 1) for d in (dim if isinstance(dim, (tuple, list)) else [dim])}  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
         if len(meta) == nd:
             return tuple(None if i in dims else e for i, e in enumerate(xs))
         return tuple(e for i, e in enumerate(xs) if i not in dims)
@@ -375,7 +375,7 @@ class OpRules(PermState):
                 self.complain(node, [st[ax].pid] if st[ax] else [], "it indexes into the permuted axis")
                 ax += 1
             else:
-                full = it.start is None and it.stop is None and it.step is None
+                full = it.start is None and it.stop is None and it.step is None  # type: ignore[union-attr]  # torch.fx types Node.args as the Argument union
                 if st[ax] is not None and not full:
                     self.complain(node, [st[ax].pid], "it slices the permuted axis")
                     out.append(None)
@@ -430,7 +430,7 @@ class OpRules(PermState):
             roles = ("out", "in") if transposed else ("in", "out")
             if transposed:  # the transpose node recorded the weight as opaque; it is read as a weight here
                 self.opaque = [o for o in self.opaque if o != (b, wkey)]
-            return self.layer(node, a, {wkey: roles}, -1, produces=True)
+            return self.layer(node, a, {wkey: roles}, -1, produces=True)  # type: ignore[dict-item]  # the role strings are the Literal 'out' / 'in'; a dict literal infers str
         ka, xa = self.operand(node, a)
         kb, xb = self.operand(node, b)
         if ka is not None or kb is not None or not isinstance(xa, tuple) or not isinstance(xb, tuple):
@@ -438,9 +438,9 @@ class OpRules(PermState):
         ca, cb = xa[-1], xb[-2]
         if (ca is None) != (cb is None):
             e = ca or cb
-            self.complain(node, [e.pid], "it contracts a permuted axis with an unpermuted one")  # type: ignore[union-attr]
-        elif ca is not None and (ca.k != cb.k or ca.inner != cb.inner or not self.union(ca.pid, cb.pid)):  # type: ignore[union-attr]
-            self.complain(node, [ca.pid, cb.pid], "it contracts two axes with different permutations")  # type: ignore[union-attr]
+            self.complain(node, [e.pid], "it contracts a permuted axis with an unpermuted one")
+        elif ca is not None and (ca.k != cb.k or ca.inner != cb.inner or not self.union(ca.pid, cb.pid)):
+            self.complain(node, [ca.pid, cb.pid], "it contracts two axes with different permutations")
         batch = self.broadcast(node, [xa[:-2], xb[:-2]], [sa[:-2], sb[:-2]], meta[:-2])
         return batch + (xa[-2], xb[-1])
 
@@ -493,11 +493,11 @@ class OpRules(PermState):
         (xq, xk, xv), (sq, sk, sv) = states, shapes
         cq, ck = xq[-1], xk[-1]
         if (cq is None) != (ck is None) or (cq is not None and (
-                cq.k != ck.k or cq.inner != ck.inner or not self.union(cq.pid, ck.pid))):  # type: ignore[union-attr]
+                cq.k != ck.k or cq.inner != ck.inner or not self.union(cq.pid, ck.pid))):
             self.complain(node, [e.pid for e in (cq, ck) if e], "queries and keys must carry one permutation")
         for x in (xq, xk, xv):
             self.complain(node, [x[-2].pid] if x[-2] else [], "attention mixes the sequence axis, which is permuted")
-        batch = self.broadcast(node, [xq[:-2], xk[:-2], xv[:-2]], [sq[:-2], sk[:-2], sv[:-2]], meta[:-2])
+        batch = self.broadcast(node, [xq[:-2], xk[:-2], xv[:-2]], [sq[:-2], sk[:-2], sv[:-2]], meta[:-2])  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
         if isinstance(mask, Node):
             sm = node_meta(mask)
             if isinstance(sm, tuple):

@@ -166,7 +166,7 @@ def _outside_rebasin() -> int:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     f, level = sys._getframe(1), 1
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(package):
-        f, level = f.f_back, level + 1
+        f, level = f.f_back, level + 1  # type: ignore[assignment]  # inspect.currentframe() is None only on interpreters without frames
     return level
 
 

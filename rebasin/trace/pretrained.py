@@ -200,7 +200,7 @@ def spec_from_pretrained(
         raise RebasinError(f"model must be an nn.Module, got {type(built).__name__}")
     spec = spec_from_model(built, _example(built, folder, example_input), check=check, strict=strict)
     spec = _stored_keys(spec, built, folder)
-    spec.validate(folder.meta(), name=str(folder.path))  # type: ignore[arg-type]
+    spec.validate(folder.meta(), name=str(folder.path))  # type: ignore[arg-type]  # meta() without a key returns the dict of every tensor; the return type covers both forms
     return spec
 
 
@@ -221,4 +221,4 @@ def same_pretrained_architecture(spec: PermutationSpec, first: PretrainedFolder,
         if differ and spec_from_pretrained(other, example_input) != spec:
             raise RebasinError(f"{other.path} and {first.path} hold different architectures: their config.json "
                                f"differ at {differ[:6]}")
-        spec.validate(other.meta(), name=str(other.path))  # type: ignore[arg-type]
+        spec.validate(other.meta(), name=str(other.path))  # type: ignore[arg-type]  # meta() without a key returns the dict of every tensor; the return type covers both forms

@@ -144,7 +144,7 @@ def register_module(
             return register_module(c, params=params, feature_dim=feature_dim, rule=rule, overwrite=overwrite)
 
         return decorate
-    new = ModuleRule(cls, params, feature_dim, rule)
+    new = ModuleRule(cls, params, feature_dim, rule)  # type: ignore[arg-type]  # ModuleRule stores the roles as given; its field says tuple
     if cls in _RULES and _RULES[cls] == new:
         return cls  # the same rule again (a model factory that registers on every call): nothing to do
     if cls in _RULES and not overwrite:

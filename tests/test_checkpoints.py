@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from rebasin import (
-    Checkpoint,
-    PermutationSpec,
-    RebasinError,
     open_checkpoint,
+    PermutationSpec,
     permute,
     random_permutation,
+    RebasinError,
     save_permuted,
     spec_from_model,
     weight_matching,
 )
+from rebasin.spec import Checkpoint
 from rebasin.matching.weight_lazy import weight_matching_lazy
 
 

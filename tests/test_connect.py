@@ -10,17 +10,16 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
-    RebasinError,
-    WeightAdjustedPath,
     evaluate_path,
     interpolate,
     invert,
-    ot_matching,
     permute,
     random_permutation,
+    RebasinError,
     spec_from_model,
-    weight_adjusted_path,
 )
+from rebasin.matching import ot_matching
+from rebasin.paths import weight_adjusted_path, WeightAdjustedPath
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP, ResNet20, SmallCNN

@@ -8,15 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rebasin import (
-    FlowConnection,
-    NeuronFlow,
-    RebasinError,
-    barrier,
-    evaluate_path,
-    fit_bijection_connection,
-    fit_flow_connection,
-)
+from rebasin import barrier, evaluate_path, RebasinError
+from rebasin.paths import fit_bijection_connection, fit_flow_connection, FlowConnection, NeuronFlow
 from rebasin.apps.models import MLP
 
 KINDS = ["realnvp", "iaf"]

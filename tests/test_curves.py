@@ -11,20 +11,17 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
-    ArcPath,
     BezierCurve,
-    CurveFit,
-    PermutationSpec,
-    PolyChainCurve,
-    RebasinError,
-    arc_interpolate,
     evaluate_path,
     fit_curve,
     interpolate,
+    PermutationSpec,
     permute,
     random_permutation,
+    RebasinError,
     spec_from_model,
 )
+from rebasin.paths import arc_interpolate, ArcPath, CurveFit, PolyChainCurve
 from rebasin._common import state_of
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 

@@ -33,7 +33,7 @@ def _check_extending(namespace: dict, out: str, blocks: list[str]) -> None:
 
     assert len(blocks) >= 9
     # "Add a layer rule": the page registered its layers inside the test's registration scope
-    assert rebasin.module_rule(namespace["MyLinear"]) is not None
+    assert rebasin.trace.module_rule(namespace["MyLinear"]) is not None
     lines = out.splitlines()
     # declarative: the printed axes; REPAIR lists the hidden MyLinear as a producer (not the output layer)
     assert lines[0] == "('P0', None) ('P0',) (None, 'P0')"
@@ -43,7 +43,7 @@ def _check_extending(namespace: dict, out: str, blocks: list[str]) -> None:
     assert lines[3:5] == ["True", "True"]
     # the conditional rule shown on the page works as written
     grouped = namespace["grouped_layer_rule"]
-    with rebasin.registration_scope():
+    with rebasin.trace.registration_scope():
         rebasin.register_module(namespace["MyLinear"], params={"weight": ("out", "in"), "bias": ("out",)},
                                 rule=grouped, overwrite=True)
         spec = rebasin.spec_from_model(torch.nn.Sequential(namespace["MyLinear"](3, 5), torch.nn.ReLU(),
@@ -71,7 +71,7 @@ def test_page_runs_as_written(page, capsys, monkeypatch):
     registered = set(rebasin.matcher_names())
     try:
         # a page's layer rules and matchers must not leak into other tests, even when it fails half-way
-        with rebasin.registration_scope():
+        with rebasin.trace.registration_scope():
             for i, block in enumerate(blocks):
                 try:
                     exec(compile(block, f"{page} block {i}", "exec"), namespace)  # noqa: S102 - our own docs
@@ -80,9 +80,9 @@ def test_page_runs_as_written(page, capsys, monkeypatch):
             RUNNABLE_PAGES[page](namespace, capsys.readouterr().out, blocks)
     finally:
         for name in set(rebasin.matcher_names()) - registered:
-            rebasin.unregister_matcher(name)
+            rebasin.matching.unregister_matcher(name)
     if "MyLinear" in namespace:
-        assert rebasin.module_rule(namespace["MyLinear"]) is None
+        assert rebasin.trace.module_rule(namespace["MyLinear"]) is None
 
 
 def _setup_commands(text: str) -> list[str]:

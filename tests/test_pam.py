@@ -10,17 +10,16 @@ from torch.testing import assert_close
 
 from rebasin import (
     BezierCurve,
-    PolyChainCurve,
-    RebasinError,
-    check_permutations,
     evaluate_path,
     interpolate,
     invert,
-    matrix_to_perm,
     permute,
     random_permutation,
+    RebasinError,
     spec_from_model,
 )
+from rebasin.paths import PolyChainCurve
+from rebasin.spec import check_permutations, matrix_to_perm
 from rebasin._common import state_of
 from rebasin.apps.data import digits_tensors, tensor_loader
 from rebasin.apps.training import fit_classifier_, seeded_model

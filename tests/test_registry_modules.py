@@ -13,24 +13,19 @@ from torch.testing import assert_close
 
 import rebasin
 from rebasin import (
-    ModuleRule,
-    PermutationSpec,
-    RebasinError,
-    RebasinWarning,
-    RuleContext,
-    channel_stats,
     invert,
-    module_rule,
+    PermutationSpec,
     permute,
     random_permutation,
+    RebasinError,
+    RebasinWarning,
     register_module,
-    registration_scope,
     repair,
     spec_from_model,
-    trace_model,
-    weight_adjusted_path,
     weight_matching,
 )
+from rebasin.paths import channel_stats, weight_adjusted_path
+from rebasin.trace import module_rule, ModuleRule, registration_scope, RuleContext, trace_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.trace import registered_modules
 

@@ -13,18 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rebasin import (
-    BezierCurve,
-    PolyChainCurve,
-    evaluate_path,
-    fit_curve,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    mode_connectivity,
-    proximal_alternating_minimization,
-    reset_bn_stats,
-    weight_adjusted_path,
-)
+from rebasin import BezierCurve, evaluate_path, fit_curve, reset_bn_stats
+from rebasin.landscape import hessian_top_eigenvalue, hessian_trace, mode_connectivity
+from rebasin.paths import PolyChainCurve, proximal_alternating_minimization, weight_adjusted_path
 from rebasin._common import state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP

@@ -11,19 +11,16 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    RepairedPath,
-    channel_stats,
     evaluate_path,
     interpolate,
+    PermutationSpec,
+    RebasinError,
     repair,
-    repair_states,
-    repaired_path,
+    RepairedPath,
     reset_bn_stats,
-    reset_bn_stats_,
     spec_from_model,
 )
+from rebasin.paths import channel_stats, repair_states, repaired_path, reset_bn_stats_
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.training import evaluate, seeded_model
 

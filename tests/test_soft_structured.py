@@ -11,19 +11,9 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    SinkhornRebasin,
-    check_permutations,
-    invert,
-    perm_to_matrix,
-    permute,
-    random_permutation,
-    sinkhorn,
-    soft_permute,
-    structured_matrix,
-)
+from rebasin import invert, PermutationSpec, permute, random_permutation, RebasinError, SinkhornRebasin
+from rebasin.matching import sinkhorn
+from rebasin.spec import check_permutations, perm_to_matrix, soft_permute, structured_matrix
 from rebasin.spec import join_structured, split_structured
 
 pytestmark = pytest.mark.filterwarnings("ignore:sinkhorn did not converge")

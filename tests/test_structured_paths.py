@@ -11,18 +11,8 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    arc_interpolate,
-    channel_stats,
-    interpolate,
-    merge,
-    permute,
-    proximal_alternating_minimization,
-    random_permutation,
-    repair,
-)
+from rebasin import interpolate, merge, PermutationSpec, permute, random_permutation, RebasinError, repair
+from rebasin.paths import arc_interpolate, channel_stats, proximal_alternating_minimization
 from rebasin._common import state_of
 from rebasin.paths._repair_stats import producers
 from rebasin.spec import check_permutations

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rebasin import ModelTrace, PermutationSpec, RebasinError, RebasinWarning, permute, random_permutation, spec_from_model, trace_model
+from rebasin import (
+    PermutationSpec,
+    permute,
+    random_permutation,
+    RebasinError,
+    RebasinWarning,
+    spec_from_model,
+)
+from rebasin.trace import ModelTrace, trace_model
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.models import MLP, VGG, ResNet20
 

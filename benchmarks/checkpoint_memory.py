@@ -44,9 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
+from torch import nn  # noqa: E402
 
 from rebasin import PermutationSpec, open_checkpoint, save_permuted, weight_matching  # noqa: E402
 

@@ -27,15 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
-from rebasin import align# noqa: E402
-from rebasin import BezierCurve, fit_curve
-from rebasin.paths import ArcPath, PolyChainCurve
+from rebasin import (
+    BezierCurve,
+    RepairedPath,  # noqa: E402
+    align,  # noqa: E402
+    evaluate_path,  # noqa: E402
+    fit_curve,
+)
 from rebasin.apps.data import mnist_loaders  # noqa: E402
 from rebasin.apps.models import MLP  # noqa: E402
-from rebasin import evaluate_path# noqa: E402
-from rebasin.paths import plot_paths
-from rebasin import RepairedPath# noqa: E402
 from rebasin.apps.training import fit_classifier_, seeded_model  # noqa: E402
+from rebasin.paths import ArcPath, PolyChainCurve, plot_paths
 
 
 def main() -> None:

@@ -29,19 +29,19 @@ import torch.distributed as dist
 from torch import nn
 
 from rebasin import (
-    activation_matching,
     BezierCurve,
     BNResetPath,
+    LinearPath,
+    SinkhornRebasin,
+    activation_matching,
     evaluate_path,
     fit_curve,
-    LinearPath,
     repair,
     reset_bn_stats,
-    SinkhornRebasin,
     ste_matching,
 )
-from rebasin.paths import proximal_alternating_minimization
 from rebasin.landscape import cka
+from rebasin.paths import proximal_alternating_minimization
 from rebasin.paths.pam import ProximalStep
 from rebasin.trace import spec_from_model
 

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
 
 from rebasin import spec_from_model, weight_matching
-from rebasin.matching import sinkhorn
 from rebasin.apps.models import MLP  # noqa: E402
+from rebasin.matching import sinkhorn
 
 TITLE = "GPU next to CPU: weight matching and the Sinkhorn backward (gpu_timing)"
 

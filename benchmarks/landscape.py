@@ -36,13 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append_report, machine_summary, markdown_table, mnist_root  # noqa: E402
 
 from rebasin import evaluate_path, interpolate, permute, spec_from_model, weight_matching
-from rebasin.paths import ArcPath
 from rebasin._common import state_of  # noqa: E402
-from rebasin.matching import ot_matching
-from rebasin.paths import weight_adjusted_path
 from rebasin.apps.data import mnist_tensors, tensor_loader  # noqa: E402
 from rebasin.apps.models import MLP  # noqa: E402
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model  # noqa: E402
+from rebasin.matching import ot_matching
+from rebasin.paths import ArcPath, weight_adjusted_path
 
 
 def noisy_labels(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

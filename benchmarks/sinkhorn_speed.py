@@ -34,8 +34,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import rebasin.matching.sinkhorn_op as sk  # noqa: E402
 from _report import append_report, machine_summary, markdown_table  # noqa: E402
+
+import rebasin.matching.sinkhorn_op as sk  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- dense reference

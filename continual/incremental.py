@@ -44,10 +44,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin import PermutationSpec, RebasinError
+from rebasin.checks import check_positive
 from rebasin.matching import sinkhorn
 from rebasin.spec import matrix_to_perm
 
-from rebasin.checks import check_positive
 from .merging import check_alpha, midpoint_state, rebasin_il_state
 
 __all__ = ["ILSettings", "IncrementalRebasin", "INITS"]

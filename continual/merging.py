@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rebasin import evaluate_path, interpolate, LinearPath, PermutationSpec, permute, RebasinError
+from rebasin import LinearPath, PermutationSpec, RebasinError, evaluate_path, interpolate, permute
 from rebasin.spec import soft_permute
 
 __all__ = [

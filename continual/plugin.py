@@ -18,11 +18,20 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin import align, PermutationSpec, RebasinError, RebasinWarning
-from rebasin.matching import get_matcher
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, align
 from rebasin.datasets import tensor_loader
+from rebasin.matching import get_matcher
 
-from ._data import concat_tensors, find_replay_buffer, sample_tensors, spec_at_experience, subset, tensor_batches, tensors_at, trace_spec
+from ._data import (
+    concat_tensors,
+    find_replay_buffer,
+    sample_tensors,
+    spec_at_experience,
+    subset,
+    tensor_batches,
+    tensors_at,
+    trace_spec,
+)
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 

@@ -4,6 +4,11 @@ Everything works on full state_dicts (parameters *and* buffers); user modules ar
 unless a function name ends in ``_``. Every matcher returns ``{perm_name: LongTensor}`` such that
 ``permute(spec, perms, state_b)`` is close to ``state_a``.
 
+The top level holds the workflow and the main uses (``rebasin.__all__``: specs, the standard matchers and
+``align``, paths, REPAIR, merging, checkpoints); research methods, building blocks and result records live in
+the subpackages below, each with its own ``__all__`` (docs/architecture.md, "The top level"). Names that left
+the top level in 0.3 keep working here for one release, with a ``DeprecationWarning`` naming their home.
+
 The package is layered; each layer imports only the ones below it (``tests/test_layering.py`` checks it)::
 
     rebasin.apps          command line, demo, data, models, training helpers (not re-exported here)

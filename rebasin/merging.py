@@ -45,8 +45,8 @@ from ._distributed import Reducer, fingerprint, guarded, reducer
 from ._errors import RebasinError
 from .matching.alignment import Alignment
 from .matching.registry import get_matcher
-from .paths.linear import combine
 from .paths import repairing  # the module: merge(repair=...) is a flag, repairing.repair the function
+from .paths.linear import combine
 from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked

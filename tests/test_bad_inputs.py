@@ -21,10 +21,10 @@ from torch import nn
 
 import rebasin
 from rebasin import PermutationSpec, RebasinError
-from rebasin.matching import SinkhornConvergenceWarning, SinkhornInfo
 from rebasin._common import progress_bar, progress_counter, progress_enabled
 from rebasin.apps import training
 from rebasin.apps.models import MLP, SmallCNN
+from rebasin.matching import SinkhornConvergenceWarning, SinkhornInfo
 
 
 def first_line(err: pytest.ExceptionInfo[BaseException]) -> str:

@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from rebasin import (
-    open_checkpoint,
     PermutationSpec,
+    RebasinError,
+    open_checkpoint,
     permute,
     random_permutation,
-    RebasinError,
     save_permuted,
     spec_from_model,
     weight_matching,
 )
-from rebasin.spec import Checkpoint
 from rebasin.matching.weight_lazy import weight_matching_lazy
+from rebasin.spec import Checkpoint
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:

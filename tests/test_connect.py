@@ -10,20 +10,20 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
+    RebasinError,
     evaluate_path,
     interpolate,
     invert,
     permute,
     random_permutation,
-    RebasinError,
     spec_from_model,
 )
-from rebasin.matching import ot_matching
-from rebasin.paths import weight_adjusted_path, WeightAdjustedPath
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP, ResNet20, SmallCNN
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
+from rebasin.matching import ot_matching
+from rebasin.paths import WeightAdjustedPath, weight_adjusted_path
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

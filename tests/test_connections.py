@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rebasin import barrier, evaluate_path, RebasinError
-from rebasin.paths import fit_bijection_connection, fit_flow_connection, FlowConnection, NeuronFlow
+from rebasin import RebasinError, barrier, evaluate_path
 from rebasin.apps.models import MLP
+from rebasin.paths import FlowConnection, NeuronFlow, fit_bijection_connection, fit_flow_connection
 
 KINDS = ["realnvp", "iaf"]
 

@@ -12,18 +12,18 @@ from torch.testing import assert_close
 
 from rebasin import (
     BezierCurve,
+    PermutationSpec,
+    RebasinError,
     evaluate_path,
     fit_curve,
     interpolate,
-    PermutationSpec,
     permute,
     random_permutation,
-    RebasinError,
     spec_from_model,
 )
-from rebasin.paths import arc_interpolate, ArcPath, CurveFit, PolyChainCurve
 from rebasin._common import state_of
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
+from rebasin.paths import ArcPath, CurveFit, PolyChainCurve, arc_interpolate
 
 CURVES = [BezierCurve, PolyChainCurve]
 

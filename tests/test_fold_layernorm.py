@@ -15,9 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 from rebasin import RebasinError
-from rebasin.trace import fold_layernorm
 from rebasin.spec import apply_transforms, random_orthogonal
-from rebasin.trace import symmetry_kinds, trace_model
+from rebasin.trace import fold_layernorm, symmetry_kinds, trace_model
 
 T = pytest.importorskip("transformers")
 

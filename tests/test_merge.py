@@ -9,10 +9,10 @@ from torch import nn
 from torch.testing import assert_close
 
 import rebasin
-from rebasin import compare_merge, merge, permute, random_permutation, RebasinError, spec_from_model
-from rebasin.merging import MergeInfo
+from rebasin import RebasinError, compare_merge, merge, permute, random_permutation, spec_from_model
 from rebasin._common import state_of
 from rebasin.apps.training import fit_classifier_, seeded_model
+from rebasin.merging import MergeInfo
 
 
 def mlp() -> nn.Module:

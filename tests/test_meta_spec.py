@@ -15,15 +15,15 @@ from torch import nn
 import rebasin
 from rebasin import (
     PermutationSpec,
+    RebasinError,
     permute,
     random_permutation,
-    RebasinError,
     register_module,
     spec_from_model,
     weight_matching,
 )
-from rebasin.trace import registration_scope, trace_model
 from rebasin.apps.models import MLP, VGG, ResNet20, SmallCNN
+from rebasin.trace import registration_scope, trace_model
 
 
 class ConvBN(nn.Module):

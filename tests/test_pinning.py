@@ -20,15 +20,15 @@ from torch import nn
 import rebasin
 from rebasin import (
     PermutationSpec,
-    permute,
-    random_permutation,
     RebasinError,
     RebasinWarning,
+    permute,
+    random_permutation,
     spec_from_model,
     weight_matching,
 )
-from rebasin.spec import SpecCoverage
 from rebasin.apps.cli import main
+from rebasin.spec import SpecCoverage
 
 
 def _line(cls: type, text: str) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rebasin
-from rebasin import permute, random_permutation, RebasinError, register_matcher, spec_from_model
+from rebasin import RebasinError, permute, random_permutation, register_matcher, spec_from_model
 from rebasin.matching import unregister_matcher
 
 

@@ -13,21 +13,20 @@ from torch.testing import assert_close
 
 import rebasin
 from rebasin import (
-    invert,
     PermutationSpec,
-    permute,
-    random_permutation,
     RebasinError,
     RebasinWarning,
+    invert,
+    permute,
+    random_permutation,
     register_module,
     repair,
     spec_from_model,
     weight_matching,
 )
-from rebasin.paths import channel_stats, weight_adjusted_path
-from rebasin.trace import module_rule, ModuleRule, registration_scope, RuleContext, trace_model
 from rebasin._common import forward_with_state, state_of
-from rebasin.trace import registered_modules
+from rebasin.paths import channel_stats, weight_adjusted_path
+from rebasin.trace import ModuleRule, RuleContext, module_rule, registered_modules, registration_scope, trace_model
 
 
 # --------------------------------------------------------------------------- user layers

@@ -11,18 +11,18 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
-    evaluate_path,
-    interpolate,
     PermutationSpec,
     RebasinError,
-    repair,
     RepairedPath,
+    evaluate_path,
+    interpolate,
+    repair,
     reset_bn_stats,
     spec_from_model,
 )
-from rebasin.paths import channel_stats, repair_states, repaired_path, reset_bn_stats_
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.training import evaluate, seeded_model
+from rebasin.paths import channel_stats, repair_states, repaired_path, reset_bn_stats_
 
 
 def mlp(depth: int = 3, width: int = 16) -> nn.Module:

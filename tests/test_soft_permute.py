@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import PermutationSpec, permute, random_permutation, RebasinError
+from rebasin import PermutationSpec, RebasinError, permute, random_permutation
 from rebasin.matching import sinkhorn
 from rebasin.spec import matrix_to_perm, perm_to_matrix, soft_permute
 

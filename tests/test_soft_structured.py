@@ -11,10 +11,16 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import invert, PermutationSpec, permute, random_permutation, RebasinError, SinkhornRebasin
+from rebasin import PermutationSpec, RebasinError, SinkhornRebasin, invert, permute, random_permutation
 from rebasin.matching import sinkhorn
-from rebasin.spec import check_permutations, perm_to_matrix, soft_permute, structured_matrix
-from rebasin.spec import join_structured, split_structured
+from rebasin.spec import (
+    check_permutations,
+    join_structured,
+    perm_to_matrix,
+    soft_permute,
+    split_structured,
+    structured_matrix,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:sinkhorn did not converge")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import compose, invert, PermutationSpec, permute, random_permutation, RebasinError
+from rebasin import PermutationSpec, RebasinError, compose, invert, permute, random_permutation
 from rebasin.spec import check_permutations, identity_permutation
 
 

@@ -11,9 +11,9 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import interpolate, merge, PermutationSpec, permute, random_permutation, RebasinError, repair
-from rebasin.paths import arc_interpolate, channel_stats, proximal_alternating_minimization
+from rebasin import PermutationSpec, RebasinError, interpolate, merge, permute, random_permutation, repair
 from rebasin._common import state_of
+from rebasin.paths import arc_interpolate, channel_stats, proximal_alternating_minimization
 from rebasin.paths._repair_stats import producers
 from rebasin.spec import check_permutations
 

@@ -15,18 +15,18 @@ from torch.testing import assert_close
 
 import rebasin
 from rebasin import (
+    RebasinError,
     align,
     merge,
     permute,
     random_permutation,
-    RebasinError,
     register_matcher,
     spec_from_model,
     weight_matching,
 )
-from rebasin.matching import unregister_matcher
 from rebasin.apps.cli import main
 from rebasin.apps.demo import demo_methods
+from rebasin.matching import unregister_matcher
 
 
 def tanh_net() -> nn.Module:

@@ -52,8 +52,8 @@ from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, SpecCoverage
 from .dynamic import capture_dynamic, record_graph
 from .engine import Propagation
-from .pinning import perm_names, resolve_pins
 from .ops import INPLACE_FN
+from .pinning import perm_names, resolve_pins
 from .registry import trace_graph
 from .rules import AxisPerm
 from .shapes import example_for, record_shapes

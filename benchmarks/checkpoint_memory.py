@@ -7,7 +7,7 @@ peak resident memory (``VmHWM`` of ``/proc/self/status``) is its own:
 
 * ``in memory``: both checkpoints read into dicts (``dict(open_checkpoint(path))``), then
   :func:`rebasin.weight_matching` on the dicts (the cached, low-rank engine);
-* ``lazy``: :func:`rebasin.weight_matching` on the two :class:`rebasin.Checkpoint` mappings (the
+* ``lazy``: :func:`rebasin.weight_matching` on the two :class:`rebasin.spec.Checkpoint` mappings (the
   engine that reads one tensor of each model at a time);
 * ``save_permuted``: the lazy run's permutations applied to B and streamed to a new ``.safetensors``
   file by :func:`rebasin.save_permuted`.
@@ -22,7 +22,7 @@ a minute); ``--no-report`` skips writing the section of docs/benchmarks.md.
 
 ``--gpt2`` measures a transformer instead (needs ``transformers``): two random ``GPT2LMHeadModel(GPT2Config())``
 (12 layers, width 768, 12 heads; ``--n-positions`` 64), the spec traced from model A by
-:func:`rebasin.trace_model` in the parent process (heads as structured units, packed q;k;v as
+:func:`rebasin.trace.trace_model` in the parent process (heads as structured units, packed q;k;v as
 concatenations), the state_dicts' spec keys written as ``.safetensors``; the same three runs follow, each child
 reading the spec from a plain-data pickle. Its rows go to their own section of docs/benchmarks.md.
 """
@@ -74,7 +74,7 @@ def gpt2_spec_and_states(n_positions: int) -> tuple[PermutationSpec, dict, dict]
 
     import transformers
 
-    from rebasin import trace_model
+    from rebasin.trace import trace_model
 
     def build(seed: int) -> nn.Module:
         torch.manual_seed(seed)

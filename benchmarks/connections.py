@@ -107,21 +107,11 @@ def worst(model, path, loaders, num_points, device):
 def table(args, x, y, xt, yt, states):
     import json
 
-    from rebasin import (
-        ArcPath,
-        BezierCurve,
-        fit_bijection_connection,
-        fit_curve,
-        fit_flow_connection,
-        interpolate,
-        ot_matching,
-        permute,
-        spec_from_model,
-        weight_adjusted_path,
-        weight_matching,
-    )
+    from rebasin import BezierCurve, fit_curve, interpolate, permute, spec_from_model, weight_matching
     from rebasin.apps.data import tensor_loader
     from rebasin.apps.training import evaluate
+    from rebasin.matching import ot_matching
+    from rebasin.paths import ArcPath, fit_bijection_connection, fit_flow_connection, weight_adjusted_path
 
     device = torch.device(args.device)
     model = MLP(784, [args.width] * args.depth, 10).to(device)

@@ -9,7 +9,7 @@ Trains two MLPs (784-256-256-10, Adam 1e-3, different seeds), aligns B to A with
 (every matcher), aligned + REPAIR, the four curves and the arc (Anokhin & Yarotsky) between the
 aligned endpoints. Reports the minimum accuracy along each path and its max test error minus the
 endpoints' (the target for the curves: within 1 point). The table is appended to
-docs/benchmarks.md; ``--figure`` saves the accuracy plot (rebasin.plot_paths).
+docs/benchmarks.md; ``--figure`` saves the accuracy plot (rebasin.paths.plot_paths).
 """
 
 from __future__ import annotations
@@ -28,18 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append_report, machine_summary, markdown_table, mnist_root
 
 from rebasin import (
-    ArcPath,
     BezierCurve,
-    PolyChainCurve,
     RepairedPath,
     align,
     evaluate_path,
     fit_curve,
-    plot_paths,
 )
 from rebasin.apps.data import mnist_loaders
 from rebasin.apps.models import MLP
 from rebasin.apps.training import fit_classifier_, seeded_model
+from rebasin.paths import ArcPath, PolyChainCurve, plot_paths
 
 
 def main() -> None:

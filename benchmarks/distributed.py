@@ -36,12 +36,12 @@ from rebasin import (
     activation_matching,
     evaluate_path,
     fit_curve,
-    proximal_alternating_minimization,
     repair,
     reset_bn_stats,
     ste_matching,
 )
 from rebasin.landscape import cka
+from rebasin.paths import proximal_alternating_minimization
 from rebasin.paths.pam import ProximalStep
 from rebasin.trace import spec_from_model
 

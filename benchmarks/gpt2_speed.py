@@ -3,7 +3,7 @@
 Two ``GPT2LMHeadModel(GPT2Config(n_positions=...))`` are initialised from two seeds (random weights, no
 download). The script times
 
-* ``trace``: :func:`rebasin.trace_model` on model A (the dynamic tracer: torch.fx cannot trace it),
+* ``trace``: :func:`rebasin.trace.trace_model` on model A (the dynamic tracer: torch.fx cannot trace it),
   including the functional check ``spec.check`` that makes the spec exact, and ``trace (no check)``;
 * ``weight matching``: :func:`rebasin.weight_matching` of A and B (``return_info=True`` for the sweeps);
 * the floor, the primitives weight matching cannot avoid, each timed alone: ``floor_matmul``, one
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import append_report, machine_summary, markdown_table
 
 import rebasin
-from rebasin import trace_model
+from rebasin.trace import trace_model
 
 
 def build(seed: int, n_positions: int) -> torch.nn.Module:

@@ -6,7 +6,7 @@ Rows:
   device, :func:`rebasin.weight_matching` with ``seed=0`` and at most ``--wm-iter`` sweeps. ``agrees``: the
   permutations are identical to the CPU run's.
 * ``sinkhorn``: a batch of ``--batch`` random ``n x n`` logit matrices (``n`` in ``--sizes``),
-  :func:`rebasin.sinkhorn` with ``grad="implicit"``, ``--sk-iter`` log-domain sweeps (no early stop),
+  :func:`rebasin.matching.sinkhorn` with ``grad="implicit"``, ``--sk-iter`` log-domain sweeps (no early stop),
   then the backward of ``sum(S * W)``. ``agrees``: the gradient's max |diff| / max |CPU gradient|.
 
 Times are medians over ``--repeats`` runs after one warm-up run (the first CUDA call pays for kernel loading);
@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import append_report, machine_summary, markdown_table
 
-from rebasin import sinkhorn, spec_from_model, weight_matching
+from rebasin import spec_from_model, weight_matching
 from rebasin.apps.models import MLP
+from rebasin.matching import sinkhorn
 
 TITLE = "GPU next to CPU: weight matching and the Sinkhorn backward (gpu_timing)"
 

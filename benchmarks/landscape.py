@@ -35,20 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root
 
-from rebasin import (
-    ArcPath,
-    evaluate_path,
-    interpolate,
-    ot_matching,
-    permute,
-    spec_from_model,
-    weight_adjusted_path,
-    weight_matching,
-)
+from rebasin import evaluate_path, interpolate, permute, spec_from_model, weight_matching
 from rebasin._common import state_of
 from rebasin.apps.data import mnist_tensors, tensor_loader
 from rebasin.apps.models import MLP
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
+from rebasin.matching import ot_matching
+from rebasin.paths import ArcPath, weight_adjusted_path
 
 
 def noisy_labels(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -71,7 +64,7 @@ def train_pair(factory, x, y, *, epochs, seed, device):
 
 
 def part_metrics(args, data, device) -> tuple[str, str]:
-    from rebasin import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
+    from rebasin.landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
 
     (x, y), (xt, yt) = data
     factory = lambda: MLP(784, [512, 512], 10)  # noqa: E731 - a one-line model factory

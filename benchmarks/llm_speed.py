@@ -3,7 +3,7 @@
 Two ``LlamaForCausalLM`` models (default: 12 layers, width 768, 12 query heads and 4 key/value heads,
 intermediate 2048, vocabulary 32000) are initialised from two seeds. The script times
 
-* ``trace``: :func:`rebasin.trace_model` on model A (the dynamic tracer), with the functional check
+* ``trace``: :func:`rebasin.trace.trace_model` on model A (the dynamic tracer), with the functional check
   ``spec.check`` that makes the spec exact, and without it;
 * ``weight matching``: :func:`rebasin.weight_matching` of A and B;
 * the floor, as in ``gpt2_speed.py`` (its ``trace_and_match`` times all of this): one sweep of similarity matmuls over every

@@ -3,7 +3,7 @@
 For each size ``n`` the same forward (``n_iter`` log-domain sweeps, no early stop) is followed by
 a backward of ``sum(S * W)`` with
 
-* ``implicit``  -- :func:`rebasin.sinkhorn` with ``grad="implicit"`` (saves only ``S``; n x n Schur
+* ``implicit``  -- :func:`rebasin.matching.sinkhorn` with ``grad="implicit"`` (saves only ``S``; n x n Schur
   complement solved by conjugate gradient, Cholesky as fallback),
 * ``implicit-cholesky`` -- the same with conjugate gradient switched off: the fallback path alone,
   i.e. forming the Schur complement and factorising it,

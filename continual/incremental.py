@@ -43,8 +43,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rebasin import PermutationSpec, RebasinError, matrix_to_perm, sinkhorn
+from rebasin import PermutationSpec, RebasinError
 from rebasin.checks import check_positive
+from rebasin.matching import sinkhorn
+from rebasin.spec import matrix_to_perm
 
 from .merging import check_alpha, midpoint_state, rebasin_il_state
 
@@ -68,7 +70,7 @@ class ILSettings:
     residual_lr, residual_weight_decay
         Learning rate and decoupled weight decay of the residual :math:`\\delta` (AdamW).
     tau, n_iter
-        Sinkhorn temperature and iterations (:func:`rebasin.sinkhorn`, implicit backward).
+        Sinkhorn temperature and iterations (:func:`rebasin.matching.sinkhorn`, implicit backward).
     init, init_scale
         Initial logits: ``init_scale`` times the identity (``"identity"``, start at the previous
         model) or times a random permutation matrix (``"random"``, drawn from the step's seed).

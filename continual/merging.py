@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rebasin import LinearPath, PermutationSpec, RebasinError, evaluate_path, interpolate, permute, soft_permute
+from rebasin import LinearPath, PermutationSpec, RebasinError, evaluate_path, interpolate, permute
+from rebasin.spec import soft_permute
 
 __all__ = [
     "AlphaChoice",
@@ -325,7 +326,7 @@ def midpoint_state(
     state_prev
         Previous model's full state_dict (not mutated; no gradient needed).
     matrices
-        ``{perm: (n, n) doubly stochastic matrix}`` (e.g. :func:`rebasin.sinkhorn` of logits).
+        ``{perm: (n, n) doubly stochastic matrix}`` (e.g. :func:`rebasin.matching.sinkhorn` of logits).
     delta
         Residuals added to some floating entries (same shapes), or None.
 

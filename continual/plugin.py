@@ -18,8 +18,9 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor, nn
 
-from rebasin import PermutationSpec, RebasinError, RebasinWarning, align, get_matcher
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, align
 from rebasin.datasets import tensor_loader
+from rebasin.matching import get_matcher
 
 from ._data import (
     concat_tensors,

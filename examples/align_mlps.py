@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    rebasin.plot_paths(paths, metric="loss", ax=axes[0], title="test loss")
-    rebasin.plot_paths(paths, metric="accuracy", ax=axes[1], title="test accuracy")
+    rebasin.paths.plot_paths(paths, metric="loss", ax=axes[0], title="test loss")
+    rebasin.paths.plot_paths(paths, metric="accuracy", ax=axes[1], title="test accuracy")
     fig.savefig(out / "paths.png", dpi=110)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'paths.png'} and {out / 'results.json'}")

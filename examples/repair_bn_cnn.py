@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig = rebasin.plot_paths(paths, metric="loss", title="test loss, VGG-BN on 8x8 digits")
+    fig = rebasin.paths.plot_paths(paths, metric="loss", title="test loss, VGG-BN on 8x8 digits")
     fig.savefig(out / "paths.png", dpi=110)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'paths.png'} and {out / 'results.json'}")

@@ -4,6 +4,11 @@ Everything works on full state_dicts (parameters *and* buffers); user modules ar
 unless a function name ends in ``_``. Every matcher returns ``{perm_name: LongTensor}`` such that
 ``permute(spec, perms, state_b)`` is close to ``state_a``.
 
+The top level holds the workflow and the main uses (``rebasin.__all__``: specs, the standard matchers and
+``align``, paths, REPAIR, merging, checkpoints); research methods, building blocks and result records live in
+the subpackages below, each with its own ``__all__`` (docs/architecture.md, "The top level"). Names that left
+the top level in 0.3 keep working here for one release, with a ``DeprecationWarning`` naming their home.
+
 The package is layered; each layer imports only the ones below it (``tests/test_layering.py`` checks it)::
 
     rebasin.apps          command line, demo, data, models, training helpers (not re-exported here)
@@ -22,138 +27,65 @@ import warnings
 from typing import Any
 
 from ._errors import RebasinError, RebasinWarning
-from .landscape import (
-    HessianEigenvalue,
-    HessianTrace,
-    ModeConnectivity,
-    cka,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    mode_connectivity,
-)
 from .matching import (
-    SINKHORN_GRADS,
-    ActivationMatchingInfo,
     Alignment,
-    Matcher,
     MatchResult,
-    SinkhornConvergenceWarning,
-    SinkhornInfo,
     SinkhornRebasin,
-    STEInfo,
-    WeightMatchingInfo,
-    activation_correlations,
     activation_matching,
     align,
-    get_matcher,
     matcher_names,
-    ot_matching,
     register_matcher,
-    sinkhorn,
     ste_matching,
-    unregister_matcher,
     weight_matching,
 )
-from .merging import MergeComparison, MergeInfo, compare_merge, merge, merge_checkpoints
+from .merging import compare_merge, merge, merge_checkpoints
 from .paths import (
-    WA_PATHS,
-    ArcPath,
     BezierCurve,
-    ChannelStats,
-    CurveFit,
-    FlowConnection,
-    FlowPath,
-    NeuronFlow,
-    PAMResult,
-    PathResult,
-    PolyChainCurve,
-    ProximalStep,
     BNResetPath,
     LinearPath,
+    PathResult,
     RepairedPath,
     StatePath,
-    WeightAdjustedPath,
-    arc_interpolate,
     barrier,
-    channel_stats,
     evaluate_path,
-    fit_bijection_connection,
     fit_curve,
-    fit_flow_connection,
     interpolate,
-    plot_paths,
-    proximal_alternating_minimization,
     repair,
-    repair_states,
-    repaired_path,
     reset_bn_stats,
-    reset_bn_stats_,
-    weight_adjusted_path,
 )
 from .spec import (
-    Checkpoint,
     PermutationSpec,
-    SpecCoverage,
-    check_permutations,
     compose,
-    identity_permutation,
     invert,
-    matrix_to_perm,
     open_checkpoint,
     open_pretrained,
-    perm_to_matrix,
     permute,
     random_permutation,
     save_permuted,
-    save_state,
     save_pretrained_permuted,
-    soft_permute,
-    structured_matrix,
+    save_state,
 )
-from .trace import (
-    AxisPerm,
-    ModelTrace,
-    ModuleRule,
-    fold_layernorm,
-    RuleContext,
-    module_rule,
-    register_module,
-    registration_scope,
-    spec_from_model,
-    spec_from_pretrained,
-    trace_model,
-)
+from .trace import register_module, spec_from_model, spec_from_pretrained
 
 __version__ = "0.2.0"
 
+# The top level holds the ten-line workflow and the main uses (docs/architecture.md, "The top level"); research
+# methods, building blocks and result records live in their subpackage, in its __all__.
 __all__ = [
     "RebasinError",
     "RebasinWarning",
     # specs and permutations
     "PermutationSpec",
-    "SpecCoverage",
     "spec_from_model",
-    "trace_model",
-    "ModelTrace",
     "register_module",
-    "registration_scope",
-    "module_rule",
-    "ModuleRule",
-    "RuleContext",
-    "AxisPerm",
-    "fold_layernorm",
     "permute",
     "invert",
     "compose",
     "random_permutation",
-    "identity_permutation",
-    "check_permutations",
-    # checkpoints on disk
+    # checkpoints and Hugging Face model folders on disk
     "open_checkpoint",
-    "Checkpoint",
     "save_permuted",
     "save_state",
-    # Hugging Face model folders (save_pretrained's layout) on disk
     "open_pretrained",
     "spec_from_pretrained",
     "save_pretrained_permuted",
@@ -161,96 +93,116 @@ __all__ = [
     "align",
     "Alignment",
     "register_matcher",
-    "unregister_matcher",
-    "get_matcher",
     "matcher_names",
-    "Matcher",
     "MatchResult",
     "weight_matching",
-    "WeightMatchingInfo",
     "activation_matching",
-    "activation_correlations",
-    "ActivationMatchingInfo",
     "ste_matching",
-    "STEInfo",
-    "ot_matching",
-    # sinkhorn re-basin
-    "sinkhorn",
-    "SINKHORN_GRADS",
-    "SinkhornInfo",
-    "SinkhornConvergenceWarning",
-    "soft_permute",
-    "structured_matrix",
-    "perm_to_matrix",
-    "matrix_to_perm",
     "SinkhornRebasin",
     # paths, barriers, REPAIR, curves
     "interpolate",
     "evaluate_path",
+    "barrier",
     "PathResult",
     "StatePath",
     "LinearPath",
     "BNResetPath",
-    "barrier",
-    "reset_bn_stats",
-    "reset_bn_stats_",
-    "repair",
-    "repair_states",
-    "repaired_path",
     "RepairedPath",
-    "channel_stats",
-    "ChannelStats",
+    "repair",
+    "reset_bn_stats",
     "BezierCurve",
-    "PolyChainCurve",
     "fit_curve",
-    "CurveFit",
-    "arc_interpolate",
-    "ArcPath",
-    "weight_adjusted_path",
-    "WeightAdjustedPath",
-    "WA_PATHS",
-    "fit_flow_connection",
-    "fit_bijection_connection",
-    "FlowConnection",
-    "FlowPath",
-    "NeuronFlow",
-    "proximal_alternating_minimization",
-    "PAMResult",
-    "ProximalStep",
-    "plot_paths",
-    # uses
+    # merging
     "merge",
     "merge_checkpoints",
-    "MergeInfo",
     "compare_merge",
-    "MergeComparison",
-    "mode_connectivity",
-    "ModeConnectivity",
-    "cka",
-    "hessian_top_eigenvalue",
-    "HessianEigenvalue",
-    "hessian_trace",
-    "HessianTrace",
 ]
 
-# Names that left the top level in 0.2 (training helpers now live in rebasin.apps.training); they keep
-# working for one release with a DeprecationWarning.
+_SUBPACKAGES = ["spec", "trace", "matching", "paths", "merging", "landscape"]
+
+# Names that left the top level; each keeps working for one release with a DeprecationWarning that names its
+# home (0.2: the training helpers; 0.3: every name outside the small top level, issue 28).
 _MOVED = {
     "fit_classifier_": "rebasin.apps.training",
     "evaluate": "rebasin.apps.training",
     "seeded_model": "rebasin.apps.training",
+    "SpecCoverage": "rebasin.spec",
+    "trace_model": "rebasin.trace",
+    "ModelTrace": "rebasin.trace",
+    "registration_scope": "rebasin.trace",
+    "module_rule": "rebasin.trace",
+    "ModuleRule": "rebasin.trace",
+    "RuleContext": "rebasin.trace",
+    "AxisPerm": "rebasin.trace",
+    "fold_layernorm": "rebasin.trace",
+    "identity_permutation": "rebasin.spec",
+    "check_permutations": "rebasin.spec",
+    "Checkpoint": "rebasin.spec",
+    "unregister_matcher": "rebasin.matching",
+    "get_matcher": "rebasin.matching",
+    "Matcher": "rebasin.matching",
+    "WeightMatchingInfo": "rebasin.matching",
+    "activation_correlations": "rebasin.matching",
+    "ActivationMatchingInfo": "rebasin.matching",
+    "STEInfo": "rebasin.matching",
+    "ot_matching": "rebasin.matching",
+    "sinkhorn": "rebasin.matching",
+    "SINKHORN_GRADS": "rebasin.matching",
+    "SinkhornInfo": "rebasin.matching",
+    "SinkhornConvergenceWarning": "rebasin.matching",
+    "soft_permute": "rebasin.spec",
+    "structured_matrix": "rebasin.spec",
+    "perm_to_matrix": "rebasin.spec",
+    "matrix_to_perm": "rebasin.spec",
+    "reset_bn_stats_": "rebasin.paths",
+    "repair_states": "rebasin.paths",
+    "repaired_path": "rebasin.paths",
+    "channel_stats": "rebasin.paths",
+    "ChannelStats": "rebasin.paths",
+    "PolyChainCurve": "rebasin.paths",
+    "CurveFit": "rebasin.paths",
+    "arc_interpolate": "rebasin.paths",
+    "ArcPath": "rebasin.paths",
+    "weight_adjusted_path": "rebasin.paths",
+    "WeightAdjustedPath": "rebasin.paths",
+    "WA_PATHS": "rebasin.paths",
+    "fit_flow_connection": "rebasin.paths",
+    "fit_bijection_connection": "rebasin.paths",
+    "FlowConnection": "rebasin.paths",
+    "FlowPath": "rebasin.paths",
+    "NeuronFlow": "rebasin.paths",
+    "proximal_alternating_minimization": "rebasin.paths",
+    "PAMResult": "rebasin.paths",
+    "ProximalStep": "rebasin.paths",
+    "plot_paths": "rebasin.paths",
+    "MergeInfo": "rebasin.merging",
+    "MergeComparison": "rebasin.merging",
+    "mode_connectivity": "rebasin.landscape",
+    "ModeConnectivity": "rebasin.landscape",
+    "cka": "rebasin.landscape",
+    "hessian_top_eigenvalue": "rebasin.landscape",
+    "HessianEigenvalue": "rebasin.landscape",
+    "hessian_trace": "rebasin.landscape",
+    "HessianTrace": "rebasin.landscape",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
+    import importlib
 
+    if name in _SUBPACKAGES:  # rebasin.landscape after a bare `import rebasin`: loaded on first use
+        return importlib.import_module(f"rebasin.{name}")
+    if name in _MOVED:
         where = _MOVED[name]
         warnings.warn(
-            f"rebasin.{name} moved to {where}.{name}; the top-level name is removed in the next release",
+            f"rebasin.{name} is deprecated; use {where}.{name} (the top-level name is removed in the next release)",
             DeprecationWarning,
             stacklevel=2,
         )
         return getattr(importlib.import_module(where), name)
     raise AttributeError(f"module 'rebasin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # tab completion shows the small top level and the subpackages, not the deprecated names
+    return sorted([*__all__, *_SUBPACKAGES, "__version__"])

@@ -540,7 +540,7 @@ def merge_checkpoints(
         Permutation spec of the architecture.
     sources
         Two or more checkpoint paths (``.safetensors`` / ``.pt``), Hugging Face model folders, or mappings
-        (:class:`rebasin.Checkpoint`, :class:`rebasin.spec.PretrainedFolder`, state_dicts) with the same keys
+        (:class:`rebasin.spec.Checkpoint`, :class:`rebasin.spec.PretrainedFolder`, state_dicts) with the same keys
         and shapes.
     path
         Output file, in the format its extension names: ``.safetensors`` (streamed) or a torch

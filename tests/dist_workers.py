@@ -210,7 +210,7 @@ def curve_fit(loader: list[Any], **kw: Any) -> Any:
 
 
 def pam(loader: list[Any], **kw: Any) -> Any:
-    from rebasin import proximal_alternating_minimization
+    from rebasin.paths import proximal_alternating_minimization
     from rebasin.paths.pam import ProximalStep
 
     a, b = models()

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import RebasinError, invert, permute, random_permutation, spec_from_model, trace_model
+from rebasin import RebasinError, invert, permute, random_permutation, spec_from_model
 from rebasin.apps.models import MLP, VGG, ResNet20
 from rebasin.matching.activation import activation_correlations, activation_matching, correlation_from_moments
+from rebasin.trace import trace_model
 
 
 def _randomize_norms_(model: nn.Module, seed: int) -> nn.Module:

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import rebasin
-from rebasin import PermutationSpec, RebasinError, SinkhornConvergenceWarning, SinkhornInfo
+from rebasin import PermutationSpec, RebasinError
 from rebasin._common import progress_bar, progress_counter, progress_enabled
 from rebasin.apps import training
 from rebasin.apps.models import MLP, SmallCNN
+from rebasin.matching import SinkhornConvergenceWarning, SinkhornInfo
 
 
 def first_line(err: pytest.ExceptionInfo[BaseException]) -> str:
@@ -221,9 +222,9 @@ def test_modules_where_state_dicts_are_expected(pair):
     for call in (
         lambda: rebasin.interpolate(a, b, 0.5),
         lambda: rebasin.evaluate_path(a, a, b, [(x, y)], num_points=3),
-        lambda: rebasin.ot_matching(spec, a, b),
+        lambda: rebasin.matching.ot_matching(spec, a, b),
         lambda: rebasin.repair(a, a, b, 0.5, [(x, y)], spec=spec),
-        lambda: rebasin.weight_adjusted_path(a, a, b, x, spec=spec),
+        lambda: rebasin.paths.weight_adjusted_path(a, a, b, x, spec=spec),
     ):
         with pytest.raises(RebasinError, match=r"^state_a must be a state_dict .* got the module Sequential"):
             call()
@@ -306,26 +307,26 @@ def _empty_loader_calls(a, b, x, y, spec):
     sa, sb = (None, None) if a is None else (a.state_dict(), b.state_dict())
     return {
         "activation_matching": lambda: rebasin.activation_matching(a, b, [], spec=spec),
-        "activation_correlations": lambda: rebasin.activation_correlations(a, b, [], spec=spec),
+        "activation_correlations": lambda: rebasin.matching.activation_correlations(a, b, [], spec=spec),
         "activation_matching (traced)": lambda: rebasin.activation_matching(a, b, []),
         "reset_bn_stats": lambda: rebasin.reset_bn_stats(a, sa, []),
-        "reset_bn_stats_": lambda: rebasin.reset_bn_stats_(copy.deepcopy(a), []),
+        "reset_bn_stats_": lambda: rebasin.paths.reset_bn_stats_(copy.deepcopy(a), []),
         "repair": lambda: rebasin.repair(a, sa, sb, 0.5, [], spec=spec),
-        "repair_states": lambda: rebasin.repair_states(a, [sa, sb], [0.5, 0.5], [], spec=spec),
-        "repaired_path": lambda: rebasin.repaired_path(a, sa, sb, [], spec=spec).state_dict_at(0.5),
-        "channel_stats": lambda: rebasin.channel_stats(a, sa, [], spec=spec),
+        "repair_states": lambda: rebasin.paths.repair_states(a, [sa, sb], [0.5, 0.5], [], spec=spec),
+        "repaired_path": lambda: rebasin.paths.repaired_path(a, sa, sb, [], spec=spec).state_dict_at(0.5),
+        "channel_stats": lambda: rebasin.paths.channel_stats(a, sa, [], spec=spec),
         "evaluate_path": lambda: rebasin.evaluate_path(a, sa, sb, [], num_points=3),
         "evaluate_path bn_loader": lambda: rebasin.evaluate_path(a, sa, sb, [(x, y)], num_points=3, bn_loader=[]),
         "evaluate_path repair_loader": lambda: rebasin.evaluate_path(
             a, sa, sb, [(x, y)], num_points=3, repair=True, repair_loader=[], spec=spec),
         "merge": lambda: rebasin.merge([a, b], loader=[], spec=spec),
         "merge activation": lambda: rebasin.merge([a, b], method="activation_matching", loader=[], spec=spec),
-        "cka": lambda: rebasin.cka(a, b, []),
-        "mode_connectivity": lambda: rebasin.mode_connectivity(a, sa, sb, [], curve="linear", num_points=3),
-        "mode_connectivity fit_loader": lambda: rebasin.mode_connectivity(
+        "cka": lambda: rebasin.landscape.cka(a, b, []),
+        "mode_connectivity": lambda: rebasin.landscape.mode_connectivity(a, sa, sb, [], curve="linear", num_points=3),
+        "mode_connectivity fit_loader": lambda: rebasin.landscape.mode_connectivity(
             a, sa, sb, [(x, y)], curve="bezier", fit_loader=[], epochs=1, num_points=3),
         "fit_curve": lambda: rebasin.fit_curve(a, rebasin.BezierCurve(sa, sb), [], epochs=1),
-        "proximal_alternating_minimization": lambda: rebasin.proximal_alternating_minimization(
+        "proximal_alternating_minimization": lambda: rebasin.paths.proximal_alternating_minimization(
             a, sa, sb, [], spec=spec, rounds=1, theta_steps=1),
         "ste_matching": lambda: rebasin.ste_matching(a, b, [], spec=spec),
         "SinkhornRebasin.fit": lambda: rebasin.SinkhornRebasin(a, b, spec=spec, cost="midpoint").fit([]),
@@ -373,7 +374,7 @@ def test_sinkhorn_in_a_training_loop_warns_once_per_call_site():
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("default")  # Python's default: once per (text, category, location)
         for _ in range(400):
-            s = rebasin.sinkhorn(logits * 3 + 0.1 * torch.randn(16, 16), tau=0.01, n_iter=20)
+            s = rebasin.matching.sinkhorn(logits * 3 + 0.1 * torch.randn(16, 16), tau=0.01, n_iter=20)
             (s * torch.randn(16, 16)).sum().backward()
             opt.step()
             opt.zero_grad()
@@ -388,17 +389,17 @@ def test_sinkhorn_in_a_training_loop_warns_once_per_call_site():
 def test_sinkhorn_return_info_gives_the_residual():
     torch.manual_seed(0)
     logits = torch.randn(6, 6)
-    s, info = rebasin.sinkhorn(logits, tau=1.0, n_iter=500, return_info=True)
+    s, info = rebasin.matching.sinkhorn(logits, tau=1.0, n_iter=500, return_info=True)
     assert isinstance(info, SinkhornInfo) and info.converged and info.residual <= 1e-6
     assert info.n_iter < 500 and torch.allclose(s.sum(-1), torch.ones(6), atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, info = rebasin.sinkhorn(logits * 50, tau=0.01, n_iter=3, return_info=True, warn=False)
+        _, info = rebasin.matching.sinkhorn(logits * 50, tau=0.01, n_iter=3, return_info=True, warn=False)
     assert info.converged is False and info.residual > 1e-6 and info.n_iter == 3
-    _, info = rebasin.sinkhorn(logits, n_iter=7, tol=None, return_info=True)
+    _, info = rebasin.matching.sinkhorn(logits, n_iter=7, tol=None, return_info=True)
     assert info == SinkhornInfo(residual=None, n_iter=7, converged=None)
-    plain = rebasin.sinkhorn(logits, n_iter=7, warn=False)
-    assert torch.equal(plain, rebasin.sinkhorn(logits, n_iter=7, warn=False, return_info=True)[0])
+    plain = rebasin.matching.sinkhorn(logits, n_iter=7, warn=False)
+    assert torch.equal(plain, rebasin.matching.sinkhorn(logits, n_iter=7, warn=False, return_info=True)[0])
 
 
 # ------------------------------------------------------------------------------------------ progress bars
@@ -433,7 +434,7 @@ def test_library_calls_draw_no_bar_when_stderr_is_not_a_terminal(pair, monkeypat
         rebasin.fit_curve(a, rebasin.BezierCurve(sa, sb), data, epochs=2)
         rebasin.ste_matching(a, b, data, spec=spec)
         rebasin.evaluate_path(a, sa, sb, data, num_points=3)
-        rebasin.mode_connectivity(a, sa, sb, data, curve="linear", num_points=3)
+        rebasin.landscape.mode_connectivity(a, sa, sb, data, curve="linear", num_points=3)
         training.fit_classifier_(copy.deepcopy(a), data, epochs=1)
     assert log.getvalue() == ""
 
@@ -496,5 +497,5 @@ def test_fold_layernorm_of_a_post_ln_block():
 
     torch.manual_seed(0)
     with pytest.raises(RebasinError) as err:
-        rebasin.fold_layernorm(PostLN(), torch.randn(2, 3))
+        rebasin.trace.fold_layernorm(PostLN(), torch.randn(2, 3))
     assert first_line(err).startswith("fold_layernorm: cannot fold the LayerNorm 'norm': its output goes into add")

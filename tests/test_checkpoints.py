@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from rebasin import (
-    Checkpoint,
     PermutationSpec,
     RebasinError,
     open_checkpoint,
@@ -22,6 +21,7 @@ from rebasin import (
     weight_matching,
 )
 from rebasin.matching.weight_lazy import weight_matching_lazy
+from rebasin.spec import Checkpoint
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:

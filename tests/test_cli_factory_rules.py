@@ -69,7 +69,7 @@ def factory_module(tmp_path, monkeypatch):
         return name
 
     monkeypatch.chdir(tmp_path)
-    with rebasin.registration_scope():
+    with rebasin.trace.registration_scope():
         yield write
     for name in names:
         sys.modules.pop(name, None)

@@ -11,20 +11,19 @@ from torch.testing import assert_close
 
 from rebasin import (
     RebasinError,
-    WeightAdjustedPath,
     evaluate_path,
     interpolate,
     invert,
-    ot_matching,
     permute,
     random_permutation,
     spec_from_model,
-    weight_adjusted_path,
 )
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP, ResNet20, SmallCNN
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
+from rebasin.matching import ot_matching
+from rebasin.paths import WeightAdjustedPath, weight_adjusted_path
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -8,16 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rebasin import (
-    FlowConnection,
-    NeuronFlow,
-    RebasinError,
-    barrier,
-    evaluate_path,
-    fit_bijection_connection,
-    fit_flow_connection,
-)
+from rebasin import RebasinError, barrier, evaluate_path
 from rebasin.apps.models import MLP
+from rebasin.paths import FlowConnection, NeuronFlow, fit_bijection_connection, fit_flow_connection
 
 KINDS = ["realnvp", "iaf"]
 

@@ -307,7 +307,7 @@ def test_merge_equals_the_cpu_merge(device, method):
 @pytest.mark.parametrize("device", DEVICES)
 def test_pam_equals_the_cpu_run(device):
     """One round (its outputs do not hinge on a backtracking decision that float rounding could flip)."""
-    from rebasin import proximal_alternating_minimization
+    from rebasin.paths import proximal_alternating_minimization
 
     a, b, _ = planted()
     sa, sb = a.state_dict(), b.state_dict()

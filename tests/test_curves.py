@@ -11,13 +11,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import (
-    ArcPath,
     BezierCurve,
-    CurveFit,
     PermutationSpec,
-    PolyChainCurve,
     RebasinError,
-    arc_interpolate,
     evaluate_path,
     fit_curve,
     interpolate,
@@ -27,6 +23,7 @@ from rebasin import (
 )
 from rebasin._common import state_of
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
+from rebasin.paths import ArcPath, CurveFit, PolyChainCurve, arc_interpolate
 
 CURVES = [BezierCurve, PolyChainCurve]
 

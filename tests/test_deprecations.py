@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", ["fit_classifier_", "evaluate", "seeded_model"])
 def test_training_helpers_left_the_top_level_with_a_warning(name):
     assert name not in rebasin.__all__
-    with pytest.warns(DeprecationWarning, match=rf"rebasin\.{name} moved to rebasin\.apps\.training\.{name}"):
+    with pytest.warns(DeprecationWarning, match=rf"rebasin\.{name} is deprecated; use rebasin\.apps\.training\.{name}"):
         value = getattr(rebasin, name)
     assert value is getattr(training, name)
 
@@ -73,6 +73,72 @@ def test_docs_and_examples_use_the_new_names():
     assert not found, found
 
 
+# ------------------------------------------------------------------ 0.3: the small top level (issue 28)
+#: Every name that left the top level in 0.3, by its home (each is in the home's ``__all__``).
+MOVED_IN_0_3 = {
+    "rebasin.spec": ("SpecCoverage", "identity_permutation", "check_permutations", "Checkpoint", "soft_permute",
+        "structured_matrix", "perm_to_matrix", "matrix_to_perm",),
+    "rebasin.trace": ("trace_model", "ModelTrace", "registration_scope", "module_rule", "ModuleRule",
+        "RuleContext", "AxisPerm", "fold_layernorm",),
+    "rebasin.matching": ("unregister_matcher", "get_matcher", "Matcher", "WeightMatchingInfo",
+        "activation_correlations", "ActivationMatchingInfo", "STEInfo", "ot_matching", "sinkhorn",
+        "SINKHORN_GRADS", "SinkhornInfo", "SinkhornConvergenceWarning",),
+    "rebasin.paths": ("reset_bn_stats_", "repair_states", "repaired_path", "channel_stats", "ChannelStats",
+        "PolyChainCurve", "CurveFit", "arc_interpolate", "ArcPath", "weight_adjusted_path", "WeightAdjustedPath",
+        "WA_PATHS", "fit_flow_connection", "fit_bijection_connection", "FlowConnection", "FlowPath", "NeuronFlow",
+        "proximal_alternating_minimization", "PAMResult", "ProximalStep", "plot_paths",),
+    "rebasin.merging": ("MergeInfo", "MergeComparison",),
+    "rebasin.landscape": ("mode_connectivity", "ModeConnectivity", "cka", "hessian_top_eigenvalue",
+        "HessianEigenvalue", "hessian_trace", "HessianTrace",),
+}
+MOVED_NAMES = [(name, home) for home, names in MOVED_IN_0_3.items() for name in names]
+
+
+@pytest.mark.parametrize(("name", "home"), MOVED_NAMES, ids=[n for n, _ in MOVED_NAMES])
+def test_moved_names_warn_and_are_their_homes_objects(name, home):
+    import importlib
+
+    module = importlib.import_module(home)
+    assert name in module.__all__
+    assert name not in rebasin.__all__ and name not in dir(rebasin)
+    with pytest.warns(DeprecationWarning, match=rf"^rebasin\.{name} is deprecated; use {home}\.{name} "):
+        value = getattr(rebasin, name)
+    assert value is getattr(module, name)
+
+
+def test_the_top_level_is_small_and_complete():
+    """``rebasin.__all__`` is the workflow and the main uses; tab completion shows it and the subpackages only."""
+    assert 30 <= len(rebasin.__all__) <= 45
+    for name in rebasin.__all__:
+        assert name in vars(rebasin), name  # imported eagerly, no warning
+    subpackages = {"spec", "trace", "matching", "paths", "merging", "landscape"}
+    assert set(dir(rebasin)) == {*rebasin.__all__, *subpackages, "__version__"}
+    assert all(rebasin.__getattr__(s).__name__ == f"rebasin.{s}" for s in subpackages)
+
+
+def test_our_code_and_pages_import_moved_names_from_their_homes():
+    """The library, continual, benchmarks, examples, docs and the other tests spell moved names at their homes."""
+    import re
+
+    names = "|".join(name for name, _ in MOVED_NAMES)
+    dotted = re.compile(rf"(?<![\w.])rebasin\.({names})\b")
+    imported = re.compile(r"from rebasin import (\([^)]*\)|[^\n]*)")
+    moved = {name for name, _ in MOVED_NAMES}
+    roots = ("rebasin", "continual", "benchmarks", "examples", "docs", "tests")
+    files = [p for r in roots for p in (ROOT / r).rglob("*") if p.suffix in (".py", ".md")]
+    files += [ROOT / "README.md"]
+    skip = {ROOT / "rebasin" / "__init__.py", Path(__file__).resolve(), ROOT / "docs" / "architecture.md"}
+    found = []
+    for p in files:
+        if p in skip:
+            continue
+        text = p.read_text()
+        found += [f"{p.relative_to(ROOT)}: {m.group(0)}" for m in dotted.finditer(text)]
+        found += [f"{p.relative_to(ROOT)}: from rebasin import {n}" for m in imported.finditer(text)
+                  for n in re.findall(r"\w+", m.group(1)) if n in moved]
+    assert not found, found
+
+
 # ------------------------------------------------------------------ 0.2 spellings of REPAIR and evaluate_path
 def _repair_case():
     import torch
@@ -107,7 +173,7 @@ def test_repair_states_is_a_deprecated_alias_of_repair():
     model, sa, sb, spec, data = _repair_case()
     new = rebasin.repair(model, [sa, sb], [0.5, 0.5], data, spec=spec)
     with pytest.warns(DeprecationWarning, match=r"repair_states is deprecated.*use repair\(model, states, weights"):
-        old = rebasin.repair_states(model, [sa, sb], [0.5, 0.5], data, spec=spec)
+        old = rebasin.paths.repair_states(model, [sa, sb], [0.5, 0.5], data, spec=spec)
     for k, v in new.items():
         assert_close(old[k], v)
 
@@ -115,7 +181,7 @@ def test_repair_states_is_a_deprecated_alias_of_repair():
 def test_repaired_path_is_a_deprecated_alias_of_repaired_path_class():
     model, sa, sb, spec, data = _repair_case()
     with pytest.warns(DeprecationWarning, match=r"repaired_path is deprecated.*RepairedPath"):
-        path = rebasin.repaired_path(model, sa, sb, data, spec=spec)
+        path = rebasin.paths.repaired_path(model, sa, sb, data, spec=spec)
     assert isinstance(path, rebasin.RepairedPath)
 
 

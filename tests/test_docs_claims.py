@@ -119,8 +119,8 @@ def _sinkhorn(ns: dict, out: str) -> None:
     import inspect
 
     # block 1: at tau=1 both marginals are 1 to tol
-    tol = inspect.signature(rebasin.sinkhorn).parameters["tol"].default
-    first = rebasin.sinkhorn(ns["logits"], tau=1.0, n_iter=50, grad="implicit")
+    tol = inspect.signature(rebasin.matching.sinkhorn).parameters["tol"].default
+    first = rebasin.matching.sinkhorn(ns["logits"], tau=1.0, n_iter=50, grad="implicit")
     torch.testing.assert_close(first.sum(1), torch.ones(64), atol=tol, rtol=0)
     torch.testing.assert_close(first.sum(0), torch.ones(64), atol=tol, rtol=0)
     # block 2: the info's residual is the largest row-sum error; not converged means a warning
@@ -128,8 +128,8 @@ def _sinkhorn(ns: dict, out: str) -> None:
     assert info.residual == pytest.approx(float((S.detach().sum(1) - 1).abs().max()), abs=1e-6)
     assert info.n_iter == 50 and info.converged == (info.residual <= tol)
     if not info.converged:
-        with pytest.warns(rebasin.SinkhornConvergenceWarning, match="Raise n_iter"):
-            rebasin.sinkhorn(ns["logits"], tau=0.05, n_iter=50)
+        with pytest.warns(rebasin.matching.SinkhornConvergenceWarning, match="Raise n_iter"):
+            rebasin.matching.sinkhorn(ns["logits"], tau=0.05, n_iter=50)
     # SinkhornRebasin: hard permutations
     perms = ns["perms"]
     assert set(perms) and all(sorted(p.tolist()) == list(range(len(p))) for p in perms.values())
@@ -173,7 +173,7 @@ def test_page_blocks_run_and_claims_hold(page, tmp_path, monkeypatch, capsys):
             namespace.update(SETUPS[arg](tmp_path, monkeypatch))
         try:
             with warnings.catch_warnings():  # warnings a page announces are checked in CHECKS
-                warnings.simplefilter("ignore", rebasin.SinkhornConvergenceWarning)
+                warnings.simplefilter("ignore", rebasin.matching.SinkhornConvergenceWarning)
                 exec(compile(code, f"{page} block {i}", "exec"), namespace)  # noqa: S102 - our own docs
         except Exception as exc:  # pragma: no cover - the message is the point
             raise AssertionError(f"{page} block {i} failed: {exc!r}\n{code}") from exc

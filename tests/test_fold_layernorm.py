@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rebasin import RebasinError, fold_layernorm
+from rebasin import RebasinError
 from rebasin.spec import apply_transforms, random_orthogonal
-from rebasin.trace import symmetry_kinds, trace_model
+from rebasin.trace import fold_layernorm, symmetry_kinds, trace_model
 
 T = pytest.importorskip("transformers")
 

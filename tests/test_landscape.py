@@ -12,22 +12,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from rebasin import (
-    BezierCurve,
-    RebasinError,
-    cka,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    landscape,
-    mode_connectivity,
-    permute,
-    random_permutation,
-    spec_from_model,
-)
+from rebasin import BezierCurve, RebasinError, landscape, permute, random_permutation, spec_from_model
 from rebasin._common import state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP
 from rebasin.apps.training import fit_classifier_, seeded_model
+from rebasin.landscape import cka, hessian_top_eigenvalue, hessian_trace, mode_connectivity
 
 
 def clone(state):

@@ -9,9 +9,10 @@ from torch import nn
 from torch.testing import assert_close
 
 import rebasin
-from rebasin import MergeInfo, RebasinError, compare_merge, merge, permute, random_permutation, spec_from_model
+from rebasin import RebasinError, compare_merge, merge, permute, random_permutation, spec_from_model
 from rebasin._common import state_of
 from rebasin.apps.training import fit_classifier_, seeded_model
+from rebasin.merging import MergeInfo
 
 
 def mlp() -> nn.Module:
@@ -65,7 +66,7 @@ def test_merge_of_permuted_copies_is_the_model(method):
 def test_merge_bn_cnn_copies_reference_not_first():
     loader = data((1, 4, 4))
     copies, spec = permuted_copies(bn_cnn, (1, 4, 4), k=3)
-    from rebasin import reset_bn_stats_
+    from rebasin.paths import reset_bn_stats_
 
     for m in copies:  # statistics of the data REPAIR uses
         reset_bn_stats_(m, loader)

@@ -19,12 +19,11 @@ from rebasin import (
     permute,
     random_permutation,
     register_module,
-    registration_scope,
     spec_from_model,
-    trace_model,
     weight_matching,
 )
 from rebasin.apps.models import MLP, VGG, ResNet20, SmallCNN
+from rebasin.trace import registration_scope, trace_model
 
 
 class ConvBN(nn.Module):

@@ -93,14 +93,14 @@ def test_repair_compare_merge_and_landscape_read_the_logits(kind):
     assert {k: v for k, v in cmp.loss.items() if k != "models"} == pytest.approx(
         {k: v for k, v in cmp_ref.loss.items() if k != "models"})
     # landscape: error along the path, the Hessian's default loss, CKA of the outputs
-    mc = rebasin.mode_connectivity(a, sa, sb, loader, num_points=3, metric="error")
-    mc_ref = rebasin.mode_connectivity(ca, sa, sb, loader, num_points=3, metric="error")
+    mc = rebasin.landscape.mode_connectivity(a, sa, sb, loader, num_points=3, metric="error")
+    mc_ref = rebasin.landscape.mode_connectivity(ca, sa, sb, loader, num_points=3, metric="error")
     assert mc.result.accuracy == mc_ref.result.accuracy and mc.mc == mc_ref.mc
     x, y = loader[0]
-    h = float(rebasin.hessian_top_eigenvalue(a, (x, y), n_iter=5, tol=1.0))
-    h_ref = float(rebasin.hessian_top_eigenvalue(ca, (x, y), n_iter=5, tol=1.0))
+    h = float(rebasin.landscape.hessian_top_eigenvalue(a, (x, y), n_iter=5, tol=1.0))
+    h_ref = float(rebasin.landscape.hessian_top_eigenvalue(ca, (x, y), n_iter=5, tol=1.0))
     assert h == pytest.approx(h_ref, rel=1e-4)
-    assert float(rebasin.cka(a, b, loader)) == pytest.approx(float(rebasin.cka(ca, cb, loader)))
+    assert float(rebasin.landscape.cka(a, b, loader)) == pytest.approx(float(rebasin.landscape.cka(ca, cb, loader)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,13 +10,10 @@ from torch.testing import assert_close
 
 from rebasin import (
     BezierCurve,
-    PolyChainCurve,
     RebasinError,
-    check_permutations,
     evaluate_path,
     interpolate,
     invert,
-    matrix_to_perm,
     permute,
     random_permutation,
     spec_from_model,
@@ -24,8 +21,10 @@ from rebasin import (
 from rebasin._common import state_of
 from rebasin.apps.data import digits_tensors, tensor_loader
 from rebasin.apps.training import fit_classifier_, seeded_model
+from rebasin.paths import PolyChainCurve
 from rebasin.paths._pam_steps import centred_direction
 from rebasin.paths.pam import PAMResult, ProximalStep, proximal_alternating_minimization
+from rebasin.spec import check_permutations, matrix_to_perm
 
 TS = [i / 10 for i in range(11)]
 

@@ -22,13 +22,13 @@ from rebasin import (
     PermutationSpec,
     RebasinError,
     RebasinWarning,
-    SpecCoverage,
     permute,
     random_permutation,
     spec_from_model,
     weight_matching,
 )
 from rebasin.apps.cli import main
+from rebasin.spec import SpecCoverage
 
 
 def _line(cls: type, text: str) -> str:
@@ -181,7 +181,7 @@ def _pinned_rule(ctx):
 
 def test_a_rule_pins_on_purpose_and_strict_keeps_the_pin():
     model = nn.Sequential(nn.Linear(3, 4), Pinned(), nn.ReLU(), nn.Linear(4, 2))
-    with rebasin.registration_scope():
+    with rebasin.trace.registration_scope():
         rebasin.register_module(Pinned, rule=_pinned_rule)
         for strict in (False, True):
             spec, msgs = _pin_warnings(spec_from_model, model, torch.randn(2, 3), strict=strict)
@@ -272,7 +272,7 @@ def test_a_small_llama_traces_and_aligns_what_it_can_instead_of_being_refused():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    with rebasin.registration_scope():  # tracing registers the transformers rules on demand
+    with rebasin.trace.registration_scope():  # tracing registers the transformers rules on demand
         spec, msgs = _pin_warnings(spec_from_model, model, torch.randint(0, 64, (1, 8)))  # the check runs
     assert len(msgs) <= 1
     for line in (msgs[0].splitlines()[1:] if msgs else []):

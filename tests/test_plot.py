@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rebasin import PathResult, RebasinError, plot_paths
+from rebasin import PathResult, RebasinError
+from rebasin.paths import plot_paths
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

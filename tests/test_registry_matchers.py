@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import rebasin
-from rebasin import RebasinError, permute, random_permutation, register_matcher, spec_from_model, unregister_matcher
+from rebasin import RebasinError, permute, random_permutation, register_matcher, spec_from_model
+from rebasin.matching import unregister_matcher
 
 
 def _pair(seed: int = 0):
@@ -43,7 +44,7 @@ def test_builtins_are_registered_and_listed_in_order():
     assert names[:2] == ("identity", "weight_matching")
     assert {"activation_matching", "ste", "sinkhorn", "ot"} <= set(names)
     assert set(rebasin.matcher_names(needs_data=True)) == {"activation_matching", "ste"}
-    wm = rebasin.get_matcher("weight_matching")
+    wm = rebasin.matching.get_matcher("weight_matching")
     assert "n_iter" in wm.options() and wm.description
     # the standard keywords are read from the signature once, not listed as options
     assert "device" not in wm.options() and {"device", "seed", "init"} <= wm.standard
@@ -91,7 +92,7 @@ def test_registration_errors_are_clear():
 def test_data_driven_matchers_say_they_need_data():
     a, b, spec, _ = _pair(2)
     with pytest.raises(RebasinError, match="matcher 'activation_matching' needs data"):
-        rebasin.get_matcher("activation_matching")(spec, a.state_dict(), b.state_dict(), model_a=a, model_b=b)
+        rebasin.matching.get_matcher("activation_matching")(spec, a.state_dict(), b.state_dict(), model_a=a, model_b=b)
 
 
 def test_registered_states_are_used_not_the_models_own():
@@ -99,7 +100,7 @@ def test_registered_states_are_used_not_the_models_own():
     a, b, spec, planted = _pair(3)
     x = torch.randn(64, 5)
     other = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 3))
-    res = rebasin.get_matcher("activation_matching")(
+    res = rebasin.matching.get_matcher("activation_matching")(
         spec, a.state_dict(), b.state_dict(), model_a=other, model_b=other, loader=[x]
     )
     aligned = permute(spec, res.perms, b.state_dict())
@@ -136,7 +137,7 @@ def test_data_driven_adapters_run_the_given_states_without_copying_the_model(met
     loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
     arch = _CountingCopies(*[copy.deepcopy(m) for m in a])  # another init: only the architecture
     _CountingCopies.copies = 0
-    res = rebasin.get_matcher(method)(
+    res = rebasin.matching.get_matcher(method)(
         spec, a.state_dict(), b.state_dict(), model_a=arch, model_b=arch, loader=loader, **options
     )
     assert _CountingCopies.copies == 0
@@ -162,7 +163,7 @@ def test_public_matchers_take_explicit_states():
     aligned = permute(spec, perms, b.state_dict())
     for key, value in a.state_dict().items():
         torch.testing.assert_close(aligned[key], value)
-    corr = rebasin.activation_correlations(blank, blank, [x], spec=spec, state_a=a.state_dict(), state_b=a.state_dict())
+    corr = rebasin.matching.activation_correlations(blank, blank, [x], spec=spec, state_a=a.state_dict(), state_b=a.state_dict())
     torch.testing.assert_close(corr["P0"].diagonal(), torch.ones(12, dtype=torch.float64))
     with pytest.raises(RebasinError, match=r"state_b does not fit the model.*missing keys: \['4.bias'\]"):
         rebasin.activation_matching(blank, blank, [x], spec=spec, state_b={k: v for k, v in b.state_dict().items() if k != "4.bias"})
@@ -211,7 +212,7 @@ def test_standard_keywords_reach_only_the_matchers_that_declare_them():
         for name in ("bare", "some"):
             rebasin.align(a, b, method=name, spec=spec, seed=4, device="cpu", sync=False, group=None, init=init,
                           progress=False)
-        assert rebasin.get_matcher("bare").standard == frozenset()
+        assert rebasin.matching.get_matcher("bare").standard == frozenset()
     finally:
         unregister_matcher("bare")
         unregister_matcher("some")
@@ -219,12 +220,12 @@ def test_standard_keywords_reach_only_the_matchers_that_declare_them():
 
 
 def test_the_public_functions_are_what_is_registered():
-    assert rebasin.get_matcher("weight_matching").fn is rebasin.weight_matching
-    assert rebasin.get_matcher("activation_matching").fn is rebasin.activation_matching
-    assert rebasin.get_matcher("ste").fn is rebasin.ste_matching
-    assert rebasin.get_matcher("ot").fn is rebasin.ot_matching
-    assert rebasin.get_matcher("sinkhorn").fn is rebasin.matching.sinkhorn_matching
-    assert rebasin.get_matcher("ste").models_first and not rebasin.get_matcher("ot").models_first
+    assert rebasin.matching.get_matcher("weight_matching").fn is rebasin.weight_matching
+    assert rebasin.matching.get_matcher("activation_matching").fn is rebasin.activation_matching
+    assert rebasin.matching.get_matcher("ste").fn is rebasin.ste_matching
+    assert rebasin.matching.get_matcher("ot").fn is rebasin.matching.ot_matching
+    assert rebasin.matching.get_matcher("sinkhorn").fn is rebasin.matching.sinkhorn_matching
+    assert rebasin.matching.get_matcher("ste").models_first and not rebasin.matching.get_matcher("ot").models_first
 
 
 def test_builtin_order_is_the_fixed_list_not_the_import_order():
@@ -236,7 +237,7 @@ def test_builtin_order_is_the_fixed_list_not_the_import_order():
 def test_no_test_hooks_in_public_signatures():
     import inspect
 
-    for fn in (rebasin.weight_matching, rebasin.activation_matching, rebasin.ste_matching, rebasin.ot_matching,
+    for fn in (rebasin.weight_matching, rebasin.activation_matching, rebasin.ste_matching, rebasin.matching.ot_matching,
                rebasin.matching.sinkhorn_matching, rebasin.align, rebasin.merge):
         hooks = [p for p in inspect.signature(fn).parameters if p.startswith("_")]
         assert not hooks, (fn.__name__, hooks)

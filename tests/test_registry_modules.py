@@ -13,26 +13,20 @@ from torch.testing import assert_close
 
 import rebasin
 from rebasin import (
-    ModuleRule,
     PermutationSpec,
     RebasinError,
     RebasinWarning,
-    RuleContext,
-    channel_stats,
     invert,
-    module_rule,
     permute,
     random_permutation,
     register_module,
-    registration_scope,
     repair,
     spec_from_model,
-    trace_model,
-    weight_adjusted_path,
     weight_matching,
 )
 from rebasin._common import forward_with_state, state_of
-from rebasin.trace import registered_modules
+from rebasin.paths import channel_stats, weight_adjusted_path
+from rebasin.trace import ModuleRule, RuleContext, module_rule, registered_modules, registration_scope, trace_model
 
 
 # --------------------------------------------------------------------------- user layers

@@ -13,23 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rebasin import (
-    BezierCurve,
-    PolyChainCurve,
-    evaluate_path,
-    fit_curve,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    mode_connectivity,
-    proximal_alternating_minimization,
-    reset_bn_stats,
-    weight_adjusted_path,
-)
+from rebasin import BezierCurve, evaluate_path, fit_curve, reset_bn_stats
 from rebasin._common import state_of
 from rebasin.apps.data import tensor_loader
 from rebasin.apps.models import MLP
 from rebasin.apps.training import seeded_model
-from rebasin.paths import ProximalStep
+from rebasin.landscape import hessian_top_eigenvalue, hessian_trace, mode_connectivity
+from rebasin.paths import PolyChainCurve, ProximalStep, proximal_alternating_minimization, weight_adjusted_path
 
 
 def _data(n=48, d=5, classes=3, seed=0):

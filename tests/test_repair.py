@@ -14,18 +14,15 @@ from rebasin import (
     PermutationSpec,
     RebasinError,
     RepairedPath,
-    channel_stats,
     evaluate_path,
     interpolate,
     repair,
-    repair_states,
-    repaired_path,
     reset_bn_stats,
-    reset_bn_stats_,
     spec_from_model,
 )
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.training import evaluate, seeded_model
+from rebasin.paths import channel_stats, repair_states, repaired_path, reset_bn_stats_
 
 
 def mlp(depth: int = 3, width: int = 16) -> nn.Module:

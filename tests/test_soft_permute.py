@@ -9,16 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    matrix_to_perm,
-    perm_to_matrix,
-    permute,
-    random_permutation,
-    sinkhorn,
-    soft_permute,
-)
+from rebasin import PermutationSpec, RebasinError, permute, random_permutation
+from rebasin.matching import sinkhorn
+from rebasin.spec import matrix_to_perm, perm_to_matrix, soft_permute
 
 
 def mlp_case() -> tuple[PermutationSpec, dict[str, torch.Tensor]]:

@@ -11,20 +11,16 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    SinkhornRebasin,
+from rebasin import PermutationSpec, RebasinError, SinkhornRebasin, invert, permute, random_permutation
+from rebasin.matching import sinkhorn
+from rebasin.spec import (
     check_permutations,
-    invert,
+    join_structured,
     perm_to_matrix,
-    permute,
-    random_permutation,
-    sinkhorn,
     soft_permute,
+    split_structured,
     structured_matrix,
 )
-from rebasin.spec import join_structured, split_structured
 
 pytestmark = pytest.mark.filterwarnings("ignore:sinkhorn did not converge")
 

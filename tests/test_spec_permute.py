@@ -9,16 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    check_permutations,
-    compose,
-    identity_permutation,
-    invert,
-    permute,
-    random_permutation,
-)
+from rebasin import PermutationSpec, RebasinError, compose, invert, permute, random_permutation
+from rebasin.spec import check_permutations, identity_permutation
 
 
 def mlp_spec() -> PermutationSpec:

@@ -11,19 +11,9 @@ from builders import cat_grouped, cat_grouped_spec
 from torch import nn
 from torch.testing import assert_close
 
-from rebasin import (
-    PermutationSpec,
-    RebasinError,
-    arc_interpolate,
-    channel_stats,
-    interpolate,
-    merge,
-    permute,
-    proximal_alternating_minimization,
-    random_permutation,
-    repair,
-)
+from rebasin import PermutationSpec, RebasinError, interpolate, merge, permute, random_permutation, repair
 from rebasin._common import state_of
+from rebasin.paths import arc_interpolate, channel_stats, proximal_alternating_minimization
 from rebasin.paths._repair_stats import producers
 from rebasin.spec import check_permutations
 

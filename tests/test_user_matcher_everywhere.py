@@ -22,11 +22,11 @@ from rebasin import (
     random_permutation,
     register_matcher,
     spec_from_model,
-    unregister_matcher,
     weight_matching,
 )
 from rebasin.apps.cli import main
 from rebasin.apps.demo import demo_methods
+from rebasin.matching import unregister_matcher
 
 
 def tanh_net() -> nn.Module:
@@ -190,7 +190,7 @@ def test_cli_lists_registered_matchers_and_errors_in_one_line(tmp_path, user_mod
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for name in rebasin.matcher_names():  # every registered matcher with its description
-        assert name in text and rebasin.get_matcher(name).description in " ".join(text.split())
+        assert name in text and rebasin.matching.get_matcher(name).description in " ".join(text.split())
     assert "cli_user_wm" in text and "weight matching, registered from a user's module" in text
 
     _saved_pair(tmp_path)
@@ -230,7 +230,7 @@ def test_merge_runs_a_replacement_weight_matching_without_init():
     a, b, spec = planted(2)
     c = tanh_net()
     c.load_state_dict(permute(spec, random_permutation(spec, seed=5), a.state_dict()))
-    builtin = rebasin.get_matcher("weight_matching")
+    builtin = rebasin.matching.get_matcher("weight_matching")
     calls = []
 
     def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0, device=None):
@@ -243,7 +243,7 @@ def test_merge_runs_a_replacement_weight_matching_without_init():
     finally:
         register_matcher("weight_matching", builtin.fn, description=builtin.description, overwrite=True,
                          reads_checkpoints=builtin.reads_checkpoints)
-    assert rebasin.get_matcher("weight_matching") == builtin
+    assert rebasin.matching.get_matcher("weight_matching") == builtin
     assert info.rounds >= 2 and len(calls) == 2 * info.rounds
     x = torch.randn(16, 4)
     assert_close(merged(x), a(x))
@@ -261,7 +261,7 @@ def test_continual_plugin_runs_a_replacement_sinkhorn_without_fit():
     from continual.benchmarks import synthetic
     from continual.plugin import RebasinMergePlugin
 
-    builtin = rebasin.get_matcher("sinkhorn")
+    builtin = rebasin.matching.get_matcher("sinkhorn")
     calls = []
 
     def replacement(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
@@ -282,12 +282,12 @@ def test_continual_plugin_runs_a_replacement_sinkhorn_without_fit():
         register_matcher("sinkhorn", builtin.fn, needs_data=builtin.needs_data, description=builtin.description,
                          uses_data=builtin.uses_data, overwrite=True)
     assert calls == [True] and [r.alpha for r in plugin.history] == [0.5]
-    assert rebasin.get_matcher("sinkhorn") == builtin
+    assert rebasin.matching.get_matcher("sinkhorn") == builtin
 
 
 def test_demo_runs_replacements_of_ste_and_sinkhorn_without_their_options(tmp_path):
     # the demo's settings for the built-in ste / sinkhorn go only to matchers that take them
-    builtins = {name: rebasin.get_matcher(name) for name in ("ste", "sinkhorn")}
+    builtins = {name: rebasin.matching.get_matcher(name) for name in ("ste", "sinkhorn")}
 
     def plain(spec, state_a, state_b, *, model_a=None, model_b=None, loader=None, seed=0):
         return weight_matching(spec, state_a, state_b, seed=seed)

@@ -128,7 +128,7 @@ def mode_connectivity(
         the straight line, no training. Not with ``path=``.
     path
         A path that is already there, used as is: any object with ``state_dict_at(t)`` (a
-        trained curve, a :class:`rebasin.ArcPath`, a :class:`rebasin.PAMResult`'s ``curve``,
+        trained curve, a :class:`rebasin.paths.ArcPath`, a :class:`rebasin.paths.PAMResult`'s ``curve``,
         ...) or a callable ``t -> state_dict``.
     num_points
         Size of the even grid over ``[0, 1]`` (both endpoints included), at least 2.

@@ -12,7 +12,7 @@ returning ``{perm_name: LongTensor}``, ``(perms, info)`` when it declares ``retu
 asks for the info), or ``MatchResult(perms, info)``, with ``permute(spec, perms, state_b) ≈ state_a``.
 A function whose first parameter is named ``model_a`` is models first (:func:`rebasin.activation_matching`,
 :func:`rebasin.ste_matching`); every other one is states first (:func:`rebasin.weight_matching`,
-:func:`rebasin.ot_matching`, :func:`rebasin.matching.sinkhorn_matching`, a user's matcher).
+:func:`rebasin.matching.ot_matching`, :func:`rebasin.matching.sinkhorn_matching`, a user's matcher).
 
 ``state_a``/``state_b`` are full state_dicts (parameters and buffers, detached); the models are the
 architecture (run them on other states with ``torch.func.functional_call``, never mutate them). The
@@ -146,7 +146,7 @@ class Matcher:
         whose data use depends on its options, like Sinkhorn's task-loss costs). Callers that have to
         gather data first (the continual plugin) gather it only for such matchers.
     reads_checkpoints
-        Whether it reads :class:`rebasin.Checkpoint` states one tensor at a time (``rebasin align`` then
+        Whether it reads :class:`rebasin.spec.Checkpoint` states one tensor at a time (``rebasin align`` then
         never loads two safetensors checkpoints whole).
     models_first
         The calling convention, read from ``fn``'s signature: ``fn(model_a, model_b, loader, *, spec,
@@ -322,7 +322,7 @@ def register_matcher(
         True when the matcher reads ``loader`` if one is given, without requiring it (implied by
         ``needs_data``).
     reads_checkpoints
-        True when ``fn`` reads :class:`rebasin.Checkpoint` states one tensor at a time.
+        True when ``fn`` reads :class:`rebasin.spec.Checkpoint` states one tensor at a time.
 
     Returns
     -------
@@ -331,7 +331,8 @@ def register_matcher(
     Examples
     --------
     >>> import torch
-    >>> from rebasin import register_matcher, unregister_matcher
+    >>> from rebasin import register_matcher
+    >>> from rebasin.matching import unregister_matcher
     >>> @register_matcher("reverse")
     ... def reverse(spec, state_a, state_b):
     ...     "Reverse every permutation (a toy)."

@@ -54,7 +54,7 @@ class SinkhornConvergenceWarning(UserWarning):
     The message text is fixed, so Python's default filter shows it once per call site even in a training
     loop; the numbers of the call are attributes: ``residual``, ``tol``, ``n_iter``, ``tau``, ``n`` (and
     ``n_fallback`` / ``batch`` for the backward). Silence it with ``warn=False`` or
-    ``warnings.filterwarnings("ignore", category=rebasin.SinkhornConvergenceWarning)``; read the residual
+    ``warnings.filterwarnings("ignore", category=rebasin.matching.SinkhornConvergenceWarning)``; read the residual
     of every call with ``sinkhorn(..., return_info=True)``.
     """
 

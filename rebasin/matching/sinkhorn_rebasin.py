@@ -2,7 +2,7 @@ r"""Sinkhorn re-basin (Peña et al., CVPR 2023): learn permutations end to end.
 
 One logit matrix :math:`L_P \in \mathbb{R}^{n\times n}` per permutation group; the soft permutation is
 :math:`S_P = \mathrm{Sinkhorn}(L_P/\tau)` (doubly stochastic) and model B's weights are mapped by
-:func:`rebasin.soft_permute`. The logits are trained by gradient descent on a cost of the soft-permuted
+:func:`rebasin.spec.soft_permute`. The logits are trained by gradient descent on a cost of the soft-permuted
 weights :math:`\pi(\theta_B)`:
 
 * ``"l2"``: :math:`\sum_k \|\theta_A^k - \pi(\theta_B)^k\|^2 / \sum_k \|\theta_A^k\|^2` over every
@@ -18,8 +18,8 @@ Structured permutations (``spec.structure``: attention heads, groups) are learne
 one ``H x H`` logit matrix per outer permutation (shared by every member of the structure, e.g. q/k and v/o
 of one attention layer) and per member one batch of ``H`` inner ``d x d`` logit matrices (one per destination
 block). Each goes through Sinkhorn (the inner ones as one batched call) and the member's soft matrix is
-:func:`rebasin.structured_matrix` of the two, so every cost sees ordinary flat soft matrices through
-:func:`rebasin.soft_permute`. The hard answer keeps the structure: the outer permutation by linear assignment
+:func:`rebasin.spec.structured_matrix` of the two, so every cost sees ordinary flat soft matrices through
+:func:`rebasin.spec.soft_permute`. The hard answer keeps the structure: the outer permutation by linear assignment
 on the outer logits, the inner permutation of each block by linear assignment on that block's inner logits.
 """
 
@@ -88,7 +88,7 @@ class SinkhornRebasin(nn.Module):
         Task loss ``loss_fn(outputs, targets)`` for the midpoint / random costs (cross-entropy by
         default).
     tau, n_iter, grad
-        Sinkhorn temperature, number of iterations and gradient mode (see :func:`rebasin.sinkhorn`).
+        Sinkhorn temperature, number of iterations and gradient mode (see :func:`rebasin.matching.sinkhorn`).
     init
         Starting permutation of the logits: ``"identity"``, ``"weight_matching"`` (warm start from
         :func:`rebasin.weight_matching`), ``"random"`` (drawn from ``seed``) or the permutations

@@ -390,7 +390,7 @@ def weight_matching(
         are honoured).
     state_a, state_b
         state_dicts of the two models; same keys and shapes, finite values. Not mutated. When either is
-        a :class:`rebasin.Checkpoint` (:func:`rebasin.open_checkpoint`), the same algorithm runs reading
+        a :class:`rebasin.spec.Checkpoint` (:func:`rebasin.open_checkpoint`), the same algorithm runs reading
         one tensor of each model at a time (:mod:`rebasin.matching.weight_lazy`).
     n_iter
         Maximum number of sweeps (``0`` returns the starting permutations).

@@ -330,7 +330,7 @@ def weight_matching_lazy(
     -------
     (dict[str, Tensor], dict)
         The permutations (as :func:`rebasin.weight_matching`) and the fields of a
-        :class:`rebasin.WeightMatchingInfo`.
+        :class:`rebasin.matching.WeightMatchingInfo`.
 
     Raises
     ------

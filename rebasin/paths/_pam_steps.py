@@ -5,7 +5,7 @@
   backtracking (its options: :class:`ProximalStep`).
 
 Both evaluate :class:`Objective`: the loss of the model at a point of the curve on one batch. Private to the
-``paths`` layer; the public entry point is :func:`rebasin.proximal_alternating_minimization`.
+``paths`` layer; the public entry point is :func:`rebasin.paths.proximal_alternating_minimization`.
 """
 
 from __future__ import annotations

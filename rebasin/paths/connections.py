@@ -28,7 +28,7 @@ by similarity.
 
 Networks with more hidden layers (Linear chains, e.g. ``MLP(784, [512, 512], 10)``) are connected
 layer by layer, the scheme the seed uses for deep nets: the Weight Adjustment path of
-:func:`rebasin.weight_adjusted_path` (``L`` Linear layers, ``L`` stages; while layer ``k`` moves, layer
+:func:`rebasin.paths.weight_adjusted_path` (``L`` Linear layers, ``L`` stages; while layer ``k`` moves, layer
 ``k+1`` is refit by least squares so that its pre-activations on a batch of inputs follow A's), with the
 moving *hidden* layer travelling on the flow path instead of a straight line. Hidden layer ``l`` has its
 own flow :math:`\nu_l`, fitted on that layer's neurons across the zoo, where a neuron is now the
@@ -242,7 +242,7 @@ class _LayerMove:
 class FlowPath:
     r"""The path :math:`\psi(t)` of a :class:`FlowConnection` between two networks; ``state_dict_at(t)``.
 
-    Plugs into :func:`rebasin.evaluate_path` as ``path=``, into :func:`rebasin.plot_paths` and
+    Plugs into :func:`rebasin.evaluate_path` as ``path=``, into :func:`rebasin.paths.plot_paths` and
     :func:`rebasin.barrier` through the result. ``t = 0`` and ``t = 1`` return copies of A's and
     B's tensors. One hidden layer: ``t`` outside ``[0, 1]`` continues along the circle. More hidden
     layers (the layer-wise path, :meth:`FlowConnection.path`): ``t`` must lie in ``[0, 1]``.
@@ -254,7 +254,7 @@ class FlowPath:
     state_a, state_b
         Detached copies of the endpoints on the connection's device.
     stages
-        Several hidden layers: the :class:`rebasin.WeightAdjustedPath` that runs the layer-wise path
+        Several hidden layers: the :class:`rebasin.paths.WeightAdjustedPath` that runs the layer-wise path
         (its ``num_stages``, ``stage(t)``); None for one hidden layer.
     """
 
@@ -401,7 +401,7 @@ class FlowConnection:
         line; ``batch`` must be None.
 
         ``L - 1 >= 2`` hidden layers (``L`` Linear layers): the layer-wise path, which is
-        :func:`rebasin.weight_adjusted_path` (stages, refits, ``ridge``, ``batch``: see there) with the
+        :func:`rebasin.paths.weight_adjusted_path` (stages, refits, ``ridge``, ``batch``: see there) with the
         moving layer's own path replaced. ``[0, 1]`` is cut into ``L`` equal stages; in stage ``k``
         (local position :math:`s`) layers ``< k`` are at B, layers ``> k + 1`` at A, and
 
@@ -410,7 +410,7 @@ class FlowConnection:
           :math:`u(s) = \nu_k^{-1}[\cos(\pi s/2)\,\nu_k(u^{S_k}) + \sin(\pi s/2)\,\nu_k(u^{B_k})]`
           with :math:`u = (w, b)` a row of the layer's weight and its bias;
         * layer ``k + 1`` is refit by ridge least squares on ``batch`` so that its pre-activations
-          follow A's (the transition layer; exactly as in :func:`rebasin.weight_adjusted_path`);
+          follow A's (the transition layer; exactly as in :func:`rebasin.paths.weight_adjusted_path`);
         * in the last stage the output layer moves on the straight line from its refit to B's.
 
         ``t = 0`` gives A and ``t = 1`` gives B bit for bit; stage ends are joined exactly (the flow is
@@ -652,7 +652,7 @@ def fit_bijection_connection(
         layers are refit on during training; default the first batch of ``loader``. Give the same
         kind of batch to :meth:`FlowConnection.path` afterwards.
     ridge
-        Relative ridge of those refits (:func:`rebasin.weight_adjusted_path`).
+        Relative ridge of those refits (:func:`rebasin.paths.weight_adjusted_path`).
     seed
         Seeds the flow's initialisation and the pairs and ``t`` drawn.
     dtype, device, progress

@@ -143,7 +143,7 @@ class _Curve(nn.Module):
         end
             Replaces B for this call: a state_dict with the curve's keys and shapes, on its device.
             The trainable entries are then differentiable with respect to ``end`` as well (this is
-            how :func:`rebasin.proximal_alternating_minimization` learns B's permutation together
+            how :func:`rebasin.paths.proximal_alternating_minimization` learns B's permutation together
             with the bend). Default: the curve's own B.
         """
         t = check_float(t, "t")

@@ -118,7 +118,7 @@ def evaluate_path(
     * :class:`rebasin.LinearPath`\ ``(state_a, state_b)`` — the straight line (:func:`interpolate`);
     * :class:`rebasin.RepairedPath`\ ``(model, state_a, state_b, stats_loader)`` — the line with REPAIR
       at every point;
-    * a curve (:class:`rebasin.BezierCurve`, :class:`rebasin.PolyChainCurve`, ...) or any callable
+    * a curve (:class:`rebasin.BezierCurve`, :class:`rebasin.paths.PolyChainCurve`, ...) or any callable
       ``t -> state_dict``;
     * :class:`rebasin.BNResetPath`\ ``(path, model, bn_loader)`` — any of these with BatchNorm statistics
       recomputed at every point.

@@ -21,7 +21,7 @@ matrix per permutation group of the spec. PAM alternates a block step on each va
 The paper's step projects onto the permutation matrices, i.e. solves the linear assignment
 :math:`\arg\max_{Q \in \Pi}\langle Q,\ P - \eta\nabla_P L\rangle`. Here :math:`P` is relaxed to a
 doubly stochastic matrix :math:`S` (a point of the Birkhoff polytope) and the projection is its
-entropy-smoothed version, computed by :func:`rebasin.sinkhorn`:
+entropy-smoothed version, computed by :func:`rebasin.matching.sinkhorn`:
 
 .. math::
 
@@ -37,7 +37,7 @@ assignments needs a step of about 1 or more). As :math:`\tau \to 0` this is exac
 network, while a wrong assignment can still be left when the gradient says so (the previous
 :math:`S` enters only linearly, with weight :math:`1/\tau`). Only the forward map is needed
 (``grad="detach"``): the gradient is taken with respect to :math:`S` itself, through
-:func:`rebasin.soft_permute`, so there is no custom backward here.
+:func:`rebasin.spec.soft_permute`, so there is no custom backward here.
 
 Step acceptance. :math:`\nabla_S L` is averaged over ``ProximalStep.batches`` batches whose
 :math:`t` are stratified over :math:`[0, 1]` (batch :math:`i` of :math:`m` draws
@@ -54,7 +54,7 @@ planted permutation of A): the loss along a curve whose bend is being trained is
 single swaps. Start from an alignment (``init="weight_matching"``, the default).
 
 At the end :math:`S` is rounded to the nearest permutation by linear assignment
-(:func:`rebasin.matrix_to_perm`), the curve is rebuilt between A and the hard-permuted B with the
+(:func:`rebasin.spec.matrix_to_perm`), the curve is rebuilt between A and the hard-permuted B with the
 learned bend, and optionally fine-tuned for ``finetune_steps`` more bend steps.
 
 The bend lives in A's basis (A is never permuted), so it needs no change when :math:`P` changes.
@@ -148,7 +148,7 @@ class PAMResult:
         ``{perm: int64 CPU tensor (n,)}`` in the toolkit's convention: ``permute(spec, perms,
         state_b)`` is B aligned to A.
     curve
-        A :class:`~rebasin.BezierCurve` or :class:`~rebasin.PolyChainCurve` from ``state_a`` to
+        A :class:`~rebasin.BezierCurve` or :class:`~rebasin.paths.PolyChainCurve` from ``state_a`` to
         ``permute(spec, perms, state_b)`` (exactly, at ``t = 0`` and ``t = 1``) with the learned
         bend; pass it to :func:`rebasin.evaluate_path` as ``path=``.
     history
@@ -251,7 +251,7 @@ def proximal_alternating_minimization(
     ``perm_step.max_backtracks`` times) until it does not raise the loss on those batches, else
     skipped. This is the entropy-smoothed form of the paper's projected step
     :math:`P \leftarrow \mathrm{Proj}_\Pi(P - \eta\nabla_P L)` (the limit :math:`\tau\to 0`); see
-    the module documentation. Each soft :math:`S` acts on B through :func:`rebasin.soft_permute`.
+    the module documentation. Each soft :math:`S` acts on B through :func:`rebasin.spec.soft_permute`.
     Finally :math:`S` is rounded by linear assignment, the curve is moved onto the hard-permuted B
     with the learned bend, and fine-tuned for ``finetune_steps`` bend steps.
 

@@ -1,7 +1,7 @@
 r"""The Weight Adjustment path (Anokhin & Yarotsky, ICML 2020).
 
 From I. Anokhin, D. Yarotsky, "Low-loss connection of weight vectors: distribution-based approaches",
-ICML 2020 (their optimal-transport neuron matcher is :func:`rebasin.ot_matching`):
+ICML 2020 (their optimal-transport neuron matcher is :func:`rebasin.matching.ot_matching`):
 
 * :func:`weight_adjusted_path` -- the Weight Adjustment (WA) path: move the layers of A to B one
   at a time, and while layer ``k`` moves, refit layer ``k+1`` by least squares so that the
@@ -408,7 +408,7 @@ def weight_adjusted_path(
     * Layers :math:`l < k` are at B.
     * Layer ``k`` moves from its stage start :math:`S_k` to :math:`B_k` along the ``base`` path:
       :math:`(1-s) S_k + s B_k` (``"linear"``) or the arc of
-      :func:`rebasin.arc_interpolate` between the two (``"arc"``). :math:`S_1 = A_1`, and
+      :func:`rebasin.paths.arc_interpolate` between the two (``"arc"``). :math:`S_1 = A_1`, and
       :math:`S_k = R_k` (the refit of the previous stage's end) for :math:`k \ge 2`.
     * Layer ``k+1`` (for :math:`k < L`) is refit on the inputs ``x`` of ``batch`` so that its
       pre-activations follow A's. With :math:`h(s)` its input at ``s`` (layers ``< k`` at B, layer

@@ -136,7 +136,7 @@ def open_pretrained(path: str | os.PathLike[str]) -> PretrainedFolder:
     -------
     PretrainedFolder
         A ``Mapping[str, Tensor]`` over every shard: pass it wherever a state_dict or a
-        :class:`rebasin.Checkpoint` is read (:func:`rebasin.weight_matching`, :func:`rebasin.merge_checkpoints`,
+        :class:`rebasin.spec.Checkpoint` is read (:func:`rebasin.weight_matching`, :func:`rebasin.merge_checkpoints`,
         :func:`save_pretrained_permuted`). Tied weights appear once, as ``save_pretrained`` stored them.
 
     Raises

@@ -1,7 +1,7 @@
 """Soft (differentiable) permutation of state_dicts, and conversions between permutations and matrices.
 
 ``soft_permute`` is the differentiable counterpart of :func:`rebasin.permute`: every permutation is
-given as an ``n x n`` matrix (a doubly stochastic one from :func:`rebasin.sinkhorn`, or a hard 0/1
+given as an ``n x n`` matrix (a doubly stochastic one from :func:`rebasin.matching.sinkhorn`, or a hard 0/1
 one), and along each axis it acts on the tensor is contracted with that matrix. For a hard
 permutation ``p``, ``perm_to_matrix(p)`` (that is ``torch.eye(n)[p]``) reproduces
 ``permute(spec, {name: p}, state_dict)`` exactly.

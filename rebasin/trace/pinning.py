@@ -15,7 +15,7 @@ Under ``strict=True`` the first live issue that is not deliberate raises :class:
 Weights the forward pass reads but no rule gave axes to (a parameter used as opaque data) are pinned
 units too. Everything pinned is reported in one :class:`~rebasin.RebasinWarning`, grouped by the module
 whose units were pinned, with the module path and source line of the construct and the reason, and
-counted in :class:`~rebasin.SpecCoverage` (``spec.coverage``).
+counted in :class:`~rebasin.spec.SpecCoverage` (``spec.coverage``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def register_module(
     ...         self.bias = nn.Parameter(torch.zeros(n_out))
     ...     def forward(self, x):
     ...         return x @ self.weight.T + self.bias
-    >>> with rebasin.registration_scope():
+    >>> with rebasin.trace.registration_scope():
     ...     _ = rebasin.register_module(MyLinear, params={"weight": ("out", "in"), "bias": ("out",)})
     ...     model = nn.Sequential(MyLinear(3, 5), nn.ReLU(), MyLinear(5, 2))
     ...     spec = rebasin.spec_from_model(model, torch.randn(4, 3))
@@ -150,7 +150,7 @@ def register_module(
     if cls in _RULES and not overwrite:
         raise RebasinError(
             f"{cls.__name__} already has a layer rule ({_describe(_RULES[cls])}); pass overwrite=True to replace "
-            "it, or register inside rebasin.registration_scope() to have it undone"
+            "it, or register inside rebasin.trace.registration_scope() to have it undone"
         )
     _RULES[cls] = new
     return cls
@@ -167,11 +167,11 @@ def registration_scope() -> Iterator[None]:
     >>> class Scale(nn.Module):
     ...     def forward(self, x):
     ...         return 2 * x
-    >>> with rebasin.registration_scope():
+    >>> with rebasin.trace.registration_scope():
     ...     _ = rebasin.register_module(Scale, params={})
-    ...     rebasin.module_rule(Scale) is not None
+    ...     rebasin.trace.module_rule(Scale) is not None
     True
-    >>> rebasin.module_rule(Scale) is None
+    >>> rebasin.trace.module_rule(Scale) is None
     True
     """
     saved = dict(_RULES)
@@ -188,7 +188,7 @@ def module_rule(module: nn.Module | type[nn.Module]) -> ModuleRule | None:
     Examples
     --------
     >>> from torch import nn
-    >>> from rebasin import module_rule
+    >>> from rebasin.trace import module_rule
     >>> rule = module_rule(nn.Linear)
     >>> dict(rule.params), rule.feature_dim
     ({'weight': ('out', 'in'), 'bias': ('out',)}, -1)

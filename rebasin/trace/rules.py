@@ -127,7 +127,7 @@ class ModuleRule:
     Examples
     --------
     >>> from torch import nn
-    >>> from rebasin import module_rule
+    >>> from rebasin.trace import module_rule
     >>> rule = module_rule(nn.Conv2d)
     >>> rule.role_axis("weight", "out"), rule.feature_dim, rule.fn is not None
     (0, -3, True)

@@ -4,7 +4,7 @@ Every tensor value of the traced graph gets one entry per axis: an :class:`~reba
 (a permutation, possibly acting on blocks) or None. :class:`PermState` holds those entries, the
 union-find over permutations that must be equal (two streams added, a module called twice), the
 permutation of every axis of every state_dict entry, and the complaints: constructs not provably safe
-for some permutations, raised by :func:`rebasin.trace_model` only if those permutations are real (a
+for some permutations, raised by :func:`rebasin.trace.trace_model` only if those permutations are real (a
 permutation merged with ``DEAD`` reaches the model output and is the identity).
 
 The helpers read shapes recorded on the graph (:func:`node_meta`) and follow permuted axes through

@@ -70,7 +70,7 @@ class ModelTrace:
     ----------
     spec
         The :class:`PermutationSpec` of the model, with ``sizes`` and ``coverage`` (hidden units permutable
-        and pinned per module, :class:`~rebasin.SpecCoverage`) filled in.
+        and pinned per module, :class:`~rebasin.spec.SpecCoverage`) filled in.
     graph_module
         The traced :class:`torch.fx.GraphModule`. Its ``state_dict`` keys equal the model's; it
         shares the model's submodules and tensors (it is a view, not a copy) and is never mutated
@@ -276,7 +276,7 @@ def trace_model(model: nn.Module, example_input: Any, *, check: bool = True, tra
         Refuse (:class:`RebasinError`) any construct that keeps a permutation in place instead of pinning
         its units to the identity. Default False: such units are pinned, named in one
         :class:`~rebasin.RebasinWarning` (module path, source line, reason) and counted in
-        ``spec.coverage`` (:class:`~rebasin.SpecCoverage`); the rest of the model stays permutable.
+        ``spec.coverage`` (:class:`~rebasin.spec.SpecCoverage`); the rest of the model stays permutable.
 
     Returns
     -------

@@ -38,7 +38,8 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
-Start. Without ``init`` the descent starts from the better of the identity and a layer-wise start
+Start. Without ``init`` the descent runs from the identity and from a layer-wise start and keeps the
+higher end point
 (:mod:`rebasin.matching._start`: each permutation solved once, in waves from the network's ends
 inwards, from the tensors whose other axes are already settled). From the identity alone the descent
 can stop far from the optimum when the weights carry no hint, e.g. a freshly initialised network
@@ -98,7 +99,8 @@ class WeightMatchingInfo:
     start
         Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
         ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see
-        :mod:`rebasin.matching._start`); with ``start="auto"`` the better of the last two.
+        :mod:`rebasin.matching._start`); with ``start="auto"`` the descent runs from both and the one with the
+        higher final objective is kept (its counts are reported).
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
@@ -397,8 +399,8 @@ def weight_matching(
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
     start
-        Without ``init``: ``"auto"`` (default) starts from the better of ``"identity"`` and
-        ``"layerwise"`` (see above); either can be forced. Not allowed together with ``init``.
+        Without ``init``: ``"auto"`` (default) descends from ``"identity"`` and from ``"layerwise"``
+        (see above) and keeps the higher final objective (twice the descent's cost); either can be forced. Not allowed together with ``init``.
     seed
         Seed of the visiting order; the same seed gives the same result.
     return_info
@@ -467,13 +469,18 @@ def weight_matching(
 
     with torch.no_grad():
         access = Access(state_a, floating, read, lambda k: [None], dev)
-        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
+        starts, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, state_a)
-        engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _INCREMENTAL, cx_keys)
-        cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
-        initial = engine.initial_objective + cx.initial_objective
-        run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed,
-                                 on_solve=_ON_SOLVE)
+        best = None
+        for perms, kind in starts:  # start="auto": a descent from each start, the higher end point kept
+            engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _INCREMENTAL, cx_keys)
+            cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
+            initial = engine.initial_objective + cx.initial_objective
+            run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed,
+                                     on_solve=_ON_SOLVE)
+            if best is None or run["objective"][-1] > best[3]["objective"][-1]:
+                best = (engine, kind, initial, run)
+        engine, start_kind, initial, run = best  # type: ignore[misc]  # starts is never empty
 
     out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     if not return_info:

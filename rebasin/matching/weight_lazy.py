@@ -376,16 +376,21 @@ def weight_matching_lazy(
             return meta[key].is_floating_point() and meta[key].numel() > 0
 
         access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)  # type: ignore[call-overload, index]  # ranges is the table over keys here; [None] reads the whole tensor
-        perms, start_kind, identity_objective = choose_start(spec, sizes, access, init, start)
+        starts, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, meta)
-        engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
-        try:
-            terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
-            cx = StructuredSteps(spec, engine, terms, dev)
-            initial = engine.initial_objective() + cx.initial_objective
-            run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed)
-        finally:
-            engine.scratch.close()
+        best = None
+        for perms, kind in starts:  # start="auto": a descent from each start, the higher end point kept
+            engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
+            try:
+                terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
+                cx = StructuredSteps(spec, engine, terms, dev)
+                initial = engine.initial_objective() + cx.initial_objective
+                run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed)
+            finally:
+                engine.scratch.close()
+            if best is None or run["objective"][-1] > best[3]["objective"][-1]:
+                best = (engine, kind, initial, run)
+        engine, start_kind, initial, run = best  # type: ignore[misc]  # starts is never empty
 
     out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
     info = {

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rebasin import PermutationSpec, RebasinError, RebasinWarning, spec_from_model
+from rebasin import PermutationSpec, RebasinError, RebasinWarning, permute, random_permutation, spec_from_model
+from rebasin._common import state_of
 from rebasin.spec.core import split_structured
 
 #: Seconds a child process of a test (an example script, a command of the CLI or of a docs page, the
@@ -173,3 +174,20 @@ def benchmark_module(name: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def planted(model: nn.Module, x: torch.Tensor, noise: float = 1e-3, seed: int = 3):
+    """(spec, A, B, p): B = permute(spec, p, A) + noise."""
+    spec = spec_from_model(model, x)
+    sa = state_of(model)
+    p = random_permutation(spec, seed=seed, sizes=spec.validate(sa))
+    g = torch.Generator().manual_seed(seed)
+    sb = {
+        k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in permute(spec, p, sa).items()
+    }
+    return spec, sa, sb, p

@@ -1,4 +1,4 @@
-"""OT neuron matching and the Weight Adjustment path (Anokhin & Yarotsky 2020)."""
+"""The Weight Adjustment path (Anokhin & Yarotsky 2020): :func:`rebasin.paths.weight_adjusted_path`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from builders import planted, rand
 from torch import nn
 from torch.testing import assert_close
 
@@ -14,98 +15,14 @@ from rebasin import (
     evaluate_path,
     interpolate,
     invert,
-    permute,
-    random_permutation,
     spec_from_model,
 )
 from rebasin._common import forward_with_state, state_of
 from rebasin.apps.data import tensor_loader
-from rebasin.apps.models import MLP, ResNet20, SmallCNN
+from rebasin.apps.models import MLP, SmallCNN
 from rebasin.apps.training import evaluate, fit_classifier_, seeded_model
 from rebasin.matching import ot_matching
 from rebasin.paths import WeightAdjustedPath, weight_adjusted_path
-
-
-def rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def planted(model: nn.Module, x: torch.Tensor, noise: float = 1e-3, seed: int = 3):
-    """(spec, A, B, p): B = permute(spec, p, A) + noise."""
-    spec = spec_from_model(model, x)
-    sa = state_of(model)
-    p = random_permutation(spec, seed=seed, sizes=spec.validate(sa))
-    g = torch.Generator().manual_seed(seed)
-    sb = {
-        k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-        for k, v in permute(spec, p, sa).items()
-    }
-    return spec, sa, sb, p
-
-
-CASES = {
-    "mlp": (lambda: MLP(10, [32, 16], 3), (4, 10)),
-    "cnn": (lambda: SmallCNN(channels=(6, 8, 8)), (2, 1, 8, 8)),
-    "resnet": (lambda: ResNet20(width=0.25), (2, 3, 8, 8)),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("use_outgoing", [False, True])
-def test_ot_recovers_planted_permutation(name, use_outgoing):
-    factory, shape = CASES[name]
-    model = seeded_model(factory, 0)
-    spec, sa, sb, p = planted(model, rand(*shape))
-    perms = ot_matching(spec, sa, sb, use_outgoing=use_outgoing)
-    assert set(perms) == set(spec.perms)
-    inv = invert(p)
-    for k in spec.perms:
-        assert perms[k].dtype == torch.int64 and perms[k].device.type == "cpu"
-        assert torch.equal(perms[k], inv[k]), k
-    # the convention shared by every matcher: permute(spec, perms, B) ~ A
-    aligned = permute(spec, perms, sb)
-    for k, v in sa.items():
-        if v.is_floating_point():
-            assert_close(aligned[k], v, atol=1e-2, rtol=0)
-
-
-def test_ot_identity_on_equal_models_and_beats_identity_on_distinct():
-    model = seeded_model(lambda: MLP(6, [12, 12], 3), 0)
-    spec = spec_from_model(model, rand(2, 6))
-    sa = state_of(model)
-    assert all(torch.equal(v, torch.arange(v.numel())) for v in ot_matching(spec, sa, sa).values())
-    sb = state_of(seeded_model(lambda: MLP(6, [12, 12], 3), 1))
-    perms = ot_matching(spec, sa, sb)
-    # first layer: OT minimises the squared distance of (row, bias) over all pairings
-    def dist(s):
-        return float((s["layers.0.weight"] - sa["layers.0.weight"]).pow(2).sum()
-                     + (s["layers.0.bias"] - sa["layers.0.bias"]).pow(2).sum())
-    assert dist(permute(spec, perms, sb)) < dist(sb)
-    for seed in range(5):
-        other = random_permutation(spec, seed=seed, sizes=spec.validate(sa))
-        assert dist(permute(spec, perms, sb)) <= dist(permute(spec, other, sb)) + 1e-5
-
-
-def test_ot_does_not_mutate_and_rejects_bad_inputs():
-    model = seeded_model(lambda: SmallCNN(channels=(4, 4, 4)), 0)
-    spec, sa, sb, _ = planted(model, rand(2, 1, 8, 8))
-    ca, cb = copy.deepcopy(sa), copy.deepcopy(sb)
-    ot_matching(spec, sa, sb, use_outgoing=True)
-    for k in sa:
-        assert torch.equal(sa[k], ca[k]) and torch.equal(sb[k], cb[k])
-    with pytest.raises(RebasinError, match="PermutationSpec"):
-        ot_matching({"a": ("P",)}, sa, sb)
-    short = {k: v for k, v in sb.items() if k != "head.2.bias"}
-    with pytest.raises(RebasinError, match="missing"):
-        ot_matching(spec, sa, short)
-    bad = dict(sb, **{"features.0.weight": torch.full_like(sb["features.0.weight"], float("nan"))})
-    with pytest.raises(RebasinError, match="NaN"):
-        ot_matching(spec, sa, bad)
-    with pytest.raises(RebasinError, match="use_outgoing"):
-        ot_matching(spec, sa, sb, use_outgoing=1)
-
-
-# ---------------------------------------------------------------------------------------------- WA
 
 
 def mlp_pair(hidden=(16, 16), seeds=(1, 2)):

@@ -191,3 +191,9 @@ def planted(model: nn.Module, x: torch.Tensor, noise: float = 1e-3, seed: int = 
         for k, v in permute(spec, p, sa).items()
     }
     return spec, sa, sb, p
+
+
+def synthetic_classifier(seed: int = 0) -> nn.Module:
+    """The continual tests' model: 16 features -> 24 hidden -> 4 classes (``continual.benchmarks.synthetic``'s sizes)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import synthetic_classifier as tiny
 from torch import nn
 
 pytest.importorskip("avalanche")
@@ -41,11 +42,6 @@ FGT = "StreamForgetting/eval_phase/test_stream"
 @pytest.fixture(scope="module")
 def bench():
     return synthetic(3, seed=0)
-
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
 
 
 def evaluator() -> EvaluationPlugin:

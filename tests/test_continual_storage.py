@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from builders import synthetic_classifier as tiny
 from torch import nn
 
 pytest.importorskip("avalanche")
@@ -30,11 +31,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def bench():
     return synthetic(3, seed=0)  # 256 training samples of 16 features per experience, 4 classes
-
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
 
 
 def common(model: nn.Module) -> dict:

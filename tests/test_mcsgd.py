@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from builders import synthetic_classifier as tiny
 from torch import nn
 
 pytest.importorskip("avalanche")
@@ -40,11 +41,6 @@ ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 @pytest.fixture(scope="module")
 def bench():
     return synthetic(3, seed=0)
-
-
-def tiny(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
 
 
 def common(model: nn.Module) -> dict:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--points", type=int, default=11)
-    parser.add_argument("--learn-steps", type=int, default=100, help="steps of the learned orthogonal stream")
+    parser.add_argument("--learn-steps", type=int, default=200, help="steps of the learned orthogonal stream")
     parser.add_argument("--learn-lr", type=float, default=1e-2)
     parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--report-file", default=None)

@@ -9,6 +9,7 @@ behind the ReLU stay permutations.
 from __future__ import annotations
 
 import copy
+import doctest
 
 import pytest
 import torch
@@ -169,6 +170,15 @@ def test_cayley_gradient() -> None:
     q = cayley(m - m.T).detach()
     torch.testing.assert_close(q.T @ q, torch.eye(5, dtype=torch.float64))
     torch.testing.assert_close(cayley(torch.zeros(3, 3)), torch.eye(3))
+    # the matrix exponential is the other parametrisation: both orthogonal, equal to first order at zero
+    small = 1e-4 * (m - m.T).detach()
+    torch.testing.assert_close(cayley(small), torch.linalg.matrix_exp(-2 * small), atol=1e-10, rtol=0)
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    tests = finder.find(cayley, globs={"torch": torch, "cayley": cayley})
+    assert sum(len(t.examples) for t in tests) == 3
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0
 
 
 def test_non_finite_fit_is_one_error_and_leaves_the_models(pair) -> None:
@@ -207,3 +217,21 @@ def test_refusals(pair) -> None:
     tr = trace_model(raw, BATCHES[0][0][:4])
     with pytest.raises(RebasinError, match="no class of the spec admits an orthogonal map.*LayerNorm"):
         TransformRebasin(raw, raw, spec=tr.spec, kinds=symmetry_kinds(raw, trace=tr))
+
+
+def test_start_from_a_signed_permutation_and_run_the_module(pair) -> None:
+    fa, fb, spec, kinds, stream = pair
+    a, b = fa.state_dict(), fb.state_dict()
+    signed = transform_matching(spec, a, b, kinds=kinds)  # a signed permutation of the stream
+    mod = TransformRebasin(fa, fb, spec=spec, kinds=kinds, learn=[stream], init=signed, cost="midpoint").eval()
+    start = mod.orthogonal_maps()[stream]
+    assert set(start.abs().unique().tolist()) == {0.0, 1.0}  # the signed permutation's matrix
+    x = BATCHES[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x, t=0.0), fa(x))
+        torch.testing.assert_close(mod(x), fb(x), atol=1e-5, rtol=1e-5)
+    history = mod.fit(BATCHES, steps=5, lr=1e-2)
+    assert len(history) == 5 and not mod.training  # the module's mode is restored
+    assert (mod.transforms()[stream] - start).abs().max() > 1e-3  # it moved
+    for k, v in mod.aligned_state_dict().items():
+        torch.testing.assert_close(v, apply_transforms(spec, mod.transforms(), b, kinds=kinds)[k])

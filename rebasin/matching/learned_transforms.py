@@ -45,11 +45,9 @@ from .._common import (
     cross_entropy_of,
     cycle_batches,
     forward_with_state,
-    model_device,
     nonempty,
     own_global_rng,
     progress_counter,
-    split_batch,
     state_of,
     to_device,
     training,
@@ -57,6 +55,7 @@ from .._common import (
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ..spec.transforms import SymmetryKinds, Transform, apply_transforms, transform_matrix, why_structured
+from ._path_costs import task_cost, user_cost
 from .generalized import transform_matching
 
 __all__ = ["TransformRebasin", "learn_transforms", "LearnedTransforms", "cayley", "PARAMETRIZATIONS", "COSTS"]
@@ -292,17 +291,8 @@ class TransformRebasin(nn.Module):
     def compute_cost(self, batch: Any = None) -> Tensor:
         """The configured cost on one batch."""
         if callable(self.cost):
-            value = self.cost(self, batch)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise RebasinError(f"the cost callable must return a scalar tensor, got {shape}")
-            return value.reshape(())
-        x, y = split_batch(batch)
-        if y is None:
-            raise RebasinError("the task-loss costs need batches with targets ((inputs, targets) or a mapping with "
-                               "'labels'); for other batch layouts pass a callable cost(module, batch)")
-        t = 0.5 if self.cost == "midpoint" else float(torch.rand((), generator=self._generator))
-        return self.loss_fn(self(x, t=t), y)
+            return user_cost(self.cost, self, batch)
+        return task_cost(self, self.cost, batch, self.loss_fn, self._generator)
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -348,8 +338,8 @@ class TransformRebasin(nn.Module):
         was = self.training
         self.train()
         try:
-            with own_global_rng(self.seed, device), training(self._model), \
-                    progress_counter(progress, total, desc=desc) as tick:  # type: ignore[arg-type]  # nn.Module attributes are typed Tensor | Module
+            model: nn.Module = self._model  # type: ignore[assignment]  # nn.Module attributes are typed Tensor | Module
+            with own_global_rng(self.seed, device), training(model), progress_counter(progress, total, desc=desc) as tick:
                 for batch in batches:
                     batch = None if batch is None else to_device(batch, device)
                     opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ def _check_symmetry(symmetry: Any) -> str:
     return str(symmetry)
 
 
-def fold_for_rotations(model: nn.Module, example_input: Any) -> nn.Module:
+def fold_for_rotations(model: nn.Module, example_input: Any, *, kinds: SymmetryKinds | None = None) -> nn.Module:
     """``model``, or a function-preserving copy whose residual stream admits orthogonal maps.
 
     LayerNorms become scale-free RMSNorms (:func:`rebasin.trace.fold_layernorm`: a copy of another
@@ -57,6 +57,9 @@ def fold_for_rotations(model: nn.Module, example_input: Any) -> nn.Module:
         Not mutated.
     example_input
         Traces the model (and checks the LayerNorm rewrite).
+    kinds
+        The symmetry kinds of a model already folded (then a model whose scales are ones is returned without
+        being traced again).
 
     Returns
     -------
@@ -70,17 +73,23 @@ def fold_for_rotations(model: nn.Module, example_input: Any) -> nn.Module:
     """
     if any(isinstance(m, nn.LayerNorm) for m in model.modules()):
         model = fold_layernorm(model, example_input)
+    elif kinds is not None and not _scaled(kinds, model.state_dict()):
+        return model
     tr = trace_model(model, example_input)
     kinds = symmetry_kinds(model, example_input, trace=tr)
     state = model.state_dict()
-    scaled = [k for p, keys in kinds.scales.items() if kinds.admits(p, "orthogonal") for k in keys
-              if not bool((state[k] == 1).all())]
-    if not scaled:
+    if not _scaled(kinds, state):
         return model
     folded = fold_rmsnorm(tr.spec, state, kinds)
     out = copy.deepcopy(model)
     out.load_state_dict(folded)
     return out
+
+
+def _scaled(kinds: SymmetryKinds, state: Mapping[str, Tensor]) -> list[str]:
+    """The norm scales of rotatable classes that are not all ones (missing keys: another architecture)."""
+    return [k for p, keys in kinds.scales.items() if kinds.admits(p, "orthogonal") for k in keys
+            if k not in state or not bool((state[k] == 1).all())]
 
 
 def symmetry_use(spec: PermutationSpec, kinds: SymmetryKinds, symmetry: str) -> dict[str, str]:
@@ -120,8 +129,9 @@ def prepare_symmetry(model_a: nn.Module, model_b: nn.Module, example_input: Any,
         raise RebasinError("matcher 'transform_matching' traces the models to find their symmetries: pass "
                            "example_input= or loader=")
     if symmetry == "orthogonal" or "orthogonal" in dict(opts.get("use") or {}).values():
-        model_a = fold_for_rotations(model_a, example_input)
-        model_b = fold_for_rotations(model_b, example_input)
+        same = model_b is model_a
+        model_a = fold_for_rotations(model_a, example_input, kinds=opts.get("kinds"))
+        model_b = model_a if same else fold_for_rotations(model_b, example_input, kinds=opts.get("kinds"))
     if opts.get("kinds") is None:
         opts["kinds"] = symmetry_kinds(model_a, example_input)
     return Prepared(model_a, model_b, opts)

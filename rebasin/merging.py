@@ -185,11 +185,9 @@ def _same_alignment(p: Alignment, q: Alignment) -> bool:
     return True
 
 
-def _prepared(matcher: Any, models: Sequence[nn.Module], reference: int, example_input: Any, loader: Any,
+def _prepared(matcher: Any, models: Sequence[nn.Module], reference: int, example_input: Any,
               options: dict[str, Any]) -> tuple[list[nn.Module], dict[str, Any]]:
     """The models after the matcher's ``prepare`` hook (rewritten once, against the reference) and its options."""
-    if example_input is None and loader is not None:
-        example_input = first_inputs(loader)
     ref = matcher.prepare(models[reference], models[reference], example_input, dict(options))
     out = [ref.model_a if i == reference else matcher.prepare(m, m, example_input, ref.options).model_a
            for i, m in enumerate(models)]
@@ -339,7 +337,9 @@ def merge(
     matcher = get_matcher(method)
     matcher.check_options(options)
     if matcher.prepare is not None:  # e.g. transform matching: every model folded once, the kinds found once
-        models, options = _prepared(matcher, models, reference, example_input, loader, options)
+        if example_input is None and loader is not None:
+            example_input = first_inputs(loader)  # read once: every later alignment traces on it too
+        models, options = _prepared(matcher, models, reference, example_input, options)
         states = [state_of(m) for m in models]
     if matcher.needs_data and loader is None:
         raise RebasinError(f"merge(method={method!r}) needs data for its matcher: pass loader=")
@@ -378,7 +378,7 @@ def merge(
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
         standard = {k: v for k, v in (("sync", sync), ("group", group)) if k not in options}
         return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
-                     **options, **standard, **extra)
+                     example_input=example_input, **options, **standard, **extra)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:

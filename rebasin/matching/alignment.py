@@ -27,7 +27,7 @@ __all__ = ["Alignment", "align"]
 
 @dataclass(frozen=True)
 class Alignment:
-    """The result of :func:`align`.
+    r"""The result of :func:`align`.
 
     Attributes
     ----------
@@ -58,6 +58,10 @@ class Alignment:
         new architecture, and RMSNorm scales into their readers). Not a copy when nothing was rewritten.
     state_a
         Model A's state_dict in that architecture (the given model's own tensors when nothing was rewritten).
+    model_b
+        Model B in that architecture, before alignment (``model_b`` itself when nothing was rewritten): the
+        source to apply ``transforms`` to, e.g. ``save_permuted(spec, transforms, model_b.state_dict(), path,
+        kinds=kinds)``.
     """
 
     method: str
@@ -70,6 +74,7 @@ class Alignment:
     kinds: SymmetryKinds | None = field(default=None, repr=False)
     model_a: nn.Module | None = field(default=None, repr=False, compare=False)
     state_a: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    model_b: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def align(
@@ -149,4 +154,4 @@ def align(
     # permute() passes untouched tensors through; the result must not alias B's parameters
     aligned = {k: v.clone() if v.data_ptr() == state_b[k].data_ptr() else v for k, v in aligned.items()}
     return Alignment(method, result.perms, spec, aligned, elapsed, result.info, result.transforms, result.kinds,
-                     model_a, dict(state_a))
+                     model_a, dict(state_a), model_b)

@@ -38,8 +38,8 @@ SYMMETRIES = KINDS
 
 
 def _check_symmetry(symmetry: Any) -> str:
-    if symmetry not in SYMMETRIES:
-        raise RebasinError(f"symmetry must be one of {SYMMETRIES}, got {symmetry!r}")
+    if symmetry != "auto" and symmetry not in SYMMETRIES:
+        raise RebasinError(f"symmetry must be 'auto' or one of {SYMMETRIES}, got {symmetry!r}")
     return str(symmetry)
 
 
@@ -95,17 +95,20 @@ def _scaled(kinds: SymmetryKinds, state: Mapping[str, Tensor]) -> list[str]:
 def symmetry_use(spec: PermutationSpec, kinds: SymmetryKinds, symmetry: str) -> dict[str, str]:
     """``{perm: symmetry}`` for every class that admits ``symmetry`` and is not structured.
 
+    ``"auto"`` is ``"signed"`` where a class admits it and nothing (permutations) elsewhere, never an error.
+
     Raises
     ------
     RebasinError
-        When ``symmetry`` is not ``"permutation"`` and no class admits it: the message names, for the
-        widest classes, the module path and the op that forbid it.
+        When ``symmetry`` is ``"signed"`` or ``"orthogonal"`` and no class admits it: the message names, for
+        the widest classes, the module path and the op that forbid it.
     """
     symmetry = _check_symmetry(symmetry)
     if symmetry == "permutation":
         return {}
-    use = {p: symmetry for p in spec.perms if kinds.admits(p, symmetry) and why_structured(spec, p) is None}
-    if use:
+    kind = "signed" if symmetry == "auto" else symmetry
+    use = {p: kind for p in spec.perms if kinds.admits(p, kind) and why_structured(spec, p) is None}
+    if use or symmetry == "auto":
         return use
     sizes = spec.sizes or {}
     widest = sorted(spec.perms, key=lambda p: -int(sizes.get(p, 0)))[:3]
@@ -124,7 +127,7 @@ def prepare_symmetry(model_a: nn.Module, model_b: nn.Module, example_input: Any,
     unless ``options`` holds ``kinds``, and passed on as the option ``kinds``.
     """
     opts = dict(options)
-    symmetry = _check_symmetry(opts.get("symmetry", "signed"))
+    symmetry = _check_symmetry(opts.get("symmetry", "auto"))
     if example_input is None:
         raise RebasinError("matcher 'transform_matching' traces the models to find their symmetries: pass "
                            "example_input= or loader=")
@@ -142,7 +145,7 @@ def symmetry_matching(
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     *,
-    symmetry: str = "signed",
+    symmetry: str = "auto",
     kinds: SymmetryKinds | None = None,
     use: Mapping[str, str] | None = None,
     n_iter: int = 20,
@@ -157,9 +160,10 @@ def symmetry_matching(
     state_a, state_b
         The two states; not mutated.
     symmetry
-        ``"signed"`` (default), ``"orthogonal"`` or ``"permutation"``: the kind fitted to every class that
-        admits it (``kinds``); the others are permutations. Through :func:`rebasin.align`, ``"orthogonal"``
-        folds both models first.
+        ``"signed"``, ``"orthogonal"`` or ``"permutation"``: the kind fitted to every class that admits it
+        (``kinds``); the others are permutations. Through :func:`rebasin.align`, ``"orthogonal"`` folds both
+        models first. ``"auto"`` (default): signed permutations wherever the models admit them as they are,
+        permutations elsewhere (plain weight matching on a model without such classes).
     kinds
         The classes' symmetry kinds (:func:`rebasin.trace.symmetry_kinds`); :func:`rebasin.align` finds them.
     use

@@ -14,9 +14,10 @@ from .alignment import Alignment, align
 from .assignment import linear_assignment
 from .generalized import transform_matching
 from .ot import ot_matching
-from .registry import MatchResult, Matcher, get_matcher, matcher_names, register_matcher, unregister_matcher
+from .registry import MatchResult, Matcher, Prepared, get_matcher, matcher_names, register_matcher, unregister_matcher
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
 from .sinkhorn_rebasin import SinkhornRebasin, sinkhorn_matching
+from .symmetric import symmetry_matching
 from .ste import STEInfo, ste_matching
 from .weight import WeightMatchingInfo, weight_matching
 
@@ -27,6 +28,7 @@ __all__ = [
     "matcher_names",
     "Matcher",
     "MatchResult",
+    "Prepared",
     "align",
     "Alignment",
     "weight_matching",
@@ -45,4 +47,5 @@ __all__ = [
     "sinkhorn_matching",
     "linear_assignment",
     "transform_matching",
+    "symmetry_matching",
 ]

@@ -98,8 +98,9 @@ def align(
     method
         A registered matcher (``rebasin.matcher_names()``): built in are ``"identity"`` (no alignment; the
         naive baseline), ``"weight_matching"``, ``"activation_matching"``, ``"ste"``, ``"sinkhorn"`` and
-        ``"ot"`` (Anokhin & Yarotsky's optimal-transport neuron matching); :func:`rebasin.register_matcher`
-        adds your own.
+        ``"ot"`` (Anokhin & Yarotsky's optimal-transport neuron matching) and ``"transform_matching"``
+        (signed permutations or orthogonal maps where the model admits them, option ``symmetry=``; see
+        :mod:`rebasin.matching.symmetric`); :func:`rebasin.register_matcher` adds your own.
     loader
         Data for the data-driven matchers (batches ``(inputs, targets, ...)``).
     spec

@@ -21,6 +21,7 @@ aligned average before REPAIR, the output ensemble).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,7 +75,8 @@ class MergeInfo:
     alignments
         One :class:`rebasin.Alignment` per input model: the alignment into the reference's basin that the
         merge used (the last accepted round; ``state_b`` is that model's permuted state_dict, so the
-        info keeps ``N - 1`` state_dicts alive), ``None`` for the reference (never permuted).
+        info keeps ``N - 1`` state_dicts alive; ``model_a``, ``state_a`` and ``model_b`` are left None),
+        ``None`` for the reference (never permuted).
     rounds
         Alignment rounds run (the first aligns to the reference).
     converged
@@ -377,8 +379,10 @@ def merge(
         previous = alignments[i]
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
         standard = {k: v for k, v in (("sync", sync), ("group", group)) if k not in options}
-        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
-                     example_input=example_input, **options, **standard, **extra)
+        found = align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
+                      example_input=example_input, **options, **standard, **extra)
+        # the info keeps B's aligned state only, not the target model (an average) each alignment ran against
+        return dataclasses.replace(found, model_a=None, state_a=None, model_b=None)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:

@@ -266,6 +266,9 @@ def test_a_symmetry_the_model_does_not_admit_names_the_module_and_the_op():
     res = align(a, b, method="transform_matching", example_input=x)
     assert set(res.perms) == set(res.transforms)
     vit_a, vit_b = tiny_vit(0), tiny_vit(1)
+    with pytest.raises(RebasinError, match="leave spec=None"):  # the spec of the models before folding
+        align(vit_a, vit_b, method="transform_matching", symmetry="orthogonal", loader=_images(),
+              spec=trace_model(vit_a, _images()[0][0]).spec)
     fc1 = trace_model(vit_a, _images()[0][0]).spec.axes["blocks.0.fc1.weight"][0]
     with pytest.raises(RebasinError, match=r"gelu after module 'blocks\.0\.fc1'"):  # a GELU's units stay permutations
         align(vit_a, vit_b, method="transform_matching", use={fc1: "signed"}, loader=_images())

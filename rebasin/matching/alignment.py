@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._common import first_inputs, state_of
-from .._errors import RebasinWarning
+from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, permute
 from ..spec.transforms import SymmetryKinds, Transform, transform_entries
 from ..trace.tracing import same_architecture, spec_for
@@ -130,7 +130,12 @@ def align(
     if matcher.prepare is not None:  # e.g. the transform matcher: fold the models, find their symmetry kinds
         if example_input is None and loader is not None:
             example_input = first_inputs(loader)
+        given = model_a
         model_a, model_b, options = matcher.prepare(model_a, model_b, example_input, dict(options))
+        if spec is not None and model_a is not given and set(spec.axes) != set(model_a.state_dict()):
+            raise RebasinError(f"matcher {method!r} rewrote the models before aligning them (e.g. symmetry='orthogonal' "
+                               "folds LayerNorms into RMSNorms, another architecture), and spec= describes the models "
+                               "as given: leave spec=None, so that the rewritten model is traced")
     traced = spec is None
     if spec is None:
         if example_input is None and loader is not None:

@@ -117,6 +117,9 @@ def test_signed_llama_path_ends_are_the_two_models():
     assert isinstance(res.transforms[stream], SignedPermutation)
     assert stream not in res.perms and set(res.perms) | {stream} == set(res.transforms)
     assert res.model_a is a and res.kinds is not None  # nothing folded: the states belong to A's architecture
+    reference = apply_transforms(res.spec, res.transforms, b.state_dict(), kinds=res.kinds)  # the algebra's own
+    for k, v in reference.items():
+        assert torch.equal(res.state_b[k], v), k
     with torch.no_grad():  # B's transformed state is B's function
         assert_close(torch.func.functional_call(a, res.state_b, (data[0][0],)).logits, b(data[0][0]).logits,
                      rtol=1e-5, atol=1e-5)

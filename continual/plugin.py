@@ -25,6 +25,7 @@ from rebasin.matching import get_matcher
 from ._data import (
     concat_tensors,
     find_replay_buffer,
+    first_input,
     sample_tensors,
     spec_at_experience,
     subset,
@@ -70,6 +71,9 @@ class MergeRecord:
         Wall time of alignment plus merge.
     refit_steps
         Optimizer steps taken on the held-out slice after the choice (``AlphaPolicy(refit=True)``), else 0.
+    transforms
+        With ``matcher="transform_matching"``: every class's transform (signed permutations, orthogonal maps;
+        :attr:`rebasin.Alignment.transforms`), else None.
     """
 
     experience: int
@@ -81,6 +85,24 @@ class MergeRecord:
     time_s: float
     old_weight: float | None = None
     refit_steps: int = 0
+    transforms: dict[str, Any] | None = None
+
+
+def _state_new(model: nn.Module, result: Any) -> dict[str, Tensor]:
+    """A copy of the fresh model's state in the parametrisation the alignment used (``result.state_a``).
+
+    Transform matching with ``symmetry="orthogonal"`` folds RMSNorm scales into their readers (the same
+    architecture: the merge is written back as it is); a LayerNorm model would be rewritten into another
+    architecture, which cannot be written into the strategy's model.
+    """
+    own = model.state_dict()
+    state = own if result.state_a is None else result.state_a
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise RebasinError(
+            "RebasinMergePlugin: the matcher aligned a rewritten architecture (transform matching with "
+            "symmetry='orthogonal' turns LayerNorms into RMSNorms), which cannot be written into the strategy's "
+            "model; use symmetry='signed' or 'permutation', or a model whose norms are RMSNorms")
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 class RebasinMergePlugin(SupervisedPlugin):
@@ -373,6 +395,9 @@ class RebasinMergePlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
             self.spec = spec_at_experience(strategy, self.example_input)
+        if self.example_input is None and get_matcher(self.matcher).prepare is not None:  # it traces the models
+            example = first_input(strategy.experience.dataset)
+            self.example_input = example.to(strategy.device) if isinstance(example, Tensor) else example
         if self.alpha is None and self.policy.uses_buffer:
             owner, policy = find_replay_buffer(strategy)
             if policy is None:
@@ -467,7 +492,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         if both is not None:
             loader = tensor_loader(both[0], both[1], batch_size=self.batch_size, shuffle=True, seed=self._rng_seed(3))
         result = self._align(model, prev_model, loader, device)
-        state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state_new = _state_new(model, result)
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         choice = None
         alpha = self.alpha
@@ -489,7 +514,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         if self.alpha is None and self.policy.refit:
             steps = self._refit(strategy, device)  # the merge is of the weights the refit reached, aligned again
             result = self._align(model, prev_model, loader, device)
-            state_new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state_new = _state_new(model, result)
             prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         if alpha != 1.0:
             write_state_(model, self._merged_state(strategy, prev_aligned, state_new, alpha, both))
@@ -503,6 +528,7 @@ class RebasinMergePlugin(SupervisedPlugin):
                 time.perf_counter() - start,
                 old_weight,
                 steps,
+                result.transforms,
             )
         )
 
@@ -511,7 +537,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         options = {"progress": False, **self.matcher_options}  # standard keywords: only matchers declaring them get them
         return align(
             model, prev_model, method=self.matcher, loader=loader, spec=self.spec, seed=self._rng_seed(4),
-            device=device, **options,
+            device=device, example_input=self.example_input, **options,
         )
 
     def _refit(self, strategy: Any, device: torch.device) -> int:

@@ -21,6 +21,7 @@ aligned average before REPAIR, the output ensemble).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from ._common import (
     check_int,
+    first_inputs,
     forward_with_state,
     logits_of,
     module_with_state,
@@ -51,6 +53,7 @@ from .paths.running import evaluate_state
 from .spec.checkpoint import LazyState, meta_state, open_checkpoint, read_rows, save_permuted
 from .spec.core import PermutationSpec, permute_unchecked
 from .spec.hf_folder import PretrainedFolder, check_new_folder, open_pretrained, save_pretrained_permuted
+from .spec.transforms import transform_matrix
 
 __all__ = ["MergeComparison", "MergeInfo", "compare_merge", "merge", "merge_checkpoints"]
 
@@ -72,7 +75,8 @@ class MergeInfo:
     alignments
         One :class:`rebasin.Alignment` per input model: the alignment into the reference's basin that the
         merge used (the last accepted round; ``state_b`` is that model's permuted state_dict, so the
-        info keeps ``N - 1`` state_dicts alive), ``None`` for the reference (never permuted).
+        info keeps ``N - 1`` state_dicts alive; ``model_a``, ``state_a`` and ``model_b`` are left None),
+        ``None`` for the reference (never permuted).
     rounds
         Alignment rounds run (the first aligns to the reference).
     converged
@@ -165,6 +169,31 @@ def _same_perms(p: Mapping[str, Tensor] | None, q: Mapping[str, Tensor]) -> bool
     if p is None or set(p) != set(q):
         return False
     return all(torch.equal(p[k].cpu(), q[k].cpu()) for k in p)
+
+
+def _same_alignment(p: Alignment, q: Alignment) -> bool:
+    """Equal permutations and (for transform matchers) equal transforms, orthogonal maps to ``1e-4``."""
+    if not _same_perms(p.perms, q.perms):
+        return False
+    if p.transforms is None or q.transforms is None:
+        return p.transforms is q.transforms
+    if set(p.transforms) != set(q.transforms):
+        return False
+    for name, t in p.transforms.items():
+        u = q.transforms[name]
+        a, b = transform_matrix(t), transform_matrix(u)
+        if a.shape != b.shape or (a.numel() and float((a - b.to(a.device)).abs().max()) > 1e-4):
+            return False
+    return True
+
+
+def _prepared(matcher: Any, models: Sequence[nn.Module], reference: int, example_input: Any,
+              options: dict[str, Any]) -> tuple[list[nn.Module], dict[str, Any]]:
+    """The models after the matcher's ``prepare`` hook (rewritten once, against the reference) and its options."""
+    ref = matcher.prepare(models[reference], models[reference], example_input, dict(options))
+    out = [ref.model_a if i == reference else matcher.prepare(m, m, example_input, ref.options).model_a
+           for i, m in enumerate(models)]
+    return out, ref.options
 
 
 def _ensemble(
@@ -271,13 +300,17 @@ def merge(
         merges with the statistics of the union of the shards. ``sync=False``: this process's data only.
     options
         Passed on to the matcher through :func:`rebasin.align` (unknown options are an error, raised
-        before anything runs).
+        before anything runs). With ``method="transform_matching"``, ``symmetry="signed"`` or
+        ``"orthogonal"`` aligns every model to the reference by signed permutations or orthogonal maps where
+        the architecture admits them (a round changes nothing when every transform stays within ``1e-4``).
 
     Returns
     -------
     nn.Module or (nn.Module, MergeInfo)
         A new module (deep copy of the reference) holding the merged state; parameters keep the
-        reference's ``requires_grad`` flags.
+        reference's ``requires_grad`` flags. When the matcher rewrites the models first (transform matching
+        with ``symmetry="orthogonal"`` folds LayerNorms into RMSNorms), a copy of the rewritten reference:
+        the merge lives in that architecture.
 
     Raises
     ------
@@ -305,6 +338,11 @@ def merge(
     check_int(n_iter, "n_iter (alignment rounds)")
     matcher = get_matcher(method)
     matcher.check_options(options)
+    if matcher.prepare is not None:  # e.g. transform matching: every model folded once, the kinds found once
+        if example_input is None and loader is not None:
+            example_input = first_inputs(loader)  # read once: every later alignment traces on it too
+        models, options = _prepared(matcher, models, reference, example_input, options)
+        states = [state_of(m) for m in models]
     if matcher.needs_data and loader is None:
         raise RebasinError(f"merge(method={method!r}) needs data for its matcher: pass loader=")
     if repair and loader is None:
@@ -341,8 +379,10 @@ def merge(
         previous = alignments[i]
         extra = {"init": dict(previous.perms)} if warm and previous is not None else {}
         standard = {k: v for k, v in (("sync", sync), ("group", group)) if k not in options}
-        return align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
-                     **options, **standard, **extra)
+        found = align(target, models[i], method=method, loader=loader, spec=spec, seed=seed, device=device,
+                      example_input=example_input, **options, **standard, **extra)
+        # the info keeps B's aligned state only, not the target model (an average) each alignment ran against
+        return dataclasses.replace(found, model_a=None, state_a=None, model_b=None)
 
     for i in range(n):  # round 1: everyone to the reference
         if i != reference:
@@ -356,7 +396,7 @@ def merge(
             others = [aligned(j) for j in range(n) if j != i]
             new = align_to(module_with_state(ref_model, combine(others, uniform_rest)), i)
             current = alignments[i]
-            if current is None or not _same_perms(current.perms, new.perms):
+            if current is None or not _same_alignment(current, new):
                 changed += 1
                 alignments[i] = new
         rounds += 1

@@ -73,7 +73,8 @@ def test_bad_methods_and_options_are_named():
 
 
 def test_every_method_is_listed_with_its_target():
-    assert {"identity", "weight_matching", "activation_matching", "ste", "sinkhorn", "ot"} == set(rebasin.matcher_names())
+    assert {"identity", "weight_matching", "activation_matching", "ste", "sinkhorn", "ot", "transform_matching"} == set(
+        rebasin.matcher_names())
 
 
 def test_align_reading_the_example_from_a_shuffled_loader_draws_no_global_randomness():

@@ -26,7 +26,7 @@ _spec = importlib.util.spec_from_file_location("cli_factories", TESTS / "cli_fac
 factories = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(factories)
 
-BUILT_IN_MATCHERS = ("identity", "weight_matching", "activation_matching", "ste", "sinkhorn", "ot")
+BUILT_IN_MATCHERS = ("identity", "weight_matching", "activation_matching", "ste", "sinkhorn", "ot", "transform_matching")
 #: The fields of a row of ``rebasin demo``'s results.json ``methods``.
 DEMO_ROW = {"barrier", "midpoint", "path", "time_s"}
 

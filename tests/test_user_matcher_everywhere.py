@@ -210,7 +210,7 @@ def test_demo_lists_and_runs_a_users_matcher(tmp_path, user_wm, capsys):
     rows = demo_methods()
     assert rows == (
         "weight_matching", "activation_matching", "ste", "sinkhorn_l2", "sinkhorn_midpoint", "sinkhorn_random",
-        "ot", "user_wm", "weight_matching+repair", "weight_matching+bezier",
+        "ot", "transform_matching", "user_wm", "weight_matching+repair", "weight_matching+bezier",
     )
     common = ["--epochs", "3", "--width", "16", "--num-points", "3", "--device", "cpu", "--no-progress"]
     assert main(["demo", "--out", str(tmp_path), "--methods", "weight_matching,user_wm,user_wm+repair", *common]) == 0

@@ -14,6 +14,8 @@ run on, an output path that cannot be written, a model in which tracing leaves n
 (``align``) — ends with a one-line error and exit status 2, checked before any alignment, evaluation or
 training runs (:mod:`rebasin.apps._cli_inputs`). ``align`` and ``merge`` print the traced spec's coverage
 (hidden units permutable vs pinned to the identity); ``--strict`` refuses what would be pinned.
+``--symmetry signed|orthogonal`` (``align``, ``merge``) aligns by signed permutations or orthogonal maps where
+the model admits them, and refuses with the reason what cannot be done (:mod:`rebasin.apps._cli_symmetry`).
 
 Methods come from the matcher registry (:func:`rebasin.register_matcher`): ``rebasin align --help``
 lists every registered matcher with its description, and ``--matcher-module package.module`` (``align``,
@@ -36,6 +38,7 @@ import torch
 from .._common import first_line
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
+from ._cli_symmetry import SYMMETRIES, SYMMETRY_HELP, symmetry_method
 from ._cli_inputs import (
     EXAMPLE_DTYPES,
     build_model,
@@ -125,12 +128,7 @@ def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any, *
     """
     from ..trace.tracing import spec_from_model
 
-    if args.example_shape is not None:
-        example = example_input(args.example_shape, args.example_dtype, model, args.seed)
-    elif first_inputs is None:
-        raise RebasinError("pass --example-shape (e.g. 1,3,32,32) or --data, so the model can be traced")
-    else:
-        example = first_inputs
+    example = _example(args, model, first_inputs)
     try:
         spec = spec_from_model(model, example, strict=args.strict)
     except (RebasinError, RuntimeError) as exc:
@@ -149,6 +147,15 @@ def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any, *
             "to the identity or reaches the output; the warning above names the modules and lines). Register "
             "layer rules for them in the --model factory's module (rebasin.register_module)")
     return spec
+
+
+def _example(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any) -> Any:
+    """The input the model is traced on: ``--example-shape`` (seeded by ``--seed``) or the first inputs of ``--data``."""
+    if args.example_shape is not None:
+        return example_input(args.example_shape, args.example_dtype, model, args.seed)
+    if first_inputs is None:
+        raise RebasinError("pass --example-shape (e.g. 1,3,32,32) or --data, so the model can be traced")
+    return first_inputs
 
 
 def _checkpoint_output(path: str) -> Path:
@@ -178,6 +185,7 @@ def run_align(args: argparse.Namespace) -> None:
     import_matcher_modules(args.matcher_module)  # main() did already; a no-op then (build_parser() users)
     matcher = get_matcher(args.method)  # an unknown name is a one-line error listing the registered ones
     if any_folder([args.model_a, args.model_b]):  # Hugging Face model folders: built from config.json
+        _no_folder_symmetry(args)
         align_folders(args)
         return
     if matcher.needs_data and args.data is None:
@@ -189,7 +197,8 @@ def run_align(args: argparse.Namespace) -> None:
     output = _checkpoint_output(args.output)
     perms_file = None if args.save_perms is None else check_output_file(args.save_perms, "--save-perms")
     device = _device(args)
-    if matcher.reads_checkpoints and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors":
+    if (args.symmetry == "permutation" and matcher.reads_checkpoints
+            and Path(args.model_a).suffix == Path(args.model_b).suffix == ".safetensors"):
         _align_checkpoints(args, output, perms_file, device)
         return
     state_a, state_b = load_state(args.model_a), load_state(args.model_b)
@@ -197,13 +206,30 @@ def run_align(args: argparse.Namespace) -> None:
     model_b = model_from(args.model, state_b, args.model_b)
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", model_a, targets=False)
     spec = _spec(args, model_a, first, need_perms=True)
-    res = align(model_a, model_b, method=args.method, spec=spec, loader=loader, seed=args.seed, device=device)
+    example = _example(args, model_a, first)
+    method, options = symmetry_method(args.symmetry, args.method, [model_a, model_b], example, spec, writes_pair=True)
+    res = align(model_a, model_b, method=method, spec=spec, loader=loader, seed=args.seed, device=device,
+                example_input=example, **options)
     _save_like(res.state_b, output, state_b)
-    _print(f"aligned {args.model_b} to {args.model_a} with {args.method} in {res.time_s:.2f} s -> {output}")
+    how = method + ("" if not options else f" ({args.symmetry})")
+    _print(f"aligned {args.model_b} to {args.model_a} with {how} in {res.time_s:.2f} s -> {output}")
     if perms_file is not None:
-        torch.save({k: v.cpu() for k, v in res.perms.items()}, perms_file)
-        sizes = ", ".join(f"{k} ({len(v)})" for k, v in res.perms.items()) or "none"
-        _print(f"permutations {sizes} -> {perms_file}")
+        found = res.perms if res.transforms is None else res.transforms
+        torch.save({k: _cpu(v) for k, v in found.items()}, perms_file)
+        n = res.spec.resolved_sizes(res.state_b)
+        sizes = ", ".join(f"{k} ({n[k]})" for k in found) or "none"
+        _print(f"{'permutations' if res.transforms is None else 'transforms'} {sizes} -> {perms_file}")
+
+
+def _cpu(t: Any) -> Any:
+    """A permutation, signed permutation or orthogonal matrix on the CPU."""
+    return type(t)(*(x.cpu() for x in t)) if isinstance(t, tuple) else t.cpu()
+
+
+def _no_folder_symmetry(args: argparse.Namespace) -> None:
+    if args.symmetry != "permutation":
+        raise RebasinError(f"--symmetry {args.symmetry} is not available for Hugging Face model folders yet; "
+                           "load the models in Python and use rebasin.align(..., method='transform_matching')")
 
 
 def _need_model(args: argparse.Namespace) -> None:
@@ -357,6 +383,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if not -len(args.models) <= args.reference < len(args.models):
         raise RebasinError(f"--reference must index the {len(args.models)} checkpoints, got {args.reference}")
     if any_folder(args.models):  # Hugging Face model folders: built from config.json
+        _no_folder_symmetry(args)
         merge_folders(args)
         return
     _need_model(args)
@@ -367,8 +394,11 @@ def run_merge(args: argparse.Namespace) -> None:
     loader, first = (None, None) if args.data is None else loader_from(args.data, "--data", models[0], targets=False)
     evals = None if args.eval_data is None else loader_from(args.eval_data, "--eval-data", models[0], targets=True)[0]
     spec = _spec(args, models[0], first, need_perms=False)
-    merged, info = merge(models, method=args.method, loader=loader, reference=args.reference, n_iter=args.n_iter,  # type: ignore[misc]  # nn.Module attributes are typed Tensor | Module
-                         repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True)
+    example = _example(args, models[0], first)
+    method, options = symmetry_method(args.symmetry, args.method, models, example, spec, writes_pair=False)
+    merged, info = merge(models, method=method, loader=loader, reference=args.reference, n_iter=args.n_iter,  # type: ignore[misc]  # nn.Module attributes are typed Tensor | Module
+                         repair=args.repair, spec=spec, seed=args.seed, device=device, return_info=True,
+                         example_input=example, **options)
     state = state_of(merged)
     note = " and REPAIR" if args.repair else ""
     if has_batchnorm(models[0]) and not args.repair:
@@ -381,7 +411,8 @@ def run_merge(args: argparse.Namespace) -> None:
                    "(they are then recomputed) or --repair")
     _save_like(state, output, states[args.reference])
     rounds = f"{info.rounds} round{'s' if info.rounds > 1 else ''}" + ("" if info.converged else ", not converged")
-    _print(f"merged {len(models)} models with {args.method}{note} ({rounds}, {info.time_s:.2f} s) -> {output}")
+    how = method + ("" if not options else f" ({args.symmetry})")
+    _print(f"merged {len(models)} models with {how}{note} ({rounds}, {info.time_s:.2f} s) -> {output}")
     if evals is not None:
         cmp = compare_merge(models, merged, info, evals, loader=loader, device=device)
         acc = cmp.accuracy
@@ -524,9 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "weight_matching on two .safetensors files reads them one tensor at a time\n"
                          "and streams a .safetensors output: neither model is held in memory;\n"
                          "for two model folders, a new folder laid out like B that from_pretrained loads")
+    al.add_argument("--symmetry", default="permutation", metavar="{" + ",".join(SYMMETRIES) + "}",
+                    help=SYMMETRY_HELP)
     al.add_argument("--save-perms", default=None, metavar="FILE",
                     help="also write the permutations {name: LongTensor} that map B onto A\n"
-                         "(torch.load(FILE); rebasin.permute(spec, perms, state_b) applies them)")
+                         "(torch.load(FILE); rebasin.permute(spec, perms, state_b) applies them);\n"
+                         "with --symmetry, every class's transform (rebasin.spec.apply_transforms)")
     al.set_defaults(func=run_align)
 
     pa = sub.add_parser(
@@ -576,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the reference's, merged one tensor at a time")
     me.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
                     help=_methods_help())
+    me.add_argument("--symmetry", default="permutation", metavar="{" + ",".join(SYMMETRIES) + "}",
+                    help=SYMMETRY_HELP)
     me.add_argument("--data", default=None, metavar=_FACTORY,
                     help="loader of (inputs, targets) batches: for data-driven matchers, --repair and\n"
                          "BatchNorm statistics")

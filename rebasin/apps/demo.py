@@ -63,8 +63,8 @@ def demo_methods() -> tuple[str, ...]:
     Returns
     -------
     tuple of str
-        ``("weight_matching", "activation_matching", "ste", "sinkhorn_l2", ..., "ot", <user matchers>,
-        "weight_matching+repair", "weight_matching+bezier")``.
+        ``("weight_matching", "activation_matching", "ste", "sinkhorn_l2", ..., "ot", "transform_matching",
+        <user matchers>, "weight_matching+repair", "weight_matching+bezier")``.
     """
     return (*_matcher_rows(), *_DEFAULT_USES)
 

@@ -15,9 +15,10 @@ from .assignment import linear_assignment
 from .generalized import transform_matching
 from .learned_transforms import LearnedTransforms, TransformRebasin, cayley, learn_transforms
 from .ot import ot_matching
-from .registry import MatchResult, Matcher, get_matcher, matcher_names, register_matcher, unregister_matcher
+from .registry import MatchResult, Matcher, Prepared, get_matcher, matcher_names, register_matcher, unregister_matcher
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
 from .sinkhorn_rebasin import SinkhornRebasin, sinkhorn_matching
+from .symmetric import symmetry_matching
 from .ste import STEInfo, ste_matching
 from .weight import WeightMatchingInfo, weight_matching
 
@@ -28,6 +29,7 @@ __all__ = [
     "matcher_names",
     "Matcher",
     "MatchResult",
+    "Prepared",
     "align",
     "Alignment",
     "weight_matching",
@@ -50,4 +52,5 @@ __all__ = [
     "learn_transforms",
     "LearnedTransforms",
     "cayley",
+    "symmetry_matching",
 ]

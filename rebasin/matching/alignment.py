@@ -1,4 +1,4 @@
-"""One entry point for every registered matcher: ``align(model_a, model_b, method=...)``.
+r"""One entry point for every registered matcher: ``align(model_a, model_b, method=...)``.
 
 :func:`align` looks the method up in the matcher registry (:mod:`rebasin.matching.registry`), checks the
 options against the matcher's signature before anything runs (a typo is an error, not silently ignored),
@@ -16,8 +16,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._common import first_inputs, state_of
-from .._errors import RebasinWarning
+from .._errors import RebasinError, RebasinWarning
 from ..spec.core import PermutationSpec, permute
+from ..spec.transforms import SymmetryKinds, Transform, transform_entries
 from ..trace.tracing import same_architecture, spec_for
 from .registry import get_matcher
 
@@ -26,7 +27,7 @@ __all__ = ["Alignment", "align"]
 
 @dataclass(frozen=True)
 class Alignment:
-    """The result of :func:`align`.
+    r"""The result of :func:`align`.
 
     Attributes
     ----------
@@ -42,6 +43,25 @@ class Alignment:
         Wall time of the matcher (not counting spec tracing).
     info
         Matcher-specific diagnostics (e.g. objective per sweep, cost history), or ``None``.
+    transforms
+        For a matcher of symmetries beyond permutations (``method="transform_matching"``): ``{perm:
+        transform}`` for every class — permutations, :class:`~rebasin.spec.SignedPermutation`\ s, orthogonal
+        matrices — with ``state_b = apply_transforms(spec, transforms, B's state, kinds=kinds)``; ``perms``
+        then holds the classes that stayed permutations. None for permutation matchers.
+    kinds
+        The :class:`~rebasin.spec.SymmetryKinds` the transforms are legal under (None without transforms);
+        :func:`rebasin.save_permuted` takes it to write B's transformed checkpoint.
+    model_a
+        The architecture ``state_a`` and ``state_b`` belong to, to run them with (:func:`rebasin.evaluate_path`,
+        :func:`rebasin.repair`, :func:`rebasin.fit_curve`): the ``model_a`` given, or the function-preserving
+        rewrite of it that the matcher aligned (``symmetry="orthogonal"`` folds LayerNorms into RMSNorms, a
+        new architecture, and RMSNorm scales into their readers). Not a copy when nothing was rewritten.
+    state_a
+        Model A's state_dict in that architecture (the given model's own tensors when nothing was rewritten).
+    model_b
+        Model B in that architecture, before alignment (``model_b`` itself when nothing was rewritten): the
+        source to apply ``transforms`` to, e.g. ``save_permuted(spec, transforms, model_b.state_dict(), path,
+        kinds=kinds)``.
     """
 
     method: str
@@ -50,6 +70,11 @@ class Alignment:
     state_b: dict[str, Tensor]
     time_s: float
     info: Any = field(default=None, repr=False)
+    transforms: dict[str, Transform] | None = field(default=None, repr=False)
+    kinds: SymmetryKinds | None = field(default=None, repr=False)
+    model_a: nn.Module | None = field(default=None, repr=False, compare=False)
+    state_a: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    model_b: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def align(
@@ -73,8 +98,9 @@ def align(
     method
         A registered matcher (``rebasin.matcher_names()``): built in are ``"identity"`` (no alignment; the
         naive baseline), ``"weight_matching"``, ``"activation_matching"``, ``"ste"``, ``"sinkhorn"`` and
-        ``"ot"`` (Anokhin & Yarotsky's optimal-transport neuron matching); :func:`rebasin.register_matcher`
-        adds your own.
+        ``"ot"`` (Anokhin & Yarotsky's optimal-transport neuron matching) and ``"transform_matching"``
+        (signed permutations or orthogonal maps where the model admits them, option ``symmetry=``; see
+        :mod:`rebasin.matching.symmetric`); :func:`rebasin.register_matcher` adds your own.
     loader
         Data for the data-driven matchers (batches ``(inputs, targets, ...)``).
     spec
@@ -101,6 +127,15 @@ def align(
     """
     matcher = get_matcher(method)
     matcher.check_options(options)
+    if matcher.prepare is not None:  # e.g. the transform matcher: fold the models, find their symmetry kinds
+        if example_input is None and loader is not None:
+            example_input = first_inputs(loader)
+        given = model_a
+        model_a, model_b, options = matcher.prepare(model_a, model_b, example_input, dict(options))
+        if spec is not None and model_a is not given and set(spec.axes) != set(model_a.state_dict()):
+            raise RebasinError(f"matcher {method!r} rewrote the models before aligning them (e.g. symmetry='orthogonal' "
+                               "folds LayerNorms into RMSNorms, another architecture), and spec= describes the models "
+                               "as given: leave spec=None, so that the rewritten model is traced")
     traced = spec is None
     if spec is None:
         if example_input is None and loader is not None:
@@ -118,7 +153,11 @@ def align(
     result = matcher(spec, state_a, state_b, model_a=model_a, model_b=model_b, loader=loader, seed=seed, device=device,
                      **options)
     elapsed = time.perf_counter() - start
-    aligned = permute(spec, result.perms, state_b) if result.perms else dict(state_b)
+    if result.transforms is not None:  # checked by the registry
+        aligned = transform_entries(spec, result.transforms, state_b, kinds=result.kinds)
+    else:
+        aligned = permute(spec, result.perms, state_b) if result.perms else dict(state_b)
     # permute() passes untouched tensors through; the result must not alias B's parameters
     aligned = {k: v.clone() if v.data_ptr() == state_b[k].data_ptr() else v for k, v in aligned.items()}
-    return Alignment(method, result.perms, spec, aligned, elapsed, result.info)
+    return Alignment(method, result.perms, spec, aligned, elapsed, result.info, result.transforms, result.kinds,
+                     model_a, dict(state_a), model_b)

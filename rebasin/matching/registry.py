@@ -32,7 +32,7 @@ function that declares them (or takes ``**kwargs``), so no caller ever tests a m
 
 Everything else is a matcher's own **option** (unknown ones are an error before anything runs).
 :func:`register_matcher` adds a matcher; the built-ins are registered from one fixed list in this module
-(:data:`BUILTINS`: identity, weight matching, activation matching, STE, Sinkhorn, OT, in that order), so the
+(:data:`BUILTINS`: identity, weight matching, activation matching, STE, Sinkhorn, OT, transform matching, in that order), so the
 order :func:`matcher_names` lists does not depend on which module was imported first. Everything that
 lists methods — :func:`rebasin.align`, :func:`rebasin.merge`, the continual plugin, the demo and
 ``rebasin align --method`` — reads this one registry.
@@ -44,16 +44,18 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, check_permutations
+from ..spec.transforms import SymmetryKinds, Transform, check_transforms, kind_of
 
 __all__ = [
     "MatchResult",
     "Matcher",
+    "Prepared",
     "MatcherFn",
     "STANDARD",
     "BUILTINS",
@@ -97,6 +99,9 @@ BUILTINS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "description": "Pena et al.: learn soft permutations end to end (costs l2 / midpoint / random)"}),
     ("ot", "ot", "ot_matching", {
         "description": "Anokhin & Yarotsky: exact optimal transport between neuron weight distributions"}),
+    ("transform_matching", "symmetric", "symmetry_matching", {
+        "description": "weight matching with signed permutations / orthogonal maps where the model admits them "
+                       "(symmetry=...)", "prepare": "prepare_symmetry"}),
 )
 
 
@@ -110,10 +115,27 @@ class MatchResult:
         ``{perm: LongTensor}`` with ``permute(spec, perms, state_b) ≈ state_a``; missing names are the identity.
     info
         Matcher-specific diagnostics (objective per sweep, cost history, ...), or ``None``.
+    transforms
+        For a matcher of symmetries beyond permutations: ``{perm: transform}`` (permutations, signed
+        permutations, orthogonal maps; :mod:`rebasin.spec.transforms`) with
+        ``apply_transforms(spec, transforms, state_b, kinds=kinds) ≈ state_a``. The registry then fills
+        ``perms`` with the classes that are plain permutations. None for permutation matchers.
+    kinds
+        The :class:`~rebasin.spec.SymmetryKinds` the transforms are legal under (required with ``transforms``).
     """
 
     perms: dict[str, Tensor]
     info: Any = field(default=None, repr=False)
+    transforms: dict[str, Transform] | None = field(default=None, repr=False)
+    kinds: SymmetryKinds | None = field(default=None, repr=False)
+
+
+class Prepared(NamedTuple):
+    """What a matcher's ``prepare`` hook returns: the models to align (e.g. folded copies) and the options."""
+
+    model_a: nn.Module
+    model_b: nn.Module
+    options: dict[str, Any]
 
 
 MatcherFn = Callable[..., Any]
@@ -148,6 +170,11 @@ class Matcher:
     reads_checkpoints
         Whether it reads :class:`rebasin.spec.Checkpoint` states one tensor at a time (``rebasin align`` then
         never loads two safetensors checkpoints whole).
+    prepare
+        ``prepare(model_a, model_b, example_input, options) -> Prepared(model_a, model_b, options)``, run by
+        :func:`rebasin.align` (and :func:`rebasin.merge`) before the spec is traced: it may replace the models by
+        function-preserving rewrites (the transform matcher folds LayerNorms when asked for orthogonal maps)
+        and add options (the symmetry kinds). None for most matchers.
     models_first
         The calling convention, read from ``fn``'s signature: ``fn(model_a, model_b, loader, *, spec,
         state_a, state_b, ...)`` when its first parameter is named ``model_a``.
@@ -161,6 +188,7 @@ class Matcher:
     description: str = ""
     uses_data: bool = False
     reads_checkpoints: bool = False
+    prepare: Callable[..., Prepared] | None = field(default=None, repr=False)
     models_first: bool = field(init=False, repr=False)
     standard: frozenset[str] = field(init=False, repr=False)
     _options: frozenset[str] | None = field(init=False, repr=False, compare=False)
@@ -254,12 +282,32 @@ class Matcher:
                 f"matcher {self.name!r} returned {type(result.perms).__name__}; it must return "
                 "{perm_name: LongTensor} or MatchResult(perms, info)"
             )
+        sizes = spec.resolved_sizes(state_a)
+        if result.transforms is not None:
+            return _checked_transforms(self.name, spec, result, sizes, state_b)
         perms = dict(result.perms)
         try:
-            check_permutations(spec, perms, spec.resolved_sizes(state_a))
+            check_permutations(spec, perms, sizes)
         except RebasinError as err:
             raise RebasinError(f"matcher {self.name!r} returned invalid permutations: {err}") from err
         return MatchResult(perms, result.info)
+
+
+def _checked_transforms(name: str, spec: PermutationSpec, result: MatchResult, sizes: Mapping[str, int],
+                        state_b: Mapping[str, Tensor]) -> MatchResult:
+    """A transform matcher's result, checked, with ``perms`` the classes that are plain permutations."""
+    transforms = dict(result.transforms or {})
+    kinds = result.kinds
+    try:
+        if not isinstance(kinds, SymmetryKinds):
+            raise RebasinError(f"a result with transforms needs kinds= (a SymmetryKinds), got {type(kinds).__name__}")
+        rotated = [p for p, t in transforms.items() if kind_of(t) == "orthogonal"]
+        scales = {k: state_b[k] for p in rotated for k in kinds.scales.get(p, ())}
+        check_transforms(spec, transforms, sizes, kinds=kinds, scale_values=scales)
+    except RebasinError as err:
+        raise RebasinError(f"matcher {name!r} returned invalid transforms: {err}") from err
+    perms = {p: t for p, t in transforms.items() if kind_of(t) == "permutation"}
+    return MatchResult(perms, result.info, transforms, kinds)  # type: ignore[arg-type]  # kind_of(...) == "permutation" means a Tensor
 
 
 _REGISTRY: dict[str, Matcher] = {}
@@ -273,9 +321,11 @@ def _load_builtins() -> None:
         return
     _BUILTINS_LOADED = True
     for name, module, attr, flags in BUILTINS:
-        fn = _identity if module == "registry" else getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        home = None if module == "registry" else importlib.import_module(f"{__package__}.{module}")
+        fn = _identity if home is None else getattr(home, attr)
+        hooks = {"prepare": getattr(home, flags["prepare"])} if "prepare" in flags else {}
         if name not in _REGISTRY:  # a user may have registered over it already
-            _REGISTRY[name] = _matcher(name, fn, **flags)
+            _REGISTRY[name] = _matcher(name, fn, **{**flags, **hooks})
     # built-ins first, in the list's order; then the user's, in theirs
     order = [b[0] for b in BUILTINS] + [n for n in _REGISTRY if n not in {b[0] for b in BUILTINS}]
     items = {n: _REGISTRY[n] for n in order}
@@ -284,10 +334,12 @@ def _load_builtins() -> None:
 
 
 def _matcher(name: str, fn: MatcherFn, *, needs_data: bool = False, description: str = "", uses_data: bool = False,
-             reads_checkpoints: bool = False) -> Matcher:
+             reads_checkpoints: bool = False, prepare: Callable[..., Prepared] | None = None) -> Matcher:
     doc = (inspect.getdoc(fn) or "").strip().splitlines()
+    if prepare is not None and not callable(prepare):
+        raise RebasinError(f"matcher {name!r}: prepare must be callable, got {type(prepare).__name__}")
     return Matcher(name, fn, bool(needs_data), description or (doc[0] if doc else ""), bool(needs_data or uses_data),
-                   bool(reads_checkpoints))
+                   bool(reads_checkpoints), prepare)
 
 
 def register_matcher(
@@ -299,6 +351,7 @@ def register_matcher(
     overwrite: bool = False,
     uses_data: bool = False,
     reads_checkpoints: bool = False,
+    prepare: Callable[..., Prepared] | None = None,
 ) -> Any:
     """Register a matcher under ``name``; usable as a decorator.
 
@@ -323,6 +376,9 @@ def register_matcher(
         ``needs_data``).
     reads_checkpoints
         True when ``fn`` reads :class:`rebasin.spec.Checkpoint` states one tensor at a time.
+    prepare
+        Optional hook run by :func:`rebasin.align` before tracing: ``prepare(model_a, model_b, example_input,
+        options) -> Prepared(model_a, model_b, options)`` (see :attr:`Matcher.prepare`).
 
     Returns
     -------
@@ -341,7 +397,7 @@ def register_matcher(
     'Reverse every permutation (a toy).'
     """
     flags: dict[str, Any] = {"needs_data": needs_data, "description": description, "uses_data": uses_data,
-             "reads_checkpoints": reads_checkpoints}
+             "reads_checkpoints": reads_checkpoints, "prepare": prepare}
     if fn is None:
 
         def decorator(f: MatcherFn) -> MatcherFn:

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .._errors import RebasinError
-from .core import PermutationSpec, check_permutations, permute_unchecked
+from .core import PermutationSpec, check_permutations
+from .transforms import SignedPermutation, SymmetryKinds, Transform, check_transforms, transform_entries
 
 __all__ = ["ROW_CHUNK_BYTES", "Checkpoint", "LazyState", "fresh_buffer", "meta_state", "open_checkpoint", "output_format",
            "read_rows", "row_ranges", "save_permuted", "save_state"]
@@ -485,22 +486,29 @@ def save_state(
 
 def save_permuted(
     spec: PermutationSpec,
-    perms: Mapping[str, Tensor],
+    perms: Mapping[str, Transform],
     source: Mapping[str, Tensor],
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
+    kinds: SymmetryKinds | None = None,
 ) -> None:
-    """Write ``permute(spec, perms, source)`` to ``path``, one tensor at a time.
+    """Write ``permute(spec, perms, source)`` (or ``apply_transforms(spec, perms, source, kinds=kinds)``) to
+    ``path``, one tensor at a time.
 
-    Every tensor keeps its dtype (a bfloat16 checkpoint is written in bfloat16).
+    Every tensor keeps its dtype (a bfloat16 checkpoint is written in bfloat16; an orthogonal map of a 16-bit
+    tensor is computed in float32 and rounded once).
 
     Parameters
     ----------
     spec
         Permutation spec of the architecture.
     perms
-        ``{perm: LongTensor (n,)}`` (missing names are the identity), as returned by the matchers.
+        ``{perm: LongTensor (n,)}`` (missing names are the identity), as returned by the matchers; or, with
+        ``kinds``, any transforms of :mod:`rebasin.spec.transforms` (signed permutations, orthogonal maps:
+        ``Alignment.transforms``). An orthogonal map needs whole rows or columns along the axes it acts on;
+        a big tensor whose first axis no class acts on still goes in slices of rows (the map acts along the
+        other axes, whole in every slice), so the memory stays about one slice.
     source
         A :class:`Checkpoint` from :func:`open_checkpoint` or a state_dict. Not mutated.
     path
@@ -512,12 +520,16 @@ def save_permuted(
         :func:`torch.save` (memory: one model).
     metadata
         Optional ``{str: str}`` stored in the safetensors header's ``__metadata__``.
+    kinds
+        Which classes admit signed and orthogonal maps, and their norm scales (``Alignment.kinds``,
+        :func:`rebasin.trace.symmetry_kinds`); needed as soon as a transform is not a permutation.
 
     Raises
     ------
     RebasinError
-        If ``source`` does not match the spec (the key is named), ``perms`` are not permutations of
-        the right sizes, or the extension is unsupported. The file is written to a temporary name next
+        If ``source`` does not match the spec (the key is named), ``perms`` are not permutations (or legal
+        transforms, :func:`rebasin.spec.check_transforms`) of the right sizes, or the extension is
+        unsupported. The file is written to a temporary name next
         to ``path`` and renamed at the end: on any error nothing is written.
 
     Examples
@@ -536,14 +548,24 @@ def save_permuted(
     fmt = output_format(out)
     meta = meta_state(source)
     sizes = spec.validate(meta, name="source")
-    check_permutations(spec, perms, sizes)
+    if not any(isinstance(t, SignedPermutation) or _is_matrix(t) for t in perms.values()):
+        check_permutations(spec, perms, sizes)  # type: ignore[arg-type]  # no transform is more than a permutation here
+    else:
+        rotated = [p for p, t in perms.items() if _is_matrix(t)]
+        scales = {k: source[k] for p in rotated for k in (kinds.scales.get(p, ()) if kinds is not None else ())}
+        check_transforms(spec, perms, sizes, kinds=kinds, scale_values=scales)
 
     def pieces(key: str) -> Iterator[Tensor]:
         for rows in row_ranges(spec, key, meta[key]) or [None]:  # type: ignore[list-item]  # [None] stands for one read of the whole tensor; a big tensor in slices of rows
             part = source[key] if rows is None else read_rows(source, key, *rows)
-            yield permute_unchecked(spec, perms, {key: part})[key]
+            yield transform_entries(spec, perms, {key: part}, kinds=kinds)[key]
 
     _write_checkpoint(out, fmt, {k: meta[k] for k in spec.axes}, pieces, metadata)
+
+
+def _is_matrix(t: object) -> bool:
+    """Whether ``t`` is (meant as) an orthogonal map: a 2-D floating tensor."""
+    return isinstance(t, Tensor) and t.ndim == 2 and t.is_floating_point()
 
 
 def _write_checkpoint(out: Path, fmt: str, meta: dict[str, Tensor], pieces: Any,

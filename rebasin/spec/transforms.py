@@ -47,6 +47,8 @@ __all__ = [
     "fold_rmsnorm",
     "transform_matrix",
     "why_structured",
+    "check_transforms",
+    "transform_entries",
 ]
 
 KINDS = ("permutation", "signed", "orthogonal")  # each kind contains the previous ones
@@ -435,4 +437,115 @@ def fold_rmsnorm(spec: PermutationSpec, state_dict: Mapping[str, Tensor], kinds:
                                        f"scale {key!r} into it would change them too. Untie the weights first")
                 out[w] = out[w] * g.to(out[w].dtype)[None, :]
             out[key] = torch.ones_like(g)
+    return out
+
+
+def check_transforms(
+    spec: PermutationSpec,
+    transforms: Mapping[str, Transform],
+    sizes: Mapping[str, int],
+    *,
+    kinds: SymmetryKinds | None = None,
+    scale_values: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Raise :class:`RebasinError` for transforms :func:`apply_transforms` would refuse, reading no weights.
+
+    The check :func:`transform_entries` relies on, for callers that apply transforms a tensor (or a slice of
+    rows) at a time, such as :func:`rebasin.save_permuted`.
+
+    Parameters
+    ----------
+    spec, transforms, kinds
+        As for :func:`apply_transforms`.
+    sizes
+        ``{perm: n}``, from :meth:`PermutationSpec.validate` of the state (or its ``meta`` tensors).
+    scale_values
+        The norm scales of every class given an orthogonal map (``kinds.scales``), to check that they are ones;
+        None skips that check.
+
+    Examples
+    --------
+    >>> spec = PermutationSpec({"w": ("P", None)})
+    >>> check_transforms(spec, {"P": torch.eye(2)}, {"P": 2}, kinds=SymmetryKinds({"P": "orthogonal"}))
+    """
+    perms: dict[str, Tensor] = {}
+    for name, t in transforms.items():
+        if name not in spec.perm_to_axes:
+            raise RebasinError(f"unknown class {name!r}; the spec has {list(spec.perms)}")
+        kind = kind_of(t)
+        if kind == "permutation":
+            perms[name] = t  # type: ignore[assignment]  # kind_of(...) == "permutation" means a Tensor
+            continue
+        if kinds is None:
+            raise RebasinError(f"transform {name!r} is a {kind} map: pass kinds= (rebasin.trace.symmetry_kinds(model, "
+                               "example_input)) so that its legality and the norm scales of the class are known")
+        if not kinds.admits(name, kind):
+            raise RebasinError(kinds.why_not(name, kind))
+        why = why_structured(spec, name)
+        if why is not None:
+            raise RebasinError(f"class {name!r} takes only permutations: {why}")
+        _check_transform(name, t, int(sizes[name]))
+        if isinstance(t, SignedPermutation):
+            perms[name] = t.perm
+        elif scale_values is not None:
+            for key in kinds.scales.get(name, ()):
+                if not bool((scale_values[key] == 1).all()):
+                    raise RebasinError(f"class {name!r}: the norm scale {key!r} is not all ones, and a norm scale does "
+                                       "not commute with a rotation; fold it into its readers first (rebasin.fold_rmsnorm)")
+    check_permutations(spec, perms, dict(sizes))
+
+
+def transform_entries(
+    spec: PermutationSpec,
+    transforms: Mapping[str, Transform],
+    part: Mapping[str, Tensor],
+    *,
+    kinds: SymmetryKinds | None = None,
+) -> dict[str, Tensor]:
+    """:func:`apply_transforms` on some entries of a state_dict only, unchecked (see :func:`check_transforms`).
+
+    Orthogonal maps of 16-bit floating entries are computed in float32 and rounded once. An entry may also be
+    a slice of rows of a tensor when no class acts on its first axis (the other axes
+    are whole, so an orthogonal map along them is exact row by row): the checkpoint writer streams big
+    embeddings that way.
+
+    Parameters
+    ----------
+    spec, transforms, kinds
+        As for :func:`apply_transforms`, already checked.
+    part
+        ``{key: tensor}`` for any subset of the spec's keys. Not mutated.
+
+    Returns
+    -------
+    dict
+        The transformed entries of ``part``.
+
+    Examples
+    --------
+    >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")})
+    >>> sp = SignedPermutation(torch.tensor([1, 0]), torch.tensor([1., -1.]))
+    >>> transform_entries(spec, {"P": sp}, {"w2": torch.tensor([[1., 2.]])},
+    ...                   kinds=SymmetryKinds({"P": "signed"}))["w2"]
+    tensor([[ 2., -1.]])
+    """
+    perms = {n: (t.perm if isinstance(t, SignedPermutation) else t) for n, t in transforms.items()
+             if kind_of(t) != "orthogonal"}
+    out = permute_unchecked(spec, perms, part)  # type: ignore[arg-type]  # the permutations' Tensors
+    for name, t in transforms.items():
+        if kind_of(t) == "permutation":
+            continue
+        scales = set(kinds.scales.get(name, ())) if kinds is not None else set()
+        for key, axis in spec.perm_to_axes[name]:
+            if key not in out or key in scales:
+                continue
+            x = out[key]
+            if isinstance(t, SignedPermutation):
+                shape = [1] * x.ndim
+                shape[axis] = -1
+                out[key] = x * t.signs.to(device=x.device, dtype=x.dtype).reshape(shape)
+            elif x.is_floating_point() and x.element_size() < 4:  # 16-bit floats: computed in float32, rounded once
+                out[key] = _along(x.float(), axis, t).to(x.dtype)  # type: ignore[arg-type]  # an orthogonal map is a Tensor
+            else:
+                out[key] = _along(x, axis, t)  # type: ignore[arg-type]  # an orthogonal map is a Tensor
     return out

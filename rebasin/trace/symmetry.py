@@ -137,6 +137,8 @@ class _Analysis:
         if u.op not in ("call_function", "call_method"):
             return "is not a call the analysis knows"
         op = _op(u)
+        if _reads_metadata(u):  # x.shape[0], x.size(1): no value of x flows on
+            return None
         if u.target is F.linear:
             return None if u.args and u.args[0] is x else "uses the class as a weight"
         if u.target is getattr(F, "rms_norm", None):
@@ -254,6 +256,13 @@ def linear_readers(tr: ModelTrace, node: Node, perm: str) -> tuple[list[tuple[st
 def is_linear_layer(m: nn.Module) -> bool:
     """``nn.Linear`` or ``transformers``' ``Conv1D`` (a Linear stored ``(in, out)``): linear in its input."""
     return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers."))
+
+
+def _reads_metadata(node: Node) -> bool:
+    """``getattr(x, "shape" | "dtype" | "device" | "ndim")``, ``x.size(...)`` or ``x.dim()``: reads no values."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")
+    return node.op == "call_method" and node.target in ("size", "dim")
 
 
 def _is_square(node: Node) -> bool:

@@ -146,21 +146,25 @@ def _split_attention(ctx: RuleContext) -> Any:
     h, kv, d = _heads(ctx, m.q_proj.out_features)  # type: ignore[arg-type, union-attr]  # nn.Module attributes are typed Tensor | Module
     g = h // kv
     kv_heads = ctx.new_permutation(size=kv)
+    values = ctx.new_permutation(size=kv * d)  # the value units, d per key/value head
+    if values is not None and kv_heads is not None:
+        ctx.structured(values, d, outer=kv_heads)
+    out = ctx.new_permutation(size=getattr(m, out_name).out_features)
     if g == 1:
         q_heads = kv_heads
-        values = ctx.new_permutation(size=h * d)
-        if values is not None and kv_heads is not None:
-            ctx.structured(values, d, outer=kv_heads)
-    else:
+        o_cols, inner = values, None
+    else:  # o_proj's columns: query-head blocks by q_heads, the units inside each by its key/value head's values
         q_heads = ctx.new_permutation(size=h)
         if q_heads is not None and kv_heads is not None:
             ctx.structured(q_heads, g, outer=kv_heads)
-        values = None
-    out = ctx.new_permutation(size=getattr(m, out_name).out_features)
+        o_cols = _blocks(q_heads, d)
+        inner = {1: values} if values is not None and o_cols is not None else None
     _assign_linear(ctx, "q_proj", _blocks(q_heads, d), e_in)
     _assign_linear(ctx, "k_proj", _blocks(kv_heads, d), e_in)
-    _assign_linear(ctx, "v_proj", values if g == 1 else _blocks(kv_heads, d), e_in)
-    _assign_linear(ctx, out_name, out, values if g == 1 else _blocks(q_heads, d))
+    _assign_linear(ctx, "v_proj", values, e_in)
+    ctx.assign(f"{out_name}.weight", (out, o_cols), inner=inner)
+    if f"{out_name}.bias" in ctx.keys:
+        ctx.assign(f"{out_name}.bias", (out,))
     rows = {"q": (h * d, _blocks(q_heads, d)), "k": (kv * d, _blocks(kv_heads, d))}
     for k in norms:  # over the units of one head (Qwen3, Gemma3): not permuted; over all of q or k (OLMo2): its rows
         n, entry = rows[k[0]]

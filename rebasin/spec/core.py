@@ -374,6 +374,54 @@ class PermutationSpec:
             return None
         return 1 if p == self.structure[v][0] else self.structure[p][1]  # type: ignore[index]  # checked at construction
 
+    def refuse_block_inner(self, what: str) -> None:
+        """Raise :class:`RebasinError` when the spec has :attr:`block_inner` axes, which ``what`` cannot handle."""
+        if self.block_inner:
+            (key, axis), v = next(iter(self.block_inner.items()))
+            raise RebasinError(
+                f"{what} does not support block_inner axes (units inside the blocks of an axis permuted by another "
+                f"class's inner permutations: grouped-query attention's output projection), e.g. axis {axis} of "
+                f"{key!r} with the insides of its blocks following {v!r}. Use weight_matching, or pass "
+                "spec.without_block_inner() (those units then stay in place)")
+
+    def without_block_inner(self) -> PermutationSpec:
+        """The coarser spec in which the insides of :attr:`block_inner` axes stay in place.
+
+        Each inner class ``v`` structured as ``(outer, k)`` is replaced on its axes by ``outer`` acting on
+        blocks of ``k`` (whole heads move, their units do not); an unstructured one is left out (its axes
+        carry nothing). For engines that do not take :attr:`block_inner` (soft permutations, OT, signed or
+        orthogonal maps). The spec itself if it has no such axes.
+        """
+        if not self.block_inner:
+            return self
+        inner = set(self.block_inner.values())
+        if any(q in inner for parts in self.concat.values() for q, _ in parts):
+            raise RebasinError("spec.without_block_inner: an inner class is part of a concatenation; "
+                               "write the coarser spec by hand")
+        axes: dict[str, Axes] = {}
+        blocks = dict(self.blocks)
+        for key, ax in self.axes.items():
+            new = list(ax)
+            for i, p in enumerate(ax):
+                if p in inner:
+                    if p in self.structure:
+                        outer, k = self.structure[p]
+                        new[i] = outer
+                        blocks[(key, i)] = blocks.get((key, i), 1) * k
+                    else:
+                        new[i] = None
+                        blocks.pop((key, i), None)
+            axes[key] = tuple(new)
+        structure = {p: s for p, s in self.structure.items() if p not in inner}
+        sizes = None
+        if self.sizes is not None:
+            sizes = {p: n for p, n in self.sizes.items() if p not in inner}
+            for v in inner & set(self.structure):
+                outer, k = self.structure[v]
+                if any(outer in ax for ax in axes.values()):
+                    sizes.setdefault(outer, self.sizes[v] // k)
+        return PermutationSpec(axes, sizes, blocks, structure, self.concat, self.grouped, self.coverage)
+
     def outer_size(self, outer: str, sizes: Mapping[str, int]) -> int:
         """Size of an outer permutation (virtual or not) from the sizes of the spec's permutations."""
         if outer in sizes:

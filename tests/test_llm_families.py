@@ -2,8 +2,8 @@
 
 Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma3, Phi and GPT-NeoX (partial rotary) with 2 layers, width 32 and
 4 query heads. What the spec allows inside the attention (see ``rebasin.trace.llm_rules``): key/value heads
-with their query-head groups, query heads inside their group, value units inside heads when every query head
-has its own key/value head; q/k units inside a head stay in place (rotary frequency pairs do not commute with a
+with their query-head groups, query heads inside their group, value units inside each key/value head (shared
+by the output-projection blocks of its query heads, ``spec.block_inner``); q/k units inside a head stay in place (rotary frequency pairs do not commute with a
 permutation, which the last tests show). Skipped without ``transformers``.
 """
 

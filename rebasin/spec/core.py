@@ -221,7 +221,10 @@ class PermutationSpec:
         attention uses it: the output projection's columns (query heads of width ``k``) move with the
         query-head permutation ``P``, and each head's units with the value units of its key/value head
         ``perm`` (one value head feeds ``g`` query heads, so their column blocks share its inner
-        permutation).
+        permutation). An unstructured ``perm`` (size ``k``: multi-query attention's one value head) permutes
+        the inside of every block alike. ``perm`` is a permutation of the spec even where it acts on no
+        axis itself (a :meth:`subset` holding only the output projection). Engines that cannot take it
+        refuse it (:meth:`refuse_block_inner`); :meth:`without_block_inner` is the coarser spec for them.
 
     Notes
     -----

@@ -22,11 +22,13 @@ per key/value head) and head width ``d``:
   only the first ``rotary_ndims`` units; their other q/k units are kept in place too (a choice: they
   could move among themselves);
 * q/k norms (Qwen3, Gemma3: over one head's units; OLMo2: over all of q or k) get nothing or the rows' heads;
-* the units inside a value head (rows of v, columns of the output projection) are permuted per head
-  when ``g == 1`` and not packed with q/k; with ``g > 1`` one value head feeds ``g`` query heads whose
-  outputs sit in separate column blocks of the output projection, and the spec cannot tie one
-  within-head permutation to several blocks, so value units stay in place (heads and groups still move);
-  GPT-NeoX packs q, k, v per head in one weight (``query_key_value``): heads move, units stay.
+* the units inside a value head (rows of v, columns of the output projection) are permuted per key/value
+  head. With ``g > 1`` one value head feeds ``g`` query heads whose outputs sit in separate column blocks
+  of the output projection: those columns carry the query-head permutation on blocks of ``d`` and, inside
+  block ``a``, the value units' inner permutation of key/value head ``a // g``
+  (:attr:`~rebasin.PermutationSpec.block_inner`); with one key/value head (multi-query) the value units are
+  one plain permutation shared by every block. GPT-NeoX packs q, k, v per head in one weight
+  (``query_key_value``): heads move, units stay.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _assign_linear(ctx: RuleContext, name: str, rows: AxisPerm | None, cols: Axi
 
 
 def _split_attention(ctx: RuleContext) -> Any:
-    """Separate q/k/v projections: key/value heads, query heads inside their group, value units when ``g == 1``."""
+    """Separate q/k/v projections: key/value heads, query heads inside their group, value units per key/value head."""
     m = ctx.module
     x, e_in = _stream(ctx)
     if x is None:

@@ -12,11 +12,12 @@ import warnings
 
 import pytest
 import torch
+from builders import traced_without_warnings
 from torch import nn
 
 import rebasin
 from rebasin import PermutationSpec, RebasinError, weight_matching
-from rebasin.spec.core import (compose, full_axis_index, invert, permute, random_permutation, split_structured)
+from rebasin.spec.core import compose, full_axis_index, invert, permute, random_permutation, split_structured
 
 H, KV, D, W = 4, 2, 3, 6  # query heads, key/value heads, head width, model width
 
@@ -221,13 +222,7 @@ def _build(name: str, seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def traced():
-    out = {}
-    for name in FAMILIES:
-        model = _build(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", rebasin.RebasinWarning)  # nothing pinned
-            out[name] = (model, rebasin.spec_from_model(model, _TOKENS))
-    return out
+    return traced_without_warnings({name: _build(name) for name in FAMILIES}, _TOKENS)
 
 
 def _randomised(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:

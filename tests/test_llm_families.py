@@ -14,12 +14,12 @@ import warnings
 
 import pytest
 import torch
+from builders import traced_without_warnings
 from torch import nn
 
 import rebasin
 from rebasin import PermutationSpec, RebasinError
 from rebasin.spec.core import permute, random_permutation, split_structured
-from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
 
@@ -78,13 +78,7 @@ _X = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1
 
 @pytest.fixture(scope="module")
 def traced():
-    out = {}
-    for name in FAMILIES:
-        model = _build(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", rebasin.RebasinWarning)  # no weight is left without a rule
-            out[name] = (model, trace_model(model, _X).spec)
-    return out
+    return traced_without_warnings({name: _build(name) for name in FAMILIES}, _X)
 
 
 def _logits(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:

@@ -785,7 +785,7 @@ def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
     block_inner: dict[tuple[str, int], str] = {}
     for (key, axis), v in dict(spec.block_inner).items():
         ax = axes.get(key)
-        p = ax[axis] if ax is not None and isinstance(axis, int) and 0 <= axis < len(ax) else None
+        p = ax[axis] if ax is not None and isinstance(axis, int) and 0 <= axis < len(ax) else None  # type: ignore[assignment]  # a str or None here
         where = f"spec block_inner entry ({key!r}, {axis}) = {v!r}"
         if p is None or (key, axis) not in spec.blocks or (key, axis) in grouped or p in concat:
             raise RebasinError(f"{where}: the axis must carry a permutation with a block size (spec.blocks), "
@@ -793,9 +793,9 @@ def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
         if v in concat or v == p or (v in structure and structure[v][1] != spec.blocks[(key, axis)]):
             raise RebasinError(f"{where}: {v!r} must be another permutation, not a concatenation, and if structured "
                                f"its block size must be the axis's block size {spec.blocks[(key, axis)]}")
-        outer = structure[v][0] if v in structure else None
-        if outer is not None and p != outer and (p not in structure or structure[p][0] != outer):
-            raise RebasinError(f"{where}: the axis's permutation {p!r} must be {v!r}'s outer permutation {outer!r} "
+        v_outer = structure[v][0] if v in structure else None
+        if v_outer is not None and p != v_outer and (p not in structure or structure[p][0] != v_outer):
+            raise RebasinError(f"{where}: the axis's permutation {p!r} must be {v!r}'s outer permutation {v_outer!r} "
                                f"or structured with it (its blocks then share the inner block of their group)")
         block_inner[(key, int(axis))] = str(v)
     object.__setattr__(spec, "block_inner", MappingProxyType(block_inner))

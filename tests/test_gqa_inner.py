@@ -129,6 +129,19 @@ def test_equality_rename_subset_and_coarser_spec():
     coarse.check(_model(), _X)
 
 
+def test_spec_round_trips_through_json():
+    import json
+
+    spec = _spec(sizes={"Q": H, "K": KV, "V": KV * D})
+    back = PermutationSpec.from_dict(json.loads(json.dumps(spec.as_dict())))
+    assert back == spec and back.block_inner == {("o.weight", 1): "V"} and back.sizes == spec.sizes
+    assert PermutationSpec.from_dict(spec.without_block_inner().as_dict()) == spec.without_block_inner()
+    with pytest.raises(RebasinError, match="from_dict needs a mapping with 'axes'"):
+        PermutationSpec.from_dict({"blocks": []})
+    with pytest.raises(RebasinError, match="from_dict: malformed data"):
+        PermutationSpec.from_dict(dict(spec.as_dict(), block_inner=[["o.weight", 1]]))
+
+
 @pytest.mark.parametrize("entry, match", [
     ({("o.weight", 0): "V"}, "must carry a permutation with a block size"),
     ({("o.weight", 1): "Q"}, "must be another permutation"),
@@ -240,6 +253,8 @@ def _logits(model: nn.Module, state: dict) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_value_units_move_and_logits_are_unchanged(traced, name):
     model, spec = traced[name]
+    back = PermutationSpec.from_dict(spec.as_dict())
+    assert back == spec and back.coverage == spec.coverage and back.sizes == spec.sizes
     o = "model.layers.0.self_attn.o_proj.weight"
     v = spec.block_inner[(o, 1)]
     assert spec.axes["model.layers.0.self_attn.v_proj.weight"][0] == v

@@ -456,6 +456,49 @@ class PermutationSpec:
 
     __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready plain data (lists for tuples, ``[key, axis, value]`` rows for the per-axis fields);
+        :meth:`from_dict` rebuilds an equal spec (sizes and coverage included).
+
+        Examples
+        --------
+        >>> import json
+        >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")}, {"P": 3})
+        >>> PermutationSpec.from_dict(json.loads(json.dumps(spec.as_dict()))) == spec
+        True
+        """
+        return {
+            "axes": {k: list(ax) for k, ax in self.axes.items()},
+            "sizes": None if self.sizes is None else dict(self.sizes),
+            "blocks": [[k, a, n] for (k, a), n in self.blocks.items()],
+            "structure": {p: [o, d] for p, (o, d) in self.structure.items()},
+            "concat": {c: [[q, n] for q, n in parts] for c, parts in self.concat.items()},
+            "grouped": [[k, a, g] for (k, a), g in self.grouped.items()],
+            "block_inner": [[k, a, v] for (k, a), v in self.block_inner.items()],
+            "coverage": None if self.coverage is None else self.coverage.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PermutationSpec:
+        """Inverse of :meth:`as_dict` (validated as at construction)."""
+        if not isinstance(data, Mapping) or "axes" not in data:
+            raise RebasinError(f"PermutationSpec.from_dict needs a mapping with 'axes' (from as_dict), got "
+                               f"{type(data).__name__}{' with keys ' + str(sorted(data)) if isinstance(data, Mapping) else ''}")
+        try:
+            return cls(
+                {k: tuple(ax) for k, ax in data["axes"].items()},
+                data.get("sizes"),
+                {(k, int(a)): int(n) for k, a, n in data.get("blocks", ())},
+                {p: (o, int(d)) for p, (o, d) in data.get("structure", {}).items()},
+                {c: tuple((q, int(n)) for q, n in parts) for c, parts in data.get("concat", {}).items()},
+                {(k, int(a)): int(g) for k, a, g in data.get("grouped", ())},
+                None if data.get("coverage") is None else SpecCoverage.from_dict(data["coverage"]),
+                {(k, int(a)): v for k, a, v in data.get("block_inner", ())},
+            )
+        except (TypeError, ValueError, AttributeError) as err:
+            raise RebasinError(f"PermutationSpec.from_dict: malformed data ({type(err).__name__}: {err}); pass what "
+                               "PermutationSpec.as_dict returned") from None
+
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
         return PermutationSpec(self.axes, self.validate(state_dict), **self._extras())

@@ -197,3 +197,14 @@ def synthetic_classifier(seed: int = 0) -> nn.Module:
     """The continual tests' model: 16 features -> 24 hidden -> 4 classes (``continual.benchmarks.synthetic``'s sizes)."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def traced_without_warnings(models: dict[str, nn.Module], example: Any) -> dict[str, tuple[nn.Module, PermutationSpec]]:
+    """``{name: (model, spec)}`` traced with every :class:`RebasinWarning` an error: no unit is pinned, no weight
+    is left without a rule."""
+    out = {}
+    for name, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RebasinWarning)
+            out[name] = (model, spec_from_model(model, example))
+    return out

@@ -2,8 +2,8 @@
 
 Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma3, Phi and GPT-NeoX (partial rotary) with 2 layers, width 32 and
 4 query heads. What the spec allows inside the attention (see ``rebasin.trace.llm_rules``): key/value heads
-with their query-head groups, query heads inside their group, value units inside heads when every query head
-has its own key/value head; q/k units inside a head stay in place (rotary frequency pairs do not commute with a
+with their query-head groups, query heads inside their group, value units inside each key/value head (shared
+by the output-projection blocks of its query heads, ``spec.block_inner``); q/k units inside a head stay in place (rotary frequency pairs do not commute with a
 permutation, which the last tests show). Skipped without ``transformers``.
 """
 
@@ -14,12 +14,12 @@ import warnings
 
 import pytest
 import torch
+from builders import traced_without_warnings
 from torch import nn
 
 import rebasin
 from rebasin import PermutationSpec, RebasinError
 from rebasin.spec.core import permute, random_permutation, split_structured
-from rebasin.trace import trace_model
 
 T = pytest.importorskip("transformers")
 
@@ -78,13 +78,7 @@ _X = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1
 
 @pytest.fixture(scope="module")
 def traced():
-    out = {}
-    for name in FAMILIES:
-        model = _build(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", rebasin.RebasinWarning)  # no weight is left without a rule
-            out[name] = (model, trace_model(model, _X).spec)
-    return out
+    return traced_without_warnings({name: _build(name) for name in FAMILIES}, _X)
 
 
 def _logits(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +122,10 @@ def test_qk_units_stay_in_place_and_heads_move(traced, name):
     q, k = spec.axes[attn + "q_proj.weight"][0], spec.axes[attn + "k_proj.weight"][0]
     # rows of q and k carry a permutation of heads acting on blocks of d: no unit moves inside a head
     assert spec.blocks[(attn + "q_proj.weight", 0)] == D and spec.sizes[q] == HEADS
-    if kv == 1:  # one key/value head: nothing moves in k and v, query heads move freely
-        assert k is None and spec.axes[attn + "v_proj.weight"][0] is None and q not in spec.structure
+    o, v = attn + "o_proj.weight", spec.axes[attn + "v_proj.weight"][0]
+    if kv == 1:  # one key/value head: k's rows stay, query heads move freely, v units move in every o_proj block
+        assert k is None and q not in spec.structure and v not in spec.structure and spec.sizes[v] == D
+        assert spec.axes[o][1] == q and spec.blocks[(o, 1)] == D and spec.block_inner[(o, 1)] == v
         return
     assert spec.blocks[(attn + "k_proj.weight", 0)] == D and spec.sizes[k] == kv
     if name == "olmo2":  # norms over all of q and k follow the head permutations of their rows
@@ -141,9 +137,11 @@ def test_qk_units_stay_in_place_and_heads_move(traced, name):
         v = spec.axes[attn + "v_proj.weight"][0]
         assert q == k and spec.structure[v] == (q, D)
         assert spec.axes[attn + ("dense" if name == "phi" else "o_proj") + ".weight"][1] == v
-    elif kv > 1:  # grouped-query attention: query heads structured by their key/value head
-        assert spec.structure[q] == (k, HEADS // kv)
-        assert spec.axes[attn + "v_proj.weight"][0] == k and spec.blocks[(attn + "v_proj.weight", 0)] == D
+    elif kv > 1:  # grouped-query attention: query heads structured by their key/value head, value units per
+        # key/value head; o_proj's columns: query-head blocks, inside each the value units of its key/value head
+        assert spec.structure[q] == (k, HEADS // kv) and spec.structure[v] == (k, D)
+        assert (attn + "v_proj.weight", 0) not in spec.blocks
+        assert spec.axes[o][1] == q and spec.blocks[(o, 1)] == D and spec.block_inner[(o, 1)] == v
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-mha-bias"])

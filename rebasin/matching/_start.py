@@ -17,7 +17,8 @@ alignment that weight-based model fusion uses. By default the descent runs from 
 identity and keeps the higher end point (a higher start does not predict a higher end), so it never ends below
 the identity's objective.
 
-Left out of the waves (and left at the identity for the descent): grouped axes and tensors on which
+Left out of the waves (and left at the identity for the descent): grouped axes, blocked axes whose blocks'
+insides follow another class (``spec.block_inner``), tensors on which
 one unit acts on two axes (``P W P^T``), and units that no settled tensor reaches.
 
 Tensors are read through an :class:`Access` (``read(which, key, rows)``, in the row slices
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._errors import RebasinError
-from ..spec.core import Occurrence, PermutationSpec, axis_index, block_index, join_structured, permute_unchecked
+from ..spec.core import Occurrence, PermutationSpec, full_axis_index, join_structured, permute_unchecked
 from ._structured_terms import as_tensors, unit_of
 from .assignment import solve_cost, structured_assignment
 
@@ -119,7 +120,8 @@ def layerwise_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Acc
     for p, occs in spec.occurrences.items():
         for o in occs:
             names = spec.axes[o.key]
-            if not access.floating(o.key) or any((o.key, i) in spec.grouped for i in range(len(names))):
+            if not access.floating(o.key) or any((o.key, i) in spec.grouped or (o.key, i) in spec.block_inner
+                                                 for i in range(len(names))):
                 continue
             others = {q for i, name in enumerate(names) if i != o.axis for q in _parts(spec, name)}
             if any(units[q] == units[p] for q in others):
@@ -161,9 +163,9 @@ def _similarity(spec: PermutationSpec, perm: str, occs: list[Occurrence], cur: M
             for i, name in enumerate(names):
                 if i == o.axis or name is None:
                     continue
-                idx = axis_index(spec, name, cur)
+                idx = full_axis_index(spec, o.key, i, b.shape[i], cur)
                 if idx is not None:
-                    b = b.index_select(i, block_index(idx, spec.blocks.get((o.key, i), 1)).to(device))
+                    b = b.index_select(i, idx.to(device))
             a = read("a", o.key, rows)
             lo, m = o.start * o.block, n * o.block
             out.addmm_(a.narrow(o.axis, lo, m).movedim(o.axis, 0).reshape(n, -1),

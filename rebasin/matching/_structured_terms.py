@@ -7,6 +7,10 @@ Everything else is *complex* and handled here, recomputed from the current permu
   similarity uses only its stretch ``start*block .. (start+n)*block`` of the axis;
 * a grouped axis (``spec.grouped``, a grouped convolution's ``(C_out, C_in/g, ...)`` weight): see
   :meth:`ComplexTerms.similarity`;
+* a blocked axis whose blocks' insides follow another class (``spec.block_inner``: grouped-query
+  attention's output projection, query-head blocks holding the value units of their key/value head):
+  see :meth:`ComplexTerms.similarity`; when the axis's permutation and the inner class share a unit
+  (they share their outer) the unit acts on the tensor twice, as below;
 * a tensor on which one unit acts on two axes (``P W P^T``, a recurrent weight, a grouped weight's
   rows and columns): the other axis is a neighbour fixed at the current estimate, so the objective
   is no longer linear in the unit and a step is accepted only if the true objective (recomputed,
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..spec.core import PermutationSpec, axis_index, block_index, join_structured, permute_unchecked, split_structured
+from ..spec.core import PermutationSpec, full_axis_index, join_structured, permute_unchecked, split_structured
 
 __all__ = ["unit_of", "complex_keys", "nonlinear_units", "ComplexTerms", "as_tensors"]
 
@@ -45,7 +49,8 @@ def complex_keys(spec: PermutationSpec, state: Mapping[str, Tensor]) -> frozense
         t = state[key]
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        if any(n in spec.concat or (key, i) in spec.grouped for i, n in enumerate(axes) if n is not None):
+        if any(n in spec.concat or (key, i) in spec.grouped or (key, i) in spec.block_inner
+               for i, n in enumerate(axes) if n is not None):
             out.add(key)
             continue
         flat = [u for n in axes if n is not None for u in {units[q] for q in _parts(spec, n)}]
@@ -63,6 +68,9 @@ def nonlinear_units(spec: PermutationSpec, keys: Iterable[str]) -> set[int]:
         for u in set().union(*by_axis) if by_axis else ():
             if sum(u in s for s in by_axis) > 1:
                 out.add(u)
+        for (k, i), v in spec.block_inner.items():  # the axis's blocks and their insides from one unit
+            if k == key and units[v] == units[spec.axes[k][i]]:  # type: ignore[index]  # a block_inner axis is permuted
+                out.add(units[v])
     return out
 
 
@@ -76,6 +84,28 @@ def _relative(spec: PermutationSpec, perm: str, p: Tensor) -> Tensor:
     d = spec.structure[perm][1]
     outer, inner = split_structured(p, d)
     return join_structured(torch.arange(outer.numel(), device=p.device), inner[torch.argsort(outer)])
+
+
+def _within_blocks(spec: PermutationSpec, key: str, axis: int, length: int, perms: Mapping[str, Tensor],
+                   of_inner: bool) -> Tensor:
+    """An index along the :attr:`~PermutationSpec.block_inner` axis ``axis`` of ``key`` (``length`` entries) that
+    moves only what the unit being solved does not: with ``of_inner=False`` (the axis's own blocks are solved)
+    the units inside each of B's blocks by the inner class, with ``of_inner=True`` (the inner class is solved)
+    B's blocks by the axis's permutation. A structured inner class shares its unit with the axis's blocks, so
+    its part is placed on B's blocks (:func:`_relative`), never across them; an unstructured one is another
+    unit, held at its current estimate."""
+    v, k = spec.block_inner[(key, axis)], spec.blocks[(key, axis)]
+    shared = v in spec.structure
+    n = length // k
+    if of_inner:
+        p = spec.axes[key][axis]
+        outer = torch.arange(n, device=perms[v].device)
+        if p in perms and not (shared and p == spec.structure[v][0]):  # the outer itself moves with the solve
+            outer = _relative(spec, p, perms[p]) if shared else perms[p].long()  # type: ignore[arg-type, index]  # a block_inner axis is permuted
+        return join_structured(outer, torch.arange(k, device=outer.device).expand(n, k))
+    inner = split_structured(_relative(spec, v, perms[v]) if shared else perms[v], k)[1]
+    inner = inner.repeat_interleave(n // inner.shape[0], 0)
+    return join_structured(torch.arange(n, device=inner.device), inner)
 
 
 def _gather_rows(t: Tensor, axis: int, p: Tensor, groups: int) -> Tensor:
@@ -115,6 +145,10 @@ class ComplexTerms:
             self.a64 = {k: state_a[k].detach().to(device=device, dtype=torch.float64) for k in keys}
             self.b64 = {k: state_b[k].detach().to(device=device, dtype=torch.float64) for k in keys}
         self.occ = {p: [o for o in occs if o.key in keys] for p, occs in spec.occurrences.items()}
+        self.inner_of: dict[str, list[tuple[str, int]]] = {}  # {inner class: [(key, axis)]} of spec.block_inner
+        for (key, axis), v in spec.block_inner.items():
+            if key in keys:
+                self.inner_of.setdefault(v, []).append((key, axis))
 
     def _get(self, which: str, key: str, dtype: torch.dtype) -> Tensor:
         """A's or B's tensor ``key`` in ``dtype`` on the device (read from the state now when ``lazy``)."""
@@ -126,10 +160,10 @@ class ComplexTerms:
         return state[key].detach().to(device=self.device, dtype=dtype)
 
     def has(self, perm: str) -> bool:
-        return bool(self.occ.get(perm))
+        return bool(self.occ.get(perm) or self.inner_of.get(perm))
 
     def keys_of(self, perms: Iterable[str]) -> set[str]:
-        return {o.key for p in perms for o in self.occ.get(p, ())}
+        return {o.key for p in perms for o in self.occ.get(p, ())} | {k for p in perms for k, _ in self.inner_of.get(p, ())}
 
     def similarity(self, perm: str, perms: Mapping[str, Tensor]) -> Tensor | None:
         """``sum`` over ``perm``'s occurrences on complex keys of ``rows(A) rows(B')^T`` (float32, ``(n, n)``).
@@ -152,9 +186,11 @@ class ComplexTerms:
                     continue
                 if gx is not None and (i == gx or (i == 0 and axis == gx)):
                     continue
-                idx = axis_index(spec, name, perms)
+                idx = full_axis_index(spec, key, i, b.shape[i], perms)
                 if idx is not None:
-                    b = b.index_select(i, block_index(idx, spec.blocks.get((key, i), 1)).to(self.device))
+                    b = b.index_select(i, idx.to(self.device))
+            if (key, axis) in spec.block_inner:  # the insides of B's blocks by the inner class's current part
+                b = b.index_select(axis, _within_blocks(spec, key, axis, b.shape[axis], perms, False).to(self.device))
             a = self._get("a", key, torch.float32)
             if gx is not None:
                 g = spec.grouped[(key, gx)]
@@ -171,6 +207,19 @@ class ComplexTerms:
             a = a.narrow(axis, start * block, n * block).movedim(axis, 0).reshape(n, -1)
             b = b.narrow(axis, start * block, n * block).movedim(axis, 0).reshape(n, -1)
             out = torch.mm(a, b.T) if out is None else out.addmm_(a, b.T)
+        for key, axis in self.inner_of.get(perm, ()):  # ``perm`` permutes the insides of this axis's blocks
+            b = self._get("b", key, torch.float32)
+            for i in range(b.ndim):
+                idx = None if i == axis else full_axis_index(spec, key, i, b.shape[i], perms)
+                if idx is not None:
+                    b = b.index_select(i, idx.to(self.device))
+            b = b.index_select(axis, _within_blocks(spec, key, axis, b.shape[axis], perms, True).to(self.device))
+            k = spec.blocks[(key, axis)]
+            heads = n // k  # blocks of ``perm``; each holds the axis blocks of its group
+            a = self._get("a", key, torch.float32).movedim(axis, 0).reshape(heads, -1, k, b.numel() // b.shape[axis])
+            b = b.movedim(axis, 0).reshape(heads, -1, k, a.shape[-1])
+            sim = torch.einsum("cgir,bgjr->cibj", a, b).reshape(n, n)
+            out = sim if out is None else out.add_(sim)
         return out
 
     def objective(self, keys: Iterable[str], perms: Mapping[str, Tensor]) -> float:

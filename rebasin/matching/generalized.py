@@ -91,7 +91,9 @@ def _without(spec: PermutationSpec, drop: set[str]) -> PermutationSpec:
     """The spec with the classes in ``drop`` (plain ones) left out: their axes become None."""
     axes = {k: tuple(None if p in drop else p for p in ax) for k, ax in spec.axes.items()}
     sizes = None if spec.sizes is None else {p: n for p, n in spec.sizes.items() if p not in drop}
-    return PermutationSpec(axes, sizes, spec.blocks, spec.structure, spec.concat, spec.grouped)
+    block_inner = {(k, a): v for (k, a), v in spec.block_inner.items() if axes[k][a] is not None and v not in drop}
+    return PermutationSpec(axes, sizes, spec.blocks, spec.structure, spec.concat, spec.grouped,
+                           block_inner=block_inner)
 
 
 def transform_matching(

@@ -89,6 +89,8 @@ def _refuse_structure(spec: PermutationSpec) -> None:
         what.append(f"concatenations {sorted(spec.concat)}")
     if spec.grouped:
         what.append(f"grouped axes {sorted(spec.grouped)}")
+    if spec.block_inner:
+        what.append(f"block_inner axes {sorted(spec.block_inner)} (grouped-query attention's value units)")
     if what:
         raise RebasinError(
             "ot_matching does not support " + " and ".join(what) + ": it matches one permutation at a time "

@@ -163,6 +163,7 @@ class SinkhornRebasin(nn.Module):
         state_a = state_of(model_a) if state_a is None else {k: v.detach() for k, v in state_a.items()}
         state_b = state_of(model_b) if state_b is None else {k: v.detach() for k, v in state_b.items()}
         sizes = spec.validate_pair(state_a, state_b)
+        spec.refuse_block_inner("SinkhornRebasin")
         self.spec = spec
         self.cost = cost
         self.loss_fn = loss_fn if loss_fn is not None else cross_entropy_of

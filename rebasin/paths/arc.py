@@ -30,7 +30,9 @@ def _perm_mean(x: Tensor, key: str, spec: PermutationSpec) -> Tensor:
     plain = all(n is None or n not in spec.concat for n in axes)
     named = [n for n in axes if n is not None]
     if plain and len(set(named)) == len(named):
-        return _axis_means(x, key, spec, [(axis, n, spec.blocks.get((key, axis), 1)) for axis, n in enumerate(axes)])
+        # a block_inner axis: heads and the units inside them both move, so its orbit is the whole axis
+        return _axis_means(x, key, spec, [(axis, n, 1 if (key, axis) in spec.block_inner else spec.blocks.get((key, axis), 1))
+                                          for axis, n in enumerate(axes)])
     # concatenations: each stretch of each axis carries one permutation (or none); average stretch by stretch
     segments = []
     for axis, name in enumerate(axes):

@@ -430,6 +430,7 @@ def _checked_inputs(
     if not isinstance(spec, PermutationSpec):
         raise RebasinError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     sizes = spec.validate_pair(a, b)
+    spec.refuse_block_inner("proximal_alternating_minimization")
     if spec.structure:
         raise RebasinError(
             f"proximal_alternating_minimization learns one free n x n permutation matrix per permutation; the spec "

@@ -159,7 +159,8 @@ def _sub_spec(spec: PermutationSpec, keys: list[str]) -> PermutationSpec:
     """The part of ``spec`` on ``keys``: their axes and blocks, and the concatenations, structure and grouped
     axes that act on them (so the arc's centre of one layer sees the same orbits as in the whole spec)."""
     axes = {k: spec.axes[k] for k in keys}
-    used = {n for ax in axes.values() for n in ax if n is not None}
+    block_inner = {ka: v for ka, v in spec.block_inner.items() if ka[0] in axes}
+    used = {n for ax in axes.values() for n in ax if n is not None} | set(block_inner.values())
     concat = {c: parts for c, parts in spec.concat.items() if c in used}
     perms = (used - set(concat)) | {q for parts in concat.values() for q, _ in parts if q is not None}
     return PermutationSpec(
@@ -168,6 +169,7 @@ def _sub_spec(spec: PermutationSpec, keys: list[str]) -> PermutationSpec:
         structure={q: v for q, v in spec.structure.items() if q in perms},
         concat=concat,
         grouped={ka: v for ka, v in spec.grouped.items() if ka[0] in axes},
+        block_inner=block_inner,
     )
 
 

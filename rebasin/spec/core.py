@@ -44,6 +44,7 @@ __all__ = [
     "split_structured",
     "join_structured",
     "axis_index",
+    "full_axis_index",
 ]
 
 Axes = tuple["str | None", ...]
@@ -210,6 +211,20 @@ class PermutationSpec:
     coverage
         Optional :class:`SpecCoverage`: for a traced spec, which hidden units are permutable and which
         the tracer pinned to the identity, by module. Reporting only: not part of equality.
+    block_inner
+        Optional ``{(key, axis): perm}``: the *inside* of the blocks of a blocked axis (see :attr:`blocks`,
+        whose entries inside a block otherwise stay in place) is permuted by the inner permutations of the
+        structured permutation ``perm`` (block size ``k``, the axis's block size). The axis's own
+        permutation ``P`` must be ``perm``'s outer or structured with the same outer (``g`` blocks of ``P``
+        per block of the outer; ``g = 1`` for the outer itself); block ``a`` of the axis uses ``perm``'s
+        inner block ``a // g``: ``index[a * k + i] = P[a] * k + inner_perm[a // g, i]``. Grouped-query
+        attention uses it: the output projection's columns (query heads of width ``k``) move with the
+        query-head permutation ``P``, and each head's units with the value units of its key/value head
+        ``perm`` (one value head feeds ``g`` query heads, so their column blocks share its inner
+        permutation). An unstructured ``perm`` (size ``k``: multi-query attention's one value head) permutes
+        the inside of every block alike. ``perm`` is a permutation of the spec even where it acts on no
+        axis itself (a :meth:`subset` holding only the output projection). Engines that cannot take it
+        refuse it (:meth:`refuse_block_inner`); :meth:`without_block_inner` is the coarser spec for them.
 
     Notes
     -----
@@ -235,6 +250,7 @@ class PermutationSpec:
     concat: Mapping[str, tuple[tuple[str | None, int], ...]] = field(default_factory=dict)
     grouped: Mapping[tuple[str, int], int] = field(default_factory=dict)
     coverage: SpecCoverage | None = field(default=None)
+    block_inner: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         clean: dict[str, Axes] = {}
@@ -293,6 +309,8 @@ class PermutationSpec:
                             out.setdefault(part, [])
                 else:
                     out.setdefault(p, []).append((key, i))
+        for v in self.block_inner.values():  # a value class may act only inside blocks (a subset's o_proj)
+            out.setdefault(v, [])
         return MappingProxyType({p: tuple(v) for p, v in out.items()})
 
     @cached_property
@@ -350,6 +368,63 @@ class PermutationSpec:
             out.append(unit)
         return tuple(out)
 
+    def inner_groups(self, key: str, axis: int) -> int | None:
+        """For a :attr:`block_inner` axis, how many of its blocks share one inner block (``g``): 1 when the
+        axis carries the inner class's outer itself, the group size of the axis's permutation when that is
+        structured with the same outer, None when the inner class is not structured (one block: all share it)."""
+        p, v = self.axes[key][axis], self.block_inner[(key, axis)]
+        if v not in self.structure:
+            return None
+        return 1 if p == self.structure[v][0] else self.structure[p][1]  # type: ignore[index]  # checked at construction
+
+    def refuse_block_inner(self, what: str) -> None:
+        """Raise :class:`RebasinError` when the spec has :attr:`block_inner` axes, which ``what`` cannot handle."""
+        if self.block_inner:
+            (key, axis), v = next(iter(self.block_inner.items()))
+            raise RebasinError(
+                f"{what} does not support block_inner axes (units inside the blocks of an axis permuted by another "
+                f"class's inner permutations: grouped-query attention's output projection), e.g. axis {axis} of "
+                f"{key!r} with the insides of its blocks following {v!r}. Use weight_matching, or pass "
+                "spec.without_block_inner() (those units then stay in place)")
+
+    def without_block_inner(self) -> PermutationSpec:
+        """The coarser spec in which the insides of :attr:`block_inner` axes stay in place.
+
+        Each inner class ``v`` structured as ``(outer, k)`` is replaced on its axes by ``outer`` acting on
+        blocks of ``k`` (whole heads move, their units do not); an unstructured one is left out (its axes
+        carry nothing). For engines that do not take :attr:`block_inner` (soft permutations, OT, signed or
+        orthogonal maps). The spec itself if it has no such axes.
+        """
+        if not self.block_inner:
+            return self
+        inner = set(self.block_inner.values())
+        if any(q in inner for parts in self.concat.values() for q, _ in parts):
+            raise RebasinError("spec.without_block_inner: an inner class is part of a concatenation; "
+                               "write the coarser spec by hand")
+        axes: dict[str, Axes] = {}
+        blocks = dict(self.blocks)
+        for key, ax in self.axes.items():
+            new = list(ax)
+            for i, p in enumerate(ax):
+                if p in inner:
+                    if p in self.structure:
+                        outer, k = self.structure[p]
+                        new[i] = outer
+                        blocks[(key, i)] = blocks.get((key, i), 1) * k
+                    else:
+                        new[i] = None
+                        blocks.pop((key, i), None)
+            axes[key] = tuple(new)
+        structure = {p: s for p, s in self.structure.items() if p not in inner}
+        sizes = None
+        if self.sizes is not None:
+            sizes = {p: n for p, n in self.sizes.items() if p not in inner}
+            for v in inner & set(self.structure):
+                outer, k = self.structure[v]
+                if any(outer in ax for ax in axes.values()):
+                    sizes.setdefault(outer, self.sizes[v] // k)
+        return PermutationSpec(axes, sizes, blocks, structure, self.concat, self.grouped, self.coverage)
+
     def outer_size(self, outer: str, sizes: Mapping[str, int]) -> int:
         """Size of an outer permutation (virtual or not) from the sizes of the spec's permutations."""
         if outer in sizes:
@@ -373,13 +448,56 @@ class PermutationSpec:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
         return all(dict(getattr(self, f)) == dict(getattr(other, f))
-                   for f in ("axes", "blocks", "structure", "concat", "grouped"))
+                   for f in ("axes", "blocks", "structure", "concat", "grouped", "block_inner"))
 
     def _extras(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "structure": self.structure, "concat": self.concat, "grouped": self.grouped,
-                "coverage": self.coverage}
+                "coverage": self.coverage, "block_inner": self.block_inner}
 
     __hash__ = None  # type: ignore[assignment]  # __hash__ = None: compared by value and mutable, so unhashable on purpose
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready plain data (lists for tuples, ``[key, axis, value]`` rows for the per-axis fields);
+        :meth:`from_dict` rebuilds an equal spec (sizes and coverage included).
+
+        Examples
+        --------
+        >>> import json
+        >>> spec = PermutationSpec({"w1": ("P", None), "w2": (None, "P")}, {"P": 3})
+        >>> PermutationSpec.from_dict(json.loads(json.dumps(spec.as_dict()))) == spec
+        True
+        """
+        return {
+            "axes": {k: list(ax) for k, ax in self.axes.items()},
+            "sizes": None if self.sizes is None else dict(self.sizes),
+            "blocks": [[k, a, n] for (k, a), n in self.blocks.items()],
+            "structure": {p: [o, d] for p, (o, d) in self.structure.items()},
+            "concat": {c: [[q, n] for q, n in parts] for c, parts in self.concat.items()},
+            "grouped": [[k, a, g] for (k, a), g in self.grouped.items()],
+            "block_inner": [[k, a, v] for (k, a), v in self.block_inner.items()],
+            "coverage": None if self.coverage is None else self.coverage.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PermutationSpec:
+        """Inverse of :meth:`as_dict` (validated as at construction)."""
+        if not isinstance(data, Mapping) or "axes" not in data:
+            raise RebasinError(f"PermutationSpec.from_dict needs a mapping with 'axes' (from as_dict), got "
+                               f"{type(data).__name__}{' with keys ' + str(sorted(data)) if isinstance(data, Mapping) else ''}")
+        try:
+            return cls(
+                {k: tuple(ax) for k, ax in data["axes"].items()},
+                data.get("sizes"),
+                {(k, int(a)): int(n) for k, a, n in data.get("blocks", ())},
+                {p: (o, int(d)) for p, (o, d) in data.get("structure", {}).items()},
+                {c: tuple((q, int(n)) for q, n in parts) for c, parts in data.get("concat", {}).items()},
+                {(k, int(a)): int(g) for k, a, g in data.get("grouped", ())},
+                None if data.get("coverage") is None else SpecCoverage.from_dict(data["coverage"]),
+                {(k, int(a)): v for k, a, v in data.get("block_inner", ())},
+            )
+        except (TypeError, ValueError, AttributeError) as err:
+            raise RebasinError(f"PermutationSpec.from_dict: malformed data ({type(err).__name__}: {err}); pass what "
+                               "PermutationSpec.as_dict returned") from None
 
     def with_sizes(self, state_dict: Mapping[str, Tensor]) -> PermutationSpec:
         """Return a copy of this spec with ``sizes`` filled in from ``state_dict`` (validated)."""
@@ -393,8 +511,9 @@ class PermutationSpec:
         sizes = None if self.sizes is None else {r(p): n for p, n in self.sizes.items()}
         structure = {r(p): (r(o), d) for p, (o, d) in self.structure.items()}
         concat = {r(c): tuple((r(p), n) for p, n in parts) for c, parts in self.concat.items()}
+        block_inner = {ka: r(v) for ka, v in self.block_inner.items()}
         return PermutationSpec(axes, sizes, self.blocks, structure, concat, self.grouped,  # type: ignore[arg-type]  # Optional narrowed by earlier logic mypy cannot follow
-                               self.coverage)
+                               self.coverage, block_inner)  # type: ignore[arg-type]  # r maps a name to a name
 
     def subset(self, keys: Iterable[str] | Mapping[str, str]) -> PermutationSpec:
         """The spec of only ``keys`` (in this spec's order), or with ``{key: new key}``, of those keys renamed.
@@ -423,14 +542,15 @@ class PermutationSpec:
         if len(set(names.values())) != len(names):
             raise RebasinError("cannot rename the spec's keys: two keys get the same new name")
         axes = {names[k]: ax for k, ax in self.axes.items() if k in names}
-        used = {p for ax in axes.values() for p in ax if p is not None}
+        block_inner = {(names[k], a): v for (k, a), v in self.block_inner.items() if k in names}
+        used = {p for ax in axes.values() for p in ax if p is not None} | set(block_inner.values())
         concat = {c: parts for c, parts in self.concat.items() if c in used}
         free = (used - set(concat)) | {q for parts in concat.values() for q, _ in parts if q is not None}
         structure = {p: s for p, s in self.structure.items() if p in free}
         sizes = None if self.sizes is None else {p: n for p, n in self.sizes.items() if p in free}
         blocks = {(names[k], a): b for (k, a), b in self.blocks.items() if k in names}
         grouped = {(names[k], a): g for (k, a), g in self.grouped.items() if k in names}
-        return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, self.coverage)
+        return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, self.coverage, block_inner)
 
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, Tensor], *, finite: bool = False, name: str = "state_dict") -> dict[str, int]:
@@ -490,6 +610,16 @@ class PermutationSpec:
                             + (f" = {shape[i]} / block {k})" if k > 1 else ")")
                         )
                     seen.setdefault(q, (m, key, shape))
+                v = self.block_inner.get((key, i))
+                if v is not None:  # the inner permutations' class: per block of its outer, k units
+                    g = self.inner_groups(key, i)
+                    m = k if g is None else n // g * k
+                    if v in seen and seen[v][0] != m:
+                        raise RebasinError(
+                            f"permutation {v!r} has inconsistent sizes: {name}[{seen[v][1]!r}] has shape {seen[v][2]} "
+                            f"(size {seen[v][0]}) but the blocks of {name}[{key!r}] (shape {shape}, axis {i}) "
+                            f"hold {m} of its units")
+                    seen.setdefault(v, (m, key, shape))
             if finite and t.is_meta:
                 raise RebasinError(
                     f"{name}[{key!r}] (shape {shape}) is on meta (a shape without values, e.g. from a model built "
@@ -642,7 +772,7 @@ def _randomised_norms(model: nn.Module, state: dict[str, Tensor], seed: int) -> 
 
 def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
     """Construction-time checks of ``structure``, ``concat`` and ``grouped`` (plain data, names only)."""
-    on_axes = {p for ax in axes.values() for p in ax if p is not None}
+    on_axes = {p for ax in axes.values() for p in ax if p is not None} | {str(v) for v in dict(spec.block_inner).values()}
     concat: dict[str, tuple[tuple[str | None, int], ...]] = {}
     for name, parts in dict(spec.concat).items():
         if not isinstance(name, str) or name not in on_axes:
@@ -695,6 +825,23 @@ def _check_structure(spec: PermutationSpec, axes: Mapping[str, Axes]) -> None:
             raise RebasinError(f"spec grouped entry ({key!r}, {axis}) cannot also have a block size")
         grouped[(key, int(axis))] = int(g)
     object.__setattr__(spec, "grouped", MappingProxyType(grouped))
+    block_inner: dict[tuple[str, int], str] = {}
+    for (key, axis), v in dict(spec.block_inner).items():
+        ax = axes.get(key)
+        p = ax[axis] if ax is not None and isinstance(axis, int) and 0 <= axis < len(ax) else None  # type: ignore[assignment]  # a str or None here
+        where = f"spec block_inner entry ({key!r}, {axis}) = {v!r}"
+        if p is None or (key, axis) not in spec.blocks or (key, axis) in grouped or p in concat:
+            raise RebasinError(f"{where}: the axis must carry a permutation with a block size (spec.blocks), "
+                               "not a concatenation or a grouped axis")
+        if v in concat or v == p or (v in structure and structure[v][1] != spec.blocks[(key, axis)]):
+            raise RebasinError(f"{where}: {v!r} must be another permutation, not a concatenation, and if structured "
+                               f"its block size must be the axis's block size {spec.blocks[(key, axis)]}")
+        v_outer = structure[v][0] if v in structure else None
+        if v_outer is not None and p != v_outer and (p not in structure or structure[p][0] != v_outer):
+            raise RebasinError(f"{where}: the axis's permutation {p!r} must be {v!r}'s outer permutation {v_outer!r} "
+                               f"or structured with it (its blocks then share the inner block of their group)")
+        block_inner[(key, int(axis))] = str(v)
+    object.__setattr__(spec, "block_inner", MappingProxyType(block_inner))
 
 
 def _check_structure_sizes(spec: PermutationSpec, sizes: Mapping[str, int], name: str) -> None:
@@ -746,6 +893,27 @@ def axis_index(spec: PermutationSpec, name: str, perms: Mapping[str, Tensor], sk
         pieces.append((p.long() if p is not None else torch.arange(m, device=device)) + start)
         start += m
     return torch.cat(pieces) if moved else None
+
+
+def full_axis_index(spec: PermutationSpec, key: str, axis: int, length: int, perms: Mapping[str, Tensor],
+                    skip: str | None = None) -> Tensor | None:
+    """The index along axis ``axis`` (of ``length`` entries) of ``key``, with its block size and
+    :attr:`~PermutationSpec.block_inner` applied; None for the identity. Permutations missing from ``perms``
+    (or equal to ``skip``) are the identity."""
+    name = spec.axes[key][axis]
+    if name is None:
+        return None
+    k = spec.blocks.get((key, axis), 1)
+    p = axis_index(spec, name, perms, skip)
+    v = spec.block_inner.get((key, axis))
+    q = perms.get(v) if v is not None and v != skip else None
+    if q is None:
+        return None if p is None else block_index(p, k)
+    inner = split_structured(q, k)[1]  # (blocks of the inner class, k)
+    inner = inner.repeat_interleave(length // k // inner.shape[0], 0)  # (blocks of the axis, k)
+    if p is None:
+        p = torch.arange(inner.shape[0], device=q.device)
+    return join_structured(p.to(q.device), inner)
 
 
 # ---------------------------------------------------------------------------------------- algebra
@@ -838,14 +1006,14 @@ def permute_unchecked(
         for axis, name in enumerate(spec.axes[key]):
             if name is None:
                 continue
-            p = axis_index(spec, name, perms, skip)
-            if p is None:
-                continue
             if (key, axis) in spec.grouped:
-                grouped.append((axis, p))
+                p = axis_index(spec, name, perms, skip)
+                if p is not None:
+                    grouped.append((axis, p))
                 continue
-            index = block_index(p, spec.blocks.get((key, axis), 1)).to(t.device)
-            t = torch.index_select(t, axis, index)
+            index = full_axis_index(spec, key, axis, t.shape[axis], perms, skip)
+            if index is not None:
+                t = torch.index_select(t, axis, index.to(t.device))
         for axis, p in grouped:  # after axis 0: each row reads the block of its (new) group
             t = _gather_grouped(t, axis, p.to(t.device), spec.grouped[(key, axis)])
         out[key] = t

@@ -118,6 +118,7 @@ def soft_permute(
                 f"expected ({n}, {n}){hint}"
             )
     _check_units(spec, matrices)
+    spec.refuse_block_inner("soft_permute (and Sinkhorn re-basin, PAM, which use it)")
     out: dict[str, Tensor] = {}
     for key, t in state_dict.items():
         axes = [(axis, name) for axis, name in enumerate(spec.axes[key]) if name is not None and _acts(spec, name, matrices)]

@@ -171,6 +171,8 @@ def why_structured(spec: PermutationSpec, perm: str) -> str | None:
     """
     if perm in spec.structure or perm in spec.outers:
         return "it is structured (attention heads or groups; head-internal maps are not implemented)"
+    if perm in spec.block_inner.values():
+        return "it permutes the units inside the blocks of another axis (spec.block_inner: grouped-query attention)"
     if any(perm == part for parts in spec.concat.values() for part, _ in parts):
         return "it is part of a concatenation (packed projections, torch.cat)"
     for key, axis in spec.perm_to_axes.get(perm, ()):

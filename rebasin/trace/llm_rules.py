@@ -22,11 +22,13 @@ per key/value head) and head width ``d``:
   only the first ``rotary_ndims`` units; their other q/k units are kept in place too (a choice: they
   could move among themselves);
 * q/k norms (Qwen3, Gemma3: over one head's units; OLMo2: over all of q or k) get nothing or the rows' heads;
-* the units inside a value head (rows of v, columns of the output projection) are permuted per head
-  when ``g == 1`` and not packed with q/k; with ``g > 1`` one value head feeds ``g`` query heads whose
-  outputs sit in separate column blocks of the output projection, and the spec cannot tie one
-  within-head permutation to several blocks, so value units stay in place (heads and groups still move);
-  GPT-NeoX packs q, k, v per head in one weight (``query_key_value``): heads move, units stay.
+* the units inside a value head (rows of v, columns of the output projection) are permuted per key/value
+  head. With ``g > 1`` one value head feeds ``g`` query heads whose outputs sit in separate column blocks
+  of the output projection: those columns carry the query-head permutation on blocks of ``d`` and, inside
+  block ``a``, the value units' inner permutation of key/value head ``a // g``
+  (:attr:`~rebasin.PermutationSpec.block_inner`); with one key/value head (multi-query) the value units are
+  one plain permutation shared by every block. GPT-NeoX packs q, k, v per head in one weight
+  (``query_key_value``): heads move, units stay.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _assign_linear(ctx: RuleContext, name: str, rows: AxisPerm | None, cols: Axi
 
 
 def _split_attention(ctx: RuleContext) -> Any:
-    """Separate q/k/v projections: key/value heads, query heads inside their group, value units when ``g == 1``."""
+    """Separate q/k/v projections: key/value heads, query heads inside their group, value units per key/value head."""
     m = ctx.module
     x, e_in = _stream(ctx)
     if x is None:
@@ -146,21 +148,25 @@ def _split_attention(ctx: RuleContext) -> Any:
     h, kv, d = _heads(ctx, m.q_proj.out_features)  # type: ignore[arg-type, union-attr]  # nn.Module attributes are typed Tensor | Module
     g = h // kv
     kv_heads = ctx.new_permutation(size=kv)
+    values = ctx.new_permutation(size=kv * d)  # the value units, d per key/value head
+    if values is not None and kv_heads is not None:
+        ctx.structured(values, d, outer=kv_heads)
+    out = ctx.new_permutation(size=getattr(m, out_name).out_features)
     if g == 1:
         q_heads = kv_heads
-        values = ctx.new_permutation(size=h * d)
-        if values is not None and kv_heads is not None:
-            ctx.structured(values, d, outer=kv_heads)
-    else:
+        o_cols, inner = values, None
+    else:  # o_proj's columns: query-head blocks by q_heads, the units inside each by its key/value head's values
         q_heads = ctx.new_permutation(size=h)
         if q_heads is not None and kv_heads is not None:
             ctx.structured(q_heads, g, outer=kv_heads)
-        values = None
-    out = ctx.new_permutation(size=getattr(m, out_name).out_features)
+        o_cols = _blocks(q_heads, d)
+        inner = {1: values} if values is not None and o_cols is not None else None
     _assign_linear(ctx, "q_proj", _blocks(q_heads, d), e_in)
     _assign_linear(ctx, "k_proj", _blocks(kv_heads, d), e_in)
-    _assign_linear(ctx, "v_proj", values if g == 1 else _blocks(kv_heads, d), e_in)
-    _assign_linear(ctx, out_name, out, values if g == 1 else _blocks(q_heads, d))
+    _assign_linear(ctx, "v_proj", values, e_in)
+    ctx.assign(f"{out_name}.weight", (out, o_cols), inner=inner)
+    if f"{out_name}.bias" in ctx.keys:
+        ctx.assign(f"{out_name}.bias", (out,))
     rows = {"q": (h * d, _blocks(q_heads, d)), "k": (kv * d, _blocks(kv_heads, d))}
     for k in norms:  # over the units of one head (Qwen3, Gemma3): not permuted; over all of q or k (OLMo2): its rows
         n, entry = rows[k[0]]

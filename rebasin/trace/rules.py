@@ -197,7 +197,7 @@ class _Engine(Protocol):
     def new_perm(self, n: int, node: Node, axis: int | None) -> AxisPerm | None: ...
     def perm_size(self, e: AxisPerm) -> int: ...
     def assign(self, node: Node, key: str, entries: Sequence[AxisPerm | None],
-               groups: Mapping[int, int] | None = None) -> None: ...
+               groups: Mapping[int, int] | None = None, inner: Mapping[int, AxisPerm] | None = None) -> None: ...
     def structure(self, node: Node, e: AxisPerm, block: int, outer: AxisPerm | None = None) -> AxisPerm | None: ...
     def new_concat(self, node: Node, parts: Sequence[tuple[AxisPerm | None, int]]) -> AxisPerm | None: ...
     def unify(self, node: Node, perms: Sequence[AxisPerm | None], what: str) -> AxisPerm | None: ...
@@ -329,13 +329,18 @@ class RuleContext:
             raise RebasinError(f"new_permutation at {self.where}: size must be an int >= 0, got {size!r}")
         return self._engine.new_perm(size, self.node, None)
 
-    def assign(self, key: str, axes: Sequence[AxisPerm | None], *, groups: Mapping[int, int] | None = None) -> None:
+    def assign(self, key: str, axes: Sequence[AxisPerm | None], *, groups: Mapping[int, int] | None = None,
+               inner: Mapping[int, AxisPerm] | None = None) -> None:
         """Say which permutation acts on each axis of the module's entry ``key`` (one per axis, None for none).
 
         Assigning twice (a module called twice) merges the permutations, as a shared weight requires.
         ``groups={axis: g}`` marks ``axis`` as the compressed input axis of a grouped layer with ``g``
         groups (a grouped convolution's weight ``(C_out, C_in / g, ...)``): its permutation has ``C_in``
         units, must be structured with ``g`` blocks (:meth:`structured`), and so must axis 0's.
+        ``inner={axis: v}`` permutes the units inside the blocks of a blocked ``axis`` by the inner
+        permutations of ``v`` (structured with the block size, sharing its outer with the axis's
+        permutation; :attr:`~rebasin.PermutationSpec.block_inner`): grouped-query attention's output
+        projection, whose query-head blocks take the value units of their key/value head.
         """
         full = self._full(key)
         t = self._engine.tensors[full]
@@ -354,7 +359,13 @@ class RuleContext:
             if n != t.shape[i]:
                 raise RebasinError(f"the rule for {type(self.module).__name__} at {self.where} put a permutation "
                                    f"of {n} entries on axis {i} of {full!r}, which has shape {tuple(t.shape)}")
-        self._engine.assign(self.node, full, axes, groups)
+        for i, v in (inner or {}).items():
+            e = axes[i] if 0 <= i < len(axes) else None
+            if e is None or e.k == 1 or not isinstance(v, AxisPerm) or v.k != 1:
+                raise RebasinError(f"the rule for {type(self.module).__name__} at {self.where} gave {full!r} inner "
+                                   f"permutations on axis {i}, which carries no blocked permutation (or {v!r} is "
+                                   "not a whole permutation)")
+        self._engine.assign(self.node, full, axes, groups, inner)
 
     def structured(self, perm: AxisPerm, block: int, *, outer: AxisPerm | None = None) -> AxisPerm | None:
         """Make ``perm`` move whole blocks of ``block`` units (attention heads, channel groups); return the outer

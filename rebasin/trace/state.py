@@ -386,6 +386,7 @@ class PermState:
         self.struct: dict[int, tuple[int, int]] = {}  # root -> (outer pid, block): heads / groups
         self.concat_def: dict[int, list[tuple[int | None, int]]] = {}  # root -> parts (pid or None, size)
         self.key_grouped: dict[tuple[str, int], int] = {}
+        self.key_inner: dict[tuple[str, int], int] = {}  # (key, axis) -> the value class inside its blocks
         self.param_views: dict[Node, str] = {}  # expand(...) of a parameter -> its key
 
     # ---- union-find
@@ -618,10 +619,13 @@ class PermState:
         return self.state.get(a)
 
     def assign(self, node: Node | str, key: str, entries: Sequence[AxisPerm | None],
-               groups: Mapping[int, int] | None = None) -> None:
-        """Record the permutations on the axes of ``key`` (``groups``: {axis: g} for a grouped layer's weight)."""
+               groups: Mapping[int, int] | None = None, inner: Mapping[int, AxisPerm] | None = None) -> None:
+        """Record the permutations on the axes of ``key`` (``groups``: {axis: g} for a grouped layer's weight;
+        ``inner``: {axis: v} for a blocked axis whose blocks' units take ``v``'s inner permutations)."""
         for axis, g in (groups or {}).items():
             self.key_grouped[(key, axis)] = int(g)
+        for axis, v in (inner or {}).items():
+            self.key_inner[(key, axis)] = v.pid
         t = self.tensors[key]
         if len(entries) != t.ndim:
             raise RebasinError(f"internal error: {key!r} has shape {tuple(t.shape)} but got axes {entries}")

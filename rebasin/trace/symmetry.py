@@ -17,7 +17,8 @@ Anything else limits the class to permutations, with the module path and the op 
 :attr:`~rebasin.spec.transforms.SymmetryKinds.reasons`: an elementwise function (GELU, SiLU, the
 ``act(gate) * up`` product), LayerNorm (its mean does not commute with signs or rotations), an op the
 analysis does not know. Classes that are structured (attention heads, groups), concatenated, blocked
-or grouped stay permutations too (head-internal maps are not implemented).
+or grouped, and value classes inside the blocks of another axis (``spec.block_inner``) stay permutations too
+(head-internal maps are not implemented).
 """
 
 from __future__ import annotations

@@ -420,9 +420,19 @@ def _structured_spec(prop: Propagation, axes: dict[str, tuple[str | None, ...]],
         if p is not None and p in used:
             structure[p] = (str(name(outer)), d)
     grouped = {(k, i): g for (k, i), g in prop.key_grouped.items() if axes[k][i] is not None}
+    block_inner: dict[tuple[str, int], str] = {}
+    for (k, i), pid in prop.key_inner.items():
+        v = name(pid)
+        if v is None:  # the value units are pinned: the blocks' insides stay in place
+            continue
+        if axes[k][i] is None or (k, i) not in blocks:
+            raise RebasinError(f"spec_from_model: the units inside the blocks of {k!r} (axis {i}) follow the "
+                               f"permutation {v!r}, but the axis itself is pinned; "
+                               f"{MANUAL}")
+        block_inner[(k, i)] = v
     order = sorted(used, key=lambda p: ("PHC".find(p[0]), int(p[1:]) if p[1:].isdigit() else 0))  # stable order
     sizes = {p: prop.size[roots[p]] for p in order}
-    return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, coverage)
+    return PermutationSpec(axes, sizes, blocks, structure, concat, grouped, coverage, block_inner)
 
 
 def _carriers(prop: Propagation, perm: str, name: Any) -> set[tuple[Node, int]]:

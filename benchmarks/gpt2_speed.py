@@ -10,8 +10,10 @@ download). The script times
   sweep of similarity matmuls (for every permutation, the product of A's and B's entries over every
   stretch of every axis it acts on, concatenation parts included, float32, ``addmm`` accumulation) and
   ``floor_lsa``, :func:`scipy.optimize.linear_sum_assignment` on each permutation's similarity
-  (float64); plus, for each head permutation, one LAP over the heads. ``floor = (floor_matmul +
-  floor_lsa) x sweeps``; ``ratio = weight matching / floor``.
+  (float64); plus, for each head permutation, one LAP over the heads. ``sweep = floor_matmul + floor_lsa``;
+  the floor of the kept path is ``sweep x (1 + the kept descent's sweeps)`` (the layer-wise start solves
+  every permutation once), the floor of the work done ``sweep x (1 + every descent's sweeps)``
+  (``start="auto"`` may descend twice); ``ratio = weight matching / floor``.
 
 Run ``OMP_NUM_THREADS=2 python benchmarks/gpt2_speed.py`` (needs ``pip install rebasin[hf]``; a few
 minutes, about 2 GB of memory); ``--no-report`` skips writing docs/benchmarks.md.
@@ -106,31 +108,41 @@ def trace_and_match(model_a: torch.nn.Module, model_b: torch.nn.Module, x: torch
     t0 = time.perf_counter()
     try:
         _, info = rebasin.weight_matching(spec, a, b, return_info=True)
-        t_wm, sweeps, wm_note = time.perf_counter() - t0, int(info.n_sweeps), ""
+        t_wm, wm_note = time.perf_counter() - t0, ""
+        descents = list(info.descents)
     except Exception as err:  # noqa: BLE001 - reported in the table
-        t_wm, sweeps, wm_note = float("nan"), 1, f"failed: {type(err).__name__}: {str(err)[:80]}"
-    if not wm_note:
-        wm_note = f"started at {info.start}"
-    print(f"weight matching {t_wm:.2f} s, {sweeps} sweeps {wm_note}", flush=True)
-    # the descent alone (start="identity"): the layer-wise start's solves are work the floor does not count
+        t_wm, wm_note, descents = float("nan"), f"failed: {type(err).__name__}: {str(err)[:80]}", [("identity", 0.0, 1)]
+        info = None
+    ran = ", ".join(f"from {s} {n} sweeps" + (" (kept)" if info is not None and s == info.start else "")
+                    for s, _, n in descents)
+    print(f"weight matching {t_wm:.2f} s: {ran} {wm_note}", flush=True)
+    # the descent alone (start="identity"), as before the layer-wise start existed
     t0 = time.perf_counter()
     _, info_id = rebasin.weight_matching(spec, a, b, start="identity", return_info=True)
     t_id, sweeps_id = time.perf_counter() - t0, int(info_id.n_sweeps)
     print(f"weight matching from the identity {t_id:.2f} s, {sweeps_id} sweeps", flush=True)
     mm, lsa = floor_times(spec, a, b, repeats)
-    floor = (mm + lsa) * sweeps
-    floor_id = (mm + lsa) * sweeps_id
+    sweep = mm + lsa
+    # the default always builds the layer-wise start, which solves every permutation once: one sweep of the
+    # floor (its products are partial sums of the first sweep's, its assignments are as many as a sweep's)
+    kept = int(info.n_sweeps) if info is not None else 1
+    one_path = sweep * (kept + (1 if info is not None and info.start == "layerwise" else 0))
+    work = sweep * (1 + sum(n for _, _, n in descents))
     rows = [
         ["trace (spec_from_model, with check)", t_trace, ""],
         ["trace (check=False)", t_trace_nocheck, ""],
-        ["weight matching (default start)", t_wm, f"{sweeps} sweeps {wm_note}".strip()],
+        ["weight matching (default start='auto')", t_wm, f"{ran} {wm_note}".strip()],
         ["weight matching, start='identity'", t_id, f"{sweeps_id} sweeps"],
         ["floor_matmul (one sweep)", mm, ""],
         ["floor_lsa (one sweep)", lsa, f"{len(spec.perms)} perms + {len(spec.outers)} head LAPs"],
-        ["floor = (matmul + lsa) x sweeps", floor, "the default's sweeps; the start's solves not counted"],
-        ["ratio weight matching / floor", t_wm / floor, "target <= 1.25"],
-        ["ratio start='identity' / its floor", t_id / floor_id, f"{sweeps_id} sweeps"],
-        ["objective: default / start='identity'", info.final_objective / info_id.final_objective, ""],
+        ["floor of the kept path = sweep x (start + kept sweeps)", one_path,
+         "the layer-wise start counts as one sweep"],
+        ["floor of the work done = sweep x (start + every descent's sweeps)", work, "both descents counted"],
+        ["ratio default / floor of the kept path", t_wm / one_path, "target <= 1.25"],
+        ["ratio default / floor of the work done", t_wm / work, "the implementation's overhead"],
+        ["ratio start='identity' / its floor (sweep x sweeps)", t_id / (sweep * sweeps_id), "the floor used before the start existed"],
+        ["objective: default / start='identity'",
+         (info.final_objective / info_id.final_objective) if info is not None else float("nan"), ""],
     ]
     return rows, spec, a
 

@@ -274,7 +274,7 @@ def match_from_starts(
 
     def descend(kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         builds, lowrank = engine.n_full_builds, engine.n_lowrank_updates
-        initial = objective()
+        initial = identity_objective if kind == "identity" else objective()
         run = coordinate_descent(spec, engine, steps, active, initial, n_iter=n_iter, seed=seed, on_solve=on_solve)
         run.update(initial_objective=initial, identity_objective=identity_objective, start=kind,
                    n_full_builds=engine.n_full_builds - builds, n_lowrank_updates=engine.n_lowrank_updates - lowrank)

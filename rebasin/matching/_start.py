@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._errors import RebasinError
 from ..spec.core import Occurrence, PermutationSpec, axis_index, block_index, join_structured
-from ._structured_terms import as_tensors, unit_of
+from ._structured_terms import as_tensors, dot64, unit_of
 from .assignment import solve_cost, structured_assignment
 
 __all__ = ["START_CHOICES", "Access", "StartEngine", "check_start", "layerwise_start", "objective_keys", "solve_unit",
@@ -111,7 +111,7 @@ def upper_bound(keys: list[str], access: Access) -> float:
         for rows in access.slices(key):
             for i, which in enumerate("ab"):
                 t = access.read(which, key, rows)
-                sq[i] += float(t.square().sum(dtype=torch.float64))
+                sq[i] += dot64(t, t)
                 del t
         total += (sq[0] * sq[1]) ** 0.5
     return total

@@ -74,7 +74,7 @@ from ..spec.checkpoint import LazyState
 from ..spec.core import PermutationSpec, check_permutations
 from ._descent import LOWRANK_FRACTION, StructuredSteps, match_from_starts
 from ._start import Access, check_start
-from ._structured_terms import ComplexTerms, complex_keys
+from ._structured_terms import ComplexTerms, complex_keys, dot64
 from .weight_lazy import weight_matching_lazy
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
@@ -240,8 +240,8 @@ class _Engine:
         self.n_lowrank_updates = 0
 
     def objective(self) -> float:
-        """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations (float32 products
-        summed in float64): each key once, through its first term (B' has every other axis permuted)."""
+        """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations (:func:`dot64`): each
+        key once, through its first term (B' has every other axis permuted)."""
         total, seen = 0.0, set()
         for perm, terms in self.static.items():
             for t in terms + self.dynamic[perm]:
@@ -252,7 +252,7 @@ class _Engine:
                 moved = t.b_mat()
                 if not np.array_equal(p, np.arange(p.size)):
                     moved = moved.index_select(0, torch.from_numpy(p).to(self.device))
-                total += float((t.a_mat() * moved).sum(dtype=torch.float64))
+                total += dot64(t.a_mat(), moved)
         return total
 
     def _base(self, perm: str) -> Tensor | None:

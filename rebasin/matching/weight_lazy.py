@@ -53,7 +53,7 @@ from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
 from ._descent import LOWRANK_FRACTION, StructuredSteps, match_from_starts
 from ._start import Access, check_start
-from ._structured_terms import ComplexTerms, complex_keys
+from ._structured_terms import ComplexTerms, complex_keys, dot64
 
 __all__ = ["weight_matching_lazy"]
 
@@ -74,7 +74,7 @@ def _stretch_rows(t: Tensor, axis: int, lo: int, hi: int, n: int) -> Tensor:
 
 
 
-# Elements per chunk of the element-wise passes (finite check, objective): their temporaries stay small
+# Elements per chunk of the finite-value check: its temporaries stay small
 # next to the tensor itself (an embedding of 50257 x 768 floats is 154 MB).
 _CHUNK = 1 << 20
 
@@ -83,12 +83,6 @@ def _all_finite(t: Tensor) -> bool:
     """``torch.isfinite(t).all()`` chunk by chunk (the one-shot call allocates several copies' worth)."""
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(c).all()) for c in flat.split(_CHUNK))
-
-
-def _dot64(a: Tensor, b: Tensor) -> float:
-    """``<a, b>``: float32 products summed in float64, chunk by chunk."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    return float(sum(float((x * y).sum(dtype=torch.float64)) for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK))))
 
 
 @dataclass(frozen=True)
@@ -340,7 +334,7 @@ class _LazyEngine:
         for key in self.on_key:
             for rows in self.slices(key):
                 moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key, rows)})[key]  # B's copy dropped
-                total += _dot64(self.load(self.state_a, key, rows), moved)
+                total += dot64(self.load(self.state_a, key, rows), moved)
                 del moved
         return total
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     model_a, model_b = build(0, args), build(1, args)
     x = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
     rows, spec, a = trace_and_match(model_a, model_b, x, args.repeats)
-    table = markdown_table(["step", "seconds", "note"], rows)
+    table = markdown_table(["step", "seconds", "CPU seconds", "note"], rows)
     print(table)
     if not args.no_report:
         command = "nice -n 10 env OMP_NUM_THREADS={} python benchmarks/llm_speed.py {}".format(

@@ -74,7 +74,7 @@ def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[Pretra
     try:
         spec = spec_from_pretrained(first, example, model=model, strict=args.strict)
     except (RebasinError, RuntimeError) as exc:
-        hint = float_ids_error(exc, first.architecture, args.example_shape, getattr(args, "example_dtype", None))
+        hint = float_ids_error(exc, str(first.architecture), args.example_shape, getattr(args, "example_dtype", None))
         if hint is None:
             raise
         raise hint from exc

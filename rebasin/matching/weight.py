@@ -349,8 +349,15 @@ class _Engine:
         # slice j of every B' along q becomes its old slice inv_old[new[j]]; only j in `changed` moves
         src = torch.from_numpy(inv_old[new[changed]]).to(self.device)
         dst = torch.from_numpy(changed).to(self.device)
+        # most slices move (the start, a reset): one gather of the whole B' instead of two of the slices
+        whole = torch.from_numpy(inv_old[new]).to(self.device) if 2 * changed.size > old.size else None
         for t in self.by_nbr.get(q, ()):
             d = t.nbrs[q]
+            if whole is not None:
+                self.cache[t.perm] = None
+                t.b = t.b.index_select(d, whole)
+                self.stale[t.perm] = True
+                continue
             fresh = t.b.index_select(d, src)
             cache = self.cache[t.perm] if self.incremental else None
             if cache is not None and lowrank:

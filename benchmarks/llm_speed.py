@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown_table(["step", "seconds", "CPU seconds", "note"], rows)
     print(table)
     if not args.no_report:
-        command = "nice -n 10 env OMP_NUM_THREADS={} python benchmarks/llm_speed.py {}".format(
+        command = "OMP_NUM_THREADS={} python benchmarks/llm_speed.py {}".format(
             torch.get_num_threads(), " ".join(shlex.quote(s) for s in (argv or sys.argv[1:])))
         n_params = sum(v.numel() for v in a.values()) / 1e6
         notes = (f"Machine: {machine_summary()}. LlamaConfig with {args.layers} layers, width {args.width}, "

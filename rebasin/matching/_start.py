@@ -15,13 +15,18 @@ of that solve. When B is a permutation of A, every solve then sees a Gram matrix
 best assignment is the planted one, so the start is exact; for unrelated models it is the layer-wise
 alignment that weight-based model fusion uses. By default the descent runs from this start and from the
 identity and keeps the higher end point (a higher start does not predict a higher end), so it never ends below
-the identity's objective.
+the identity's objective (:func:`rebasin.matching._descent.match_from_starts`).
 
 Left out of the waves (and left at the identity for the descent): grouped axes and tensors on which
 one unit acts on two axes (``P W P^T``), and units that no settled tensor reaches.
 
-Tensors are read through an :class:`Access` (``read(which, key, rows)``, in the row slices
-``slices(key)``), so the checkpoint engine reads one tensor at a time as it does elsewhere.
+The similarities come from the descent's own engine (:class:`StartEngine`: its float32 layout, B' kept at
+the current permutations as the waves settle them): each is a partial sum of the first sweep's, which the
+engine keeps and completes after the last wave, so the start costs the assignments of one sweep and no
+product twice. Stretches of a concatenation axis (the engine's complex keys) and the Cauchy-Schwarz bound
+(:func:`upper_bound`, by which ``start="auto"`` skips its second descent) are read through an
+:class:`Access` (``read(which, key, rows)``, in the row slices ``slices(key)``), so the checkpoint engine
+reads one tensor at a time as it does elsewhere.
 """
 
 from __future__ import annotations

@@ -247,6 +247,16 @@ def _error(capsys, *argv) -> str:
     ("output not empty", ("align", "gpt2", "gpt2", "-o", "full"), "it exists and is not empty"),
     ("data-driven method", ("align", "gpt2", "gpt2", "--method", "ste"), "uses weight_matching"),
     ("merge with repair", ("merge", "gpt2", "gpt2", "--repair", "--data", "x:y"), "cannot be used"),
+    # --example-dtype is honoured for folders (it was ignored): floating ids are refused with the fix, a dtype
+    # without a shape is refused, an unknown dtype is named
+    ("float ids", ("align", "gpt2", "gpt2", "--example-shape", "2,8", "--example-dtype", "float32"),
+     "takes integer inputs (token ids), but --example-shape 2,8 gave float32 values: pass --example-dtype long"),
+    ("merge float ids", ("merge", "gpt2", "gpt2", "--example-shape", "2,8", "--example-dtype", "float16"),
+     "gave float16 values: pass --example-dtype long"),
+    ("dtype without shape", ("align", "gpt2", "gpt2", "--example-dtype", "long"),
+     "--example-dtype long sets the dtype of the --example-shape input, and no --example-shape was given"),
+    ("unknown dtype", ("merge", "gpt2", "gpt2", "--example-shape", "2,8", "--example-dtype", "complex"),
+     "--example-dtype must be one of"),
 ])
 def test_bad_folders_are_one_line_and_exit_2(folders, capsys, monkeypatch, case, argv, expected):
     monkeypatch.chdir(folders)
@@ -257,6 +267,27 @@ def test_bad_folders_are_one_line_and_exit_2(folders, capsys, monkeypatch, case,
     if case in ("no config.json", "two architectures", "other head count"):  # the folders are named
         assert str(argv[2]) in err
     assert not (folders / "out").exists() or not any((folders / "out").iterdir())
+
+
+def test_example_dtype_is_honoured_for_folders(tmp_path, monkeypatch):
+    """``--example-shape 2,8 --example-dtype long`` traces on ids of that shape (an int32 input traces too)."""
+    folder_a, folder_b, model_b = _pair(tmp_path, "gpt2", False)
+    seen = []
+    real = rebasin.trace.pretrained.spec_from_pretrained
+
+    def spy(folder, example_input=None, **kw):
+        seen.append(example_input)
+        return real(folder, example_input, **kw)
+
+    monkeypatch.setattr(rebasin.trace.pretrained, "spec_from_pretrained", spy)
+    for dtype, torch_dtype in (("long", torch.int64), ("int32", torch.int32)):
+        out = tmp_path / f"out_{dtype}"
+        assert _cli("align", folder_a, folder_b, "-o", out, "--device", "cpu", "--example-shape", "2,8",
+                    "--example-dtype", dtype) == 0
+        assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch_dtype and seen[-1].shape == (2, 8)
+        loaded = T.GPT2LMHeadModel.from_pretrained(out).eval()
+        torch.testing.assert_close(_logits(loaded, _inputs("gpt2")), _logits(model_b, _inputs("gpt2")),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_files_still_need_model(folders, capsys, monkeypatch):

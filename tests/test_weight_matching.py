@@ -486,3 +486,46 @@ def test_layerwise_start_is_exact_for_a_planted_permutation():
     perms, info = weight_matching(spec, a, b, start="layerwise", n_iter=0, return_info=True)
     assert all(torch.equal(perms[p], torch.argsort(truth[p])) for p in spec.perms)
     assert info.start == "layerwise" and info.final_objective > info.identity_objective
+
+
+def test_auto_descends_twice_unless_the_start_is_optimal():
+    """start='auto': one descent when the layer-wise end point reaches sum_k |A_k| |B_k| (a permuted copy: no
+    permutation scores higher); else one from each start, both listed in info.descents, the higher one kept."""
+    spec, a = mlp_spec(), state(mlp(16))
+    truth, b = planted(spec, a)
+    perms, info = weight_matching(spec, a, b, return_info=True)
+    assert [d[0] for d in info.descents] == ["layerwise"] and info.start == "layerwise" and info.n_sweeps == 1
+    assert all(torch.equal(perms[p], torch.argsort(truth[p])) for p in spec.perms)
+    moved = [k for k, axes in spec.axes.items() if any(n is not None for n in axes)]  # the objective's keys
+    bound = sum(float(a[k].double().norm() * b[k].double().norm()) for k in moved)
+    assert info.final_objective == pytest.approx(bound, rel=1e-6)
+    other = state(mlp(16, seed=1))  # unrelated models: both descents run
+    perms2, info2 = weight_matching(spec, a, other, return_info=True)
+    assert [d[0] for d in info2.descents] == ["layerwise", "identity"]
+    assert info2.final_objective == max(d[1] for d in info2.descents) and info2.start in ("layerwise", "identity")
+    assert info2.identity_objective == pytest.approx(sum(float((a[k].double() * other[k].double()).sum()) for k in moved))
+    for kind, final, sweeps in info2.descents:  # each is the descent that start=kind runs alone
+        got, forced = weight_matching(spec, a, other, start=kind, return_info=True)
+        assert forced.descents == ((kind, final, sweeps),) and forced.final_objective == final
+        if kind == info2.start:
+            assert all(torch.equal(got[p], perms2[p]) for p in spec.perms)
+            assert (forced.n_full_builds, forced.n_lowrank_updates, forced.n_solves) == \
+                (info2.n_full_builds, info2.n_lowrank_updates, info2.n_solves)
+
+
+def test_start_and_first_sweep_compute_each_product_once(monkeypatch):
+    """The layer-wise start's similarities are partial sums of the first sweep's, kept and completed: on a
+    permuted copy (one sweep confirms the start) every term's product A_t B'_t^T is computed exactly once."""
+    spec, a = mlp_spec(), state(mlp(16))
+    _, b = planted(spec, a)
+    built: list[int] = []
+    real = _Engine._build
+
+    def counting(terms, out=None):
+        built.extend(id(t) for t in terms)
+        return real(terms, out)
+
+    monkeypatch.setattr(_Engine, "_build", staticmethod(counting))
+    _, info = weight_matching(spec, a, b, return_info=True)
+    assert info.n_sweeps == 1 and len(info.descents) == 1
+    assert len(built) == len(set(built)) == sum(len(spec.perm_to_axes[p]) for p in spec.perms)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._common import as_args, cross_entropy_of, evaluating, head, split_batch
+from .._common import as_args, cross_entropy_of, evaluating, first_line, head, split_batch
 from .._errors import RebasinError
 from ..spec.checkpoint import open_checkpoint
 
@@ -28,7 +28,9 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "EXAMPLE_DTYPES",
+    "example_dtype",
     "example_input",
+    "float_ids_error",
     "example_shape",
     "has_batchnorm",
     "importable_from_cwd",
@@ -152,18 +154,34 @@ EXAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16":
                   "bfloat16": torch.bfloat16, "long": torch.int64, "int64": torch.int64, "int32": torch.int32}
 
 
-def example_input(shape_text: str, dtype_name: str, model: nn.Module, seed: int) -> torch.Tensor:
+def example_dtype(name: str) -> torch.dtype:
+    """The dtype an ``--example-dtype`` name stands for (:data:`EXAMPLE_DTYPES`)."""
+    if name not in EXAMPLE_DTYPES:
+        raise RebasinError(f"--example-dtype must be one of {', '.join(EXAMPLE_DTYPES)}, got {name!r}")
+    return EXAMPLE_DTYPES[name]
+
+
+def float_ids_error(exc: Exception, what: str, shape_text: str | None, dtype_name: str | None) -> RebasinError | None:
+    """The error for tracing a token-id model on floating ``--example-shape`` values (torch's "Expected tensor
+    for argument #1 'indices'"), or None when ``exc`` is something else."""
+    if shape_text is None or not example_dtype(dtype_name or "float32").is_floating_point or "'indices'" not in str(exc):
+        return None
+    return RebasinError(
+        f"{what} takes integer inputs (token ids), but --example-shape {shape_text} gave {dtype_name or 'float32'} "
+        f"values: pass --example-dtype long (ids below the embedding size) or --data (its first batch is traced) "
+        f"({first_line(exc)})")
+
+
+def example_input(shape_text: str, dtype_name: str | None, model: nn.Module, seed: int) -> torch.Tensor:
     """The ``--example-shape`` / ``--example-dtype`` input for tracing ``model``, drawn from a generator seeded
     by ``seed`` (never from the global RNG).
 
     A floating dtype gives standard normal values; an integer dtype gives ids in ``[0, n)`` with ``n`` the
     smallest ``num_embeddings`` of the model's ``nn.Embedding`` layers (2 when it has none), so every id is
-    valid for every table.
+    valid for every table. ``dtype_name`` None (not given) is float32.
     """
     shape = example_shape(shape_text)
-    if dtype_name not in EXAMPLE_DTYPES:
-        raise RebasinError(f"--example-dtype must be one of {', '.join(EXAMPLE_DTYPES)}, got {dtype_name!r}")
-    dtype, gen = EXAMPLE_DTYPES[dtype_name], torch.Generator().manual_seed(seed)
+    dtype, gen = example_dtype(dtype_name or "float32"), torch.Generator().manual_seed(seed)
     if dtype.is_floating_point:
         return torch.randn(*shape, generator=gen).to(dtype)
     tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]

@@ -35,7 +35,6 @@ from typing import Any, NoReturn
 
 import torch
 
-from .._common import first_line
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
 from ._cli_symmetry import SYMMETRIES, SYMMETRY_HELP, symmetry_method
@@ -45,6 +44,7 @@ from ._cli_inputs import (
     check_output_dir,
     check_output_file,
     example_input,
+    float_ids_error,
     has_batchnorm,
     importable_from_cwd,
     load_state,
@@ -132,13 +132,10 @@ def _spec(args: argparse.Namespace, model: torch.nn.Module, first_inputs: Any, *
     try:
         spec = spec_from_model(model, example, strict=args.strict)
     except (RebasinError, RuntimeError) as exc:
-        if args.example_shape is None or not example.is_floating_point() or "'indices'" not in str(exc):
+        hint = float_ids_error(exc, type(model).__name__, args.example_shape, args.example_dtype)
+        if hint is None:
             raise
-        raise RebasinError(
-            f"{type(model).__name__} takes integer inputs (token ids), but --example-shape {args.example_shape} "
-            f"gave {args.example_dtype} values: pass --example-dtype long (ids below the embedding size) or --data "
-            f"(its first batch is traced) ({first_line(exc)})"
-        ) from exc
+        raise hint from exc
     if spec.coverage is not None:
         _print(spec.coverage.summary())
     if need_perms and not spec.perms:
@@ -539,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("model_b", help="the model B to align to A: " + checkpoint_or_folder)
     al.add_argument("--model", default=None, metavar=_FACTORY, help=optional_model)
     al.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
-    al.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
+    al.add_argument("--example-dtype", default=None, metavar="DTYPE", help=dtype_help)
     al.add_argument("--strict", action="store_true", help=strict_help)
     # validated against the registry in run_align (an unknown name is a one-line error, like every bad input)
     al.add_argument("--method", default="weight_matching", metavar="{" + ",".join(matcher_names()) + "}",
@@ -625,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loader to report accuracy on: each model, the naive average, the merged\n"
                          "model and the ensemble")
     me.add_argument("--example-shape", default=None, metavar="SHAPE", help=shape_help)
-    me.add_argument("--example-dtype", default="float32", metavar="DTYPE", help=dtype_help)
+    me.add_argument("--example-dtype", default=None, metavar="DTYPE", help=dtype_help)
     me.add_argument("--strict", action="store_true", help=strict_help)
     me.add_argument("--reference", type=int, default=0,
                     help="index of the checkpoint whose basin (unit order) the merged model keeps")

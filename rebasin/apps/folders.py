@@ -18,7 +18,7 @@ from .._errors import RebasinError
 from ..matching.registry import get_matcher
 from ..spec.core import PermutationSpec
 from ..spec.hf_folder import PretrainedFolder, check_new_folder, open_pretrained
-from ._cli_inputs import build_model, check_output_file, example_shape
+from ._cli_inputs import build_model, check_output_file, example_dtype, example_shape, float_ids_error
 from .demo import device_from_name
 
 __all__ = ["align_folders", "any_folder", "merge_folders"]
@@ -48,15 +48,36 @@ def _only_weight_matching(args: argparse.Namespace, command: str, data_options: 
                            "load them with from_pretrained and call rebasin.merge for REPAIR or evaluation")
 
 
+def _example(args: argparse.Namespace) -> tuple[int, ...] | torch.Tensor | None:
+    """The tracing input ``--example-shape`` / ``--example-dtype`` ask for: None (made from config.json), a bare
+    shape (token ids for a text model, else zeros), or zeros of that shape in ``--example-dtype``. The model is
+    traced on the meta device, so the values are never read; zeros are valid ids for every embedding."""
+    dtype_name = getattr(args, "example_dtype", None)
+    if args.example_shape is None:
+        if dtype_name is not None:
+            raise RebasinError(f"--example-dtype {dtype_name} sets the dtype of the --example-shape input, and no "
+                               "--example-shape was given; for model folders give both (e.g. --example-shape 2,8 "
+                               "--example-dtype long) or neither (the input is then made from config.json)")
+        return None
+    shape = example_shape(args.example_shape)
+    return shape if dtype_name is None else torch.zeros(shape, dtype=example_dtype(dtype_name))
+
+
 def _spec(args: argparse.Namespace, first: PretrainedFolder, others: list[PretrainedFolder], *,
           need_perms: bool) -> PermutationSpec:
     """The spec of ``first`` (from its config, or ``--model``; ``--strict`` as for checkpoints, coverage printed),
     after checking that ``others`` hold the same model; with ``need_perms`` an empty spec is an error."""
     from ..trace.pretrained import same_pretrained_architecture, spec_from_pretrained
 
+    example = _example(args)
     model = None if args.model is None else build_model(args.model)
-    example = None if args.example_shape is None else example_shape(args.example_shape)
-    spec = spec_from_pretrained(first, example, model=model, strict=args.strict)
+    try:
+        spec = spec_from_pretrained(first, example, model=model, strict=args.strict)
+    except (RebasinError, RuntimeError) as exc:
+        hint = float_ids_error(exc, str(first.architecture), args.example_shape, getattr(args, "example_dtype", None))
+        if hint is None:
+            raise
+        raise hint from exc
     del model
     same_pretrained_architecture(spec, first, others, example_input=example)
     if spec.coverage is not None:

@@ -15,31 +15,42 @@ of that solve. When B is a permutation of A, every solve then sees a Gram matrix
 best assignment is the planted one, so the start is exact; for unrelated models it is the layer-wise
 alignment that weight-based model fusion uses. By default the descent runs from this start and from the
 identity and keeps the higher end point (a higher start does not predict a higher end), so it never ends below
-the identity's objective.
+the identity's objective (:func:`rebasin.matching._descent.match_from_starts`).
 
 Left out of the waves (and left at the identity for the descent): grouped axes, blocked axes whose blocks'
 insides follow another class (``spec.block_inner``), tensors on which
 one unit acts on two axes (``P W P^T``), and units that no settled tensor reaches.
 
-Tensors are read through an :class:`Access` (``read(which, key, rows)``, in the row slices
-``slices(key)``), so the checkpoint engine reads one tensor at a time as it does elsewhere.
+The similarities come from the descent's own engine (:class:`StartEngine`: its float32 layout, B' kept at
+the current permutations as the waves settle them): each is a partial sum of the first sweep's, which the
+engine keeps and completes after the last wave, so the start costs the assignments of one sweep and no
+product twice. Stretches of a concatenation axis (the engine's complex keys) and the Cauchy-Schwarz bound
+(:func:`upper_bound`, by which ``start="auto"`` skips its second descent) are read through an
+:class:`Access` (``read(which, key, rows)``, in the row slices ``slices(key)``), so the checkpoint engine
+reads one tensor at a time as it does elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._errors import RebasinError
-from ..spec.core import Occurrence, PermutationSpec, full_axis_index, join_structured, permute_unchecked
-from ._structured_terms import as_tensors, unit_of
+from ..spec.core import (
+    Occurrence,
+    PermutationSpec,
+    full_axis_index,
+    join_structured,
+)
+from ._structured_terms import as_tensors, dot64, unit_of
 from .assignment import solve_cost, structured_assignment
 
-__all__ = ["START_CHOICES", "Access", "check_start", "choose_start", "layerwise_start", "objective_at", "solve_unit"]
+__all__ = ["START_CHOICES", "Access", "StartEngine", "check_start", "layerwise_start", "objective_keys", "solve_unit",
+           "upper_bound"]
 
 START_CHOICES = ("auto", "identity", "layerwise")
 
@@ -94,22 +105,56 @@ def _parts(spec: PermutationSpec, name: str | None) -> list[str]:
     return [name]
 
 
-def objective_at(spec: PermutationSpec, perms: Mapping[str, np.ndarray], keys: list[str], access: Access) -> float:
-    """``sum_k <A_k, perm(B_k)>`` over ``keys`` (float32 products summed in float64), one key at a time."""
-    cur = as_tensors(perms, access.device)
+def objective_keys(spec: PermutationSpec, access: Access) -> list[str]:
+    """The keys the objective sums over: floating, non-empty, with a permuted axis."""
+    return [k for k, axes in spec.axes.items() if access.floating(k) and any(a is not None for a in axes)]
+
+
+def upper_bound(keys: list[str], access: Access) -> float:
+    """``sum_k |A_k| |B_k|`` over ``keys``: no permutation scores higher (Cauchy-Schwarz), one key at a time.
+
+    Reached (to rounding) only when every ``perm(B_k)`` is a positive multiple of ``A_k``: a permuted copy of
+    A, or A itself. A start that ends there is optimal, and ``start="auto"`` does not descend again.
+    """
     total = 0.0
     for key in keys:
+        sq = [0.0, 0.0]
         for rows in access.slices(key):
-            moved = access.read("b", key, rows)
-            if cur:  # the identity (no permutations) moves nothing: no copy
-                moved = permute_unchecked(spec, cur, {key: moved})[key]
-            total += float((access.read("a", key, rows) * moved).sum(dtype=torch.float64))
-            del moved
+            for i, which in enumerate("ab"):
+                t = access.read(which, key, rows)
+                sq[i] += dot64(t, t)
+                del t
+        total += (sq[0] * sq[1]) ** 0.5
     return total
 
 
-def layerwise_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Access) -> tuple[dict[str, np.ndarray], int]:
+class StartEngine(Protocol):
+    """What :func:`layerwise_start` needs of a descent engine (both engines provide it).
+
+    ``plain_keys``: the keys whose terms the engine holds; ``start_similarity(perm, settled)``: the sum of
+    ``perm``'s terms whose other axes carry only ``settled`` permutations (B' at the engine's current
+    permutations), or None when there is none; ``update(q, new, changed)`` as in the descent;
+    ``finish_start()``: called once after the last wave (the in-memory engine completes its cached
+    similarities there, so the start's products are not computed again by the first sweep).
+    """
+
+    plain_keys: frozenset[str]
+    perms: dict[str, np.ndarray]
+
+    def start_similarity(self, perm: str, settled: set[str]) -> Tensor | None: ...
+
+    def update(self, q: str, new: np.ndarray, changed: np.ndarray) -> None: ...
+
+    def finish_start(self) -> None: ...
+
+
+def layerwise_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Access,
+                    engine: StartEngine) -> tuple[dict[str, np.ndarray], int]:
     """Permutations solved in waves from the settled tensors inwards (see the module docstring).
+
+    ``engine`` (at the identity) computes the similarities of its plain terms in its own float32 layout
+    and follows each wave (``update``): no copy of the whole state is permuted. The other usable
+    stretches (on a concatenation axis) are read through ``access``. The engine ends at the start.
 
     Returns the permutations (the identity where no wave reached) and the number of waves.
     """
@@ -141,13 +186,31 @@ def layerwise_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Acc
         cur = as_tensors(perms, access.device)
         new: dict[str, np.ndarray] = {}
         for unit in ready:
-            sims = {p: _similarity(spec, p, [o for o, others, _ in usable[p] if others <= settled], cur, sizes, access)
-                    for p in unit}
+            sims = {p: _start_similarity(spec, p, usable[p], settled, cur, sizes, access, engine) for p in unit}
             new.update(solve_unit(spec, unit, sims))
+        for q, v in new.items():
+            changed = np.flatnonzero(v != perms[q])
+            if changed.size:
+                engine.update(q, v, changed)
         perms.update(new)
         settled.update(p for u in ready for p in u)
         pending = [u for u in pending if u not in ready]
+    engine.finish_start()
     return perms, waves
+
+
+def _start_similarity(spec: PermutationSpec, perm: str, usable: list[tuple[Occurrence, set[str], bool]],
+                      settled: set[str], cur: Mapping[str, Tensor], sizes: Mapping[str, int], access: Access,
+                      engine: StartEngine) -> np.ndarray:
+    """``perm``'s similarity over its usable stretches whose other axes are ``settled``: the engine's plain
+    terms plus the rest (concatenation axes) read through ``access``; float64 ``(n, n)``."""
+    rest = [o for o, others, _ in usable if others <= settled and o.key not in engine.plain_keys]
+    plain = engine.start_similarity(perm, settled)
+    n = sizes[perm]
+    out = np.zeros((n, n)) if plain is None else plain.detach().to("cpu", torch.float64).numpy()
+    if rest:
+        out = out + _similarity(spec, perm, rest, cur, sizes, access)
+    return out
 
 
 def _similarity(spec: PermutationSpec, perm: str, occs: list[Occurrence], cur: Mapping[str, Tensor],
@@ -179,27 +242,3 @@ def check_start(start: object, init: object) -> None:
         raise RebasinError(f"start must be one of {list(START_CHOICES)}, got {start!r}")
     if init is not None and start != "auto":
         raise RebasinError(f"start={start!r} and init were both given; init is the start: pass one of them")
-
-
-def choose_start(spec: PermutationSpec, sizes: Mapping[str, int], access: Access,
-                 init: Mapping[str, Tensor] | None, start: str) -> tuple[list[tuple[dict[str, np.ndarray], str]], float]:
-    """The descent's starting points (each ``(perms, name)``) and the identity's objective.
-
-    ``init`` (missing names at the identity) when given; else the identity, the layer-wise start, or
-    (``"auto"``) both: the caller descends from each and keeps the higher final objective. A higher *starting*
-    objective does not predict the higher end point (on the demo's trained MLPs the layer-wise start begins
-    higher and ends lower, 127.75 against 128.42), and on fresh models the identity alone ends far below the
-    layer-wise start (squeezenet1_1: 1,452 against 5,877), so neither start wins everywhere.
-    """
-    keys = [k for k, axes in spec.axes.items() if access.floating(k) and any(a is not None for a in axes)]
-    identity_objective = objective_at(spec, {}, keys, access)
-    perms = {p: np.arange(sizes[p], dtype=np.int64) for p in spec.perms}
-    if init is not None:
-        perms.update({p: t.detach().to("cpu", torch.int64).numpy().copy() for p, t in init.items()})
-        return [(perms, "init")], identity_objective
-    if start == "identity":
-        return [(perms, "identity")], identity_objective
-    layerwise, _ = layerwise_start(spec, sizes, access)
-    if start == "layerwise" or all(np.array_equal(layerwise[p], perms[p]) for p in perms):
-        return [(layerwise, "layerwise" if start == "layerwise" else "identity")], identity_objective
-    return [(layerwise, "layerwise"), (perms, "identity")], identity_objective

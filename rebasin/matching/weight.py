@@ -38,12 +38,15 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
-Start. Without ``init`` the descent runs from the identity and from a layer-wise start and keeps the
-higher end point
-(:mod:`rebasin.matching._start`: each permutation solved once, in waves from the network's ends
-inwards, from the tensors whose other axes are already settled). From the identity alone the descent
-can stop far from the optimum when the weights carry no hint, e.g. a freshly initialised network
-against a permuted copy of itself; the layer-wise start is exact there.
+Start. Without ``init`` the descent runs from a layer-wise start and from the identity and keeps the
+higher end point (:mod:`rebasin.matching._start`: each permutation solved once, in waves from the
+network's ends inwards, from the tensors whose other axes are already settled;
+:func:`~rebasin.matching._descent.match_from_starts`). From the identity alone the descent can stop far
+from the optimum when the weights carry no hint, e.g. a freshly initialised network against a permuted
+copy of itself; the layer-wise start is exact there, and when its end point reaches the Cauchy-Schwarz
+bound ``sum_k |A_k| |B_k|`` (no permutation scores higher) the descent from the identity is skipped.
+The start runs in the engine below: its similarities are partial sums of the first sweep's, kept and
+completed, so together they compute each product once.
 
 Speed. The whole cost is the similarity matmuls and the assignment solves; everything else is kept
 out of the loop. Per (key, axis) the rows-first matrices of A (read-only) and B' (kept current) are
@@ -69,9 +72,9 @@ from torch import Tensor
 from .._common import check_int
 from ..spec.checkpoint import LazyState
 from ..spec.core import PermutationSpec, check_permutations
-from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
-from ._start import Access, check_start, choose_start
-from ._structured_terms import ComplexTerms, complex_keys
+from ._descent import LOWRANK_FRACTION, StructuredSteps, match_from_starts
+from ._start import Access, check_start
+from ._structured_terms import ComplexTerms, complex_keys, dot64
 from .weight_lazy import weight_matching_lazy
 
 __all__ = ["weight_matching", "WeightMatchingInfo"]
@@ -100,7 +103,7 @@ class WeightMatchingInfo:
         Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
         ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see
         :mod:`rebasin.matching._start`); with ``start="auto"`` the descent runs from both and the one with the
-        higher final objective is kept (its counts are reported).
+        higher final objective is kept (its counts are reported; ``descents`` lists both).
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
@@ -113,6 +116,10 @@ class WeightMatchingInfo:
         Similarity matrices computed from scratch.
     n_lowrank_updates
         Low-rank corrections applied to cached similarity matrices.
+    descents
+        Every descent that ran, in order, as ``(start, final objective, sweeps)``: one, or two for
+        ``start="auto"`` (layer-wise, then identity) unless the layer-wise end point reached the
+        Cauchy-Schwarz bound.
     """
 
     objective: list[float] = field(default_factory=list)
@@ -125,6 +132,7 @@ class WeightMatchingInfo:
     n_skipped: int = 0
     n_full_builds: int = 0
     n_lowrank_updates: int = 0
+    descents: tuple[tuple[str, float, int], ...] = ()
 
     @property
     def final_objective(self) -> float:
@@ -211,7 +219,6 @@ class _Engine:
         self.static: dict[str, list[_Term]] = {p: [] for p in spec.perm_to_axes}
         self.dynamic: dict[str, list[_Term]] = {p: [] for p in spec.perm_to_axes}
         self.by_nbr: dict[str, list[_Term]] = {}  # Q -> terms of other permutations that Q touches
-        self.initial_objective = 0.0
         counted: set[str] = set()
         for perm, where in spec.perm_to_axes.items():
             for key, axis in where:
@@ -222,17 +229,76 @@ class _Engine:
                 (self.dynamic if t.nbrs else self.static)[perm].append(t)
                 for q in t.nbrs:
                     self.by_nbr.setdefault(q, []).append(t)
-                if key not in counted:
-                    counted.add(key)
-                    moved = t.b_mat()
-                    if not np.array_equal(perms[perm], np.arange(perms[perm].size)):
-                        moved = moved.index_select(0, perms_dev[perm])
-                    self.initial_objective += float((t.a_mat() * moved).sum(dtype=torch.float64))
+                counted.add(key)
+        self.plain_keys = frozenset(counted)
         self.s_static: dict[str, Tensor | None] = {p: None for p in self.static}
         self.cache: dict[str, Tensor | None] = {p: None for p in self.static}
         self.stale: dict[str, bool] = {p: True for p in self.static}
+        self.partial: dict[str, tuple[Tensor, list[_Term]]] = {}  # the layer-wise start's sums, see start_similarity
+        self.complete: set[str] = set()  # permutations whose start similarity had every term
         self.n_full_builds = 0
         self.n_lowrank_updates = 0
+
+    def objective(self) -> float:
+        """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations (:func:`dot64`): each
+        key once, through its first term (B' has every other axis permuted)."""
+        total, seen = 0.0, set()
+        for perm, terms in self.static.items():
+            for t in terms + self.dynamic[perm]:
+                if t.key in seen:
+                    continue
+                seen.add(t.key)
+                p = self.perms[perm]
+                moved = t.b_mat()
+                if not np.array_equal(p, np.arange(p.size)):
+                    moved = moved.index_select(0, torch.from_numpy(p).to(self.device))
+                total += dot64(t.a_mat(), moved)
+        return total
+
+    def _base(self, perm: str) -> Tensor | None:
+        """The static terms' similarity (constant: computed once)."""
+        if self.static[perm] and self.s_static[perm] is None:
+            self.s_static[perm] = self._build(self.static[perm])
+        return self.s_static[perm]
+
+    def start_similarity(self, perm: str, settled: set[str]) -> Tensor | None:
+        """The layer-wise start's similarity of ``perm``: its terms whose neighbours are all ``settled``.
+
+        Those neighbours do not move again during the start, so the sum is kept and
+        :meth:`finish_start` adds the remaining terms to it: together the start and the first sweep
+        compute each product once.
+        """
+        base = self._base(perm)
+        used = [t for t in self.dynamic[perm] if set(t.nbrs) <= settled]
+        if len(used) == len(self.dynamic[perm]):
+            self.complete.add(perm)
+        if not used:
+            return base
+        out = self._build(used, None if base is None else base.clone())
+        self.partial[perm] = (out, used)
+        return out
+
+    def finish_start(self) -> None:
+        """Complete the similarities the start summed in part (the descent's caches, exact at the start)."""
+        if self.incremental:
+            for perm, (out, used) in self.partial.items():
+                rest = [t for t in self.dynamic[perm] if all(t is not u for u in used)]
+                self.cache[perm] = self._build(rest, out) if rest else out
+                self.n_full_builds += 1
+            # a similarity the start summed whole was solved as it is now (its neighbours settled before it)
+            for perm in self.complete:
+                self.stale[perm] = False
+        self.partial.clear()
+        self.complete.clear()
+
+    def reset(self, perms: Mapping[str, np.ndarray]) -> None:
+        """Move to ``perms`` (every B' rewritten) and drop the cached similarities."""
+        for q, new in perms.items():
+            changed = np.flatnonzero(new != self.perms[q])
+            if changed.size:
+                self._move(q, new, changed, lowrank=False)
+        self.cache = {p: None for p in self.static}
+        self.stale = {p: True for p in self.static}
 
     def active(self) -> list[str]:
         """Permutations worth visiting: size above one and at least one floating tensor."""
@@ -264,9 +330,7 @@ class _Engine:
             return None
         self.stale[perm] = False
         if self.cache[perm] is None:
-            if self.static[perm] and self.s_static[perm] is None:
-                self.s_static[perm] = self._build(self.static[perm])  # constant: computed once
-            base = self.s_static[perm]
+            base = self._base(perm)
             if not self.dynamic[perm]:
                 self.cache[perm] = base  # never updated: no neighbour touches it
             else:
@@ -276,15 +340,24 @@ class _Engine:
 
     def update(self, q: str, new: np.ndarray, changed: np.ndarray) -> None:
         """Set permutation ``q`` to ``new`` (it differs from the current one at rows ``changed``)."""
+        self._move(q, new, changed, lowrank=changed.size <= _LOWRANK_FRACTION * new.size)
+
+    def _move(self, q: str, new: np.ndarray, changed: np.ndarray, lowrank: bool) -> None:
         old = self.perms[q]
         inv_old = np.empty_like(old)
         inv_old[old] = np.arange(old.size)
         # slice j of every B' along q becomes its old slice inv_old[new[j]]; only j in `changed` moves
         src = torch.from_numpy(inv_old[new[changed]]).to(self.device)
         dst = torch.from_numpy(changed).to(self.device)
-        lowrank = changed.size <= _LOWRANK_FRACTION * old.size
+        # most slices move (the start, a reset): one gather of the whole B' instead of two of the slices
+        whole = torch.from_numpy(inv_old[new]).to(self.device) if 2 * changed.size > old.size else None
         for t in self.by_nbr.get(q, ()):
             d = t.nbrs[q]
+            if whole is not None:
+                self.cache[t.perm] = None
+                t.b = t.b.index_select(d, whole)
+                self.stale[t.perm] = True
+                continue
             fresh = t.b.index_select(d, src)
             cache = self.cache[t.perm] if self.incremental else None
             if cache is not None and lowrank:
@@ -364,12 +437,15 @@ def weight_matching(
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
     sweep without improvement or after ``n_iter`` sweeps.
 
-    The descent starts from the better (higher objective) of the identity and a layer-wise start:
-    each permutation solved once, in waves from the network's ends inwards, from the tensors whose
-    other axes are already settled. From the identity alone the descent can stop at a poor local
-    optimum when the weights carry no gradient of agreement, e.g. a freshly initialised network
+    By default the descent runs from a layer-wise start (each permutation solved once, in waves from
+    the network's ends inwards, from the tensors whose other axes are already settled) and from the
+    identity, and the higher end point is kept. From the identity alone the descent can stop at a poor
+    local optimum when the weights carry no gradient of agreement, e.g. a freshly initialised network
     matched against a permuted copy of itself; the layer-wise start recovers such a planted
-    permutation exactly. ``info.identity_objective`` and ``info.final_objective`` show the gain.
+    permutation exactly, and when its end point reaches the Cauchy-Schwarz bound ``sum_k |A_k| |B_k|``
+    it is optimal and the second descent is skipped.
+    ``info.identity_objective``, ``info.final_objective`` and ``info.descents`` show what each start
+    reached.
 
     Structured permutations (heads, groups: ``spec.structure``) are chosen together with the others
     sharing their outer permutation, hierarchically: the value of pairing head ``i`` of A with head
@@ -399,8 +475,10 @@ def weight_matching(
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
     start
-        Without ``init``: ``"auto"`` (default) descends from ``"identity"`` and from ``"layerwise"``
-        (see above) and keeps the higher final objective (twice the descent's cost); either can be forced. Not allowed together with ``init``.
+        Without ``init``: ``"auto"`` (default) descends from ``"layerwise"`` and from ``"identity"``
+        (see above) and keeps the higher final objective (a tie keeps the layer-wise one; the second
+        descent is skipped when the first reaches the bound); either can be forced. Not allowed
+        together with ``init``.
     seed
         Seed of the visiting order; the same seed gives the same result.
     return_info
@@ -469,28 +547,13 @@ def weight_matching(
 
     with torch.no_grad():
         access = Access(state_a, floating, read, lambda k: [None], dev)
-        starts, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, state_a)
-        best = None
-        for perms, kind in starts:  # start="auto": a descent from each start, the higher end point kept
-            engine = _Engine(spec, state_a, state_b, sizes, perms, dev, _INCREMENTAL, cx_keys)
-            cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
-            initial = engine.initial_objective + cx.initial_objective
-            run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed,
-                                     on_solve=_ON_SOLVE)
-            if best is None or run["objective"][-1] > best[3]["objective"][-1]:
-                best = (engine, kind, initial, run)
-        engine, start_kind, initial, run = best  # type: ignore[misc]  # starts is never empty
+        identity = {p: np.arange(sizes[p], dtype=np.int64) for p in spec.perms}
+        engine = _Engine(spec, state_a, state_b, sizes, identity, dev, _INCREMENTAL, cx_keys)
+        cx = StructuredSteps(spec, engine, ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev), dev)
+        perms, stats = match_from_starts(spec, engine, cx, access, start=start, init=init, n_iter=n_iter, seed=seed,
+                                         on_solve=_ON_SOLVE)
 
-    out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
-    if not return_info:
-        return out
-    info = WeightMatchingInfo(
-        initial_objective=initial,
-        identity_objective=identity_objective,
-        start=start_kind,
-        n_full_builds=engine.n_full_builds,
-        n_lowrank_updates=engine.n_lowrank_updates,
-        **run,
-    )
-    return out, info
+    out = {name: torch.from_numpy(p) for name, p in perms.items()}
+    return (out, WeightMatchingInfo(**stats)) if return_info else out
+

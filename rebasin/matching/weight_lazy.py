@@ -51,9 +51,9 @@ from .._common import check_int
 from .._errors import RebasinError
 from ..spec.checkpoint import fresh_buffer, meta_state, read_rows, row_ranges
 from ..spec.core import Occurrence, PermutationSpec, block_index, check_permutations, permute_unchecked
-from ._descent import LOWRANK_FRACTION, StructuredSteps, coordinate_descent
-from ._start import Access, check_start, choose_start
-from ._structured_terms import ComplexTerms, complex_keys
+from ._descent import LOWRANK_FRACTION, StructuredSteps, match_from_starts
+from ._start import Access, check_start
+from ._structured_terms import ComplexTerms, complex_keys, dot64
 
 __all__ = ["weight_matching_lazy"]
 
@@ -74,7 +74,7 @@ def _stretch_rows(t: Tensor, axis: int, lo: int, hi: int, n: int) -> Tensor:
 
 
 
-# Elements per chunk of the element-wise passes (finite check, objective): their temporaries stay small
+# Elements per chunk of the finite-value check: its temporaries stay small
 # next to the tensor itself (an embedding of 50257 x 768 floats is 154 MB).
 _CHUNK = 1 << 20
 
@@ -83,12 +83,6 @@ def _all_finite(t: Tensor) -> bool:
     """``torch.isfinite(t).all()`` chunk by chunk (the one-shot call allocates several copies' worth)."""
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(c).all()) for c in flat.split(_CHUNK))
-
-
-def _dot64(a: Tensor, b: Tensor) -> float:
-    """``<a, b>``: float32 products summed in float64, chunk by chunk."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    return float(sum(float((x * y).sum(dtype=torch.float64)) for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK))))
 
 
 @dataclass(frozen=True)
@@ -181,6 +175,9 @@ class _LazyEngine:
                 (self.dynamic if nbrs else self.static)[p].append(term)
                 for q in nbrs:
                     self.by_nbr[q].append(term)
+        self.plain_keys = frozenset(self.on_key)
+        self.partial: dict[str, list[_Term]] = {}  # the layer-wise start's sums (in the scratch file), see start_similarity
+        self.complete: set[str] = set()  # permutations whose start similarity had every term
         self.scratch = _Scratch()
         self.has_static: set[str] = set()
         self.cached: set[str] = set()  # permutations whose similarity is in the scratch file ("cache", p)
@@ -236,12 +233,7 @@ class _LazyEngine:
         self.stale[p] = False
         if p in self.cached:
             return self.scratch.get(("cache", p), self.device)
-        base = None
-        if self.static[p]:
-            if p not in self.has_static:
-                self.scratch.put(("static", p), self.build(self.static[p], None))  # constant: computed once
-                self.has_static.add(p)
-            base = self.scratch.get(("static", p), self.device)
+        base = self._static(p)
         if self.dynamic[p]:
             self.n_full_builds += 1
             base = self.build(self.dynamic[p], base)
@@ -294,13 +286,55 @@ class _LazyEngine:
             self.stale[r] = True
         self.perms[q] = new
 
-    def initial_objective(self) -> float:
+    def _static(self, p: str) -> Tensor | None:
+        """The static terms' similarity (constant: computed once, kept in the scratch file)."""
+        if not self.static[p]:
+            return None
+        if p not in self.has_static:
+            self.scratch.put(("static", p), self.build(self.static[p], None))
+            self.has_static.add(p)
+        return self.scratch.get(("static", p), self.device)
+
+    def start_similarity(self, p: str, settled: set[str]) -> Tensor | None:
+        """The layer-wise start's similarity of ``p``: its terms whose neighbours are all ``settled``; the sum
+        is kept and completed by :meth:`finish_start`, as the in-memory engine does."""
+        used = [t for t in self.dynamic[p] if set(t.nbrs) <= settled]
+        if len(used) == len(self.dynamic[p]):
+            self.complete.add(p)
+        base = self._static(p)
+        if not used:
+            return base
+        out = self.build(used, base)
+        self.scratch.put(("cache", p), out)
+        self.partial[p] = used
+        return out
+
+    def finish_start(self) -> None:
+        """Complete the similarities the start summed in part: the descent's caches."""
+        for p, used in self.partial.items():
+            rest = [t for t in self.dynamic[p] if all(t is not u for u in used)]
+            sim = self.scratch.get(("cache", p), self.device)
+            self.scratch.put(("cache", p), self.build(rest, sim) if rest else sim)
+            self.cached.add(p)
+            self.n_full_builds += 1
+        for p in self.complete:  # a similarity the start summed whole was solved as it is now
+            self.stale[p] = False
+        self.partial.clear()
+        self.complete.clear()
+
+    def reset(self, perms: Mapping[str, np.ndarray]) -> None:
+        """Move to ``perms``; the cached similarities are dropped."""
+        self.perms.update({p: np.asarray(v) for p, v in perms.items()})
+        self.cached.clear()
+        self.stale = {p: True for p in self.spec.perms}
+
+    def objective(self) -> float:
         """``sum_k <A_k, perm(B_k)>`` over the plain keys at the current permutations, one key at a time."""
         start, total = self.current(), 0.0
         for key in self.on_key:
             for rows in self.slices(key):
                 moved = permute_unchecked(self.spec, start, {key: self.load(self.state_b, key, rows)})[key]  # B's copy dropped
-                total += _dot64(self.load(self.state_a, key, rows), moved)
+                total += dot64(self.load(self.state_a, key, rows), moved)
                 del moved
         return total
 
@@ -376,29 +410,14 @@ def weight_matching_lazy(
             return meta[key].is_floating_point() and meta[key].numel() > 0
 
         access = Access(meta, floating, read, lambda k: list(ranges[k] or [None]), dev)  # type: ignore[call-overload, index]  # ranges is the table over keys here; [None] reads the whole tensor
-        starts, identity_objective = choose_start(spec, sizes, access, init, start)
         cx_keys = complex_keys(spec, meta)
-        best = None
-        for perms, kind in starts:  # start="auto": a descent from each start, the higher end point kept
-            engine = _LazyEngine(spec, state_a, state_b, meta, sizes, perms, dev, cx_keys, chunk_bytes)
-            try:
-                terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
-                cx = StructuredSteps(spec, engine, terms, dev)
-                initial = engine.initial_objective() + cx.initial_objective
-                run = coordinate_descent(spec, engine, cx, set(engine.active()), initial, n_iter=n_iter, seed=seed)
-            finally:
-                engine.scratch.close()
-            if best is None or run["objective"][-1] > best[3]["objective"][-1]:
-                best = (engine, kind, initial, run)
-        engine, start_kind, initial, run = best  # type: ignore[misc]  # starts is never empty
+        identity = {p: np.arange(sizes[p], dtype=np.int64) for p in spec.perms}
+        engine = _LazyEngine(spec, state_a, state_b, meta, sizes, identity, dev, cx_keys, chunk_bytes)
+        try:
+            terms = ComplexTerms(spec, state_a, state_b, cx_keys, sizes, dev, lazy=True)
+            cx = StructuredSteps(spec, engine, terms, dev)
+            perms, info = match_from_starts(spec, engine, cx, access, start=start, init=init, n_iter=n_iter, seed=seed)
+        finally:
+            engine.scratch.close()
 
-    out = {name: torch.from_numpy(p.copy()) for name, p in engine.perms.items()}
-    info = {
-        "initial_objective": initial,
-        "identity_objective": identity_objective,
-        "start": start_kind,
-        "n_full_builds": engine.n_full_builds,
-        "n_lowrank_updates": engine.n_lowrank_updates,
-        **run,
-    }
-    return out, info
+    return {name: torch.from_numpy(p) for name, p in perms.items()}, info

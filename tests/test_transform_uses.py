@@ -33,9 +33,14 @@ from rebasin import (
 from rebasin.apps.cli import main
 from rebasin.apps.models import ViT
 from rebasin.paths.running import evaluate_state
-from rebasin.spec import SignedPermutation, apply_transforms, random_orthogonal, random_signed_permutation
+from rebasin.spec import (
+    SignedPermutation,
+    apply_transforms,
+    random_orthogonal,
+    random_signed_permutation,
+    transform_entries,
+)
 from rebasin.spec import checkpoint as checkpoint_module
-from rebasin.spec import transform_entries
 from rebasin.trace import hf_rules, llm_rules, symmetry_kinds, trace_model
 
 T = pytest.importorskip("transformers")

@@ -37,7 +37,6 @@ import torch
 
 from .._errors import RebasinError
 from ..matching.registry import get_matcher, matcher_names
-from ._cli_symmetry import SYMMETRIES, SYMMETRY_HELP, symmetry_method
 from ._cli_inputs import (
     EXAMPLE_DTYPES,
     build_model,
@@ -51,6 +50,7 @@ from ._cli_inputs import (
     loader_from,
     model_from,
 )
+from ._cli_symmetry import SYMMETRIES, SYMMETRY_HELP, symmetry_method
 from .demo import (
     demo_methods,
     device_from_name,

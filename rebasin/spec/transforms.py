@@ -533,7 +533,7 @@ def transform_entries(
     """
     perms = {n: (t.perm if isinstance(t, SignedPermutation) else t) for n, t in transforms.items()
              if kind_of(t) != "orthogonal"}
-    out = permute_unchecked(spec, perms, part)  # type: ignore[arg-type]  # the permutations' Tensors
+    out = permute_unchecked(spec, perms, part)
     for name, t in transforms.items():
         if kind_of(t) == "permutation":
             continue
@@ -547,7 +547,7 @@ def transform_entries(
                 shape[axis] = -1
                 out[key] = x * t.signs.to(device=x.device, dtype=x.dtype).reshape(shape)
             elif x.is_floating_point() and x.element_size() < 4:  # 16-bit floats: computed in float32, rounded once
-                out[key] = _along(x.float(), axis, t).to(x.dtype)  # type: ignore[arg-type]  # an orthogonal map is a Tensor
+                out[key] = _along(x.float(), axis, t).to(x.dtype)
             else:
-                out[key] = _along(x, axis, t)  # type: ignore[arg-type]  # an orthogonal map is a Tensor
+                out[key] = _along(x, axis, t)
     return out

@@ -14,9 +14,9 @@ import warnings
 
 import pytest
 import torch
+from builders import randomize_norms_
 from torch import nn
 
-from builders import randomize_norms_
 from rebasin import RebasinError
 from rebasin._common import forward_with_state, tensor_leaves
 from rebasin.apps.models import ViT
@@ -25,8 +25,8 @@ from rebasin.matching.heads import match_heads
 from rebasin.spec import (
     HeadLayout,
     HeadMaps,
-    Slot,
     SignedPermutation,
+    Slot,
     apply_transforms,
     random_head_maps,
     random_orthogonal,

@@ -106,7 +106,7 @@ def transform_matching(
     heads: str | Mapping[str, str | tuple[str, str]] | None = None,
     n_iter: int = 20,
     seed: int = 0,
-) -> dict[str, Transform]:
+) -> dict[str, Transform | HeadMaps]:
     """Transforms of model B (permutations, signed permutations, orthogonal maps) matching its weights to A's.
 
     Parameters
@@ -220,7 +220,7 @@ def transform_matching(
             head_perms, maps = new_perms, {n: f.maps for n, f in found.items()}
         if not changed:
             break
-    out: dict[str, Transform] = {p: perms.get(p, torch.arange(sizes[p])) for p in spec.perms if p not in free}
+    out: dict[str, Transform | HeadMaps] = {p: perms.get(p, torch.arange(sizes[p])) for p in spec.perms if p not in free}
     out.update(head_perms)
     out.update(trans)
     out.update(maps)

@@ -209,14 +209,17 @@ def head_use(layouts: Mapping[str, HeadLayout], heads: str | Mapping[str, str | 
         for side, k in zip(("qk", "vo"), pair):
             if not layouts[n].admits(side, k):
                 raise RebasinError(layouts[n].why_not(side, k))
-        out[n] = pair  # type: ignore[assignment]  # checked to be a pair above
+        out[n] = (str(pair[0]), str(pair[1]))
     return out
 
 
 def same_maps(x: HeadMaps, y: HeadMaps, tol: float = 1e-6) -> bool:
     """Whether two :class:`HeadMaps` agree to ``tol`` (None only equals None)."""
     for u, v in zip(x, y):
-        if (u is None) != (v is None) or (u is not None and float((u - v).abs().max()) > tol):
+        if u is None or v is None:
+            if u is not v:
+                return False
+        elif float((u - v).abs().max()) > tol:
             return False
     return True
 
@@ -253,8 +256,7 @@ def head_class_perms(spec: PermutationSpec, layouts: Mapping[str, HeadLayout], m
             if rows is None:
                 raise RebasinError(f"class {p!r} acts on axis {o.axis} of {o.key!r}, outside the attention heads it "
                                    "also acts on; its heads cannot be matched by circuits")
-            n = int(sizes[p])
-            step = rows.numel() // n
+            step = rows.numel() // int(sizes[p])
             perm = rows[::step] // step
             if p in found and not torch.equal(found[p], perm):
                 raise RebasinError(f"class {p!r} spans several attention layouts that disagree on its heads")

@@ -244,7 +244,7 @@ def random_head_maps(layout: HeadLayout, *, qk: str | None = None, vo: str | Non
     ((1, 4, 4), (1, 4, 4))
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    out = []
+    out: list[Tensor | None] = []
     for side, kind in (("qk", qk), ("vo", vo)):
         kind = getattr(layout, side) if kind is None else kind
         if not layout.admits(side, kind):

@@ -69,10 +69,10 @@ class SignedPermutation(NamedTuple):
     signs: Tensor
 
 
-Transform = Union[Tensor, SignedPermutation, HeadMaps]  # HeadMaps: under a layout's name (SymmetryKinds.heads)
+Transform = Union[Tensor, SignedPermutation]  # a transforms dict may also hold HeadMaps under a layout's name
 
 
-def kind_of(transform: Transform) -> str:
+def kind_of(transform: Transform | HeadMaps) -> str:
     """``"permutation"``, ``"signed"``, ``"orthogonal"`` or ``"heads"`` (:class:`HeadMaps`): the kind of one transform.
 
     Not validated.
@@ -249,7 +249,7 @@ def _along(t: Tensor, axis: int, q: Tensor) -> Tensor:
 
 def apply_transforms(
     spec: PermutationSpec,
-    transforms: Mapping[str, Transform],
+    transforms: Mapping[str, Transform | HeadMaps],
     state_dict: Mapping[str, Tensor],
     *,
     kinds: SymmetryKinds | None = None,

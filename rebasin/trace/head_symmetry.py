@@ -47,9 +47,10 @@ def _llm_layout(path: str, m: nn.Module, keys: Mapping[str, Any]) -> HeadLayout 
     kv = getattr(cfg, "num_key_value_heads", None) or h
     if not isinstance(h, int) or not isinstance(kv, int) or h < 1 or kv < 1 or h % kv:
         return None
-    d = lins[0].out_features // h  # type: ignore[union-attr]  # checked to be nn.Linear above
-    if d * h != lins[0].out_features or lins[1].out_features != kv * d or lins[2].out_features != kv * d \
-            or lins[3].in_features != h * d or d % 2:  # type: ignore[union-attr]  # as above
+    q, k, v, o = (x for x in lins if isinstance(x, nn.Linear))
+    d = q.out_features // h
+    if d * h != q.out_features or k.out_features != kv * d or v.out_features != kv * d or o.in_features != h * d \
+            or d % 2:
         return None
     pre = f"{path}." if path else ""
 
@@ -220,5 +221,6 @@ def checked_layouts(model: nn.Module, layouts: Mapping[str, HeadLayout], example
                 why = (f"a random {getattr(out[n], side)} map inside the heads of {out[n].module!r} changed the "
                        "outputs on the example input (an op between the projections and the scores or the output "
                        "projection that the analysis does not see)")
-                out[n] = replace(out[n], **{side: "permutation", f"{side}_reason": why})
+                out[n] = replace(out[n], qk="permutation", qk_reason=why) if side == "qk" else \
+                    replace(out[n], vo="permutation", vo_reason=why)
     return out

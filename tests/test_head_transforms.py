@@ -67,6 +67,27 @@ def _gpt2() -> nn.Module:
     return _quiet(T.GPT2LMHeadModel, cfg)
 
 
+def _bert() -> nn.Module:
+    cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=32, max_position_embeddings=16)
+    return _quiet(T.BertModel, cfg)
+
+
+def _t5() -> nn.Module:  # its relative position bias carries the head permutation itself
+    cfg = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4)
+    return _quiet(T.T5EncoderModel, cfg)
+
+
+def _phi() -> nn.Module:  # rotates half of each head (partial_rotary_factor 0.5)
+    return _quiet(T.PhiForCausalLM, T.PhiConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                                num_hidden_layers=1, num_attention_heads=4))
+
+
+def _olmo() -> nn.Module:  # clamps q, k and v
+    return _quiet(T.OlmoForCausalLM, T.OlmoConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24,
+                                                  num_hidden_layers=1, num_attention_heads=4, clip_qkv=8.0))
+
+
 class _MHA(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +106,9 @@ def _vit() -> nn.Module:
 hf_rules.register()  # the first trace registers these rules for good; here, for the conftest's guard
 for _family in ("Llama", "Qwen2", "Qwen3"):
     llm_rules.register(_llama(2, _family))
+for _model in (_phi(), _olmo()):
+    llm_rules.register(_model)
+trace_model(_t5(), torch.zeros(1, 4, dtype=torch.long))  # registers T5's attention rule
 
 
 def _tokens() -> torch.Tensor:
@@ -99,6 +123,13 @@ def _setup(model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
 def _out(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return tensor_leaves(forward_with_state(model, state, x, eval_mode=True))[0]
+
+
+def test_phi_partial_rotary_and_olmo_clip_refused() -> None:
+    lay = symmetry_kinds(_phi(), _tokens()).heads["model.layers.0.self_attn"]
+    assert (lay.qk, lay.vo) == ("permutation", "invertible") and "partial" in lay.qk_reason
+    lay = symmetry_kinds(_olmo(), _tokens()).heads["model.layers.0.self_attn"]
+    assert (lay.qk, lay.vo) == ("permutation", "permutation") and "clip_qkv" in lay.vo_reason
 
 
 def _planted(spec, kinds, a, *, stream: bool, seed: int = 11, **head_kinds):  # type: ignore[no-untyped-def]
@@ -127,7 +158,8 @@ def test_layouts_derived() -> None:
 
 @pytest.mark.parametrize("make,x", [
     (lambda: _llama(4), _tokens), (lambda: _llama(2), _tokens), (lambda: _llama(2, "Qwen2"), _tokens),
-    (_gpt2, _tokens), (_vit, lambda: torch.randn(2, 1, 8, 8)), (_MHA, lambda: torch.randn(2, 5, 6))])
+    (_gpt2, _tokens), (_bert, _tokens), (_t5, _tokens), (_vit, lambda: torch.randn(2, 1, 8, 8)),
+    (_MHA, lambda: torch.randn(2, 5, 6))])
 def test_random_maps_keep_the_function(make, x) -> None:  # type: ignore[no-untyped-def]
     model, x = make(), x()
     spec, kinds, a = _setup(model, x)
@@ -224,7 +256,7 @@ def _circuits(lay: HeadLayout, state: dict) -> tuple[torch.Tensor, torch.Tensor]
     return q.transpose(1, 2) @ k, o.transpose(1, 2) @ v
 
 
-@pytest.mark.parametrize("make,x", [(_gpt2, _tokens), (_vit, lambda: torch.randn(2, 1, 8, 8))])
+@pytest.mark.parametrize("make,x", [(_gpt2, _tokens), (_t5, _tokens), (_vit, lambda: torch.randn(2, 1, 8, 8))])
 def test_non_rotary_invertible_maps_recovered_up_to_the_symmetry(make, x) -> None:  # type: ignore[no-untyped-def]
     model, x = make(), x()
     spec, kinds, a = _setup(model, x)

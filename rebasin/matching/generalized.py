@@ -41,7 +41,7 @@ from ..spec.transforms import (
     why_structured,
 )
 from .assignment import linear_assignment
-from .heads import drop_classes, head_class_perms, head_classes, head_use, match_heads, same_maps
+from .heads import drop_classes, head_class_perms, head_classes, head_use, match_all, same_maps
 from .weight import weight_matching
 
 __all__ = ["transform_matching"]
@@ -213,7 +213,7 @@ def transform_matching(
             trans[p] = new
         if uses:
             b_cur = apply_transforms(spec, {**perms, **trans}, state_b, kinds=kinds)
-            found = {n: match_heads(layouts[n], state_a, b_cur, qk=qk, vo=vo, name=n) for n, (qk, vo) in uses.items()}
+            found = match_all(spec, layouts, uses, state_a, b_cur)
             new_perms = head_class_perms(spec, layouts, found, sizes)
             changed |= any(not torch.equal(new_perms[p], head_perms.get(p, torch.arange(sizes[p]))) for p in new_perms)
             changed |= any(n not in maps or not same_maps(found[n].maps, maps[n]) for n in found)

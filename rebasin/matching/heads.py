@@ -35,7 +35,7 @@ from ..spec.core import PermutationSpec
 from ..spec.heads import HEAD_KINDS, HeadLayout, HeadMaps, Slot
 from .assignment import linear_assignment, structured_assignment
 
-__all__ = ["match_heads", "head_classes", "head_class_perms", "drop_classes", "HeadMatch", "head_use", "same_maps"]
+__all__ = ["match_heads", "match_all", "head_classes", "head_class_perms", "drop_classes", "HeadMatch", "head_use", "same_maps"]
 
 _COND_MAX = 1e6
 
@@ -127,7 +127,8 @@ class HeadMatch(NamedTuple):
 
 
 def match_heads(layout: HeadLayout, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], *,
-                qk: str = "permutation", vo: str = "permutation", name: str = "?") -> HeadMatch:
+                qk: str = "permutation", vo: str = "permutation", name: str = "?",
+                tied: Tensor | None = None) -> HeadMatch:
     """Pair the heads of one attention layer by their circuits, then fit the maps inside them.
 
     Parameters
@@ -140,6 +141,9 @@ def match_heads(layout: HeadLayout, state_a: Mapping[str, Tensor], state_b: Mapp
         The kind of map to fit on each side (``"permutation"``: none; ``"orthogonal"``; ``"invertible"``).
     name
         For messages.
+    tied
+        Optional ``(H, H)`` similarity added before the assignment: the circuits of other layers whose heads
+        must move with these (T5 shares one relative position bias, so one head permutation, across layers).
 
     Returns
     -------
@@ -159,7 +163,7 @@ def match_heads(layout: HeadLayout, state_a: Mapping[str, Tensor], state_b: Mapp
     counts = {"q": h, "k": kv, "v": kv, "o": h}
     a = {s: _rows(state_a, getattr(layout, s), counts[s], d) for s in counts if getattr(layout, s)}
     b = {s: _rows(state_b, getattr(layout, s), counts[s], d) for s in counts if getattr(layout, s)}
-    sim = _circuit_similarity(layout, a, b)
+    sim = _circuit_similarity(layout, a, b) if tied is None else _circuit_similarity(layout, a, b) + tied
     if g == 1:
         q_heads = linear_assignment(sim, name=f"heads of {name}")
         kv_heads = q_heads
@@ -178,6 +182,45 @@ def match_heads(layout: HeadLayout, state_a: Mapping[str, Tensor], state_b: Mapp
     if vo != "permutation":
         maps[1] = _fit(vo, False, a["v"], b["v"], _stack(a["o"], g), _stack(b["o"], g), f"v/o ({name})").float()
     return HeadMatch(q_heads, kv_heads, HeadMaps(*maps))
+
+
+def match_all(spec: PermutationSpec, layouts: Mapping[str, HeadLayout], uses: Mapping[str, tuple[str, str]],
+              state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> dict[str, HeadMatch]:
+    """:func:`match_heads` for every layout in ``uses``; layouts whose head classes share a permutation are
+    assigned together (their circuit similarities summed)."""
+    owner: dict[str, str] = {}
+    tie: dict[str, str] = {n: n for n in uses}
+
+    def root(n: str) -> str:
+        while tie[n] != n:
+            n = tie[n]
+        return n
+
+    for n in uses:
+        for p in head_classes(spec, {n: layouts[n]}):
+            if p in owner:
+                tie[root(n)] = root(owner[p])
+            else:
+                owner[p] = n
+    groups: dict[str, list[str]] = {}
+    for n in uses:
+        groups.setdefault(root(n), []).append(n)
+    out: dict[str, HeadMatch] = {}
+    for members in groups.values():
+        sims = {}
+        if len(members) > 1:
+            for n in members:
+                lay = layouts[n]
+                counts = {"q": lay.heads, "k": lay.kv_heads, "v": lay.kv_heads, "o": lay.heads}
+                a = {s: _rows(state_a, getattr(lay, s), counts[s], lay.dim) for s in counts if getattr(lay, s)}
+                b = {s: _rows(state_b, getattr(lay, s), counts[s], lay.dim) for s in counts if getattr(lay, s)}
+                sims[n] = _circuit_similarity(lay, a, b)
+        for n in members:
+            others = [sims[m] for m in members if m != n]
+            qk, vo = uses[n]
+            out[n] = match_heads(layouts[n], state_a, state_b, qk=qk, vo=vo, name=n,
+                                 tied=sum(others[1:], others[0]) if others else None)
+    return out
 
 
 def head_use(layouts: Mapping[str, HeadLayout], heads: str | Mapping[str, str | tuple[str, str]] | None,
@@ -231,7 +274,9 @@ def _row_perm(heads: Tensor, d: int) -> Tensor:
 def head_classes(spec: PermutationSpec, layouts: Mapping[str, HeadLayout]) -> set[str]:
     """The classes of ``spec`` acting on the heads' rows and columns (set by the head step, not by weight matching)."""
     slots = {(s.key, s.axis) for lay in layouts.values() for s in lay.q + lay.k + lay.v + lay.o}
-    return {p for p, occs in spec.occurrences.items() if any((o.key, o.axis) in slots for o in occs)}
+    found = {p for p, occs in spec.occurrences.items() if any((o.key, o.axis) in slots for o in occs)}
+    return found | {spec.structure[p][0] for p in found if p in spec.structure
+                    and spec.structure[p][0] in spec.perm_to_axes}
 
 
 def head_class_perms(spec: PermutationSpec, layouts: Mapping[str, HeadLayout], matches: Mapping[str, HeadMatch],
@@ -250,7 +295,9 @@ def head_class_perms(spec: PermutationSpec, layouts: Mapping[str, HeadLayout], m
         for side, heads in (("q", m.q_heads), ("k", m.kv_heads), ("v", m.kv_heads), ("o", m.q_heads)):
             for s in getattr(lay, side):
                 where[(s.key, s.axis, s.start)] = _row_perm(heads, lay.dim)
-    for p in head_classes(spec, layouts):
+    classes = head_classes(spec, layouts)
+    outers = {p for p in classes if p in spec.outers}  # an outer acting on axes itself (a per-head bias)
+    for p in sorted(classes - outers):
         for o in spec.occurrences[p]:
             rows = where.get((o.key, o.axis, o.start))
             if rows is None:
@@ -261,6 +308,12 @@ def head_class_perms(spec: PermutationSpec, layouts: Mapping[str, HeadLayout], m
             if p in found and not torch.equal(found[p], perm):
                 raise RebasinError(f"class {p!r} spans several attention layouts that disagree on its heads")
             found[p] = perm
+    for p in outers:
+        member = spec.outers[p][0]
+        if member not in found:
+            raise RebasinError(f"class {p!r} moves the heads of {member!r}, which no attention layout covers")
+        block = spec.structure[member][1]
+        found[p] = found[member][::block] // block
     return found
 
 

@@ -64,11 +64,17 @@ def _llm_layout(path: str, m: nn.Module, keys: Mapping[str, Any]) -> HeadLayout 
                  "only one rotation per frequency pair (i, i + d/2), the same on q and k, commutes with them")
     vo_reason = ""
     norms = [n for n in _QK_NORMS if isinstance(getattr(m, n, None), nn.Module)]
-    factor = getattr(cfg, "partial_rotary_factor", 1.0)
+    factor = getattr(cfg, "partial_rotary_factor", None)
+    rope = getattr(cfg, "rope_parameters", None)
+    if factor is None and isinstance(rope, dict):
+        factor = rope.get("partial_rotary_factor")
+    ndims = getattr(m, "rotary_ndims", None)
+    if isinstance(ndims, int) and ndims < d:
+        factor = ndims / d
     if norms:
         qk, qk_reason = "permutation", (f"module '{pre}{norms[0]}' ({type(getattr(m, norms[0])).__name__}) normalises "
                                         "q/k before the scores; a map of the q/k units does not commute with the norm")
-    elif isinstance(factor, (int, float)) and factor < 1:
+    elif isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor < 1:
         qk, qk_reason = "permutation", (f"module {path!r} ({cls}) rotates only part of each head "
                                         f"(partial_rotary_factor={factor}); maps for partial rotary heads are not "
                                         "implemented")
@@ -96,45 +102,49 @@ def _writer_axis(model: nn.Module, key: str, ndim: int) -> int | None:
 def _generic_layouts(model: nn.Module, spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]],
                      taken: set[str]) -> dict[str, HeadLayout]:
     out: dict[str, HeadLayout] = {}
-    for outer, members in spec.outers.items():
-        if outer in spec.perm_to_axes or len(members) != 2:
-            continue
-        d = {spec.structure[p][1] for p in members}
-        if len(d) != 1:
-            continue
-        dim = d.pop()
-        roles: dict[str, tuple[list[Any], list[Any]]] = {}
-        ok = True
+    for members in spec.outers.values():
+        by_module: dict[str, list[str]] = {}  # one outer may move the heads of several layers (T5's shared bias)
         for p in members:
-            rows: list[Any] = []
-            cols: list[Any] = []
-            for occ in spec.occurrences[p]:
-                nd = len(shapes[occ.key])
-                w = _writer_axis(model, occ.key, nd)
-                if occ.block != 1 or occ.groups != 1 or w is None or occ.key in taken:
-                    ok = False
-                    break
-                (rows if occ.axis == w else cols).append((occ, nd))
-            roles[p] = (rows, cols)
-        if not ok:
-            continue
-        qk = [p for p in members if not roles[p][1]]
-        vo = [p for p in members if roles[p][1] and roles[p][0]]
-        if len(qk) != 1 or len(vo) != 1:
-            continue
-        q, k, sure = _sides(roles[qk[0]][0])
-        v = tuple(Slot(o.key, o.axis, o.start) for o, _ in roles[vo[0]][0])
-        o = tuple(Slot(x.key, x.axis, x.start) for x, _ in roles[vo[0]][1])
-        size = int(spec.sizes[qk[0]]) if spec.sizes is not None else shapes[q[0].key][q[0].axis]
-        h = size // dim
-        keys = [s.key for s in q + k + v + o]
-        path = _common_module(keys)
-        name = path if path not in out else f"{path}#{len(out)}"
-        out[name] = HeadLayout(
-            path, h, h, dim, q, k, v, o, "invertible" if sure else "orthogonal", "invertible",
-            qk_reason="" if sure else (f"the q and k rows of the heads of {path!r} could not be told apart "
-                                       "(one side gets A, the other A^{-T}); only orthogonal maps, A = A^{-T}"))
+            by_module.setdefault(_common_module([o.key for o in spec.occurrences[p]]), []).append(p)
+        for pair in [list(members)] if len(members) == 2 else by_module.values():
+            lay = _pair_layout(model, spec, shapes, taken, pair)
+            if lay is not None:
+                out[lay.module if lay.module not in out else f"{lay.module}#{len(out)}"] = lay
     return out
+
+
+def _pair_layout(model: nn.Module, spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], taken: set[str],
+                 members: list[str]) -> HeadLayout | None:
+    """The layout of one attention from its q/k and v/o classes, or None when they do not look like one."""
+    d = {spec.structure[p][1] for p in members}
+    if len(members) != 2 or len(d) != 1:
+        return None
+    dim = d.pop()
+    roles: dict[str, tuple[list[Any], list[Any]]] = {}
+    for p in members:
+        rows: list[Any] = []
+        cols: list[Any] = []
+        for occ in spec.occurrences[p]:
+            nd = len(shapes[occ.key])
+            w = _writer_axis(model, occ.key, nd)
+            if occ.block != 1 or occ.groups != 1 or w is None or occ.key in taken:
+                return None
+            (rows if occ.axis == w else cols).append((occ, nd))
+        roles[p] = (rows, cols)
+    qk = [p for p in members if not roles[p][1]]
+    vo = [p for p in members if roles[p][1] and roles[p][0]]
+    if len(qk) != 1 or len(vo) != 1:
+        return None
+    q, k, sure = _sides(roles[qk[0]][0])
+    v = tuple(Slot(o.key, o.axis, o.start) for o, _ in roles[vo[0]][0])
+    o = tuple(Slot(x.key, x.axis, x.start) for x, _ in roles[vo[0]][1])
+    size = int(spec.sizes[qk[0]]) if spec.sizes is not None else shapes[q[0].key][q[0].axis]
+    h = size // dim
+    path = _common_module([s.key for s in q + k + v + o])
+    return HeadLayout(
+        path, h, h, dim, q, k, v, o, "invertible" if sure else "orthogonal", "invertible",
+        qk_reason="" if sure else (f"the q and k rows of the heads of {path!r} could not be told apart "
+                                   "(one side gets A, the other A^{-T}); only orthogonal maps, A = A^{-T}"))
 
 
 def _sides(rows: list[Any]) -> tuple[tuple[Slot, ...], tuple[Slot, ...], bool]:

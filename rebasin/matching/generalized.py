@@ -17,6 +17,10 @@ a Llama-family model) range over signed permutations or orthogonal matrices. It 
   which move without signs) with signs ``sign(S[i, perm[i]])``; an orthogonal map is ``U V^T`` from the SVD
   ``S = U Σ V^T`` (orthogonal Procrustes), which maximises ``<Q, S>``.
 
+With ``heads=``, a third step pairs the heads of each attention layer by their QK and OV circuits and fits
+the maps inside them in closed form (:mod:`rebasin.matching.heads`); the classes that move those heads are
+then left out of weight matching.
+
 It stops after a round in which nothing changes (orthogonal maps: by less than ``1e-7``) or after
 ``n_iter`` rounds. Each step maximises the objective over its variables with the others fixed, so the
 objective never falls.

@@ -32,13 +32,10 @@ from torch import Tensor
 
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
-from ..spec.heads import HEAD_KINDS, HeadLayout, HeadMaps, Slot
+from ..spec.heads import HEAD_KINDS, HeadLayout, HeadMaps, Slot, singular_heads
 from .assignment import linear_assignment, structured_assignment
 
 __all__ = ["match_heads", "match_all", "head_classes", "head_class_perms", "drop_classes", "HeadMatch", "head_use", "same_maps"]
-
-_COND_MAX = 1e6
-
 
 def _rows(state: Mapping[str, Tensor], slots: tuple[Slot, ...], n: int, d: int) -> Tensor:
     """``(n, d, m)``: the ``d`` rows of each of ``n`` heads across the slots, other axes flattened (float64)."""
@@ -109,11 +106,10 @@ def _fit(kind: str, rotary: bool, w_a: Tensor, w_b: Tensor, r_a: Tensor, r_b: Te
         return _rotary(s) if rotary else _procrustes(s)
     m = _sylvester(w_b @ w_b.transpose(-1, -2), r_a @ r_a.transpose(-1, -2),
                    w_a @ w_b.transpose(-1, -2) + r_a @ r_b.transpose(-1, -2))
-    cond = torch.linalg.cond(m) if bool(torch.isfinite(m).all()) else torch.full((m.shape[0],), float("inf"))
-    bad = [c for c in range(m.shape[0]) if not bool(torch.isfinite(cond[c])) or float(cond[c]) > _COND_MAX]
+    bad = singular_heads(m)
     if bad:
         raise RebasinError(f"the invertible {what} map fitted for key/value head(s) {bad} is singular (condition "
-                           f"number > {_COND_MAX:.0e}): the weights do not determine it (rank-deficient heads); "
+                           f"number > 1e6): the weights do not determine it (rank-deficient heads); "
                            "match this side with an orthogonal map instead")
     return m
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._errors import RebasinError
 
-__all__ = ["HEAD_KINDS", "HeadLayout", "HeadMaps", "Slot", "apply_head_maps", "check_head_layouts", "head_map_kind", "random_head_maps",
+__all__ = ["HEAD_KINDS", "HeadLayout", "HeadMaps", "Slot", "apply_head_maps", "check_head_layouts", "head_map_kind", "singular_heads", "random_head_maps",
            "rotary_mask"]
 
 HEAD_KINDS = ("permutation", "orthogonal", "invertible")  # "permutation": no map inside the heads
@@ -152,6 +152,14 @@ def rotary_mask(d: int) -> Tensor:
     return mask
 
 
+def singular_heads(m: Tensor, cond_max: float = _COND_MAX) -> list[int]:
+    """The indices ``c`` whose ``m[c]`` is not finite or has a condition number above ``cond_max``."""
+    if not bool(torch.isfinite(m).all()):
+        return [c for c in range(m.shape[0]) if not bool(torch.isfinite(m[c]).all())]
+    cond = torch.linalg.cond(m.double())
+    return [c for c in range(m.shape[0]) if not bool(torch.isfinite(cond[c])) or float(cond[c]) > cond_max]
+
+
 def _rotary_error(m: Tensor) -> float:
     """How far each ``m[c]`` is from one ``[[a, -b], [b, a]]`` block per pair ``(i, i + d/2)``."""
     d = m.shape[-1]
@@ -173,8 +181,7 @@ def _checked(layout: HeadLayout, side: str, m: object) -> tuple[Tensor, Tensor]:
     x = m.detach().double()
     if not bool(torch.isfinite(x).all()):
         raise RebasinError(f"HeadMaps.{side} for {layout.module!r} has non-finite entries")
-    cond = torch.linalg.cond(x)
-    bad = [c for c in range(shape[0]) if not bool(torch.isfinite(cond[c])) or float(cond[c]) > _COND_MAX]
+    bad = singular_heads(x)
     if bad:
         raise RebasinError(f"HeadMaps.{side} for {layout.module!r} is singular (condition number > {_COND_MAX:.0e}) "
                            f"for key/value head(s) {bad}: a map inside a head must be invertible")

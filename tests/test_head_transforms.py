@@ -184,6 +184,16 @@ def test_rotary_restriction_matters() -> None:
     unchecked = HeadLayout(lay.module, 4, 2, 8, lay.q, lay.k, lay.v, lay.o)  # no rotary: applies anything
     apply_head_maps(unchecked, HeadMaps(dense), moved)
     assert (_out(model, moved, x) - _out(model, a, x)).abs().max() > 1e-3
+    # rotate_half pairs units i and i + d/2: the same rotations on adjacent pairs (2i, 2i + 1) change the logits
+    pairs = random_head_maps(lay, seed=4).qk
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # unit i -> 2i, unit i + d/2 -> 2i + 1
+    adjacent = torch.empty_like(pairs)
+    adjacent[:, order[:, None], order[None, :]] = pairs
+    for maps, same in ((pairs, True), (adjacent, False)):
+        moved = dict(a)
+        apply_head_maps(unchecked, HeadMaps(maps), moved)
+        diff = float((_out(model, moved, x) - _out(model, a, x)).abs().max())
+        assert (diff < 1e-4) == same, diff
     with pytest.raises(RebasinError, match=r"model.layers.0.self_attn.*rotary"):
         apply_transforms(spec, {lay.module: HeadMaps(dense)}, a, kinds=kinds)
     with pytest.raises(RebasinError, match=r"model.layers.0.self_attn.*'orthogonal', not 'invertible'.*rotary"):

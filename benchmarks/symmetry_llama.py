@@ -11,6 +11,9 @@ A to the aligned B is measured on held-out text for:
   (``fold_rmsnorm``; the same functions), then permutations only, or an orthogonal stream map by Procrustes;
 * folded + learned orthogonal stream: the Procrustes answer refined by ``learn_transforms`` (Cayley
   parametrisation, the task loss at a random point of the path per step, on training text; permutations kept).
+* folded, orthogonal stream + heads: the same, with heads paired by their QK/OV circuits and maps inside them
+  (``heads="orthogonal"``: rotations per rotary frequency pair on q/k and orthogonal v/o maps;
+  ``heads="invertible"``: invertible v/o maps, q/k as before).
 
 Barrier = max over the path of the loss minus the mean of the endpoints (11 points). One seed pair: read the
 pattern, not the digits. Run ``OMP_NUM_THREADS=2 python benchmarks/symmetry_llama.py`` (a few minutes on two
@@ -165,6 +168,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                       y.reshape(-1)),
                                lr=args.learn_lr, state_a=fa, state_b=fb, seed=0)
     row("folded, learned orthogonal stream + permutations", fa, learned.state_b, time.time() - t0)
+    for kind in ("orthogonal", "invertible"):  # maps inside heads: rotary q/k per-pair rotations, v/o of this kind
+        t0 = time.time()
+        heads = transform_matching(spec, fa, fb, kinds=kinds, use={stream: "orthogonal"}, heads=kind)
+        row(f"folded, orthogonal stream + {kind} heads + permutations", fa,
+            apply_transforms(spec, heads, fb, kinds=kinds), time.time() - t0)
     naive = rows[0][1]
     table = markdown_table(["path", "test-loss barrier", "/ naive", "midpoint loss", "align time (s)"],
                            [[r[0], r[1], r[1] / naive if naive > 0 else float("nan"), r[2], r[3]] for r in rows])

@@ -143,6 +143,10 @@ def _sinkhorn(ns: dict, out: str) -> None:
 def _concepts(ns: dict, out: str) -> None:
     spec = ns["spec"]  # q/k (P1) and v/o (P2) units of the first layer: 4 heads (H0) of 8
     assert spec.structure["P1"] == spec.structure["P2"] == ("H0", 8) and spec.sizes["P1"] == 4 * 8
+    from rebasin.spec import HeadMaps  # maps inside heads: the ViT example recovers planted invertible maps
+
+    assert isinstance(ns["found"]["blocks.0"], HeadMaps) and ns["found"]["blocks.0"].qk is not None
+    assert "4 8 invertible invertible" in out and out.rstrip().endswith("True")
 
 
 def _specs(ns: dict, out: str) -> None:

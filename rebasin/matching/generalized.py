@@ -17,6 +17,10 @@ a Llama-family model) range over signed permutations or orthogonal matrices. It 
   which move without signs) with signs ``sign(S[i, perm[i]])``; an orthogonal map is ``U V^T`` from the SVD
   ``S = U Σ V^T`` (orthogonal Procrustes), which maximises ``<Q, S>``.
 
+With ``heads=``, a third step pairs the heads of each attention layer by their QK and OV circuits and fits
+the maps inside them in closed form (:mod:`rebasin.matching.heads`); the classes that move those heads are
+then left out of weight matching.
+
 It stops after a round in which nothing changes (orthogonal maps: by less than ``1e-7``) or after
 ``n_iter`` rounds. Each step maximises the objective over its variables with the others fixed, so the
 objective never falls.
@@ -32,6 +36,7 @@ from torch import Tensor
 from .._common import check_int
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec, permute
+from ..spec.heads import HeadMaps
 from ..spec.transforms import (
     SignedPermutation,
     SymmetryKinds,
@@ -40,6 +45,7 @@ from ..spec.transforms import (
     why_structured,
 )
 from .assignment import linear_assignment
+from .heads import drop_classes, head_class_perms, head_classes, head_use, match_all, same_maps
 from .weight import weight_matching
 
 __all__ = ["transform_matching"]
@@ -103,9 +109,10 @@ def transform_matching(
     *,
     kinds: SymmetryKinds,
     use: Mapping[str, str] | None = None,
+    heads: str | Mapping[str, str | tuple[str, str]] | None = None,
     n_iter: int = 20,
     seed: int = 0,
-) -> dict[str, Transform]:
+) -> dict[str, Transform | HeadMaps]:
     """Transforms of model B (permutations, signed permutations, orthogonal maps) matching its weights to A's.
 
     Parameters
@@ -121,8 +128,17 @@ def transform_matching(
         ``"orthogonal"``); classes not listed are permutations. Default: ``"signed"`` for every class that
         admits it. An orthogonal class needs its norm scales to be ones in both models
         (:func:`rebasin.fold_rmsnorm` both first).
+    heads
+        Maps inside attention heads (:attr:`SymmetryKinds.heads`): None (default) leaves heads to weight
+        matching (permutations); a kind (``"orthogonal"`` or ``"invertible"``) matches the heads of every
+        layout by their QK and OV circuits and fits the maps inside them in closed form
+        (:func:`rebasin.matching.heads.match_heads`), each side capped at what it admits (rotary q/k: one
+        rotation per frequency pair); ``{layout: kind or (qk kind, vo kind)}`` chooses per layout, and a kind
+        a side does not admit is refused. The result then holds the head classes' permutations (whole heads)
+        and :class:`~rebasin.spec.heads.HeadMaps` under each layout's name.
     n_iter
-        Maximum number of rounds (each: weight matching of the permutations, then every other class).
+        Maximum number of rounds (each: weight matching of the permutations, then every other class, then
+        the heads).
     seed
         Seed of weight matching's visiting order.
 
@@ -174,27 +190,45 @@ def transform_matching(
                         raise RebasinError(f"class {p!r} is to be matched by an orthogonal map, but {name}[{key!r}] "
                                            "is a norm scale that is not all ones; fold the scales of both models "
                                            "first (rebasin.fold_rmsnorm)")
+    uses = head_use(kinds.heads, heads, spec.perms)
+    layouts = {n: kinds.heads[n] for n in uses}
+    hcls = head_classes(spec, layouts)
+    if hcls & set(free):
+        raise RebasinError(f"classes {sorted(hcls & set(free))} act on attention heads matched with heads=; "
+                           "leave them out of use")
     trans: dict[str, Transform] = {
         p: (torch.eye(sizes[p]) if k == "orthogonal" else SignedPermutation(torch.arange(sizes[p]), torch.ones(sizes[p])))
         for p, k in free.items()}
-    rest = _without(spec, set(free)) if free else spec
+    rest = drop_classes(spec, set(free) | hcls) if hcls else _without(spec, set(free)) if free else spec
     perms: dict[str, Tensor] = {}
-    for it in range(max(n_iter, 1) if free else 1):
+    head_perms: dict[str, Tensor] = {}
+    maps: dict[str, HeadMaps] = {}
+    for it in range(max(n_iter, 1) if free or uses else 1):
         if n_iter == 0:
             break
-        b_free = apply_transforms(spec, trans, state_b, kinds=kinds) if free else state_b
-        perms = weight_matching(rest, state_a, b_free, init=perms or None, seed=seed + it)
-        b_perm = permute(spec, perms, state_b)
+        fixed = {**trans, **head_perms, **maps}
+        b_free = apply_transforms(spec, fixed, state_b, kinds=kinds) if fixed else state_b
+        perms = weight_matching(rest, state_a, b_free, init=perms or None, seed=seed + it) if rest.perms else {}
+        b_perm = permute(spec, {**perms, **head_perms}, state_b)
         changed = False
         for p in free:
-            others = {q: t for q, t in trans.items() if q != p}
+            others = {**{q: t for q, t in trans.items() if q != p}, **maps}
             b_cur = apply_transforms(spec, others, b_perm, kinds=kinds) if others else b_perm
             new = _solve(spec, p, free[p], kinds, state_a, b_cur)
             changed |= not _same(new, trans[p])
             trans[p] = new
+        if uses:
+            b_cur = apply_transforms(spec, {**perms, **trans}, state_b, kinds=kinds)
+            found = match_all(spec, layouts, uses, state_a, b_cur)
+            new_perms = head_class_perms(spec, layouts, found, sizes)
+            changed |= any(not torch.equal(new_perms[p], head_perms.get(p, torch.arange(sizes[p]))) for p in new_perms)
+            changed |= any(n not in maps or not same_maps(found[n].maps, maps[n]) for n in found)
+            head_perms, maps = new_perms, {n: f.maps for n, f in found.items()}
         if not changed:
             break
-    out: dict[str, Transform] = {p: perms.get(p, torch.arange(sizes[p])) for p in spec.perms if p not in free}
+    out: dict[str, Transform | HeadMaps] = {p: perms.get(p, torch.arange(sizes[p])) for p in spec.perms if p not in free}
+    out.update(head_perms)
     out.update(trans)
+    out.update(maps)
     return out
 

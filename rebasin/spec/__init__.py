@@ -40,6 +40,7 @@ from .transforms import (
     transform_matrix,
     why_structured,
 )
+from .heads import HEAD_KINDS, HeadLayout, HeadMaps, Slot, random_head_maps
 from .soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 
 __all__ = [
@@ -84,4 +85,9 @@ __all__ = [
     "random_orthogonal",
     "transform_matrix",
     "why_structured",
+    "HEAD_KINDS",
+    "HeadLayout",
+    "HeadMaps",
+    "Slot",
+    "random_head_maps",
 ]

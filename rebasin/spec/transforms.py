@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._errors import RebasinError
 from .core import PermutationSpec, check_permutations, permute_unchecked
+from .heads import HeadLayout, HeadMaps, apply_head_maps, check_head_layouts
 
 __all__ = [
     "SignedPermutation",
@@ -70,11 +71,13 @@ class SignedPermutation(NamedTuple):
     signs: Tensor
 
 
-Transform = Union[Tensor, SignedPermutation]
+Transform = Union[Tensor, SignedPermutation]  # a transforms dict may also hold HeadMaps under a layout's name
 
 
-def kind_of(transform: Transform) -> str:
-    """``"permutation"``, ``"signed"`` or ``"orthogonal"``: the kind of one transform (not validated).
+def kind_of(transform: Transform | HeadMaps) -> str:
+    """``"permutation"``, ``"signed"``, ``"orthogonal"`` or ``"heads"`` (:class:`HeadMaps`): the kind of one transform.
+
+    Not validated.
 
     Parameters
     ----------
@@ -93,6 +96,8 @@ def kind_of(transform: Transform) -> str:
     """
     if isinstance(transform, SignedPermutation):
         return "signed"
+    if isinstance(transform, HeadMaps):
+        return "heads"
     if isinstance(transform, Tensor) and transform.ndim == 1 and not transform.is_floating_point():
         return "permutation"
     if isinstance(transform, Tensor) and transform.ndim == 2 and transform.is_floating_point():
@@ -122,6 +127,10 @@ class SymmetryKinds:
     readers
         ``{scale_key: (weight_key, ...)}``: the 2-D weights that read each norm's output through their
         columns (axis 1), used by :func:`fold_rmsnorm`.
+    heads
+        ``{name: HeadLayout}``: the attention layers whose heads admit maps inside them (q/k by ``A`` and
+        ``A^{-T}``, v/o by ``B`` and ``B^{-1}``; see :mod:`rebasin.spec.heads`), by module path. A transforms
+        dict gives :class:`HeadMaps` under these names.
 
     Examples
     --------
@@ -134,6 +143,7 @@ class SymmetryKinds:
     scales: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
     readers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    heads: Mapping[str, HeadLayout] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         kinds = {str(p): k for p, k in dict(self.kinds).items()}
@@ -146,6 +156,11 @@ class SymmetryKinds:
         object.__setattr__(self, "reasons", MappingProxyType({str(p): str(r) for p, r in dict(self.reasons).items()}))
         readers = {str(k): tuple(str(w) for w in v) for k, v in dict(self.readers).items()}
         object.__setattr__(self, "readers", MappingProxyType(readers))
+        heads = {str(n): lay for n, lay in dict(self.heads).items()}
+        bad_heads = [n for n, lay in heads.items() if not isinstance(lay, HeadLayout)]
+        if bad_heads:
+            raise RebasinError(f"SymmetryKinds: heads must map names to HeadLayout, got other values for {bad_heads}")
+        object.__setattr__(self, "heads", MappingProxyType(heads))
 
     def admits(self, perm: str, kind: str) -> bool:
         """Whether class ``perm`` admits transforms of ``kind`` (one of :data:`KINDS`)."""
@@ -170,7 +185,8 @@ def why_structured(spec: PermutationSpec, perm: str) -> str | None:
     True
     """
     if perm in spec.structure or perm in spec.outers:
-        return "it is structured (attention heads or groups; head-internal maps are not implemented)"
+        return ("it is structured (attention heads or groups: heads move whole; maps inside heads are given as "
+                "HeadMaps under the layouts in SymmetryKinds.heads)")
     if perm in spec.block_inner.values():
         return "it permutes the units inside the blocks of another axis (spec.block_inner: grouped-query attention)"
     if any(perm == part for parts in spec.concat.values() for part, _ in parts):
@@ -237,7 +253,7 @@ def _along(t: Tensor, axis: int, q: Tensor) -> Tensor:
 
 def apply_transforms(
     spec: PermutationSpec,
-    transforms: Mapping[str, Transform],
+    transforms: Mapping[str, Transform | HeadMaps],
     state_dict: Mapping[str, Tensor],
     *,
     kinds: SymmetryKinds | None = None,
@@ -254,7 +270,9 @@ def apply_transforms(
     transforms
         ``{perm: transform}``; a transform is a 1-D integer tensor (a permutation, applied exactly as
         :func:`rebasin.permute` does, structured classes included), a :class:`SignedPermutation`, or an
-        orthogonal floating matrix of shape ``(n, n)``. Missing classes stay as they are.
+        orthogonal floating matrix of shape ``(n, n)``. Missing classes stay as they are. Under the name of a
+        layout of ``kinds.heads``: :class:`~rebasin.spec.heads.HeadMaps`, maps inside that attention's heads
+        (applied after the permutations, in the permuted head order).
     state_dict
         Parameters and buffers; not mutated.
     kinds
@@ -287,7 +305,15 @@ def apply_transforms(
     sizes = spec.validate(state_dict)
     perms: dict[str, Tensor] = {}
     other: dict[str, Transform] = {}
+    head_maps: dict[str, HeadMaps] = {}
     for name, t in transforms.items():
+        if isinstance(t, HeadMaps):
+            if kinds is None or name not in kinds.heads:
+                known = [] if kinds is None else list(kinds.heads)
+                raise RebasinError(f"HeadMaps given for {name!r}, which is not an attention layout of "
+                                   f"kinds.heads ({known}); pass kinds= from rebasin.trace.symmetry_kinds")
+            head_maps[name] = t
+            continue
         if name not in spec.perm_to_axes:
             raise RebasinError(f"unknown class {name!r}; the spec has {list(spec.perms)}")
         kind = kind_of(t)
@@ -328,6 +354,10 @@ def apply_transforms(
                 out[key] = x * t.signs.to(device=x.device, dtype=x.dtype).reshape(shape)
             else:
                 out[key] = _along(x, axis, t)
+    if head_maps:
+        check_head_layouts(kinds.heads, spec.perms)  # type: ignore[union-attr]  # head_maps is only filled when kinds is given
+        for name, m in head_maps.items():
+            apply_head_maps(kinds.heads[name], m, out)  # type: ignore[union-attr]  # as above
     return out
 
 

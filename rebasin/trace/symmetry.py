@@ -17,8 +17,9 @@ Anything else limits the class to permutations, with the module path and the op 
 :attr:`~rebasin.spec.transforms.SymmetryKinds.reasons`: an elementwise function (GELU, SiLU, the
 ``act(gate) * up`` product), LayerNorm (its mean does not commute with signs or rotations), an op the
 analysis does not know. Classes that are structured (attention heads, groups), concatenated, blocked
-or grouped, and value classes inside the blocks of another axis (``spec.block_inner``) stay permutations too
-(head-internal maps are not implemented).
+or grouped, and value classes inside the blocks of another axis (``spec.block_inner``) stay permutations too;
+maps *inside* attention heads are described separately, per attention layer
+(:attr:`~rebasin.spec.transforms.SymmetryKinds.heads`, :mod:`rebasin.trace.head_symmetry`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .._common import forward_with_state, tensor_leaves
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
 from ..spec.transforms import SymmetryKinds, apply_transforms, random_signed_permutation, why_structured
+from .head_symmetry import checked_layouts, head_layouts
 from .state import target_name
 from .tracing import ModelTrace, trace_model
 
@@ -316,7 +318,10 @@ def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelT
         ``kinds[p]`` is ``"orthogonal"`` for a class every use of which commutes with a rotation (signed
         permutations are then legal too), else ``"permutation"`` with the module path and op in
         ``reasons[p]``; ``scales[p]`` the RMSNorm scales on the class and ``readers[scale]`` the weights
-        reading each norm (for :func:`rebasin.fold_rmsnorm`).
+        reading each norm (for :func:`rebasin.fold_rmsnorm`); ``heads`` the attention layers whose heads
+        admit maps inside them (:class:`~rebasin.spec.heads.HeadLayout` by module path: q/k and v/o kinds,
+        rotary embeddings, and why a side admits no more), found by
+        :func:`rebasin.trace.head_symmetry.head_layouts` and, with ``check``, tried with random maps.
 
     Examples
     --------
@@ -343,7 +348,12 @@ def symmetry_kinds(model: nn.Module, example_input: Any = None, *, trace: ModelT
         else:
             kinds[p] = "permutation"
             reasons[p] = why
-    out = SymmetryKinds(kinds, scales, reasons, readers)
+    layouts = head_layouts(model, tr.spec, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if check and example_input is not None:
+        layouts = checked_layouts(model, layouts, example_input)
+    out = SymmetryKinds(kinds, scales, reasons, readers, {n: lay for n, lay in layouts.items()
+                                                          if lay.qk != "permutation" or lay.vo != "permutation"
+                                                          or lay.qk_reason or lay.vo_reason})
     if check and example_input is not None:
         _check(model, tr.spec, out, example_input)
     return out

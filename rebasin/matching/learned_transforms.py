@@ -54,6 +54,7 @@ from .._common import (
 )
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
+from ..spec.heads import HeadMaps
 from ..spec.transforms import SymmetryKinds, Transform, apply_transforms, transform_matrix, why_structured
 from ._path_costs import task_cost, user_cost
 from .generalized import transform_matching
@@ -119,10 +120,10 @@ class LearnedTransforms:
         The classes whose orthogonal maps were learned.
     """
 
-    transforms: dict[str, Transform]
+    transforms: dict[str, Transform | HeadMaps]
     history: list[float]
     state_b: dict[str, Tensor]
-    init: dict[str, Transform]
+    init: dict[str, Transform | HeadMaps]
     learned: tuple[str, ...]
 
 
@@ -176,7 +177,7 @@ class TransformRebasin(nn.Module):
         spec: PermutationSpec,
         kinds: SymmetryKinds,
         learn: Sequence[str] | None = None,
-        init: Mapping[str, Transform] | None = None,
+        init: Mapping[str, Transform | HeadMaps] | None = None,
         parametrization: str = "cayley",
         cost: str | CostFn = "random",
         loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
@@ -223,14 +224,14 @@ class TransformRebasin(nn.Module):
         if init is None:
             init = transform_matching(spec, self._state_a, self._state_b, kinds=kinds,
                                       use={p: "orthogonal" for p in learn}, seed=self.seed)
-        unknown = sorted(set(init) - set(spec.perm_to_axes))
+        unknown = sorted(set(init) - set(spec.perm_to_axes) - set(kinds.heads))
         if unknown:
             raise RebasinError(f"init names unknown classes {unknown}; the spec has {list(spec.perms)}")
         dtype = next((self._state_b[k].dtype for k, _ in spec.perm_to_axes[learn[0]]
                       if self._state_b[k].is_floating_point()), torch.get_default_dtype())
-        start = {p: (transform_matrix(init[p], sizes[p], dtype) if p in init else torch.eye(sizes[p], dtype=dtype))
-                 for p in learn}
-        self.init: dict[str, Transform] = {p: init[p] for p in init}
+        start = {p: (transform_matrix(_class_transform(init[p], p), sizes[p], dtype) if p in init
+                     else torch.eye(sizes[p], dtype=dtype)) for p in learn}
+        self.init: dict[str, Transform | HeadMaps] = {p: init[p] for p in init}
         fixed = {p: t for p, t in init.items() if p not in start}
         # validates every starting transform (kinds, orthogonality, folded scales) once; the fixed ones are applied here
         apply_transforms(spec, {**fixed, **start}, self._state_b, kinds=kinds)
@@ -366,10 +367,11 @@ class TransformRebasin(nn.Module):
 
     # ------------------------------------------------------------------ results
     @torch.no_grad()
-    def transforms(self) -> dict[str, Transform]:
+    def transforms(self) -> dict[str, Transform | HeadMaps]:
         """``{class: transform}`` for every class: the learned maps projected onto the orthogonal group
-        (``U V^T`` of their SVD in float64, float32 on the CPU) and the fixed starting transforms."""
-        out: dict[str, Transform] = {p: t for p, t in self._fixed.items()}
+        (``U V^T`` of their SVD in float64, float32 on the CPU) and the fixed starting transforms (with any
+        :class:`HeadMaps` of ``init``)."""
+        out: dict[str, Transform | HeadMaps] = {p: t for p, t in self._fixed.items()}
         for p, q in self.orthogonal_maps().items():
             u, _, vh = torch.linalg.svd(q.detach().double().cpu())
             out[p] = (u @ vh).float()
@@ -402,7 +404,7 @@ def learn_transforms(
     spec: PermutationSpec,
     kinds: SymmetryKinds,
     learn: Sequence[str] | None = None,
-    init: Mapping[str, Transform] | None = None,
+    init: Mapping[str, Transform | HeadMaps] | None = None,
     parametrization: str = "cayley",
     cost: str | CostFn = "random",
     loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
@@ -453,3 +455,11 @@ def learn_transforms(
     history = module.fit(loader, epochs=epochs, steps=steps, lr=lr, progress=progress)
     return LearnedTransforms(module.transforms(), list(history), module.aligned_state_dict(), dict(module.init),
                              module.learned)
+
+
+def _class_transform(t: Transform | HeadMaps, perm: str) -> Transform:
+    """``t`` as one class's transform; :class:`HeadMaps` belong to an attention layout, not to a class."""
+    if isinstance(t, HeadMaps):
+        raise RebasinError(f"init[{perm!r}] is HeadMaps, but {perm!r} is a class of the spec: maps inside heads are "
+                           "given under the attention layout's name (SymmetryKinds.heads)")
+    return t

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
+from ..spec.heads import HeadMaps
 from ..spec.transforms import KINDS, SymmetryKinds, fold_rmsnorm, why_structured
 from ..trace.folding import fold_layernorm
 from ..trace.symmetry import symmetry_kinds
@@ -188,4 +189,5 @@ def symmetry_matching(
     chosen = dict(use) if use is not None else symmetry_use(spec, kinds, symmetry)
     found = transform_matching(spec, state_a, state_b, kinds=kinds, use=chosen, n_iter=n_iter, seed=seed)
     info = {"symmetry": None if use is not None else symmetry, "use": chosen}
-    return MatchResult({}, info, found, kinds)
+    # without heads= transform_matching returns one transform per class and no HeadMaps
+    return MatchResult({}, info, {p: t for p, t in found.items() if not isinstance(t, HeadMaps)}, kinds)

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from .._common import State, check_int, head, model_device, paired_states, resolve_device, split_batch, to_device
 from .._distributed import Reducer, fingerprint, guarded
 from .._errors import RebasinError
-from ..spec.core import PermutationSpec
+from ..spec.core import PermutationSpec, join_structured
 from ..trace.tracing import trace_model
 from ._inner_activations import InnerProbe, inner_probes
+from .assignment import linear_assignment, structured_assignment
 
-__all__ = ["Moments", "correlation_from_moments", "collect"]
+__all__ = ["Moments", "correlation_from_moments", "collect", "solve_units"]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -112,6 +113,13 @@ class Moments:
         )
         self.count = int(count.item())
         self.shift_a, self.shift_b = total_sa / k, total_sb / k
+
+    def raw_cross(self) -> Tensor:
+        """``(n, n)`` float64 uncentred cross moment ``Σ a bᵀ`` over the samples (no shift, no mean removed)."""
+        if self.shift_a is None or self.shift_b is None:
+            return self.cross.clone()
+        return (self.cross + torch.outer(self.sum_a, self.shift_b) + torch.outer(self.shift_a, self.sum_b)
+                + self.count * torch.outer(self.shift_a, self.shift_b))
 
     def correlation(self, eps: float) -> Tensor:
         """``(n, n)`` float64 Pearson correlations ``corr[i, j] = corr(a_i, b_j)``."""
@@ -321,3 +329,21 @@ def _collect_local(
     return spec, moments, num_batches
 
 
+def solve_units(spec: PermutationSpec, corrs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One assignment per unit of the spec: a free permutation on its correlations, a structured unit
+    (heads/groups sharing an outer permutation) by :func:`structured_assignment` on its members'
+    correlations (plus the outer's own, when the outer acts on axes itself)."""
+    out: dict[str, Tensor] = {}
+    for unit in spec.units:
+        members = [p for p in unit if p in spec.structure]
+        if not members:
+            out[unit[0]] = linear_assignment(corrs[unit[0]], name=unit[0])
+            continue
+        outer = spec.structure[members[0]][0]
+        res = structured_assignment([corrs[m] for m in members], [spec.structure[m][1] for m in members],
+                                    corrs.get(outer), name=outer)
+        for m, inner in zip(members, res.inner):
+            out[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner))
+        if outer in corrs:
+            out[outer] = torch.from_numpy(res.outer.astype("int64"))
+    return out

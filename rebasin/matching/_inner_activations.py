@@ -12,7 +12,9 @@ state's own tensors, with the module's configuration (``batch_first``, ``norm_fi
   ``out_proj`` replaced by the identity;
 * a transformer layer: its attention modules as above, the feed-forward units after the activation (the class
   of ``linear1``'s rows) and the residual stream at every sublayer boundary (the class of ``linear2``'s rows);
-* ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` / ``nn.Transformer``: layer by layer.
+* ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` / ``nn.Transformer``: layer by layer;
+* a ``transformers`` attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` (Llama and its relatives,
+  kept whole by :mod:`rebasin.trace.llm_rules`): the three projections of its hidden states.
 
 Everything runs on the state's tensors (no module is modified and no hook is set); the module objects supply
 only their configuration and, through ``torch.func.functional_call``, the norms and activation modules.
@@ -93,7 +95,7 @@ def inner_probes(trace: ModelTrace) -> list[InnerProbe]:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(str(node.target))
-        if not isinstance(m, INNER_MODULES):
+        if not isinstance(m, INNER_MODULES) and not _is_split_llm_attention(m):
             continue
         bound = inspect.signature(m.forward).bind(*node.args, **node.kwargs)
         bound.apply_defaults()
@@ -116,6 +118,8 @@ def _classes(spec: PermutationSpec, module: nn.Module, prefix: str) -> set[str |
         return spec.concat[p][0][0] if p in spec.concat else p  # type: ignore[return-value]  # a concat's first part
 
     found: set[str | None] = set()
+    if _is_split_llm_attention(module):
+        return {axis_class(f"{prefix}{proj}.weight", 0) for proj in _LLM_PROJECTIONS}
     for name, sub in module.named_modules():
         p = f"{prefix}{name}." if name else prefix
         if isinstance(sub, nn.MultiheadAttention):
@@ -170,6 +174,8 @@ class _Runner:
     # ------------------------------------------------------------------ modules
     def module(self, args: Mapping[str, Any]) -> Tensor:
         m = self.root
+        if _is_split_llm_attention(m):
+            return self.llm_attention(next(iter(args.values())))
         if isinstance(m, nn.MultiheadAttention):
             return self.attention(m, args["query"], args["key"], args["value"], args.get("key_padding_mask"),
                                   args.get("attn_mask"))
@@ -220,6 +226,21 @@ class _Runner:
         self.emit(vo, inner)
         out = F.linear(inner, self.get("out_proj.weight"), self.get("out_proj.bias"))  # type: ignore[arg-type]  # an attention always has out_proj.weight
         return out.transpose(0, 1) if m.batch_first and batched else out
+
+    def llm_attention(self, x: Tensor) -> Tensor:
+        """A ``transformers`` attention with ``q_proj`` / ``k_proj`` / ``v_proj``: emits each projection of the
+        hidden states (before rotary embeddings; both models rotate the same positions alike). A class acting
+        on whole heads (blocks of ``head_dim`` rows: grouped-query attention) sees one feature per head, its units
+        folded into the samples. Returns the value projection (the attention itself is not recomputed)."""
+        y = x
+        for proj in _LLM_PROJECTIONS:
+            key = f"{proj}.weight"
+            y = F.linear(x, self.get(key), self.get(f"{proj}.bias"))  # type: ignore[arg-type]  # the projections exist
+            k = self.spec.blocks.get((self.prefix + key, 0), 1)
+            if k > 1:
+                y = y.unflatten(-1, (-1, k)).transpose(-1, -2)
+            self.emit(self.axis_class(key, 0), y)
+        return y
 
     def feed_forward(self, layer: Any, x: Tensor) -> Tensor:
         hidden = F.linear(x, self.get("linear1.weight"), self.get("linear1.bias"))  # type: ignore[arg-type]  # a transformer layer always has linear1.weight
@@ -277,6 +298,17 @@ class _Runner:
             x = self.child(f"layers.{i}").decoder_layer(layer, x, memory, tgt_mask, memory_mask, tgt_padding,
                                                         memory_padding)
         return self.sub("norm", dec.norm, x) if dec.norm is not None else x
+
+
+_LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def _is_split_llm_attention(m: nn.Module) -> bool:
+    """A ``transformers`` attention of :data:`rebasin.trace.llm_rules.SPLIT_ATTENTION` (separate q/k/v Linears)."""
+    from ..trace.llm_rules import SPLIT_ATTENTION
+
+    return (type(m).__module__.startswith("transformers.") and type(m).__name__ in SPLIT_ATTENTION
+            and all(isinstance(getattr(m, p, None), nn.Linear) for p in _LLM_PROJECTIONS))
 
 
 def _nested_padding(enc: nn.TransformerEncoder, x: Tensor, mask: Tensor | None, padding: Tensor | None) -> Tensor | None:

@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from .._common import State
 from .._distributed import reducer
-from ..spec.core import PermutationSpec, join_structured
-from ._activation_stats import collect, correlation_from_moments
-from .assignment import linear_assignment, structured_assignment
+from ..spec.core import PermutationSpec
+from ._activation_stats import collect, correlation_from_moments, solve_units
 
 __all__ = [
     "activation_matching",
@@ -212,7 +211,7 @@ def activation_matching(
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     corrs = {name: m.correlation(eps) for name, m in moments.items()}
-    solved = _solve_units(spec, corrs)
+    solved = solve_units(spec, corrs)
     for name, m in moments.items():
         corr = corrs[name]
         perm = solved[name]
@@ -231,23 +230,3 @@ def activation_matching(
         num_batches=num_batches,
     )
     return perms, info
-
-
-def _solve_units(spec: PermutationSpec, corrs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """One assignment per unit of the spec: a free permutation on its correlations, a structured unit
-    (heads/groups sharing an outer permutation) by :func:`structured_assignment` on its members'
-    correlations (plus the outer's own, when the outer acts on axes itself)."""
-    out: dict[str, Tensor] = {}
-    for unit in spec.units:
-        members = [p for p in unit if p in spec.structure]
-        if not members:
-            out[unit[0]] = linear_assignment(corrs[unit[0]], name=unit[0])
-            continue
-        outer = spec.structure[members[0]][0]
-        res = structured_assignment([corrs[m] for m in members], [spec.structure[m][1] for m in members],
-                                    corrs.get(outer), name=outer)
-        for m, inner in zip(members, res.inner):
-            out[m] = join_structured(torch.from_numpy(res.outer), torch.from_numpy(inner))
-        if outer in corrs:
-            out[outer] = torch.from_numpy(res.outer.astype("int64"))
-    return out

@@ -137,6 +137,8 @@ class _Analysis:
         if u.op not in ("call_function", "call_method"):
             return "is not a call the analysis knows"
         op = _op(u)
+        if _reads_metadata_only(u):  # x.shape, x.size(), x.dim(): no value of the class is read
+            return None
         if u.target is F.linear:
             return None if u.args and u.args[0] is x else "uses the class as a weight"
         if u.target is getattr(F, "rms_norm", None):
@@ -254,6 +256,13 @@ def linear_readers(tr: ModelTrace, node: Node, perm: str) -> tuple[list[tuple[st
 def is_linear_layer(m: nn.Module) -> bool:
     """``nn.Linear`` or ``transformers``' ``Conv1D`` (a Linear stored ``(in, out)``): linear in its input."""
     return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers."))
+
+
+def _reads_metadata_only(node: Node) -> bool:
+    """``x.shape`` / ``x.dtype`` / ``x.device`` / ``x.ndim`` (``getattr``), ``x.size()``, ``x.dim()``: shape facts only."""
+    if node.op == "call_method":
+        return str(node.target) in ("size", "dim")
+    return node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")
 
 
 def _is_square(node: Node) -> bool:

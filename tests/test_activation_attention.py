@@ -217,6 +217,6 @@ def test_recomputed_module_outputs_equal_the_modules_own(make):
         with torch.no_grad():
             got = tr.capture(state, x, [*probe.inputs, out_node])
             seen: list[str] = []
-            out = probe.run(state, got, lambda p, _t: seen.append(p))
+            out = probe.run(state, got, lambda p, _t, seen=seen: seen.append(p))
         assert_close(out, got[out_node], rtol=1e-5, atol=1e-5)
         assert set(seen) == set(probe.perms)

@@ -112,23 +112,27 @@ def _classes(spec: PermutationSpec, module: nn.Module, prefix: str) -> set[str |
     """The classes a probe of ``module`` (entries under ``prefix``) emits: per attention the query/key rows and the
     value units (``out_proj``'s columns), per transformer layer the feed-forward units and the stream."""
 
-    def axis_class(key: str, axis: int) -> str | None:
-        axes = spec.axes.get(key)
-        p = axes[axis] if axes is not None and len(axes) > axis else None
-        return spec.concat[p][0][0] if p in spec.concat else p  # type: ignore[return-value]  # a concat's first part
-
     found: set[str | None] = set()
     if _is_split_llm_attention(module):
-        return {axis_class(f"{prefix}{proj}.weight", 0) for proj in _LLM_PROJECTIONS}
+        return {_axis_class(spec, f"{prefix}{proj}.weight", 0) for proj in _LLM_PROJECTIONS}
     for name, sub in module.named_modules():
         p = f"{prefix}{name}." if name else prefix
         if isinstance(sub, nn.MultiheadAttention):
-            found.add(axis_class(p + ("in_proj_weight" if sub._qkv_same_embed_dim else "q_proj_weight"), 0))
-            found.add(axis_class(p + "out_proj.weight", 1))
+            found.add(_axis_class(spec, p + ("in_proj_weight" if sub._qkv_same_embed_dim else "q_proj_weight"), 0))
+            found.add(_axis_class(spec, p + "out_proj.weight", 1))
         elif isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            found.add(axis_class(p + "linear1.weight", 0))
-            found.add(axis_class(p + "linear2.weight", 0))
+            found.add(_axis_class(spec, p + "linear1.weight", 0))
+            found.add(_axis_class(spec, p + "linear2.weight", 0))
     return found
+
+
+def _axis_class(spec: PermutationSpec, key: str, axis: int) -> str | None:
+    """The class on ``axis`` of ``key``; for a concatenation (packed q;k;v) its first part's."""
+    axes = spec.axes.get(key)
+    p = axes[axis] if axes is not None and len(axes) > axis else None
+    if p is not None and p in spec.concat:
+        return spec.concat[p][0][0]
+    return p
 
 
 class _Runner:
@@ -143,13 +147,7 @@ class _Runner:
         return self.state.get(self.prefix + key)
 
     def axis_class(self, key: str, axis: int) -> str | None:
-        axes = self.spec.axes.get(self.prefix + key)
-        if axes is None or len(axes) <= axis:
-            return None
-        p = axes[axis]
-        if p in self.spec.concat:
-            return self.spec.concat[p][0][0]  # type: ignore[index, no-any-return]  # the first part (q's rows)
-        return p
+        return _axis_class(self.spec, self.prefix + key, axis)
 
     def emit(self, perm: str | None, x: Tensor) -> None:
         if perm is not None:

@@ -16,7 +16,7 @@ feed-forward units and the residual stream between sublayers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 

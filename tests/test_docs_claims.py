@@ -138,6 +138,11 @@ def _sinkhorn(ns: dict, out: str) -> None:
 def _concepts(ns: dict, out: str) -> None:
     spec = ns["spec"]  # q/k (P1) and v/o (P2) units of the first layer: 4 heads (H0) of 8
     assert spec.structure["P1"] == spec.structure["P2"] == ("H0", 8) and spec.sizes["P1"] == 4 * 8
+    # activation matching with an orthogonal stream: the planted rotation's inverse
+    torch.testing.assert_close(ns["found"][ns["stream"]], ns["q"].T, atol=1e-4, rtol=0)
+    # activation matching inside nn.TransformerEncoderLayer: heads (structured) and every unit recovered
+    enc_spec, perms = ns["enc_spec"], ns["perms"]
+    assert len(enc_spec.structure) == 4 and set(perms) == set(enc_spec.perms)
 
 
 def _specs(ns: dict, out: str) -> None:

@@ -8,10 +8,10 @@ class (heads, units inside heads, MLP units). Matching on activations recovers t
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
+from builders import randomize_norms_, tiny_llama
 from torch import nn
 from torch.func import functional_call
 
@@ -46,13 +46,8 @@ def _planted(model: nn.Module, x: torch.Tensor, stream_transform, seed: int = 2)
 def folded_vit() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = ViT(image_size=8, patch_size=4, width=8, depth=2, heads=2).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    x = torch.randn(64, 1, 8, 8, generator=g)
+    randomize_norms_(model, seed=5)
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(6))
     return fold_layernorm(model, x[:2]), x
 
 
@@ -75,19 +70,8 @@ def test_planted_orthogonal_stream_of_a_folded_vit_is_recovered(folded_vit):
 
 
 def _llama() -> nn.Module:
-    t = pytest.importorskip("transformers")
-    cfg = t.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = t.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-    return model
+    pytest.importorskip("transformers")
+    return tiny_llama(vocab=40, hidden=16, intermediate=24, layers=1, positions=16)
 
 
 try:  # the first trace of a transformers model registers these rules for good; here, for the conftest's guard

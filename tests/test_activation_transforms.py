@@ -146,3 +146,24 @@ def test_structured_classes_and_unfolded_scales_are_refused(folded_vit):
     kinds = symmetry_kinds(rms, torch.randn(2, 3))
     with pytest.raises(RebasinError, match=r"norm scale that is not all ones; fold"):
         activation_transform_matching(rms, rms, [torch.randn(8, 3)], kinds=kinds, use={"P0": "orthogonal"})
+
+
+class _RMSStream(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(3, 6), nn.RMSNorm(6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.inp(x)))
+
+
+def test_default_kinds_are_derived_without_losing_a_one_shot_loader_s_batch():
+    torch.manual_seed(0)
+    model, x = _RMSStream(), torch.randn(64, 3)
+    with torch.no_grad():
+        model.norm.weight.add_(torch.rand(6, generator=torch.Generator().manual_seed(1)))
+    tr, kinds, stream, plant, model_b = _planted(model, x, lambda n: random_signed_permutation(n, seed=5))
+    found = activation_transform_matching(model, model_b, iter([x]))  # one batch, read by the kinds and the statistics
+    back = apply_transforms(tr.spec, found, model_b.state_dict(), kinds=kinds)
+    assert isinstance(found[stream], SignedPermutation)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())

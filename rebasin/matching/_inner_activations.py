@@ -78,7 +78,7 @@ class InnerProbe:
         """Call ``emit(perm, features)`` for each inner activation (``features``: the class's units on the last axis).
 
         ``state`` is the whole model's state_dict; ``values`` the captured values of :attr:`inputs`. Returns the
-        module's (first) output as recomputed.
+        module's (first) output as recomputed (for a ``transformers`` attention: its value projection only).
         """
         args = {k: (values[v.name] if isinstance(v, Node) else v) for k, v in self.bound.items()}
         return _Runner(self.module, f"{self.target}.", state, self.spec, emit).module(args)

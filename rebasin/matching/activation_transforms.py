@@ -27,13 +27,14 @@ block ``U₀ R V₀ᵀ`` takes ``R`` = the polar factor of ``U₀ᵀ S V₀``, `
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._common import State, head, split_batch
+from .._common import State, head, model_device, split_batch, to_device
 from .._distributed import reducer
 from .._errors import RebasinError
 from ..spec.core import PermutationSpec
@@ -186,11 +187,14 @@ def activation_transform_matching(
         raise RebasinError(f"kinds must be a SymmetryKinds (rebasin.trace.symmetry_kinds), got {type(kinds).__name__}")
     if kinds is None:
         if example_input is None:
-            first = next(iter(loader), None)
+            it = iter(loader)
+            first = next(it, None)
             if first is None:
                 raise RebasinError("the loader yielded no batch; activation statistics need data")
+            if it is loader:  # a one-shot iterator: put the first batch back
+                loader = itertools.chain([first], it)
             example_input = head(split_batch(first)[0])
-        kinds = symmetry_kinds(model_a, example_input)
+        kinds = symmetry_kinds(model_a, to_device(example_input, model_device(model_a)))
     red = reducer(sync, group)
     spec, moments, _ = collect(
         model_a, model_b, loader, spec=spec, example_input=example_input, max_batches=max_batches, device=device,

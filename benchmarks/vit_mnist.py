@@ -170,6 +170,7 @@ def main() -> None:
     for row in args.rows.split(","):
         row = row.strip()
         start = time.perf_counter()
+        label = variants.get(row, (row,))[0]
         try:
             if row in ("wm_repair", "am_repair"):
                 from rebasin import RepairedPath
@@ -186,7 +187,7 @@ def main() -> None:
                 align_s = time.perf_counter() - start
                 r = evaluate_path(a, LinearPath(sa, state_b), test, num_points=args.num_points, device=args.device)
         except RebasinError as err:
-            rows.append([variants.get(row, (row,))[0], "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
+            rows.append([label, "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
             continue
         lb = barrier(r, metric="loss")
         ab = barrier(r, metric="accuracy") * 100
@@ -204,7 +205,7 @@ def main() -> None:
     # sanity: the aligned B is the same function as B
     if not args.no_report:
         command = "python benchmarks/" + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
-        arch = "ViT" if args.model == "vit" else "ViT of nn.TransformerEncoderLayer blocks"
+        arch = "ViT" if args.model == "vit" else "ViT of nn.TransformerEncoderLayer blocks "
         notes = (f"{machine_summary(args.device)}. {arch}(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
                  f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1} ({endpoints}); barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
                  f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images.")

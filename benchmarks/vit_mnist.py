@@ -2,6 +2,7 @@
 
     python benchmarks/vit_mnist.py --data-root ../shared/data
     python benchmarks/vit_mnist.py --data-root ../shared/data --epochs 1 --train-subset 10000   # quick look
+    python benchmarks/vit_mnist.py --data-root ../shared/data --model encoder   # nn.TransformerEncoderLayer blocks
 
 The model is :class:`rebasin.apps.models.ViT` (patch embedding 7x7, cls token, learned positional
 embedding, 3 pre-norm encoder blocks, 4 heads, width 64, MLP 128), trained with AdamW from two seeds
@@ -11,6 +12,10 @@ heads and the units inside each head, MLP units); weight matching restricted to 
 permutations (heads stay in place), with the residual stream left as the identity, and with only the
 MLP units; activation matching; Sinkhorn re-basin (L2 cost); weight matching + REPAIR. Barrier =
 max-minus-mean (git re-basin). Target: the best aligned loss barrier is at most half the naive one.
+
+``--model encoder`` runs the same ViT written the usual PyTorch way, with ``nn.TransformerEncoderLayer`` blocks
+(pre-norm, GELU, ``nn.MultiheadAttention`` inside): activation matching reaches the units inside those modules
+by recomputing them from each module's inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,13 +74,35 @@ def without(spec: PermutationSpec, fixed: set[str]) -> PermutationSpec:
     return PermutationSpec(axes, blocks=blocks, structure=structure, concat=concat)
 
 
-def train_pair(args: argparse.Namespace, train) -> tuple[ViT, ViT, float]:
+class EncoderViT(nn.Module):
+    """:class:`ViT`'s sizes with ``nn.TransformerEncoder`` of pre-norm ``nn.TransformerEncoderLayer`` blocks."""
+
+    def __init__(self, width: int = 64, depth: int = 3, heads: int = 4, patch: int = 7, image: int = 28) -> None:
+        super().__init__()
+        n = (image // patch) ** 2
+        self.patch = nn.Conv2d(1, width, patch, stride=patch)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def train_pair(args: argparse.Namespace, train) -> tuple[nn.Module, nn.Module, float]:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     models, secs = [], 0.0
     for seed in (args.seed, args.seed + 1):
-        path = cache / f"vit_seed{seed}_e{args.epochs}_n{args.train_subset or 60000}.pt"
-        model = seeded_model(ViT, seed)
+        name = "vit" if args.model == "vit" else "encvit"
+        path = cache / f"{name}_seed{seed}_e{args.epochs}_n{args.train_subset or 60000}.pt"
+        model = seeded_model(ViT if args.model == "vit" else EncoderViT, seed)
         if path.exists():
             model.load_state_dict(torch.load(path, weights_only=True))
         else:
@@ -90,6 +118,8 @@ def train_pair(args: argparse.Namespace, train) -> tuple[ViT, ViT, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None, help="torchvision MNIST root (default: $REBASIN_DATA)")
+    parser.add_argument("--model", choices=["vit", "encoder"], default="vit",
+                        help="vit: rebasin.apps.models.ViT (attention written out); encoder: nn.TransformerEncoderLayer blocks")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-subset", type=int, default=None)
@@ -140,6 +170,7 @@ def main() -> None:
     for row in args.rows.split(","):
         row = row.strip()
         start = time.perf_counter()
+        label = variants.get(row, (row,))[0]
         try:
             if row in ("wm_repair", "am_repair"):
                 from rebasin import RepairedPath
@@ -156,7 +187,7 @@ def main() -> None:
                 align_s = time.perf_counter() - start
                 r = evaluate_path(a, LinearPath(sa, state_b), test, num_points=args.num_points, device=args.device)
         except RebasinError as err:
-            rows.append([variants.get(row, (row,))[0], "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
+            rows.append([label, "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
             continue
         lb = barrier(r, metric="loss")
         ab = barrier(r, metric="accuracy") * 100
@@ -174,10 +205,14 @@ def main() -> None:
     # sanity: the aligned B is the same function as B
     if not args.no_report:
         command = "python benchmarks/" + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
-        notes = (f"{machine_summary(args.device)}. ViT(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
+        arch = "ViT" if args.model == "vit" else "ViT of nn.TransformerEncoderLayer blocks "
+        notes = (f"{machine_summary(args.device)}. {arch}(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
                  f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1} ({endpoints}); barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
                  f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images.")
-        append_report("ViT on MNIST: barriers per matcher and symmetry", command, table, notes=notes)
+        title = "ViT on MNIST: barriers per matcher and symmetry"
+        if args.model == "encoder":
+            title = "ViT of nn.TransformerEncoderLayer blocks on MNIST: activation matching inside the layers"
+        append_report(title, command, table, notes=notes)
 
 
 if __name__ == "__main__":

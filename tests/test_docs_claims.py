@@ -147,6 +147,11 @@ def _concepts(ns: dict, out: str) -> None:
 
     assert isinstance(ns["found"]["blocks.0"], HeadMaps) and ns["found"]["blocks.0"].qk is not None
     assert "4 8 invertible invertible" in out and out.rstrip().endswith("True")
+    # activation matching with an orthogonal stream: the planted rotation's inverse
+    torch.testing.assert_close(ns["found_act"][ns["stream"]], ns["q"].T, atol=1e-4, rtol=0)
+    # activation matching inside nn.TransformerEncoderLayer: heads (structured) and every unit recovered
+    enc_spec, perms = ns["enc_spec"], ns["perms"]
+    assert len(enc_spec.structure) == 4 and set(perms) == set(enc_spec.perms)
 
 
 def _specs(ns: dict, out: str) -> None:

@@ -348,12 +348,17 @@ def test_activation_matching_recovers_a_planted_permutation_through_a_cat():
         assert all(torch.equal(back[k], a[k]) for k in a)
 
 
-def test_activation_matching_refuses_permutations_no_node_carries():
-    # nn.MultiheadAttention computes q, k, v inside one module: no graph node carries QK's units
-    model, spec, _ = _case("mha")
-    x = torch.randn(8, 4, 5)
-    with pytest.raises(RebasinError, match=r"weight_matching"):
-        activation_matching(model, model, [x], spec=spec)
+def test_activation_matching_reaches_the_units_inside_multihead_attention_with_a_hand_written_spec():
+    # nn.MultiheadAttention computes q, k, v inside one module: their units are recomputed from its inputs,
+    # and the hand-written spec's names (QK, VO, H) are found through the traced spec's axes
+    model_a, spec, a = _case("mha", 0)
+    planted = random_permutation(spec, seed=4)
+    model_b = _Attn()
+    model_b.load_state_dict(permute(spec, planted, a))
+    x = torch.randn(48, 4, 5, generator=torch.Generator().manual_seed(1))
+    perms = activation_matching(model_a, model_b, [x[:24], x[24:]], spec=spec)
+    assert _outer_moves(spec, planted)
+    assert all(torch.equal(perms[p], q) for p, q in invert(planted).items())
 
 
 def test_activation_matching_says_which_matcher_to_use_when_the_trace_pins_the_units():

@@ -7,10 +7,9 @@ permutations of every other class (attention heads, MLP units). Matching recover
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from builders import tiny_llama
 from torch import nn
 
 from rebasin import PermutationSpec, RebasinError
@@ -34,18 +33,7 @@ T = pytest.importorskip("transformers")
 
 
 def _llama() -> nn.Module:
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = T.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-    return model
+    return tiny_llama(vocab=VOCAB)
 
 
 hf_rules.register()  # the first trace registers these rules for good; here, for the conftest's guard

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # the built-in matchers are registered from one fixed list in .registry (BUILTINS), whatever the import order
 from .activation import ActivationMatchingInfo, activation_correlations, activation_matching
+from .activation_transforms import activation_transform_matching
 from .alignment import Alignment, align
 from .assignment import linear_assignment
 from .generalized import transform_matching
@@ -53,4 +54,5 @@ __all__ = [
     "LearnedTransforms",
     "cayley",
     "symmetry_matching",
+    "activation_transform_matching",
 ]

@@ -143,11 +143,12 @@ def test_cl_forwards_to_the_continual_comparison(capfd):
 
 
 def test_landscape_command_reports_metrics(tmp_path, capsys, monkeypatch):
-    import sys
+    import importlib
 
     from rebasin.apps.data import digits_tensors
 
-    landscape = sys.modules["rebasin.landscape"]  # run_landscape imports the metrics from here at call time
+    # run_landscape imports the metrics from here at call time; imported here, since run alone nothing else has
+    landscape = importlib.import_module("rebasin.landscape")
     batches = []
     real = landscape.hessian_top_eigenvalue
 

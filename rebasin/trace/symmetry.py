@@ -137,6 +137,8 @@ class _Analysis:
         if u.op not in ("call_function", "call_method"):
             return "is not a call the analysis knows"
         op = _op(u)
+        if _reads_metadata(u):
+            return None
         if u.target is F.linear:
             return None if u.args and u.args[0] is x else "uses the class as a weight"
         if u.target is getattr(F, "rms_norm", None):
@@ -254,6 +256,16 @@ def linear_readers(tr: ModelTrace, node: Node, perm: str) -> tuple[list[tuple[st
 def is_linear_layer(m: nn.Module) -> bool:
     """``nn.Linear`` or ``transformers``' ``Conv1D`` (a Linear stored ``(in, out)``): linear in its input."""
     return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers."))
+
+
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+def _reads_metadata(u: Node) -> bool:
+    """Whether ``u`` reads only a tensor's metadata (``x.shape``, ``x.size()``, ``x.dim()``), never its values."""
+    if u.op == "call_method":
+        return u.target in ("size", "dim")
+    return u.target is getattr and len(u.args) > 1 and u.args[1] in _METADATA
 
 
 def _is_square(node: Node) -> bool:

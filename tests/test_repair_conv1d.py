@@ -11,11 +11,9 @@ from torch.testing import assert_close
 from rebasin import interpolate, repair, spec_from_model
 from rebasin._common import state_of
 from rebasin.paths import channel_stats
-
-T = pytest.importorskip("transformers")
-
 from rebasin.trace import hf_rules
 
+T = pytest.importorskip("transformers")
 hf_rules.register()  # registered for good by the first trace; here, so that the conftest's registry guard sees it
 
 

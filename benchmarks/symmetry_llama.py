@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _charlm import barrier, batches, corpus, loss_of, path_losses, split, train
 from _report import append_report, machine_summary, markdown_table
 
-from rebasin import permute, weight_matching
+from rebasin import LinearPath, permute, weight_matching
 from rebasin.matching import transform_matching
 from rebasin.spec import apply_transforms, fold_rmsnorm
 from rebasin.trace import symmetry_kinds, trace_model
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
 
     def row(name: str, sa: dict, sb: dict, seconds: float) -> None:
-        bar, mid = barrier(path_losses(model, sa, sb, chunks, args.points))
+        bar, mid = barrier(path_losses(model, LinearPath(sa, sb).state_dict_at, chunks, args.points))
         rows.append([name, bar, mid, seconds])
         print(rows[-1], flush=True)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from rebasin import LinearPath, PermutationSpec, RebasinError, RepairedPath, align, permute, weight_matching
 from rebasin.matching import transform_matching
-from rebasin.spec import apply_transforms, fold_rmsnorm
+from rebasin.spec import apply_transforms, fold_rmsnorm, transform_matrix
 from rebasin.trace import fold_layernorm, symmetry_kinds, trace_model
 
 __all__ = ["Aligned", "Form", "SymmetryPair", "RECIPES", "run_rows", "without"]
@@ -113,17 +113,34 @@ class SymmetryPair:
 
     # ------------------------------------------------------------------ alignments (states of B)
 
-    def wm(self, folded: bool) -> State:
-        f = self.form(folded)
-        return permute(f.spec, weight_matching(f.spec, f.a, f.b, seed=self.seed), f.b)
-
-    def transform(self, folded: bool, kind: str) -> State:
-        """B with its stream matched by ``kind`` (signed or orthogonal) and permutations elsewhere."""
-        key = f"transform_{folded}_{kind}"
+    def perms(self, folded: bool) -> dict[str, Tensor]:
+        key = f"perms_{folded}"
         if key not in self.cache:
             f = self.form(folded)
-            t = transform_matching(f.spec, f.a, f.b, kinds=f.kinds, use={f.stream: kind}, seed=self.seed)
-            self.cache[key] = (t, apply_transforms(f.spec, t, f.b, kinds=f.kinds))
+            self.cache[key] = weight_matching(f.spec, f.a, f.b, seed=self.seed)
+        return self.cache[key]
+
+    def wm(self, folded: bool) -> State:
+        f = self.form(folded)
+        return permute(f.spec, self.perms(folded), f.b)
+
+    def transform(self, folded: bool, kind: str, warm: bool = True) -> State:
+        """B with its stream matched by ``kind`` (signed or orthogonal) and permutations elsewhere.
+
+        ``warm``: start ``transform_matching`` (coordinate ascent) from the weight-matching permutations
+        (B permuted by them first; the stream map found is composed with the stream's permutation), so the
+        objective starts at weight matching's; else from the identity, as ``transform_matching`` does.
+        """
+        key = f"transform_{folded}_{kind}_{warm}"
+        if key not in self.cache:
+            f = self.form(folded)
+            b0 = self.wm(folded) if warm else f.b
+            t = transform_matching(f.spec, f.a, b0, kinds=f.kinds, use={f.stream: kind}, seed=self.seed)
+            n = int(f.spec.sizes[f.stream])
+            stream = transform_matrix(t[f.stream], n)
+            if warm:
+                stream = stream @ transform_matrix(self.perms(folded)[f.stream], n)
+            self.cache[key] = (stream, apply_transforms(f.spec, t, b0, kinds=f.kinds))
         return self.cache[key][1]
 
     def am(self, folded: bool) -> State:
@@ -135,8 +152,8 @@ class SymmetryPair:
         """The orthogonal stream of :meth:`transform`, then activation matching of every other class."""
         f = self.folded
         self.transform(True, "orthogonal")
-        t = self.cache["transform_True_orthogonal"][0]
-        rotated = apply_transforms(f.spec, {f.stream: t[f.stream]}, f.b, kinds=f.kinds)
+        stream = self.cache["transform_True_orthogonal_True"][0]  # B's stream map, the permutation included
+        rotated = apply_transforms(f.spec, {f.stream: stream}, f.b, kinds=f.kinds)
         return align(f.model, self.model_with(f, rotated), spec=without(f.spec, {f.stream}),
                      method="activation_matching", loader=self.stats, seed=self.seed, device=self.device).state_b
 
@@ -156,17 +173,21 @@ Recipe = Callable[[SymmetryPair], Aligned]
 RECIPES: dict[str, tuple[str, Recipe]] = {
     "naive": ("naive (identity)", lambda p: p.linear(False, p.plain.b)),
     "wm": ("weight matching (permutations)", lambda p: p.linear(False, p.wm(False))),
-    "signed": ("signed stream + permutations (weight matching)",
+    "signed": ("signed stream + permutations (weight matching, from WM's permutations)",
                lambda p: p.linear(False, p.transform(False, "signed"))),
+    "signed_cold": ("signed stream + permutations, started from the identity",
+                    lambda p: p.linear(False, p.transform(False, "signed", warm=False))),
     "folded_naive": ("folded, naive", lambda p: p.linear(True, p.folded.b)),
     "folded_wm": ("folded, weight matching (permutations)", lambda p: p.linear(True, p.wm(True))),
-    "folded_signed": ("folded, signed stream + permutations", lambda p: p.linear(True, p.transform(True, "signed"))),
-    "folded_ortho": ("folded, orthogonal stream + permutations (weight matching)",
+    "folded_signed": ("folded, signed stream + permutations (from WM's permutations)", lambda p: p.linear(True, p.transform(True, "signed"))),
+    "folded_ortho": ("folded, orthogonal stream + permutations (weight matching, from WM's)",
                      lambda p: p.linear(True, p.transform(True, "orthogonal"))),
+    "folded_ortho_cold": ("folded, orthogonal stream + permutations, started from the identity",
+                          lambda p: p.linear(True, p.transform(True, "orthogonal", warm=False))),
     "am": ("activation matching (permutations)", lambda p: p.linear(False, p.am(False))),
     "wm_repair": ("weight matching + REPAIR", lambda p: p.repaired(False, p.wm(False))),
     "am_repair": ("activation matching + REPAIR", lambda p: p.repaired(False, p.am(False))),
-    "folded_ortho_repair": ("folded, orthogonal stream (WM) + REPAIR",
+    "folded_ortho_repair": ("folded, orthogonal stream + permutations (WM) + REPAIR",
                             lambda p: p.repaired(True, p.transform(True, "orthogonal"))),
     "folded_ortho_am": ("folded, orthogonal stream (WM), then activation matching of the rest",
                         lambda p: p.linear(True, p.ortho_then_am())),

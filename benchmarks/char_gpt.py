@@ -15,14 +15,17 @@ the linear path is measured on held-out text. Rows (``--rows``):
 
 * ``naive``: B as it is; ``wm``: weight matching, permutations of every class (stream, heads, MLP units);
 * ``signed``: a signed permutation of the residual stream (``transform_matching``; RMSNorm models only,
-  a LayerNorm stream is refused);
+  a LayerNorm stream is refused), started from weight matching's permutations; ``signed_cold``: started
+  from the identity (``transform_matching`` alone);
 * ``folded_*``: both models folded first (GPT-2: ``fold_layernorm``, LayerNorm to scale-free RMSNorm;
   Llama: ``fold_rmsnorm``, RMSNorm scales into the readers), the same functions on another path:
   ``folded_naive``, ``folded_wm`` (permutations), ``folded_signed``, ``folded_ortho`` (an orthogonal
-  stream map by Procrustes, permutations elsewhere);
+  stream map by Procrustes, permutations elsewhere; from weight matching's permutations, and
+  ``folded_ortho_cold`` from the identity);
 * ``am``: activation matching (permutations); ``am_repair``: + REPAIR;
-* ``folded_ortho_repair``: ``folded_ortho`` + REPAIR; ``folded_ortho_am_repair``: the orthogonal stream
-  from ``folded_ortho``, then activation matching of the other classes with the stream fixed, + REPAIR.
+* ``folded_ortho_repair``: ``folded_ortho`` + REPAIR; ``folded_ortho_am``: the orthogonal stream map of
+  ``folded_ortho``, then activation matching of the other classes with the stream fixed;
+  ``folded_ortho_am_repair``: the same + REPAIR.
 
 Barrier = max over 11 points of the loss minus the mean of the endpoints. One seed pair.
 """
@@ -45,8 +48,8 @@ from _charlm import barrier, batches, cached_train, corpus, loss_of, path_losses
 from _report import append_report, machine_summary, markdown_table
 from _symmetry_rows import Aligned, SymmetryPair, run_rows
 
-DEFAULT_ROWS = ("naive,wm,signed,folded_naive,folded_wm,folded_signed,folded_ortho,am,am_repair,"
-                "folded_ortho_repair,folded_ortho_am_repair")
+DEFAULT_ROWS = ("naive,wm,signed,signed_cold,folded_naive,folded_wm,folded_signed,folded_ortho,folded_ortho_cold,am,"
+                "am_repair,folded_ortho_repair,folded_ortho_am,folded_ortho_am_repair")
 
 
 def build(norm: str, seed: int, args: argparse.Namespace) -> nn.Module:

@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--stat-batches", type=int, default=10, help="training batches of 256 for the data-driven matchers")
     parser.add_argument("--rows", default=",".join([
         "naive", "wm", "wm_within", "wm_no_residual", "wm_mlp_only", "am", "sinkhorn", "sinkhorn_random", "wm_repair",
-        "am_repair", "signed", "folded_naive", "folded_wm", "folded_signed", "folded_ortho", "folded_ortho_repair",
+        "am_repair", "signed", "folded_naive", "folded_wm", "folded_signed", "folded_ortho", "folded_ortho_cold",
+        "folded_ortho_repair",
         "folded_ortho_am", "folded_ortho_am_repair"]))
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rebasin-bench"))
     parser.add_argument("--seed", type=int, default=0)

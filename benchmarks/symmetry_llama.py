@@ -8,7 +8,9 @@ A to the aligned B is measured on held-out text for:
 * weight matching: permutations of every class (stream, heads, MLP units);
 * signed stream: ``transform_matching`` with a signed permutation of the residual stream (permutations elsewhere);
 * folded, weight matching / orthogonal stream: both models with their RMSNorm scales folded into the readers
-  (``fold_rmsnorm``; the same functions), then permutations only, or an orthogonal stream map by Procrustes.
+  (``fold_rmsnorm``; the same functions), then permutations only, or an orthogonal stream map by Procrustes;
+* folded + learned orthogonal stream: the Procrustes answer refined by ``learn_transforms`` (Cayley
+  parametrisation, the task loss at a random point of the path per step, on training text; permutations kept).
 
 Barrier = max over the path of the loss minus the mean of the endpoints (11 points). One seed pair: read the
 pattern, not the digits. Run ``OMP_NUM_THREADS=2 python benchmarks/symmetry_llama.py`` (a few minutes on two
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,7 +36,7 @@ from _charlm import barrier, batches, corpus, loss_of, path_losses, split, train
 from _report import append_report, machine_summary, markdown_table
 
 from rebasin import LinearPath, permute, weight_matching
-from rebasin.matching import transform_matching
+from rebasin.matching import learn_transforms, transform_matching
 from rebasin.spec import apply_transforms, fold_rmsnorm
 from rebasin.trace import symmetry_kinds, trace_model
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--learn-steps", type=int, default=200, help="steps of the learned orthogonal stream")
+    parser.add_argument("--learn-lr", type=float, default=1e-2)
     parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--report-file", default=None)
     args = parser.parse_args(argv)
@@ -105,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     ortho = transform_matching(spec, fa, fb, kinds=kinds, use={stream: "orthogonal"})
     row("folded, orthogonal stream + permutations", fa, apply_transforms(spec, ortho, fb, kinds=kinds),
         time.time() - t0)
+    t0 = time.time()
+    fit_batches = [(c[:, :-1], c[:, 1:]) for c in batches(train_data, args.learn_steps, args.batch, args.seq, 7)]
+    learned = learn_transforms(model, model, fit_batches, spec=spec, kinds=kinds, learn=[stream], init=ortho,
+                               loss_fn=lambda out, y: F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
+                                                                      y.reshape(-1)),
+                               lr=args.learn_lr, state_a=fa, state_b=fb, seed=0)
+    row("folded, learned orthogonal stream + permutations", fa, learned.state_b, time.time() - t0)
     naive = rows[0][1]
     table = markdown_table(["path", "test-loss barrier", "/ naive", "midpoint loss", "align time (s)"],
                            [[r[0], r[1], r[1] / naive if naive > 0 else float("nan"), r[2], r[3]] for r in rows])
@@ -119,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"argparse, collections, json.decoder and typing ({data.numel()} bytes, last 10% held out); test "
                  f"loss A {la:.3f}, B {lb:.3f} nats per byte; training took {train_s:.0f} s for both. Barrier = max "
                  f"minus mean of the endpoints over {args.points} points on 8 x 32 held-out windows. 'Folded': both "
-                 "models with their RMSNorm scales folded into the readers (same functions, another path).\n")
+                 "models with their RMSNorm scales folded into the readers (same functions, another path). 'Learned': "
+                 f"the orthogonal stream's Procrustes answer refined by learn_transforms ({args.learn_steps} steps, "
+                 f"Adam {args.learn_lr}, loss at one uniform t per step, on {args.learn_steps} training batches).\n")
         path = append_report("Llama from two seeds: signed and orthogonal stream (symmetry_llama)", command.strip(),
                              table, notes=notes, path=args.report_file)
         print(f"wrote {path}")

@@ -485,6 +485,33 @@ def test_orthogonal_map_through_a_gelu(capfd):
     assert errout == "" and out == ""
 
 
+
+def test_learned_orthogonal_map_through_a_gelu_and_a_nan_loss(capfd):
+    from rebasin.matching import learn_transforms
+    from rebasin.trace import fold_layernorm, symmetry_kinds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    folded = fold_layernorm(model, x)
+    spec, kinds = rebasin.spec_from_model(folded, x), symmetry_kinds(folded, x)
+    data = [(torch.randn(4, 4), torch.randint(0, 3, (4,)))]
+    with pytest.raises(RebasinError) as err:
+        learn_transforms(folded, folded, data, spec=spec, kinds=kinds, learn=["P1"])
+    assert first_line(err) == (
+        "class 'P1' admits transforms up to 'permutation', not 'orthogonal': module '3' (GELU) is not known to "
+        "commute with a rotation or sign flip of its input (an elementwise function, a mean over the features, or "
+        "a module the analysis does not know). Transform it by a permutation only"
+    )
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    with pytest.raises(RebasinError) as err:
+        learn_transforms(folded, folded, data, spec=spec, kinds=kinds, loss_fn=lambda out, y: out.sum() / 0 * 0)
+    assert first_line(err) == ("TransformRebasin.fit: the cost is nan at step 1; the fit stopped (the models are "
+                               "untouched). Lower lr, check the loss and the data")
+    assert all(torch.equal(v, before[k]) for k, v in folded.state_dict().items())
+    out, errout = capfd.readouterr()
+    assert errout == "" and out == ""
+
 def test_fold_layernorm_of_a_post_ln_block():
     class PostLN(nn.Module):
         def __init__(self) -> None:

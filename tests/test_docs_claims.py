@@ -133,6 +133,11 @@ def _sinkhorn(ns: dict, out: str) -> None:
     # SinkhornRebasin: hard permutations
     perms = ns["perms"]
     assert set(perms) and all(sorted(p.tolist()) == list(range(len(p))) for p in perms.values())
+    # learned orthogonal transforms: an orthogonal stream map whose midpoint loss is below Procrustes'
+    q = ns["learned"].transforms[ns["stream"]]
+    torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0]), atol=1e-5, rtol=0)
+    assert ns["midpoint_loss"](ns["learned"].state_b) < ns["midpoint_loss"](ns["procrustes"]) - 0.01
+    assert "orthogonal\nTrue\n" in out
 
 
 def _concepts(ns: dict, out: str) -> None:

@@ -13,6 +13,7 @@ from .activation import ActivationMatchingInfo, activation_correlations, activat
 from .alignment import Alignment, align
 from .assignment import linear_assignment
 from .generalized import transform_matching
+from .learned_transforms import LearnedTransforms, TransformRebasin, cayley, learn_transforms
 from .ot import ot_matching
 from .registry import MatchResult, Matcher, get_matcher, matcher_names, register_matcher, unregister_matcher
 from .sinkhorn_op import SINKHORN_GRADS, SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
@@ -45,4 +46,8 @@ __all__ = [
     "sinkhorn_matching",
     "linear_assignment",
     "transform_matching",
+    "TransformRebasin",
+    "learn_transforms",
+    "LearnedTransforms",
+    "cayley",
 ]

@@ -44,7 +44,6 @@ from .._common import (
     nonempty,
     own_global_rng,
     progress_counter,
-    split_batch,
     state_of,
     to_device,
     training,
@@ -61,6 +60,7 @@ from ..spec.core import (
 )
 from ..spec.soft import matrix_to_perm, perm_to_matrix, soft_permute, structured_matrix
 from ..trace.tracing import spec_from_model
+from ._path_costs import task_cost, user_cost
 from .sinkhorn_op import SINKHORN_GRADS, sinkhorn
 from .weight import weight_matching
 
@@ -289,26 +289,12 @@ class SinkhornRebasin(nn.Module):
     def compute_cost(self, batch: Any = None) -> Tensor:
         """The configured cost on one batch (``batch`` may be None for ``"l2"``)."""
         if callable(self.cost):
-            value = self.cost(self, batch)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise RebasinError(f"the cost callable must return a scalar tensor, got {shape}")
-            return value.reshape(())
+            return user_cost(self.cost, self, batch)
         if self.cost == "l2":
             return self.l2_cost()
         if batch is None:
             raise RebasinError(f"cost {self.cost!r} needs data: pass a loader to fit()")
-        x, y = split_batch(batch)
-        if y is None:
-            raise RebasinError(
-                "the task-loss costs need batches with targets ((inputs, targets) or a mapping with 'labels'); "
-                "for other batch layouts pass a callable cost(module, batch)"
-            )
-        if self.cost == "midpoint":
-            t: float | Tensor = 0.5
-        else:
-            t = float(torch.rand((), generator=self._generator))
-        return self.loss_fn(self(x, t=t), y)
+        return task_cost(self, self.cost, batch, self.loss_fn, self._generator)
 
     # ------------------------------------------------------------------ training
     def fit(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from rebasin import LinearPath, PermutationSpec, RebasinError, RepairedPath, align, permute, weight_matching
@@ -72,8 +73,10 @@ class SymmetryPair:
     """Two trained models of one architecture; their forms and the alignments the rows need (cached)."""
 
     def __init__(self, a: nn.Module, b: nn.Module, example: Any, stats: list[Any], *, seed: int = 0,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", fit_batches: list[Any] | None = None, loss_fn: Any = None,
+                 learn_lr: float = 1e-2) -> None:
         self.a, self.b, self.example, self.stats, self.seed, self.device = a.eval(), b.eval(), example, stats, seed, device
+        self.fit_batches, self.loss_fn, self.learn_lr = fit_batches, loss_fn, learn_lr
         self.cache: dict[str, Any] = {}
 
     @cached_property
@@ -157,6 +160,22 @@ class SymmetryPair:
         return align(f.model, self.model_with(f, rotated), spec=without(f.spec, {f.stream}),
                      method="activation_matching", loader=self.stats, seed=self.seed, device=self.device).state_b
 
+    def learned(self) -> State:
+        """The orthogonal stream of :meth:`transform` refined on the path loss (``learn_transforms``, one pass
+        over ``fit_batches``, Adam ``learn_lr``, loss at one uniform t per step), permutations kept."""
+        if "learned" not in self.cache:
+            from rebasin.matching import learn_transforms
+
+            f = self.folded
+            if self.fit_batches is None:
+                raise RebasinError("no fit_batches for the learned transforms")
+            start = self.transform(True, "orthogonal")
+            res = learn_transforms(f.model, f.model_b, self.fit_batches, spec=f.spec, kinds=f.kinds, learn=[f.stream],
+                                   init={f.stream: torch.eye(int(f.spec.sizes[f.stream]))}, loss_fn=self.loss_fn,
+                                   lr=self.learn_lr, state_a=f.a, state_b=start, seed=self.seed)
+            self.cache["learned"] = res.state_b
+        return self.cache["learned"]
+
     # ------------------------------------------------------------------ paths
 
     def linear(self, folded: bool, state_b: State) -> Aligned:
@@ -189,6 +208,10 @@ RECIPES: dict[str, tuple[str, Recipe]] = {
     "am_repair": ("activation matching + REPAIR", lambda p: p.repaired(False, p.am(False))),
     "folded_ortho_repair": ("folded, orthogonal stream + permutations (WM) + REPAIR",
                             lambda p: p.repaired(True, p.transform(True, "orthogonal"))),
+    "folded_learned": ("folded, learned orthogonal stream (from the WM row's stream) + permutations",
+                       lambda p: p.linear(True, p.learned())),
+    "folded_learned_repair": ("folded, learned orthogonal stream + permutations + REPAIR",
+                              lambda p: p.repaired(True, p.learned())),
     "folded_ortho_am": ("folded, orthogonal stream (WM), then activation matching of the rest",
                         lambda p: p.linear(True, p.ortho_then_am())),
     "folded_ortho_am_repair": ("folded, orthogonal stream (WM), then activation matching of the rest, + REPAIR",

@@ -25,7 +25,10 @@ the linear path is measured on held-out text. Rows (``--rows``):
 * ``am``: activation matching (permutations); ``am_repair``: + REPAIR;
 * ``folded_ortho_repair``: ``folded_ortho`` + REPAIR; ``folded_ortho_am``: the orthogonal stream map of
   ``folded_ortho``, then activation matching of the other classes with the stream fixed;
-  ``folded_ortho_am_repair``: the same + REPAIR.
+  ``folded_ortho_am_repair``: the same + REPAIR;
+* ``folded_learned``: the stream map of ``folded_ortho`` refined on the loss along the path
+  (``learn_transforms``: ``--learn-steps`` training batches, Adam ``--learn-lr``, one uniform t per step;
+  the defaults are symmetry_llama's, not tuned here); ``folded_learned_repair``: + REPAIR.
 
 Barrier = max over 11 points of the loss minus the mean of the endpoints. One seed pair.
 """
@@ -39,6 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +53,7 @@ from _report import append_report, machine_summary, markdown_table
 from _symmetry_rows import Aligned, SymmetryPair, run_rows
 
 DEFAULT_ROWS = ("naive,wm,signed,signed_cold,folded_naive,folded_wm,folded_signed,folded_ortho,folded_ortho_cold,am,"
-                "am_repair,folded_ortho_repair,folded_ortho_am,folded_ortho_am_repair")
+                "am_repair,folded_ortho_repair,folded_ortho_am,folded_ortho_am_repair,folded_learned,folded_learned_repair")
 
 
 def build(norm: str, seed: int, args: argparse.Namespace) -> nn.Module:
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 32 windows")
     parser.add_argument("--stat-batches", type=int, default=8, help="training batches of 32 windows for AM / REPAIR")
+    parser.add_argument("--learn-steps", type=int, default=200, help="steps (batches) of the learned orthogonal stream")
+    parser.add_argument("--learn-lr", type=float, default=1e-2)
     parser.add_argument("--rows", default=DEFAULT_ROWS)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rebasin-bench"))
     parser.add_argument("--train-only", action="store_true")
@@ -111,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_only:
         return
     x = chunks[0][:2, :-1]
-    pair = SymmetryPair(models[0], models[1], x, stats)
+    fit = [(c[:, :-1], c[:, 1:]) for c in batches(train_data, args.learn_steps, args.batch, args.seq, 11 + args.seed)]
+    pair = SymmetryPair(models[0], models[1], x, stats, seed=args.seed, fit_batches=fit, learn_lr=args.learn_lr,
+                        loss_fn=lambda out, y: F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
+                                                               y.reshape(-1)))
 
     def evaluate(al: Aligned) -> tuple[float, float]:
         losses = path_losses(al.model, al.state_at, chunks, args.points)
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                  "argparse, collections, json.decoder and typing (last 10% held out); held-out loss A "
                  f"{la:.3f}, B {lb:.3f} nats per byte. Barrier = max minus mean of the endpoints over {args.points} "
                  f"points on {args.eval_batches} x 32 held-out windows; activation matching / REPAIR statistics from "
-                 f"{args.stat_batches} x 32 training windows.")
+                 f"{args.stat_batches} x 32 training windows; learned stream: {args.learn_steps} steps, Adam {args.learn_lr}.")
         title = f"Character-level GPT from two seeds, {args.norm}: barriers per symmetry (char_gpt)"
         path = append_report(title, command.strip(), table, notes=notes, path=args.report_file)
         print(f"wrote {path}")

@@ -14,7 +14,8 @@ activation matching + REPAIR; and the symmetries beyond permutations (rows of
 ``benchmarks/_symmetry_rows.py``): a signed stream (refused: a LayerNorm stream admits permutations
 only), and on both models folded by ``fold_layernorm`` (LayerNorm to scale-free RMSNorm, the same
 functions): naive, permutations, a signed stream, an orthogonal stream by Procrustes (+ REPAIR), and the
-orthogonal stream followed by activation matching of the other classes (+ REPAIR). Barrier =
+orthogonal stream followed by activation matching of the other classes (+ REPAIR), and the orthogonal
+stream refined on the path loss (``learn_transforms``, + REPAIR). Barrier =
 max-minus-mean (git re-basin). Targets (issue 26): the best loss barrier at most 0.25x naive, weight
 matching with an orthogonal stream at most 0.5x.
 """
@@ -94,7 +95,9 @@ def main() -> None:
         "naive", "wm", "wm_within", "wm_no_residual", "wm_mlp_only", "am", "sinkhorn", "sinkhorn_random", "wm_repair",
         "am_repair", "signed", "folded_naive", "folded_wm", "folded_signed", "folded_ortho", "folded_ortho_cold",
         "folded_ortho_repair",
-        "folded_ortho_am", "folded_ortho_am_repair"]))
+        "folded_ortho_am", "folded_ortho_am_repair", "folded_learned", "folded_learned_repair"]))
+    parser.add_argument("--learn-steps", type=int, default=200, help="training batches of the learned orthogonal stream")
+    parser.add_argument("--learn-lr", type=float, default=1e-2)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rebasin-bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +113,8 @@ def main() -> None:
     if args.train_only:
         return
     x0 = stats[0][0][:2]
-    pair = SymmetryPair(a, b, x0, stats, seed=args.seed, device=args.device)
+    fit = [batch for _, batch in zip(range(args.learn_steps), train)]
+    pair = SymmetryPair(a, b, x0, stats, seed=args.seed, device=args.device, fit_batches=fit, learn_lr=args.learn_lr)
 
     def plain_state(make) -> Aligned:  # noqa: ANN001
         return pair.linear(False, make(pair.plain))
@@ -155,7 +159,8 @@ def main() -> None:
         command = "python benchmarks/" + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
         notes = (f"{machine_summary(args.device)}. ViT(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
                  f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1} ({endpoints}); barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
-                 f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images.")
+                 f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images; learned stream: "
+                 f"{args.learn_steps} training batches of 128, Adam {args.learn_lr} (symmetry_llama's settings, not tuned here).")
         append_report("ViT on MNIST: barriers per matcher and symmetry", command, table, notes=notes)
 
 

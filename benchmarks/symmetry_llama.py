@@ -23,7 +23,6 @@ cores; ``--steps``, ``--width`` ... to change it); ``--no-report`` skips writing
 from __future__ import annotations
 
 import argparse
-import inspect
 import shlex
 import sys
 import time
@@ -32,27 +31,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _charlm import barrier, batches, corpus, loss_of, path_losses, split, train
 from _report import append_report, machine_summary, markdown_table
 
-from rebasin import permute, weight_matching
+from rebasin import LinearPath, permute, weight_matching
 from rebasin.matching import learn_transforms, transform_matching
 from rebasin.spec import apply_transforms, fold_rmsnorm
 from rebasin.trace import symmetry_kinds, trace_model
-
-
-def corpus() -> torch.Tensor:
-    import argparse as m1
-    import collections as m2
-    import json.decoder as m3
-    import typing as m4
-
-    text = "\n".join(inspect.getsource(m) for m in (m1, m2, m3, m4))
-    return torch.tensor([min(b, 127) for b in text.encode("utf-8")], dtype=torch.long)
 
 
 def build(seed: int, args: argparse.Namespace) -> torch.nn.Module:
@@ -65,42 +54,6 @@ def build(seed: int, args: argparse.Namespace) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return transformers.LlamaForCausalLM(cfg)
-
-
-def batches(data: torch.Tensor, n: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, data.numel() - seq - 1, (n, batch), generator=g)
-    return [torch.stack([data[s:s + seq + 1] for s in row.tolist()]) for row in starts]
-
-
-def loss_of(model: torch.nn.Module, state: dict, chunks: list[torch.Tensor]) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for c in chunks:
-            logits = functional_call(model, state, (c[:, :-1],), tie_weights=False).logits
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c[:, 1:].reshape(-1)))
-    return total / len(chunks)
-
-
-def train(model: torch.nn.Module, train_data: torch.Tensor, args: argparse.Namespace, seed: int) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    model.train()
-    for c in batches(train_data, args.steps, args.batch, args.seq, seed + 100):
-        logits = model(c[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def barrier(model: torch.nn.Module, a: dict, b: dict, chunks: list[torch.Tensor], points: int) -> tuple[float, float]:
-    losses = []
-    for i in range(points):
-        t = i / (points - 1)
-        losses.append(loss_of(model, {k: (1 - t) * a[k] + t * b[k] if a[k].is_floating_point() else a[k] for k in a},
-                              chunks))
-    return max(losses) - 0.5 * (losses[0] + losses[-1]), losses[(points - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,13 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     data = corpus()
-    cut = int(0.9 * data.numel())
-    train_data, test_data = data[:cut], data[cut:]
+    train_data, test_data = split(data)
     chunks = batches(test_data, 8, 32, args.seq, 0)
     start = time.time()
     models = [build(s, args) for s in (0, 1)]
     for s, m in enumerate(models):
-        train(m, train_data, args, s)
+        train(m, train_data, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=s)
     train_s = time.time() - start
     model = models[0]
     a, b = ({k: v.detach().clone() for k, v in m.state_dict().items()} for m in models)
@@ -138,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
 
     def row(name: str, sa: dict, sb: dict, seconds: float) -> None:
-        bar, mid = barrier(model, sa, sb, chunks, args.points)
+        bar, mid = barrier(path_losses(model, LinearPath(sa, sb).state_dict_at, chunks, args.points))
         rows.append([name, bar, mid, seconds])
         print(rows[-1], flush=True)
 

@@ -10,8 +10,15 @@ embedding, 3 pre-norm encoder blocks, 4 heads, width 64, MLP 128), trained with 
 at ``--num-points`` points. Rows: the naive path; weight matching with every symmetry (residual stream,
 heads and the units inside each head, MLP units); weight matching restricted to within-head
 permutations (heads stay in place), with the residual stream left as the identity, and with only the
-MLP units; activation matching; Sinkhorn re-basin (L2 cost); weight matching + REPAIR. Barrier =
-max-minus-mean (git re-basin). Target: the best aligned loss barrier is at most half the naive one.
+MLP units; activation matching; Sinkhorn re-basin (L2 cost; random-point loss); weight matching and
+activation matching + REPAIR; and the symmetries beyond permutations (rows of
+``benchmarks/_symmetry_rows.py``): a signed stream (refused: a LayerNorm stream admits permutations
+only), and on both models folded by ``fold_layernorm`` (LayerNorm to scale-free RMSNorm, the same
+functions): naive, permutations, a signed stream, an orthogonal stream by Procrustes (+ REPAIR), and the
+orthogonal stream followed by activation matching of the other classes (+ REPAIR), and the orthogonal
+stream refined on the path loss (``learn_transforms``, + REPAIR). Barrier =
+max-minus-mean (git re-basin). Targets (issue 26): the best loss barrier at most 0.25x naive, weight
+matching with an orthogonal stream at most 0.5x.
 
 ``--model encoder`` runs the same ViT written the usual PyTorch way, with ``nn.TransformerEncoderLayer`` blocks
 (pre-norm, GELU, ``nn.MultiheadAttention`` inside): activation matching reaches the units inside those modules
@@ -33,8 +40,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import append_report, machine_summary, markdown_table, mnist_root
+from _symmetry_rows import Aligned, SymmetryPair, run_rows, without
 
-from rebasin import LinearPath, PermutationSpec, RebasinError, align, barrier, evaluate_path, spec_from_model
+from rebasin import PermutationSpec, align, barrier, evaluate_path
 from rebasin.apps.data import mnist_loaders
 from rebasin.apps.models import ViT
 from rebasin.apps.training import fit_classifier_, seeded_model
@@ -60,18 +68,6 @@ def within_heads_only(spec: PermutationSpec) -> PermutationSpec:
     for c, ps in spec.concat.items():
         concat[c] = tuple(q for p, n in ps for q in (parts[p] if p in parts else ((p, n),)))
     return PermutationSpec(axes, blocks=spec.blocks, concat=concat)
-
-
-def without(spec: PermutationSpec, fixed: set[str]) -> PermutationSpec:
-    """The spec with the permutations in ``fixed`` left as the identity."""
-    axes = {k: tuple(None if p in fixed else p for p in ax) for k, ax in spec.axes.items()}
-    concat = {c: tuple((None if p in fixed else p, n) for p, n in ps) for c, ps in spec.concat.items()}
-    used = {p for ax in axes.values() for p in ax if p is not None}
-    concat = {c: ps for c, ps in concat.items() if c in used and any(p is not None for p, _ in ps)}
-    axes = {k: tuple(p if p is None or p not in spec.concat or p in concat else None for p in ax) for k, ax in axes.items()}
-    structure = {p: s for p, s in spec.structure.items() if p not in fixed}
-    blocks = {ka: k for ka, k in spec.blocks.items() if axes[ka[0]][ka[1]] is not None}
-    return PermutationSpec(axes, blocks=blocks, structure=structure, concat=concat)
 
 
 class EncoderViT(nn.Module):
@@ -125,7 +121,13 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--num-points", type=int, default=11)
     parser.add_argument("--stat-batches", type=int, default=10, help="training batches of 256 for the data-driven matchers")
-    parser.add_argument("--rows", default="naive,wm,wm_within,wm_no_residual,wm_mlp_only,am,sinkhorn,sinkhorn_random,wm_repair,am_repair")
+    parser.add_argument("--rows", default=",".join([
+        "naive", "wm", "wm_within", "wm_no_residual", "wm_mlp_only", "am", "sinkhorn", "sinkhorn_random", "wm_repair",
+        "am_repair", "signed", "folded_naive", "folded_wm", "folded_signed", "folded_ortho", "folded_ortho_cold",
+        "folded_ortho_repair",
+        "folded_ortho_am", "folded_ortho_am_repair", "folded_learned", "folded_learned_repair"]))
+    parser.add_argument("--learn-steps", type=int, default=200, help="training batches of the learned orthogonal stream")
+    parser.add_argument("--learn-lr", type=float, default=1e-2)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rebasin-bench"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,74 +143,55 @@ def main() -> None:
     if args.train_only:
         return
     x0 = stats[0][0][:2]
-    spec = spec_from_model(a, x0)
-    residual = spec.axes["pos"][2]
-    heads = {p for p in spec.structure}
-    sa = {k: v.detach() for k, v in a.state_dict().items()}
-    sb = {k: v.detach() for k, v in b.state_dict().items()}
-    variants = {
-        "naive": ("naive (identity)", lambda: sb, "-"),
-        "wm": ("weight matching: residual + heads + within-head + MLP", lambda: align(a, b, spec=spec, seed=args.seed).state_b, "wm"),
-        "wm_within": ("weight matching, heads fixed (within-head only)",
-                      lambda: align(a, b, spec=within_heads_only(spec), seed=args.seed).state_b, "wm"),
-        "wm_no_residual": ("weight matching, residual stream fixed",
-                           lambda: align(a, b, spec=without(spec, {residual}), seed=args.seed).state_b, "wm"),
-        "wm_mlp_only": ("weight matching, MLP units only",
-                        lambda: align(a, b, spec=without(spec, {residual} | heads), seed=args.seed).state_b, "wm"),
-        "am": ("activation matching", lambda: align(a, b, spec=spec, method="activation_matching", loader=stats,
-                                                      seed=args.seed).state_b, "am"),
-        "sinkhorn": ("Sinkhorn re-basin (L2 cost, 300 steps)",
-                     lambda: align(a, b, spec=spec, method="sinkhorn", cost="l2", fit={"steps": 300},
-                                   seed=args.seed).state_b, "sinkhorn"),
-        "sinkhorn_random": ("Sinkhorn re-basin (random-point loss, WM init, 3 epochs)",
-                            lambda: align(a, b, spec=spec, method="sinkhorn", loader=stats, init="weight_matching",
-                                          fit={"epochs": 3}, seed=args.seed).state_b, "sinkhorn"),
-    }
-    rows = []
-    naive_loss = None
-    endpoints = ""
-    for row in args.rows.split(","):
-        row = row.strip()
-        start = time.perf_counter()
-        label = variants.get(row, (row,))[0]
-        try:
-            if row in ("wm_repair", "am_repair"):
-                from rebasin import RepairedPath
+    fit = [batch for _, batch in zip(range(args.learn_steps), train)]
+    pair = SymmetryPair(a, b, x0, stats, seed=args.seed, device=args.device, fit_batches=fit, learn_lr=args.learn_lr)
 
-                method = "weight_matching" if row == "wm_repair" else "activation_matching"
-                label = f"{method.replace('_', ' ')} + REPAIR"
-                res = align(a, b, spec=spec, method=method, loader=stats, seed=args.seed)
-                path = RepairedPath(a, sa, res.state_b, stats, spec=spec, device=args.device)
-                align_s = time.perf_counter() - start
-                r = evaluate_path(a, path, test, num_points=args.num_points, device=args.device)
-            else:
-                label, make, _ = variants[row]
-                state_b = make()
-                align_s = time.perf_counter() - start
-                r = evaluate_path(a, LinearPath(sa, state_b), test, num_points=args.num_points, device=args.device)
-        except RebasinError as err:
-            rows.append([label, "n/a", "n/a", "n/a", f"refused: {str(err).splitlines()[0][:90]}"])
-            continue
-        lb = barrier(r, metric="loss")
-        ab = barrier(r, metric="accuracy") * 100
-        naive_loss = lb if row == "naive" else naive_loss
-        if row == "naive":
+    def plain_state(make) -> Aligned:  # noqa: ANN001
+        return pair.linear(False, make(pair.plain))
+
+    def sinkhorn(f, **kw) -> dict:  # noqa: ANN001, ANN003
+        return align(a, b, spec=f.spec, method="sinkhorn", seed=args.seed, **kw).state_b
+
+    heads = lambda f: set(f.spec.structure)  # noqa: E731
+    extra = {
+        "wm_within": ("weight matching, heads fixed (within-head only)", lambda p: plain_state(
+            lambda f: align(a, b, spec=within_heads_only(f.spec), seed=args.seed).state_b)),
+        "wm_no_residual": ("weight matching, residual stream fixed", lambda p: plain_state(
+            lambda f: align(a, b, spec=without(f.spec, {f.stream}), seed=args.seed).state_b)),
+        "wm_mlp_only": ("weight matching, MLP units only", lambda p: plain_state(
+            lambda f: align(a, b, spec=without(f.spec, {f.stream} | heads(f)), seed=args.seed).state_b)),
+        "sinkhorn": ("Sinkhorn re-basin (L2 cost, 300 steps)", lambda p: plain_state(
+            lambda f: sinkhorn(f, cost="l2", fit={"steps": 300}))),
+        "sinkhorn_random": ("Sinkhorn re-basin (random-point loss, WM init, 3 epochs)", lambda p: plain_state(
+            lambda f: sinkhorn(f, loader=stats, init="weight_matching", fit={"epochs": 3}))),
+    }
+    endpoints = ""
+
+    def evaluate(al: Aligned) -> tuple[float, float]:
+        nonlocal endpoints
+        r = evaluate_path(al.model, al.path, test, num_points=args.num_points, device=args.device)
+        if not endpoints:
             endpoints = (f"A: test loss {r.loss[0]:.3f}, accuracy {r.accuracy[0] * 100:.2f}%; "
                          f"B: test loss {r.loss[-1]:.3f}, accuracy {r.accuracy[-1] * 100:.2f}%")
             print(endpoints, flush=True)
-        rel = f"{lb / naive_loss:.2f}" if naive_loss else "-"
-        rows.append([label, f"{lb:.3f}", rel, f"{ab:.2f}", f"{align_s:.1f}"])
-        print(rows[-1], flush=True)
+        return barrier(r, metric="loss"), barrier(r, metric="accuracy") * 100
+
+    done = run_rows(pair, args.rows.split(","), evaluate, extra)
+    naive_loss = next((r[1] for r in done if r[0].startswith("naive") and isinstance(r[1], float)), None)
+    rows = [[r[0], r[1] if isinstance(r[1], str) else f"{r[1]:.3f}",
+             f"{r[1] / naive_loss:.2f}" if naive_loss and not isinstance(r[1], str) else "n/a",
+             r[2] if isinstance(r[2], str) else f"{r[2]:.2f}", r[3] if isinstance(r[3], str) else f"{r[3]:.1f}"]
+            for r in done]
     header = ["path", "test-loss barrier", "/ naive", "accuracy barrier (pts)", "align time (s)"]
     table = markdown_table(header, rows)
     print(table)
-    # sanity: the aligned B is the same function as B
     if not args.no_report:
         command = "python benchmarks/" + " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
         arch = "ViT" if args.model == "vit" else "ViT of nn.TransformerEncoderLayer blocks "
         notes = (f"{machine_summary(args.device)}. {arch}(width 64, depth 3, 4 heads, patch 7) trained {args.epochs} "
                  f"epoch(s) with AdamW {args.lr} from seeds {args.seed} and {args.seed + 1} ({endpoints}); barrier = max-minus-mean over {args.num_points} points on the 10k test images; "
-                 f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images.")
+                 f"activation matching / REPAIR statistics from {args.stat_batches} x 256 training images; learned stream: "
+                 f"{args.learn_steps} training batches of 128, Adam {args.learn_lr} (symmetry_llama's settings, not tuned here).")
         title = "ViT on MNIST: barriers per matcher and symmetry"
         if args.model == "encoder":
             title = "ViT of nn.TransformerEncoderLayer blocks on MNIST: activation matching inside the layers"

@@ -146,3 +146,20 @@ def test_folded_gpt2_planted_rotation_is_recovered() -> None:
     back = apply_transforms(tr.spec, found, b, kinds=kinds)
     for k in a:
         torch.testing.assert_close(back[k], a[k], rtol=1e-4, atol=1e-4)
+
+
+def test_stream_read_for_its_shape_admits_rotations() -> None:
+    """The toolkit's own ViT reads ``x.shape`` of the stream (to expand the cls token, to split heads): reading a
+    shape does not use the values, so after the fold the stream is orthogonal and a rotation keeps the function."""
+    from rebasin.apps.models import ViT
+
+    torch.manual_seed(0)
+    model = _randomise_norms(ViT(image_size=8, patch_size=4, width=16, depth=1, heads=2))
+    folded = fold_layernorm(model, _IMG)
+    tr = trace_model(folded, _IMG)
+    stream = tr.spec.axes["pos"][2]
+    kinds = symmetry_kinds(folded, _IMG, trace=tr)
+    assert kinds.kinds[stream] == "orthogonal", kinds.reasons.get(stream)
+    moved = apply_transforms(tr.spec, {stream: random_orthogonal(16, seed=4)}, folded.state_dict(), kinds=kinds)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(folded, moved, (_IMG,)), model(_IMG), atol=1e-4, rtol=1e-4)

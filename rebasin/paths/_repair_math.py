@@ -53,10 +53,12 @@ def correction(target: ChannelStats, actual: ChannelStats) -> tuple[Tensor, Tens
 
 
 def fold(state: dict[str, Tensor], prod: Producer, scale: Tensor, shift: Tensor) -> None:
-    """``weight`` rows times ``scale``, ``bias`` to ``bias * scale + shift`` (in ``state``; warns without bias)."""
+    """``weight``'s output slices times ``scale``, ``bias`` to ``bias * scale + shift`` (in ``state``; warns without bias)."""
     w = state[prod.weight_key]
     s = scale.to(device=w.device, dtype=w.dtype)
-    state[prod.weight_key] = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+    shape = [1] * w.ndim
+    shape[prod.out_axis] = -1
+    state[prod.weight_key] = w * s.reshape(shape)
     if prod.bias_key is not None:
         b = state[prod.bias_key]
         state[prod.bias_key] = b * s + shift.to(device=b.device, dtype=b.dtype)

@@ -2,12 +2,13 @@
 
 A **producer** is a module whose registered layer rule (:func:`rebasin.register_module`) declares
 ``"weight"`` with the ``"out"`` role on axis 0 — ``nn.Linear``, ``nn.Conv{1,2,3}d``, or a user's
-layer registered the same way — and whose weight's output axis carries a permutation of the spec
+layer registered the same way — or on axis 1 of a 2-D weight stored transposed (``transformers``'
+``Conv1D`` of GPT-2), and whose weight's output axis carries a permutation of the spec
 (structured or not: a grouped convolution's output channels are corrected one by one like any other)
 or a concatenation of them (a packed projection). A producer is BatchNorm-normalised when a
 BatchNorm carries its permutation, directly or as a part of a concatenation (a BatchNorm after
 ``torch.cat``).
-Its output features are rows of ``weight`` (plus ``bias``), so REPAIR can fold a per-channel affine
+Its output features are slices of ``weight`` along that axis (plus ``bias``), so REPAIR can fold a per-channel affine
 correction into them (:mod:`rebasin.paths._repair_math`). The statistics are taken on the producer's
 output along the rule's ``feature_dim``.
 
@@ -45,6 +46,7 @@ class Producer:
     weight_key: str
     bias_key: str | None
     channel_dim: int  # the rule's feature_dim: -1 for Linear, -(d+1) for Conv{d}d
+    out_axis: int = 0  # the weight's output axis: 0, or 1 for a transposed 2-D weight (Conv1D)
 
 
 def _prefix(name: str) -> str:
@@ -73,15 +75,14 @@ def producers(model: nn.Module, spec: PermutationSpec) -> tuple[list[Producer], 
     normed: list[Producer] = []
     for name, m in modules.items():
         rule = module_rule(m)
-        if rule is None or rule.role_axis("weight", "out") != 0:
-            continue
+        out = rule.role_axis("weight", "out") if rule is not None else None
         wkey = _prefix(name) + "weight"
         axes = spec.axes.get(wkey)
-        if not axes or axes[0] is None:
+        if rule is None or not axes or not (out == 0 or (out == 1 and len(axes) == 2)) or axes[out] is None:
             continue
         has_bias = rule.role_axis("bias", "out") == 0 and getattr(m, "bias", None) is not None
-        prod = Producer(name, axes[0], wkey, _prefix(name) + "bias" if has_bias else None, rule.feature_dim)
-        (normed if _normalised(spec, axes[0], bn_perms) else plain).append(prod)
+        prod = Producer(name, axes[out], wkey, _prefix(name) + "bias" if has_bias else None, rule.feature_dim, out)
+        (normed if _normalised(spec, axes[out], bn_perms) else plain).append(prod)
     return plain, normed, bns
 
 

@@ -79,7 +79,8 @@ def channel_stats(
 
     A producing layer is a module whose layer rule declares ``weight`` with the ``"out"`` role on axis
     0 (``nn.Linear``, ``nn.Conv{1,2,3}d``, a user's layer registered with
-    :func:`rebasin.register_module`) and whose weight's output axis carries a permutation of ``spec``.
+    :func:`rebasin.register_module`), or on axis 1 of a 2-D weight stored transposed (``transformers``'
+    ``Conv1D``, GPT-2), and whose weight's output axis carries a permutation of ``spec``.
     Statistics are over every position except the channel axis (batch, sequence, spatial), in
     float64, population variance. The model runs in eval mode through
     :func:`torch.func.functional_call` and is unchanged.
@@ -313,8 +314,8 @@ def repair(
       (:func:`rebasin.reset_bn_stats`; at ``t = 0`` this gives A with statistics measured on
       ``loader``, identical to A when A's statistics were computed that way);
     * other channels (no normalisation, LayerNorm): the output :math:`y` of each producing layer
-      (``Linear``, ``Conv``, or a layer registered with ``weight`` in the ``"out"`` role on axis 0,
-      see :func:`rebasin.register_module`) is measured, giving :math:`\mu, \sigma`, and
+      (``Linear``, ``Conv``, GPT-2's ``Conv1D``, or a layer registered with ``weight`` in the ``"out"``
+      role on axis 0, see :func:`rebasin.register_module`) is measured, giving :math:`\mu, \sigma`, and
 
       .. math::
 

@@ -78,11 +78,14 @@ def producers(model: nn.Module, spec: PermutationSpec) -> tuple[list[Producer], 
         out = rule.role_axis("weight", "out") if rule is not None else None
         wkey = _prefix(name) + "weight"
         axes = spec.axes.get(wkey)
-        if rule is None or not axes or not (out == 0 or (out == 1 and len(axes) == 2)) or axes[out] is None:
+        if rule is None or not axes or not (out == 0 or (out == 1 and len(axes) == 2)):
+            continue
+        perm = axes[out]
+        if perm is None:
             continue
         has_bias = rule.role_axis("bias", "out") == 0 and getattr(m, "bias", None) is not None
-        prod = Producer(name, axes[out], wkey, _prefix(name) + "bias" if has_bias else None, rule.feature_dim, out)
-        (normed if _normalised(spec, axes[out], bn_perms) else plain).append(prod)
+        prod = Producer(name, perm, wkey, _prefix(name) + "bias" if has_bias else None, rule.feature_dim, out)
+        (normed if _normalised(spec, perm, bn_perms) else plain).append(prod)
     return plain, normed, bns
 
 

@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from ..spec.core import PermutationSpec
-from ._start import GAIN_RTOL, Access, StartEngine, layerwise_start, objective_keys, solve_unit, upper_bound
+from ._start import (
+    GAIN_RTOL,
+    Access,
+    StartEngine,
+    layerwise_start,
+    linear_gain,
+    objective_keys,
+    solve_unit,
+    upper_bound,
+)
 from ._structured_terms import ComplexTerms, as_tensors, nonlinear_units, unit_of
 from .assignment import cost_from_similarity, solve_cost
 
@@ -121,12 +130,7 @@ class StructuredSteps:
                     gain += float(g.sum())
                     scale += float(np.abs(base[rows, new[p]]).sum() + np.abs(base[rows, old[p]]).sum())
         else:
-            gain, scale = 0.0, 0.0
-            for p in unit:
-                rows = np.arange(new[p].size)
-                got, had = sims[p][rows, new[p]], sims[p][rows, old[p]]
-                gain += float(got.sum() - had.sum())
-                scale += float(np.abs(got).sum() + np.abs(had).sum())
+            gain, scale = linear_gain(sims, new, old)
         if gain <= GAIN_RTOL * scale:
             return None
         for p in unit:

@@ -291,3 +291,25 @@ def test_family_weight_matching_recovers_the_inner_value_permutation(traced, nam
         back = permute(spec, got, b)
         for key in a:
             torch.testing.assert_close(back[key], a[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start", ["layerwise", "auto"])
+def test_layerwise_start_scores_the_value_units_through_the_output_projection(traced, start, tmp_path):
+    """With every ``v_proj`` zero only ``o_proj`` (through the query heads' column blocks) tells the value units
+    apart: the layer-wise start still recovers a planted copy exactly, the descent ends after its confirming
+    sweep, and ``start="auto"`` skips the identity's descent (the start reaches the Cauchy-Schwarz bound); the
+    checkpoint engine starts alike."""
+    from rebasin.spec.checkpoint import open_checkpoint
+    from rebasin.spec.hf_folder import save_permuted
+
+    model, spec = traced["llama"]
+    a = {k: torch.zeros_like(v) if "v_proj" in k else v for k, v in _randomised(model, seed=4).items()}
+    planted = random_permutation(spec, seed=7)
+    want = invert(planted)
+    save_permuted(spec, {}, a, tmp_path / "a.safetensors")
+    save_permuted(spec, planted, a, tmp_path / "b.safetensors")
+    for b in (permute(spec, planted, a), open_checkpoint(tmp_path / "b.safetensors")):
+        first = a if isinstance(b, dict) else open_checkpoint(tmp_path / "a.safetensors")
+        got, info = weight_matching(spec, first, b, seed=0, start=start, return_info=True)
+        assert all(torch.equal(got[p], want[p]) for p in want)
+        assert [(kind, sweeps) for kind, _, sweeps in info.descents] == [("layerwise", 1)]

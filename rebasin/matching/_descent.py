@@ -24,17 +24,22 @@ import torch
 from torch import Tensor
 
 from ..spec.core import PermutationSpec
-from ._start import Access, StartEngine, layerwise_start, objective_keys, solve_unit, upper_bound
+from ._start import (
+    GAIN_RTOL,
+    Access,
+    StartEngine,
+    layerwise_start,
+    linear_gain,
+    objective_keys,
+    solve_unit,
+    upper_bound,
+)
 from ._structured_terms import ComplexTerms, as_tensors, nonlinear_units, unit_of
 from .assignment import cost_from_similarity, solve_cost
 
 __all__ = ["PlainEngine", "StartedEngine", "StructuredSteps", "coordinate_descent", "match_from_starts", "NEAR_COPY",
            "GAIN_RTOL", "LOWRANK_FRACTION"]
 
-# A new permutation is accepted only if it raises the objective by more than this fraction of the
-# similarity entries it trades (sum of |S| over the changed rows, old and new): float32 noise
-# cannot make the descent cycle.
-GAIN_RTOL = 1e-6
 # Low-rank update of a cached similarity when at most this fraction of a neighbour changed.
 LOWRANK_FRACTION = 0.25
 
@@ -125,12 +130,7 @@ class StructuredSteps:
                     gain += float(g.sum())
                     scale += float(np.abs(base[rows, new[p]]).sum() + np.abs(base[rows, old[p]]).sum())
         else:
-            gain, scale = 0.0, 0.0
-            for p in unit:
-                rows = np.arange(new[p].size)
-                got, had = sims[p][rows, new[p]], sims[p][rows, old[p]]
-                gain += float(got.sum() - had.sum())
-                scale += float(np.abs(got).sum() + np.abs(had).sum())
+            gain, scale = linear_gain(sims, new, old)
         if gain <= GAIN_RTOL * scale:
             return None
         for p in unit:
@@ -292,7 +292,7 @@ def match_from_starts(
             return descend("init")
         if start == "identity":
             return descend("identity")
-        layerwise, _ = layerwise_start(spec, sizes, access, engine)
+        layerwise, _ = layerwise_start(spec, sizes, access, engine, steps.terms)
         if start == "layerwise":
             return descend("layerwise")
         if all(np.array_equal(layerwise[p], identity[p]) for p in identity):

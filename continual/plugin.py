@@ -8,6 +8,7 @@ A thin Avalanche :class:`~avalanche.training.plugins.SupervisedPlugin` over the 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -169,7 +170,9 @@ class RebasinMergePlugin(SupervisedPlugin):
     nothing more than the buffer: at every experience one fold of the buffer is taken out of the replay
     plugin's storage while the training dataloader is built (and put back before the buffer is updated),
     so the merge is judged on old samples this experience did not train on; it needs the replay plugin to
-    come after this one in ``plugins`` (``Replay(plugins=[plugin])`` does that). ``"current"`` keeps no
+    come after this one in ``plugins`` (``Replay(plugins=[plugin])`` does that). Should training raise while
+    the fold is out, the buffer gets it back before the exception leaves ``strategy.train`` (the plugin wraps
+    the strategy's ``_before_training_exp`` and ``_train_exp`` for the length of each ``train`` call). ``"current"`` keeps no
     old sample at all. A hold-out is cut from ``strategy.adapted_dataset`` after Avalanche adapted the
     experience and before any dataloader is built, and never takes more than ``max_fraction`` of it.
     Plugins placed before this one that add old data to ``adapted_dataset`` (or a cumulative strategy) mix
@@ -369,6 +372,15 @@ class RebasinMergePlugin(SupervisedPlugin):
         held, kept = order[:m].sort().values.tolist(), order[m:].sort().values.tolist()
         self._heldout = tensors_at(dataset, held, seed=self._rng_seed(5), batch_size=self.batch_size)
         strategy.adapted_dataset = subset(dataset, kept)
+
+    def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        # the fold is out of the buffer from this plugin's before_training_exp to the first before_training_epoch;
+        # Avalanche has no callback for an exception in between, so the steps that span it put the fold back
+        if self.alpha is None and self.policy.source == "buffer_fold":
+            _guard(strategy, self._put_fold_back)
+
+    def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        _unguard(strategy)
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
@@ -592,6 +604,41 @@ def _alpha_and_policy(alpha: Any, deprecated: dict[str, Any]) -> tuple[float | N
     if isinstance(value, AlphaPolicy):
         return None, replace(value, **fields) if fields else value
     return value, AlphaPolicy(**fields)
+
+
+#: the strategy's steps between taking the fold out of the buffer and putting it back (Avalanche's templates)
+_GUARDED = ("_before_training_exp", "_train_exp")
+
+
+def _guard(strategy: Any, on_error: Callable[[], None]) -> None:
+    """Wrap the strategy's steps in ``_GUARDED`` (instance attributes) so that an exception first calls ``on_error``.
+
+    An exception also removes the wrappers (``strategy.train`` does not reach ``after_training``); so does
+    :func:`_unguard`. A strategy already wrapped is left as it is.
+    """
+    for name in _GUARDED:
+        method = getattr(strategy, name, None)
+        if method is None or getattr(method, "_fold_guard", False):
+            continue
+
+        def guarded(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            try:
+                return _method(*args, **kwargs)
+            except BaseException:
+                on_error()
+                _unguard(strategy)
+                raise
+
+        functools.update_wrapper(guarded, method)
+        guarded._fold_guard = True  # type: ignore[attr-defined]
+        setattr(strategy, name, guarded)
+
+
+def _unguard(strategy: Any) -> None:
+    """Remove the wrappers :func:`_guard` put on the strategy (the class's methods show through again)."""
+    for name in _GUARDED:
+        if getattr(vars(strategy).get(name), "_fold_guard", False):
+            delattr(strategy, name)
 
 
 def _subsample(data: tuple[Tensor, Tensor] | None, cap: int, seed: int) -> tuple[Tensor, Tensor] | None:

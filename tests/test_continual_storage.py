@@ -167,6 +167,40 @@ def test_buffer_fold_chooses_on_buffer_samples_this_experience_never_trained_on(
     assert folds[0] is None and not torch.equal(folds[1][0], folds[2][0])  # no buffer yet; then the fold rotates
 
 
+class Boom(SupervisedPlugin):
+    """Raises in the callback ``when`` at experience ``at`` (after the fold was taken, before or during training)."""
+
+    def __init__(self, when: str, at: int):
+        super().__init__()
+        self.when, self.at = when, at
+        setattr(self, when, self.boom)
+
+    def boom(self, strategy, *args, **kwargs):
+        if strategy.experience.current_experience == self.at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("when", ["before_training_exp", "before_training_epoch", "before_training_iteration"])
+def test_an_exception_while_the_fold_is_out_leaves_the_buffer_intact(bench, when):
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold", folds=4, samples=20, grid=3))
+    # Boom after the replay plugin: at before_training_exp the fold is out and the replay dataloader built
+    strategy = Replay(mem_size=64, plugins=[plugin], **common(tiny()))
+    strategy.plugins.append(Boom(when, at=1))
+    replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+    strategy.train(bench.train_stream[0])
+    before = replay.storage_policy.buffer
+    rows = torch.stack([before[i][0] for i in range(len(before))])
+    with pytest.raises(RuntimeError, match="boom"):
+        strategy.train(bench.train_stream[1])
+    after = replay.storage_policy.buffer
+    assert len(after) == 64
+    torch.testing.assert_close(torch.stack([after[i][0] for i in range(len(after))]), rows)
+    assert "_before_training_exp" not in vars(strategy) and "_train_exp" not in vars(strategy)  # wrappers gone
+    strategy.plugins.pop()
+    strategy.train(bench.train_stream[1])  # and the stream goes on
+    assert len(replay.storage_policy.buffer) == 64 and len(plugin.history) == 1
+
+
 def test_buffer_fold_bad_setups_fail_before_training(bench):
     policy = AlphaPolicy(source="buffer_fold", folds=5)
     model = tiny()

@@ -6,8 +6,9 @@ Every cell of the grid is one protocol (benchmark, rotation set, tasks, epochs, 
 protocol runs every variant on every seed, and the table reports every cell, not the best ones:
 
 * ``replay``: Avalanche's ``Replay`` alone;
-* ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
-  ``rebasin_merge``);
+* ``defaults``: ``Replay`` + ``RebasinMergePlugin(alpha=AlphaPolicy())``, the plugin's defaults when the grid
+  ran (200 held-out samples per task, kept; ``continual.compare``'s ``rebasin_merge_holdout``; the defaults are
+  the buffer fold with ``refit`` since issue 27, ``buffer fold + refit`` below);
 * ``one chain``: the plugin training every experience from the merge (``train_from="merged"``, its
   defaults until this grid preferred two chains);
 * the other ways of choosing the merge weight alpha, each differing from ``one chain`` in one setting,
@@ -69,7 +70,7 @@ ALL_LINES: dict[str, Any] = {"variant": "all_lines", "line_points": 10, "mc_lr":
 ONE = {"train_from": "merged"}
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay", "replay", {}),
-    ("defaults", "rebasin_merge", {}),
+    ("defaults", "rebasin_merge_holdout", {}),  # the plugin's defaults when the grid ran (AlphaPolicy())
     ("holdout, old=new", "rebasin_merge", {"alpha": {"old_weight": 0.5}, **ONE}),
     ("memory", "rebasin_merge", {"alpha": {"source": "memory"}, **ONE}),
     ("replay buffer, old=new", "rebasin_merge", {"alpha": {"source": "replay", "old_weight": 0.5}, **ONE}),
@@ -83,13 +84,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("holdout 20/task", "rebasin_merge", {"alpha": {"samples": 20}, **ONE}),
     ("replay +20/task", "replay", {}),
     ("holdout, by accuracy", "rebasin_merge", {"alpha": {"criterion": "accuracy"}, **ONE}),
-    ("one chain", "rebasin_merge", ONE),
+    ("one chain", "rebasin_merge_holdout", ONE),
     # no storage besides the buffer (issue 27): alpha chosen on a rotating fold of the buffer the experience does
     # not train on; and CLeWI (replay, then align, interpolate at 0.5 and REPAIR)
     ("buffer fold", "rebasin_merge_fold", {}),
     ("clewi", "clewi", {}),
     # the buffer fold, and once alpha is chosen one more pass over the held-out slice (AlphaPolicy(refit=True))
-    ("buffer fold + refit", "rebasin_merge_refit", {}),
+    ("buffer fold + refit", "rebasin_merge_refit", {}),  # the plugin's defaults since issue 27
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]
@@ -222,16 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="continual_grid.json")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of the runs in --out (and --include) without running the missing ones")
+    p.add_argument("--include", nargs="+", default=[], metavar="FILE",
+                   help="result files of earlier runs (other --out files): their runs count as done and join the "
+                        "table; nothing is written to them")
     args = p.parse_args(argv)
-    args.data_root = mnist_root(args.data_root)
+    if not args.table_only:
+        args.data_root = mnist_root(args.data_root)
     cells = list(range(len(CELLS))) if args.cells is None else [int(i) for i in args.cells.split(",")]
     variants = DEFAULT_VARIANTS if args.variants is None else [int(i) for i in args.variants.split(",")]
     out = Path(args.out)
-    records: list[dict[str, Any]] = json.loads(out.read_text()) if args.resume and out.exists() else []
-    done = {(r["cell"], r["variant"], r["seed"]) for r in records}
+    records: list[dict[str, Any]] = json.loads(out.read_text()) if (args.resume or args.table_only) and out.exists() else []
+    included = [r for f in args.include for r in json.loads(Path(f).read_text())]
+    done = {(r["cell"], r["variant"], r["seed"]) for r in records + included}
     # Seed-major, so a partial grid already has every protocol on the first seeds.
     tasks = [(c, v, s) for s in range(args.first_seed, args.first_seed + args.seeds) for c in cells for v in variants
-             if (CELLS[c][0], VARIANTS[v][0], s) not in done]
+             if (CELLS[c][0], VARIANTS[v][0], s) not in done and not args.table_only]
 
     def keep(record: dict[str, Any]) -> None:
         records.append(record)
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep(future.result())
     cell_labels = [CELLS[c][0] for c in cells]
     variant_labels = [VARIANTS[v][0] for v in variants]
-    table = _table(records, cell_labels, variant_labels)
+    table = _table(included + records, cell_labels, variant_labels)  # a rerun (in --out) wins over an included one
     print(table)
     if not args.no_report:
         seeds = sorted({r["seed"] for r in records})
@@ -267,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                         + (f" with a buffer of mN + {_held_out_per_task() if EXTRA_MEMORY[label] is None else EXTRA_MEMORY[label]}"
                            "·T (a control: what the plugin variant stores, spent on replay)" if label in EXTRA_MEMORY else "")
                         for label, strategy, options in (VARIANTS[v] for v in variants))
-            + ". `rebasin_merge` = Replay + RebasinMergePlugin; `defaults` is the plugin with no arguments (weight "
-              "matching, alpha chosen on 200 held-out samples per task, every task weighted the same, two chains: each "
-              "task trains from the weights before the last merge); bold: the best "
+            + ". `rebasin_merge*` = Replay + RebasinMergePlugin; `defaults` is the plugin's defaults when the grid "
+              "ran, alpha=AlphaPolicy() (weight matching, alpha chosen on 200 held-out samples per task, kept, every "
+              "task weighted the same, two chains: each task trains from the weights before the last merge); bold: the best "
               "mean of each protocol among the non-control columns"
             + f". {machine_summary()}; one torch thread per run; the runs' wall times add up to "
               f"{sum(r['time_s'] for r in records) / 60:.0f} min."

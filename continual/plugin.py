@@ -36,7 +36,8 @@ from ._data import (
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
-__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS"]
+__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS", "DEFAULT_ALPHA",
+           "FALLBACK_ALPHA"]
 
 #: Where each experience's training starts (see ``RebasinMergePlugin``'s ``train_from``).
 TRAIN_FROM = ("merged", "sequential")
@@ -82,6 +83,15 @@ class MergeRecord:
     time_s: float
     old_weight: float | None = None
     refit_steps: int = 0
+
+
+#: How the plugin chooses alpha when ``alpha`` is not given (issue 27; chosen on the grid of protocols in
+#: docs/benchmarks.md, "Continual learning at equal storage"): on a rotating fold of the replay buffer that the
+#: experience does not train on, then one more pass over the held-out slice; nothing stored besides the buffer.
+DEFAULT_ALPHA = AlphaPolicy(source="buffer_fold", refit=True)
+#: What the default becomes, with one warning, in a strategy without a replay buffer placed after the plugin (the
+#: plugin's defaults until issue 27: 200 held-out samples of every experience, kept besides any buffer).
+FALLBACK_ALPHA = AlphaPolicy()
 
 
 class RebasinMergePlugin(SupervisedPlugin):
@@ -131,8 +141,14 @@ class RebasinMergePlugin(SupervisedPlugin):
         :class:`~continual.policy.AlphaPolicy` saying how to choose it for every merge: where its samples
         come from (``source``: held out and kept, a fold of the replay buffer, the current task only, ...),
         what it minimises, on which grid, with how many samples. A mapping of the policy's fields (e.g. from
-        JSON) is read as one. Default: ``AlphaPolicy()`` — 200 held-out samples of every experience (at most
-        20% of it), kept; every task weighted the same; the loss. The policy's fields were separate keywords
+        JSON) is read as one. Default (:data:`DEFAULT_ALPHA`): ``AlphaPolicy(source="buffer_fold",
+        refit=True)`` — alpha chosen on a rotating fifth of the replay buffer that the experience does not
+        train on and a held-out slice of the experience that is trained on after the choice; it stores
+        nothing besides the buffer. It needs a replay buffer placed after the plugin (``Replay(plugins=
+        [plugin])``); in a strategy without one the default becomes :data:`FALLBACK_ALPHA` (``AlphaPolicy()``:
+        200 held-out samples of every experience, at most 20% of it, **kept** besides any buffer; the default
+        until issue 27) with one :class:`rebasin.RebasinWarning` when training starts; pass
+        ``alpha=AlphaPolicy()`` for that without the warning. The policy's fields were separate keywords
         until 0.3 (``select_alpha_on``, ``select_alpha_by``, ``old_weight``, ``alpha_grid``, ``new_samples``,
         ``old_samples``, ``memory_per_experience``); they still work for one release with a
         :class:`DeprecationWarning`, as does ``alpha=None`` (the policy given by them).
@@ -198,7 +214,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self,
         *,
         matcher: str = "weight_matching",
-        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),  # noqa: B008 - AlphaPolicy is a frozen dataclass: one shared default is safe
+        alpha: float | AlphaPolicy | Mapping[str, Any] | None = DEFAULT_ALPHA,
         spec: PermutationSpec | None = None,
         model: nn.Module | None = None,
         example_input: Any = None,
@@ -220,6 +236,8 @@ class RebasinMergePlugin(SupervisedPlugin):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RebasinError(f"batch_size must be a positive int, got {batch_size!r}")
         self.alpha, self.policy = _alpha_and_policy(alpha, deprecated)
+        # alpha left at its default: checked for a replay buffer once, when training starts
+        self._default = alpha is DEFAULT_ALPHA and not deprecated
         self.matcher = matcher
         self.train_from = train_from
         self._sequential: dict[str, Tensor] | None = None
@@ -374,6 +392,9 @@ class RebasinMergePlugin(SupervisedPlugin):
         strategy.adapted_dataset = subset(dataset, kept)
 
     def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self._default:
+            self._default = False
+            self._fall_back_without_buffer(strategy)
         # the fold is out of the buffer from this plugin's before_training_exp to the first before_training_epoch;
         # Avalanche has no callback for an exception in between, so the steps that span it put the fold back
         if self.alpha is None and self.policy.source == "buffer_fold":
@@ -381,6 +402,25 @@ class RebasinMergePlugin(SupervisedPlugin):
 
     def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         _unguard(strategy)
+
+    def _fall_back_without_buffer(self, strategy: Any) -> None:
+        """The default policy in a strategy without a replay buffer after the plugin: :data:`FALLBACK_ALPHA`."""
+        owner, _ = find_replay_buffer(strategy)
+        plugins = list(getattr(strategy, "plugins", []))
+        if owner is not None and (owner not in plugins or self not in plugins
+                                  or plugins.index(owner) > plugins.index(self)):
+            return
+        where = ("no replay buffer" if owner is None
+                 else f"its replay buffer ({type(owner).__name__}) before the merge plugin in plugins=")
+        warnings.warn(
+            f"RebasinMergePlugin(): the default chooses alpha on a fold of the replay buffer ({DEFAULT_ALPHA!r}), "
+            f"and this strategy has {where}; choosing alpha on {FALLBACK_ALPHA.samples} held-out samples of every "
+            "experience instead, which are kept besides any buffer (AlphaPolicy(), the earlier default). Pass "
+            "alpha=AlphaPolicy() for this without the warning, put the plugin in Replay(plugins=[plugin]) (or "
+            "before the ReplayPlugin) for the default, or alpha=AlphaPolicy(source='current') to store nothing",
+            RebasinWarning, stacklevel=2,
+        )
+        self.policy = FALLBACK_ALPHA
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
@@ -597,9 +637,11 @@ def _alpha_and_policy(alpha: Any, deprecated: dict[str, Any]) -> tuple[float | N
     if alpha is None:
         warnings.warn(
             "RebasinMergePlugin(alpha=None) is deprecated and will be removed in the next release; use "
-            "RebasinMergePlugin(alpha=AlphaPolicy(...)) (the default)", DeprecationWarning, stacklevel=3,
+            "RebasinMergePlugin(alpha=AlphaPolicy(...))", DeprecationWarning, stacklevel=3,
         )
-        alpha = AlphaPolicy()
+        alpha = FALLBACK_ALPHA  # what alpha=None meant (the policy of the 0.2 keywords, on the defaults then)
+    if fields and alpha is DEFAULT_ALPHA:  # the 0.2 keywords configured the policy that was the default then
+        alpha = FALLBACK_ALPHA
     value = as_alpha(alpha)
     if isinstance(value, AlphaPolicy):
         return None, replace(value, **fields) if fields else value

@@ -59,7 +59,7 @@ STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_m
               "rebasin_merge_refit",
               "naive_rebasin_merge",
               "rebasin_merge_zero", "rebasin_il", "mcsgd", "clewi")
-#: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge``: Replay with what it stores).
+#: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge_holdout``: Replay with what it stores).
 EQUAL_STORAGE = "replay_eq_"
 
 

@@ -6,8 +6,9 @@ Every cell of the grid is one protocol (benchmark, rotation set, tasks, epochs, 
 protocol runs every variant on every seed, and the table reports every cell, not the best ones:
 
 * ``replay``: Avalanche's ``Replay`` alone;
-* ``defaults``: ``Replay`` + ``RebasinMergePlugin()`` at its defaults (``continual.compare``'s
-  ``rebasin_merge``);
+* ``defaults``: ``Replay`` + ``RebasinMergePlugin(alpha=AlphaPolicy())``, the plugin's defaults when the grid
+  ran (200 held-out samples per task, kept; ``continual.compare``'s ``rebasin_merge_holdout``; the defaults are
+  the buffer fold with ``refit`` since issue 27, ``buffer fold + refit`` below);
 * ``one chain``: the plugin training every experience from the merge (``train_from="merged"``, its
   defaults until this grid preferred two chains);
 * the other ways of choosing the merge weight alpha, each differing from ``one chain`` in one setting,
@@ -21,7 +22,8 @@ replay buffer, the plugin's old default, and on the buffer with a transient held
 with no storage besides the buffer, ``buffer fold`` — ``continual.compare``'s ``rebasin_merge_fold`` —, the same with
 ``refit`` (``rebasin_merge_refit``) and ``clewi``).
 The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
-permutations), so each seed is another protocol of each kind. Results go to ``--out`` (JSON, one record
+permutations), so each seed is another protocol of each kind; ``--first-seed K`` runs seeds K, K + 1, ...: the
+fresh draws of issue 27 are seeds 2 and 3, which the grid's choices never saw. Results go to ``--out`` (JSON, one record
 per run, written as runs finish; ``--resume`` keeps them and runs only what is missing, so a complete file
 just prints the table) and the summary table to docs/benchmarks.md.
 """
@@ -68,7 +70,7 @@ ALL_LINES: dict[str, Any] = {"variant": "all_lines", "line_points": 10, "mc_lr":
 ONE = {"train_from": "merged"}
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("replay", "replay", {}),
-    ("defaults", "rebasin_merge", {}),
+    ("defaults", "rebasin_merge_holdout", {}),  # the plugin's defaults when the grid ran (AlphaPolicy())
     ("holdout, old=new", "rebasin_merge", {"alpha": {"old_weight": 0.5}, **ONE}),
     ("memory", "rebasin_merge", {"alpha": {"source": "memory"}, **ONE}),
     ("replay buffer, old=new", "rebasin_merge", {"alpha": {"source": "replay", "old_weight": 0.5}, **ONE}),
@@ -82,13 +84,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("holdout 20/task", "rebasin_merge", {"alpha": {"samples": 20}, **ONE}),
     ("replay +20/task", "replay", {}),
     ("holdout, by accuracy", "rebasin_merge", {"alpha": {"criterion": "accuracy"}, **ONE}),
-    ("one chain", "rebasin_merge", ONE),
+    ("one chain", "rebasin_merge_holdout", ONE),
     # no storage besides the buffer (issue 27): alpha chosen on a rotating fold of the buffer the experience does
     # not train on; and CLeWI (replay, then align, interpolate at 0.5 and REPAIR)
     ("buffer fold", "rebasin_merge_fold", {}),
     ("clewi", "clewi", {}),
     # the buffer fold, and once alpha is chosen one more pass over the held-out slice (AlphaPolicy(refit=True))
-    ("buffer fold + refit", "rebasin_merge_refit", {}),
+    ("buffer fold + refit", "rebasin_merge_refit", {}),  # the plugin's defaults since issue 27
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]
@@ -148,9 +150,17 @@ def _run(cell_index: int, variant_index: int, seed: int) -> dict[str, Any]:
 
 
 def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str]) -> str:
+    """The grid's table: mean ± std per protocol and variant, and each candidate's per-seed difference to Replay.
+
+    The difference columns are ``defaults − replay`` when ``defaults`` ran, else one per plugin variant that ran
+    (not the controls); the last row counts the protocols where that difference is at least 1 point on every seed.
+    """
     by = {(r["cell"], r["variant"], r["seed"]): r for r in records}
     rows = []
     wins = {v: 0 for v in variants}
+    versus = ["defaults"] if "defaults" in variants else [v for v in variants if v != "replay" and v not in EXTRA_MEMORY]
+    versus = versus if "replay" in variants else []
+    clear = {v: 0 for v in versus}  # protocols where the variant is >= 1 point above Replay on every seed
     for cell in cells:
         row = [cell]
         means = {}
@@ -170,12 +180,14 @@ def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str])
             row = [row[0]] + [f"**{x}**" if variants[i] in means and means[variants[i]] == best
                               and variants[i] not in EXTRA_MEMORY else x
                               for i, x in enumerate(row[1:])]
-        seeds = sorted({s for (c, vv, s) in by if c == cell and vv == "defaults"})
-        diffs = [100 * (by[(cell, "defaults", s)]["acc"] - by[(cell, "replay", s)]["acc"])
-                 for s in seeds if (cell, "replay", s) in by]
-        row.append(" / ".join(f"{d:+.1f}" for d in diffs) if diffs else "-")
+        for v in versus:
+            seeds = sorted({s for (c, vv, s) in by if c == cell and vv == v})
+            diffs = [100 * (by[(cell, v, s)]["acc"] - by[(cell, "replay", s)]["acc"])
+                     for s in seeds if (cell, "replay", s) in by]
+            row.append(" / ".join(f"{d:+.1f}" for d in diffs) if diffs else "-")
+            clear[v] += bool(diffs) and min(diffs) >= 1.0
         rows.append(row)
-    header = ["protocol"] + variants + ["defaults − replay per seed"]
+    header = ["protocol"] + variants + [f"{v} − replay per seed" for v in versus]
     mean_row = ["mean over protocols"]
     for v in variants:
         cell_means = []
@@ -184,9 +196,12 @@ def _table(records: list[dict[str, Any]], cells: list[str], variants: list[str])
             if accs:
                 cell_means.append(statistics.fmean(accs))
         mean_row.append(f"{statistics.fmean(cell_means):.1f}" if len(cell_means) == len(cells) else "-")
-    rows.append(mean_row + [""])
+    rows.append(mean_row + [""] * len(versus))
     rows.append(["protocols where best"] + [str(wins[v]) if v not in EXTRA_MEMORY else "(control)" for v in variants]
-                + [""])
+                + [""] * len(versus))
+    if versus:
+        rows.append(["protocols ≥ 1 point above replay on every seed"] + [""] * len(variants)
+                    + [str(clear[v]) for v in versus])
     return markdown_table(header, rows)
 
 
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=None)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first_seed .. first_seed + seeds - 1: a seed the grid never ran draws a fresh protocol "
+                        "(another MNIST subset, other random angles and permutations)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--train-samples", type=int, default=10000)
     p.add_argument("--test-samples", type=int, default=2000)
@@ -205,16 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="continual_grid.json")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of the runs in --out (and --include) without running the missing ones")
+    p.add_argument("--include", nargs="+", default=[], metavar="FILE",
+                   help="result files of earlier runs (other --out files): their runs count as done and join the "
+                        "table; nothing is written to them")
     args = p.parse_args(argv)
-    args.data_root = mnist_root(args.data_root)
+    if not args.table_only:
+        args.data_root = mnist_root(args.data_root)
     cells = list(range(len(CELLS))) if args.cells is None else [int(i) for i in args.cells.split(",")]
     variants = DEFAULT_VARIANTS if args.variants is None else [int(i) for i in args.variants.split(",")]
     out = Path(args.out)
-    records: list[dict[str, Any]] = json.loads(out.read_text()) if args.resume and out.exists() else []
-    done = {(r["cell"], r["variant"], r["seed"]) for r in records}
+    records: list[dict[str, Any]] = json.loads(out.read_text()) if (args.resume or args.table_only) and out.exists() else []
+    included = [r for f in args.include for r in json.loads(Path(f).read_text())]
+    done = {(r["cell"], r["variant"], r["seed"]) for r in records + included}
     # Seed-major, so a partial grid already has every protocol on the first seeds.
-    tasks = [(c, v, s) for s in range(args.seeds) for c in cells for v in variants
-             if (CELLS[c][0], VARIANTS[v][0], s) not in done]
+    tasks = [(c, v, s) for s in range(args.first_seed, args.first_seed + args.seeds) for c in cells for v in variants
+             if (CELLS[c][0], VARIANTS[v][0], s) not in done and not args.table_only]
 
     def keep(record: dict[str, Any]) -> None:
         records.append(record)
@@ -235,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep(future.result())
     cell_labels = [CELLS[c][0] for c in cells]
     variant_labels = [VARIANTS[v][0] for v in variants]
-    table = _table(records, cell_labels, variant_labels)
+    table = _table(included + records, cell_labels, variant_labels)  # a rerun (in --out) wins over an included one
     print(table)
     if not args.no_report:
         seeds = sorted({r["seed"] for r in records})
@@ -250,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                         + (f" with a buffer of mN + {_held_out_per_task() if EXTRA_MEMORY[label] is None else EXTRA_MEMORY[label]}"
                            "·T (a control: what the plugin variant stores, spent on replay)" if label in EXTRA_MEMORY else "")
                         for label, strategy, options in (VARIANTS[v] for v in variants))
-            + ". `rebasin_merge` = Replay + RebasinMergePlugin; `defaults` is the plugin with no arguments (weight "
-              "matching, alpha chosen on 200 held-out samples per task, every task weighted the same, two chains: each "
-              "task trains from the weights before the last merge); bold: the best "
+            + ". `rebasin_merge*` = Replay + RebasinMergePlugin; `defaults` is the plugin's defaults when the grid "
+              "ran, alpha=AlphaPolicy() (weight matching, alpha chosen on 200 held-out samples per task, kept, every "
+              "task weighted the same, two chains: each task trains from the weights before the last merge); bold: the best "
               "mean of each protocol among the non-control columns"
             + f". {machine_summary()}; one torch thread per run; the runs' wall times add up to "
               f"{sum(r['time_s'] for r in records) / 60:.0f} min."

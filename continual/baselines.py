@@ -12,15 +12,18 @@ name                      strategy
 ``lwf``                   ``LwF(alpha=1, temperature=2)``
 ``replay``                ``Replay(mem_size)``
 ``rebasin_merge``         ``Replay(mem_size)`` + :class:`RebasinMergePlugin` at its defaults (weight
-                          matching, alpha chosen for each merge on held-out samples of every task
-                          seen, every task weighted the same); ``options`` override them, e.g.
-                          ``{"alpha": 0.5}``
+                          matching; alpha chosen for each merge on a rotating fold of the buffer that the
+                          experience does not train on, then one more pass over the held-out slice: no
+                          storage besides the buffer); ``options`` override them, e.g. ``{"alpha": 0.5}``
+``rebasin_merge_holdout`` ``Replay(mem_size)`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy()`` (the
+                          defaults until issue 27): alpha chosen on 200 held-out samples of every task seen,
+                          kept besides the buffer, every task weighted the same
 ``rebasin_merge_fold``    ``Replay(mem_size)`` + :class:`RebasinMergePlugin` with
                           ``alpha=AlphaPolicy(source="buffer_fold")``: alpha chosen on a rotating fold of
                           the buffer that the experience does not train on (no storage besides the buffer)
-``rebasin_merge_refit``   ``rebasin_merge_fold`` with ``AlphaPolicy(refit=True)``: once alpha is chosen, one
-                          more pass over the held-out slice (with buffer samples) before the merge
-``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` at its defaults
+``rebasin_merge_refit``   ``rebasin_merge_fold`` with ``AlphaPolicy(refit=True)`` (the defaults' policy): once
+                          alpha is chosen, one more pass over the held-out slice (with buffer samples)
+``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy()`` (no buffer to fold)
 ``rebasin_merge_zero``    ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy(source="current")``:
                           no old sample stored (alpha chosen on the current task's held-out slice)
 ``si``                    Synaptic Intelligence (``si_lambda=1``): ``Naive`` + :class:`continual.si.SIPlugin`
@@ -52,10 +55,11 @@ __all__ = ["OPTIMIZERS", "STRATEGIES", "EQUAL_STORAGE", "make_strategy", "mlp"]
 #: The optimizers :func:`make_strategy` builds.
 OPTIMIZERS = ("adamw", "sgd")
 
-STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_fold", "rebasin_merge_refit",
+STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_holdout", "rebasin_merge_fold",
+              "rebasin_merge_refit",
               "naive_rebasin_merge",
               "rebasin_merge_zero", "rebasin_il", "mcsgd", "clewi")
-#: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge``: Replay with what it stores).
+#: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge_holdout``: Replay with what it stores).
 EQUAL_STORAGE = "replay_eq_"
 
 
@@ -176,6 +180,7 @@ def make_strategy(
         "lwf": lambda: LwF(alpha=1.0, temperature=2.0, **common),
         "replay": lambda: Replay(mem_size=mem_size, **common),
         "rebasin_merge": lambda: replay_with_merge(),
+        "rebasin_merge_holdout": lambda: replay_with_merge(alpha=AlphaPolicy()),
         "rebasin_merge_fold": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold")),
         "rebasin_merge_refit": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold", refit=True)),
         "rebasin_merge_zero": lambda: Naive(
@@ -190,7 +195,8 @@ def make_strategy(
         "clewi": lambda: CLeWI(mem_size=mem_size, example_input=example_input, seed=seed, **options, **common),
         "naive_rebasin_merge": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [
-                RebasinMergePlugin(model=model, example_input=example_input, seed=seed, **options)
+                RebasinMergePlugin(**{"alpha": AlphaPolicy(), **options}, model=model, example_input=example_input,
+                                   seed=seed)
             ]},
         ),
         "rebasin_il": lambda: RebasinIL(

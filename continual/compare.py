@@ -18,7 +18,7 @@ matrix ``R[i, j]`` (accuracy on task ``j`` after training on experience ``i``). 
   buffer samples, other samples (held out to choose a merge, or an episodic memory) and model-sized copies.
 
 Methods are compared at equal storage: for every strategy that stores samples besides its replay buffer
-(``rebasin_merge`` at its defaults keeps its held-out samples, ``mcsgd`` its episodic memory), a control
+(``rebasin_merge_holdout`` keeps its held-out samples, ``mcsgd`` its episodic memory), a control
 ``replay_eq_<strategy>`` is added and run on the same seeds: ``Replay`` whose buffer holds as many samples
 as the strategy stores in all (``--no-equal-storage`` skips them).
 

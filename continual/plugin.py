@@ -8,6 +8,7 @@ A thin Avalanche :class:`~avalanche.training.plugins.SupervisedPlugin` over the 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,7 +37,8 @@ from ._data import (
 from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
-__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS"]
+__all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS", "DEFAULT_ALPHA",
+           "FALLBACK_ALPHA"]
 
 #: Where each experience's training starts (see ``RebasinMergePlugin``'s ``train_from``).
 TRAIN_FROM = ("merged", "sequential")
@@ -105,6 +107,15 @@ def _state_new(model: nn.Module, result: Any) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+#: How the plugin chooses alpha when ``alpha`` is not given (issue 27; chosen on the grid of protocols in
+#: docs/benchmarks.md, "Continual learning at equal storage"): on a rotating fold of the replay buffer that the
+#: experience does not train on, then one more pass over the held-out slice; nothing stored besides the buffer.
+DEFAULT_ALPHA = AlphaPolicy(source="buffer_fold", refit=True)
+#: What the default becomes, with one warning, in a strategy without a replay buffer placed after the plugin (the
+#: plugin's defaults until issue 27: 200 held-out samples of every experience, kept besides any buffer).
+FALLBACK_ALPHA = AlphaPolicy()
+
+
 class RebasinMergePlugin(SupervisedPlugin):
     r"""Align the freshly trained model to the previous experience's model and merge along the line.
 
@@ -152,8 +163,14 @@ class RebasinMergePlugin(SupervisedPlugin):
         :class:`~continual.policy.AlphaPolicy` saying how to choose it for every merge: where its samples
         come from (``source``: held out and kept, a fold of the replay buffer, the current task only, ...),
         what it minimises, on which grid, with how many samples. A mapping of the policy's fields (e.g. from
-        JSON) is read as one. Default: ``AlphaPolicy()`` — 200 held-out samples of every experience (at most
-        20% of it), kept; every task weighted the same; the loss. The policy's fields were separate keywords
+        JSON) is read as one. Default (:data:`DEFAULT_ALPHA`): ``AlphaPolicy(source="buffer_fold",
+        refit=True)`` — alpha chosen on a rotating fifth of the replay buffer that the experience does not
+        train on and a held-out slice of the experience that is trained on after the choice; it stores
+        nothing besides the buffer. It needs a replay buffer placed after the plugin (``Replay(plugins=
+        [plugin])``); in a strategy without one the default becomes :data:`FALLBACK_ALPHA` (``AlphaPolicy()``:
+        200 held-out samples of every experience, at most 20% of it, **kept** besides any buffer; the default
+        until issue 27) with one :class:`rebasin.RebasinWarning` when training starts; pass
+        ``alpha=AlphaPolicy()`` for that without the warning. The policy's fields were separate keywords
         until 0.3 (``select_alpha_on``, ``select_alpha_by``, ``old_weight``, ``alpha_grid``, ``new_samples``,
         ``old_samples``, ``memory_per_experience``); they still work for one release with a
         :class:`DeprecationWarning`, as does ``alpha=None`` (the policy given by them).
@@ -191,7 +208,9 @@ class RebasinMergePlugin(SupervisedPlugin):
     nothing more than the buffer: at every experience one fold of the buffer is taken out of the replay
     plugin's storage while the training dataloader is built (and put back before the buffer is updated),
     so the merge is judged on old samples this experience did not train on; it needs the replay plugin to
-    come after this one in ``plugins`` (``Replay(plugins=[plugin])`` does that). ``"current"`` keeps no
+    come after this one in ``plugins`` (``Replay(plugins=[plugin])`` does that). Should training raise while
+    the fold is out, the buffer gets it back before the exception leaves ``strategy.train`` (the plugin wraps
+    the strategy's ``_before_training_exp`` and ``_train_exp`` for the length of each ``train`` call). ``"current"`` keeps no
     old sample at all. A hold-out is cut from ``strategy.adapted_dataset`` after Avalanche adapted the
     experience and before any dataloader is built, and never takes more than ``max_fraction`` of it.
     Plugins placed before this one that add old data to ``adapted_dataset`` (or a cumulative strategy) mix
@@ -217,7 +236,7 @@ class RebasinMergePlugin(SupervisedPlugin):
         self,
         *,
         matcher: str = "weight_matching",
-        alpha: float | AlphaPolicy | Mapping[str, Any] | None = AlphaPolicy(),  # noqa: B008 - AlphaPolicy is a frozen dataclass: one shared default is safe
+        alpha: float | AlphaPolicy | Mapping[str, Any] | None = DEFAULT_ALPHA,
         spec: PermutationSpec | None = None,
         model: nn.Module | None = None,
         example_input: Any = None,
@@ -239,6 +258,8 @@ class RebasinMergePlugin(SupervisedPlugin):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RebasinError(f"batch_size must be a positive int, got {batch_size!r}")
         self.alpha, self.policy = _alpha_and_policy(alpha, deprecated)
+        # alpha left at its default: checked for a replay buffer once, when training starts
+        self._default = alpha is DEFAULT_ALPHA and not deprecated
         self.matcher = matcher
         self.train_from = train_from
         self._sequential: dict[str, Tensor] | None = None
@@ -391,6 +412,37 @@ class RebasinMergePlugin(SupervisedPlugin):
         held, kept = order[:m].sort().values.tolist(), order[m:].sort().values.tolist()
         self._heldout = tensors_at(dataset, held, seed=self._rng_seed(5), batch_size=self.batch_size)
         strategy.adapted_dataset = subset(dataset, kept)
+
+    def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self._default:
+            self._default = False
+            self._fall_back_without_buffer(strategy)
+        # the fold is out of the buffer from this plugin's before_training_exp to the first before_training_epoch;
+        # Avalanche has no callback for an exception in between, so the steps that span it put the fold back
+        if self.alpha is None and self.policy.source == "buffer_fold":
+            _guard(strategy, self._put_fold_back)
+
+    def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        _unguard(strategy)
+
+    def _fall_back_without_buffer(self, strategy: Any) -> None:
+        """The default policy in a strategy without a replay buffer after the plugin: :data:`FALLBACK_ALPHA`."""
+        owner, _ = find_replay_buffer(strategy)
+        plugins = list(getattr(strategy, "plugins", []))
+        if owner is not None and (owner not in plugins or self not in plugins
+                                  or plugins.index(owner) > plugins.index(self)):
+            return
+        where = ("no replay buffer" if owner is None
+                 else f"its replay buffer ({type(owner).__name__}) before the merge plugin in plugins=")
+        warnings.warn(
+            f"RebasinMergePlugin(): the default chooses alpha on a fold of the replay buffer ({DEFAULT_ALPHA!r}), "
+            f"and this strategy has {where}; choosing alpha on {FALLBACK_ALPHA.samples} held-out samples of every "
+            "experience instead, which are kept besides any buffer (AlphaPolicy(), the earlier default). Pass "
+            "alpha=AlphaPolicy() for this without the warning, put the plugin in Replay(plugins=[plugin]) (or "
+            "before the ReplayPlugin) for the default, or alpha=AlphaPolicy(source='current') to store nothing",
+            RebasinWarning, stacklevel=2,
+        )
+        self.policy = FALLBACK_ALPHA
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.spec is None:
@@ -611,13 +663,50 @@ def _alpha_and_policy(alpha: Any, deprecated: dict[str, Any]) -> tuple[float | N
     if alpha is None:
         warnings.warn(
             "RebasinMergePlugin(alpha=None) is deprecated and will be removed in the next release; use "
-            "RebasinMergePlugin(alpha=AlphaPolicy(...)) (the default)", DeprecationWarning, stacklevel=3,
+            "RebasinMergePlugin(alpha=AlphaPolicy(...))", DeprecationWarning, stacklevel=3,
         )
-        alpha = AlphaPolicy()
+        alpha = FALLBACK_ALPHA  # what alpha=None meant (the policy of the 0.2 keywords, on the defaults then)
+    if fields and alpha is DEFAULT_ALPHA:  # the 0.2 keywords configured the policy that was the default then
+        alpha = FALLBACK_ALPHA
     value = as_alpha(alpha)
     if isinstance(value, AlphaPolicy):
         return None, replace(value, **fields) if fields else value
     return value, AlphaPolicy(**fields)
+
+
+#: the strategy's steps between taking the fold out of the buffer and putting it back (Avalanche's templates)
+_GUARDED = ("_before_training_exp", "_train_exp")
+
+
+def _guard(strategy: Any, on_error: Callable[[], None]) -> None:
+    """Wrap the strategy's steps in ``_GUARDED`` (instance attributes) so that an exception first calls ``on_error``.
+
+    An exception also removes the wrappers (``strategy.train`` does not reach ``after_training``); so does
+    :func:`_unguard`. A strategy already wrapped is left as it is.
+    """
+    for name in _GUARDED:
+        method = getattr(strategy, name, None)
+        if method is None or getattr(method, "_fold_guard", False):
+            continue
+
+        def guarded(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            try:
+                return _method(*args, **kwargs)
+            except BaseException:
+                on_error()
+                _unguard(strategy)
+                raise
+
+        functools.update_wrapper(guarded, method)
+        guarded._fold_guard = True  # type: ignore[attr-defined]
+        setattr(strategy, name, guarded)
+
+
+def _unguard(strategy: Any) -> None:
+    """Remove the wrappers :func:`_guard` put on the strategy (the class's methods show through again)."""
+    for name in _GUARDED:
+        if getattr(vars(strategy).get(name), "_fold_guard", False):
+            delattr(strategy, name)
 
 
 def _subsample(data: tuple[Tensor, Tensor] | None, cap: int, seed: int) -> tuple[Tensor, Tensor] | None:

@@ -77,6 +77,12 @@ class AlphaPolicy:
         alpha. The slice then costs the experience no training sample, and nothing more is stored (it is
         dropped after the experience, as without ``refit``).
 
+    Notes
+    -----
+    The plugin's default is ``AlphaPolicy(source="buffer_fold", refit=True)``
+    (:data:`continual.plugin.DEFAULT_ALPHA`); ``AlphaPolicy()``, this class's own defaults, was the plugin's
+    default until the grid of protocols measured both at equal storage (docs/benchmarks.md).
+
     Examples
     --------
     >>> AlphaPolicy(source="buffer_fold", folds=4).stores_samples

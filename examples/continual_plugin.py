@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    from continual import RebasinMergePlugin
+    from continual import AlphaPolicy, RebasinMergePlugin
     from continual.benchmarks import rotated_mnist
 
     if args.data_root:
@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = seeded_model(lambda: MLP(in_features, [width], 10), seed=args.seed)
         plugins = []
         if label != "naive":
-            # The defaults: weight matching, and the weight of the new model chosen at every merge on
-            # samples the plugin held out of each experience (not trained on), every task counting the same.
-            plugins.append(RebasinMergePlugin(model=model, example_input=torch.zeros(1, in_features), seed=args.seed))
+            # Naive has no replay buffer for the default to fold, so alpha=AlphaPolicy(): weight matching, and
+            # the weight of the new model chosen at every merge on samples the plugin held out of each
+            # experience (not trained on, kept), every task counting the same.
+            plugins.append(RebasinMergePlugin(model=model, example_input=torch.zeros(1, in_features),
+                                              alpha=AlphaPolicy(), seed=args.seed))
         strategy = Naive(
             model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), criterion=nn.CrossEntropyLoss(),
             train_mb_size=64, train_epochs=epochs, eval_mb_size=500, device=args.device, plugins=plugins,

@@ -594,7 +594,7 @@ def test_compare_writes_outputs(tmp_path):
     acc, fgt = accuracy_matrix_metrics([[1.0, 0.0], [0.5, 0.9]])
     assert acc == pytest.approx(0.7) and fgt == pytest.approx(0.5)
     code = main([
-        "--benchmark", "synthetic", "--strategies", "naive,rebasin_merge,rebasin_il", "--seeds", "1",
+        "--benchmark", "synthetic", "--strategies", "naive,rebasin_merge_holdout,rebasin_il", "--seeds", "1",
         "--epochs", "1", "--batch-size", "64", "--mem-size", "32", "--hidden", "16", "--out", str(tmp_path),
         "--no-progress",
     ])
@@ -602,14 +602,15 @@ def test_compare_writes_outputs(tmp_path):
     for name in ("runs.csv", "summary.csv", "summary.md", "accuracy.png", "runs.json"):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    # the plugin's defaults keep held-out samples besides the buffer: an equal-storage Replay control follows it
-    assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge", "replay_eq_rebasin_merge", "rebasin_il"]
+    # the plugin's earlier defaults keep held-out samples besides the buffer: an equal-storage Replay control follows
+    assert [r["strategy"] for r in rows] == ["naive", "rebasin_merge_holdout", "replay_eq_rebasin_merge_holdout",
+                                             "rebasin_il"]
     assert "± " in (tmp_path / "summary.md").read_text()
     runs = {r["strategy"]: r for r in json.loads((tmp_path / "runs.json").read_text())["runs"]}
-    held = runs["rebasin_merge"]["storage"]
+    held = runs["rebasin_merge_holdout"]["storage"]
     # synthetic(3): 256 samples per experience; 200 asked, at most 20% (51) held out of each and kept
     assert held == {"buffer_samples": 32, "held_out_samples": 3 * 51, "memory_samples": 0, "model_copies": 1}
-    assert runs["replay_eq_rebasin_merge"]["storage"]["buffer_samples"] == 32 + 3 * 51
+    assert runs["replay_eq_rebasin_merge_holdout"]["storage"]["buffer_samples"] == 32 + 3 * 51
     assert runs["naive"]["storage"] == {"buffer_samples": 0, "held_out_samples": 0, "memory_samples": 0,
                                         "model_copies": 0}
     assert "| 185 (32 + 153) |" in (tmp_path / "summary.md").read_text()

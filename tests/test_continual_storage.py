@@ -17,7 +17,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin, Supervise
 from continual.benchmarks import synthetic
 from continual.clewi import CLeWI
 from continual.merging import AlphaChoice, conservative_alpha, merge_states
-from continual.plugin import DEPRECATED_OPTIONS, RebasinMergePlugin
+from continual.plugin import DEFAULT_ALPHA, DEPRECATED_OPTIONS, FALLBACK_ALPHA, RebasinMergePlugin
 from continual.policy import AlphaPolicy, holdout_size
 from continual.storage import strategy_storage
 from rebasin import RebasinError, RebasinWarning
@@ -88,7 +88,8 @@ def test_alpha_is_a_number_or_a_policy():
     assert RebasinMergePlugin(alpha=0.5).alpha == 0.5
     plugin = RebasinMergePlugin(alpha={"source": "buffer_fold", "folds": 3})  # e.g. from --option JSON
     assert plugin.alpha is None and plugin.policy == AlphaPolicy(source="buffer_fold", folds=3)
-    assert RebasinMergePlugin().policy == AlphaPolicy()
+    assert RebasinMergePlugin().policy == DEFAULT_ALPHA == AlphaPolicy(source="buffer_fold", refit=True)
+    assert RebasinMergePlugin(alpha=AlphaPolicy()).policy == FALLBACK_ALPHA == AlphaPolicy()  # the earlier default
     assert AlphaPolicy(grid=3).candidates == (0.0, 0.5, 1.0)
 
 
@@ -165,6 +166,70 @@ def test_buffer_fold_chooses_on_buffer_samples_this_experience_never_trained_on(
     assert all(h.choice is not None and h.n_new == 20 for h in plugin.history)
     assert plugin.storage() == {"held_out_samples": 0, "memory_samples": 0, "model_copies": 1}
     assert folds[0] is None and not torch.equal(folds[1][0], folds[2][0])  # no buffer yet; then the fold rotates
+
+
+class Boom(SupervisedPlugin):
+    """Raises in the callback ``when`` at experience ``at`` (after the fold was taken, before or during training)."""
+
+    def __init__(self, when: str, at: int):
+        super().__init__()
+        self.when, self.at = when, at
+        setattr(self, when, self.boom)
+
+    def boom(self, strategy, *args, **kwargs):
+        if strategy.experience.current_experience == self.at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("when", ["before_training_exp", "before_training_epoch", "before_training_iteration"])
+def test_an_exception_while_the_fold_is_out_leaves_the_buffer_intact(bench, when):
+    plugin = RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold", folds=4, samples=20, grid=3))
+    # Boom after the replay plugin: at before_training_exp the fold is out and the replay dataloader built
+    strategy = Replay(mem_size=64, plugins=[plugin], **common(tiny()))
+    strategy.plugins.append(Boom(when, at=1))
+    replay = next(p for p in strategy.plugins if isinstance(p, ReplayPlugin))
+    strategy.train(bench.train_stream[0])
+    before = replay.storage_policy.buffer
+    rows = torch.stack([before[i][0] for i in range(len(before))])
+    with pytest.raises(RuntimeError, match="boom"):
+        strategy.train(bench.train_stream[1])
+    after = replay.storage_policy.buffer
+    assert len(after) == 64
+    torch.testing.assert_close(torch.stack([after[i][0] for i in range(len(after))]), rows)
+    assert "_before_training_exp" not in vars(strategy) and "_train_exp" not in vars(strategy)  # wrappers gone
+    strategy.plugins.pop()
+    strategy.train(bench.train_stream[1])  # and the stream goes on
+    assert len(replay.storage_policy.buffer) == 64 and len(plugin.history) == 1
+
+
+def test_the_default_folds_the_buffer_and_stores_nothing_more(bench):
+    plugin = RebasinMergePlugin()
+    strategy = Replay(mem_size=64, plugins=[plugin], **common(tiny()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hold-out's cap (256 samples per experience here)
+        warnings.filterwarnings("error", ".*fold of the replay buffer")  # a buffer after the plugin: no fallback
+        for exp in bench.train_stream[:2]:
+            strategy.train(exp)
+    assert plugin.policy == DEFAULT_ALPHA and [h.n_old for h in plugin.history] == [64 // 5 + 1]
+    assert plugin.history[0].refit_steps > 0
+    assert plugin.storage() == {"held_out_samples": 0, "memory_samples": 0, "model_copies": 1}
+
+
+@pytest.mark.parametrize("where", ["none", "before"])
+def test_the_default_without_a_buffer_after_it_falls_back_to_the_hold_out_once(bench, where):
+    plugin = RebasinMergePlugin()
+    plugins = [plugin] if where == "none" else [ReplayPlugin(mem_size=64), plugin]
+    strategy = Naive(plugins=plugins, **common(tiny()))
+    with pytest.warns(RebasinWarning, match="default chooses alpha on a fold of the replay buffer") as caught:
+        for exp in bench.train_stream[:2]:
+            strategy.train(exp)
+    assert sum("fold of the replay buffer" in str(w.message) for w in caught) == 1  # once, not per experience
+    assert plugin.policy == FALLBACK_ALPHA and len(plugin.history) == 1
+    assert plugin.storage()["held_out_samples"] == 2 * 51  # synthetic(3): 256 per experience, at most 20% held out
+    # asked for explicitly, the fold still refuses a strategy without a buffer (no silent fallback)
+    with pytest.raises(RebasinError, match="needs a replay buffer"):
+        Naive(plugins=[RebasinMergePlugin(alpha=AlphaPolicy(source="buffer_fold", refit=True))],
+              **common(tiny())).train(bench.train_stream[0])
 
 
 def test_buffer_fold_bad_setups_fail_before_training(bench):

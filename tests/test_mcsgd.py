@@ -444,7 +444,7 @@ def test_mcsgd_rejects_wrong_types():
 def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
     from continual.compare import main
 
-    args = ["--benchmark", "synthetic", "--strategies", "naive,mcsgd,rebasin_merge", "--seeds", "2", "--epochs", "1",
+    args = ["--benchmark", "synthetic", "--strategies", "naive,mcsgd,rebasin_merge_holdout", "--seeds", "2", "--epochs", "1",
             "--batch-size", "64", "--mem-size", "30", "--hidden", "16", "--no-progress"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers run one thread each
@@ -458,7 +458,8 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
     assert [(r["strategy"], r["seed"]) for r in seq] == [(r["strategy"], r["seed"]) for r in par]
     # each equal-storage control right after the strategy it controls (MC-SGD's memory, the plugin's held-out samples)
     assert [(r["strategy"], r["seed"]) for r in seq][:5] == [
-        ("naive", 0), ("mcsgd", 0), ("replay_eq_mcsgd", 0), ("rebasin_merge", 0), ("replay_eq_rebasin_merge", 0)]
+        ("naive", 0), ("mcsgd", 0), ("replay_eq_mcsgd", 0), ("rebasin_merge_holdout", 0),
+        ("replay_eq_rebasin_merge_holdout", 0)]
     assert seq[2]["storage"]["buffer_samples"] == 30 and seq[4]["storage"]["buffer_samples"] == 30 + 3 * 51
     for a, b in zip(seq, par):
         assert a["accuracy"] == b["accuracy"]
@@ -467,7 +468,7 @@ def test_compare_jobs_gives_the_sequential_numbers(tmp_path):
             assert a["extra"].get(key) == b["extra"].get(key)
     mcsgd = seq[1]["extra"]["mcsgd"]
     assert [m["n_memory"] for m in mcsgd] == [10, 20, 30] and mcsgd[0]["loss_before"] is None
-    merges = seq[3]["extra"]["merges"]  # rebasin_merge at the plugin's defaults: alpha chosen per merge
+    merges = seq[3]["extra"]["merges"]  # the plugin's earlier defaults: alpha chosen per merge
     assert [m["experience"] for m in merges] == [1, 2] and all(0.0 <= m["alpha"] <= 1.0 for m in merges)
     assert len(seq[0]["extra"]["forgetting_per_task"]) == 2
 

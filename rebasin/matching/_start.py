@@ -13,9 +13,9 @@ permutation), a depthwise filter, a classifier's weight; then the layers next to
 A tensor whose other axes still carry unsettled permutations would only add noise and is left out
 of that solve. When B is a permutation of A, every solve then sees a Gram matrix of A's rows, whose
 best assignment is the planted one, so the start is exact; for unrelated models it is the layer-wise
-alignment that weight-based model fusion uses. By default the descent keeps this start when B is close to
-a permuted copy of A (the start, or the descent from it, reaches 0.9 of the Cauchy-Schwarz bound) and starts
-from the identity otherwise (:func:`rebasin.matching._descent.match_from_starts`).
+alignment that weight-based model fusion uses. By default the descent runs from this start and from the
+identity and keeps the higher end point (a higher start does not predict a higher end), so it never ends below
+the identity's objective (:func:`rebasin.matching._descent.match_from_starts`).
 
 Left out of the waves (and left at the identity for the descent): grouped axes, tensors on which one unit
 acts on two axes (``P W P^T``), and units that no settled tensor reaches. A tensor with a blocked axis whose
@@ -118,7 +118,7 @@ def upper_bound(keys: list[str], access: Access) -> float:
     """``sum_k |A_k| |B_k|`` over ``keys``: no permutation scores higher (Cauchy-Schwarz), one key at a time.
 
     Reached (to rounding) only when every ``perm(B_k)`` is a positive multiple of ``A_k``: a permuted copy of
-    A, or A itself. ``start="auto"`` keeps the layer-wise start when it (or its descent) reaches 0.9 of it.
+    A, or A itself. A start that ends there is optimal, and ``start="auto"`` does not descend again.
     """
     total = 0.0
     for key in keys:

@@ -38,16 +38,13 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
-Start. Without ``init`` the descent starts from a layer-wise start when B is close to a permuted copy
-of A, else from the identity (:mod:`rebasin.matching._start`: each permutation solved once, in waves from
-the network's ends inwards, from the tensors whose other axes are already settled;
+Start. Without ``init`` the descent runs from a layer-wise start and from the identity and keeps the
+higher end point (:mod:`rebasin.matching._start`: each permutation solved once, in waves from the
+network's ends inwards, from the tensors whose other axes are already settled;
 :func:`~rebasin.matching._descent.match_from_starts`). From the identity alone the descent can stop far
 from the optimum when the weights carry no hint, e.g. a freshly initialised network against a permuted
-copy of itself; the layer-wise start is exact there. "Close" means that the start, or the descent from
-it, reaches 0.9 of the Cauchy-Schwarz bound ``sum_k |A_k| |B_k|`` (no permutation scores higher):
-permuted copies, with or without 1 % noise, reach 1.000 of it, independently trained or initialised
-pairs 0.16-0.68. Between independent models the identity's end point is kept even when the layer-wise
-one scores higher: on the ViT benchmark's trained pair the higher objective gave the worse barrier.
+copy of itself; the layer-wise start is exact there, and when its end point reaches the Cauchy-Schwarz
+bound ``sum_k |A_k| |B_k|`` (no permutation scores higher) the descent from the identity is skipped.
 The start runs in the engine below: its similarities are partial sums of the first sweep's, kept and
 completed, so together they compute each product once.
 
@@ -105,8 +102,8 @@ class WeightMatchingInfo:
     start
         Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
         ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see
-        :mod:`rebasin.matching._start`); with ``start="auto"`` the layer-wise start for (near) permuted copies,
-        else the identity (``descents`` lists every descent that ran).
+        :mod:`rebasin.matching._start`); with ``start="auto"`` the descent runs from both and the one with the
+        higher final objective is kept (its counts are reported; ``descents`` lists both).
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
@@ -121,8 +118,8 @@ class WeightMatchingInfo:
         Low-rank corrections applied to cached similarity matrices.
     descents
         Every descent that ran, in order, as ``(start, final objective, sweeps)``: one, or two for
-        ``start="auto"`` when the layer-wise start was no near copy and its descent did not end as one
-        either (layer-wise, then identity; the identity's is kept).
+        ``start="auto"`` (layer-wise, then identity) unless the layer-wise end point reached the
+        Cauchy-Schwarz bound.
     """
 
     objective: list[float] = field(default_factory=list)
@@ -441,13 +438,12 @@ def weight_matching(
     sweep without improvement or after ``n_iter`` sweeps.
 
     By default the descent runs from a layer-wise start (each permutation solved once, in waves from
-    the network's ends inwards, from the tensors whose other axes are already settled) when B is close
-    to a permuted copy of A — the start, or the descent from it, reaches 0.9 of the Cauchy-Schwarz
-    bound ``sum_k |A_k| |B_k|`` — and from the identity otherwise. From the identity alone the descent
-    can stop at a poor local optimum when the weights carry no gradient of agreement, e.g. a freshly
-    initialised network matched against a permuted copy of itself; the layer-wise start recovers such
-    a planted permutation exactly. Between independently trained models the identity's end point is
-    kept (a higher objective from the layer-wise start gave a worse loss barrier on a trained ViT).
+    the network's ends inwards, from the tensors whose other axes are already settled) and from the
+    identity, and the higher end point is kept. From the identity alone the descent can stop at a poor
+    local optimum when the weights carry no gradient of agreement, e.g. a freshly initialised network
+    matched against a permuted copy of itself; the layer-wise start recovers such a planted
+    permutation exactly, and when its end point reaches the Cauchy-Schwarz bound ``sum_k |A_k| |B_k|``
+    it is optimal and the second descent is skipped.
     ``info.identity_objective``, ``info.final_objective`` and ``info.descents`` show what each start
     reached.
 
@@ -479,8 +475,9 @@ def weight_matching(
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
     start
-        Without ``init``: ``"auto"`` (default) descends from ``"layerwise"`` for (near) permuted
-        copies and from ``"identity"`` otherwise (see above); either can be forced. Not allowed
+        Without ``init``: ``"auto"`` (default) descends from ``"layerwise"`` and from ``"identity"``
+        (see above) and keeps the higher final objective (a tie keeps the layer-wise one; the second
+        descent is skipped when the first reaches the bound); either can be forced. Not allowed
         together with ``init``.
     seed
         Seed of the visiting order; the same seed gives the same result.

@@ -303,8 +303,7 @@ def apply_transforms(
     True
     """
     sizes = spec.validate(state_dict)
-    perms: dict[str, Tensor] = {}
-    other: dict[str, Transform] = {}
+    classes: dict[str, Transform] = {}
     head_maps: dict[str, HeadMaps] = {}
     for name, t in transforms.items():
         if isinstance(t, HeadMaps):
@@ -313,35 +312,13 @@ def apply_transforms(
                 raise RebasinError(f"HeadMaps given for {name!r}, which is not an attention layout of "
                                    f"kinds.heads ({known}); pass kinds= from rebasin.trace.symmetry_kinds")
             head_maps[name] = t
-            continue
-        if name not in spec.perm_to_axes:
-            raise RebasinError(f"unknown class {name!r}; the spec has {list(spec.perms)}")
-        kind = kind_of(t)
-        if kind == "permutation":
-            perms[name] = t  # type: ignore[assignment]  # kind_of(...) == "permutation" means a Tensor; mypy cannot narrow through kind_of
-            continue
-        if kinds is None:
-            raise RebasinError(f"transform {name!r} is a {kind} map: pass kinds= (rebasin.trace.symmetry_kinds(model, "
-                               "example_input)) so that its legality and the norm scales of the class are known")
-        if not kinds.admits(name, kind):
-            raise RebasinError(kinds.why_not(name, kind))
-        why = why_structured(spec, name)
-        if why is not None:
-            raise RebasinError(f"class {name!r} takes only permutations: {why}")
-        _check_transform(name, t, sizes[name])
-        if isinstance(t, SignedPermutation):
-            perms[name] = t.perm
-        other[name] = t
-    check_permutations(spec, perms, sizes)
+        else:
+            classes[name] = t
+    check_transforms(spec, classes, sizes, kinds=kinds, scale_values=state_dict)
+    perms: dict[str, Tensor] = {name: (t.perm if isinstance(t, SignedPermutation) else t)
+                                for name, t in classes.items() if kind_of(t) != "orthogonal"}
+    other = {name: t for name, t in classes.items() if kind_of(t) != "permutation"}
     scale_keys = {name: set(kinds.scales.get(name, ())) if kinds is not None else set() for name in other}
-    for name, t in other.items():
-        if kind_of(t) != "orthogonal":
-            continue
-        for key in sorted(scale_keys[name]):
-            g = state_dict[key]
-            if not bool((g == 1).all()):
-                raise RebasinError(f"class {name!r}: the norm scale {key!r} is not all ones, and a norm scale does not "
-                                   "commute with a rotation; fold it into its readers first (rebasin.fold_rmsnorm)")
     out = permute_unchecked(spec, perms, state_dict)
     for name, t in other.items():
         for key, axis in spec.perm_to_axes[name]:

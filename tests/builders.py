@@ -208,20 +208,23 @@ def traced_without_warnings(models: dict[str, nn.Module], example: Any) -> dict[
             warnings.simplefilter("error", RebasinWarning)
             out[name] = (model, spec_from_model(model, example))
     return out
+
+
 def tiny_llama(*, vocab: int = 50, hidden: int = 32, intermediate: int = 48, layers: int = 2,
-               positions: int = 32) -> nn.Module:
-    """A ``transformers`` Llama from a config (4 query heads, 2 key/value heads), eval mode, RMSNorm scales
-    drawn from ``U(0.5, 1.5)`` so that they must move with the stream. Needs ``transformers``."""
+               positions: int = 32, seed: int = 0, norm_seed: int = 1) -> nn.Module:
+    """A ``transformers`` Llama from a config (4 query heads, 2 key/value heads), eval mode, weights drawn
+    after ``torch.manual_seed(seed)``, RMSNorm scales drawn from ``U(0.5, 1.5)`` (generator seeded with
+    ``norm_seed``) so that they must move with the stream. Needs ``transformers``."""
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=positions)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(norm_seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

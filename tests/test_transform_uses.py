@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import builders
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,18 +50,7 @@ VOCAB = 40
 
 def tiny_llama(seed: int = 0) -> nn.Module:
     """A 2-layer Llama (width 16, 4 heads, 2 key/value heads) with random RMSNorm scales."""
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = T.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-    return model
+    return builders.tiny_llama(vocab=VOCAB, hidden=16, intermediate=24, positions=16, seed=seed, norm_seed=100 + seed)
 
 
 hf_rules.register()  # the first trace registers these rules for good; here, for the conftest's guard

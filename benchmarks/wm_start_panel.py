@@ -18,7 +18,6 @@ has BatchNorm) and for planted pairs whether the planted permutation came back.
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import time
@@ -32,8 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _report import append_report, machine_summary
+from builders import tiny_llama  # tests/builders.py
 
-from rebasin import BNResetPath, LinearPath, barrier, evaluate_path, invert, permute, random_permutation, spec_from_model, weight_matching
+from rebasin import (
+    BNResetPath,
+    LinearPath,
+    barrier,
+    evaluate_path,
+    invert,
+    permute,
+    random_permutation,
+    spec_from_model,
+    weight_matching,
+)
 from rebasin.apps.data import data_root_from_env
 from rebasin.apps.models import MLP, ResNet20, SmallCNN, ViT
 from rebasin.apps.training import fit_classifier_, seeded_model
@@ -104,7 +114,7 @@ def plant(model: nn.Module, example: torch.Tensor, noise: float, seed: int) -> t
 def run_starts(spec, sa, sb) -> dict[str, Any]:
     """Every start's permutations, objective, CPU seconds and descents; the layer-wise start's objective."""
     res: dict[str, Any] = {"bound": bound(spec, sa, sb)}
-    zero, zinfo = weight_matching(spec, sa, sb, start="layerwise", n_iter=0, return_info=True)
+    _, zinfo = weight_matching(spec, sa, sb, start="layerwise", n_iter=0, return_info=True)
     res["start_obj"], res["identity_obj"] = zinfo.final_objective, zinfo.identity_objective
     for s in STARTS:
         t0 = time.process_time()
@@ -168,8 +178,6 @@ def main() -> None:
             planted_source = (a, example)
 
     for layers, hidden, inter in ((2, 64, 128), (4, 128, 256)):
-        from builders import tiny_llama
-
         a = tiny_llama(hidden=hidden, intermediate=inter, layers=layers, seed=0, norm_seed=1)
         b_model = tiny_llama(hidden=hidden, intermediate=inter, layers=layers, seed=1, norm_seed=2)
         tokens = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -182,7 +190,10 @@ def main() -> None:
     for noise in (0.0, 0.25, 0.5):
         for seed in (0, 1):
             spec, sa, sb, truth = plant(a, example, noise, seed)
-            found = lambda p, truth=truth: "yes" if all(torch.equal(p[k], truth[k]) for k in truth) else "no"
+
+            def found(p: dict, truth: dict = truth) -> str:
+                return "yes" if all(torch.equal(p[k], truth[k]) for k in truth) else "no"
+
             add(f"planted MLP 784-128-128-10, noise {noise:.0%}, seed {seed}", "planted", spec, sa, sb, found,
                 lambda p: "")
 

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from rebasin import PermutationSpec, RebasinError, permute, random_permutation
 from rebasin.matching import WeightMatchingInfo, linear_assignment, weight_matching
+from rebasin.matching import _descent
 from rebasin.matching import weight as weight_module
 from rebasin.matching.weight import _Engine
 
@@ -204,9 +205,12 @@ def test_objective_non_decreasing_and_tracks_the_true_objective():
     assert from_identity.initial_objective == pytest.approx(identity, rel=1e-6)
     _, from_layerwise = weight_matching(spec, a, b, start="layerwise", return_info=True)
     assert from_layerwise.start == "layerwise" and from_layerwise.initial_objective > identity
-    # start="auto" descends from both starts and keeps the higher end point
+    # start="auto" descends once, from the layer-wise start here (it begins above the identity)
+    assert info.start == "layerwise" and info.final_objective == from_layerwise.final_objective
+    # start="best" descends from both starts and keeps the higher end point
     higher = max(from_identity, from_layerwise, key=lambda i: i.final_objective)
-    assert info.start == higher.start and info.final_objective == higher.final_objective
+    _, best = weight_matching(spec, a, b, start="best", return_info=True)
+    assert best.start == higher.start and best.final_objective == higher.final_objective
 
 
 def test_result_is_a_coordinatewise_optimum():
@@ -470,8 +474,8 @@ def test_cost_matrix_buffer_reused_only_when_it_fits():
 def test_bad_start_is_refused_with_the_choices():
     spec, a = mlp_spec(), state(mlp(8))
     _, b = planted(spec, a)
-    with pytest.raises(RebasinError, match=r"start must be one of \['auto', 'identity', 'layerwise'\], got 'best'"):
-        weight_matching(spec, a, b, start="best")
+    with pytest.raises(RebasinError, match=r"start must be one of \['auto', 'identity', 'layerwise', 'best'\], got 'nearest'"):
+        weight_matching(spec, a, b, start="nearest")
     init = {p: torch.arange(n) for p, n in spec.validate(a).items()}
     with pytest.raises(RebasinError, match="start='identity' and init were both given"):
         weight_matching(spec, a, b, start="identity", init=init)
@@ -488,19 +492,51 @@ def test_layerwise_start_is_exact_for_a_planted_permutation():
     assert info.start == "layerwise" and info.final_objective > info.identity_objective
 
 
-def test_auto_descends_twice_unless_the_start_is_optimal():
-    """start='auto': one descent when the layer-wise end point reaches sum_k |A_k| |B_k| (a permuted copy: no
+def test_auto_descends_once_from_the_higher_start_point(monkeypatch):
+    """start='auto' (the default): one descent, from the layer-wise start when its objective is at least the
+    identity's, else from the identity, so the end is never below the identity's objective."""
+    spec, a = mlp_spec(), state(mlp(16))
+    other = state(mlp(16, seed=1))  # unrelated models: the layer-wise start begins above the identity
+    _, at_start = weight_matching(spec, a, other, start="layerwise", n_iter=0, return_info=True)
+    assert at_start.final_objective > at_start.identity_objective
+    _, info = weight_matching(spec, a, other, return_info=True)
+    _, forced = weight_matching(spec, a, other, start="layerwise", return_info=True)
+    assert [d[0] for d in info.descents] == ["layerwise"] and info.descents == forced.descents
+    assert info.initial_objective == pytest.approx(at_start.final_objective, rel=1e-9)
+
+    # a start below the identity: B is A plus a little noise (the identity is near the optimum), and the
+    # layer-wise start is replaced by a random permutation after it ran
+    near = {k: v + 1e-3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in a.items()}
+    bad = {p: v.numpy() for p, v in random_permutation(spec, seed=9, sizes=spec.validate(a)).items()}
+    real = _descent.layerwise_start
+
+    def misleading(spec_, sizes, access, engine, terms):
+        real(spec_, sizes, access, engine, terms)
+        engine.reset(bad)
+        return bad, None
+
+    monkeypatch.setattr(_descent, "layerwise_start", misleading)
+    _, low = weight_matching(spec, a, near, start="layerwise", n_iter=0, return_info=True)
+    assert low.final_objective < low.identity_objective  # the patched start is below the identity
+    perms, info = weight_matching(spec, a, near, return_info=True)
+    assert [d[0] for d in info.descents] == ["identity"] and info.start == "identity"
+    assert info.final_objective >= info.identity_objective
+    assert all(torch.equal(perms[p], torch.arange(perms[p].numel())) for p in spec.perms)
+
+
+def test_best_descends_twice_unless_the_start_is_optimal():
+    """start='best': one descent when the layer-wise end point reaches sum_k |A_k| |B_k| (a permuted copy: no
     permutation scores higher); else one from each start, both listed in info.descents, the higher one kept."""
     spec, a = mlp_spec(), state(mlp(16))
     truth, b = planted(spec, a)
-    perms, info = weight_matching(spec, a, b, return_info=True)
+    perms, info = weight_matching(spec, a, b, start="best", return_info=True)
     assert [d[0] for d in info.descents] == ["layerwise"] and info.start == "layerwise" and info.n_sweeps == 1
     assert all(torch.equal(perms[p], torch.argsort(truth[p])) for p in spec.perms)
     moved = [k for k, axes in spec.axes.items() if any(n is not None for n in axes)]  # the objective's keys
     bound = sum(float(a[k].double().norm() * b[k].double().norm()) for k in moved)
     assert info.final_objective == pytest.approx(bound, rel=1e-6)
     other = state(mlp(16, seed=1))  # unrelated models: both descents run
-    perms2, info2 = weight_matching(spec, a, other, return_info=True)
+    perms2, info2 = weight_matching(spec, a, other, start="best", return_info=True)
     assert [d[0] for d in info2.descents] == ["layerwise", "identity"]
     assert info2.final_objective == max(d[1] for d in info2.descents) and info2.start in ("layerwise", "identity")
     assert info2.identity_objective == pytest.approx(sum(float((a[k].double() * other[k].double()).sum()) for k in moved))

@@ -56,7 +56,7 @@ from .assignment import solve_cost, structured_assignment
 __all__ = ["GAIN_RTOL", "START_CHOICES", "Access", "StartEngine", "check_start", "layerwise_start", "linear_gain", "objective_keys", "solve_unit",
            "upper_bound"]
 
-START_CHOICES = ("auto", "identity", "layerwise")
+START_CHOICES = ("auto", "identity", "layerwise", "best")
 
 # read(which, key, rows): A's ("a") or B's ("b") tensor ``key`` (its rows ``rows``, or whole for None)
 # in float32 on the compute device

@@ -13,7 +13,7 @@ download). The script times
   (float64); plus, for each head permutation, one LAP over the heads. ``sweep = floor_matmul + floor_lsa``;
   the floor of the kept path is ``sweep x (1 + the kept descent's sweeps)`` (the layer-wise start solves
   every permutation once), the floor of the work done ``sweep x (1 + every descent's sweeps)``
-  (``start="auto"`` may descend twice); ``ratio = weight matching / floor``.
+  (``start="best"`` may descend twice); ``ratio = weight matching / floor``.
 
 Run ``OMP_NUM_THREADS=2 python benchmarks/gpt2_speed.py`` (needs ``pip install rebasin[hf]``; a few
 minutes, about 2 GB of memory); ``--no-report`` skips writing docs/benchmarks.md.

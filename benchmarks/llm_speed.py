@@ -9,8 +9,9 @@ intermediate 2048, vocabulary 32000) are initialised from two seeds. The script 
 * the floor, as in ``gpt2_speed.py`` (its ``trace_and_match`` times all of this): one sweep of similarity matmuls over every
   stretch of every axis each permutation acts on, plus one ``linear_sum_assignment`` per permutation and
   one per head permutation (``sweep = floor_matmul + floor_lsa``). The default (``start="auto"``) builds
-  the layer-wise start (every permutation solved once: one sweep) and descends from it and, unless that
-  end point is provably optimal, from the identity. Two floors are reported: of the *kept path*
+  the layer-wise start (every permutation solved once: one sweep) and descends once, from it when it is
+  above the identity (``start="best"``, the default before 2026-12-08, also descends from the identity
+  unless the first end point is provably optimal). Two floors are reported: of the *kept path*
   (``sweep x (1 + the kept descent's sweeps)``: what the returned answer's own path needs, the issue's
   1.25x target) and of the *work done* (``sweep x (1 + every descent's sweeps)``: the implementation's
   overhead). ``start="identity"`` is also timed against ``sweep x its sweeps``, the floor as defined

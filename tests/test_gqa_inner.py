@@ -297,7 +297,7 @@ def test_family_weight_matching_recovers_the_inner_value_permutation(traced, nam
 def test_layerwise_start_scores_the_value_units_through_the_output_projection(traced, start, tmp_path):
     """With every ``v_proj`` zero only ``o_proj`` (through the query heads' column blocks) tells the value units
     apart: the layer-wise start still recovers a planted copy exactly, the descent ends after its confirming
-    sweep, and ``start="auto"`` skips the identity's descent (the start reaches the Cauchy-Schwarz bound); the
+    sweep, and ``start="auto"`` descends once, from the start (above the identity); the
     checkpoint engine starts alike."""
     from rebasin.spec.checkpoint import open_checkpoint
     from rebasin.spec.hf_folder import save_permuted

@@ -29,7 +29,7 @@ The similarities come from the descent's own engine (:class:`StartEngine`: its f
 the current permutations as the waves settle them): each is a partial sum of the first sweep's, which the
 engine keeps and completes after the last wave, so the start costs the assignments of one sweep and no
 product twice. Stretches of a concatenation axis (the engine's complex keys) and the Cauchy-Schwarz bound
-(:func:`upper_bound`, by which ``start="auto"`` skips its second descent) are read through an
+(:func:`upper_bound`, by which ``start="best"`` skips its second descent) are read through an
 :class:`Access` (``read(which, key, rows)``, in the row slices ``slices(key)``), so the checkpoint engine
 reads one tensor at a time as it does elsewhere.
 """
@@ -118,7 +118,7 @@ def upper_bound(keys: list[str], access: Access) -> float:
     """``sum_k |A_k| |B_k|`` over ``keys``: no permutation scores higher (Cauchy-Schwarz), one key at a time.
 
     Reached (to rounding) only when every ``perm(B_k)`` is a positive multiple of ``A_k``: a permuted copy of
-    A, or A itself. A start that ends there is optimal, and ``start="auto"`` does not descend again.
+    A, or A itself. A start that ends there is optimal, and ``start="best"`` does not descend again.
     """
     total = 0.0
     for key in keys:

@@ -102,8 +102,9 @@ class WeightMatchingInfo:
     start
         Where the descent started: ``"init"`` (the ``init`` argument), ``"identity"`` or
         ``"layerwise"`` (permutations solved layer by layer from the network's ends inwards, see
-        :mod:`rebasin.matching._start`); with ``start="auto"`` the descent runs from both and the one with the
-        higher final objective is kept (its counts are reported; ``descents`` lists both).
+        :mod:`rebasin.matching._start`). With ``start="auto"`` the descent ran once, from the higher of the
+        layer-wise start and the identity; with ``start="best"`` from both, the one with the higher final
+        objective kept (its counts are reported; ``descents`` lists both).
     n_sweeps
         Sweeps performed (each visits every permutation once).
     converged
@@ -118,7 +119,7 @@ class WeightMatchingInfo:
         Low-rank corrections applied to cached similarity matrices.
     descents
         Every descent that ran, in order, as ``(start, final objective, sweeps)``: one, or two for
-        ``start="auto"`` (layer-wise, then identity) unless the layer-wise end point reached the
+        ``start="best"`` (layer-wise, then identity) unless the layer-wise end point reached the
         Cauchy-Schwarz bound.
     """
 
@@ -475,10 +476,14 @@ def weight_matching(
     init
         Starting permutations ``{perm: LongTensor (n,)}``; missing names start at the identity.
     start
-        Without ``init``: ``"auto"`` (default) descends from ``"layerwise"`` and from ``"identity"``
-        (see above) and keeps the higher final objective (a tie keeps the layer-wise one; the second
-        descent is skipped when the first reaches the bound); either can be forced. Not allowed
-        together with ``init``.
+        Without ``init``: ``"auto"`` (default) computes the layer-wise start and descends once, from it
+        when its objective is at least the identity's, else from the identity (so the end is never below
+        the identity's objective); ``"best"`` descends from ``"layerwise"`` and from ``"identity"`` and keeps
+        the higher final objective (a tie keeps the layer-wise one; the second descent is skipped when the
+        first reaches the Cauchy-Schwarz bound): about twice the time, for an objective at most a fraction
+        of a percent higher and no lower barrier on the panel of ``benchmarks/wm_start_panel.py``
+        (docs/benchmarks.md); ``"identity"`` or ``"layerwise"`` forces one. Not allowed together with
+        ``init``.
     seed
         Seed of the visiting order; the same seed gives the same result.
     return_info

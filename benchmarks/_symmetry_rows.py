@@ -127,23 +127,19 @@ class SymmetryPair:
         f = self.form(folded)
         return permute(f.spec, self.perms(folded), f.b)
 
-    def transform(self, folded: bool, kind: str, warm: bool = True) -> State:
+    def transform(self, folded: bool, kind: str, start: str = "weight_matching") -> State:
         """B with its stream matched by ``kind`` (signed or orthogonal) and permutations elsewhere.
 
-        ``warm``: start ``transform_matching`` (coordinate ascent) from the weight-matching permutations
-        (B permuted by them first; the stream map found is composed with the stream's permutation), so the
-        objective starts at weight matching's; else from the identity, as ``transform_matching`` does.
+        ``transform_matching`` with ``start``: by default (``"weight_matching"``) it starts from weight
+        matching's permutations of every class and never ends below their objective; ``"identity"`` is the
+        cold start it used before.
         """
-        key = f"transform_{folded}_{kind}_{warm}"
+        key = f"transform_{folded}_{kind}_{start}"
         if key not in self.cache:
             f = self.form(folded)
-            b0 = self.wm(folded) if warm else f.b
-            t = transform_matching(f.spec, f.a, b0, kinds=f.kinds, use={f.stream: kind}, seed=self.seed)
-            n = int(f.spec.sizes[f.stream])
-            stream = transform_matrix(t[f.stream], n)
-            if warm:
-                stream = stream @ transform_matrix(self.perms(folded)[f.stream], n)
-            self.cache[key] = (stream, apply_transforms(f.spec, t, b0, kinds=f.kinds))
+            t = transform_matching(f.spec, f.a, f.b, kinds=f.kinds, use={f.stream: kind}, start=start, seed=self.seed)
+            stream = transform_matrix(t[f.stream], int(f.spec.sizes[f.stream]))
+            self.cache[key] = (stream, apply_transforms(f.spec, t, f.b, kinds=f.kinds))
         return self.cache[key][1]
 
     def am(self, folded: bool) -> State:
@@ -155,7 +151,7 @@ class SymmetryPair:
         """The orthogonal stream of :meth:`transform`, then activation matching of every other class."""
         f = self.folded
         self.transform(True, "orthogonal")
-        stream = self.cache["transform_True_orthogonal_True"][0]  # B's stream map, the permutation included
+        stream = self.cache["transform_True_orthogonal_weight_matching"][0]  # B's stream map
         rotated = apply_transforms(f.spec, {f.stream: stream}, f.b, kinds=f.kinds)
         return align(f.model, self.model_with(f, rotated), spec=without(f.spec, {f.stream}),
                      method="activation_matching", loader=self.stats, seed=self.seed, device=self.device).state_b
@@ -192,23 +188,23 @@ Recipe = Callable[[SymmetryPair], Aligned]
 RECIPES: dict[str, tuple[str, Recipe]] = {
     "naive": ("naive (identity)", lambda p: p.linear(False, p.plain.b)),
     "wm": ("weight matching (permutations)", lambda p: p.linear(False, p.wm(False))),
-    "signed": ("signed stream + permutations (weight matching, from WM's permutations)",
+    "signed": ("signed stream + permutations (transform_matching, default start: weight matching's permutations)",
                lambda p: p.linear(False, p.transform(False, "signed"))),
-    "signed_cold": ("signed stream + permutations, started from the identity",
-                    lambda p: p.linear(False, p.transform(False, "signed", warm=False))),
+    "signed_cold": ("signed stream + permutations, started from the identity (start='identity')",
+                    lambda p: p.linear(False, p.transform(False, "signed", start="identity"))),
     "folded_naive": ("folded, naive", lambda p: p.linear(True, p.folded.b)),
     "folded_wm": ("folded, weight matching (permutations)", lambda p: p.linear(True, p.wm(True))),
-    "folded_signed": ("folded, signed stream + permutations (from WM's permutations)", lambda p: p.linear(True, p.transform(True, "signed"))),
-    "folded_ortho": ("folded, orthogonal stream + permutations (weight matching, from WM's)",
+    "folded_signed": ("folded, signed stream + permutations (default start)", lambda p: p.linear(True, p.transform(True, "signed"))),
+    "folded_ortho": ("folded, orthogonal stream + permutations (transform_matching, default start)",
                      lambda p: p.linear(True, p.transform(True, "orthogonal"))),
-    "folded_ortho_cold": ("folded, orthogonal stream + permutations, started from the identity",
-                          lambda p: p.linear(True, p.transform(True, "orthogonal", warm=False))),
+    "folded_ortho_cold": ("folded, orthogonal stream + permutations, started from the identity (start='identity')",
+                          lambda p: p.linear(True, p.transform(True, "orthogonal", start="identity"))),
     "am": ("activation matching (permutations)", lambda p: p.linear(False, p.am(False))),
     "wm_repair": ("weight matching + REPAIR", lambda p: p.repaired(False, p.wm(False))),
     "am_repair": ("activation matching + REPAIR", lambda p: p.repaired(False, p.am(False))),
     "folded_ortho_repair": ("folded, orthogonal stream + permutations (WM) + REPAIR",
                             lambda p: p.repaired(True, p.transform(True, "orthogonal"))),
-    "folded_learned": ("folded, learned orthogonal stream (from the WM row's stream) + permutations",
+    "folded_learned": ("folded, learned orthogonal stream (from the folded_ortho row's stream) + permutations",
                        lambda p: p.linear(True, p.learned())),
     "folded_learned_repair": ("folded, learned orthogonal stream + permutations + REPAIR",
                               lambda p: p.repaired(True, p.learned())),

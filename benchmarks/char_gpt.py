@@ -15,13 +15,13 @@ the linear path is measured on held-out text. Rows (``--rows``):
 
 * ``naive``: B as it is; ``wm``: weight matching, permutations of every class (stream, heads, MLP units);
 * ``signed``: a signed permutation of the residual stream (``transform_matching``; RMSNorm models only,
-  a LayerNorm stream is refused), started from weight matching's permutations; ``signed_cold``: started
-  from the identity (``transform_matching`` alone);
+  a LayerNorm stream is refused) at its default start (weight matching's permutations of every class;
+  never below weight matching's objective); ``signed_cold``: ``start="identity"``, the cold start it had before;
 * ``folded_*``: both models folded first (GPT-2: ``fold_layernorm``, LayerNorm to scale-free RMSNorm;
   Llama: ``fold_rmsnorm``, RMSNorm scales into the readers), the same functions on another path:
   ``folded_naive``, ``folded_wm`` (permutations), ``folded_signed``, ``folded_ortho`` (an orthogonal
   stream map by Procrustes, permutations elsewhere; from weight matching's permutations, and
-  ``folded_ortho_cold`` from the identity);
+  ``folded_ortho_cold`` with ``start="identity"``);
 * ``am``: activation matching (permutations); ``am_repair``: + REPAIR;
 * ``folded_ortho_repair``: ``folded_ortho`` + REPAIR; ``folded_ortho_am``: the orthogonal stream map of
   ``folded_ortho``, then activation matching of the other classes with the stream fixed;

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rebasin import RebasinError
+from rebasin import RebasinError, weight_matching
 from rebasin.matching import TransformRebasin, cayley, learn_transforms, transform_matching
 from rebasin.spec import apply_transforms, random_orthogonal, random_permutation
 from rebasin.trace import fold_layernorm, symmetry_kinds, trace_model
@@ -116,6 +116,21 @@ def test_learned_stream_is_orthogonal_and_beats_procrustes(pair) -> None:
     x = BATCHES[0][0]
     with torch.no_grad():
         torch.testing.assert_close(functional_call(fb, res.state_b, (x,)), fb(x), atol=1e-4, rtol=1e-4)
+
+
+def test_default_start_is_not_below_weight_matching(pair) -> None:
+    # the default init is transform_matching's (started from weight matching); an explicit init= wins
+    fa, fb, spec, kinds, stream = pair
+    a, b = fa.state_dict(), fb.state_dict()
+
+    def objective(trans: dict) -> float:
+        moved = apply_transforms(spec, trans, b, kinds=kinds)
+        return sum(float((a[k].double() * moved[k].double()).sum()) for k in a if a[k].is_floating_point())
+
+    mod = TransformRebasin(fa, fb, spec=spec, kinds=kinds)
+    assert objective(dict(mod.init)) >= objective(weight_matching(spec, a, b))
+    given = TransformRebasin(fa, fb, spec=spec, kinds=kinds, init={stream: torch.eye(12)}).init
+    assert set(given) == {stream} and torch.equal(given[stream], torch.eye(12))
 
 
 @pytest.mark.parametrize("parametrization", ["cayley", "expm"])

@@ -12,7 +12,7 @@ import torch
 from builders import tiny_llama
 from torch import nn
 
-from rebasin import PermutationSpec, RebasinError
+from rebasin import PermutationSpec, RebasinError, weight_matching
 from rebasin.matching import transform_matching
 from rebasin.spec import (
     SignedPermutation,
@@ -117,8 +117,40 @@ def test_refusals() -> None:
         transform_matching(spec, a, a, kinds=none, use={"P": "rotation"})
     with pytest.raises(RebasinError, match="n_iter"):
         transform_matching(spec, a, a, kinds=none, n_iter=-1)
+    with pytest.raises(RebasinError, match=r"start must be one of .*'weight_matching'.*got 'cold'"):
+        transform_matching(spec, a, a, kinds=none, start="cold")
     # no class admits more than a permutation: plain weight matching
     perm = torch.tensor([2, 0, 1])
     b = apply_transforms(spec, {"P": perm}, a)
     found = transform_matching(spec, a, b, kinds=none)
     assert torch.equal(found["P"], torch.argsort(perm))
+
+
+def _objective(spec: PermutationSpec, kinds: SymmetryKinds, a: dict, b: dict, found: dict) -> float:
+    moved = apply_transforms(spec, found, b, kinds=kinds)
+    return sum(float((a[k].double() * moved[k].double()).sum()) for k in a if a[k].is_floating_point())
+
+
+def test_default_start_is_never_below_weight_matching(llama: tuple) -> None:
+    # two independent inits: from the identity (start="identity", the only start before) the ascent on this pair
+    # ends below weight matching's objective; the default starts from weight matching and keeps the better
+    model, tr, kinds = llama
+    spec = tr.spec
+    a, b = _state(model), _state(tiny_llama(vocab=VOCAB, seed=1, norm_seed=11))
+    p = spec.axes["model.norm.weight"][0]
+    wm = _objective(spec, kinds, a, b, weight_matching(spec, a, b))
+    cold = _objective(spec, kinds, a, b, transform_matching(spec, a, b, kinds=kinds, start="identity"))
+    assert cold < wm - 1e-2  # the defect the default start removes
+    found = transform_matching(spec, a, b, kinds=kinds)
+    assert isinstance(found[p], SignedPermutation)
+    assert _objective(spec, kinds, a, b, found) >= wm
+    # folded, with an orthogonal stream
+    fa, fb = fold_rmsnorm(spec, a, kinds), fold_rmsnorm(spec, b, kinds)
+    ortho = transform_matching(spec, fa, fb, kinds=kinds, use={p: "orthogonal"})
+    assert _objective(spec, kinds, fa, fb, ortho) >= _objective(spec, kinds, fa, fb, weight_matching(spec, fa, fb))
+    # n_iter=0 returns the start: weight matching's permutations as transforms of each class's kind
+    start = transform_matching(spec, a, b, kinds=kinds, n_iter=0)
+    perms = weight_matching(spec, a, b)
+    assert torch.equal(start[p].perm, perms[p]) and bool((start[p].signs == 1).all())
+    assert all(torch.equal(start[q], perms[q]) for q in spec.perms if q != p)
+

@@ -148,7 +148,8 @@ class TransformRebasin(nn.Module):
     init
         Starting transforms ``{class: transform}`` (a learned class may start from a permutation or a
         signed permutation: its matrix is used). Default: :func:`rebasin.matching.transform_matching` with
-        an orthogonal map for every learned class (permutations elsewhere).
+        an orthogonal map for every learned class (permutations elsewhere), at its default start: weight
+        matching's permutations, refined, and never below their weight objective.
     parametrization
         ``"cayley"`` or ``"expm"`` (matrix exponential).
     cost

@@ -150,6 +150,7 @@ def symmetry_matching(
     kinds: SymmetryKinds | None = None,
     use: Mapping[str, str] | None = None,
     n_iter: int = 20,
+    start: str = "weight_matching",
     seed: int = 0,
 ) -> MatchResult:
     """Weight matching with signed permutations or orthogonal maps wherever the model admits them.
@@ -169,8 +170,9 @@ def symmetry_matching(
         The classes' symmetry kinds (:func:`rebasin.trace.symmetry_kinds`); :func:`rebasin.align` finds them.
     use
         ``{perm: kind}`` instead of ``symmetry``: the kind of each class (others permutations).
-    n_iter, seed
-        As :func:`rebasin.matching.transform_matching`.
+    n_iter, start, seed
+        As :func:`rebasin.matching.transform_matching`: by default every class starts at weight matching's
+        permutation and the answer's objective is never below weight matching's.
 
     Returns
     -------
@@ -187,7 +189,8 @@ def symmetry_matching(
         raise RebasinError("transform matching needs kinds= (rebasin.trace.symmetry_kinds(model, example_input)); "
                            "rebasin.align(..., method='transform_matching') finds them")
     chosen = dict(use) if use is not None else symmetry_use(spec, kinds, symmetry)
-    found = transform_matching(spec, state_a, state_b, kinds=kinds, use=chosen, n_iter=n_iter, seed=seed)
+    found = transform_matching(spec, state_a, state_b, kinds=kinds, use=chosen, n_iter=n_iter, start=start,
+                                seed=seed)
     info = {"symmetry": None if use is not None else symmetry, "use": chosen}
     # without heads= transform_matching returns one transform per class and no HeadMaps
     return MatchResult({}, info, {p: t for p, t in found.items() if not isinstance(t, HeadMaps)}, kinds)

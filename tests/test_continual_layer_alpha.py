@@ -159,3 +159,19 @@ def test_plugin_merges_per_layer_with_refit_on_a_tiny_stream():
         assert all(a in policy.candidates for a in h.layer_alphas.values())
         assert h.layers.start.alpha == h.alpha and h.refit_steps == 2
         assert h.layers.objective <= min(h.choice.objective)
+
+
+def test_compare_records_the_layers_alphas_of_rebasin_merge_layer():
+    pytest.importorskip("avalanche")
+    from continual.benchmarks import synthetic
+    from continual.compare import run_strategy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_strategy("rebasin_merge_layer", synthetic(3, seed=0), seed=0, model_factory=tiny,
+                              example_input=torch.zeros(2, 16), epochs=1, batch_size=32, lr=1e-2, mem_size=100,
+                              device="cpu", progress=False)
+    alphas, merges = result.extra["alphas"], result.extra["merges"]
+    assert len(alphas) == 2  # one merge after each experience but the first, each with the two layers' alphas
+    assert all(isinstance(a, list) and len(a) == 2 and all(0.0 <= v <= 1.0 for v in a) for a in alphas)
+    assert [list(m["layer_alphas"].values()) for m in merges] == alphas

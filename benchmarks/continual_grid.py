@@ -93,6 +93,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("buffer fold + refit", "rebasin_merge_refit", {}),  # the plugin's defaults since issue 27
     # the same with one alpha per layer (AlphaPolicy(granularity="layer")): a coordinate search from the best single alpha
     ("buffer fold + refit, per layer", "rebasin_merge_layer", {}),
+    ("per layer, 2 passes", "rebasin_merge_layer",
+     {"alpha": {"source": "buffer_fold", "refit": True, "granularity": "layer", "layer_passes": 2}}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]

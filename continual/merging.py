@@ -309,7 +309,7 @@ def select_alpha(
     return AlphaChoice(ts[best], ts, loss_old, loss_new, objective, acc_old, acc_new, criterion)
 
 
-Scores = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...] | None, tuple[float, ...] | None,
+_Scores = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...] | None, tuple[float, ...] | None,
                tuple[float, ...], tuple[float, ...]]
 
 
@@ -317,7 +317,7 @@ def _scores(
     model: nn.Module, path: Any, ts: tuple[float, ...], new_loader: Iterable[Any], old_loader: Iterable[Any] | None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None, device: torch.device | str | None, old_weight: float,
     criterion: str,
-) -> Scores:
+) -> _Scores:
     """``(loss_old, loss_new, acc_old, acc_new, objective, loss_objective)`` at every ``t`` of ``path``."""
     new = evaluate_path(model, path, new_loader, ts=ts, loss_fn=loss_fn, device=device)
     loss_new = tuple(float(v) for v in new.loss)

@@ -35,8 +35,14 @@ from ._data import (
     trace_spec,
 )
 from .merging import (
-    AlphaChoice, LayerAlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha,
-    select_layer_alphas, write_state_,
+    AlphaChoice,
+    LayerAlphaChoice,
+    conservative_alpha,
+    merge_states,
+    reset_optimizer_state_,
+    select_alpha,
+    select_layer_alphas,
+    write_state_,
 )
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
@@ -567,7 +573,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             policy = self.policy
             k = self._n_seen  # experiences before this one
             old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
-            batches = {
+            batches: dict[str, Any] = {  # the samples and settings of the choice, single or per layer
                 "new_loader": tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                 "old_loader": None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
                 "grid": policy.candidates, "loss_fn": self.loss_fn, "device": device, "old_weight": old_weight,
@@ -588,7 +594,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         weights = alpha if layers is None else layers.alphas
         if (alpha != 1.0) if layers is None else any(a != 1.0 for a in layers.alphas.values()):
-            write_state_(model, self._merged_state(strategy, prev_aligned, state_new, weights, both))  # type: ignore[arg-type]  # alpha is set: fixed, or chosen above
+            write_state_(model, self._merged_state(strategy, prev_aligned, state_new, weights, both))
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
                 reset_optimizer_state_(strategy.optimizer, model.parameters())
         self.history.append(

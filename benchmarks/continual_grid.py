@@ -20,7 +20,7 @@ protocol runs every variant on every seed, and the table reports every cell, not
 ``--variants`` picks columns by their index in ``VARIANTS`` (more are there: alpha chosen on the
 replay buffer, the plugin's old default, and on the buffer with a transient held-out slice of the new task; and,
 with no storage besides the buffer, ``buffer fold`` — ``continual.compare``'s ``rebasin_merge_fold`` —, the same with
-``refit`` (``rebasin_merge_refit``) and ``clewi``).
+``refit`` (``rebasin_merge_refit``), the same with one alpha per layer (``rebasin_merge_layer``) and ``clewi``).
 The seed seeds the training *and* the benchmark (its MNIST subset, its random angles, its pixel
 permutations), so each seed is another protocol of each kind; ``--first-seed K`` runs seeds K, K + 1, ...: the
 fresh draws of issue 27 are seeds 2 and 3, which the grid's choices never saw. Results go to ``--out`` (JSON, one record
@@ -91,6 +91,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("clewi", "clewi", {}),
     # the buffer fold, and once alpha is chosen one more pass over the held-out slice (AlphaPolicy(refit=True))
     ("buffer fold + refit", "rebasin_merge_refit", {}),  # the plugin's defaults since issue 27
+    # the same with one alpha per layer (AlphaPolicy(granularity="layer")): a coordinate search from the best single alpha
+    ("buffer fold + refit, per layer", "rebasin_merge_layer", {}),
+    ("per layer, 2 passes", "rebasin_merge_layer",
+     {"alpha": {"source": "buffer_fold", "refit": True, "granularity": "layer", "layer_passes": 2}}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]

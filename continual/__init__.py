@@ -47,8 +47,11 @@ __all__ = [
     "synthetic",
     "merge_states",
     "select_alpha",
+    "select_layer_alphas",
+    "layer_groups",
     "write_state_",
     "AlphaChoice",
+    "LayerAlphaChoice",
     "ExperienceLRDecay",
 ]
 
@@ -75,8 +78,11 @@ _WHERE = {
     "synthetic": "benchmarks",
     "merge_states": "merging",
     "select_alpha": "merging",
+    "select_layer_alphas": "merging",
+    "layer_groups": "merging",
     "write_state_": "merging",
     "AlphaChoice": "merging",
+    "LayerAlphaChoice": "merging",
     "ExperienceLRDecay": "optim",
 }
 

@@ -23,6 +23,8 @@ name                      strategy
                           the buffer that the experience does not train on (no storage besides the buffer)
 ``rebasin_merge_refit``   ``rebasin_merge_fold`` with ``AlphaPolicy(refit=True)`` (the defaults' policy): once
                           alpha is chosen, one more pass over the held-out slice (with buffer samples)
+``rebasin_merge_layer``   ``rebasin_merge_refit`` with ``AlphaPolicy(granularity="layer")``: one alpha per layer,
+                          by a coordinate search from the best single alpha on the same fold
 ``naive_rebasin_merge``   ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy()`` (no buffer to fold)
 ``rebasin_merge_zero``    ``Naive`` + :class:`RebasinMergePlugin` with ``alpha=AlphaPolicy(source="current")``:
                           no old sample stored (alpha chosen on the current task's held-out slice)
@@ -56,7 +58,7 @@ __all__ = ["OPTIMIZERS", "STRATEGIES", "EQUAL_STORAGE", "make_strategy", "mlp"]
 OPTIMIZERS = ("adamw", "sgd")
 
 STRATEGIES = ("naive", "ewc", "lwf", "si", "replay", "rebasin_merge", "rebasin_merge_holdout", "rebasin_merge_fold",
-              "rebasin_merge_refit",
+              "rebasin_merge_refit", "rebasin_merge_layer",
               "naive_rebasin_merge",
               "rebasin_merge_zero", "rebasin_il", "mcsgd", "clewi")
 #: Prefix of the equal-storage Replay controls (``replay_eq_rebasin_merge_holdout``: Replay with what it stores).
@@ -183,6 +185,8 @@ def make_strategy(
         "rebasin_merge_holdout": lambda: replay_with_merge(alpha=AlphaPolicy()),
         "rebasin_merge_fold": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold")),
         "rebasin_merge_refit": lambda: replay_with_merge(alpha=AlphaPolicy(source="buffer_fold", refit=True)),
+        "rebasin_merge_layer": lambda: replay_with_merge(
+            alpha=AlphaPolicy(source="buffer_fold", refit=True, granularity="layer")),
         "rebasin_merge_zero": lambda: Naive(
             **{**common, "plugins": common["plugins"] + [
                 RebasinMergePlugin(

@@ -84,9 +84,11 @@ class CLeWIPlugin(RebasinMergePlugin):
             self._repair_buffer = None
 
     def _merged_state(
-        self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor], alpha: float,
-        data: tuple[Tensor, Tensor] | None,
+        self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor],
+        alpha: float | dict[str, float], data: tuple[Tensor, Tensor] | None,
     ) -> dict[str, Tensor]:
+        if isinstance(alpha, dict):  # the plugin takes a fixed alpha only; REPAIR here weighs the two models once
+            raise RebasinError("CLeWIPlugin merges with one fixed alpha; per-layer alphas are not supported")
         parts = [sample_tensors(strategy.experience.dataset, self.repair_samples, seed=self._rng_seed(7),
                                 batch_size=self.batch_size)]
         if self._repair_buffer is not None and len(self._repair_buffer) > 0:

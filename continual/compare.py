@@ -182,9 +182,13 @@ def run_strategy(
     for plugin in getattr(strategy, "plugins", []):
         history = getattr(plugin, "history", None)
         if history and hasattr(history[0], "alpha"):
-            extra["alphas"] = [h.alpha for h in history]
+            # per-layer merges (AlphaPolicy(granularity="layer")): the layers' alphas, input to output
+            extra["alphas"] = [h.alpha if getattr(h, "layers", None) is None else list(h.layers.alphas.values())
+                               for h in history]
             extra["merges"] = [{"experience": h.experience, "alpha": h.alpha,
-                                "refit_steps": getattr(h, "refit_steps", 0)} for h in history]
+                                "refit_steps": getattr(h, "refit_steps", 0),
+                                **({} if getattr(h, "layers", None) is None else {"layer_alphas": h.layers.alphas})}
+                               for h in history]
         if history and hasattr(history[0], "n_moved"):
             extra["units_moved"] = [h.n_moved for h in history]
         if history and hasattr(history[0], "n_lines"):

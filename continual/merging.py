@@ -38,14 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from rebasin import LinearPath, PermutationSpec, RebasinError, evaluate_path, interpolate, permute
+from rebasin.checks import check_int
 from rebasin.spec import soft_permute
 
 __all__ = [
     "AlphaChoice",
+    "LayerAlphaChoice",
     "CRITERIA",
+    "GRANULARITIES",
     "alpha_grid",
+    "layer_groups",
     "merge_states",
     "select_alpha",
+    "select_layer_alphas",
     "conservative_alpha",
     "write_state_",
     "reset_optimizer_state_",
@@ -91,6 +96,32 @@ class AlphaChoice:
 
 #: What :func:`select_alpha` optimises.
 CRITERIA = ("loss", "accuracy")
+#: How finely the merge weight is chosen: one alpha for the whole model, or one per layer
+#: (:func:`select_layer_alphas`, :func:`layer_groups`).
+GRANULARITIES = ("model", "layer")
+
+
+@dataclass(frozen=True)
+class LayerAlphaChoice:
+    """The per-layer merge weights picked by :func:`select_layer_alphas`.
+
+    Attributes
+    ----------
+    alphas
+        ``{layer: weight of the new model}``, one entry per group of :func:`layer_groups`, input to output.
+    start
+        The single alpha the search started from (every layer at ``start.alpha``) and its grid search.
+    objective, loss_objective
+        The objective (and the loss objective that breaks its ties) at ``alphas``; never above ``start``'s.
+    passes
+        Passes over the layers that ran (the search stops after a pass that changed nothing).
+    """
+
+    alphas: dict[str, float]
+    start: AlphaChoice
+    objective: float
+    loss_objective: float
+    passes: int
 
 
 def alpha_grid(grid: int | Sequence[float]) -> tuple[float, ...]:
@@ -124,8 +155,44 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     return value
 
 
-def merge_states(state_prev_aligned: State, state_new: State, alpha: float) -> dict[str, Tensor]:
-    r"""``(1 - alpha) * state_prev_aligned + alpha * state_new`` (exact at both ends).
+def layer_groups(state: State) -> dict[str, tuple[str, ...]]:
+    """The floating entries of ``state`` grouped by layer, in the state's order (what per-layer alphas weight).
+
+    A layer is a module's entries (``weight`` and ``bias`` together, the key up to its last dot). A module
+    whose floating entries are all vectors or scalars (a norm layer: its scale, shift and running statistics)
+    joins the layer before it (the first layer when it comes first). Each group is named after its first
+    module with a matrix (or higher-dimensional) entry. Integer buffers belong to no group.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    >>> layer_groups(m.state_dict())
+    {'0': ('0.weight', '0.bias', '1.weight', '1.bias'), '2': ('2.weight', '2.bias')}
+    """
+    modules: dict[str, list[str]] = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            modules.setdefault(key.rpartition(".")[0] or key, []).append(key)
+    groups: dict[str, list[str]] = {}
+    leading: list[str] = []  # vector-only modules before the first layer with a matrix
+    for name, keys in modules.items():
+        if any(state[k].ndim >= 2 for k in keys):
+            groups[name] = leading + keys
+            leading = []
+        elif groups:
+            groups[next(reversed(groups))].extend(keys)
+        else:
+            leading.extend(keys)
+    if leading:  # no matrix anywhere (or only vectors after none): one group of what is left
+        groups[leading[0].rpartition(".")[0] or leading[0]] = leading
+    return {name: tuple(keys) for name, keys in groups.items()}
+
+
+def merge_states(
+    state_prev_aligned: State, state_new: State, alpha: float | Mapping[str, float]
+) -> dict[str, Tensor]:
+    r"""``(1 - alpha) * state_prev_aligned + alpha * state_new`` (exact at both ends), per layer or for all.
 
     Parameters
     ----------
@@ -134,7 +201,8 @@ def merge_states(state_prev_aligned: State, state_new: State, alpha: float) -> d
     state_new
         The freshly trained model's state_dict. Same keys and shapes. Neither input is mutated.
     alpha
-        Weight of the new model, in ``[0, 1]``.
+        Weight of the new model, in ``[0, 1]``: one number for every entry, or ``{layer: weight}`` with one
+        entry for every group of :func:`layer_groups` of ``state_new`` (:attr:`LayerAlphaChoice.alphas`).
 
     Returns
     -------
@@ -148,9 +216,28 @@ def merge_states(state_prev_aligned: State, state_new: State, alpha: float) -> d
     >>> merge_states({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
     tensor([0.2500, 0.2500])
     """
-    alpha = check_alpha(alpha)
-    out = interpolate(state_prev_aligned, state_new, alpha)
-    return {k: (v if v.is_floating_point() else state_new[k].clone()) for k, v in out.items()}
+    if not isinstance(alpha, Mapping):
+        out = interpolate(state_prev_aligned, state_new, check_alpha(alpha))
+        return {k: (v if v.is_floating_point() else state_new[k].clone()) for k, v in out.items()}
+    if set(state_prev_aligned) != set(state_new):
+        raise RebasinError(
+            f"merge_states: the two states have different keys ({sorted(set(state_prev_aligned) ^ set(state_new))} "
+            "in only one); give state_dicts of one architecture"
+        )
+    groups = layer_groups(state_new)
+    if set(alpha) != set(groups):
+        raise RebasinError(
+            f"merge_states: per-layer alpha names the layers {sorted(alpha)}, the state's layers are "
+            f"{sorted(groups)} (layer_groups); give one weight for each of them"
+        )
+    weight = {k: check_alpha(alpha[name], f"alpha[{name!r}]") for name, keys in groups.items() for k in keys}
+    out = {}
+    for key, value in state_new.items():
+        if key in weight:
+            out[key] = interpolate({key: state_prev_aligned[key]}, {key: value}, weight[key])[key]
+        else:
+            out[key] = value.clone()
+    return out
 
 
 def select_alpha(
@@ -211,12 +298,32 @@ def select_alpha(
     old_weight = check_alpha(old_weight, "old_weight")
     if criterion not in CRITERIA:
         raise RebasinError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
-    line = LinearPath(state_prev_aligned, state_new)
-    new = evaluate_path(model, line, new_loader, ts=ts, loss_fn=loss_fn, device=device)
+    scores = _scores(model, LinearPath(state_prev_aligned, state_new), ts, new_loader, old_loader, loss_fn, device,
+                     old_weight, criterion)
+    loss_old, loss_new, acc_old, acc_new, objective, loss_objective = scores
+    best = _best(ts, objective, loss_objective)
+    if best is None:
+        raise RebasinError(
+            f"the merge loss is not finite at any alpha of the grid {ts}; check the data and the models"
+        )
+    return AlphaChoice(ts[best], ts, loss_old, loss_new, objective, acc_old, acc_new, criterion)
+
+
+_Scores = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...] | None, tuple[float, ...] | None,
+               tuple[float, ...], tuple[float, ...]]
+
+
+def _scores(
+    model: nn.Module, path: Any, ts: tuple[float, ...], new_loader: Iterable[Any], old_loader: Iterable[Any] | None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None, device: torch.device | str | None, old_weight: float,
+    criterion: str,
+) -> _Scores:
+    """``(loss_old, loss_new, acc_old, acc_new, objective, loss_objective)`` at every ``t`` of ``path``."""
+    new = evaluate_path(model, path, new_loader, ts=ts, loss_fn=loss_fn, device=device)
     loss_new = tuple(float(v) for v in new.loss)
     acc_new = None if new.accuracy is None else tuple(float(v) for v in new.accuracy)
     if old_loader is not None:
-        old = evaluate_path(model, line, old_loader, ts=ts, loss_fn=loss_fn, device=device)
+        old = evaluate_path(model, path, old_loader, ts=ts, loss_fn=loss_fn, device=device)
         loss_old = tuple(float(v) for v in old.loss)
         acc_old = None if old.accuracy is None or acc_new is None else tuple(float(v) for v in old.accuracy)
     else:
@@ -235,13 +342,92 @@ def select_alpha(
         objective = weighted(tuple(1.0 - a for a in acc_old), tuple(1.0 - a for a in acc_new))
     else:
         objective = loss_objective
+    return loss_old, loss_new, acc_old, acc_new, objective, loss_objective
+
+
+def _best(ts: Sequence[float], objective: Sequence[float], loss_objective: Sequence[float]) -> int | None:
+    """Index of the lowest objective (ties: lower loss objective, then larger t) among finite losses, or None."""
     finite = [i for i, v in enumerate(loss_objective) if v == v and v != float("inf")]
-    if not finite:
-        raise RebasinError(
-            f"the merge loss is not finite at any alpha of the grid {ts}; check the data and the models"
-        )
-    best = min(finite, key=lambda i: (objective[i], loss_objective[i], -ts[i]))
-    return AlphaChoice(ts[best], ts, loss_old, loss_new, objective, acc_old, acc_new, criterion)
+    return min(finite, key=lambda i: (objective[i], loss_objective[i], -ts[i])) if finite else None
+
+
+def select_layer_alphas(
+    model: nn.Module,
+    state_prev_aligned: State,
+    state_new: State,
+    *,
+    new_loader: Iterable[Any],
+    old_loader: Iterable[Any] | None = None,
+    grid: int | Sequence[float] = 11,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    device: torch.device | str | None = None,
+    old_weight: float = 0.5,
+    criterion: str = "loss",
+    passes: int = 1,
+    start: AlphaChoice | None = None,
+) -> LayerAlphaChoice:
+    """One weight of the new model per layer (:func:`layer_groups`), by a coordinate search from the best single alpha.
+
+    The search starts with every layer at the single alpha of :func:`select_alpha` (``start``, computed when not
+    given). Then, layer by layer from input to output, every value of ``grid`` is tried for that layer with the
+    others fixed, and the layer keeps the best one when it lowers the objective of :func:`select_alpha` (same
+    data, ``old_weight`` and ``criterion``; ties by the loss objective, then the larger alpha) below the current
+    one, else stays. ``passes`` such sweeps at most; the search stops after a sweep that changed nothing. The
+    objective never ends above the single alpha's; when every layer ends at one value the merge is exactly
+    ``merge_states(..., that value)``. Deterministic (no random draw); the model and the states are not modified.
+
+    Parameters
+    ----------
+    model, state_prev_aligned, state_new, new_loader, old_loader, grid, loss_fn, device, old_weight, criterion
+        As for :func:`select_alpha` (the loaders are iterated once per layer, value and pass: give lists).
+    passes
+        Sweeps over the layers, at least 1.
+    start
+        A :func:`select_alpha` result on the same data to start from (saves its evaluation).
+
+    Returns
+    -------
+    LayerAlphaChoice
+
+    Examples
+    --------
+    >>> choice = select_layer_alphas(model, prev, new, new_loader=new, old_loader=old)  # doctest: +SKIP
+    >>> choice.alphas                                                                    # doctest: +SKIP
+    {'layers.0': 1.0, 'layers.2': 0.6}
+    """
+    ts = alpha_grid(grid)
+    passes = check_int(passes, "passes (sweeps over the layers)")
+    old_weight = check_alpha(old_weight, "old_weight")
+    if start is None:
+        start = select_alpha(model, state_prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
+                             grid=ts, loss_fn=loss_fn, device=device, old_weight=old_weight, criterion=criterion)
+    groups = layer_groups(state_new)
+    alphas = {name: start.alpha for name in groups}
+    i = start.grid.index(start.alpha)
+    current = (start.objective[i], _loss_objective(start, i, old_weight, old_loader is not None))
+    ran = 0
+    for _ in range(passes):
+        ran += 1
+        changed = False
+        for name in groups:
+            def state_at(t: float, _name: str = name) -> dict[str, Tensor]:
+                return merge_states(state_prev_aligned, state_new, {**alphas, _name: t})
+
+            *_, objective, loss_objective = _scores(model, state_at, ts, new_loader, old_loader, loss_fn, device,
+                                                    old_weight, criterion)
+            best = _best(ts, objective, loss_objective)
+            if best is not None and (objective[best], loss_objective[best]) < current:
+                alphas[name], current, changed = ts[best], (objective[best], loss_objective[best]), True
+        if not changed:
+            break
+    return LayerAlphaChoice(alphas, start, current[0], current[1], ran)
+
+
+def _loss_objective(choice: AlphaChoice, i: int, old_weight: float, has_old: bool) -> float:
+    """The loss objective of ``choice`` at its ``i``-th candidate (the tie-breaker of an accuracy choice)."""
+    if not has_old:
+        return choice.loss_new[i]
+    return old_weight * choice.loss_old[i] + (1.0 - old_weight) * choice.loss_new[i]
 
 
 def conservative_alpha(choice: AlphaChoice, tolerance: float) -> float:

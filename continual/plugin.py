@@ -34,7 +34,16 @@ from ._data import (
     tensors_at,
     trace_spec,
 )
-from .merging import AlphaChoice, conservative_alpha, merge_states, reset_optimizer_state_, select_alpha, write_state_
+from .merging import (
+    AlphaChoice,
+    LayerAlphaChoice,
+    conservative_alpha,
+    merge_states,
+    reset_optimizer_state_,
+    select_alpha,
+    select_layer_alphas,
+    write_state_,
+)
 from .policy import ALPHA_SOURCES, AlphaPolicy, as_alpha, holdout_size
 
 __all__ = ["RebasinMergePlugin", "MergeRecord", "ALPHA_SOURCES", "TRAIN_FROM", "DEPRECATED_OPTIONS", "DEFAULT_ALPHA",
@@ -60,7 +69,8 @@ class MergeRecord:
     experience
         ``current_experience`` of the experience just trained.
     alpha
-        Weight of the freshly trained model in the merge (1.0: untouched).
+        Weight of the freshly trained model in the merge (1.0: untouched); with
+        ``AlphaPolicy(granularity="layer")`` the single alpha the layers' search started from.
     choice
         The grid search behind ``alpha`` (None for a fixed alpha).
     perms
@@ -76,6 +86,9 @@ class MergeRecord:
     transforms
         With ``matcher="transform_matching"``: every class's transform (signed permutations, orthogonal maps;
         :attr:`rebasin.Alignment.transforms`), else None.
+    layers
+        With ``AlphaPolicy(granularity="layer")``: the per-layer search, whose ``alphas`` weighted the merge,
+        else None.
     """
 
     experience: int
@@ -88,6 +101,12 @@ class MergeRecord:
     old_weight: float | None = None
     refit_steps: int = 0
     transforms: dict[str, Any] | None = None
+    layers: LayerAlphaChoice | None = None
+
+    @property
+    def layer_alphas(self) -> dict[str, float] | None:
+        """``{layer: alpha}`` of a per-layer merge, else None."""
+        return None if self.layers is None else self.layers.alphas
 
 
 def _state_new(model: nn.Module, result: Any) -> dict[str, Tensor]:
@@ -518,10 +537,11 @@ class RebasinMergePlugin(SupervisedPlugin):
         return _subsample(self._heldout, self.policy.new_samples, self._rng_seed(0))  # type: ignore[return-value]  # Optional narrowed by earlier logic mypy cannot follow
 
     def _merged_state(
-        self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor], alpha: float,
-        data: tuple[Tensor, Tensor] | None,
+        self, strategy: Any, prev_aligned: dict[str, Tensor], state_new: dict[str, Tensor],
+        alpha: float | dict[str, float], data: tuple[Tensor, Tensor] | None,
     ) -> dict[str, Tensor]:
-        """The state written into the model for a merge with ``alpha < 1`` (subclasses add a correction)."""
+        """The state written into the model for a merge with ``alpha < 1`` (or per-layer alphas; subclasses add a
+        correction)."""
         return merge_states(prev_aligned, state_new, alpha)
 
     def _merge(self, strategy: Any) -> None:
@@ -546,30 +566,35 @@ class RebasinMergePlugin(SupervisedPlugin):
         result = self._align(model, prev_model, loader, device)
         state_new = _state_new(model, result)
         prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
-        choice = None
+        choice = layers = None
         alpha = self.alpha
         old_weight = None
         if alpha is None:
             policy = self.policy
             k = self._n_seen  # experiences before this one
             old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
-            choice = select_alpha(
-                model, prev_aligned, state_new, new_loader=tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
-                old_loader=None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
-                grid=policy.candidates, loss_fn=self.loss_fn, device=device, old_weight=old_weight,
-                criterion="accuracy" if policy.source == "current" else policy.criterion,
-            )
+            batches: dict[str, Any] = {  # the samples and settings of the choice, single or per layer
+                "new_loader": tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
+                "old_loader": None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
+                "grid": policy.candidates, "loss_fn": self.loss_fn, "device": device, "old_weight": old_weight,
+                "criterion": "accuracy" if policy.source == "current" else policy.criterion,
+            }
+            choice = select_alpha(model, prev_aligned, state_new, **batches)
             alpha = conservative_alpha(choice, policy.tolerance) if policy.source == "current" else choice.alpha
             if policy.source == "current":
                 old_weight = None
+            if policy.granularity == "layer":
+                layers = select_layer_alphas(model, prev_aligned, state_new, passes=policy.layer_passes, start=choice,
+                                             **batches)
         steps = 0
         if self.alpha is None and self.policy.refit:
             steps = self._refit(strategy, device)  # the merge is of the weights the refit reached, aligned again
             result = self._align(model, prev_model, loader, device)
             state_new = _state_new(model, result)
             prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
-        if alpha != 1.0:
-            write_state_(model, self._merged_state(strategy, prev_aligned, state_new, alpha, both))
+        weights = alpha if layers is None else layers.alphas
+        if (alpha != 1.0) if layers is None else any(a != 1.0 for a in layers.alphas.values()):
+            write_state_(model, self._merged_state(strategy, prev_aligned, state_new, weights, both))
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
                 reset_optimizer_state_(strategy.optimizer, model.parameters())
         self.history.append(
@@ -581,6 +606,7 @@ class RebasinMergePlugin(SupervisedPlugin):
                 old_weight,
                 steps,
                 result.transforms,
+                layers,
             )
         )
 

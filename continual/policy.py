@@ -16,7 +16,7 @@ from typing import Any
 from rebasin import RebasinError
 from rebasin.checks import check_int, check_number_in
 
-from .merging import CRITERIA, alpha_grid, check_alpha
+from .merging import CRITERIA, GRANULARITIES, alpha_grid, check_alpha
 
 __all__ = ["AlphaPolicy", "ALPHA_SOURCES", "HOLDING_OUT", "as_alpha", "holdout_size"]
 
@@ -76,6 +76,17 @@ class AlphaPolicy:
         strategy's optimizer and criterion, and the merge is built from those weights with the chosen
         alpha. The slice then costs the experience no training sample, and nothing more is stored (it is
         dropped after the experience, as without ``refit``).
+    granularity
+        ``"model"`` (default): one alpha for every weight. ``"layer"``: one alpha per layer
+        (:func:`continual.merging.layer_groups`: a module's weight and bias together, a norm layer with the
+        layer before it), by a coordinate search from the best single alpha on the same samples and criterion
+        (:func:`continual.merging.select_layer_alphas`): layer by layer from input to output, each value of the
+        grid with the other layers fixed, kept when it lowers the objective. Not with ``source="current"``
+        (whose rule picks one alpha). With ``refit`` the layers' alphas, chosen before the refit, weight the
+        refit weights.
+    layer_passes
+        ``granularity="layer"``: sweeps of the coordinate search over the layers (at least 1; it stops after a
+        sweep that changed nothing).
 
     Notes
     -----
@@ -100,6 +111,8 @@ class AlphaPolicy:
     folds: int = 5
     tolerance: float = 0.02
     refit: bool = False
+    granularity: str = "model"
+    layer_passes: int = 1
     candidates: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +137,19 @@ class AlphaPolicy:
             raise RebasinError(
                 f"AlphaPolicy(source={self.source!r}, refit=True): refit trains on the held-out slice after the "
                 f"choice, and source {self.source!r} holds nothing out; use one of {HOLDING_OUT} or refit=False"
+            )
+
+        if self.granularity not in GRANULARITIES:
+            raise RebasinError(
+                f"AlphaPolicy: unknown granularity {self.granularity!r}; choose one of {GRANULARITIES} (one alpha "
+                "for the whole model, or one per layer)"
+            )
+        check_int(self.layer_passes, "AlphaPolicy: layer_passes")
+        if self.granularity == "layer" and self.source == "current":
+            raise RebasinError(
+                "AlphaPolicy(source='current', granularity='layer'): source 'current' keeps as much of the old "
+                "model as the new task's tolerance allows, one alpha for all layers; use granularity='model' or a "
+                "source with old data"
             )
 
     @property

@@ -98,6 +98,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("plugin, alpha 1", "rebasin_merge_refit", {"alpha": 1.0}),
     ("refit, alpha 1 (fold cost)", "rebasin_merge_refit",
      {"alpha": {"source": "buffer_fold", "refit": True, "grid": [1.0]}}),
+    ("refit, by accuracy", "rebasin_merge_refit",
+     {"alpha": {"source": "buffer_fold", "refit": True, "criterion": "accuracy"}}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]

@@ -95,6 +95,15 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("buffer fold + refit, per layer", "rebasin_merge_layer", {}),
     ("per layer, 2 passes", "rebasin_merge_layer",
      {"alpha": {"source": "buffer_fold", "refit": True, "granularity": "layer", "layer_passes": 2}}),
+    # diagnostics of the permutation protocols (2026-12-08): the merge's matcher, the fold's size, and the fold's cost
+    # alone (refit with alpha = 1 at every merge) against no merge at all (a fixed alpha = 1: Replay's training)
+    ("refit, activation matching", "rebasin_merge_refit", {"matcher": "activation_matching"}),
+    ("refit, 10 folds", "rebasin_merge_refit", {"alpha": {"source": "buffer_fold", "refit": True, "folds": 10}}),
+    ("plugin, alpha 1", "rebasin_merge_refit", {"alpha": 1.0}),
+    ("refit, alpha 1 (fold cost)", "rebasin_merge_refit",
+     {"alpha": {"source": "buffer_fold", "refit": True, "grid": [1.0]}}),
+    ("refit, by accuracy", "rebasin_merge_refit",
+     {"alpha": {"source": "buffer_fold", "refit": True, "criterion": "accuracy"}}),
 ]
 #: the variants a plain run covers (the table's columns, in this order); the others run with --variants
 DEFAULT_VARIANTS = [0, 1, 12, 2, 3, 5, 9, 11, 6, 7, 10]

@@ -9,8 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from rebasin import PermutationSpec, RebasinError, permute, random_permutation
-from rebasin.matching import WeightMatchingInfo, linear_assignment, weight_matching
-from rebasin.matching import _descent
+from rebasin.matching import WeightMatchingInfo, _descent, linear_assignment, weight_matching
 from rebasin.matching import weight as weight_module
 from rebasin.matching.weight import _Engine
 

@@ -268,7 +268,7 @@ def _as_kind(perm: Tensor, kind: str) -> Transform:
 
 
 def _objective(spec: PermutationSpec, kinds: SymmetryKinds, a: Mapping[str, Tensor], b: Mapping[str, Tensor],
-               trans: Mapping[str, Transform]) -> float:
+               trans: Mapping[str, Transform | HeadMaps]) -> float:
     """``sum_k <A_k, T(B_k)>`` over the floating tensors (float64)."""
     moved = apply_transforms(spec, trans, b, kinds=kinds)
     return sum(float((a[k].detach().double() * moved[k].detach().double().to(a[k].device)).sum())

@@ -1,4 +1,4 @@
-"""Weight matching's start on a panel of pairs used to tune nothing: identity, layer-wise and the default.
+"""Weight matching's start on a panel of pairs used to tune nothing: identity, layer-wise, one descent, two descents.
 
     python benchmarks/wm_start_panel.py --data-root ../shared/data
 
@@ -13,6 +13,10 @@ CPU seconds (``time.process_time``), the sweeps of every descent, the objective 
 bound ``sum_k |A_k| |B_k|`` at the layer-wise *start* point and at each end, for trained pairs the test-loss
 barrier of the linear path (max minus mean, BatchNorm statistics recomputed along the path where the model
 has BatchNorm) and for planted pairs whether the planted permutation came back.
+
+The starts: ``identity``, ``layerwise``, ``auto`` (the default: one descent, from the higher of the
+layer-wise start and the identity) and ``best`` (a descent from each, the higher end kept: the default
+until 2026-12-08, whose column the first run of this script labelled ``auto``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from rebasin.apps.models import MLP, ResNet20, SmallCNN, ViT
 from rebasin.apps.training import fit_classifier_, seeded_model
 from rebasin.datasets import mnist_tensors, tensor_loader
 
-STARTS = ("identity", "layerwise", "auto")
+STARTS = ("identity", "layerwise", "auto", "best")
 
 
 def bound(spec, sa: dict[str, torch.Tensor], sb: dict[str, torch.Tensor]) -> float:

@@ -398,6 +398,13 @@ def select_layer_alphas(
     ts = alpha_grid(grid)
     passes = check_int(passes, "passes (sweeps over the layers)")
     old_weight = check_alpha(old_weight, "old_weight")
+    if start is not None and not isinstance(start, AlphaChoice):
+        raise RebasinError(f"start must be the AlphaChoice of select_alpha on the same data, got {type(start).__name__}")
+    if start is not None and (start.criterion != criterion or tuple(start.grid) != tuple(ts)):
+        raise RebasinError(
+            f"start was chosen with criterion={start.criterion!r} on the grid {tuple(start.grid)}, this search uses "
+            f"criterion={criterion!r} on {tuple(ts)}: pass select_alpha's result for the same criterion and grid"
+        )
     if start is None:
         start = select_alpha(model, state_prev_aligned, state_new, new_loader=new_loader, old_loader=old_loader,
                              grid=ts, loss_fn=loss_fn, device=device, old_weight=old_weight, criterion=criterion)

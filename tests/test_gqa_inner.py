@@ -293,12 +293,12 @@ def test_family_weight_matching_recovers_the_inner_value_permutation(traced, nam
             torch.testing.assert_close(back[key], a[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("start", ["layerwise", "auto"])
+@pytest.mark.parametrize("start", ["layerwise", "auto", "best"])
 def test_layerwise_start_scores_the_value_units_through_the_output_projection(traced, start, tmp_path):
     """With every ``v_proj`` zero only ``o_proj`` (through the query heads' column blocks) tells the value units
     apart: the layer-wise start still recovers a planted copy exactly, the descent ends after its confirming
-    sweep, and ``start="auto"`` descends once, from the start (above the identity); the
-    checkpoint engine starts alike."""
+    sweep, ``start="auto"`` descends once, from the start (above the identity), and ``start="best"`` skips the
+    identity's descent (the end reaches the Cauchy-Schwarz bound); the checkpoint engine starts alike."""
     from rebasin.spec.checkpoint import open_checkpoint
     from rebasin.spec.hf_folder import save_permuted
 

@@ -13,9 +13,10 @@ permutation), a depthwise filter, a classifier's weight; then the layers next to
 A tensor whose other axes still carry unsettled permutations would only add noise and is left out
 of that solve. When B is a permutation of A, every solve then sees a Gram matrix of A's rows, whose
 best assignment is the planted one, so the start is exact; for unrelated models it is the layer-wise
-alignment that weight-based model fusion uses. By default the descent runs from this start and from the
-identity and keeps the higher end point (a higher start does not predict a higher end), so it never ends below
-the identity's objective (:func:`rebasin.matching._descent.match_from_starts`).
+alignment that weight-based model fusion uses. By default the descent runs once, from this start when its objective is at least the
+identity's, else from the identity, so it never ends below the identity's objective; ``start="best"`` descends
+from both and keeps the higher end point (a higher start does not predict a higher end)
+(:func:`rebasin.matching._descent.match_from_starts`).
 
 Left out of the waves (and left at the identity for the descent): grouped axes, tensors on which one unit
 acts on two axes (``P W P^T``), and units that no settled tensor reaches. A tensor with a blocked axis whose

@@ -154,7 +154,7 @@ def transform_matching(
         and :class:`~rebasin.spec.heads.HeadMaps` under each layout's name.
     n_iter
         Maximum number of rounds (each: weight matching of the permutations, then every other class, then
-        the heads); ``0`` returns the start.
+        the heads); ``0`` returns the start (with ``heads``: no head maps, since none were fitted).
     start
         ``"weight_matching"`` (default): every class starts at :func:`rebasin.weight_matching`'s permutation
         of the pair (all classes treated as permutations; the signed and orthogonal classes then refine

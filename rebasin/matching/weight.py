@@ -38,13 +38,14 @@ unit, so a step is accepted only if the objective, recomputed in float64 on the 
 rises. These tensors are recomputed at each visit; all others keep the incremental engine below,
 and specs without structure run exactly the unstructured loop.
 
-Start. Without ``init`` the descent runs from a layer-wise start and from the identity and keeps the
-higher end point (:mod:`rebasin.matching._start`: each permutation solved once, in waves from the
-network's ends inwards, from the tensors whose other axes are already settled;
+Start. Without ``init`` the descent runs once, from a layer-wise start when its objective is at least the
+identity's, else from the identity (:mod:`rebasin.matching._start`: each permutation solved once, in waves
+from the network's ends inwards, from the tensors whose other axes are already settled;
 :func:`~rebasin.matching._descent.match_from_starts`). From the identity alone the descent can stop far
 from the optimum when the weights carry no hint, e.g. a freshly initialised network against a permuted
-copy of itself; the layer-wise start is exact there, and when its end point reaches the Cauchy-Schwarz
-bound ``sum_k |A_k| |B_k|`` (no permutation scores higher) the descent from the identity is skipped.
+copy of itself; the layer-wise start is exact there. ``start="best"`` descends from both and keeps the higher
+end point, skipping the identity's descent when the first end point reaches the Cauchy-Schwarz bound
+``sum_k |A_k| |B_k|`` (no permutation scores higher).
 The start runs in the engine below: its similarities are partial sums of the first sweep's, kept and
 completed, so together they compute each product once.
 
@@ -438,13 +439,14 @@ def weight_matching(
     assignment on its ``n x n`` similarity matrix if that raises the objective. It stops after a
     sweep without improvement or after ``n_iter`` sweeps.
 
-    By default the descent runs from a layer-wise start (each permutation solved once, in waves from
-    the network's ends inwards, from the tensors whose other axes are already settled) and from the
-    identity, and the higher end point is kept. From the identity alone the descent can stop at a poor
-    local optimum when the weights carry no gradient of agreement, e.g. a freshly initialised network
-    matched against a permuted copy of itself; the layer-wise start recovers such a planted
-    permutation exactly, and when its end point reaches the Cauchy-Schwarz bound ``sum_k |A_k| |B_k|``
-    it is optimal and the second descent is skipped.
+    By default the descent runs once, from a layer-wise start (each permutation solved once, in waves
+    from the network's ends inwards, from the tensors whose other axes are already settled) when its
+    objective is at least the identity's, else from the identity. From the identity alone the descent can
+    stop at a poor local optimum when the weights carry no gradient of agreement, e.g. a freshly
+    initialised network matched against a permuted copy of itself; the layer-wise start recovers such a
+    planted permutation exactly. ``start="best"`` also descends from the identity and keeps the higher
+    end point (about twice the time; skipped when the first end point reaches the Cauchy-Schwarz bound
+    ``sum_k |A_k| |B_k|``, where it is optimal).
     ``info.identity_objective``, ``info.final_objective`` and ``info.descents`` show what each start
     reached.
 

@@ -573,19 +573,19 @@ class RebasinMergePlugin(SupervisedPlugin):
             policy = self.policy
             k = self._n_seen  # experiences before this one
             old_weight = policy.old_weight if policy.old_weight is not None else k / (k + 1)
-            batches: dict[str, Any] = {  # the samples and settings of the choice, single or per layer
+            choice_args: dict[str, Any] = {  # the samples and settings of the choice, single or per layer
                 "new_loader": tensor_batches(new_data[0], new_data[1], self.batch_size),  # type: ignore[index]  # Optional narrowed by earlier logic mypy cannot follow
                 "old_loader": None if old_data is None else tensor_batches(old_data[0], old_data[1], self.batch_size),
                 "grid": policy.candidates, "loss_fn": self.loss_fn, "device": device, "old_weight": old_weight,
                 "criterion": "accuracy" if policy.source == "current" else policy.criterion,
             }
-            choice = select_alpha(model, prev_aligned, state_new, **batches)
+            choice = select_alpha(model, prev_aligned, state_new, **choice_args)
             alpha = conservative_alpha(choice, policy.tolerance) if policy.source == "current" else choice.alpha
             if policy.source == "current":
                 old_weight = None
             if policy.granularity == "layer":
                 layers = select_layer_alphas(model, prev_aligned, state_new, passes=policy.layer_passes, start=choice,
-                                             **batches)
+                                             **choice_args)
         steps = 0
         if self.alpha is None and self.policy.refit:
             steps = self._refit(strategy, device)  # the merge is of the weights the refit reached, aligned again
@@ -593,7 +593,7 @@ class RebasinMergePlugin(SupervisedPlugin):
             state_new = _state_new(model, result)
             prev_aligned = {k: v.to(device) for k, v in result.state_b.items()}
         weights = alpha if layers is None else layers.alphas
-        if (alpha != 1.0) if layers is None else any(a != 1.0 for a in layers.alphas.values()):
+        if any(a != 1.0 for a in ([alpha] if layers is None else layers.alphas.values())):  # 1.0: the new model kept
             write_state_(model, self._merged_state(strategy, prev_aligned, state_new, weights, both))
             if self.optimizer_state == "reset" and getattr(strategy, "optimizer", None) is not None:
                 reset_optimizer_state_(strategy.optimizer, model.parameters())

@@ -229,7 +229,10 @@ def transform_matching(
     perms: dict[str, Tensor] = {p: first[p] for p in rest.perms} if wm else {}
     head_perms: dict[str, Tensor] = {p: first[p] for p in hcls} if wm else {}
     maps: dict[str, HeadMaps] = {}
-    rounds = n_iter if free or uses else 0 if wm else min(n_iter, 1)  # plain classes alone: weight matching once
+    if free or uses:
+        rounds = n_iter
+    else:  # permutation classes alone: weight matching's answer (or, from the identity, weight matching once)
+        rounds = 0 if wm else min(n_iter, 1)
     for it in range(rounds):
         fixed = {**trans, **head_perms, **maps}
         b_free = apply_transforms(spec, fixed, state_b, kinds=kinds) if fixed else state_b
@@ -255,7 +258,8 @@ def transform_matching(
     out.update(head_perms)
     out.update(trans)
     out.update(maps)
-    if wm and not uses and _objective(spec, kinds, state_a, state_b, out) < _objective(spec, kinds, state_a, state_b, wm):
+    # with no signed / orthogonal class (and no heads) no round ran: ``out`` is weight matching's answer already
+    if wm and free and not uses and _objective(spec, kinds, state_a, state_b, out) < _objective(spec, kinds, state_a, state_b, wm):
         return {p: _as_kind(wm[p], free[p]) if p in free else wm[p] for p in spec.perms}
     return out
 
